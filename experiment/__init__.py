@@ -1,0 +1,1 @@
+"""`python -m experiment <command>`: the launcher. Flags -> config -> one library call."""

@@ -1,0 +1,80 @@
+"""Turns command-line config mistakes into ConfigErrors (field, problem, fix)."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+
+from absl import flags
+
+from sharding import ConfigError
+
+
+def from_flag_error(err: Exception, config) -> ConfigError:
+  """An absl/ml_collections parsing error -> ConfigError naming the field."""
+  text = str(err).strip()
+  m = re.search(r"--config\.([\w.]+)=(\S*): (.*)", text)
+  if isinstance(err, flags.IllegalFlagValueError) or m:
+    field, value, why = m.groups() if m else ("config", "?", text)
+    expected = _type_name(config, field)
+    return ConfigError(field, f"{value!r} is not a valid {expected} ({why}).",
+                       f"pass a value of type {expected}, e.g. --config.{field}="
+                       f"{_example(config, field)}.")
+  return ConfigError("config", text, "check the flag spelling.")
+
+
+def unknown_key(argv: list[str], config) -> ConfigError | None:
+  """ConfigError for the first --config.a.b=... whose key does not exist."""
+  for arg in argv:
+    m = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    if not m:
+      continue
+    node, path = config, m.group(1).split(".")
+    for i, key in enumerate(path):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if key not in keys:
+        field = ".".join(path[:i + 1])
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = (f"did you mean `{'.'.join(path[:i] + close)}`?" if close
+                else f"valid keys here: {', '.join(sorted(keys))}.")
+        return ConfigError(field, f"there is no such config field; {hint}",
+                           "fix the name; experiments/base.py lists every field.")
+      node = node[key]
+  return None
+
+
+def _lookup(config, field):
+  node = config
+  for key in field.split("."):
+    node = node[key]
+  return node
+
+
+def _type_name(config, field) -> str:
+  try:
+    return type(_lookup(config, field)).__name__
+  except (KeyError, AttributeError):
+    return "value"
+
+
+def _example(config, field) -> str:
+  try:
+    return str(_lookup(config, field))
+  except (KeyError, AttributeError):
+    return "..."
+
+
+def load_config(argv: list[str]):
+  """The config named by --config=path[:arg], without overrides, or None."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path, _, cfg_arg = arg[len("--config="):].partition(":")
+      try:
+        spec = importlib.util.spec_from_file_location("_rung_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(cfg_arg or None)
+      except Exception:  # reported by the caller as the original error
+        return None
+  return None

@@ -1,0 +1,1 @@
+"""Experiment configs. Each module defines get_config(arg=None) -> ConfigDict."""

@@ -1,0 +1,84 @@
+"""Defaults for every experiment, one group per subsystem.
+
+Experiments start from `get_config()` here and change what they need; the command
+line overrides any field, e.g. `--config.model.num_layers=4 --config.mesh.tensor=2`.
+Fields that may be unset are placeholders (None until given).
+"""
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+from sharding import DEFAULT_RULES
+
+
+def get_config(arg=None) -> ConfigDict:
+  del arg
+  c = ConfigDict()
+
+  c.model = ConfigDict(dict(
+      vocab_size=256,          # byte tokenizer; set from tokenizer.json otherwise
+      d_model=256,
+      num_layers=4,
+      num_heads=8,
+      num_kv_heads=8,          # < num_heads: grouped-query attention
+      head_dim=32,
+      d_ff=704,                # SwiGLU hidden size
+      tie_embeddings=False,    # LM head shares the embedding table
+      rope_theta=10000.0,
+      norm_eps=1e-5,
+      init_std=0.02,
+      compute_dtype="float32",  # float32 | bfloat16 (params stay param_dtype)
+      param_dtype="float32",
+      attention="auto",        # reference | auto
+      remat="none",            # none | full | save_dots
+      block="standard",        # standard | parallel | ladder
+      ladder_layers="all",     # with block=ladder: all | none | upper:N | '2,3'
+  ))
+
+  c.mesh = ConfigDict(dict(
+      # Device counts per axis, outer to inner; one may be -1 (takes the rest).
+      data=-1, fsdp=1, expert=1, sequence=1, tensor=1,
+      # logical axis -> mesh axes; replace entries to change the plan.
+      rules=ConfigDict(DEFAULT_RULES),
+  ))
+
+  c.data = ConfigDict(dict(
+      source="text",           # text | tokens | synthetic
+      path=placeholder(str),   # dir or glob; None = the Python stdlib sources
+      tokenizer="byte",        # byte | path to an HF tokenizer.json
+      eos_id=placeholder(int),  # document separator for tokens / tokenizer.json
+      token_dtype="uint16",    # dtype of .bin files for source=tokens
+      seq_len=256,
+      eval_fraction=0.02,      # tail of the token stream held out for eval
+  ))
+
+  c.optim = ConfigDict(dict(
+      learning_rate=3e-3,
+      warmup_steps=100,
+      min_lr_ratio=0.1,        # cosine decays to learning_rate * min_lr_ratio
+      b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1,
+      no_decay="norm",         # comma-separated regexes of params without decay
+      clip_norm=1.0,           # global-norm clipping; 0 disables
+  ))
+
+  c.train = ConfigDict(dict(
+      steps=1000,
+      batch_size=16,           # global, in sequences
+      seed=0,
+      grad_accum_steps=1,      # micro-batches per optimizer step
+      z_loss=0.0,              # weight of mean(logsumexp(logits)^2)
+      eval_every=100,          # steps; 0 disables
+      eval_steps=8,            # held-out batches per evaluation
+  ))
+
+  c.checkpoint = ConfigDict(dict(
+      every_steps=0,           # 0 disables checkpointing
+  ))
+
+  c.log = ConfigDict(dict(
+      every_steps=10,
+      tensorboard=True,
+      peak_flops=placeholder(float),  # FLOP/s for MFU; None = measure (CPU)
+  ))
+  return c

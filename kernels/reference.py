@@ -1,0 +1,48 @@
+"""Attention in plain XLA: the numerical reference every kernel is checked against."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def mask(q_len: int, kv_len: int, *, causal: bool,
+         q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+         q_offset: int | jax.Array = 0) -> jax.Array | None:
+  """Boolean [batch or 1, q_len, kv_len] mask (True = attend), or None for 'all'."""
+  out = None
+  if causal:
+    q_pos = jnp.arange(q_len)[:, None] + q_offset
+    out = (q_pos >= jnp.arange(kv_len)[None, :])[None]
+  if q_segment_ids is not None:
+    seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    out = seg if out is None else out & seg
+  return out
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+              segment_ids: jax.Array | None = None) -> jax.Array:
+  """Softmax attention with GQA, causal and segment masks; float32 softmax.
+
+  q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim];
+  segment_ids: [batch, length] int (tokens attend only within their segment).
+  Returns [batch, length, heads, head_dim] in q's dtype.
+  """
+  b, lq, h, d = q.shape
+  kvh = k.shape[2]
+  if h % kvh:
+    raise ValueError(f"heads={h} is not a multiple of kv_heads={kvh}")
+  g = h // kvh
+  qg = q.reshape(b, lq, kvh, g, d)  # [batch, q_len, kv_heads, group, head_dim]
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k,
+                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  m = mask(lq, k.shape[1], causal=causal, q_segment_ids=segment_ids,
+           kv_segment_ids=segment_ids)
+  if m is not None:
+    scores = jnp.where(m[:, None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  # A row with nothing to attend to (only possible with segment ids) gives zeros.
+  probs = jnp.where(jnp.isnan(probs), 0.0, probs)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, lq, h, d).astype(q.dtype)

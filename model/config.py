@@ -1,0 +1,121 @@
+"""The model's hyperparameters as a frozen dataclass, built from `config.model`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+import kernels
+from sharding import ConfigError
+
+BLOCKS = ("standard", "parallel", "ladder")
+REMAT = ("none", "full", "save_dots")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 8
+  num_kv_heads: int = 8
+  head_dim: int = 32
+  d_ff: int = 704
+  tie_embeddings: bool = False
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  compute_dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention: str = "auto"
+  remat: str = "none"
+  block: str = "standard"
+  # Which layers read the residual stream late when block == 'ladder': 'all',
+  # 'upper:N' (the top N layers, as when converting a pretrained model), or a
+  # comma-separated list of layer indices such as '4,5,6,7'.
+  ladder_layers: str = "all"
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(cfg).items() if k in names})
+
+  @property
+  def dtype(self):
+    return DTYPES[self.compute_dtype]
+
+  @property
+  def params_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def layer_kinds(self) -> tuple[str, ...]:
+    """The residual dataflow of each layer: 'standard', 'parallel' or 'ladder'."""
+    if self.block != "ladder":
+      return (self.block,) * self.num_layers
+    ladder = parse_ladder_layers(self.ladder_layers, self.num_layers)
+    return tuple("ladder" if i in ladder else "standard"
+                  for i in range(self.num_layers))
+
+  def segments(self) -> tuple[tuple[str, int, int], ...]:
+    """Maximal runs of layers with the same kind: ((kind, start, stop), ...)."""
+    out: list[list[Any]] = []
+    for i, kind in enumerate(self.layer_kinds()):
+      if out and out[-1][0] == kind:
+        out[-1][2] = i + 1
+      else:
+        out.append([kind, i, i + 1])
+    return tuple(tuple(s) for s in out)
+
+
+def parse_ladder_layers(spec: str, num_layers: int) -> frozenset[int]:
+  spec = str(spec).strip()
+  field = "model.ladder_layers"
+  if spec == "all":
+    return frozenset(range(num_layers))
+  if spec in ("", "none"):
+    return frozenset()
+  if spec.startswith("upper:"):
+    try:
+      n = int(spec[len("upper:"):])
+    except ValueError:
+      n = -1
+    if not 0 <= n <= num_layers:
+      raise ConfigError(field, f"{spec!r} needs N in 0..num_layers={num_layers}.",
+                        "write e.g. 'upper:4' for the top 4 layers.")
+    return frozenset(range(num_layers - n, num_layers))
+  try:
+    layers = frozenset(int(t) for t in spec.split(","))
+  except ValueError:
+    layers = None
+  if layers is None or any(not 0 <= i < num_layers for i in layers):
+    raise ConfigError(field, f"{spec!r} is not 'all', 'none', 'upper:N' or a list "
+                      f"of layer indices in 0..{num_layers - 1}.",
+                      "write e.g. --config.model.ladder_layers=upper:4 or '2,3'.")
+  return layers
+
+
+def validate(cfg: Any) -> None:
+  """Raises ConfigError for model fields that cannot build a model."""
+  choices = {"compute_dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES),
+             "remat": REMAT, "block": BLOCKS, "attention": kernels.IMPLS}
+  for field, allowed in choices.items():
+    if cfg[field] not in allowed:
+      raise ConfigError(f"model.{field}", f"{cfg[field]!r} is not one of {allowed}.",
+                        f"set --config.model.{field} to one of them.")
+  for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "d_ff"):
+    if cfg[field] <= 0:
+      raise ConfigError(f"model.{field}", f"must be positive, got {cfg[field]}.",
+                        f"set --config.model.{field} to a positive integer.")
+  if cfg.num_heads % cfg.num_kv_heads:
+    raise ConfigError(
+        "model.num_kv_heads",
+        f"num_heads={cfg.num_heads} is not a multiple of "
+        f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention shares each "
+        "K/V head across an equal group of query heads).",
+        "choose num_kv_heads dividing num_heads.")
+  if cfg.block == "ladder":
+    parse_ladder_layers(cfg.ladder_layers, cfg.num_layers)

@@ -1,0 +1,101 @@
+"""The decoder-only language model: embed -> scanned layers -> norm -> LM head."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import blocks
+from model.config import ModelConfig
+from model.embedding import Embed
+from model.norms import RMSNorm
+from model.params import param
+from sharding import LogicalConstraint
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+  """Llama-style decoder. Layers are stacked on a leading `layers` axis and scanned,
+  so compile time does not grow with depth.
+
+  `constrain` applies activation sharding by logical name (see
+  `sharding.LogicalConstraint`); the default does nothing, so the model itself holds
+  no parallelism plan.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               constrain: LogicalConstraint = LogicalConstraint()):
+    self.cfg = cfg
+    self.constrain = constrain
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
+                       dtype=cfg.dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked(rngs):
+      return blocks.Block(cfg, constrain=constrain, rngs=rngs)
+
+    self.layers = stacked(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype,
+                              param_dtype=cfg.params_dtype)
+    if not cfg.tie_embeddings:
+      self.head = param(rngs, nnx.initializers.normal(cfg.init_std),
+                        (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                        cfg.params_dtype)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens: [batch, length] ints -> logits [batch, length, vocab] (compute dtype).
+
+    positions default to 0..length-1; with `segment_ids` (packed sequences) tokens
+    attend only within their segment and positions should restart per segment.
+    """
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+    x = self.run_layers(x, positions, segment_ids)
+    x = self.final_norm(x)
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = x @ self.head[...].astype(self.cfg.dtype)
+    return self.constrain(logits, ("batch", "length", "act_vocab"))
+
+  def run_layers(self, x: jax.Array, positions, segment_ids) -> jax.Array:
+    """Scans each run of same-kind layers; ladder outputs still pending at a
+    standard layer or at the end are added to the stream there."""
+    graphdef, state = nnx.split(self.layers)
+    pending = None  # (a, m) from a ladder segment
+    for kind, start, stop in self.cfg.segments():
+      seg_state = state
+      if (start, stop) != (0, self.cfg.num_layers):
+        seg_state = jax.tree.map(lambda p: p[start:stop], state)
+      step = functools.partial(blocks.RESIDUAL[kind], positions=positions,
+                               segment_ids=segment_ids)
+
+      def body(carry, layer_state, step=step):
+        return step(nnx.merge(graphdef, layer_state), carry), None
+
+      if self.cfg.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
+                              prevent_cse=False)
+      if kind == "ladder":
+        a, m = pending or (jnp.zeros_like(x), jnp.zeros_like(x))
+        (x, a, m), _ = jax.lax.scan(body, (x, a, m), seg_state)
+        pending = (a, m)
+      else:
+        if pending is not None:
+          x = x + pending[0] + pending[1]
+          pending = None
+        x, _ = jax.lax.scan(body, x, seg_state)
+    if pending is not None:
+      x = x + pending[0] + pending[1]
+    return x

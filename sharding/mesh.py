@@ -1,0 +1,72 @@
+"""The device mesh: axis names, sizes from config (one may be -1), device order."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+from sharding.errors import ConfigError
+
+# Outer to inner. `tensor` is innermost: it communicates most, so it gets the
+# fastest links in the topology-aware device order.
+AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+# Axes a batch is split over (the data-parallel size is their product).
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Returns {axis: size} with a -1 filled in; raises ConfigError if it cannot fit."""
+  sizes = {a: int(mesh_cfg[a]) for a in AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ConfigError(
+        f"mesh.{bad[0]}", f"mesh axis size {sizes[bad[0]]} is not allowed.",
+        "use a positive size, or -1 on one axis to take the remaining devices.")
+  if len(fill) > 1:
+    raise ConfigError(
+        f"mesh.{fill[1]}", f"only one mesh axis may be -1, got {fill}.",
+        f"give explicit sizes to all but one of {fill}.")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ConfigError(
+          f"mesh.{fill[0]}",
+          f"the other axes multiply to {known}, which does not divide the "
+          f"{num_devices} devices, so -1 cannot be filled.",
+          f"choose sizes whose product divides {num_devices}.")
+    sizes[fill[0]] = num_devices // known
+  product = math.prod(sizes.values())
+  if product != num_devices:
+    shape = ",".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
+    raise ConfigError(
+        "mesh", f"the mesh ({shape}) has {product} devices but {num_devices} "
+        "are available.",
+        f"make the product of mesh.{{{','.join(AXES)}}} equal {num_devices}, "
+        "e.g. set one axis to -1 (--config.mesh.data=-1).")
+  return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, int],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the 5-axis mesh with Auto axis types and topology-aware device order."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in AXES)
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
+                       devices=devices)
+
+
+def axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def describe(mesh: Mesh) -> str:
+  """One line: 'mesh data=2 fsdp=1 expert=1 sequence=1 tensor=4 over 8 cpu devices'."""
+  sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
+  platform = mesh.devices.flat[0].platform
+  return f"mesh {sizes} over {mesh.devices.size} {platform} devices"

@@ -1,0 +1,34 @@
+"""Human-readable summaries of how arrays are laid out on a mesh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def sharding_table(tree: Any, shardings: Any) -> str:
+  """One line per leaf: path, shape, dtype, PartitionSpec, bytes per device."""
+  rows = [("parameter", "shape", "dtype", "spec", "per device")]
+  total, per_dev = 0, 0
+  flat_s = jax.tree.leaves(shardings)
+  for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(tree), flat_s):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    local = int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    total, per_dev = total + nbytes, per_dev + local
+    rows.append((name, "x".join(map(str, x.shape)), str(np.dtype(x.dtype)),
+                 str(tuple(s.spec)), _size(local)))
+  rows.append(("total", "", "", "", f"{_size(per_dev)} of {_size(total)}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                   for r in rows)
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024:
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} TiB"

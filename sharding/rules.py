@@ -1,0 +1,108 @@
+"""Logical axis names -> mesh axes.
+
+Model code names tensor dimensions logically (`embed`, `heads`, `batch`, ...). The
+rules here are the only place those names meet mesh axes, so a parallelism plan is a
+table, not code inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# logical name -> mesh axes it is split over (outer to inner). Names absent here, or
+# mapped to (), are replicated.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    # parameters
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "vocab": ("tensor",),
+    "experts": ("expert",),
+    "layers": (),
+    "head_dim": (),
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "length": ("sequence",),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def normalize_rules(rules: Mapping[str, Any] | None) -> Rules:
+  """A hashable rules table from a {name: axes} mapping (axes: str, tuple or None)."""
+  rules = DEFAULT_RULES if rules is None else rules
+  out = []
+  for name, axes in rules.items():
+    if axes is None:
+      axes = ()
+    elif isinstance(axes, str):
+      axes = (axes,)
+    out.append((name, tuple(axes)))
+  return tuple(out)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules,
+                    mesh: Mesh | jax.sharding.AbstractMesh | None = None,
+                    shape: Sequence[int] | None = None) -> P:
+  """PartitionSpec for one array whose dimensions carry `names`.
+
+  A mesh axis is used at most once per array (first dimension wins). With `mesh` and
+  `shape`, axes of size 1 are dropped and a dimension keeps only the leading axes
+  whose sizes divide it, so odd shapes replicate instead of failing.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(names):
+    axes = [a for a in table.get(name, ()) if a not in used] if name else []
+    if mesh is not None:
+      axes = [a for a in axes if mesh.shape[a] > 1]
+      if shape is not None:
+        kept, size = [], 1
+        for a in axes:
+          if shape[dim] % (size * mesh.shape[a]):
+            break
+          kept.append(a)
+          size *= mesh.shape[a]
+        axes = kept
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def tree_shardings(abstract_tree: Any, logical_tree: Any, mesh: Mesh,
+                   rules: Rules) -> Any:
+  """NamedShardings for a tree of arrays given a same-structured tree of names."""
+  return jax.tree.map(
+      lambda x, names: NamedSharding(
+          mesh, logical_to_spec(names, rules, mesh, x.shape)),
+      abstract_tree, logical_tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalConstraint:
+  """`constrain(x, ('batch', 'length', 'act_embed'))` inside jit.
+
+  Models take one of these at construction (default: no-op) instead of reading any
+  global parallel state. It constrains only when a mesh is set with `jax.set_mesh`.
+  """
+  rules: Rules = ()
+
+  def __call__(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    mesh = jax.sharding.get_abstract_mesh()
+    if not self.rules or mesh.empty:
+      return x
+    return jax.lax.with_sharding_constraint(
+        x, logical_to_spec(names, self.rules, mesh, x.shape))

@@ -1,0 +1,54 @@
+"""Checks that a parallelism plan fits the model and the devices, before compiling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sharding.errors import ConfigError
+from sharding.mesh import AXES, BATCH_AXES, resolve_shape
+
+
+def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
+  """Raises ConfigError for a plan that cannot run; returns the resolved mesh sizes."""
+  sizes = resolve_shape({a: config.mesh[a] for a in AXES}, num_devices)
+  m, t = config.model, sizes["tensor"]
+  for field in ("num_heads", "num_kv_heads"):
+    if m[field] % t:
+      raise ConfigError(
+          f"model.{field}",
+          f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
+          f"split over mesh.tensor={t}.",
+          f"choose mesh.tensor dividing {m[field]} (e.g. "
+          f"--config.mesh.tensor={_largest_divisor(m[field], t)}), or change "
+          f"model.{field}.")
+  if config.data.seq_len % sizes["sequence"]:
+    raise ConfigError(
+        "data.seq_len",
+        f"seq_len={config.data.seq_len} cannot be split over "
+        f"mesh.sequence={sizes['sequence']}.",
+        f"make data.seq_len a multiple of {sizes['sequence']} or change "
+        "mesh.sequence.")
+  dp = 1
+  for a in BATCH_AXES:
+    dp *= sizes[a]
+  if config.train.batch_size % dp:
+    raise ConfigError(
+        "train.batch_size",
+        f"global batch_size={config.train.batch_size} does not split over the "
+        f"data-parallel size {dp} (mesh.data*mesh.fsdp*mesh.expert = "
+        f"{'*'.join(str(sizes[a]) for a in BATCH_AXES)}).",
+        f"use a batch_size that is a multiple of {dp}, e.g. "
+        f"--config.train.batch_size={max(dp, config.train.batch_size // dp * dp)}.")
+  accum = config.train.grad_accum_steps
+  if (config.train.batch_size // dp) % accum:
+    raise ConfigError(
+        "train.grad_accum_steps",
+        f"each of the {dp} data-parallel shards gets "
+        f"{config.train.batch_size // dp} sequences, which do not split into "
+        f"{accum} micro-batches.",
+        "make train.batch_size a multiple of data-parallel size x grad_accum_steps.")
+  return sizes
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, at_most + 1) if n % d == 0)

@@ -1,0 +1,206 @@
+"""Input pipelines (grain): token streams packed into fixed-length windows.
+
+Every source becomes one flat token stream with an end-of-document id between
+documents. Windows of `seq_len + 1` tokens are cut from it, so nothing is padded;
+each example carries segment ids and positions that restart at document
+boundaries, so attention never crosses documents. The last `eval_fraction` of the
+stream is held out for evaluation.
+
+Determinism: window order depends only on `train.seed`. A process loads only the
+rows of each global batch that its devices hold, so the global batch is the same
+whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import sysconfig
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+
+from sharding import ConfigError
+from train.tokenizer import make_tokenizer
+
+SOURCES = ("text", "tokens", "synthetic")
+
+
+def default_text_path() -> str:
+  """The Python standard library's own sources: text present on every machine."""
+  return os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
+
+
+def _expand(path: str, field: str) -> list[str]:
+  if os.path.isdir(path):
+    path = os.path.join(path, "**", "*")
+  files = sorted(f for f in glob.glob(path, recursive=True)
+                 if os.path.isfile(f) and f"{os.sep}site-packages{os.sep}" not in f)
+  if not files:
+    raise ConfigError(field, f"no files match {path!r}.",
+                      "point it at a directory or glob of existing files.")
+  return files
+
+
+def make_example(window: np.ndarray, eos_id: int | None) -> dict[str, np.ndarray]:
+  """window: [seq_len + 1] -> inputs, targets, positions, segment_ids: [seq_len]."""
+  inputs, targets = window[:-1].astype(np.int32), window[1:].astype(np.int32)
+  n = len(inputs)
+  if eos_id is None:
+    ends = np.zeros(n, bool)
+  else:
+    ends = inputs == eos_id
+  # An end-of-document token belongs to the document it ends; the next one starts.
+  starts = np.concatenate([[True], ends[:-1]])
+  segment_ids = np.cumsum(starts).astype(np.int32)
+  start_index = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+  positions = (np.arange(n) - start_index).astype(np.int32)
+  return {"inputs": inputs, "targets": targets, "positions": positions,
+          "segment_ids": segment_ids}
+
+
+@dataclasses.dataclass
+class Windows:
+  """Random access to non-overlapping windows of a token stream."""
+  tokens: np.ndarray
+  seq_len: int
+  eos_id: int | None
+
+  def __len__(self) -> int:
+    return (len(self.tokens) - 1) // self.seq_len
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    s = int(i) * self.seq_len
+    return make_example(np.asarray(self.tokens[s:s + self.seq_len + 1]), self.eos_id)
+
+
+@dataclasses.dataclass
+class Synthetic:
+  """A learnable pattern: each row counts from a random start with a random stride
+  (mod vocab), so after two tokens the rest is predictable in context."""
+  vocab_size: int
+  seq_len: int
+  seed: int
+  size: int = 1 << 30
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, int(i)])
+    start, stride = rng.integers(0, self.vocab_size), rng.integers(1, 8)
+    window = (start + stride * np.arange(self.seq_len + 1)) % self.vocab_size
+    return make_example(window, None)
+
+
+@dataclasses.dataclass
+class ProcessRows:
+  """The rows [lo, hi) of every global batch of `batch_size` from `examples`."""
+  examples: Any
+  batch_size: int
+  lo: int
+  hi: int
+
+  def __len__(self) -> int:
+    return len(self.examples) // self.batch_size * (self.hi - self.lo)
+
+  def __getitem__(self, n: int):
+    rows = self.hi - self.lo
+    return self.examples[n // rows * self.batch_size + self.lo + n % rows]
+
+
+def token_stream(data_cfg, tokenizer) -> np.ndarray:
+  """The whole corpus as one array, documents separated by the tokenizer's eos."""
+  if data_cfg.source == "tokens":
+    if not data_cfg.path:
+      raise ConfigError("data.path", "source 'tokens' needs .bin files.",
+                        "set --config.data.path=/dir/or/glob/*.bin.")
+    arrays = [np.memmap(f, dtype=data_cfg.token_dtype, mode="r")
+              for f in _expand(data_cfg.path, "data.path")]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+  files = _expand(data_cfg.path or default_text_path(), "data.path")
+  # A fixed shuffle of documents, so the held-out tail is a fair sample.
+  order = np.random.default_rng(0).permutation(len(files))
+  eos = np.asarray([tokenizer.eos_id])
+  parts = []
+  for i in order:
+    with open(files[i], encoding="utf-8", errors="replace") as f:
+      parts += [tokenizer.encode(f.read()), eos]
+  dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint32
+  return np.concatenate(parts).astype(dtype)
+
+
+@dataclasses.dataclass
+class Data:
+  """Train iterator (checkpointable grain iterator) and a fixed eval set."""
+  train: Any
+  eval_source: Any
+  tokenizer: Any
+  rows: tuple[int, int]  # this process's rows of each global batch
+  batch_size: int
+
+  def eval_batches(self, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """The same `num_batches` held-out batches every call (no shuffle)."""
+    ds = grain.MapDataset.source(ProcessRows(self.eval_source, self.batch_size,
+                                             *self.rows))
+    n = min(num_batches, len(ds) // (self.rows[1] - self.rows[0]))
+    ds = ds.batch(self.rows[1] - self.rows[0], drop_remainder=True)
+    return (ds[i] for i in range(n))
+
+
+def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int
+                 ) -> tuple[int, int]:
+  """The contiguous global-batch rows this process's devices hold."""
+  index_map = batch_sharding.addressable_devices_indices_map((global_batch, 1))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [global_batch if idx[0].stop is None else idx[0].stop
+           for idx in index_map.values()]
+  return min(starts), max(stops)
+
+
+def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
+  d, seed, batch = config.data, config.train.seed, config.train.batch_size
+  tokenizer = make_tokenizer(d)
+  if d.source == "synthetic":
+    train_src = Synthetic(config.model.vocab_size, d.seq_len, seed)
+    eval_src = Synthetic(config.model.vocab_size, d.seq_len, seed + 1)
+  else:
+    stream = token_stream(d, tokenizer)
+    split = int(len(stream) * (1 - d.eval_fraction))
+    eos = tokenizer.eos_id if d.source == "text" else d.eos_id
+    train_src = Windows(stream[:split], d.seq_len, eos)
+    eval_src = Windows(stream[split:], d.seq_len, eos)
+    if len(train_src) < batch or len(eval_src) < 1:
+      raise ConfigError(
+          "data.path", f"the corpus has {len(stream)} tokens: {len(train_src)} "
+          f"training windows of {d.seq_len + 1} and {len(eval_src)} held out, "
+          f"fewer than one batch of {batch}.",
+          "use more data, a shorter data.seq_len or a smaller train.batch_size.")
+  lo, hi = process_rows(batch_sharding, batch)
+  examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
+  train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))
+           .batch(hi - lo, drop_remainder=True)
+           .to_iter_dataset())
+  return Data(train=iter(train), eval_source=eval_src, tokenizer=tokenizer,
+              rows=(lo, hi), batch_size=batch)
+
+
+def validate(config) -> None:
+  d = config.data
+  if d.source not in SOURCES:
+    raise ConfigError("data.source", f"{d.source!r} is not one of {SOURCES}.",
+                      "set --config.data.source=text, tokens or synthetic.")
+  if d.seq_len < 2:
+    raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",
+                      "set --config.data.seq_len=256, for example.")
+  if not 0 < d.eval_fraction < 1:
+    raise ConfigError("data.eval_fraction", f"must be in (0, 1), got "
+                      f"{d.eval_fraction}.", "set it to e.g. 0.02.")
+  if d.source == "text" and d.tokenizer in (None, "", "byte"):
+    if config.model.vocab_size < 256:
+      raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller "
+                        "than the 256 ids of the byte tokenizer.",
+                        "set --config.model.vocab_size=256.")

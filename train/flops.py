@@ -1,0 +1,56 @@
+"""FLOP counts (PaLM convention) and the peak they are measured against."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from model import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Parameters that take part in matmuls: every projection and the LM head (tied or
+  not); not the embedding lookup, not norm scales."""
+  attn = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = 3 * cfg.d_model * cfg.d_ff
+  return cfg.num_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+  """Training FLOPs per token: 6N + 12·L·H·Q·T, the attention term halved for a
+  causal mask (only the lower triangle of scores is needed)."""
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6 * matmul_params(cfg) + attention * (0.5 if causal else 1.0)
+
+
+@functools.cache
+def measured_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
+  """FLOP/s of a large matmul on the first device: the CPU's practical peak."""
+  a = jnp.ones((n, n), dtype, device=jax.devices()[0])
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def peak_flops(log_cfg) -> tuple[float, str]:
+  """(peak FLOP/s that MFU divides by, where it came from).
+
+  On CPU every fake device shares the same cores, so the peak is the whole host's
+  measured matmul rate and MFU compares the step's total FLOP/s with it.
+  `log.peak_flops` overrides it (total FLOP/s over all devices of the run).
+  """
+  if log_cfg.peak_flops:
+    return float(log_cfg.peak_flops), "config"
+  if jax.devices()[0].platform == "cpu":
+    return measured_matmul_peak(), "measured matmul (host)"
+  # Accelerators: per-device peak times device count, from log.peak_flops until a
+  # chip table exists; without it MFU is reported as NaN rather than guessed.
+  return float("nan"), f"unknown for {jax.devices()[0].device_kind}"

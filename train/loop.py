@@ -1,0 +1,122 @@
+"""`train(config, workdir)`: the one training loop every experiment runs."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+import sharding
+from model import ModelConfig
+from train import flops as flops_lib
+from train.data import make_data
+from train.metrics import MetricsWriter
+from train.optimizer import make_optimizer, schedule
+from train.state import init_state, model_spec, param_shardings, state_shardings
+from train.step import batch_sharding, make_eval_step, make_train_step
+from train.validate import validate_config
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(msg)
+
+
+def _global_batch(local: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(data_sharding, v)
+          for k, v in local.items()}
+
+
+def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
+          progress: bool = True) -> list[dict[str, Any]]:
+  """Trains `config` in `workdir`; returns the logged metric rows.
+
+  `devices` restricts the run to a subset (tests use it to compare 1 device with 8).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  validate_config(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.normalize_rules(config.mesh.rules)
+  cfg = ModelConfig.from_config(config.model)
+  spec = model_spec(cfg, rules)
+  t = config.train
+  lr = schedule(config.optim, t.steps)
+  tx = make_optimizer(config.optim, t.steps)
+  shardings = state_shardings(spec, tx, mesh)
+  data_sharding = batch_sharding(mesh, rules, t.batch_size, config.data.seq_len)
+
+  _say(sharding.describe(mesh))
+  _say(sharding.sharding_table(spec.abstract_params, shardings.params))
+
+  data = make_data(config, data_sharding)
+  state = init_state(spec, tx, mesh, t.seed)
+  step_fn = make_train_step(spec, tx, lr, t, shardings, data_sharding)
+  eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
+
+  tokens_per_step = t.batch_size * config.data.seq_len
+  step_flops = flops_lib.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
+  peak, peak_source = flops_lib.peak_flops(config.log)
+  _say(f"model: {flops_lib.matmul_params(cfg) / 1e6:.2f}M matmul params, "
+       f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
+       f"TFLOP/s ({peak_source})")
+
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                         tensorboard=config.log.tensorboard)
+  history: list[dict[str, Any]] = []
+  start = int(state.step)
+  bar = tqdm(total=t.steps, initial=start, disable=not progress or
+             jax.process_index() != 0, dynamic_ncols=True, desc="train")
+
+  def evaluate(step: int) -> dict[str, Any]:
+    with jax.set_mesh(mesh):
+      losses = [float(eval_fn(state.params, _global_batch(b, data_sharding)))
+                for b in data.eval_batches(t.eval_steps)]
+    row = {"step": step, "eval_loss": float(np.mean(losses))}
+    writer.write(row)
+    history.append(row)
+    _say(f"step {step}: eval_loss {row['eval_loss']:.4f}")
+    return row
+
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    for step in range(start, t.steps):
+      batch = _global_batch(next(data.train), data_sharding)
+      if step == start:
+        compile_start = time.perf_counter()
+        with jax.set_mesh(mesh):
+          compiled = step_fn.lower(state, batch).compile()
+        _say(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+        window_start = time.perf_counter()
+      with jax.set_mesh(mesh):
+        state, metrics = compiled(state, batch)
+      window_steps += 1
+      done = step + 1
+      if done % config.log.every_steps == 0 or done == t.steps:
+        metrics = jax.device_get(metrics)
+        elapsed = (time.perf_counter() - window_start) / window_steps
+        flops_per_sec = step_flops / elapsed
+        row = {"step": done, "loss": float(metrics["loss"]),
+               "grad_norm": float(metrics["grad_norm"]),
+               "learning_rate": float(metrics["learning_rate"]),
+               "step_time_s": elapsed,
+               "tokens_per_sec": tokens_per_step / elapsed,
+               "tflops_per_device": flops_per_sec / len(devices) / 1e12,
+               "mfu": flops_per_sec / peak if math.isfinite(peak) else float("nan")}
+        writer.write(row)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}",
+                        tok_s=f"{row['tokens_per_sec']:.0f}")
+        window_start, window_steps = time.perf_counter(), 0
+      bar.update(1)
+      if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+        evaluate(done)
+        window_start = time.perf_counter()
+  finally:
+    bar.close()
+    writer.close()
+  return history

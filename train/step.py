@@ -1,0 +1,86 @@
+"""The jitted train and eval steps."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+import sharding
+from train.state import ModelSpec, TrainState
+
+Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: [batch, length]
+
+
+def batch_sharding(mesh: Mesh, rules: sharding.Rules, batch_size: int,
+                   seq_len: int) -> NamedSharding:
+  spec = sharding.logical_to_spec(("batch", "length"), rules, mesh,
+                                  (batch_size, seq_len))
+  return NamedSharding(mesh, spec)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array):
+  """Mean next-token NLL and mean log-partition squared (for the z-loss).
+
+  logits: [batch, length, vocab] (any float dtype, upcast); targets: [batch, length].
+  """
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(lse - target_logit), jnp.mean(lse ** 2)
+
+
+def loss_fn(spec: ModelSpec, z_loss: float):
+  def f(params, batch: Batch):
+    logits = spec.model(params)(batch["inputs"], batch["positions"],
+                                batch["segment_ids"])
+    nll, lse2 = cross_entropy(logits, batch["targets"])
+    return nll + z_loss * lse2, nll
+  return f
+
+
+def _microbatches(batch: Batch, n: int) -> Batch:
+  """[batch, ...] -> [n, batch/n, ...], micro-batch i taking rows i, i+n, ... so each
+  keeps the data-parallel sharding of the whole batch."""
+  return jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, train_cfg,
+                    state_sharding: TrainState, data_sharding: NamedSharding
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """Jitted (state, batch) -> (state, metrics), donating state. Call it (or lower
+  it) under jax.set_mesh so activation constraints see the mesh."""
+  grad_fn = jax.value_and_grad(loss_fn(spec, train_cfg.z_loss), has_aux=True)
+  accum = train_cfg.grad_accum_steps
+
+  def step(state: TrainState, batch: Batch):
+    if accum == 1:
+      (_, nll), grads = grad_fn(state.params, batch)
+    else:
+      def micro(carry, mb):
+        (_, nll), g = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, carry, (nll, g)), None
+      zeros = (jnp.zeros((), jnp.float32),
+               jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+      (nll, grads), _ = jax.lax.scan(micro, zeros, _microbatches(batch, accum))
+      nll, grads = jax.tree.map(lambda x: x / accum, (nll, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": nll, "grad_norm": optax.global_norm(grads),
+               "learning_rate": lr_schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(step, in_shardings=(state_sharding, data_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def make_eval_step(spec: ModelSpec, param_sharding, data_sharding):
+  """Jitted (params, batch) -> mean next-token NLL. Call it under jax.set_mesh."""
+  f = loss_fn(spec, 0.0)
+  return jax.jit(lambda params, batch: f(params, batch)[1],
+                 in_shardings=(param_sharding, data_sharding))
