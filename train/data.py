@@ -151,10 +151,10 @@ class Data:
     return (ds[i] for i in range(n))
 
 
-def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int
-                 ) -> tuple[int, int]:
+def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int,
+                 seq_len: int) -> tuple[int, int]:
   """The contiguous global-batch rows this process's devices hold."""
-  index_map = batch_sharding.addressable_devices_indices_map((global_batch, 1))
+  index_map = batch_sharding.addressable_devices_indices_map((global_batch, seq_len))
   starts = [idx[0].start or 0 for idx in index_map.values()]
   stops = [global_batch if idx[0].stop is None else idx[0].stop
            for idx in index_map.values()]
@@ -179,7 +179,7 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
           f"training windows of {d.seq_len + 1} and {len(eval_src)} held out, "
           f"fewer than one batch of {batch}.",
           "use more data, a shorter data.seq_len or a smaller train.batch_size.")
-  lo, hi = process_rows(batch_sharding, batch)
+  lo, hi = process_rows(batch_sharding, batch, d.seq_len)
   examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
   train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))
            .batch(hi - lo, drop_remainder=True)

@@ -71,7 +71,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
       nll, grads = jax.tree.map(lambda x: x / accum, (nll, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": nll, "grad_norm": optax.tree.norm(grads),
                "learning_rate": lr_schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

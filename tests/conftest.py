@@ -1,0 +1,43 @@
+"""Every test process sees 8 CPU devices; set before jax is imported."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tiny_config():
+  """A GQA model small enough to compile in seconds, on the synthetic source."""
+  from experiments import base
+  c = base.get_config()
+  c.model.update(vocab_size=64, d_model=32, num_layers=2, num_heads=8,
+                 num_kv_heads=4, head_dim=8, d_ff=64)
+  c.data.update(source="synthetic", seq_len=16)
+  c.train.update(steps=3, batch_size=8, eval_every=0)
+  c.optim.update(warmup_steps=1)
+  c.log.update(every_steps=1, tensorboard=False, peak_flops=1e12)
+  return c
+
+
+@pytest.fixture
+def tiny_config():
+  return make_tiny_config()
+
+
+def run_cli(*args, timeout=300):
+  """Runs `python -m experiment ...` with 8 CPU devices; returns CompletedProcess."""
+  import subprocess
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "experiment", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,51 @@
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import sharding
+from sharding import ConfigError
+
+
+def mesh_cfg(**kw):
+  c = dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1)
+  c.update(kw)
+  return c
+
+
+def test_fill_axis_takes_remaining_devices():
+  assert sharding.resolve_shape(mesh_cfg(data=-1, tensor=2), 8)["data"] == 4
+
+
+def test_mesh_product_mismatch_names_field_and_numbers():
+  with pytest.raises(ConfigError, match=r"`mesh`.*has 6 devices but 8 are available"):
+    sharding.resolve_shape(mesh_cfg(data=3, tensor=2), 8)
+
+
+def test_two_fill_axes_rejected():
+  with pytest.raises(ConfigError, match="only one mesh axis may be -1"):
+    sharding.resolve_shape(mesh_cfg(data=-1, fsdp=-1), 8)
+
+
+def test_mesh_axes_order_and_types():
+  mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
+  assert mesh.axis_names == sharding.AXES
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "sequence": 1,
+                              "tensor": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_logical_to_spec_default_rules():
+  rules = sharding.normalize_rules(None)
+  mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
+  assert sharding.logical_to_spec(("embed", "mlp"), rules, mesh, (8, 8)) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("batch", "length"), rules, mesh, (8, 4)) == P(("data", "fsdp"))
+  # A dimension the axis does not divide is replicated rather than failing.
+  assert sharding.logical_to_spec(("embed", "mlp"), rules, mesh, (3, 8)) == P(None, "tensor")
+  # An axis is used once per array.
+  assert sharding.logical_to_spec(("mlp", "heads"), rules, mesh, (8, 8)) == P("tensor")
+
+
+def test_rules_can_be_replaced():
+  rules = sharding.normalize_rules({"embed": ("fsdp", "tensor"), "mlp": None})
+  mesh = sharding.make_mesh(mesh_cfg(fsdp=2, tensor=4))
+  assert sharding.logical_to_spec(("embed", "mlp"), rules, mesh, (8, 8)) == P(("fsdp", "tensor"))

@@ -1,0 +1,74 @@
+"""Each config mistake gets a message naming field, numbers and fix; the CLI exits 2."""
+
+import pytest
+
+import train
+from conftest import run_cli
+from experiments import llama_tiny
+from sharding import ConfigError
+
+# (overrides, field named in the message, fragment with the numbers)
+CASES = {
+    "mesh_product": ({"mesh.data": 3}, "mesh", "has 3 devices but 8 are available"),
+    "heads": ({"model.num_heads": 12, "mesh.tensor": 8, "mesh.data": 1},
+              "model.num_heads", "12 heads cannot be split over mesh.tensor=8"),
+    "kv_heads": ({"mesh.tensor": 8, "mesh.data": 1}, "model.num_kv_heads",
+                 "4 kv heads cannot be split over mesh.tensor=8"),
+    "seq_len": ({"data.seq_len": 250, "mesh.sequence": 4, "mesh.data": 2},
+                "data.seq_len", "seq_len=250 cannot be split over mesh.sequence=4"),
+    "batch": ({"train.batch_size": 12}, "train.batch_size",
+              "batch_size=12 does not split over the data-parallel size 8"),
+    "block": ({"model.block": "ladderr"}, "model.block", "'ladderr' is not one of"),
+}
+
+
+def _apply(config, overrides):
+  for path, value in overrides.items():
+    group, name = path.split(".")
+    config[group][name] = value
+  return config
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_library_raises_config_error(case):
+  overrides, field, numbers = CASES[case]
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(_apply(llama_tiny.get_config(), overrides), 8)
+  assert err.value.field == field
+  assert numbers in str(err.value)
+  assert "Fix:" in str(err.value)
+
+
+CLI_CASES = {
+    **{k: ([f"--config.{p}={v}" for p, v in o.items()], f, n)
+       for k, (o, f, n) in CASES.items()},
+    "unknown_key": (["--config.model.num_layer=3"], "model.num_layer",
+                    "did you mean `model.num_layers`?"),
+    "unknown_group": (["--config.optimizer.learning_rate=1"], "optimizer",
+                      "did you mean `optim`?"),
+    "wrong_type": (["--config.train.steps=ten"], "train.steps",
+                   "'ten' is not a valid int"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_exits_2_with_message(case, tmp_path):
+  args, field, numbers = CLI_CASES[case]
+  proc = run_cli("train", "--config=experiments/llama_tiny.py",
+                 f"--workdir={tmp_path}", *args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"Config error in `{field}`" in proc.stderr
+  assert numbers in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_unknown_command_exits_2():
+  proc = run_cli("trian")
+  assert proc.returncode == 2
+  assert "unknown command 'trian'" in proc.stderr
+
+
+def test_help_lists_commands():
+  proc = run_cli("--help")
+  assert proc.returncode == 0
+  assert "train" in proc.stdout and "Commands:" in proc.stdout
