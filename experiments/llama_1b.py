@@ -11,8 +11,8 @@
 Expected: on 8 accelerators with 16+ GiB each, FSDP=8 fits parameters, Adam
 moments and remat'd activations at 2k context. With the default byte tokenizer the
 large vocabulary is mostly unused; give a tokenizer.json for real runs. `local`
-keeps the proportions (GQA 4:1, tied embeddings) at 8M parameters and should
-reach eval loss < 2.5 nats/byte on the default data within a few hundred steps.
+keeps the proportions (GQA 4:1, tied embeddings, SwiGLU 4x) at 3.9M parameters,
+for checking a plan and the pipeline on a CPU before spending accelerator time.
 """
 
 from experiments import base

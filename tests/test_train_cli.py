@@ -29,7 +29,7 @@ def test_cli_trains_and_writes_metrics(tmp_path):
   train_rows = [r for r in rows if "loss" in r]
   assert [r["step"] for r in train_rows] == [2, 4]
   assert all(set(TRAIN_KEYS) <= set(r) for r in train_rows)
-  assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+  assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
   assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in train_rows)
   assert any(f.startswith("events.out.tfevents") for f in
              os.listdir(work / "tensorboard"))

@@ -84,6 +84,8 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
 
   window_start, window_steps = time.perf_counter(), 0
   try:
+    if start == 0 and t.eval_every:
+      evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
     for step in range(start, t.steps):
       batch = _global_batch(next(data.train), data_sharding)
       if step == start:
