@@ -56,6 +56,7 @@ def get_config(arg=None) -> ConfigDict:
       learning_rate=3e-3,
       warmup_steps=100,
       min_lr_ratio=0.1,        # cosine decays to learning_rate * min_lr_ratio
+      decay_steps=placeholder(int),  # length of warmup + cosine; None = train.steps
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,
       no_decay="norm",         # comma-separated regexes of params without decay
@@ -73,7 +74,12 @@ def get_config(arg=None) -> ConfigDict:
   ))
 
   c.checkpoint = ConfigDict(dict(
-      every_steps=0,           # 0 disables checkpointing
+      every_steps=1000,        # save every N steps (and at the end); 0 disables
+      keep=3,                  # latest checkpoints kept
+      keep_best=0,             # also keep the N best by eval loss (0: off)
+      async_save=True,         # write in the background while training goes on
+      fallback=False,          # unreadable latest step: resume from the one before
+      init_from=placeholder(str),  # DIR or DIR:STEP: load params only (fine-tune)
   ))
 
   c.log = ConfigDict(dict(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -14,10 +18,12 @@ from tqdm.auto import tqdm
 import sharding
 from model import ModelConfig
 from train import flops as flops_lib
+from train.checkpoint import Checkpointer, load_init_params
 from train.data import make_data
 from train.metrics import MetricsWriter
 from train.optimizer import make_optimizer, schedule
-from train.state import init_state, model_spec, param_shardings, state_shardings
+from train.state import (abstract_state, init_state, model_spec, param_shardings,
+                         state_shardings)
 from train.step import batch_sharding, make_eval_step, make_train_step
 from train.validate import validate_config
 
@@ -54,7 +60,23 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   _say(sharding.sharding_table(spec.abstract_params, shardings.params))
 
   data = make_data(config, data_sharding)
-  state = init_state(spec, tx, mesh, t.seed)
+  config_dict = json.loads(config.to_json())
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict, f, indent=2)
+  ckpt = Checkpointer(workdir, config.checkpoint)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(abstract_state(spec, tx, mesh), data.train)
+    _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+  else:
+    state = init_state(spec, tx, mesh, t.seed)
+    if config.checkpoint.init_from:
+      params = load_init_params(config.checkpoint.init_from,
+                                abstract_state(spec, tx, mesh).params,
+                                config.checkpoint)
+      state = state.replace(params=params)
+      _say(f"initialised parameters from {config.checkpoint.init_from}")
   step_fn = make_train_step(spec, tx, lr, t, shardings, data_sharding)
   eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
 
@@ -72,6 +94,13 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   bar = tqdm(total=t.steps, initial=start, disable=not progress or
              jax.process_index() != 0, dynamic_ncols=True, desc="train")
 
+  saved = {"step": start}
+
+  def save(eval_loss=None, force=False):
+    if int(state.step) != saved["step"]:
+      ckpt.save(state, data.train, config_dict, eval_loss=eval_loss, force=force)
+      saved["step"] = int(state.step)
+
   def evaluate(step: int) -> dict[str, Any]:
     with jax.set_mesh(mesh):
       losses = [float(eval_fn(state.params, _global_batch(b, data_sharding)))
@@ -83,6 +112,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     return row
 
   window_start, window_steps = time.perf_counter(), 0
+  stop = _StopOnSignal()
   try:
     if start == 0 and t.eval_every:
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
@@ -115,10 +145,41 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
                         tok_s=f"{row['tokens_per_sec']:.0f}")
         window_start, window_steps = time.perf_counter(), 0
       bar.update(1)
+      eval_loss = None
       if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-        evaluate(done)
+        eval_loss = evaluate(done)["eval_loss"]
         window_start = time.perf_counter()
+      every = config.checkpoint.every_steps
+      if every and (done % every == 0 or done == t.steps):
+        save(eval_loss)
+      if stop.requested:
+        save(force=True)
+        ckpt.wait()
+        _say(f"{stop.requested}: saved step {done}; exiting")
+        break
   finally:
+    stop.restore()
     bar.close()
     writer.close()
+    ckpt.wait()
+    ckpt.close()
   return history
+
+
+class _StopOnSignal:
+  """Turns SIGTERM / SIGINT into a request to save and stop after this step."""
+
+  def __init__(self):
+    self.requested: str | None = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

@@ -9,7 +9,10 @@ import optax
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup then cosine decay over `optim.decay_steps` (default: the run's
+  steps). Setting it lets a run be extended or stopped early on the same curve."""
   o = optim_cfg
+  total_steps = o.decay_steps or total_steps
   warmup = min(o.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,

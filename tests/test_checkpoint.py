@@ -1,0 +1,145 @@
+"""Exact resume, resharding, init_from and unreadable checkpoints."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import sharding
+import train
+from model import ModelConfig
+from train.checkpoint import Checkpointer, CheckpointError
+from train.optimizer import make_optimizer
+from train.state import abstract_state, model_spec
+
+
+def _ckpt_config(tiny_config, steps, total=6):
+  tiny_config.train.steps = steps
+  tiny_config.optim.decay_steps = total
+  tiny_config.checkpoint.update(every_steps=3, keep=5)
+  return tiny_config
+
+
+def _restore(config, workdir, step=None, devices=None):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  spec = model_spec(ModelConfig.from_config(config.model),
+                    sharding.normalize_rules(config.mesh.rules))
+  tx = make_optimizer(config.optim, config.train.steps)
+  ckpt = Checkpointer(str(workdir), config.checkpoint, read_only=True)
+  state = ckpt.restore(abstract_state(spec, tx, mesh), step=step)
+  ckpt.close()
+  return state
+
+
+def _losses(rows):
+  return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_exact_resume_bit_identical(tiny_config, tmp_path):
+  from conftest import make_tiny_config
+  whole = train.train(_ckpt_config(tiny_config, 6), str(tmp_path / "a"), progress=False)
+  first = train.train(_ckpt_config(make_tiny_config(), 3), str(tmp_path / "b"),
+                      progress=False)
+  second = train.train(_ckpt_config(make_tiny_config(), 6), str(tmp_path / "b"),
+                       progress=False)
+  assert _losses(first) + _losses(second) == _losses(whole)  # bit for bit
+  a = _restore(tiny_config, tmp_path / "a", 6)
+  b = _restore(tiny_config, tmp_path / "b", 6)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def saved_on_data8(tmp_path_factory):
+  """A run saved at step 3 on data=8, and the loss of its 4th step on data=8."""
+  from conftest import make_tiny_config
+  root = tmp_path_factory.mktemp("reshard")
+  c = _ckpt_config(make_tiny_config(), 3, total=4)
+  c.model.num_kv_heads = 8  # so that tensor=8 divides it
+  c.mesh.update(data=8)
+  train.train(c, str(root / "run"), progress=False)
+  shutil.copytree(root / "run", root / "cont")
+  c.train.steps = 4
+  next_loss = _losses(train.train(c, str(root / "cont"), progress=False))
+  return root / "run", next_loss
+
+
+@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=2, tensor=4), dict(data=1, tensor=8),
+                                  "one_device"])
+def test_restore_onto_other_mesh(mesh, saved_on_data8, tiny_config, tmp_path):
+  run, next_loss = saved_on_data8
+  c = _ckpt_config(tiny_config, 3, total=4)
+  c.model.num_kv_heads = 8
+  c.mesh.update(data=8)
+  saved = _restore(c, run, 3)
+  devices = None
+  if mesh == "one_device":
+    mesh, devices = dict(data=1), jax.devices()[:1]
+  c.mesh.update(**mesh)
+  resharded = _restore(c, run, 3, devices)
+  for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(resharded)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  param = resharded.params["layers"]["mlp"]["gate"]
+  assert len(param.sharding.device_set) == (1 if devices else 8)
+  # Continue one step on the new mesh: same loss as continuing on data=8.
+  shutil.copytree(run, tmp_path / "cont")
+  c.train.steps = 4
+  loss = _losses(train.train(c, str(tmp_path / "cont"), devices=devices,
+                             progress=False))
+  np.testing.assert_allclose(loss, next_loss, rtol=1e-5)
+
+
+def test_init_from_loads_params_only(tiny_config, tmp_path):
+  from conftest import make_tiny_config
+  from train.data import make_data
+  from train.step import batch_sharding, loss_fn
+  train.train(_ckpt_config(tiny_config, 3), str(tmp_path / "src"), progress=False)
+  c = _ckpt_config(make_tiny_config(), 1)
+  c.checkpoint.init_from = f"{tmp_path / 'src'}:3"
+  rows = train.train(c, str(tmp_path / "ft"), progress=False)
+  assert rows[0]["step"] == 1  # a new run: step and optimizer start afresh
+  # Its first loss is the source's step-3 parameters on the first batch.
+  src = _restore(tiny_config, tmp_path / "src", 3)
+  mesh = sharding.make_mesh(c.mesh)
+  rules = sharding.normalize_rules(None)
+  spec = model_spec(ModelConfig.from_config(c.model), rules)
+  data = make_data(c, batch_sharding(mesh, rules, 8, 16))
+  with jax.set_mesh(mesh):
+    nll = loss_fn(spec, 0.0)(src.params, next(data.train))[1]
+  assert rows[0]["loss"] == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_init_from_shape_mismatch_names_parameter(tiny_config, tmp_path):
+  from conftest import make_tiny_config
+  train.train(_ckpt_config(tiny_config, 3), str(tmp_path / "src"), progress=False)
+  c = _ckpt_config(make_tiny_config(), 1)
+  c.model.d_ff = 96
+  c.checkpoint.init_from = str(tmp_path / "src")
+  with pytest.raises(sharding.ConfigError,
+                     match=r"`layers/mlp/down` has shape \(2, 64, 32\) in .* but "
+                           r"\(2, 96, 32\) in this model"):
+    train.train(c, str(tmp_path / "ft"), progress=False)
+
+
+def _corrupt(workdir, step):
+  state_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+  for root, _, files in os.walk(state_dir):
+    for f in files:
+      if not f.startswith("_"):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+
+
+def test_unreadable_checkpoint_error_and_fallback(tiny_config, tmp_path):
+  c = _ckpt_config(tiny_config, 6)
+  train.train(c, str(tmp_path), progress=False)
+  _corrupt(tmp_path, 6)
+  c.train.steps = 7
+  with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*step 6.*"
+                     r"--config.checkpoint.fallback=true"):
+    train.train(c, str(tmp_path), progress=False)
+  c.checkpoint.fallback = True
+  rows = train.train(c, str(tmp_path), progress=False)
+  assert [r["step"] for r in rows if "loss" in r] == [4, 5, 6, 7]  # resumed at 3

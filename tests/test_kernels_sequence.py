@@ -1,0 +1,188 @@
+"""Sequence parallelism: ring (zig-zag and contiguous) and Ulysses against the
+reference on `sequence` = 2, 4, 8 and with data / tensor, the collectives they
+compile to, and the zig-zag load balance counted from what the ring executes."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import kernels
+import sharding
+from kernels import flash, reference, ring
+from test_kernels_flash import (FAST_COMPILE, TOL, assert_close, make_inputs,
+                                value_and_vjp)
+
+
+def mesh_of(**sizes):
+  full = {**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), **sizes}
+  return sharding.make_mesh(full, devices=jax.devices()[:math.prod(full.values())])
+
+
+def sequence_parallel(impl, p, *, causal, layout="zigzag", block_sizes=32):
+  """fn(q, k, v, seg) in natural order; zig-zag permutation applied around the call
+  the way the data pipeline does it (once, outside attention)."""
+  zig = impl == "ring" and causal and layout == "zigzag"
+  perm = (lambda x: kernels.zigzag_permute(x, p)) if zig else (lambda x: x)
+  unperm = (lambda x: kernels.zigzag_unpermute(x, p)) if zig else (lambda x: x)
+  extra = {"layout": layout} if impl == "ring" else {}
+
+  def fn(q, k, v, seg):
+    call = ring.attention if impl == "ring" else kernels.ulysses.attention
+    o = call(perm(q), perm(k), perm(v), causal=causal,
+             segment_ids=None if seg is None else perm(seg), block_sizes=block_sizes,
+             **extra)
+    return unperm(o)
+  return fn
+
+
+# (impl, mesh, causal, heads, kv_heads, segments, dtype, layout)
+GRID = [
+    ("ring", dict(sequence=2), True, 8, 2, True, jnp.float32, "zigzag"),
+    ("ring", dict(sequence=4), True, 4, 4, False, jnp.float32, "zigzag"),
+    ("ring", dict(sequence=8), True, 8, 2, False, jnp.float32, "zigzag"),
+    ("ring", dict(sequence=8), False, 4, 4, True, jnp.float32, "zigzag"),
+    ("ring", dict(data=2, sequence=2, tensor=2), True, 8, 2, True, jnp.float32, "zigzag"),
+    ("ring", dict(sequence=4), True, 8, 2, True, jnp.float32, "contiguous"),
+    ("ring", dict(sequence=4), True, 8, 2, False, jnp.bfloat16, "zigzag"),
+    ("ulysses", dict(sequence=2), True, 4, 4, True, jnp.float32, None),
+    ("ulysses", dict(sequence=4), True, 8, 2, True, jnp.float32, None),
+    ("ulysses", dict(sequence=8), False, 8, 2, False, jnp.float32, None),
+    ("ulysses", dict(data=2, sequence=2, tensor=2), True, 8, 4, False, jnp.bfloat16, None),
+]
+
+
+def _id(case):
+  impl, mesh, causal, h, kvh, segs, dtype, layout = case
+  axes = "-".join(f"{a}{n}" for a, n in mesh.items())
+  return (f"{impl}-{layout or ''}-{axes}-{'causal' if causal else 'full'}-{h}:{kvh}-"
+          f"{'seg' if segs else 'noseg'}-{jnp.dtype(dtype).name}")
+
+
+@pytest.mark.parametrize("case", GRID, ids=_id)
+def test_matches_reference(case):
+  impl, mesh_sizes, causal, h, kvh, segs, dtype, layout = case
+  inputs = make_inputs(h * 10 + kvh, batch=2, length=128, heads=h, kv_heads=kvh,
+                       head_dim=64, segments=segs, dtype=dtype)
+  q, k, v, seg, do = inputs
+  ref_out, ref_grads = value_and_vjp(
+      lambda q, k, v, s: reference.attention(q, k, v, causal=causal, segment_ids=s),
+      q, k, v, seg, do)
+  fn = sequence_parallel(impl, mesh_sizes["sequence"], causal=causal,
+                         layout=layout or "zigzag")
+  with jax.set_mesh(mesh_of(**mesh_sizes)):
+    out, grads = value_and_vjp(fn, q, k, v, seg, do)
+  tol = TOL[dtype]
+  assert_close(out, ref_out, tol, "output")
+  for name, g, r in zip("qkv", grads, ref_grads):
+    assert_close(g, r, tol, f"d{name}")
+
+
+def count_ops(hlo: str, op: str) -> int:
+  """Collective instructions named `op` (sync form or async -start) in HLO text."""
+  return len(re.findall(rf"= [^=]*? {op}(?:-start)?\(", hlo))
+
+
+def _compiled_hlo(fn, mesh, length=256, heads=8, kv_heads=2):
+  s = jax.ShapeDtypeStruct
+  args = (s((2, length, heads, 64), jnp.float32), s((2, length, kv_heads, 64), jnp.float32),
+          s((2, length, kv_heads, 64), jnp.float32))
+  with jax.set_mesh(mesh):
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE).as_text()
+
+
+@pytest.mark.parametrize("p", [4, 8])
+def test_ring_collective_permutes(p):
+  """Forward: P-1 hops of stacked K/V. Forward+backward adds P-1 K/V hops and P
+  dK/dV hops on the way back."""
+  mesh = mesh_of(sequence=p)
+  fwd = lambda q, k, v: ring.attention(q, k, v, causal=True)  # noqa: E731
+  grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v)), argnums=(0, 1, 2))
+  assert count_ops(_compiled_hlo(fwd, mesh), "collective-permute") == p - 1
+  hlo = _compiled_hlo(grad, mesh)
+  assert count_ops(hlo, "collective-permute") == 3 * p - 2
+  assert count_ops(hlo, "all-to-all") == 0
+
+
+def test_ulysses_all_to_alls():
+  """Four all-to-alls forward (q, k, v, o), four more for the gradients."""
+  mesh = mesh_of(sequence=4)
+  fwd = lambda q, k, v: kernels.ulysses.attention(q, k, v, causal=True)  # noqa: E731
+  grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v)), argnums=(0, 1, 2))
+  assert count_ops(_compiled_hlo(fwd, mesh, heads=8, kv_heads=8), "all-to-all") == 4
+  hlo = _compiled_hlo(grad, mesh, heads=8, kv_heads=8)
+  assert count_ops(hlo, "all-to-all") == 8
+  assert count_ops(hlo, "collective-permute") == 0
+
+
+def _executed_tiles(p, layout, length, block_size, monkeypatch):
+  """Tiles per device, recorded at run time from every flash call the ring makes."""
+  tiles = np.zeros(p, np.int64)
+  real_forward = flash.forward
+
+  def counting_forward(q, k, v, q_seg=None, kv_seg=None, *, causal, **kwargs):
+    n = kernels.block.count_blocks(q.shape[2], k.shape[2], causal=causal,
+                                   block_q=min(block_size, q.shape[2]),
+                                   block_kv=min(block_size, k.shape[2]))
+
+    def record(device):
+      tiles[int(device)] += n
+    jax.debug.callback(record, lax.axis_index("sequence"))
+    return real_forward(q, k, v, q_seg, kv_seg, causal=causal, **kwargs)
+
+  monkeypatch.setattr(flash, "forward", counting_forward)
+  q = jnp.zeros((1, length, 1, 8), jnp.float32)
+  with jax.set_mesh(mesh_of(sequence=p)):
+    jax.block_until_ready(jax.jit(lambda q: ring.attention(
+        q, q, q, causal=True, layout=layout, block_sizes=block_size))(q))
+  return tiles
+
+
+@pytest.mark.parametrize("p", [4, 8])
+def test_zigzag_balances_tiles(p, monkeypatch):
+  """Zig-zag: each device computes the same tiles at every step, counted both from
+  the schedule and from the flash calls executed; contiguous: the last device does
+  about twice the mean."""
+  length, bs = 64 * p, 16
+  zig = ring.blocks_per_step(p, length, causal=True, layout="zigzag", block_sizes=bs)
+  naive = ring.blocks_per_step(p, length, causal=True, layout="contiguous",
+                               block_sizes=bs)
+  for step in range(p):
+    assert len({row[step] for row in zig}) == 1, zig
+  naive_totals = [sum(row) for row in naive]
+  assert naive_totals == sorted(naive_totals) and naive_totals[0] < naive_totals[-1]
+  assert max(naive_totals) / np.mean(naive_totals) > 1.5
+  # Same total work: zig-zag moves tiles, it does not add any beyond the diagonals.
+  assert sum(map(sum, zig)) <= sum(naive_totals) * 1.1
+  executed = _executed_tiles(p, "zigzag", length, bs, monkeypatch)
+  assert list(executed) == [sum(row) for row in zig]
+  executed = _executed_tiles(p, "contiguous", length, bs, monkeypatch)
+  assert list(executed) == naive_totals
+
+
+def test_zigzag_permutation():
+  x = np.arange(16)
+  y = kernels.zigzag_permute(x[None], 2)[0]
+  # chunks of 4: device 0 holds chunks 0 and 3, device 1 chunks 1 and 2.
+  np.testing.assert_array_equal(y, [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
+  np.testing.assert_array_equal(kernels.zigzag_unpermute(y[None], 2)[0], x)
+  z = jnp.arange(2 * 48 * 3).reshape(2, 48, 3)
+  np.testing.assert_array_equal(kernels.zigzag_unpermute(kernels.zigzag_permute(z, 4), 4), z)
+  with pytest.raises(ValueError, match="multiple of 2"):
+    kernels.zigzag_permute(x[None, :10], 2)
+  assert kernels.uses_zigzag("ring") and not kernels.uses_zigzag("ulysses")
+
+
+def test_errors():
+  q, k, v, _, _ = make_inputs(0, batch=2, length=100, heads=6, kv_heads=2)
+  with pytest.raises(ValueError, match="jax.set_mesh"):
+    ring.attention(q, k, v)
+  with jax.set_mesh(mesh_of(sequence=4)):
+    with pytest.raises(ValueError, match="heads per device .* not a multiple of sequence=4"):
+      kernels.attention(q, k, v, impl="ulysses")
+    with pytest.raises(ValueError, match="length=100 is not a multiple of 8"):
+      kernels.attention(q[:, :, :4], k, v, impl="ring")
