@@ -95,10 +95,11 @@ def _compiled_hlo(fn, mesh, length=256, heads=8, kv_heads=2):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE).as_text()
 
 
-@pytest.mark.parametrize("p", [4, 8])
-def test_ring_collective_permutes(p):
+def test_ring_collective_permutes():
   """Forward: P-1 hops of stacked K/V. Forward+backward adds P-1 K/V hops and P
-  dK/dV hops on the way back."""
+  dK/dV hops on the way back. (With P = 2 both directions are the same permutation
+  and XLA merges the backward K/V hop into the forward one: 3 instead of 4.)"""
+  p = 4
   mesh = mesh_of(sequence=p)
   fwd = lambda q, k, v: ring.attention(q, k, v, causal=True)  # noqa: E731
   grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v)), argnums=(0, 1, 2))
@@ -112,7 +113,8 @@ def test_ulysses_all_to_alls():
   """Four all-to-alls forward (q, k, v, o), four more for the gradients."""
   mesh = mesh_of(sequence=4)
   fwd = lambda q, k, v: kernels.ulysses.attention(q, k, v, causal=True)  # noqa: E731
-  grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v)), argnums=(0, 1, 2))
+  # value_and_grad: with grad alone the output's all-to-all is dead code.
+  grad = jax.value_and_grad(lambda q, k, v: jnp.sum(fwd(q, k, v)), argnums=(0, 1, 2))
   assert count_ops(_compiled_hlo(fwd, mesh, heads=8, kv_heads=8), "all-to-all") == 4
   hlo = _compiled_hlo(grad, mesh, heads=8, kv_heads=8)
   assert count_ops(hlo, "all-to-all") == 8
@@ -142,11 +144,10 @@ def _executed_tiles(p, layout, length, block_size, monkeypatch):
   return tiles
 
 
-@pytest.mark.parametrize("p", [4, 8])
-def test_zigzag_balances_tiles(p, monkeypatch):
-  """Zig-zag: each device computes the same tiles at every step, counted both from
-  the schedule and from the flash calls executed; contiguous: the last device does
-  about twice the mean."""
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_zigzag_schedule_is_balanced(p):
+  """Zig-zag: every device computes the same tiles at every step. Contiguous: device
+  r does r full tiles-squares plus a diagonal, so the last does most."""
   length, bs = 64 * p, 16
   zig = ring.blocks_per_step(p, length, causal=True, layout="zigzag", block_sizes=bs)
   naive = ring.blocks_per_step(p, length, causal=True, layout="contiguous",
@@ -155,10 +156,21 @@ def test_zigzag_balances_tiles(p, monkeypatch):
     assert len({row[step] for row in zig}) == 1, zig
   naive_totals = [sum(row) for row in naive]
   assert naive_totals == sorted(naive_totals) and naive_totals[0] < naive_totals[-1]
-  assert max(naive_totals) / np.mean(naive_totals) > 1.5
-  # Same total work: zig-zag moves tiles, it does not add any beyond the diagonals.
+  assert max(naive_totals) / np.mean(naive_totals) > 1.3
+  # Zig-zag moves tiles between devices; it adds none beyond the extra diagonals.
   assert sum(map(sum, zig)) <= sum(naive_totals) * 1.1
+
+
+def test_zigzag_balance_counted_at_run_time(monkeypatch):
+  """The tiles of the flash calls each device really executes match the schedule."""
+  p, bs = 4, 16
+  length = 64 * p
+  zig = ring.blocks_per_step(p, length, causal=True, layout="zigzag", block_sizes=bs)
+  naive = ring.blocks_per_step(p, length, causal=True, layout="contiguous",
+                               block_sizes=bs)
+  naive_totals = [sum(row) for row in naive]
   executed = _executed_tiles(p, "zigzag", length, bs, monkeypatch)
+  assert len(set(executed)) == 1
   assert list(executed) == [sum(row) for row in zig]
   executed = _executed_tiles(p, "contiguous", length, bs, monkeypatch)
   assert list(executed) == naive_totals

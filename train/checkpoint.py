@@ -72,9 +72,11 @@ class Checkpointer:
   def save(self, state: TrainState, data_iter: Any, config_dict: dict, *,
            eval_loss: float | None = None, force: bool = False) -> bool:
     step = int(state.step)
-    args = ocp.args.Composite(state=ocp.args.PyTreeSave(_as_dict(state)),
-                              data=grain.checkpoint.CheckpointSave(data_iter),
-                              config=ocp.args.JsonSave(config_dict))
+    items = {"state": ocp.args.PyTreeSave(_as_dict(state)),
+             "config": ocp.args.JsonSave(config_dict)}
+    if data_iter is not None:  # e.g. a step-0 import has no data position yet
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    args = ocp.args.Composite(**items)
     metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
     return self._manager.save(step, args=args, metrics=metrics, force=force)
 
@@ -100,7 +102,8 @@ class Checkpointer:
     for s in candidates:
       try:
         items = {"state": _restore_args(_as_dict(target))}
-        if data_iter is not None:
+        if data_iter is not None and os.path.isdir(
+            os.path.join(self.directory, str(s), "data")):
           items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._manager.restore(s, args=ocp.args.Composite(**items))
         if errors:

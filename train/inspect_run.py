@@ -1,0 +1,76 @@
+"""`inspect`: what a run directory holds — steps, sizes, metrics, parameters."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from train.checkpoint import checkpoint_dir
+from train.metrics import read_metrics
+
+
+def _dir_size(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+
+
+def describe_run(workdir: str) -> str:
+  """A report of a run's checkpoints (read from metadata only) and metrics."""
+  lines = [f"run {os.path.abspath(workdir)}"]
+  directory = checkpoint_dir(workdir)
+  manager = None
+  if os.path.isdir(directory):
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  steps = sorted(manager.all_steps()) if manager else []
+  if not steps:
+    lines.append("checkpoints: none")
+  else:
+    lines.append("checkpoints:")
+    for s in steps:
+      lines.append(f"  step {s:>8}  {_human(_dir_size(os.path.join(directory, str(s))))}")
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    rows = read_metrics(workdir)
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if train_rows:
+      r = train_rows[-1]
+      lines.append(f"last logged step {r['step']}: loss {r['loss']:.4f}, "
+                   f"{r['tokens_per_sec']:.0f} tokens/s, MFU {r['mfu']:.1%}")
+    if evals:
+      best = min(evals, key=lambda r: r["eval_loss"])
+      lines.append(f"eval loss: last {evals[-1]['eval_loss']:.4f} at step "
+                   f"{evals[-1]['step']}, best {best['eval_loss']:.4f} at step "
+                   f"{best['step']}")
+  if steps:
+    meta = manager.item_metadata(steps[-1])["state"]
+    tree = getattr(meta, "tree", meta)["params"]
+    rows = [("parameter", "shape", "dtype", "saved sharding")]
+    total = 0
+    for path, m in jax.tree_util.tree_leaves_with_path(tree):
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      spec = getattr(m.sharding, "partition_spec", None)
+      axes = dict(zip(getattr(m.sharding, "axis_names", []),
+                      getattr(m.sharding, "shape", [])))
+      mesh = ",".join(f"{a}={n}" for a, n in axes.items() if n > 1) or "1 device"
+      rows.append((name, "x".join(map(str, m.shape)), str(np.dtype(m.dtype)),
+                   f"{tuple(spec) if spec is not None else '?'} on {mesh}"))
+      total += int(np.prod(m.shape))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines.append(f"parameters at step {steps[-1]} ({total / 1e6:.2f}M):")
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+              for r in rows]
+  if manager:
+    manager.close()
+  return "\n".join(lines)
