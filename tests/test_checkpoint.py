@@ -143,3 +143,19 @@ def test_unreadable_checkpoint_error_and_fallback(tiny_config, tmp_path):
   c.checkpoint.fallback = True
   rows = train.train(c, str(tmp_path), progress=False)
   assert [r["step"] for r in rows if "loss" in r] == [4, 5, 6, 7]  # resumed at 3
+
+
+def test_keeps_latest_and_best_by_eval_loss(tmp_path):
+  import jax.numpy as jnp
+  import ml_collections
+  from train.state import TrainState
+  cfg = ml_collections.ConfigDict(dict(keep=1, keep_best=1, async_save=True,
+                                       fallback=False))
+  ckpt = Checkpointer(str(tmp_path), cfg)
+  for step, eval_loss in zip(range(1, 5), [3.0, 1.0, 2.0, 4.0]):
+    state = TrainState(step=jnp.array(step), params={"w": jnp.ones(3) * step},
+                       opt_state={})
+    ckpt.save(state, None, {}, eval_loss=eval_loss)
+  ckpt.wait()
+  assert ckpt.all_steps() == [2, 4]  # best (lowest eval loss) and latest
+  ckpt.close()
