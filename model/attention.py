@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from kernels import cached
 from model.params import param
 from model.rotary import apply_rotary
 
@@ -48,8 +49,25 @@ class Attention(nnx.Module):
     return jnp.einsum("blhd,hde->ble", o, self.o[...].astype(self.dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None) -> jax.Array:
+               segment_ids: jax.Array | None, cache=None, prefill: bool = False):
+    """Without `cache`: [batch, length, embed] -> same.
+
+    With cache = (k, v), each [batch, max_len, kv_heads, head_dim]: the new tokens'
+    K/V are written at their positions (contiguous per row) and the result is
+    (output, (k, v)). With `prefill` the tokens are a whole prompt from position 0
+    and attend over their own K/V with the configured kernel; otherwise (decode)
+    they attend over the cache.
+    """
     q, k, v = self.project_qkv(x, positions)
-    o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                          impl=self.impl)  # [batch, length, heads, head_dim]
-    return self.project_out(o)
+    if cache is None:
+      o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                            impl=self.impl)  # [batch, length, heads, head_dim]
+      return self.project_out(o)
+    k_cache = cached.write(cache[0], k, positions[:, 0])
+    v_cache = cached.write(cache[1], v, positions[:, 0])
+    if prefill:
+      o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                            impl=self.impl)
+    else:
+      o = cached.attention(q, k_cache, v_cache, positions)
+    return self.project_out(o), (k_cache, v_cache)

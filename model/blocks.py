@@ -12,6 +12,8 @@ Write attention as A and the MLP as M, and r for the residual stream.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
@@ -42,18 +44,37 @@ class Block(nnx.Module):
     return self.constrain(x, ("batch", "length", "act_embed"))
 
 
-def standard(block: Block, x: jax.Array, positions, segment_ids) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Per-call inputs every layer reads: positions and segment ids [batch, length],
+  and whether a KV cache is being filled from position 0 (prefill)."""
+  positions: jax.Array
+  segment_ids: jax.Array | None
+  prefill: bool = False
+
+
+def _attend(block: Block, h: jax.Array, ctx: Context, cache):
+  if cache is None:
+    return block.attn(h, ctx.positions, ctx.segment_ids), None
+  return block.attn(h, ctx.positions, ctx.segment_ids, cache, ctx.prefill)
+
+
+# Each dataflow: (block, carry, layer KV cache or None, ctx) -> (carry, cache).
+
+def standard(block: Block, x: jax.Array, cache, ctx: Context):
   """x: [batch, length, embed] -> same."""
-  x = block.residual(x + block.attn(block.attn_norm(x), positions, segment_ids))
-  return block.residual(x + block.mlp(block.mlp_norm(x)))
+  a, cache = _attend(block, block.attn_norm(x), ctx, cache)
+  x = block.residual(x + a)
+  return block.residual(x + block.mlp(block.mlp_norm(x))), cache
 
 
-def parallel(block: Block, x: jax.Array, positions, segment_ids) -> jax.Array:
+def parallel(block: Block, x: jax.Array, cache, ctx: Context):
   h = block.attn_norm(x)
-  return block.residual(x + block.attn(h, positions, segment_ids) + block.mlp(h))
+  a, cache = _attend(block, h, ctx, cache)
+  return block.residual(x + a + block.mlp(h)), cache
 
 
-def ladder(block: Block, carry, positions, segment_ids):
+def ladder(block: Block, carry, cache, ctx: Context):
   """carry (r, a_prev, m_prev) -> (r', a, m); each is [batch, length, embed].
 
   Attention of this layer sees attention outputs up to the previous layer and MLP
@@ -63,10 +84,10 @@ def ladder(block: Block, carry, positions, segment_ids):
   """
   r, a_prev, m_prev = carry
   r = block.residual(r + a_prev)
-  a = block.attn(block.attn_norm(r), positions, segment_ids)
+  a, cache = _attend(block, block.attn_norm(r), ctx, cache)
   r = block.residual(r + m_prev)
   m = block.mlp(block.mlp_norm(r))
-  return r, a, m
+  return (r, a, m), cache
 
 
 RESIDUAL = {"standard": standard, "parallel": parallel, "ladder": ladder}

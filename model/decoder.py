@@ -52,50 +52,64 @@ class Decoder(nnx.Module):
                         cfg.params_dtype)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, cache=None,
+               prefill: bool = False):
     """tokens: [batch, length] ints -> logits [batch, length, vocab] (compute dtype).
 
     positions default to 0..length-1; with `segment_ids` (packed sequences) tokens
     attend only within their segment and positions should restart per segment.
+
+    With cache = (k, v), each [layers, batch, max_len, kv_heads, head_dim], returns
+    (logits, updated cache): `prefill=True` for a prompt from position 0, else new
+    tokens at `positions` attend over everything cached before them.
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
-    x = self.run_layers(x, positions, segment_ids)
+    ctx = blocks.Context(positions, segment_ids, prefill)
+    x, cache = self.run_layers(x, ctx, cache)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = x @ self.head[...].astype(self.cfg.dtype)
-    return self.constrain(logits, ("batch", "length", "act_vocab"))
+    logits = self.constrain(logits, ("batch", "length", "act_vocab"))
+    return logits if cache is None else (logits, cache)
 
-  def run_layers(self, x: jax.Array, positions, segment_ids) -> jax.Array:
+  def run_layers(self, x: jax.Array, ctx: blocks.Context, cache=None):
     """Scans each run of same-kind layers; ladder outputs still pending at a
     standard layer or at the end are added to the stream there."""
     graphdef, state = nnx.split(self.layers)
     pending = None  # (a, m) from a ladder segment
+    new_cache = []
     for kind, start, stop in self.cfg.segments():
-      seg_state = state
-      if (start, stop) != (0, self.cfg.num_layers):
-        seg_state = jax.tree.map(lambda p: p[start:stop], state)
-      step = functools.partial(blocks.RESIDUAL[kind], positions=positions,
-                               segment_ids=segment_ids)
+      whole = (start, stop) == (0, self.cfg.num_layers)
+      take = (lambda t: t) if whole else (
+          lambda t: jax.tree.map(lambda p: p[start:stop], t))
+      step = functools.partial(blocks.RESIDUAL[kind], ctx=ctx)
 
-      def body(carry, layer_state, step=step):
-        return step(nnx.merge(graphdef, layer_state), carry), None
+      def body(carry, layer, step=step):
+        layer_state, layer_cache = layer
+        return step(nnx.merge(graphdef, layer_state), carry, layer_cache)
 
       if self.cfg.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
                               prevent_cse=False)
+      xs = (take(state), None if cache is None else take(cache))
       if kind == "ladder":
         a, m = pending or (jnp.zeros_like(x), jnp.zeros_like(x))
-        (x, a, m), _ = jax.lax.scan(body, (x, a, m), seg_state)
+        (x, a, m), seg_cache = jax.lax.scan(body, (x, a, m), xs)
         pending = (a, m)
       else:
         if pending is not None:
           x = x + pending[0] + pending[1]
           pending = None
-        x, _ = jax.lax.scan(body, x, seg_state)
+        x, seg_cache = jax.lax.scan(body, x, xs)
+      new_cache.append(seg_cache)
     if pending is not None:
       x = x + pending[0] + pending[1]
-    return x
+    if cache is None:
+      return x, None
+    if len(new_cache) == 1:
+      return x, new_cache[0]
+    return x, jax.tree.map(lambda *c: jnp.concatenate(c), *new_cache)

@@ -117,5 +117,6 @@ def test_parallel_block_is_one_shared_norm():
   assert m.layers.mlp_norm is None
   from model import blocks
   layer = nnx.merge(nnx.graphdef(m.layers), jax.tree.map(lambda p: p[0], nnx.state(m.layers)))
-  got = blocks.parallel(layer, x, jnp.broadcast_to(jnp.arange(10), (2, 10)), None)
+  ctx = blocks.Context(jnp.broadcast_to(jnp.arange(10), (2, 10)), None)
+  got, _ = blocks.parallel(layer, x, None, ctx)
   np.testing.assert_allclose(got, x + attn(x) + mlp(x), rtol=1e-5, atol=1e-6)

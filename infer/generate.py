@@ -1,0 +1,115 @@
+"""Batched generation with a KV cache: one prefill, then a jitted decode loop."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.kv_cache import init_cache, mesh_of
+from infer.sampling import sample
+from model import Decoder
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _prefill(graphdef, params, tokens, cache, lengths):
+  """Prompts [batch, P] (right-padded) -> logits at each prompt's last token."""
+  model = nnx.merge(graphdef, params)
+  logits, cache = model(tokens, cache=cache, prefill=True)
+  last = logits[jnp.arange(tokens.shape[0]), lengths - 1]  # [batch, vocab]
+  return last.astype(jnp.float32), cache
+
+
+def _decode_step(model, cache, logits, positions, done, key, i, sampling, stops):
+  """Samples one token per row from `logits`, then runs it through the model."""
+  token = sample(logits, jax.random.fold_in(key, i), *sampling)
+  token = jnp.where(done, 0, token)
+  done = done | jnp.isin(token, stops)
+  logits, cache = model(token[:, None], positions[:, None], cache=cache)
+  return token, logits[:, 0].astype(jnp.float32), cache, done
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _decode_loop(graphdef, params, cache, logits, positions, key, max_new: int,
+                 sampling: tuple, stops):
+  """All new tokens in one jax.lax.while_loop: no Python between tokens."""
+  model = nnx.merge(graphdef, params)
+  batch = logits.shape[0]
+
+  def cond(carry):
+    i, done = carry[0], carry[5]
+    return (i < max_new) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, logits, positions, out, done = carry
+    token, logits, cache, done_next = _decode_step(
+        model, cache, logits, positions, done, key, i, sampling, stops)
+    out = out.at[:, i].set(jnp.where(done, -1, token))
+    return i + 1, cache, logits, positions + 1, out, done_next
+
+  out = jnp.full((batch, max_new), -1, jnp.int32)
+  done = jnp.zeros((batch,), bool)
+  carry = (jnp.int32(0), cache, logits, positions, out, done)
+  return jax.lax.while_loop(cond, body, carry)[4]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=2)
+def _decode_one(graphdef, params, cache, logits, positions, done, key, i, sampling,
+                stops):
+  model = nnx.merge(graphdef, params)
+  return _decode_step(model, cache, logits, positions, done, key, i, sampling, stops)
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0,
+             stop_tokens: Sequence[int] = (),
+             on_token: Callable[[np.ndarray], None] | None = None
+             ) -> list[list[int]]:
+  """New token ids for each prompt (lists of ids; lengths may differ).
+
+  A row stops at `max_new_tokens` or after emitting one of `stop_tokens` (which
+  is included in its output). The decode loop runs inside one while_loop; with
+  `on_token` (streaming) it runs token by token and calls on_token with the
+  [batch] new ids (-1 for finished rows) after each.
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  graphdef, params = nnx.split(model)
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  batch, longest = len(prompts), int(lengths.max())
+  tokens = np.zeros((batch, longest), np.int32)
+  for row, p in enumerate(prompts):
+    tokens[row, :len(p)] = p
+  cache = init_cache(model, batch, longest + max_new_tokens)
+  sampling = (float(temperature), top_k, top_p)
+  stops = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)
+  key = jax.random.key(seed)
+  mesh = mesh_of(model)
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    logits, cache = _prefill(graphdef, params, tokens, cache, lengths)
+    positions = jnp.asarray(lengths)
+    if on_token is None:
+      out = np.asarray(_decode_loop(graphdef, params, cache, logits, positions, key,
+                                    max_new_tokens, sampling, stops))
+    else:
+      done = jnp.zeros((batch,), bool)
+      columns = []
+      for i in range(max_new_tokens):
+        was_done = np.asarray(done)
+        token, logits, cache, done = _decode_one(graphdef, params, cache, logits,
+                                                 positions, done, key, i, sampling,
+                                                 stops)
+        column = np.where(was_done, -1, np.asarray(token))
+        columns.append(column)
+        on_token(column)
+        positions = positions + 1
+        if bool(jnp.all(done)):
+          break
+      out = np.stack(columns, axis=1)
+  return [[int(t) for t in row if t >= 0] for row in out]
