@@ -5,6 +5,8 @@
   python -m experiment import-hf --hf_dir=path/to/llama --workdir=runs/llama
   python -m experiment export-hf --workdir=runs/llama --out=path/to/hf_out
   python -m experiment inspect --workdir=runs/tiny
+  python -m experiment generate --workdir=runs/tiny --prompt="def main(" \
+      [--max_new_tokens=200 --temperature=0.8 --top_p=0.95 --config.mesh.tensor=2]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ COMMANDS = {
     "import-hf": "local HF Llama (--hf_dir) -> rung run dir (--workdir) at step 0",
     "export-hf": "a run's parameters (--workdir, --step) -> HF safetensors in --out",
     "inspect": "list a run's checkpoints, metrics and parameter shardings",
+    "generate": "continue --prompt with a run's latest checkpoint, streaming text",
 }
 # Commands that need --config (import-hf defaults to experiments/base.py).
 _NEEDS_CONFIG = ("train",)
@@ -31,7 +34,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import-hf: HF checkpoint directory.")
 _OUT = flags.DEFINE_string("out", None, "export-hf: output directory.")
-_STEP = flags.DEFINE_integer("step", None, "export-hf: step to export (default latest).")
+_STEP = flags.DEFINE_integer("step", None, "export-hf, generate: checkpoint step "
+                             "(default latest).")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to add.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeliest.")
+_TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 
 
 def _usage() -> str:
@@ -55,9 +65,18 @@ def parse(argv: list[str]) -> list[str]:
     sys.stderr.write(f"unknown command {argv[1]!r}.\n\n{_usage()}\n")
     sys.exit(2)
   has_config = any(a.startswith("--config=") for a in argv)
+  workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
   if argv[1] == "import-hf" and not has_config:
     from experiments import base  # the defaults, so --config.* overrides apply
     argv = [*argv[:2], f"--config={base.__file__}", *argv[2:]]
+  elif argv[1] == "generate" and not has_config and workdir:
+    import os
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      _config_error(ConfigError("--workdir", f"{workdir} holds no run (it has no "
+                                "config.json).", "pass the --workdir of a trained "
+                                "or imported run."))
+    from experiments import saved  # the run's own config; overrides pick the mesh
+    argv = [*argv[:2], f"--config={saved.__file__}:{workdir}", *argv[2:]]
   elif not has_config and any(a.startswith("--config.") for a in argv):
     _config_error(ConfigError("--config", "--config.* overrides were given without "
                               "a config file to override.",
@@ -100,6 +119,12 @@ def main(argv: list[str]) -> None:
     elif command == "export-hf":
       from train import hf
       hf.export_hf(workdir, _require(_OUT, _OUT.value, "path/to/out"), _STEP.value)
+    elif command == "generate":
+      import infer.text
+      infer.text.generate_text(
+          workdir, _CONFIG.value, _require(_PROMPT, _PROMPT.value, '"def main("'),
+          max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, step=_STEP.value)
     elif command == "inspect":
       from train.inspect_run import describe_run
       print(describe_run(workdir))

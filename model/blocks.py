@@ -85,8 +85,9 @@ def ladder(block: Block, carry, cache, ctx: Context):
   r, a_prev, m_prev = carry
   r = block.residual(r + a_prev)
   a, cache = _attend(block, block.attn_norm(r), ctx, cache)
+  a = block.residual(a)  # reduced here (not left partial), so `after` orders it
   r = block.residual(r + m_prev)
-  m = block.mlp(block.mlp_norm(r))
+  m = block.mlp(block.mlp_norm(r), after=a)
   return (r, a, m), cache
 
 

@@ -6,3 +6,4 @@ from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_
                             normalize_rules, tree_shardings)
 from sharding.validate import validate_plan
 from sharding.report import sharding_table
+from sharding import hlo

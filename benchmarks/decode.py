@@ -1,0 +1,87 @@
+"""Decode speed: rung's KV-cache generation against transformers' generate.
+
+  python benchmarks/decode.py [--reps=2]
+
+Same weights on both sides: a random 21M-parameter Llama (d_model 512, 4 layers,
+8 heads, SwiGLU 1408, vocab 8192) is saved by transformers and imported into rung.
+64-token prompts, 128 new tokens, greedy, batch 1 and 16, float32, on this CPU.
+New tokens per second exclude compilation (one warm-up generation first). One
+JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kept)")
+PROMPT, NEW = 64, 128
+
+
+def emit(**row):
+  print(json.dumps(row), flush=True)
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+  import torch
+  import transformers
+
+  import infer
+  from experiments import base
+  from train import hf
+
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+      tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+  hf_model = transformers.LlamaForCausalLM(config).eval()
+  tmp = tempfile.mkdtemp()
+  hf_model.save_pretrained(os.path.join(tmp, "hf"))
+  c = base.get_config()
+  c.mesh.data = 1
+  hf.import_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "rung"), c)
+  model, _ = infer.load(os.path.join(tmp, "rung"), devices=jax.devices()[:1])
+  emit(what="environment", date=time.strftime("%Y-%m-%d"), jax=jax.__version__,
+       torch=torch.__version__, transformers=transformers.__version__,
+       torch_threads=torch.get_num_threads(), cpus=os.cpu_count())
+
+  rng = np.random.default_rng(0)
+  for batch in (1, 16):
+    prompts = rng.integers(0, 8192, (batch, PROMPT))
+    infer.generate(model, prompts.tolist(), max_new_tokens=NEW)  # compile
+    best = float("inf")
+    for _ in range(_REPS.value):
+      start = time.perf_counter()
+      out = infer.generate(model, prompts.tolist(), max_new_tokens=NEW)
+      best = min(best, time.perf_counter() - start)
+    rung_tps = batch * NEW / best
+    emit(system="rung", batch=batch, seconds=best, new_tokens_per_sec=rung_tps)
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+      hf_model.generate(ids, max_new_tokens=4, do_sample=False)  # warm up
+      best_hf = float("inf")
+      for _ in range(_REPS.value):
+        start = time.perf_counter()
+        ref = hf_model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW,
+                                do_sample=False)
+        best_hf = min(best_hf, time.perf_counter() - start)
+    hf_tps = batch * NEW / best_hf
+    same = [o == r.tolist() for o, r in zip(out, ref[:, PROMPT:])]
+    emit(system="transformers", batch=batch, seconds=best_hf, new_tokens_per_sec=hf_tps)
+    emit(what="ratio", batch=batch, rung_over_transformers=rung_tps / hf_tps,
+         same_greedy_tokens=f"{sum(same)}/{batch}")
+
+
+if __name__ == "__main__":
+  app.run(main)

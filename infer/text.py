@@ -1,0 +1,52 @@
+"""Text in, streamed text out: what `python -m experiment generate` runs."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import sharding
+from infer.generate import generate
+from infer.load import load
+from train.tokenizer import make_tokenizer
+
+
+class _Printer:
+  """Prints decoded text as ids arrive, holding back an incomplete character."""
+
+  def __init__(self, tokenizer, out: TextIO):
+    self.tokenizer, self.out = tokenizer, out
+    self.ids: list[int] = []
+    self.printed = 0
+
+  def __call__(self, column) -> None:
+    if column[0] >= 0:
+      self.ids.append(int(column[0]))
+    text = self.tokenizer.decode(self.ids)
+    if text.endswith("\ufffd"):
+      text = text[:-1]
+    self.out.write(text[self.printed:])
+    self.out.flush()
+    self.printed = len(text)
+
+
+def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0, step: int | None = None,
+                  out: TextIO = sys.stdout) -> str:
+  """Loads the run's latest checkpoint onto config.mesh, streams the continuation
+  of `prompt` to `out`, and returns it."""
+  mesh = {a: config.mesh[a] for a in sharding.AXES}
+  model, saved = load(workdir, step=step, mesh_overrides=mesh)
+  tokenizer = make_tokenizer(saved.data)
+  ids = [int(i) for i in tokenizer.encode(prompt)]
+  if not ids:
+    raise sharding.ConfigError("--prompt", "the prompt encodes to no tokens.",
+                               "pass a non-empty --prompt.")
+  out.write(prompt)
+  printer = _Printer(tokenizer, out)
+  new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed,
+                 stop_tokens=[tokenizer.eos_id], on_token=printer)[0]
+  out.write("\n")
+  return tokenizer.decode(new)
