@@ -36,6 +36,14 @@ _HF_DIR = flags.DEFINE_string("hf_dir", None, "import-hf: HF checkpoint director
 _OUT = flags.DEFINE_string("out", None, "export-hf: output directory.")
 _STEP = flags.DEFINE_integer("step", None, "export-hf, generate: checkpoint step "
                              "(default latest).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: host:port of process 0 (with "
+    "--num_processes and --process_id). Without them, TPU pods, SLURM and "
+    "Kubernetes are detected from the environment.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's id.")
+_JOIN_TIMEOUT = flags.DEFINE_integer("join_timeout_s", 300, "Multi-process: seconds "
+                                     "to wait for every process to join.")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to add.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
@@ -51,7 +59,12 @@ def _usage() -> str:
 
 
 def _config_error(err: ConfigError) -> None:
-  sys.stderr.write(f"\n{err}\n\n")
+  who = ""
+  if "jax" in sys.modules:
+    import jax
+    if jax.distributed.is_initialized():
+      who = f"[process {jax.process_index()} of {jax.process_count()}] "
+  sys.stderr.write(f"\n{who}{err}\n\n")
   sys.exit(2)
 
 
@@ -109,6 +122,11 @@ def main(argv: list[str]) -> None:
       raise ConfigError("--config", "no experiment config was given.",
                         "pass --config=experiments/llama_tiny.py.")
     workdir = _require(_WORKDIR, _WORKDIR.value, "runs/NAME")
+    import sharding
+    if sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                       _PROCESS_ID.value,
+                                       timeout_s=_JOIN_TIMEOUT.value):
+      logging.warning("joined as %s", sharding.describe_process())
     if command == "train":
       import train
       train.train(_CONFIG.value, workdir)
@@ -130,6 +148,11 @@ def main(argv: list[str]) -> None:
       print(describe_run(workdir))
   except ConfigError as err:
     _config_error(err)
+  except RuntimeError as err:
+    if "could not join the run" not in str(err):
+      raise
+    sys.stderr.write(f"\n{err}\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -7,3 +7,4 @@ from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_
 from sharding.validate import validate_plan
 from sharding.report import sharding_table
 from sharding import hlo
+from sharding.distributed import describe_process, initialize as initialize_distributed

@@ -12,6 +12,7 @@ previous step as the latest.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -102,9 +103,13 @@ class Checkpointer:
     for s in candidates:
       try:
         items = {"state": _restore_args(_as_dict(target))}
-        if data_iter is not None and os.path.isdir(
-            os.path.join(self.directory, str(s), "data")):
+        data_dir = os.path.join(self.directory, str(s), "data")
+        own = os.path.join(data_dir, f"process_{jax.process_index()}-of-"
+                           f"{jax.process_count()}.json")
+        if data_iter is not None and os.path.exists(own):
           items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        elif data_iter is not None and os.path.isdir(data_dir):
+          _restore_iterator_from_other_process_count(data_iter, data_dir)
         restored = self._manager.restore(s, args=ocp.args.Composite(**items))
         if errors:
           logging.warning("restored step %d after failing on: %s", s, errors)
@@ -136,6 +141,16 @@ class Checkpointer:
         partial_restore=True)
     return self._manager.restore(step, args=ocp.args.Composite(state=args)
                                  ).state["params"]
+
+
+def _restore_iterator_from_other_process_count(data_iter, data_dir: str) -> None:
+  """Resuming on a different number of processes: every process's iterator has
+  consumed the same number of global batches (train/data.py), so any saved
+  position is everyone's position."""
+  saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
+  with open(os.path.join(data_dir, saved[0])) as f:
+    data_iter.set_state(json.loads(f.read()))
+  logging.info("data position from %s (saved by %d processes)", saved[0], len(saved))
 
 
 def parse_init_from(spec: str) -> tuple[str, int | None]:

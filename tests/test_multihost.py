@@ -1,0 +1,88 @@
+"""Two real processes (4 CPU devices each) joined by jax.distributed over gloo."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+import train
+from conftest import REPO
+from experiments import llama_tiny
+
+STEPS = ["--config.data.seq_len=64", "--config.train.batch_size=8",
+         "--config.train.eval_every=0", "--config.log.every_steps=1",
+         "--config.log.peak_flops=1e12", "--config.log.tensorboard=false",
+         "--config.optim.decay_steps=6", "--config.checkpoint.every_steps=5"]
+MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60):
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = []
+  for pid in started:
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "experiment", "train",
+         "--config=experiments/llama_tiny.py", f"--workdir={workdir}",
+         f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+         f"--process_id={pid}", f"--join_timeout_s={timeout_s}", *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return [(p, *p.communicate(timeout=600)) for p in procs]
+
+
+def _config(steps):
+  c = llama_tiny.get_config()
+  c.train.update(steps=steps, eval_every=0, batch_size=8)
+  c.data.seq_len = 64
+  c.log.update(every_steps=1, peak_flops=1e12, tensorboard=False)
+  c.optim.decay_steps = 6
+  c.checkpoint.every_steps = 5
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  return c
+
+
+def test_two_processes_train_then_one_process_resumes(tmp_path):
+  work = tmp_path / "multi"
+  results = _launch(work, ["--config.train.steps=5", *STEPS, *MESH])
+  for proc, out, err in results:
+    assert proc.returncode == 0, err[-3000:]
+  assert "process 1 of 2" in results[1][2]
+  rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+  multi = [r["loss"] for r in rows if "loss" in r]
+  assert len(multi) == 5  # process 0 alone wrote metrics (one row per step)
+
+  # One process with 8 devices: restore the 2-process checkpoint, take step 6.
+  resumed = train.train(_config(6), str(work), progress=False)
+  assert [r["step"] for r in resumed] == [6]
+  # Reference: the same run in one process from scratch.
+  fresh = [r["loss"] for r in train.train(_config(6), str(tmp_path / "one"),
+                                          progress=False)]
+  np.testing.assert_allclose(multi, fresh[:5], rtol=1e-5)
+  np.testing.assert_allclose(resumed[0]["loss"], fresh[5], rtol=1e-5)
+
+
+def test_mesh_larger_than_the_processes_fails_clearly(tmp_path):
+  results = _launch(tmp_path, ["--config.train.steps=1", *STEPS,
+                               "--config.mesh.data=4", "--config.mesh.fsdp=2",
+                               "--config.mesh.tensor=2"])
+  for pid, (proc, out, err) in enumerate(results):
+    assert proc.returncode == 2, err[-3000:]
+    assert f"[process {pid} of 2] Config error in `mesh`" in err
+    assert "has 16 devices but 8 are available" in err
+
+
+def test_missing_process_times_out_naming_itself(tmp_path):
+  (proc, out, err), = _launch(tmp_path, ["--config.train.steps=1", *STEPS],
+                              started=(1,), timeout_s=5)
+  assert proc.returncode == 1
+  assert "process 1 of 2: could not join the run through coordinator 127.0.0.1:" in err
