@@ -1,0 +1,80 @@
+"""Ladder Residual's quality cost, and converting a trained standard model.
+
+  python benchmarks/ladder_quality.py [--steps=200] [--root=runs/ladder_quality]
+
+Trains experiments/ladder_compare.py's standard, parallel and ladder variants for
+--steps each on the default data (the Python stdlib bytes), plots their eval-loss
+curves to benchmarks/results/ladder_quality.png, then loads the trained standard
+checkpoint as a hybrid (upper half of the layers ladder), measures its eval loss
+unchanged, and retrains it for --retrain_steps. One JSON line per result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_STEPS = flags.DEFINE_integer("steps", 200, "training steps per block type")
+_RETRAIN = flags.DEFINE_integer("retrain_steps", 40, "hybrid retraining steps")
+_ROOT = flags.DEFINE_string("root", "runs/ladder_quality", "run directories")
+
+
+def emit(**row):
+  print(json.dumps(row), flush=True)
+
+
+def main(argv):
+  del argv
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  import train
+  from experiments import ladder_compare
+
+  emit(what="environment", date=time.strftime("%Y-%m-%d"), steps=_STEPS.value)
+  curves = {}
+  for block in ("standard", "parallel", "ladder"):
+    c = ladder_compare.get_config(block)
+    c.train.steps = _STEPS.value
+    start = time.perf_counter()
+    rows = train.train(c, os.path.join(_ROOT.value, block))
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    curves[block] = evals
+    emit(block=block, final_eval_loss=evals[-1][1], minutes=(time.perf_counter() - start) / 60)
+  base = curves["standard"][-1][1]
+  for block in ("parallel", "ladder"):
+    emit(block=block, final_eval_loss_over_standard=curves[block][-1][1] / base)
+
+  c = ladder_compare.get_config("hybrid")
+  c.train.update(steps=_RETRAIN.value, eval_every=_RETRAIN.value // 2)
+  c.optim.update(warmup_steps=5, learning_rate=1e-3)
+  c.checkpoint.init_from = os.path.join(_ROOT.value, "standard")
+  rows = train.train(c, os.path.join(_ROOT.value, "hybrid"))
+  evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+  emit(conversion="standard -> hybrid ladder (upper 2 of 4 layers)",
+       standard_eval_loss=base, converted_before_retrain=evals[0][1],
+       converted_after_retrain=evals[-1][1], retrain_steps=_RETRAIN.value)
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for block, evals in curves.items():
+    ax.plot(*zip(*evals), "o-", label=block, markersize=3)
+  ax.set_xlabel("step")
+  ax.set_ylabel("eval loss (nats/byte)")
+  ax.set_title("Block types at equal size (llama_tiny shape, stdlib bytes)")
+  ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs("benchmarks/results", exist_ok=True)
+  fig.savefig("benchmarks/results/ladder_quality.png", dpi=120)
+
+
+if __name__ == "__main__":
+  app.run(main)
