@@ -1,15 +1,83 @@
-"""Attention kernels behind one entry point. The model calls only `attention`."""
+"""Attention kernels behind one entry point. The model calls only `attention`.
+
+impl:
+  reference  plain XLA (kernels.reference); the numerical reference.
+  flash      flash attention on each device (kernels.flash): Mosaic on TPU, Triton on
+             GPU, blockwise lax loops elsewhere, chosen when lowering.
+  ring       ring attention over the `sequence` axis (kernels.ring). Causal ring
+             expects the zig-zag sequence order: see `uses_zigzag`.
+  ulysses    all-to-all sequence parallelism over `sequence` (kernels.ulysses).
+  auto       picks one of the above from backend, shape and mesh; logs it once.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
 
-from kernels import reference
+from kernels import flash, partition, reference, ring, ulysses, zigzag
+from kernels.block import BlockSizes
 
 # Implementations that exist in this build; config validation checks against it.
-IMPLS = ("reference", "auto")
+IMPLS = ("reference", "flash", "ring", "ulysses", "auto")
+# On CPU the blockwise flash loops beat the reference from about this length
+# (benchmarks/attention.py); shorter sequences are cheaper as one fused XLA op.
+CPU_FLASH_MIN_LENGTH = 1024
+
+zigzag_permute = zigzag.permute
+zigzag_unpermute = zigzag.unpermute
+
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+__all__ = ["BlockSizes", "IMPLS", "attention", "choose", "uses_zigzag",
+           "zigzag_permute", "zigzag_unpermute"]
+
+
+def uses_zigzag(impl: str) -> bool:
+  """Whether a causal model must feed this impl its sequences in zig-zag order.
+
+  True only for `ring`: the caller permutes every per-token array of a batch once
+  with `zigzag_permute(x, mesh.shape['sequence'])` (inputs, targets, positions,
+  segment ids, loss weights). `auto` never picks the zig-zag ring.
+  """
+  return impl == "ring"
+
+
+def _platform(mesh) -> str:
+  device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
+def choose(q_shape, kv_heads: int) -> tuple[str, dict[str, Any], str]:
+  """-> (impl, extra keyword arguments, reason) for impl='auto' in the context mesh."""
+  mesh = partition.context_mesh()
+  heads, length = q_shape[2], q_shape[1]
+  seq = partition.sequence_size(mesh)
+  if seq > 1:
+    problem = ulysses.check(mesh, heads, kv_heads)
+    if problem is None:
+      return "ulysses", {}, f"sequence={seq} and heads per device split over it"
+    return "ring", {"layout": "contiguous"}, (
+        f"sequence={seq}; ulysses not possible ({problem}); natural order, so not "
+        "zig-zag balanced")
+  platform = _platform(mesh)
+  if platform in ("tpu", "gpu", "cuda"):
+    return "flash", {}, f"Pallas kernels on {platform}"
+  if length >= CPU_FLASH_MIN_LENGTH:
+    return "flash", {}, f"length {length} >= {CPU_FLASH_MIN_LENGTH} on {platform}"
+  return "reference", {}, f"length {length} < {CPU_FLASH_MIN_LENGTH} on {platform}"
+
+
+def _flash(q, k, v, *, causal, segment_ids, block_sizes, backend="auto"):
+  mesh = partition.context_mesh()
+  fn = lambda q, k, v, seg: flash.attention(  # noqa: E731
+      q, k, v, causal=causal, segment_ids=seg, block_sizes=block_sizes, backend=backend)
+  if partition.is_trivial(mesh):
+    return fn(q, k, v, segment_ids)
+  return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=False)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -19,9 +87,25 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
   q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim].
   segment_ids: optional [batch, length] ints; tokens attend within their segment.
-  impl: one of IMPLS; `auto` picks the best available for backend, shape and mesh.
+  impl: one of IMPLS. block_sizes: None, an int or (block_q, block_kv) for the flash
+  tiles (ignored by `reference`).
   """
-  del block_sizes  # used by the blockwise kernels
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} is not available; choose from {IMPLS}")
-  return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids)
+  flash.check_shapes(q, k, v, segment_ids)
+  extra: dict[str, Any] = {}
+  if impl == "auto":
+    impl, extra, reason = choose(q.shape, k.shape[2])
+    chosen = f"{impl} {extra}" if extra else impl
+    message = f"attention impl=auto chose {chosen}: {reason}"
+    if message not in _logged:
+      _logged.add(message)
+      _log.info(message)
+  if impl == "reference":
+    return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids)
+  kwargs = dict(causal=causal, segment_ids=segment_ids, block_sizes=block_sizes, **extra)
+  if impl == "flash":
+    return _flash(q, k, v, **kwargs)
+  if impl == "ring":
+    return ring.attention(q, k, v, **kwargs)
+  return ulysses.attention(q, k, v, **kwargs)

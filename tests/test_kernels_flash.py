@@ -56,7 +56,8 @@ def value_and_vjp(fn, q, k, v, seg, do):
 
 def check_against_reference(fn, inputs, *, causal, dtype, what=""):
   q, k, v, seg, do = inputs
-  ref = lambda q, k, v, s: reference.attention(q, k, v, causal=causal, segment_ids=s)  # noqa: E731
+  def ref(q, k, v, s):
+    return reference.attention(q, k, v, causal=causal, segment_ids=s)
   out, grads = value_and_vjp(fn, q, k, v, seg, do)
   ref_out, ref_grads = value_and_vjp(ref, q, k, v, seg, do)
   tol = TOL[dtype]
@@ -86,8 +87,8 @@ BLOCKWISE_GRID = [
 
 def _case_id(case):
   c, h, kvh, d, length, s, dtype, bs = case
-  return (f"{'causal' if c else 'full'}-{h}:{kvh}-d{d}-L{length}-{'seg' if s else 'noseg'}"
-          f"-{jnp.dtype(dtype).name}-b{bs}")
+  return (f"{'causal' if c else 'full'}-{h}:{kvh}-d{d}-L{length}-"
+          f"{'seg' if s else 'noseg'}-{jnp.dtype(dtype).name}-b{bs}")
 
 
 @pytest.mark.parametrize("case", BLOCKWISE_GRID, ids=_case_id)
@@ -95,8 +96,9 @@ def test_blockwise_matches_reference(case):
   causal, h, kvh, d, length, segs, dtype, bs = case
   inputs = make_inputs(length + h, batch=1 if length >= 1024 else 2, length=length,
                        heads=h, kv_heads=kvh, head_dim=d, segments=segs, dtype=dtype)
-  fn = lambda q, k, v, s: flash.attention(q, k, v, causal=causal, segment_ids=s,  # noqa: E731
-                                          block_sizes=bs, backend="blockwise")
+  def fn(q, k, v, s):
+    return flash.attention(q, k, v, causal=causal, segment_ids=s, block_sizes=bs,
+                           backend="blockwise")
   check_against_reference(fn, inputs, causal=causal, dtype=dtype, what=_case_id(case))
 
 
@@ -115,8 +117,9 @@ def test_pallas_interpret_matches_reference(backend, case):
   causal, h, kvh, d, length, segs, dtype, bs = case
   inputs = make_inputs(length, batch=1, length=length, heads=h, kv_heads=kvh,
                        head_dim=d, segments=segs, dtype=dtype)
-  fn = lambda q, k, v, s: flash.attention(q, k, v, causal=causal, segment_ids=s,  # noqa: E731
-                                          block_sizes=bs, backend=backend)
+  def fn(q, k, v, s):
+    return flash.attention(q, k, v, causal=causal, segment_ids=s, block_sizes=bs,
+                           backend=backend)
   check_against_reference(fn, inputs, causal=causal, dtype=dtype,
                           what=f"{backend} {_case_id(case)}")
 
@@ -124,8 +127,9 @@ def test_pallas_interpret_matches_reference(backend, case):
 def test_mosaic_interpret_length_1024():
   inputs = make_inputs(3, batch=1, length=1024, heads=4, kv_heads=2, head_dim=128,
                        segments=True)
-  fn = lambda q, k, v, s: flash.attention(q, k, v, causal=True, segment_ids=s,  # noqa: E731
-                                          block_sizes=512, backend="mosaic_interpret")
+  def fn(q, k, v, s):
+    return flash.attention(q, k, v, causal=True, segment_ids=s, block_sizes=512,
+                           backend="mosaic_interpret")
   check_against_reference(fn, inputs, causal=True, dtype=jnp.float32)
 
 
@@ -151,8 +155,9 @@ def test_flash_dispatch_under_mesh_matches_reference():
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=1, sequence=1, tensor=2),
                             devices=jax.devices()[:4])
   inputs = make_inputs(5, batch=2, length=256, heads=8, kv_heads=2, segments=True)
-  fn = lambda q, k, v, s: kernels.attention(q, k, v, causal=True, segment_ids=s,  # noqa: E731
-                                            impl="flash", block_sizes=128)
+  def fn(q, k, v, s):
+    return kernels.attention(q, k, v, causal=True, segment_ids=s, impl="flash",
+                             block_sizes=128)
   with jax.set_mesh(mesh):
     check_against_reference(fn, inputs, causal=True, dtype=jnp.float32)
 
