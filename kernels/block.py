@@ -1,0 +1,168 @@
+"""The arithmetic of flash attention on one (query block, key block) tile.
+
+The pure-JAX blockwise loops, the Mosaic (TPU) kernels and the Triton (GPU) kernels
+all call these functions, so the numerics are written once and checked once. Tiles
+keep query rows second to last: scores are [..., bq, bk], row statistics [..., bq, 1].
+Softmax statistics and every accumulator are float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# A finite stand-in for -inf: masked scores and empty rows never produce inf - inf.
+NEG = -1e30
+
+
+class BlockSizes(NamedTuple):
+  """Tile sizes along the query and key/value length; None takes the backend default."""
+  block_q: int | None = None
+  block_kv: int | None = None
+
+  @classmethod
+  def of(cls, value) -> "BlockSizes":
+    """Accepts None, an int (both sizes), a (q, kv) pair or a BlockSizes."""
+    if value is None:
+      return cls()
+    if isinstance(value, int):
+      return cls(value, value)
+    return cls(*value)
+
+  def resolve(self, default: "BlockSizes") -> "BlockSizes":
+    return BlockSizes(self.block_q or default.block_q, self.block_kv or default.block_kv)
+
+
+def cdiv(a, b):
+  return (a + b - 1) // b
+
+
+def round_up(n: int, multiple: int) -> int:
+  return cdiv(n, multiple) * multiple
+
+
+def pad_axis(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | None:
+  """Pads `axis` of x at the end to `size` (no-op when already that long)."""
+  if x is None or x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def kv_blocks_needed(i, *, causal: bool, block_q: int, block_kv: int, num_kv: int):
+  """How many leading key blocks query block i sees (all of them unless causal)."""
+  if not causal:
+    return num_kv
+  needed = cdiv((i + 1) * block_q, block_kv)
+  return min(num_kv, needed) if isinstance(needed, int) else jnp.minimum(num_kv, needed)
+
+
+def first_q_block(j, *, causal: bool, block_q: int, block_kv: int):
+  """The first query block that sees key block j (0 unless causal)."""
+  return (j * block_kv) // block_q if causal else 0
+
+
+def count_blocks(q_len: int, kv_len: int, *, causal: bool, block_q: int,
+                 block_kv: int) -> int:
+  """Tiles the forward pass computes for one head: the cost model of causal skipping."""
+  nq, nk = cdiv(q_len, block_q), cdiv(kv_len, block_kv)
+  return sum(kv_blocks_needed(i, causal=causal, block_q=block_q, block_kv=block_kv,
+                              num_kv=nk) for i in range(nq))
+
+
+def mask(q_idx, kv_idx, *, causal: bool, kv_len: int | None, q_seg=None, kv_seg=None):
+  """Boolean [..., bq, bk] tile mask (True = attend), or None when nothing is masked.
+
+  q_idx [..., bq, 1] and kv_idx [..., 1, bk] are positions within the call (causal means
+  q_idx >= kv_idx); kv_len masks padding keys; q_seg / kv_seg are segment-id tiles
+  shaped like q_idx / kv_idx.
+  """
+  out = None
+
+  def both(a, b):
+    return b if a is None else a & b
+
+  if causal:
+    out = both(out, q_idx >= kv_idx)
+  if kv_len is not None:
+    out = both(out, kv_idx < kv_len)
+  if q_seg is not None:
+    out = both(out, q_seg == kv_seg)
+  return out
+
+
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """float32-accumulating einsum. Narrow (bf16) operands always take the native MXU
+  pass: a global 'highest' matmul precision would ask Mosaic for an fp32 contraction
+  of bf16 tiles, which it rejects. float32 operands follow the global setting."""
+  precision = None if b.dtype == jnp.float32 else lax.Precision.DEFAULT
+  return jnp.einsum(spec, a.astype(b.dtype), b, precision=precision,
+                    preferred_element_type=jnp.float32)
+
+
+def scores(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+  """q [..., bq, D], k [..., bk, D] -> float32 scores [..., bq, bk]."""
+  return _dot("...qd,...kd->...qk", q, k) * scale
+
+
+def init_state(rows_shape, head_dim: int):
+  """Online-softmax state (running max, running sum, output accumulator)."""
+  return (jnp.full((*rows_shape, 1), NEG, jnp.float32),
+          jnp.zeros((*rows_shape, 1), jnp.float32),
+          jnp.zeros((*rows_shape, head_dim), jnp.float32))
+
+
+def forward_step(state, s: jax.Array, tile_mask, v: jax.Array):
+  """Folds one key block into the online softmax.
+
+  state: (m [..., bq, 1], l [..., bq, 1], acc [..., bq, D]) float32; s: scores
+  [..., bq, bk]; v: [..., bk, D]. Probabilities are cast to v's dtype for the matmul
+  and accumulated in float32.
+  """
+  m, l, acc = state
+  if tile_mask is not None:
+    s = jnp.where(tile_mask, s, NEG)
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+  p = jnp.exp(s - m_new)
+  if tile_mask is not None:  # a fully masked row would otherwise count exp(0) = 1
+    p = jnp.where(tile_mask, p, 0.0)
+  alpha = jnp.exp(m - m_new)
+  l = alpha * l + jnp.sum(p, axis=-1, keepdims=True)
+  return m_new, l, alpha * acc + matmul_rows(p, v)
+
+
+def finish(state):
+  """-> (output [..., bq, D] float32, log-sum-exp [..., bq, 1]).
+
+  A row that saw no key gets output 0 and log-sum-exp NEG, which merges as 'empty'.
+  """
+  m, l, acc = state
+  safe = jnp.where(l == 0.0, 1.0, l)
+  return acc / safe, m + jnp.log(safe)
+
+
+def backward_tile(q, k, v, do, lse, delta, tile_mask, scale: float):
+  """Recomputes one tile's probabilities and returns (p, ds), both float32 [..., bq, bk].
+
+  lse and delta ([..., bq, 1]) are the saved log-sum-exp and rowsum(dO * O). Then
+  dV += p^T dO, dK += scale * ds^T Q, dQ += scale * ds K.
+  """
+  p = jnp.exp(scores(q, k, scale) - lse)
+  if tile_mask is not None:
+    p = jnp.where(tile_mask, p, 0.0)
+  dp = _dot("...qd,...kd->...qk", do, v)
+  return p, p * (dp - delta)
+
+
+def matmul_rows(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [..., bq, bk] @ b [..., bk, D] -> [..., bq, D] float32 (a cast to b's dtype)."""
+  return _dot("...qk,...kd->...qd", a, b)
+
+
+def matmul_cols(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a^T: [..., bq, bk]^T @ b [..., bq, D] -> [..., bk, D] float32."""
+  return _dot("...qk,...qd->...kd", a, b)
