@@ -7,6 +7,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+import kernels
 import sharding
 from model import Decoder, ModelConfig
 from train.checkpoint import Checkpointer
@@ -28,6 +29,9 @@ def load(workdir: str, *, step: int | None = None,
   config = saved.get_config(workdir)
   if mesh_overrides:
     config.mesh.update(**mesh_overrides)
+  if kernels.uses_zigzag(config.model.attention):
+    # Trained on zig-zag ordered batches; prompts arrive in natural order.
+    config.model.attention = "auto"
   devices = list(jax.devices() if devices is None else devices)
   config.mesh.update(**sharding.validate_plan(config, len(devices)))
   mesh = sharding.make_mesh(config.mesh, devices)

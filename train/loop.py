@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+import kernels
 import sharding
 from model import ModelConfig
 from train import flops as flops_lib
@@ -33,7 +34,13 @@ def _say(msg: str) -> None:
     tqdm.write(msg)
 
 
-def _global_batch(local: dict[str, np.ndarray], data_sharding) -> dict[str, jax.Array]:
+def _global_batch(local: dict[str, np.ndarray], data_sharding,
+                  zigzag_shards: int = 1) -> dict[str, jax.Array]:
+  """Process-local rows -> global arrays. For zig-zag ring attention every
+  per-token array is permuted once here (never per layer), positions included."""
+  if zigzag_shards > 1:
+    local = {k: kernels.zigzag_permute(v, zigzag_shards, axis=1)
+             for k, v in local.items()}
   return {k: jax.make_array_from_process_local_data(data_sharding, v)
           for k, v in local.items()}
 
@@ -45,7 +52,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   `devices` restricts the run to a subset (tests use it to compare 1 device with 8).
   """
   devices = list(jax.devices() if devices is None else devices)
-  validate_config(config, len(devices))
+  sizes = validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.normalize_rules(config.mesh.rules)
   cfg = ModelConfig.from_config(config.model)
@@ -60,6 +67,8 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   _say(sharding.sharding_table(spec.abstract_params, shardings.params))
 
   data = make_data(config, data_sharding)
+  zigzag = sizes["sequence"] if kernels.uses_zigzag(cfg.attention) else 1
+  to_global = lambda b: _global_batch(b, data_sharding, zigzag)
   config_dict = json.loads(config.to_json())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -103,7 +112,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
 
   def evaluate(step: int) -> dict[str, Any]:
     with jax.set_mesh(mesh):
-      losses = [float(eval_fn(state.params, _global_batch(b, data_sharding)))
+      losses = [float(eval_fn(state.params, to_global(b)))
                 for b in data.eval_batches(t.eval_steps)]
     row = {"step": step, "eval_loss": float(np.mean(losses))}
     writer.write(row)
@@ -117,7 +126,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     if start == 0 and t.eval_every:
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
     for step in range(start, t.steps):
-      batch = _global_batch(next(data.train), data_sharding)
+      batch = to_global(next(data.train))
       if step == start:
         compile_start = time.perf_counter()
         with jax.set_mesh(mesh):

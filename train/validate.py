@@ -30,4 +30,25 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise ConfigError("optim.learning_rate",
                       f"must be positive, got {config.optim.learning_rate}.",
                       "set e.g. --config.optim.learning_rate=3e-4.")
-  return sharding.validate_plan(config, num_devices)
+  sizes = sharding.validate_plan(config, num_devices)
+  _validate_attention(config, sizes)
+  return sizes
+
+
+def _validate_attention(config, sizes: dict[str, int]) -> None:
+  """Sequence-parallel attention needs shapes its kernels can split."""
+  impl, seq = config.model.attention, sizes["sequence"]
+  if impl == "ring" and config.data.seq_len % (2 * seq):
+    raise ConfigError(
+        "data.seq_len", f"ring attention on mesh.sequence={seq} cuts each sequence "
+        f"into 2 x {seq} zig-zag chunks, but seq_len={config.data.seq_len} is not a "
+        f"multiple of {2 * seq}.", f"use a seq_len divisible by {2 * seq}.")
+  if impl == "ulysses":
+    t = sizes["tensor"]
+    heads, kv_heads = config.model.num_heads // t, config.model.num_kv_heads // t
+    if seq > 1 and (heads % seq or (kv_heads % seq and seq % kv_heads)):
+      raise ConfigError(
+          "model.attention", f"ulysses moves heads over mesh.sequence={seq}, but each "
+          f"tensor shard holds {heads} heads and {kv_heads} KV heads, which do not "
+          "split over it.", "use --config.model.attention=ring, or a mesh.sequence "
+          f"that divides {heads}.")
