@@ -10,8 +10,8 @@ from experiments import llama_tiny
 def _losses(attention, **mesh):
   c = llama_tiny.get_config()
   c.model.attention = attention
-  c.data.seq_len = 64
-  c.train.update(steps=20, batch_size=8, eval_every=0)
+  c.data.seq_len = 32
+  c.train.update(steps=20, batch_size=4, eval_every=0)
   c.optim.update(warmup_steps=5)
   c.checkpoint.every_steps = 0
   c.log.update(every_steps=1, tensorboard=False, peak_flops=1e12)

@@ -57,3 +57,40 @@ def test_ladder_consumes_each_all_reduce_one_module_later():
   assert waits["standard"][0] >= 2, waits  # gate and up (and down) wait
   assert waits["ladder"][0] <= 1, waits    # at most the down projection
   assert waits["ladder"][1] == 0 and waits["standard"][1] == 0, waits
+
+
+MESHES = {"tensor4": dict(data=2, tensor=4), "fsdp2_tensor4": dict(fsdp=2, tensor=4),
+          "seq2_tensor2": dict(data=2, sequence=2, tensor=2)}
+
+
+def _loss_and_grads(spec, params, batch, mesh):
+  from train.step import loss_fn
+  with jax.set_mesh(mesh):
+    return jax.jit(jax.value_and_grad(lambda p, b: loss_fn(spec, 0.0)(p, b)[0]))(
+        params, batch)
+
+
+@pytest.mark.parametrize("block", ["standard", "parallel", "ladder"])
+def test_block_sharded_equals_unsharded(block):
+  from train.state import init_state
+  import optax
+  cfg = ModelConfig(**CFG, block=block)
+  rules = sharding.normalize_rules(None)
+  spec = model_spec(cfg, rules)
+  one = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                           jax.devices()[:1])
+  params = init_state(spec, optax.sgd(0.1), one, 0).params
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 64, (4, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16)),
+           "segment_ids": np.ones((4, 16), np.int32)}
+  ref_loss, ref_grads = _loss_and_grads(spec, params, batch, one)
+  for name, sizes in MESHES.items():
+    mesh = sharding.make_mesh({**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                               **sizes})
+    sharded = jax.device_put(params, param_shardings(spec, mesh))
+    loss, grads = _loss_and_grads(spec, sharded, batch, mesh)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=name)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=name)

@@ -65,3 +65,15 @@ def test_parameters_sharded_by_rules(tiny_config):
   # Adam moments follow their parameter.
   mu = state.opt_state[1][0].mu["layers"]["mlp"]["gate"]
   assert mu.sharding.spec == P(None, "fsdp", "tensor")
+
+
+def test_remat_and_grad_accumulation_keep_the_numbers(tiny_config, tmp_path,
+                                                       one_device_losses):
+  """Remat changes memory, not results; accumulating 2 micro-batches of 4 equals
+  one batch of 8 (the mean of equal-size means)."""
+  for i, (remat, accum) in enumerate([("full", 1), ("save_dots", 2)]):
+    c = _with_mesh(tiny_config, data=1)
+    c.model.remat = remat
+    c.train.grad_accum_steps = accum
+    losses = _losses(c, tmp_path / str(i), devices=jax.devices()[:1])
+    np.testing.assert_allclose(losses, one_device_losses, rtol=1e-5)
