@@ -116,7 +116,8 @@ def _require(flag, value, example: str):
 def main(argv: list[str]) -> None:
   command = argv[1]
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO logs only with -v 0
+    # rung prints what a user needs; --verbosity=0 shows the libraries' INFO logs.
+    logging.set_verbosity(logging.ERROR)
   try:
     if command in _NEEDS_CONFIG and _CONFIG.value is None:
       raise ConfigError("--config", "no experiment config was given.",
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> None:
     if sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                        _PROCESS_ID.value,
                                        timeout_s=_JOIN_TIMEOUT.value):
-      logging.warning("joined as %s", sharding.describe_process())
+      sys.stderr.write(f"joined as {sharding.describe_process()}\n")
     if command == "train":
       import train
       train.train(_CONFIG.value, workdir)
