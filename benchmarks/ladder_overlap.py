@@ -146,7 +146,7 @@ def tpu_schedule():
 
   import sharding
   from sharding import hlo
-  from train.state import model_spec, param_shardings
+  from train.state import abstract_params, model_spec
   from train.step import loss_fn
 
   # As a TPU job would run it: collectives asynchronous, free to overlap compute.
@@ -157,8 +157,7 @@ def tpu_schedule():
   rules = sharding.normalize_rules(None)
   for block in ("standard", "parallel", "ladder"):
     spec = model_spec(_model_cfg(block, 4), rules)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          spec.abstract_params, param_shardings(spec, mesh))
+    params = abstract_params(spec, mesh)
     rep = NamedSharding(mesh, P())
     programs = {
         "decode_b8": (lambda p, t: spec.model(p)(t),

@@ -99,17 +99,19 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
                                     max_new_tokens, sampling, stops))
     else:
       done = jnp.zeros((batch,), bool)
+      was_done = np.zeros((batch,), bool)
       columns = []
       for i in range(max_new_tokens):
-        was_done = np.asarray(done)
         token, logits, cache, done = _decode_one(graphdef, params, cache, logits,
                                                  positions, done, key, i, sampling,
                                                  stops)
-        column = np.where(was_done, -1, np.asarray(token))
+        token_h, done_h = jax.device_get((token, done))  # one host sync per token
+        column = np.where(was_done, -1, token_h)
         columns.append(column)
         on_token(column)
         positions = positions + 1
-        if bool(jnp.all(done)):
+        was_done = done_h
+        if was_done.all():
           break
       out = np.stack(columns, axis=1)
   return [[int(t) for t in row if t >= 0] for row in out]

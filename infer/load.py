@@ -11,7 +11,7 @@ import kernels
 import sharding
 from model import Decoder, ModelConfig
 from train.checkpoint import Checkpointer
-from train.state import model_spec, param_shardings
+from train.state import abstract_params, model_spec
 
 
 def load(workdir: str, *, step: int | None = None,
@@ -37,9 +37,7 @@ def load(workdir: str, *, step: int | None = None,
   mesh = sharding.make_mesh(config.mesh, devices)
   spec = model_spec(ModelConfig.from_config(config.model),
                     sharding.normalize_rules(config.mesh.rules))
-  target = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      spec.abstract_params, param_shardings(spec, mesh))
+  target = abstract_params(spec, mesh)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step = ckpt.latest_step() if step is None else step
   params = ckpt.restore_params(target, step)

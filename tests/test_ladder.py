@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import sharding
 from model import ModelConfig
 from sharding import hlo
-from train.state import model_spec, param_shardings
+from train.state import abstract_params, model_spec, param_shardings
 
 CFG = dict(vocab_size=64, d_model=64, num_layers=4, num_heads=8, num_kv_heads=4,
            head_dim=8, d_ff=128)
@@ -19,8 +19,7 @@ def _forward_hlo(block: str) -> str:
   cfg = ModelConfig(**CFG, block=block)
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=1, sequence=1, tensor=4))
   spec = model_spec(cfg, sharding.normalize_rules(None))
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        spec.abstract_params, param_shardings(spec, mesh))
+  params = abstract_params(spec, mesh)
   tokens = jax.ShapeDtypeStruct((4, 16), jnp.int32, sharding=NamedSharding(mesh, P("data")))
   with jax.set_mesh(mesh):
     return jax.jit(lambda p, t: spec.model(p)(t)).lower(params, tokens).compile().as_text()

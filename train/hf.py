@@ -24,7 +24,7 @@ from model import ModelConfig
 from sharding import ConfigError
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
-from train.state import TrainState, model_spec, state_shardings
+from train.state import init_state, model_spec, param_shardings
 
 SUPPORTED = ("LlamaForCausalLM",)
 
@@ -198,11 +198,8 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   spec = model_spec(ModelConfig.from_config(config.model), rules)
   params = params_from_hf(_read_safetensors(hf_dir), spec)
   tx = make_optimizer(config.optim, config.train.steps)
-  shardings = state_shardings(spec, tx, mesh)
-  params = jax.device_put(params, shardings.params)
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+  params = jax.device_put(params, param_shardings(spec, mesh))
+  state = init_state(spec, tx, mesh, 0, params=params)
   config_dict = json.loads(config.to_json())
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config_dict, f, indent=2)

@@ -63,6 +63,12 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
   return TrainState(step=replicated, params=params, opt_state=opt)
 
 
+def abstract_params(spec: ModelSpec, mesh: Mesh):
+  """Parameter ShapeDtypeStructs with concrete shardings on `mesh` (no memory)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      spec.abstract_params, param_shardings(spec, mesh))
+
+
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation,
                    mesh: Mesh) -> TrainState:
   """ShapeDtypeStructs with concrete shardings: a restore or AOT-compile target."""
@@ -74,15 +80,24 @@ def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation,
 
 
 def init_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh,
-               seed: int) -> TrainState:
-  """Initialises parameters directly into their shardings (never whole on one device)."""
+               seed: int, params: Any = None) -> TrainState:
+  """Step 0 state, built directly into its shardings (never whole on one device).
 
-  def init():
-    model = Decoder(spec.cfg, rngs=nnx.Rngs(params=seed),
-                    constrain=sharding.LogicalConstraint(spec.rules))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  Parameters are drawn from `seed`, or taken from `params` (e.g. imported weights,
+  already placed with `param_shardings`); the optimizer state starts fresh.
+  """
+
+  def from_params(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params))
 
+  def fresh():
+    model = Decoder(spec.cfg, rngs=nnx.Rngs(params=seed),
+                    constrain=sharding.LogicalConstraint(spec.rules))
+    return from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+  out = state_shardings(spec, tx, mesh)
   with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=state_shardings(spec, tx, mesh))()
+    if params is None:
+      return jax.jit(fresh, out_shardings=out)()
+    return jax.jit(from_params, out_shardings=out)(params)
