@@ -7,12 +7,20 @@ Same weights on both sides: a random 21M-parameter Llama (d_model 512, 4 layers,
 64-token prompts, 128 new tokens, greedy, batch 1 and 16, float32, on this CPU.
 New tokens per second exclude compilation (one warm-up generation first). One
 JSON line per measurement.
+
+Then (unless --ladder=false) the ladder question: the cached decode step of a
+larger model under tensor=2 spanning two processes joined over gloo, for standard,
+parallel and ladder blocks and the no-communication bound (`desync`), run by
+`ladder_overlap.py --instrument=wallclock --programs=decode`; it reports each
+block's step time over standard's and the share of the standard-to-desync gap
+that ladder recovers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 _REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kept)")
+_LADDER = flags.DEFINE_bool("ladder", True, "also time the 2-process tensor=2 "
+                            "decode step per block type")
 PROMPT, NEW = 64, 128
 
 
@@ -81,6 +91,15 @@ def main(argv):
     emit(system="transformers", batch=batch, seconds=best_hf, new_tokens_per_sec=hf_tps)
     emit(what="ratio", batch=batch, rung_over_transformers=rung_tps / hf_tps,
          same_greedy_tokens=f"{sum(same)}/{batch}")
+  if _LADDER.value:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "ladder_overlap.py")
+    out = subprocess.run([sys.executable, script, "--instrument=wallclock",
+                          "--programs=decode", "--reps=30"],
+                         check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+      if line.startswith("{") and '"environment"' not in line:
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
 
 1. wallclock: 2 processes x 1 CPU device, joined by jax.distributed over gloo on
    127.0.0.1, `tensor=2` spanning them, so every all-reduce is real inter-process
-   communication. Times a decode-like forward (one token per sequence, batch 1
-   and 8) and a train step (forward + backward, batch 8 x 128) for standard,
-   parallel and ladder blocks, and for `desync`: each process runs its shard's
-   compute (half the heads, half the MLP) with no all-reduce at all, the paper's
-   no-communication upper bound.
+   communication. Times a decode-like forward without cache (one token per
+   sequence, batch 1 and 8), the real KV-cache decode step (one new token per
+   sequence after a 64-token prefix, cache of 192 slots, batch 1 and 8) and a
+   train step (forward + backward, batch 8 x 128) for standard, parallel and
+   ladder blocks, and for `desync`: each process runs its shard's compute (half
+   the heads, half the MLP) with no all-reduce at all, the paper's
+   no-communication upper bound. `--programs=decode` times only the cached
+   decode step (benchmarks/decode.py runs it that way).
 2. tpu: deviceless compile for TPU v5e:2x2 with tensor=4; per block type, the
    number of all-reduces in a layer, whether each is async, and how many
    instructions (and matmuls) the scheduler placed between each start and done.
@@ -33,6 +36,9 @@ _INSTRUMENT = flags.DEFINE_enum("instrument", "both", ["both", "wallclock", "tpu
 _WORKER = flags.DEFINE_integer("worker", None, "internal: process id of a worker")
 _PORT = flags.DEFINE_integer("port", None, "internal: coordinator port")
 _REPS = flags.DEFINE_integer("reps", 20, "timed repetitions (median kept)")
+_PROGRAMS = flags.DEFINE_enum("programs", "all", ["all", "decode"],
+                              "wallclock: every program, or only the cached decode step")
+PREFIX, CACHE_SLOTS = 64, 192
 
 SHAPE = dict(vocab_size=4096, d_model=1024, num_layers=4, num_heads=16,
              num_kv_heads=16, head_dim=64, d_ff=4096)
@@ -68,7 +74,29 @@ def _median_time(fn, reps):
   return sorted(times)[len(times) // 2]
 
 
-def worker(process_id: int, port: int, reps: int):
+def _decode_step_timer(spec, params, mesh, batch: int):
+  """A jitted KV-cache decode step (cache donated, so updated in place) at
+  position PREFIX, as a no-argument callable for _median_time."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from infer.kv_cache import init_cache
+
+  step = jax.jit(lambda p, t, pos, c: spec.model(p)(t, pos, cache=c),
+                 donate_argnums=3)
+  replicated = NamedSharding(mesh, P())
+  tokens = jax.device_put(np.zeros((batch, 1), np.int32), replicated)
+  positions = jax.device_put(np.full((batch, 1), PREFIX, np.int32), replicated)
+  cache = [init_cache(spec.model(params), batch, CACHE_SLOTS)]
+
+  def run():
+    logits, cache[0] = step(params, tokens, positions, cache[0])
+    return logits
+  return run
+
+
+def worker(process_id: int, port: int, reps: int, programs: str):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -96,27 +124,33 @@ def worker(process_id: int, port: int, reps: int):
     rows = {}
     with jax.set_mesh(mesh):
       for batch in (1, 8):
+        rows[f"decode_step_b{batch}"] = _median_time(
+            _decode_step_timer(spec, state.params, mesh, batch), reps)
+        if programs == "decode":
+          continue
         tokens = jax.device_put(np.zeros((batch, 1), np.int32), replicated)
         rows[f"forward_b{batch}"] = _median_time(lambda: forward(state.params, tokens),
                                                  reps)
-      shape = (8, 128)
-      b = {k: jax.device_put(np.zeros(shape, np.int32) + (k == "segment_ids"),
-                             replicated)
-           for k in ("inputs", "targets", "positions", "segment_ids")}
-      rows["train_step_b8x128"] = _median_time(lambda: grad(state.params, b),
-                                               max(reps // 4, 3))
+      if programs == "all":
+        shape = (8, 128)
+        b = {k: jax.device_put(np.zeros(shape, np.int32) + (k == "segment_ids"),
+                               replicated)
+             for k in ("inputs", "targets", "positions", "segment_ids")}
+        rows["train_step_b8x128"] = _median_time(lambda: grad(state.params, b),
+                                                 max(reps // 4, 3))
     if process_id == 0:
       for what, seconds in rows.items():
         emit(instrument="wallclock", block=block, what=what, seconds=seconds)
 
 
-def wallclock(reps: int):
+def wallclock(reps: int, programs: str = "all"):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                             f"--worker={i}", f"--port={port}", f"--reps={reps}"],
+                             f"--worker={i}", f"--port={port}", f"--reps={reps}",
+                             f"--programs={programs}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for i in range(2)]
   outs = [p.communicate() for p in procs]
@@ -194,13 +228,13 @@ def tpu_schedule():
 def main(argv):
   del argv
   if _WORKER.value is not None:
-    worker(_WORKER.value, _PORT.value, _REPS.value)
+    worker(_WORKER.value, _PORT.value, _REPS.value, _PROGRAMS.value)
     return
   import jax
   emit(what="environment", date=time.strftime("%Y-%m-%d"), jax=jax.__version__,
        cpus=os.cpu_count(), shape=SHAPE)
   if _INSTRUMENT.value in ("both", "wallclock"):
-    wallclock(_REPS.value)
+    wallclock(_REPS.value, _PROGRAMS.value)
   if _INSTRUMENT.value in ("both", "tpu"):
     tpu_schedule()
 

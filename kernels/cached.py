@@ -1,4 +1,11 @@
-"""Attention of new tokens over a preallocated KV cache (prefill and decode)."""
+"""Attention of new tokens over a preallocated KV cache (prefill and decode).
+
+The cache holds every layer: k and v are each [layers, batch, max_len, kv_heads,
+head_dim]. A layer writes only its new rows into the stacked arrays (a scatter that
+XLA performs in place when the cache is a loop carry or a donated buffer) and then
+reads its own slice, so a decode step touches O(new tokens) of cache memory for
+writing instead of rebuilding the cache.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,21 @@ import jax
 import jax.numpy as jnp
 
 
-def write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """Writes new [batch, t, kv_heads, head_dim] into cache [batch, max_len, ...] at
-  each row's own offset start [batch] (rows of a batch may be at different lengths)."""
-  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(
-      cache, new.astype(cache.dtype), start)
+def write(cache: jax.Array, new: jax.Array, layer: jax.Array,
+          start: jax.Array) -> jax.Array:
+  """Writes new [batch, t, kv_heads, head_dim] into cache [layers, batch, max_len,
+  kv_heads, head_dim] at `layer`, each row at its own offset start [batch] (rows of
+  a batch may be at different lengths). Writes past max_len are dropped."""
+  b, t = new.shape[:2]
+  rows = jnp.arange(b)[:, None]  # [batch, 1]
+  slots = start[:, None] + jnp.arange(t)[None, :]  # [batch, t]
+  return cache.at[layer, rows, slots].set(
+      new.astype(cache.dtype), mode="drop", unique_indices=True)
 
 
 def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
               q_positions: jax.Array) -> jax.Array:
-  """Causal attention of q over the cache, by absolute position.
+  """Causal attention of q over one layer's cache, by absolute position.
 
   q: [batch, t, heads, head_dim] at positions q_positions [batch, t];
   k_cache, v_cache: [batch, max_len, kv_heads, head_dim], slot s holding position

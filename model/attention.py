@@ -52,22 +52,24 @@ class Attention(nnx.Module):
                segment_ids: jax.Array | None, cache=None, prefill: bool = False):
     """Without `cache`: [batch, length, embed] -> same.
 
-    With cache = (k, v), each [batch, max_len, kv_heads, head_dim]: the new tokens'
-    K/V are written at their positions (contiguous per row) and the result is
-    (output, (k, v)). With `prefill` the tokens are a whole prompt from position 0
-    and attend over their own K/V with the configured kernel; otherwise (decode)
-    they attend over the cache.
+    With cache = ((k, v), layer), k and v each [layers, batch, max_len, kv_heads,
+    head_dim] and `layer` this layer's index: the new tokens' K/V are written at
+    their positions (contiguous per row) and the result is (output, (k, v)). With
+    `prefill` the tokens are a whole prompt from position 0 and attend over their
+    own K/V with the configured kernel; otherwise (decode) they attend over the
+    cache.
     """
     q, k, v = self.project_qkv(x, positions)
     if cache is None:
       o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
                             impl=self.impl)  # [batch, length, heads, head_dim]
       return self.project_out(o)
-    k_cache = cached.write(cache[0], k, positions[:, 0])
-    v_cache = cached.write(cache[1], v, positions[:, 0])
+    (k_cache, v_cache), layer = cache
+    k_cache = cached.write(k_cache, k, layer, positions[:, 0])
+    v_cache = cached.write(v_cache, v, layer, positions[:, 0])
     if prefill:
       o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
                             impl=self.impl)
     else:
-      o = cached.attention(q, k_cache, v_cache, positions)
+      o = cached.attention(q, k_cache[layer], v_cache[layer], positions)
     return self.project_out(o), (k_cache, v_cache)

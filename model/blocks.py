@@ -59,7 +59,8 @@ def _attend(block: Block, h: jax.Array, ctx: Context, cache):
   return block.attn(h, ctx.positions, ctx.segment_ids, cache, ctx.prefill)
 
 
-# Each dataflow: (block, carry, layer KV cache or None, ctx) -> (carry, cache).
+# Each dataflow: (block, carry, cache, ctx) -> (carry, cache), where cache is None
+# or ((k, v) for all layers, this layer's index) and comes back as the new (k, v).
 
 def standard(block: Block, x: jax.Array, cache, ctx: Context):
   """x: [batch, length, embed] -> same."""

@@ -78,38 +78,39 @@ class Decoder(nnx.Module):
 
   def run_layers(self, x: jax.Array, ctx: blocks.Context, cache=None):
     """Scans each run of same-kind layers; ladder outputs still pending at a
-    standard layer or at the end are added to the stream there."""
+    standard layer or at the end are added to the stream there.
+
+    The whole KV cache rides in the scan carry (each layer scatters its new rows
+    into it), never in the scanned-over inputs and outputs: those would copy the
+    cache every step.
+    """
     graphdef, state = nnx.split(self.layers)
     pending = None  # (a, m) from a ladder segment
-    new_cache = []
     for kind, start, stop in self.cfg.segments():
       whole = (start, stop) == (0, self.cfg.num_layers)
-      take = (lambda t: t) if whole else (
-          lambda t: jax.tree.map(lambda p: p[start:stop], t))
+      layers = state if whole else jax.tree.map(lambda p: p[start:stop], state)
       step = functools.partial(blocks.RESIDUAL[kind], ctx=ctx)
 
       def body(carry, layer, step=step):
-        layer_state, layer_cache = layer
-        return step(nnx.merge(graphdef, layer_state), carry, layer_cache)
+        carry, kv = carry
+        layer_state, index = layer
+        carry, kv = step(nnx.merge(graphdef, layer_state), carry,
+                         None if kv is None else (kv, index))
+        return (carry, kv), None
 
       if self.cfg.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
                               prevent_cse=False)
-      xs = (take(state), None if cache is None else take(cache))
+      xs = (layers, jnp.arange(start, stop))
       if kind == "ladder":
         a, m = pending or (jnp.zeros_like(x), jnp.zeros_like(x))
-        (x, a, m), seg_cache = jax.lax.scan(body, (x, a, m), xs)
+        ((x, a, m), cache), _ = jax.lax.scan(body, ((x, a, m), cache), xs)
         pending = (a, m)
       else:
         if pending is not None:
           x = x + pending[0] + pending[1]
           pending = None
-        x, seg_cache = jax.lax.scan(body, x, xs)
-      new_cache.append(seg_cache)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
     if pending is not None:
       x = x + pending[0] + pending[1]
-    if cache is None:
-      return x, None
-    if len(new_cache) == 1:
-      return x, new_cache[0]
-    return x, jax.tree.map(lambda *c: jnp.concatenate(c), *new_cache)
+    return x, cache
