@@ -33,6 +33,16 @@ def get_config(arg=None) -> ConfigDict:
       remat="none",            # none | full | save_dots
       block="standard",        # standard | parallel | ladder
       ladder_layers="all",     # with block=ladder: all | none | upper:N | '2,3'
+      moe=ConfigDict(dict(     # mixture of experts (model/moe.py)
+          num_experts=0,       # 0 = dense MLP in every layer
+          top_k=2,             # experts per token
+          every_k_layers=1,    # layers k-1, 2k-1, ... are MoE; must divide num_layers
+          capacity_factor=1.25,  # dispatch=capacity: slots = factor * tokens * top_k / E
+          shared_expert=False,  # also a dense SwiGLU every token goes through
+          aux_loss_weight=0.01,  # Switch load-balancing loss weight
+          z_loss_weight=0.001,  # router z-loss weight
+          dispatch="capacity",  # capacity | dropless
+      )),
   ))
 
   c.mesh = ConfigDict(dict(

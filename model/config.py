@@ -13,6 +13,25 @@ from sharding import ConfigError
 BLOCKS = ("standard", "parallel", "ladder")
 REMAT = ("none", "full", "save_dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DISPATCH = ("capacity", "dropless")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-experts feed-forward layers (`config.model.moe`); see model/moe.py.
+
+  num_experts = 0 keeps a dense SwiGLU MLP in every layer. Otherwise every
+  `every_k_layers`-th layer (layers k-1, 2k-1, ...) replaces its MLP with
+  `num_experts` SwiGLU experts of width `d_ff`, of which each token uses `top_k`.
+  """
+  num_experts: int = 0
+  top_k: int = 2
+  every_k_layers: int = 1
+  capacity_factor: float = 1.25
+  shared_expert: bool = False
+  aux_loss_weight: float = 0.01
+  z_loss_weight: float = 0.001
+  dispatch: str = "capacity"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +56,15 @@ class ModelConfig:
   # 'upper:N' (the top N layers, as when converting a pretrained model), or a
   # comma-separated list of layer indices such as '4,5,6,7'.
   ladder_layers: str = "all"
+  moe: MoEConfig = MoEConfig()
 
   @classmethod
   def from_config(cls, cfg: Any) -> "ModelConfig":
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(cfg).items() if k in names})
+    fields = {k: v for k, v in dict(cfg).items() if k in names}
+    if "moe" in fields:
+      fields["moe"] = MoEConfig(**dict(fields["moe"]))
+    return cls(**fields)
 
   @property
   def dtype(self):
@@ -50,6 +73,13 @@ class ModelConfig:
   @property
   def params_dtype(self):
     return DTYPES[self.param_dtype]
+
+  @property
+  def unit(self) -> int:
+    """Layers per scanned unit: `moe.every_k_layers` in an MoE model (k-1 dense
+    layers, then one MoE layer), else 1. Scanned layers must share one parameter
+    structure, so a model with both kinds scans whole units."""
+    return self.moe.every_k_layers if self.moe.num_experts else 1
 
   def layer_kinds(self) -> tuple[str, ...]:
     """The residual dataflow of each layer: 'standard', 'parallel' or 'ladder'."""
@@ -119,3 +149,43 @@ def validate(cfg: Any) -> None:
         "choose num_kv_heads dividing num_heads.")
   if cfg.block == "ladder":
     parse_ladder_layers(cfg.ladder_layers, cfg.num_layers)
+  if "moe" in cfg:
+    validate_moe(ModelConfig.from_config(cfg))
+
+
+def validate_moe(m: ModelConfig) -> None:
+  """The `model.moe` group: counts that fit, known dispatch, units that tile."""
+  moe = m.moe
+  if moe.num_experts < 0:
+    raise ConfigError("model.moe.num_experts", f"must be >= 0, got {moe.num_experts}.",
+                      "use 0 for dense MLPs, or the number of experts.")
+  if not moe.num_experts:
+    return
+  if not 1 <= moe.top_k <= moe.num_experts:
+    raise ConfigError("model.moe.top_k", f"top_k={moe.top_k} must be between 1 and "
+                      f"num_experts={moe.num_experts}.",
+                      "set --config.model.moe.top_k to e.g. 1 or 2.")
+  if moe.dispatch not in DISPATCH:
+    raise ConfigError("model.moe.dispatch", f"{moe.dispatch!r} is not one of "
+                      f"{DISPATCH}.", "set --config.model.moe.dispatch to one of them.")
+  if moe.capacity_factor <= 0:
+    raise ConfigError("model.moe.capacity_factor", f"must be positive, got "
+                      f"{moe.capacity_factor}.", "set e.g. 1.25 (1.0: no slack).")
+  for field in ("aux_loss_weight", "z_loss_weight"):
+    if getattr(moe, field) < 0:
+      raise ConfigError(f"model.moe.{field}", f"must be >= 0, got "
+                        f"{getattr(moe, field)}.", "use 0 to switch the loss off.")
+  k = moe.every_k_layers
+  if k < 1 or m.num_layers % k:
+    raise ConfigError(
+        "model.moe.every_k_layers",
+        f"every_k_layers={k} must be >= 1 and divide num_layers={m.num_layers}: "
+        "layers are scanned in units of k (k-1 dense, then one MoE layer).",
+        f"choose a divisor of {m.num_layers}, e.g. 1 (every layer MoE) or 2.")
+  for kind, start, stop in m.segments():
+    if start % k:
+      raise ConfigError(
+          "model.ladder_layers",
+          f"{m.ladder_layers!r} switches to {kind} layers at layer {start}, inside "
+          f"a unit of every_k_layers={k} layers (one scanned unit has one "
+          "residual dataflow).", f"make the ladder layers start at a multiple of {k}.")

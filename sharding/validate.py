@@ -21,6 +21,15 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
           f"choose mesh.tensor dividing {m[field]} (e.g. "
           f"--config.mesh.tensor={_largest_divisor(m[field], t)}), or change "
           f"model.{field}.")
+  # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
+  # is split over `expert` too, so it is plain data parallelism.
+  experts, e = m.moe.num_experts if "moe" in m else 0, sizes["expert"]
+  if experts and experts % e:
+    raise ConfigError(
+        "model.moe.num_experts",
+        f"{experts} experts cannot be split over mesh.expert={e}.",
+        f"choose mesh.expert dividing {experts} (e.g. --config.mesh.expert="
+        f"{_largest_divisor(experts, e)}), or a multiple of {e} experts.")
   if config.data.seq_len % sizes["sequence"]:
     raise ConfigError(
         "data.seq_len",

@@ -12,11 +12,23 @@ from model import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """Parameters that take part in matmuls: every projection and the LM head (tied or
-  not); not the embedding lookup, not norm scales."""
+  """Parameters that take part in matmuls for one token: every projection and the
+  LM head (tied or not); not the embedding lookup, not norm scales.
+
+  An MoE layer counts its *active* parameters: the router, the top_k experts a
+  token goes through and the shared expert, not the experts it skips. So 6N stays
+  the FLOPs of a token's forward and backward, and MFU is not inflated by idle
+  experts. (Capacity padding and dropped pairs are ignored: the count is of useful
+  work at the configured top_k.)
+  """
   attn = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = 3 * cfg.d_model * cfg.d_ff
-  return cfg.num_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+  moe = cfg.moe
+  moe_layers = cfg.num_layers // cfg.unit if moe.num_experts else 0
+  active = (cfg.d_model * moe.num_experts + moe.top_k * mlp
+            + (mlp if moe.shared_expert else 0))
+  return (cfg.num_layers * attn + (cfg.num_layers - moe_layers) * mlp
+          + moe_layers * active + cfg.d_model * cfg.vocab_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:

@@ -224,6 +224,11 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
     raise ConfigError("model.block", f"a {cfg.block!r} model has no transformers "
                       "equivalent (LlamaForCausalLM is a standard block).",
                       "export a run with block=standard.")
+  if cfg.moe.num_experts:
+    raise ConfigError("model.moe.num_experts", f"a mixture-of-experts model "
+                      f"({cfg.moe.num_experts} experts) has no LlamaForCausalLM "
+                      "equivalent, and exporting to an HF MoE architecture is not "
+                      "supported.", "export a dense run (moe.num_experts=0).")
   spec = model_spec(cfg, sharding.normalize_rules(config.mesh.rules))
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step = ckpt.latest_step() if step is None else step
