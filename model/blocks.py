@@ -8,6 +8,10 @@ Write attention as A and the MLP as M, and r for the residual stream.
             all-reduce of one module's output overlaps the next module's compute.
             The carry is (r, a, m): r holds everything but the previous layer's
             attention output a and MLP output m, which are still in flight.
+
+In a mixture-of-experts model M is an MoE layer (model/moe.py) in every
+`moe.every_k_layers`-th layer; the dataflows do not change. With k > 1 a `Unit`
+(k-1 dense blocks, then one MoE block) is what the decoder stacks and scans.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from flax import nnx
 from model.attention import Attention
 from model.config import ModelConfig
 from model.mlp import MLP
+from model.moe import MoE
 from model.norms import RMSNorm
 
 
 class Block(nnx.Module):
-  """One layer's parameters. `parallel` blocks share a single pre-norm."""
+  """One layer's parameters. `parallel` blocks share a single pre-norm; with
+  `moe` the MLP is a mixture of experts."""
 
-  def __init__(self, cfg: ModelConfig, *, constrain, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, constrain, rngs: nnx.Rngs,
+               moe: bool = False):
     norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype,
                            param_dtype=cfg.params_dtype)
     self.attn_norm = norm()
@@ -36,8 +43,9 @@ class Block(nnx.Module):
                           param_dtype=cfg.params_dtype, constrain=constrain,
                           rngs=rngs)
     self.mlp_norm = norm() if cfg.block != "parallel" else None
-    self.mlp = MLP(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, dtype=cfg.dtype,
-                   param_dtype=cfg.params_dtype, constrain=constrain, rngs=rngs)
+    self.mlp = MoE(cfg, constrain=constrain, rngs=rngs) if moe else MLP(
+        cfg.d_model, cfg.d_ff, init_std=cfg.init_std, dtype=cfg.dtype,
+        param_dtype=cfg.params_dtype, constrain=constrain, rngs=rngs)
     self.constrain = constrain
 
   def residual(self, x: jax.Array) -> jax.Array:
@@ -93,3 +101,40 @@ def ladder(block: Block, carry, cache, ctx: Context):
 
 
 RESIDUAL = {"standard": standard, "parallel": parallel, "ladder": ladder}
+
+
+class Unit(nnx.Module):
+  """cfg.unit consecutive layers of an MoE model with every_k_layers = k > 1: k-1
+  dense blocks (stacked on a leading axis) and then one MoE block. The decoder
+  scans units, so every scanned step has the same parameter structure."""
+
+  def __init__(self, cfg: ModelConfig, *, constrain, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=cfg.unit - 1)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def dense(rngs):
+      return Block(cfg, constrain=constrain, rngs=rngs)
+
+    self.dense = dense(rngs)
+    self.moe = Block(cfg, constrain=constrain, rngs=rngs, moe=True)
+    self.size = cfg.unit
+
+
+def through_unit(dataflow, unit: Unit, carry, cache, ctx: Context):
+  """Runs `dataflow` through a unit's layers in order. cache is None or (kv, u)
+  for unit u, whose layers are u * size + j."""
+  graphdef, state = nnx.split(unit.dense)
+  layers = [nnx.merge(graphdef, jax.tree.map(lambda p, j=j: p[j], state))
+            for j in range(unit.size - 1)] + [unit.moe]
+  for j, block in enumerate(layers):
+    layer_cache = None if cache is None else (cache[0], cache[1] * unit.size + j)
+    carry, kv = dataflow(block, carry, layer_cache, ctx)
+    cache = None if cache is None else (kv, cache[1])
+  return carry, None if cache is None else cache[0]
+
+
+def moe_stats(layer) -> dict | None:
+  """The router statistics a scanned step (Block or Unit) recorded, if it has an
+  MoE layer."""
+  mlp = (layer.moe if isinstance(layer, Unit) else layer).mlp
+  return mlp.stats.get_value() if isinstance(mlp, MoE) else None

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import blocks
+from model import blocks, moe
 from model.config import ModelConfig
 from model.embedding import Embed
 from model.norms import RMSNorm
@@ -37,11 +37,16 @@ class Decoder(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
                        dtype=cfg.dtype, param_dtype=cfg.params_dtype, rngs=rngs)
 
-    @nnx.split_rngs(splits=cfg.num_layers)
+    # One scanned step: a layer, or in an MoE model with every_k_layers > 1 a
+    # blocks.Unit of that many layers.
+    @nnx.split_rngs(splits=cfg.num_layers // cfg.unit)
     @nnx.vmap(in_axes=(0,), out_axes=0,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
     def stacked(rngs):
-      return blocks.Block(cfg, constrain=constrain, rngs=rngs)
+      if cfg.unit > 1:
+        return blocks.Unit(cfg, constrain=constrain, rngs=rngs)
+      return blocks.Block(cfg, constrain=constrain, rngs=rngs,
+                          moe=cfg.moe.num_experts > 0)
 
     self.layers = stacked(rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cfg.dtype,
@@ -53,7 +58,7 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache=None,
-               prefill: bool = False):
+               prefill: bool = False, return_aux: bool = False):
     """tokens: [batch, length] ints -> logits [batch, length, vocab] (compute dtype).
 
     positions default to 0..length-1; with `segment_ids` (packed sequences) tokens
@@ -62,19 +67,26 @@ class Decoder(nnx.Module):
     With cache = (k, v), each [layers, batch, max_len, kv_heads, head_dim], returns
     (logits, updated cache): `prefill=True` for a prompt from position 0, else new
     tokens at `positions` attend over everything cached before them.
+
+    With `return_aux` an MoE model's router metrics (`moe.aggregate`: the auxiliary
+    losses for the training loss, load and drops) come last in the output; a dense
+    model gives {}.
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
     ctx = blocks.Context(positions, segment_ids, prefill)
-    x, cache = self.run_layers(x, ctx, cache)
+    x, cache, stats = self.run_layers(x, ctx, cache)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = x @ self.head[...].astype(self.cfg.dtype)
     logits = self.constrain(logits, ("batch", "length", "act_vocab"))
-    return logits if cache is None else (logits, cache)
+    out = (logits,) if cache is None else (logits, cache)
+    if return_aux:
+      out += (moe.aggregate(stats) if stats else {},)
+    return out[0] if len(out) == 1 else out
 
   def run_layers(self, x: jax.Array, ctx: blocks.Context, cache=None):
     """Scans each run of same-kind layers; ladder outputs still pending at a
@@ -83,20 +95,29 @@ class Decoder(nnx.Module):
     The whole KV cache rides in the scan carry (each layer scatters its new rows
     into it), never in the scanned-over inputs and outputs: those would copy the
     cache every step.
+
+    Also returns the MoE layers' router stats stacked in layer order (None for a
+    dense model): scan outputs, one row per scanned step.
     """
     graphdef, state = nnx.split(self.layers)
     pending = None  # (a, m) from a ladder segment
+    stats = []
+    unit = self.cfg.unit
     for kind, start, stop in self.cfg.segments():
-      whole = (start, stop) == (0, self.cfg.num_layers)
+      start, stop = start // unit, stop // unit  # scanned steps (validated whole)
+      whole = (start, stop) == (0, self.cfg.num_layers // unit)
       layers = state if whole else jax.tree.map(lambda p: p[start:stop], state)
-      step = functools.partial(blocks.RESIDUAL[kind], ctx=ctx)
+      step = blocks.RESIDUAL[kind]
+      if unit > 1:
+        step = functools.partial(blocks.through_unit, step)
+      step = functools.partial(step, ctx=ctx)
 
       def body(carry, layer, step=step):
         carry, kv = carry
         layer_state, index = layer
-        carry, kv = step(nnx.merge(graphdef, layer_state), carry,
-                         None if kv is None else (kv, index))
-        return (carry, kv), None
+        module = nnx.merge(graphdef, layer_state)
+        carry, kv = step(module, carry, None if kv is None else (kv, index))
+        return (carry, kv), blocks.moe_stats(module)
 
       if self.cfg.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
@@ -104,13 +125,16 @@ class Decoder(nnx.Module):
       xs = (layers, jnp.arange(start, stop))
       if kind == "ladder":
         a, m = pending or (jnp.zeros_like(x), jnp.zeros_like(x))
-        ((x, a, m), cache), _ = jax.lax.scan(body, ((x, a, m), cache), xs)
+        ((x, a, m), cache), seg_stats = jax.lax.scan(body, ((x, a, m), cache), xs)
         pending = (a, m)
       else:
         if pending is not None:
           x = x + pending[0] + pending[1]
           pending = None
-        (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
+        (x, cache), seg_stats = jax.lax.scan(body, (x, cache), xs)
+      stats.append(seg_stats)
     if pending is not None:
       x = x + pending[0] + pending[1]
-    return x, cache
+    if stats[0] is None:
+      return x, cache, None
+    return x, cache, jax.tree.map(lambda *s: jnp.concatenate(s), *stats)

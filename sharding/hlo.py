@@ -85,7 +85,9 @@ def parse(hlo: str) -> dict[str, list[Instruction]]:
 def collectives(hlo: str) -> list[Instruction]:
   """Every collective in the module (async starts counted once, dones skipped)."""
   out = []
-  for instrs in parse(hlo).values():
+  for name, instrs in parse(hlo).items():
+    if name == "ENTRY":  # the entry computation, also listed under its own name
+      continue
     for ins in instrs:
       kind = ins.opcode.removesuffix("-start")
       if kind in COLLECTIVES:

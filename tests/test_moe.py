@@ -2,6 +2,7 @@
 capacity drops by hand, expert parallelism against one device (with its HLO), and
 the config checks around them."""
 
+import importlib.util
 import re
 
 import jax
@@ -23,8 +24,13 @@ def _layer(dispatch, capacity_factor=1.0, rules=(), **moe):
   cfg = ModelConfig(d_model=D, d_ff=F, moe=MoEConfig(
       num_experts=E, top_k=K, capacity_factor=capacity_factor, dispatch=dispatch,
       **moe))
-  return moe_lib.MoE(cfg, constrain=sharding.LogicalConstraint(rules),
-                     rngs=nnx.Rngs(0))
+  return moe_lib.MoE(cfg, constrain=sharding.LogicalConstraint(rules), rngs=_rngs())
+
+
+def _rngs():
+  """Parameter draws from the counter-free RBG generator: threefry's init programs
+  take seconds to compile on CPU, these a fraction of one."""
+  return nnx.Rngs(params=jax.random.key(0, impl="unsafe_rbg"))
 
 
 def _reference(params, x, choices, keep):
@@ -142,8 +148,12 @@ EP_MESHES = {"expert4": dict(expert=4, data=2),
 
 
 def _mesh(**sizes):
+  return _mesh_on(jax.devices(), **sizes)
+
+
+def _mesh_on(devices, **sizes):
   return sharding.make_mesh({**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
-                             **sizes})
+                             **sizes}, devices)
 
 
 def _expert_weight_gathers(text: str) -> list[str]:
@@ -161,30 +171,50 @@ def _expert_weight_gathers(text: str) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_expert_parallel_equals_one_device(dispatch):
-  """expert=4 (x data=2) and expert=2 x tensor=2 (x fsdp=2): same output, aux loss
-  and gradients as one device; the compiled program moves tokens by all-to-all and
-  never all-gathers every expert's weights (FSDP gathers only local experts)."""
-  layer = _layer(dispatch, rules=sharding.normalize_rules(None), shared_expert=True)
-  state, f = _run(layer)
+MODEL = dict(vocab_size=64, d_model=D, num_heads=4, num_kv_heads=2, head_dim=8,
+             d_ff=F)
+BLOCK_CASES = {
+    # every layer MoE; capacity 1.0 drops pairs, identically on every mesh
+    "standard_capacity": dict(block="standard", num_layers=2, moe=MoEConfig(
+        num_experts=E, top_k=K, capacity_factor=1.0, dispatch="capacity")),
+    # units of (dense, MoE) layers; a shared expert beside the routed ones
+    "ladder_dropless": dict(block="ladder", num_layers=2, moe=MoEConfig(
+        num_experts=E, top_k=K, every_k_layers=2, shared_expert=True,
+        dispatch="dropless")),
+}
 
-  def loss(params, x):
-    y, stats = f(params, x)
-    return jnp.sum(jnp.sin(y)) + stats["aux_loss"] + stats["z_loss"]
 
-  x = jax.random.normal(jax.random.key(2), (8, 8, D))
-  grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  ref_loss, ref_grads = grad_fn(state, x)
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_expert_parallel_equals_one_device(case):
+  """expert=4 (x data=2) and expert=2 x tensor=2 (x fsdp=2) give the training loss
+  (NLL + MoE aux and z-losses) and gradients of one device. The compiled program
+  moves tokens by all-to-all and never all-gathers every expert's weights (FSDP
+  gathers only this device's experts)."""
+  from model import Decoder
+  from train.state import model_spec, param_shardings
+  from train.step import loss_fn
+  cfg = ModelConfig(**MODEL, **BLOCK_CASES[case])
+  spec = model_spec(cfg, sharding.normalize_rules(None))
+  one = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                           jax.devices()[:1])
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(
+      Decoder(cfg, rngs=_rngs()), nnx.Param)))()
+  tokens = np.random.default_rng(0).integers(0, 64, (8, 17)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)),
+           "segment_ids": np.ones((8, 16), np.int32)}
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(spec, 0.0)(p, b)[0]))
+  with jax.set_mesh(one):
+    ref_loss, ref_grads = grad_fn(params, batch)
   for name, sizes in EP_MESHES.items():
     mesh = _mesh(**sizes)
-    xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp", "expert"))))
+    sharded = jax.device_put(params, param_shardings(spec, mesh))
     with jax.set_mesh(mesh):
-      compiled = grad_fn.lower(state, xs).compile()
-      value, grads = compiled(state, xs)
-    np.testing.assert_allclose(value, ref_loss, rtol=1e-5, err_msg=name)
+      compiled = grad_fn.lower(sharded, batch).compile()
+      loss, grads = compiled(sharded, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=name)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=name)
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7, err_msg=name)
     text = compiled.as_text()
     ops = {c.opcode.removesuffix("-start") for c in hlo.collectives(text)}
     assert "all-to-all" in ops, (name, ops)
@@ -265,3 +295,62 @@ def test_hf_export_refuses_moe(tmp_path):
   with pytest.raises(ConfigError, match="mixture-of-experts model .4 experts. has no "
                      "LlamaForCausalLM equivalent"):
     hf.export_hf(str(tmp_path), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- TPU, deviceless
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install jax[tpu])")
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_moe_train_step_compiles_for_tpu(dispatch, tiny_config, monkeypatch):
+  """A full MoE train step (model, losses, optimizer) on expert=4 of a TPU v5e:2x2,
+  compiled by libtpu without a TPU: tokens still move by all-to-all."""
+  from jax.experimental import topologies
+  from model import ModelConfig as Cfg
+  from train.optimizer import make_optimizer, schedule
+  from train.state import abstract_state, model_spec, state_shardings
+  from train.step import batch_sharding, make_train_step
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  c = tiny_config
+  c.model.moe.update(num_experts=8, dispatch=dispatch)
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  mesh = _mesh_on(devices, expert=4)
+  rules = sharding.normalize_rules(None)
+  spec = model_spec(Cfg.from_config(c.model), rules)
+  tx = make_optimizer(c.optim, c.train.steps)
+  # Shardings derived on a CPU mesh of the same shape, then moved to the TPU one
+  # (optax's init cannot run on deviceless TPU devices).
+  cpu_mesh = _mesh_on(jax.devices()[:4], expert=4)
+  to_tpu = lambda tree: jax.tree.map(  # noqa: E731
+      lambda x: x.update(sharding=NamedSharding(mesh, x.sharding.spec))
+      if isinstance(x, jax.ShapeDtypeStruct) else NamedSharding(mesh, x.spec), tree)
+  data = batch_sharding(mesh, rules, c.train.batch_size, c.data.seq_len)
+  step = make_train_step(spec, tx, schedule(c.optim, c.train.steps), c.train,
+                         to_tpu(state_shardings(spec, tx, cpu_mesh)), data)
+  batch = {name: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len),
+                                      jnp.int32, sharding=data)
+           for name in ("inputs", "targets", "positions", "segment_ids")}
+  with jax.set_mesh(mesh):
+    text = step.lower(to_tpu(abstract_state(spec, tx, cpu_mesh)), batch).compile().as_text()
+  ops = {c.opcode.removesuffix("-start") for c in hlo.collectives(text)}
+  assert "all-to-all" in ops, ops
+
+
+def test_training_lowers_loss_and_logs_moe_metrics(tiny_config, tmp_path):
+  """A few steps of an MoE model through the training loop: the loss falls, and
+  every logged row carries the MoE metrics (loads, drops, aux loss)."""
+  import train
+  from train.metrics import MOE_KEYS, read_metrics
+  c = tiny_config
+  c.model.moe.update(num_experts=4, top_k=2, every_k_layers=2)
+  c.train.steps = 12
+  c.optim.learning_rate = 1e-2
+  rows = train.train(c, str(tmp_path), devices=jax.devices()[:1], progress=False)
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < losses[0] - 0.1, losses
+  logged = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+  assert all(set(MOE_KEYS) <= set(r) for r in logged)
+  # top-2 of 4 experts: an expert holds at most every token, twice the mean load
+  assert all(1.0 <= r["moe_max_load"] <= 2.0 for r in logged)
+  assert all(0.0 <= r["moe_dropped_fraction"] < 1.0 for r in logged)
+  assert all(r["moe_aux_loss"] > 0 for r in logged)

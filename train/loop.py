@@ -21,7 +21,7 @@ from model import ModelConfig
 from train import flops as flops_lib
 from train.checkpoint import Checkpointer, load_init_params
 from train.data import make_data
-from train.metrics import MetricsWriter
+from train.metrics import MOE_KEYS, MetricsWriter
 from train.optimizer import make_optimizer, schedule
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          state_shardings)
@@ -148,6 +148,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
                "tokens_per_sec": tokens_per_step / elapsed,
                "tflops_per_device": flops_per_sec / len(devices) / 1e12,
                "mfu": flops_per_sec / peak if math.isfinite(peak) else float("nan")}
+        row.update({k: float(v) for k, v in metrics.items() if k in MOE_KEYS})
         writer.write(row)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",

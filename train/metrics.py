@@ -9,6 +9,10 @@ from typing import Any
 # The keys of every logged training row in metrics.jsonl (eval rows add eval_loss).
 TRAIN_KEYS = ("step", "loss", "grad_norm", "learning_rate", "step_time_s",
               "tokens_per_sec", "tflops_per_device", "mfu")
+# Added to the rows of an MoE model (model/moe.py `aggregate`): the mean
+# load-balancing and router z-losses over MoE layers, the worst layer's busiest
+# expert load over the mean load, and the fraction of (token, choice) pairs dropped.
+MOE_KEYS = ("moe_aux_loss", "moe_z_loss", "moe_max_load", "moe_dropped_fraction")
 
 
 class MetricsWriter:

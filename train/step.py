@@ -33,13 +33,32 @@ def cross_entropy(logits: jax.Array, targets: jax.Array):
   return jnp.mean(lse - target_logit), jnp.mean(lse ** 2)
 
 
-def loss_fn(spec: ModelSpec, z_loss: float):
+def loss_and_metrics(spec: ModelSpec, z_loss: float):
+  """(params, batch) -> (loss, (nll, aux)). The loss adds the z-loss and, for an
+  MoE model, its load-balancing and router z-losses (averaged over MoE layers,
+  weighted by model.moe); aux holds the MoE metrics ({} for a dense model)."""
+  moe = spec.cfg.moe
+
   def f(params, batch: Batch):
-    logits = spec.model(params)(batch["inputs"], batch["positions"],
-                                batch["segment_ids"])
+    logits, aux = spec.model(params)(batch["inputs"], batch["positions"],
+                                     batch["segment_ids"], return_aux=True)
     nll, lse2 = cross_entropy(logits, batch["targets"])
-    return nll + z_loss * lse2, nll
+    loss = nll + z_loss * lse2
+    if aux:
+      loss += (moe.aux_loss_weight * aux["moe_aux_loss"]
+               + moe.z_loss_weight * aux["moe_z_loss"])
+    return loss, (nll, aux)
   return f
+
+
+def loss_fn(spec: ModelSpec, z_loss: float):
+  """(params, batch) -> (loss, mean next-token NLL)."""
+  f = loss_and_metrics(spec, z_loss)
+
+  def g(params, batch: Batch):
+    loss, (nll, _) = f(params, batch)
+    return loss, nll
+  return g
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -55,24 +74,27 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Jitted (state, batch) -> (state, metrics), donating state. Call it (or lower
   it) under jax.set_mesh so activation constraints see the mesh."""
-  grad_fn = jax.value_and_grad(loss_fn(spec, train_cfg.z_loss), has_aux=True)
+  grad_fn = jax.value_and_grad(loss_and_metrics(spec, train_cfg.z_loss),
+                               has_aux=True)
   accum = train_cfg.grad_accum_steps
 
   def step(state: TrainState, batch: Batch):
     if accum == 1:
-      (_, nll), grads = grad_fn(state.params, batch)
-    else:
+      (_, (nll, aux)), grads = grad_fn(state.params, batch)
+    else:  # MoE metrics too are means over micro-batches
       def micro(carry, mb):
-        (_, nll), g = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, carry, (nll, g)), None
-      zeros = (jnp.zeros((), jnp.float32),
-               jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-      (nll, grads), _ = jax.lax.scan(micro, zeros, _microbatches(batch, accum))
-      nll, grads = jax.tree.map(lambda x: x / accum, (nll, grads))
+        (_, out), g = grad_fn(state.params, mb)
+        return jax.tree.map(jnp.add, carry, (out, g)), None
+      shapes = jax.eval_shape(grad_fn, state.params,
+                              jax.tree.map(lambda x: x[0], _microbatches(batch, accum)))
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                           (shapes[0][1], shapes[1]))
+      ((nll, aux), grads), _ = jax.lax.scan(micro, zeros, _microbatches(batch, accum))
+      nll, aux, grads = jax.tree.map(lambda x: x / accum, (nll, aux, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": nll, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": lr_schedule(state.step)}
+               "learning_rate": lr_schedule(state.step), **aux}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(step, in_shardings=(state_sharding, data_sharding),
