@@ -22,9 +22,12 @@ from kernels.block import BlockSizes
 
 # Implementations that exist in this build; config validation checks against it.
 IMPLS = ("reference", "flash", "ring", "ulysses", "auto")
-# On CPU the blockwise flash loops beat the reference from about this length
-# (benchmarks/attention.py); shorter sequences are cheaper as one fused XLA op.
-CPU_FLASH_MIN_LENGTH = 1024
+# On CPU the blockwise flash loops beat the reference for training from about this
+# length: a whole llama_tiny train step (length 256) took 1.8 CPU-seconds with flash
+# against 2.2-2.6 with the reference, and the 21M model's (length 512) 3.1 against
+# 4.1 (benchmarks/README.md, training throughput). Shorter sequences (prompts,
+# decode) are cheaper as one fused XLA op.
+CPU_FLASH_MIN_LENGTH = 256
 
 zigzag_permute = zigzag.permute
 zigzag_unpermute = zigzag.unpermute

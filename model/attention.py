@@ -8,6 +8,7 @@ from flax import nnx
 
 import kernels
 from kernels import cached
+from model.linear import dense
 from model.params import param
 from model.rotary import apply_rotary
 
@@ -34,9 +35,9 @@ class Attention(nnx.Module):
   def project_qkv(self, x: jax.Array, positions: jax.Array):
     """x: [batch, length, embed] -> q [b, l, heads, hd], k and v [b, l, kv_heads, hd]."""
     dt = self.dtype
-    q = jnp.einsum("ble,ehd->blhd", x, self.q[...].astype(dt))
-    k = jnp.einsum("ble,ehd->blhd", x, self.k[...].astype(dt))
-    v = jnp.einsum("ble,ehd->blhd", x, self.v[...].astype(dt))
+    q = dense(x, self.q[...].astype(dt))  # [batch, length, heads, head_dim]
+    k = dense(x, self.k[...].astype(dt))  # [batch, length, kv_heads, head_dim]
+    v = dense(x, self.v[...].astype(dt))
     q = self.constrain(q, ("batch", "length", "act_heads", None))
     k = self.constrain(k, ("batch", "length", "act_kv_heads", None))
     v = self.constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -46,7 +47,7 @@ class Attention(nnx.Module):
 
   def project_out(self, o: jax.Array) -> jax.Array:
     """o: [batch, length, heads, head_dim] -> [batch, length, embed] (row-parallel)."""
-    return jnp.einsum("blhd,hde->ble", o, self.o[...].astype(self.dtype))
+    return dense(o, self.o[...].astype(self.dtype), contract=2)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None, cache=None, prefill: bool = False):

@@ -11,6 +11,7 @@ from flax import nnx
 from model import blocks, moe
 from model.config import ModelConfig
 from model.embedding import Embed
+from model.linear import dense
 from model.norms import RMSNorm
 from model.params import param
 from sharding import LogicalConstraint
@@ -81,7 +82,7 @@ class Decoder(nnx.Module):
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
-      logits = x @ self.head[...].astype(self.cfg.dtype)
+      logits = dense(x, self.head[...].astype(self.cfg.dtype))
     logits = self.constrain(logits, ("batch", "length", "act_vocab"))
     out = (logits,) if cache is None else (logits, cache)
     if return_aux:

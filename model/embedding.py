@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.linear import dense
 from model.params import param
 
 
@@ -23,4 +24,4 @@ class Embed(nnx.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied LM head. x: [batch, length, embed] -> [batch, length, vocab]."""
-    return jnp.einsum("ble,ve->blv", x, self.table[...].astype(self.dtype))
+    return dense(x, self.table[...].T.astype(self.dtype))

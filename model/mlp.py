@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from model.linear import dense
 from model.params import param
 
 
@@ -31,9 +32,9 @@ class MLP(nnx.Module):
     before the combiner runs.
     """
     dt = self.dtype
-    g = x @ self.gate[...].astype(dt)  # [batch, length, mlp]
-    u = x @ self.up[...].astype(dt)
+    g = dense(x, self.gate[...].astype(dt))  # [batch, length, mlp]
+    u = dense(x, self.up[...].astype(dt))
     h = self.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
     if after is not None:
       h = h + 0.0 * after[..., :1].astype(h.dtype)
-    return h @ self.down[...].astype(dt)  # row-parallel: all-reduce over tensor
+    return dense(h, self.down[...].astype(dt))  # row-parallel: all-reduce over tensor
