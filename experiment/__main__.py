@@ -7,10 +7,15 @@
   python -m experiment inspect --workdir=runs/tiny
   python -m experiment generate --workdir=runs/tiny --prompt="def main(" \
       [--max_new_tokens=200 --temperature=0.8 --top_p=0.95 --config.mesh.tensor=2]
+  python -m experiment compile --config=experiments/llama_1b.py --topology=v5p:2x2x2 \
+      [--what=train|decode --output_json=F --dump_hlo=DIR --config.mesh.tensor=4]
+  python -m experiment plan --config=experiments/llama_1b.py --topology=v5e:2x4 \
+      [--max_plans=12 --plan_sequence --output_json=F]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -24,9 +29,14 @@ COMMANDS = {
     "export-hf": "a run's parameters (--workdir, --step) -> HF safetensors in --out",
     "inspect": "list a run's checkpoints, metrics and parameter shardings",
     "generate": "continue --prompt with a run's latest checkpoint, streaming text",
+    "compile": "compile --config's step for a TPU --topology (no TPU needed): "
+               "memory, fit, FLOPs, collectives, time",
+    "plan": "compile every mesh and remat plan for --topology; rank them",
 }
 # Commands that need --config (import-hf defaults to experiments/base.py).
-_NEEDS_CONFIG = ("train",)
+_NEEDS_CONFIG = ("train", "compile", "plan")
+# Commands that only ask the TPU compiler: no --workdir, no multi-process join.
+_COMPILER_COMMANDS = ("compile", "plan")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file; `path.py:arg` passes arg to get_config.",
@@ -50,6 +60,19 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeliest.")
 _TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile, plan: TPU generation and "
+                                "slice shape, e.g. v5p:2x2x2, v5e:2x4, v4:2x2x2, v6e:2x4.")
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"], "compile: the train "
+                          "step, or one KV-cache decode step (train.batch_size "
+                          "sequences, a cache of data.seq_len positions).")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "compile, plan: also write "
+                                   "the report as JSON here.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "compile: write the lowered and "
+                                "compiled programs into this directory.")
+_MAX_PLANS = flags.DEFINE_integer("max_plans", None, "plan: compile at most this "
+                                  "many plans.")
+_PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "plan: also try "
+                                   "mesh.sequence > 1.")
 
 
 def _usage() -> str:
@@ -122,6 +145,9 @@ def main(argv: list[str]) -> None:
     if command in _NEEDS_CONFIG and _CONFIG.value is None:
       raise ConfigError("--config", "no experiment config was given.",
                         "pass --config=experiments/llama_tiny.py.")
+    if command in _COMPILER_COMMANDS:
+      _ask_compiler(command, _require(_TOPOLOGY, _TOPOLOGY.value, "v5p:2x2x2"))
+      return
     workdir = _require(_WORKDIR, _WORKDIR.value, "runs/NAME")
     import sharding
     if sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -154,6 +180,28 @@ def main(argv: list[str]) -> None:
       raise
     sys.stderr.write(f"\n{err}\n")
     sys.exit(1)
+
+
+def _ask_compiler(command: str, topology: str) -> None:
+  """compile / plan: deviceless TPU compiles, printed and optionally saved as JSON."""
+  import json
+  import jax
+  if "JAX_PLATFORMS" not in os.environ:  # the host's own accelerators are not used
+    jax.config.update("jax_platforms", "cpu")
+  if command == "compile":
+    from train import compile as aot
+    report = aot.compile_step(_CONFIG.value, topology, _WHAT.value, _DUMP_HLO.value)
+    print(report.table())
+    result = report.to_json()
+  else:
+    from train import plan
+    plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
+                      max_plans=_MAX_PLANS.value)
+    print(plan.table(plans))
+    result = [p.to_json() for p in plans]
+  if _OUTPUT_JSON.value:
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

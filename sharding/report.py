@@ -19,14 +19,16 @@ def sharding_table(tree: Any, shardings: Any) -> str:
     local = int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
     total, per_dev = total + nbytes, per_dev + local
     rows.append((name, "x".join(map(str, x.shape)), str(np.dtype(x.dtype)),
-                 str(tuple(s.spec)), _size(local)))
-  rows.append(("total", "", "", "", f"{_size(per_dev)} of {_size(total)}"))
+                 str(tuple(s.spec)), format_bytes(local)))
+  rows.append(("total", "", "", "",
+               f"{format_bytes(per_dev)} of {format_bytes(total)}"))
   widths = [max(len(r[i]) for r in rows) for i in range(5)]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
                    for r in rows)
 
 
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
+  """1536 -> '1.5 KiB'."""
   for unit in ("B", "KiB", "MiB", "GiB"):
     if n < 1024:
       return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

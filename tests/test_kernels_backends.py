@@ -88,16 +88,10 @@ def test_train_step_with_ring_compiles_for_tpu(v5e_devices, tiny_config):
   rules = sharding.normalize_rules(None)
   spec = model_spec(ModelConfig.from_config(c.model), rules)
   tx = make_optimizer(c.optim, c.train.steps)
-  # state_shardings runs optax's init eagerly, which cannot execute on deviceless TPU
-  # devices: derive the shardings on a CPU mesh of the same shape, then move them.
-  cpu_mesh = _mesh(jax.devices()[:4], sequence=4)
-  to_tpu = lambda tree: jax.tree.map(  # noqa: E731
-      lambda x: x.update(sharding=NamedSharding(mesh, x.sharding.spec))
-      if isinstance(x, jax.ShapeDtypeStruct) else NamedSharding(mesh, x.spec), tree)
-  state = to_tpu(abstract_state(spec, tx, cpu_mesh))
+  state = abstract_state(spec, tx, mesh)
   data = batch_sharding(mesh, rules, c.train.batch_size, c.data.seq_len)
   step = make_train_step(spec, tx, schedule(c.optim, c.train.steps), c.train,
-                         to_tpu(state_shardings(spec, tx, cpu_mesh)), data)
+                         state_shardings(spec, tx, mesh), data)
   batch = {name: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), jnp.int32,
                                       sharding=data)
            for name in ("inputs", "targets", "positions", "segment_ids")}

@@ -38,6 +38,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> floa
   return 6 * matmul_params(cfg) + attention * (0.5 if causal else 1.0)
 
 
+def decode_flops_per_token(cfg: ModelConfig, cache_len: int) -> float:
+  """Forward FLOPs of one new token attending over a cache of `cache_len`
+  positions: 2N + 4·L·H·Q·T (scores and weighted values over the whole cache)."""
+  return (2 * matmul_params(cfg)
+          + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cache_len)
+
+
 @functools.cache
 def measured_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
   """FLOP/s of a large matmul on the first device: the CPU's practical peak."""

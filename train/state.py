@@ -53,11 +53,19 @@ def param_shardings(spec: ModelSpec, mesh: Mesh):
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
                     mesh: Mesh) -> TrainState:
-  """NamedShardings for every leaf: optimizer moments follow their parameter."""
+  """NamedShardings for every leaf: optimizer moments follow their parameter.
+
+  Nothing here executes: `optax.tree_map_params` finds the parameter-shaped parts
+  of the state by calling its init on a placeholder, and an eager init would place
+  its step counters on the default device -- inside `jax.set_mesh` on a deviceless
+  TPU topology, a device that cannot run anything. Tracing the init abstractly
+  makes this work on any mesh, with or without devices.
+  """
   params = param_shardings(spec, mesh)
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+  init = lambda placeholder: jax.eval_shape(tx.init, placeholder)  # noqa: E731
+  opt = optax.tree_map_params(init, lambda _, s: s, abstract_opt, params,
                               transform_non_params=lambda _: replicated,
                               is_leaf=lambda x: isinstance(x, NamedSharding))
   return TrainState(step=replicated, params=params, opt_state=opt)

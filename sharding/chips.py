@@ -1,0 +1,79 @@
+"""Accelerator facts: one row per TPU generation, the only place they are written.
+
+`compile` and `plan` compare a compiled step against these: per-device memory
+against `hbm_bytes`, FLOPs against `peak_flops`, and the roofline step time of
+`train/compile.py` from FLOPs, HBM bytes and collective bytes over the three rates.
+
+Sources (Google Cloud TPU documentation, read 2026-11-22; each page's "System
+architecture" table):
+- v4:  https://cloud.google.com/tpu/docs/v4 -- 275 TFLOP/s bf16, 32 GiB HBM2 at
+       1200 GB/s. The page gives no per-chip ICI figure; 6 links (the 3D torus on
+       the same page) x 400 Gb/s each way per link, as reported from the TPU v4 paper
+       (ISCA 2023) at https://glennklockwood.com/garden/processors/TPUv4, is
+       2 x 300 GB/s = 600 GB/s bidirectional.
+- v5e: https://docs.cloud.google.com/tpu/docs/v5e -- 197 TFLOP/s bf16, 16 GB HBM2
+       at 819 GB/s, bidirectional ICI 400 GB/s per chip (1600 Gb/s each way).
+- v5p: https://docs.cloud.google.com/tpu/docs/v5p -- 459 TFLOP/s bf16, 95 GiB HBM
+       at 2765 GB/s (2575 GiB/s), bidirectional ICI 1200 GB/s per chip (4800 Gb/s).
+- v6e (Trillium): https://docs.cloud.google.com/tpu/docs/v6e -- 918 TFLOP/s bf16,
+       32 GB HBM at 1600 GB/s, bidirectional ICI 800 GB/s per chip (3200 Gb/s).
+
+HBM capacities are binary (the v5e and v6e pages write "16 GB" and "32 GB"): the
+TPU compiler (libtpu 0.0.42.1, deviceless) refuses programs above 15.75 GiB on
+v5e, 31.25 GiB on v6e, 95.74 GiB on v5p and 15.25 GiB per TensorCore on v4 -- the
+usable part of 16, 32, 96 and 2 x 16 GiB.
+
+A v4 topology lists each of a chip's two TensorCores as a device (v5p's two act as
+one); `per_device` divides a chip's figures among its devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sharding.errors import ConfigError
+
+GB, GiB = 10 ** 9, 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_bytes: int           # HBM capacity per chip
+  peak_flops: float        # dense bf16 FLOP/s per chip
+  hbm_bandwidth: float     # bytes/s per chip
+  ici_bandwidth: float     # bytes/s per chip, both directions of all links together
+  source: str
+
+  def per_device(self, devices_per_chip: int) -> "Chip":
+    """The share of one device when a chip shows up as several."""
+    if devices_per_chip == 1:
+      return self
+    n = devices_per_chip
+    return dataclasses.replace(
+        self, name=f"{self.name} (1/{n} chip)", hbm_bytes=self.hbm_bytes // n,
+        peak_flops=self.peak_flops / n, hbm_bandwidth=self.hbm_bandwidth / n,
+        ici_bandwidth=self.ici_bandwidth / n)
+
+
+CHIPS: dict[str, Chip] = {c.name: c for c in (
+    Chip("v4", 32 * GiB, 275e12, 1200 * GB, 600 * GB,
+         "https://cloud.google.com/tpu/docs/v4"),
+    Chip("v5e", 16 * GiB, 197e12, 819 * GB, 400 * GB,
+         "https://docs.cloud.google.com/tpu/docs/v5e"),
+    Chip("v5p", 95 * GiB, 459e12, 2765 * GB, 1200 * GB,
+         "https://docs.cloud.google.com/tpu/docs/v5p"),
+    Chip("v6e", 32 * GiB, 918e12, 1600 * GB, 800 * GB,
+         "https://docs.cloud.google.com/tpu/docs/v6e"),
+)}
+
+
+def chip_for_topology(topology: str) -> Chip:
+  """'v5p:2x2x2' -> the v5p row; ConfigError naming the known chips otherwise."""
+  name = topology.split(":", 1)[0].strip().lower()
+  if ":" not in topology or name not in CHIPS:
+    raise ConfigError(
+        "--topology", f"{topology!r} is not a TPU topology rung knows.",
+        f"write CHIP:SHAPE with CHIP one of {', '.join(CHIPS)}, e.g. "
+        "--topology=v5p:2x2x2 or --topology=v5e:2x4.")
+  return CHIPS[name]

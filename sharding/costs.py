@@ -1,0 +1,400 @@
+"""What one execution of a compiled program costs a device: FLOPs, HBM bytes and
+collectives (with the mesh axes they run over), read from the compiled HLO text.
+
+XLA's own `compiled.cost_analysis()` adds up every computation once, so the body of
+a while loop counts once whatever its trip count: for rung's scanned layers the
+TPU compiler reports the same FLOPs for 1, 2 or 4 layers. Here every computation is
+weighted by how often it runs, with trip counts read from the loop conditions
+(`counter < N`, the counter's start and step followed through copies).
+
+- FLOPs: 2 x multiply-adds of every dot and convolution (TPU lowers matmuls to
+  convolutions; valid window positions are counted as XLA's cost analysis does),
+  plus `cost_estimate` FLOPs of custom kernels that carry one. Kernels without an
+  estimate (rung's Pallas kernels) are counted in `uncounted_kernels`.
+- HBM bytes: operands read and results written by every instruction that is not
+  fused into another; slices of an operand count as the slice, and in-place
+  updates (dynamic-update-slice, scatter) as the update. An estimate of traffic,
+  not a measurement.
+- Collectives: result bytes per device and the bytes each device receives over
+  the interconnect with ring algorithms (all-reduce 2(n-1)/n, all-gather and
+  all-to-all (n-1)/n of the result, reduce-scatter (n-1) x the result,
+  collective-permute the whole result).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+
+from sharding import hlo
+
+# Instructions that move no HBM data of their own (views, control flow, tokens) or
+# whose data is accounted elsewhere (collectives, in `Costs.collectives`).
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
+               "while", "conditional", "call", "after-all", "partition-id",
+               "replica-id", "opt-barrier", "add-dependency", "async-start",
+               "async-update", "async-done", "copy-start", "copy-done",
+               "send", "send-done", "recv", "recv-done"}
+_SLICES = ("dynamic-slice", "slice", "gather")
+# Ops that update their first operand in place: the operand carrying the new data.
+_IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}
+# Custom calls that are compute kernels (Pallas: Mosaic on TPU, Triton on GPU); the
+# other custom calls in TPU programs (AllocateBuffer, ...) are bookkeeping.
+_KERNELS = ("tpu_custom_call", "__gpu$xla.gpu.triton")
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str                 # all-reduce, all-gather, ...
+  axes: tuple[str, ...]     # mesh axes its groups span (() for an unknown mesh)
+  group_size: int
+  count: float              # executions per step
+  bytes: float              # result bytes per device, summed over executions
+  received_bytes: float     # bytes each device receives, summed over executions
+
+
+@dataclasses.dataclass
+class Costs:
+  flops: float                  # per device, per execution of the program
+  hbm_bytes: float              # per device (estimate, see module docstring)
+  collectives: list[Collective]
+  uncounted_kernels: int        # custom calls without a cost estimate
+  unknown_trip_counts: int      # loops counted once because no count was found
+
+  def by_kind(self) -> list[Collective]:
+    """Collectives merged by (kind, axes), largest received bytes first."""
+    merged: dict[tuple, Collective] = {}
+    for c in self.collectives:
+      key = (c.kind, c.axes)
+      if key not in merged:
+        merged[key] = dataclasses.replace(c, count=0.0, bytes=0.0,
+                                          received_bytes=0.0)
+      m = merged[key]
+      m.count += c.count
+      m.bytes += c.bytes
+      m.received_bytes += c.received_bytes
+      m.group_size = max(m.group_size, c.group_size)
+    return sorted(merged.values(), key=lambda c: -c.received_bytes)
+
+
+def analyze(hlo_text: str, mesh_axes: Sequence[str] = (),
+            mesh_shape: Sequence[int] = ()) -> Costs:
+  """Costs of the compiled module. With the mesh's axis names and shape (the
+  devices of the compile in mesh order), collectives name the axes they span."""
+  comps = hlo.parse(hlo_text)
+  names = {n for n, instrs in comps.items() if n != "ENTRY"}
+  entry = next(n for n in names if comps[n] is comps["ENTRY"])
+  instrs = {i.name: i for n in names for i in comps[n]}
+  counts, roles, unknown = _execution_counts(comps, entry, instrs)
+
+  flops, traffic, kernels, colls = 0.0, 0.0, 0, []
+  for name, times in counts.items():
+    for ins in comps[name]:
+      if ins.opcode in ("convolution", "dot"):
+        flops += times * _matmul_flops(ins, instrs)
+      elif _is_kernel(ins):
+        estimate = _cost_estimate(ins)
+        if estimate is None:
+          kernels += 1
+        else:
+          flops += times * float(estimate.get("flops", 0))
+      if roles[name] != "control":
+        continue
+      kind = ins.opcode.removesuffix("-start")
+      if kind in hlo.COLLECTIVES:
+        colls.append(_collective(ins, kind, times, mesh_axes, mesh_shape))
+      elif not (ins.opcode in _NO_TRAFFIC or ins.opcode.endswith("-done")
+                or ins.opcode == "custom-call" and not _is_kernel(ins)):
+        traffic += times * _traffic(ins, instrs, comps)
+  return Costs(flops, traffic, colls, kernels, unknown)
+
+
+# --- how often each computation runs -------------------------------------------
+
+def _execution_counts(comps, entry: str, instrs):
+  """{computation: executions per run of the entry}, {computation: role}, and the
+  number of loops whose trip count was not found. Roles: 'control' (entry, loop
+  bodies, branches, calls: their instructions touch HBM), 'fused' (inside a
+  fusion) or 'scalar' (reducers applied element by element)."""
+  counts: dict[str, float] = collections.defaultdict(float)
+  roles: dict[str, str] = {}
+  unknown = 0
+
+  def visit(name: str, times: float, role: str) -> None:
+    nonlocal unknown
+    counts[name] += times
+    roles.setdefault(name, role)
+    for ins in comps.get(name, []):
+      if ins.opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", ins.text).group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", ins.text).group(1)
+        trips = _trip_count(ins, comps[cond], comps[body], instrs)
+        if trips is None:
+          unknown, trips = unknown + 1, 1
+        visit(body, times * trips, "control")
+        visit(cond, times * (trips + 1), "control")
+        continue
+      inner = "fused" if ins.opcode == "fusion" or role == "fused" else "control"
+      applied = set(re.findall(r"to_apply=%?([\w.\-]+)", ins.text))
+      for called in ins.called:
+        visit(called, times, "scalar" if called in applied else inner)
+
+  visit(entry, 1.0, "control")
+  return counts, roles, unknown
+
+
+def _root(instrs_of_comp):
+  return next(i for i in instrs_of_comp if i.text.lstrip().startswith("ROOT"))
+
+
+def _constant(name: str, instrs) -> int | None:
+  """The integer a value holds, following copies and bitcasts to a constant."""
+  ins = instrs.get(name)
+  while ins is not None and ins.opcode in ("copy", "bitcast", "convert"):
+    ins = instrs.get(ins.operands[0])
+  if ins is None or ins.opcode != "constant":
+    return None
+  m = re.search(r"constant\((-?\d+)\)", ins.text)
+  return int(m.group(1)) if m else None
+
+
+def _trip_count(loop, cond, body, instrs) -> int | None:
+  """Trip count of `while (counter <cmp> limit)` with counter += step in the body,
+  or None when the loop has another form."""
+  root = _root(cond)
+  direction = re.search(r"direction=(\w+)", root.text)
+  if root.opcode != "compare" or not direction or len(root.operands) != 2:
+    return None
+  counter, limit = (instrs.get(o) for o in root.operands)
+  op = direction.group(1)
+  if counter is not None and counter.opcode != "get-tuple-element":
+    counter, limit = limit, counter
+    op = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}.get(op, op)
+  init = instrs.get(loop.operands[0]) if loop.operands else None
+  body_root = _root(body)
+  if (counter is None or counter.opcode != "get-tuple-element" or limit is None
+      or init is None or init.opcode != "tuple" or body_root.opcode != "tuple"):
+    return None
+  index = int(re.search(r"index=(\d+)", counter.text).group(1))
+  limit, start = _constant(limit.name, instrs), _constant(init.operands[index], instrs)
+  update = instrs.get(body_root.operands[index])
+  step = None
+  if update is not None and update.opcode in ("add", "subtract"):
+    known = [c for c in (_constant(o, instrs) for o in update.operands) if c is not None]
+    if len(known) == 1:
+      step = known[0] if update.opcode == "add" else -known[0]
+  if limit is None or start is None or not step:
+    return None
+  span = {"LT": limit - start, "LE": limit - start + 1,
+          "GT": start - limit, "GE": start - limit + 1}.get(op)
+  return None if span is None else max(0, math.ceil(span / abs(step)))
+
+
+# --- FLOPs ---------------------------------------------------------------------
+
+def _dims(shape: str) -> list[int]:
+  m = re.match(r"\s*\w+\[([\d,]*)\]", shape)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _matmul_flops(ins, instrs) -> float:
+  out = _dims(ins.shape)
+  lhs, rhs = (instrs[o] if o in instrs else None for o in ins.operands[:2])
+  if lhs is None or rhs is None:
+    return 0.0
+  if ins.opcode == "dot":
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.text)
+    contracted = [_dims(lhs.shape)[int(d)] for d in m.group(1).split(",") if d] if m else []
+    return 2.0 * math.prod(out) * math.prod(contracted)
+  return 2.0 * _conv_fmas(ins, _dims(lhs.shape), _dims(rhs.shape), out)
+
+
+def _conv_fmas(ins, lhs: list[int], rhs: list[int], out: list[int]) -> float:
+  """Multiply-adds of a convolution, counting only kernel taps that land inside
+  the (padded, dilated) input, as XLA's HloCostAnalysis does."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.text)
+  if not labels:
+    return 0.0
+  lhs_l, rhs_l, out_l = labels.groups()
+  window = re.search(r"window=\{([^}]*)\}", ins.text)
+  fields = dict(re.findall(r"(\w+)=([\w\-x]+)", window.group(1))) if window else {}
+
+  def per_dim(key, default):
+    values = fields.get(key)
+    return [default] * 8 if values is None else values.split("x")
+
+  pads = [p.split("_") for p in per_dim("pad", "0_0")]
+  strides = [int(s) for s in per_dim("stride", "1")]
+  base = [int(s) for s in per_dim("lhs_dilate", "1")]
+  dilation = [int(s) for s in per_dim("rhs_dilate", "1")]
+  groups = re.search(r"feature_group_count=(\d+)", ins.text)
+  batch_groups = re.search(r"batch_group_count=(\d+)", ins.text)
+  fmas = (lhs[lhs_l.index("f")] / (int(groups.group(1)) if groups else 1)
+          * out[out_l.index("f")]
+          * lhs[lhs_l.index("b")] / (int(batch_groups.group(1)) if batch_groups else 1))
+  for d in range(sum(c.isdigit() for c in lhs_l)):
+    fmas *= _valid_taps(lhs[lhs_l.index(str(d))], rhs[rhs_l.index(str(d))],
+                        out[out_l.index(str(d))], strides[d], int(pads[d][0]),
+                        base[d], dilation[d])
+  return fmas
+
+
+def _valid_taps(size_in: int, size_k: int, size_out: int, stride: int, pad_low: int,
+                base: int, dilation: int) -> int:
+  """(output, kernel) position pairs of one spatial dimension that read an input
+  element: position o*stride - pad_low + k*dilation, on the base-dilated grid."""
+  k = np.arange(size_k, dtype=np.int64)
+  if base == 1:  # count the outputs o in range for each tap k, without an O x K grid
+    lo = np.maximum(0, -((k * dilation - pad_low) // stride))
+    hi = np.minimum(size_out - 1, (size_in - 1 + pad_low - k * dilation) // stride)
+    return int(np.maximum(0, hi - lo + 1).sum())
+  pos = (np.arange(size_out, dtype=np.int64)[:, None] * stride - pad_low
+         + k[None, :] * dilation)
+  return int(((pos % base == 0) & (pos >= 0) & (pos < size_in * base)).sum())
+
+
+def _is_kernel(ins) -> bool:
+  target = re.search(r'custom_call_target="([^"]+)"', ins.text)
+  return ins.opcode == "custom-call" and bool(target) and target.group(1) in _KERNELS
+
+
+def _cost_estimate(ins) -> dict | None:
+  m = re.search(r'"cost_estimate":(\{[^}]*\})', ins.text)
+  return json.loads(m.group(1)) if m else None
+
+
+# --- HBM traffic ---------------------------------------------------------------
+
+def _traffic(ins, instrs, comps) -> float:
+  """Bytes an unfused instruction reads and writes."""
+  if ins.opcode in _SLICES:
+    return 2.0 * ins.bytes
+  if ins.opcode in _IN_PLACE:
+    return 2.0 * instrs[ins.operands[_IN_PLACE[ins.opcode]]].bytes
+  if ins.opcode == "custom-call":
+    estimate = _cost_estimate(ins)
+    if estimate and "bytes_accessed" in estimate:
+      return float(estimate["bytes_accessed"])
+  fused = comps.get(ins.called[0]) if ins.opcode == "fusion" and ins.called else None
+  if fused is None:
+    return ins.bytes + sum(instrs[o].bytes for o in ins.operands if o in instrs)
+  local = {i.name: i for i in fused}
+  params = {int(re.search(r"parameter\((\d+)\)", i.text).group(1)): i
+            for i in fused if i.opcode == "parameter"}
+  users = collections.defaultdict(list)
+  for i in fused:
+    for o in i.operands:
+      users[o].append(i)
+  read = 0.0
+  for k, operand in enumerate(ins.operands):
+    name = params[k].name if k in params else None
+    uses = users.get(name, [])
+    # A parameter only sliced, or only updated in place, is read in part.
+    if uses and all(u.operands[0] == name and (u.opcode in _SLICES
+                                               or u.opcode in _IN_PLACE) for u in uses):
+      read += sum(u.bytes for u in uses if u.opcode in _SLICES)
+    elif operand in instrs:
+      read += instrs[operand].bytes
+  root = _root(fused)
+  outputs = ([local[o] for o in root.operands] if root.opcode == "tuple" else [root])
+  written = sum(local[o.operands[_IN_PLACE[o.opcode]]].bytes if o.opcode in _IN_PLACE
+                else o.bytes for o in outputs)
+  return read + written
+
+
+# --- collectives ---------------------------------------------------------------
+
+def _tuple_elements(shape: str) -> list[str]:
+  """'(bf16[2]{0}, u32[])' -> ['bf16[2]{0}', 'u32[]']; an array shape -> [shape]."""
+  if not shape.startswith("("):
+    return [shape]
+  parts, depth, start = [], 0, 1
+  for i, c in enumerate(shape):
+    if c in "({[":
+      depth += 1
+    elif c in ")}]":
+      depth -= 1
+    if (c == "," and depth == 1) or (c == ")" and depth == 0):
+      parts.append(shape[start:i].strip())
+      start = i + 1
+  return parts
+
+
+def _result_bytes(ins, kind: str) -> int:
+  """Bytes of the collective's result (async starts also carry their operand)."""
+  elements = _tuple_elements(ins.shape)
+  if ins.opcode.endswith("-start") and kind in ("all-gather", "collective-permute") \
+      and len(elements) > 1:
+    return hlo.Instruction("", elements[1], "", [], [], "").bytes
+  return ins.bytes
+
+
+def replica_groups(ins) -> list[list[int]] | None:
+  """Device groups of a collective (ids index the compile's devices in order),
+  pairs for collective-permute; [] for all devices in one group; None when the
+  groups are written in a form not parsed here."""
+  text = ins.text
+  m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", text)
+  if m:
+    return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+  m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", text)
+  if m:
+    return [[int(x) for x in g.split(",") if x]
+            for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+  m = re.search(r"replica_groups=\[([\d,]+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)", text)
+  if m:  # iota: [groups, size] <= device ids laid out as [dims], transposed
+    return _iota(m.group(2)).reshape([int(x) for x in m.group(1).split(",")]).tolist()
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]"
+                r"(?:,\s*device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?)\))?\s*\{([^}]*)\}", text)
+  if m:  # a mesh of its own over the device ids, and the axes each group spans
+    dims = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+    names, sizes = [d[0] for d in dims], [int(d[1]) for d in dims]
+    spanned = re.findall(r"'(\w+)'", m.group(3))
+    if ":" in m.group(3) or any(s not in names for s in spanned):
+      return None  # sub-axes: not parsed
+    ids = _iota(m.group(2)) if m.group(2) else np.arange(math.prod(sizes))
+    ids = ids.reshape(sizes)
+    keep = [i for i, n in enumerate(names) if n not in spanned]
+    span = [i for i, n in enumerate(names) if n in spanned]
+    return ids.transpose(keep + span).reshape(
+        -1, math.prod(sizes[i] for i in span)).tolist()
+  return None if "replica_groups=" in text else []
+
+
+def _iota(text: str) -> np.ndarray:
+  """'[2,4]T(1,0)' -> arange(8).reshape(2, 4).transpose(1, 0), flattened."""
+  m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text.strip())
+  dims = [int(x) for x in m.group(1).split(",")]
+  ids = np.arange(math.prod(dims)).reshape(dims)
+  if m.group(2):
+    ids = ids.transpose([int(x) for x in m.group(2).split(",")])
+  return ids.reshape(-1)
+
+
+def group_axes(groups: list[list[int]], mesh_axes: Sequence[str],
+               mesh_shape: Sequence[int]) -> tuple[str, ...]:
+  """Mesh axes along which the members of the groups differ."""
+  coords = [np.array(np.unravel_index(g, tuple(mesh_shape))) for g in groups if g]
+  return tuple(a for d, a in enumerate(mesh_axes)
+               if any(len(set(c[d].tolist())) > 1 for c in coords))
+
+
+def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape) -> Collective:
+  n_devices = math.prod(mesh_shape) if mesh_shape else 0
+  groups = replica_groups(ins)
+  if groups == [] or groups == [[]]:  # every device in one group
+    groups = [list(range(n_devices))] if n_devices else None
+  size = 2 if kind == "collective-permute" else len(groups[0]) if groups else 1
+  known = bool(groups) and n_devices and max(map(max, groups)) < n_devices
+  axes = group_axes(groups, mesh_axes, mesh_shape) if known else ()
+  result = _result_bytes(ins, kind)
+  received = {"all-reduce": 2 * (size - 1) / size, "all-gather": (size - 1) / size,
+              "all-to-all": (size - 1) / size, "ragged-all-to-all": (size - 1) / size,
+              "reduce-scatter": size - 1, "collective-permute": 1}[kind] * result
+  return Collective(kind, axes, size, times, times * result, times * received)

@@ -1,0 +1,192 @@
+"""`compile`: llama_1b compiled deviceless for TPU topologies, its figures checked
+against analytic counts. The model keeps llama_1b's architecture (GQA, tied
+embeddings, bfloat16, save_dots remat, flash attention) at a width that compiles
+in seconds; the counts below are written for any width."""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sharding
+from conftest import run_cli
+from experiments import llama_1b
+from model import ModelConfig
+from sharding import ConfigError
+from train import compile as aot
+from train import flops as flops_lib
+
+# Another process may hold libtpu's lock file; a deviceless compile needs no chip.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install jax[tpu])")
+
+SMALL = dict(num_layers=4, d_model=256, d_ff=1024, num_heads=8, num_kv_heads=4,
+             vocab_size=1024)
+SMALL_OVERRIDES = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
+    "--config.data.seq_len=128", "--config.train.batch_size=16"]
+
+
+def small_1b(**mesh):
+  """llama_1b at width 256 (4 KV heads, so tensor=4 divides them), 16 x 128 tokens."""
+  c = llama_1b.get_config()
+  c.model.update(**SMALL)
+  c.data.seq_len = 128
+  c.train.batch_size = 16
+  c.mesh.update(**{**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), **mesh})
+  return c
+
+
+def analytic_param_bytes(m: ModelConfig, fsdp: int, tensor: int) -> float:
+  """Parameter bytes per device, by hand: every matrix has its d_model side over
+  fsdp and its heads / mlp / vocab side over tensor; norm scales only a d_model
+  side. float32 parameters."""
+  matrices = (m.vocab_size * m.d_model + m.num_layers * (
+      m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+      + 3 * m.d_model * m.d_ff))
+  norms = (2 * m.num_layers + 1) * m.d_model
+  return 4 * (matrices / (fsdp * tensor) + norms / fsdp)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("mesh", [dict(fsdp=8), dict(fsdp=2, tensor=4)],
+                         ids=["fsdp8", "fsdp2_tensor4"])
+def test_train_figures_match_analytic_counts(mesh):
+  c = small_1b(**mesh)
+  report = aot.compile_step(c, "v5p:2x2x2")
+  m, cfg = report.memory, ModelConfig.from_config(c.model)
+
+  params = analytic_param_bytes(cfg, mesh.get("fsdp", 1), mesh.get("tensor", 1))
+  assert m["params"] == params
+  # Adam's two moments per parameter, plus int32 step counters.
+  assert 2 * params < m["optimizer"] <= 2 * params + 16
+  batch = 4 * 4 * c.train.batch_size * c.data.seq_len / mesh["fsdp"]  # 4 int32 fields
+  assert m["inputs"] == batch
+  # The compiler's own argument size holds at least that (plus TPU tile padding).
+  assert m["arguments"] >= params + m["optimizer"] + batch
+  assert report.fits and m["total"] < m["hbm"] == 95 * 2 ** 30
+
+  tokens = c.train.batch_size * c.data.seq_len
+  expected = flops_lib.flops_per_token(cfg, c.data.seq_len) * tokens
+  assert report.model_flops == expected
+  assert abs(report.flops * report.devices / expected - 1) < 0.10
+
+  axes = {a for col in report.collectives for a in col["axes"]}
+  assert axes == {a for a, s in mesh.items() if s > 1}
+  if "tensor" in mesh:  # tensor parallelism all-reduces activations over `tensor`
+    assert any(col["kind"] == "all-reduce" and col["axes"] == ["tensor"]
+               for col in report.collectives)
+  t = report.time
+  assert t["roofline"] == max(t["compute"], t["hbm"], t["ici"]) > 0
+  assert 0 < report.mfu_bound <= 1 + 1e-9
+
+
+@needs_libtpu
+def test_decode_figures_match_analytic_counts():
+  """One KV-cache decode step: the cache splits its batch over fsdp and its KV
+  heads over tensor; FLOPs are 2N + 4·L·H·Q·T per token."""
+  c = small_1b(fsdp=2, tensor=4)
+  report = aot.compile_step(c, "v5p:2x2x2", what="decode")
+  cfg = ModelConfig.from_config(c.model)
+  b, t = c.train.batch_size, c.data.seq_len
+  cache = 2 * cfg.num_layers * b * t * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 K, V
+  tokens = 2 * b * 1 * 4  # tokens and positions, int32, batch over fsdp
+  assert report.memory["inputs"] == cache / 8 + tokens / 2
+  assert report.memory["optimizer"] == 0
+  expected = flops_lib.decode_flops_per_token(cfg, t) * b
+  assert abs(report.flops * report.devices / expected - 1) < 0.10
+
+
+@needs_libtpu
+def test_hlo_costs_count_loop_trips_where_xla_counts_once():
+  """sharding.costs against XLA's cost analysis: the same matmul FLOPs for a
+  program without loops; five times them for five trips of a scan, where XLA
+  still reports one."""
+  from jax.experimental import topologies
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  mesh = Mesh(devices[:1], ("x",))
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16,  # noqa: E731
+                                          sharding=NamedSharding(mesh, P()))
+  x, w = s(8, 256, 512), s(5, 512, 512)
+  one = 2 * 8 * 256 * 512 * 512
+
+  def scanned(x, w):
+    return jax.lax.scan(lambda h, wi: (jnp.einsum("bld,de->ble", h, wi), None), x, w)[0]
+
+  for fn, trips in [(lambda x, w: jnp.einsum("bld,de->ble", x, w[0]), 1),
+                    (scanned, 5)]:
+    compiled = jax.jit(fn).lower(x, w).compile()
+    costs = sharding.costs.analyze(compiled.as_text())
+    assert costs.flops == trips * one and costs.unknown_trip_counts == 0
+    assert compiled.cost_analysis()["flops"] == pytest.approx(one, rel=0.01)
+
+  # Rows written into a donated buffer in a loop (a KV cache): HBM traffic is the
+  # rows, not the whole buffer per trip.
+  def fill(buf, rows):
+    def body(i, b):
+      return jax.lax.dynamic_update_slice(b, rows[i][None], (i, 0, 0))
+    return jax.lax.fori_loop(0, rows.shape[0], body, buf)
+
+  buf, rows = s(64, 256, 512), s(5, 256, 512)
+  compiled = jax.jit(fill, donate_argnums=0).lower(buf, rows).compile()
+  costs = sharding.costs.analyze(compiled.as_text())
+  row = 256 * 512 * 2
+  assert costs.unknown_trip_counts == 0
+  assert 5 * row <= costs.hbm_bytes < 5 * 4 * row  # vs 64 rows per trip if whole
+
+
+@needs_libtpu
+def test_state_shardings_on_a_deviceless_mesh():
+  """The train state's shardings on a TPU topology, even inside jax.set_mesh
+  (optax's tree_map_params used to run the optimizer init eagerly there, on
+  devices that cannot execute)."""
+  from train.optimizer import make_optimizer
+  from train.state import abstract_state, model_spec, state_shardings
+  c = small_1b(fsdp=8)
+  mesh = sharding.make_mesh(c.mesh, aot.topology_devices("v5p:2x2x2"))
+  spec = model_spec(ModelConfig.from_config(c.model), sharding.normalize_rules(None))
+  tx = make_optimizer(c.optim, c.train.steps)
+  with jax.set_mesh(mesh):
+    shardings = state_shardings(spec, tx, mesh)
+    state = abstract_state(spec, tx, mesh)
+  for s in jax.tree.leaves(shardings) + [x.sharding for x in jax.tree.leaves(state)]:
+    assert isinstance(s, NamedSharding) and s.mesh is mesh
+  embed = state.opt_state[1][0].mu["embed"]["table"]  # Adam's mu follows its param
+  assert embed.sharding.spec == P(None, "fsdp")
+
+
+@needs_libtpu
+def test_compile_cli_writes_json(tmp_path):
+  out = tmp_path / "report.json"
+  proc = run_cli("compile", "--config=experiments/llama_1b.py", "--topology=v5e:2x4",
+                 "--what=decode", f"--output_json={out}", *SMALL_OVERRIDES)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "decode step on v5e:2x4: 8 x TPU v5e" in proc.stdout
+  assert "fits in 16.0 GiB of HBM" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["fits"] and report["what"] == "decode" and report["chip"] == "v5e"
+  assert report["mesh"] == dict(data=1, fsdp=8, expert=1, sequence=1, tensor=1)
+  assert math.isfinite(report["time"]["roofline"]) and report["collectives"]
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+  with pytest.raises(ConfigError, match=r'needs libtpu.*pip install -e "\.\[tpu\]"'):
+    aot.compile_step(small_1b(fsdp=8), "v5p:2x2x2")
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology,message", [
+    ("v3:2x2", r"not a TPU topology rung knows.*one of v4, v5e, v5p, v6e"),
+    ("v5e:3x3", r"libtpu cannot build 'v5e:3x3'"),
+])
+def test_bad_topology_is_a_config_error(topology, message):
+  with pytest.raises(ConfigError, match=message):
+    aot.topology_devices(topology)

@@ -1,0 +1,61 @@
+"""`plan`: enumerate, compile and rank parallelism plans for a TPU topology."""
+
+import pytest
+
+import sharding
+from experiments import llama_1b
+from test_compile import needs_libtpu, small_1b
+from train import plan
+from train.validate import validate_config
+
+
+def test_enumeration_is_bounded():
+  """Factorisations of 8 devices: over (data, fsdp, tensor) by default; sequence
+  and expert join only when asked for or when the model has experts."""
+  meshes = plan.candidate_meshes(8)
+  assert len(meshes) == 10  # ordered triples with product 8
+  assert all(m["expert"] == m["sequence"] == 1 for m in meshes)
+  assert meshes[0] == dict(data=1, fsdp=8, expert=1, sequence=1, tensor=1)
+  assert len(plan.candidate_meshes(8, sequence=True)) == 20
+  assert len(plan.candidate_meshes(8, experts=True, sequence=True)) == 35
+
+
+@needs_libtpu
+def test_plan_ranks_compiled_plans_and_the_winner_validates():
+  c = small_1b()
+  plans = plan.plan(c, "v5e:2x4", remats=("save_dots",), max_plans=2,
+                    meshes=[dict(data=8), dict(fsdp=8), dict(fsdp=2, tensor=4)],
+                    progress=False)
+  compiled = [p for p in plans if p.report is not None]
+  assert len(compiled) == 2 and all(p.fits for p in compiled)
+  assert [p.step_time for p in compiled] == sorted(p.step_time for p in compiled)
+  assert plans[:2] == compiled  # fitting plans first, then the one not compiled
+  assert plans[2].fits is None and "max_plans=2" in plans[2].note
+
+  text = plan.table(plans)
+  best = plans[0]
+  assert f"best: {best.flags()}" in text
+  for flag in best.flags().split():  # the printed overrides make a valid config
+    field, value = flag.removeprefix("--config.").split("=")
+    group, name = field.split(".")
+    c[group][name] = type(c[group][name])(value)
+  validate_config(c, 8)
+  assert {a: c.mesh[a] for a in sharding.AXES} == best.mesh
+
+
+@needs_libtpu
+def test_plan_marks_a_plan_that_cannot_fit():
+  """A 7B-class model replicated on v5e's 16 GiB chips: float32 parameters and two
+  Adam moments are 12 bytes per parameter on every device, before any compile."""
+  c = llama_1b.get_config()
+  c.model.update(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
+                 num_kv_heads=32, head_dim=128, d_ff=11008, tie_embeddings=False)
+  plans = plan.plan(c, "v5e:2x4", remats=("none",), meshes=[dict(data=8)],
+                    progress=False)
+  assert len(plans) == 1 and plans[0].fits is False and plans[0].report is None
+  params = 2 * 32000 * 4096 + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+  assert params == pytest.approx(6.74e9, rel=1e-3)
+  batch = 4 * 4 * c.train.batch_size * c.data.seq_len / 8
+  assert 12 * params + batch <= plans[0].memory <= 12 * params + batch + 16
+  assert "state and batch alone need" in plans[0].note
+  assert plan.table(plans).endswith("no plan fits in HBM.")

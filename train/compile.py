@@ -1,0 +1,365 @@
+"""Ahead-of-time compile of a train or decode step for a TPU topology, without TPUs.
+
+libtpu compiles for any named topology from a CPU host (DESIGN.md, "Kernels,
+checked on all three backends"): `compile_step` builds the mesh on that topology's
+devices, lowers the step with abstract, sharded inputs, runs the real TPU compiler
+and reports, per device:
+
+- memory: arguments (parameters, optimizer state, batch or KV cache), temporaries,
+  outputs not aliased to donated inputs, generated code; their total against the
+  chip's HBM (`sharding/chips.py`), and whether it fits;
+- FLOPs per step counted in the compiled HLO (`sharding/costs.py`: loop trip counts
+  included, which XLA's cost analysis leaves out), next to the model's PaLM count
+  (`train/flops.py`);
+- collectives by kind with bytes and the mesh axes they run over;
+- time: a roofline, max(compute, HBM, interconnect), from the compiled FLOPs, HBM
+  bytes and collective bytes over the chip's rates, and the MFU it bounds; and the
+  compiler's own estimate (`optimal_seconds`), which counts every loop body once.
+  rung's Pallas (attention) kernels carry no cost estimate, so the compiled count
+  misses them; the compute term adds the model's attention FLOPs in their place.
+
+The roofline is the step-time estimate `plan` ranks by: it is a lower bound (it
+assumes perfect overlap and the whole ICI bandwidth for every collective), but it
+weighs every layer, unlike the compiler's estimate of a scanned model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import sharding
+from model import ModelConfig
+from sharding import ConfigError
+from sharding.chips import Chip, chip_for_topology
+from train import flops as flops_lib
+from train.optimizer import make_optimizer, schedule
+from train.state import abstract_params, abstract_state, model_spec
+from train.step import batch_sharding, make_train_step
+from train.validate import validate_config
+
+WHAT = ("train", "decode")
+_BATCH_FIELDS = ("inputs", "targets", "positions", "segment_ids")  # [batch, length]
+
+
+@dataclasses.dataclass
+class Report:
+  """One compiled step. Bytes and FLOPs are per device and per step unless named
+  `model_*` (whole step, all devices)."""
+  topology: str
+  chip: str
+  what: str
+  mesh: dict[str, int]
+  devices: int
+  memory: dict[str, float]   # params, optimizer, inputs, arguments, temporaries,
+  #                            outputs, code, total, hbm (all bytes per device)
+  fits: bool
+  flops: float               # compiled, per device
+  model_flops: float         # PaLM count for the whole step
+  uncounted_kernels: int     # Pallas kernel calls whose FLOPs the HLO does not show
+  hbm_bytes: float           # HBM traffic estimate per device
+  collectives: list[dict[str, Any]]
+  time: dict[str, float]     # seconds: compute, hbm, ici, roofline, compiler
+  compiler: dict[str, float]  # XLA's cost analysis as given: flops, bytes accessed,
+  #                             optimal_seconds (each loop body counted once)
+  mfu_bound: float
+  compile_seconds: float
+  error: str = ""            # the compiler's message when it refused the plan
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-ready dict; figures the compile could not give are None."""
+    def clean(x):
+      if isinstance(x, float) and not math.isfinite(x):
+        return None
+      if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+      if isinstance(x, list):
+        return [clean(v) for v in x]
+      return x
+    return clean(dataclasses.asdict(self))
+
+  def table(self) -> str:
+    return _table(self)
+
+  def bound(self) -> str:
+    """Which roofline term sets the step time: compute, hbm or ici."""
+    return max(("compute", "hbm", "ici"), key=lambda k: self.time[k])
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+  """The devices of a named TPU topology (deviceless: compile-only)."""
+  chip_for_topology(topology)
+  if importlib.util.find_spec("libtpu") is None:
+    raise ConfigError(
+        "--topology", f"compiling for {topology} needs libtpu, the TPU compiler, "
+        "which is not installed (no TPU is needed, only the library).",
+        'pip install -e ".[tpu]" (jax[tpu] at the pinned jax version).')
+  # Another process may hold libtpu's lock file; a deviceless compile needs no chip.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as err:  # noqa: BLE001 -- libtpu's message names the problem
+    raise ConfigError("--topology", f"libtpu cannot build {topology!r}: "
+                      f"{str(err).strip().splitlines()[-1]}",
+                      "use a slice shape of that TPU generation, e.g. v5e:2x4 "
+                      "or v5p:2x2x2.") from None
+  return list(desc.devices)
+
+
+def devices_per_chip(devices: list[jax.Device]) -> int:
+  """2 on v4, whose topologies list each TensorCore as a device; else 1."""
+  chips = {tuple(getattr(d, "coords", (d.id,))) for d in devices}
+  return max(1, len(devices) // len(chips))
+
+
+def compile_step(config, topology: str, what: str = "train",
+                 dump_hlo: str | None = None,
+                 devices: list[jax.Device] | None = None) -> Report:
+  """Compiles `config`'s train step (or decode step) for `topology` and reports
+  what it needs and does. Raises ConfigError for a plan that cannot run.
+
+  `what="decode"`: one KV-cache decode step (a token per sequence) for
+  `train.batch_size` sequences and a cache of `data.seq_len` positions.
+  `devices`: the topology's, when the caller already has them.
+  """
+  if what not in WHAT:
+    raise ConfigError("--what", f"{what!r} is not one of {WHAT}.",
+                      "pass --what=train or --what=decode.")
+  devices = devices or topology_devices(topology)
+  chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
+  sizes = validate_config(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.normalize_rules(config.mesh.rules)
+  cfg = ModelConfig.from_config(config.model)
+  spec = model_spec(cfg, rules)
+  batch, length = config.train.batch_size, config.data.seq_len
+  if what == "train":
+    step, args = _train_step(config, spec, mesh, rules)
+    tokens, per_param = batch * length, 6
+    model_flops = flops_lib.flops_per_token(cfg, length) * tokens
+  else:
+    step, args = _decode_step(cfg, spec, mesh, rules, batch, length)
+    tokens, per_param = batch, 2
+    model_flops = flops_lib.decode_flops_per_token(cfg, length) * tokens
+  attention_flops = model_flops - per_param * flops_lib.matmul_params(cfg) * tokens
+
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = step.lower(*args)
+  error = ""
+  try:
+    compiled = lowered.compile()
+  except Exception as err:  # noqa: BLE001 -- XLA reports an oversized plan so
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    compiled, error = None, str(err).strip()
+  seconds = time.perf_counter() - start
+  if dump_hlo:
+    _dump(dump_hlo, f"{what}_{topology.replace(':', '_')}", lowered, compiled)
+
+  memory = _memory(args, what, compiled, chip, error)
+  costs = (sharding.costs.analyze(compiled.as_text(), sharding.AXES,
+                                  [sizes[a] for a in sharding.AXES])
+           if compiled is not None else None)
+  return _report(topology, chip, what, sizes, len(devices), memory, costs,
+                 model_flops, attention_flops, compiled, seconds, error)
+
+
+def state_bytes(config, devices: list[jax.Device]) -> float:
+  """Bytes per device of the train state and batch under `config.mesh`, from the
+  shardings alone (no compile): a floor under what the train step needs."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.normalize_rules(config.mesh.rules)
+  spec = model_spec(ModelConfig.from_config(config.model), rules)
+  _, state, batch = _train_args(config, spec, mesh, rules)
+  return _device_bytes(state) + _device_bytes(batch)
+
+
+# --- the two steps -------------------------------------------------------------
+
+def _train_args(config, spec, mesh, rules):
+  """(optimizer, abstract train state, abstract batch), sharded on `mesh`."""
+  t = config.train
+  tx = make_optimizer(config.optim, t.steps)
+  data = batch_sharding(mesh, rules, t.batch_size, config.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), jnp.int32,
+                                   sharding=data) for k in _BATCH_FIELDS}
+  return tx, abstract_state(spec, tx, mesh), batch
+
+
+def _train_step(config, spec, mesh, rules):
+  tx, state, batch = _train_args(config, spec, mesh, rules)
+  step = make_train_step(spec, tx, schedule(config.optim, config.train.steps),
+                         config.train, jax.tree.map(lambda x: x.sharding, state),
+                         batch["inputs"].sharding)
+  return step, (state, batch)
+
+
+def _decode_step(cfg: ModelConfig, spec, mesh, rules, batch: int, max_length: int):
+  """One new token per sequence through `Decoder.__call__` with a KV cache, then
+  greedy argmax. The cache layout is infer's (`infer.kv_cache`)."""
+  from infer.kv_cache import CACHE_AXES  # infer imports train; import when used
+  params = abstract_params(spec, mesh)
+  shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+  cache_sharding = NamedSharding(
+      mesh, sharding.logical_to_spec(CACHE_AXES, rules, mesh, shape))
+  kv = jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=cache_sharding)
+  rows = batch_sharding(mesh, rules, batch, 1)
+  token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows)
+
+  def decode(params, tokens, positions, cache):
+    logits, cache = spec.model(params)(tokens, positions, cache=cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+  step = jax.jit(decode, donate_argnums=3,
+                 out_shardings=(NamedSharding(mesh, P(*rows.spec[:1])),
+                                (cache_sharding, cache_sharding)))
+  return step, (params, token, token, (kv, kv))
+
+
+# --- figures ---------------------------------------------------------------------
+
+def _device_bytes(tree) -> float:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, float]:
+  if what == "train":
+    state, batch = args
+    parts = {"params": _device_bytes(state.params),
+             "optimizer": _device_bytes(state.opt_state) + _device_bytes(state.step),
+             "inputs": _device_bytes(batch)}
+  else:
+    params, *inputs = args
+    parts = {"params": _device_bytes(params), "optimizer": 0.0,
+             "inputs": _device_bytes(inputs)}
+  m = {**parts, "hbm": float(chip.hbm_bytes)}
+  if compiled is None:  # refused: the state, and the temporaries XLA asked for
+    m.update(arguments=sum(parts.values()), temporaries=_refused_temporaries(error),
+             outputs=math.nan, code=math.nan)
+    m["total"] = m["arguments"] + m["temporaries"]
+    return m
+  stats = compiled.memory_analysis()
+  m.update(arguments=float(stats.argument_size_in_bytes),
+           temporaries=float(stats.temp_size_in_bytes),
+           outputs=float(stats.output_size_in_bytes - stats.alias_size_in_bytes),
+           code=float(stats.generated_code_size_in_bytes))
+  m["total"] = m["arguments"] + m["temporaries"] + m["outputs"] + m["code"]
+  return m
+
+
+def _refused_temporaries(error: str) -> float:
+  """'... required for HLO temporaries (86.47G) exceeds ...' -> bytes (NaN if absent)."""
+  m = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", error)
+  if not m:
+    return math.nan
+  return float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+
+
+def _report(topology, chip: Chip, what, sizes, n, memory, costs, model_flops,
+            attention_flops, compiled, seconds, error) -> Report:
+  fits = not error and memory["total"] <= chip.hbm_bytes
+  if costs is None:
+    return Report(topology, chip.name, what, sizes, n, memory, False, math.nan,
+                  model_flops, 0, math.nan, [], {}, {}, math.nan, seconds, error)
+  per_device_model = model_flops / n
+  # rung's Pallas kernels (attention) carry no cost estimate, so the compiled count
+  # misses them; the compute term takes them at the model's attention FLOPs.
+  kernels = attention_flops / n if costs.uncounted_kernels else 0.0
+  t = {"compute": (costs.flops + kernels) / chip.peak_flops,
+       "hbm": costs.hbm_bytes / chip.hbm_bandwidth,
+       # Received bytes over the receive half of the chip's bidirectional ICI.
+       "ici": sum(c.received_bytes for c in costs.collectives)
+       / (chip.ici_bandwidth / 2)}
+  t["roofline"] = max(t.values())
+  analysis = compiled.cost_analysis()
+  analysis = (analysis[0] if isinstance(analysis, list) else analysis) or {}
+  xla = {k: float(analysis.get(k, math.nan))
+         for k in ("flops", "bytes accessed", "optimal_seconds")}
+  t["compiler"] = xla["optimal_seconds"]
+  collectives = [dict(kind=c.kind, axes=list(c.axes), group_size=c.group_size,
+                      count=c.count, bytes=c.bytes, received_bytes=c.received_bytes)
+                 for c in costs.by_kind()]
+  mfu = per_device_model / (chip.peak_flops * t["roofline"]) if t["roofline"] else 0
+  return Report(topology, chip.name, what, sizes, n, memory, fits, costs.flops,
+                model_flops, costs.uncounted_kernels, costs.hbm_bytes, collectives,
+                t, xla, mfu, seconds, error)
+
+
+def _dump(directory: str, stem: str, lowered, compiled) -> None:
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f"{stem}.lowered.mlir"), "w") as f:
+    f.write(lowered.as_text())
+  if compiled is not None:
+    with open(os.path.join(directory, f"{stem}.compiled.hlo"), "w") as f:
+      f.write(compiled.as_text())
+
+
+# --- the readable table ----------------------------------------------------------
+
+def _table(r: Report) -> str:
+  size = sharding.format_bytes
+  mesh = " ".join(f"{a}={s}" for a, s in r.mesh.items())
+  m = r.memory
+  lines = [f"{r.what} step on {r.topology}: {r.devices} x TPU {r.chip} "
+           f"({size(m['hbm'])} HBM each), mesh {mesh}; compiled in "
+           f"{r.compile_seconds:.1f} s", "", "memory per device"]
+  rows = [("parameters", m["params"]), ("optimizer state", m["optimizer"]),
+          ("batch" if r.what == "train" else "tokens + KV cache", m["inputs"]),
+          ("arguments (compiled)", m["arguments"]), ("temporaries", m["temporaries"]),
+          ("outputs not aliased", m["outputs"]), ("generated code", m["code"]),
+          ("total", m["total"])]
+  lines += [f"  {k:<24}{'-' if math.isnan(v) else size(v):>12}" for k, v in rows]
+  verdict = "fits" if r.fits else "DOES NOT FIT"
+  lines.append(f"  {verdict} in {size(m['hbm'])} of HBM"
+               + (f" ({m['total'] / m['hbm']:.0%})" if math.isfinite(m["total"]) else ""))
+  if r.error:
+    lines += ["", "the compiler refused the plan:", "  " + r.error.splitlines()[0]]
+    return "\n".join(lines)
+  t = r.time
+  bound = r.bound()
+  lines += [
+      "", "compute per step",
+      f"  FLOPs per device (compiled)  {r.flops:.3e}"
+      + (f"  (without {r.uncounted_kernels} Pallas kernel calls; the roofline "
+         "takes them at the model's attention FLOPs)" if r.uncounted_kernels else ""),
+      f"  model FLOPs per device       {r.model_flops / r.devices:.3e}  "
+      f"(PaLM count, {'6N + attention' if r.what == 'train' else '2N + attention'})",
+      f"  HBM bytes per device         {size(r.hbm_bytes)}",
+      "", "time per step",
+      f"  roofline                     {t['roofline'] * 1e3:.2f} ms ({bound}-bound: "
+      f"compute {t['compute'] * 1e3:.2f}, HBM {t['hbm'] * 1e3:.2f}, "
+      f"ICI {t['ici'] * 1e3:.2f} ms)",
+      f"  MFU upper bound              {r.mfu_bound:.1%}",
+      f"  compiler estimate            "
+      + (f"{t['compiler'] * 1e3:.2f} ms" if t["compiler"] > 0
+         else f"none (XLA gave {t['compiler']:.3g} s)")
+      + " (XLA optimal_seconds; counts each loop body once)",
+      "", "collectives per step"]
+  if not r.collectives:
+    lines.append("  none")
+  for c in r.collectives:
+    axes = ",".join(c["axes"]) or "?"
+    lines.append(f"  {c['kind']:<20} x{c['count']:<7.0f} {size(c['bytes']):>11} "
+                 f"result, {size(c['received_bytes']):>11} received over {axes} "
+                 f"(groups of {c['group_size']})")
+  return "\n".join(lines)
+
+
+def write_json(report: Report, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(report.to_json(), f, indent=2)
