@@ -11,7 +11,8 @@
    ladder blocks, and for `desync`: each process runs its shard's compute (half
    the heads, half the MLP) with no all-reduce at all, the paper's
    no-communication upper bound. `--programs=decode` times only the cached
-   decode step (benchmarks/decode.py runs it that way).
+   decode step (benchmarks/decode.py runs it that way); a full run also writes
+   its timings to results/ladder_overlap.json.
 2. tpu: deviceless compile for TPU v5e:2x2 with tensor=4; per block type, the
    number of all-reduces in a layer, whether each is async, and how many
    instructions (and matmuls) the scheduler placed between each start and done.
@@ -39,6 +40,7 @@ _REPS = flags.DEFINE_integer("reps", 20, "timed repetitions (median kept)")
 _PROGRAMS = flags.DEFINE_enum("programs", "all", ["all", "decode"],
                               "wallclock: every program, or only the cached decode step")
 PREFIX, CACHE_SLOTS = 64, 192
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 SHAPE = dict(vocab_size=4096, d_model=1024, num_layers=4, num_heads=16,
              num_kv_heads=16, head_dim=64, d_ff=4096)
@@ -160,6 +162,11 @@ def wallclock(reps: int, programs: str = "all"):
   rows = [json.loads(l) for l in outs[0][0].splitlines() if l.startswith("{")]
   for r in rows:
     print(json.dumps(r))
+  if programs == "all":  # what notebooks/ladder.ipynb plots
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "ladder_overlap.json"), "w") as f:
+      json.dump({"date": time.strftime("%Y-%m-%d"), "shape": SHAPE,
+                 "median_seconds": rows}, f, indent=1)
   table = {(r["block"], r["what"]): r["seconds"] for r in rows}
   for what in sorted({r["what"] for r in rows}):
     std, lad, par, bound = (table[(b, what)] for b in

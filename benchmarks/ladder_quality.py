@@ -4,7 +4,8 @@
 
 Trains experiments/ladder_compare.py's standard, parallel and ladder variants for
 --steps each on the default data (the Python stdlib bytes), plots their eval-loss
-curves to benchmarks/results/ladder_quality.png, then loads the trained standard
+curves to benchmarks/results/ladder_quality.png (and the numbers to
+ladder_quality.json, which notebooks/ladder.ipynb plots), then loads the trained standard
 checkpoint as a hybrid (upper half of the layers ladder), measures its eval loss
 unchanged, and retrains it for --retrain_steps. One JSON line per result.
 """
@@ -61,6 +62,10 @@ def main(argv):
   emit(conversion="standard -> hybrid ladder (upper 2 of 4 layers)",
        standard_eval_loss=base, converted_before_retrain=evals[0][1],
        converted_after_retrain=evals[-1][1], retrain_steps=_RETRAIN.value)
+  os.makedirs("benchmarks/results", exist_ok=True)
+  with open("benchmarks/results/ladder_quality.json", "w") as f:
+    json.dump({"date": time.strftime("%Y-%m-%d"), "eval_loss": curves,
+               "hybrid_from_standard": evals}, f, indent=1)
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for block, evals in curves.items():
@@ -72,7 +77,6 @@ def main(argv):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  os.makedirs("benchmarks/results", exist_ok=True)
   fig.savefig("benchmarks/results/ladder_quality.png", dpi=120)
 
 
