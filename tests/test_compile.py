@@ -174,6 +174,12 @@ def test_compile_cli_writes_json(tmp_path):
   assert math.isfinite(report["time"]["roofline"]) and report["collectives"]
 
 
+def test_cli_config_error_exits_2():
+  proc = run_cli("compile", "--config=experiments/llama_1b.py", "--topology=v3:2x2")
+  assert proc.returncode == 2
+  assert "Config error in `--topology`: 'v3:2x2' is not a TPU topology" in proc.stderr
+
+
 def test_missing_libtpu_says_how_to_install(monkeypatch):
   find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec",

@@ -133,8 +133,13 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
       plans.append(Plan(mesh, remat, None, math.nan, floors[key], math.nan,
                         f"not compiled: max_plans={max_plans} reached"))
       continue
-    report = compile_step(c, topology, devices=devices)
     compiled += 1
+    try:
+      report = compile_step(c, topology, devices=devices)
+    except Exception as err:  # noqa: BLE001 -- one failing plan must not end the search
+      plans.append(Plan(mesh, remat, False, math.nan, floors[key], math.nan,
+                        f"compile failed: {str(err).strip().splitlines()[0]}"))
+      continue
     plans.append(Plan(mesh, remat, report.fits, report.time.get("roofline", math.nan),
                       report.memory["total"], report.mfu_bound,
                       report.error.splitlines()[0] if report.error else "", report))
