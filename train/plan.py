@@ -175,7 +175,9 @@ def table(plans: list[Plan]) -> str:
     mesh = " ".join(f"{a}={s}" for a, s in p.mesh.items() if s > 1) or "1 device"
     fits = {True: "yes", False: "no", None: "?"}[p.fits]
     rows.append((str(i), mesh, p.remat, fits,
-                 size(p.memory) if math.isfinite(p.memory) else "-",
+                 # not compiled: what the state and batch alone need
+                 ("" if p.report else ">= ") + size(p.memory)
+                 if math.isfinite(p.memory) else "-",
                  f"{p.step_time * 1e3:.2f} ms ({p.report.bound()})"
                  if math.isfinite(p.step_time) else "-",
                  f"{p.mfu_bound:.1%}" if math.isfinite(p.mfu_bound) else "-", p.note))
