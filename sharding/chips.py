@@ -18,10 +18,11 @@ architecture" table):
 - v6e (Trillium): https://docs.cloud.google.com/tpu/docs/v6e -- 918 TFLOP/s bf16,
        32 GB HBM at 1600 GB/s, bidirectional ICI 800 GB/s per chip (3200 Gb/s).
 
-HBM capacities are binary (the v5e and v6e pages write "16 GB" and "32 GB"): the
-TPU compiler (libtpu 0.0.42.1, deviceless) refuses programs above 15.75 GiB on
-v5e, 31.25 GiB on v6e, 95.74 GiB on v5p and 15.25 GiB per TensorCore on v4 -- the
-usable part of 16, 32, 96 and 2 x 16 GiB.
+HBM capacities are taken as binary (the v5e and v6e pages write "16 GB" and
+"32 GB"): the TPU compiler (libtpu 0.0.42.1, deviceless) refuses programs above
+15.75 GiB on v5e, 31.25 GiB on v6e and 15.25 GiB per TensorCore on v4, the usable
+part of 16, 32 and 2 x 16 GiB; on v5p it allows 95.74 GiB, a little above the
+page's 95 GiB used here.
 
 A v4 topology lists each of a chip's two TensorCores as a device (v5p's two act as
 one); `per_device` divides a chip's figures among its devices.
