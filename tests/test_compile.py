@@ -29,7 +29,8 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 SMALL = dict(num_layers=4, d_model=256, d_ff=1024, num_heads=8, num_kv_heads=4,
              vocab_size=1024)
 SMALL_OVERRIDES = [f"--config.model.{k}={v}" for k, v in SMALL.items()] + [
-    "--config.data.seq_len=128", "--config.train.batch_size=16"]
+    "--config.data.seq_len=128", "--config.train.batch_size=16",
+    "--config.train.grad_accum_steps=1"]
 
 
 def small_1b(**mesh):
@@ -37,7 +38,7 @@ def small_1b(**mesh):
   c = llama_1b.get_config()
   c.model.update(**SMALL)
   c.data.seq_len = 128
-  c.train.batch_size = 16
+  c.train.update(batch_size=16, grad_accum_steps=1)
   c.mesh.update(**{**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), **mesh})
   return c
 
