@@ -95,6 +95,6 @@ def get_config(arg=None) -> ConfigDict:
   c.log = ConfigDict(dict(
       every_steps=10,
       tensorboard=True,
-      peak_flops=placeholder(float),  # FLOP/s for MFU; None = measure (CPU)
+      peak_flops=placeholder(float),  # MFU denominator; None: measured or chip table
   ))
   return c

@@ -78,3 +78,15 @@ def chip_for_topology(topology: str) -> Chip:
         f"write CHIP:SHAPE with CHIP one of {', '.join(CHIPS)}, e.g. "
         "--topology=v5p:2x2x2 or --topology=v5e:2x4.")
   return CHIPS[name]
+
+
+# jax's `device_kind` for each generation's chips (v5e and v6e report "lite").
+DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
+                "TPU v5p": "v5p", "TPU v5": "v5p", "TPU v6 lite": "v6e",
+                "TPU v6e": "v6e"}
+
+
+def chip_for_device_kind(kind: str) -> Chip | None:
+  """The row for a `jax.Device.device_kind`, or None for a kind not in the table."""
+  name = DEVICE_KINDS.get(kind.strip())
+  return CHIPS[name] if name else None

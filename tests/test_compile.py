@@ -197,3 +197,12 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
 def test_bad_topology_is_a_config_error(topology, message):
   with pytest.raises(ConfigError, match=message):
     aot.topology_devices(topology)
+
+
+def test_runtime_device_kinds_map_to_the_chip_table():
+  """MFU on a TPU divides by the table's peak; jax names v5e and v6e chips 'lite'."""
+  kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5p": "v5p",
+           "TPU v6 lite": "v6e"}
+  for kind, name in kinds.items():
+    assert sharding.chips.chip_for_device_kind(kind) is sharding.chips.CHIPS[name]
+  assert sharding.chips.chip_for_device_kind("NVIDIA H100 80GB HBM3") is None

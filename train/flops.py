@@ -8,6 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import sharding
 from model import ModelConfig
 
 
@@ -68,8 +69,13 @@ def peak_flops(log_cfg) -> tuple[float, str]:
   """
   if log_cfg.peak_flops:
     return float(log_cfg.peak_flops), "config"
-  if jax.devices()[0].platform == "cpu":
+  device = jax.devices()[0]
+  if device.platform == "cpu":
     return measured_matmul_peak(), "measured matmul (host)"
-  # Accelerators: per-device peak times device count, from log.peak_flops until a
-  # chip table exists; without it MFU is reported as NaN rather than guessed.
-  return float("nan"), f"unknown for {jax.devices()[0].device_kind}"
+  chip = sharding.chips.chip_for_device_kind(device.device_kind)
+  if chip is not None:  # at run time each TPU device is a whole chip (v4: megacore)
+    return (chip.peak_flops * jax.device_count(),
+            f"{chip.name} bf16 peak ({chip.source})")
+  # Other accelerators: from log.peak_flops; without it MFU is reported as NaN
+  # rather than guessed.
+  return float("nan"), f"unknown for {device.device_kind}"
