@@ -38,6 +38,11 @@ _WHAT = flags.DEFINE_list("what", ["dispatch", "traffic"], f"sections of {SECTIO
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (best of)")
 _STEPS = flags.DEFINE_integer("steps", 200, "training steps per balance run")
 _ROOT = flags.DEFINE_string("root", "runs/moe_balance", "balance run directories")
+_VARIANTS = flags.DEFINE_list("variants", ["default", "no_aux"],
+                              "moe_tiny variants the balance section trains")
+_AUX = flags.DEFINE_float("aux_loss_weight", None,
+                          "override moe_tiny's load-balancing loss weight (default "
+                          "variant)")
 
 D_MODEL, D_FF, EXPERTS, TOP_K, BATCH, LENGTH = 128, 256, 8, 2, 16, 128
 
@@ -134,8 +139,10 @@ def balance():
 
   import train
   from experiments import moe_tiny
-  for variant in ("default", "no_aux"):
+  for variant in _VARIANTS.value:
     c = moe_tiny.get_config(None if variant == "default" else variant)
+    if variant == "default" and _AUX.value is not None:
+      c.model.moe.aux_loss_weight = _AUX.value
     c.train.steps = _STEPS.value
     c.checkpoint.every_steps = 0
     c.log.tensorboard = False

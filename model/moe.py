@@ -33,6 +33,7 @@ Auxiliary losses (averaged over MoE layers by the decoder, weighted by
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -59,11 +60,11 @@ def route(logits: jax.Array, top_k: int):
   probs = jax.nn.softmax(logits, axis=-1)
   # A stable sort rather than lax.top_k, which the auto-partitioner does not split
   # over the batch (it all-gathers every token's probabilities); the gates by a
-  # one-hot product, so no gather either.
+  # one-hot mask, so no gather either (and no matmul to lose precision in).
   experts = jnp.argsort(-jax.lax.stop_gradient(probs), axis=-1, stable=True)
   experts = experts[..., :top_k]  # [b, l, k], ties to the lower index
   onehot = jax.nn.one_hot(experts, probs.shape[-1], dtype=probs.dtype)  # [b, l, k, E]
-  gates = jnp.einsum("blke,ble->blk", onehot, probs)
+  gates = jnp.sum(onehot * probs[:, :, None, :], axis=-1)  # [b, l, k]
   return probs, gates, experts.astype(jnp.int32)
 
 
@@ -109,7 +110,7 @@ def aggregate(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def _swiglu(x, gate, up, down, ex, dependency):
-  """Expert FFN on [..., experts, rows, embed] (capacity) with local weights."""
+  """Expert FFN on buffers [groups, local experts, C, embed] with local weights."""
   gate, up, down = ex.weight(gate, 1), ex.weight(up, 1), ex.weight(down, 2)
   g = jnp.einsum("gecd,edf->gecf", x, gate.astype(x.dtype))
   u = jnp.einsum("gecd,edf->gecf", x, up.astype(x.dtype))
@@ -232,7 +233,7 @@ class MoE(nnx.Module):
       cap = capacity(x.shape[1], m.top_k, m.num_experts, m.capacity_factor)
       slot = slots(experts, m.num_experts)  # [b, l, k]
       kept = slot < cap
-      local = lambda *a: capacity_local(*a, cap=cap)  # noqa: E731
+      local = functools.partial(capacity_local, cap=cap)
       y = expert_parallel.run(local, (x, experts, slot, gates * kept, dep), weights,
                               names, rules)
     else:

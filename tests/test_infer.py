@@ -7,8 +7,7 @@ import pytest
 from flax import nnx
 
 import infer
-from model import Decoder, ModelConfig
-from model.config import MoEConfig
+from model import Decoder, ModelConfig, MoEConfig
 
 CFG = dict(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
            head_dim=8, d_ff=48)

@@ -48,6 +48,9 @@ CLI_CASES = {
                       "did you mean `optim`?"),
     "wrong_type": (["--config.train.steps=ten"], "train.steps",
                    "'ten' is not a valid int"),
+    "moe_experts": (["--config.model.moe.num_experts=6", "--config.mesh.expert=4",
+                     "--config.mesh.data=2"], "model.moe.num_experts",
+                    "6 experts cannot be split over mesh.expert=4"),
 }
 
 
