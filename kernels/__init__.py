@@ -1,4 +1,6 @@
-"""Attention kernels behind one entry point. The model calls only `attention`.
+"""Attention kernels behind one entry point. The model calls only `attention`
+(and, for mixture-of-experts layers, `kernels.expert_parallel.run`, the all-to-all
+exchange of expert parallelism).
 
 impl:
   reference  plain XLA (kernels.reference); the numerical reference.
