@@ -14,10 +14,11 @@ CFG = dict(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
 BLOCKS = {"standard": dict(block="standard"), "parallel": dict(block="parallel"),
           "ladder": dict(block="ladder"),
           "hybrid": dict(block="ladder", ladder_layers="upper:2"),
-          # units of (dense, MoE) layers. Capacity drops depend on how many tokens
-          # a call routes (a prompt vs one token), so dispatch is dropless here.
-          "moe": dict(block="ladder", moe=MoEConfig(num_experts=4, every_k_layers=2,
-                                                    dispatch="dropless"))}
+          # units of (dense, MoE) layers, standard then ladder. Capacity drops
+          # depend on how many tokens a call routes (a prompt vs one token), so
+          # dispatch is dropless here.
+          "moe": dict(block="ladder", ladder_layers="upper:2", moe=MoEConfig(
+              num_experts=4, every_k_layers=2, dispatch="dropless"))}
 
 
 @pytest.mark.parametrize("block", BLOCKS)
