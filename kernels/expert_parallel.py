@@ -21,6 +21,7 @@ manual over every mesh axis, so nothing inside is left to the auto-partitioner.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -84,6 +85,8 @@ def run(local: Callable[..., jax.Array], tokens: Sequence[jax.Array],
     return local(Exchange(), *tokens, *weights)
   w_specs = [sharding.logical_to_spec(n, rules, mesh, w.shape)
              for w, n in zip(weights, weight_names)]
+  # Mesh axes of each named dimension of the first weight (specs drop trailing
+  # replicated dimensions, hence the padding).
   dims = dict(zip(weight_names[0], tuple(w_specs[0]) + (None,) * 3))
   expert_axes = _axes(dims["experts"])
   exchange = Exchange(expert_axes, _axes(dims["embed"]), _axes(dims["mlp"]),
@@ -95,6 +98,6 @@ def run(local: Callable[..., jax.Array], tokens: Sequence[jax.Array],
         f"the expert hidden dimension is split over {exchange.mlp_axes}, which also "
         f"split the batch ({sorted(token_axes)}): partial sums over them would add "
         "different tokens. Map `mlp` and `batch` to disjoint mesh axes.")
-  fn = lambda *args: local(exchange, *args)  # noqa: E731
+  fn = functools.partial(local, exchange)
   return jax.shard_map(fn, in_specs=(batch,) * len(tokens) + tuple(w_specs),
                        out_specs=batch)(*tokens, *weights)
