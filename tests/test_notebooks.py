@@ -1,0 +1,39 @@
+"""Every notebook runs top to bottom on CPU (nbclient), each within 3 minutes, and
+is committed with its outputs cleared."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_the_four_notebooks_exist():
+  assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "sharding", "checkpoints",
+                                         "ladder"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path, tmp_path):
+  book = nbformat.read(path, as_version=4)
+  for cell in book.cells:
+    if cell.cell_type == "code":
+      assert not cell.outputs and cell.execution_count is None, (
+          f"{path.name}: clear outputs before committing (jupyter nbconvert "
+          "--clear-output --inplace notebooks/*.ipynb)")
+  # The kernel inherits the suite's environment (8 CPU devices, JAX_PLATFORMS=cpu);
+  # it starts in notebooks/, as Jupyter would.
+  client = NotebookClient(book, timeout=180, kernel_name="python3",
+                          resources={"metadata": {"path": str(path.parent)}})
+  start = time.perf_counter()
+  client.execute()
+  seconds = time.perf_counter() - start
+  errors = [o for c in book.cells for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+  assert not errors
+  assert seconds < 180, f"{path.name} took {seconds:.0f} s; the budget is 3 minutes"
