@@ -26,12 +26,14 @@ def test_cached_decode_equals_full_forward(block):
   m = Decoder(ModelConfig(**CFG, **BLOCKS[block]), rngs=nnx.Rngs(0))
   lengths, new = [5, 9], 6
   seqs = np.asarray(jax.random.randint(jax.random.key(1), (2, 9 + new), 0, 61))
-  full = [np.asarray(m(seqs[r:r + 1]))[0] for r in range(2)]  # [T, vocab] per row
+  forward = jax.jit(lambda m, t: m(t))
+  full = [np.asarray(forward(m, seqs[r:r + 1]))[0] for r in range(2)]  # [T, vocab]
   prompts = np.zeros((2, 9), np.int32)
   for r, n in enumerate(lengths):
     prompts[r, :n] = seqs[r, :n]
   cache = infer.init_cache(m, 2, 9 + new)
-  logits, cache = m(jnp.asarray(prompts), cache=cache, prefill=True)
+  prefill = jax.jit(lambda m, t, c: m(t, cache=c, prefill=True))
+  logits, cache = prefill(m, jnp.asarray(prompts), cache)
   for r, n in enumerate(lengths):
     np.testing.assert_allclose(logits[r, :n], full[r][:n], rtol=1e-5, atol=1e-5)
   step = jax.jit(lambda m, t, p, c: m(t, p, cache=c))
@@ -44,10 +46,14 @@ def test_cached_decode_equals_full_forward(block):
 
 
 def _greedy_by_full_forward(m, prompt, n):
-  seq = list(prompt)
-  for _ in range(n):
-    seq.append(int(np.argmax(np.asarray(m(jnp.asarray([seq])))[0, -1])))
-  return seq[len(prompt):]
+  """Greedy tokens by a full causal forward per step, over a zero-padded sequence of
+  fixed length (one compile): position i's logits see only tokens 0..i."""
+  forward = jax.jit(lambda m, t: m(t))
+  seq = np.zeros((1, len(prompt) + n), np.int32)
+  seq[0, :len(prompt)] = prompt
+  for i in range(len(prompt), len(prompt) + n):
+    seq[0, i] = int(np.argmax(np.asarray(forward(m, seq))[0, i - 1]))
+  return seq[0, len(prompt):].tolist()
 
 
 def test_generate_greedy_matches_recomputation_and_streams():
