@@ -188,6 +188,8 @@ def _ask_compiler(command: str, topology: str) -> None:
   import jax
   if "JAX_PLATFORMS" not in os.environ:  # the host's own accelerators are not used
     jax.config.update("jax_platforms", "cpu")
+  # Another process may hold libtpu's lock file; a deviceless compile needs no chip.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if command == "compile":
     from train import compile as aot
     report = aot.compile_step(_CONFIG.value, topology, _WHAT.value, _DUMP_HLO.value)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 import sharding
-from model import Decoder
+from model import Decoder, ModelConfig
 
 # [layers, batch, max_length, kv_heads, head_dim]
 CACHE_AXES = ("layers", "batch", None, "act_kv_heads", None)
@@ -19,16 +19,21 @@ def mesh_of(model: Decoder):
   return s.mesh if isinstance(s, NamedSharding) else None
 
 
-def init_cache(model: Decoder, batch: int, max_length: int):
-  """Zeroed (k, v), each [layers, batch, max_length, kv_heads, head_dim] in the
-  compute dtype: batch over the data axes and kv_heads over `tensor`."""
-  cfg = model.cfg
+def cache_struct(cfg: ModelConfig, batch: int, max_length: int, rules=(),
+                 mesh=None) -> jax.ShapeDtypeStruct:
+  """Shape, dtype and (with a mesh) sharding of the K or the V cache:
+  [layers, batch, max_length, kv_heads, head_dim] in the compute dtype, batch over
+  the data axes and kv_heads over `tensor`."""
   shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-  mesh = mesh_of(model)
   if mesh is None:
-    make = lambda: jnp.zeros(shape, cfg.dtype)
-    return make(), make()
-  spec = sharding.logical_to_spec(CACHE_AXES, model.constrain.rules, mesh, shape)
-  make = jax.jit(lambda: jnp.zeros(shape, cfg.dtype),
-                 out_shardings=NamedSharding(mesh, spec))
+    return jax.ShapeDtypeStruct(shape, cfg.dtype)
+  spec = sharding.logical_to_spec(CACHE_AXES, rules, mesh, shape)
+  return jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=NamedSharding(mesh, spec))
+
+
+def init_cache(model: Decoder, batch: int, max_length: int):
+  """Zeroed (k, v), laid out as `cache_struct` says, on the model's mesh."""
+  s = cache_struct(model.cfg, batch, max_length, model.constrain.rules,
+                   mesh_of(model))
+  make = jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=s.sharding)
   return make(), make()

@@ -22,8 +22,13 @@ def sharding_table(tree: Any, shardings: Any) -> str:
                  str(tuple(s.spec)), format_bytes(local)))
   rows.append(("total", "", "", "",
                f"{format_bytes(per_dev)} of {format_bytes(total)}"))
-  widths = [max(len(r[i]) for r in rows) for i in range(5)]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+  return format_rows(rows)
+
+
+def format_rows(rows: list[tuple[str, ...]], indent: str = "") -> str:
+  """Rows of strings as left-aligned columns, two spaces apart."""
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
                    for r in rows)
 
 

@@ -105,8 +105,6 @@ def topology_devices(topology: str) -> list[jax.Device]:
         "--topology", f"compiling for {topology} needs libtpu, the TPU compiler, "
         "which is not installed (no TPU is needed, only the library).",
         'pip install -e ".[tpu]" (jax[tpu] at the pinned jax version).')
-  # Another process may hold libtpu's lock file; a deviceless compile needs no chip.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
@@ -210,12 +208,10 @@ def _train_step(config, spec, mesh, rules):
 def _decode_step(cfg: ModelConfig, spec, mesh, rules, batch: int, max_length: int):
   """One new token per sequence through `Decoder.__call__` with a KV cache, then
   greedy argmax. The cache layout is infer's (`infer.kv_cache`)."""
-  from infer.kv_cache import CACHE_AXES  # infer imports train; import when used
+  from infer.kv_cache import cache_struct  # infer imports train; import when used
   params = abstract_params(spec, mesh)
-  shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
-  cache_sharding = NamedSharding(
-      mesh, sharding.logical_to_spec(CACHE_AXES, rules, mesh, shape))
-  kv = jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=cache_sharding)
+  kv = cache_struct(cfg, batch, max_length, rules, mesh)
+  cache_sharding = kv.sharding
   rows = batch_sharding(mesh, rules, batch, 1)
   token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows)
 

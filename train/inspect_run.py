@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import sharding
 from train.checkpoint import checkpoint_dir
 from train.metrics import read_metrics
 
@@ -67,10 +68,8 @@ def describe_run(workdir: str) -> str:
       rows.append((name, "x".join(map(str, m.shape)), str(np.dtype(m.dtype)),
                    f"{tuple(spec) if spec is not None else '?'} on {mesh}"))
       total += int(np.prod(m.shape))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines.append(f"parameters at step {steps[-1]} ({total / 1e6:.2f}M):")
-    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-              for r in rows]
+    lines.append(sharding.format_rows(rows, indent="  "))
   if manager:
     manager.close()
   return "\n".join(lines)

@@ -181,8 +181,7 @@ def table(plans: list[Plan]) -> str:
                  f"{p.step_time * 1e3:.2f} ms ({p.report.bound()})"
                  if math.isfinite(p.step_time) else "-",
                  f"{p.mfu_bound:.1%}" if math.isfinite(p.mfu_bound) else "-", p.note))
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+  lines = [sharding.format_rows(rows)]
   best = next((p for p in plans if p.fits), None)
   lines.append("")
   lines.append(f"best: {best.flags()}" if best else "no plan fits in HBM.")
