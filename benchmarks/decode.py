@@ -8,6 +8,11 @@ Same weights on both sides: a random 21M-parameter Llama (d_model 512, 4 layers,
 New tokens per second exclude compilation (one warm-up generation first). One
 JSON line per measurement.
 
+Also timed, as the reference for what any float32 decoder can reach under XLA:CPU
+here: the "matmul floor", only the model's projection matmuls (every weight read
+once per token, as separate per-layer arrays, in a jitted loop of 128 steps) with
+no attention, norms, sampling or cache.
+
 Then (unless --ladder=false) the ladder question: the cached decode step of a
 larger model under tensor=2 spanning two processes joined over gloo, for standard,
 parallel and ladder blocks and the no-communication bound (`desync`), run by
@@ -37,6 +42,40 @@ PROMPT, NEW = 64, 128
 
 def emit(**row):
   print(json.dumps(row), flush=True)
+
+
+def matmul_floor(model, batch: int, steps: int = NEW) -> float:
+  """Seconds for `steps` passes of [batch, d_model] rows through every projection
+  of `model` (attention q, k, v, o; MLP gate, up, down; LM head), nothing else."""
+  import jax
+  import jax.numpy as jnp
+
+  d = model.cfg.d_model
+  mats = [[w.reshape(d, -1) if w.shape[0] == d else w.reshape(-1, d)
+           for w in (layer["attn"]["q"], layer["attn"]["k"], layer["attn"]["v"],
+                     layer["attn"]["o"], layer["mlp"]["gate"], layer["mlp"]["up"],
+                     layer["mlp"]["down"])]
+          for layer in (jax.tree.map(lambda p: p[...], s)
+                        for s in model.split_layers())]
+  head = model.head[...]
+
+  @jax.jit
+  def run(x, mats, head):
+    def token(_, x):
+      for q, k, v, o, gate, up, down in mats:
+        x = x + (x @ q + x @ k + x @ v) @ o
+        x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
+      return (x @ head)[:, :d]
+    return jax.lax.fori_loop(0, steps, token, x)
+
+  x = jnp.ones((batch, d), jnp.float32)
+  run(x, mats, head).block_until_ready()
+  best = float("inf")
+  for _ in range(_REPS.value):
+    start = time.perf_counter()
+    run(x, mats, head).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 def main(argv):
@@ -91,6 +130,9 @@ def main(argv):
     emit(system="transformers", batch=batch, seconds=best_hf, new_tokens_per_sec=hf_tps)
     emit(what="ratio", batch=batch, rung_over_transformers=rung_tps / hf_tps,
          same_greedy_tokens=f"{sum(same)}/{batch}")
+    floor_tps = batch * NEW / matmul_floor(model, batch)
+    emit(system="matmul floor", batch=batch, new_tokens_per_sec=floor_tps,
+         floor_over_transformers=floor_tps / hf_tps, rung_over_floor=rung_tps / floor_tps)
   if _LADDER.value:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "ladder_overlap.py")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.kv_cache import init_cache, mesh_of
+from infer.kv_cache import init_cache, mesh_of, split_cache
 from infer.sampling import sample
 from model import Decoder
 
@@ -25,21 +25,29 @@ def _prefill(graphdef, params, tokens, cache, lengths):
   return last.astype(jnp.float32), cache
 
 
-def _decode_step(model, cache, logits, positions, done, key, i, sampling, stops):
+def _decode_step(model, cache, logits, positions, done, key, i, sampling, stops,
+                 layers=None):
   """Samples one token per row from `logits`, then runs it through the model."""
   token = sample(logits, jax.random.fold_in(key, i), *sampling)
   token = jnp.where(done, 0, token)
   done = done | jnp.isin(token, stops)
-  logits, cache = model(token[:, None], positions[:, None], cache=cache)
+  logits, cache = model(token[:, None], positions[:, None], cache=cache,
+                        layers=layers)
   return token, logits[:, 0].astype(jnp.float32), cache, done
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7))
 def _decode_loop(graphdef, params, cache, logits, positions, key, max_new: int,
                  sampling: tuple, stops):
-  """All new tokens in one jax.lax.while_loop: no Python between tokens."""
+  """All new tokens in one jax.lax.while_loop: no Python between tokens.
+
+  The layers' weights and the cache are split per layer once, before the loop, and
+  the layers run unrolled (`Decoder.split_layers`): no per-token weight copies.
+  """
   model = nnx.merge(graphdef, params)
   batch = logits.shape[0]
+  layers = model.split_layers()
+  cache = split_cache(cache, model.cfg.unit)
 
   def cond(carry):
     i, done = carry[0], carry[5]
@@ -48,7 +56,7 @@ def _decode_loop(graphdef, params, cache, logits, positions, key, max_new: int,
   def body(carry):
     i, cache, logits, positions, out, done = carry
     token, logits, cache, done_next = _decode_step(
-        model, cache, logits, positions, done, key, i, sampling, stops)
+        model, cache, logits, positions, done, key, i, sampling, stops, layers)
     out = out.at[:, i].set(jnp.where(done, -1, token))
     return i + 1, cache, logits, positions + 1, out, done_next
 

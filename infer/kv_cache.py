@@ -35,5 +35,13 @@ def init_cache(model: Decoder, batch: int, max_length: int):
   """Zeroed (k, v), laid out as `cache_struct` says, on the model's mesh."""
   s = cache_struct(model.cfg, batch, max_length, model.constrain.rules,
                    mesh_of(model))
-  make = jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=s.sharding)
-  return make(), make()
+  return tuple(jnp.zeros(s.shape, s.dtype, device=s.sharding) for _ in "kv")
+
+
+def split_cache(cache, unit: int = 1) -> list:
+  """The decode loop's private form of a stacked (k, v): one (k, v) per scanned
+  step of `unit` layers, each [unit, batch, kv_heads, max_len, head_dim], the
+  cache `Decoder(..., layers=...)` takes. Made once per generation, before the
+  token loop (kernels/cached.py says why heads-major)."""
+  k, v = (jnp.swapaxes(c, 2, 3) for c in cache)
+  return [(k[i:i + unit], v[i:i + unit]) for i in range(0, k.shape[0], unit)]

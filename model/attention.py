@@ -50,7 +50,8 @@ class Attention(nnx.Module):
     return dense(o, self.o[...].astype(self.dtype), contract=2)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None, cache=None, prefill: bool = False):
+               segment_ids: jax.Array | None, cache=None, prefill: bool = False,
+               heads_major: bool = False):
     """Without `cache`: [batch, length, embed] -> same.
 
     With cache = ((k, v), layer), k and v each [layers, batch, max_len, kv_heads,
@@ -58,7 +59,8 @@ class Attention(nnx.Module):
     their positions (contiguous per row) and the result is (output, (k, v)). With
     `prefill` the tokens are a whole prompt from position 0 and attend over their
     own K/V with the configured kernel; otherwise (decode) they attend over the
-    cache.
+    cache. `heads_major`: the caches are [layers, batch, kv_heads, max_len,
+    head_dim] (`kernels.cached`).
     """
     q, k, v = self.project_qkv(x, positions)
     if cache is None:
@@ -66,11 +68,11 @@ class Attention(nnx.Module):
                             impl=self.impl)  # [batch, length, heads, head_dim]
       return self.project_out(o)
     (k_cache, v_cache), layer = cache
-    k_cache = cached.write(k_cache, k, layer, positions[:, 0])
-    v_cache = cached.write(v_cache, v, layer, positions[:, 0])
+    k_cache = cached.write(k_cache, k, layer, positions[:, 0], heads_major)
+    v_cache = cached.write(v_cache, v, layer, positions[:, 0], heads_major)
     if prefill:
       o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
                             impl=self.impl)
     else:
-      o = cached.attention(q, k_cache[layer], v_cache[layer], positions)
+      o = cached.attention(q, k_cache[layer], v_cache[layer], positions, heads_major)
     return self.project_out(o), (k_cache, v_cache)

@@ -55,16 +55,19 @@ class Block(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Context:
   """Per-call inputs every layer reads: positions and segment ids [batch, length],
-  and whether a KV cache is being filled from position 0 (prefill)."""
+  whether a KV cache is being filled from position 0 (prefill), and whether it is
+  laid out heads-major (`kernels.cached`)."""
   positions: jax.Array
   segment_ids: jax.Array | None
   prefill: bool = False
+  heads_major: bool = False
 
 
 def _attend(block: Block, h: jax.Array, ctx: Context, cache):
   if cache is None:
     return block.attn(h, ctx.positions, ctx.segment_ids), None
-  return block.attn(h, ctx.positions, ctx.segment_ids, cache, ctx.prefill)
+  return block.attn(h, ctx.positions, ctx.segment_ids, cache, ctx.prefill,
+                    ctx.heads_major)
 
 
 # Each dataflow: (block, carry, cache, ctx) -> (carry, cache), where cache is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,8 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache=None,
-               prefill: bool = False, return_aux: bool = False):
+               prefill: bool = False, return_aux: bool = False,
+               layers: Sequence[nnx.State] | None = None):
     """tokens: [batch, length] ints -> logits [batch, length, vocab] (compute dtype).
 
     positions default to 0..length-1; with `segment_ids` (packed sequences) tokens
@@ -69,6 +71,11 @@ class Decoder(nnx.Module):
     (logits, updated cache): `prefill=True` for a prompt from position 0, else new
     tokens at `positions` attend over everything cached before them.
 
+    With `layers` (from `split_layers`) the layers run unrolled over those
+    per-layer arrays instead of scanning the stacked ones, and a cache is one (k, v)
+    per scanned step, each [unit, batch, kv_heads, max_len, head_dim]
+    (`infer.kv_cache.split_cache`): the decode loop's form.
+
     With `return_aux` an MoE model's router metrics (`moe.aggregate`: the auxiliary
     losses for the training loss, load and drops) come last in the output; a dense
     model gives {}.
@@ -76,8 +83,9 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
-    ctx = blocks.Context(positions, segment_ids, prefill)
-    x, cache, stats = self.run_layers(x, ctx, cache)
+    ctx = blocks.Context(positions, segment_ids, prefill,
+                         heads_major=layers is not None)
+    x, cache, stats = self.run_layers(x, ctx, cache, layers)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
@@ -89,13 +97,29 @@ class Decoder(nnx.Module):
       out += (moe.aggregate(stats) if stats else {},)
     return out[0] if len(out) == 1 else out
 
-  def run_layers(self, x: jax.Array, ctx: blocks.Context, cache=None):
-    """Scans each run of same-kind layers; ladder outputs still pending at a
-    standard layer or at the end are added to the stream there.
+  def split_layers(self) -> list[nnx.State]:
+    """Each scanned step's parameters as separate arrays, for `layers=`.
 
-    The whole KV cache rides in the scan carry (each layer scatters its new rows
+    For generation: slice once, outside the token loop. Inside a scan, XLA:CPU
+    copies every layer's weights out of the stacked arrays on every call; in
+    matrix-vector decoding that copy costs about as much as the matmuls themselves
+    (benchmarks/README.md, "Decode speed"). Unrolled layers also compile in time
+    proportional to depth, which is why training keeps the scan.
+    """
+    _, state = nnx.split(self.layers)
+    steps = self.cfg.num_layers // self.cfg.unit
+    return [jax.tree.map(lambda p, i=i: p[i], state) for i in range(steps)]
+
+  def run_layers(self, x: jax.Array, ctx: blocks.Context, cache=None,
+                 layers: Sequence[nnx.State] | None = None):
+    """Scans each run of same-kind layers (or, given per-layer `layers`, runs them
+    one after another); ladder outputs still pending at a standard layer or at the
+    end are added to the stream there.
+
+    A stacked KV cache rides in the scan carry (each layer scatters its new rows
     into it), never in the scanned-over inputs and outputs: those would copy the
-    cache every step.
+    cache every step. Unrolled, each step has its own (k, v), heads-major, and
+    writes at its own layer 0.
 
     Also returns the MoE layers' router stats stacked in layer order (None for a
     dense model): scan outputs, one row per scanned step.
@@ -106,8 +130,6 @@ class Decoder(nnx.Module):
     unit = self.cfg.unit
     for kind, start, stop in self.cfg.segments():
       start, stop = start // unit, stop // unit  # scanned steps (validated whole)
-      whole = (start, stop) == (0, self.cfg.num_layers // unit)
-      layers = state if whole else jax.tree.map(lambda p: p[start:stop], state)
       step = blocks.RESIDUAL[kind]
       if unit > 1:
         step = functools.partial(blocks.through_unit, step)
@@ -123,16 +145,31 @@ class Decoder(nnx.Module):
       if self.cfg.remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
                               prevent_cse=False)
-      xs = (layers, jnp.arange(start, stop))
+
+      def run(carry, cache, body=body, start=start, stop=stop):
+        if layers is None:
+          whole = (start, stop) == (0, self.cfg.num_layers // unit)
+          segment = state if whole else jax.tree.map(lambda p: p[start:stop], state)
+          return jax.lax.scan(body, (carry, cache), (segment, jnp.arange(start, stop)))
+        kvs, out = list(cache) if cache is not None else None, []
+        for i in range(start, stop):
+          (carry, kv), s = body((carry, None if kvs is None else kvs[i]),
+                                (layers[i], 0))
+          out.append(s)
+          if kvs is not None:
+            kvs[i] = kv
+        stacked = None if out[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *out)
+        return (carry, kvs), stacked
+
       if kind == "ladder":
         a, m = pending or (jnp.zeros_like(x), jnp.zeros_like(x))
-        ((x, a, m), cache), seg_stats = jax.lax.scan(body, ((x, a, m), cache), xs)
+        ((x, a, m), cache), seg_stats = run((x, a, m), cache)
         pending = (a, m)
       else:
         if pending is not None:
           x = x + pending[0] + pending[1]
           pending = None
-        (x, cache), seg_stats = jax.lax.scan(body, (x, cache), xs)
+        (x, cache), seg_stats = run(x, cache)
       stats.append(seg_stats)
     if pending is not None:
       x = x + pending[0] + pending[1]

@@ -36,13 +36,18 @@ def test_cached_decode_equals_full_forward(block):
   logits, cache = prefill(m, jnp.asarray(prompts), cache)
   for r, n in enumerate(lengths):
     np.testing.assert_allclose(logits[r, :n], full[r][:n], rtol=1e-5, atol=1e-5)
-  step = jax.jit(lambda m, t, p, c: m(t, p, cache=c))
-  for j in range(new):
-    pos = np.array([n + j for n in lengths])
-    tok = seqs[np.arange(2), pos]
-    logits, cache = step(m, tok[:, None], pos[:, None], cache)
-    for r in range(2):
-      np.testing.assert_allclose(logits[r, 0], full[r][pos[r]], rtol=1e-5, atol=1e-5)
+  # The scanned model over the stacked cache, and the generation loop's form:
+  # unrolled per-layer weights over the split, heads-major cache.
+  stacked = jax.jit(lambda m, t, p, c: m(t, p, cache=c))
+  unrolled = jax.jit(lambda m, t, p, c: m(t, p, cache=c, layers=m.split_layers()))
+  for step, c in ((stacked, cache), (unrolled, infer.split_cache(cache, m.cfg.unit))):
+    for j in range(new):
+      pos = np.array([n + j for n in lengths])
+      tok = seqs[np.arange(2), pos]
+      logits, c = step(m, tok[:, None], pos[:, None], c)
+      for r in range(2):
+        np.testing.assert_allclose(logits[r, 0], full[r][pos[r]], rtol=1e-5,
+                                   atol=1e-5)
 
 
 def _greedy_by_full_forward(m, prompt, n):
