@@ -6,6 +6,7 @@ from typing import Any
 
 from sharding.errors import ConfigError
 from sharding.mesh import AXES, BATCH_AXES, resolve_shape
+from sharding.rules import normalize_rules
 
 
 def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
@@ -30,6 +31,18 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"{experts} experts cannot be split over mesh.expert={e}.",
         f"choose mesh.expert dividing {experts} (e.g. --config.mesh.expert="
         f"{_largest_divisor(experts, e)}), or a multiple of {e} experts.")
+  if experts:
+    rules = dict(normalize_rules(config.mesh.rules))
+    shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
+              and sizes[a] > 1]
+    if shared:
+      raise ConfigError(
+          "mesh.rules.mlp",
+          f"the experts' hidden dimension (`mlp`) and the batch are both split "
+          f"over mesh axes {shared}: expert parallelism sums partial expert outputs "
+          "over the `mlp` axes, which would add up different tokens.",
+          "map `mlp` and `batch` to disjoint mesh axes (the default maps mlp to "
+          "tensor and batch to data, fsdp, expert).")
   if config.data.seq_len % sizes["sequence"]:
     raise ConfigError(
         "data.seq_len",

@@ -39,6 +39,18 @@ def test_library_raises_config_error(case):
   assert "Fix:" in str(err.value)
 
 
+def test_moe_mlp_and_batch_on_one_mesh_axis():
+  config = llama_tiny.get_config()
+  config.model.moe.num_experts = 4
+  config.mesh.rules.mlp = ("data",)
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(config, 8)
+  assert err.value.field == "mesh.rules.mlp"
+  assert "split over mesh axes ['data']" in str(err.value)
+  config.model.moe.num_experts = 0  # a dense MLP may share them (plain GSPMD)
+  train.validate_config(config, 8)
+
+
 CLI_CASES = {
     **{k: ([f"--config.{p}={v}" for p, v in o.items()], f, n)
        for k, (o, f, n) in CASES.items()},
