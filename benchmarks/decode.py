@@ -132,7 +132,8 @@ def main(argv):
          same_greedy_tokens=f"{sum(same)}/{batch}")
     floor_tps = batch * NEW / matmul_floor(model, batch)
     emit(system="matmul floor", batch=batch, new_tokens_per_sec=floor_tps,
-         floor_over_transformers=floor_tps / hf_tps, rung_over_floor=rung_tps / floor_tps)
+         floor_over_transformers=floor_tps / hf_tps,
+         rung_over_floor=rung_tps / floor_tps)
   if _LADDER.value:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "ladder_overlap.py")

@@ -74,5 +74,6 @@ class Attention(nnx.Module):
       o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
                             impl=self.impl)
     else:
-      o = cached.attention(q, k_cache[layer], v_cache[layer], positions, heads_major)
+      o = cached.attention(q, k_cache[layer], v_cache[layer], positions,
+                           heads_major)
     return self.project_out(o), (k_cache, v_cache)

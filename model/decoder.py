@@ -150,7 +150,8 @@ class Decoder(nnx.Module):
         if layers is None:
           whole = (start, stop) == (0, self.cfg.num_layers // unit)
           segment = state if whole else jax.tree.map(lambda p: p[start:stop], state)
-          return jax.lax.scan(body, (carry, cache), (segment, jnp.arange(start, stop)))
+          return jax.lax.scan(body, (carry, cache),
+                              (segment, jnp.arange(start, stop)))
         kvs, out = list(cache) if cache is not None else None, []
         for i in range(start, stop):
           (carry, kv), s = body((carry, None if kvs is None else kvs[i]),
@@ -158,8 +159,9 @@ class Decoder(nnx.Module):
           out.append(s)
           if kvs is not None:
             kvs[i] = kv
-        stacked = None if out[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *out)
-        return (carry, kvs), stacked
+        if out[0] is None:
+          return (carry, kvs), None
+        return (carry, kvs), jax.tree.map(lambda *s: jnp.stack(s), *out)
 
       if kind == "ladder":
         a, m = pending or (jnp.zeros_like(x), jnp.zeros_like(x))

@@ -40,7 +40,8 @@ def test_cached_decode_equals_full_forward(block):
   # unrolled per-layer weights over the split, heads-major cache.
   stacked = jax.jit(lambda m, t, p, c: m(t, p, cache=c))
   unrolled = jax.jit(lambda m, t, p, c: m(t, p, cache=c, layers=m.split_layers()))
-  for step, c in ((stacked, cache), (unrolled, infer.split_cache(cache, m.cfg.unit))):
+  split = infer.split_cache(cache, m.cfg.unit)
+  for step, c in ((stacked, cache), (unrolled, split)):
     for j in range(new):
       pos = np.array([n + j for n in lengths])
       tok = seqs[np.arange(2), pos]
