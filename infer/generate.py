@@ -46,8 +46,7 @@ def _decode_loop(graphdef, params, cache, logits, positions, key, max_new: int,
   """
   model = nnx.merge(graphdef, params)
   batch = logits.shape[0]
-  layers = model.split_layers()
-  cache = split_cache(cache, model.cfg.unit)
+  layers, cache = _decode_form(model, cache)
 
   def cond(carry):
     i, done = carry[0], carry[5]
@@ -66,11 +65,23 @@ def _decode_loop(graphdef, params, cache, logits, positions, key, max_new: int,
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=2)
-def _decode_one(graphdef, params, cache, logits, positions, done, key, i, sampling,
-                stops):
+def _decode_form(model: Decoder, cache):
+  """Per-layer weights and the split, heads-major cache: what the decode steps run
+  on (`Decoder.split_layers`, `infer.kv_cache.split_cache`)."""
+  return model.split_layers(), split_cache(cache, model.cfg.unit)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _split(graphdef, params, cache):
+  return _decode_form(nnx.merge(graphdef, params), cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=3)
+def _decode_one(graphdef, params, layers, cache, logits, positions, done, key, i,
+                sampling, stops):
   model = nnx.merge(graphdef, params)
-  return _decode_step(model, cache, logits, positions, done, key, i, sampling, stops)
+  return _decode_step(model, cache, logits, positions, done, key, i, sampling, stops,
+                      layers)
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -106,13 +117,14 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
       out = np.asarray(_decode_loop(graphdef, params, cache, logits, positions, key,
                                     max_new_tokens, sampling, stops))
     else:
+      layers, cache = _split(graphdef, params, cache)
       done = jnp.zeros((batch,), bool)
       was_done = np.zeros((batch,), bool)
       columns = []
       for i in range(max_new_tokens):
-        token, logits, cache, done = _decode_one(graphdef, params, cache, logits,
-                                                 positions, done, key, i, sampling,
-                                                 stops)
+        token, logits, cache, done = _decode_one(graphdef, params, layers, cache,
+                                                 logits, positions, done, key, i,
+                                                 sampling, stops)
         token_h, done_h = jax.device_get((token, done))  # one host sync per token
         column = np.where(was_done, -1, token_h)
         columns.append(column)

@@ -148,3 +148,22 @@ def test_generation_same_on_tensor4_data2_as_one_device(imported_hf):
   assert "tensor" in str(q.sharding.spec)
   assert (infer.generate(one, PROMPTS[:2], max_new_tokens=12) ==
           infer.generate(sharded, PROMPTS[:2], max_new_tokens=12))
+
+
+def test_cli_generate_streams_what_the_library_generates(tiny_config, tmp_path):
+  """`python -m experiment generate` on a tensor=2 mesh prints the prompt and the
+  same greedy continuation as `infer.generate` on one device."""
+  import train
+  from conftest import run_cli
+  from train.tokenizer import ByteTokenizer
+  tiny_config.model.vocab_size = ByteTokenizer.vocab_size
+  train.train(tiny_config, str(tmp_path), progress=False)
+  model, _ = infer.load(str(tmp_path), devices=jax.devices()[:1])
+  tok = ByteTokenizer()
+  new = infer.generate(model, [tok.encode("def ").tolist()], max_new_tokens=12,
+                       stop_tokens=[tok.eos_id])[0]
+  proc = run_cli("generate", f"--workdir={tmp_path}", "--prompt=def ",
+                 "--max_new_tokens=12", "--config.mesh.tensor=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert len(new) >= 4, new  # something to compare (it may end at the eos id)
+  assert proc.stdout == "def " + tok.decode(new) + "\n"
