@@ -25,8 +25,8 @@ def _prefill(graphdef, params, tokens, cache, lengths):
   return last.astype(jnp.float32), cache
 
 
-def _decode_step(model, cache, logits, positions, done, key, i, sampling, stops,
-                 layers=None):
+def _decode_step(model, layers, cache, logits, positions, done, key, i, sampling,
+                 stops):
   """Samples one token per row from `logits`, then runs it through the model."""
   token = sample(logits, jax.random.fold_in(key, i), *sampling)
   token = jnp.where(done, 0, token)
@@ -55,7 +55,7 @@ def _decode_loop(graphdef, params, cache, logits, positions, key, max_new: int,
   def body(carry):
     i, cache, logits, positions, out, done = carry
     token, logits, cache, done_next = _decode_step(
-        model, cache, logits, positions, done, key, i, sampling, stops, layers)
+        model, layers, cache, logits, positions, done, key, i, sampling, stops)
     out = out.at[:, i].set(jnp.where(done, -1, token))
     return i + 1, cache, logits, positions + 1, out, done_next
 
@@ -80,8 +80,8 @@ def _split(graphdef, params, cache):
 def _decode_one(graphdef, params, layers, cache, logits, positions, done, key, i,
                 sampling, stops):
   model = nnx.merge(graphdef, params)
-  return _decode_step(model, cache, logits, positions, done, key, i, sampling, stops,
-                      layers)
+  return _decode_step(model, layers, cache, logits, positions, done, key, i,
+                      sampling, stops)
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

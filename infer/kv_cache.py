@@ -35,7 +35,8 @@ def init_cache(model: Decoder, batch: int, max_length: int):
   """Zeroed (k, v), laid out as `cache_struct` says, on the model's mesh."""
   s = cache_struct(model.cfg, batch, max_length, model.constrain.rules,
                    mesh_of(model))
-  return tuple(jnp.zeros(s.shape, s.dtype, device=s.sharding) for _ in "kv")
+  zeros = lambda: jnp.zeros(s.shape, s.dtype, device=s.sharding)
+  return zeros(), zeros()
 
 
 def split_cache(cache, unit: int = 1) -> list:

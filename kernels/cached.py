@@ -47,7 +47,10 @@ def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   With `heads_major` the caches are [batch, kv_heads, max_len, head_dim].
   """
   b, t, h, d = q.shape
-  kvh, max_len = (k_cache.shape[1:3] if heads_major else k_cache.shape[2:0:-1])
+  if heads_major:
+    _, kvh, max_len, _ = k_cache.shape
+  else:
+    _, max_len, kvh, _ = k_cache.shape
   cache_dims = "bksd" if heads_major else "bskd"
   qg = q.reshape(b, t, kvh, h // kvh, d)  # [batch, t, kv_heads, group, head_dim]
   scores = jnp.einsum(f"btkgd,{cache_dims}->bkgts", qg, k_cache,
