@@ -1,37 +1,68 @@
-"""rung launcher.
+"""rung launcher: `python -m experiment <command> [flags]`.
 
-  python -m experiment train --config=experiments/llama_tiny.py --workdir=runs/tiny
-      [--config.mesh.tensor=2 --config.model.num_layers=3 ...]
-  python -m experiment import-hf --hf_dir=path/to/llama --workdir=runs/llama
-  python -m experiment export-hf --workdir=runs/llama --out=path/to/hf_out
-  python -m experiment inspect --workdir=runs/tiny
-  python -m experiment generate --workdir=runs/tiny --prompt="def main(" \
-      [--max_new_tokens=200 --temperature=0.8 --top_p=0.95 --config.mesh.tensor=2]
-  python -m experiment compile --config=experiments/llama_1b.py --topology=v5p:2x2x2 \
-      [--what=train|decode --output_json=F --dump_hlo=DIR --config.mesh.tensor=4]
-  python -m experiment plan --config=experiments/llama_1b.py --topology=v5e:2x4 \
-      [--max_plans=12 --plan_sequence --output_json=F]
+`python -m experiment --help` lists the commands; `python -m experiment <command>
+--help` lists that command's flags. Config fields are overridden with
+`--config.<group>.<field>=value`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import textwrap
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sharding import ConfigError
 
+_PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
+                  "join_timeout_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One launcher command: what it does, an example, the flags it reads."""
+  summary: str
+  example: str
+  flags: tuple[str, ...]
+
+
 COMMANDS = {
-    "train": "train --config in --workdir; resumes from its latest checkpoint",
-    "import-hf": "local HF Llama (--hf_dir) -> rung run dir (--workdir) at step 0",
-    "export-hf": "a run's parameters (--workdir, --step) -> HF safetensors in --out",
-    "inspect": "list a run's checkpoints, metrics and parameter shardings",
-    "generate": "continue --prompt with a run's latest checkpoint, streaming text",
-    "compile": "compile --config's step for a TPU --topology (no TPU needed): "
-               "memory, fit, FLOPs, collectives, time",
-    "plan": "compile every mesh and remat plan for --topology; rank them",
+    "train": Command(
+        "train --config in --workdir; resumes from its latest checkpoint",
+        "--config=experiments/llama_tiny.py --workdir=runs/tiny "
+        "[--config.mesh.tensor=2 --config.model.num_layers=3 ...]",
+        ("config", "workdir", *_PROCESS_FLAGS)),
+    "import-hf": Command(
+        "local HF Llama (--hf_dir) -> rung run dir (--workdir) at step 0",
+        "--hf_dir=path/to/llama --workdir=runs/llama",
+        ("hf_dir", "workdir", "config", *_PROCESS_FLAGS)),
+    "export-hf": Command(
+        "a run's parameters (--workdir, --step) -> HF safetensors in --out",
+        "--workdir=runs/llama --out=path/to/hf_out",
+        ("workdir", "out", "step", *_PROCESS_FLAGS)),
+    "inspect": Command(
+        "list a run's checkpoints, metrics and parameter shardings",
+        "--workdir=runs/tiny", ("workdir", *_PROCESS_FLAGS)),
+    "generate": Command(
+        "continue --prompt with a run's latest checkpoint, streaming text",
+        '--workdir=runs/tiny --prompt="def main(" [--max_new_tokens=200 '
+        "--temperature=0.8 --top_p=0.95 --config.mesh.tensor=2]",
+        ("workdir", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
+         "seed", "step", "config", *_PROCESS_FLAGS)),
+    "compile": Command(
+        "compile --config's step for a TPU --topology (no TPU needed): memory, "
+        "fit, FLOPs, collectives, time",
+        "--config=experiments/llama_1b.py --topology=v5p:2x2x2 [--what=train|decode "
+        "--output_json=F --dump_hlo=DIR --config.mesh.tensor=4]",
+        ("config", "topology", "what", "output_json", "dump_hlo")),
+    "plan": Command(
+        "compile every mesh and remat plan for --topology; rank them",
+        "--config=experiments/llama_1b.py --topology=v5e:2x4 [--max_plans=12 "
+        "--plan_sequence --output_json=F]",
+        ("config", "topology", "max_plans", "plan_sequence", "output_json")),
 }
 # Commands that need --config (import-hf defaults to experiments/base.py).
 _NEEDS_CONFIG = ("train", "compile", "plan")
@@ -42,9 +73,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file; `path.py:arg` passes arg to get_config.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints).")
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "import-hf: HF checkpoint directory.")
-_OUT = flags.DEFINE_string("out", None, "export-hf: output directory.")
-_STEP = flags.DEFINE_integer("step", None, "export-hf, generate: checkpoint step "
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "HF checkpoint directory.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step "
                              "(default latest).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: host:port of process 0 (with "
@@ -54,30 +85,63 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: cou
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's id.")
 _JOIN_TIMEOUT = flags.DEFINE_integer("join_timeout_s", 300, "Multi-process: seconds "
                                      "to wait for every process to join.")
-_PROMPT = flags.DEFINE_string("prompt", None, "generate: text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens to add.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample from the k likeliest.")
-_TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "compile, plan: TPU generation and "
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens to add (0: print the prompt only).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k likeliest tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass in [0, 1] (0: greedy).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU generation and "
                                 "slice shape, e.g. v5p:2x2x2, v5e:2x4, v4:2x2x2, v6e:2x4.")
-_WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"], "compile: the train "
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"], "The train "
                           "step, or one KV-cache decode step (train.batch_size "
                           "sequences, a cache of data.seq_len positions).")
-_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "compile, plan: also write "
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write "
                                    "the report as JSON here.")
-_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "compile: write the lowered and "
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the lowered and "
                                 "compiled programs into this directory.")
-_MAX_PLANS = flags.DEFINE_integer("max_plans", None, "plan: compile at most this "
+_MAX_PLANS = flags.DEFINE_integer("max_plans", None, "Compile at most this "
                                   "many plans.")
-_PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "plan: also try "
+_PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "Also try "
                                    "mesh.sequence > 1.")
 
 
+_WIDTH = 88
+
+
 def _usage() -> str:
-  lines = [__doc__.split("Commands:")[0].rstrip(), "", "Commands:"]
-  lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
+  """The top-level help: every command, aligned, with an example."""
+  pad = max(len(name) for name in COMMANDS) + 4
+  lines = ["usage: python -m experiment <command> [flags]", "", "Commands:"]
+  for name, command in COMMANDS.items():
+    lines += textwrap.wrap(command.summary, _WIDTH, initial_indent=f"  {name:<{pad - 2}}",
+                           subsequent_indent=" " * pad)
+  lines += ["", "Examples:"]
+  for name, command in COMMANDS.items():
+    lines += textwrap.wrap(f"python -m experiment {name} {command.example}", _WIDTH,
+                           initial_indent="  ", subsequent_indent="      ",
+                           break_on_hyphens=False)
+  lines += ["", "`python -m experiment <command> --help` lists a command's flags."]
+  return "\n".join(lines)
+
+
+def _command_help(name: str) -> str:
+  """One command's help: usage, what it does, and only the flags it reads."""
+  command = COMMANDS[name]
+  lines = textwrap.wrap(f"usage: python -m experiment {name} {command.example}",
+                        _WIDTH, subsequent_indent="    ", break_on_hyphens=False)
+  lines += ["", *textwrap.wrap(command.summary, _WIDTH), "", "flags:"]
+  pad = max(len(f) for f in command.flags) + 6
+  for flag_name in command.flags:
+    flag = flags.FLAGS[flag_name]
+    text = flag.help + ("" if flag.default is None else f" (default: {flag.default})")
+    lines += textwrap.wrap(text, _WIDTH, initial_indent=f"  --{flag_name:<{pad - 4}}",
+                           subsequent_indent=" " * pad, break_on_hyphens=False)
+  if "config" in command.flags:
+    lines += ["  --config.<group>.<field>=VALUE", *textwrap.wrap(
+        "override one config field (experiments/base.py lists them, "
+        "docs/configuration.md explains them)", _WIDTH, initial_indent=" " * pad,
+        subsequent_indent=" " * pad)]
   return "\n".join(lines)
 
 
@@ -100,6 +164,11 @@ def parse(argv: list[str]) -> list[str]:
   if argv[1] not in COMMANDS:
     sys.stderr.write(f"unknown command {argv[1]!r}.\n\n{_usage()}\n")
     sys.exit(2)
+  if any(a in ("-h", "--help", "-help", "--helpfull", "--helpshort")
+         for a in argv[2:]):
+    print(_command_help(argv[1]))
+    sys.exit(0)
+  _refuse_other_commands_flags(argv)
   has_config = any(a.startswith("--config=") for a in argv)
   workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
   if argv[1] == "import-hf" and not has_config:
@@ -127,6 +196,21 @@ def parse(argv: list[str]) -> list[str]:
       raise
     _config_error(config_errors.unknown_key(argv, config)
                   or config_errors.from_flag_error(err, config))
+
+
+def _refuse_other_commands_flags(argv: list[str]) -> None:
+  """A launcher flag the command does not read is a mistake, not something to
+  ignore silently (e.g. `train --prompt=...`)."""
+  name, command = argv[1], COMMANDS[argv[1]]
+  own = {f for c in COMMANDS.values() for f in c.flags}
+  for arg in argv[2:]:
+    flag = arg.lstrip("-").split("=", 1)[0]
+    flag = flag[2:] if flag.startswith("no") and flag[2:] in own else flag
+    if arg.startswith("-") and flag in own and flag not in command.flags:
+      _config_error(ConfigError(
+          f"--{flag}", f"the {name} command does not read --{flag}.",
+          f"drop it; `python -m experiment {name} --help` lists the flags of "
+          f"{name}."))
 
 
 def _require(flag, value, example: str):
@@ -165,11 +249,7 @@ def main(argv: list[str]) -> None:
       from train import hf
       hf.export_hf(workdir, _require(_OUT, _OUT.value, "path/to/out"), _STEP.value)
     elif command == "generate":
-      import infer.text
-      infer.text.generate_text(
-          workdir, _CONFIG.value, _require(_PROMPT, _PROMPT.value, '"def main("'),
-          max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, step=_STEP.value)
+      _generate(workdir)
     elif command == "inspect":
       from train.inspect_run import describe_run
       print(describe_run(workdir))
@@ -180,6 +260,27 @@ def main(argv: list[str]) -> None:
       raise
     sys.stderr.write(f"\n{err}\n")
     sys.exit(1)
+
+
+# A value that works for each generation flag, for the fix of a ConfigError.
+_GENERATION_EXAMPLES = {"max_new_tokens": "64", "temperature": "0.8", "top_k": "50",
+                        "top_p": "0.95"}
+
+
+def _generate(workdir: str) -> None:
+  import infer.text
+  prompt = _require(_PROMPT, _PROMPT.value, '"def main("')
+  try:
+    infer.check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+                         max_new_tokens=_MAX_NEW.value)
+  except infer.SamplingArgumentError as err:
+    flag = f"--{err.argument}"
+    raise ConfigError(flag, str(err), f"pass e.g. {flag}="
+                      f"{_GENERATION_EXAMPLES[err.argument]}.") from None
+  infer.text.generate_text(
+      workdir, _CONFIG.value, prompt, max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+      seed=_SEED.value, step=_STEP.value)
 
 
 def _ask_compiler(command: str, topology: str) -> None:

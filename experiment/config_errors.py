@@ -12,16 +12,41 @@ from sharding import ConfigError
 
 
 def from_flag_error(err: Exception, config) -> ConfigError:
-  """An absl/ml_collections parsing error -> ConfigError naming the field."""
+  """An absl/ml_collections parsing error -> ConfigError naming the field, its
+  declared type and a value that parses."""
   text = str(err).strip()
   m = re.search(r"--config\.([\w.]+)=(\S*): (.*)", text)
   if isinstance(err, flags.IllegalFlagValueError) or m:
     field, value, why = m.groups() if m else ("config", "?", text)
-    expected = _type_name(config, field)
-    return ConfigError(field, f"{value!r} is not a valid {expected} ({why}).",
-                       f"pass a value of type {expected}, e.g. --config.{field}="
-                       f"{_example(config, field)}.")
+    kind, current = _declared(config, field)
+    if current is None:  # a placeholder: unset means None, which no flag spells
+      return ConfigError(
+          field, f"{value!r} is not a valid {kind} ({why}); `{field}` is an "
+          f"optional {kind}, unset (None) unless given.",
+          f"pass a value of type {kind}, e.g. --config.{field}={_EXAMPLES.get(kind, '...')}, or "
+          "leave the flag out to keep it unset.")
+    return ConfigError(field, f"{value!r} is not a valid {kind} ({why}).",
+                       f"pass a value of type {kind}, e.g. --config.{field}="
+                       f"{current}.")
   return ConfigError("config", text, "check the flag spelling.")
+
+
+# A value of each placeholder type that parses, for the fix of an error.
+_EXAMPLES = {"int": "100", "float": "1.0", "str": "VALUE", "bool": "true"}
+
+
+def _declared(config, field) -> tuple[str, object]:
+  """(declared type name, current value) of a field; placeholders keep the type
+  they were declared with although their value is None."""
+  *parents, name = field.split(".")
+  try:
+    node = config
+    for key in parents:
+      node = node[key]
+    kind = node.get_type(name)
+    return getattr(kind, "__name__", str(kind)), node[name]
+  except (KeyError, AttributeError):
+    return "value", "..."
 
 
 def unknown_key(argv: list[str], config) -> ConfigError | None:
@@ -42,27 +67,6 @@ def unknown_key(argv: list[str], config) -> ConfigError | None:
                            "fix the name; experiments/base.py lists every field.")
       node = node[key]
   return None
-
-
-def _lookup(config, field):
-  node = config
-  for key in field.split("."):
-    node = node[key]
-  return node
-
-
-def _type_name(config, field) -> str:
-  try:
-    return type(_lookup(config, field)).__name__
-  except (KeyError, AttributeError):
-    return "value"
-
-
-def _example(config, field) -> str:
-  try:
-    return str(_lookup(config, field))
-  except (KeyError, AttributeError):
-    return "..."
 
 
 def load_config(argv: list[str]):

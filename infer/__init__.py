@@ -3,4 +3,4 @@
 from infer.generate import generate
 from infer.kv_cache import init_cache, split_cache
 from infer.load import load
-from infer.sampling import sample
+from infer.sampling import SamplingArgumentError, check_sampling, sample

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from infer.kv_cache import init_cache, mesh_of, split_cache
-from infer.sampling import sample
+from infer.sampling import check_sampling, sample
 from model import Decoder
 
 
@@ -92,13 +92,19 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
              ) -> list[list[int]]:
   """New token ids for each prompt (lists of ids; lengths may differ).
 
-  A row stops at `max_new_tokens` or after emitting one of `stop_tokens` (which
-  is included in its output). The decode loop runs inside one while_loop; with
-  `on_token` (streaming) it runs token by token and calls on_token with the
-  [batch] new ids (-1 for finished rows) after each.
+  A row stops at `max_new_tokens` (>= 0; 0 returns empty lists without running the
+  model) or after emitting one of `stop_tokens` (which is included in its output).
+  Sampling arguments are those of `infer.sample`; a bad one (or a negative
+  `max_new_tokens`) raises `SamplingArgumentError`, a ValueError naming it.
+  The decode loop runs inside one while_loop; with `on_token` (streaming) it runs
+  token by token and calls on_token with the [batch] new ids (-1 for finished rows)
+  after each.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
+  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
+  if max_new_tokens == 0:
+    return [[] for _ in prompts]
   graphdef, params = nnx.split(model)
   lengths = np.array([len(p) for p in prompts], np.int32)
   batch, longest = len(prompts), int(lengths.max())

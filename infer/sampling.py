@@ -1,27 +1,98 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p."""
+"""Choosing the next token: greedy, temperature, top-k, top-p (nucleus).
+
+The conventions follow transformers' logits warpers: temperature scales the logits
+first, then top-k keeps the k likeliest tokens (`top_k` of 0, None or at least the
+vocabulary means no truncation), then top-p keeps the smallest set of likeliest
+tokens whose probability reaches `top_p` (Holtzman et al., 2020, "The Curious Case of
+Neural Text Degeneration"). The likeliest token is always kept, so `top_p=0` and
+`top_k=1` are greedy.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 
+class SamplingArgumentError(ValueError):
+  """A sampling argument out of its range; `argument` names it (the CLI flag has the
+  same name)."""
+
+  def __init__(self, argument: str, message: str):
+    self.argument = argument
+    super().__init__(message)
+
+
+def check_sampling(temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float | None = None,
+                   max_new_tokens: int | None = None) -> None:
+  """Raises SamplingArgumentError (a ValueError) naming the first bad argument:
+  temperature must be a finite number >= 0, top_k an integer >= 0 (or None),
+  top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 (or None)."""
+  if max_new_tokens is not None and not _is_count(max_new_tokens):
+    raise SamplingArgumentError(
+        "max_new_tokens", f"max_new_tokens={max_new_tokens!r} must be an integer "
+        ">= 0 (0 returns no new tokens).")
+  if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+    raise SamplingArgumentError(
+        "temperature", f"temperature={temperature!r} must be a finite number >= 0 "
+        "(0 is greedy).")
+  if top_k is not None and not _is_count(top_k):
+    raise SamplingArgumentError(
+        "top_k", f"top_k={top_k!r} must be an integer >= 0 (0 or None: no "
+        "truncation; 1: greedy).")
+  if top_p is not None and (not _is_number(top_p) or not 0.0 <= top_p <= 1.0):
+    raise SamplingArgumentError(
+        "top_p", f"top_p={top_p!r} must be a number in [0, 1] (1 or None: no "
+        "truncation; 0: greedy).")
+
+
+def _is_count(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_greedy(temperature: float = 0.0, top_k: int | None = None,
+              top_p: float | None = None) -> bool:
+  """Whether these settings always pick the argmax."""
+  return temperature == 0 or top_k == 1 or top_p == 0
+
+
 def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-  """logits: [batch, vocab] -> token ids [batch]. temperature 0 is greedy."""
+  """logits: [batch, vocab] -> token ids [batch] (int32).
+
+  temperature: >= 0; 0 is greedy (argmax). top_k: keep the k likeliest tokens; 0,
+  None or >= vocab keeps all. top_p: keep the smallest set of likeliest tokens whose
+  probability mass reaches top_p, in [0, 1]; the likeliest token is always kept.
+  Raises SamplingArgumentError (a ValueError) naming a bad argument. A token whose
+  logit is -inf is never sampled unless every logit of its row is.
+  """
+  check_sampling(temperature, top_k, top_p)
   logits = logits.astype(jnp.float32)
-  if temperature == 0.0:
+  if is_greedy(temperature, top_k, top_p):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k:
+  vocab = logits.shape[-1]
+  # Shift so the best logit is 0 before scaling: a tiny temperature sends the others
+  # to -inf instead of sending several to +inf.
+  best = jnp.max(logits, axis=-1, keepdims=True)  # [batch, 1]
+  logits = (logits - jnp.where(jnp.isfinite(best), best, 0.0)) / temperature
+  if top_k and top_k < vocab:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [batch, 1]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p is not None and top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
+    order = jnp.argsort(-logits, axis=-1)  # [batch, vocab], likeliest first
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-    sorted_logits = jnp.where(before >= top_p, -jnp.inf, sorted_logits)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly likelier tokens
+    drop = (before >= top_p) & (jnp.arange(vocab) > 0)  # the likeliest always stays
+    sorted_logits = jnp.where(drop, -jnp.inf, sorted_logits)
     logits = jnp.full_like(logits, -jnp.inf).at[
         jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -7,6 +7,7 @@ from typing import TextIO
 
 import sharding
 from infer.generate import generate
+from infer.sampling import check_sampling
 from infer.load import load
 from train.tokenizer import make_tokenizer
 
@@ -35,7 +36,9 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                   top_p: float | None = None, seed: int = 0, step: int | None = None,
                   out: TextIO = sys.stdout) -> str:
   """Loads the run's latest checkpoint onto config.mesh, streams the continuation
-  of `prompt` to `out`, and returns it."""
+  of `prompt` to `out`, and returns it. Sampling arguments are checked before
+  anything is loaded (`infer.check_sampling`)."""
+  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
   mesh = {a: config.mesh[a] for a in sharding.AXES}
   model, saved = load(workdir, step=step, mesh_overrides=mesh)
   tokenizer = make_tokenizer(saved.data)

@@ -13,6 +13,9 @@ from typing import Any, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sharding.errors import ConfigError
+from sharding.mesh import AXES
+
 # logical name -> mesh axes it is split over (outer to inner). Names absent here, or
 # mapped to (), are replicated.
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
@@ -39,7 +42,12 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def normalize_rules(rules: Mapping[str, Any] | None) -> Rules:
-  """A hashable rules table from a {name: axes} mapping (axes: str, tuple or None)."""
+  """A hashable rules table from a {name: axes} mapping.
+
+  axes: a mesh axis name, a sequence of distinct names (outer to inner), or None /
+  () for replicated. Raises ConfigError naming `mesh.rules.<name>` and the valid
+  axes for anything else (a misspelt axis, None inside a tuple, a repeated axis).
+  """
   rules = DEFAULT_RULES if rules is None else rules
   out = []
   for name, axes in rules.items():
@@ -47,7 +55,18 @@ def normalize_rules(rules: Mapping[str, Any] | None) -> Rules:
       axes = ()
     elif isinstance(axes, str):
       axes = (axes,)
-    out.append((name, tuple(axes)))
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    bad = [a for a in axes if a not in AXES]
+    if bad or len(set(axes)) < len(axes):
+      problem = (f"{bad[0]!r} is not a mesh axis" if bad
+                 else "a mesh axis appears twice")
+      raise ConfigError(
+          f"mesh.rules.{name}",
+          f"{axes!r}: {problem}; the mesh axes are {', '.join(AXES)}.",
+          f"map `{name}` to distinct mesh axes, e.g. "
+          f"--config.mesh.rules.{name}=\"{DEFAULT_RULES.get(name, ('data',))!r}\", "
+          f"or to \"()\" to replicate it.")
+    out.append((name, axes))
   return tuple(out)
 
 

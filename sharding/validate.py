@@ -12,6 +12,7 @@ from sharding.rules import normalize_rules
 def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
   """Raises ConfigError for a plan that cannot run; returns the resolved mesh sizes."""
   sizes = resolve_shape({a: config.mesh[a] for a in AXES}, num_devices)
+  rules = dict(normalize_rules(config.mesh.rules))  # ConfigError for a bad axis
   m, t = config.model, sizes["tensor"]
   for field in ("num_heads", "num_kv_heads"):
     if m[field] % t:
@@ -32,7 +33,6 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"choose mesh.expert dividing {experts} (e.g. --config.mesh.expert="
         f"{_largest_divisor(experts, e)}), or a multiple of {e} experts.")
   if experts:
-    rules = dict(normalize_rules(config.mesh.rules))
     shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
               and sizes[a] > 1]
     if shared:

@@ -60,6 +60,14 @@ CLI_CASES = {
                       "did you mean `optim`?"),
     "wrong_type": (["--config.train.steps=ten"], "train.steps",
                    "'ten' is not a valid int"),
+    "rules_misspelt_axis": (["--config.mesh.rules.embed=('fdsp',)"],
+                            "mesh.rules.embed",
+                            "'fdsp' is not a mesh axis; the mesh axes are data, fsdp"),
+    "rules_none": (["--config.mesh.rules.embed=None"], "mesh.rules.embed",
+                   "None is not a mesh axis; the mesh axes are data, fsdp"),
+    "placeholder_none": (["--config.optim.decay_steps=None"], "optim.decay_steps",
+                         "is an optional int, unset (None) unless given. Fix: pass "
+                         "a value of type int, e.g. --config.optim.decay_steps=100"),
     "moe_experts": (["--config.model.moe.num_experts=6", "--config.mesh.expert=4",
                      "--config.mesh.data=2"], "model.moe.num_experts",
                     "6 experts cannot be split over mesh.expert=4"),
@@ -87,3 +95,21 @@ def test_help_lists_commands():
   proc = run_cli("--help")
   assert proc.returncode == 0
   assert "train" in proc.stdout and "Commands:" in proc.stdout
+
+
+@pytest.mark.parametrize("axes,problem", [
+    (("fdsp",), "'fdsp' is not a mesh axis"), ((None,), "None is not a mesh axis"),
+    (("fsdp", "fsdp"), "a mesh axis appears twice"), (("tensr",), "'tensr' is not")])
+def test_rules_name_real_mesh_axes(axes, problem):
+  import sharding
+  config = llama_tiny.get_config()
+  config.mesh.rules.mlp = axes
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(config, 8)
+  assert err.value.field == "mesh.rules.mlp"
+  assert problem in str(err.value)
+  assert ", ".join(sharding.AXES) in str(err.value)
+  with pytest.raises(ConfigError):  # every user of the rules gets the same check
+    sharding.normalize_rules({"mlp": axes})
+  assert sharding.normalize_rules({"mlp": None, "embed": "fsdp"}) == (
+      ("mlp", ()), ("embed", ("fsdp",)))

@@ -1,0 +1,168 @@
+"""Sampling and generation arguments at their edges, in the library and the CLI."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import infer
+from conftest import run_cli
+from model import Decoder, ModelConfig
+
+LOGITS = jnp.array([[.1, .3, 5., .2, 1.]])  # argmax 2
+
+
+def _allowed(row: np.ndarray, temperature: float, top_k, top_p) -> np.ndarray:
+  """The tokens sampling may return, and their probabilities, written from the
+  definitions (temperature, then top-k, then the smallest nucleus reaching top_p)."""
+  z = row / temperature
+  keep = np.isfinite(z)
+  if top_k and top_k < row.size:
+    kth = np.sort(z)[::-1][top_k - 1]
+    keep &= z >= kth
+  p = np.where(keep, np.exp(z - z[keep].max()), 0.0)
+  p /= p.sum()
+  if top_p is not None and top_p < 1:
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    nucleus = np.zeros_like(keep)
+    nucleus[order[(before < top_p) | (np.arange(row.size) == 0)]] = True
+    keep &= nucleus
+    p = np.where(keep, p, 0.0)
+    p /= p.sum()
+  return p
+
+
+def test_sampled_token_is_always_allowed_and_greedy_is_argmax():
+  """Property: over random logits (some -inf), temperatures, top_k in
+  [0, vocab + 5] and top_p in [0, 1], the token has a finite logit, lies in the
+  top-k and in the nucleus; greedy settings return the argmax."""
+  rng = np.random.default_rng(0)
+  vocab, rows = 7, 16
+  for trial in range(60):
+    logits = rng.normal(0, 3, (rows, vocab)).astype(np.float32)
+    logits[rng.random((rows, vocab)) < 0.2] = -np.inf
+    logits[np.arange(rows), rng.integers(0, vocab, rows)] = rng.normal(0, 3, rows)
+    temperature = float(rng.choice([0.0, 1e-4, rng.uniform(0.05, 3.0)]))
+    top_k = int(rng.integers(0, vocab + 6))
+    top_p = float(rng.choice([0.0, 1.0, rng.uniform(0, 1)]))
+    key = jax.random.key(trial)
+    tokens = np.asarray(infer.sample(jnp.asarray(logits), key, temperature, top_k,
+                                     top_p))
+    chosen = logits[np.arange(rows), tokens]
+    assert np.all(np.isfinite(chosen)), (temperature, top_k, top_p)
+    if temperature == 0 or top_k == 1 or top_p == 0:
+      np.testing.assert_array_equal(tokens, logits.argmax(-1))
+      continue
+    for row, token in zip(logits, tokens):
+      assert _allowed(row, temperature, top_k, top_p)[token] > 0, (
+          row, token, temperature, top_k, top_p)
+
+
+def test_sampling_frequencies_match_the_reference_distribution():
+  row = np.array([1.0, 0.2, -0.5, 2.0, 0.7, -np.inf], np.float32)
+  expected = _allowed(row, 0.7, 4, 0.8)
+  n = 20000
+  tokens = np.asarray(infer.sample(jnp.tile(jnp.asarray(row), (n, 1)),
+                                   jax.random.key(0), 0.7, 4, 0.8))
+  freq = np.bincount(tokens, minlength=row.size) / n
+  np.testing.assert_allclose(freq, expected, atol=0.015)
+  assert expected[5] == 0 and np.count_nonzero(expected) >= 2
+
+
+def test_top_p_zero_is_the_argmax_for_every_seed():
+  for seed in range(8):
+    assert int(infer.sample(LOGITS, jax.random.key(seed), 1.0, top_p=0.0)[0]) == 2
+
+
+@pytest.mark.parametrize("top_k", [0, 5, 6, 100])
+def test_top_k_zero_or_at_least_vocab_means_no_truncation(top_k):
+  for seed in range(8):
+    key = jax.random.key(seed)
+    assert int(infer.sample(LOGITS, key, 1.0, top_k=top_k)[0]) == int(
+        infer.sample(LOGITS, key, 1.0)[0])
+
+
+def test_tiny_temperature_is_the_argmax():
+  logits = jnp.array([[3.0, 2.9, -1.0, 2.95]])
+  for seed in range(4):
+    assert int(infer.sample(logits, jax.random.key(seed), 1e-30)[0]) == 0
+
+
+BAD_ARGS = [
+    ("temperature", dict(temperature=-1.0)),
+    ("temperature", dict(temperature=math.nan)),
+    ("temperature", dict(temperature=math.inf)),
+    ("top_k", dict(temperature=1.0, top_k=-1)),
+    ("top_k", dict(temperature=1.0, top_k=2.5)),
+    ("top_p", dict(temperature=1.0, top_p=-0.1)),
+    ("top_p", dict(temperature=1.0, top_p=1.5)),
+    ("top_p", dict(temperature=1.0, top_p=math.nan)),
+]
+
+
+@pytest.mark.parametrize("argument,kwargs", BAD_ARGS)
+def test_bad_sampling_argument_is_a_value_error_naming_it(argument, kwargs):
+  with pytest.raises(ValueError, match=argument) as err:
+    infer.sample(LOGITS, jax.random.key(0), **kwargs)
+  assert err.value.argument == argument
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=8, d_ff=32)
+  return Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+def test_zero_new_tokens_returns_empty_rows(tiny_model):
+  calls = []
+  assert infer.generate(tiny_model, [[1, 2, 3]], max_new_tokens=0) == [[]]
+  assert infer.generate(tiny_model, [[1, 2, 3], [4]], max_new_tokens=0,
+                        on_token=calls.append) == [[], []]
+  assert calls == []
+
+
+@pytest.mark.parametrize("argument,kwargs", [
+    ("max_new_tokens", dict(max_new_tokens=-1)),
+    ("max_new_tokens", dict(max_new_tokens=2.0)),
+    ("temperature", dict(max_new_tokens=2, temperature=-0.5)),
+    ("top_p", dict(max_new_tokens=2, temperature=1.0, top_p=2.0))])
+def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
+  with pytest.raises(ValueError, match=argument) as err:
+    infer.generate(tiny_model, [[1, 2, 3]], **kwargs)
+  assert err.value.argument == argument
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+  """A one-step byte-level run to point the generate CLI at."""
+  import train
+  from conftest import make_tiny_config
+  from train.tokenizer import ByteTokenizer
+  config = make_tiny_config()
+  config.model.vocab_size = ByteTokenizer.vocab_size
+  config.train.steps = 1
+  workdir = tmp_path_factory.mktemp("byte_run")
+  train.train(config, str(workdir), progress=False)
+  return workdir
+
+
+def test_cli_zero_new_tokens_prints_the_prompt(byte_run):
+  proc = run_cli("generate", f"--workdir={byte_run}", "--prompt=def f(",
+                 "--max_new_tokens=0")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout == "def f(\n"
+
+
+@pytest.mark.parametrize("flag", ["--temperature=-1", "--top_p=1.5", "--top_k=-2",
+                                  "--max_new_tokens=-1"])
+def test_cli_bad_generation_flag_exits_2_naming_it(byte_run, flag):
+  proc = run_cli("generate", f"--workdir={byte_run}", "--prompt=x", flag)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  name = flag.split("=")[0]
+  assert f"Config error in `{name}`" in proc.stderr
+  assert "Traceback" not in proc.stderr

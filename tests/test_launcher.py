@@ -1,0 +1,43 @@
+"""The launcher's help and its refusal of flags a command does not read."""
+
+import re
+
+import pytest
+
+from conftest import run_cli
+from experiment.__main__ import COMMANDS
+
+OWN_FLAGS = {f for c in COMMANDS.values() for f in c.flags}
+
+
+def test_top_level_help_aligns_every_command():
+  proc = run_cli("--help")
+  assert proc.returncode == 0, proc.stderr
+  rows = {}
+  for line in proc.stdout.splitlines():
+    m = re.match(r"  (\S+)( +)(\S.*)", line)
+    if m and m.group(1) in COMMANDS:
+      rows[m.group(1)] = (len(m.group(1)) + len(m.group(2)), m.group(3))
+  assert set(rows) == set(COMMANDS)
+  assert len({column for column, _ in rows.values()}) == 1  # one summary column
+  for name, (_, text) in rows.items():
+    assert COMMANDS[name].summary.startswith(text.rstrip())
+  for name in COMMANDS:  # each example sits on its own line
+    assert re.search(rf"^  python -m experiment {name} --", proc.stdout, re.M)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_command_help_lists_only_its_flags_and_exits_0(command):
+  proc = run_cli(command, "--help")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  listed = set(re.findall(r"^  --(\w+)", proc.stdout, re.M))
+  assert listed & OWN_FLAGS == set(COMMANDS[command].flags)
+  assert proc.stdout.startswith(f"usage: python -m experiment {command} ")
+
+
+def test_flag_of_another_command_exits_2():
+  proc = run_cli("train", "--config=experiments/llama_tiny.py", "--workdir=/tmp/x",
+                 "--prompt=hello")
+  assert proc.returncode == 2
+  assert "Config error in `--prompt`: the train command does not read --prompt" in (
+      proc.stderr)
