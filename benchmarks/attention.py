@@ -122,7 +122,7 @@ def ring_memory(length: int = 16384):
   for backend, devices, dtype in targets:
     for p in (1, 2, 4, 8):
       mesh = _mesh(devices, sequence=p)
-      stats = _compile(_fwd_bwd("ring"), mesh, _args(mesh, length, dtype))
+      stats = _compile(_fwd_bwd("ring_zigzag"), mesh, _args(mesh, length, dtype))
       stats = stats.memory_analysis()
       total = (stats.temp_size_in_bytes + stats.argument_size_in_bytes +
                stats.output_size_in_bytes)
@@ -136,17 +136,18 @@ def comm(length: int = 4096):
   import jax
   import jax.numpy as jnp
   import kernels
-  from kernels.hlo import collectives
+  from aot.hlo import collective_counts as collectives
   for p in (2, 4, 8):
     mesh = _mesh(jax.devices("cpu"), sequence=p)
     n = length // p
-    for impl, heads, kv_heads in (("ring", HEADS, KV_HEADS), ("ulysses", HEADS, HEADS)):
+    for impl, heads, kv_heads in (("ring_zigzag", HEADS, KV_HEADS),
+                                  ("ulysses", HEADS, HEADS)):
       args = _args(mesh, length, jnp.float32, heads, kv_heads)
       fwd = jax.jit(lambda q, k, v, impl=impl: kernels.attention(q, k, v, impl=impl))
       found = {"forward": collectives(_compile(fwd, mesh, args).as_text()),
                "forward_backward": collectives(
                    _compile(_fwd_bwd(impl, with_value=True), mesh, args).as_text())}
-      if impl == "ring":
+      if impl == "ring_zigzag":
         formula = {"forward": {"collective-permute": {
             "count": p - 1, "elements": 2 * n * kv_heads * HEAD_DIM * (p - 1)}},
             "forward_backward": {"collective-permute": {

@@ -100,13 +100,12 @@ def _decode_step_timer(spec, params, mesh, batch: int):
 
 def worker(process_id: int, port: int, reps: int, programs: str):
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import sharding
-  from train.state import init_state, model_spec, state_shardings
+  from train.state import init_state, model_spec
   from train.step import loss_fn
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -181,12 +180,11 @@ def wallclock(reps: int, programs: str = "all"):
 def tpu_schedule():
   import jax
   import jax.numpy as jnp
-  import optax
   from jax.experimental import topologies
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import sharding
-  from sharding import hlo
+  from aot import hlo
   from train.state import abstract_params, model_spec
   from train.step import loss_fn
 

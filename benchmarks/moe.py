@@ -106,7 +106,7 @@ def traffic():
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import sharding
-  from sharding import hlo
+  from aot import hlo
   rules = sharding.normalize_rules(None)
   for ep in (2, 4, 8):
     mesh = sharding.make_mesh(dict(data=8 // ep, fsdp=1, expert=ep, sequence=1,

@@ -50,7 +50,7 @@ def bench_rung(name: str, steps: int, peak: float):
 
   import sharding
   from model import ModelConfig
-  from train import flops as flops_lib
+  from model import flops as flops_lib
   from train.optimizer import make_optimizer, schedule
   from train.state import init_state, model_spec, state_shardings
   from train.step import batch_sharding, make_train_step
@@ -96,7 +96,7 @@ def bench_torch(steps: int, peak: float):
   from transformers import LlamaConfig, LlamaForCausalLM
 
   from model import ModelConfig
-  from train import flops as flops_lib
+  from model import flops as flops_lib
 
   torch.manual_seed(0)
   s = SHAPE_21M
@@ -134,7 +134,7 @@ def main(argv):
   import flax
   import jax
 
-  from train.flops import measured_matmul_peak
+  from train.metrics import measured_matmul_peak
   peak = measured_matmul_peak()
   emit(what="environment", date=time.strftime("%Y-%m-%d"), machine=platform.machine(),
        cpus=os.cpu_count(), python=platform.python_version(), jax=jax.__version__,

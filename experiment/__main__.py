@@ -291,16 +291,15 @@ def _ask_compiler(command: str, topology: str) -> None:
     jax.config.update("jax_platforms", "cpu")
   # Another process may hold libtpu's lock file; a deviceless compile needs no chip.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import aot
   if command == "compile":
-    from train import compile as aot
     report = aot.compile_step(_CONFIG.value, topology, _WHAT.value, _DUMP_HLO.value)
     print(report.table())
     result = report.to_json()
   else:
-    from train import plan
-    plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
-                      max_plans=_MAX_PLANS.value)
-    print(plan.table(plans))
+    plans = aot.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
+                     max_plans=_MAX_PLANS.value)
+    print(aot.table(plans))
     result = [p.to_json() for p in plans]
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:

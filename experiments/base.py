@@ -29,7 +29,7 @@ def get_config(arg=None) -> ConfigDict:
       init_std=0.02,
       compute_dtype="float32",  # float32 | bfloat16 (params stay param_dtype)
       param_dtype="float32",
-      attention="auto",        # reference | auto
+      attention="auto",        # reference | flash | ring | ring_zigzag | ulysses | auto
       remat="none",            # none | full | save_dots
       block="standard",        # standard | parallel | ladder
       ladder_layers="all",     # with block=ladder: all | none | upper:N | '2,3'

@@ -19,6 +19,19 @@ def mesh_of(model: Decoder):
   return s.mesh if isinstance(s, NamedSharding) else None
 
 
+def split_size(model: Decoder, name: str) -> int:
+  """The product of the mesh axes the model's rules split the logical axis `name`
+  over (1 without a mesh): a dimension of a multiple of it splits evenly. Read
+  from the rules, so a plan that maps `batch` or `length` elsewhere needs no change
+  here."""
+  mesh = mesh_of(model)
+  if mesh is None:
+    return 1
+  spec = sharding.logical_to_spec((name,), model.constrain.rules, mesh)
+  axes = spec[0] if len(spec) else None
+  return 1 if axes is None else sharding.axis_size(mesh, axes)
+
+
 def cache_struct(cfg: ModelConfig, batch: int, max_length: int, rules=(),
                  mesh=None) -> jax.ShapeDtypeStruct:
   """Shape, dtype and (with a mesh) sharding of the K or the V cache:

@@ -2,31 +2,40 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 import jax
 from flax import nnx
+from ml_collections import ConfigDict
 
 import kernels
 import sharding
 from model import Decoder, ModelConfig
+from train import run_config
 from train.checkpoint import Checkpointer
 from train.state import abstract_params, model_spec
 
 
 def load(workdir: str, *, step: int | None = None,
          mesh_overrides: dict[str, int] | None = None,
-         devices: list[jax.Device] | None = None) -> tuple[Decoder, Any]:
+         devices: list[jax.Device] | None = None,
+         config: ConfigDict | None = None) -> tuple[Decoder, Any]:
   """Returns (model with parameters placed on the mesh, config).
 
-  The config is the one saved with the run; `mesh_overrides` (e.g. {'tensor': 4})
-  replace its mesh sizes, so a model trained on one mesh serves on another. The
-  returned config's mesh holds the resolved sizes; parameters carry their
-  NamedShardings, so the model runs as is (or under `jax.set_mesh` of that mesh to
-  apply activation constraints too).
+  The config is the one saved with the run (`train.run_config.load`), or `config`
+  when given (e.g. the saved one with command-line overrides); `mesh_overrides`
+  (e.g. {'tensor': 4}) replace its mesh sizes, so a model trained on one mesh
+  serves on another. A config whose model does not match the checkpoint's
+  parameter shapes is a ConfigError naming the field. The returned config's mesh
+  holds the resolved sizes; parameters carry their NamedShardings, so the model
+  runs as is (or under `jax.set_mesh` of that mesh to apply activation constraints
+  too).
   """
-  from experiments import saved
-  config = saved.get_config(workdir)
+  # The shape check names what was asked for: the run's config.json, or `config`.
+  requested = None if config is None else json.loads(config.to_json())
+  config = run_config.load(workdir) if config is None else copy.deepcopy(config)
   if mesh_overrides:
     config.mesh.update(**mesh_overrides)
   if kernels.uses_zigzag(config.model.attention):
@@ -40,6 +49,6 @@ def load(workdir: str, *, step: int | None = None,
   target = abstract_params(spec, mesh)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step = ckpt.latest_step() if step is None else step
-  params = ckpt.restore_params(target, step)
+  params = ckpt.restore_params(target, step, config=requested)
   ckpt.close()
   return nnx.merge(spec.graphdef, params), config

@@ -35,12 +35,12 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                   temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int = 0, step: int | None = None,
                   out: TextIO = sys.stdout) -> str:
-  """Loads the run's latest checkpoint onto config.mesh, streams the continuation
-  of `prompt` to `out`, and returns it. Sampling arguments are checked before
+  """Loads the run's latest checkpoint (or `step`) with `config` (the run's saved
+  config with any overrides: the mesh to serve on, attention impl...), streams the
+  continuation of `prompt` to `out`, and returns it. Sampling arguments are checked before
   anything is loaded (`infer.check_sampling`)."""
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
-  mesh = {a: config.mesh[a] for a in sharding.AXES}
-  model, saved = load(workdir, step=step, mesh_overrides=mesh)
+  model, saved = load(workdir, step=step, config=config)
   tokenizer = make_tokenizer(saved.data)
   ids = [int(i) for i in tokenizer.encode(prompt)]
   if not ids:

@@ -6,8 +6,12 @@ impl:
   reference  plain XLA (kernels.reference); the numerical reference.
   flash      flash attention on each device (kernels.flash): Mosaic on TPU, Triton on
              GPU, blockwise lax loops elsewhere, chosen when lowering.
-  ring       ring attention over the `sequence` axis (kernels.ring). Causal ring
-             expects the zig-zag sequence order: see `uses_zigzag`.
+  ring       ring attention over the `sequence` axis (kernels.ring), on sequences in
+             natural order. Causal masking leaves the last device the most work.
+  ring_zigzag  the same ring, load-balanced for causal masks: the input must already
+             be in zig-zag order (`zigzag_permute`), and the output comes back in it.
+             Wrong on natural-order input; the training loop permutes its batches
+             for it (see `uses_zigzag`).
   ulysses    all-to-all sequence parallelism over `sequence` (kernels.ulysses).
   auto       picks one of the above from backend, shape and mesh; logs it once.
 """
@@ -23,7 +27,7 @@ from kernels import flash, partition, reference, ring, ulysses, zigzag
 from kernels.block import BlockSizes
 
 # Implementations that exist in this build; config validation checks against it.
-IMPLS = ("reference", "flash", "ring", "ulysses", "auto")
+IMPLS = ("reference", "flash", "ring", "ring_zigzag", "ulysses", "auto")
 # On CPU the blockwise flash loops beat the reference for training from about this
 # length: a whole llama_tiny train step (length 256) took 1.8 CPU-seconds with flash
 # against 2.2-2.6 with the reference, and the 21M model's (length 512) 3.1 against
@@ -44,11 +48,12 @@ __all__ = ["BlockSizes", "IMPLS", "attention", "choose", "uses_zigzag",
 def uses_zigzag(impl: str) -> bool:
   """Whether a causal model must feed this impl its sequences in zig-zag order.
 
-  True only for `ring`: the caller permutes every per-token array of a batch once
-  with `zigzag_permute(x, mesh.shape['sequence'])` (inputs, targets, positions,
-  segment ids, loss weights). `auto` never picks the zig-zag ring.
+  True only for `ring_zigzag`: the caller permutes every per-token array of a batch
+  once with `zigzag_permute(x, mesh.shape['sequence'])` (inputs, targets, positions,
+  segment ids, loss weights). `ring` takes natural order; `auto` never picks the
+  zig-zag ring.
   """
-  return impl == "ring"
+  return impl == "ring_zigzag"
 
 
 def _platform(mesh) -> str:
@@ -65,7 +70,7 @@ def choose(q_shape, kv_heads: int) -> tuple[str, dict[str, Any], str]:
     problem = ulysses.check(mesh, heads, kv_heads)
     if problem is None:
       return "ulysses", {}, f"sequence={seq} and heads per device split over it"
-    return "ring", {"layout": "contiguous"}, (
+    return "ring", {}, (
         f"sequence={seq}; ulysses not possible ({problem}); natural order, so not "
         "zig-zag balanced")
   platform = _platform(mesh)
@@ -111,6 +116,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
   kwargs = dict(causal=causal, segment_ids=segment_ids, block_sizes=block_sizes, **extra)
   if impl == "flash":
     return _flash(q, k, v, **kwargs)
-  if impl == "ring":
-    return ring.attention(q, k, v, **kwargs)
+  if impl in ("ring", "ring_zigzag"):
+    layout = "zigzag" if impl == "ring_zigzag" else "contiguous"
+    return ring.attention(q, k, v, layout=layout, **kwargs)
   return ulysses.attention(q, k, v, **kwargs)

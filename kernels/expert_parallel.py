@@ -16,6 +16,12 @@ Tokens enter split over the axes of the rules' `batch` entry and whole along the
 length (a sequence-parallel layout is gathered on entry, so every `sequence` shard
 runs the layer for its rows; correct, but not sequence-parallel). The shard_map is
 manual over every mesh axis, so nothing inside is left to the auto-partitioner.
+
+Any batch size runs on any mesh: a batch that those axes do not divide (serving
+one prompt on expert=4, say) is padded with zero rows up to a multiple of their
+product, and the padding is cut from the result. Zero rows are inert by contract:
+`local` must give a row's result from that row alone, and the MoE layer passes a
+`live` mask (False, so not routed, in a zero row) among its token arrays.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 import sharding
 from kernels import partition
@@ -91,13 +96,21 @@ def run(local: Callable[..., jax.Array], tokens: Sequence[jax.Array],
   expert_axes = _axes(dims["experts"])
   exchange = Exchange(expert_axes, _axes(dims["embed"]), _axes(dims["mlp"]),
                       sharding.axis_size(mesh, expert_axes))
-  batch = sharding.logical_to_spec(("batch",), rules, mesh, tokens[0].shape[:1])
+  # Every mesh axis of the batch rule, whether or not it divides this batch: a
+  # batch left replicated over the expert axes would come back from the exchange
+  # varying over them.
+  batch = sharding.logical_to_spec(("batch",), rules, mesh)
   token_axes = set(_axes(batch[0] if len(batch) else None))
   if token_axes & set(exchange.mlp_axes):
     raise ValueError(
         f"the expert hidden dimension is split over {exchange.mlp_axes}, which also "
         f"split the batch ({sorted(token_axes)}): partial sums over them would add "
         "different tokens. Map `mlp` and `batch` to disjoint mesh axes.")
+  rows = tokens[0].shape[0]
+  pad = -rows % sharding.axis_size(mesh, tuple(token_axes))
+  if pad:
+    tokens = [jnp.pad(t, [(0, pad)] + [(0, 0)] * (t.ndim - 1)) for t in tokens]
   fn = functools.partial(local, exchange)
-  return jax.shard_map(fn, in_specs=(batch,) * len(tokens) + tuple(w_specs),
-                       out_specs=batch)(*tokens, *weights)
+  out = jax.shard_map(fn, in_specs=(batch,) * len(tokens) + tuple(w_specs),
+                      out_specs=batch)(*tokens, *weights)
+  return out[:rows] if pad else out

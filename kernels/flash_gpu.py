@@ -5,8 +5,15 @@ Triton kernel does (GPU grid programs run concurrently, so nothing may be accumu
 across grid steps). Three kernels: forward (grid batch x heads x q-blocks), dQ (same
 grid) and dK/dV (grid batch x kv-heads x kv-blocks, looping over the query heads of
 the group, so GQA never repeats K/V). Lengths are padded to the tile sizes; padded
-keys are masked. With `interpret=True` the same kernels run on CPU for the tests.
-Layout as in blockwise: q [b, heads, len, d], k and v [b, kv_heads, len, d].
+keys are masked. Triton blocks must be powers of two, so a head_dim that is not one
+(80, 96, 112, 192) is zero-padded to the next (at least 16, the smallest `tl.dot`):
+zero columns add nothing to q.k or to the output, the caller's softmax scale (from
+the real head_dim) is used as given, and outputs and gradients are sliced back.
+Requested tile sizes are rounded down to powers of two. This module is traced on
+every platform (`lax.platform_dependent` traces all branches), so nothing here may
+refuse a shape that another backend accepts. With `interpret=True` the same kernels
+run on CPU for the tests. Layout as in blockwise: q [b, heads, len, d], k and v
+[b, kv_heads, len, d].
 """
 
 from __future__ import annotations
@@ -25,21 +32,33 @@ DEFAULT = block.BlockSizes(64, 64)
 _PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _pow2_at_least(n: int, floor: int = 16) -> int:
+MIN_DIM = 16  # smallest tile side Triton's tl.dot takes
+
+
+def _pow2_at_least(n: int, floor: int = MIN_DIM) -> int:
   return max(floor, pl.next_power_of_2(n))
+
+
+def _pow2_at_most(n: int, floor: int = MIN_DIM) -> int:
+  return max(floor, 1 << (int(n).bit_length() - 1))
+
+
+def head_dim(d: int) -> int:
+  """The head_dim the kernels run at: d zero-padded to a power of two (>= 16)."""
+  return _pow2_at_least(d)
 
 
 def _plan(q, k, sizes: block.BlockSizes):
   """Tile sizes (powers of two, as Triton requires) and padded lengths."""
-  d = q.shape[-1]
-  if d & (d - 1):
-    raise ValueError(f"the Triton flash kernel needs a power-of-two head_dim, got {d}")
   q_len, kv_len = q.shape[2], k.shape[2]
-  bq = min(sizes.block_q, _pow2_at_least(q_len))
-  bk = min(sizes.block_kv, _pow2_at_least(kv_len))
-  if bq & (bq - 1) or bk & (bk - 1):
-    raise ValueError(f"Triton tile sizes must be powers of two, got {bq}, {bk}")
+  bq = min(_pow2_at_most(sizes.block_q), _pow2_at_least(q_len))
+  bk = min(_pow2_at_most(sizes.block_kv), _pow2_at_least(kv_len))
   return bq, bk, block.round_up(q_len, bq), block.round_up(kv_len, bk)
+
+
+def _pad_head(*xs, d: int):
+  """Zero-pads the last (head_dim) axis of each array to d."""
+  return [block.pad_axis(x, x.ndim - 1, d) for x in xs]
 
 
 def _call(kernel, grid, inputs, in_specs, out_shape, out_specs, interpret):
@@ -132,7 +151,16 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, causal, 
 
 def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSizes,
             scale: float, out_dtype, interpret: bool = False):
-  """-> (o [b, h, q_len, d] in out_dtype, lse [b, h, q_len] float32)."""
+  """-> (o [b, h, q_len, d] in out_dtype, lse [b, h, q_len] float32).
+
+  scale multiplies q.k: the caller derives it from the real head_dim.
+  """
+  d = q.shape[-1]
+  if head_dim(d) != d:
+    q, k, v = _pad_head(q, k, v, d=head_dim(d))
+    o, lse = forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=block_sizes,
+                     scale=scale, out_dtype=out_dtype, interpret=interpret)
+    return o[..., :d], lse
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
   group = h // kvh
@@ -159,7 +187,17 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
 
 def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
              block_sizes: block.BlockSizes, scale: float, interpret: bool = False):
-  """-> (dq [b, h, q_len, d], dk, dv [b, kvh, kv_len, d]), all float32."""
+  """-> (dq [b, h, q_len, d], dk, dv [b, kvh, kv_len, d]), all float32.
+
+  delta = rowsum(dO * O) is unchanged by zero head_dim padding, so it is taken as
+  given; the padded columns of dq, dk, dv (zero) are sliced off.
+  """
+  d = q.shape[-1]
+  if head_dim(d) != d:
+    q, k, v, do = _pad_head(q, k, v, do, d=head_dim(d))
+    grads = backward(q, k, v, q_seg, kv_seg, lse, delta, do, causal=causal,
+                     block_sizes=block_sizes, scale=scale, interpret=interpret)
+    return tuple(g[..., :d] for g in grads)
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
   group = h // kvh

@@ -9,8 +9,10 @@ parallel. Causally invisible tiles are skipped twice: the body is guarded by
 Mosaic wants the last two dims of a tile to be (8k, 128m) or the full array dims.
 Per-row values (lse, delta, segment ids) therefore travel as rows, [b, (h,) 1, len],
 tiled (1, block): compact in HBM, and one small transpose per tile turns a row into
-the column the softmax needs. Layout as in blockwise: q [b, heads, len, d], k and v
-[b, kv_heads, len, d].
+the column the softmax needs. Tiles span the whole head_dim, so any head size (80,
+96, 112, 192 as well as 64 and 128) is taken as it is, unpadded: the deviceless v5e
+compile in tests/test_kernels_backends.py checks 64, 80, 96 and 128. Layout as in
+blockwise: q [b, heads, len, d], k and v [b, kv_heads, len, d].
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ every step each device computes the same number of tiles: step 0 is a causal pas
 over its own pair; later steps attend either both query chunks to the first visiting
 key chunk (the visitor is from earlier in the sequence) or only the late query chunk
 to both visiting key chunks (the visitor is from later). The permutation is the
-caller's job, once per batch: see `kernels.zigzag`.
+caller's job, once per batch: see `kernels.zigzag`. It is asked for explicitly
+(layout="zigzag", `kernels.attention(impl="ring_zigzag")`); the default,
+layout="contiguous", is exact on sequences in natural order.
 """
 
 from __future__ import annotations
@@ -208,14 +210,15 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=None,
-              layout: str = "zigzag", backend: str = "auto"):
+              layout: str = "contiguous", backend: str = "auto"):
   """Ring attention over the context mesh's `sequence` axis.
 
-  q [b, l, h, d]; k, v [b, l, kvh, d]; segment_ids [b, l]. With causal=True and
-  layout="zigzag" the length axis must already be in zig-zag order
+  q [b, l, h, d]; k, v [b, l, kvh, d]; segment_ids [b, l]. layout="contiguous" (the
+  default) takes the natural order and, when causal, leaves the last device the most
+  work. With layout="zigzag" the length axis must already be in zig-zag order
   (`kernels.zigzag_permute(x, sequence)`), and so must positions and segment ids;
-  layout="contiguous" takes the natural order and leaves the last device the most
-  work. The output is in the same order as the input.
+  natural-order input then gives wrong causal results. The output is in the same
+  order as the input.
   """
   flash.check_shapes(q, k, v, segment_ids)
   if layout not in LAYOUTS:

@@ -55,12 +55,14 @@ class Block(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Context:
   """Per-call inputs every layer reads: positions and segment ids [batch, length],
-  whether a KV cache is being filled from position 0 (prefill), and whether it is
-  laid out heads-major (`kernels.cached`)."""
+  whether a KV cache is being filled from position 0 (prefill), whether it is
+  laid out heads-major (`kernels.cached`), and the token mask [batch, length]
+  (False at padding; MoE layers route only the other tokens) or None."""
   positions: jax.Array
   segment_ids: jax.Array | None
   prefill: bool = False
   heads_major: bool = False
+  mask: jax.Array | None = None
 
 
 def _attend(block: Block, h: jax.Array, ctx: Context, cache):
@@ -70,6 +72,12 @@ def _attend(block: Block, h: jax.Array, ctx: Context, cache):
                     ctx.heads_major)
 
 
+def _mlp(block: Block, h: jax.Array, ctx: Context, after=None) -> jax.Array:
+  if isinstance(block.mlp, MoE):
+    return block.mlp(h, after, mask=ctx.mask)
+  return block.mlp(h, after)
+
+
 # Each dataflow: (block, carry, cache, ctx) -> (carry, cache), where cache is None
 # or ((k, v) for all layers, this layer's index) and comes back as the new (k, v).
 
@@ -77,13 +85,13 @@ def standard(block: Block, x: jax.Array, cache, ctx: Context):
   """x: [batch, length, embed] -> same."""
   a, cache = _attend(block, block.attn_norm(x), ctx, cache)
   x = block.residual(x + a)
-  return block.residual(x + block.mlp(block.mlp_norm(x))), cache
+  return block.residual(x + _mlp(block, block.mlp_norm(x), ctx)), cache
 
 
 def parallel(block: Block, x: jax.Array, cache, ctx: Context):
   h = block.attn_norm(x)
   a, cache = _attend(block, h, ctx, cache)
-  return block.residual(x + a + block.mlp(h)), cache
+  return block.residual(x + a + _mlp(block, h, ctx)), cache
 
 
 def ladder(block: Block, carry, cache, ctx: Context):
@@ -99,7 +107,7 @@ def ladder(block: Block, carry, cache, ctx: Context):
   a, cache = _attend(block, block.attn_norm(r), ctx, cache)
   a = block.residual(a)  # reduced here (not left partial), so `after` orders it
   r = block.residual(r + m_prev)
-  m = block.mlp(block.mlp_norm(r), after=a)
+  m = _mlp(block, block.mlp_norm(r), ctx, after=a)
   return (r, a, m), cache
 
 

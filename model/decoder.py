@@ -61,7 +61,8 @@ class Decoder(nnx.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache=None,
                prefill: bool = False, return_aux: bool = False,
-               layers: Sequence[nnx.State] | None = None):
+               layers: Sequence[nnx.State] | None = None,
+               mask: jax.Array | None = None):
     """tokens: [batch, length] ints -> logits [batch, length, vocab] (compute dtype).
 
     positions default to 0..length-1; with `segment_ids` (packed sequences) tokens
@@ -76,6 +77,12 @@ class Decoder(nnx.Module):
     per scanned step, each [unit, batch, kv_heads, max_len, head_dim]
     (`infer.kv_cache.split_cache`): the decode loop's form.
 
+    `mask` [batch, length] bool (or [batch, 1], broadcast), False at padding
+    tokens (a right-padded batch of prompts): MoE layers do not route them and
+    give them no expert capacity, so a row's result does not depend on its
+    batch-mates or on the padded length. Attention needs no mask for
+    right-padding (causal). None: every token is real.
+
     With `return_aux` an MoE model's router metrics (`moe.aggregate`: the auxiliary
     losses for the training loss, load and drops) come last in the output; a dense
     model gives {}.
@@ -83,8 +90,10 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, tokens.shape).astype(bool)
     ctx = blocks.Context(positions, segment_ids, prefill,
-                         heads_major=layers is not None)
+                         heads_major=layers is not None, mask=mask)
     x, cache, stats = self.run_layers(x, ctx, cache, layers)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:

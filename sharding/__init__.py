@@ -5,6 +5,6 @@ from sharding.mesh import AXES, BATCH_AXES, axis_size, describe, make_mesh, reso
 from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_spec,
                             normalize_rules, tree_shardings)
 from sharding.validate import validate_plan
-from sharding.report import format_bytes, format_rows, sharding_table
-from sharding import chips, costs, hlo
+from sharding.report import format_bytes, format_rows, path_name, sharding_table
+from sharding import chips
 from sharding.distributed import describe_process, initialize as initialize_distributed

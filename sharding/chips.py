@@ -2,7 +2,7 @@
 
 `compile` and `plan` compare a compiled step against these: per-device memory
 against `hbm_bytes`, FLOPs against `peak_flops`, and the roofline step time of
-`train/compile.py` from FLOPs, HBM bytes and collective bytes over the three rates.
+`aot/compile.py` from FLOPs, HBM bytes and collective bytes over the three rates.
 
 Sources (Google Cloud TPU documentation, read 2026-11-22; each page's "System
 architecture" table):

@@ -14,7 +14,7 @@ def sharding_table(tree: Any, shardings: Any) -> str:
   total, per_dev = 0, 0
   flat_s = jax.tree.leaves(shardings)
   for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(tree), flat_s):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = path_name(path)
     nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
     local = int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
     total, per_dev = total + nbytes, per_dev + local
@@ -23,6 +23,11 @@ def sharding_table(tree: Any, shardings: Any) -> str:
   rows.append(("total", "", "", "",
                f"{format_bytes(per_dev)} of {format_bytes(total)}"))
   return format_rows(rows)
+
+
+def path_name(path) -> str:
+  """A pytree key path as 'layers/attn/q' (the names checkpoints and tables use)."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def format_rows(rows: list[tuple[str, ...]], indent: str = "") -> str:

@@ -18,8 +18,9 @@ from conftest import run_cli
 from experiments import llama_1b
 from model import ModelConfig
 from sharding import ConfigError
-from train import compile as aot
-from train import flops as flops_lib
+from aot import compile as aot
+from aot import costs as costs_lib
+from model import flops as flops_lib
 
 # Another process may hold libtpu's lock file; a deviceless compile needs no chip.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -105,7 +106,7 @@ def test_decode_figures_match_analytic_counts():
 
 @needs_libtpu
 def test_hlo_costs_count_loop_trips_where_xla_counts_once():
-  """sharding.costs against XLA's cost analysis: the same matmul FLOPs for a
+  """aot.costs against XLA's cost analysis: the same matmul FLOPs for a
   program without loops; five times them for five trips of a scan, where XLA
   still reports one."""
   from jax.experimental import topologies
@@ -122,7 +123,7 @@ def test_hlo_costs_count_loop_trips_where_xla_counts_once():
   for fn, trips in [(lambda x, w: jnp.einsum("bld,de->ble", x, w[0]), 1),
                     (scanned, 5)]:
     compiled = jax.jit(fn).lower(x, w).compile()
-    costs = sharding.costs.analyze(compiled.as_text())
+    costs = costs_lib.analyze(compiled.as_text())
     assert costs.flops == trips * one and costs.unknown_trip_counts == 0
     assert compiled.cost_analysis()["flops"] == pytest.approx(one, rel=0.01)
 
@@ -135,7 +136,7 @@ def test_hlo_costs_count_loop_trips_where_xla_counts_once():
 
   buf, rows = s(64, 256, 512), s(5, 256, 512)
   compiled = jax.jit(fill, donate_argnums=0).lower(buf, rows).compile()
-  costs = sharding.costs.analyze(compiled.as_text())
+  costs = costs_lib.analyze(compiled.as_text())
   row = 256 * 512 * 2
   assert costs.unknown_trip_counts == 0
   assert 5 * row <= costs.hbm_bytes < 5 * 4 * row  # vs 64 rows per trip if whole

@@ -167,3 +167,93 @@ def test_cli_generate_streams_what_the_library_generates(tiny_config, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert len(new) >= 4, new  # something to compare (it may end at the eos id)
   assert proc.stdout == "def " + tok.decode(new) + "\n"
+
+
+# ------------------------------------------- a row's result is its own (issue #14)
+
+# Weights large enough (init_std 0.5) that routing, and so capacity drops, decide
+# the logits and the greedy path.
+ROW_CFG = dict(CFG, num_layers=1, init_std=0.5)
+ROW_MOE = {d: MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, dispatch=d)
+           for d in ("capacity", "dropless")}
+
+
+def _prefill_logits(m, prompts, new):
+  """The logits at each prompt's last token, as infer.generate's prefill gives
+  them (right-padded, with its masks; its cache for `new` tokens, so the compiled
+  prefill is generate's)."""
+  from infer.generate import _prefill
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+  for r, p in enumerate(prompts):
+    tokens[r, :len(p)] = p
+  graphdef, params = nnx.split(m)
+  cache = infer.init_cache(m, len(prompts), int(lengths.max()) + new)
+  return np.asarray(_prefill(graphdef, params, tokens, cache, lengths)[0])
+
+
+@pytest.mark.parametrize("dispatch", ROW_MOE)
+def test_row_does_not_depend_on_its_batch_mates(dispatch):
+  """Each of three prompts (lengths 6, 40, 1) gives the same prefill logits and
+  greedy continuation alone as in one batch with the other two: padding takes
+  no expert capacity and is not routed, and capacity counts a row's own tokens,
+  not the padded length. The first prompt repeats one token, so alone it
+  overflows its experts (capacity 3 of 12 pairs): capacity from the padded
+  length (20) would keep what its own length drops."""
+  m = Decoder(ModelConfig(**ROW_CFG, moe=ROW_MOE[dispatch]), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  prompts = [[7] * 6, rng.integers(0, 61, 40).tolist(), [3]]
+  new = 6
+  together = _prefill_logits(m, prompts, new)
+  batch_out = infer.generate(m, prompts, max_new_tokens=new)
+  for r, p in enumerate(prompts):
+    np.testing.assert_allclose(together[r], _prefill_logits(m, [p], new)[0],
+                               rtol=1e-4, atol=1e-4, err_msg=f"row {r}")
+    assert batch_out[r] == infer.generate(m, [p], max_new_tokens=new)[0], r
+
+
+# ------------------------------------- any batch size on any mesh (issue #14)
+
+# (model, mesh, whether to stream too)
+SERVE_CASES = {
+    "moe_capacity_expert4": (dict(moe=ROW_MOE["capacity"]), dict(expert=4), True),
+    "moe_dropless_expert4": (dict(moe=ROW_MOE["dropless"]), dict(expert=4), False),
+    "dense_fsdp4": ({}, dict(fsdp=4), False),
+    # prompts of odd lengths on sequence=2: padded to even lengths
+    "dense_fsdp2_sequence2": ({}, dict(fsdp=2, sequence=2), False),
+}
+
+
+@pytest.mark.parametrize("case", SERVE_CASES)
+def test_any_batch_size_serves_on_any_mesh(case):
+  """Batches of 1, 2 and 3 prompts on a 4-device mesh that splits the batch (the
+  expert exchange needs whole shards; generate pads the batch) or the length
+  (sequence parallel attention needs whole shards; generate pads the prompts)
+  give what one device gives, greedy; the streaming path reports only the real
+  rows (one case: each costs compiles)."""
+  from jax.sharding import NamedSharding
+  import sharding
+  from train.state import model_spec, param_shardings
+  model, sizes, stream = SERVE_CASES[case]
+  cfg = ModelConfig(**ROW_CFG, **model)
+  one = Decoder(cfg, rngs=nnx.Rngs(0))
+  spec = model_spec(cfg, sharding.normalize_rules(None))
+  mesh = sharding.make_mesh({**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                             **sizes}, jax.devices()[:4])
+  params = jax.device_put(nnx.to_pure_dict(nnx.state(one, nnx.Param)),
+                          param_shardings(spec, mesh))
+  sharded = spec.model(params)
+  assert isinstance(sharded.embed.table[...].sharding, NamedSharding)
+  # The longest first: every batch pads to the same prefill shape (one compile).
+  prompts = [[5, 17, 9, 3, 44, 2, 8, 8, 1, 30, 12], [8, 1, 2, 44, 45, 46], [20]]
+  reference = infer.generate(one, prompts, max_new_tokens=5)
+  for n in (1, 2, 3):
+    assert infer.generate(sharded, prompts[:n], max_new_tokens=5) == reference[:n], n
+  if not stream:
+    return
+  columns = []
+  streamed = infer.generate(sharded, prompts[:1], max_new_tokens=5,
+                            on_token=columns.append)
+  assert streamed == reference[:1]
+  assert [c.shape for c in columns] == [(1,)] * 5
+  assert [int(c[0]) for c in columns] == reference[0]

@@ -4,6 +4,7 @@ TPU v5e compile through libtpu (Mosaic), and a CUDA lowering through jax.export
 
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -62,12 +63,32 @@ def test_flash_compiles_for_tpu(v5e_devices):
   assert compiled.memory_analysis().temp_size_in_bytes >= 0
 
 
+HEAD_DIMS = (64, 80, 96, 128)
+
+
 @needs_libtpu
-def test_ring_compiles_for_tpu(v5e_devices):
-  """Ring over sequence=4 with Mosaic kernels inside shard_map and lax.cond."""
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_flash_head_dims_compile_for_tpu(v5e_devices, head_dim):
+  """Mosaic takes a head_dim that is no multiple of 128 as the full last dim of a
+  tile: forward + backward compile for v5e at every head size, and the gradients
+  keep it."""
+  mesh = _mesh(v5e_devices, data=2, tensor=2)
+  args = _abstract(mesh, length=256, heads=4, kv_heads=2, head_dim=head_dim)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(_loss_and_grads("flash", block_sizes=128)).lower(*args).compile()
+  assert compiled.as_text().count("custom_call_target=\"tpu_custom_call\"") == 3
+  grads = compiled.out_info[1]
+  assert [g.shape for g in grads] == [a.shape for a in args[:3]]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("impl", ["ring_zigzag", "ring"])
+def test_ring_compiles_for_tpu(v5e_devices, impl):
+  """Ring over sequence=4 with Mosaic kernels inside shard_map and lax.cond, in
+  zig-zag order and in natural order."""
   mesh = _mesh(v5e_devices, sequence=4)
   with jax.set_mesh(mesh):
-    hlo = jax.jit(_loss_and_grads("ring")).lower(*_abstract(mesh)).compile().as_text()
+    hlo = jax.jit(_loss_and_grads(impl)).lower(*_abstract(mesh)).compile().as_text()
   assert "tpu_custom_call" in hlo
   # (The exact hop count is asserted on CPU: TPU's compiled HLO omits loop trip counts.)
   assert count_ops(hlo, "collective-permute") > 0
@@ -75,13 +96,14 @@ def test_ring_compiles_for_tpu(v5e_devices):
 
 @needs_libtpu
 def test_train_step_with_ring_compiles_for_tpu(v5e_devices, tiny_config):
-  """A full train step (model, loss, optimizer) with attention=ring on sequence=4."""
+  """A full train step (model, loss, optimizer) with attention=ring_zigzag, the
+  load-balanced ring for training, on sequence=4."""
   from model import ModelConfig
   from train.optimizer import make_optimizer, schedule
   from train.state import abstract_state, model_spec, state_shardings
   from train.step import batch_sharding, make_train_step
   c = tiny_config
-  c.model.attention = "ring"
+  c.model.attention = "ring_zigzag"
   c.model.head_dim = 128
   c.data.seq_len = 256
   mesh = _mesh(v5e_devices, sequence=4)
@@ -111,3 +133,23 @@ def test_flash_lowers_for_cuda():
   module = exported.mlir_module()
   assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3
   assert "tpu_custom_call" not in module
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_flash_head_dims_lower_for_cuda(head_dim):
+  """Every head size lowers to the three Triton kernels: 80 and 96 run zero-padded
+  to 128 inside the kernels, and the gradients come back at the real head_dim."""
+  mesh = _mesh(jax.devices()[:1])
+  args = _abstract(mesh, length=128, heads=4, kv_heads=2, head_dim=head_dim)
+  exported = jax.export.export(
+      jax.jit(_loss_and_grads("flash", block_sizes=64)), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  )(*args)
+  calls = [line for line in exported.mlir_module().splitlines()
+           if "stablehlo.custom_call @__gpu$xla.gpu.triton" in line]
+  assert len(calls) == 3
+  # Every [b, heads, len, d] operand and result of the kernels is at the padded d.
+  dims = {int(d) for line in calls
+          for d in re.findall(r"tensor<\d+x\d+x\d+x(\d+)x(?:bf16|f32)>", line)}
+  assert dims == {1 << (head_dim - 1).bit_length()}
+  assert [a.shape for a in exported.out_avals[1:]] == [a.shape for a in args[:3]]

@@ -124,6 +124,45 @@ def test_pallas_interpret_matches_reference(backend, case):
                           what=f"{backend} {_case_id(case)}")
 
 
+# Head sizes of real models that are not powers of two (80, 96; also 112, 192), next
+# to the powers of two. The Triton kernels zero-pad head_dim to a power of two.
+HEAD_DIMS = (64, 80, 96, 128)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("backend", ["auto", "mosaic_interpret", "triton_interpret"])
+def test_head_dims_match_reference(backend, head_dim):
+  """Every head size on every back end, forward and gradients (causal, GQA, segment
+  ids, a length that is no tile multiple). backend="auto" is the public entry,
+  kernels.attention(impl="flash"), under jit: it traces the Mosaic and Triton
+  branches too, so a refusal in either failed it on CPU."""
+  inputs = make_inputs(head_dim, batch=1, length=100, heads=4, kv_heads=2,
+                       head_dim=head_dim, segments=True)
+  def fn(q, k, v, s):
+    if backend == "auto":
+      return kernels.attention(q, k, v, causal=True, segment_ids=s, impl="flash",
+                               block_sizes=32)
+    return flash.attention(q, k, v, causal=True, segment_ids=s, block_sizes=32,
+                           backend=backend)
+  check_against_reference(fn, inputs, causal=True, dtype=jnp.float32,
+                          what=f"{backend} d{head_dim}")
+
+
+def test_triton_pads_head_dim_and_rounds_tiles():
+  """Triton needs power-of-two blocks: head_dim is padded up (at least 16), tile
+  sizes rounded down; a non-power-of-two block size is no error on CPU either."""
+  from kernels import flash_gpu
+  assert [flash_gpu.head_dim(d) for d in (8, 64, 80, 96, 112, 128, 192)] == [
+      16, 64, 128, 128, 128, 128, 256]
+  x = jnp.zeros((1, 2, 300, 64))
+  assert flash_gpu._plan(x, x, block.BlockSizes(96, 200)) == (64, 128, 320, 384)
+  inputs = make_inputs(1, batch=1, length=200, heads=2, kv_heads=2)
+  def fn(q, k, v, s):
+    return kernels.attention(q, k, v, causal=True, segment_ids=s, impl="flash",
+                             block_sizes=96)
+  check_against_reference(fn, inputs, causal=True, dtype=jnp.float32)
+
+
 def test_mosaic_interpret_length_1024():
   inputs = make_inputs(3, batch=1, length=1024, heads=4, kv_heads=2, head_dim=128,
                        segments=True)
@@ -173,7 +212,7 @@ def test_auto_choice_and_logs_once(caplog):
     assert kernels.choose((4, 64, 4, 32), 2)[0] == "ulysses"
   with jax.set_mesh(seq8):
     impl, extra, reason = kernels.choose((4, 64, 4, 32), 2)
-    assert (impl, extra) == ("ring", {"layout": "contiguous"}) and "heads" in reason
+    assert (impl, extra) == ("ring", {}) and "heads" in reason
   for _ in range(3):
     out = kernels.attention(q, k, v, impl="auto")
   np.testing.assert_array_equal(out, reference.attention(q, k, v))
@@ -191,4 +230,5 @@ def test_errors():
     kernels.attention(q, k, v, segment_ids=jnp.zeros((1, 63), jnp.int32), impl="flash")
   with pytest.raises(ValueError, match="backend"):
     flash.attention(q, k, v, backend="cuda")
-  assert kernels.IMPLS == ("reference", "flash", "ring", "ulysses", "auto")
+  assert kernels.IMPLS == ("reference", "flash", "ring", "ring_zigzag", "ulysses",
+                           "auto")

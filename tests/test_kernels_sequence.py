@@ -1,4 +1,4 @@
-"""Sequence parallelism: ring (zig-zag and contiguous) and Ulysses against the
+"""Sequence parallelism: ring (natural order), ring_zigzag and Ulysses against the
 reference on `sequence` = 2, 4, 8 and with data / tensor, the collectives they
 compile to, and the zig-zag load balance counted from what the ring executes."""
 
@@ -12,7 +12,8 @@ from jax import lax
 
 import kernels
 import sharding
-from kernels import flash, hlo as hlo_lib, reference, ring
+from aot import hlo as hlo_lib
+from kernels import flash, reference, ring
 from test_kernels_flash import (FAST_COMPILE, TOL, assert_close, make_inputs,
                                 value_and_vjp)
 
@@ -22,58 +23,61 @@ def mesh_of(**sizes):
   return sharding.make_mesh(full, devices=jax.devices()[:math.prod(full.values())])
 
 
-def sequence_parallel(impl, p, *, causal, layout="zigzag", block_sizes=32):
-  """fn(q, k, v, seg) in natural order; zig-zag permutation applied around the call
-  the way the data pipeline does it (once, outside attention)."""
-  zig = impl == "ring" and causal and layout == "zigzag"
+def sequence_parallel(impl, p, *, causal, block_sizes=32):
+  """fn(q, k, v, seg) in natural order through the public entry, kernels.attention.
+  For ring_zigzag the zig-zag permutation is applied around the call the way the
+  training loop does it (once, outside attention) and undone on the output; `ring`
+  and `ulysses` take natural order as it is."""
+  zig = impl == "ring_zigzag"
+  assert kernels.uses_zigzag(impl) == zig
   perm = (lambda x: kernels.zigzag_permute(x, p)) if zig else (lambda x: x)
   unperm = (lambda x: kernels.zigzag_unpermute(x, p)) if zig else (lambda x: x)
-  extra = {"layout": layout} if impl == "ring" else {}
 
   def fn(q, k, v, seg):
-    call = ring.attention if impl == "ring" else kernels.ulysses.attention
-    o = call(perm(q), perm(k), perm(v), causal=causal,
-             segment_ids=None if seg is None else perm(seg), block_sizes=block_sizes,
-             **extra)
+    o = kernels.attention(perm(q), perm(k), perm(v), causal=causal,
+                          segment_ids=None if seg is None else perm(seg),
+                          block_sizes=block_sizes, impl=impl)
     return unperm(o)
   return fn
 
 
-# (impl, mesh, causal, heads, kv_heads, segments, dtype, layout)
+# (impl, mesh, causal, heads, kv_heads, segments, dtype)
 GRID = [
-    ("ring", dict(sequence=2), True, 8, 2, True, jnp.float32, "zigzag"),
-    ("ring", dict(sequence=4), True, 4, 4, False, jnp.float32, "zigzag"),
-    ("ring", dict(sequence=8), True, 8, 2, False, jnp.float32, "zigzag"),
-    ("ring", dict(sequence=8), False, 4, 4, True, jnp.float32, "zigzag"),
-    ("ring", dict(data=2, sequence=2, tensor=2), True, 8, 2, True, jnp.float32, "zigzag"),
-    ("ring", dict(sequence=4), True, 8, 2, True, jnp.float32, "contiguous"),
-    ("ring", dict(sequence=4), True, 8, 2, False, jnp.bfloat16, "zigzag"),
-    ("ulysses", dict(sequence=2), True, 4, 4, True, jnp.float32, None),
-    ("ulysses", dict(sequence=4), True, 8, 2, True, jnp.float32, None),
-    ("ulysses", dict(sequence=8), False, 8, 2, False, jnp.float32, None),
-    ("ulysses", dict(data=2, sequence=2, tensor=2), True, 8, 4, False, jnp.bfloat16,
-     None),
+    ("ring_zigzag", dict(sequence=2), True, 8, 2, True, jnp.float32),
+    ("ring_zigzag", dict(sequence=4), True, 4, 4, False, jnp.float32),
+    ("ring_zigzag", dict(sequence=8), True, 8, 2, False, jnp.float32),
+    ("ring_zigzag", dict(sequence=8), False, 4, 4, True, jnp.float32),
+    ("ring_zigzag", dict(data=2, sequence=2, tensor=2), True, 8, 2, True, jnp.float32),
+    ("ring_zigzag", dict(sequence=4), True, 8, 2, False, jnp.bfloat16),
+    # impl="ring" on sequences in natural order (it once assumed zig-zag order).
+    ("ring", dict(sequence=4), True, 8, 2, True, jnp.float32),
+    ("ring", dict(sequence=4), False, 8, 2, False, jnp.float32),
+    ("ulysses", dict(sequence=2), True, 4, 4, True, jnp.float32),
+    ("ulysses", dict(sequence=4), True, 8, 2, True, jnp.float32),
+    ("ulysses", dict(sequence=8), False, 8, 2, False, jnp.float32),
+    ("ulysses", dict(data=2, sequence=2, tensor=2), True, 8, 4, False, jnp.bfloat16),
 ]
 
 
 def _id(case):
-  impl, mesh, causal, h, kvh, segs, dtype, layout = case
+  impl, mesh, causal, h, kvh, segs, dtype = case
   axes = "-".join(f"{a}{n}" for a, n in mesh.items())
-  return (f"{impl}-{layout or ''}-{axes}-{'causal' if causal else 'full'}-{h}:{kvh}-"
+  return (f"{impl}-{axes}-{'causal' if causal else 'full'}-{h}:{kvh}-"
           f"{'seg' if segs else 'noseg'}-{jnp.dtype(dtype).name}")
 
 
 @pytest.mark.parametrize("case", GRID, ids=_id)
 def test_matches_reference(case):
-  impl, mesh_sizes, causal, h, kvh, segs, dtype, layout = case
+  """kernels.attention(impl=...) under the mesh equals kernels.reference, forward and
+  gradients; ring_zigzag after unpermuting its zig-zag output (and gradients)."""
+  impl, mesh_sizes, causal, h, kvh, segs, dtype = case
   inputs = make_inputs(h * 10 + kvh, batch=2, length=128, heads=h, kv_heads=kvh,
                        head_dim=64, segments=segs, dtype=dtype)
   q, k, v, seg, do = inputs
   ref_out, ref_grads = value_and_vjp(
       lambda q, k, v, s: reference.attention(q, k, v, causal=causal, segment_ids=s),
       q, k, v, seg, do)
-  fn = sequence_parallel(impl, mesh_sizes["sequence"], causal=causal,
-                         layout=layout or "zigzag")
+  fn = sequence_parallel(impl, mesh_sizes["sequence"], causal=causal)
   with jax.set_mesh(mesh_of(**mesh_sizes)):
     out, grads = value_and_vjp(fn, q, k, v, seg, do)
   tol = TOL[dtype]
@@ -82,9 +86,20 @@ def test_matches_reference(case):
     assert_close(g, r, tol, f"d{name}")
 
 
+def test_ring_default_layout_is_natural_order():
+  """kernels.ring.attention called without a layout is exact on natural order."""
+  q, k, v, seg, _ = make_inputs(7, batch=1, length=64, heads=2, kv_heads=1,
+                                segments=True)
+  with jax.set_mesh(mesh_of(sequence=4)):
+    out = jax.jit(lambda q, k, v, s: ring.attention(
+        q, k, v, causal=True, segment_ids=s, block_sizes=16))(q, k, v, seg)
+  assert_close(out, reference.attention(q, k, v, causal=True, segment_ids=seg),
+               TOL[jnp.float32], "ring, default layout")
+
+
 def count_ops(hlo: str, op: str) -> int:
   """Executions of collective `op` in compiled HLO (loop bodies times trip count)."""
-  return hlo_lib.collectives(hlo).get(op, {}).get("count", 0)
+  return hlo_lib.collective_counts(hlo).get(op, {}).get("count", 0)
 
 
 def _compiled_hlo(fn, mesh, length=256, heads=8, kv_heads=2):
@@ -102,7 +117,9 @@ def test_ring_collective_permutes():
   and XLA merges the backward K/V hop into the forward one: 3 instead of 4.)"""
   p = 8
   mesh = mesh_of(sequence=p)
-  fwd = lambda q, k, v: ring.attention(q, k, v, causal=True)  # noqa: E731
+
+  def fwd(q, k, v):
+    return ring.attention(q, k, v, causal=True, layout="zigzag")
   grad = jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v)), argnums=(0, 1, 2))
   assert count_ops(_compiled_hlo(fwd, mesh), "collective-permute") == p - 1
   hlo = _compiled_hlo(grad, mesh)
@@ -188,7 +205,8 @@ def test_zigzag_permutation():
       kernels.zigzag_unpermute(kernels.zigzag_permute(z, 4), 4), z)
   with pytest.raises(ValueError, match="multiple of 2"):
     kernels.zigzag_permute(x[None, :10], 2)
-  assert kernels.uses_zigzag("ring") and not kernels.uses_zigzag("ulysses")
+  assert kernels.uses_zigzag("ring_zigzag")
+  assert not any(map(kernels.uses_zigzag, ("ring", "ulysses", "flash", "auto")))
 
 
 def test_errors():
@@ -199,4 +217,6 @@ def test_errors():
     with pytest.raises(ValueError, match="heads per device .* multiple of sequence=4"):
       kernels.attention(q, k, v, impl="ulysses")
     with pytest.raises(ValueError, match="length=100 is not a multiple of 8"):
-      kernels.attention(q[:, :, :4], k, v, impl="ring")
+      kernels.attention(q[:, :, :4], k, v, impl="ring_zigzag")
+    with pytest.raises(ValueError, match="length=98 is not a multiple of 4"):
+      kernels.attention(q[:, :98, :4], k[:, :98], v[:, :98], impl="ring")

@@ -27,18 +27,22 @@ def reference():
   return _losses("reference", data=2, sequence=4)
 
 
-@pytest.mark.parametrize("attention", ["flash", "ring", "ulysses"])
+# ring_zigzag trains on batches the loop permutes to zig-zag order (kernels.uses_zigzag).
+@pytest.mark.parametrize("attention", ["flash", "ring_zigzag", "ulysses"])
 def test_training_matches_reference(attention, reference):
   losses = _losses(attention, data=2, sequence=4)
   assert len(losses) == 20 and losses[-1] < losses[0] - 1.0  # it learns
   np.testing.assert_allclose(losses, reference, rtol=1e-4)
 
 
-def test_ring_needs_seq_len_multiple_of_twice_sequence():
+def test_ring_zigzag_needs_seq_len_multiple_of_twice_sequence():
+  """ring_zigzag cuts sequences into 2 x sequence chunks; ring into sequence chunks."""
   from sharding import ConfigError
   c = llama_tiny.get_config()
-  c.model.attention = "ring"
+  c.model.attention = "ring_zigzag"
   c.data.seq_len = 68
   c.mesh.update(data=2, sequence=4)
   with pytest.raises(ConfigError, match="multiple of 8"):
     train.validate_config(c, 8)
+  c.model.attention = "ring"
+  assert train.validate_config(c, 8)["sequence"] == 4

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
 from model import ModelConfig
-from sharding import hlo
+from aot import hlo
 from train.state import abstract_params, model_spec, param_shardings
 
 CFG = dict(vocab_size=64, d_model=64, num_layers=4, num_heads=8, num_kv_heads=4,

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 import sharding
 from model import ModelConfig, MoEConfig, moe as moe_lib
-from sharding import ConfigError, hlo
+from aot import hlo
+from sharding import ConfigError
 
 D, F, E, K = 8, 12, 4, 2
 
@@ -140,6 +141,46 @@ def test_capacity_drops_equal_hand_count_and_dropless_drops_none():
                                err_msg=dispatch)
 
 
+def _run_masked(layer):
+  """Like _run, with a token mask."""
+  graphdef, state = nnx.split(layer)
+
+  def f(params, x, mask):
+    m = nnx.merge(graphdef, params)
+    y = m(x, mask=mask)
+    return y, dict(m.stats.get_value())
+  return state, f
+
+
+def test_padding_takes_no_capacity_and_is_not_routed():
+  """Row 0 of _skewed cut to its 6 A tokens: alone (C(6) = 3, so 3 of A's 6 pairs
+  on each of experts 0 and 1 drop: 6 drops of 12 pairs) and as the real part of
+  a padded row (mask False at positions 6, 7, which hold two B tokens) beside
+  row 1 (all C: 8 drops, C(8) = 4). The real tokens' outputs are the same
+  (capacity counts a row's own tokens, not its padded length, and padding takes no
+  slot), padding gets 0 from the experts and is not counted: 14 drops of 28
+  routed pairs. Dropless: same outputs, nothing dropped."""
+  router, x = _skewed()
+  mask = np.ones((2, 8), bool)
+  mask[0, 6:] = False
+  for dispatch, alone_dropped in (("capacity", 6), ("dropless", 0)):
+    layer = _layer(dispatch)
+    layer.router[...] = jnp.asarray(router)
+    state, f = _run(layer)
+    _, g = _run_masked(layer)
+    alone, alone_stats = jax.jit(f)(state, jnp.asarray(x[:1, :6]))
+    assert float(alone_stats["dropped"]) == alone_dropped, dispatch
+    padded, stats = jax.jit(g)(state, jnp.asarray(x), jnp.asarray(mask))
+    np.testing.assert_allclose(padded[0, :6], alone[0], rtol=1e-6, atol=1e-7,
+                               err_msg=dispatch)
+    np.testing.assert_array_equal(padded[0, 6:], 0)
+    row1, _ = jax.jit(f)(state, jnp.asarray(x[1:]))
+    np.testing.assert_allclose(padded[1], row1[0], rtol=1e-6, atol=1e-7)
+    assert float(stats["dropped"]) == alone_dropped + (8 if dispatch == "capacity"
+                                                       else 0), dispatch
+    assert float(stats["routed"]) == 28
+
+
 # ---------------------------------------------------------------- expert parallelism
 
 def _mesh(**sizes):
@@ -223,6 +264,28 @@ def test_expert_parallel_equals_one_device(case):
     assert "all-gather" in ops, ops
 
 
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_expert_parallel_runs_any_batch_size(dispatch):
+  """Three sequences on expert=4, which does not divide them, without and with a
+  token mask (row 1 padded after 5 tokens): the exchange pads the batch to 4 with
+  rows that are not routed and gives one device's outputs (it used to refuse a
+  batch left replicated over `expert`: "out_specs is P() ... varying over
+  {expert}")."""
+  layer = _layer(dispatch, rules=sharding.normalize_rules(None))
+  state, f = _run(layer)
+  _, g = _run_masked(layer)
+  x = jax.random.normal(jax.random.key(2), (3, 8, D))
+  mask = np.ones((3, 8), bool)
+  mask[1, 5:] = False
+  mesh = _mesh_on(jax.devices()[:4], expert=4)
+  for fn, args in ((f, (state, x)), (g, (state, x, mask))):
+    ref, ref_stats = jax.jit(fn)(*args)
+    with jax.set_mesh(mesh):
+      y, stats = jax.jit(fn)(*args)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    assert float(stats["dropped"]) == float(ref_stats["dropped"])
+
+
 # ---------------------------------------------------------------- config and counts
 
 def _moe_config(**moe):
@@ -277,7 +340,7 @@ def test_expert_axis_without_experts_is_data_parallel():
 
 def test_flops_count_active_parameters():
   """6N counts the router, top_k experts and the shared expert of MoE layers."""
-  from train import flops
+  from model import flops
   dense = ModelConfig(d_model=64, d_ff=128, num_layers=4, num_heads=4,
                       num_kv_heads=4, head_dim=16, vocab_size=100)
   mlp = 3 * 64 * 128

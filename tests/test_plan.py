@@ -3,9 +3,9 @@
 import pytest
 
 import sharding
+from aot import plan
 from experiments import llama_1b
 from test_compile import needs_libtpu, small_1b
-from train import plan
 from train.validate import validate_config
 
 

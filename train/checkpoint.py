@@ -8,10 +8,17 @@ No pickle is written or read. Saves are asynchronous: `save` returns once arrays
 copied off the devices and the write finishes in the background. A step becomes
 visible to `latest_step` only after Orbax commits it, so a crash mid-save leaves the
 previous step as the latest.
+
+Restores check the saved parameter shapes (checkpoint metadata, no array read)
+against the target first: a different model is a ConfigError naming the parameter,
+both shapes and the model fields that differ from the config saved with the step,
+and nothing is half-loaded. `trajectory_changes` lists the fields of a resumed
+run's config that make it continue differently from the run that was saved.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -22,8 +29,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from sharding import ConfigError
-from train.state import TrainState
+from model import ModelConfig
+from sharding import ConfigError, normalize_rules, path_name
+from train import run_config
+from train.state import TrainState, model_spec
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +50,82 @@ def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'/'-joined path: shape} of a tree of arrays, ShapeDtypeStructs or metadata."""
+  return {path_name(path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def flatten_config(config: dict, prefix: str = "") -> dict[str, Any]:
+  """{'group.field': value} of a config dict (as config.json holds it)."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict) and key != "rules":  # mesh.rules: one table
+      out.update(flatten_config(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+_ABSENT = "(absent)"
+# Fields that change how training is run or watched, not the numbers it computes:
+# resuming with a different value continues the same trajectory.
+_SAME_TRAJECTORY_GROUPS = ("mesh.", "log.", "checkpoint.")
+_SAME_TRAJECTORY_FIELDS = ("model.attention", "model.remat", "train.eval_every",
+                           "train.eval_steps")
+
+
+def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, str]]:
+  """(field, saved value, new value, note) for every config field whose change makes
+  a run resumed with `config` continue differently from the run saved with `saved`:
+  model, data, optimizer, batch size, seed and other train fields. Not reported:
+  mesh sizes and rules, log.*, checkpoint.*, the attention implementation, remat,
+  evaluation settings. `train.steps` and `optim.decay_steps` are reported only when
+  the schedule's length (decay_steps, or train.steps when it is unset) changes;
+  `train.grad_accum_steps` only for MoE models (their losses are per micro-batch).
+  """
+  old, new = flatten_config(saved), flatten_config(config)
+  schedule = {"train.steps", "optim.decay_steps"}
+  changes = []
+  for field in list(old) + [f for f in new if f not in old]:
+    a, b = old.get(field, _ABSENT), new.get(field, _ABSENT)
+    if (a == b or field.startswith(_SAME_TRAJECTORY_GROUPS)
+        or field in _SAME_TRAJECTORY_FIELDS or field in schedule):
+      continue
+    note = ""
+    if field == "train.grad_accum_steps":
+      if not (old.get("model.moe.num_experts") or new.get("model.moe.num_experts")):
+        continue
+      note = "MoE load-balancing and router losses are computed per micro-batch"
+    changes.append((field, a, b, note))
+  length = lambda c: c.get("optim.decay_steps") or c.get("train.steps")  # noqa: E731
+  if length(old) != length(new):
+    if old.get("optim.decay_steps") != new.get("optim.decay_steps"):
+      changes.append(("optim.decay_steps", old.get("optim.decay_steps"),
+                      new.get("optim.decay_steps"),
+                      "the learning-rate schedule's length"))
+    if old.get("train.steps") != new.get("train.steps") and not (
+        old.get("optim.decay_steps") and new.get("optim.decay_steps")):
+      changes.append(("train.steps", old.get("train.steps"), new.get("train.steps"),
+                      "the learning-rate schedule's length while optim.decay_steps is "
+                      "unset"))
+  return changes
+
+
+def describe_trajectory_changes(step: int, changes: list) -> str:
+  """The message a resume prints for `trajectory_changes` (empty when none)."""
+  if not changes:
+    return ""
+  lines = [f"resuming from step {step} with a config that changes the training "
+           "trajectory from here on (saved with the checkpoint -> now):"]
+  for field, a, b, note in changes:
+    lines.append(f"  {field}: {a!r} -> {b!r}" + (f"  ({note})" if note else ""))
+  lines.append("The run will not match an uninterrupted run of either config. To "
+               "extend a run on the same learning-rate curve, set optim.decay_steps "
+               "to the whole run's length from the start.")
+  return "\n".join(lines)
 
 
 class Checkpointer:
@@ -88,12 +173,14 @@ class Checkpointer:
     self._manager.close()
 
   def restore(self, target: TrainState, data_iter: Any | None = None,
-              step: int | None = None) -> TrainState:
+              step: int | None = None, *, config: dict | None = None) -> TrainState:
     """Restores `step` (default: latest) into `target`'s shapes and shardings.
 
     `target` holds ShapeDtypeStructs with concrete NamedShardings of the current
     mesh, so a checkpoint written on any mesh lands on this one. With
     `checkpoint.fallback`, an unreadable step falls back to the previous one.
+    Parameters saved with other shapes are a ConfigError (`check_param_shapes`,
+    naming the model fields in which `config` differs), raised before any read.
     """
     steps = self.all_steps() if step is None else [step]
     if not steps:
@@ -101,6 +188,7 @@ class Checkpointer:
     candidates = steps[::-1] if self.cfg.fallback and step is None else steps[-1:]
     errors = []
     for s in candidates:
+      self.check_param_shapes(target.params, s, config)  # a wrong model: no fallback
       try:
         items = {"state": _restore_args(_as_dict(target))}
         data_dir = os.path.join(self.directory, str(s), "data")
@@ -126,21 +214,125 @@ class Checkpointer:
     return self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
+  def _step_config(self, step: int) -> dict | None:
+    try:
+      return dict(self.restore_config(step))
+    except Exception:  # noqa: BLE001 -- an older or damaged step
+      return None
+
+  def saved_config(self, step: int) -> dict | None:
+    """The config saved with `step`; if unreadable, the run's config.json (call it
+    before a new run overwrites that); None when neither can be read."""
+    stored = self._step_config(step)
+    if stored is not None:
+      return stored
+    try:
+      return run_config.read(os.path.dirname(self.directory))
+    except (OSError, ValueError):
+      return None
+
+  def check_param_shapes(self, abstract_params: Any, step: int,
+                         config: dict | None = None) -> None:
+    """Raises ConfigError if the parameters saved at `step` (read from metadata,
+    no arrays) differ in shape or presence from `abstract_params`: the error names
+    the first differing parameter, both shapes, and the model fields in which
+    `config` (default: the run's config.json, which `infer.load` and `export_hf`
+    build their model from) differs from the config saved with `step`. Metadata
+    that cannot be read is left to the restore to report."""
+    try:
+      saved = self.param_shapes(step)
+    except Exception:  # noqa: BLE001 -- unreadable: the restore reports (or falls back)
+      return
+    ours = leaf_shapes(abstract_params)
+    bad = [n for n in sorted(set(saved) | set(ours)) if saved.get(n) != ours.get(n)]
+    if not bad:
+      return
+    workdir = os.path.dirname(self.directory)
+    if config is None:
+      requested, desc = None, f"the run's {run_config.path(workdir)}"
+      try:
+        requested = run_config.read(workdir)
+      except (OSError, ValueError):
+        pass
+    else:
+      requested, desc = config, "this config"
+    # Without `config`, config.json is the requested side: compare with the step's.
+    stored = self.saved_config(step) if config is not None else self._step_config(step)
+    name = bad[0]
+    problem = (f"step {step} in {self.directory} cannot be restored: parameter "
+               f"`{name}` has shape {saved.get(name, 'missing')} there but "
+               f"{ours.get(name, 'missing')} in the model {desc} builds")
+    problem += f" ({len(bad) - 1} more parameters differ)." if len(bad) > 1 else "."
+    diffs = []
+    if stored is not None and requested is not None:
+      a = flatten_config(stored.get("model", {}), "model.")
+      b = flatten_config(requested.get("model", {}), "model.")
+      diffs = [(f, a.get(f, _ABSENT), b.get(f, _ABSENT))
+               for f in list(a) + [f for f in b if f not in a]
+               if a.get(f, _ABSENT) != b.get(f, _ABSENT)]
+    if diffs:
+      shaping = [d for d in diffs if _changes_shapes(stored["model"], d, saved)]
+      others = [d for d in diffs if d not in shaping]
+      shaping = shaping or diffs  # only together do they change the shapes
+      listed = lambda ds: ", ".join(f"{f} {x} -> {y}" for f, x, y in ds)  # noqa: E731
+      problem += (" The model differs from the one saved with that step in "
+                  f"{listed(shaping)}.")
+      if others:
+        problem += f" Also different (no shape change): {listed(others)}."
+      saved_flags = " ".join(f"--config.{f}={x}" for f, x, _ in shaping)
+      if config is None:
+        fix = (f"make {run_config.path(workdir)} say what step {step} was saved with "
+               f"({saved_flags.replace('--config.', '')}), or load a step saved with "
+               "this model.")
+      else:
+        workdir = os.path.dirname(self.directory)
+        fix = (f"resume with the saved model ({saved_flags}, or "
+               f"--config=experiments/saved.py:{workdir}), or train this model in a "
+               "new --workdir.")
+      raise ConfigError(shaping[0][0], problem, fix)
+    problem += (" The config saved with that step cannot be read to name the field."
+                if stored is None or requested is None else
+                " The saved config names no model field that differs.")
+    raise ConfigError("model", problem, "use the model config the checkpoint was "
+                      "saved with, or train this model in a new --workdir.")
+
   def param_shapes(self, step: int) -> dict:
     """{path: shape} of the saved parameters, from metadata (no array reads)."""
     meta = self._manager.item_metadata(step)["state"]
     tree = getattr(meta, "tree", meta)["params"]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(m.shape)
+    return {path_name(path): tuple(m.shape)
             for path, m in jax.tree_util.tree_leaves_with_path(tree)}
 
-  def restore_params(self, abstract_params: Any, step: int) -> Any:
-    """Only the parameters (optimizer state is not read)."""
+  def restore_params(self, abstract_params: Any, step: int, *,
+                     config: dict | None = None) -> Any:
+    """Only the parameters (optimizer state is not read), after
+    `check_param_shapes` (`config` defaults to the run's config.json)."""
+    self.check_param_shapes(abstract_params, step, config)
     target = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)
     return self._manager.restore(step, args=ocp.args.Composite(state=args)
                                  ).state["params"]
+
+
+def _changes_shapes(stored_model: dict, diff: tuple[str, Any, Any],
+                    saved_shapes: dict) -> bool:
+  """Whether the model saved as `stored_model`, with only `diff`'s field set to its
+  new value, has parameter shapes other than `saved_shapes` (abstractly built; a
+  model that cannot be built counts as changed)."""
+  field, _, value = diff
+  model = copy.deepcopy(stored_model)
+  *groups, name = field.split(".")[1:]
+  node = model
+  for g in groups:
+    node = node.setdefault(g, {})
+  node[name] = value
+  try:
+    spec = model_spec(ModelConfig.from_config(model), normalize_rules(None))
+    return leaf_shapes(spec.abstract_params) != saved_shapes
+  except Exception:  # noqa: BLE001 -- e.g. num_heads alone no longer divides
+    return True
 
 
 def _restore_iterator_from_other_process_count(data_iter, data_dir: str) -> None:
@@ -172,7 +364,7 @@ def load_init_params(spec: str, abstract_params: Any, ckpt_cfg) -> Any:
                       f"(steps: {source.all_steps()}).",
                       "give DIR of a run with checkpoints, or DIR:STEP of one of them.")
   saved = source.param_shapes(step)
-  ours = {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape)
+  ours = {path_name(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
   for name in sorted(set(saved) | set(ours)):
     if saved.get(name) != ours.get(name):

@@ -4,7 +4,9 @@ Every source becomes one flat token stream with an end-of-document id between
 documents. Windows of `seq_len + 1` tokens are cut from it, so nothing is padded;
 each example carries segment ids and positions that restart at document
 boundaries, so attention never crosses documents. The last `eval_fraction` of the
-stream is held out for evaluation.
+stream is held out for evaluation; an evaluation reads its windows in order, the
+last batch padded with rows of loss weight 0 (`weights`), so a held-out split
+smaller than a batch is still evaluated, averaged over its real tokens only.
 
 Determinism: window order depends only on `train.seed`. A process loads only the
 rows of each global batch that its devices hold, so the global batch is the same
@@ -97,6 +99,25 @@ class Synthetic:
 
 
 @dataclasses.dataclass
+class PaddedToBatches:
+  """`examples` padded to whole batches of `batch_size`. Every example gets
+  per-token loss `weights`: 1 for the real ones, 0 for the padding rows past the end
+  (copies of earlier windows, so they are valid inputs that count for nothing)."""
+  examples: Any
+  batch_size: int
+
+  def __len__(self) -> int:
+    return -(-len(self.examples) // self.batch_size) * self.batch_size
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    n = len(self.examples)
+    example = dict(self.examples[int(i) % n])
+    example["weights"] = np.full(example["targets"].shape, float(int(i) < n),
+                                 np.float32)
+    return example
+
+
+@dataclasses.dataclass
 class ProcessRows:
   """The rows [lo, hi) of every global batch of `batch_size` from `examples`."""
   examples: Any
@@ -143,11 +164,16 @@ class Data:
   batch_size: int
 
   def eval_batches(self, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-    """The same `num_batches` held-out batches every call (no shuffle)."""
-    ds = grain.MapDataset.source(ProcessRows(self.eval_source, self.batch_size,
-                                             *self.rows))
-    n = min(num_batches, len(ds) // (self.rows[1] - self.rows[0]))
-    ds = ds.batch(self.rows[1] - self.rows[0], drop_remainder=True)
+    """The same held-out batches every call (no shuffle): at most `num_batches`,
+    fewer when the held-out windows run out. The last one may be partial: its
+    missing rows are padding with `weights` 0, so a split smaller than one batch
+    is evaluated too. Average the NLL with `weights` (over real tokens only)."""
+    rows = self.rows[1] - self.rows[0]
+    ds = grain.MapDataset.source(ProcessRows(
+        PaddedToBatches(self.eval_source, self.batch_size), self.batch_size,
+        *self.rows))
+    n = min(num_batches, len(ds) // rows)
+    ds = ds.batch(rows, drop_remainder=True)
     return (ds[i] for i in range(n))
 
 
@@ -173,12 +199,19 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
     eos = tokenizer.eos_id if d.source == "text" else d.eos_id
     train_src = Windows(stream[:split], d.seq_len, eos)
     eval_src = Windows(stream[split:], d.seq_len, eos)
-    if len(train_src) < batch or len(eval_src) < 1:
+    if len(train_src) < batch:
       raise ConfigError(
           "data.path", f"the corpus has {len(stream)} tokens: {len(train_src)} "
-          f"training windows of {d.seq_len + 1} and {len(eval_src)} held out, "
-          f"fewer than one batch of {batch}.",
+          f"training windows of {d.seq_len + 1}, fewer than one batch of "
+          f"train.batch_size={batch}.",
           "use more data, a shorter data.seq_len or a smaller train.batch_size.")
+    if len(eval_src) < 1 and config.train.eval_every:
+      raise ConfigError(
+          "data.eval_fraction", f"{d.eval_fraction} of the corpus's {len(stream)} "
+          f"tokens is {len(stream) - split} held-out tokens, less than one window "
+          f"of data.seq_len + 1 = {d.seq_len + 1}, so there is nothing to evaluate.",
+          "raise data.eval_fraction, use more data or a shorter data.seq_len, or "
+          "set --config.train.eval_every=0 to train without evaluation.")
   lo, hi = process_rows(batch_sharding, batch, d.seq_len)
   examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
   train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))

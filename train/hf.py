@@ -22,6 +22,7 @@ from absl import logging
 import sharding
 from model import ModelConfig
 from sharding import ConfigError
+from train import run_config
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, param_shardings
@@ -201,8 +202,7 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   params = jax.device_put(params, param_shardings(spec, mesh))
   state = init_state(spec, tx, mesh, 0, params=params)
   config_dict = json.loads(config.to_json())
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_dict, f, indent=2)
+  run_config.write(workdir, config_dict)
   ckpt = Checkpointer(workdir, config.checkpoint)
   ckpt.save(state, None, config_dict, force=True)
   ckpt.wait()
@@ -217,8 +217,7 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
 def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   """A rung workdir's parameters -> safetensors + config.json that transformers loads."""
   from safetensors.numpy import save_file
-  from experiments import saved
-  config = saved.get_config(workdir)
+  config = run_config.load(workdir)
   cfg = ModelConfig.from_config(config.model)
   if cfg.block != "standard":
     raise ConfigError("model.block", f"a {cfg.block!r} model has no transformers "

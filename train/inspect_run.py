@@ -18,13 +18,6 @@ def _dir_size(path: str) -> int:
              for root, _, files in os.walk(path) for f in files)
 
 
-def _human(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if n < 1024 or unit == "TiB":
-      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-    n /= 1024
-
-
 def describe_run(workdir: str) -> str:
   """A report of a run's checkpoints (read from metadata only) and metrics."""
   lines = [f"run {os.path.abspath(workdir)}"]
@@ -40,7 +33,7 @@ def describe_run(workdir: str) -> str:
   else:
     lines.append("checkpoints:")
     for s in steps:
-      lines.append(f"  step {s:>8}  {_human(_dir_size(os.path.join(directory, str(s))))}")
+      lines.append(f"  step {s:>8}  {sharding.format_bytes(_dir_size(os.path.join(directory, str(s))))}")
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     rows = read_metrics(workdir)
     train_rows = [r for r in rows if "loss" in r]
@@ -60,7 +53,7 @@ def describe_run(workdir: str) -> str:
     rows = [("parameter", "shape", "dtype", "saved sharding")]
     total = 0
     for path, m in jax.tree_util.tree_leaves_with_path(tree):
-      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      name = sharding.path_name(path)
       spec = getattr(m.sharding, "partition_spec", None)
       axes = dict(zip(getattr(m.sharding, "axis_names", []),
                       getattr(m.sharding, "shape", [])))

@@ -6,22 +6,23 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from tqdm.auto import tqdm
 
 import kernels
 import sharding
-from model import ModelConfig
-from train import flops as flops_lib
-from train.checkpoint import Checkpointer, load_init_params
+from model import ModelConfig, flops as flops_lib
+from train import run_config
+from train.checkpoint import (Checkpointer, describe_trajectory_changes,
+                              load_init_params, trajectory_changes)
 from train.data import make_data
-from train.metrics import MOE_KEYS, MetricsWriter
+from train.metrics import MOE_KEYS, MetricsWriter, peak_flops
 from train.optimizer import make_optimizer, schedule
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          state_shardings)
@@ -36,8 +37,8 @@ def _say(msg: str) -> None:
 
 def _global_batch(local: dict[str, np.ndarray], data_sharding,
                   zigzag_shards: int = 1) -> dict[str, jax.Array]:
-  """Process-local rows -> global arrays. For zig-zag ring attention every
-  per-token array is permuted once here (never per layer), positions included."""
+  """Process-local rows -> global arrays. For attention=ring_zigzag every per-token
+  array is permuted once here (never per layer), positions included."""
   if zigzag_shards > 1:
     local = {k: kernels.zigzag_permute(v, zigzag_shards, axis=1)
              for k, v in local.items()}
@@ -72,12 +73,13 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   config_dict = json.loads(config.to_json())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2)
   ckpt = Checkpointer(workdir, config.checkpoint)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(abstract_state(spec, tx, mesh), data.train)
+    # A different model is a ConfigError here, before anything is read.
+    state = ckpt.restore(abstract_state(spec, tx, mesh), data.train,
+                         config=config_dict)
     _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+    _report_trajectory_changes(ckpt, int(state.step), config_dict)
   else:
     state = init_state(spec, tx, mesh, t.seed)
     if config.checkpoint.init_from:
@@ -86,12 +88,16 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
                                 config.checkpoint)
       state = state.replace(params=params)
       _say(f"initialised parameters from {config.checkpoint.init_from}")
+  # Written once the checkpoint is known to fit, so a refused resume leaves the
+  # run's config.json (what `generate` and `export-hf` build the model from) alone.
+  if jax.process_index() == 0:
+    run_config.write(workdir, config_dict)
   step_fn = make_train_step(spec, tx, lr, t, shardings, data_sharding)
   eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
 
   tokens_per_step = t.batch_size * config.data.seq_len
   step_flops = flops_lib.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
-  peak, peak_source = flops_lib.peak_flops(config.log)
+  peak, peak_source = peak_flops(config.log)
   _say(f"model: {flops_lib.matmul_params(cfg) / 1e6:.2f}M matmul params, "
        f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
        f"TFLOP/s ({peak_source})")
@@ -111,10 +117,15 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
       saved["step"] = int(state.step)
 
   def evaluate(step: int) -> dict[str, Any]:
+    nll_sum, tokens = 0.0, 0.0
     with jax.set_mesh(mesh):
-      losses = [float(eval_fn(state.params, to_global(b)))
-                for b in data.eval_batches(t.eval_steps)]
-    row = {"step": step, "eval_loss": float(np.mean(losses))}
+      for b in data.eval_batches(t.eval_steps):
+        batch_nll, batch_tokens = eval_fn(state.params, to_global(b))
+        nll_sum, tokens = nll_sum + float(batch_nll), tokens + float(batch_tokens)
+    if not tokens:  # validate_config and make_data refuse such configs
+      raise RuntimeError("evaluation found no held-out tokens; refusing to log an "
+                         "eval_loss of 0/0.")
+    row = {"step": step, "eval_loss": nll_sum / tokens}
     writer.write(row)
     history.append(row)
     _say(f"step {step}: eval_loss {row['eval_loss']:.4f}")
@@ -174,6 +185,19 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     ckpt.wait()
     ckpt.close()
   return history
+
+
+def _report_trajectory_changes(ckpt: Checkpointer, step: int, config_dict: dict):
+  """On resume: prints (process 0, stderr) every changed config field that makes
+  the run continue differently from the run that saved `step`. Step 0 (an import)
+  has no trajectory yet."""
+  if not step:
+    return
+  saved = ckpt.saved_config(step)  # read by every process alike
+  message = describe_trajectory_changes(
+      step, trajectory_changes(saved, config_dict) if saved else [])
+  if message and jax.process_index() == 0:
+    tqdm.write(message, file=sys.stderr)
 
 
 class _StopOnSignal:

@@ -1,10 +1,18 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard, and the progress bar."""
+"""Where training metrics go (metrics.jsonl, TensorBoard) and the peak FLOP/s that
+MFU divides by."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import time
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import sharding
 
 # The keys of every logged training row in metrics.jsonl (eval rows add eval_loss).
 TRAIN_KEYS = ("step", "loss", "grad_norm", "learning_rate", "step_time_s",
@@ -50,3 +58,38 @@ class MetricsWriter:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+@functools.cache
+def measured_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
+  """FLOP/s of a large matmul on the first device: the CPU's practical peak."""
+  a = jnp.ones((n, n), dtype, device=jax.devices()[0])
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def peak_flops(log_cfg) -> tuple[float, str]:
+  """(peak FLOP/s that MFU divides by, where it came from).
+
+  On CPU every fake device shares the same cores, so the peak is the whole host's
+  measured matmul rate and MFU compares the step's total FLOP/s with it.
+  `log.peak_flops` overrides it (total FLOP/s over all devices of the run).
+  """
+  if log_cfg.peak_flops:
+    return float(log_cfg.peak_flops), "config"
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return measured_matmul_peak(), "measured matmul (host)"
+  chip = sharding.chips.chip_for_device_kind(device.device_kind)
+  if chip is not None:  # at run time each TPU device is a whole chip (v4: megacore)
+    return (chip.peak_flops * jax.device_count(),
+            f"{chip.name} bf16 peak ({chip.source})")
+  # Other accelerators: from log.peak_flops; without it MFU is reported as NaN
+  # rather than guessed.
+  return float("nan"), f"unknown for {device.device_kind}"

@@ -7,6 +7,8 @@ import re
 import jax
 import optax
 
+import sharding
+
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup then cosine decay over `optim.decay_steps` (default: the run's
@@ -26,7 +28,7 @@ def decay_mask(params, no_decay: str):
   patterns = [re.compile(p) for p in no_decay.split(",") if p.strip()]
 
   def keep(path, _):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = sharding.path_name(path)
     return not any(p.search(name) for p in patterns)
 
   return jax.tree_util.tree_map_with_path(keep, params)

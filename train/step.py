@@ -102,7 +102,18 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
 
 
 def make_eval_step(spec: ModelSpec, param_sharding, data_sharding):
-  """Jitted (params, batch) -> mean next-token NLL. Call it under jax.set_mesh."""
-  f = loss_fn(spec, 0.0)
-  return jax.jit(lambda params, batch: f(params, batch)[1],
-                 in_shardings=(param_sharding, data_sharding))
+  """Jitted (params, batch) -> (next-token NLL summed with batch['weights'] [batch,
+  length], sum of the weights). Rows of weight 0 pad a partial eval batch: they
+  count in neither sum and MoE layers do not route them, so the eval loss (total
+  NLL / total weight) is the mean over real tokens alone. Call it under
+  jax.set_mesh."""
+
+  def f(params, batch: Batch):
+    weights = batch["weights"].astype(jnp.float32)
+    logits = spec.model(params)(batch["inputs"], batch["positions"],
+                                batch["segment_ids"], mask=weights > 0)
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["targets"])  # [batch, length]
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+  return jax.jit(f, in_shardings=(param_sharding, data_sharding))

@@ -26,6 +26,12 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
                      "log.every_steps", "data.seq_len"])
   _positive(config, ["optim.warmup_steps", "train.eval_every", "train.eval_steps",
                      "optim.weight_decay", "optim.clip_norm", "train.z_loss"], 0)
+  if config.train.eval_every and config.train.eval_steps < 1:
+    raise ConfigError(
+        "train.eval_steps", f"is {config.train.eval_steps} while train.eval_every="
+        f"{config.train.eval_every}: every evaluation would average no batches.",
+        "set --config.train.eval_steps to at least 1, or --config.train.eval_every=0 "
+        "to train without evaluation.")
   if config.optim.learning_rate <= 0:
     raise ConfigError("optim.learning_rate",
                       f"must be positive, got {config.optim.learning_rate}.",
@@ -38,11 +44,13 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
 def _validate_attention(config, sizes: dict[str, int]) -> None:
   """Sequence-parallel attention needs shapes its kernels can split."""
   impl, seq = config.model.attention, sizes["sequence"]
-  if impl == "ring" and config.data.seq_len % (2 * seq):
+  # attention=ring needs seq_len % sequence == 0, which sharding.validate_plan checks.
+  if impl == "ring_zigzag" and config.data.seq_len % (2 * seq):
     raise ConfigError(
-        "data.seq_len", f"ring attention on mesh.sequence={seq} cuts each sequence "
-        f"into 2 x {seq} zig-zag chunks, but seq_len={config.data.seq_len} is not a "
-        f"multiple of {2 * seq}.", f"use a seq_len divisible by {2 * seq}.")
+        "data.seq_len", f"ring_zigzag attention on mesh.sequence={seq} cuts each "
+        f"sequence into 2 x {seq} zig-zag chunks, but seq_len={config.data.seq_len} "
+        f"is not a multiple of {2 * seq}.",
+        f"use a seq_len divisible by {2 * seq}, or --config.model.attention=ring.")
   if impl == "ulysses":
     t = sizes["tensor"]
     heads, kv_heads = config.model.num_heads // t, config.model.num_kv_heads // t
@@ -50,5 +58,5 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
       raise ConfigError(
           "model.attention", f"ulysses moves heads over mesh.sequence={seq}, but each "
           f"tensor shard holds {heads} heads and {kv_heads} KV heads, which do not "
-          "split over it.", "use --config.model.attention=ring, or a mesh.sequence "
-          f"that divides {heads}.")
+          "split over it.", "use --config.model.attention=ring_zigzag (or ring), or "
+          f"a mesh.sequence that divides {heads}.")

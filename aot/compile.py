@@ -8,9 +8,9 @@ and reports, per device:
 - memory: arguments (parameters, optimizer state, batch or KV cache), temporaries,
   outputs not aliased to donated inputs, generated code; their total against the
   chip's HBM (`sharding/chips.py`), and whether it fits;
-- FLOPs per step counted in the compiled HLO (`sharding/costs.py`: loop trip counts
+- FLOPs per step counted in the compiled HLO (`aot/costs.py`: loop trip counts
   included, which XLA's cost analysis leaves out), next to the model's PaLM count
-  (`train/flops.py`);
+  (`model/flops.py`);
 - collectives by kind with bytes and the mesh axes they run over;
 - time: a roofline, max(compute, HBM, interconnect), from the compiled FLOPs, HBM
   bytes and collective bytes over the chip's rates, and the MFU it bounds; and the
@@ -40,10 +40,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
-from model import ModelConfig
+from aot import costs as costs_lib
+from model import ModelConfig, flops as flops_lib
 from sharding import ConfigError
 from sharding.chips import Chip, chip_for_topology
-from train import flops as flops_lib
 from train.optimizer import make_optimizer, schedule
 from train.state import abstract_params, abstract_state, model_spec
 from train.step import batch_sharding, make_train_step
@@ -168,8 +168,8 @@ def compile_step(config, topology: str, what: str = "train",
     _dump(dump_hlo, f"{what}_{topology.replace(':', '_')}", lowered, compiled)
 
   memory = _memory(args, what, compiled, chip, error)
-  costs = (sharding.costs.analyze(compiled.as_text(), sharding.AXES,
-                                  [sizes[a] for a in sharding.AXES])
+  costs = (costs_lib.analyze(compiled.as_text(), sharding.AXES,
+                                [sizes[a] for a in sharding.AXES])
            if compiled is not None else None)
   return _report(topology, chip, what, sizes, len(devices), memory, costs,
                  model_flops, attention_flops, compiled, seconds, error)
@@ -341,7 +341,7 @@ def _table(r: Report) -> str:
       f"compute {t['compute'] * 1e3:.2f}, HBM {t['hbm'] * 1e3:.2f}, "
       f"ICI {t['ici'] * 1e3:.2f} ms)",
       f"  MFU upper bound              {r.mfu_bound:.1%}",
-      f"  compiler estimate            "
+      "  compiler estimate            "
       + (f"{t['compiler'] * 1e3:.2f} ms" if t["compiler"] > 0
          else f"none (XLA gave {t['compiler']:.3g} s)")
       + " (XLA optimal_seconds; counts each loop body once)",

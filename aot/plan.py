@@ -3,12 +3,12 @@
 Candidates are the factorisations of the topology's device count over the mesh
 axes (data, fsdp, expert, sequence, tensor) times the remat policies, kept when
 they pass the same validation `train` runs (`train/validate.py`). Each is compiled
-deviceless (`train/compile.py`) and the plans are ranked: those that fit in HBM
+deviceless (`aot/compile.py`) and the plans are ranked: those that fit in HBM
 first, then by estimated step time, then by memory per device.
 
 The step-time estimate is compile's roofline, max(compute, HBM, ICI): the compiled
 program's FLOPs, HBM bytes and collective bytes per device (loop trip counts
-included, `sharding/costs.py`) over the chip's peak FLOP/s, HBM and ICI bandwidth
+included, `aot/costs.py`) over the chip's peak FLOP/s, HBM and ICI bandwidth
 (`sharding/chips.py`). It is not XLA's own estimate (`optimal_seconds`), because
 that counts each while-loop body once: for the scanned layers of llama_1b it gave
 0.0237, 0.0245 and 0.0246 s for 1, 2 and 4 layers, so it would rank plans by the
@@ -33,11 +33,11 @@ from typing import Any, Iterable, Sequence
 from tqdm.auto import tqdm
 
 import sharding
+from aot.compile import (Report, compile_step, devices_per_chip, state_bytes,
+                         topology_devices)
 from model.config import REMAT
 from sharding import ConfigError
 from sharding.chips import chip_for_topology
-from train.compile import (Report, compile_step, devices_per_chip, state_bytes,
-                           topology_devices)
 from train.validate import validate_config
 
 

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sharding import hlo
+from aot import hlo
 
 # Instructions that move no HBM data of their own (views, control flow, tokens) or
 # whose data is accounted elsewhere (collectives, in `Costs.collectives`).
@@ -88,10 +88,8 @@ def analyze(hlo_text: str, mesh_axes: Sequence[str] = (),
   """Costs of the compiled module. With the mesh's axis names and shape (the
   devices of the compile in mesh order), collectives name the axes they span."""
   comps = hlo.parse(hlo_text)
-  names = {n for n, instrs in comps.items() if n != "ENTRY"}
-  entry = next(n for n in names if comps[n] is comps["ENTRY"])
-  instrs = {i.name: i for n in names for i in comps[n]}
-  counts, roles, unknown = _execution_counts(comps, entry, instrs)
+  instrs = hlo.instructions(comps)
+  counts, roles, unknown = hlo.execution_counts(comps, hlo.entry_name(comps), instrs)
 
   flops, traffic, kernels, colls = 0.0, 0.0, 0, []
   for name, times in counts.items():
@@ -113,87 +111,6 @@ def analyze(hlo_text: str, mesh_axes: Sequence[str] = (),
                 or ins.opcode == "custom-call" and not _is_kernel(ins)):
         traffic += times * _traffic(ins, instrs, comps)
   return Costs(flops, traffic, colls, kernels, unknown)
-
-
-# --- how often each computation runs -------------------------------------------
-
-def _execution_counts(comps, entry: str, instrs):
-  """{computation: executions per run of the entry}, {computation: role}, and the
-  number of loops whose trip count was not found. Roles: 'control' (entry, loop
-  bodies, branches, calls: their instructions touch HBM), 'fused' (inside a
-  fusion) or 'scalar' (reducers applied element by element)."""
-  counts: dict[str, float] = collections.defaultdict(float)
-  roles: dict[str, str] = {}
-  unknown = 0
-
-  def visit(name: str, times: float, role: str) -> None:
-    nonlocal unknown
-    counts[name] += times
-    roles.setdefault(name, role)
-    for ins in comps.get(name, []):
-      if ins.opcode == "while":
-        body = re.search(r"body=%?([\w.\-]+)", ins.text).group(1)
-        cond = re.search(r"condition=%?([\w.\-]+)", ins.text).group(1)
-        trips = _trip_count(ins, comps[cond], comps[body], instrs)
-        if trips is None:
-          unknown, trips = unknown + 1, 1
-        visit(body, times * trips, "control")
-        visit(cond, times * (trips + 1), "control")
-        continue
-      inner = "fused" if ins.opcode == "fusion" or role == "fused" else "control"
-      applied = set(re.findall(r"to_apply=%?([\w.\-]+)", ins.text))
-      for called in ins.called:
-        visit(called, times, "scalar" if called in applied else inner)
-
-  visit(entry, 1.0, "control")
-  return counts, roles, unknown
-
-
-def _root(instrs_of_comp):
-  return next(i for i in instrs_of_comp if i.text.lstrip().startswith("ROOT"))
-
-
-def _constant(name: str, instrs) -> int | None:
-  """The integer a value holds, following copies and bitcasts to a constant."""
-  ins = instrs.get(name)
-  while ins is not None and ins.opcode in ("copy", "bitcast", "convert"):
-    ins = instrs.get(ins.operands[0])
-  if ins is None or ins.opcode != "constant":
-    return None
-  m = re.search(r"constant\((-?\d+)\)", ins.text)
-  return int(m.group(1)) if m else None
-
-
-def _trip_count(loop, cond, body, instrs) -> int | None:
-  """Trip count of `while (counter <cmp> limit)` with counter += step in the body,
-  or None when the loop has another form."""
-  root = _root(cond)
-  direction = re.search(r"direction=(\w+)", root.text)
-  if root.opcode != "compare" or not direction or len(root.operands) != 2:
-    return None
-  counter, limit = (instrs.get(o) for o in root.operands)
-  op = direction.group(1)
-  if counter is not None and counter.opcode != "get-tuple-element":
-    counter, limit = limit, counter
-    op = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}.get(op, op)
-  init = instrs.get(loop.operands[0]) if loop.operands else None
-  body_root = _root(body)
-  if (counter is None or counter.opcode != "get-tuple-element" or limit is None
-      or init is None or init.opcode != "tuple" or body_root.opcode != "tuple"):
-    return None
-  index = int(re.search(r"index=(\d+)", counter.text).group(1))
-  limit, start = _constant(limit.name, instrs), _constant(init.operands[index], instrs)
-  update = instrs.get(body_root.operands[index])
-  step = None
-  if update is not None and update.opcode in ("add", "subtract"):
-    known = [c for c in (_constant(o, instrs) for o in update.operands) if c is not None]
-    if len(known) == 1:
-      step = known[0] if update.opcode == "add" else -known[0]
-  if limit is None or start is None or not step:
-    return None
-  span = {"LT": limit - start, "LE": limit - start + 1,
-          "GT": start - limit, "GE": start - limit + 1}.get(op)
-  return None if span is None else max(0, math.ceil(span / abs(step)))
 
 
 # --- FLOPs ---------------------------------------------------------------------
@@ -301,7 +218,7 @@ def _traffic(ins, instrs, comps) -> float:
       read += sum(u.bytes for u in uses if u.opcode in _SLICES)
     elif operand in instrs:
       read += instrs[operand].bytes
-  root = _root(fused)
+  root = hlo.root(fused)
   outputs = ([local[o] for o in root.operands] if root.opcode == "tuple" else [root])
   written = sum(local[o.operands[_IN_PLACE[o.opcode]]].bytes if o.opcode in _IN_PLACE
                 else o.bytes for o in outputs)

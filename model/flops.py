@@ -1,15 +1,9 @@
-"""FLOP counts (PaLM convention) and the peak they are measured against."""
+"""A model's FLOPs per token in the PaLM convention (Chowdhery et al. 2022, App. B):
+what MFU (train/metrics.py) and the compile report (aot/compile.py) count."""
 
 from __future__ import annotations
 
-import functools
-import time
-
-import jax
-import jax.numpy as jnp
-
-import sharding
-from model import ModelConfig
+from model.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -44,38 +38,3 @@ def decode_flops_per_token(cfg: ModelConfig, cache_len: int) -> float:
   positions: 2N + 4·L·H·Q·T (scores and weighted values over the whole cache)."""
   return (2 * matmul_params(cfg)
           + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cache_len)
-
-
-@functools.cache
-def measured_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
-  """FLOP/s of a large matmul on the first device: the CPU's practical peak."""
-  a = jnp.ones((n, n), dtype, device=jax.devices()[0])
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
-def peak_flops(log_cfg) -> tuple[float, str]:
-  """(peak FLOP/s that MFU divides by, where it came from).
-
-  On CPU every fake device shares the same cores, so the peak is the whole host's
-  measured matmul rate and MFU compares the step's total FLOP/s with it.
-  `log.peak_flops` overrides it (total FLOP/s over all devices of the run).
-  """
-  if log_cfg.peak_flops:
-    return float(log_cfg.peak_flops), "config"
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    return measured_matmul_peak(), "measured matmul (host)"
-  chip = sharding.chips.chip_for_device_kind(device.device_kind)
-  if chip is not None:  # at run time each TPU device is a whole chip (v4: megacore)
-    return (chip.peak_flops * jax.device_count(),
-            f"{chip.name} bf16 peak ({chip.source})")
-  # Other accelerators: from log.peak_flops; without it MFU is reported as NaN
-  # rather than guessed.
-  return float("nan"), f"unknown for {device.device_kind}"

@@ -1,0 +1,261 @@
+"""rung's one reader of compiled HLO text: computations, how often each runs (loop
+trip counts included), the collectives executed, and data dependencies.
+
+`aot.costs` (what `compile` and `plan` report), the tests and the benchmarks all
+read programs through it, so a loop body is weighted by its trip count the same way
+everywhere. XLA's own `cost_analysis()` counts each loop body once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute", "ragged-all-to-all")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4,
+                "s8": 1, "u8": 1, "pred": 1, "s64": 8, "u64": 8, "s16": 2, "u16": 2,
+                "f8e4m3fn": 1, "f8e5m2": 1}
+_KNOWN_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_SHAPE = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  called: list[str]
+  text: str
+
+  @property
+  def bytes(self) -> int:
+    """Bytes of the result (summed over a tuple)."""
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", self.shape):
+      n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+      total += n * _DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  if rest.startswith("("):
+    depth = 0
+    for i, c in enumerate(rest):
+      depth += c == "("
+      depth -= c == ")"
+      if depth == 0:
+        return rest[:i + 1], rest[i + 1:].lstrip()
+  shape, _, tail = rest.partition(" ")
+  return shape, tail
+
+
+def parse(hlo: str) -> dict[str, list[Instruction]]:
+  """{computation name: instructions}; the entry computation is also under 'ENTRY'."""
+  comps: dict[str, list[Instruction]] = {}
+  current = None
+  for line in hlo.splitlines():
+    header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if header and not line[:1].isspace():
+      current = comps.setdefault(header.group(2), [])
+      if header.group(1):
+        comps["ENTRY"] = current
+      continue
+    m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", line)
+    if not m or current is None:
+      continue
+    shape, tail = _split_shape(m.group(2))
+    op = re.match(r"([\w\-]+)\((.*)", tail)
+    if not op:
+      continue
+    opcode, args = op.groups()
+    depth, end = 1, len(args)
+    for i, c in enumerate(args):
+      depth += c == "("
+      depth -= c == ")"
+      if depth == 0:
+        end = i
+        break
+    operands = re.findall(r"%([\w.\-]+)", args[:end])
+    called = re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", args[end:])
+    called += re.findall(r"%([\w.\-]+)", "".join(
+        re.findall(r"branch_computations=\{([^}]*)\}", args[end:])))
+    current.append(Instruction(m.group(1), shape, opcode, operands, called, line))
+  return comps
+
+
+def entry_name(comps: dict[str, list[Instruction]]) -> str:
+  """The entry computation's own name (`parse` also lists it under 'ENTRY')."""
+  return next(n for n, instrs in comps.items()
+              if n != "ENTRY" and instrs is comps["ENTRY"])
+
+
+def instructions(comps: dict[str, list[Instruction]]) -> dict[str, Instruction]:
+  """{instruction name: instruction} over every computation."""
+  return {i.name: i for n, instrs in comps.items() if n != "ENTRY" for i in instrs}
+
+
+def executed_collectives(hlo: str) -> list[tuple[Instruction, float]]:
+  """Every collective executed outside fusions, with its executions per run of the
+  module (loop trip counts included; async starts counted once, dones skipped)."""
+  comps = parse(hlo)
+  counts, roles, _ = execution_counts(comps, entry_name(comps), instructions(comps))
+  return [(ins, times) for name, times in counts.items() if roles[name] == "control"
+          for ins in comps[name] if ins.opcode.removesuffix("-start") in COLLECTIVES]
+
+
+def collectives(hlo: str) -> list[Instruction]:
+  """Every collective instruction of the module, each once (async starts once,
+  dones skipped), whether or not it executes."""
+  return [ins for name, instrs in parse(hlo).items() if name != "ENTRY"
+          for ins in instrs if ins.opcode.removesuffix("-start") in COLLECTIVES]
+
+
+def collective_counts(hlo: str) -> dict[str, dict[str, float]]:
+  """{op: {"count": executions, "elements": elements per device}} of each collective
+  kind; elements are those one device sends (an async start's operand)."""
+  out: dict[str, dict[str, float]] = {}
+  for ins, times in executed_collectives(hlo):
+    kind = ins.opcode.removesuffix("-start")
+    row = out.setdefault(kind, {"count": 0, "elements": 0})
+    row["count"] += times
+    row["elements"] += times * _elements(ins.shape, ins.opcode != kind)
+  return out
+
+
+def _elements(shape: str, first_only: bool) -> int:
+  """Elements of the array(s) in an HLO result shape."""
+  dims = _SHAPE.findall(shape)
+  if first_only:  # an async start's tuple begins with its operand
+    dims = dims[:1]
+  return sum(math.prod(int(d) for d in s.split(",") if d) for s in dims)
+
+
+def while_bodies(hlo: str) -> list[str]:
+  comps = parse(hlo)
+  return [c for instrs in comps.values() for ins in instrs if ins.opcode == "while"
+          for c in re.findall(r"body=%([\w.\-]+)", ins.text)]
+
+
+def _is_matmul(comps, ins: Instruction, seen=None) -> bool:
+  if ins.opcode in ("dot", "convolution"):
+    return True
+  if ins.opcode == "custom-call" and "matmul" in ins.text.lower():
+    return True
+  seen = seen or set()
+  for c in ins.called:
+    if c not in seen and c in comps:
+      seen.add(c)
+      if any(_is_matmul(comps, i, seen) for i in comps[c]):
+        return True
+  return False
+
+
+def matmuls_depending_on(hlo: str, computation: str, name: str) -> list[str]:
+  """Matmuls (dots, or fusions containing one) in `computation` that use the value
+  `name` directly or through other instructions of the same computation."""
+  comps = parse(hlo)
+  instrs = comps[computation]
+  users: dict[str, list[Instruction]] = {}
+  for ins in instrs:
+    for o in ins.operands:
+      users.setdefault(o, []).append(ins)
+  found, stack, seen = [], [name], {name}
+  while stack:
+    for user in users.get(stack.pop(), []):
+      if user.name in seen:
+        continue
+      seen.add(user.name)
+      if _is_matmul(comps, user):
+        found.append(user.name)
+      stack.append(user.name)
+  return found
+
+
+# --- how often each computation runs -------------------------------------------
+
+def execution_counts(comps, entry: str, instrs):
+  """{computation: executions per run of the entry}, {computation: role}, and the
+  number of loops whose trip count was not found. Roles: 'control' (entry, loop
+  bodies, branches, calls: their instructions touch HBM), 'fused' (inside a
+  fusion) or 'scalar' (reducers applied element by element)."""
+  counts: dict[str, float] = collections.defaultdict(float)
+  roles: dict[str, str] = {}
+  unknown = 0
+
+  def visit(name: str, times: float, role: str) -> None:
+    nonlocal unknown
+    counts[name] += times
+    roles.setdefault(name, role)
+    for ins in comps.get(name, []):
+      if ins.opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", ins.text).group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", ins.text).group(1)
+        trips = _trip_count(ins, comps[cond], comps[body], instrs)
+        if trips is None:
+          unknown, trips = unknown + 1, 1
+        visit(body, times * trips, "control")
+        visit(cond, times * (trips + 1), "control")
+        continue
+      inner = "fused" if ins.opcode == "fusion" or role == "fused" else "control"
+      applied = set(re.findall(r"to_apply=%?([\w.\-]+)", ins.text))
+      for called in ins.called:
+        visit(called, times, "scalar" if called in applied else inner)
+
+  visit(entry, 1.0, "control")
+  return counts, roles, unknown
+
+
+def root(instrs_of_comp: list[Instruction]) -> Instruction:
+  """The ROOT instruction of a computation."""
+  return next(i for i in instrs_of_comp if i.text.lstrip().startswith("ROOT"))
+
+
+def _constant(name: str, instrs) -> int | None:
+  """The integer a value holds, following copies and bitcasts to a constant."""
+  ins = instrs.get(name)
+  while ins is not None and ins.opcode in ("copy", "bitcast", "convert"):
+    ins = instrs.get(ins.operands[0])
+  if ins is None or ins.opcode != "constant":
+    return None
+  m = re.search(r"constant\((-?\d+)\)", ins.text)
+  return int(m.group(1)) if m else None
+
+
+def _trip_count(loop, cond, body, instrs) -> int | None:
+  """Trip count of a while loop: the count XLA records for counted loops (CPU and
+  GPU HLO carry `known_trip_count`), else read from `while (counter <cmp> limit)`
+  with counter += step in the body; None when the loop has another form."""
+  known = _KNOWN_TRIP_COUNT.search(loop.text)
+  if known:
+    return int(known.group(1))
+  compare = root(cond)
+  direction = re.search(r"direction=(\w+)", compare.text)
+  if compare.opcode != "compare" or not direction or len(compare.operands) != 2:
+    return None
+  counter, limit = (instrs.get(o) for o in compare.operands)
+  op = direction.group(1)
+  if counter is not None and counter.opcode != "get-tuple-element":
+    counter, limit = limit, counter
+    op = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}.get(op, op)
+  init = instrs.get(loop.operands[0]) if loop.operands else None
+  body_root = root(body)
+  if (counter is None or counter.opcode != "get-tuple-element" or limit is None
+      or init is None or init.opcode != "tuple" or body_root.opcode != "tuple"):
+    return None
+  index = int(re.search(r"index=(\d+)", counter.text).group(1))
+  limit, start = _constant(limit.name, instrs), _constant(init.operands[index], instrs)
+  update = instrs.get(body_root.operands[index])
+  step = None
+  if update is not None and update.opcode in ("add", "subtract"):
+    known = [c for c in (_constant(o, instrs) for o in update.operands) if c is not None]
+    if len(known) == 1:
+      step = known[0] if update.opcode == "add" else -known[0]
+  if limit is None or start is None or not step:
+    return None
+  span = {"LT": limit - start, "LE": limit - start + 1,
+          "GT": start - limit, "GE": start - limit + 1}.get(op)
+  return None if span is None else max(0, math.ceil(span / abs(step)))

@@ -1,0 +1,108 @@
+"""A held-out split smaller than one batch is evaluated (padded rows of weight 0),
+and configs that would average over nothing are refused (issue #14, item 8)."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import sharding
+import train
+from model import ModelConfig
+from train import data as data_lib
+from train.checkpoint import Checkpointer
+from train.optimizer import make_optimizer
+from train.state import abstract_state, model_spec
+from train.step import batch_sharding, loss_fn
+from train.validate import validate_config
+
+
+def _text_config(config, tmp_path, num_bytes=599):
+  """One 599-byte file + eos = 600 byte tokens; eval_fraction 0.1 holds out 60:
+  (60 - 1) // 16 = 3 eval windows of 17, and 33 training windows."""
+  (tmp_path / "doc.py").write_text("x = 1\n" * (num_bytes // 6) + "#" * (num_bytes % 6))
+  config.data.update(source="text", path=str(tmp_path / "*.py"), seq_len=16,
+                     eval_fraction=0.1)
+  config.model.vocab_size = 256
+  return config
+
+
+def _make(config, devices=None):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sh = batch_sharding(mesh, sharding.normalize_rules(None), config.train.batch_size,
+                      config.data.seq_len)
+  return data_lib.make_data(config, sh)
+
+
+def test_eval_batches_pad_a_partial_batch_with_weight_zero(tiny_config, tmp_path):
+  d = _make(_text_config(tiny_config, tmp_path))
+  assert len(d.eval_source) == 3
+  batches = list(d.eval_batches(8))
+  assert len(batches) == 1
+  (b,) = batches
+  assert b["inputs"].shape == b["weights"].shape == (8, 16)
+  np.testing.assert_array_equal(b["weights"].sum(axis=1), [16] * 3 + [0] * 5)
+  for i in range(3):
+    np.testing.assert_array_equal(b["inputs"][i], d.eval_source[i]["inputs"])
+
+
+def test_eval_batches_full_then_partial(tiny_config, tmp_path):
+  c = _text_config(tiny_config, tmp_path, num_bytes=1889)  # 190 held out: 11 windows
+  d = _make(c)
+  assert len(d.eval_source) == 11
+  weights = [b["weights"].sum(axis=1) for b in d.eval_batches(8)]
+  np.testing.assert_array_equal(np.concatenate(weights), [16] * 11 + [0] * 5)
+  assert len(list(d.eval_batches(1))) == 1  # eval_steps still caps the count
+
+
+def test_train_evaluates_a_split_smaller_than_one_batch(tiny_config, tmp_path):
+  c = _text_config(tiny_config, tmp_path)
+  c.train.update(eval_every=3, eval_steps=8)
+  rows = train.train(c, str(tmp_path / "run"), progress=False)
+  evals = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [0, 3]
+  assert all(math.isfinite(r["eval_loss"]) for r in evals), evals
+  # The mean NLL of the final parameters over the 3 real windows, on one device.
+  devices = jax.devices()[:1]
+  c.mesh.update(data=1)
+  mesh = sharding.make_mesh(c.mesh, devices)
+  spec = model_spec(ModelConfig.from_config(c.model), sharding.normalize_rules(None))
+  ckpt = Checkpointer(str(tmp_path / "run"), c.checkpoint, read_only=True)
+  state = ckpt.restore(abstract_state(spec, make_optimizer(c.optim, 3), mesh), step=3)
+  ckpt.close()
+  windows = _make(c, devices).eval_source
+  batch = {k: np.stack([windows[i][k] for i in range(3)]) for k in windows[0]}
+  with jax.set_mesh(mesh):
+    nll = float(loss_fn(spec, 0.0)(state.params, batch)[1])
+  assert evals[-1]["eval_loss"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_no_held_out_window_is_a_config_error_naming_eval_fraction(tiny_config,
+                                                                   tmp_path):
+  c = _text_config(tiny_config, tmp_path)
+  c.data.eval_fraction = 0.02  # 12 held-out tokens: less than one window of 17
+  c.train.eval_every = 10
+  with pytest.raises(sharding.ConfigError, match=r"12 held-out tokens, less than one "
+                     r"window of data.seq_len \+ 1 = 17") as err:
+    _make(c)
+  assert err.value.field == "data.eval_fraction"
+  c.train.eval_every = 0  # no evaluation: nothing to refuse
+  assert next(_make(c).train)["inputs"].shape == (8, 16)
+
+
+def test_fewer_training_windows_than_a_batch_is_a_config_error(tiny_config, tmp_path):
+  c = _text_config(tiny_config, tmp_path, num_bytes=100)
+  with pytest.raises(sharding.ConfigError, match="fewer than one batch of "
+                     "train.batch_size=8") as err:
+    _make(c)
+  assert err.value.field == "data.path"
+
+
+def test_eval_with_zero_steps_is_a_config_error(tiny_config):
+  tiny_config.train.update(eval_every=10, eval_steps=0)
+  with pytest.raises(sharding.ConfigError, match="average no batches") as err:
+    validate_config(tiny_config, 8)
+  assert err.value.field == "train.eval_steps"
+  tiny_config.train.eval_every = 0
+  validate_config(tiny_config, 8)

@@ -1,0 +1,143 @@
+"""Resuming with a changed config: trajectory changes are reported; a different
+model shape is a ConfigError naming parameter, shapes and field (issue #14, 9-10)."""
+
+import json
+import shutil
+
+import pytest
+
+import sharding
+import train
+from conftest import make_tiny_config, run_cli
+
+
+def _as_dict(config):
+  return json.loads(config.to_json())
+
+
+def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
+  from train.checkpoint import trajectory_changes
+  old = make_tiny_config()
+  new = make_tiny_config()
+  new.train.steps = 6                      # drives the schedule: decay_steps unset
+  new.optim.learning_rate = 1e-3
+  new.train.batch_size = 16
+  new.data.seq_len = 32
+  new.model.rope_theta = 500000.0
+  new.train.seed = 1
+  # None of these changes what the run computes:
+  new.log.every_steps = 5
+  new.checkpoint.every_steps = 2
+  new.mesh.update(data=2, tensor=4)
+  new.train.eval_every = 2
+  new.model.remat = "full"
+  new.train.grad_accum_steps = 2           # a dense model: the same mean gradient
+  changes = trajectory_changes(_as_dict(old), _as_dict(new))
+  assert sorted((f, a, b) for f, a, b, _ in changes) == [
+      ("data.seq_len", 16, 32),
+      ("model.rope_theta", 10000.0, 500000.0),
+      ("optim.learning_rate", 3e-3, 1e-3),
+      ("train.batch_size", 8, 16),
+      ("train.seed", 0, 1),
+      ("train.steps", 3, 6),
+  ]
+  assert trajectory_changes(_as_dict(old), _as_dict(make_tiny_config())) == []
+
+
+def test_steps_are_a_change_only_while_they_set_the_schedule_length():
+  from train.checkpoint import trajectory_changes
+  old, new = make_tiny_config(), make_tiny_config()
+  old.optim.decay_steps = new.optim.decay_steps = 6
+  new.train.steps = 6
+  assert trajectory_changes(_as_dict(old), _as_dict(new)) == []
+  # decay_steps set to what train.steps was: the same curve, nothing to report.
+  new.optim.decay_steps, old.optim.decay_steps = 3, None
+  assert trajectory_changes(_as_dict(old), _as_dict(new)) == []
+  new.optim.decay_steps = 12
+  assert [(f, a, b) for f, a, b, _ in trajectory_changes(_as_dict(old),
+                                                         _as_dict(new))] == [
+      ("optim.decay_steps", None, 12), ("train.steps", 3, 6)]
+
+
+def test_resume_with_more_steps_says_the_schedule_changed(tmp_path, capsys):
+  c = make_tiny_config()  # optim.decay_steps unset: train.steps sets the cosine
+  c.checkpoint.every_steps = 3
+  train.train(c, str(tmp_path), progress=False)
+  capsys.readouterr()
+  c.train.steps = 6
+  rows = train.train(c, str(tmp_path), progress=False)
+  assert [r["step"] for r in rows] == [4, 5, 6]
+  err = capsys.readouterr().err
+  assert ("resuming from step 3 with a config that changes the training trajectory "
+          "from here on (saved with the checkpoint -> now):") in err
+  lines = err.splitlines()
+  first = next(i for i, line in enumerate(lines) if "changes the training" in line)
+  last = next(i for i, line in enumerate(lines) if line.startswith("The run will"))
+  assert [line.strip() for line in lines[first + 1:last]] == [
+      "train.steps: 3 -> 6  (the learning-rate schedule's length while "
+      "optim.decay_steps is unset)"]
+  assert err.count("changes the training trajectory") == 1  # said once
+  # Resuming again unchanged, then with only non-trajectory fields changed: silent.
+  for change in ({}, dict(log=dict(every_steps=2), checkpoint=dict(every_steps=1),
+                          mesh=dict(data=2, fsdp=4))):
+    c.update(change)
+    train.train(c, str(tmp_path), progress=False)
+    out = capsys.readouterr()
+    assert "trajectory" not in out.err + out.out
+    assert "resuming from step 6" in out.out
+
+
+@pytest.fixture(scope="module")
+def run_d32(tmp_path_factory):
+  """A 3-step run of the tiny model (d_model=32) with a checkpoint at step 3."""
+  workdir = tmp_path_factory.mktemp("d32") / "run"
+  train.train(make_tiny_config(), str(workdir), progress=False)
+  return workdir
+
+
+_SHAPES = (r"parameter `embed/table` has shape \(64, 32\) there but \(64, 48\) in "
+           r"the model .* builds \(\d+ more parameters differ\)\. The model differs "
+           r"from the one saved with that step in model\.d_model 32 -> 48\.")
+
+
+def test_resume_into_other_model_shape_is_a_config_error(run_d32):
+  c = make_tiny_config()
+  c.model.d_model = 48
+  c.train.steps = 4
+  for fallback in (False, True):  # an earlier step would not fit either
+    c.checkpoint.fallback = fallback
+    with pytest.raises(sharding.ConfigError, match=_SHAPES) as err:
+      train.train(c, str(run_d32), progress=False)
+    assert err.value.field == "model.d_model"
+    assert "--config.model.d_model=32" in err.value.fix
+  with open(run_d32 / "config.json") as f:  # the refused resume left it alone
+    assert json.load(f)["model"]["d_model"] == 32
+
+
+def test_load_and_export_with_a_changed_config_json_name_the_field(run_d32, tmp_path):
+  import infer
+  from train import hf
+  work = tmp_path / "run"
+  shutil.copytree(run_d32 / "checkpoints", work / "checkpoints")
+  with open(run_d32 / "config.json") as f:
+    config = json.load(f)
+  config["model"]["d_model"] = 48
+  with open(work / "config.json", "w") as f:
+    json.dump(config, f)
+  with pytest.raises(sharding.ConfigError, match=_SHAPES) as err:
+    infer.load(str(work))
+  assert err.value.field == "model.d_model" and "config.json" in str(err.value)
+  with pytest.raises(sharding.ConfigError, match=_SHAPES):
+    hf.export_hf(str(work), str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_cli_resume_into_other_model_shape_exits_2(run_d32):
+  proc = run_cli("train", f"--config=experiments/saved.py:{run_d32}",
+                 f"--workdir={run_d32}", "--config.model.d_model=48",
+                 "--config.train.steps=4")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Config error in `model.d_model`" in proc.stderr
+  assert "`embed/table` has shape (64, 32) there but (64, 48)" in proc.stderr
+  assert "model.d_model 32 -> 48" in proc.stderr
+  assert "Traceback" not in proc.stderr and "strict=False" not in proc.stderr
