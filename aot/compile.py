@@ -37,10 +37,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
 from aot import costs as costs_lib
+from infer import decode
+from infer.kv_cache import cache_struct
 from model import ModelConfig, flops as flops_lib
 from sharding import ConfigError
 from sharding.chips import Chip, chip_for_topology
@@ -148,7 +149,7 @@ def compile_step(config, topology: str, what: str = "train",
     tokens, per_param = batch * length, 6
     model_flops = flops_lib.flops_per_token(cfg, length) * tokens
   else:
-    step, args = _decode_step(cfg, spec, mesh, rules, batch, length)
+    step, args = decode_program(cfg, spec, mesh, rules, batch, length)
     tokens, per_param = batch, 2
     model_flops = flops_lib.decode_flops_per_token(cfg, length) * tokens
   attention_flops = model_flops - per_param * flops_lib.matmul_params(cfg) * tokens
@@ -205,24 +206,18 @@ def _train_step(config, spec, mesh, rules):
   return step, (state, batch)
 
 
-def _decode_step(cfg: ModelConfig, spec, mesh, rules, batch: int, max_length: int):
-  """One new token per sequence through `Decoder.__call__` with a KV cache, then
-  greedy argmax. The cache layout is infer's (`infer.kv_cache`)."""
-  from infer.kv_cache import cache_struct  # infer imports train; import when used
+def decode_program(cfg: ModelConfig, spec, mesh, rules, batch: int,
+                   max_length: int):
+  """(infer.decode.decode_step, its abstract arguments): the program
+  `infer.generate` runs for every new token (greedy, one stop id), for `batch`
+  sequences and a cache of `max_length` positions, with the shardings generate
+  gives its arguments (`infer.decode.abstract_inputs`)."""
   params = abstract_params(spec, mesh)
-  kv = cache_struct(cfg, batch, max_length, rules, mesh)
-  cache_sharding = kv.sharding
-  rows = batch_sharding(mesh, rules, batch, 1)
-  token = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=rows)
-
-  def decode(params, tokens, positions, cache):
-    logits, cache = spec.model(params)(tokens, positions, cache=cache)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-  step = jax.jit(decode, donate_argnums=3,
-                 out_shardings=(NamedSharding(mesh, P(*rows.spec[:1])),
-                                (cache_sharding, cache_sharding)))
-  return step, (params, token, token, (kv, kv))
+  cache = cache_struct(cfg, batch, max_length, rules, mesh)
+  with jax.set_mesh(mesh):
+    args = decode.abstract_inputs(spec.graphdef, params, cache, mesh, rules,
+                                  cfg.vocab_size)
+  return decode.decode_step, args
 
 
 # --- figures ---------------------------------------------------------------------
@@ -239,10 +234,13 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
     parts = {"params": _device_bytes(state.params),
              "optimizer": _device_bytes(state.opt_state) + _device_bytes(state.step),
              "inputs": _device_bytes(batch)}
-  else:
-    params, *inputs = args
-    parts = {"params": _device_bytes(params), "optimizer": 0.0,
-             "inputs": _device_bytes(inputs)}
+  else:  # decode_step's (graphdef, params, layers, cache, logits, done, key, ...)
+    _, params, layers, cache, *inputs = args
+    parts = {"params": _device_bytes(params) + _device_bytes(layers),
+             "optimizer": 0.0,
+             "inputs": _device_bytes(cache) + _device_bytes(  # not the PRNG key
+                 [x for x in inputs if isinstance(x, jax.ShapeDtypeStruct)
+                  and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)])}
   m = {**parts, "hbm": float(chip.hbm_bytes)}
   if compiled is None:  # refused: the state, and the temporaries XLA asked for
     m.update(arguments=sum(parts.values()), temporaries=_refused_temporaries(error),

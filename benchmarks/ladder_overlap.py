@@ -80,20 +80,21 @@ def _decode_step_timer(spec, params, mesh, batch: int):
   """A jitted KV-cache decode step (cache donated, so updated in place) at
   position PREFIX, as a no-argument callable for _median_time."""
   import jax
+  import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from infer.kv_cache import init_cache
 
-  step = jax.jit(lambda p, t, pos, c: spec.model(p)(t, pos, cache=c),
-                 donate_argnums=3)
+  # Every call decodes at position PREFIX (the cache's lengths are reset to it).
+  step = jax.jit(lambda p, t, c: spec.model(p).decode(
+      t, c.replace(lengths=jnp.full_like(c.lengths, PREFIX))), donate_argnums=2)
   replicated = NamedSharding(mesh, P())
   tokens = jax.device_put(np.zeros((batch, 1), np.int32), replicated)
-  positions = jax.device_put(np.full((batch, 1), PREFIX, np.int32), replicated)
   cache = [init_cache(spec.model(params), batch, CACHE_SLOTS)]
 
   def run():
-    logits, cache[0] = step(params, tokens, positions, cache[0])
+    logits, cache[0] = step(params, tokens, cache[0])
     return logits
   return run
 

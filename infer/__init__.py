@@ -1,6 +1,7 @@
 """Serving trained models: load a run onto any mesh, generate with a KV cache."""
 
 from infer.generate import generate
-from infer.kv_cache import init_cache, split_cache
+from infer.decode import decode_step
+from infer.kv_cache import init_cache
 from infer.load import load
 from infer.sampling import SamplingArgumentError, check_sampling, sample

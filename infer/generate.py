@@ -1,4 +1,5 @@
-"""Batched generation with a KV cache: one prefill, then a jitted decode loop."""
+"""Batched generation with a KV cache: one prefill, then the decode program
+(`infer.decode`) token by token or inside one while_loop."""
 
 from __future__ import annotations
 
@@ -10,85 +11,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
-from infer.kv_cache import init_cache, mesh_of, split_cache, split_size
-from infer.sampling import check_sampling, sample
+import sharding
+from infer import decode
+from infer.kv_cache import init_cache, mesh_of, split_size
+from infer.sampling import check_sampling
 from model import Decoder
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _prefill(graphdef, params, tokens, cache, lengths):
-  """Prompts [batch, P] (right-padded) -> logits at each prompt's last token.
-
-  The padding is masked (`Decoder`'s `mask`): MoE layers neither route it nor count
-  it towards a row's capacity, so a row's logits do not depend on its batch-mates.
-  Rows of length 0 (batch padding) are all padding."""
+  """Prompts [batch, P] (right-padded) -> (logits at each prompt's last token
+  [batch, vocab] float32, cache). Rows of length 0 (batch padding) are all padding;
+  `Decoder.prefill` masks padding out of MoE routing."""
   model = nnx.merge(graphdef, params)
-  mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-  logits, cache = model(tokens, cache=cache, prefill=True, mask=mask)
+  logits, cache = model.prefill(tokens, lengths, cache)
   last = logits[jnp.arange(tokens.shape[0]), jnp.maximum(lengths - 1, 0)]
-  return last.astype(jnp.float32), cache
+  return decode.last_logits(model, last), cache
 
 
-def _decode_step(model, layers, cache, logits, positions, done, key, i, sampling,
-                 stops):
-  """Samples one token per row from `logits`, then runs it through the model.
-  Finished rows (and batch padding, done from the start) are masked: their tokens
-  are not routed to experts."""
-  token = sample(logits, jax.random.fold_in(key, i), *sampling)
-  token = jnp.where(done, 0, token)
-  done = done | jnp.isin(token, stops)
-  logits, cache = model(token[:, None], positions[:, None], cache=cache,
-                        layers=layers, mask=~done[:, None])
-  return token, logits[:, 0].astype(jnp.float32), cache, done
-
-
-@functools.partial(jax.jit, static_argnums=(0, 7, 8))
-def _decode_loop(graphdef, params, cache, logits, positions, done, key, max_new: int,
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _decode_loop(graphdef, params, cache, logits, done, key, max_new: int,
                  sampling: tuple, stops):
-  """All new tokens in one jax.lax.while_loop: no Python between tokens. Rows
-  `done` [batch] from the start (batch padding) emit nothing.
-
-  The layers' weights and the cache are split per layer once, before the loop, and
-  the layers run unrolled (`Decoder.split_layers`): no per-token weight copies.
-  """
+  """All new tokens in one jax.lax.while_loop around `decode.step`: no Python
+  between tokens. Rows `done` [batch] from the start (batch padding) emit
+  nothing. The decode form is made once, before the loop."""
   model = nnx.merge(graphdef, params)
   batch = logits.shape[0]
-  layers, cache = _decode_form(model, cache)
+  layers, cache = model.split_layers(), cache.for_decoding(model.cfg.unit)
 
   def cond(carry):
-    i, done = carry[0], carry[5]
+    i, done = carry[0], carry[4]
     return (i < max_new) & ~jnp.all(done)
 
   def body(carry):
-    i, cache, logits, positions, out, done = carry
-    token, logits, cache, done_next = _decode_step(
-        model, layers, cache, logits, positions, done, key, i, sampling, stops)
+    i, cache, logits, out, done = carry
+    token, logits, cache, done_next = decode.step(
+        model, layers, cache, logits, done, key, i, sampling, stops)
     out = out.at[:, i].set(jnp.where(done, -1, token))
-    return i + 1, cache, logits, positions + 1, out, done_next
+    return i + 1, cache, logits, out, done_next
 
   out = jnp.full((batch, max_new), -1, jnp.int32)
-  carry = (jnp.int32(0), cache, logits, positions, out, done)
-  return jax.lax.while_loop(cond, body, carry)[4]
-
-
-def _decode_form(model: Decoder, cache):
-  """Per-layer weights and the split, heads-major cache: what the decode steps run
-  on (`Decoder.split_layers`, `infer.kv_cache.split_cache`)."""
-  return model.split_layers(), split_cache(cache, model.cfg.unit)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _split(graphdef, params, cache):
-  return _decode_form(nnx.merge(graphdef, params), cache)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=3)
-def _decode_one(graphdef, params, layers, cache, logits, positions, done, key, i,
-                sampling, stops):
-  model = nnx.merge(graphdef, params)
-  return _decode_step(model, layers, cache, logits, positions, done, key, i,
-                      sampling, stops)
+  carry = (jnp.int32(0), cache, logits, out, done)
+  return jax.lax.while_loop(cond, body, carry)[3]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -132,32 +98,38 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   padding = np.arange(rows) >= batch  # [rows]
   cache = init_cache(model, rows, longest + max_new_tokens)
   sampling = (float(temperature), top_k, top_p)
-  stops = jnp.asarray(list(stop_tokens) or [-2], jnp.int32)
+  stops = jnp.asarray(decode.stop_ids(stop_tokens))
   key = jax.random.key(seed)
   mesh = mesh_of(model)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     logits, cache = _prefill(graphdef, params, tokens, cache, lengths)
-    positions = jnp.asarray(lengths)
+    done = _rows(padding, mesh, model)
     if on_token is None:
-      out = np.asarray(_decode_loop(graphdef, params, cache, logits, positions,
-                                    jnp.asarray(padding), key, max_new_tokens,
-                                    sampling, stops))
+      out = np.asarray(_decode_loop(graphdef, params, cache, logits, done, key,
+                                    max_new_tokens, sampling, stops))
     else:
-      layers, cache = _split(graphdef, params, cache)
-      done = jnp.asarray(padding)
+      layers, cache = decode.split(graphdef, params, cache)
       was_done = padding
       columns = []
       for i in range(max_new_tokens):
-        token, logits, cache, done = _decode_one(graphdef, params, layers, cache,
-                                                 logits, positions, done, key, i,
-                                                 sampling, stops)
+        token, logits, cache, done = decode.decode_step(
+            graphdef, params, layers, cache, logits, done, key, np.int32(i),
+            sampling, stops)
         token_h, done_h = jax.device_get((token, done))  # one host sync per token
         column = np.where(was_done, -1, token_h)[:batch]  # real rows only
         columns.append(column)
         on_token(column)
-        positions = positions + 1
         was_done = done_h
         if was_done.all():
           break
       out = np.stack(columns, axis=1)
   return [[int(t) for t in row if t >= 0] for row in out[:batch]]
+
+
+def _rows(x: np.ndarray, mesh, model: Decoder) -> jax.Array:
+  """A [batch] host array placed as the decode program takes it (split like the
+  batch)."""
+  if mesh is None:
+    return jnp.asarray(x)
+  spec = sharding.logical_to_spec(("batch",), model.constrain.rules, mesh, x.shape)
+  return jax.device_put(x, NamedSharding(mesh, spec))

@@ -1,4 +1,5 @@
-"""The preallocated KV cache, sharded by the model's own logical rules."""
+"""The preallocated KV cache (`kernels.cached.KVCache`), sharded by the model's own
+logical rules."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 import sharding
+from kernels.cached import KVCache
 from model import Decoder, ModelConfig
 
 # [layers, batch, max_length, kv_heads, head_dim]
@@ -33,29 +35,24 @@ def split_size(model: Decoder, name: str) -> int:
 
 
 def cache_struct(cfg: ModelConfig, batch: int, max_length: int, rules=(),
-                 mesh=None) -> jax.ShapeDtypeStruct:
-  """Shape, dtype and (with a mesh) sharding of the K or the V cache:
-  [layers, batch, max_length, kv_heads, head_dim] in the compute dtype, batch over
-  the data axes and kv_heads over `tensor`."""
+                 mesh=None) -> KVCache:
+  """The abstract cache (ShapeDtypeStructs, sharded with a mesh): k and v
+  [layers, batch, max_length, kv_heads, head_dim] position-major in the compute
+  dtype, batch and kv_heads split as the rules say; lengths [batch] int32."""
   shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
   if mesh is None:
-    return jax.ShapeDtypeStruct(shape, cfg.dtype)
+    kv = jax.ShapeDtypeStruct(shape, cfg.dtype)
+    return KVCache(kv, kv, jax.ShapeDtypeStruct((batch,), jnp.int32))
   spec = sharding.logical_to_spec(CACHE_AXES, rules, mesh, shape)
-  return jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=NamedSharding(mesh, spec))
+  rows = sharding.logical_to_spec(("batch",), rules, mesh, (batch,))
+  kv = jax.ShapeDtypeStruct(shape, cfg.dtype, sharding=NamedSharding(mesh, spec))
+  return KVCache(kv, kv, jax.ShapeDtypeStruct((batch,), jnp.int32,
+                                              sharding=NamedSharding(mesh, rows)))
 
 
-def init_cache(model: Decoder, batch: int, max_length: int):
-  """Zeroed (k, v), laid out as `cache_struct` says, on the model's mesh."""
+def init_cache(model: Decoder, batch: int, max_length: int) -> KVCache:
+  """An empty cache (zeros, lengths 0), laid out as `cache_struct` says, on the
+  model's mesh."""
   s = cache_struct(model.cfg, batch, max_length, model.constrain.rules,
                    mesh_of(model))
-  zeros = lambda: jnp.zeros(s.shape, s.dtype, device=s.sharding)
-  return zeros(), zeros()
-
-
-def split_cache(cache, unit: int = 1) -> list:
-  """The decode loop's private form of a stacked (k, v): one (k, v) per scanned
-  step of `unit` layers, each [unit, batch, kv_heads, max_len, head_dim], the
-  cache `Decoder(..., layers=...)` takes. Made once per generation, before the
-  token loop (kernels/cached.py says why heads-major)."""
-  k, v = (jnp.swapaxes(c, 2, 3) for c in cache)
-  return [(k[i:i + unit], v[i:i + unit]) for i in range(0, k.shape[0], unit)]
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), s)

@@ -49,30 +49,24 @@ class Attention(nnx.Module):
     return dense(o, self.o[...].astype(self.dtype), contract=2)
 
   def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None, cache=None, prefill: bool = False,
-               heads_major: bool = False):
-    """Without `cache`: [batch, length, embed] -> same.
-
-    With cache = ((k, v), layer), k and v each [layers, batch, max_len, kv_heads,
-    head_dim] and `layer` this layer's index: the new tokens' K/V are written at
-    their positions (contiguous per row) and the result is (output, (k, v)). With
-    `prefill` the tokens are a whole prompt from position 0 and attend over their
-    own K/V with the configured kernel; otherwise (decode) they attend over the
-    cache. `heads_major`: the caches are [layers, batch, kv_heads, max_len,
-    head_dim] (`kernels.cached`).
-    """
+               segment_ids: jax.Array | None) -> jax.Array:
+    """[batch, length, embed] -> same: causal self-attention (within segments)."""
     q, k, v = self.project_qkv(x, positions)
-    if cache is None:
-      o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                            impl=self.impl)  # [batch, length, heads, head_dim]
-      return self.project_out(o)
-    (k_cache, v_cache), layer = cache
-    k_cache = cached.write(k_cache, k, layer, positions[:, 0], heads_major)
-    v_cache = cached.write(v_cache, v, layer, positions[:, 0], heads_major)
+    o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                          impl=self.impl)  # [batch, length, heads, head_dim]
+    return self.project_out(o)
+
+  def cached(self, x: jax.Array, positions: jax.Array, cache: cached.KVCache,
+             layer: jax.Array, prefill: bool):
+    """x [batch, t, embed] at positions [batch, t] (contiguous per row) with a KV
+    cache: writes the new tokens' K/V into `layer` of the cache and returns
+    (output [batch, t, embed], cache). A prefill is a whole prompt from position 0:
+    it attends over its own K/V with the configured kernel. A decode step attends
+    over the cache (`kernels.cached`, in the cache's own layout)."""
+    q, k, v = self.project_qkv(x, positions)
+    cache = cache.write(layer, k, v, positions[:, 0])
     if prefill:
-      o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                            impl=self.impl)
+      o = kernels.attention(q, k, v, causal=True, impl=self.impl)
     else:
-      o = cached.attention(q, k_cache[layer], v_cache[layer], positions,
-                           heads_major)
-    return self.project_out(o), (k_cache, v_cache)
+      o = cached.attention(q, cache, layer, positions)
+    return self.project_out(o), cache

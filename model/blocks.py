@@ -55,21 +55,20 @@ class Block(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class Context:
   """Per-call inputs every layer reads: positions and segment ids [batch, length],
-  whether a KV cache is being filled from position 0 (prefill), whether it is
-  laid out heads-major (`kernels.cached`), and the token mask [batch, length]
-  (False at padding; MoE layers route only the other tokens) or None."""
+  whether a KV cache is being filled from position 0 (prefill), and the token mask
+  [batch, length] (False at padding; MoE layers route only the other tokens) or
+  None."""
   positions: jax.Array
   segment_ids: jax.Array | None
   prefill: bool = False
-  heads_major: bool = False
   mask: jax.Array | None = None
 
 
 def _attend(block: Block, h: jax.Array, ctx: Context, cache):
   if cache is None:
     return block.attn(h, ctx.positions, ctx.segment_ids), None
-  return block.attn(h, ctx.positions, ctx.segment_ids, cache, ctx.prefill,
-                    ctx.heads_major)
+  kv, layer = cache
+  return block.attn.cached(h, ctx.positions, kv, layer, ctx.prefill)
 
 
 def _mlp(block: Block, h: jax.Array, ctx: Context, after=None) -> jax.Array:
@@ -79,7 +78,8 @@ def _mlp(block: Block, h: jax.Array, ctx: Context, after=None) -> jax.Array:
 
 
 # Each dataflow: (block, carry, cache, ctx) -> (carry, cache), where cache is None
-# or ((k, v) for all layers, this layer's index) and comes back as the new (k, v).
+# or (the KVCache of all layers, this layer's index) and comes back as the new
+# KVCache.
 
 def standard(block: Block, x: jax.Array, cache, ctx: Context):
   """x: [batch, length, embed] -> same."""

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.cached import KVCache
 from model import blocks, moe
 from model.config import ModelConfig
 from model.embedding import Embed
@@ -58,42 +59,78 @@ class Decoder(nnx.Module):
                         (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                         cfg.params_dtype)
 
+  # --- the three modes: forward (training, evaluation), prefill, decode step ---
+
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache=None,
-               prefill: bool = False, return_aux: bool = False,
-               layers: Sequence[nnx.State] | None = None,
-               mask: jax.Array | None = None):
+               segment_ids: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     """tokens: [batch, length] ints -> logits [batch, length, vocab] (compute dtype).
 
     positions default to 0..length-1; with `segment_ids` (packed sequences) tokens
     attend only within their segment and positions should restart per segment.
-
-    With cache = (k, v), each [layers, batch, max_len, kv_heads, head_dim], returns
-    (logits, updated cache): `prefill=True` for a prompt from position 0, else new
-    tokens at `positions` attend over everything cached before them.
-
-    With `layers` (from `split_layers`) the layers run unrolled over those
-    per-layer arrays instead of scanning the stacked ones, and a cache is one (k, v)
-    per scanned step, each [unit, batch, kv_heads, max_len, head_dim]
-    (`infer.kv_cache.split_cache`): the decode loop's form.
-
-    `mask` [batch, length] bool (or [batch, 1], broadcast), False at padding
-    tokens (a right-padded batch of prompts): MoE layers do not route them and
-    give them no expert capacity, so a row's result does not depend on its
-    batch-mates or on the padded length. Attention needs no mask for
-    right-padding (causal). None: every token is real.
-
-    With `return_aux` an MoE model's router metrics (`moe.aggregate`: the auxiliary
-    losses for the training loss, load and drops) come last in the output; a dense
-    model gives {}.
+    `mask` [batch, length] bool, False at padding tokens: MoE layers do not route
+    them and give them no expert capacity (attention needs no mask for
+    right-padding, which is causal). None: every token is real.
     """
+    return self.forward_and_aux(tokens, positions, segment_ids, mask)[0]
+
+  def forward_and_aux(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None,
+                      mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """The training forward: (logits as `__call__` gives them, aux), aux holding an
+    MoE model's router metrics (`moe.aggregate`: the auxiliary losses for the
+    training loss, load and drops); {} for a dense model."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    ctx = blocks.Context(positions, segment_ids, mask=_mask(mask, tokens))
+    logits, _, stats = self._run(tokens, ctx)
+    return logits, moe.aggregate(stats) if stats else {}
+
+  def prefill(self, tokens: jax.Array, lengths: jax.Array,
+              cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Prompts from position 0 into an empty cache.
+
+    tokens: [batch, P] right-padded prompts, lengths: [batch] their lengths (0 for a
+    padding row). Returns (logits [batch, P, vocab], cache holding the prompts,
+    cache.lengths = lengths). The padding is masked out of MoE routing, so a row's
+    logits do not depend on its batch-mates or on P.
+    """
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = positions < lengths[:, None]  # [batch, P]
+    ctx = blocks.Context(positions, None, prefill=True, mask=mask)
+    logits, cache, _ = self._run(tokens, ctx, cache)
+    return logits, cache.replace(lengths=lengths.astype(jnp.int32))
+
+  def decode(self, tokens: jax.Array, cache: KVCache | Sequence[KVCache], *,
+             mask: jax.Array | None = None,
+             layers: Sequence[nnx.State] | None = None):
+    """New tokens [batch, t] at each row's next positions (cache.lengths onward),
+    attending over everything cached before them. Returns (logits [batch, t,
+    vocab], the cache advanced by t).
+
+    `cache` is a stacked KVCache (the layers are scanned), or the decode program's
+    form `cache.for_decoding(cfg.unit)`, one KVCache per scanned step: then the
+    layers run unrolled over per-step weights, `layers` (default
+    `split_layers()`; pass them split once, outside a token loop). `mask` [batch]
+    or [batch, t], False for rows whose tokens are not real (finished or padding
+    rows): MoE layers do not route them.
+    """
+    split = not isinstance(cache, KVCache)
+    lengths = (cache[0] if split else cache).lengths
+    positions = lengths[:, None] + jnp.arange(tokens.shape[1])  # [batch, t]
+    if mask is not None and mask.ndim == 1:
+      mask = mask[:, None]
+    ctx = blocks.Context(positions, None, mask=_mask(mask, tokens))
+    if split and layers is None:
+      layers = self.split_layers()
+    logits, cache, _ = self._run(tokens, ctx, list(cache) if split else cache,
+                                 layers if split else None)
+    advance = lambda c: c.replace(lengths=lengths + tokens.shape[1])  # noqa: E731
+    return logits, [advance(c) for c in cache] if split else advance(cache)
+
+  def _run(self, tokens, ctx: blocks.Context, cache=None, layers=None):
+    """-> (logits, cache, MoE router stats or None)."""
     x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, tokens.shape).astype(bool)
-    ctx = blocks.Context(positions, segment_ids, prefill,
-                         heads_major=layers is not None, mask=mask)
     x, cache, stats = self.run_layers(x, ctx, cache, layers)
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
@@ -101,10 +138,7 @@ class Decoder(nnx.Module):
     else:
       logits = dense(x, self.head[...].astype(self.cfg.dtype))
     logits = self.constrain(logits, ("batch", "length", "act_vocab"))
-    out = (logits,) if cache is None else (logits, cache)
-    if return_aux:
-      out += (moe.aggregate(stats) if stats else {},)
-    return out[0] if len(out) == 1 else out
+    return logits, cache, stats
 
   def split_layers(self) -> list[nnx.State]:
     """Each scanned step's parameters as separate arrays, for `layers=`.
@@ -127,8 +161,8 @@ class Decoder(nnx.Module):
 
     A stacked KV cache rides in the scan carry (each layer scatters its new rows
     into it), never in the scanned-over inputs and outputs: those would copy the
-    cache every step. Unrolled, each step has its own (k, v), heads-major, and
-    writes at its own layer 0.
+    cache every step. Unrolled, each step has its own KVCache and writes at its
+    own layer 0.
 
     Also returns the MoE layers' router stats stacked in layer order (None for a
     dense model): scan outputs, one row per scanned step.
@@ -187,3 +221,7 @@ class Decoder(nnx.Module):
     if stats[0] is None:
       return x, cache, None
     return x, cache, jax.tree.map(lambda *s: jnp.concatenate(s), *stats)
+
+
+def _mask(mask: jax.Array | None, tokens: jax.Array) -> jax.Array | None:
+  return None if mask is None else jnp.broadcast_to(mask, tokens.shape).astype(bool)

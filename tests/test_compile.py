@@ -90,15 +90,19 @@ def test_train_figures_match_analytic_counts(mesh):
 
 @needs_libtpu
 def test_decode_figures_match_analytic_counts():
-  """One KV-cache decode step: the cache splits its batch over fsdp and its KV
-  heads over tensor; FLOPs are 2N + 4·L·H·Q·T per token."""
+  """One step of the decode program `infer.generate` runs: the cache splits its
+  batch over fsdp and its KV heads over tensor; the logits their batch over fsdp
+  and vocab over tensor; FLOPs are 2N + 4·L·H·Q·T per token."""
   c = small_1b(fsdp=2, tensor=4)
   report = aot.compile_step(c, "v5p:2x2x2", what="decode")
   cfg = ModelConfig.from_config(c.model)
   b, t = c.train.batch_size, c.data.seq_len
   cache = 2 * cfg.num_layers * b * t * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 K, V
-  tokens = 2 * b * 1 * 4  # tokens and positions, int32, batch over fsdp
-  assert report.memory["inputs"] == cache / 8 + tokens / 2
+  lengths = cfg.num_layers * b * 4  # int32 per row, in each scanned step's cache
+  logits = b * cfg.vocab_size * 4  # float32
+  done, scalars = b * 1, 2 * 4  # bool per row; token index and one stop id, int32
+  assert report.memory["inputs"] == (cache / 8 + lengths / 2 + logits / 8 + done / 2
+                                     + scalars)
   assert report.memory["optimizer"] == 0
   expected = flops_lib.decode_flops_per_token(cfg, t) * b
   assert abs(report.flops * report.devices / expected - 1) < 0.10

@@ -32,20 +32,20 @@ def test_cached_decode_equals_full_forward(block):
   for r, n in enumerate(lengths):
     prompts[r, :n] = seqs[r, :n]
   cache = infer.init_cache(m, 2, 9 + new)
-  prefill = jax.jit(lambda m, t, c: m(t, cache=c, prefill=True))
-  logits, cache = prefill(m, jnp.asarray(prompts), cache)
+  prefill = jax.jit(lambda m, t, n, c: m.prefill(t, n, c))
+  logits, cache = prefill(m, jnp.asarray(prompts), jnp.asarray(lengths), cache)
   for r, n in enumerate(lengths):
     np.testing.assert_allclose(logits[r, :n], full[r][:n], rtol=1e-5, atol=1e-5)
   # The scanned model over the stacked cache, and the generation loop's form:
   # unrolled per-layer weights over the split, heads-major cache.
-  stacked = jax.jit(lambda m, t, p, c: m(t, p, cache=c))
-  unrolled = jax.jit(lambda m, t, p, c: m(t, p, cache=c, layers=m.split_layers()))
-  split = infer.split_cache(cache, m.cfg.unit)
+  stacked = jax.jit(lambda m, t, c: m.decode(t, c))
+  unrolled = jax.jit(lambda m, t, c: m.decode(t, c, layers=m.split_layers()))
+  split = cache.for_decoding(m.cfg.unit)
   for step, c in ((stacked, cache), (unrolled, split)):
     for j in range(new):
       pos = np.array([n + j for n in lengths])
       tok = seqs[np.arange(2), pos]
-      logits, c = step(m, tok[:, None], pos[:, None], c)
+      logits, c = step(m, tok[:, None], c)
       for r in range(2):
         np.testing.assert_allclose(logits[r, 0], full[r][pos[r]], rtol=1e-5,
                                    atol=1e-5)

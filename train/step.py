@@ -40,8 +40,8 @@ def loss_and_metrics(spec: ModelSpec, z_loss: float):
   moe = spec.cfg.moe
 
   def f(params, batch: Batch):
-    logits, aux = spec.model(params)(batch["inputs"], batch["positions"],
-                                     batch["segment_ids"], return_aux=True)
+    logits, aux = spec.model(params).forward_and_aux(
+        batch["inputs"], batch["positions"], batch["segment_ids"])
     nll, lse2 = cross_entropy(logits, batch["targets"])
     loss = nll + z_loss * lse2
     if aux:
