@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+import sharding
 from kernels import flash, partition, reference, ring, ulysses, zigzag
 from kernels.block import BlockSizes
 
@@ -49,9 +50,9 @@ def uses_zigzag(impl: str) -> bool:
   """Whether a causal model must feed this impl its sequences in zig-zag order.
 
   True only for `ring_zigzag`: the caller permutes every per-token array of a batch
-  once with `zigzag_permute(x, mesh.shape['sequence'])` (inputs, targets, positions,
-  segment ids, loss weights). `ring` takes natural order; `auto` never picks the
-  zig-zag ring.
+  once with `zigzag_permute(x, n)`, n the size of the mesh axis the rules split
+  `length` over (inputs, targets, positions, segment ids, loss weights). `ring`
+  takes natural order; `auto` never picks the zig-zag ring.
   """
   return impl == "ring_zigzag"
 
@@ -61,13 +62,14 @@ def _platform(mesh) -> str:
   return getattr(device, "platform", None) or jax.default_backend()
 
 
-def choose(q_shape, kv_heads: int) -> tuple[str, dict[str, Any], str]:
+def choose(q_shape, kv_heads: int, axes: partition.Axes = partition.DEFAULT_AXES
+           ) -> tuple[str, dict[str, Any], str]:
   """-> (impl, extra keyword arguments, reason) for impl='auto' in the context mesh."""
   mesh = partition.context_mesh()
   heads, length = q_shape[2], q_shape[1]
-  seq = partition.sequence_size(mesh)
+  seq = partition.sequence_size(mesh, axes)
   if seq > 1:
-    problem = ulysses.check(mesh, heads, kv_heads)
+    problem = ulysses.check(mesh, heads, kv_heads, axes)
     if problem is None:
       return "ulysses", {}, f"sequence={seq} and heads per device split over it"
     return "ring", {}, (
@@ -81,31 +83,35 @@ def choose(q_shape, kv_heads: int) -> tuple[str, dict[str, Any], str]:
   return "reference", {}, f"length {length} < {CPU_FLASH_MIN_LENGTH} on {platform}"
 
 
-def _flash(q, k, v, *, causal, segment_ids, block_sizes, backend="auto"):
+def _flash(q, k, v, *, causal, segment_ids, block_sizes, axes, backend="auto"):
   mesh = partition.context_mesh()
   fn = lambda q, k, v, seg: flash.attention(  # noqa: E731
       q, k, v, causal=causal, segment_ids=seg, block_sizes=block_sizes, backend=backend)
   if partition.is_trivial(mesh):
     return fn(q, k, v, segment_ids)
-  return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=False)
+  return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=False,
+                         axes=axes)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
               segment_ids: jax.Array | None = None, impl: str = "auto",
-              block_sizes: Any = None) -> jax.Array:
+              block_sizes: Any = None, rules: sharding.Rules = ()) -> jax.Array:
   """Multi-head attention with GQA.
 
   q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim].
   segment_ids: optional [batch, length] ints; tokens attend within their segment.
   impl: one of IMPLS. block_sizes: None, an int or (block_q, block_kv) for the flash
-  tiles (ignored by `reference`).
+  tiles (ignored by `reference`). rules: the logical rules (`sharding.Rules`; ()
+  for the defaults): the mesh axes the batch, length and heads are split over are
+  read from them (`partition.Axes`), never assumed.
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} is not available; choose from {IMPLS}")
   flash.check_shapes(q, k, v, segment_ids)
+  axes = partition.Axes.from_rules(rules)
   extra: dict[str, Any] = {}
   if impl == "auto":
-    impl, extra, reason = choose(q.shape, k.shape[2])
+    impl, extra, reason = choose(q.shape, k.shape[2], axes)
     chosen = f"{impl} {extra}" if extra else impl
     message = f"attention impl=auto chose {chosen}: {reason}"
     if message not in _logged:
@@ -113,7 +119,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       _log.info(message)
   if impl == "reference":
     return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids)
-  kwargs = dict(causal=causal, segment_ids=segment_ids, block_sizes=block_sizes, **extra)
+  kwargs = dict(causal=causal, segment_ids=segment_ids, block_sizes=block_sizes,
+                axes=axes, **extra)
   if impl == "flash":
     return _flash(q, k, v, **kwargs)
   if impl in ("ring", "ring_zigzag"):

@@ -2,22 +2,42 @@
 
 Pallas kernels cannot be auto-partitioned (Mosaic refuses), and ring / Ulysses need
 per-device code anyway, so every kernel runs inside `shard_map`. These helpers choose
-the PartitionSpecs: batch over the data-parallel axes, heads over `tensor`, length
-over `sequence` when the caller asks. A spec that differs from the arrays' actual
-sharding costs a reshard, never correctness.
+the PartitionSpecs from `Axes`, the mesh axes the logical rules map the batch, the
+length and the heads to (`Axes.from_rules`; by default data/fsdp/expert, sequence
+and tensor). A spec that differs from the arrays' actual sharding costs a reshard,
+never correctness.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
-from sharding import BATCH_AXES
+import sharding
 
-SEQUENCE = "sequence"
-TENSOR = "tensor"
+
+@dataclasses.dataclass(frozen=True)
+class Axes:
+  """Mesh axes an attention call splits over, read from the logical rules: the
+  batch (`batch`), the length (`length`: sequence parallelism; ring and Ulysses
+  need it on one mesh axis) and the heads (`act_heads`, which K/V heads follow)."""
+  batch: tuple[str, ...]
+  length: tuple[str, ...]
+  heads: tuple[str, ...]
+
+  @classmethod
+  def from_rules(cls, rules: sharding.Rules = ()) -> "Axes":
+    """From a normalized rules table; () means `sharding.DEFAULT_RULES`."""
+    table = dict(rules or sharding.normalize_rules(None))
+    return cls(tuple(table.get("batch", ())), tuple(table.get("length", ())),
+               tuple(table.get("act_heads", ())))
+
+
+DEFAULT_AXES = Axes.from_rules()
 
 
 def context_mesh():
@@ -35,39 +55,67 @@ def _auto_size(mesh, axis: str) -> int:
   return mesh.shape[axis]
 
 
-def sequence_size(mesh) -> int:
-  return _auto_size(mesh, SEQUENCE)
+def sequence_axis(mesh, axes: Axes = DEFAULT_AXES) -> str | None:
+  """The one mesh axis (of size > 1) the length is split over, or None. Raises
+  ValueError when the rules split the length over several such axes: ring and
+  Ulysses exchange over one."""
+  used = [a for a in axes.length if _auto_size(mesh, a) > 1]
+  if len(used) > 1:
+    raise ValueError(f"sequence-parallel attention runs over one mesh axis, but the "
+                     f"rules split `length` over {used}")
+  return used[0] if used else None
 
 
-def head_axes(mesh, heads: int, kv_heads: int) -> tuple[str, ...]:
-  """('tensor',) when both head counts split evenly over it, else ()."""
-  t = _auto_size(mesh, TENSOR)
-  return (TENSOR,) if t > 1 and heads % t == 0 and kv_heads % t == 0 else ()
+def sequence_size(mesh, axes: Axes = DEFAULT_AXES) -> int:
+  axis = sequence_axis(mesh, axes)
+  return 1 if axis is None else _auto_size(mesh, axis)
 
 
-def batch_axes(mesh, batch: int) -> tuple[str, ...]:
-  """The leading data-parallel axes whose product divides the batch."""
-  axes, size = [], 1
-  for a in BATCH_AXES:
+def head_axes(mesh, heads: int, kv_heads: int,
+              axes: Axes = DEFAULT_AXES) -> tuple[str, ...]:
+  """The leading head axes (size > 1) whose product divides both head counts."""
+  out, size = [], 1
+  for a in axes.heads:
+    n = _auto_size(mesh, a)
+    if n == 1:
+      continue
+    if heads % (size * n) or kv_heads % (size * n):
+      break
+    out.append(a)
+    size *= n
+  return tuple(out)
+
+
+def head_split(mesh, heads: int, kv_heads: int, axes: Axes = DEFAULT_AXES) -> int:
+  """How many ways the heads are split (the product of `head_axes`)."""
+  return math.prod(mesh.shape[a] for a in head_axes(mesh, heads, kv_heads, axes))
+
+
+def batch_axes(mesh, batch: int, axes: Axes = DEFAULT_AXES) -> tuple[str, ...]:
+  """The leading batch axes whose product divides the batch."""
+  out, size = [], 1
+  for a in axes.batch:
     n = _auto_size(mesh, a)
     if n == 1:
       continue
     if batch % (size * n):
       break
-    axes.append(a)
+    out.append(a)
     size *= n
-  return tuple(axes)
+  return tuple(out)
 
 
-def specs(mesh, q_shape, kv_heads: int, *, split_length: bool):
+def specs(mesh, q_shape, kv_heads: int, *, split_length: bool,
+          axes: Axes = DEFAULT_AXES):
   """(spec of q / k / v / output [b, len, heads, d], spec of segment ids [b, len])."""
-  b = batch_axes(mesh, q_shape[0]) or None
-  length = SEQUENCE if split_length and sequence_size(mesh) > 1 else None
-  h = head_axes(mesh, q_shape[2], kv_heads) or None
+  b = batch_axes(mesh, q_shape[0], axes) or None
+  length = sequence_axis(mesh, axes) if split_length else None
+  h = head_axes(mesh, q_shape[2], kv_heads, axes) or None
   return P(b, length, h, None), P(b, length)
 
 
-def shard(fn, mesh, q, k, v, segment_ids, *, split_length: bool):
+def shard(fn, mesh, q, k, v, segment_ids, *, split_length: bool,
+          axes: Axes = DEFAULT_AXES):
   """Runs fn(q, k, v, segment_ids) per device; returns the [b, len, heads, d] output.
 
   Manual over every mesh axis: Mosaic refuses a shard_map that leaves any axis
@@ -75,7 +123,8 @@ def shard(fn, mesh, q, k, v, segment_ids, *, split_length: bool):
   kernels do not carry varying-manual-axes types; its cost is a no-op all-reduce
   (singleton groups) of the input cotangents over the unused size-1 axes.
   """
-  x_spec, seg_spec = specs(mesh, q.shape, k.shape[2], split_length=split_length)
+  x_spec, seg_spec = specs(mesh, q.shape, k.shape[2], split_length=split_length,
+                           axes=axes)
   run = functools.partial(jax.shard_map, out_specs=x_spec, check_vma=False)
   if segment_ids is None:
     return run(lambda q, k, v: fn(q, k, v, None), in_specs=(x_spec,) * 3)(q, k, v)

@@ -210,8 +210,10 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=None,
-              layout: str = "contiguous", backend: str = "auto"):
-  """Ring attention over the context mesh's `sequence` axis.
+              layout: str = "contiguous", backend: str = "auto",
+              axes: partition.Axes = partition.DEFAULT_AXES):
+  """Ring attention over the mesh axis the length is split over (`axes`, from the
+  rules; by default `sequence`).
 
   q [b, l, h, d]; k, v [b, l, kvh, d]; segment_ids [b, l]. layout="contiguous" (the
   default) takes the natural order and, when causal, leaves the last device the most
@@ -224,22 +226,22 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   if layout not in LAYOUTS:
     raise ValueError(f"ring layout {layout!r} is not one of {LAYOUTS}")
   mesh = partition.context_mesh()
-  if mesh is None or partition.SEQUENCE not in mesh.axis_names:
-    raise ValueError("ring attention needs a mesh with a 'sequence' axis set with "
-                     "jax.set_mesh(...)")
-  size = partition.sequence_size(mesh)
+  axis = partition.sequence_axis(mesh, axes) if mesh is not None else None
+  if axis is None:
+    raise ValueError("ring attention needs a mesh (set with jax.set_mesh(...)) "
+                     f"whose length axes {axes.length} have a size above 1")
+  size = partition.sequence_size(mesh, axes)
   zigzag = causal and layout == "zigzag"
   chunks = 2 * size if zigzag else size
   if q.shape[1] % chunks:
-    raise ValueError(f"ring attention with sequence={size} ({layout}) cuts the length "
+    raise ValueError(f"ring attention with {axis}={size} ({layout}) cuts the length "
                      f"into {chunks} chunks, but length={q.shape[1]} is not a multiple "
                      f"of {chunks}")
-  cfg = Ring(partition.SEQUENCE, size, causal, zigzag, block.BlockSizes.of(block_sizes),
-             backend)
+  cfg = Ring(axis, size, causal, zigzag, block.BlockSizes.of(block_sizes), backend)
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   return partition.shard(functools.partial(_ring, cfg), mesh, q, k, v, segment_ids,
-                         split_length=True)
+                         split_length=True, axes=axes)
 
 
 def blocks_per_step(size: int, length: int, *, causal: bool, layout: str,

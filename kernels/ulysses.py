@@ -1,4 +1,5 @@
-"""DeepSpeed-Ulysses sequence parallelism over the `sequence` mesh axis.
+"""DeepSpeed-Ulysses sequence parallelism over the mesh axis the length is split
+over (`sequence` by default).
 
 Each device holds a length chunk of every head. One all-to-all per input regroups
 that into the full length of heads/P heads; attention is then purely local (flash),
@@ -18,31 +19,36 @@ from jax import lax
 from kernels import flash, partition
 
 
-def local_heads(mesh, heads: int, kv_heads: int) -> tuple[int, int]:
-  """Heads and KV heads per device before the all-to-all (after tensor sharding)."""
-  t = 1
-  for a in partition.head_axes(mesh, heads, kv_heads):
-    t *= mesh.shape[a]
-  return heads // t, kv_heads // t
-
-
-def check(mesh, heads: int, kv_heads: int) -> str | None:
-  """None if Ulysses can split these heads over the sequence axis, else the reason."""
-  size = partition.sequence_size(mesh)
-  h, kvh = local_heads(mesh, heads, kv_heads)
+def heads_problem(heads: int, kv_heads: int, head_split: int,
+                  size: int) -> str | None:
+  """None if Ulysses can move `heads` query and `kv_heads` K/V heads, already split
+  `head_split` ways (tensor parallelism), over a sequence axis of `size`; else the
+  reason. The one statement of the rule: the kernel and config validation
+  (`train/validate.py`) both ask it."""
+  h, kvh = heads // head_split, kv_heads // head_split
   if h % size:
     return (f"ulysses splits heads over the sequence axis, but heads per device "
-            f"({h} = heads {heads} / tensor) is not a multiple of sequence={size}; "
-            f"use attention='ring' or a sequence size that divides {h}")
+            f"({h} = heads {heads} / {head_split}) is not a multiple of "
+            f"sequence={size}; use attention='ring' or a sequence size that divides "
+            f"{h}")
   if kvh % size and size % kvh:
     return (f"ulysses cannot share kv_heads per device ({kvh}) over sequence={size}: "
             f"one must divide the other")
   return None
 
 
-def _local(q, k, v, seg, *, size: int, causal: bool, block_sizes, backend: str):
+def check(mesh, heads: int, kv_heads: int,
+          axes: partition.Axes = partition.DEFAULT_AXES) -> str | None:
+  """None if Ulysses can split these heads over the mesh's sequence axis, else the
+  reason."""
+  return heads_problem(heads, kv_heads,
+                       partition.head_split(mesh, heads, kv_heads, axes),
+                       partition.sequence_size(mesh, axes))
+
+
+def _local(q, k, v, seg, *, axis: str, size: int, causal: bool, block_sizes,
+           backend: str):
   """Per device: [b, n, h, d] chunks -> all-to-all -> local flash -> all-to-all."""
-  axis = partition.SEQUENCE
   if k.shape[2] % size:  # e.g. 2 KV heads on 4 devices: each device needs one
     k = jnp.repeat(k, size // k.shape[2], axis=2)
     v = jnp.repeat(v, size // v.shape[2], axis=2)
@@ -57,22 +63,25 @@ def _local(q, k, v, seg, *, size: int, causal: bool, block_sizes, backend: str):
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=None,
-              backend: str = "auto"):
-  """Ulysses attention over the context mesh's `sequence` axis (natural order).
+              backend: str = "auto", axes: partition.Axes = partition.DEFAULT_AXES):
+  """Ulysses attention over the mesh axis the length is split over (natural order;
+  `axes` from the rules, by default `sequence`).
 
   q [b, l, h, d]; k, v [b, l, kvh, d]; segment_ids [b, l] -> [b, l, h, d].
   """
   flash.check_shapes(q, k, v, segment_ids)
   mesh = partition.context_mesh()
-  if mesh is None or partition.SEQUENCE not in mesh.axis_names:
-    raise ValueError("ulysses attention needs a mesh with a 'sequence' axis set with "
-                     "jax.set_mesh(...)")
-  problem = check(mesh, q.shape[2], k.shape[2])
+  axis = partition.sequence_axis(mesh, axes) if mesh is not None else None
+  if axis is None:
+    raise ValueError("ulysses attention needs a mesh (set with jax.set_mesh(...)) "
+                     f"whose length axes {axes.length} have a size above 1")
+  problem = check(mesh, q.shape[2], k.shape[2], axes)
   if problem:
     raise ValueError(problem)
-  size = partition.sequence_size(mesh)
+  size = partition.sequence_size(mesh, axes)
   if q.shape[1] % size:
-    raise ValueError(f"length={q.shape[1]} is not a multiple of sequence={size}")
-  fn = functools.partial(_local, size=size, causal=causal, block_sizes=block_sizes,
-                         backend=backend)
-  return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=True)
+    raise ValueError(f"length={q.shape[1]} is not a multiple of {axis}={size}")
+  fn = functools.partial(_local, axis=axis, size=size, causal=causal,
+                         block_sizes=block_sizes, backend=backend)
+  return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=True,
+                         axes=axes)

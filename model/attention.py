@@ -53,7 +53,8 @@ class Attention(nnx.Module):
     """[batch, length, embed] -> same: causal self-attention (within segments)."""
     q, k, v = self.project_qkv(x, positions)
     o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                          impl=self.impl)  # [batch, length, heads, head_dim]
+                          impl=self.impl, rules=self.constrain.rules)
+    # o: [batch, length, heads, head_dim]
     return self.project_out(o)
 
   def cached(self, x: jax.Array, positions: jax.Array, cache: cached.KVCache,
@@ -66,7 +67,8 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x, positions)
     cache = cache.write(layer, k, v, positions[:, 0])
     if prefill:
-      o = kernels.attention(q, k, v, causal=True, impl=self.impl)
+      o = kernels.attention(q, k, v, causal=True, impl=self.impl,
+                            rules=self.constrain.rules)
     else:
       o = cached.attention(q, cache, layer, positions)
     return self.project_out(o), cache

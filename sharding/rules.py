@@ -70,6 +70,15 @@ def normalize_rules(rules: Mapping[str, Any] | None) -> Rules:
   return tuple(out)
 
 
+def split_size(rules: Rules, name: str, sizes: Mapping[str, int]) -> int:
+  """How many ways the rules split logical axis `name` on a mesh of `sizes`
+  ({axis: size}): the product of the sizes of the mesh axes it maps to."""
+  n = 1
+  for axis in dict(rules).get(name, ()):
+    n *= sizes[axis]
+  return n
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules,
                     mesh: Mesh | jax.sharding.AbstractMesh | None = None,
                     shape: Sequence[int] | None = None) -> P:

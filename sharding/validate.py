@@ -5,33 +5,45 @@ from __future__ import annotations
 from typing import Any
 
 from sharding.errors import ConfigError
-from sharding.mesh import AXES, BATCH_AXES, resolve_shape
-from sharding.rules import normalize_rules
+from sharding.mesh import AXES, resolve_shape
+from sharding.rules import normalize_rules, split_size
 
 
 def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
-  """Raises ConfigError for a plan that cannot run; returns the resolved mesh sizes."""
+  """Raises ConfigError for a plan that cannot run; returns the resolved mesh sizes.
+
+  Every split is checked over the mesh axes the rules (`mesh.rules`) map its
+  logical axis to, not over fixed axis names: heads over `heads` / `act_heads`,
+  experts over `experts`, the sequence over `length`, the batch over `batch`.
+  """
   sizes = resolve_shape({a: config.mesh[a] for a in AXES}, num_devices)
-  rules = dict(normalize_rules(config.mesh.rules))  # ConfigError for a bad axis
-  m, t = config.model, sizes["tensor"]
-  for field in ("num_heads", "num_kv_heads"):
-    if m[field] % t:
-      raise ConfigError(
-          f"model.{field}",
-          f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
-          f"split over mesh.tensor={t}.",
-          f"choose mesh.tensor dividing {m[field]} (e.g. "
-          f"--config.mesh.tensor={_largest_divisor(m[field], t)}), or change "
-          f"model.{field}.")
+  table = normalize_rules(config.mesh.rules)  # ConfigError for a bad axis
+  rules = dict(table)
+  m = config.model
+  for field, names in (("num_heads", ("heads", "act_heads")),
+                       ("num_kv_heads", ("kv_heads", "act_kv_heads"))):
+    for name in names:
+      n, over = split_size(table, name, sizes), _describe(rules, name, sizes)
+      if m[field] % n:
+        axis = rules[name][0]
+        raise ConfigError(
+            f"model.{field}",
+            f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
+            f"split over {over}.",
+            f"choose mesh.{axis} dividing {m[field]} (e.g. --config.mesh.{axis}="
+            f"{_largest_divisor(m[field], sizes[axis])}), or change model.{field} "
+            f"(or mesh.rules.{name}).")
   # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
   # is split over `expert` too, so it is plain data parallelism.
-  experts, e = m.moe.num_experts if "moe" in m else 0, sizes["expert"]
+  experts = m.moe.num_experts if "moe" in m else 0
+  e = split_size(table, "experts", sizes)
   if experts and experts % e:
+    axis = rules["experts"][0]
     raise ConfigError(
         "model.moe.num_experts",
-        f"{experts} experts cannot be split over mesh.expert={e}.",
-        f"choose mesh.expert dividing {experts} (e.g. --config.mesh.expert="
-        f"{_largest_divisor(experts, e)}), or a multiple of {e} experts.")
+        f"{experts} experts cannot be split over {_describe(rules, 'experts', sizes)}.",
+        f"choose mesh.{axis} dividing {experts} (e.g. --config.mesh.{axis}="
+        f"{_largest_divisor(experts, sizes[axis])}), or a multiple of {e} experts.")
   if experts:
     shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
               and sizes[a] > 1]
@@ -43,22 +55,20 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
           "over the `mlp` axes, which would add up different tokens.",
           "map `mlp` and `batch` to disjoint mesh axes (the default maps mlp to "
           "tensor and batch to data, fsdp, expert).")
-  if config.data.seq_len % sizes["sequence"]:
+  seq = split_size(table, "length", sizes)
+  if config.data.seq_len % seq:
     raise ConfigError(
         "data.seq_len",
         f"seq_len={config.data.seq_len} cannot be split over "
-        f"mesh.sequence={sizes['sequence']}.",
-        f"make data.seq_len a multiple of {sizes['sequence']} or change "
-        "mesh.sequence.")
-  dp = 1
-  for a in BATCH_AXES:
-    dp *= sizes[a]
+        f"{_describe(rules, 'length', sizes)}.",
+        f"make data.seq_len a multiple of {seq} or change "
+        f"mesh.{rules['length'][0]}.")
+  dp = split_size(table, "batch", sizes)
   if config.train.batch_size % dp:
     raise ConfigError(
         "train.batch_size",
         f"global batch_size={config.train.batch_size} does not split over the "
-        f"data-parallel size {dp} (mesh.data*mesh.fsdp*mesh.expert = "
-        f"{'*'.join(str(sizes[a]) for a in BATCH_AXES)}).",
+        f"data-parallel size {dp} ({_describe(rules, 'batch', sizes)}).",
         f"use a batch_size that is a multiple of {dp}, e.g. "
         f"--config.train.batch_size={max(dp, config.train.batch_size // dp * dp)}.")
   accum = config.train.grad_accum_steps
@@ -70,6 +80,15 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"{accum} micro-batches.",
         "make train.batch_size a multiple of data-parallel size x grad_accum_steps.")
   return sizes
+
+
+def _describe(rules: dict, name: str, sizes: dict[str, int]) -> str:
+  """'mesh.tensor=8', or 'mesh.data*mesh.fsdp*mesh.expert = 2*2*2' for several."""
+  axes = rules.get(name, ())
+  if len(axes) == 1:
+    return f"mesh.{axes[0]}={sizes[axes[0]]}"
+  return (f"{'*'.join(f'mesh.{a}' for a in axes)} = "
+          f"{'*'.join(str(sizes[a]) for a in axes)}")
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

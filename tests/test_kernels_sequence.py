@@ -97,6 +97,27 @@ def test_ring_default_layout_is_natural_order():
                TOL[jnp.float32], "ring, default layout")
 
 
+@pytest.mark.parametrize("impl", ["ring", "ulysses"])
+def test_sequence_parallel_runs_over_the_axis_the_rules_name(impl):
+  """Rules that split `length` over the `data` mesh axis (and the batch over
+  nothing) run the ring / Ulysses exchange over `data`: exact against the
+  reference, and the compiled program exchanges (collective-permute or
+  all-to-all) instead of gathering the sequence."""
+  rules = sharding.normalize_rules({**sharding.DEFAULT_RULES, "batch": (),
+                                    "length": ("data",)})
+  q, k, v, seg, _ = make_inputs(11, batch=1, length=64, heads=4, kv_heads=4,
+                                segments=True)
+  fn = jax.jit(lambda q, k, v, s: kernels.attention(
+      q, k, v, causal=True, segment_ids=s, impl=impl, block_sizes=16, rules=rules))
+  with jax.set_mesh(mesh_of(data=4)):
+    out = fn(q, k, v, seg)
+    text = fn.lower(q, k, v, seg).compile().as_text()
+  assert_close(out, reference.attention(q, k, v, causal=True, segment_ids=seg),
+               TOL[jnp.float32], f"{impl} over data")
+  exchange = "collective-permute" if impl == "ring" else "all-to-all"
+  assert count_ops(text, exchange) > 0
+
+
 def count_ops(hlo: str, op: str) -> int:
   """Executions of collective `op` in compiled HLO (loop bodies times trip count)."""
   return hlo_lib.collective_counts(hlo).get(op, {}).get("count", 0)

@@ -113,3 +113,24 @@ def test_rules_name_real_mesh_axes(axes, problem):
     sharding.normalize_rules({"mlp": axes})
   assert sharding.normalize_rules({"mlp": None, "embed": "fsdp"}) == (
       ("mlp", ()), ("embed", ("fsdp",)))
+
+
+def test_splits_are_checked_over_the_axes_the_rules_name():
+  """Heads mapped to `fsdp` are checked against mesh.fsdp, the sequence mapped to
+  `data` against mesh.data (a fixed `tensor` / `sequence` would pass both)."""
+  config = llama_tiny.get_config()
+  config.model.update(num_heads=12, num_kv_heads=12, head_dim=16)
+  config.mesh.update(data=1, fsdp=8)
+  config.mesh.rules.update(heads=("fsdp",), act_heads=("fsdp",), embed=())
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(config, 8)
+  assert err.value.field == "model.num_heads"
+  assert "12 heads cannot be split over mesh.fsdp=8" in str(err.value)
+  config = llama_tiny.get_config()
+  config.data.seq_len = 250
+  config.mesh.update(data=4, fsdp=2)
+  config.mesh.rules.update(length=("data",), batch=("fsdp",))
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(config, 8)
+  assert err.value.field == "data.seq_len"
+  assert "seq_len=250 cannot be split over mesh.data=4" in str(err.value)

@@ -68,7 +68,8 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   _say(sharding.sharding_table(spec.abstract_params, shardings.params))
 
   data = make_data(config, data_sharding)
-  zigzag = sizes["sequence"] if kernels.uses_zigzag(cfg.attention) else 1
+  zigzag = (sharding.split_size(rules, "length", sizes)
+            if kernels.uses_zigzag(cfg.attention) else 1)
   to_global = lambda b: _global_batch(b, data_sharding, zigzag)
   config_dict = json.loads(config.to_json())
   if jax.process_index() == 0:

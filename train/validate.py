@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import kernels
 import model
 import sharding
 from sharding import ConfigError
@@ -42,8 +43,17 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
 
 
 def _validate_attention(config, sizes: dict[str, int]) -> None:
-  """Sequence-parallel attention needs shapes its kernels can split."""
-  impl, seq = config.model.attention, sizes["sequence"]
+  """Sequence-parallel attention needs shapes its kernels can split, over the mesh
+  axes the rules map `length` and the heads to."""
+  rules = sharding.normalize_rules(config.mesh.rules)
+  impl, seq = config.model.attention, sharding.split_size(rules, "length", sizes)
+  length_axes = [a for a in dict(rules).get("length", ()) if sizes[a] > 1]
+  if impl in ("ring", "ring_zigzag", "ulysses") and len(length_axes) > 1:
+    raise ConfigError(
+        "mesh.rules.length", f"{impl} attention exchanges over one mesh axis, but "
+        f"the rules split the length over {length_axes}.",
+        "map `length` to one mesh axis (e.g. --config.mesh.rules.length="
+        "\"('sequence',)\").")
   # attention=ring needs seq_len % sequence == 0, which sharding.validate_plan checks.
   if impl == "ring_zigzag" and config.data.seq_len % (2 * seq):
     raise ConfigError(
@@ -51,12 +61,13 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
         f"sequence into 2 x {seq} zig-zag chunks, but seq_len={config.data.seq_len} "
         f"is not a multiple of {2 * seq}.",
         f"use a seq_len divisible by {2 * seq}, or --config.model.attention=ring.")
-  if impl == "ulysses":
-    t = sizes["tensor"]
-    heads, kv_heads = config.model.num_heads // t, config.model.num_kv_heads // t
-    if seq > 1 and (heads % seq or (kv_heads % seq and seq % kv_heads)):
+  if impl == "ulysses" and seq > 1:
+    m = config.model
+    problem = kernels.ulysses.heads_problem(
+        m.num_heads, m.num_kv_heads, sharding.split_size(rules, "act_heads", sizes),
+        seq)
+    if problem:
       raise ConfigError(
-          "model.attention", f"ulysses moves heads over mesh.sequence={seq}, but each "
-          f"tensor shard holds {heads} heads and {kv_heads} KV heads, which do not "
-          "split over it.", "use --config.model.attention=ring_zigzag (or ring), or "
-          f"a mesh.sequence that divides {heads}.")
+          "model.attention", f"{problem}.", "use --config.model.attention="
+          "ring_zigzag (or ring), or a mesh.sequence that divides the heads per "
+          "device.")
