@@ -297,9 +297,10 @@ def _ask_compiler(command: str, topology: str) -> None:
     print(report.table())
     result = report.to_json()
   else:
-    plans = aot.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
-                     max_plans=_MAX_PLANS.value)
-    print(aot.table(plans))
+    from aot import plan
+    plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
+                      max_plans=_MAX_PLANS.value)
+    print(plan.table(plans))
     result = [p.to_json() for p in plans]
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
