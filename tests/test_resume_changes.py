@@ -16,7 +16,7 @@ def _as_dict(config):
 
 
 def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
-  from train.checkpoint import trajectory_changes
+  from train.run_config import trajectory_changes
   old = make_tiny_config()
   new = make_tiny_config()
   new.train.steps = 6                      # drives the schedule: decay_steps unset
@@ -45,7 +45,7 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
 
 
 def test_steps_are_a_change_only_while_they_set_the_schedule_length():
-  from train.checkpoint import trajectory_changes
+  from train.run_config import trajectory_changes
   old, new = make_tiny_config(), make_tiny_config()
   old.optim.decay_steps = new.optim.decay_steps = 6
   new.train.steps = 6

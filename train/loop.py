@@ -19,8 +19,7 @@ import kernels
 import sharding
 from model import ModelConfig, flops as flops_lib
 from train import run_config
-from train.checkpoint import (Checkpointer, describe_trajectory_changes,
-                              load_init_params, trajectory_changes)
+from train.checkpoint import Checkpointer, load_init_params
 from train.data import make_data
 from train.metrics import MOE_KEYS, MetricsWriter, peak_flops
 from train.optimizer import make_optimizer, schedule
@@ -195,8 +194,8 @@ def _report_trajectory_changes(ckpt: Checkpointer, step: int, config_dict: dict)
   if not step:
     return
   saved = ckpt.saved_config(step)  # read by every process alike
-  message = describe_trajectory_changes(
-      step, trajectory_changes(saved, config_dict) if saved else [])
+  message = run_config.describe_trajectory_changes(
+      step, run_config.trajectory_changes(saved, config_dict) if saved else [])
   if message and jax.process_index() == 0:
     tqdm.write(message, file=sys.stderr)
 

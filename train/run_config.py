@@ -1,5 +1,6 @@
 """A run's own config, `<workdir>/config.json`: written by `train` and `import-hf`,
-read back by `generate`, `export-hf`, `infer.load` and resumes.
+read back by `generate`, `export-hf`, `infer.load` and resumes; and which changes
+of a resumed run's config change its training trajectory (`trajectory_changes`).
 
 The file holds every field of the config the run was started with, as JSON. Read
 back on its own it is a complete config; laid over the current defaults
@@ -71,6 +72,76 @@ def load(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
   if defaults is not None:
     return overlay(defaults, saved)
   return ConfigDict(_tuples(saved))
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+  """{'group.field': value} of a config dict (as config.json holds it)."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict) and key != "rules":  # mesh.rules: one table
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+ABSENT = "(absent)"
+# Fields that change how training is run or watched, not the numbers it computes:
+# resuming with a different value continues the same trajectory.
+_SAME_TRAJECTORY_GROUPS = ("mesh.", "log.", "checkpoint.")
+_SAME_TRAJECTORY_FIELDS = ("model.attention", "model.remat", "train.eval_every",
+                           "train.eval_steps")
+
+
+def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, str]]:
+  """(field, saved value, new value, note) for every config field whose change makes
+  a run resumed with `config` continue differently from the run saved with `saved`:
+  model, data, optimizer, batch size, seed and other train fields. Not reported:
+  mesh sizes and rules, log.*, checkpoint.*, the attention implementation, remat,
+  evaluation settings. `train.steps` and `optim.decay_steps` are reported only when
+  the schedule's length (decay_steps, or train.steps when it is unset) changes;
+  `train.grad_accum_steps` only for MoE models (their losses are per micro-batch).
+  """
+  old, new = flatten(saved), flatten(config)
+  schedule = {"train.steps", "optim.decay_steps"}
+  changes = []
+  for field in list(old) + [f for f in new if f not in old]:
+    a, b = old.get(field, ABSENT), new.get(field, ABSENT)
+    if (a == b or field.startswith(_SAME_TRAJECTORY_GROUPS)
+        or field in _SAME_TRAJECTORY_FIELDS or field in schedule):
+      continue
+    note = ""
+    if field == "train.grad_accum_steps":
+      if not (old.get("model.moe.num_experts") or new.get("model.moe.num_experts")):
+        continue
+      note = "MoE load-balancing and router losses are computed per micro-batch"
+    changes.append((field, a, b, note))
+  length = lambda c: c.get("optim.decay_steps") or c.get("train.steps")  # noqa: E731
+  if length(old) != length(new):
+    if old.get("optim.decay_steps") != new.get("optim.decay_steps"):
+      changes.append(("optim.decay_steps", old.get("optim.decay_steps"),
+                      new.get("optim.decay_steps"),
+                      "the learning-rate schedule's length"))
+    if old.get("train.steps") != new.get("train.steps") and not (
+        old.get("optim.decay_steps") and new.get("optim.decay_steps")):
+      changes.append(("train.steps", old.get("train.steps"), new.get("train.steps"),
+                      "the learning-rate schedule's length while optim.decay_steps is "
+                      "unset"))
+  return changes
+
+
+def describe_trajectory_changes(step: int, changes: list) -> str:
+  """The message a resume prints for `trajectory_changes` (empty when none)."""
+  if not changes:
+    return ""
+  lines = [f"resuming from step {step} with a config that changes the training "
+           "trajectory from here on (saved with the checkpoint -> now):"]
+  for field, a, b, note in changes:
+    lines.append(f"  {field}: {a!r} -> {b!r}" + (f"  ({note})" if note else ""))
+  lines.append("The run will not match an uninterrupted run of either config. To "
+               "extend a run on the same learning-rate curve, set optim.decay_steps "
+               "to the whole run's length from the start.")
+  return "\n".join(lines)
 
 
 def _tuples(value):
