@@ -41,9 +41,8 @@ def step(model: Decoder, layers, cache: list[KVCache], logits: jax.Array,
   token = jnp.where(done, 0, token)
   done = done | jnp.isin(token, stops)
   logits, cache = model.decode(token[:, None], cache, mask=~done, layers=layers)
-  rows = lambda x, names: model.constrain(x, names)  # noqa: E731
-  return (rows(token, ("batch",)), last_logits(model, logits[:, 0]), cache,
-          rows(done, ("batch",)))
+  return (model.constrain(token, ("batch",)), last_logits(model, logits[:, 0]),
+          cache, model.constrain(done, ("batch",)))
 
 
 def last_logits(model: Decoder, logits: jax.Array) -> jax.Array:
