@@ -53,8 +53,12 @@ def get_config(arg=None) -> ConfigDict:
   ))
 
   c.data = ConfigDict(dict(
-      source="text",           # text | tokens | synthetic
-      path=placeholder(str),   # dir or glob; None = the Python stdlib sources
+      # text | jsonl | parquet | arrayrecord | hf_disk | tokens | synthetic
+      source="text",
+      path=placeholder(str),   # file, dir or glob; None = the Python stdlib sources
+      text_field="text",       # jsonl / parquet / hf_disk: the field holding the text
+      cache_dir=placeholder(str),  # token cache; None = ~/.cache/rung/tokens
+      skip_bad_records=False,  # skip (and count) malformed records instead of failing
       tokenizer="byte",        # byte | path to an HF tokenizer.json
       eos_id=placeholder(int),  # document separator for tokens / tokenizer.json
       token_dtype="uint16",    # dtype of .bin files for source=tokens

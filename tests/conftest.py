@@ -18,6 +18,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
       prefix="rung-test-xla-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"],
                   ignore_errors=True)
+# Token caches (train/token_cache.py) go to a directory of the suite's own, removed
+# the same way, not to the user's ~/.cache.
+if "RUNG_TEST_XDG_CACHE" not in os.environ:
+  os.environ["RUNG_TEST_XDG_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(
+      prefix="rung-test-cache-")
+  atexit.register(shutil.rmtree, os.environ["RUNG_TEST_XDG_CACHE"],
+                  ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Both xdist workers (and notebook kernels) load libtpu for deviceless compiles.

@@ -1,10 +1,13 @@
 """Input pipelines (grain): token streams packed into fixed-length windows.
 
 Every source becomes one flat token stream with an end-of-document id between
-documents. Windows of `seq_len + 1` tokens are cut from it, so nothing is padded;
-each example carries segment ids and positions that restart at document
-boundaries, so attention never crosses documents. The last `eval_fraction` of the
-stream is held out for evaluation; an evaluation reads its windows in order, the
+documents: document sources (`text`, `jsonl`, `parquet`, `arrayrecord`, `hf_disk`;
+readers in `train.sources`) are tokenized once into an on-disk token cache
+(`train.token_cache`) and memory-mapped; `tokens` memory-maps .bin files. Windows
+of `seq_len + 1` tokens are cut from it, so nothing is padded; each example
+carries segment ids and positions that restart at document boundaries, so
+attention never crosses documents. The last `eval_fraction` of the stream is held
+out for evaluation; an evaluation reads its windows in order, the
 last batch padded with rows of loss weight 0 (`weights`), so a held-out split
 smaller than a batch is still evaluated, averaged over its real tokens only.
 
@@ -26,9 +29,10 @@ import jax
 import numpy as np
 
 from sharding import ConfigError
+from train import sources, token_cache
 from train.tokenizer import make_tokenizer
 
-SOURCES = ("text", "tokens", "synthetic")
+SOURCES = (*sources.DOCUMENT_SOURCES, "tokens", "synthetic")
 
 
 def default_text_path() -> str:
@@ -134,24 +138,38 @@ class ProcessRows:
 
 
 def token_stream(data_cfg, tokenizer) -> np.ndarray:
-  """The whole corpus as one array, documents separated by the tokenizer's eos."""
+  """The whole corpus: see `corpus`."""
+  return corpus(data_cfg, tokenizer)[0]
+
+
+def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
+  """The whole corpus as one array [num_tokens], documents separated by the
+  tokenizer's eos (`data.eos_id` for `tokens` files), and its largest id (None
+  for `tokens`, which is not scanned).
+
+  `tokens`: the .bin files memory-mapped and concatenated. Every document source
+  (`text`, `jsonl`, `parquet`, `arrayrecord`, `hf_disk`) is tokenized once into the
+  token cache (`train.token_cache`) and read back memory-mapped, documents in a
+  fixed shuffled order, so the same documents give the same stream whatever the
+  source. Raises ConfigError for missing files, bad records (unless
+  `data.skip_bad_records`) and a source without documents."""
   if data_cfg.source == "tokens":
     if not data_cfg.path:
       raise ConfigError("data.path", "source 'tokens' needs .bin files.",
                         "set --config.data.path=/dir/or/glob/*.bin.")
     arrays = [np.memmap(f, dtype=data_cfg.token_dtype, mode="r")
               for f in _expand(data_cfg.path, "data.path")]
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-  files = _expand(data_cfg.path or default_text_path(), "data.path")
-  # A fixed shuffle of documents, so the held-out tail is a fair sample.
-  order = np.random.default_rng(0).permutation(len(files))
-  eos = np.asarray([tokenizer.eos_id])
-  parts = []
-  for i in order:
-    with open(files[i], encoding="utf-8", errors="replace") as f:
-      parts += [tokenizer.encode(f.read()), eos]
-  dtype = np.uint8 if tokenizer.vocab_size <= 256 else np.uint32
-  return np.concatenate(parts).astype(dtype)
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), None
+  if data_cfg.source == "hf_disk":
+    if not data_cfg.path or not os.path.isdir(data_cfg.path):
+      raise ConfigError("data.path", f"source 'hf_disk' needs the directory written "
+                        f"by datasets' save_to_disk, got {data_cfg.path!r}.",
+                        "set --config.data.path=/path/to/saved_dataset.")
+    files = sources.list_files(data_cfg.path, "text")
+  else:
+    files = sources.list_files(data_cfg.path or default_text_path(), data_cfg.source)
+  cached = token_cache.load_or_build(data_cfg, files, tokenizer)
+  return cached.tokens, cached.meta.get("max_id")
 
 
 @dataclasses.dataclass
@@ -194,9 +212,15 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
     train_src = Synthetic(config.model.vocab_size, d.seq_len, seed)
     eval_src = Synthetic(config.model.vocab_size, d.seq_len, seed + 1)
   else:
-    stream = token_stream(d, tokenizer)
+    stream, max_id = corpus(d, tokenizer)
+    if max_id is not None and max_id >= config.model.vocab_size:
+      raise ConfigError(
+          "model.vocab_size", f"{config.model.vocab_size} is too small for the "
+          f"data: its token ids reach {max_id} (tokenizer vocabulary "
+          f"{tokenizer.vocab_size}).",
+          f"set --config.model.vocab_size to at least {max_id + 1}.")
     split = int(len(stream) * (1 - d.eval_fraction))
-    eos = tokenizer.eos_id if d.source == "text" else d.eos_id
+    eos = d.eos_id if d.source == "tokens" else tokenizer.eos_id
     train_src = Windows(stream[:split], d.seq_len, eos)
     eval_src = Windows(stream[split:], d.seq_len, eos)
     if len(train_src) < batch:
@@ -225,14 +249,31 @@ def validate(config) -> None:
   d = config.data
   if d.source not in SOURCES:
     raise ConfigError("data.source", f"{d.source!r} is not one of {SOURCES}.",
-                      "set --config.data.source=text, tokens or synthetic.")
+                      f"set --config.data.source to one of {', '.join(SOURCES)}.")
   if d.seq_len < 2:
     raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",
                       "set --config.data.seq_len=256, for example.")
   if not 0 < d.eval_fraction < 1:
     raise ConfigError("data.eval_fraction", f"must be in (0, 1), got "
                       f"{d.eval_fraction}.", "set it to e.g. 0.02.")
-  if d.source == "text" and d.tokenizer in (None, "", "byte"):
+  if d.source in ("jsonl", "parquet", "arrayrecord", "hf_disk") and not d.path:
+    raise ConfigError("data.path", f"source {d.source!r} reads files, but no path "
+                      "is set.", "set --config.data.path to a file, directory or "
+                      "glob (hf_disk: the directory given to save_to_disk).")
+  if d.source in ("jsonl", "parquet", "hf_disk") and not d.text_field:
+    raise ConfigError("data.text_field", f"source {d.source!r} needs the name of "
+                      "the field that holds each record's text.",
+                      "set --config.data.text_field=text, for example.")
+  if d.tokenizer == "none" and d.source != "arrayrecord":
+    raise ConfigError("data.tokenizer", f"'none' (records of token ids) works with "
+                      f"source arrayrecord only, not {d.source!r}.",
+                      "set a tokenizer (byte or a tokenizer.json), or use "
+                      "--config.data.source=tokens for .bin files of token ids.")
+  if d.tokenizer == "none" and d.eos_id is None:
+    raise ConfigError("data.eos_id", "token-id records (data.tokenizer=none) need "
+                      "the id that ends each document.",
+                      "set --config.data.eos_id to your tokenizer's end-of-text id.")
+  if (d.source in sources.DOCUMENT_SOURCES and d.tokenizer in (None, "", "byte")):
     if config.model.vocab_size < 256:
       raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller "
                         "than the 256 ids of the byte tokenizer.",

@@ -13,6 +13,10 @@ class ByteTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8").replace(b"\0", b""), np.uint8)
 
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids ([len_i] uint8), as `encode`."""
+    return [self.encode(t) for t in texts]
+
   def decode(self, ids) -> str:
     return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", "replace")
 
@@ -36,11 +40,40 @@ class HFTokenizer:
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text).ids, np.uint32)
 
+  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids ([len_i] uint32), as `encode`, tokenized in parallel by
+    `tokenizers`' Rust threads."""
+    return [np.asarray(e.ids, np.uint32) for e in self._tok.encode_batch(texts)]
+
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids])
 
 
+class TokenIds:
+  """`data.tokenizer=none`: records already hold token ids, raw `dtype` arrays
+  (ArrayRecord only). `eos_id` (data.eos_id) ends each document; `vocab_size` is
+  the dtype's range. There is no text to encode or decode."""
+
+  def __init__(self, dtype: str, eos_id: int):
+    self.dtype = np.dtype(dtype)
+    self.vocab_size = int(np.iinfo(self.dtype).max) + 1
+    self.eos_id = eos_id
+
+  def encode(self, text: str) -> np.ndarray:
+    raise ValueError("data.tokenizer=none reads token ids; it cannot encode text")
+
+  def encode_batch(self, records: list[bytes]) -> list[np.ndarray]:
+    """Each record's bytes as [len_i] ids of `dtype`."""
+    return [np.frombuffer(r, self.dtype) for r in records]
+
+  def decode(self, ids) -> str:
+    return " ".join(str(int(i)) for i in ids)
+
+
 def make_tokenizer(data_cfg):
+  """ByteTokenizer for `byte`, TokenIds for `none`, else an HFTokenizer."""
   if data_cfg.tokenizer in (None, "", "byte"):
     return ByteTokenizer()
+  if data_cfg.tokenizer == "none":
+    return TokenIds(data_cfg.token_dtype, data_cfg.eos_id)
   return HFTokenizer(data_cfg.tokenizer, data_cfg.eos_id)

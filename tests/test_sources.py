@@ -1,0 +1,366 @@
+"""Document sources (jsonl, parquet, arrayrecord, hf_disk, text), the token cache and
+bad input: the same documents give the same token stream whatever the source."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import sharding
+from conftest import run_cli
+from train import data as data_lib
+from train import token_cache
+from train.step import batch_sharding
+from train.tokenizer import ByteTokenizer
+
+N_DOCS = 200
+
+
+@pytest.fixture(scope="module")
+def docs():
+  rng = np.random.default_rng(0)
+  words = ["alpha", "beta", "gamma", "délta", "ε", "zeta\n", "eta", "θ→", "#", "x=1\n"]
+  return [f"doc {i}: " + " ".join(rng.choice(words, size=rng.integers(1, 12)))
+          for i in range(N_DOCS)]
+
+
+def _write_all(docs, root):
+  """The same documents as jsonl, parquet, arrayrecord, hf_disk and text files."""
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from array_record.python.array_record_module import ArrayRecordWriter
+  half = len(docs) // 2
+  parts = [docs[:half], docs[half:]]
+  paths = {}
+  (root / "jsonl").mkdir()
+  for k, part in enumerate(parts):
+    with open(root / "jsonl" / f"part{k}.jsonl", "w") as f:
+      for i, d in enumerate(part):
+        f.write(json.dumps({"id": i, "text": d}) + "\n")
+  paths["jsonl"] = str(root / "jsonl")
+  (root / "parquet").mkdir()
+  for k, part in enumerate(parts):
+    pq.write_table(pa.table({"text": part, "n": list(range(len(part)))}),
+                   root / "parquet" / f"part{k}.parquet", row_group_size=37)
+  paths["parquet"] = str(root / "parquet" / "*.parquet")
+  (root / "ar").mkdir()
+  for k, part in enumerate(parts):
+    w = ArrayRecordWriter(str(root / "ar" / f"part{k}.array_record"), "group_size:1")
+    for d in part:
+      w.write(d.encode("utf-8"))
+    w.close()
+  paths["arrayrecord"] = str(root / "ar")
+  datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(root / "hf"))
+  paths["hf_disk"] = str(root / "hf")
+  (root / "text").mkdir()
+  for i, d in enumerate(docs):
+    (root / "text" / f"doc{i:03d}.txt").write_text(d)
+  paths["text"] = str(root / "text")
+  return paths
+
+
+@pytest.fixture(scope="module")
+def corpus(docs, tmp_path_factory):
+  pytest.importorskip("datasets")
+  return _write_all(docs, tmp_path_factory.mktemp("corpus"))
+
+
+def _config(tiny_config, source, path, cache_dir):
+  tiny_config.data.update(source=source, path=str(path), seq_len=16,
+                          eval_fraction=0.1, cache_dir=str(cache_dir))
+  tiny_config.model.vocab_size = 256
+  return tiny_config
+
+
+def _make(config):
+  mesh = sharding.make_mesh(dict(data=8, fsdp=1, expert=1, sequence=1, tensor=1))
+  sh = batch_sharding(mesh, sharding.normalize_rules(None), config.train.batch_size,
+                      config.data.seq_len)
+  return data_lib.make_data(config, sh)
+
+
+def test_every_source_gives_the_same_stream_and_batch(tiny_config, corpus, docs,
+                                                      tmp_path):
+  streams, batches = {}, {}
+  for source, path in corpus.items():
+    c = _config(tiny_config, source, path, tmp_path / "cache")
+    streams[source] = np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))
+    batches[source] = next(_make(c).train)
+  # The stream is the documents, each followed by eos 0, in the fixed shuffle.
+  order = np.random.default_rng(0).permutation(N_DOCS)
+  expected = b"".join(docs[i].encode() + b"\0" for i in order)
+  assert streams["text"].tobytes() == expected
+  for source in corpus:
+    np.testing.assert_array_equal(streams[source], streams["text"], err_msg=source)
+    for key in batches["text"]:
+      np.testing.assert_array_equal(batches[source][key], batches["text"][key],
+                                    err_msg=f"{source} {key}")
+  # One cache per source (the key names the source kind), all complete.
+  assert len([d for d in os.listdir(tmp_path / "cache") if not d.startswith(".")]) == 5
+
+
+def _counting(monkeypatch):
+  calls = []
+  real = ByteTokenizer.encode_batch
+
+  def encode_batch(self, texts):
+    calls.append(len(texts))
+    return real(self, texts)
+  monkeypatch.setattr(ByteTokenizer, "encode_batch", encode_batch)
+  return calls
+
+
+def test_second_run_reuses_the_cache_without_tokenizing(tiny_config, corpus, tmp_path,
+                                                        monkeypatch, capsys):
+  c = _config(tiny_config, "jsonl", corpus["jsonl"], tmp_path / "cache")
+  first = _make(c)
+  batches = [next(first.train) for _ in range(2)]
+  assert "tokenized 200 documents" in capsys.readouterr().out
+
+  def boom(*args):
+    raise AssertionError("tokenized again")
+  monkeypatch.setattr(ByteTokenizer, "encode_batch", boom)
+  monkeypatch.setattr(ByteTokenizer, "encode", boom)
+  second = _make(c)
+  assert "reusing the token cache" in capsys.readouterr().out
+  assert isinstance(data_lib.token_stream(c.data, ByteTokenizer()), np.memmap)
+  for b in batches:
+    again = next(second.train)
+    for key in b:
+      np.testing.assert_array_equal(again[key], b[key])
+
+
+def test_a_changed_file_or_tokenizer_rebuilds(tiny_config, docs, tmp_path,
+                                              monkeypatch):
+  src = tmp_path / "d.jsonl"
+  src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  c = _config(tiny_config, "jsonl", src, tmp_path / "cache")
+  calls = _counting(monkeypatch)
+  a = np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))
+  data_lib.token_stream(c.data, ByteTokenizer())
+  assert len(calls) == 1  # the second read came from the cache
+  st = os.stat(src)
+  os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+  data_lib.token_stream(c.data, ByteTokenizer())
+  assert len(calls) == 2
+  with open(src, "a") as f:  # new content
+    f.write(json.dumps({"text": "one more"}) + "\n")
+  b = np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))
+  assert len(calls) == 3 and len(b) == len(a) + len("one more") + 1
+  # Another tokenizer (an HF tokenizer.json; then the same file edited) rebuilds.
+  pytest.importorskip("tokenizers")
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "doc": 2},
+                                   unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  c.data.tokenizer = str(tmp_path / "tokenizer.json")
+  key1 = token_cache.cache_key(c.data, [str(src)], 0)
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  key2 = token_cache.cache_key(c.data, [str(src)], 0)
+  c.data.tokenizer = "byte"
+  assert len({key1, key2, token_cache.cache_key(c.data, [str(src)], 0)}) == 3
+
+
+def test_hf_tokenizer_encode_batch_matches_encode(tiny_config, docs, tmp_path):
+  pytest.importorskip("tokenizers")
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from train.tokenizer import HFTokenizer
+  vocab = {"<|endoftext|>": 0, "[UNK]": 1, "doc": 2, "alpha": 3, "beta": 4, ":": 5}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  hf = HFTokenizer(str(tmp_path / "tokenizer.json"))
+  batch = hf.encode_batch(docs[:20])
+  for d, ids in zip(docs[:20], batch):
+    np.testing.assert_array_equal(ids, hf.encode(d))
+  src = tmp_path / "d.jsonl"
+  src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]))
+  c = _config(tiny_config, "jsonl", src, tmp_path / "cache")
+  c.data.tokenizer = str(tmp_path / "tokenizer.json")
+  stream = np.asarray(data_lib.token_stream(c.data, hf))
+  assert stream.dtype == np.uint8 and len(stream) == sum(len(i) + 1 for i in batch)
+
+
+def test_an_interrupted_build_leaves_nothing_trusted(tiny_config, docs, tmp_path,
+                                                     monkeypatch):
+  src = tmp_path / "d.jsonl"
+  src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  cache = tmp_path / "cache"
+  c = _config(tiny_config, "jsonl", src, cache)
+  key = token_cache.cache_key(c.data, [str(src)], 0)
+  # A run killed after writing everything but the rename left this behind.
+  junk = cache / f".{key}.tmp-killed"
+  junk.mkdir(parents=True)
+  np.save(junk / "tokens.npy", np.zeros(10, np.uint8))
+  np.save(junk / "offsets.npy", np.zeros(2, np.int64))
+  (junk / "meta.json").write_text(json.dumps({"documents": 1, "tokens": 10,
+                                              "skipped": 0, "replaced_utf8": 0}))
+  # A run that dies mid-tokenization leaves no cache under the key.
+  monkeypatch.setattr(token_cache, "_BATCH_DOCS", 50)
+  real = ByteTokenizer.encode_batch
+  calls = []
+
+  def dies(self, texts):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(self, texts)
+  monkeypatch.setattr(ByteTokenizer, "encode_batch", dies)
+  with pytest.raises(KeyboardInterrupt):
+    data_lib.token_stream(c.data, ByteTokenizer())
+  assert not (cache / key).exists()
+  monkeypatch.setattr(ByteTokenizer, "encode_batch", real)
+  stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))
+  assert len(stream) == sum(len(d.encode()) + 1 for d in docs)
+  assert (cache / key / "meta.json").exists()
+
+
+def _jsonl_with_bad_lines(tmp_path, docs):
+  lines = [json.dumps({"text": d}) for d in docs[:30]]
+  lines[4] = '{"text": "unterminated'             # line 5: not JSON
+  lines[9] = json.dumps({"body": "no text field"})  # line 10: no `text`
+  lines[14] = json.dumps({"text": None})           # line 15: null
+  path = tmp_path / "bad.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
+                                                           tmp_path, capsys):
+  path = _jsonl_with_bad_lines(tmp_path, docs)
+  c = _config(tiny_config, "jsonl", path, tmp_path / "cache")
+  with pytest.raises(sharding.ConfigError) as err:
+    _make(c)
+  assert err.value.field == "data.path"
+  assert f"{path}:5: not valid JSON" in err.value.problem
+  assert "skip_bad_records=true" in err.value.fix
+  assert not [d for d in os.listdir(tmp_path / "cache") if not d.startswith(".")]
+  # Each kind of bad record, with its line, once the earlier ones are gone.
+  lines = path.read_text().splitlines()
+  lines[4] = json.dumps({"text": "fixed"})
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(sharding.ConfigError, match=f"{path}:10: the record has no "
+                     "'text' text field"):
+    _make(c)
+  c.data.text_field = "body"
+  with pytest.raises(sharding.ConfigError, match=f"{path}:1: the record has no "
+                     "'body' text field"):
+    _make(c)
+  # skip_bad_records: the two bad lines are skipped, counted and logged.
+  c.data.update(text_field="text", skip_bad_records=True)
+  capsys.readouterr()
+  stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))
+  assert "skipped 2 bad records" in capsys.readouterr().out
+  assert int((stream == 0).sum()) == 28
+
+
+def test_parquet_null_is_an_error_naming_the_row(tiny_config, tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = tmp_path / "p.parquet"
+  pq.write_table(pa.table({"text": ["a b c"] * 40 + [None] + ["d"] * 10}), path,
+                 row_group_size=16)
+  c = _config(tiny_config, "parquet", path, tmp_path / "cache")
+  with pytest.raises(sharding.ConfigError, match=f"{path}: row 40: the 'text' field "
+                     "is null"):
+    data_lib.token_stream(c.data, ByteTokenizer())
+  c.data.text_field = "body"
+  with pytest.raises(sharding.ConfigError, match="has no column 'body'") as err:
+    data_lib.token_stream(c.data, ByteTokenizer())
+  assert err.value.field == "data.text_field"
+
+
+def test_no_documents_and_invalid_utf8(tiny_config, tmp_path, capsys):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n\n")
+  c = _config(tiny_config, "jsonl", empty, tmp_path / "cache")
+  with pytest.raises(sharding.ConfigError, match="yielded no documents") as err:
+    data_lib.token_stream(c.data, ByteTokenizer())
+  assert err.value.field == "data.path"
+  c.data.path = str(tmp_path / "nothing" / "*.jsonl")
+  with pytest.raises(sharding.ConfigError, match="no files match"):
+    data_lib.token_stream(c.data, ByteTokenizer())
+  (tmp_path / "t").mkdir()
+  (tmp_path / "t" / "good.txt").write_bytes("ok é".encode())
+  (tmp_path / "t" / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+  c.data.update(source="text", path=str(tmp_path / "t"))
+  capsys.readouterr()
+  stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer())).tobytes()
+  assert "1 documents held bytes that are not UTF-8" in capsys.readouterr().out
+  assert "caf\ufffd au lait".encode() in stream and "ok é".encode() in stream
+  # JSON escapes: a surrogate pair is one character, a lone surrogate becomes U+FFFD.
+  (tmp_path / "s.jsonl").write_text('{"text": "pair \\ud83d\\ude00"}\n'
+                                    '{"text": "lone \\ud800!"}\n')
+  c.data.update(source="jsonl", path=str(tmp_path / "s.jsonl"))
+  stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer())).tobytes()
+  assert "1 documents held bytes that are not UTF-8" in capsys.readouterr().out
+  assert "pair \U0001f600".encode() in stream and "lone \ufffd".encode() in stream
+
+
+def test_validation_knows_the_new_sources(tiny_config):
+  from train import validate
+  c = tiny_config
+  c.data.source = "csv"
+  with pytest.raises(sharding.ConfigError, match="jsonl, parquet, arrayrecord, "
+                     "hf_disk, tokens, synthetic"):
+    validate.validate_config(c, 8)
+  c.data.update(source="parquet", path=None)
+  c.model.vocab_size = 256
+  with pytest.raises(sharding.ConfigError, match="no path is set") as err:
+    validate.validate_config(c, 8)
+  assert err.value.field == "data.path"
+
+
+def test_cli_reports_a_bad_record_before_training(docs, tmp_path):
+  path = _jsonl_with_bad_lines(tmp_path, docs)
+  r = run_cli("train", "--config=experiments/llama_tiny.py",
+              f"--workdir={tmp_path / 'run'}", "--config.data.source=jsonl",
+              f"--config.data.path={path}", f"--config.data.cache_dir={tmp_path}/c",
+              "--config.train.steps=1")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "Config error in `data.path`" in r.stderr
+  assert f"{path}:5" in r.stderr
+
+
+def test_arrayrecord_token_id_records_match_the_text_stream(tiny_config, corpus, docs,
+                                                            tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  w = ArrayRecordWriter(str(tmp_path / "ids.array_record"), "group_size:1")
+  for d in docs:  # the byte tokenizer's ids, stored as uint16 records
+    w.write(np.frombuffer(d.encode(), np.uint8).astype(np.uint16).tobytes())
+  w.close()
+  c = _config(tiny_config, "arrayrecord", tmp_path / "ids.array_record",
+              tmp_path / "cache")
+  c.data.update(tokenizer="none", token_dtype="uint16", eos_id=0)
+  d = _make(c)
+  assert d.tokenizer.eos_id == 0
+  ids = np.asarray(data_lib.token_stream(c.data, d.tokenizer))
+  c2 = _config(tiny_config.copy_and_resolve_references(), "text", corpus["text"],
+               tmp_path / "cache")
+  c2.data.update(tokenizer="byte", eos_id=None)
+  text = np.asarray(data_lib.token_stream(c2.data, ByteTokenizer()))
+  assert ids.dtype == np.uint16
+  np.testing.assert_array_equal(ids, text)
+  batch, batch2 = next(d.train), next(_make(c2).train)
+  for key in batch:
+    np.testing.assert_array_equal(batch[key], batch2[key])
+  c.data.eos_id = None
+  from train import validate
+  with pytest.raises(sharding.ConfigError, match="need the id that ends"):
+    validate.validate_config(c, 8)
+
+
+def test_ids_beyond_the_model_vocabulary_are_a_config_error(tiny_config, tmp_path):
+  src = tmp_path / "d.jsonl"
+  src.write_text("".join(json.dumps({"text": "é" * 40}) + "\n" for _ in range(40)))
+  c = _config(tiny_config, "jsonl", src, tmp_path / "cache")
+  c.model.vocab_size = 128  # the bytes of é are 195 and 169
+  with pytest.raises(sharding.ConfigError, match="at least 196") as err:
+    _make(c)
+  assert err.value.field == "model.vocab_size"
+  c.model.vocab_size = 256
+  assert next(_make(c).train)["inputs"].max() == 195

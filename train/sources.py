@@ -1,0 +1,235 @@
+"""Document sources: files of text records, read one document at a time.
+
+Every reader yields documents (str) in a fixed order: files sorted by path, records
+in file order. `train.token_cache` tokenizes them once into one token stream.
+
+A record that cannot be read (a malformed JSONL line, a record without
+`data.text_field`, a null value) is a `ConfigError` naming the file and line / row,
+or, with `data.skip_bad_records`, is skipped and counted. Bytes that are not valid
+UTF-8 are decoded with replacement characters and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+from typing import Iterator
+
+from sharding import ConfigError
+
+# Sources whose documents are tokenized into the token cache.
+DOCUMENT_SOURCES = ("text", "jsonl", "parquet", "arrayrecord", "hf_disk")
+# File name endings read when data.path is a directory (every file for `text`).
+# A JSON \u escape of a UTF-16 surrogate: may decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
+               "parquet": (".parquet",),
+               "arrayrecord": (".array_record", ".arrayrecord")}
+
+
+def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
+  """The sorted files `path` names: a file, a directory (searched recursively; for
+  jsonl / parquet / arrayrecord only files with their extensions) or a glob.
+  Raises ConfigError naming `field` when nothing matches."""
+  pattern, exts = path, None
+  if os.path.isdir(path):
+    pattern, exts = os.path.join(path, "**", "*"), _EXTENSIONS.get(source)
+  files = sorted(f for f in glob.glob(pattern, recursive=True)
+                 if os.path.isfile(f) and f"{os.sep}site-packages{os.sep}" not in f
+                 and (exts is None or f.endswith(exts)))
+  if source == "arrayrecord" and not os.path.isdir(path):
+    # ArrayRecord shards are often named name.array_record-00000-of-00008.
+    files = [f for f in files if not f.endswith((".idx", ".crc"))]
+  if not files:
+    raise ConfigError(field, f"no files match {path!r}"
+                      + (f" with an ending in {exts}." if exts else "."),
+                      "point it at a file, a directory or a glob of existing files.")
+  return files
+
+
+@dataclasses.dataclass
+class Counts:
+  """What reading found: documents, bad records skipped, documents that held
+  bytes that are not UTF-8 (decoded with U+FFFD)."""
+  documents: int = 0
+  skipped: int = 0
+  replaced: int = 0
+
+
+class _Reader:
+  def __init__(self, data_cfg, counts: Counts):
+    self.skip = bool(data_cfg.skip_bad_records)
+    self.text_field = data_cfg.text_field or "text"
+    self.token_ids = data_cfg.tokenizer == "none"
+    self.token_dtype = data_cfg.token_dtype
+    self.counts = counts
+
+  def bad(self, where: str, problem: str) -> None:
+    """A record that cannot be used: raise, or count it when skipping."""
+    if not self.skip:
+      raise ConfigError(
+          "data.path", f"{where}: {problem}",
+          "fix or remove the record, or set --config.data.skip_bad_records=true "
+          "to skip such records (their count is logged).")
+    self.counts.skipped += 1
+
+  def decode(self, raw: bytes) -> str:
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError:
+      self.counts.replaced += 1
+      return raw.decode("utf-8", errors="replace")
+
+  def clean(self, text: str) -> str:
+    """`text` with lone surrogates (from JSON escapes) made U+FFFD, counted."""
+    try:
+      text.encode("utf-8")
+      return text
+    except UnicodeEncodeError:
+      self.counts.replaced += 1
+      return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+  def field(self, record, where: str) -> str | None:
+    """record[text_field] as str, or None (after `bad`) when it has none."""
+    if not isinstance(record, dict):
+      self.bad(where, f"the record is a {type(record).__name__}, not an object with "
+               f"a {self.text_field!r} field.")
+      return None
+    value = record.get(self.text_field)
+    if isinstance(value, bytes):
+      return self.decode(value)
+    if not isinstance(value, str):
+      self.bad(where, f"the record has no {self.text_field!r} text field" +
+               (f" (its fields: {sorted(record)[:8]})." if value is None else
+                f" (it is a {type(value).__name__})."))
+      return None
+    return value
+
+
+def _text(reader: _Reader, files: list[str]) -> Iterator[str]:
+  for f in files:
+    with open(f, "rb") as fh:
+      # Universal newlines, as text-mode reading gives.
+      yield reader.decode(fh.read()).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl(reader: _Reader, files: list[str]) -> Iterator[str]:
+  for f in files:
+    with (gzip.open if f.endswith(".gz") else open)(f, "rb") as fh:
+      for line_no, line in enumerate(fh, 1):
+        if not line.strip():
+          continue
+        where = f"{f}:{line_no}"
+        try:
+          record = json.loads(reader.decode(line))
+        except json.JSONDecodeError as err:
+          reader.bad(where, f"not valid JSON ({err.msg} at column {err.colno}).")
+          continue
+        text = reader.field(record, where)
+        if text is not None:
+          yield reader.clean(text) if _SURROGATE_ESCAPE.search(line) else text
+
+
+def _column(reader: _Reader, values, where_row, start: int) -> Iterator[str]:
+  """Values of one text column: str, bytes (decoded) or None (a bad record)."""
+  for j, value in enumerate(values):
+    if isinstance(value, bytes):
+      value = reader.decode(value)
+    if not isinstance(value, str):
+      reader.bad(where_row(start + j), f"the {reader.text_field!r} field is "
+                 f"{'null' if value is None else type(value).__name__}, not text.")
+      continue
+    yield value
+
+
+def _parquet(reader: _Reader, files: list[str]) -> Iterator[str]:
+  import pyarrow.parquet as pq
+  for f in files:
+    pf = pq.ParquetFile(f)
+    if reader.text_field not in pf.schema_arrow.names:
+      raise ConfigError("data.text_field", f"{f} has no column "
+                        f"{reader.text_field!r}; its columns: "
+                        f"{pf.schema_arrow.names[:8]}.",
+                        "set --config.data.text_field to the column holding the text.")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=[reader.text_field]):
+      values = batch.column(0).to_pylist()
+      yield from _column(reader, values, lambda r, f=f: f"{f}: row {r}", row)
+      row += len(values)
+
+
+def _arrayrecord(reader: _Reader, files: list[str]) -> Iterator[str | bytes]:
+  """UTF-8 text records; with tokenizer=none, raw token-id records (bytes)."""
+  import grain
+  import numpy as np
+  itemsize = np.dtype(reader.token_dtype).itemsize if reader.token_ids else 1
+  for f in files:
+    src = grain.sources.ArrayRecordDataSource([f])
+    for start in range(0, len(src), 1024):
+      records = src.__getitems__(list(range(start, min(start + 1024, len(src)))))
+      for j, record in enumerate(records):
+        record = bytes(record)
+        if not reader.token_ids:
+          yield reader.decode(record)
+        elif len(record) % itemsize:
+          reader.bad(f"{f}: record {start + j}", f"{len(record)} bytes is not a "
+                     f"whole number of {reader.token_dtype} token ids.")
+        else:
+          yield record
+
+
+def hf_dataset(path: str, text_field: str = "text"):
+  """The `datasets.Dataset` saved at `path` (a DatasetDict gives its `train`
+  split). Raises ConfigError when `datasets` is missing or the path holds none."""
+  try:
+    import datasets
+  except ImportError:
+    raise ConfigError("data.source", "hf_disk needs the `datasets` library.",
+                      "pip install 'rung[data]' (or pip install datasets).") from None
+  try:
+    ds = datasets.load_from_disk(path)
+  except FileNotFoundError as err:
+    raise ConfigError("data.path", f"{path!r} is not a directory written by "
+                      f"datasets' save_to_disk ({err}).",
+                      "point it at the directory given to Dataset.save_to_disk.")
+  if isinstance(ds, datasets.DatasetDict):
+    if "train" not in ds:
+      raise ConfigError("data.path", f"{path!r} holds splits {list(ds)}, no 'train'.",
+                        "point it at one split's directory, e.g. PATH/train.")
+    ds = ds["train"]
+  if text_field not in ds.column_names:
+    raise ConfigError("data.text_field", f"the dataset at {path!r} has no column "
+                      f"{text_field!r}; its columns: {ds.column_names[:8]}.",
+                      "set --config.data.text_field to the column holding the text.")
+  return ds
+
+
+def _hf_disk(reader: _Reader, path: str) -> Iterator[str]:
+  ds = hf_dataset(path, reader.text_field).select_columns([reader.text_field])
+  row = 0
+  for batch in ds.iter(batch_size=1024):
+    values = batch[reader.text_field]
+    yield from _column(reader, values, lambda r: f"{path}: row {r}", row)
+    row += len(values)
+
+
+def documents(data_cfg, files: list[str], counts: Counts) -> Iterator[str | bytes]:
+  """Every document of the source (str; for arrayrecord with tokenizer=none the
+  record's raw token-id bytes), in file order, counted into `counts`.
+
+  Raises ConfigError (naming the file and line or row) on a bad record unless
+  `data.skip_bad_records`."""
+  reader = _Reader(data_cfg, counts)
+  kind = data_cfg.source
+  if kind == "hf_disk":
+    it = _hf_disk(reader, data_cfg.path)
+  else:
+    it = {"text": _text, "jsonl": _jsonl, "parquet": _parquet,
+          "arrayrecord": _arrayrecord}[kind](reader, files)
+  for doc in it:
+    counts.documents += 1
+    yield doc

@@ -1,0 +1,208 @@
+"""Tokenize once: a document source becomes a token stream stored on disk.
+
+The first run reads every document (`train.sources`), tokenizes it in batches and
+writes, under `data.cache_dir/<key>/`:
+
+  tokens.npy   [num_tokens] uint8 / uint16 / uint32: the documents in a fixed
+               shuffled order (numpy seed 0), each followed by the end-of-document
+               id. Read back memory-mapped.
+  offsets.npy  [num_documents + 1] int64: where each document starts in tokens.npy.
+  meta.json    what was read: counts, the largest id, source, files, tokenizer.
+
+`<key>` hashes the file list with sizes and modification times, the source kind,
+text field, skip_bad_records, the tokenizer's identity (its path and file hash, or
+'byte') and the eos id, so a change to any of them builds a new cache. The cache is
+written into a temporary directory and renamed when complete: a run killed while
+tokenizing leaves only a temporary directory, which no later run reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Iterator
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from sharding import ConfigError
+from train import sources
+
+_VERSION = 1
+_BATCH_DOCS = 512
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(msg)
+
+
+def default_cache_dir() -> str:
+  """$XDG_CACHE_HOME/rung/tokens, or ~/.cache/rung/tokens."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "rung", "tokens")
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def tokenizer_identity(data_cfg) -> str:
+  """'byte', 'none:<token_dtype>', or the tokenizer.json's absolute path and
+  content hash."""
+  if data_cfg.tokenizer in (None, "", "byte"):
+    return "byte"
+  if data_cfg.tokenizer == "none":
+    return f"none:{data_cfg.token_dtype}"
+  path = os.path.abspath(data_cfg.tokenizer)
+  return f"{path}:{_file_sha256(path)}"
+
+
+def cache_key(data_cfg, files: list[str], eos_id: int) -> str:
+  """A hex digest of everything the token stream depends on (see module doc)."""
+  stats = []
+  for f in files:
+    st = os.stat(f)
+    stats.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+  ident = dict(version=_VERSION, source=data_cfg.source,
+               text_field=data_cfg.text_field, skip=bool(data_cfg.skip_bad_records),
+               files=stats, tokenizer=tokenizer_identity(data_cfg), eos_id=int(eos_id))
+  return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def stream_dtype(vocab_size: int) -> np.dtype:
+  """The smallest unsigned dtype that holds ids below `vocab_size`."""
+  for dtype in (np.uint8, np.uint16):
+    if vocab_size <= np.iinfo(dtype).max + 1:
+      return np.dtype(dtype)
+  return np.dtype(np.uint32)
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+  batch = []
+  for doc in docs:
+    batch.append(doc)
+    if len(batch) == _BATCH_DOCS:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+@dataclasses.dataclass
+class Cached:
+  """A token stream read from the cache."""
+  tokens: np.ndarray   # [num_tokens], memory-mapped
+  offsets: np.ndarray  # [num_documents + 1] int64
+  meta: dict
+  path: str
+  reused: bool
+
+
+def _build(data_cfg, files, tokenizer, tmp: str, dtype) -> dict:
+  counts = sources.Counts()
+  eos = np.asarray([tokenizer.eos_id], dtype)
+  lengths = []
+  raw_path = os.path.join(tmp, "natural.bin")
+  start, num_tokens, max_id = time.perf_counter(), 0, int(tokenizer.eos_id)
+  bar = tqdm(desc="tokenizing", unit="doc", disable=jax.process_index() != 0)
+  with bar, open(raw_path, "wb") as raw:
+    for batch in _batches(sources.documents(data_cfg, files, counts)):
+      for ids in tokenizer.encode_batch(batch):
+        ids = np.asarray(ids)
+        if ids.size:
+          max_id = max(max_id, int(ids.max()))
+        if max_id > np.iinfo(dtype).max:
+          raise ConfigError("data.tokenizer", f"it gave id {max_id}, beyond "
+                            f"its vocabulary of {tokenizer.vocab_size}.",
+                            "use a consistent tokenizer.json.")
+        raw.write(ids.astype(dtype).tobytes())
+        raw.write(eos.tobytes())
+        lengths.append(ids.size + 1)
+        num_tokens += ids.size + 1
+      bar.update(len(batch))
+      bar.set_postfix_str(
+          f"{num_tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
+  if not lengths:
+    raise ConfigError(
+        "data.path", f"the {data_cfg.source} source at {data_cfg.path!r} yielded no "
+        f"documents ({len(files)} files, {counts.skipped} bad records skipped).",
+        "point data.path at files that hold documents (and check data.text_field).")
+  # A fixed shuffle of documents, so the held-out tail is a fair sample.
+  lengths = np.asarray(lengths, np.int64)
+  natural_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  order = np.random.default_rng(0).permutation(len(lengths))
+  natural = np.memmap(raw_path, dtype=dtype, mode="r")
+  out = np.lib.format.open_memmap(os.path.join(tmp, "tokens.npy"), mode="w+",
+                                  dtype=dtype, shape=(num_tokens,))
+  offsets = np.zeros(len(lengths) + 1, np.int64)
+  offsets[1:] = np.cumsum(lengths[order])
+  for pos, i in zip(offsets[:-1], order):
+    n, src = lengths[i], natural_starts[i]
+    out[pos:pos + n] = natural[src:src + n]
+  out.flush()
+  del out, natural
+  os.remove(raw_path)
+  np.save(os.path.join(tmp, "offsets.npy"), offsets)
+  return dict(documents=counts.documents, tokens=int(num_tokens), max_id=max_id,
+              skipped=counts.skipped, replaced_utf8=counts.replaced,
+              source=data_cfg.source, text_field=data_cfg.text_field,
+              tokenizer=tokenizer_identity(data_cfg), eos_id=int(tokenizer.eos_id),
+              files=[os.path.abspath(f) for f in files],
+              seconds=round(time.perf_counter() - start, 3))
+
+
+def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
+  """The token stream of `files` under data_cfg: from the cache if a complete one
+  has this key, else tokenized now (progress bar) and stored. Logs one line either
+  way; also logs how many bad records were skipped and how many documents held
+  bytes that are not UTF-8. Raises ConfigError on bad records (see train.sources)
+  and when the source yields no documents."""
+  root = data_cfg.cache_dir or default_cache_dir()
+  key = cache_key(data_cfg, files, tokenizer.eos_id)
+  final = os.path.join(root, key)
+  meta_path = os.path.join(final, "meta.json")
+  reused = os.path.exists(meta_path)
+  if not reused:
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+    try:
+      meta = _build(data_cfg, files, tokenizer, tmp, stream_dtype(tokenizer.vocab_size))
+      with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last
+        json.dump(meta, f, indent=1)
+      try:
+        os.rename(tmp, final)
+      except OSError:  # another process finished the same cache first
+        if not os.path.exists(meta_path):
+          raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  with open(meta_path) as f:
+    meta = json.load(f)
+  tokens = np.load(os.path.join(final, "tokens.npy"), mmap_mode="r")
+  offsets = np.load(os.path.join(final, "offsets.npy"))
+  if reused:
+    _say(f"data: reusing the token cache {final} ({meta['documents']:,} documents, "
+         f"{meta['tokens']:,} tokens)")
+  else:
+    _say(f"data: tokenized {meta['documents']:,} documents into {meta['tokens']:,} "
+         f"tokens in {meta['seconds']:.1f}s; cached in {final}")
+  if meta["skipped"]:
+    _say(f"data: skipped {meta['skipped']:,} bad records (data.skip_bad_records)")
+  if meta["replaced_utf8"]:
+    _say(f"data: {meta['replaced_utf8']:,} documents held bytes that are not UTF-8; "
+         "decoded with replacement characters (U+FFFD)")
+  return Cached(tokens=tokens, offsets=offsets, meta=meta, path=final, reused=reused)
