@@ -11,6 +11,8 @@ def _fields(config, prefix=""):
   for key, value in config.items():
     if key == "rules":
       yield prefix + "rules.<name>"
+    elif key == "mixture":  # data.mixture: name -> entry, empty by default
+      yield prefix + "mixture.<name>"
     elif hasattr(value, "items"):
       yield from _fields(value, f"{prefix}{key}.")
     else:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from ml_collections import ConfigDict
 
 import train
 from conftest import REPO
@@ -17,6 +18,16 @@ STEPS = ["--config.data.seq_len=64", "--config.train.batch_size=8",
          "--config.log.peak_flops=1e12", "--config.log.tensorboard=false",
          "--config.optim.decay_steps=6", "--config.checkpoint.every_steps=5"]
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+# A config file that trains llama_tiny on a two-source mixture (data.mixture).
+MIX_CONFIG = '''
+from ml_collections import ConfigDict
+from experiments import llama_tiny
+
+def get_config(arg=None):
+  c = llama_tiny.get_config()
+  c.data.mixture = ConfigDict({MIXTURE!r})
+  return c
+'''
 
 
 def _free_port() -> int:
@@ -25,7 +36,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60):
+def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60,
+            config="experiments/llama_tiny.py"):
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -33,17 +45,19 @@ def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60):
   for pid in started:
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "experiment", "train",
-         "--config=experiments/llama_tiny.py", f"--workdir={workdir}",
+         f"--config={config}", f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
          f"--process_id={pid}", f"--join_timeout_s={timeout_s}", *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return [(p, *p.communicate(timeout=600)) for p in procs]
 
 
-def _config(steps):
+def _config(steps, mixture=None):
   c = llama_tiny.get_config()
   c.train.update(steps=steps, eval_every=0, batch_size=8)
   c.data.seq_len = 64
+  if mixture:
+    c.data.mixture = ConfigDict(mixture)
   c.log.update(every_steps=1, peak_flops=1e12, tensorboard=False)
   c.optim.decay_steps = 6
   c.checkpoint.every_steps = 5
@@ -51,24 +65,50 @@ def _config(steps):
   return c
 
 
+def _mixture(root):
+  """Two small sources: Python-ish text files and prose in JSONL."""
+  rng = np.random.default_rng(0)
+  (root / "code").mkdir()
+  for i in range(60):
+    (root / "code" / f"m{i}.py").write_text(
+        "".join(f"x{j} = {int(rng.integers(100))}\n" for j in range(30)))
+  words = ["the", "mixture", "of", "sources", "is", "read", "by", "two", "hosts"]
+  with open(root / "web.jsonl", "w") as f:
+    for i in range(200):
+      f.write(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n")
+  return {"code": dict(source="text", path=str(root / "code"), weight=0.7),
+          "web": dict(source="jsonl", path=str(root / "web.jsonl"), weight=0.3)}
+
+
 def test_two_processes_train_then_one_process_resumes(tmp_path):
+  # The data is a two-source mixture, so this also checks that both processes read
+  # the rows of the same mixed global batches as one process does.
+  mixture = _mixture(tmp_path)
+  config_file = tmp_path / "mix_config.py"
+  config_file.write_text(MIX_CONFIG.replace("{MIXTURE!r}", repr(mixture)))
   work = tmp_path / "multi"
-  results = _launch(work, ["--config.train.steps=5", *STEPS, *MESH])
+  results = _launch(work, ["--config.train.steps=5", *STEPS, *MESH],
+                    config=str(config_file))
   for proc, out, err in results:
     assert proc.returncode == 0, err[-3000:]
   assert "process 1 of 2" in results[1][2]
   rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
-  multi = [r["loss"] for r in rows if "loss" in r]
+  multi = [r for r in rows if "loss" in r]
   assert len(multi) == 5  # process 0 alone wrote metrics (one row per step)
 
   # One process with 8 devices: restore the 2-process checkpoint, take step 6.
-  resumed = train.train(_config(6), str(work), progress=False)
+  resumed = train.train(_config(6, mixture), str(work), progress=False)
   assert [r["step"] for r in resumed] == [6]
   # Reference: the same run in one process from scratch.
-  fresh = [r["loss"] for r in train.train(_config(6), str(tmp_path / "one"),
-                                          progress=False)]
-  np.testing.assert_allclose(multi, fresh[:5], rtol=1e-5)
-  np.testing.assert_allclose(resumed[0]["loss"], fresh[5], rtol=1e-5)
+  fresh = train.train(_config(6, mixture), str(tmp_path / "one"), progress=False)
+  np.testing.assert_allclose([r["loss"] for r in multi],
+                             [r["loss"] for r in fresh[:5]], rtol=1e-5)
+  np.testing.assert_allclose(resumed[0]["loss"], fresh[5]["loss"], rtol=1e-5)
+  for name in mixture:  # the fraction of each source read so far
+    key = f"data_fraction/{name}"
+    assert [r[key] for r in multi] == [r[key] for r in fresh[:5]]
+    assert resumed[0][key] == fresh[5][key]
+    assert abs(fresh[5][key] - mixture[name]["weight"]) < 0.1
 
 
 def test_mesh_larger_than_the_processes_fails_clearly(tmp_path):

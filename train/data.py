@@ -11,28 +11,45 @@ out for evaluation; an evaluation reads its windows in order, the
 last batch padded with rows of loss weight 0 (`weights`), so a held-out split
 smaller than a batch is still evaluated, averaged over its real tokens only.
 
-Determinism: window order depends only on `train.seed`. A process loads only the
-rows of each global batch that its devices hold, so the global batch is the same
-whatever the number of processes.
+Mixtures (`data.mixture`): each named source becomes its own token stream (its own
+token cache, one tokenizer for all) and its own windows and held-out tail. Each
+source's training windows are shuffled (seeded by `train.seed` and the source's
+index) and repeated, and `grain.MapDataset.mix` interleaves them in the proportions
+of the weights; every training example then carries `source` (its index, sources
+numbered in name order). Evaluation mixes the held-out tails the same way, in order.
+
+Determinism: window order depends only on `train.seed` (and, for a mixture, its
+entries). A process loads only the rows of each global batch that its devices
+hold, so the global batch is the same whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
+import math
 import os
+import re
 import sysconfig
+import types
 from typing import Any, Iterator
 
 import grain
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from sharding import ConfigError
 from train import sources, token_cache
 from train.tokenizer import make_tokenizer
 
 SOURCES = (*sources.DOCUMENT_SOURCES, "tokens", "synthetic")
+# What an entry of data.mixture may hold, and the sources it may name.
+MIXTURE_KEYS = ("source", "path", "text_field", "weight")
+MIXTURE_SOURCES = (*sources.DOCUMENT_SOURCES, "tokens")
+# Settings every source of a mixture shares with data.* (one tokenizer, one cache).
+_SHARED = ("cache_dir", "skip_bad_records", "tokenizer", "eos_id", "token_dtype")
 
 
 def default_text_path() -> str:
@@ -137,6 +154,61 @@ class ProcessRows:
     return self.examples[n // rows * self.batch_size + self.lo + n % rows]
 
 
+@dataclasses.dataclass
+class Tagged:
+  """`examples` with each example's `source` (a scalar int32 index) added."""
+  examples: Any
+  index: int
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    example = dict(self.examples[int(i)])
+    example["source"] = np.int32(self.index)
+    return example
+
+
+def mixture_entries(data_cfg) -> list[tuple[str, float, Any]]:
+  """[(name, weight, settings)] of `data.mixture`, sorted by name (a source's index
+  is its position here); [] without a mixture. `settings` reads like `data` (the
+  entry's source, path and text_field laid over the shared fields), and names its
+  fields `data.mixture.<name>.*` in errors."""
+  mixture = data_cfg.get("mixture") if hasattr(data_cfg, "get") else None
+  if not mixture:
+    return []
+  out = []
+  for name in sorted(mixture.keys()):
+    entry = mixture[name]
+    view = types.SimpleNamespace(
+        **{k: data_cfg[k] for k in _SHARED}, source=entry["source"],
+        path=entry["path"],
+        text_field=entry.get("text_field") or data_cfg.text_field,
+        field_prefix=f"data.mixture.{name}.")
+    out.append((name, float(entry["weight"]), view))
+  return out
+
+
+def mixture_proportions(weights: list[float]) -> list[int]:
+  """The integer proportions grain mixes with: weights scaled so the smallest is
+  exactly 100, rounded (grain's own scaling leaves these unchanged)."""
+  low = min(weights)
+  return [max(1, round(w / low * 100)) for w in weights]
+
+
+def mixture_counts(num_examples: int, proportions: list[int]) -> list[int]:
+  """How many of the first `num_examples` examples of `grain.MapDataset.mix(...,
+  weights=proportions)` come from each source: the same arithmetic grain uses to
+  place elements, summed in closed form (exact; O(sources)). Sums to
+  num_examples."""
+  remaining, current, counts = sum(proportions), int(num_examples), []
+  for p in proportions:
+    nxt = current * (remaining - p) // remaining
+    counts.append(current - nxt)
+    current, remaining = nxt, remaining - p
+  return counts
+
+
 def token_stream(data_cfg, tokenizer) -> np.ndarray:
   """The whole corpus: see `corpus`."""
   return corpus(data_cfg, tokenizer)[0]
@@ -153,33 +225,50 @@ def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
   fixed shuffled order, so the same documents give the same stream whatever the
   source. Raises ConfigError for missing files, bad records (unless
   `data.skip_bad_records`) and a source without documents."""
+  path_field = sources.field_prefix(data_cfg) + "path"
   if data_cfg.source == "tokens":
     if not data_cfg.path:
-      raise ConfigError("data.path", "source 'tokens' needs .bin files.",
-                        "set --config.data.path=/dir/or/glob/*.bin.")
+      raise ConfigError(path_field, "source 'tokens' needs .bin files.",
+                        f"set --config.{path_field}=/dir/or/glob/*.bin.")
     arrays = [np.memmap(f, dtype=data_cfg.token_dtype, mode="r")
-              for f in _expand(data_cfg.path, "data.path")]
+              for f in _expand(data_cfg.path, path_field)]
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), None
   if data_cfg.source == "hf_disk":
     if not data_cfg.path or not os.path.isdir(data_cfg.path):
-      raise ConfigError("data.path", f"source 'hf_disk' needs the directory written "
+      raise ConfigError(path_field, f"source 'hf_disk' needs the directory written "
                         f"by datasets' save_to_disk, got {data_cfg.path!r}.",
-                        "set --config.data.path=/path/to/saved_dataset.")
-    files = sources.list_files(data_cfg.path, "text")
+                        f"set --config.{path_field}=/path/to/saved_dataset.")
+    files = sources.list_files(data_cfg.path, "text", path_field)
   else:
-    files = sources.list_files(data_cfg.path or default_text_path(), data_cfg.source)
+    files = sources.list_files(data_cfg.path or default_text_path(), data_cfg.source,
+                               path_field)
   cached = token_cache.load_or_build(data_cfg, files, tokenizer)
   return cached.tokens, cached.meta.get("max_id")
 
 
 @dataclasses.dataclass
+class MixtureSource:
+  """One source of `data.mixture` as loaded."""
+  name: str
+  weight: float
+  proportion: int      # grain's integer mixing proportion (mixture_proportions)
+  tokens: int          # tokens in its stream (training and held-out)
+  train_windows: int
+  eval_windows: int
+
+
+@dataclasses.dataclass
 class Data:
-  """Train iterator (checkpointable grain iterator) and a fixed eval set."""
+  """Train iterator (checkpointable grain iterator) and a fixed eval set.
+
+  With a mixture, each training batch also holds `source`: [rows] int32, the index
+  of the source each row was drawn from (`mixture` lists them in index order)."""
   train: Any
   eval_source: Any
   tokenizer: Any
   rows: tuple[int, int]  # this process's rows of each global batch
   batch_size: int
+  mixture: list[MixtureSource] = dataclasses.field(default_factory=list)
 
   def eval_batches(self, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
     """The same held-out batches every call (no shuffle): at most `num_batches`,
@@ -194,6 +283,17 @@ class Data:
     ds = ds.batch(rows, drop_remainder=True)
     return (ds[i] for i in range(n))
 
+  def source_fractions(self, num_examples: int) -> dict[str, float]:
+    """{source name: fraction in [0, 1]} of the first `num_examples` global
+    training windows (the first num_examples / batch_size batches, all processes
+    together) that came from each mixture source; {} without a mixture or before
+    the first window. Exact and computed, not counted: the same on every process
+    and after a resume."""
+    if not self.mixture or num_examples <= 0:
+      return {}
+    counts = mixture_counts(num_examples, [m.proportion for m in self.mixture])
+    return {m.name: c / num_examples for m, c in zip(self.mixture, counts)}
+
 
 def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int,
                  seq_len: int) -> tuple[int, int]:
@@ -205,75 +305,209 @@ def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int,
   return min(starts), max(stops)
 
 
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.write(msg)
+
+
+def _windows(view, tokenizer, config, what: str) -> tuple[int, Windows, Windows]:
+  """(tokens, training windows, held-out windows) of one source; `what` names it
+  in errors."""
+  d = config.data
+  stream, max_id = corpus(view, tokenizer)
+  if max_id is not None and max_id >= config.model.vocab_size:
+    raise ConfigError(
+        "model.vocab_size", f"{config.model.vocab_size} is too small for the "
+        f"data: {what}'s token ids reach {max_id} (tokenizer vocabulary "
+        f"{tokenizer.vocab_size}).",
+        f"set --config.model.vocab_size to at least {max_id + 1}.")
+  split = int(len(stream) * (1 - d.eval_fraction))
+  eos = d.eos_id if view.source == "tokens" else tokenizer.eos_id
+  return (len(stream), Windows(stream[:split], d.seq_len, eos),
+          Windows(stream[split:], d.seq_len, eos))
+
+
+def _mixture(config, entries, tokenizer):
+  """(mixed training examples, mixed held-out examples, [MixtureSource])."""
+  d, seed = config.data, config.train.seed
+  proportions = mixture_proportions([w for _, w, _ in entries])
+  trains, evals, parts = [], [], []
+  for index, ((name, weight, view), prop) in enumerate(zip(entries, proportions)):
+    field = f"data.mixture.{name}"
+    tokens, train_src, eval_src = _windows(view, tokenizer, config, field)
+    if len(train_src) < 1:
+      raise ConfigError(
+          f"{field}.path", f"source {name!r} has {tokens} tokens: no training "
+          f"window of data.seq_len + 1 = {d.seq_len + 1} tokens.",
+          "give it more data, use a shorter data.seq_len, or drop it from the "
+          "mixture.")
+    if len(eval_src) < 1 and config.train.eval_every:
+      raise ConfigError(
+          "data.eval_fraction", f"{d.eval_fraction} of source {name!r}'s {tokens} "
+          f"tokens is less than one window of data.seq_len + 1 = {d.seq_len + 1}, "
+          "so it has nothing to evaluate (every source holds out its own tail).",
+          "raise data.eval_fraction, give the source more data, or set "
+          "--config.train.eval_every=0 to train without evaluation.")
+    # Each source's own order: seeded by train.seed and its index.
+    shuffle_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0]
+                       & 0x7FFFFFFF)
+    trains.append(grain.MapDataset.source(Tagged(train_src, index))
+                  .shuffle(seed=shuffle_seed).repeat())
+    evals.append(grain.MapDataset.source(eval_src))
+    parts.append(MixtureSource(name, weight, prop, tokens, len(train_src),
+                               len(eval_src)))
+  examples = grain.MapDataset.mix(trains, weights=proportions)
+  eval_mix = ([] if min(p.eval_windows for p in parts) < 1 else
+              grain.MapDataset.mix(evals, weights=proportions))
+  lines = [f"data: a mixture of {len(parts)} sources, one tokenizer "
+           f"({d.tokenizer or 'byte'}); {len(eval_mix):,} held-out windows mixed "
+           "by weight for evaluation:"]
+  total = sum(proportions)
+  for p in parts:
+    share = p.proportion / total
+    epochs = config.train.steps * config.train.batch_size * share / p.train_windows
+    lines.append(f"  {p.name}: weight {p.weight:g} ({share:.1%} of training "
+                 f"windows), {p.tokens:,} tokens, {p.train_windows:,} training / "
+                 f"{p.eval_windows:,} held-out windows of {d.seq_len + 1}; "
+                 f"{epochs:.2f} epochs in train.steps={config.train.steps}")
+  _say("\n".join(lines))
+  return examples, eval_mix, parts
+
+
 def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
+  """The training iterator and held-out set of `config.data` (a mixture when
+  `data.mixture` is set). Tokenizes what the token cache lacks. Raises ConfigError
+  for missing or bad input, a vocabulary too small for the ids, a source without
+  one training window or (with evaluation on) without a held-out window."""
   d, seed, batch = config.data, config.train.seed, config.train.batch_size
   tokenizer = make_tokenizer(d)
-  if d.source == "synthetic":
+  entries = mixture_entries(d)
+  mixture: list[MixtureSource] = []
+  if entries:
+    examples, eval_src, mixture = _mixture(config, entries, tokenizer)
+  elif d.source == "synthetic":
     train_src = Synthetic(config.model.vocab_size, d.seq_len, seed)
     eval_src = Synthetic(config.model.vocab_size, d.seq_len, seed + 1)
   else:
-    stream, max_id = corpus(d, tokenizer)
-    if max_id is not None and max_id >= config.model.vocab_size:
-      raise ConfigError(
-          "model.vocab_size", f"{config.model.vocab_size} is too small for the "
-          f"data: its token ids reach {max_id} (tokenizer vocabulary "
-          f"{tokenizer.vocab_size}).",
-          f"set --config.model.vocab_size to at least {max_id + 1}.")
-    split = int(len(stream) * (1 - d.eval_fraction))
-    eos = d.eos_id if d.source == "tokens" else tokenizer.eos_id
-    train_src = Windows(stream[:split], d.seq_len, eos)
-    eval_src = Windows(stream[split:], d.seq_len, eos)
+    tokens, train_src, eval_src = _windows(d, tokenizer, config, "the corpus")
     if len(train_src) < batch:
       raise ConfigError(
-          "data.path", f"the corpus has {len(stream)} tokens: {len(train_src)} "
+          "data.path", f"the corpus has {tokens} tokens: {len(train_src)} "
           f"training windows of {d.seq_len + 1}, fewer than one batch of "
           f"train.batch_size={batch}.",
           "use more data, a shorter data.seq_len or a smaller train.batch_size.")
     if len(eval_src) < 1 and config.train.eval_every:
+      held_out = tokens - int(tokens * (1 - d.eval_fraction))
       raise ConfigError(
-          "data.eval_fraction", f"{d.eval_fraction} of the corpus's {len(stream)} "
-          f"tokens is {len(stream) - split} held-out tokens, less than one window "
+          "data.eval_fraction", f"{d.eval_fraction} of the corpus's {tokens} "
+          f"tokens is {held_out} held-out tokens, less than one window "
           f"of data.seq_len + 1 = {d.seq_len + 1}, so there is nothing to evaluate.",
           "raise data.eval_fraction, use more data or a shorter data.seq_len, or "
           "set --config.train.eval_every=0 to train without evaluation.")
+  if not entries:
+    examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
   lo, hi = process_rows(batch_sharding, batch, d.seq_len)
-  examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
   train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))
            .batch(hi - lo, drop_remainder=True)
            .to_iter_dataset())
   return Data(train=iter(train), eval_source=eval_src, tokenizer=tokenizer,
-              rows=(lo, hi), batch_size=batch)
+              rows=(lo, hi), batch_size=batch, mixture=mixture)
+
+
+_MIXTURE_EXAMPLE = ('in the config file: c.data.mixture = ConfigDict({"code": '
+                    'dict(source="text", path="/data/code", weight=0.7), "web": '
+                    'dict(source="jsonl", path="/data/web", text_field="text", '
+                    'weight=0.3)}).')
+
+
+def _validate_mixture(config) -> list[tuple[str, str, Any, Any]]:
+  """[(field prefix, source, path, text_field)] of every mixture entry, after
+  checking names, keys, sources, paths and weights; [] without a mixture."""
+  d = config.data
+  mixture = d.get("mixture")
+  if not mixture:
+    return []
+  if not hasattr(mixture, "keys"):
+    raise ConfigError("data.mixture", f"must map source names to entries, got "
+                      f"{type(mixture).__name__}.", _MIXTURE_EXAMPLE)
+  if d.path:
+    raise ConfigError("data.path", f"is {d.path!r} while data.mixture is set: a "
+                      "mixture reads the path of each of its entries.",
+                      "unset data.path, or make this path an entry of data.mixture.")
+  out = []
+  for name in sorted(mixture.keys()):
+    entry, field = mixture[name], f"data.mixture.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):
+      raise ConfigError(field, "a source name may hold only letters, digits, _ and "
+                        "- (it becomes the metrics key data_fraction/<name>).",
+                        "rename the entry, e.g. 'web' or 'code_v2'.")
+    if not hasattr(entry, "keys"):
+      raise ConfigError(field, f"must be a dict of {', '.join(MIXTURE_KEYS)}, got "
+                        f"{entry!r}.", _MIXTURE_EXAMPLE)
+    for key in entry.keys():
+      if key not in MIXTURE_KEYS:
+        close = difflib.get_close_matches(key, MIXTURE_KEYS, 1)
+        raise ConfigError(
+            f"{field}.{key}", f"is not a field of a mixture entry (those are "
+            f"{', '.join(MIXTURE_KEYS)})" +
+            (f"; did you mean {close[0]!r}?" if close else "."),
+            "remove it. The tokenizer, cache_dir, skip_bad_records, eos_id and "
+            "token_dtype are shared by every source: set them in data.*.")
+    for key in ("source", "path", "weight"):
+      if entry.get(key) is None or entry.get(key) == "":
+        raise ConfigError(f"{field}.{key}", "is missing: every mixture entry needs "
+                          "a source, a path and a weight.", _MIXTURE_EXAMPLE)
+    if entry["source"] not in MIXTURE_SOURCES:
+      raise ConfigError(f"{field}.source", f"{entry['source']!r} is not one of "
+                        f"{MIXTURE_SOURCES}.", "use one of "
+                        f"{', '.join(MIXTURE_SOURCES)} (synthetic cannot be mixed).")
+    weight = entry["weight"]
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+        or not math.isfinite(weight) or weight <= 0):
+      raise ConfigError(f"{field}.weight", f"must be a positive number, got "
+                        f"{weight!r}.", "weights are relative: 0.7 and 0.3, or 7 "
+                        "and 3, give the same mixture.")
+    out.append((field + ".", entry["source"], entry["path"],
+                entry.get("text_field") or d.text_field))
+  return out
 
 
 def validate(config) -> None:
   d = config.data
-  if d.source not in SOURCES:
-    raise ConfigError("data.source", f"{d.source!r} is not one of {SOURCES}.",
-                      f"set --config.data.source to one of {', '.join(SOURCES)}.")
+  checks = _validate_mixture(config)
+  if not checks:
+    if d.source not in SOURCES:
+      raise ConfigError("data.source", f"{d.source!r} is not one of {SOURCES}.",
+                        f"set --config.data.source to one of {', '.join(SOURCES)}.")
+    checks = [("data.", d.source, d.path, d.text_field)]
   if d.seq_len < 2:
     raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",
                       "set --config.data.seq_len=256, for example.")
   if not 0 < d.eval_fraction < 1:
     raise ConfigError("data.eval_fraction", f"must be in (0, 1), got "
                       f"{d.eval_fraction}.", "set it to e.g. 0.02.")
-  if d.source in ("jsonl", "parquet", "arrayrecord", "hf_disk") and not d.path:
-    raise ConfigError("data.path", f"source {d.source!r} reads files, but no path "
-                      "is set.", "set --config.data.path to a file, directory or "
-                      "glob (hf_disk: the directory given to save_to_disk).")
-  if d.source in ("jsonl", "parquet", "hf_disk") and not d.text_field:
-    raise ConfigError("data.text_field", f"source {d.source!r} needs the name of "
-                      "the field that holds each record's text.",
-                      "set --config.data.text_field=text, for example.")
-  if d.tokenizer == "none" and d.source != "arrayrecord":
-    raise ConfigError("data.tokenizer", f"'none' (records of token ids) works with "
-                      f"source arrayrecord only, not {d.source!r}.",
-                      "set a tokenizer (byte or a tokenizer.json), or use "
-                      "--config.data.source=tokens for .bin files of token ids.")
+  for prefix, source, path, text_field in checks:
+    if source in ("jsonl", "parquet", "arrayrecord", "hf_disk") and not path:
+      raise ConfigError(f"{prefix}path", f"source {source!r} reads files, but no "
+                        "path is set.", f"set --config.{prefix}path to a file, "
+                        "directory or glob (hf_disk: the directory given to "
+                        "save_to_disk).")
+    if source in ("jsonl", "parquet", "hf_disk") and not text_field:
+      raise ConfigError(f"{prefix}text_field", f"source {source!r} needs the name "
+                        "of the field that holds each record's text.",
+                        f"set --config.{prefix}text_field=text, for example.")
+    if d.tokenizer == "none" and source != "arrayrecord":
+      raise ConfigError("data.tokenizer", f"'none' (records of token ids) works "
+                        f"with source arrayrecord only, not {source!r}"
+                        + ("" if prefix == "data." else f" ({prefix}source)") + ".",
+                        "set a tokenizer (byte or a tokenizer.json), or use "
+                        "--config.data.source=tokens for .bin files of token ids.")
   if d.tokenizer == "none" and d.eos_id is None:
     raise ConfigError("data.eos_id", "token-id records (data.tokenizer=none) need "
                       "the id that ends each document.",
                       "set --config.data.eos_id to your tokenizer's end-of-text id.")
-  if (d.source in sources.DOCUMENT_SOURCES and d.tokenizer in (None, "", "byte")):
+  if (any(source in sources.DOCUMENT_SOURCES for _, source, _, _ in checks)
+      and d.tokenizer in (None, "", "byte")):
     if config.model.vocab_size < 256:
       raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller "
                         "than the 256 ids of the byte tokenizer.",

@@ -21,7 +21,7 @@ from model import ModelConfig, flops as flops_lib
 from train import run_config
 from train.checkpoint import Checkpointer, load_init_params
 from train.data import make_data
-from train.metrics import MOE_KEYS, MetricsWriter, peak_flops
+from train.metrics import DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, peak_flops
 from train.optimizer import make_optimizer, schedule
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          state_shardings)
@@ -37,7 +37,9 @@ def _say(msg: str) -> None:
 def _global_batch(local: dict[str, np.ndarray], data_sharding,
                   zigzag_shards: int = 1) -> dict[str, jax.Array]:
   """Process-local rows -> global arrays. For attention=ring_zigzag every per-token
-  array is permuted once here (never per layer), positions included."""
+  array is permuted once here (never per layer), positions included. A mixture's
+  per-row `source` index stays on the host (the step does not read it)."""
+  local = {k: v for k, v in local.items() if k != "source"}
   if zigzag_shards > 1:
     local = {k: kernels.zigzag_permute(v, zigzag_shards, axis=1)
              for k, v in local.items()}
@@ -160,6 +162,9 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
                "tflops_per_device": flops_per_sec / len(devices) / 1e12,
                "mfu": flops_per_sec / peak if math.isfinite(peak) else float("nan")}
         row.update({k: float(v) for k, v in metrics.items() if k in MOE_KEYS})
+        # One global batch per step: the windows seen so far, by mixture source.
+        row.update({DATA_FRACTION_PREFIX + name: share for name, share in
+                    data.source_fractions(done * t.batch_size).items()})
         writer.write(row)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",

@@ -21,6 +21,11 @@ TRAIN_KEYS = ("step", "loss", "grad_norm", "learning_rate", "step_time_s",
 # load-balancing and router z-losses over MoE layers, the worst layer's busiest
 # expert load over the mean load, and the fraction of (token, choice) pairs dropped.
 MOE_KEYS = ("moe_aux_loss", "moe_z_loss", "moe_max_load", "moe_dropped_fraction")
+# Added to the rows of a run on a data mixture (data.mixture), one key per source:
+# data_fraction/<name> is the fraction (0..1) of all training windows read so far,
+# from step 1 to this row's step, that came from source <name>
+# (train.data.Data.source_fractions).
+DATA_FRACTION_PREFIX = "data_fraction/"
 
 
 class MetricsWriter:

@@ -44,7 +44,7 @@ def read(workdir: str) -> dict[str, Any]:
 
 def overlay(config: ConfigDict, saved: dict) -> ConfigDict:
   """Writes `saved` values into `config`; lists become tuples where `config` has
-  tuples, and `mesh.rules` is replaced whole. Raises KeyError for a saved field
+  tuples, and the tables `mesh.rules` and `data.mixture` are replaced whole. Raises KeyError for a saved field
   `config` does not have."""
   for key, value in saved.items():
     if key not in config:
@@ -54,6 +54,8 @@ def overlay(config: ConfigDict, saved: dict) -> ConfigDict:
     if isinstance(current, ConfigDict) and isinstance(value, dict):
       if key == "rules":  # a table, replaced whole
         config[key] = ConfigDict({k: tuple(v) for k, v in value.items()})
+      elif key == "mixture":  # named entries, replaced whole
+        config[key] = ConfigDict(value)
       else:
         overlay(current, value)
     elif isinstance(current, tuple) and isinstance(value, list):

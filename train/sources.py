@@ -31,6 +31,13 @@ _EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
                "arrayrecord": (".array_record", ".arrayrecord")}
 
 
+def field_prefix(data_cfg) -> str:
+  """Where a source's settings live in the config: 'data.' for the single
+  `data.source`, 'data.mixture.<name>.' for an entry of `data.mixture`. Errors
+  about the source's path and text field name fields under it."""
+  return getattr(data_cfg, "field_prefix", "data.")
+
+
 def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
   """The sorted files `path` names: a file, a directory (searched recursively; for
   jsonl / parquet / arrayrecord only files with their extensions) or a glob.
@@ -67,12 +74,13 @@ class _Reader:
     self.token_ids = data_cfg.tokenizer == "none"
     self.token_dtype = data_cfg.token_dtype
     self.counts = counts
+    self.prefix = field_prefix(data_cfg)
 
   def bad(self, where: str, problem: str) -> None:
     """A record that cannot be used: raise, or count it when skipping."""
     if not self.skip:
       raise ConfigError(
-          "data.path", f"{where}: {problem}",
+          f"{self.prefix}path", f"{where}: {problem}",
           "fix or remove the record, or set --config.data.skip_bad_records=true "
           "to skip such records (their count is logged).")
     self.counts.skipped += 1
@@ -151,10 +159,11 @@ def _parquet(reader: _Reader, files: list[str]) -> Iterator[str]:
   for f in files:
     pf = pq.ParquetFile(f)
     if reader.text_field not in pf.schema_arrow.names:
-      raise ConfigError("data.text_field", f"{f} has no column "
+      raise ConfigError(f"{reader.prefix}text_field", f"{f} has no column "
                         f"{reader.text_field!r}; its columns: "
                         f"{pf.schema_arrow.names[:8]}.",
-                        "set --config.data.text_field to the column holding the text.")
+                        f"set --config.{reader.prefix}text_field to the column "
+                        "holding the text.")
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[reader.text_field]):
       values = batch.column(0).to_pylist()
@@ -182,9 +191,10 @@ def _arrayrecord(reader: _Reader, files: list[str]) -> Iterator[str | bytes]:
           yield record
 
 
-def hf_dataset(path: str, text_field: str = "text"):
+def hf_dataset(path: str, text_field: str = "text", prefix: str = "data."):
   """The `datasets.Dataset` saved at `path` (a DatasetDict gives its `train`
-  split). Raises ConfigError when `datasets` is missing or the path holds none."""
+  split). Raises ConfigError when `datasets` is missing or the path holds none,
+  naming `prefix`path or `prefix`text_field (prefix: see `field_prefix`)."""
   try:
     import datasets
   except ImportError:
@@ -193,23 +203,26 @@ def hf_dataset(path: str, text_field: str = "text"):
   try:
     ds = datasets.load_from_disk(path)
   except FileNotFoundError as err:
-    raise ConfigError("data.path", f"{path!r} is not a directory written by "
+    raise ConfigError(f"{prefix}path", f"{path!r} is not a directory written by "
                       f"datasets' save_to_disk ({err}).",
                       "point it at the directory given to Dataset.save_to_disk.")
   if isinstance(ds, datasets.DatasetDict):
     if "train" not in ds:
-      raise ConfigError("data.path", f"{path!r} holds splits {list(ds)}, no 'train'.",
+      raise ConfigError(f"{prefix}path", f"{path!r} holds splits {list(ds)}, no "
+                        "'train'.",
                         "point it at one split's directory, e.g. PATH/train.")
     ds = ds["train"]
   if text_field not in ds.column_names:
-    raise ConfigError("data.text_field", f"the dataset at {path!r} has no column "
-                      f"{text_field!r}; its columns: {ds.column_names[:8]}.",
-                      "set --config.data.text_field to the column holding the text.")
+    raise ConfigError(f"{prefix}text_field", f"the dataset at {path!r} has no "
+                      f"column {text_field!r}; its columns: {ds.column_names[:8]}.",
+                      f"set --config.{prefix}text_field to the column holding the "
+                      "text.")
   return ds
 
 
 def _hf_disk(reader: _Reader, path: str) -> Iterator[str]:
-  ds = hf_dataset(path, reader.text_field).select_columns([reader.text_field])
+  ds = hf_dataset(path, reader.text_field, reader.prefix).select_columns(
+      [reader.text_field])
   row = 0
   for batch in ds.iter(batch_size=1024):
     values = batch[reader.text_field]

@@ -1,7 +1,9 @@
 """Tokenize once: a document source becomes a token stream stored on disk.
 
-The first run reads every document (`train.sources`), tokenizes it in batches and
-writes, under `data.cache_dir/<key>/`:
+The first run reads every document (`train.sources`), tokenizes it in batches of
+1,024 documents (two batches at a time in worker threads, while the main thread
+reads the next batch and writes the previous one) and writes, under
+`data.cache_dir/<key>/`:
 
   tokens.npy   [num_tokens] uint8 / uint16 / uint32: the documents in a fixed
                shuffled order (numpy seed 0), each followed by the end-of-document
@@ -18,6 +20,7 @@ tokenizing leaves only a temporary directory, which no later run reads.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -25,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import jax
@@ -35,7 +39,8 @@ from sharding import ConfigError
 from train import sources
 
 _VERSION = 1
-_BATCH_DOCS = 512
+_BATCH_DOCS = 1024
+_WORKERS = 2  # batches tokenized at once (see _build)
 
 
 def _say(msg: str) -> None:
@@ -112,33 +117,53 @@ class Cached:
 
 def _build(data_cfg, files, tokenizer, tmp: str, dtype) -> dict:
   counts = sources.Counts()
-  eos = np.asarray([tokenizer.eos_id], dtype)
   lengths = []
   raw_path = os.path.join(tmp, "natural.bin")
   start, num_tokens, max_id = time.perf_counter(), 0, int(tokenizer.eos_id)
   bar = tqdm(desc="tokenizing", unit="doc", disable=jax.process_index() != 0)
-  with bar, open(raw_path, "wb") as raw:
+
+  def write(encoded: list, raw) -> None:
+    """One batch's ids, each document followed by the eos id, in one write."""
+    nonlocal num_tokens, max_id
+    arrays = [np.asarray(ids) for ids in encoded]
+    sizes = np.asarray([a.size for a in arrays], np.int64)
+    flat = np.concatenate(arrays)
+    if flat.size:
+      max_id = max(max_id, int(flat.max()))
+    if max_id > np.iinfo(dtype).max:
+      raise ConfigError("data.tokenizer", f"it gave id {max_id}, beyond "
+                        f"its vocabulary of {tokenizer.vocab_size}.",
+                        "use a consistent tokenizer.json.")
+    ends = np.cumsum(sizes + 1)
+    out = np.full(int(ends[-1]), tokenizer.eos_id, dtype)
+    is_id = np.ones(len(out), bool)
+    is_id[ends - 1] = False
+    out[is_id] = flat
+    raw.write(out.tobytes())
+    lengths.extend((sizes + 1).tolist())
+    num_tokens += len(out)
+    bar.update(len(arrays))
+    bar.set_postfix_str(
+        f"{num_tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
+
+  # One batch is tokenized in a worker thread (tokenizers' encode_batch runs
+  # without the GIL, on all cores) while this thread reads and parses the next
+  # and writes the one before.
+  with bar, open(raw_path, "wb") as raw, ThreadPoolExecutor(_WORKERS) as pool:
+    pending = collections.deque()
     for batch in _batches(sources.documents(data_cfg, files, counts)):
-      for ids in tokenizer.encode_batch(batch):
-        ids = np.asarray(ids)
-        if ids.size:
-          max_id = max(max_id, int(ids.max()))
-        if max_id > np.iinfo(dtype).max:
-          raise ConfigError("data.tokenizer", f"it gave id {max_id}, beyond "
-                            f"its vocabulary of {tokenizer.vocab_size}.",
-                            "use a consistent tokenizer.json.")
-        raw.write(ids.astype(dtype).tobytes())
-        raw.write(eos.tobytes())
-        lengths.append(ids.size + 1)
-        num_tokens += ids.size + 1
-      bar.update(len(batch))
-      bar.set_postfix_str(
-          f"{num_tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s")
+      pending.append(pool.submit(tokenizer.encode_batch, batch))
+      if len(pending) > _WORKERS:
+        write(pending.popleft().result(), raw)
+    while pending:
+      write(pending.popleft().result(), raw)
   if not lengths:
+    prefix = sources.field_prefix(data_cfg)
     raise ConfigError(
-        "data.path", f"the {data_cfg.source} source at {data_cfg.path!r} yielded no "
-        f"documents ({len(files)} files, {counts.skipped} bad records skipped).",
-        "point data.path at files that hold documents (and check data.text_field).")
+        f"{prefix}path", f"the {data_cfg.source} source at {data_cfg.path!r} "
+        f"yielded no documents ({len(files)} files, {counts.skipped} bad records skipped).",
+        f"point {prefix}path at files that hold documents (and check "
+        f"{prefix}text_field).")
   # A fixed shuffle of documents, so the held-out tail is a fair sample.
   lengths = np.asarray(lengths, np.int64)
   natural_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
