@@ -52,6 +52,30 @@ def make_tiny_config():
   return c
 
 
+def make_data_on(config, mesh_sizes=None):
+  """train.data.make_data for `config` with the batch sharded as a training run on
+  `mesh_sizes` (default data=8) would shard it."""
+  import sharding
+  from train.data import make_data
+  from train.step import batch_sharding
+  mesh = sharding.make_mesh({**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                             **(mesh_sizes or {"data": 8})})
+  return make_data(config, batch_sharding(mesh, sharding.normalize_rules(None),
+                                          config.train.batch_size,
+                                          config.data.seq_len))
+
+
+def write_word_tokenizer(path, words) -> str:
+  """A word-level tokenizer.json over `words` (id = position; the first should be
+  the end-of-text token), whitespace pre-tokenized; returns its path."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                   unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(path))
+  return str(path)
+
+
 @pytest.fixture
 def tiny_config():
   return make_tiny_config()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import sharding
+from conftest import make_data_on, write_word_tokenizer
 from train import data as data_lib
 from train.step import batch_sharding
 
@@ -23,14 +24,6 @@ def text_dir(tmp_path):
   return tmp_path
 
 
-def _make(config, mesh_sizes=None):
-  mesh = sharding.make_mesh({**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
-                             **(mesh_sizes or {"data": 8})})
-  sh = batch_sharding(mesh, sharding.normalize_rules(None), config.train.batch_size,
-                      config.data.seq_len)
-  return data_lib.make_data(config, sh)
-
-
 def _text_config(tiny_config, path):
   tiny_config.data.update(source="text", path=str(path), seq_len=16, eval_fraction=0.1)
   tiny_config.model.vocab_size = 256
@@ -39,17 +32,17 @@ def _text_config(tiny_config, path):
 
 def test_text_pipeline_is_deterministic_per_seed(tiny_config, text_dir):
   c = _text_config(tiny_config, text_dir)
-  a = [next(_make(c).train)["inputs"] for _ in range(1)]
-  d1, d2 = _make(c), _make(c)
+  a = [next(make_data_on(c).train)["inputs"] for _ in range(1)]
+  d1, d2 = make_data_on(c), make_data_on(c)
   for _ in range(3):
     np.testing.assert_array_equal(next(d1.train)["inputs"], next(d2.train)["inputs"])
   c.train.seed = 1
-  assert not np.array_equal(next(_make(c).train)["inputs"], a[0])
+  assert not np.array_equal(next(make_data_on(c).train)["inputs"], a[0])
 
 
 def test_text_decodes_back_to_the_files(tiny_config, text_dir):
   c = _text_config(tiny_config, text_dir)
-  d = _make(c)
+  d = make_data_on(c)
   batch = next(d.train)
   assert batch["inputs"].shape == (8, 16)
   text = d.tokenizer.decode(batch["inputs"][0])
@@ -59,7 +52,7 @@ def test_text_decodes_back_to_the_files(tiny_config, text_dir):
 
 def test_eval_batches_are_fixed_and_held_out(tiny_config, text_dir):
   c = _text_config(tiny_config, text_dir)
-  d = _make(c)
+  d = make_data_on(c)
   first = [b["inputs"] for b in d.eval_batches(2)]
   second = [b["inputs"] for b in d.eval_batches(2)]
   assert len(first) >= 1
@@ -73,7 +66,7 @@ def test_tokens_source_reads_bin_memmap(tiny_config, tmp_path):
   c = tiny_config
   c.data.update(source="tokens", path=str(tmp_path / "*.bin"), token_dtype="uint16",
                 eos_id=50, eval_fraction=0.1)
-  batch = next(_make(c).train)
+  batch = next(make_data_on(c).train)
   # Every row is a window of consecutive stream tokens.
   rows = batch["inputs"]
   for row in rows:
@@ -90,19 +83,16 @@ def test_process_rows_cover_the_global_batch_on_one_process():
 def test_missing_files_is_a_config_error(tiny_config, tmp_path):
   c = _text_config(tiny_config, tmp_path / "nothing_here")
   with pytest.raises(sharding.ConfigError, match="no files match"):
-    _make(c)
+    make_data_on(c)
 
 
 def test_hf_tokenizer_json(tiny_config, text_dir, tmp_path):
   pytest.importorskip("tokenizers")
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  vocab = {"<|endoftext|>": 0, "[UNK]": 1, "x": 2, "=": 3, "1": 4, "#": 5}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.save(str(tmp_path / "tokenizer.json"))
+  write_word_tokenizer(tmp_path / "tokenizer.json",
+                       ["<|endoftext|>", "[UNK]", "x", "=", "1", "#"])
   c = _text_config(tiny_config, text_dir)
   c.data.tokenizer = str(tmp_path / "tokenizer.json")
   c.data.seq_len = 8
-  d = _make(c)
+  d = make_data_on(c)
   assert d.tokenizer.eos_id == 0 and d.tokenizer.vocab_size == 6
   assert next(d.train)["inputs"].max() < 6

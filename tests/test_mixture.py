@@ -11,7 +11,7 @@ import sharding
 import train
 from train import data as data_lib
 from train import validate
-from train.step import batch_sharding
+from conftest import make_data_on
 
 # Each source writes its own bytes, so a window's content names its source.
 ALPHABETS = {"books": "0123456789", "code": "ABCDEFGHIJ", "web": "klmnopqrst"}
@@ -57,13 +57,6 @@ def _config(tiny_config, corpus, cache_dir, **weights):
   return c
 
 
-def _make(config):
-  mesh = sharding.make_mesh(dict(data=8, fsdp=1, expert=1, sequence=1, tensor=1))
-  sh = batch_sharding(mesh, sharding.normalize_rules(None), config.train.batch_size,
-                      config.data.seq_len)
-  return data_lib.make_data(config, sh)
-
-
 def _source_of(row):
   """The source whose alphabet holds every byte of `row` (eos 0 aside)."""
   text = bytes(int(i) for i in row if i).decode()
@@ -75,7 +68,7 @@ def test_shares_over_10000_windows_follow_the_weights(tiny_config, corpus, tmp_p
                                                       capsys):
   c = _config(tiny_config, corpus, tmp_path / "cache")
   c.train.batch_size = 80
-  d = _make(c)
+  d = make_data_on(c)
   log = capsys.readouterr().out
   assert "a mixture of 3 sources" in log
   for name in WEIGHTS:  # per-source token counts at start
@@ -98,13 +91,13 @@ def test_shares_over_10000_windows_follow_the_weights(tiny_config, corpus, tmp_p
   c2 = _config(tiny_config.copy_and_resolve_references(), corpus, tmp_path / "cache",
                books=0.02, code=0.68)
   c2.train.batch_size = 80
-  d2 = _make(c2)
+  d2 = make_data_on(c2)
   src = np.concatenate([next(d2.train)["source"] for _ in range(125)])
   assert abs(np.mean(src == 0) - 0.02 / 1.0) < 0.005
 
 
 def test_source_fractions_count_every_prefix(tiny_config, corpus, tmp_path):
-  d = _make(_config(tiny_config, corpus, tmp_path / "cache"))
+  d = make_data_on(_config(tiny_config, corpus, tmp_path / "cache"))
   seen = []
   for step in range(1, 40):
     seen.extend(next(d.train)["source"])
@@ -117,13 +110,13 @@ def test_source_fractions_count_every_prefix(tiny_config, corpus, tmp_path):
 
 def test_resume_continues_the_exact_batch_sequence(tiny_config, corpus, tmp_path):
   c = _config(tiny_config, corpus, tmp_path / "cache")
-  whole = _make(c)
+  whole = make_data_on(c)
   reference = [next(whole.train) for _ in range(12)]
-  first = _make(c)
+  first = make_data_on(c)
   for _ in range(7):
     next(first.train)
   state = json.dumps(first.train.get_state())  # what the checkpoint stores
-  resumed = _make(c)
+  resumed = make_data_on(c)
   resumed.train.set_state(json.loads(state))
   for ref in reference[7:]:
     got = next(resumed.train)
@@ -131,17 +124,17 @@ def test_resume_continues_the_exact_batch_sequence(tiny_config, corpus, tmp_path
       np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
   # Another seed: another order.
   c.train.seed = 1
-  assert not np.array_equal(next(_make(c).train)["inputs"], reference[0]["inputs"])
+  assert not np.array_equal(next(make_data_on(c).train)["inputs"], reference[0]["inputs"])
 
 
 def test_two_processes_read_the_rows_of_one_global_batch(tiny_config, corpus,
                                                          tmp_path, monkeypatch):
   c = _config(tiny_config, corpus, tmp_path / "cache")
-  one = _make(c)
+  one = make_data_on(c)
   halves = []
   for rows in ((0, 4), (4, 8)):
     monkeypatch.setattr(data_lib, "process_rows", lambda *a, rows=rows: rows)
-    halves.append(_make(c))
+    halves.append(make_data_on(c))
   for _ in range(5):
     batch, a, b = next(one.train), next(halves[0].train), next(halves[1].train)
     for key in batch:
@@ -150,7 +143,7 @@ def test_two_processes_read_the_rows_of_one_global_batch(tiny_config, corpus,
 
 def test_eval_mixes_every_sources_held_out_tail(tiny_config, corpus, tmp_path):
   c = _config(tiny_config, corpus, tmp_path / "cache")
-  d = _make(c)
+  d = make_data_on(c)
   first, again = list(d.eval_batches(4)), list(d.eval_batches(4))
   assert len(first) == 4
   for a, b in zip(first, again):
@@ -166,7 +159,7 @@ def test_metrics_rows_carry_the_fraction_of_each_source(tiny_config, corpus,
   c.checkpoint.every_steps = 0  # nothing to resume here
   rows = train.train(c, str(tmp_path / "run"), progress=False)
   assert [r["step"] for r in rows] == [1, 2, 3]
-  d = _make(c)  # the same batches, counted
+  d = make_data_on(c)  # the same batches, counted
   seen = []
   for r in rows:
     seen.extend(next(d.train)["source"])
@@ -219,12 +212,12 @@ def test_a_bad_record_names_the_mixture_entry(tiny_config, corpus, tmp_path):
   c = _config(tiny_config, corpus, tmp_path / "cache")
   c.data.mixture.web.path = str(bad)
   with pytest.raises(sharding.ConfigError) as err:
-    _make(c)
+    make_data_on(c)
   assert err.value.field == "data.mixture.web.path"
   assert f"{bad}:2: not valid JSON" in err.value.problem
   c.data.mixture.web.update(path=corpus["web"], text_field="text")
   with pytest.raises(sharding.ConfigError, match="no 'text' text field") as err:
-    _make(c)
+    make_data_on(c)
   assert err.value.field == "data.mixture.web.path"
 
 

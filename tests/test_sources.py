@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 import sharding
-from conftest import run_cli
+from conftest import make_data_on, run_cli, write_word_tokenizer
 from train import data as data_lib
 from train import token_cache
-from train.step import batch_sharding
 from train.tokenizer import ByteTokenizer
 
 N_DOCS = 200
@@ -74,20 +73,13 @@ def _config(tiny_config, source, path, cache_dir):
   return tiny_config
 
 
-def _make(config):
-  mesh = sharding.make_mesh(dict(data=8, fsdp=1, expert=1, sequence=1, tensor=1))
-  sh = batch_sharding(mesh, sharding.normalize_rules(None), config.train.batch_size,
-                      config.data.seq_len)
-  return data_lib.make_data(config, sh)
-
-
 def test_every_source_gives_the_same_stream_and_batch(tiny_config, corpus, docs,
                                                       tmp_path):
   streams, batches = {}, {}
   for source, path in corpus.items():
     c = _config(tiny_config, source, path, tmp_path / "cache")
     streams[source] = np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))
-    batches[source] = next(_make(c).train)
+    batches[source] = next(make_data_on(c).train)
   # The stream is the documents, each followed by eos 0, in the fixed shuffle.
   order = np.random.default_rng(0).permutation(N_DOCS)
   expected = b"".join(docs[i].encode() + b"\0" for i in order)
@@ -115,7 +107,7 @@ def _counting(monkeypatch):
 def test_second_run_reuses_the_cache_without_tokenizing(tiny_config, corpus, tmp_path,
                                                         monkeypatch, capsys):
   c = _config(tiny_config, "jsonl", corpus["jsonl"], tmp_path / "cache")
-  first = _make(c)
+  first = make_data_on(c)
   batches = [next(first.train) for _ in range(2)]
   assert "tokenized 200 documents" in capsys.readouterr().out
 
@@ -123,7 +115,7 @@ def test_second_run_reuses_the_cache_without_tokenizing(tiny_config, corpus, tmp
     raise AssertionError("tokenized again")
   monkeypatch.setattr(ByteTokenizer, "encode_batch", boom)
   monkeypatch.setattr(ByteTokenizer, "encode", boom)
-  second = _make(c)
+  second = make_data_on(c)
   assert "reusing the token cache" in capsys.readouterr().out
   assert isinstance(data_lib.token_stream(c.data, ByteTokenizer()), np.memmap)
   for b in batches:
@@ -151,15 +143,11 @@ def test_a_changed_file_or_tokenizer_rebuilds(tiny_config, docs, tmp_path,
   assert len(calls) == 3 and len(b) == len(a) + len("one more") + 1
   # Another tokenizer (an HF tokenizer.json; then the same file edited) rebuilds.
   pytest.importorskip("tokenizers")
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1, "doc": 2},
-                                   unk_token="[UNK]"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.save(str(tmp_path / "tokenizer.json"))
+  write_word_tokenizer(tmp_path / "tokenizer.json", ["<|endoftext|>", "[UNK]", "doc"])
   c.data.tokenizer = str(tmp_path / "tokenizer.json")
   key1 = token_cache.cache_key(c.data, [str(src)], 0)
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.save(str(tmp_path / "tokenizer.json"))
+  write_word_tokenizer(tmp_path / "tokenizer.json",  # the same file, edited
+                       ["<|endoftext|>", "[UNK]", "doc", "more"])
   key2 = token_cache.cache_key(c.data, [str(src)], 0)
   c.data.tokenizer = "byte"
   assert len({key1, key2, token_cache.cache_key(c.data, [str(src)], 0)}) == 3
@@ -167,12 +155,9 @@ def test_a_changed_file_or_tokenizer_rebuilds(tiny_config, docs, tmp_path,
 
 def test_hf_tokenizer_encode_batch_matches_encode(tiny_config, docs, tmp_path):
   pytest.importorskip("tokenizers")
-  from tokenizers import Tokenizer, models, pre_tokenizers
   from train.tokenizer import HFTokenizer
-  vocab = {"<|endoftext|>": 0, "[UNK]": 1, "doc": 2, "alpha": 3, "beta": 4, ":": 5}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.save(str(tmp_path / "tokenizer.json"))
+  write_word_tokenizer(tmp_path / "tokenizer.json",
+                       ["<|endoftext|>", "[UNK]", "doc", "alpha", "beta", ":"])
   hf = HFTokenizer(str(tmp_path / "tokenizer.json"))
   batch = hf.encode_batch(docs[:20])
   for d, ids in zip(docs[:20], batch):
@@ -234,7 +219,7 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
   path = _jsonl_with_bad_lines(tmp_path, docs)
   c = _config(tiny_config, "jsonl", path, tmp_path / "cache")
   with pytest.raises(sharding.ConfigError) as err:
-    _make(c)
+    make_data_on(c)
   assert err.value.field == "data.path"
   assert f"{path}:5: not valid JSON" in err.value.problem
   assert "skip_bad_records=true" in err.value.fix
@@ -245,11 +230,11 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises(sharding.ConfigError, match=f"{path}:10: the record has no "
                      "'text' text field"):
-    _make(c)
+    make_data_on(c)
   c.data.text_field = "body"
   with pytest.raises(sharding.ConfigError, match=f"{path}:1: the record has no "
                      "'body' text field"):
-    _make(c)
+    make_data_on(c)
   # skip_bad_records: the two bad lines are skipped, counted and logged.
   c.data.update(text_field="text", skip_bad_records=True)
   capsys.readouterr()
@@ -336,7 +321,7 @@ def test_arrayrecord_token_id_records_match_the_text_stream(tiny_config, corpus,
   c = _config(tiny_config, "arrayrecord", tmp_path / "ids.array_record",
               tmp_path / "cache")
   c.data.update(tokenizer="none", token_dtype="uint16", eos_id=0)
-  d = _make(c)
+  d = make_data_on(c)
   assert d.tokenizer.eos_id == 0
   ids = np.asarray(data_lib.token_stream(c.data, d.tokenizer))
   c2 = _config(tiny_config.copy_and_resolve_references(), "text", corpus["text"],
@@ -345,7 +330,7 @@ def test_arrayrecord_token_id_records_match_the_text_stream(tiny_config, corpus,
   text = np.asarray(data_lib.token_stream(c2.data, ByteTokenizer()))
   assert ids.dtype == np.uint16
   np.testing.assert_array_equal(ids, text)
-  batch, batch2 = next(d.train), next(_make(c2).train)
+  batch, batch2 = next(d.train), next(make_data_on(c2).train)
   for key in batch:
     np.testing.assert_array_equal(batch[key], batch2[key])
   c.data.eos_id = None
@@ -360,7 +345,7 @@ def test_ids_beyond_the_model_vocabulary_are_a_config_error(tiny_config, tmp_pat
   c = _config(tiny_config, "jsonl", src, tmp_path / "cache")
   c.model.vocab_size = 128  # the bytes of é are 195 and 169
   with pytest.raises(sharding.ConfigError, match="at least 196") as err:
-    _make(c)
+    make_data_on(c)
   assert err.value.field == "model.vocab_size"
   c.model.vocab_size = 256
-  assert next(_make(c).train)["inputs"].max() == 195
+  assert next(make_data_on(c).train)["inputs"].max() == 195

@@ -119,11 +119,10 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
       saved["step"] = int(state.step)
 
   def evaluate(step: int) -> dict[str, Any]:
-    nll_sum, tokens = 0.0, 0.0
-    with jax.set_mesh(mesh):
-      for b in data.eval_batches(t.eval_steps):
-        batch_nll, batch_tokens = eval_fn(state.params, to_global(b))
-        nll_sum, tokens = nll_sum + float(batch_nll), tokens + float(batch_tokens)
+    with jax.set_mesh(mesh):  # dispatch every batch, then one host sync
+      sums = [eval_fn(state.params, to_global(b))
+              for b in data.eval_batches(t.eval_steps)]
+    nll_sum, tokens = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2).sum(0)
     if not tokens:  # validate_config and make_data refuse such configs
       raise RuntimeError("evaluation found no held-out tokens; refusing to log an "
                          "eval_loss of 0/0.")
