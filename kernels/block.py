@@ -104,6 +104,27 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
                     preferred_element_type=jnp.float32)
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """float32-accumulating einsum that every backend can run, for plain-JAX code
+  (not Pallas kernel bodies, which `_dot` serves).
+
+  XLA:CPU has no kernel for some bf16 x bf16 -> f32 dots (e.g. the decode cache's
+  heads-major probabilities-times-values product at batch > 1 fails at run time
+  with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"), so on
+  CPU the operands are widened first -- exact in float32, the same products.
+  Accelerators keep narrow operands (their matrix units) with float32 accumulation;
+  the choice is made when the program is lowered, so a deviceless TPU compile from
+  a CPU process still gets the narrow dot.
+  """
+  def native(a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+  if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    return native(a, b)
+  wide = lambda a, b: native(a.astype(jnp.float32), b.astype(jnp.float32))  # noqa: E731
+  return lax.platform_dependent(a, b, cpu=wide, default=native)
+
+
 def scores(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
   """q [..., bq, D], k [..., bk, D] -> float32 scores [..., bq, bk]."""
   return _dot("...qd,...kd->...qk", q, k) * scale

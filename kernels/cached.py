@@ -25,6 +25,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kernels import block
+
 POSITION_MAJOR = "position_major"
 HEADS_MAJOR = "heads_major"
 LAYOUTS = (POSITION_MAJOR, HEADS_MAJOR)
@@ -107,11 +109,9 @@ def attention(q: jax.Array, cache: KVCache, layer: jax.Array,
   kvh = k.shape[1 if cache.layout == HEADS_MAJOR else 2]
   dims = "bksd" if cache.layout == HEADS_MAJOR else "bskd"
   qg = q.reshape(b, t, kvh, h // kvh, d)  # [batch, t, kv_heads, group, head_dim]
-  scores = jnp.einsum(f"btkgd,{dims}->bkgts", qg, k,
-                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  scores = block.einsum_f32(f"btkgd,{dims}->bkgts", qg, k) * (d ** -0.5)
   visible = jnp.arange(cache.max_length)[None, None, :] <= q_positions[:, :, None]
   scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgts,{dims}->btkgd", probs, v,
-                   preferred_element_type=jnp.float32)
+  out = block.einsum_f32(f"bkgts,{dims}->btkgd", probs, v)
   return out.reshape(b, t, h, d).astype(q.dtype)

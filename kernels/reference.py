@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels import block
+
 
 def mask(q_len: int, kv_len: int, *, causal: bool,
          q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
@@ -34,8 +36,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
     raise ValueError(f"heads={h} is not a multiple of kv_heads={kvh}")
   g = h // kvh
   qg = q.reshape(b, lq, kvh, g, d)  # [batch, q_len, kv_heads, group, head_dim]
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k,
-                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  scores = block.einsum_f32("bqkgd,bskd->bkgqs", qg, k) * (d ** -0.5)
   m = mask(lq, k.shape[1], causal=causal, q_segment_ids=segment_ids,
            kv_segment_ids=segment_ids)
   if m is not None:
@@ -43,6 +44,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
   probs = jax.nn.softmax(scores, axis=-1)
   # A row with nothing to attend to (only possible with segment ids) gives zeros.
   probs = jnp.where(jnp.isnan(probs), 0.0, probs)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = block.einsum_f32("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
   return out.reshape(b, lq, h, d).astype(q.dtype)

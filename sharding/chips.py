@@ -1,8 +1,10 @@
-"""Accelerator facts: one row per TPU generation, the only place they are written.
+"""Accelerator facts: one row per chip, the only place they are written.
 
-`compile` and `plan` compare a compiled step against these: per-device memory
-against `hbm_bytes`, FLOPs against `peak_flops`, and the roofline step time of
-`aot/compile.py` from FLOPs, HBM bytes and collective bytes over the three rates.
+`compile` and `plan` compare a compiled step against the TPU rows: per-device
+memory against `hbm_bytes`, FLOPs against `peak_flops`, and the roofline step time
+of `aot/compile.py` from FLOPs, HBM bytes and collective bytes over the three
+rates. At run time the train loop's MFU and `benchmarks/gpu_check.py` divide by
+`peak_flops` of the row matching the device's `device_kind` (TPU or GPU).
 
 Sources (Google Cloud TPU documentation, read 2026-11-22; each page's "System
 architecture" table):
@@ -17,6 +19,20 @@ architecture" table):
        at 2765 GB/s (2575 GiB/s), bidirectional ICI 1200 GB/s per chip (4800 Gb/s).
 - v6e (Trillium): https://docs.cloud.google.com/tpu/docs/v6e -- 918 TFLOP/s bf16,
        32 GB HBM at 1600 GB/s, bidirectional ICI 800 GB/s per chip (3200 Gb/s).
+
+NVIDIA data-center GPUs (NVIDIA's product pages and datasheets; the dense bf16
+Tensor Core rate is half the "with sparsity" figure they print; `ici_bandwidth`
+holds the GPU's total NVLink bandwidth, both directions). Not re-read from this
+machine (no internet); the H200 figures agree with those quoted in the device
+notes of the workplace this was built in, where a bf16 8192^3 matmul through
+PyTorch measured 769-798 TFLOP/s on one H200 (about 80% of the dense peak):
+- H100 SXM: https://www.nvidia.com/en-us/data-center/h100/ -- 1979 TFLOP/s bf16
+       with sparsity (989.5 dense), 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s.
+- H200 SXM: https://www.nvidia.com/en-us/data-center/h200/ -- same Tensor Cores as
+       H100 SXM (989.5 TFLOP/s dense bf16), 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s.
+- A100 SXM 80GB: https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/
+       a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf -- 312 TFLOP/s
+       dense bf16, 80 GB HBM2e at 2039 GB/s, NVLink 600 GB/s.
 
 HBM capacities are taken as binary (the v5e and v6e pages write "16 GB" and
 "32 GB"): the TPU compiler (libtpu 0.0.42.1, deviceless) refuses programs above
@@ -45,6 +61,7 @@ class Chip:
   hbm_bandwidth: float     # bytes/s per chip
   ici_bandwidth: float     # bytes/s per chip, both directions of all links together
   source: str
+  platform: str = "tpu"    # "tpu" rows can be compile targets; "gpu" rows cannot
 
   def per_device(self, devices_per_chip: int) -> "Chip":
     """The share of one device when a chip shows up as several."""
@@ -66,24 +83,35 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
          "https://docs.cloud.google.com/tpu/docs/v5p"),
     Chip("v6e", 32 * GiB, 918e12, 1600 * GB, 800 * GB,
          "https://docs.cloud.google.com/tpu/docs/v6e"),
+    Chip("a100", 80 * GB, 312e12, 2039 * GB, 600 * GB,
+         "https://www.nvidia.com/en-us/data-center/a100/", platform="gpu"),
+    Chip("h100", 80 * GB, 989.5e12, 3350 * GB, 900 * GB,
+         "https://www.nvidia.com/en-us/data-center/h100/", platform="gpu"),
+    Chip("h200", 141 * GB, 989.5e12, 4800 * GB, 900 * GB,
+         "https://www.nvidia.com/en-us/data-center/h200/", platform="gpu"),
 )}
+TPUS = tuple(name for name, c in CHIPS.items() if c.platform == "tpu")
 
 
 def chip_for_topology(topology: str) -> Chip:
   """'v5p:2x2x2' -> the v5p row; ConfigError naming the known chips otherwise."""
   name = topology.split(":", 1)[0].strip().lower()
-  if ":" not in topology or name not in CHIPS:
+  if ":" not in topology or name not in TPUS:
     raise ConfigError(
         "--topology", f"{topology!r} is not a TPU topology rung knows.",
-        f"write CHIP:SHAPE with CHIP one of {', '.join(CHIPS)}, e.g. "
+        f"write CHIP:SHAPE with CHIP one of {', '.join(TPUS)}, e.g. "
         "--topology=v5p:2x2x2 or --topology=v5e:2x4.")
   return CHIPS[name]
 
 
-# jax's `device_kind` for each generation's chips (v5e and v6e report "lite").
+# jax's `device_kind` for each chip (v5e and v6e report "lite"; GPUs report the
+# CUDA device name). PCIe and NVL GPU variants have lower clocks: not listed, so
+# their MFU is NaN rather than divided by the SXM peak.
 DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
                 "TPU v5p": "v5p", "TPU v5": "v5p", "TPU v6 lite": "v6e",
-                "TPU v6e": "v6e"}
+                "TPU v6e": "v6e", "NVIDIA A100-SXM4-80GB": "a100",
+                "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100 SXM5 80GB": "h100",
+                "NVIDIA H200": "h200"}
 
 
 def chip_for_device_kind(kind: str) -> Chip | None:

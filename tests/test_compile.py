@@ -205,9 +205,15 @@ def test_bad_topology_is_a_config_error(topology, message):
 
 
 def test_runtime_device_kinds_map_to_the_chip_table():
-  """MFU on a TPU divides by the table's peak; jax names v5e and v6e chips 'lite'."""
+  """MFU divides by the table's peak; jax names v5e and v6e chips 'lite'. A GPU
+  variant with other clocks (PCIe) has no row, so its MFU is NaN, not a guess;
+  GPU rows are no compile targets."""
   kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5p": "v5p",
-           "TPU v6 lite": "v6e"}
+           "TPU v6 lite": "v6e", "NVIDIA H100 80GB HBM3": "h100",
+           "NVIDIA H200": "h200"}
   for kind, name in kinds.items():
     assert sharding.chips.chip_for_device_kind(kind) is sharding.chips.CHIPS[name]
-  assert sharding.chips.chip_for_device_kind("NVIDIA H100 80GB HBM3") is None
+  assert sharding.chips.chip_for_device_kind("NVIDIA H100 PCIe") is None
+  assert sharding.chips.CHIPS["h200"].peak_flops == sharding.chips.CHIPS["h100"].peak_flops
+  with pytest.raises(ConfigError, match="one of v4, v5e, v5p, v6e, e.g."):
+    sharding.chips.chip_for_topology("h100:8")

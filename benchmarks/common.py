@@ -1,0 +1,181 @@
+"""What the benchmarks share: JSON rows, timing, rung's and PyTorch's train steps on
+one device, and a transformers Llama turned into a rung model in memory.
+
+Every benchmark prints one JSON object per line (`emit`) so runs can be compared
+with `jq`, and records the figures in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_SINK: list[Any] = []
+
+
+def write_rows_to(path: str | None) -> None:
+  """Also append every emitted row to `path` (JSON lines), flushed per row."""
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _SINK.append(open(path, "a"))
+
+
+def emit(**row) -> dict:
+  line = json.dumps(row)
+  print(line, flush=True)
+  for f in _SINK:
+    f.write(line + "\n")
+    f.flush()
+  return row
+
+
+def time_call(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+  """Median wall seconds of `fn()` (which must block until its work is done)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def llama_config(model: dict, *, batch: int, seq_len: int):
+  """The base experiment config with `model` fields, synthetic data, one device."""
+  from experiments import base
+  c = base.get_config()
+  c.model.update(**model)
+  c.data.seq_len = seq_len
+  c.data.source = "synthetic"
+  c.train.batch_size = batch
+  c.mesh.data = 1
+  return c
+
+
+def rung_train_step(model: dict, *, batch: int, seq_len: int, steps: int, device
+                    ) -> dict:
+  """rung's AdamW train step on one device -> {step_time_s, tokens_per_sec,
+  flops_per_step, params}. Compile excluded (reported as compile_s); the median of
+  `steps` timed steps after two warm-up steps."""
+  import jax
+  import numpy as np
+
+  import sharding
+  from model import ModelConfig
+  from model import flops as flops_lib
+  from train.optimizer import make_optimizer, schedule
+  from train.state import init_state, model_spec, state_shardings
+  from train.step import batch_sharding, make_train_step
+
+  c = llama_config(model, batch=batch, seq_len=seq_len)
+  mesh = sharding.make_mesh(c.mesh, [device])
+  rules = sharding.normalize_rules(c.mesh.rules)
+  cfg = ModelConfig.from_config(c.model)
+  spec = model_spec(cfg, rules)
+  tx = make_optimizer(c.optim, 1000)
+  shardings = state_shardings(spec, tx, mesh)
+  data_sh = batch_sharding(mesh, rules, batch, seq_len)
+  state = init_state(spec, tx, mesh, 0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len))
+  host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
+          "segment_ids": np.ones((batch, seq_len), np.int32)}
+  data = {k: jax.device_put(v, data_sh) for k, v in host.items()}
+  step = make_train_step(spec, tx, schedule(c.optim, 1000), c.train, shardings, data_sh)
+  with jax.set_mesh(mesh):
+    start = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - start
+    box = [state]
+
+    def one():
+      box[0], metrics = compiled(box[0], data)
+      jax.block_until_ready(metrics)
+
+    dt = time_call(one, steps, warmup=2)
+  flops = flops_lib.flops_per_token(cfg, seq_len) * batch * seq_len
+  return dict(step_time_s=dt, tokens_per_sec=batch * seq_len / dt,
+              flops_per_step=flops, params=flops_lib.matmul_params(cfg),
+              compile_s=compile_s)
+
+
+def hf_llama_config(model: dict, **extra):
+  """A transformers LlamaConfig of the same shape as rung's `model` fields."""
+  import transformers
+  return transformers.LlamaConfig(
+      vocab_size=model["vocab_size"], hidden_size=model["d_model"],
+      intermediate_size=model["d_ff"], num_hidden_layers=model["num_layers"],
+      num_attention_heads=model["num_heads"], num_key_value_heads=model["num_kv_heads"],
+      head_dim=model["head_dim"], tie_word_embeddings=model.get("tie_embeddings", False),
+      rope_theta=model.get("rope_theta", 10000.0), **extra)
+
+
+def torch_train_step(model: dict, *, batch: int, seq_len: int, steps: int,
+                     device: str = "cpu", autocast_bf16: bool = False,
+                     compile: bool = False) -> dict:
+  """transformers' LlamaForCausalLM with AdamW in PyTorch (eager, or
+  `torch.compile`d) -> {step_time_s, tokens_per_sec, compile_s}. With
+  `autocast_bf16` the parameters stay float32 and the forward runs under
+  `torch.autocast(bfloat16)`, as rung's compute_dtype=bfloat16 does."""
+  import contextlib
+
+  import torch
+  from transformers import LlamaForCausalLM
+
+  torch.manual_seed(0)
+  hf = LlamaForCausalLM(hf_llama_config(model, max_position_embeddings=seq_len))
+  hf = hf.to(device).train()
+  opt = torch.optim.AdamW(hf.parameters(), lr=1e-4,
+                          fused=True if device.startswith("cuda") else None)
+  tokens = torch.randint(0, model["vocab_size"], (batch, seq_len), device=device)
+  autocast = (lambda: torch.autocast(device_type=device.split(":")[0],
+                                     dtype=torch.bfloat16)) if autocast_bf16 \
+      else contextlib.nullcontext
+  forward = torch.compile(hf) if compile else hf
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+  def one():
+    with autocast():
+      loss = forward(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+
+  start = time.perf_counter()
+  one()
+  compile_s = time.perf_counter() - start
+  dt = time_call(one, steps, warmup=1)
+  return dict(step_time_s=dt, tokens_per_sec=batch * seq_len / dt,
+              compile_s=compile_s, torch=torch.__version__)
+
+
+def rung_model_from_hf(hf_model, model: dict, device):
+  """The weights of a transformers Llama as a rung Decoder on `device` (in memory;
+  `model` gives rung's fields, e.g. param_dtype)."""
+  import jax
+  import numpy as np
+
+  import sharding
+  from model import ModelConfig
+  from train.hf import params_from_hf
+  from train.state import model_spec, param_shardings
+
+  c = llama_config(model, batch=1, seq_len=1)
+  rules = sharding.normalize_rules(c.mesh.rules)
+  spec = model_spec(ModelConfig.from_config(c.model), rules)
+  mesh = sharding.make_mesh(c.mesh, [device])
+  weights = {k: v.detach().float().cpu().numpy()
+             for k, v in hf_model.state_dict().items()}
+  params = params_from_hf(weights, spec)
+  params = jax.device_put(jax.tree.map(np.asarray, params),
+                          param_shardings(spec, mesh))
+  return spec.model(params)
