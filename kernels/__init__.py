@@ -83,10 +83,12 @@ def choose(q_shape, kv_heads: int, axes: partition.Axes = partition.DEFAULT_AXES
   return "reference", {}, f"length {length} < {CPU_FLASH_MIN_LENGTH} on {platform}"
 
 
-def _flash(q, k, v, *, causal, segment_ids, block_sizes, axes, backend="auto"):
+def _flash(q, k, v, *, causal, segment_ids, block_sizes, axes, backend="auto",
+           window=None):
   mesh = partition.context_mesh()
   fn = lambda q, k, v, seg: flash.attention(  # noqa: E731
-      q, k, v, causal=causal, segment_ids=seg, block_sizes=block_sizes, backend=backend)
+      q, k, v, causal=causal, segment_ids=seg, block_sizes=block_sizes, backend=backend,
+      window=window)
   if partition.is_trivial(mesh):
     return fn(q, k, v, segment_ids)
   return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=False,
@@ -95,7 +97,8 @@ def _flash(q, k, v, *, causal, segment_ids, block_sizes, axes, backend="auto"):
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
               segment_ids: jax.Array | None = None, impl: str = "auto",
-              block_sizes: Any = None, rules: sharding.Rules = ()) -> jax.Array:
+              block_sizes: Any = None, rules: sharding.Rules = (),
+              window: int | None = None) -> jax.Array:
   """Multi-head attention with GQA.
 
   q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim].
@@ -103,11 +106,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
   impl: one of IMPLS. block_sizes: None, an int or (block_q, block_kv) for the flash
   tiles (ignored by `reference`). rules: the logical rules (`sharding.Rules`; ()
   for the defaults): the mesh axes the batch, length and heads are split over are
-  read from them (`partition.Axes`), never assumed.
+  read from them (`partition.Axes`), never assumed. window: None, or a sliding
+  window of W keys (causal; Mistral): query i sees keys i - W < j <= i, in every
+  impl except `ring_zigzag` (ValueError).
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} is not available; choose from {IMPLS}")
   flash.check_shapes(q, k, v, segment_ids)
+  flash.check_window(window, causal)
   axes = partition.Axes.from_rules(rules)
   extra: dict[str, Any] = {}
   if impl == "auto":
@@ -118,9 +124,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
       _logged.add(message)
       _log.info(message)
   if impl == "reference":
-    return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids)
+    return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                               window=window)
   kwargs = dict(causal=causal, segment_ids=segment_ids, block_sizes=block_sizes,
-                axes=axes, **extra)
+                axes=axes, window=window, **extra)
   if impl == "flash":
     return _flash(q, k, v, **kwargs)
   if impl in ("ring", "ring_zigzag"):

@@ -53,32 +53,78 @@ def pad_axis(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | 
   return jnp.pad(x, widths, constant_values=value)
 
 
-def kv_blocks_needed(i, *, causal: bool, block_q: int, block_kv: int, num_kv: int):
-  """How many leading key blocks query block i sees (all of them unless causal)."""
-  if not causal:
-    return num_kv
-  needed = cdiv((i + 1) * block_q, block_kv)
-  return min(num_kv, needed) if isinstance(needed, int) else jnp.minimum(num_kv, needed)
+def _lo(a, b):
+  return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
 
 
-def first_q_block(j, *, causal: bool, block_q: int, block_kv: int):
-  """The first query block that sees key block j (0 unless causal)."""
-  return (j * block_kv) // block_q if causal else 0
+def _hi(a, b):
+  return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
+class Span(NamedTuple):
+  """Which keys a query sees, by the distance d = (q_idx + offset) - kv_idx of their
+  indices within the call.
+
+  causal: d >= 0. window W (with causal only): also d < W, so each query sees
+  itself and the W - 1 keys before it -- Mistral's sliding window (Jiang et al.
+  2023, arXiv 2310.06825; transformers masks kv_idx > q_idx - W). offset: the
+  index of query row 0 minus that of key row 0 when q and k are different chunks
+  of one sequence (a windowed ring step), 0 otherwise. Every method accepts block
+  indices that are Python ints or traced scalars.
+  """
+  causal: bool
+  window: int | None = None
+  offset: int = 0
+
+  def kv_range(self, i, *, block_q: int, block_kv: int, num_kv: int):
+    """[lo, hi): the key blocks that query block i sees."""
+    if not self.causal:
+      return 0, num_kv
+    hi = _hi(num_kv, _lo(0, (i * block_q + block_q - 1 + self.offset) // block_kv + 1))
+    if self.window is None:
+      return 0, hi
+    lo = _lo(0, (i * block_q + self.offset - self.window + 1) // block_kv)
+    return _hi(lo, hi), hi
+
+  def q_range(self, j, *, block_q: int, block_kv: int, num_q: int):
+    """[lo, hi): the query blocks that see key block j."""
+    if not self.causal:
+      return 0, num_q
+    lo = _hi(num_q, _lo(0, (j * block_kv - self.offset) // block_q))
+    if self.window is None:
+      return lo, num_q
+    hi = _hi(num_q, _lo(0, (j * block_kv + block_kv - 2 - self.offset + self.window)
+                        // block_q + 1))
+    return lo, _lo(lo, hi)
+
+  def tile_visible(self, i, j, *, block_q: int, block_kv: int):
+    """Whether query block i sees any key of block j (True when not causal)."""
+    if not self.causal:
+      return True
+    nearest = i * block_q + block_q - 1 + self.offset - j * block_kv  # largest d
+    if self.window is None:
+      return nearest >= 0
+    farthest = i * block_q + self.offset - (j * block_kv + block_kv - 1)  # smallest d
+    return (nearest >= 0) & (farthest < self.window)
 
 
 def count_blocks(q_len: int, kv_len: int, *, causal: bool, block_q: int,
-                 block_kv: int) -> int:
-  """Tiles the forward pass computes for one head: the cost model of causal skipping."""
+                 block_kv: int, window: int | None = None) -> int:
+  """Tiles the forward pass computes for one head: the cost model of tile skipping."""
+  span = Span(causal, window)
   nq, nk = cdiv(q_len, block_q), cdiv(kv_len, block_kv)
-  return sum(kv_blocks_needed(i, causal=causal, block_q=block_q, block_kv=block_kv,
-                              num_kv=nk) for i in range(nq))
+  total = 0
+  for i in range(nq):
+    lo, hi = span.kv_range(i, block_q=block_q, block_kv=block_kv, num_kv=nk)
+    total += hi - lo
+  return total
 
 
-def mask(q_idx, kv_idx, *, causal: bool, kv_len: int | None, q_seg=None, kv_seg=None):
+def mask(q_idx, kv_idx, *, span: Span, kv_len: int | None, q_seg=None, kv_seg=None):
   """Boolean [..., bq, bk] tile mask (True = attend), or None when nothing is masked.
 
-  q_idx [..., bq, 1] and kv_idx [..., 1, bk] are positions within the call (causal means
-  q_idx >= kv_idx); kv_len masks padding keys; q_seg / kv_seg are segment-id tiles
+  q_idx [..., bq, 1] and kv_idx [..., 1, bk] are indices within the call, compared
+  through `span`; kv_len masks padding keys; q_seg / kv_seg are segment-id tiles
   shaped like q_idx / kv_idx.
   """
   out = None
@@ -86,8 +132,11 @@ def mask(q_idx, kv_idx, *, causal: bool, kv_len: int | None, q_seg=None, kv_seg=
   def both(a, b):
     return b if a is None else a & b
 
-  if causal:
-    out = both(out, q_idx >= kv_idx)
+  if span.causal:
+    distance = q_idx + span.offset - kv_idx
+    out = both(out, distance >= 0)
+    if span.window is not None:
+      out = both(out, distance < span.window)
   if kv_len is not None:
     out = both(out, kv_idx < kv_len)
   if q_seg is not None:

@@ -52,11 +52,14 @@ def _col_info(j, kv_seg, block_kv: int):
 
 
 def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSizes,
-            scale: float, out_dtype):
+            scale: float, out_dtype, window: int | None = None, offset: int = 0):
   """-> (o [b, h, q_len, d] in out_dtype, lse [b, h, q_len] float32).
 
-  q_seg [b, q_len] / kv_seg [b, kv_len] are optional int segment ids.
+  q_seg [b, q_len] / kv_seg [b, kv_len] are optional int segment ids; causal,
+  window and offset as in `block.Span`. Only the key blocks a query block sees are
+  visited.
   """
+  span = block.Span(causal, window, offset)
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
   g = h // kvh
@@ -73,12 +76,12 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
 
     def kv_step(j, state):
       kv_idx, ks = _col_info(j, kv_seg, bk)
-      m = block.mask(q_idx, kv_idx, causal=causal, kv_len=kv_valid, q_seg=qs, kv_seg=ks)
+      m = block.mask(q_idx, kv_idx, span=span, kv_len=kv_valid, q_seg=qs, kv_seg=ks)
       s = block.scores(qi, _kv_tile(k, j, bk), scale)
       return block.forward_step(state, s, m, _kv_tile(v, j, bk))
 
-    hi = block.kv_blocks_needed(i, causal=causal, block_q=bq, block_kv=bk, num_kv=nk)
-    state = lax.fori_loop(0, hi, kv_step, block.init_state((b, kvh, g * bq), d))
+    lo, hi = span.kv_range(i, block_q=bq, block_kv=bk, num_kv=nk)
+    state = lax.fori_loop(lo, hi, kv_step, block.init_state((b, kvh, g * bq), d))
     o, lse = block.finish(state)
     return o.astype(out_dtype).reshape(b, kvh, g, bq, d), lse.reshape(b, kvh, g, bq)
 
@@ -89,13 +92,15 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
 
 
 def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
-             block_sizes: block.BlockSizes, scale: float):
+             block_sizes: block.BlockSizes, scale: float, window: int | None = None,
+             offset: int = 0):
   """-> (dq [b, h, q_len, d], dk, dv [b, kvh, kv_len, d]), all float32.
 
   lse and delta = rowsum(dO * O) are [b, h, q_len] float32. One pass over key blocks:
   each accumulates its own dK/dV over the query blocks that see it, while dQ is a
   float32 carry updated in place, so nothing is recomputed twice.
   """
+  span = block.Span(causal, window, offset)
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
   g = h // kvh
@@ -118,7 +123,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
       dq, dk, dv = carry
       qi, doi = _q_tile(qb, i, g, bq), _q_tile(dob, i, g, bq)
       q_idx, qs = _row_info(i, q_seg, g, bq)
-      m = block.mask(q_idx, kv_idx, causal=causal, kv_len=kv_valid, q_seg=qs, kv_seg=ks)
+      m = block.mask(q_idx, kv_idx, span=span, kv_len=kv_valid, q_seg=qs, kv_seg=ks)
       p, ds = block.backward_tile(qi, kj, vj, doi, _q_tile(lseb, i, g, bq),
                                   _q_tile(deltab, i, g, bq), m, scale)
       dqi = (block.matmul_rows(ds, kj) * scale).reshape(b, kvh, g, 1, bq, d)
@@ -127,8 +132,8 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
       return (dq, dk + block.matmul_cols(ds, qi) * scale, dv + block.matmul_cols(p, doi))
 
     zeros = jnp.zeros((b, kvh, bk, d), jnp.float32)
-    lo = block.first_q_block(j, causal=causal, block_q=bq, block_kv=bk)
-    dq, dk, dv = lax.fori_loop(lo, nq, q_step, (dq, zeros, zeros))
+    lo, hi = span.q_range(j, block_q=bq, block_kv=bk, num_q=nq)
+    dq, dk, dv = lax.fori_loop(lo, hi, q_step, (dq, zeros, zeros))
     return dq, (dk, dv)
 
   dq0 = jnp.zeros((b, kvh, g, nq, bq, d), jnp.float32)

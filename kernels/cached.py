@@ -96,13 +96,15 @@ def _write(cache: jax.Array, new: jax.Array, layer, start, layout: str) -> jax.A
 
 
 def attention(q: jax.Array, cache: KVCache, layer: jax.Array,
-              q_positions: jax.Array) -> jax.Array:
+              q_positions: jax.Array, window: int | None = None) -> jax.Array:
   """Causal attention of q over one layer of the cache, by absolute position.
 
   q: [batch, t, heads, head_dim] at positions q_positions [batch, t]; slot s of the
   cache holds position s. A query at position p sees slots 0..p: the written prompt
   or earlier tokens. Slots past p (unwritten, or padding of a shorter prompt) are
-  masked until overwritten. Returns [batch, t, heads, head_dim].
+  masked until overwritten. A sliding window W also hides slots <= p - W (the
+  cache keeps every slot; it is not a rolling buffer). Returns [batch, t, heads,
+  head_dim].
   """
   b, t, h, d = q.shape
   k, v = cache.k[layer], cache.v[layer]
@@ -110,7 +112,10 @@ def attention(q: jax.Array, cache: KVCache, layer: jax.Array,
   dims = "bksd" if cache.layout == HEADS_MAJOR else "bskd"
   qg = q.reshape(b, t, kvh, h // kvh, d)  # [batch, t, kv_heads, group, head_dim]
   scores = block.einsum_f32(f"btkgd,{dims}->bkgts", qg, k) * (d ** -0.5)
-  visible = jnp.arange(cache.max_length)[None, None, :] <= q_positions[:, :, None]
+  distance = q_positions[:, :, None] - jnp.arange(cache.max_length)[None, None, :]
+  visible = distance >= 0  # [batch, t, slots]
+  if window is not None:
+    visible = visible & (distance < window)
   scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = block.einsum_f32(f"bkgts,{dims}->btkgd", probs, v)

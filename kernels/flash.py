@@ -55,46 +55,55 @@ def _run(backend: str, stage: str, args, block_sizes, **kwargs):
 
 
 def forward(q, k, v, q_seg=None, kv_seg=None, *, causal: bool, block_sizes=None,
-            scale: float | None = None, out_dtype=None, backend: str = "auto"):
+            scale: float | None = None, out_dtype=None, backend: str = "auto",
+            window: int | None = None, offset: int = 0):
   """Kernel layout -> (o [b, h, q_len, d] in out_dtype (default q's), lse [b, h, q_len]).
 
-  Causal means query i sees keys j <= i, both counted from the start of the call.
+  Causal means query i sees keys j <= i + offset, both counted from the start of
+  the call; a window W also hides keys j <= i + offset - W (`block.Span`).
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _run(backend, "forward", (q, k, v, q_seg, kv_seg), block_sizes, causal=causal,
-              scale=scale, out_dtype=out_dtype or q.dtype)
+              scale=scale, out_dtype=out_dtype or q.dtype, **_span(window, offset))
 
 
 def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool, block_sizes=None,
-             scale: float | None = None, backend: str = "auto"):
+             scale: float | None = None, backend: str = "auto",
+             window: int | None = None, offset: int = 0):
   """Kernel layout -> float32 (dq, dk, dv); delta = rowsum(dO * O) [b, h, q_len]."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   return _run(backend, "backward", (q, k, v, q_seg, kv_seg, lse, delta, do),
-              block_sizes, causal=causal, scale=scale)
+              block_sizes, causal=causal, scale=scale, **_span(window, offset))
+
+
+def _span(window, offset) -> dict:
+  """Keyword arguments for the back ends: none unless a window or offset is set."""
+  return {k: v for k, v in (("window", window), ("offset", offset)) if v}
 
 
 def _to_kernel(x):
   return jnp.swapaxes(x, 1, 2)  # [b, len, heads, d] <-> [b, heads, len, d]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, segment_ids, causal, block_sizes, backend):
-  return _attention_fwd(q, k, v, segment_ids, causal, block_sizes, backend)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention(q, k, v, segment_ids, causal, block_sizes, backend, window):
+  return _attention_fwd(q, k, v, segment_ids, causal, block_sizes, backend, window)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids, causal, block_sizes, backend):
+def _attention_fwd(q, k, v, segment_ids, causal, block_sizes, backend, window):
   qt, kt, vt = _to_kernel(q), _to_kernel(k), _to_kernel(v)
   o, lse = forward(qt, kt, vt, segment_ids, segment_ids, causal=causal,
-                   block_sizes=block_sizes, backend=backend)
+                   block_sizes=block_sizes, backend=backend, window=window)
   return _to_kernel(o), (qt, kt, vt, segment_ids, o, lse)
 
 
-def _attention_bwd(causal, block_sizes, backend, residuals, do):
+def _attention_bwd(causal, block_sizes, backend, window, residuals, do):
   qt, kt, vt, segment_ids, o, lse = residuals
   do = _to_kernel(do)
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
   dq, dk, dv = backward(qt, kt, vt, segment_ids, segment_ids, lse, delta, do,
-                        causal=causal, block_sizes=block_sizes, backend=backend)
+                        causal=causal, block_sizes=block_sizes, backend=backend,
+                        window=window)
   return (_to_kernel(dq).astype(qt.dtype), _to_kernel(dk).astype(kt.dtype),
           _to_kernel(dv).astype(vt.dtype), None)
 
@@ -116,14 +125,27 @@ def check_shapes(q, k, v, segment_ids=None):
                      f"= {q.shape[:2]}")
 
 
+def check_window(window, causal: bool) -> None:
+  """Raises ValueError unless window is None or a positive int with causal."""
+  if window is None:
+    return
+  if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+    raise ValueError(f"window must be a positive int (keys per query), got {window!r}")
+  if not causal:
+    raise ValueError("a sliding window needs causal=True")
+
+
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=None,
-              backend: str = "auto"):
+              backend: str = "auto", window: int | None = None):
   """Flash attention on this device. q [b, l, h, d]; k, v [b, l, kvh, d] -> [b, l, h, d].
 
   block_sizes: None, an int, a (block_q, block_kv) pair or a block.BlockSizes.
+  window: None, or W > 0 with causal: each query sees itself and the W - 1 keys
+  before it; key blocks outside the window are never visited.
   """
   check_shapes(q, k, v, segment_ids)
+  check_window(window, causal)
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   return _attention(q, k, v, segment_ids, causal, block.BlockSizes.of(block_sizes),
-                    backend)
+                    backend, window)

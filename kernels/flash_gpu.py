@@ -67,7 +67,7 @@ def _call(kernel, grid, inputs, in_specs, out_shape, out_specs, interpret):
                         compiler_params=_PARAMS)(*inputs)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, causal, scale, bq, bk, kv_len, segmented):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, span, scale, bq, bk, kv_len, segmented):
   qs_ref, ks_ref, o_ref, lse_ref = refs if segmented else (None, None, *refs)
   i = pl.program_id(2)
   q = q_ref[...]  # [bq, d]
@@ -78,20 +78,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, causal, scale, bq, bk, kv_len, segme
     start = pl.multiple_of(j * bk, bk)
     kv_idx = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     kv_seg = ks_ref[pl.ds(start, bk)][None, :] if segmented else None
-    m = block.mask(q_idx, kv_idx, causal=causal, kv_len=kv_len, q_seg=q_seg,
+    m = block.mask(q_idx, kv_idx, span=span, kv_len=kv_len, q_seg=q_seg,
                    kv_seg=kv_seg)
     s = block.scores(q, k_ref[pl.ds(start, bk), :], scale)
     return block.forward_step(state, s, m, v_ref[pl.ds(start, bk), :])
 
   num_kv = k_ref.shape[0] // bk
-  hi = block.kv_blocks_needed(i, causal=causal, block_q=bq, block_kv=bk, num_kv=num_kv)
-  state = lax.fori_loop(0, hi, kv_step, block.init_state((bq,), q.shape[-1]))
+  lo, hi = span.kv_range(i, block_q=bq, block_kv=bk, num_kv=num_kv)
+  state = lax.fori_loop(lo, hi, kv_step, block.init_state((bq,), q.shape[-1]))
   o, lse = block.finish(state)
   o_ref[...] = o.astype(o_ref.dtype)
   lse_ref[...] = lse[:, 0]
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, causal, scale,
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, span, scale,
                bq, bk, kv_len, segmented):
   qs_ref, ks_ref, dq_ref = refs if segmented else (None, None, *refs)
   i = pl.program_id(2)
@@ -104,7 +104,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, causal, s
     start = pl.multiple_of(j * bk, bk)
     kv_idx = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     kv_seg = ks_ref[pl.ds(start, bk)][None, :] if segmented else None
-    m = block.mask(q_idx, kv_idx, causal=causal, kv_len=kv_len, q_seg=q_seg,
+    m = block.mask(q_idx, kv_idx, span=span, kv_len=kv_len, q_seg=q_seg,
                    kv_seg=kv_seg)
     k = k_ref[pl.ds(start, bk), :]
     _, ds = block.backward_tile(q, k, v_ref[pl.ds(start, bk), :], do, lse, delta, m,
@@ -112,11 +112,11 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, causal, s
     return dq + block.matmul_rows(ds, k) * scale
 
   num_kv = k_ref.shape[0] // bk
-  hi = block.kv_blocks_needed(i, causal=causal, block_q=bq, block_kv=bk, num_kv=num_kv)
-  dq_ref[...] = lax.fori_loop(0, hi, kv_step, jnp.zeros(q.shape, jnp.float32))
+  lo, hi = span.kv_range(i, block_q=bq, block_kv=bk, num_kv=num_kv)
+  dq_ref[...] = lax.fori_loop(lo, hi, kv_step, jnp.zeros(q.shape, jnp.float32))
 
 
-def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, causal, scale,
+def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, span, scale,
                 bq, bk, kv_len, segmented):
   qs_ref, ks_ref, dk_ref, dv_ref = refs if segmented else (None, None, *refs)
   j = pl.program_id(2)
@@ -132,17 +132,17 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, causal, 
     q, do = q_ref[head, rows, :], do_ref[head, rows, :]
     q_idx = start + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     q_seg = qs_ref[rows][:, None] if segmented else None
-    m = block.mask(q_idx, kv_idx, causal=causal, kv_len=kv_len, q_seg=q_seg,
+    m = block.mask(q_idx, kv_idx, span=span, kv_len=kv_len, q_seg=q_seg,
                    kv_seg=kv_seg)
     p, ds = block.backward_tile(q, k, v, do, lse_ref[head, rows][:, None],
                                 delta_ref[head, rows][:, None], m, scale)
     return dk + block.matmul_cols(ds, q) * scale, dv + block.matmul_cols(p, do)
 
-  # Every query head of the group, from the first query block that sees key block j.
-  lo = block.first_q_block(j, causal=causal, block_q=bq, block_kv=bk)
+  # Every query head of the group, over the query blocks that see key block j.
+  lo, hi = span.q_range(j, block_q=bq, block_kv=bk, num_q=q_len // bq)
 
   def head_step(head, carry):
-    return lax.fori_loop(lo, q_len // bq, functools.partial(q_step, head), carry)
+    return lax.fori_loop(lo, hi, functools.partial(q_step, head), carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
@@ -150,16 +150,19 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, causal, 
 
 
 def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSizes,
-            scale: float, out_dtype, interpret: bool = False):
+            scale: float, out_dtype, interpret: bool = False,
+            window: int | None = None, offset: int = 0):
   """-> (o [b, h, q_len, d] in out_dtype, lse [b, h, q_len] float32).
 
-  scale multiplies q.k: the caller derives it from the real head_dim.
+  scale multiplies q.k: the caller derives it from the real head_dim. causal,
+  window and offset as in `block.Span`.
   """
   d = q.shape[-1]
   if head_dim(d) != d:
     q, k, v = _pad_head(q, k, v, d=head_dim(d))
     o, lse = forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=block_sizes,
-                     scale=scale, out_dtype=out_dtype, interpret=interpret)
+                     scale=scale, out_dtype=out_dtype, interpret=interpret,
+                     window=window, offset=offset)
     return o[..., :d], lse
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
@@ -174,7 +177,8 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
     inputs += [block.pad_axis(q_seg, 1, lq), block.pad_axis(kv_seg, 1, lk)]
     in_specs += [pl.BlockSpec((None, bq), lambda b_, h_, i: (b_, i)),
                  pl.BlockSpec((None, lk), lambda b_, h_, i: (b_, 0))]
-  kernel = functools.partial(_fwd_kernel, causal=causal, scale=scale, bq=bq, bk=bk,
+  kernel = functools.partial(_fwd_kernel, span=block.Span(causal, window, offset),
+                             scale=scale, bq=bq, bk=bk,
                              kv_len=kv_len if lk != kv_len else None, segmented=segmented)
   o, lse = _call(
       kernel, (b, h, lq // bq), inputs, in_specs,
@@ -186,7 +190,8 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
 
 
 def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
-             block_sizes: block.BlockSizes, scale: float, interpret: bool = False):
+             block_sizes: block.BlockSizes, scale: float, interpret: bool = False,
+             window: int | None = None, offset: int = 0):
   """-> (dq [b, h, q_len, d], dk, dv [b, kvh, kv_len, d]), all float32.
 
   delta = rowsum(dO * O) is unchanged by zero head_dim padding, so it is taken as
@@ -196,7 +201,8 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
   if head_dim(d) != d:
     q, k, v, do = _pad_head(q, k, v, do, d=head_dim(d))
     grads = backward(q, k, v, q_seg, kv_seg, lse, delta, do, causal=causal,
-                     block_sizes=block_sizes, scale=scale, interpret=interpret)
+                     block_sizes=block_sizes, scale=scale, interpret=interpret,
+                     window=window, offset=offset)
     return tuple(g[..., :d] for g in grads)
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
@@ -208,7 +214,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
   k, v = block.pad_axis(k, 2, lk), block.pad_axis(v, 2, lk)
   segs = ([block.pad_axis(q_seg, 1, lq), block.pad_axis(kv_seg, 1, lk)]
           if segmented else [])
-  opts = dict(causal=causal, scale=scale, bq=bq, bk=bk,
+  opts = dict(span=block.Span(causal, window, offset), scale=scale, bq=bq, bk=bk,
               kv_len=kv_len if lk != kv_len else None, segmented=segmented)
 
   row_tile = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i: (b_, h_, i, 0))

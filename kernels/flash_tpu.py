@@ -60,21 +60,16 @@ def _when(cond):
   return (lambda f: f()) if cond is True else pl.when(cond)
 
 
-def _visible(i, j, *, causal, bq, bk):
-  """Whether query block i sees any of key block j."""
-  return True if not causal else j * bk <= i * bq + bq - 1
-
-
-def _tile_mask(i, j, qs_ref, ks_ref, *, causal, bq, bk, kv_len):
+def _tile_mask(i, j, qs_ref, ks_ref, *, span, bq, bk, kv_len):
   q_idx = i * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   kv_idx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
   q_seg = None if qs_ref is None else _to_col(qs_ref[...])
   kv_seg = None if ks_ref is None else ks_ref[...]
-  return block.mask(q_idx, kv_idx, causal=causal, kv_len=kv_len, q_seg=q_seg,
+  return block.mask(q_idx, kv_idx, span=span, kv_len=kv_len, q_seg=q_seg,
                     kv_seg=kv_seg)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, causal, scale, bq, bk, kv_len, segmented):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, span, scale, bq, bk, kv_len, segmented):
   if not segmented:
     refs = (None, None, *refs)
   qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
@@ -86,9 +81,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, causal, scale, bq, bk, kv_len, segme
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  @_when(_visible(i, j, causal=causal, bq=bq, bk=bk))
+  @_when(span.tile_visible(i, j, block_q=bq, block_kv=bk))
   def _step():
-    m = _tile_mask(i, j, qs_ref, ks_ref, causal=causal, bq=bq, bk=bk, kv_len=kv_len)
+    m = _tile_mask(i, j, qs_ref, ks_ref, span=span, bq=bq, bk=bk, kv_len=kv_len)
     s = block.scores(q_ref[...], k_ref[...], scale)
     state = (m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...])
     m_new, l_new, acc = block.forward_step(state, s, m, v_ref[...])
@@ -103,7 +98,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, causal, scale, bq, bk, kv_len, segme
     lse_ref[...] = _to_row(lse)
 
 
-def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, causal, scale,
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, span, scale,
                bq, bk, kv_len, segmented):
   if not segmented:
     refs = (None, None, *refs)
@@ -114,9 +109,9 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, causal, s
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-  @_when(_visible(i, j, causal=causal, bq=bq, bk=bk))
+  @_when(span.tile_visible(i, j, block_q=bq, block_kv=bk))
   def _step():
-    m = _tile_mask(i, j, qs_ref, ks_ref, causal=causal, bq=bq, bk=bk, kv_len=kv_len)
+    m = _tile_mask(i, j, qs_ref, ks_ref, span=span, bq=bq, bk=bk, kv_len=kv_len)
     k = k_ref[...]
     _, ds = block.backward_tile(q_ref[...], k, v_ref[...], do_ref[...],
                                 _to_col(lse_ref[...]), _to_col(delta_ref[...]), m, scale)
@@ -127,7 +122,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, causal, s
     dq_ref[...] = dq_sc[...]
 
 
-def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, causal, scale,
+def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, span, scale,
                 bq, bk, kv_len, segmented, nq):
   if not segmented:
     refs = (None, None, *refs)
@@ -140,9 +135,9 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, causal, 
     dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-  @_when(_visible(i, j, causal=causal, bq=bq, bk=bk))
+  @_when(span.tile_visible(i, j, block_q=bq, block_kv=bk))
   def _step():
-    m = _tile_mask(i, j, qs_ref, ks_ref, causal=causal, bq=bq, bk=bk, kv_len=kv_len)
+    m = _tile_mask(i, j, qs_ref, ks_ref, span=span, bq=bq, bk=bk, kv_len=kv_len)
     q, do = q_ref[...], do_ref[...]
     p, ds = block.backward_tile(q, k_ref[...], v_ref[...], do, _to_col(lse_ref[...]),
                                 _to_col(delta_ref[...]), m, scale)
@@ -163,18 +158,28 @@ def _call(kernel, grid, inputs, in_specs, out_shape, out_specs, scratch, interpr
 
 
 
+def _clamp(x, lo_hi, n: int):
+  """x clamped into the half-open range [lo, hi) (lo when it is empty), and always
+  to a real block index 0..n-1."""
+  lo, hi = lo_hi
+  return jnp.clip(jnp.maximum(jnp.minimum(x, hi - 1), lo), 0, n - 1)
+
+
 def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSizes,
-            scale: float, out_dtype, interpret: bool = False):
-  """-> (o [b, h, q_len, d] in out_dtype, lse [b, h, q_len] float32)."""
+            scale: float, out_dtype, interpret: bool = False,
+            window: int | None = None, offset: int = 0):
+  """-> (o [b, h, q_len, d] in out_dtype, lse [b, h, q_len] float32); causal,
+  window and offset as in `block.Span`."""
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
   group = h // kvh
   bq, bk, lq, lk = _plan(q_len, kv_len, block_sizes)
   segmented = q_seg is not None
+  span = block.Span(causal, window, offset)
 
-  def kv_index(b_, h_, i, j):  # repeat the last visible block: no DMA for skipped tiles
+  def kv_index(b_, h_, i, j):  # repeat a visible block: no DMA for skipped tiles
     if causal:
-      j = jnp.minimum(j, ((i + 1) * bq - 1) // bk)
+      j = _clamp(j, span.kv_range(i, block_q=bq, block_kv=bk, num_kv=lk // bk), lk // bk)
     return b_, h_ // group, j, 0
 
   inputs = [block.pad_axis(q, 2, lq), block.pad_axis(k, 2, lk), block.pad_axis(v, 2, lk)]
@@ -186,7 +191,7 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
     in_specs += [pl.BlockSpec((None, 1, bq), lambda b_, h_, i, j: (b_, 0, i)),
                  pl.BlockSpec((None, 1, bk),
                               lambda b_, h_, i, j: (b_, 0, kv_index(b_, h_, i, j)[2]))]
-  kernel = functools.partial(_fwd_kernel, causal=causal, scale=scale, bq=bq, bk=bk,
+  kernel = functools.partial(_fwd_kernel, span=span, scale=scale, bq=bq, bk=bk,
                              kv_len=kv_len if lk != kv_len else None, segmented=segmented)
   o, lse = _call(
       kernel, (b, h, lq // bq, lk // bk), inputs, in_specs,
@@ -200,7 +205,8 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
 
 
 def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
-             block_sizes: block.BlockSizes, scale: float, interpret: bool = False):
+             block_sizes: block.BlockSizes, scale: float, interpret: bool = False,
+             window: int | None = None, offset: int = 0):
   """-> (dq [b, h, q_len, d], dk, dv [b, kvh, kv_len, d]), all float32."""
   b, h, q_len, d = q.shape
   kvh, kv_len = k.shape[1], k.shape[2]
@@ -212,13 +218,14 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
   lse, delta = _rows(lse, lq), _rows(delta, lq)  # [b, h, 1, lq]
   k, v = block.pad_axis(k, 2, lk), block.pad_axis(v, 2, lk)
   segs = [_rows(q_seg, lq), _rows(kv_seg, lk)] if segmented else []  # [b, 1, len]
-  opts = dict(causal=causal, scale=scale, bq=bq, bk=bk,
+  span = block.Span(causal, window, offset)
+  opts = dict(span=span, scale=scale, bq=bq, bk=bk,
               kv_len=kv_len if lk != kv_len else None, segmented=segmented)
 
   # dQ: grid (batch, head, q block, kv block).
   def kv_index(b_, h_, i, j):
     if causal:
-      j = jnp.minimum(j, ((i + 1) * bq - 1) // bk)
+      j = _clamp(j, span.kv_range(i, block_q=bq, block_kv=bk, num_kv=nk), nk)
     return b_, h_ // group, j, 0
 
   row = lambda b_, h_, i, j: (b_, h_, i, 0)  # noqa: E731
@@ -241,7 +248,8 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
   # dK/dV: grid (batch, kv head, kv block, (query head in group, q block)).
   def q_block(j, t):
     i = t % nq
-    return jnp.maximum(i, (j * bk) // bq) if causal else i
+    return _clamp(i, span.q_range(j, block_q=bq, block_kv=bk, num_q=nq), nq) if causal \
+        else i
 
   def q_index(b_, g_, j, t):
     return b_, g_ * group + t // nq, q_block(j, t), 0

@@ -10,12 +10,18 @@ from kernels import block
 
 def mask(q_len: int, kv_len: int, *, causal: bool,
          q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
-         q_offset: int | jax.Array = 0) -> jax.Array | None:
-  """Boolean [batch or 1, q_len, kv_len] mask (True = attend), or None for 'all'."""
+         window: int | None = None) -> jax.Array | None:
+  """Boolean [batch or 1, q_len, kv_len] mask (True = attend), or None for 'all'.
+
+  window W (causal only): query i sees keys i - W < j <= i (`block.Span`).
+  """
   out = None
   if causal:
-    q_pos = jnp.arange(q_len)[:, None] + q_offset
-    out = (q_pos >= jnp.arange(kv_len)[None, :])[None]
+    distance = jnp.arange(q_len)[:, None] - jnp.arange(kv_len)[None, :]
+    out = distance >= 0
+    if window is not None:
+      out = out & (distance < window)
+    out = out[None]
   if q_segment_ids is not None:
     seg = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     out = seg if out is None else out & seg
@@ -23,7 +29,8 @@ def mask(q_len: int, kv_len: int, *, causal: bool,
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
-              segment_ids: jax.Array | None = None) -> jax.Array:
+              segment_ids: jax.Array | None = None,
+              window: int | None = None) -> jax.Array:
   """Softmax attention with GQA, causal and segment masks; float32 softmax.
 
   q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim];
@@ -37,7 +44,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
   g = h // kvh
   qg = q.reshape(b, lq, kvh, g, d)  # [batch, q_len, kv_heads, group, head_dim]
   scores = block.einsum_f32("bqkgd,bskd->bkgqs", qg, k) * (d ** -0.5)
-  m = mask(lq, k.shape[1], causal=causal, q_segment_ids=segment_ids,
+  m = mask(lq, k.shape[1], causal=causal, window=window, q_segment_ids=segment_ids,
            kv_segment_ids=segment_ids)
   if m is not None:
     scores = jnp.where(m[:, None, None], scores, -jnp.inf)

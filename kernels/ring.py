@@ -33,6 +33,10 @@ from kernels import block, flash, partition
 # What one ring step computes, given the local query chunk(s) and the visiting K/V.
 FULL, DIAG, SKIP, KV_FIRST_HALF, Q_SECOND_HALF = range(5)
 LAYOUTS = ("zigzag", "contiguous")
+WINDOW_ZIGZAG = (
+    "a sliding window runs on the contiguous ring only: the zig-zag layout balances "
+    "causal work, which a window already bounds per query; use impl='ring' (or "
+    "'ulysses')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,12 @@ class Ring:
   zigzag: bool
   block_sizes: block.BlockSizes
   backend: str
+  window: int | None = None
+
+  def window_steps(self, n: int) -> int:
+    """Ring steps a sliding window needs: the own chunk, then each earlier chunk
+    of n keys that a query can still reach (W - 1 keys back)."""
+    return min(self.size, 1 + block.cdiv(self.window - 1, n))
 
 
 def step_kinds(ring_causal: bool, zigzag: bool, step) -> tuple[int, int]:
@@ -183,6 +193,62 @@ def _ring_backward(cfg: Ring, q, k, v, seg, o, lse, do):
   return dq, dkv[0], dkv[1]
 
 
+def _window_forward(cfg: Ring, q, k, v, seg):
+  """Sliding-window ring, kernel layout, per device -> (o float32, lse).
+
+  Natural order only. At step t device r holds the K/V of device r - t: offset
+  t*n from its queries, so the flash kernels mask and skip by distance. Only
+  `window_steps` steps run: K/V travel t hops, not P - 1, and chunks wrapped round
+  from later devices (r < t) are skipped.
+  """
+  n = q.shape[2]
+  r = lax.axis_index(cfg.axis)
+  kv, kv_seg = jnp.stack([k, v]), seg  # [2, b, kvh, n, d]
+  o, lse = jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], block.NEG)
+  for t in range(cfg.window_steps(n)):
+    if t:
+      kv, kv_seg = _shift(cfg, kv, +1), _shift(cfg, kv_seg, +1)
+    o_t, lse_t = lax.cond(
+        r >= t,
+        lambda kv=kv, kv_seg=kv_seg, t=t: flash.forward(
+            q, kv[0], kv[1], seg, kv_seg, causal=True, block_sizes=cfg.block_sizes,
+            out_dtype=jnp.float32, backend=cfg.backend, window=cfg.window,
+            offset=t * n),
+        lambda: (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], block.NEG)))
+    o, lse = _merge(o, lse, o_t, lse_t)
+  return o, lse
+
+
+def _window_backward(cfg: Ring, q, k, v, seg, o, lse, do):
+  """The windowed ring's gradients: K/V travel forward again, each device adds its
+  dK/dV for the visiting chunk to an accumulator travelling with it, and one
+  permute of t - 1 hops back takes every accumulator home."""
+  n = q.shape[2]
+  r = lax.axis_index(cfg.axis)
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  kv, kv_seg = jnp.stack([k, v]), seg
+  dq, dkv = jnp.zeros(q.shape, jnp.float32), jnp.zeros(kv.shape, jnp.float32)
+  steps = cfg.window_steps(n)
+  for t in range(steps):
+    if t:
+      kv, kv_seg, dkv = (_shift(cfg, kv, +1), _shift(cfg, kv_seg, +1),
+                         _shift(cfg, dkv, +1))
+
+    def visit(kv=kv, kv_seg=kv_seg, t=t):
+      dq_t, dk_t, dv_t = flash.backward(
+          q, kv[0], kv[1], seg, kv_seg, lse, delta, do, causal=True,
+          block_sizes=cfg.block_sizes, backend=cfg.backend, window=cfg.window,
+          offset=t * n)
+      return dq_t, jnp.stack([dk_t, dv_t])
+
+    dq_t, dkv_t = lax.cond(r >= t, visit, lambda: (jnp.zeros(q.shape, jnp.float32),
+                                                   jnp.zeros(kv.shape, jnp.float32)))
+    dq, dkv = dq + dq_t, dkv + dkv_t
+  if steps > 1:
+    dkv = _shift(cfg, dkv, 1 - steps)
+  return dq, dkv[0], dkv[1]
+
+
 def _to_kernel(x):
   return jnp.swapaxes(x, 1, 2)  # [b, n, heads, d] <-> [b, heads, n, d]
 
@@ -194,14 +260,16 @@ def _ring(cfg: Ring, q, k, v, seg):
 
 def _ring_fwd(cfg: Ring, q, k, v, seg):
   qt, kt, vt = _to_kernel(q), _to_kernel(k), _to_kernel(v)
-  o, lse = _ring_forward(cfg, qt, kt, vt, seg)
+  forward = _window_forward if cfg.window else _ring_forward
+  o, lse = forward(cfg, qt, kt, vt, seg)
   o = o.astype(q.dtype)
   return _to_kernel(o), (qt, kt, vt, seg, o, lse)
 
 
 def _ring_bwd(cfg: Ring, residuals, do):
   qt, kt, vt, seg, o, lse = residuals
-  dq, dk, dv = _ring_backward(cfg, qt, kt, vt, seg, o, lse, _to_kernel(do))
+  backward = _window_backward if cfg.window else _ring_backward
+  dq, dk, dv = backward(cfg, qt, kt, vt, seg, o, lse, _to_kernel(do))
   return (_to_kernel(dq).astype(qt.dtype), _to_kernel(dk).astype(kt.dtype),
           _to_kernel(dv).astype(vt.dtype), None)
 
@@ -211,7 +279,8 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=None,
               layout: str = "contiguous", backend: str = "auto",
-              axes: partition.Axes = partition.DEFAULT_AXES):
+              axes: partition.Axes = partition.DEFAULT_AXES,
+              window: int | None = None):
   """Ring attention over the mesh axis the length is split over (`axes`, from the
   rules; by default `sequence`).
 
@@ -220,11 +289,15 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   work. With layout="zigzag" the length axis must already be in zig-zag order
   (`kernels.zigzag_permute(x, sequence)`), and so must positions and segment ids;
   natural-order input then gives wrong causal results. The output is in the same
-  order as the input.
+  order as the input. A sliding `window` (causal, contiguous layout) visits only
+  the chunks within reach of it (`Ring.window_steps`).
   """
   flash.check_shapes(q, k, v, segment_ids)
+  flash.check_window(window, causal)
   if layout not in LAYOUTS:
     raise ValueError(f"ring layout {layout!r} is not one of {LAYOUTS}")
+  if window is not None and layout == "zigzag":
+    raise ValueError(WINDOW_ZIGZAG)
   mesh = partition.context_mesh()
   axis = partition.sequence_axis(mesh, axes) if mesh is not None else None
   if axis is None:
@@ -237,7 +310,8 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
     raise ValueError(f"ring attention with {axis}={size} ({layout}) cuts the length "
                      f"into {chunks} chunks, but length={q.shape[1]} is not a multiple "
                      f"of {chunks}")
-  cfg = Ring(axis, size, causal, zigzag, block.BlockSizes.of(block_sizes), backend)
+  cfg = Ring(axis, size, causal, zigzag, block.BlockSizes.of(block_sizes), backend,
+             window)
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   return partition.shard(functools.partial(_ring, cfg), mesh, q, k, v, segment_ids,

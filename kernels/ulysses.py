@@ -47,7 +47,7 @@ def check(mesh, heads: int, kv_heads: int,
 
 
 def _local(q, k, v, seg, *, axis: str, size: int, causal: bool, block_sizes,
-           backend: str):
+           backend: str, window: int | None):
   """Per device: [b, n, h, d] chunks -> all-to-all -> local flash -> all-to-all."""
   if k.shape[2] % size:  # e.g. 2 KV heads on 4 devices: each device needs one
     k = jnp.repeat(k, size // k.shape[2], axis=2)
@@ -58,18 +58,22 @@ def _local(q, k, v, seg, *, axis: str, size: int, causal: bool, block_sizes,
   if seg is not None:
     seg = lax.all_gather(seg, axis, axis=1, tiled=True)  # [b, n*P]
   o = flash.attention(q, k, v, causal=causal, segment_ids=seg, block_sizes=block_sizes,
-                      backend=backend)
+                      backend=backend, window=window)
   return lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=None,
-              backend: str = "auto", axes: partition.Axes = partition.DEFAULT_AXES):
+              backend: str = "auto", axes: partition.Axes = partition.DEFAULT_AXES,
+              window: int | None = None):
   """Ulysses attention over the mesh axis the length is split over (natural order;
   `axes` from the rules, by default `sequence`).
 
-  q [b, l, h, d]; k, v [b, l, kvh, d]; segment_ids [b, l] -> [b, l, h, d].
+  q [b, l, h, d]; k, v [b, l, kvh, d]; segment_ids [b, l] -> [b, l, h, d]. Each
+  device attends over the whole length for its heads, so a sliding `window` is the
+  local flash kernel's.
   """
   flash.check_shapes(q, k, v, segment_ids)
+  flash.check_window(window, causal)
   mesh = partition.context_mesh()
   axis = partition.sequence_axis(mesh, axes) if mesh is not None else None
   if axis is None:
@@ -82,6 +86,6 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   if q.shape[1] % size:
     raise ValueError(f"length={q.shape[1]} is not a multiple of {axis}={size}")
   fn = functools.partial(_local, axis=axis, size=size, causal=causal,
-                         block_sizes=block_sizes, backend=backend)
+                         block_sizes=block_sizes, backend=backend, window=window)
   return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=True,
                          axes=axes)

@@ -51,12 +51,14 @@ def _abstract(mesh, length=1024, heads=8, kv_heads=2, head_dim=128, dtype=jnp.bf
 
 
 @needs_libtpu
-def test_flash_compiles_for_tpu(v5e_devices):
+@pytest.mark.parametrize("window", [None, 300])
+def test_flash_compiles_for_tpu(v5e_devices, window):
   """Forward + backward Mosaic kernels (3 custom calls), sharded over data x tensor;
-  length 1000 is not a tile multiple."""
+  length 1000 is not a tile multiple; with and without a sliding window (whose
+  block ranges enter the kernels' index maps)."""
   mesh = _mesh(v5e_devices, data=2, tensor=2)
   with jax.set_mesh(mesh):
-    compiled = jax.jit(_loss_and_grads("flash", block_sizes=256)).lower(
+    compiled = jax.jit(_loss_and_grads("flash", block_sizes=256, window=window)).lower(
         *_abstract(mesh, length=1000)).compile()
   hlo = compiled.as_text()
   assert hlo.count("custom_call_target=\"tpu_custom_call\"") == 3
@@ -82,13 +84,15 @@ def test_flash_head_dims_compile_for_tpu(v5e_devices, head_dim):
 
 
 @needs_libtpu
-@pytest.mark.parametrize("impl", ["ring_zigzag", "ring"])
-def test_ring_compiles_for_tpu(v5e_devices, impl):
+@pytest.mark.parametrize("impl,window", [("ring_zigzag", None), ("ring", None),
+                                         ("ring", 300)])
+def test_ring_compiles_for_tpu(v5e_devices, impl, window):
   """Ring over sequence=4 with Mosaic kernels inside shard_map and lax.cond, in
-  zig-zag order and in natural order."""
+  zig-zag order, in natural order, and windowed (offset chunks)."""
   mesh = _mesh(v5e_devices, sequence=4)
   with jax.set_mesh(mesh):
-    hlo = jax.jit(_loss_and_grads(impl)).lower(*_abstract(mesh)).compile().as_text()
+    hlo = jax.jit(_loss_and_grads(impl, window=window)).lower(
+        *_abstract(mesh)).compile().as_text()
   assert "tpu_custom_call" in hlo
   # (The exact hop count is asserted on CPU: TPU's compiled HLO omits loop trip counts.)
   assert count_ops(hlo, "collective-permute") > 0
@@ -123,11 +127,14 @@ def test_train_step_with_ring_compiles_for_tpu(v5e_devices, tiny_config):
   assert count_ops(hlo, "collective-permute") > 0
 
 
-def test_flash_lowers_for_cuda():
-  """Forward + backward lower to three Triton kernels (forward, dQ, dK/dV)."""
+@pytest.mark.parametrize("window", [None, 300])
+def test_flash_lowers_for_cuda(window):
+  """Forward + backward lower to three Triton kernels (forward, dQ, dK/dV), with
+  and without a sliding window."""
   mesh = _mesh(jax.devices()[:1])
   exported = jax.export.export(
-      jax.jit(_loss_and_grads("flash", block_sizes=64)), platforms=["cuda"],
+      jax.jit(_loss_and_grads("flash", block_sizes=64, window=window)),
+      platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   )(*_abstract(mesh, length=1000, heads=4, kv_heads=2, head_dim=64))
   module = exported.mlir_module()
