@@ -4,9 +4,11 @@
 
 Same weights on both sides: a random 21M-parameter Llama (d_model 512, 4 layers,
 8 heads, SwiGLU 1408, vocab 8192) is saved by transformers and imported into rung.
-64-token prompts, 128 new tokens, greedy, batch 1 and 16, float32, on this CPU.
-New tokens per second exclude compilation (one warm-up generation first). One
-JSON line per measurement.
+64-token prompts, 128 new tokens, greedy, batch 1 and 16, float32 and then
+bfloat16 (rung: bf16 weights, activations and KV cache, as `generate
+--config.model.compute_dtype=bfloat16 --config.model.param_dtype=bfloat16` loads;
+transformers: the model cast to bf16), on this CPU. New tokens per second exclude
+compilation (one warm-up generation first). One JSON line per measurement.
 
 Also timed, as the reference for what any float32 decoder can reach under XLA:CPU
 here: the "matmul floor", only the model's projection matmuls (every weight read
@@ -23,7 +25,6 @@ that ladder recovers.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -34,14 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from common import emit  # noqa: E402
+
 _REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kept)")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "weight and compute "
+                            "dtypes to time, each on both sides")
 _LADDER = flags.DEFINE_bool("ladder", True, "also time the 2-process tensor=2 "
                             "decode step per block type")
 PROMPT, NEW = 64, 128
-
-
-def emit(**row):
-  print(json.dumps(row), flush=True)
 
 
 def matmul_floor(model, batch: int, steps: int = NEW) -> float:
@@ -68,7 +69,7 @@ def matmul_floor(model, batch: int, steps: int = NEW) -> float:
       return (x @ head)[:, :d]
     return jax.lax.fori_loop(0, steps, token, x)
 
-  x = jnp.ones((batch, d), jnp.float32)
+  x = jnp.ones((batch, d), head.dtype)
   run(x, mats, head).block_until_ready()
   best = float("inf")
   for _ in range(_REPS.value):
@@ -81,13 +82,12 @@ def matmul_floor(model, batch: int, steps: int = NEW) -> float:
 def main(argv):
   del argv
   import jax
-  import numpy as np
   import torch
   import transformers
 
   import infer
   from experiments import base
-  from train import hf
+  from train import hf, run_config
 
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
@@ -100,11 +100,32 @@ def main(argv):
   c = base.get_config()
   c.mesh.data = 1
   hf.import_hf(os.path.join(tmp, "hf"), os.path.join(tmp, "rung"), c)
-  model, _ = infer.load(os.path.join(tmp, "rung"), devices=jax.devices()[:1])
   emit(what="environment", date=time.strftime("%Y-%m-%d"), jax=jax.__version__,
        torch=torch.__version__, transformers=transformers.__version__,
        torch_threads=torch.get_num_threads(), cpus=os.cpu_count())
 
+  for dtype in _DTYPES.value:
+    saved = run_config.load(os.path.join(tmp, "rung"))
+    saved.model.update(compute_dtype=dtype, param_dtype=dtype)
+    model, _ = infer.load(os.path.join(tmp, "rung"), devices=jax.devices()[:1],
+                          config=saved)
+    time_dtype(model, hf_model.to(getattr(torch, dtype)), dtype)
+  if _LADDER.value:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "ladder_overlap.py")
+    out = subprocess.run([sys.executable, script, "--instrument=wallclock",
+                          "--programs=decode", "--reps=30"],
+                         check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+      if line.startswith("{") and '"environment"' not in line:
+        print(line, flush=True)
+
+
+def time_dtype(model, hf_model, dtype: str) -> None:
+  import numpy as np
+  import torch
+
+  import infer
   rng = np.random.default_rng(0)
   for batch in (1, 16):
     prompts = rng.integers(0, 8192, (batch, PROMPT))
@@ -115,7 +136,8 @@ def main(argv):
       out = infer.generate(model, prompts.tolist(), max_new_tokens=NEW)
       best = min(best, time.perf_counter() - start)
     rung_tps = batch * NEW / best
-    emit(system="rung", batch=batch, seconds=best, new_tokens_per_sec=rung_tps)
+    emit(system="rung", dtype=dtype, batch=batch, seconds=best,
+         new_tokens_per_sec=rung_tps)
     ids = torch.tensor(prompts)
     with torch.no_grad():
       hf_model.generate(ids, max_new_tokens=4, do_sample=False)  # warm up
@@ -127,22 +149,14 @@ def main(argv):
         best_hf = min(best_hf, time.perf_counter() - start)
     hf_tps = batch * NEW / best_hf
     same = [o == r.tolist() for o, r in zip(out, ref[:, PROMPT:])]
-    emit(system="transformers", batch=batch, seconds=best_hf, new_tokens_per_sec=hf_tps)
-    emit(what="ratio", batch=batch, rung_over_transformers=rung_tps / hf_tps,
+    emit(system="transformers", dtype=dtype, batch=batch, seconds=best_hf,
+         new_tokens_per_sec=hf_tps)
+    emit(what="ratio", dtype=dtype, batch=batch, rung_over_transformers=rung_tps / hf_tps,
          same_greedy_tokens=f"{sum(same)}/{batch}")
     floor_tps = batch * NEW / matmul_floor(model, batch)
-    emit(system="matmul floor", batch=batch, new_tokens_per_sec=floor_tps,
+    emit(system="matmul floor", dtype=dtype, batch=batch, new_tokens_per_sec=floor_tps,
          floor_over_transformers=floor_tps / hf_tps,
          rung_over_floor=rung_tps / floor_tps)
-  if _LADDER.value:
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                          "ladder_overlap.py")
-    out = subprocess.run([sys.executable, script, "--instrument=wallclock",
-                          "--programs=decode", "--reps=30"],
-                         check=True, capture_output=True, text=True).stdout
-    for line in out.splitlines():
-      if line.startswith("{") and '"environment"' not in line:
-        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,18 @@ def get_config(arg=None) -> ConfigDict:
       d_ff=704,                # SwiGLU hidden size
       tie_embeddings=False,    # LM head shares the embedding table
       rope_theta=10000.0,
+      rope_type="default",     # default | linear | llama3 | yarn (model/rotary.py)
+      rope_factor=1.0,         # linear, llama3, yarn: context extension factor
+      rope_low_freq_factor=1.0,   # llama3: wavelengths > orig/low are divided by factor
+      rope_high_freq_factor=4.0,  # llama3: wavelengths < orig/high are kept
+      rope_original_max_positions=8192,  # llama3, yarn: pre-training context length
+      rope_beta_fast=32.0,     # yarn: ramp bounds, in rotations over the orig. context
+      rope_beta_slow=1.0,
+      rope_attention_factor=placeholder(float),  # yarn cos/sin scale; None: 0.1ln(f)+1
+      max_position_embeddings=8192,  # the context length exported to HF config.json
+      qkv_bias=False,          # bias on q, k, v projections (Qwen2)
+      qk_norm=False,           # per-head RMSNorm of q and k before rotary (Qwen3)
+      sliding_window=0,        # keys per query (Mistral); 0 = full causal attention
       norm_eps=1e-5,
       init_std=0.02,
       compute_dtype="float32",  # float32 | bfloat16 (params stay param_dtype)
@@ -42,6 +54,7 @@ def get_config(arg=None) -> ConfigDict:
           aux_loss_weight=0.01,  # Switch load-balancing loss weight
           z_loss_weight=0.001,  # router z-loss weight
           dispatch="capacity",  # capacity | dropless
+          renormalize=False,   # top_k gates divided by their sum (Mixtral)
       )),
   ))
 
@@ -61,6 +74,9 @@ def get_config(arg=None) -> ConfigDict:
       skip_bad_records=False,  # skip (and count) malformed records instead of failing
       tokenizer="byte",        # byte | path to an HF tokenizer.json
       eos_id=placeholder(int),  # document separator for tokens / tokenizer.json
+      stop_ids=(),             # more generation stop ids (besides the eos); import-hf
+                               # sets every eos_token_id of the checkpoint
+      bos_id=placeholder(int),  # beginning-of-text id, kept for export-hf only
       token_dtype="uint16",    # dtype of .bin files for source=tokens
       seq_len=256,
       eval_fraction=0.02,      # tail of the token stream held out for eval

@@ -31,6 +31,13 @@ class _Printer:
     self.printed = len(text)
 
 
+def stop_tokens(tokenizer, config) -> list[int]:
+  """The tokenizer's eos (data.eos_id when set), then every id of
+  `data.stop_ids` (import-hf fills it with the checkpoint's other eos_token_ids)."""
+  out = [int(tokenizer.eos_id)]
+  return out + [int(i) for i in config.data.get("stop_ids") or () if int(i) not in out]
+
+
 def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 256,
                   temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int = 0, step: int | None = None,
@@ -50,6 +57,6 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   printer = _Printer(tokenizer, out)
   new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, seed=seed,
-                 stop_tokens=[tokenizer.eos_id], on_token=printer)[0]
+                 stop_tokens=stop_tokens(tokenizer, saved), on_token=printer)[0]
   out.write("\n")
   return tokenizer.decode(new)

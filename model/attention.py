@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import kernels
 from kernels import cached
 from model.linear import dense
-from model.params import param
-from model.rotary import apply_rotary
+from model.params import ones, param, zeros
+from model.rotary import Rotary, apply_rotary
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """x [..., head_dim] / rms over head_dim * scale [head_dim], in float32 (as
+  transformers' Qwen3RMSNorm), returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-               *, rope_theta: float, init_std: float, impl: str, dtype, param_dtype,
-               constrain, rngs: nnx.Rngs):
+               *, rope: Rotary | float, init_std: float, impl: str, dtype, param_dtype,
+               constrain, rngs: nnx.Rngs, qkv_bias: bool = False, qk_norm: bool = False,
+               norm_eps: float = 1e-6, window: int | None = None):
+    """rope: the rotary variant (or a plain theta); qkv_bias: biases q_bias
+    [heads, head_dim], k_bias and v_bias [kv_heads, head_dim] added after the
+    projections (Qwen2); qk_norm: RMSNorm of each q and k head over head_dim with
+    scales q_norm, k_norm [head_dim] and epsilon norm_eps, before rotary (Qwen3);
+    window: a sliding window of that many keys per query (Mistral), None for full
+    causal attention -- in training, prefill and decoding alike."""
     init = nnx.initializers.normal(init_std)
     self.q = param(rngs, init, (d_model, num_heads, head_dim),
                    ("embed", "heads", "head_dim"), param_dtype)
@@ -26,8 +42,20 @@ class Attention(nnx.Module):
                    ("embed", "kv_heads", "head_dim"), param_dtype)
     self.o = param(rngs, init, (num_heads, head_dim, d_model),
                    ("heads", "head_dim", "embed"), param_dtype)
-    self.rope_theta = rope_theta
+    # (None when off; assigned once: NNX fixes an attribute's data/static kind.)
+    # Bias logical axes follow each projection's output axes.
+    bias = lambda heads, name: (zeros((heads, head_dim), (name, "head_dim"), param_dtype)
+                                if qkv_bias else None)
+    self.q_bias = bias(num_heads, "heads")  # [heads, head_dim]
+    self.k_bias = bias(num_kv_heads, "kv_heads")  # [kv_heads, head_dim]
+    self.v_bias = bias(num_kv_heads, "kv_heads")
+    norm = lambda: ones((head_dim,), ("head_dim",), param_dtype) if qk_norm else None
+    self.q_norm = norm()  # [head_dim]
+    self.k_norm = norm()
+    self.norm_eps = norm_eps
+    self.rope = rope
     self.impl = impl
+    self.window = window
     self.dtype = dtype
     self.constrain = constrain
 
@@ -37,11 +65,18 @@ class Attention(nnx.Module):
     q = dense(x, self.q[...].astype(dt))  # [batch, length, heads, head_dim]
     k = dense(x, self.k[...].astype(dt))  # [batch, length, kv_heads, head_dim]
     v = dense(x, self.v[...].astype(dt))
+    if self.q_bias is not None:
+      q = q + self.q_bias[...].astype(dt)  # [heads, head_dim] broadcast
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if self.q_norm is not None:
+      q = _rms_norm(q, self.q_norm[...], self.norm_eps)
+      k = _rms_norm(k, self.k_norm[...], self.norm_eps)
     q = self.constrain(q, ("batch", "length", "act_heads", None))
     k = self.constrain(k, ("batch", "length", "act_kv_heads", None))
     v = self.constrain(v, ("batch", "length", "act_kv_heads", None))
-    q = apply_rotary(q, positions, self.rope_theta)
-    k = apply_rotary(k, positions, self.rope_theta)
+    q = apply_rotary(q, positions, self.rope)
+    k = apply_rotary(k, positions, self.rope)
     return q, k, v
 
   def project_out(self, o: jax.Array) -> jax.Array:
@@ -53,7 +88,8 @@ class Attention(nnx.Module):
     """[batch, length, embed] -> same: causal self-attention (within segments)."""
     q, k, v = self.project_qkv(x, positions)
     o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                          impl=self.impl, rules=self.constrain.rules)
+                          impl=self.impl, rules=self.constrain.rules,
+                          window=self.window)
     # o: [batch, length, heads, head_dim]
     return self.project_out(o)
 
@@ -68,7 +104,7 @@ class Attention(nnx.Module):
     cache = cache.write(layer, k, v, positions[:, 0])
     if prefill:
       o = kernels.attention(q, k, v, causal=True, impl=self.impl,
-                            rules=self.constrain.rules)
+                            rules=self.constrain.rules, window=self.window)
     else:
-      o = cached.attention(q, cache, layer, positions)
+      o = cached.attention(q, cache, layer, positions, window=self.window)
     return self.project_out(o), cache

@@ -38,10 +38,11 @@ class Block(nnx.Module):
                            param_dtype=cfg.params_dtype)
     self.attn_norm = norm()
     self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                          rope_theta=cfg.rope_theta, init_std=cfg.init_std,
+                          rope=cfg.rotary, init_std=cfg.init_std,
                           impl=cfg.attention, dtype=cfg.dtype,
                           param_dtype=cfg.params_dtype, constrain=constrain,
-                          rngs=rngs)
+                          rngs=rngs, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                          norm_eps=cfg.norm_eps, window=cfg.sliding_window or None)
     self.mlp_norm = norm() if cfg.block != "parallel" else None
     self.mlp = MoE(cfg, constrain=constrain, rngs=rngs) if moe else MLP(
         cfg.d_model, cfg.d_ff, init_std=cfg.init_std, dtype=cfg.dtype,

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 import kernels
+from model.rotary import ROPE_TYPES, Rotary
 from sharding import ConfigError
 
 BLOCKS = ("standard", "parallel", "ladder")
@@ -32,6 +33,8 @@ class MoEConfig:
   aux_loss_weight: float = 0.01
   z_loss_weight: float = 0.001
   dispatch: str = "capacity"
+  # Gates divided by their sum over the top_k choices (Mixtral; HF norm_topk_prob).
+  renormalize: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,21 @@ class ModelConfig:
   d_ff: int = 704
   tie_embeddings: bool = False
   rope_theta: float = 10000.0
+  # Rotary variant (model/rotary.py): default | linear | llama3 | yarn, and its knobs.
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_attention_factor: float | None = None
+  max_position_embeddings: int = 8192
+  qkv_bias: bool = False  # bias on the q, k and v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm of q and k over head_dim, before rotary (Qwen3)
+  # Sliding-window attention (Mistral): each token sees itself and the previous
+  # sliding_window - 1 tokens, in training, prefill and decoding; 0 = full causal.
+  sliding_window: int = 0
   norm_eps: float = 1e-5
   init_std: float = 0.02
   compute_dtype: str = "float32"
@@ -65,6 +83,17 @@ class ModelConfig:
     if "moe" in fields:
       fields["moe"] = MoEConfig(**dict(fields["moe"]))
     return cls(**fields)
+
+  @property
+  def rotary(self) -> Rotary:
+    return Rotary(
+        theta=float(self.rope_theta), type=self.rope_type, factor=float(self.rope_factor),
+        low_freq_factor=float(self.rope_low_freq_factor),
+        high_freq_factor=float(self.rope_high_freq_factor),
+        original_max_positions=int(self.rope_original_max_positions),
+        beta_fast=float(self.rope_beta_fast), beta_slow=float(self.rope_beta_slow),
+        attention_factor=(None if self.rope_attention_factor is None
+                          else float(self.rope_attention_factor)))
 
   @property
   def dtype(self):
@@ -140,6 +169,15 @@ def validate(cfg: Any) -> None:
     if cfg[field] <= 0:
       raise ConfigError(f"model.{field}", f"must be positive, got {cfg[field]}.",
                         f"set --config.model.{field} to a positive integer.")
+  window = cfg.get("sliding_window", 0)
+  if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+    raise ConfigError("model.sliding_window", f"{window!r} is not a number of keys.",
+                      "set --config.model.sliding_window to 0 (full causal) or a "
+                      "positive integer such as 4096.")
+  if window and cfg.attention == "ring_zigzag":
+    raise ConfigError("model.attention", "ring_zigzag cannot run a sliding window "
+                      f"(model.sliding_window={window}).",
+                      "set --config.model.attention=ring (or ulysses, or auto).")
   if cfg.num_heads % cfg.num_kv_heads:
     raise ConfigError(
         "model.num_kv_heads",
@@ -149,8 +187,44 @@ def validate(cfg: Any) -> None:
         "choose num_kv_heads dividing num_heads.")
   if cfg.block == "ladder":
     parse_ladder_layers(cfg.ladder_layers, cfg.num_layers)
+  if "rope_type" in cfg:
+    validate_rotary(ModelConfig.from_config(cfg))
   if "moe" in cfg:
     validate_moe(ModelConfig.from_config(cfg))
+
+
+def validate_rotary(m: ModelConfig) -> None:
+  """The `model.rope_*` fields: a known variant with parameters it can use."""
+  if m.rope_type not in ROPE_TYPES:
+    raise ConfigError("model.rope_type", f"{m.rope_type!r} is not one of {ROPE_TYPES}.",
+                      "set --config.model.rope_type to one of them.")
+  if m.head_dim % 2:
+    raise ConfigError("model.head_dim", f"rotary embeddings rotate pairs of features; "
+                      f"head_dim={m.head_dim} is odd.", "choose an even head_dim.")
+  if m.rope_theta <= 1:
+    raise ConfigError("model.rope_theta", f"must be > 1, got {m.rope_theta}.",
+                      "set e.g. --config.model.rope_theta=10000.")
+  if m.rope_type != "default" and m.rope_factor <= 0:
+    raise ConfigError("model.rope_factor", f"rope_type={m.rope_type} needs a positive "
+                      f"factor, got {m.rope_factor}.", "set e.g. "
+                      "--config.model.rope_factor=8.")
+  if m.rope_type in ("llama3", "yarn") and m.rope_original_max_positions <= 0:
+    raise ConfigError("model.rope_original_max_positions", "must be positive, got "
+                      f"{m.rope_original_max_positions}.", "set the pre-training "
+                      "context length, e.g. 8192.")
+  if m.rope_type == "llama3" and not (
+      0 < m.rope_low_freq_factor < m.rope_high_freq_factor):
+    raise ConfigError("model.rope_high_freq_factor", "llama3 scaling needs 0 < "
+                      f"rope_low_freq_factor={m.rope_low_freq_factor} < "
+                      f"rope_high_freq_factor={m.rope_high_freq_factor}.",
+                      "use Llama 3.1's 1 and 4.")
+  if m.rope_type == "yarn" and not 0 < m.rope_beta_slow < m.rope_beta_fast:
+    raise ConfigError("model.rope_beta_fast", "yarn needs 0 < rope_beta_slow="
+                      f"{m.rope_beta_slow} < rope_beta_fast={m.rope_beta_fast}.",
+                      "use the paper's 1 and 32.")
+  if m.max_position_embeddings <= 0:
+    raise ConfigError("model.max_position_embeddings", "must be positive, got "
+                      f"{m.max_position_embeddings}.", "set e.g. 8192.")
 
 
 def validate_moe(m: ModelConfig) -> None:

@@ -2,8 +2,10 @@
 
 Router. Logits [tokens, experts] in float32; each token takes its `top_k` most
 probable experts and weights each expert's output by that expert's softmax
-probability (not renormalised over the k, so top_k = 1 still trains the router
-through the language-model loss, as in Switch).
+probability -- by default not renormalised over the k, so top_k = 1 still trains
+the router through the language-model loss, as in Switch; with `renormalize` the k
+gates are divided by their sum, as Mixtral computes them (Jiang et al. 2024,
+arXiv 2401.04088: softmax over the top-k logits, the same thing).
 
 Two dispatch paths (`moe.dispatch`):
 - `capacity` (GShard): each sequence is a group; every expert takes at most
@@ -76,9 +78,10 @@ def capacities(length: int, top_k: int, num_experts: int, factor: float) -> jax.
   return jnp.asarray(table)
 
 
-def route(logits: jax.Array, top_k: int):
+def route(logits: jax.Array, top_k: int, renormalize: bool = False):
   """logits [batch, length, experts] (float32) -> (probs [b, l, E], gates [b, l, k],
-  experts [b, l, k] int32), choices in decreasing probability."""
+  experts [b, l, k] int32), choices in decreasing probability; with `renormalize`
+  the gates of each token sum to 1."""
   probs = jax.nn.softmax(logits, axis=-1)
   # A stable sort rather than lax.top_k, which the auto-partitioner does not split
   # over the batch (it all-gathers every token's probabilities); the gates by a
@@ -87,6 +90,8 @@ def route(logits: jax.Array, top_k: int):
   experts = experts[..., :top_k]  # [b, l, k], ties to the lower index
   onehot = jax.nn.one_hot(experts, probs.shape[-1], dtype=probs.dtype)  # [b, l, k, E]
   gates = jnp.sum(onehot * probs[:, :, None, :], axis=-1)  # [b, l, k]
+  if renormalize:
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   return probs, gates, experts.astype(jnp.int32)
 
 
@@ -278,7 +283,7 @@ class MoE(nnx.Module):
     m = self.moe
     logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # [b, l, E]
     logits = self.constrain(logits, ("batch", "length", None))
-    probs, gates, experts = route(logits, m.top_k)  # [b, l, E], [b, l, k] x2
+    probs, gates, experts = route(logits, m.top_k, m.renormalize)  # [b,l,E], [b,l,k] x2
     dep = (jnp.zeros_like(x[..., :1]) if after is None
            else after[..., :1].astype(x.dtype))  # [b, l, 1]
     weights = (self.gate[...], self.up[...], self.down[...])

@@ -24,6 +24,11 @@ def ones(shape: Sequence[int], names: Sequence[str], dtype: Any) -> nnx.Param:
                    eager_sharding=False)
 
 
+def zeros(shape: Sequence[int], names: Sequence[str], dtype: Any) -> nnx.Param:
+  return nnx.Param(jnp.zeros(tuple(shape), dtype), out_sharding=tuple(names),
+                   eager_sharding=False)
+
+
 def logical_axes(state: nnx.State) -> dict:
   """Nested dict of per-dimension logical names matching `nnx.to_pure_dict(state)`."""
   out: dict = {}

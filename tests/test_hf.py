@@ -1,6 +1,9 @@
-"""HF Llama checkpoints in and out: logits match transformers."""
+"""HF checkpoints in and out (Llama 3 with llama3 rope, Qwen2, Qwen3, Mistral with a
+sliding window, Mixtral; transformers 4 and 5 config layouts): logits, greedy
+generation and exported configs match transformers."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -8,69 +11,264 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 import infer  # noqa: E402
 from experiments import base  # noqa: E402
 from sharding import ConfigError  # noqa: E402
 from train import hf  # noqa: E402
 
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43, 38],
+           [8, 32, 79, 50, 28, 84, 19, 71, 69, 39, 93, 75, 10]]
+NEW_TOKENS = 12
+COMMON = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+              rms_norm_eps=1e-5)
+# One tiny model per family, odd sizes: hidden 48 (not a power of two), GQA, and a
+# head_dim that is not hidden/heads where the family has the field.
+FAMILIES = {
+    "llama3": ("LlamaForCausalLM", dict(
+        num_attention_heads=6, num_key_value_heads=2, head_dim=12,
+        tie_word_embeddings=False, max_position_embeddings=512, bos_token_id=1,
+        rope_parameters=dict(rope_type="llama3", rope_theta=50000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=256))),
+    "qwen2": ("Qwen2ForCausalLM", dict(
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=1024,
+        rope_parameters=dict(rope_type="default", rope_theta=200000.0))),
+    "qwen3": ("Qwen3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        tie_word_embeddings=False, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="yarn", rope_theta=20000.0, factor=4.0,
+                             original_max_position_embeddings=64))),
+    # A window of 4 keys: the 9- and 13-token prompts are 2-3 windows long.
+    "mistral": ("MistralForCausalLM", dict(
+        num_attention_heads=6, num_key_value_heads=2, head_dim=12, sliding_window=4,
+        tie_word_embeddings=False, max_position_embeddings=512,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # Top-2 of 4 experts, renormalised gates; full attention (sliding_window null).
+    "mixtral": ("MixtralForCausalLM", dict(
+        num_attention_heads=6, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, tie_word_embeddings=False,
+        max_position_embeddings=512,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+}
 
-def _hf_model(tied, tmp_path, shard=False):
+
+def _hf_model(arch, kwargs, path, stops=1, shard=False):
+  """A random `arch` model saved to `path`; its eos ids (`stops` of them) are tokens
+  its greedy continuations produce, so generation really stops on them."""
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-      vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=tied,
-      rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128)
-  model = transformers.LlamaForCausalLM(config).eval()
-  with torch.no_grad():  # norms start at 1; make them matter
+  config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(
+      **COMMON, **kwargs)
+  model = getattr(transformers, arch)(config).eval()
+  with torch.no_grad():  # norms start at 1 and biases at 0; make them matter
     for name, p in model.named_parameters():
       if "norm" in name:
         p.uniform_(0.5, 1.5)
-  path = tmp_path / ("hf_tied" if tied else "hf")
+      elif name.endswith("bias"):
+        p.normal_(0.0, 0.5)
+  if stops:
+    model.generation_config.eos_token_id = None
+    eos = []  # a token first produced at step >= 3 of some continuation
+    for c in (_hf_generate(model, p) for p in PROMPTS):
+      new = [t for j, t in enumerate(c) if j >= 3 and t not in c[:j] and t not in eos]
+      eos += new[:1]
+    eos = eos[:stops] or [c[0]]  # (tiny random models repeat themselves)
+    eos = eos[0] if stops == 1 else eos
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
   model.save_pretrained(path, max_shard_size="40KB" if shard else "1GB")
-  return model, path
+  return model
 
 
-def _hf_logits(model, tokens):
+def _hf_generate(model, prompt):
   with torch.no_grad():
-    return model(torch.tensor(tokens)).logits.numpy()
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
+                         do_sample=False, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
 
 
-def _import(path, workdir):
+def _hf_logits(model, prompts=PROMPTS):
+  """Each prompt alone: [len(p), vocab] float32 numpy arrays."""
+  with torch.no_grad():
+    return [model(torch.tensor([p])).logits[0].numpy() for p in prompts]
+
+
+def _rung_logits(rung_model, prompts=PROMPTS):
+  """One right-padded batch (causal: padding does not reach the real positions)."""
+  tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  out = np.asarray(jax.jit(lambda m, t: m(t))(rung_model, tokens))
+  return [out[i, :len(p)] for i, p in enumerate(prompts)]
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+def _import(path, workdir, **mesh):
   c = base.get_config()
-  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.mesh.update(**(mesh or dict(data=2, fsdp=2, tensor=2)))
   hf.import_hf(str(path), str(workdir), c)
 
 
-@pytest.mark.parametrize("tied,shard", [(False, False), (True, True)])
-def test_import_then_export_round_trip(tied, shard, tmp_path):
-  model, path = _hf_model(tied, tmp_path, shard)
-  if shard:
-    assert (path / "model.safetensors.index.json").exists()
-  tokens = np.random.default_rng(0).integers(0, 97, (2, 24))
-  expected = _hf_logits(model, tokens)
+def _rope(config):
+  """(rope_type, theta, inv_freq, attention scale) as transformers computes them."""
+  params = config.rope_parameters
+  kind = params["rope_type"]
+  if kind == "default":
+    return kind, params["rope_theta"], None, 1.0
+  inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+  return kind, params["rope_theta"], inv_freq.numpy(), float(scale)
 
-  _import(path, tmp_path / "rung")
+
+def _assert_same_config(original_dir, exported_dir):
+  """The config.json fields that change what the model computes or emits."""
+  a = transformers.AutoConfig.from_pretrained(original_dir)
+  b = transformers.AutoConfig.from_pretrained(exported_dir)
+  for key in ("architectures", "model_type", "vocab_size", "hidden_size",
+              "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "hidden_act", "rms_norm_eps",
+              "tie_word_embeddings", "max_position_embeddings", "eos_token_id",
+              "bos_token_id", "attention_bias", "mlp_bias", "use_sliding_window",
+              "sliding_window", "num_local_experts", "num_experts_per_tok"):
+    assert getattr(a, key, None) == getattr(b, key, None), key
+  head_dim = lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+  assert head_dim(a) == head_dim(b)
+  (ka, ta, fa, sa), (kb, tb, fb, sb) = _rope(a), _rope(b)
+  assert (ka, ta, sa) == (kb, tb, pytest.approx(sb, rel=1e-12))
+  if fa is not None:
+    np.testing.assert_array_equal(fa, fb)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_logits_generation_and_round_trip(family, tmp_path):
+  arch, kwargs = FAMILIES[family]
+  shard = family == "qwen2"
+  model = _hf_model(arch, kwargs, tmp_path / "hf", stops=1 if shard else 2,
+                    shard=shard)
+  if shard:
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+  expected = _hf_logits(model)
+
+  _import(tmp_path / "hf", tmp_path / "rung")
   rung_model, config = infer.load(str(tmp_path / "rung"))
-  assert config.model.num_kv_heads == 2 and config.model.tie_embeddings == tied
-  got = np.asarray(jax.jit(lambda m, t: m(t))(rung_model, tokens))
-  assert np.max(np.abs(got - expected)) <= 1e-4
+  assert config.model.qkv_bias == (family == "qwen2")
+  assert config.model.qk_norm == (family == "qwen3")
+  assert config.model.sliding_window == kwargs.get("sliding_window", 0)
+  assert config.model.moe.num_experts == kwargs.get("num_local_experts", 0)
+  assert config.model.rope_type == kwargs["rope_parameters"]["rope_type"]
+  stops = hf.stop_tokens(config.data)
+  eos = model.config.eos_token_id
+  assert stops == ([eos] if isinstance(eos, int) else eos)
+  assert _max_diff(_rung_logits(rung_model), expected) <= 1e-4
+
+  want = [_hf_generate(model, p) for p in PROMPTS]
+  assert any(len(w) < NEW_TOKENS for w in want)  # some stop on an eos
+  got = infer.generate(rung_model, PROMPTS, max_new_tokens=NEW_TOKENS,
+                       stop_tokens=stops)
+  assert got == want
+
+  hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "out"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  assert type(back).__name__ == arch
+  assert _max_diff(_hf_logits(back), expected) <= 1e-4
+  _assert_same_config(tmp_path / "hf", tmp_path / "out")
+
+
+# transformers 4 wrote rotary settings as top-level rope_theta + rope_scaling
+# (older files name the variant `type`).
+T4_SCALINGS = {
+    "linear": {"type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+             "beta_fast": 16, "beta_slow": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def t5_llama(tmp_path_factory):
+  path = tmp_path_factory.mktemp("t5_llama")
+  arch, kwargs = FAMILIES["llama3"]
+  _hf_model(arch, {**kwargs, "tie_word_embeddings": True}, path, stops=0)
+  return path
+
+
+@pytest.mark.parametrize("scaling", list(T4_SCALINGS))
+def test_transformers4_config_layout(scaling, t5_llama, tmp_path):
+  src = tmp_path / "hf"
+  shutil.copytree(t5_llama, src)
+  cfg = json.loads((src / "config.json").read_text())
+  cfg.pop("rope_parameters")
+  cfg.update(rope_theta=30000.0, rope_scaling=T4_SCALINGS[scaling],
+             eos_token_id=[5, 7], torch_dtype="float32")
+  cfg.pop("dtype", None)
+  (src / "config.json").write_text(json.dumps(cfg))
+  (src / "generation_config.json").unlink(missing_ok=True)
+  reference = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+  assert reference.config.rope_parameters["rope_theta"] == 30000.0
+  expected = _hf_logits(reference)
+
+  _import(src, tmp_path / "rung", data=8)
+  rung_model, config = infer.load(str(tmp_path / "rung"))
+  assert (config.model.rope_type, config.model.rope_theta) == (scaling, 30000.0)
+  assert hf.stop_tokens(config.data) == [5, 7]
+  assert _max_diff(_rung_logits(rung_model), expected) <= 1e-4
 
   hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "out"))
   back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
-  assert np.max(np.abs(_hf_logits(back, tokens) - expected)) <= 1e-4
+  assert _max_diff(_hf_logits(back), expected) <= 1e-4
+  _assert_same_config(src, tmp_path / "out")
 
 
-def test_unsupported_architecture_refused_by_name(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(
-      {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 4}))
-  with pytest.raises(ConfigError, match="architecture Qwen2ForCausalLM is not supported"):
-    hf.import_hf(str(tmp_path), str(tmp_path / "w"), base.get_config())
+def test_export_writes_the_transformers4_layout():
+  from model import ModelConfig
+  cfg = ModelConfig(rope_type="linear", rope_factor=2.0, rope_theta=30000.0,
+                    max_position_embeddings=4096)
+  old = hf.hf_config(cfg, [5, 7], 1, major=4)
+  assert "rope_parameters" not in old and old["rope_theta"] == 30000.0
+  assert old["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+  assert old["max_position_embeddings"] == 4096 and old["eos_token_id"] == [5, 7]
+  fields = hf.model_fields_from_hf({**old, "num_attention_heads": 8})
+  assert (fields["rope_type"], fields["rope_factor"]) == ("linear", 2.0)
 
 
-def test_export_refuses_ladder(tmp_path):
-  _, path = _hf_model(False, tmp_path)
-  _import(path, tmp_path / "rung")
+@pytest.mark.parametrize("change,named", [
+    ({"architectures": ["GPTNeoXForCausalLM"]}, "architecture GPTNeoXForCausalLM"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
+     "rope_parameters.rope_type='longrope'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling.rope_type='dynamic'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+     "rope_parameters.low_freq_factor"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
+     "use_sliding_window=True"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+])
+def test_unsupported_refused_by_name(change, named):
+  config = {"architectures": ["LlamaForCausalLM"], **COMMON, "num_attention_heads": 4,
+            **change}
+  with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
+    hf.model_fields_from_hf(config)
+
+
+def test_cli_refuses_longrope(tmp_path):
+  from conftest import run_cli
+  (tmp_path / "config.json").write_text(json.dumps({
+      "architectures": ["LlamaForCausalLM"], **COMMON, "num_attention_heads": 4,
+      "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                          "short_factor": [1.0], "long_factor": [1.0]}}))
+  proc = run_cli("import-hf", f"--hf_dir={tmp_path}", f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "rope_type='longrope'" in proc.stderr
+
+
+def test_export_refuses_ladder(t5_llama, tmp_path):
+  _import(t5_llama, tmp_path / "rung", data=8)
   cfg = json.loads((tmp_path / "rung" / "config.json").read_text())
   cfg["model"]["block"] = "ladder"
   (tmp_path / "rung" / "config.json").write_text(json.dumps(cfg))
@@ -83,7 +281,8 @@ def test_cli_import_finetune_inspect_export(tmp_path):
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
       vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      eos_token_id=[2, 9])
   transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
   work = tmp_path / "run"
   proc = run_cli("import-hf", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={work}",
@@ -101,7 +300,54 @@ def test_cli_import_finetune_inspect_export(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step        2" in proc.stdout
   assert "layers/attn/k" in proc.stdout and "2x32x2x8" in proc.stdout
+  assert "model: LlamaForCausalLM layout" in proc.stdout
+  assert "rope: default (theta 10000), max_position_embeddings 64" in proc.stdout
+  assert "stop tokens: [2, 9]" in proc.stdout
   proc = run_cli("export-hf", f"--workdir={work}", f"--out={tmp_path / 'out'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
   assert back.config.num_key_value_heads == 2
+  assert back.config.max_position_embeddings == 64
+  assert back.config.eos_token_id == [2, 9]
+
+
+def test_generate_command_stops_on_eos_and_every_stop_id():
+  from infer.text import stop_tokens
+
+  class Tokenizer:
+    eos_id = 5
+
+  c = base.get_config()
+  c.data.stop_ids = (7, 5, 9)
+  assert stop_tokens(Tokenizer, c) == [5, 7, 9]
+  assert hf.stop_tokens(dict(eos_id=5, stop_ids=[7, 5, 9])) == [5, 7, 9]
+  assert hf.stop_ids_from_hf({"eos_token_id": [128001, 128009]},
+                             {"eos_token_id": [128001, 128008]}) == [128001, 128009,
+                                                                     128008]
+
+
+def test_mistral_window_through_prefill_and_32_decode_steps(tmp_path):
+  """A 5-key window under a 15-token prompt (3 windows): prefill, then 32 greedy
+  steps where every new token sees only the last 5 positions, as transformers."""
+  arch, kwargs = FAMILIES["mistral"]
+  model = _hf_model(arch, dict(kwargs, sliding_window=5), tmp_path / "hf", stops=0)
+  prompt = [int(t) for t in np.random.default_rng(5).integers(0, 97, 15)]
+  with torch.no_grad():
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                          do_sample=False, pad_token_id=0)[0, 15:].tolist()
+  _import(tmp_path / "hf", tmp_path / "rung")
+  rung_model, config = infer.load(str(tmp_path / "rung"))
+  assert config.model.sliding_window == 5
+  assert infer.generate(rung_model, [prompt], max_new_tokens=32) == [want]
+
+
+def test_mixtral_on_expert4_data2_equals_transformers(tmp_path):
+  """Mixtral's experts split over expert=4 (tokens reach them by all-to-all, the
+  dropless path) give transformers' logits."""
+  arch, kwargs = FAMILIES["mixtral"]
+  model = _hf_model(arch, kwargs, tmp_path / "hf", stops=0)
+  _import(tmp_path / "hf", tmp_path / "rung", expert=4, data=2)
+  rung_model, config = infer.load(str(tmp_path / "rung"))
+  assert config.mesh.expert == 4
+  assert config.model.moe.dispatch == "dropless" and config.model.moe.renormalize
+  assert _max_diff(_rung_logits(rung_model), _hf_logits(model)) <= 1e-4

@@ -22,7 +22,10 @@ BLOCKS = {"standard": dict(block="standard"), "parallel": dict(block="parallel")
           # bf16 weights, activations and cache: every cache layout's dots must run
           # on XLA:CPU too (its bf16 x bf16 -> f32 dot is missing for some layouts).
           "bfloat16": dict(block="ladder", compute_dtype="bfloat16",
-                           param_dtype="bfloat16")}
+                           param_dtype="bfloat16"),
+          # Mistral's sliding window, shorter than both prompts: prefill through the
+          # kernels, decode steps through the cache, one window.
+          "window": dict(block="standard", sliding_window=3)}
 
 
 @pytest.mark.parametrize("block", BLOCKS)
@@ -140,6 +143,31 @@ def test_greedy_equals_transformers_generate(imported_hf):
     with torch.no_grad():
       ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32,
                               do_sample=False, min_new_tokens=32)
+    assert got == ref[0, len(prompt):].tolist()
+
+
+def test_bf16_greedy_equals_transformers_in_bf16(imported_hf):
+  """bfloat16 weights, activations and KV cache (what `generate
+  --config.model.compute_dtype=bfloat16 --config.model.param_dtype=bfloat16`
+  loads) against transformers with the model cast to bfloat16: the same 32 greedy
+  tokens for each prompt, generated as one batch of 3 (the heads-major cache)."""
+  import copy
+
+  import torch
+
+  from train import run_config
+  hf_model, workdir = imported_hf
+  config = run_config.load(workdir)
+  config.model.update(compute_dtype="bfloat16", param_dtype="bfloat16")
+  model, _ = infer.load(workdir, config=config)
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+      jnp.dtype(jnp.bfloat16)}
+  ours = infer.generate(model, PROMPTS, max_new_tokens=32)
+  hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+  for prompt, got in zip(PROMPTS, ours):
+    with torch.no_grad():
+      ref = hf_bf16.generate(torch.tensor([prompt]), max_new_tokens=32,
+                             do_sample=False, min_new_tokens=32)
     assert got == ref[0, len(prompt):].tolist()
 
 

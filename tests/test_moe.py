@@ -352,14 +352,20 @@ def test_flops_count_active_parameters():
           == 2 * (64 * 8 + 3 * mlp) - 2 * mlp)
 
 
-def test_hf_export_refuses_moe(tmp_path):
+def test_hf_export_refuses_moe_mixtral_cannot_hold(tmp_path):
+  """MoE exports as Mixtral, which renormalises its gates and has experts in every
+  layer and no shared expert: anything else is refused naming the field."""
   from experiments import base
   from train import hf
   c = base.get_config()
   c.model.moe.num_experts = 4
   (tmp_path / "config.json").write_text(c.to_json())
-  with pytest.raises(ConfigError, match="mixture-of-experts model .4 experts. has no "
-                     "LlamaForCausalLM equivalent"):
+  with pytest.raises(ConfigError, match=r"model\.moe\.renormalize.*needs "
+                     "renormalize=true"):
+    hf.export_hf(str(tmp_path), str(tmp_path / "out"))
+  c.model.moe.update(renormalize=True, every_k_layers=2)
+  (tmp_path / "config.json").write_text(c.to_json())
+  with pytest.raises(ConfigError, match=r"model\.moe\.every_k_layers"):
     hf.export_hf(str(tmp_path), str(tmp_path / "out"))
 
 

@@ -4,10 +4,18 @@ rung stores a linear layer as [inputs..., outputs...] with layers stacked on a
 leading axis; HF stores each layer's `nn.Linear` weight as [outputs, inputs]. Both
 use the rotate-half rotary layout, so q and k need no permutation. One table below
 maps every parameter; import and export both read it.
+
+Families (`FAMILIES`) are configs of the one decoder: an HF architecture is a set
+of `config.model` fields (qkv_bias, qk_norm, rope_*) plus the table rows of the
+parameters those fields create. Config files of transformers 4 (top-level
+`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`) are both read; export writes
+the layout of the installed transformers (5 when none is installed). Anything rung
+cannot run is a ConfigError naming the HF key and its value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,16 +29,46 @@ from absl import logging
 
 import sharding
 from model import ModelConfig
+from model.rotary import ROPE_TYPES, yarn_attention_factor
 from sharding import ConfigError
 from train import run_config
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, param_shardings
 
-SUPPORTED = ("LlamaForCausalLM",)
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """An HF architecture as rung model fields. `defaults`: values transformers'
+  config class assumes for keys a config.json leaves out. `sliding_window`: the
+  config's `sliding_window` key is read (None = full attention); `moe`: the MLPs
+  are Mixtral experts (`MOE_TABLE`)."""
+  model_type: str
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  defaults: tuple[tuple[str, Any], ...] = ()
+  sliding_window: bool = False
+  moe: bool = False
+
+
+FAMILIES = {
+    "LlamaForCausalLM": Family("llama", defaults=(("max_position_embeddings", 2048),)),
+    "Qwen2ForCausalLM": Family("qwen2", qkv_bias=True,
+                               defaults=(("max_position_embeddings", 32768),)),
+    "Qwen3ForCausalLM": Family("qwen3", qk_norm=True,
+                               defaults=(("max_position_embeddings", 32768),
+                                         ("head_dim", 128))),
+    "MistralForCausalLM": Family("mistral", sliding_window=True,
+                                 defaults=(("max_position_embeddings", 131072),)),
+    "MixtralForCausalLM": Family("mixtral", sliding_window=True, moe=True,
+                                 defaults=(("max_position_embeddings", 131072),)),
+}
+SUPPORTED = tuple(FAMILIES)
 
 # rung path -> (HF name, with {i} for the layer; number of input dims in rung's
-# layout, or 0 for a tensor copied as is).
+# layout, 0 for a tensor copied as is, or -1 for a bias: [heads, head_dim] in rung,
+# flat in HF). Rows whose parameter a model lacks (head with tied embeddings, biases
+# and q/k norms of other families) are skipped.
 TABLE = {
     ("embed", "table"): ("model.embed_tokens.weight", 0),
     ("final_norm", "scale"): ("model.norm.weight", 0),
@@ -39,6 +77,11 @@ TABLE = {
     ("layers", "attn", "k"): ("model.layers.{i}.self_attn.k_proj.weight", 1),
     ("layers", "attn", "v"): ("model.layers.{i}.self_attn.v_proj.weight", 1),
     ("layers", "attn", "o"): ("model.layers.{i}.self_attn.o_proj.weight", 2),
+    ("layers", "attn", "q_bias"): ("model.layers.{i}.self_attn.q_proj.bias", -1),
+    ("layers", "attn", "k_bias"): ("model.layers.{i}.self_attn.k_proj.bias", -1),
+    ("layers", "attn", "v_bias"): ("model.layers.{i}.self_attn.v_proj.bias", -1),
+    ("layers", "attn", "q_norm"): ("model.layers.{i}.self_attn.q_norm.weight", 0),
+    ("layers", "attn", "k_norm"): ("model.layers.{i}.self_attn.k_norm.weight", 0),
     ("layers", "mlp", "gate"): ("model.layers.{i}.mlp.gate_proj.weight", 1),
     ("layers", "mlp", "up"): ("model.layers.{i}.mlp.up_proj.weight", 1),
     ("layers", "mlp", "down"): ("model.layers.{i}.mlp.down_proj.weight", 1),
@@ -48,18 +91,40 @@ TABLE = {
 }
 
 
+# Mixtral's MoE layers (every layer): the router and each expert's SwiGLU, {j} the
+# expert. They replace the dense MLP rows of TABLE.
+MOE_TABLE = {
+    ("layers", "mlp", "router"): ("model.layers.{i}.block_sparse_moe.gate.weight", 1),
+    ("layers", "mlp", "gate"):
+        ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight", 1),
+    ("layers", "mlp", "up"):
+        ("model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight", 1),
+    ("layers", "mlp", "down"):
+        ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", 1),
+}
+
+
+def table(cfg: ModelConfig) -> dict:
+  """The weight table of `cfg`'s family: TABLE, with MOE_TABLE's rows for MoE."""
+  return {**TABLE, **MOE_TABLE} if cfg.moe.num_experts else TABLE
+
+
 def _to_rung(w: np.ndarray, n_in: int, shape: tuple[int, ...]) -> np.ndarray:
-  return w if n_in == 0 else w.T.reshape(shape)
+  if n_in <= 0:
+    return w.reshape(shape) if n_in < 0 else w
+  return w.T.reshape(shape)
 
 
 def _to_hf(p: np.ndarray, n_in: int) -> np.ndarray:
-  if n_in == 0:
-    return p
+  if n_in <= 0:
+    return p.reshape(-1) if n_in < 0 else p
   return p.reshape(math.prod(p.shape[:n_in]), -1).T
 
 
 def _get(tree: dict, path: tuple) -> Any:
   for k in path:
+    if not isinstance(tree, dict) or tree.get(k) is None:
+      raise KeyError(path)
     tree = tree[k]
   return tree
 
@@ -72,46 +137,245 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 # ---------------------------------------------------------------------- configs
 
+_FIELD = "--hf_dir"
+
+
+def _refuse(key: str, value: Any, why: str, fix: str) -> ConfigError:
+  return ConfigError(_FIELD, f"config.json {key}={value!r}: {why}", fix)
+
+
+def rope_fields_from_hf(hf: dict, family: Family) -> dict:
+  """config.model rope_* fields from either layout: transformers 5's
+  `rope_parameters` {rope_type, rope_theta, factor, ...} or transformers 4's
+  top-level `rope_theta` plus `rope_scaling` {type | rope_type, factor, ...}."""
+  params = hf.get("rope_parameters")
+  key = "rope_parameters"
+  if params is None:
+    params = dict(hf.get("rope_scaling") or {})
+    key = "rope_scaling"
+    if "rope_theta" in hf:
+      params.setdefault("rope_theta", hf["rope_theta"])
+  if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+    raise _refuse(key, params, "per-layer-type rotary parameters are not supported.",
+                  "import a model with one rotary setting for all layers.")
+  rope_type = params.get("rope_type", params.get("type")) or "default"
+  if rope_type not in ROPE_TYPES:
+    raise _refuse(f"{key}.rope_type", rope_type, "this rotary variant is not "
+                  f"supported (rung runs {ROPE_TYPES}).",
+                  "import a model with one of those rotary variants.")
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial not in (None, 1, 1.0):
+    raise _refuse("partial_rotary_factor", partial, "rung rotates the whole head.",
+                  "import a model with partial_rotary_factor=1.")
+  max_positions = int(hf.get("max_position_embeddings")
+                      or dict(family.defaults)["max_position_embeddings"])
+  out = dict(rope_type=rope_type,
+             rope_theta=float(params.get("rope_theta") or 10000.0),
+             max_position_embeddings=max_positions)
+
+  def need(name):
+    if params.get(name) is None:
+      raise _refuse(f"{key}.{name}", None, f"rope_type={rope_type} needs it.",
+                    f"add {name} to {key} in config.json.")
+    return params[name]
+
+  if rope_type != "default":
+    if rope_type != "yarn" or params.get("factor") is not None:
+      out["rope_factor"] = float(need("factor"))
+  if rope_type == "llama3":
+    out.update(rope_low_freq_factor=float(need("low_freq_factor")),
+               rope_high_freq_factor=float(need("high_freq_factor")),
+               rope_original_max_positions=int(need("original_max_position_embeddings")))
+  elif rope_type == "yarn":
+    original = int(params.get("original_max_position_embeddings") or max_positions)
+    factor = out.get("rope_factor", max_positions / original)
+    if params.get("truncate") is False:
+      raise _refuse(f"{key}.truncate", False, "rung's yarn rounds the ramp bounds to "
+                    "whole dimensions (truncate=true).", "import with truncate=true.")
+    attention = params.get("attention_factor")
+    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all:  # DeepSeek's form
+      attention = (yarn_attention_factor(factor, mscale)
+                   / yarn_attention_factor(factor, mscale_all))
+    out.update(rope_factor=float(factor), rope_original_max_positions=original,
+               rope_beta_fast=float(params.get("beta_fast") or 32.0),
+               rope_beta_slow=float(params.get("beta_slow") or 1.0),
+               rope_attention_factor=None if attention is None else float(attention))
+  return out
+
+
 def model_fields_from_hf(hf: dict) -> dict:
   """config.model fields from an HF config.json; refuses what rung cannot run."""
   arch = (hf.get("architectures") or ["?"])[0]
-  field = "--hf_dir"
-  if arch not in SUPPORTED:
-    raise ConfigError(field, f"architecture {arch} is not supported.",
+  if arch not in FAMILIES:
+    raise ConfigError(_FIELD, f"architecture {arch} is not supported.",
                       f"import one of {SUPPORTED}.")
-  for key in ("attention_bias", "mlp_bias"):
-    if hf.get(key):
-      raise ConfigError(field, f"{arch} with {key}=true is not supported.",
-                        "import a model without biases.")
+  family = FAMILIES[arch]
+  if hf.get("mlp_bias"):
+    raise _refuse("mlp_bias", True, f"{arch} with MLP biases is not supported.",
+                  "import a model without MLP biases.")
+  if hf.get("attention_bias") and arch != "Qwen2ForCausalLM":
+    raise _refuse("attention_bias", True, f"{arch} with attention biases (q, k, v "
+                  "and o) is not supported.", "import a model without them.")
+  if not family.sliding_window and (
+      hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or ())):
+    raise _refuse("use_sliding_window", True, f"{arch} with sliding-window "
+                  "attention is not supported (Mistral's and Mixtral's are).",
+                  "import a model without it.")
+  window = hf.get("sliding_window") if family.sliding_window else None
+  if window is not None and (not isinstance(window, int) or window < 1):
+    raise _refuse("sliding_window", window, "a window is a positive number of keys.",
+                  "set sliding_window to an integer or null.")
+  extra: dict[str, Any] = {"sliding_window": window or 0}
+  if family.moe:
+    if hf.get("router_jitter_noise"):
+      logging.info("router_jitter_noise=%s (training-time noise) is not imported",
+                   hf["router_jitter_noise"])
+    # Mixtral renormalises its top-k gates and drops nothing.
+    extra["moe"] = dict(num_experts=int(hf.get("num_local_experts", 8)),
+                        top_k=int(hf.get("num_experts_per_tok", 2)), every_k_layers=1,
+                        renormalize=True, dispatch="dropless", shared_expert=False)
   if hf.get("hidden_act", "silu") != "silu":
-    raise ConfigError(field, f"hidden_act={hf['hidden_act']} is not supported.",
-                      "rung's MLP is SwiGLU (silu).")
-  scaling = hf.get("rope_scaling") or {}
-  if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-    raise ConfigError(field, f"rope_scaling {scaling} is not supported.",
-                      "import a model with plain rotary embeddings.")
+    raise _refuse("hidden_act", hf["hidden_act"], "rung's MLP is SwiGLU (silu).",
+                  "import a model with hidden_act=silu.")
   heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or dict(family.defaults).get(
+      "head_dim", hf["hidden_size"] // heads)
   return dict(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
       num_layers=hf["num_hidden_layers"], num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
       d_ff=hf["intermediate_size"], tie_embeddings=bool(hf.get("tie_word_embeddings")),
-      rope_theta=float(hf.get("rope_theta", 10000.0)),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      qkv_bias=family.qkv_bias, qk_norm=family.qk_norm,
+      **rope_fields_from_hf(hf, family), **extra)
 
 
-def hf_config(cfg: ModelConfig, eos_id: int | None) -> dict:
-  return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+def stop_ids_from_hf(hf: dict, generation: dict | None = None) -> list[int]:
+  """Every `eos_token_id` of config.json then generation_config.json (each an int
+  or a list), in order, without repeats."""
+  out: list[int] = []
+  for source in (hf, generation or {}):
+    eos = source.get("eos_token_id")
+    for i in ([eos] if isinstance(eos, int) else list(eos or [])):
+      if int(i) not in out:
+        out.append(int(i))
+  return out
+
+
+def stop_tokens(data_cfg) -> list[int]:
+  """Generation stop ids of a run: data.eos_id (if set), then data.stop_ids."""
+  out = [] if data_cfg.get("eos_id") is None else [int(data_cfg["eos_id"])]
+  return out + [int(i) for i in data_cfg.get("stop_ids") or () if int(i) not in out]
+
+
+def family_of(cfg: ModelConfig) -> str:
+  """The HF architecture a model's fields make: experts -> Mixtral, qk_norm ->
+  Qwen3, qkv_bias -> Qwen2, a sliding window -> Mistral, none -> Llama. ConfigError
+  (naming the field) for combinations no family has."""
+  m = cfg.moe
+  if m.num_experts:
+    problems = {"model.moe.renormalize": (not m.renormalize, "renormalize=true"),
+                "model.moe.every_k_layers": (m.every_k_layers != 1, "every_k_layers=1"),
+                "model.moe.shared_expert": (m.shared_expert, "shared_expert=false"),
+                "model.qkv_bias": (cfg.qkv_bias or cfg.qk_norm, "no q/k biases or norms")}
+    for field, (bad, need) in problems.items():
+      if bad:
+        raise ConfigError(field, "a mixture-of-experts model exports as "
+                          f"MixtralForCausalLM, which needs {need}.",
+                          f"export a run with {need}.")
+    return "MixtralForCausalLM"
+  if cfg.qk_norm and cfg.qkv_bias:
+    raise ConfigError("model.qkv_bias", "no transformers architecture has both q/k "
+                      "biases and q/k norms.", "export a model with one of them.")
+  if cfg.sliding_window and (cfg.qk_norm or cfg.qkv_bias):
+    raise ConfigError("model.sliding_window", "rung exports sliding windows as "
+                      "Mistral or Mixtral, which have no q/k biases or norms.",
+                      "export a run with model.sliding_window=0.")
+  if cfg.qk_norm:
+    return "Qwen3ForCausalLM"
+  if cfg.qkv_bias:
+    return "Qwen2ForCausalLM"
+  return "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM"
+
+
+def rope_description(cfg: ModelConfig) -> str:
+  """One line naming the rotary variant and the parameters it uses."""
+  r = cfg.rotary
+  text = f"{r.type} (theta {r.theta:g}"
+  if r.type != "default":
+    text += f", factor {r.factor:g}"
+  if r.type == "llama3":
+    text += (f", low_freq_factor {r.low_freq_factor:g}, high_freq_factor "
+             f"{r.high_freq_factor:g}, original context {r.original_max_positions}")
+  if r.type == "yarn":
+    text += (f", beta_fast {r.beta_fast:g}, beta_slow {r.beta_slow:g}, original "
+             f"context {r.original_max_positions}, attention factor {r.scale:.4g}")
+  return text + f"), max_position_embeddings {cfg.max_position_embeddings}"
+
+
+def _transformers_major() -> int:
+  from importlib import metadata
+  try:
+    return int(metadata.version("transformers").split(".")[0])
+  except (metadata.PackageNotFoundError, ValueError):
+    return 5
+
+
+def _rope_params(cfg: ModelConfig) -> dict:
+  r = cfg.rotary
+  out: dict[str, Any] = {"rope_type": r.type, "rope_theta": r.theta}
+  if r.type != "default":
+    out["factor"] = r.factor
+  if r.type == "llama3":
+    out.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor,
+               original_max_position_embeddings=r.original_max_positions)
+  if r.type == "yarn":
+    out.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow,
+               original_max_position_embeddings=r.original_max_positions)
+    if r.attention_factor is not None:
+      out["attention_factor"] = r.attention_factor
+  return out
+
+
+def hf_config(cfg: ModelConfig, eos_ids: int | list[int] | None,
+              bos_id: int | None = None, major: int | None = None) -> dict:
+  """config.json for `cfg`'s family, in transformers `major`'s layout (default: the
+  installed one's): 5 writes `rope_parameters`, 4 `rope_theta` and `rope_scaling`."""
+  arch = family_of(cfg)
+  major = _transformers_major() if major is None else major
+  if isinstance(eos_ids, (list, tuple)):
+    eos_ids = (list(eos_ids) if len(eos_ids) > 1
+               else (eos_ids[0] if eos_ids else None))
+  out = {
+      "architectures": [arch], "model_type": FAMILIES[arch].model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
       "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
       "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-      "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-      "attention_bias": False, "mlp_bias": False, "max_position_embeddings": 8192,
-      "torch_dtype": "float32", "eos_token_id": eos_id, "bos_token_id": None,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "eos_token_id": eos_ids, "bos_token_id": bos_id,
   }
+  if arch == "LlamaForCausalLM":
+    out.update(attention_bias=False, mlp_bias=False)
+  elif FAMILIES[arch].sliding_window:
+    out.update(sliding_window=cfg.sliding_window or None)
+    if arch == "MixtralForCausalLM":
+      out.update(num_local_experts=cfg.moe.num_experts,
+                 num_experts_per_tok=cfg.moe.top_k, router_jitter_noise=0.0)
+  else:
+    out.update(use_sliding_window=False)
+    if arch == "Qwen3ForCausalLM":
+      out.update(attention_bias=False)
+  rope = _rope_params(cfg)
+  if major >= 5:
+    out.update(rope_parameters=rope, dtype=cfg.param_dtype)
+  else:
+    theta = rope.pop("rope_theta")
+    out.update(rope_theta=theta, torch_dtype=cfg.param_dtype,
+               rope_scaling=None if rope["rope_type"] == "default" else rope)
+  return out
 
 
 # ---------------------------------------------------------------------- weights
@@ -137,12 +401,17 @@ def params_from_hf(weights: dict[str, np.ndarray], spec) -> dict:
   """HF tensors -> rung's nested params (numpy), checked against the model's shapes."""
   cfg = spec.cfg
   params: dict = {}
-  for path, (name, n_in) in TABLE.items():
+  for path, (name, n_in) in table(cfg).items():
     try:
       target = _get(spec.abstract_params, path)
     except KeyError:
       continue  # e.g. no `head` with tied embeddings
-    if path[0] == "layers":
+    if "{j}" in name:  # [layers, experts, ...]: one HF tensor per layer and expert
+      per_expert = target.shape[2:]
+      value = np.stack([np.stack([
+          _to_rung(weights.pop(name.format(i=i, j=j)), n_in, per_expert)
+          for j in range(target.shape[1])]) for i in range(cfg.num_layers)])
+    elif path[0] == "layers":
       per_layer = target.shape[1:]
       value = np.stack([_to_rung(weights.pop(name.format(i=i)), n_in, per_layer)
                         for i in range(cfg.num_layers)])
@@ -160,12 +429,16 @@ def params_from_hf(weights: dict[str, np.ndarray], spec) -> dict:
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   out = {}
-  for path, (name, n_in) in TABLE.items():
+  for path, (name, n_in) in table(cfg).items():
     try:
       value = np.asarray(_get(params, path))
     except KeyError:
       continue
-    if path[0] == "layers":
+    if "{j}" in name:
+      for i in range(cfg.num_layers):
+        for j in range(value.shape[1]):
+          out[name.format(i=i, j=j)] = np.ascontiguousarray(_to_hf(value[i, j], n_in))
+    elif path[0] == "layers":
       for i in range(cfg.num_layers):
         out[name.format(i=i)] = np.ascontiguousarray(_to_hf(value[i], n_in))
     else:
@@ -176,21 +449,34 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------- commands
 
 def import_hf(hf_dir: str, workdir: str, config) -> None:
-  """A local HF Llama checkpoint -> a rung workdir (config.json + step 0).
+  """A local HF checkpoint of a family in FAMILIES -> a rung workdir (config.json
+  + step 0). Every eos_token_id of config.json and generation_config.json becomes
+  a stop token: the first is data.eos_id, the rest data.stop_ids.
 
   Train it with --config=experiments/saved.py:WORKDIR --workdir=WORKDIR.
   """
   with open(os.path.join(hf_dir, "config.json")) as f:
     hf = json.load(f)
-  config.model.update(**model_fields_from_hf(hf))
+  generation = None
+  if os.path.exists(os.path.join(hf_dir, "generation_config.json")):
+    with open(os.path.join(hf_dir, "generation_config.json")) as f:
+      generation = json.load(f)
+  fields = model_fields_from_hf(hf)
+  moe = fields.pop("moe", None)
+  config.model.update(**fields)
+  if moe:
+    config.model.moe.update(**moe)
   tokenizer = os.path.join(hf_dir, "tokenizer.json")
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(tokenizer):
     shutil.copy(tokenizer, os.path.join(workdir, "tokenizer.json"))
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
-  eos = hf.get("eos_token_id")
-  if isinstance(eos, int):
-    config.data.eos_id = eos
+  stops = stop_ids_from_hf(hf, generation)
+  if stops:
+    config.data.eos_id = stops[0]
+    config.data.stop_ids = tuple(stops[1:])
+  if isinstance(hf.get("bos_token_id"), int):
+    config.data.bos_id = hf["bos_token_id"]
   import model as model_lib
   model_lib.validate(config.model)
   sharding.validate_plan(config, len(jax.devices()))
@@ -208,8 +494,10 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   ckpt.wait()
   ckpt.close()
   n = sum(x.size for x in jax.tree.leaves(params))
-  print(f"imported {hf.get('architectures', ['?'])[0]} ({n / 1e6:.1f}M parameters) "
+  cfg = spec.cfg
+  print(f"imported {family_of(cfg)} ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
+        f"rope: {rope_description(cfg)}; stop tokens: {stops or 'none'}\n"
         f"fine-tune: python -m experiment train --config=experiments/saved.py:"
         f"{workdir} --workdir={workdir}")
 
@@ -223,11 +511,7 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
     raise ConfigError("model.block", f"a {cfg.block!r} model has no transformers "
                       "equivalent (LlamaForCausalLM is a standard block).",
                       "export a run with block=standard.")
-  if cfg.moe.num_experts:
-    raise ConfigError("model.moe.num_experts", f"a mixture-of-experts model "
-                      f"({cfg.moe.num_experts} experts) has no LlamaForCausalLM "
-                      "equivalent, and exporting to an HF MoE architecture is not "
-                      "supported.", "export a dense run (moe.num_experts=0).")
+  family_of(cfg)  # refuses field combinations no HF family has
   spec = model_spec(cfg, sharding.normalize_rules(config.mesh.rules))
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step = ckpt.latest_step() if step is None else step
@@ -239,8 +523,13 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   os.makedirs(out, exist_ok=True)
   save_file(params_to_hf(params, cfg), os.path.join(out, "model.safetensors"),
             metadata={"format": "pt"})
+  stops = stop_tokens(config.data)
+  hf = hf_config(cfg, stops, config.data.get("bos_id"))
   with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf_config(cfg, config.data.eos_id), f, indent=2)
+    json.dump(hf, f, indent=2)
+  with open(os.path.join(out, "generation_config.json"), "w") as f:
+    json.dump({"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]},
+              f, indent=2)
   if config.data.tokenizer and os.path.exists(str(config.data.tokenizer)):
     shutil.copy(config.data.tokenizer, os.path.join(out, "tokenizer.json"))
   logging.info("exported step %s of %s to %s", step, workdir, out)

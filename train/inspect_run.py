@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import sharding
+from train import run_config
 from train.checkpoint import checkpoint_dir
 from train.metrics import read_metrics
 
@@ -18,9 +19,31 @@ def _dir_size(path: str) -> int:
              for root, _, files in os.walk(path) for f in files)
 
 
+def _describe_model(saved: dict) -> list[str]:
+  """Family, shape, rotary variant and stop tokens of a run's saved config."""
+  from model import ModelConfig
+  from train import hf
+  cfg = ModelConfig.from_config(saved.get("model", {}))
+  try:
+    family = hf.family_of(cfg)
+  except sharding.ConfigError:
+    family = "no transformers family"
+  data = saved.get("data", {})
+  stops = hf.stop_tokens(data)
+  return [
+      f"model: {family} layout, {cfg.num_layers} layers, d_model {cfg.d_model}, "
+      f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv) of {cfg.head_dim}, d_ff "
+      f"{cfg.d_ff}, qkv_bias {cfg.qkv_bias}, qk_norm {cfg.qk_norm}, tied head "
+      f"{cfg.tie_embeddings}",
+      f"rope: {hf.rope_description(cfg)}",
+      f"stop tokens: {stops if stops else 'none (the tokenizer eos)'}"]
+
+
 def describe_run(workdir: str) -> str:
   """A report of a run's checkpoints (read from metadata only) and metrics."""
   lines = [f"run {os.path.abspath(workdir)}"]
+  if os.path.exists(run_config.path(workdir)):
+    lines += _describe_model(run_config.read(workdir))
   directory = checkpoint_dir(workdir)
   manager = None
   if os.path.isdir(directory):
