@@ -351,3 +351,20 @@ def test_mixtral_on_expert4_data2_equals_transformers(tmp_path):
   assert config.mesh.expert == 4
   assert config.model.moe.dispatch == "dropless" and config.model.moe.renormalize
   assert _max_diff(_rung_logits(rung_model), _hf_logits(model)) <= 1e-4
+
+
+def test_import_names_unused_and_misshapen_tensors(t5_llama, tmp_path):
+  """The streaming reader hands out each tensor once: a tensor no parameter asks
+  for, or one whose size does not fit its parameter, is named."""
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(t5_llama / "model.safetensors"))
+  for name, change in (("extra", lambda t: {**t, "model.extra.weight": t["model.norm.weight"]}),
+                       ("shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:-1]})):
+    path = tmp_path / name
+    path.mkdir()
+    shutil.copy(t5_llama / "config.json", path / "config.json")
+    save_file(change(dict(tensors)), str(path / "model.safetensors"))
+    message = ("unused tensors in the HF checkpoint: .'model.extra.weight'." if name == "extra"
+               else r"model.norm.weight: shape \(47,\) does not fit rung's final_norm/scale")
+    with pytest.raises(ValueError, match=message):
+      _import(path, tmp_path / f"rung_{name}")

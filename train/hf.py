@@ -23,7 +23,6 @@ import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -380,50 +379,76 @@ def hf_config(cfg: ModelConfig, eos_ids: int | list[int] | None,
 
 # ---------------------------------------------------------------------- weights
 
-def _read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  else:
-    files = ["model.safetensors"]
-  out = {}
-  for name in files:
-    # framework="flax" reads bfloat16 too; converted to float32 numpy here.
-    with safe_open(os.path.join(hf_dir, name), framework="flax") as f:
-      for key in f.keys():
-        out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
-  return out
+class SafetensorsReader:
+  """The tensors of an HF checkpoint directory (one file, or sharded with
+  `model.safetensors.index.json`), read one at a time on request, memory-mapped,
+  in their stored dtype (bfloat16 through ml_dtypes). `pop` reads a tensor and
+  marks it used; `unused()` names what nothing asked for."""
+
+  def __init__(self, hf_dir: str):
+    from safetensors import safe_open
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+      files = ["model.safetensors"]
+    self._files = [safe_open(os.path.join(hf_dir, name), framework="np")
+                   for name in files]
+    self._where = {key: f for f in self._files for key in f.keys()}
+
+  def pop(self, name: str, *default):
+    if name not in self._where:
+      if default:
+        return default[0]
+      raise KeyError(f"the HF checkpoint has no tensor {name!r}")
+    return self._where.pop(name).get_tensor(name)
+
+  def unused(self) -> list[str]:
+    return sorted(self._where)
 
 
-def params_from_hf(weights: dict[str, np.ndarray], spec) -> dict:
-  """HF tensors -> rung's nested params (numpy), checked against the model's shapes."""
+def params_from_hf(weights, spec, place=None) -> dict:
+  """HF tensors -> rung's nested params, checked against the model's shapes.
+
+  weights: a SafetensorsReader (or a dict name -> array); each rung parameter is
+  assembled from its tensors (stacked over layers and experts) in the parameter's
+  dtype, then handed to `place(path, array)` -- e.g. a device_put onto its
+  sharding -- before the next is read, so the host holds one parameter at a time.
+  Without `place` the numpy arrays are returned.
+  """
   cfg = spec.cfg
   params: dict = {}
+
+  def read(name, n_in, shape, dtype, path):
+    w = np.asarray(weights.pop(name))
+    if math.prod(w.shape) != math.prod(shape):
+      raise ValueError(f"{name}: shape {w.shape} does not fit rung's "
+                       f"{'/'.join(path)} {shape} (per layer)")
+    return _to_rung(w, n_in, shape).astype(dtype)
+
   for path, (name, n_in) in table(cfg).items():
     try:
       target = _get(spec.abstract_params, path)
     except KeyError:
       continue  # e.g. no `head` with tied embeddings
+    value = np.empty(target.shape, target.dtype)
     if "{j}" in name:  # [layers, experts, ...]: one HF tensor per layer and expert
-      per_expert = target.shape[2:]
-      value = np.stack([np.stack([
-          _to_rung(weights.pop(name.format(i=i, j=j)), n_in, per_expert)
-          for j in range(target.shape[1])]) for i in range(cfg.num_layers)])
+      for i in range(cfg.num_layers):
+        for j in range(target.shape[1]):
+          value[i, j] = read(name.format(i=i, j=j), n_in, target.shape[2:],
+                             target.dtype, path)
     elif path[0] == "layers":
-      per_layer = target.shape[1:]
-      value = np.stack([_to_rung(weights.pop(name.format(i=i)), n_in, per_layer)
-                        for i in range(cfg.num_layers)])
+      for i in range(cfg.num_layers):
+        value[i] = read(name.format(i=i), n_in, target.shape[1:], target.dtype, path)
     else:
-      value = _to_rung(weights.pop(name), n_in, target.shape)
-    if value.shape != target.shape:
-      raise ValueError(f"{name}: shape {value.shape} does not fit rung's "
-                       f"{'/'.join(path)} {target.shape}")
-    _set(params, path, value.astype(target.dtype))
+      value[...] = read(name, n_in, target.shape, target.dtype, path)
+    _set(params, path, value if place is None else place(path, value))
+    del value
   weights.pop("lm_head.weight", None)  # tied checkpoints may still carry it
-  if weights:
-    raise ValueError(f"unused tensors in the HF checkpoint: {sorted(weights)[:5]}")
+  unused = weights.unused() if hasattr(weights, "unused") else sorted(weights)
+  if unused:
+    raise ValueError(f"unused tensors in the HF checkpoint: {unused[:5]}")
   return params
 
 
@@ -483,9 +508,10 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.normalize_rules(config.mesh.rules)
   spec = model_spec(ModelConfig.from_config(config.model), rules)
-  params = params_from_hf(_read_safetensors(hf_dir), spec)
+  shardings = param_shardings(spec, mesh)
+  params = params_from_hf(SafetensorsReader(hf_dir), spec,
+                          place=lambda path, x: jax.device_put(x, _get(shardings, path)))
   tx = make_optimizer(config.optim, config.train.steps)
-  params = jax.device_put(params, param_shardings(spec, mesh))
   state = init_state(spec, tx, mesh, 0, params=params)
   config_dict = json.loads(config.to_json())
   run_config.write(workdir, config_dict)

@@ -92,7 +92,9 @@ def init_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh,
   """Step 0 state, built directly into its shardings (never whole on one device).
 
   Parameters are drawn from `seed`, or taken from `params` (e.g. imported weights,
-  already placed with `param_shardings`); the optimizer state starts fresh.
+  already placed with `param_shardings`), which are donated: the state holds
+  them without a second copy, and the caller's arrays are invalid afterwards. The
+  optimizer state starts fresh.
   """
 
   def from_params(params):
@@ -108,4 +110,4 @@ def init_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh,
   with jax.set_mesh(mesh):
     if params is None:
       return jax.jit(fresh, out_shardings=out)()
-    return jax.jit(from_params, out_shardings=out)(params)
+    return jax.jit(from_params, out_shardings=out, donate_argnums=0)(params)
