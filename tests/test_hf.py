@@ -339,18 +339,25 @@ def test_mistral_window_through_prefill_and_32_decode_steps(tmp_path):
   rung_model, config = infer.load(str(tmp_path / "rung"))
   assert config.model.sliding_window == 5
   assert infer.generate(rung_model, [prompt], max_new_tokens=32) == [want]
+  from train import inspect_run
+  assert "attention: sliding window of 5 keys" in inspect_run.describe_run(
+      str(tmp_path / "rung"))
 
 
 def test_mixtral_on_expert4_data2_equals_transformers(tmp_path):
-  """Mixtral's experts split over expert=4 (tokens reach them by all-to-all, the
-  dropless path) give transformers' logits."""
+  """Mixtral's experts on one device, and split over expert=4 (tokens reach them
+  by all-to-all, the dropless path), give transformers' logits."""
   arch, kwargs = FAMILIES["mixtral"]
   model = _hf_model(arch, kwargs, tmp_path / "hf", stops=0)
   _import(tmp_path / "hf", tmp_path / "rung", expert=4, data=2)
+  expected = _hf_logits(model)
   rung_model, config = infer.load(str(tmp_path / "rung"))
   assert config.mesh.expert == 4
   assert config.model.moe.dispatch == "dropless" and config.model.moe.renormalize
-  assert _max_diff(_rung_logits(rung_model), _hf_logits(model)) <= 1e-4
+  assert _max_diff(_rung_logits(rung_model), expected) <= 1e-4
+  one, _ = infer.load(str(tmp_path / "rung"), devices=jax.devices()[:1],
+                      mesh_overrides=dict(data=1, fsdp=1, expert=1, tensor=1))
+  assert _max_diff(_rung_logits(one), expected) <= 1e-4
 
 
 def test_import_names_unused_and_misshapen_tensors(t5_llama, tmp_path):

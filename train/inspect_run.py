@@ -20,7 +20,8 @@ def _dir_size(path: str) -> int:
 
 
 def _describe_model(saved: dict) -> list[str]:
-  """Family, shape, rotary variant and stop tokens of a run's saved config."""
+  """Family, shape, attention window, experts, rotary variant and stop tokens of a
+  run's saved config."""
   from model import ModelConfig
   from train import hf
   cfg = ModelConfig.from_config(saved.get("model", {}))
@@ -35,6 +36,11 @@ def _describe_model(saved: dict) -> list[str]:
       f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv) of {cfg.head_dim}, d_ff "
       f"{cfg.d_ff}, qkv_bias {cfg.qkv_bias}, qk_norm {cfg.qk_norm}, tied head "
       f"{cfg.tie_embeddings}",
+      "attention: " + (f"sliding window of {cfg.sliding_window} keys"
+                       if cfg.sliding_window else "full causal") +
+      (f"; experts: top-{cfg.moe.top_k} of {cfg.moe.num_experts}"
+       f"{' (renormalised gates)' if cfg.moe.renormalize else ''}, "
+       f"dispatch {cfg.moe.dispatch}" if cfg.moe.num_experts else ""),
       f"rope: {hf.rope_description(cfg)}",
       f"stop tokens: {stops if stops else 'none (the tokenizer eos)'}"]
 
