@@ -47,6 +47,32 @@ def time_call(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def copy_bandwidth(nbytes: int, reps: int = 10) -> float:
+  """Bytes/s of memory traffic of a jitted x + 1 over `nbytes` of float32 on the
+  default device (each element read once and written once): the bandwidth a
+  memory-bound decoder can hope for, measured in the same run as what it bounds."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  add = jax.jit(lambda x: x + 1)
+  return 2 * x.nbytes / time_call(lambda: add(x).block_until_ready(), reps)
+
+
+def decode_floor_s(model, *, batch: int, prompt: int, new: int,
+                   bandwidth: float) -> float:
+  """Seconds to generate `new` tokens if each step only read every weight and the
+  filled part of the KV cache once at `bandwidth` (bytes/s): the weight-read floor.
+  The cache is counted at its mean fill, prompt + new / 2 positions."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  cfg = model.cfg
+  weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  kv = (2 * cfg.num_layers * batch * (prompt + new / 2) * cfg.num_kv_heads *
+        cfg.head_dim * jnp.dtype(cfg.dtype).itemsize)
+  return new * (weights + kv) / bandwidth
+
+
 def llama_config(model: dict, *, batch: int, seq_len: int):
   """The base experiment config with `model` fields, synthetic data, one device."""
   from experiments import base

@@ -10,6 +10,10 @@ bfloat16 (rung: bf16 weights, activations and KV cache, as `generate
 transformers: the model cast to bf16), on this CPU. New tokens per second exclude
 compilation (one warm-up generation first). One JSON line per measurement.
 
+The weight-read floor (the issue's target: batch 1 within 1.3x of it): the time to
+read every weight and the filled KV cache once per token at the copy bandwidth
+measured in the same run over a 1 GiB buffer (`common.decode_floor_s`).
+
 Also timed, as the reference for what any float32 decoder can reach under XLA:CPU
 here: the "matmul floor", only the model's projection matmuls (every weight read
 once per token, as separate per-layer arrays, in a jitted loop of 128 steps) with
@@ -35,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import common  # noqa: E402
 from common import emit  # noqa: E402
 
 _REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kept)")
@@ -104,12 +109,14 @@ def main(argv):
        torch=torch.__version__, transformers=transformers.__version__,
        torch_threads=torch.get_num_threads(), cpus=os.cpu_count())
 
+  bandwidth = common.copy_bandwidth(2 ** 30)
+  emit(what="copy bandwidth", gib_per_s=bandwidth / 2 ** 30)
   for dtype in _DTYPES.value:
     saved = run_config.load(os.path.join(tmp, "rung"))
     saved.model.update(compute_dtype=dtype, param_dtype=dtype)
     model, _ = infer.load(os.path.join(tmp, "rung"), devices=jax.devices()[:1],
                           config=saved)
-    time_dtype(model, hf_model.to(getattr(torch, dtype)), dtype)
+    time_dtype(model, hf_model.to(getattr(torch, dtype)), dtype, bandwidth)
   if _LADDER.value:
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "ladder_overlap.py")
@@ -121,7 +128,7 @@ def main(argv):
         print(line, flush=True)
 
 
-def time_dtype(model, hf_model, dtype: str) -> None:
+def time_dtype(model, hf_model, dtype: str, bandwidth: float) -> None:
   import numpy as np
   import torch
 
@@ -136,8 +143,11 @@ def time_dtype(model, hf_model, dtype: str) -> None:
       out = infer.generate(model, prompts.tolist(), max_new_tokens=NEW)
       best = min(best, time.perf_counter() - start)
     rung_tps = batch * NEW / best
+    floor_s = common.decode_floor_s(model, batch=batch, prompt=PROMPT, new=NEW,
+                                    bandwidth=bandwidth)
     emit(system="rung", dtype=dtype, batch=batch, seconds=best,
-         new_tokens_per_sec=rung_tps)
+         new_tokens_per_sec=rung_tps, weight_read_floor_s=floor_s,
+         rung_over_weight_read_floor=best / floor_s)
     ids = torch.tensor(prompts)
     with torch.no_grad():
       hf_model.generate(ids, max_new_tokens=4, do_sample=False)  # warm up

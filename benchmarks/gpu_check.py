@@ -116,12 +116,8 @@ def environment(s: dict, facts: dict) -> None:
                     torch_cuda=torch.cuda.is_available())
   except ImportError as e:
     versions.update(torch=f"missing: {e}")
-  # Copy bandwidth: read + write bytes of x + 1 over a buffer well past the caches.
-  n = s["copy_bytes"] // 4
-  x = jnp.ones((n,), jnp.float32)
-  add = jax.jit(lambda x: x + 1)
-  copy_s = common.time_call(lambda: add(x).block_until_ready(), reps=10)
-  facts["bandwidth"] = 2 * n * 4 / copy_s
+  # Copy bandwidth over a buffer well past the caches.
+  facts["bandwidth"] = common.copy_bandwidth(s["copy_bytes"])
   m = s["matmul"]
   a = jax.random.normal(jax.random.key(0), (m, m), jnp.bfloat16)
   mm = jax.jit(lambda a: a @ a)
@@ -276,14 +272,11 @@ def train(s: dict, facts: dict) -> None:
 
 
 def decode(s: dict, facts: dict) -> None:
-  import jax
   import numpy as np
   import torch
   import transformers
-  from flax import nnx
 
   import infer
-  from model import ModelConfig
 
   model = dict(s["model"], param_dtype="bfloat16", compute_dtype="bfloat16")
   prompt, new = s["decode"]["prompt"], s["decode"]["new"]
@@ -293,8 +286,6 @@ def decode(s: dict, facts: dict) -> None:
       model, max_position_embeddings=prompt + new, eos_token_id=None,
       bos_token_id=None)).to(device=device, dtype=torch.bfloat16).eval()
   rung = common.rung_model_from_hf(hf, model, facts["device"])
-  cfg = ModelConfig.from_config(common.llama_config(model, batch=1, seq_len=1).model)
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(rung, nnx.Param)))
   rng = np.random.default_rng(0)
   for batch in s["decode"]["batches"]:
     if elapsed() > _DEADLINE.value * 0.85:
@@ -317,10 +308,8 @@ def decode(s: dict, facts: dict) -> None:
 
     ref = hf_generate()[:, prompt:].cpu().numpy()
     t_hf = common.time_call(hf_generate, reps=2, warmup=0)
-    # KV cache bytes at the midpoint of generation, bf16, K and V of every layer.
-    kv_bytes = (2 * cfg.num_layers * batch * (prompt + new / 2) * cfg.num_kv_heads *
-                cfg.head_dim * 2)
-    floor_s = new * (weight_bytes + kv_bytes) / facts["bandwidth"]
+    floor_s = common.decode_floor_s(rung, batch=batch, prompt=prompt, new=new,
+                                    bandwidth=facts["bandwidth"])
     same = [list(o) == list(r) for o, r in zip(out, ref)]
     agree = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o))
              for o, r in zip(out, ref)]
