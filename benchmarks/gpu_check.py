@@ -78,7 +78,7 @@ def shapes(tiny: bool) -> dict:
                    num_kv_heads=2, head_dim=16, d_ff=128, tie_embeddings=False,
                    compute_dtype="bfloat16", param_dtype="float32"),
         batch=2, seq_len=64, steps=2, decode=dict(prompt=8, new=8, batches=(1, 3)),
-        copy_bytes=2 ** 22, matmul=256)
+        copy_bytes=2 ** 22, matmul=256, blocks=("ladder",))
   return dict(
       flash=dict(tokens=16384, heads=16, kv_heads=4,
                  configs=tuple((dtype, d, length) for dtype, lengths in (
@@ -90,7 +90,7 @@ def shapes(tiny: bool) -> dict:
                  num_kv_heads=8, head_dim=64, d_ff=2816, tie_embeddings=False,
                  compute_dtype="bfloat16", param_dtype="float32"),
       batch=8, seq_len=2048, steps=10, decode=dict(prompt=128, new=128, batches=(1, 64)),
-      copy_bytes=2 ** 32, matmul=8192)
+      copy_bytes=2 ** 32, matmul=8192, blocks=("parallel", "ladder"))
 
 
 # ---------------------------------------------------------------------- sections
@@ -326,7 +326,7 @@ def blocks(s: dict, facts: dict) -> None:
   """Standard's time comes from the train section (same shape, same run) when it
   ran; otherwise it is measured here."""
   standard = facts.get("standard_step_s")
-  for block in ("standard", "parallel", "ladder"):
+  for block in ("standard", *s["blocks"]):
     if block == "standard" and standard is not None:
       continue
     if elapsed() > _DEADLINE.value:

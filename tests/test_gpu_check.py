@@ -41,6 +41,6 @@ def test_gpu_check_tiny_runs_every_section_and_writes_its_rows(tmp_path):
   assert all(r["rung_tokens_per_sec"] > 0 and r["weight_read_floor_s"] > 0
              for r in decode)
   blocks = {r["block"]: r for r in by("blocks")}
-  assert set(blocks) == {"parallel", "ladder"}
+  assert set(blocks) == {"ladder"}  # --tiny: the full run adds parallel
   assert all(r["standard_step_time_s"] == train["rung"]["step_time_s"]
              for r in blocks.values())
