@@ -1,5 +1,6 @@
 """Checkpoint cost: how long save() blocks training, async against sync, and
-restore time against the disk's sequential read speed, in one run.
+restore time against the disk's sequential read speed, without and with
+compression (`checkpoint.compress`), in one run.
 
   python benchmarks/checkpoint.py [--gib=1.0] [--dir=/tmp/rung_ckpt_bench]
 
@@ -11,7 +12,6 @@ Page caches are dropped before each read measurement when permitted (root).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -22,12 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from common import emit  # noqa: E402
+
 _GIB = flags.DEFINE_float("gib", 1.0, "train state size in GiB")
 _DIR = flags.DEFINE_string("dir", "/tmp/rung_ckpt_bench", "scratch directory")
-
-
-def emit(**row):
-  print(json.dumps(row), flush=True)
 
 
 def drop_caches() -> bool:
@@ -68,36 +66,48 @@ def main(argv):
   emit(what="environment", date=time.strftime("%Y-%m-%d"), state_gib=nbytes / 2**30,
        jax=jax.__version__, cpus=os.cpu_count())
 
-  results = {}
-  for mode in ("sync", "async"):
-    cfg = ml_collections.ConfigDict(dict(keep=1, keep_best=0, async_save=mode == "async",
-                                         fallback=False))
-    workdir = os.path.join(root, mode)
-    ckpt = Checkpointer(workdir, cfg)
-    start = time.perf_counter()
-    ckpt.save(state, None, {"bench": True}, force=True)
-    blocked = time.perf_counter() - start
-    ckpt.wait()
-    total = time.perf_counter() - start
-    ckpt.close()
-    results[mode] = (blocked, total)
-    emit(what="save", mode=mode, blocked_s=blocked, total_s=total,
-         gib_per_s=nbytes / 2**30 / total)
-  emit(what="ratio", async_blocked_over_sync_save=results["async"][0] / results["sync"][1])
-
-  # Restore (sync checkpoint) against dd's sequential read of a same-size file.
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                        sharding=x.sharding), state)
-  dropped = drop_caches()
-  cfg = ml_collections.ConfigDict(dict(keep=1, keep_best=0, async_save=False,
-                                       fallback=False))
-  ckpt = Checkpointer(os.path.join(root, "sync"), cfg, read_only=True)
-  start = time.perf_counter()
-  restored = ckpt.restore(target)
-  jax.block_until_ready(restored)
-  restore_s = time.perf_counter() - start
-  ckpt.close()
-  assert np.array_equal(np.asarray(restored.params["w0"]), np.asarray(state.params["w0"]))
+  restore_s = {}
+  for compress in (False, True):
+    results = {}
+    for mode in ("sync", "async"):
+      cfg = ml_collections.ConfigDict(dict(keep=1, keep_best=0, fallback=False,
+                                           async_save=mode == "async",
+                                           compress=compress))
+      workdir = os.path.join(root, f"{mode}_{compress}")
+      ckpt = Checkpointer(workdir, cfg)
+      start = time.perf_counter()
+      ckpt.save(state, None, {"bench": True}, force=True)
+      blocked = time.perf_counter() - start
+      ckpt.wait()
+      total = time.perf_counter() - start
+      ckpt.close()
+      results[mode] = (blocked, total)
+      emit(what="save", compress=compress, mode=mode, blocked_s=blocked,
+           total_s=total, gib_per_s=nbytes / 2**30 / total)
+    emit(what="ratio", compress=compress,
+         async_blocked_over_sync_save=results["async"][0] / results["sync"][1])
+    # Restore the sync checkpoint from a cold page cache.
+    dropped = drop_caches()
+    cfg = ml_collections.ConfigDict(dict(keep=1, keep_best=0, async_save=False,
+                                         fallback=False, compress=compress))
+    ckpt = Checkpointer(os.path.join(root, f"sync_{compress}"), cfg, read_only=True)
+    start = time.perf_counter()
+    restored = ckpt.restore(target)
+    jax.block_until_ready(restored)
+    restore_s[compress] = time.perf_counter() - start
+    ckpt.close()
+    assert np.array_equal(np.asarray(restored.params["w0"]),
+                          np.asarray(state.params["w0"]))
+    del restored
+    disk = sum(os.path.getsize(os.path.join(d, f))
+               for d, _, files in os.walk(os.path.join(root, f"sync_{compress}"))
+               for f in files)
+    emit(what="restore", compress=compress, restore_s=restore_s[compress],
+         restore_gib_per_s=nbytes / 2**30 / restore_s[compress],
+         disk_over_state_bytes=disk / nbytes, caches_dropped=dropped)
+  # dd's sequential read of a same-size file on the same disk.
   blob = os.path.join(root, "dd.bin")
   subprocess.run(["dd", "if=/dev/urandom", f"of={blob}", "bs=16M",
                   f"count={max(1, nbytes // (16 << 20))}"], check=True,
@@ -106,10 +116,9 @@ def main(argv):
   start = time.perf_counter()
   subprocess.run(["dd", f"if={blob}", "of=/dev/null", "bs=16M"], check=True,
                  capture_output=True)
-  dd_s = time.perf_counter() - start
-  size = os.path.getsize(blob)
-  emit(what="restore", restore_s=restore_s, restore_gib_per_s=nbytes / 2**30 / restore_s,
-       dd_read_gib_per_s=size / 2**30 / dd_s, caches_dropped=dropped)
+  dd = os.path.getsize(blob) / 2**30 / (time.perf_counter() - start)
+  emit(what="disk", dd_read_gib_per_s=dd,
+       restore_over_dd={str(k): nbytes / 2**30 / v / dd for k, v in restore_s.items()})
   shutil.rmtree(root, ignore_errors=True)
 
 

@@ -74,7 +74,10 @@ class Checkpointer:
     self.cfg = ckpt_cfg
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "config"),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+        # Compression (zstd) halves save and restore speed here for ~8% less disk
+        # on float weights (benchmarks/README.md, "Checkpoints"); off by default.
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(
+                           use_compression=bool(ckpt_cfg.get("compress", False))),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
 
