@@ -57,6 +57,8 @@ _TINY = flags.DEFINE_bool("tiny", False, "small shapes, for CPU (the suite runs 
 _OUT = flags.DEFINE_string("out", None, "also append the JSON lines to this file")
 _DEADLINE = flags.DEFINE_float("deadline_s", 450.0, "skip sections (and flash "
                                "configs) that would start after this many seconds")
+_FLASH_DTYPES = flags.DEFINE_list("flash_dtypes", ["bfloat16", "float32"],
+                                  "dtypes of the flash section's configs")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True,
                                    "also time PyTorch with torch.compile (GPU only)")
 
@@ -210,6 +212,8 @@ def flash(s: dict, facts: dict) -> None:
   exact_fwd_bwd = programs(impls["reference"])[1]  # float32 inputs: the error bar
 
   for dtype_name, d, length in f["configs"]:
+    if dtype_name not in _FLASH_DTYPES.value:
+      continue
     config = dict(dtype=dtype_name, head_dim=d, length=length,
                   batch=f["tokens"] // length, heads=f["heads"], kv_heads=f["kv_heads"])
     if elapsed() > budget_end:
