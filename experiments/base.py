@@ -94,7 +94,20 @@ def get_config(arg=None) -> ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1,
       no_decay="norm",         # comma-separated regexes of params without decay
+      # Which params muon / normuon / galore treat as matrices (the rest: AdamW).
+      matrices=r"attn/(q|k|v|o)$,mlp/(gate|up|down)$",
       clip_norm=1.0,           # global-norm clipping; 0 disables
+      name="adamw",            # adamw | sgd | muon | normuon | galore
+      momentum=0.95,           # sgd, muon and normuon (NorMuon's beta1)
+      nesterov=True,           # sgd and muon
+      ns_steps=5,              # Newton-Schulz iterations (muon, normuon)
+      muon_rms=0.2,            # muon: update RMS matched to AdamW's; 0: width scaling
+      normuon_b2=0.95,         # NorMuon's per-neuron second-moment decay
+      galore_rank=128,
+      galore_update_proj_gap=200,  # steps between projector (SVD) refreshes
+      galore_scale=0.25,       # GaLore's alpha
+      state_dtype="float32",   # float32 | bfloat16: dtype optimizer moments are kept in
+      offload="none",          # none | host: optimizer state in pinned host memory
   ))
 
   c.train = ConfigDict(dict(

@@ -1,13 +1,32 @@
-"""AdamW with linear warmup, cosine decay, global-norm clipping and a decay mask."""
+"""Optimizers (`optim.name`): AdamW, momentum SGD, Muon, NorMuon, GaLore.
+
+All share linear warmup, cosine decay, global-norm clipping and the decay mask.
+Muon, NorMuon and GaLore act on the parameters `optim.matrices` names, one matrix
+per layer (`train.matrices`); the others (norms, embedding table, by default the
+LM head) take AdamW with the same learning rate, as the papers do.
+`optim.state_dtype` keeps the parameter-shaped state in bfloat16; `optim.offload=host`
+keeps all optimizer state in pinned host memory and moves it to the device for the
+update (`state_shardings` places it).
+"""
 
 from __future__ import annotations
 
-import re
-
 import jax
+import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib._muon import scale_by_shape
 
 import sharding
+from train import matrices
+from train.galore import scale_by_galore_per_layer
+from train.normuon import scale_by_normuon
+
+NAMES = ("adamw", "sgd", "muon", "normuon", "galore")
+STATE_DTYPES = ("float32", "bfloat16")
+OFFLOADS = ("none", "host")
+HOST = "pinned_host"
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -25,7 +44,7 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 def decay_mask(params, no_decay: str):
   """True for parameters that get weight decay: those whose '/'-joined path matches
   none of the comma-separated regexes in `no_decay` (default: norm scales)."""
-  patterns = [re.compile(p) for p in no_decay.split(",") if p.strip()]
+  patterns = matrices.patterns(no_decay)
 
   def keep(path, _):
     name = sharding.path_name(path)
@@ -34,11 +53,137 @@ def decay_mask(params, no_decay: str):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def _muon_dims(tree):
+  """MuonDimensionNumbers per leaf: each layer's [in, out] matrix on its own."""
+  return jax.tree.map(lambda d: MuonDimensionNumbers(d.reduction, d.output),
+                      matrices.tree_dims(tree),
+                      is_leaf=lambda x: isinstance(x, matrices.Dims))
+
+
+def _matrix_tx(o, lr, mask) -> optax.GradientTransformation:
+  """The update of the parameters `optim.matrices` names."""
+  if o.name == "muon":  # optax.contrib.muon's matrix branch, with rung's grouping
+    core = optax.chain(
+        scale_by_muon(ns_steps=o.ns_steps, beta=o.momentum, nesterov=o.nesterov,
+                      weight_dimension_numbers=_muon_dims),
+        scale_by_shape(weight_dimension_numbers=_muon_dims,
+                       consistent_rms=o.muon_rms or None))
+  elif o.name == "normuon":
+    core = scale_by_normuon(b1=o.momentum, b2=o.normuon_b2, eps=o.eps,
+                            ns_steps=o.ns_steps)
+  else:  # galore
+    core = scale_by_galore_per_layer(
+        o.galore_rank, o.galore_update_proj_gap, o.galore_scale,
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
+  return optax.chain(core, optax.add_decayed_weights(o.weight_decay, mask),
+                     optax.scale_by_learning_rate(lr))
+
+
+def _base(o, total_steps: int) -> optax.GradientTransformation:
+  lr = schedule(o, total_steps)
+  mask = lambda p: decay_mask(p, o.no_decay)  # noqa: E731
+  adamw = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                      mask=mask)
+  if o.name == "adamw":
+    return adamw
+  if o.name == "sgd":  # PyTorch-style momentum (dampening 0), decoupled decay
+    return optax.chain(optax.trace(decay=o.momentum, nesterov=o.nesterov),
+                       optax.add_decayed_weights(o.weight_decay, mask),
+                       optax.scale_by_learning_rate(lr))
+  if o.name not in NAMES:
+    raise ValueError(f"unknown optim.name {o.name!r}")  # validate_config says more
+  return optax.partition({"matrix": _matrix_tx(o, lr, mask), "adamw": adamw},
+                         lambda p: matrices.labels(p, o.matrices))
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
   o = optim_cfg
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
-      optax.adamw(schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps,
-                  weight_decay=o.weight_decay,
-                  mask=lambda p: decay_mask(p, o.no_decay)),
-  )
+      _base(o, total_steps))
+  if o.state_dtype == "bfloat16":
+    tx = store_state_as(tx, jnp.bfloat16)
+  if o.offload == "host":
+    tx = offload_state(tx)
+  return tx
+
+
+# --- where the state lives --------------------------------------------------------
+
+def owner(path, param_paths) -> tuple | None:
+  """The parameter a state leaf belongs to: the longest tail of the dict keys on
+  its path that is a parameter's path (optax states are NamedTuples, tuples and
+  label-keyed dicts around params-keyed dicts). None for counters and constants."""
+  keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+  return next((keys[i:] for i in range(len(keys)) if keys[i:] in param_paths), None)
+
+
+def _param_keys(params) -> dict:
+  return {tuple(k.key for k in p): x
+          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh,
+                        memory_kind: str | None = None):
+  """A NamedSharding per optimizer-state leaf. A leaf that belongs to a parameter
+  takes that parameter's spec on every axis of the same size (Adam's moments: all
+  axes; NorMuon's per-neuron moment: the output axes; GaLore's projectors and
+  low-rank moments: the full-size axes), and is replicated on the others; counters
+  are replicated. `memory_kind="pinned_host"` puts every leaf in host memory."""
+  shapes = _param_keys(abstract_params)
+  specs = {k: s.spec for k, s in _param_keys(param_shardings).items()}
+
+  def one(path, leaf):
+    key, spec = owner(path, shapes), P()
+    if key is not None and len(leaf.shape) == len(shapes[key].shape):
+      axes = tuple(specs[key]) + (None,) * (leaf.ndim - len(specs[key]))
+      spec = P(*(a if n == m else None
+                 for a, n, m in zip(axes, leaf.shape, shapes[key].shape)))
+    return NamedSharding(mesh, spec, memory_kind=memory_kind)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+def _map_owned(fn, state, params):
+  """fn on the floating leaves of `state` that belong to a parameter of `params`."""
+  paths = _param_keys(params)
+
+  def f(path, x):
+    owned = owner(path, paths) is not None and jnp.issubdtype(x.dtype, jnp.floating)
+    return fn(x) if owned else x
+  return jax.tree_util.tree_map_with_path(f, state)
+
+
+def store_state_as(tx: optax.GradientTransformation, dtype
+                   ) -> optax.GradientTransformation:
+  """Keeps every parameter-shaped (or parameter-derived) state buffer in `dtype`
+  (moments, NorMuon's per-neuron moment, GaLore's projectors); the update computes
+  in the parameters' dtype and rounds the new state to nearest."""
+
+  def init(params):
+    return _map_owned(lambda x: x.astype(dtype), tx.init(params), params)
+
+  def update(updates, state, params=None):
+    full = jax.tree.leaves(updates)[0].dtype
+    state = _map_owned(lambda x: x.astype(full), state, updates)
+    updates, state = tx.update(updates, state, params)
+    return updates, _map_owned(lambda x: x.astype(dtype), state, updates)
+
+  return optax.GradientTransformation(init, update)
+
+
+class Offloaded(optax.GradientTransformation):
+  """A transformation whose state `state_shardings` places in pinned host memory."""
+
+
+def offload_state(tx: optax.GradientTransformation) -> Offloaded:
+  """ZeRO-Offload-style: the state lives in pinned host memory between steps
+  (`opt_state_shardings(..., memory_kind="pinned_host")`); the update copies it to
+  the device, runs there, and copies the new state back (inside the jitted step)."""
+
+  def update(updates, state, params=None):
+    state = jax.device_put(state, jax.memory.Space.Device)
+    updates, state = tx.update(updates, state, params)
+    return updates, jax.device_put(state, jax.memory.Space.Host)
+
+  return Offloaded(tx.init, update)

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sharding
 from model import Decoder, ModelConfig, logical_axes
+from train import optimizer
 
 
 @struct.dataclass
@@ -53,21 +54,21 @@ def param_shardings(spec: ModelSpec, mesh: Mesh):
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
                     mesh: Mesh) -> TrainState:
-  """NamedShardings for every leaf: optimizer moments follow their parameter.
+  """NamedShardings for every leaf: optimizer state follows its parameter.
 
-  Nothing here executes: `optax.tree_map_params` finds the parameter-shaped parts
-  of the state by calling its init on a placeholder, and an eager init would place
-  its step counters on the default device -- inside `jax.set_mesh` on a deviceless
-  TPU topology, a device that cannot run anything. Tracing the init abstractly
-  makes this work on any mesh, with or without devices.
+  Nothing here executes: the optimizer state's shapes come from tracing its init
+  abstractly (an eager init would place its step counters on the default device --
+  inside `jax.set_mesh` on a deviceless TPU topology, a device that cannot run
+  anything). `optimizer.opt_state_shardings` gives each state leaf its
+  parameter's spec (on the axes it shares with it) and, for `optim.offload=host`,
+  host memory.
   """
   params = param_shardings(spec, mesh)
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
-  init = lambda placeholder: jax.eval_shape(tx.init, placeholder)  # noqa: E731
-  opt = optax.tree_map_params(init, lambda _, s: s, abstract_opt, params,
-                              transform_non_params=lambda _: replicated,
-                              is_leaf=lambda x: isinstance(x, NamedSharding))
+  opt = optimizer.opt_state_shardings(
+      abstract_opt, spec.abstract_params, params, mesh,
+      optimizer.HOST if isinstance(tx, optimizer.Offloaded) else None)
   return TrainState(step=replicated, params=params, opt_state=opt)
 
 

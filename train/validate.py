@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+import jax
+
 import kernels
 import model
 import sharding
 from sharding import ConfigError
-from train import data
+from train import data, matrices, optimizer
+from train.state import model_spec
 
 
 def _positive(config, fields: list[str], minimum: float = 1) -> None:
@@ -37,9 +42,73 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
     raise ConfigError("optim.learning_rate",
                       f"must be positive, got {config.optim.learning_rate}.",
                       "set e.g. --config.optim.learning_rate=3e-4.")
+  _validate_optim(config)
   sizes = sharding.validate_plan(config, num_devices)
   _validate_attention(config, sizes)
   return sizes
+
+
+def _choice(path: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(path, f"is {value!r}; it must be one of {', '.join(allowed)}.",
+                      f"set --config.{path}={allowed[0]} (or another of those).")
+
+
+def _validate_optim(config) -> None:
+  """optim.name, state_dtype and offload; the matrices regex; GaLore's rank against
+  every matrix it projects (one per layer, as train.matrices groups them)."""
+  o = config.optim
+  _choice("optim.name", o.name, optimizer.NAMES)
+  _choice("optim.state_dtype", o.state_dtype, optimizer.STATE_DTYPES)
+  _choice("optim.offload", o.offload, optimizer.OFFLOADS)
+  if o.offload == "host":
+    kinds = host_memory_kinds()
+    if optimizer.HOST not in kinds:
+      raise ConfigError(
+          "optim.offload", f"is 'host', but the {jax.default_backend()} backend has "
+          f"no {optimizer.HOST!r} memory (its memory kinds: {', '.join(kinds)}).",
+          "set --config.optim.offload=none, or run on a backend with host memory "
+          "(TPU, GPU).")
+  for field in ("momentum", "normuon_b2"):
+    if not 0 <= o[field] < 1:
+      raise ConfigError(f"optim.{field}", f"must be in [0, 1), got {o[field]}.",
+                        f"set --config.optim.{field}=0.95.")
+  _positive(config, ["optim.ns_steps", "optim.galore_rank",
+                     "optim.galore_update_proj_gap"])
+  for field in ("matrices", "no_decay"):
+    try:
+      matrices.patterns(o[field])
+    except re.error as e:
+      raise ConfigError(f"optim.{field}", f"holds an invalid regex: {e}.",
+                        "give comma-separated Python regexes.") from None
+  if o.name in ("muon", "normuon", "galore"):
+    _validate_matrices(config)
+
+
+def host_memory_kinds() -> list[str]:
+  """Memory kinds of the first device (CPU has 'pinned_host' from jax 0.4.36 on)."""
+  return [m.kind for m in jax.devices()[0].addressable_memories()]
+
+
+def _validate_matrices(config) -> None:
+  o = config.optim
+  spec = model_spec(model.ModelConfig.from_config(config.model),
+                    sharding.normalize_rules(config.mesh.rules))
+  for path, x in jax.tree_util.tree_leaves_with_path(spec.abstract_params):
+    name = sharding.path_name(path)
+    if not matrices.is_matrix(name, o.matrices):
+      continue
+    if x.ndim < 2:
+      raise ConfigError(
+          "optim.matrices", f"matches {name} of shape {tuple(x.shape)}, which is "
+          "not a matrix.", "narrow the regex so it names weight matrices only.")
+    m, n = matrices.matrix_shape(x.shape, matrices.dims(name, x.ndim))
+    if o.name == "galore" and o.galore_rank > min(m, n):
+      raise ConfigError(
+          "optim.galore_rank", f"is {o.galore_rank}, larger than the smaller side "
+          f"of {name}'s [{m}, {n}] matrices (shape {tuple(x.shape)}).",
+          f"set --config.optim.galore_rank to at most {min(m, n)}, or leave "
+          f"{name} out of optim.matrices.")
 
 
 def _validate_attention(config, sizes: dict[str, int]) -> None:
