@@ -271,6 +271,11 @@ def test_same_losses_on_8_devices_and_exact_resume(name, tmp_path):
   second = _losses(eight(4), tmp_path / "run")
   whole = _losses(eight(4), tmp_path / "whole")
   assert len(second) == 1 and list(first) + list(second) == list(whole)
+  # Another optimizer's state cannot be resumed: named before anything compiles.
+  other = _mesh(_tiny("adamw", 5, decay_steps=4), fsdp=2, tensor=2, data=2)
+  with pytest.raises(ConfigError, match=r"optim\.name.*holds the state of "
+                     rf"optim\.name='{name}', not 'adamw'.*init_from="):
+    _losses(other, tmp_path / "run")
 
 
 def test_offload_host_keeps_state_in_pinned_host_and_the_losses(tmp_path):

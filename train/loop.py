@@ -76,7 +76,18 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, config.checkpoint)
-  if ckpt.latest_step() is not None:
+  latest = ckpt.latest_step()
+  optimizer_changed = latest is not None and _optimizer_state_changes(
+      ckpt, latest, config_dict)
+  if optimizer_changed and latest == 0:
+    # An imported model (step 0): its parameters, and a fresh state of the
+    # optimizer this run asks for.
+    params = ckpt.restore_params(abstract_state(spec, tx, mesh).params, 0,
+                                 config=config_dict)
+    state = init_state(spec, tx, mesh, t.seed, params=params)
+    _say(f"starting {config.optim.name} from the step-0 parameters of "
+         f"{ckpt.directory} ({optimizer_changed})")
+  elif latest is not None:
     # A different model is a ConfigError here, before anything is read.
     state = ckpt.restore(abstract_state(spec, tx, mesh), data.train,
                          config=config_dict)
@@ -189,6 +200,29 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     ckpt.wait()
     ckpt.close()
   return history
+
+
+# Fields that decide the optimizer state's structure (which buffers, what shapes).
+_OPTIMIZER_STATE_FIELDS = ("name", "matrices", "galore_rank")
+
+
+def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -> str:
+  """'' when the checkpoint at `step` holds the state of the optimizer
+  `config_dict` asks for; else a description of the change. Past step 0 a change
+  is a ConfigError naming the field: that state cannot be resumed."""
+  saved = (ckpt.saved_config(step) or {}).get("optim", {})
+  new = config_dict.get("optim", {})
+  for field in _OPTIMIZER_STATE_FIELDS:
+    if field in saved and saved[field] != new.get(field):
+      if step:
+        raise sharding.ConfigError(
+            f"optim.{field}", f"the checkpoint at step {step} holds the state of "
+            f"optim.{field}={saved[field]!r}, not {new.get(field)!r}.",
+            f"resume with --config.optim.{field}={saved[field]}, or start a new "
+            f"workdir from its parameters: --config.checkpoint.init_from="
+            f"{os.path.dirname(ckpt.directory)}:{step}.")
+      return f"optim.{field} {saved[field]!r} -> {new.get(field)!r}"
+  return ""
 
 
 def _report_trajectory_changes(ckpt: Checkpointer, step: int, config_dict: dict):

@@ -92,7 +92,7 @@ ABSENT = "(absent)"
 # resuming with a different value continues the same trajectory.
 _SAME_TRAJECTORY_GROUPS = ("mesh.", "log.", "checkpoint.")
 _SAME_TRAJECTORY_FIELDS = ("model.attention", "model.remat", "train.eval_every",
-                           "train.eval_steps")
+                           "train.eval_steps", "optim.offload")
 
 
 def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, str]]:
