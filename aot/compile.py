@@ -18,9 +18,19 @@ and reports, per device:
   rung's Pallas (attention) kernels carry no cost estimate, so the compiled count
   misses them; the compute term adds the model's attention FLOPs in their place.
 
-The roofline is the step-time estimate `plan` ranks by: it is a lower bound (it
-assumes perfect overlap and the whole ICI bandwidth for every collective), but it
-weighs every layer, unlike the compiler's estimate of a scanned model.
+- time: the step-time estimate from the compiled schedule (`aot/schedule.py`:
+  ops in their scheduled order, loop bodies times their trip counts, asynchronous
+  collectives overlapping the ops between their start and done, collective times
+  from ring algorithms on the slice's torus), the communication it leaves exposed
+  per mesh axis, and the MFU it implies. `plan` ranks by it.
+
+The roofline stays as a lower bound (it assumes perfect overlap and the whole ICI
+bandwidth for every collective); it weighs every layer, unlike the compiler's
+estimate of a scanned model.
+
+Compiler flags are part of a plan: `compiler_flags` (libtpu / XLA options such as
+MaxText's recipes set in LIBTPU_INIT_ARGS, see `parse_flags`) go to this compile
+only, as compile options, and the report lists them.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import numpy as np
 
 import sharding
 from aot import costs as costs_lib
+from aot import schedule as schedule_lib
 from infer import decode
 from infer.kv_cache import cache_struct
 from model import ModelConfig, flops as flops_lib
@@ -71,12 +82,20 @@ class Report:
   uncounted_kernels: int     # Pallas kernel calls whose FLOPs the HLO does not show
   hbm_bytes: float           # HBM traffic estimate per device
   collectives: list[dict[str, Any]]
-  time: dict[str, float]     # seconds: compute, hbm, ici, roofline, compiler
+  time: dict[str, float]     # seconds: compute, hbm, ici, roofline, compiler,
+  #                            estimate (the schedule's, aot/schedule.py)
   compiler: dict[str, float]  # XLA's cost analysis as given: flops, bytes accessed,
   #                             optimal_seconds (each loop body counted once)
   mfu_bound: float
   compile_seconds: float
   error: str = ""            # the compiler's message when it refused the plan
+  exposed_communication: dict[str, float] = dataclasses.field(default_factory=dict)
+  #                            seconds per step a device waits for collectives,
+  #                            by the mesh axes they span (aot/schedule.py)
+  mfu_estimate: float = math.nan  # model FLOPs / (peak x time["estimate"])
+  compiler_flags: dict[str, Any] = dataclasses.field(default_factory=dict)
+  schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
+  #                            ops and communication seconds, collective counts
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-ready dict; figures the compile could not give are None."""
@@ -123,15 +142,55 @@ def devices_per_chip(devices: list[jax.Device]) -> int:
   return max(1, len(devices) // len(chips))
 
 
+# MaxText's flags for its published v5e / v5p training configs (LIBTPU_INIT_ARGS
+# in MaxText/configs/v5e/16b.sh etc.; benchmarks/xla_flags_library.py names them
+# CF_FOR_ALL_GATHER and DATA_PARALLEL_OVERLAP): continuation fusion of all-gathers
+# with compute, and data-parallel all-reduce pipelining.
+FLAG_PRESETS = {"maxtext": (
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true "
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true "
+    "--xla_tpu_enable_async_collective_fusion=true "
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+    "--xla_tpu_overlap_compute_collective_tc=true "
+    "--xla_enable_async_all_gather=true")}
+
+
+def parse_flags(flags: str | dict | None) -> dict[str, Any]:
+  """'--xla_a=true --xla_b=3' (LIBTPU_INIT_ARGS style, or a FLAG_PRESETS name
+  among them) -> {'xla_a': True, 'xla_b': 3}; a dict passes through."""
+  if not flags:
+    return {}
+  if isinstance(flags, dict):
+    return dict(flags)
+  out: dict[str, Any] = {}
+  for word in flags.replace(",", " ").split():
+    if word in FLAG_PRESETS:
+      out.update(parse_flags(FLAG_PRESETS[word]))
+      continue
+    name, eq, value = word.lstrip("-").partition("=")
+    if not eq:
+      raise ConfigError("--libtpu_flags", f"{word!r} is neither NAME=VALUE nor one "
+                        f"of the presets {sorted(FLAG_PRESETS)}.",
+                        "write e.g. --libtpu_flags='--xla_enable_async_all_gather"
+                        "=true' or --libtpu_flags=maxtext.")
+    low = value.lower()
+    out[name] = (low == "true" if low in ("true", "false")
+                 else int(value) if re.fullmatch(r"-?\d+", value) else value)
+  return out
+
+
 def compile_step(config, topology: str, what: str = "train",
                  dump_hlo: str | None = None,
-                 devices: list[jax.Device] | None = None) -> Report:
+                 devices: list[jax.Device] | None = None,
+                 compiler_flags: str | dict | None = None) -> Report:
   """Compiles `config`'s train step (or decode step) for `topology` and reports
   what it needs and does. Raises ConfigError for a plan that cannot run.
 
   `what="decode"`: one KV-cache decode step (a token per sequence) for
   `train.batch_size` sequences and a cache of `data.seq_len` positions.
   `devices`: the topology's, when the caller already has them.
+  `compiler_flags`: libtpu / XLA options for this compile (`parse_flags`).
   """
   if what not in WHAT:
     raise ConfigError("--what", f"{what!r} is not one of {WHAT}.",
@@ -153,14 +212,19 @@ def compile_step(config, topology: str, what: str = "train",
     tokens, per_param = batch, 2
     model_flops = flops_lib.decode_flops_per_token(cfg, length) * tokens
   attention_flops = model_flops - per_param * flops_lib.matmul_params(cfg) * tokens
+  options = parse_flags(compiler_flags)
 
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     lowered = step.lower(*args)
   error = ""
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(options) if options else lowered.compile()
   except Exception as err:  # noqa: BLE001 -- XLA reports an oversized plan so
+    if "No such compile option" in str(err) or "compile option" in str(err):
+      raise ConfigError("--libtpu_flags", str(err).strip().splitlines()[0],
+                        "check the flag's name against libtpu's (MaxText's "
+                        "benchmarks/xla_flags_library.py lists common ones).") from None
     if "RESOURCE_EXHAUSTED" not in str(err):
       raise
     compiled, error = None, str(err).strip()
@@ -172,8 +236,31 @@ def compile_step(config, topology: str, what: str = "train",
   costs = (costs_lib.analyze(compiled.as_text(), sharding.AXES,
                                 [sizes[a] for a in sharding.AXES])
            if compiled is not None else None)
-  return _report(topology, chip, what, sizes, len(devices), memory, costs,
-                 model_flops, attention_flops, compiled, seconds, error)
+  report = _report(topology, chip, what, sizes, len(devices), memory, costs,
+                   model_flops, attention_flops, compiled, seconds, error)
+  report.compiler_flags = options
+  if compiled is not None:
+    _add_estimate(report, compiled.as_text(), chip, list(mesh.devices.flat),
+                  [sizes[a] for a in sharding.AXES],
+                  attention_flops / len(devices) if costs.uncounted_kernels else 0.0)
+  return report
+
+
+def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
+                  kernel_flops: float) -> None:
+  """The schedule estimate into `report` (`aot/schedule.py`); `kernel_flops`:
+  the per-device FLOPs of Pallas kernels without a cost estimate, spread over
+  their calls."""
+  calls = schedule_lib.kernel_calls(text) if kernel_flops else 0
+  est = schedule_lib.estimate(text, chip, schedule_lib.Torus.from_devices(devices, chip),
+                              sharding.AXES, mesh_shape,
+                              kernel_flops / calls if calls else 0.0)
+  report.time["estimate"] = est.seconds
+  report.exposed_communication = est.exposed
+  report.mfu_estimate = (report.model_flops / report.devices
+                         / (chip.peak_flops * est.seconds)) if est.seconds else 0.0
+  report.schedule = {"ops": est.ops, "communication": est.communication,
+                     "collectives": est.collectives}
 
 
 def state_bytes(config, devices: list[jax.Device]) -> float:
@@ -339,6 +426,7 @@ def _table(r: Report) -> str:
       f"compute {t['compute'] * 1e3:.2f}, HBM {t['hbm'] * 1e3:.2f}, "
       f"ICI {t['ici'] * 1e3:.2f} ms)",
       f"  MFU upper bound              {r.mfu_bound:.1%}",
+      *_estimate_lines(r),
       "  compiler estimate            "
       + (f"{t['compiler'] * 1e3:.2f} ms" if t["compiler"] > 0
          else f"none (XLA gave {t['compiler']:.3g} s)")
@@ -352,6 +440,23 @@ def _table(r: Report) -> str:
                  f"result, {size(c['received_bytes']):>11} received over {axes} "
                  f"(groups of {c['group_size']})")
   return "\n".join(lines)
+
+
+def _estimate_lines(r: Report) -> list[str]:
+  if "estimate" not in r.time:
+    return []
+  s = r.schedule
+  exposed = ", ".join(f"{a} {t * 1e3:.2f}" for a, t in sorted(
+      r.exposed_communication.items(), key=lambda x: -x[1])) or "none"
+  flags = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
+                   for k, v in r.compiler_flags.items()) or "none (libtpu defaults)"
+  return [f"  schedule estimate            {r.time['estimate'] * 1e3:.2f} ms "
+          f"(ops {s['ops'] * 1e3:.2f} ms; collectives {s['communication'] * 1e3:.2f}"
+          f" ms, {s['collectives'].get('asynchronous', 0)} async / "
+          f"{s['collectives'].get('synchronous', 0)} sync per step)",
+          f"  exposed communication        {exposed} ms (by mesh axes)",
+          f"  MFU estimate                 {r.mfu_estimate:.1%}",
+          f"  compiler flags               {flags}"]
 
 
 def write_json(report: Report, path: str) -> None:

@@ -259,3 +259,59 @@ def _trip_count(loop, cond, body, instrs) -> int | None:
   span = {"LT": limit - start, "LE": limit - start + 1,
           "GT": start - limit, "GE": start - limit + 1}.get(op)
   return None if span is None else max(0, math.ceil(span / abs(step)))
+
+
+# --- the schedule: loops, async pairs --------------------------------------------
+
+def loop_parts(ins: Instruction, comps, instrs) -> tuple[str, str, int | None]:
+  """(body, condition, trip count or None) of a while instruction."""
+  body = re.search(r"body=%?([\w.\-]+)", ins.text).group(1)
+  cond = re.search(r"condition=%?([\w.\-]+)", ins.text).group(1)
+  return body, cond, _trip_count(ins, comps[cond], comps[body], instrs)
+
+
+def channel_id(ins: Instruction) -> int | None:
+  m = re.search(r"channel_id=(\d+)", ins.text)
+  return int(m.group(1)) if m else None
+
+
+def inner_collective(comps, ins: Instruction) -> Instruction | None:
+  """The collective an instruction runs: itself, or the first one inside the
+  computations it calls (a TPU collective fusion, an `async-start` wrapper)."""
+  if ins.opcode.removesuffix("-start").removesuffix("-done") in COLLECTIVES:
+    return ins
+  for c in ins.called:
+    for i in comps.get(c, []):
+      if i.opcode in COLLECTIVES:
+        return i
+      found = inner_collective(comps, i) if i.called else None
+      if found is not None:
+        return found
+  return None
+
+
+def async_role(comps, ins: Instruction) -> tuple[str, str] | None:
+  """('start' | 'done', key) for the two ends of an asynchronous collective, the
+  same key at both ends; None for anything else. Three forms are read:
+  `all-gather-start` ... `all-gather-done(start)`; `async-start` ... `async-done`
+  around a collective; and TPU collective fusions, whose called computations end
+  in custom calls `AsyncCollectiveStart` / `AsyncCollectiveDone` around the same
+  collective (matched by channel id; the fusions scheduled between them that
+  carry that channel are compute, e.g. a collective matmul's steps)."""
+  kind = ins.opcode
+  if kind.endswith("-start") and kind.removesuffix("-start") in COLLECTIVES:
+    return "start", ins.name
+  if kind.endswith("-done") and kind.removesuffix("-done") in COLLECTIVES:
+    return "done", ins.operands[0]
+  if kind == "async-start" and inner_collective(comps, ins) is not None:
+    return "start", ins.name
+  if kind in ("async-update", "async-done") and ins.operands:
+    return ("done" if kind == "async-done" else "update"), ins.operands[0]
+  if kind == "fusion" and ins.called and ins.called[0] in comps:
+    target = re.search(r'custom_call_target="(AsyncCollective(?:Start|Done))"',
+                       root(comps[ins.called[0]]).text)
+    coll = inner_collective(comps, ins) if target else None
+    if coll is not None:
+      role = "start" if target.group(1).endswith("Start") else "done"
+      return role, f"channel:{channel_id(coll)}"
+  return None

@@ -6,16 +6,18 @@ they pass the same validation `train` runs (`train/validate.py`). Each is compil
 deviceless (`aot/compile.py`) and the plans are ranked: those that fit in HBM
 first, then by estimated step time, then by memory per device.
 
-The step-time estimate is compile's roofline, max(compute, HBM, ICI): the compiled
-program's FLOPs, HBM bytes and collective bytes per device (loop trip counts
-included, `aot/costs.py`) over the chip's peak FLOP/s, HBM and ICI bandwidth
-(`sharding/chips.py`). It is not XLA's own estimate (`optimal_seconds`), because
-that counts each while-loop body once: for the scanned layers of llama_1b it gave
-0.0237, 0.0245 and 0.0246 s for 1, 2 and 4 layers, so it would rank plans by the
-work outside the layers. The roofline assumes compute, memory traffic and
-communication overlap perfectly and that a collective gets the chip's whole ICI
-bandwidth, so it is a lower bound that flatters communication-heavy plans; what
-it ranks is which resource bounds each plan, and by how much.
+The step time plans are ranked by is compile's schedule estimate
+(`aot/schedule.py`): the compiled program's ops in their scheduled order, each at
+max(FLOPs / peak, HBM bytes / bandwidth), loop bodies times their trip counts,
+collectives timed as ring algorithms on the slice's torus and counted only where
+the schedule does not hide them behind compute. Plans that differ in how much
+communication they expose therefore get different times, which the roofline,
+max(compute, HBM, ICI), could not give: it assumes perfect overlap and the whole
+ICI bandwidth per collective (on llama_1b / v5p:2x2x2 it tied 14 plans). The
+roofline and its MFU bound are still listed. XLA's own estimate (`optimal_seconds`)
+is not used: it counts each while-loop body once (0.0237, 0.0245 and 0.0246 s for
+1, 2 and 4 scanned layers of llama_1b). `compiler_flags` (libtpu options) apply to
+every candidate's compile.
 
 The search stays small: `expert` > 1 only for MoE models (it would only replicate
 dense work), `sequence` > 1 only when asked, plans whose train state and batch
@@ -46,11 +48,14 @@ class Plan:
   mesh: dict[str, int]
   remat: str
   fits: bool | None          # None: not compiled (max_plans reached)
-  step_time: float           # roofline seconds; NaN when not compiled
+  step_time: float           # schedule-estimate seconds; NaN when not compiled
   memory: float              # total bytes per device (state alone when not compiled)
   mfu_bound: float
   note: str = ""
   report: Report | None = None
+  roofline: float = math.nan       # seconds
+  mfu_estimate: float = math.nan
+  exposed: dict[str, float] = dataclasses.field(default_factory=dict)  # s per axes
 
   def flags(self) -> str:
     """The plan as command-line overrides."""
@@ -86,10 +91,12 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
 def plan(config, topology: str, *, remats: Sequence[str] | None = None,
          sequence: bool = False, max_plans: int | None = None,
          meshes: Iterable[dict[str, int]] | None = None,
-         progress: bool = True) -> list[Plan]:
+         progress: bool = True,
+         compiler_flags: str | dict | None = None) -> list[Plan]:
   """Ranked plans for `config` on `topology` (best first). `meshes` replaces the
   enumeration (each a {axis: size} dict, missing axes 1); `remats` defaults to
-  every policy."""
+  every policy; `compiler_flags`: libtpu options for every compile
+  (`aot.compile.parse_flags`)."""
   devices = topology_devices(topology)
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
   remats = tuple(remats or REMAT)
@@ -135,14 +142,17 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
       continue
     compiled += 1
     try:
-      report = compile_step(c, topology, devices=devices)
+      report = compile_step(c, topology, devices=devices,
+                            compiler_flags=compiler_flags)
     except Exception as err:  # noqa: BLE001 -- one failing plan must not end the search
       plans.append(Plan(mesh, remat, False, math.nan, floors[key], math.nan,
                         f"compile failed: {str(err).strip().splitlines()[0]}"))
       continue
-    plans.append(Plan(mesh, remat, report.fits, report.time.get("roofline", math.nan),
+    plans.append(Plan(mesh, remat, report.fits, report.time.get("estimate", math.nan),
                       report.memory["total"], report.mfu_bound,
-                      report.error.splitlines()[0] if report.error else "", report))
+                      report.error.splitlines()[0] if report.error else "", report,
+                      report.time.get("roofline", math.nan), report.mfu_estimate,
+                      report.exposed_communication))
   bar.close()
   return sorted(plans, key=_rank)
 
@@ -169,8 +179,8 @@ def _override(config, mesh: dict[str, int], remat: str):
 def table(plans: list[Plan]) -> str:
   """The ranked plans, one line each, and the winner as override flags."""
   size = sharding.format_bytes
-  rows = [("#", "mesh", "remat", "fits", "memory/device", "step (roofline)",
-           "MFU bound", "note")]
+  rows = [("#", "mesh", "remat", "fits", "memory/device", "step (estimate)",
+           "MFU est.", "exposed comm (ms)", "roofline", "MFU bound", "note")]
   for i, p in enumerate(plans, 1):
     mesh = " ".join(f"{a}={s}" for a, s in p.mesh.items() if s > 1) or "1 device"
     fits = {True: "yes", False: "no", None: "?"}[p.fits]
@@ -178,11 +188,19 @@ def table(plans: list[Plan]) -> str:
                  # not compiled: what the state and batch alone need
                  ("" if p.report else ">= ") + size(p.memory)
                  if math.isfinite(p.memory) else "-",
-                 f"{p.step_time * 1e3:.2f} ms ({p.report.bound()})"
-                 if math.isfinite(p.step_time) else "-",
+                 f"{p.step_time * 1e3:.2f} ms" if math.isfinite(p.step_time) else "-",
+                 f"{p.mfu_estimate:.1%}" if math.isfinite(p.mfu_estimate) else "-",
+                 " ".join(f"{a} {t * 1e3:.2f}" for a, t in sorted(p.exposed.items()))
+                 if p.report else "-",
+                 f"{p.roofline * 1e3:.2f} ms ({p.report.bound()})"
+                 if math.isfinite(p.roofline) else "-",
                  f"{p.mfu_bound:.1%}" if math.isfinite(p.mfu_bound) else "-", p.note))
   lines = [sharding.format_rows(rows)]
   best = next((p for p in plans if p.fits), None)
   lines.append("")
+  flags = next((p.report.compiler_flags for p in plans if p.report), {})
+  if flags:
+    lines.append("compiler flags: " + " ".join(
+        f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()))
   lines.append(f"best: {best.flags()}" if best else "no plan fits in HBM.")
   return "\n".join(lines)

@@ -56,13 +56,14 @@ COMMANDS = {
         "compile --config's step for a TPU --topology (no TPU needed): memory, "
         "fit, FLOPs, collectives, time",
         "--config=experiments/llama_1b.py --topology=v5p:2x2x2 [--what=train|decode "
-        "--output_json=F --dump_hlo=DIR --config.mesh.tensor=4]",
-        ("config", "topology", "what", "output_json", "dump_hlo")),
+        "--output_json=F --dump_hlo=DIR --libtpu_flags=maxtext --config.mesh.tensor=4]",
+        ("config", "topology", "what", "output_json", "dump_hlo", "libtpu_flags")),
     "plan": Command(
         "compile every mesh and remat plan for --topology; rank them",
         "--config=experiments/llama_1b.py --topology=v5e:2x4 [--max_plans=12 "
-        "--plan_sequence --output_json=F]",
-        ("config", "topology", "max_plans", "plan_sequence", "output_json")),
+        "--plan_sequence --libtpu_flags=maxtext --output_json=F]",
+        ("config", "topology", "max_plans", "plan_sequence", "output_json",
+         "libtpu_flags")),
 }
 # Commands that need --config (import-hf defaults to experiments/base.py).
 _NEEDS_CONFIG = ("train", "compile", "plan")
@@ -102,6 +103,10 @@ _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the lowered and "
                                 "compiled programs into this directory.")
 _MAX_PLANS = flags.DEFINE_integer("max_plans", None, "Compile at most this "
                                   "many plans.")
+_LIBTPU_FLAGS = flags.DEFINE_string(
+    "libtpu_flags", None, "compile / plan: TPU compiler options for this compile, "
+    "as LIBTPU_INIT_ARGS writes them ('--xla_enable_async_all_gather=true ...'), "
+    "or 'maxtext' for the flags of MaxText's published v5e / v5p configs.")
 _PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "Also try "
                                    "mesh.sequence > 1.")
 
@@ -293,13 +298,15 @@ def _ask_compiler(command: str, topology: str) -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import aot
   if command == "compile":
-    report = aot.compile_step(_CONFIG.value, topology, _WHAT.value, _DUMP_HLO.value)
+    report = aot.compile_step(_CONFIG.value, topology, _WHAT.value, _DUMP_HLO.value,
+                              compiler_flags=_LIBTPU_FLAGS.value)
     print(report.table())
     result = report.to_json()
   else:
     from aot import plan
     plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
-                      max_plans=_MAX_PLANS.value)
+                      max_plans=_MAX_PLANS.value,
+                      compiler_flags=_LIBTPU_FLAGS.value)
     print(plan.table(plans))
     result = [p.to_json() for p in plans]
   if _OUTPUT_JSON.value:

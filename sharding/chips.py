@@ -34,6 +34,26 @@ PyTorch measured 769-798 TFLOP/s on one H200 (about 80% of the dense peak):
        a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf -- 312 TFLOP/s
        dense bf16, 80 GB HBM2e at 2039 GB/s, NVLink 600 GB/s.
 
+Links, for the schedule estimate (`aot/schedule.py`): `ici_link_bandwidth` is the
+bytes/s one ICI link carries in one direction, `ici_hop_latency` the seconds a
+message spends per hop, `wraparound` which torus axes close into rings.
+- Per-link bandwidth, one way: "How to Scale Your Model", part 2 ("How to think
+  about TPUs"), https://jax-ml.github.io/scaling-book/tpus/ -- v4p 4.5e10,
+  v5e 4.5e10, v5p 9e10, v6e 9e10 bytes/s (twice that bidirectional; quoted as
+  W_ici = 9e10 bytes/s bidirectional for v5e at
+  https://scaling-book-viz.aronteh.com/collectives). They agree within 10% with the
+  per-chip figures above over the chip's ports: v5p 1200 GB/s / 6 links / 2
+  directions = 100 GB/s; v5e 400 / 4 / 2 = 50 GB/s; v6e 800 / 4 / 2 = 100 GB/s
+  (4 ICI ports per v5e and v6e chip: https://docs.cloud.google.com/tpu/docs/v6e).
+- Per-hop latency: 1 us, the link latency the ASTRA-sim authors were given by the
+  TPU team for TPU v3
+  (https://astra-sim.github.io/astra-sim-docs/validation/hardware/tpu-validation.html);
+  no later generation publishes one, so every row uses it.
+- Wraparound (scaling book, same page): v4 and v5p slices close an axis into a ring
+  when its length is a multiple of 4 (whole 4x4x4 cubes); v5e and v6e only on a
+  full 16-chip axis of a 16x16 pod. A smaller axis is a line, which halves what a
+  ring collective gets from its links.
+
 HBM capacities are taken as binary (the v5e and v6e pages write "16 GB" and
 "32 GB"): the TPU compiler (libtpu 0.0.42.1, deviceless) refuses programs above
 15.75 GiB on v5e, 31.25 GiB on v6e and 15.25 GiB per TensorCore on v4, the usable
@@ -62,6 +82,15 @@ class Chip:
   ici_bandwidth: float     # bytes/s per chip, both directions of all links together
   source: str
   platform: str = "tpu"    # "tpu" rows can be compile targets; "gpu" rows cannot
+  ici_link_bandwidth: float = 0.0  # bytes/s per ICI link, one direction
+  ici_hop_latency: float = 0.0     # seconds per hop
+  wraparound: str = ""     # "cube": axes of 4k chips are rings; "pod": axes of 16
+
+  def wraps(self, axis_length: int) -> bool:
+    """Whether a slice axis of `axis_length` chips closes into a ring."""
+    if self.wraparound == "cube":
+      return axis_length % 4 == 0
+    return self.wraparound == "pod" and axis_length == 16
 
   def per_device(self, devices_per_chip: int) -> "Chip":
     """The share of one device when a chip shows up as several."""
@@ -71,18 +100,23 @@ class Chip:
     return dataclasses.replace(
         self, name=f"{self.name} (1/{n} chip)", hbm_bytes=self.hbm_bytes // n,
         peak_flops=self.peak_flops / n, hbm_bandwidth=self.hbm_bandwidth / n,
-        ici_bandwidth=self.ici_bandwidth / n)
+        ici_bandwidth=self.ici_bandwidth / n,
+        ici_link_bandwidth=self.ici_link_bandwidth / n)
 
 
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v4", 32 * GiB, 275e12, 1200 * GB, 600 * GB,
-         "https://cloud.google.com/tpu/docs/v4"),
+         "https://cloud.google.com/tpu/docs/v4",
+         ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="cube"),
     Chip("v5e", 16 * GiB, 197e12, 819 * GB, 400 * GB,
-         "https://docs.cloud.google.com/tpu/docs/v5e"),
+         "https://docs.cloud.google.com/tpu/docs/v5e",
+         ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="pod"),
     Chip("v5p", 95 * GiB, 459e12, 2765 * GB, 1200 * GB,
-         "https://docs.cloud.google.com/tpu/docs/v5p"),
+         "https://docs.cloud.google.com/tpu/docs/v5p",
+         ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="cube"),
     Chip("v6e", 32 * GiB, 918e12, 1600 * GB, 800 * GB,
-         "https://docs.cloud.google.com/tpu/docs/v6e"),
+         "https://docs.cloud.google.com/tpu/docs/v6e",
+         ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="pod"),
     Chip("a100", 80 * GB, 312e12, 2039 * GB, 600 * GB,
          "https://www.nvidia.com/en-us/data-center/a100/", platform="gpu"),
     Chip("h100", 80 * GB, 989.5e12, 3350 * GB, 900 * GB,

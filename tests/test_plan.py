@@ -29,10 +29,16 @@ def test_plan_ranks_compiled_plans_and_the_winner_validates():
   compiled = [p for p in plans if p.report is not None]
   assert len(compiled) == 2 and all(p.fits for p in compiled)
   assert [p.step_time for p in compiled] == sorted(p.step_time for p in compiled)
+  # ranked by the schedule estimate, which data=8 (gradient all-reduces) and
+  # fsdp=8 (weight all-gathers) do not share
+  assert all(p.step_time == p.report.time["estimate"] for p in compiled)
+  assert compiled[0].step_time < compiled[1].step_time
+  assert all(0 < p.mfu_estimate <= p.mfu_bound for p in compiled)
   assert plans[:2] == compiled  # fitting plans first, then the one not compiled
   assert plans[2].fits is None and "max_plans=2" in plans[2].note
 
   text = plan.table(plans)
+  assert "step (estimate)" in text and "exposed comm (ms)" in text
   best = plans[0]
   assert f"best: {best.flags()}" in text
   for flag in best.flags().split():  # the printed overrides make a valid config

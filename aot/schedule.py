@@ -1,0 +1,303 @@
+"""Step time from the compiled schedule: what `compile` reports as `time.estimate`
+and `plan` ranks by.
+
+The TPU compiler emits each computation's instructions in the order it scheduled
+them. This module walks that order on one device (every device runs the same SPMD
+program) with two clocks, the TensorCore's and the ICI's:
+
+- an op (fusion, copy, kernel, ...) advances the core by max(FLOPs / peak FLOP/s,
+  HBM bytes / HBM bandwidth): FLOPs and bytes as `aot/costs.py` counts them, the
+  chip figures from `sharding/chips.py`. The matmul efficiency factor is 1: no
+  per-shape MXU efficiency is published for TPUs, so none is assumed and the
+  estimate is optimistic for small or oddly shaped matmuls;
+- a loop body runs its trip count times (`aot/hlo.py`), a call once, a conditional
+  as its slowest branch;
+- an asynchronous collective (`all-gather-start` ... `all-gather-done`, `async-start`
+  ... `async-done`, or a TPU collective fusion `AsyncCollectiveStart` ...
+  `AsyncCollectiveDone`) starts on the ICI clock when it is issued and lets the core
+  run on; at its done the core waits only for what is left, and that wait is the
+  collective's *exposed* time;
+- a synchronous collective holds the core for its whole time, all exposed; one
+  inside a fusion with other work (a TPU all-reduce-scatter, a collective matmul
+  step) runs alongside that work, and only what exceeds it is exposed;
+- collectives share the links: one starts when the previous one has finished.
+- asynchronous copies (`copy-start` / `copy-done`: prefetches between HBM and the
+  core's memories) and bookkeeping (tuples, bitcasts, parameters) cost nothing.
+
+A collective's time is that of its algorithm on the slice's torus, for the
+physical axes its replica group spans (read from the devices' coordinates):
+ring all-gather, reduce-scatter and all-reduce (reduce-scatter then all-gather),
+split over the spanned axes that run concurrently (one ring phase per axis, each
+axis order carrying an equal share, as the TPU's multi-dimensional collectives do),
+bidirectional on an axis with wraparound links and one-way on a line; latency
+one hop time per ring step. All-to-all is a quarter of the all-gather of the same
+bytes (the bidirectional-ring figure of the scaling book); a collective-permute is
+its bytes over one link plus the hops between the farthest pair. See `ring_time`.
+Per-link bandwidth, hop latency and wraparound: `sharding/chips.py`, with sources.
+
+What it leaves out: the overlap of independent ops with each other (one op at a
+time), VMEM reuse across fusions, contention of concurrent collectives on a link
+beyond serialising them, DCN between slices, and host work between steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from aot import costs as costs_lib
+from aot import hlo
+from sharding.chips import Chip
+
+_FREE = costs_lib._NO_TRAFFIC | {"copy-start", "copy-done"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Torus:
+  """The slice's ICI network as the compiled program sees it: device id (the
+  index in the compile's device order) -> chip coordinates, axis lengths, which
+  axes wrap around, per-link bandwidth (bytes/s one way) and per-hop latency (s)."""
+  coords: tuple[tuple[int, ...], ...]
+  shape: tuple[int, ...]
+  wraps: tuple[bool, ...]
+  link_bandwidth: float
+  hop_latency: float
+  hbm_bandwidth: float  # for "collectives" among devices of one chip (v4's cores)
+
+  @classmethod
+  def from_coords(cls, coords: Sequence[Sequence[int]], chip: Chip) -> Torus:
+    coords = tuple(tuple(int(x) for x in c) for c in coords)
+    shape = tuple(max(c[d] for c in coords) + 1 for d in range(len(coords[0])))
+    return cls(coords, shape, tuple(chip.wraps(n) for n in shape),
+               chip.ici_link_bandwidth, chip.ici_hop_latency, chip.hbm_bandwidth)
+
+  @classmethod
+  def from_devices(cls, devices, chip: Chip) -> Torus:
+    """From jax devices in the compile's order (e.g. `mesh.devices.flat`)."""
+    return cls.from_coords([getattr(d, "coords", (d.id,)) for d in devices], chip)
+
+
+def ring_time(kind: str, nbytes: float, lengths: Sequence[int],
+              rings: Sequence[bool], link_bandwidth: float,
+              hop_latency: float) -> float:
+  """Seconds for a collective of `nbytes` over a group spanning torus axes of
+  `lengths` chips (`rings[i]`: axis i wraps around).
+
+  `nbytes` is the whole array: an all-gather's result, a reduce-scatter's operand,
+  an all-reduce's or all-to-all's operand. An all-gather over one axis of k chips
+  sends each link, per direction, (k-1)/k x nbytes / f, f = 2 on a ring (both
+  directions) and 1 on a line. Over several axes it runs as one phase per axis;
+  with A axes, A orders of the axes (rotations) each carry nbytes/A at once, and
+  the busiest axis sets the time. Latency: one hop per ring step, (k-1)/f steps
+  per axis. Reduce-scatter takes as long as all-gather; all-reduce twice;
+  all-to-all a quarter."""
+  axes = [(k, 2 if ring else 1) for k, ring in zip(lengths, rings) if k > 1]
+  if not axes:
+    return 0.0
+  total = math.prod(k for k, _ in axes)
+  load = [0.0] * len(axes)
+  for r in range(len(axes)):
+    held = nbytes / len(axes) / total  # what a device holds before the phases
+    for i in [(r + j) % len(axes) for j in range(len(axes))]:
+      k, f = axes[i]
+      load[i] += (k - 1) * held / f
+      held *= k
+  seconds = max(load) / link_bandwidth + hop_latency * sum(
+      math.ceil((k - 1) / f) for k, f in axes)
+  return {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0,
+          "all-to-all": 0.25, "ragged-all-to-all": 0.25}[kind] * seconds
+
+
+def collective_seconds(kind: str, nbytes: float, groups, torus: Torus) -> float:
+  """Seconds for one execution of a collective with these replica groups
+  (`aot.costs.replica_groups`: ids index `torus.coords`; pairs for a permute)."""
+  if not groups or max(map(max, groups)) >= len(torus.coords):
+    groups = [list(range(len(torus.coords)))]
+  coords = np.array(torus.coords)
+  if kind == "collective-permute":
+    hops = 0
+    for src, dst in groups:
+      delta = np.abs(coords[src] - coords[dst])
+      hops = max(hops, int(sum(min(d, n - d) if w else d for d, n, w
+                               in zip(delta, torus.shape, torus.wraps))))
+    if hops == 0:
+      return nbytes / torus.hbm_bandwidth
+    return nbytes / torus.link_bandwidth + hops * torus.hop_latency
+  members = coords[groups[0]]
+  lengths = [len(set(members[:, d].tolist())) for d in range(members.shape[1])]
+  if all(k == 1 for k in lengths):  # cores of one chip
+    return nbytes / torus.hbm_bandwidth
+  if math.prod(lengths) != len(groups[0]):  # not a sub-grid: one line through all
+    lengths, rings = [len(groups[0])], [False]
+  else:
+    rings = [torus.wraps[d] and k == torus.shape[d] for d, k in enumerate(lengths)]
+  return ring_time(kind, nbytes, lengths, rings, torus.link_bandwidth,
+                   torus.hop_latency)
+
+
+@dataclasses.dataclass
+class Estimate:
+  """One step on one device, in seconds."""
+  seconds: float                 # the step: the core's clock at the end
+  ops: float                     # time of the ops alone (no waiting)
+  communication: float           # all collectives' times, overlapped or not
+  exposed: dict[str, float]      # waits for collectives, by the mesh axes they span
+  #                                ("fsdp", "data+fsdp", "?" when not known)
+  collectives: dict[str, int]    # asynchronous / synchronous, executions per step
+
+
+def estimate(hlo_text: str, chip: Chip, torus: Torus,
+             mesh_axes: Sequence[str] = (), mesh_shape: Sequence[int] = (),
+             kernel_flops: float = 0.0) -> Estimate:
+  """Walks the compiled module's schedule (module docstring). `kernel_flops`:
+  FLOPs per execution of a Pallas kernel that carries no cost estimate (compile
+  spreads the model's attention FLOPs over the kernel calls)."""
+  comps = hlo.parse(hlo_text)
+  instrs = hlo.instructions(comps)
+  n_devices = len(torus.coords)
+  if not mesh_shape:
+    mesh_axes, mesh_shape = ("devices",), (n_devices,)
+
+  @functools.cache
+  def fused_flops(name: str) -> float:
+    total = 0.0
+    for ins in comps.get(name, []):
+      if ins.opcode in ("convolution", "dot"):
+        total += costs_lib._matmul_flops(ins, instrs)
+      for c in ins.called:
+        total += fused_flops(c)
+    return total
+
+  def op_seconds(ins) -> float:
+    if ins.opcode in _FREE or ins.opcode.endswith("-done"):
+      return 0.0
+    if ins.opcode == "custom-call":
+      if not costs_lib._is_kernel(ins):
+        return 0.0
+      est = costs_lib._cost_estimate(ins) or {}
+      flops = float(est.get("flops", kernel_flops))
+      nbytes = float(est.get("bytes_accessed", ins.bytes + sum(
+          instrs[o].bytes for o in ins.operands if o in instrs)))
+      return max(flops / chip.peak_flops, nbytes / chip.hbm_bandwidth)
+    if ins.opcode in ("convolution", "dot"):
+      flops = costs_lib._matmul_flops(ins, instrs)
+    else:
+      flops = sum(fused_flops(c) for c in ins.called)
+    nbytes = costs_lib._traffic(ins, instrs, comps)
+    return max(flops / chip.peak_flops, nbytes / chip.hbm_bandwidth)
+
+  def comm(coll, outer) -> tuple[float, str]:
+    """(seconds, axes key) of one execution; `outer` holds it (a fusion)."""
+    kind = coll.opcode.removesuffix("-start").removesuffix("-done")
+    nbytes = costs_lib._result_bytes(coll, kind)
+    if kind == "all-reduce" and outer is not coll and 0 < outer.bytes < nbytes:
+      kind = "reduce-scatter"  # TPU's all-reduce-scatter fusion
+    elif kind == "reduce-scatter":
+      nbytes *= len((costs_lib.replica_groups(coll) or [[0] * n_devices])[0])
+    groups = costs_lib.replica_groups(coll)
+    seconds = collective_seconds(kind, nbytes, groups, torus)
+    if not groups:
+      groups = [list(range(n_devices))]
+    known = groups is not None and max(map(max, groups)) < math.prod(mesh_shape)
+    axes = costs_lib.group_axes(groups, mesh_axes, mesh_shape) if known else ()
+    return seconds, "+".join(axes) or "?"
+
+  # Channels of asynchronous collectives: a fusion elsewhere that carries one is a
+  # step of that collective's compute (e.g. inside a collective matmul's loop,
+  # between a start and done scheduled around the loop).
+  async_channels = {hlo.channel_id(hlo.inner_collective(comps, i))
+                    for n, body in comps.items() if n != "ENTRY" for i in body
+                    if (hlo.async_role(comps, i) or ("",))[0] == "start"} - {None}
+
+  @functools.cache
+  def walk(name: str) -> tuple[float, float, float, tuple]:
+    """(seconds, op seconds, communication seconds, exposed items) of one run."""
+    core = link = ops = communication = 0.0
+    exposed = collections.Counter()
+    inflight: dict[str, tuple[float, str]] = {}
+    alias: dict[str, str] = {}
+    for ins in comps.get(name, []):
+      if ins.opcode == "while":
+        body, cond, trips = hlo.loop_parts(ins, comps, instrs)
+        trips = 1 if trips is None else trips
+        parts = [(body, trips), (cond, trips + 1)]
+      elif ins.opcode == "call":
+        parts = [(c, 1) for c in ins.called]
+      elif ins.opcode == "conditional":
+        parts = [(max(ins.called, key=lambda c: walk(c)[0]), 1)] if ins.called else []
+      else:
+        parts = None
+      if parts is not None:
+        for c, times in parts:
+          s, o, m, e = walk(c)
+          core, ops, communication = core + times * s, ops + times * o, \
+              communication + times * m
+          for k, v in e:
+            exposed[k] += times * v
+        link = max(link, core)
+        continue
+      role = hlo.async_role(comps, ins)
+      if role is not None:
+        what, key = role
+        key = alias.get(key, key)
+        if what == "update":
+          alias[ins.name] = key
+        elif what == "start":
+          coll = hlo.inner_collective(comps, ins)
+          seconds, axes = comm(coll, ins)
+          begin = max(core, link)
+          link = begin + seconds
+          inflight[key] = (link, axes)
+          communication += seconds
+          exposed["#asynchronous"] += 1
+        elif key in inflight:
+          end, axes = inflight.pop(key)
+          if end > core:
+            exposed[axes] += end - core
+            core = end
+        continue
+      coll = hlo.inner_collective(comps, ins) if (
+          ins.opcode in hlo.COLLECTIVES or ins.opcode == "fusion") else None
+      if coll is not None and hlo.channel_id(coll) not in async_channels:
+        # synchronous; in a fusion (TPU's all-reduce-scatter, a collective matmul
+        # step) the fusion's own work runs alongside it
+        seconds, axes = comm(coll, ins)
+        work = op_seconds(ins) if ins.opcode == "fusion" else 0.0
+        link = max(core, link) + seconds
+        finish = max(link, core + work)
+        exposed[axes] += finish - core - work
+        core = finish
+        ops += work
+        communication += seconds
+        exposed["#synchronous"] += 1
+        continue
+      # (a fusion carrying an in-flight collective's channel is compute: the steps
+      # of a collective matmul between its start and done)
+      t = op_seconds(ins)
+      core += t
+      ops += t
+    for end, axes in inflight.values():  # never waited for: the step still ends after
+      if end > core:
+        exposed[axes] += end - core
+        core = end
+    return core, ops, communication, tuple(sorted(exposed.items()))
+
+  seconds, ops, communication, items = walk(hlo.entry_name(comps))
+  exposed = {k: v for k, v in items if not k.startswith("#")}
+  counts = {k[1:]: round(v) for k, v in items if k.startswith("#")}
+  return Estimate(seconds, ops, communication, exposed, counts)
+
+
+def kernel_calls(hlo_text: str) -> float:
+  """Executions per step of Pallas kernels without a cost estimate."""
+  comps = hlo.parse(hlo_text)
+  counts, _, _ = hlo.execution_counts(comps, hlo.entry_name(comps),
+                                      hlo.instructions(comps))
+  return sum(times for name, times in counts.items() for ins in comps[name]
+             if costs_lib._is_kernel(ins) and costs_lib._cost_estimate(ins) is None)
+
