@@ -74,8 +74,8 @@ class Report:
   what: str
   mesh: dict[str, int]
   devices: int
-  memory: dict[str, float]   # params, optimizer, inputs, arguments, temporaries,
-  #                            outputs, code, total, hbm (all bytes per device)
+  memory: dict[str, float]   # params, optimizer, optimizer_host, inputs, arguments,
+  #                            temporaries, outputs, code, total, hbm (bytes per device)
   fits: bool
   flops: float               # compiled, per device
   model_flops: float         # PaLM count for the whole step
@@ -309,10 +309,14 @@ def decode_program(cfg: ModelConfig, spec, mesh, rules, batch: int,
 
 # --- figures ---------------------------------------------------------------------
 
-def _device_bytes(tree) -> float:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+def _device_bytes(tree, memory: str = "device") -> float:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs: in its own
+  memory (`memory="device"`), or those placed in host memory for it (`"host"`:
+  memory kind pinned_host or unpinned_host, e.g. `optim.offload=host`)."""
+  def in_host(x):
+    return (getattr(x.sharding, "memory_kind", None) or "").endswith("host")
   return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree)))
+                   for x in jax.tree.leaves(tree) if in_host(x) == (memory == "host")))
 
 
 def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, float]:
@@ -321,6 +325,7 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
     parts = {"params": _device_bytes(state.params),
              "optimizer": _device_bytes(state.opt_state) + _device_bytes(state.step),
              "inputs": _device_bytes(batch)}
+    host = {"optimizer_host": _device_bytes(state.opt_state, "host")}
   else:  # decode_step's (graphdef, params, layers, cache, logits, done, key, ...)
     _, params, layers, cache, *inputs = args
     parts = {"params": _device_bytes(params) + _device_bytes(layers),
@@ -328,7 +333,8 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
              "inputs": _device_bytes(cache) + _device_bytes(  # not the PRNG key
                  [x for x in inputs if isinstance(x, jax.ShapeDtypeStruct)
                   and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)])}
-  m = {**parts, "hbm": float(chip.hbm_bytes)}
+    host = {"optimizer_host": 0.0}
+  m = {**parts, **host, "hbm": float(chip.hbm_bytes)}
   if compiled is None:  # refused: the state, and the temporaries XLA asked for
     m.update(arguments=sum(parts.values()), temporaries=_refused_temporaries(error),
              outputs=math.nan, code=math.nan)
@@ -400,6 +406,8 @@ def _table(r: Report) -> str:
            f"({size(m['hbm'])} HBM each), mesh {mesh}; compiled in "
            f"{r.compile_seconds:.1f} s", "", "memory per device"]
   rows = [("parameters", m["params"]), ("optimizer state", m["optimizer"]),
+          *([("optimizer state (host)", m["optimizer_host"])]
+            if m.get("optimizer_host") else []),
           ("batch" if r.what == "train" else "tokens + KV cache", m["inputs"]),
           ("arguments (compiled)", m["arguments"]), ("temporaries", m["temporaries"]),
           ("outputs not aliased", m["outputs"]), ("generated code", m["code"]),

@@ -74,12 +74,12 @@ def shapes(tiny: bool) -> dict:
   if tiny:
     return dict(
         flash=dict(tokens=256, heads=4, kv_heads=1,
-                   configs=(("bfloat16", 64, 128), ("float32", 128, 256)), reps=1,
+                   configs=(("float32", 64, 128),), reps=1,
                    sweep_length=128, sweep_blocks=((32, 32),)),
         model=dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=16, d_ff=128, tie_embeddings=False,
                    compute_dtype="bfloat16", param_dtype="float32"),
-        batch=2, seq_len=64, steps=2, decode=dict(prompt=8, new=8, batches=(1, 3)),
+        batch=2, seq_len=64, steps=2, decode=dict(prompt=8, new=8, batches=(3,)),
         copy_bytes=2 ** 22, matmul=256, blocks=("ladder",))
   return dict(
       flash=dict(tokens=16384, heads=16, kv_heads=4,

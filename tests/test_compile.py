@@ -269,3 +269,19 @@ def test_runtime_device_kinds_map_to_the_chip_table():
   assert sharding.chips.CHIPS["h200"].peak_flops == sharding.chips.CHIPS["h100"].peak_flops
   with pytest.raises(ConfigError, match="one of v4, v5e, v5p, v6e, e.g."):
     sharding.chips.chip_for_topology("h100:8")
+
+
+@needs_libtpu
+def test_offloaded_optimizer_state_leaves_device_memory():
+  """optim.offload=host: compile counts the optimizer state as host memory, none of
+  it on the device (but the step counter), and the compiled program's device
+  arguments shrink by it."""
+  on_device = train_report("fsdp8")
+  c = small_1b(**MESHES["fsdp8"])
+  c.optim.offload = "host"
+  host = aot.compile_step(c, "v5p:2x2x2")
+  assert host.memory["optimizer"] == 4  # the int32 step counter stays on the device
+  assert host.memory["optimizer_host"] == on_device.memory["optimizer"] - 4 > 0
+  assert on_device.memory["optimizer_host"] == 0
+  assert (on_device.memory["arguments"] - host.memory["arguments"]
+          >= 0.9 * on_device.memory["optimizer"])

@@ -23,21 +23,19 @@ def test_gpu_check_tiny_runs_every_section_and_writes_its_rows(tmp_path):
                         and "seconds" not in r]
   env, = by("environment")
   assert env["measured_copy_gbps"] > 0 and env["jax"] and env["device_kind"]
-  # Flash on CPU runs the blockwise kernels: errors against the float32 reference
-  # at each dtype's tolerance; cuDNN's refusal is recorded, not fatal.
-  flash = {r["dtype"]: r for r in by("flash")}
-  assert set(flash) == {"bfloat16", "float32"}
-  for dtype, tol in (("float32", 1e-5), ("bfloat16", 5e-2)):
-    for grad in ("out", "dq", "dk", "dv"):
-      assert flash[dtype][f"flash_{grad}_max_abs_err"] < tol
-      assert flash[dtype][f"reference_{grad}_max_abs_err"] < tol
-    assert flash[dtype]["flash_fwd_bwd_ms"] > 0 and "cudnn_error" in flash[dtype]
+  # Flash on CPU runs the blockwise kernels (--tiny: one float32 config): errors
+  # against the float32 reference; cuDNN's refusal is recorded, not fatal.
+  flash, = by("flash")
+  for grad in ("out", "dq", "dk", "dv"):
+    assert flash[f"flash_{grad}_max_abs_err"] < 1e-5
+    assert flash[f"reference_{grad}_max_abs_err"] < 1e-5
+  assert flash["flash_fwd_bwd_ms"] > 0 and "cudnn_error" in flash
   assert by("flash_blocks")[0]["fwd_bwd_ms"] > 0
   train = {r["system"]: r for r in by("train")}
   assert set(train) == {"rung", "pytorch-eager"}
   assert all(r["tokens_per_sec"] > 0 and r["mfu"] > 0 for r in train.values())
-  decode = by("decode")
-  assert [r["batch"] for r in decode] == [1, 3]
+  decode = by("decode")  # batch 3: the heads-major KV cache, in bf16
+  assert [r["batch"] for r in decode] == [3]
   assert all(r["rung_tokens_per_sec"] > 0 and r["weight_read_floor_s"] > 0
              for r in decode)
   blocks = {r["block"]: r for r in by("blocks")}
