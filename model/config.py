@@ -47,16 +47,17 @@ class ModelConfig:
   head_dim: int = 32
   d_ff: int = 704
   tie_embeddings: bool = False
-  rope_theta: float = 10000.0
-  # Rotary variant (model/rotary.py): default | linear | llama3 | yarn, and its knobs.
-  rope_type: str = "default"
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_positions: int = 8192
-  rope_beta_fast: float = 32.0
-  rope_beta_slow: float = 1.0
-  rope_attention_factor: float | None = None
+  # Rotary variant (model/rotary.py): default | linear | llama3 | yarn, and its
+  # knobs; the defaults are Rotary's, written once there.
+  rope_theta: float = Rotary.theta
+  rope_type: str = Rotary.type
+  rope_factor: float = Rotary.factor
+  rope_low_freq_factor: float = Rotary.low_freq_factor
+  rope_high_freq_factor: float = Rotary.high_freq_factor
+  rope_original_max_positions: int = Rotary.original_max_positions
+  rope_beta_fast: float = Rotary.beta_fast
+  rope_beta_slow: float = Rotary.beta_slow
+  rope_attention_factor: float | None = Rotary.attention_factor
   max_position_embeddings: int = 8192
   qkv_bias: bool = False  # bias on the q, k and v projections (Qwen2)
   qk_norm: bool = False  # RMSNorm of q and k over head_dim, before rotary (Qwen3)

@@ -2,6 +2,7 @@
 the definition (query i sees keys i - W < j <= i), tile skipping, the ring's
 shorter rotation, and the errors."""
 
+import contextlib
 import math
 
 import jax
@@ -10,10 +11,9 @@ import numpy as np
 import pytest
 
 import kernels
-import sharding
 from kernels import block, flash, reference
 from test_kernels_flash import TOL, assert_close, make_inputs, value_and_vjp
-from test_kernels_sequence import _compiled_hlo, count_ops
+from test_kernels_sequence import _compiled_hlo, count_ops, mesh_of
 
 
 def numpy_window_attention(q, k, v, seg, window):
@@ -33,6 +33,19 @@ def numpy_window_attention(q, k, v, seg, window):
   p = np.exp(s - s.max(-1, keepdims=True))
   p = p / p.sum(-1, keepdims=True)
   return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def assert_matches_reference(fn, inputs, window, mesh=None):
+  """fn(q, k, v, seg)'s output and dq, dk, dv equal the windowed reference's (fn
+  under `mesh` when given)."""
+  ref = lambda q, k, v, s: reference.attention(q, k, v, segment_ids=s,  # noqa: E731
+                                               window=window)
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    out, grads = value_and_vjp(fn, *inputs)
+  out_ref, grads_ref = value_and_vjp(ref, *inputs)
+  assert_close(out, out_ref, TOL[jnp.float32], "out")
+  for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
+    assert_close(g, r, TOL[jnp.float32], name)
 
 
 @pytest.mark.parametrize("window,segments", [(1, False), (9, True), (60, False)])
@@ -63,13 +76,7 @@ def test_flash_window_matches_reference(backend, length, window, blocks, segment
                        segments=segments)
   fn = lambda q, k, v, s: flash.attention(  # noqa: E731
       q, k, v, segment_ids=s, window=window, block_sizes=blocks, backend=backend)
-  ref = lambda q, k, v, s: reference.attention(q, k, v, segment_ids=s,  # noqa: E731
-                                               window=window)
-  out, grads = value_and_vjp(fn, *inputs)
-  out_ref, grads_ref = value_and_vjp(ref, *inputs)
-  assert_close(out, out_ref, TOL[jnp.float32], "out")
-  for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
-    assert_close(g, r, TOL[jnp.float32], name)
+  assert_matches_reference(fn, inputs, window)
 
 
 def test_window_skips_tiles_outside_it():
@@ -82,11 +89,6 @@ def test_window_skips_tiles_outside_it():
   assert count(1) == 8 and count(130) == 1 + 2 + 6 * 3
 
 
-def _mesh(**sizes):
-  full = {**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1), **sizes}
-  return sharding.make_mesh(full, devices=jax.devices()[:math.prod(full.values())])
-
-
 @pytest.mark.parametrize("impl,window,segments", [
     ("ring", 37, True), ("ring", 100, False), ("ring", 256, False),
     ("ulysses", 50, True)])
@@ -97,14 +99,7 @@ def test_sequence_parallel_window_matches_reference(impl, window, segments):
                        segments=segments)
   fn = lambda q, k, v, s: kernels.attention(  # noqa: E731
       q, k, v, segment_ids=s, impl=impl, window=window, block_sizes=32)
-  ref = lambda q, k, v, s: reference.attention(q, k, v, segment_ids=s,  # noqa: E731
-                                               window=window)
-  with jax.set_mesh(_mesh(data=2, sequence=4)):
-    out, grads = value_and_vjp(fn, *inputs)
-  out_ref, grads_ref = value_and_vjp(ref, *inputs)
-  assert_close(out, out_ref, TOL[jnp.float32], "out")
-  for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
-    assert_close(g, r, TOL[jnp.float32], name)
+  assert_matches_reference(fn, inputs, window, mesh_of(data=2, sequence=4))
 
 
 def test_windowed_ring_sends_only_what_the_window_reaches():
@@ -113,7 +108,7 @@ def test_windowed_ring_sends_only_what_the_window_reaches():
   the backward's K/V hop is the forward's (same permutation of the same operand,
   shared by XLA), then 1 dK/dV hop along and 1 home. The causal ring's
   forward+backward makes 3P - 2 = 22."""
-  mesh = _mesh(sequence=8)
+  mesh = mesh_of(sequence=8)
 
   def fwd(q, k, v):
     return kernels.attention(q, k, v, impl="ring", window=20, block_sizes=32)
@@ -128,6 +123,6 @@ def test_window_errors():
     kernels.attention(q, q, q, window=0)
   with pytest.raises(ValueError, match="a sliding window needs causal=True"):
     kernels.attention(q, q, q, causal=False, window=4)
-  with jax.set_mesh(_mesh(sequence=2)):
+  with jax.set_mesh(mesh_of(sequence=2)):
     with pytest.raises(ValueError, match="contiguous ring only"):
       kernels.attention(q, q, q, impl="ring_zigzag", window=4)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import train
 from sharding import ConfigError
+from test_train_meshes import _losses, _with_mesh
 from train.optimizer import make_optimizer, schedule
 from train.validate import validate_config
 
@@ -239,18 +239,6 @@ def _tiny(name, steps=3, **optim):
   return c
 
 
-def _losses(config, workdir, devices=None):
-  rows = train.train(config, str(workdir), devices=devices, progress=False)
-  return np.array([r["loss"] for r in rows if "loss" in r])
-
-
-def _mesh(config, **sizes):
-  import sharding
-  for a in sharding.AXES:
-    config.mesh[a] = sizes.get(a, 1)
-  return config
-
-
 # normuon covers Newton-Schulz under fsdp and tensor and the odd-shaped per-neuron
 # state; muon and sgd pass the same test (about 25 s each, mostly compiling) and are
 # left out to keep the suite under its 10 minutes.
@@ -262,9 +250,9 @@ def test_same_losses_on_8_devices_and_exact_resume(name, tmp_path):
   """fsdp=2,tensor=2,data=2 gives 1 device's losses; 3 steps then a resume to 4
   equal 4 steps straight, bit for bit (moments and counters checkpointed). All
   runs share decay_steps, so the 8-device runs share one compiled step."""
-  one = _losses(_mesh(_tiny(name, decay_steps=4), data=1), tmp_path / "one",
+  one = _losses(_with_mesh(_tiny(name, decay_steps=4), data=1), tmp_path / "one",
                 jax.devices()[:1])
-  eight = lambda steps: _mesh(_tiny(name, steps, decay_steps=4),  # noqa: E731
+  eight = lambda steps: _with_mesh(_tiny(name, steps, decay_steps=4),  # noqa: E731
                               fsdp=2, tensor=2, data=2)
   first = _losses(eight(3), tmp_path / "run")
   np.testing.assert_allclose(first, one, rtol=1e-4)
@@ -272,7 +260,7 @@ def test_same_losses_on_8_devices_and_exact_resume(name, tmp_path):
   whole = _losses(eight(4), tmp_path / "whole")
   assert len(second) == 1 and list(first) + list(second) == list(whole)
   # Another optimizer's state cannot be resumed: named before anything compiles.
-  other = _mesh(_tiny("adamw", 5, decay_steps=4), fsdp=2, tensor=2, data=2)
+  other = _with_mesh(_tiny("adamw", 5, decay_steps=4), fsdp=2, tensor=2, data=2)
   with pytest.raises(ConfigError, match=r"optim\.name.*holds the state of "
                      rf"optim\.name='{name}', not 'adamw'.*init_from="):
     _losses(other, tmp_path / "run")
@@ -285,7 +273,7 @@ def test_offload_host_keeps_state_in_pinned_host_and_the_losses(tmp_path):
   import sharding
   from model import ModelConfig
   from train.state import model_spec, state_shardings
-  c = _mesh(_tiny("adamw"), data=1)
+  c = _with_mesh(_tiny("adamw"), data=1)
   plain = _losses(c, tmp_path / "plain", jax.devices()[:1])
   c.optim.offload = "host"
   np.testing.assert_array_equal(_losses(c, tmp_path / "host", jax.devices()[:1]),
@@ -302,7 +290,7 @@ def _opt_state(name, mesh_sizes=None, **optim):
   import sharding
   from model import ModelConfig
   from train.state import model_spec, state_shardings
-  c = _mesh(_tiny(name, **optim), **(mesh_sizes or dict(data=8)))
+  c = _with_mesh(_tiny(name, **optim), **(mesh_sizes or dict(data=8)))
   spec = model_spec(ModelConfig.from_config(c.model), sharding.normalize_rules(None))
   tx = make_optimizer(c.optim, 3)
   return (jax.eval_shape(tx.init, spec.abstract_params),
