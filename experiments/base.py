@@ -108,6 +108,17 @@ def get_config(arg=None) -> ConfigDict:
       galore_scale=0.25,       # GaLore's alpha
       state_dtype="float32",   # float32 | bfloat16: dtype optimizer moments are kept in
       offload="none",          # none | host: optimizer state in pinned host memory
+      # Gradient compression over the `data` axis (train/compression.py).
+      compression=ConfigDict(dict(
+          method="none",       # none | topk | dgc (Deep Gradient Compression)
+          density=0.001,       # fraction of each tensor's entries sent per step
+          warmup_steps=0,      # density 1/4, 1/16, 1/64, 1/256 in 4 stages, then density
+          sample_fraction=0.01,  # threshold from a sample of this fraction (1: exact)
+          momentum_correction=True,  # dgc: momentum per replica, before selection
+          local_clip=True,     # dgc: clip each replica at clip_norm / sqrt(replicas)
+          momentum_masking=True,     # dgc: zero the velocity of what was sent
+          error_feedback=True,       # topk: carry what was not sent to the next step
+      )),
   ))
 
   c.train = ConfigDict(dict(

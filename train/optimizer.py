@@ -20,6 +20,7 @@ from optax.contrib._muon import scale_by_shape
 
 import sharding
 from train import matrices
+from train.compression import Compression
 from train.galore import scale_by_galore_per_layer
 from train.normuon import scale_by_normuon
 
@@ -87,7 +88,10 @@ def _base(o, total_steps: int) -> optax.GradientTransformation:
   if o.name == "adamw":
     return adamw
   if o.name == "sgd":  # PyTorch-style momentum (dampening 0), decoupled decay
-    return optax.chain(optax.trace(decay=o.momentum, nesterov=o.nesterov),
+    # DGC's momentum correction runs the momentum per replica, before the exchange.
+    local = Compression.from_config(o).local_momentum
+    return optax.chain(optax.identity() if local else
+                       optax.trace(decay=o.momentum, nesterov=o.nesterov),
                        optax.add_decayed_weights(o.weight_decay, mask),
                        optax.scale_by_learning_rate(lr))
   if o.name not in NAMES:
@@ -97,9 +101,13 @@ def _base(o, total_steps: int) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  """`optim`'s optimizer. Global-norm clipping acts on the gradient it is given,
+  except under DGC (`optim.compression.method=dgc`), which clips each replica's
+  gradient before compressing it (`train.compression`)."""
   o = optim_cfg
+  clip = o.clip_norm and Compression.from_config(o).method != "dgc"
   tx = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
+      optax.clip_by_global_norm(o.clip_norm) if clip else optax.identity(),
       _base(o, total_steps))
   if o.state_dtype == "bfloat16":
     tx = store_state_as(tx, jnp.bfloat16)
