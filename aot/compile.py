@@ -56,6 +56,7 @@ from infer.kv_cache import cache_struct
 from model import ModelConfig, flops as flops_lib
 from sharding import ConfigError
 from sharding.chips import Chip, chip_for_topology
+from train.compression import Compression
 from train.optimizer import make_optimizer, schedule
 from train.state import abstract_params, abstract_state, model_spec
 from train.step import batch_sharding, make_train_step
@@ -282,14 +283,16 @@ def _train_args(config, spec, mesh, rules):
   data = batch_sharding(mesh, rules, t.batch_size, config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), jnp.int32,
                                    sharding=data) for k in _BATCH_FIELDS}
-  return tx, abstract_state(spec, tx, mesh), batch
+  comp = Compression.from_config(config.optim)
+  return tx, abstract_state(spec, tx, mesh, comp), batch
 
 
 def _train_step(config, spec, mesh, rules):
   tx, state, batch = _train_args(config, spec, mesh, rules)
   step = make_train_step(spec, tx, schedule(config.optim, config.train.steps),
                          config.train, jax.tree.map(lambda x: x.sharding, state),
-                         batch["inputs"].sharding)
+                         batch["inputs"].sharding,
+                         comp=Compression.from_config(config.optim))
   return step, (state, batch)
 
 
@@ -323,7 +326,9 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
   if what == "train":
     state, batch = args
     parts = {"params": _device_bytes(state.params),
-             "optimizer": _device_bytes(state.opt_state) + _device_bytes(state.step),
+             # with gradient compression, its per-replica buffers too
+             "optimizer": _device_bytes((state.opt_state, state.compression))
+                          + _device_bytes(state.step),
              "inputs": _device_bytes(batch)}
     host = {"optimizer_host": _device_bytes(state.opt_state, "host")}
   else:  # decode_step's (graphdef, params, layers, cache, logits, done, key, ...)

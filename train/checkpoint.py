@@ -39,7 +39,10 @@ class CheckpointError(RuntimeError):
 
 
 def _as_dict(state: TrainState) -> dict[str, Any]:
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  out = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  if state.compression is not None:  # absent without compression: same layout
+    out["compression"] = state.compression
+  return out
 
 
 def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
@@ -234,6 +237,14 @@ class Checkpointer:
     tree = getattr(meta, "tree", meta)["params"]
     return {path_name(path): tuple(m.shape)
             for path, m in jax.tree_util.tree_leaves_with_path(tree)}
+
+  def compression_replicas(self, step: int) -> int | None:
+    """The replica count of the compression buffers saved at `step` (from
+    metadata), or None when it holds none."""
+    meta = self._manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta).get("compression")
+    leaves = jax.tree.leaves(tree) if tree else []
+    return int(leaves[0].shape[0]) if leaves else None
 
   def restore_params(self, abstract_params: Any, step: int, *,
                      config: dict | None = None) -> Any:

@@ -109,6 +109,12 @@ class Compression:
     return out
 
 
+def replica_rules(rules):
+  """The logical rules without `data`: the mesh one replica's model sees."""
+  return tuple((name, tuple(a for a in axes if a != REPLICA_AXIS))
+               for name, axes in rules)
+
+
 def groups(abstract_params, logical) -> Any:
   """Per leaf, how many tensors it holds: its leading dimension when that is the
   layer stack (`layers`), else 1."""
@@ -242,17 +248,6 @@ def replica_step(c: Compression, grads, state: dict, density: float, key,
   return sent, new
 
 
-def exchange(sent, mesh=None):
-  """All-gathers every replica's (indices, values) over `data`: per leaf
-  [replicas, groups, k] in, the same on every device out. The only communication
-  over `data` the compressed step does for gradients. (check_vma=False: jax
-  types all_gather's result as varying though every replica holds the same.)"""
-  gather = lambda t: jax.tree.map(  # noqa: E731
-      lambda x: jax.lax.all_gather(x, REPLICA_AXIS, axis=0, tiled=True), t)
-  return jax.shard_map(gather, mesh=mesh, in_specs=P(REPLICA_AXIS), out_specs=P(),
-                       check_vma=False)(sent)
-
-
 def densify(gathered, like) -> Any:
   """The sum of every replica's sent values, scattered into zeros shaped like
   `like`'s leaves (indices n, unfilled slots, are dropped)."""
@@ -272,11 +267,27 @@ def compressed_gradient(c: Compression, grads, state: dict, density: float, key,
   """Per-replica gradients (leading replica dimension, sharded over `data`) ->
   (the exchanged dense gradient, new state, what each replica sent).
 
+  Runs inside a `shard_map` manual over `data` alone (the other axes stay
+  automatic, so a replica's tensors keep their FSDP / tensor sharding): each
+  replica selects locally, then the replicas all-gather their (indices, values)
+  -- the only communication over `data` for gradients -- and scatter the sum.
   `key` seeds the sampled selection; each replica and tensor folds in its index.
+  (check_vma=False: jax types all_gather's result as varying over `data`, though
+  every replica holds the same.)
   """
   replicas = jax.tree.leaves(grads)[0].shape[0]
-  keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(replicas))
-  step = lambda g, s, kk: replica_step(c, g, s, density, kk, group_tree, replicas)  # noqa: E731
-  sent, state = jax.vmap(step, spmd_axis_name=REPLICA_AXIS)(grads, state, keys)
-  like = jax.tree.map(lambda g: g[0], grads)
-  return densify(exchange(sent, mesh), like), state, sent
+
+  def local(grads, state):
+    r = jax.lax.axis_index(REPLICA_AXIS)
+    squeeze = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+    sent, state = replica_step(c, squeeze(grads), squeeze(state), density,
+                               jax.random.fold_in(key, r), group_tree, replicas)
+    gathered = jax.tree.map(
+        lambda x: jax.lax.all_gather(x, REPLICA_AXIS, axis=0), sent)
+    dense = densify(gathered, squeeze(grads))
+    expand = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
+    return dense, expand(state), expand(sent)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=P(REPLICA_AXIS),
+                       out_specs=(P(), P(REPLICA_AXIS), P(REPLICA_AXIS)),
+                       axis_names={REPLICA_AXIS}, check_vma=False)(grads, state)

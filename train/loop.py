@@ -20,6 +20,7 @@ import sharding
 from model import ModelConfig, flops as flops_lib
 from train import run_config
 from train.checkpoint import Checkpointer, load_init_params
+from train.compression import Compression, regroup, traffic, groups
 from train.data import make_data
 from train.metrics import DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, peak_flops
 from train.optimizer import make_optimizer, schedule
@@ -62,7 +63,8 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   t = config.train
   lr = schedule(config.optim, t.steps)
   tx = make_optimizer(config.optim, t.steps)
-  shardings = state_shardings(spec, tx, mesh)
+  comp = Compression.from_config(config.optim)
+  shardings = state_shardings(spec, tx, mesh, comp)
   data_sharding = batch_sharding(mesh, rules, t.batch_size, config.data.seq_len)
 
   _say(sharding.describe(mesh))
@@ -84,17 +86,25 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     # optimizer this run asks for.
     params = ckpt.restore_params(abstract_state(spec, tx, mesh).params, 0,
                                  config=config_dict)
-    state = init_state(spec, tx, mesh, t.seed, params=params)
+    state = init_state(spec, tx, mesh, t.seed, params=params, comp=comp)
     _say(f"starting {config.optim.name} from the step-0 parameters of "
          f"{ckpt.directory} ({optimizer_changed})")
   elif latest is not None:
     # A different model is a ConfigError here, before anything is read.
-    state = ckpt.restore(abstract_state(spec, tx, mesh), data.train,
-                         config=config_dict)
+    saved_replicas = ckpt.compression_replicas(latest) if comp.enabled else None
+    state = ckpt.restore(abstract_state(spec, tx, mesh, comp, saved_replicas),
+                         data.train, config=config_dict)
     _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+    if saved_replicas and saved_replicas != mesh.shape["data"]:
+      state = state.replace(compression=jax.device_put(
+          regroup(jax.device_get(state.compression), mesh.shape["data"]),
+          shardings.compression))
+      _say(f"compression state of {saved_replicas} replicas regrouped onto "
+           f"{mesh.shape['data']}: each starts from the sum over the old replicas "
+           "/ the new count, so the total residual (gradient not yet sent) is kept")
     _report_trajectory_changes(ckpt, int(state.step), config_dict)
   else:
-    state = init_state(spec, tx, mesh, t.seed)
+    state = init_state(spec, tx, mesh, t.seed, comp=comp)
     if config.checkpoint.init_from:
       params = load_init_params(config.checkpoint.init_from,
                                 abstract_state(spec, tx, mesh).params,
@@ -105,7 +115,21 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   # run's config.json (what `generate` and `export-hf` build the model from) alone.
   if jax.process_index() == 0:
     run_config.write(workdir, config_dict)
-  step_fn = make_train_step(spec, tx, lr, t, shardings, data_sharding)
+  step_fns: dict[float | None, Any] = {}  # one program per compression density
+
+  def compiled_step(step: int, batch):
+    density = comp.density_at(step) if comp.enabled else None
+    if density not in step_fns:
+      start = time.perf_counter()
+      fn = make_train_step(spec, tx, lr, t, shardings, data_sharding, comp=comp,
+                           density=density)
+      with jax.set_mesh(mesh):
+        step_fns[density] = fn.lower(state, batch).compile()
+      at = f" (compression density {density:g})" if comp.enabled else ""
+      _say(f"compiled the train step{at} in {time.perf_counter() - start:.1f}s")
+    return step_fns[density], density
+
+  group_tree = groups(spec.abstract_params, spec.logical)
   eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
 
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -150,12 +174,10 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
     for step in range(start, t.steps):
       batch = to_global(next(data.train))
-      if step == start:
-        compile_start = time.perf_counter()
-        with jax.set_mesh(mesh):
-          compiled = step_fn.lower(state, batch).compile()
-        _say(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
-        window_start = time.perf_counter()
+      known = len(step_fns)
+      compiled, density = compiled_step(step, batch)
+      if len(step_fns) > known:
+        window_start, window_steps = time.perf_counter(), 0
       with jax.set_mesh(mesh):
         state, metrics = compiled(state, batch)
       window_steps += 1
@@ -172,6 +194,9 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
                "tflops_per_device": flops_per_sec / len(devices) / 1e12,
                "mfu": flops_per_sec / peak if math.isfinite(peak) else float("nan")}
         row.update({k: float(v) for k, v in metrics.items() if k in MOE_KEYS})
+        if comp.enabled:  # per replica: what it sent this step, and the ratio
+          row.update({k: v for k, v in traffic(spec.abstract_params, group_tree,
+                                               density).items() if k != "dense_bytes"})
         # One global batch per step: the windows seen so far, by mixture source.
         row.update({DATA_FRACTION_PREFIX + name: share for name, share in
                     data.source_fractions(done * t.batch_size).items()})
@@ -203,15 +228,16 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
 
 
 # Fields that decide the optimizer state's structure (which buffers, what shapes).
-_OPTIMIZER_STATE_FIELDS = ("name", "matrices", "galore_rank")
+_OPTIMIZER_STATE_FIELDS = ("name", "matrices", "galore_rank", "compression.method",
+                           "compression.momentum_correction")
 
 
 def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -> str:
   """'' when the checkpoint at `step` holds the state of the optimizer
   `config_dict` asks for; else a description of the change. Past step 0 a change
   is a ConfigError naming the field: that state cannot be resumed."""
-  saved = (ckpt.saved_config(step) or {}).get("optim", {})
-  new = config_dict.get("optim", {})
+  saved = run_config.flatten((ckpt.saved_config(step) or {}).get("optim", {}))
+  new = run_config.flatten(config_dict.get("optim", {}))
   for field in _OPTIMIZER_STATE_FIELDS:
     if field in saved and saved[field] != new.get(field):
       if step:

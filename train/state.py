@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sharding
 from model import Decoder, ModelConfig, logical_axes
-from train import optimizer
+from train import compression as compression_lib, optimizer
 
 
 @struct.dataclass
@@ -21,6 +21,9 @@ class TrainState:
   step: jax.Array
   params: Any  # nested dict of arrays, as nnx.to_pure_dict gives
   opt_state: Any
+  # Per-replica gradient-compression buffers, {name: params-like tree of
+  # [replicas, *param.shape]} (train/compression.py); None without compression.
+  compression: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,8 @@ def param_shardings(spec: ModelSpec, mesh: Mesh):
 
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> TrainState:
+                    mesh: Mesh, comp: compression_lib.Compression | None = None
+                    ) -> TrainState:
   """NamedShardings for every leaf: optimizer state follows its parameter.
 
   Nothing here executes: the optimizer state's shapes come from tracing its init
@@ -61,7 +65,7 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
   inside `jax.set_mesh` on a deviceless TPU topology, a device that cannot run
   anything). `optimizer.opt_state_shardings` gives each state leaf its
   parameter's spec (on the axes it shares with it) and, for `optim.offload=host`,
-  host memory.
+  host memory. Compression buffers take `data` on their replica dimension.
   """
   params = param_shardings(spec, mesh)
   replicated = NamedSharding(mesh, P())
@@ -69,7 +73,14 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
   opt = optimizer.opt_state_shardings(
       abstract_opt, spec.abstract_params, params, mesh,
       optimizer.HOST if isinstance(tx, optimizer.Offloaded) else None)
-  return TrainState(step=replicated, params=params, opt_state=opt)
+  comp_shardings = None
+  if comp is not None and comp.enabled:
+    specs = compression_lib.state_specs(
+        comp, jax.tree.map(lambda s: s.spec, params))
+    comp_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda s: isinstance(s, P))
+  return TrainState(step=replicated, params=params, opt_state=opt,
+                    compression=comp_shardings)
 
 
 def abstract_params(spec: ModelSpec, mesh: Mesh):
@@ -79,35 +90,52 @@ def abstract_params(spec: ModelSpec, mesh: Mesh):
 
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation,
-                   mesh: Mesh) -> TrainState:
-  """ShapeDtypeStructs with concrete shardings: a restore or AOT-compile target."""
+                   mesh: Mesh, comp: compression_lib.Compression | None = None,
+                   replicas: int | None = None) -> TrainState:
+  """ShapeDtypeStructs with concrete shardings: a restore or AOT-compile target.
+  `replicas`: the compression buffers' replica count (default: the mesh's
+  `data` size; another count is replicated, to read a checkpoint written with it)."""
+  n = mesh.shape[compression_lib.REPLICA_AXIS]
+  replicas = replicas or n
+  comp_shapes = (jax.eval_shape(lambda p: compression_lib.init_state(comp, p, replicas),
+                                spec.abstract_params)
+                 if comp is not None and comp.enabled else None)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
                       params=spec.abstract_params,
-                      opt_state=jax.eval_shape(tx.init, spec.abstract_params))
+                      opt_state=jax.eval_shape(tx.init, spec.abstract_params),
+                      compression=comp_shapes)
+  shardings = state_shardings(spec, tx, mesh, comp)
+  if replicas != n and comp_shapes is not None:
+    shardings = shardings.replace(compression=jax.tree.map(
+        lambda s: NamedSharding(mesh, P(None, *s.spec[1:])), shardings.compression))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, state_shardings(spec, tx, mesh))
+                      shapes, shardings)
 
 
 def init_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh,
-               seed: int, params: Any = None) -> TrainState:
+               seed: int, params: Any = None,
+               comp: compression_lib.Compression | None = None) -> TrainState:
   """Step 0 state, built directly into its shardings (never whole on one device).
 
   Parameters are drawn from `seed`, or taken from `params` (e.g. imported weights,
   already placed with `param_shardings`), which are donated: the state holds
   them without a second copy, and the caller's arrays are invalid afterwards. The
-  optimizer state starts fresh.
+  optimizer state (and compression buffers, `comp`) start fresh.
   """
+  replicas = mesh.shape[compression_lib.REPLICA_AXIS]
 
   def from_params(params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params),
+                      compression=compression_lib.init_state(comp, params, replicas)
+                      if comp is not None and comp.enabled else None)
 
   def fresh():
     model = Decoder(spec.cfg, rngs=nnx.Rngs(params=seed),
                     constrain=sharding.LogicalConstraint(spec.rules))
     return from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
-  out = state_shardings(spec, tx, mesh)
+  out = state_shardings(spec, tx, mesh, comp)
   with jax.set_mesh(mesh):
     if params is None:
       return jax.jit(fresh, out_shardings=out)()

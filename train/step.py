@@ -10,7 +10,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import sharding
-from train.state import ModelSpec, TrainState
+from train import compression
+from train.state import ModelSpec, TrainState, model_spec
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: [batch, length]
 
@@ -68,34 +69,71 @@ def _microbatches(batch: Batch, n: int) -> Batch:
       lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def _mean_grads(grad_fn, params, batch: Batch, accum: int):
+  """(mean next-token NLL, MoE metrics, gradients), each a mean over `accum`
+  micro-batches of `batch`."""
+  if accum == 1:
+    (_, (nll, aux)), grads = grad_fn(params, batch)
+    return nll, aux, grads
+
+  def micro(carry, mb):  # MoE metrics too are means over micro-batches
+    (_, out), g = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, carry, (out, g)), None
+  shapes = jax.eval_shape(grad_fn, params,
+                          jax.tree.map(lambda x: x[0], _microbatches(batch, accum)))
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                       (shapes[0][1], shapes[1]))
+  ((nll, aux), grads), _ = jax.lax.scan(micro, zeros, _microbatches(batch, accum))
+  return jax.tree.map(lambda x: x / accum, (nll, aux, grads))
+
+
 def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, train_cfg,
-                    state_sharding: TrainState, data_sharding: NamedSharding
+                    state_sharding: TrainState, data_sharding: NamedSharding, *,
+                    comp: compression.Compression | None = None,
+                    density: float | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Jitted (state, batch) -> (state, metrics), donating state. Call it (or lower
-  it) under jax.set_mesh so activation constraints see the mesh."""
-  grad_fn = jax.value_and_grad(loss_and_metrics(spec, train_cfg.z_loss),
-                               has_aux=True)
+  it) under jax.set_mesh so activation constraints see the mesh.
+
+  With gradient compression (`comp` enabled), each `data` replica's gradient is
+  computed on its rows alone (vmapped over the replica dimension: no all-reduce
+  over `data`) and exchanged compressed at `density` (default: `comp.density`;
+  each density is its own program).
+  """
   accum = train_cfg.grad_accum_steps
+  compressed = comp is not None and comp.enabled
+  if compressed:  # the model as one replica sees it: no `data` in its constraints
+    replica = model_spec(spec.cfg, compression.replica_rules(spec.rules))
+    grad_fn = jax.value_and_grad(loss_and_metrics(replica, train_cfg.z_loss),
+                                 has_aux=True)
+    group_tree = compression.groups(spec.abstract_params, spec.logical)
+    density = comp.density if density is None else density
+  else:
+    grad_fn = jax.value_and_grad(loss_and_metrics(spec, train_cfg.z_loss),
+                                 has_aux=True)
 
   def step(state: TrainState, batch: Batch):
-    if accum == 1:
-      (_, (nll, aux)), grads = grad_fn(state.params, batch)
-    else:  # MoE metrics too are means over micro-batches
-      def micro(carry, mb):
-        (_, out), g = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, carry, (out, g)), None
-      shapes = jax.eval_shape(grad_fn, state.params,
-                              jax.tree.map(lambda x: x[0], _microbatches(batch, accum)))
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                           (shapes[0][1], shapes[1]))
-      ((nll, aux), grads), _ = jax.lax.scan(micro, zeros, _microbatches(batch, accum))
-      nll, aux, grads = jax.tree.map(lambda x: x / accum, (nll, aux, grads))
+    comp_state = state.compression
+    if compressed:
+      replicas = jax.tree.leaves(comp_state)[0].shape[0]
+      rows = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), batch)
+      nll, aux, grads = jax.vmap(
+          lambda b: _mean_grads(grad_fn, state.params, b, accum),
+          spmd_axis_name=compression.REPLICA_AXIS)(rows)
+      nll, aux = jax.tree.map(lambda x: jnp.mean(x, 0), (nll, aux))
+      key = jax.random.fold_in(jax.random.key(train_cfg.seed), state.step)
+      grads, comp_state, _ = compression.compressed_gradient(
+          comp, grads, comp_state, density, key, group_tree)
+      grads = jax.lax.with_sharding_constraint(grads, state_sharding.params)
+    else:
+      nll, aux, grads = _mean_grads(grad_fn, state.params, batch, accum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": nll, "grad_norm": optax.tree.norm(grads),
                "learning_rate": lr_schedule(state.step), **aux}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      compression=comp_state), metrics
 
   return jax.jit(step, in_shardings=(state_sharding, data_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=0)

@@ -10,7 +10,7 @@ import kernels
 import model
 import sharding
 from sharding import ConfigError
-from train import data, matrices, optimizer
+from train import compression, data, matrices, optimizer
 from train.state import model_spec
 
 
@@ -45,6 +45,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   _validate_optim(config)
   sizes = sharding.validate_plan(config, num_devices)
   _validate_attention(config, sizes)
+  _validate_compression(config, sizes)
   return sizes
 
 
@@ -140,3 +141,64 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
           "model.attention", f"{problem}.", "use --config.model.attention="
           "ring_zigzag (or ring), or a mesh.sequence that divides the heads per "
           "device.")
+
+
+def _validate_compression(config, sizes: dict[str, int]) -> None:
+  """optim.compression: a method, a density in (0, 1], DGC on momentum SGD, and
+  replicas to compress between (`data` > 1, the batch's outermost axis, no
+  parameter split over it)."""
+  c = config.optim.get("compression")
+  if c is None:
+    return
+  _choice("optim.compression.method", c.method, compression.METHODS)
+  if c.method == "none":
+    return
+  path = "optim.compression"
+  if not 0 < c.density <= 1:
+    raise ConfigError(f"{path}.density", f"must be in (0, 1], got {c.density}.",
+                      f"set --config.{path}.density=0.001 (0.1% of each tensor).")
+  if not 0 < c.sample_fraction <= 1:
+    raise ConfigError(f"{path}.sample_fraction",
+                      f"must be in (0, 1], got {c.sample_fraction}.",
+                      f"set --config.{path}.sample_fraction=0.01, or 1 for an "
+                      "exact top-k.")
+  if c.warmup_steps < 0:
+    raise ConfigError(f"{path}.warmup_steps", f"must be >= 0, got {c.warmup_steps}.",
+                      f"set --config.{path}.warmup_steps=0 (no warm-up).")
+  if sizes["data"] == 1:
+    raise ConfigError(
+        f"{path}.method", f"is {c.method!r} but mesh.data=1: there are no replicas "
+        "to exchange compressed gradients between.",
+        (f"make the FSDP shards replicas: --config.mesh.data={sizes['fsdp']} "
+         "--config.mesh.fsdp=1" if sizes["fsdp"] > 1 else
+         "give `data` some of the devices (e.g. --config.mesh.data=2 and halve "
+         "another axis)") + f", or set --config.{path}.method=none.")
+  if c.method == "dgc" and config.optim.name != "sgd":
+    raise ConfigError(
+        f"{path}.method", f"is 'dgc', which corrects and masks momentum SGD's "
+        f"velocity, but optim.name={config.optim.name!r}.",
+        f"set --config.optim.name=sgd, or --config.{path}.method=topk to compress "
+        f"in front of {config.optim.name}.")
+  if c.method == "dgc" and not c.error_feedback:
+    raise ConfigError(
+        f"{path}.error_feedback", "is false, but DGC always accumulates what it "
+        "has not sent (it switches only for method=topk).",
+        f"set --config.{path}.method=topk for top-k without error feedback, or "
+        f"--config.{path}.error_feedback=true.")
+  rules = dict(sharding.normalize_rules(config.mesh.rules))
+  if rules.get("batch", ())[:1] != (compression.REPLICA_AXIS,):
+    raise ConfigError(
+        "mesh.rules.batch", f"is {rules.get('batch', ())}; compression exchanges "
+        "between the replicas of `data`, which must split the batch first.",
+        "map batch to (\"data\", ...), e.g. the default "
+        "--config.mesh.rules.batch=\"('data', 'fsdp', 'expert')\".")
+  spec = model_spec(model.ModelConfig.from_config(config.model), tuple(rules.items()))
+  used = {name for axes in jax.tree.leaves(
+      spec.logical, is_leaf=lambda a: isinstance(a, tuple)) for name in axes}
+  split = sorted(n for n in used if compression.REPLICA_AXIS in rules.get(n, ()))
+  if split:
+    raise ConfigError(
+        f"mesh.rules.{split[0]}", f"splits parameters over `data`, but with "
+        "compression each `data` replica holds a whole copy of the model.",
+        f"map {split[0]} to fsdp or tensor instead, or set "
+        f"--config.{path}.method=none.")
