@@ -11,7 +11,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sharding
 from train import compression
+from model import ModelConfig
 from train.optimizer import make_optimizer
+from train.state import model_spec
 
 R, STEPS, LR = 4, 5, 0.1
 SHAPES = {"w": (2, 6, 5), "b": (40,)}  # w: 2 layers of 30 entries
@@ -25,45 +27,71 @@ def _top_k(row, k):
   return np.argsort(-np.abs(row), kind="stable")[:k]
 
 
-def reference(method, *, momentum_correction=True, local_clip=True,
-              momentum_masking=True, error_feedback=True, nesterov=False,
-              optimizer="sgd", m=0.9, clip=0.5, grads, params):
-  """Per step: what each replica sent {leaf: [(indices, values) per layer]}, the
-  parameters after the update, the residuals V and velocities U."""
-  V = [{n: np.zeros(s) for n, s in SHAPES.items()} for _ in range(R)]
-  U = [{n: np.zeros(s) for n, s in SHAPES.items()} for _ in range(R)]
+class PaperDGC:
+  """The exchange of N workers, per the paper: each worker's share G = g / N of
+  the gradient is (DGC) clipped to C N^-1/2, folded into its velocity U and
+  accumulation V (momentum correction) or into V alone; the top `density` of
+  each tensor of V by magnitude is sent and zeroed in V (and in U: momentum
+  factor masking); the sum of what was sent is the applied gradient. `groups`
+  splits a leaf into that many tensors (its layers)."""
+
+  def __init__(self, shapes, groups, n, density, method, *, momentum_correction=True,
+               local_clip=True, momentum_masking=True, error_feedback=True,
+               nesterov=False, m=0.9, clip=0.5):
+    self.shapes, self.groups, self.n, self.density = shapes, groups, n, density
+    self.method, self.mc, self.clip_local = method, momentum_correction, local_clip
+    self.masking, self.ef, self.nesterov, self.m, self.clip = (
+        momentum_masking, error_feedback, nesterov, m, clip)
+    self.V = [{k: np.zeros(s) for k, s in shapes.items()} for _ in range(n)]
+    self.U = [{k: np.zeros(s) for k, s in shapes.items()} for _ in range(n)]
+
+  def exchange(self, grads):
+    """grads: per worker {name: mean gradient} -> ({name: summed sent values},
+    per worker {name: [(indices, values) per tensor]})."""
+    total = {k: np.zeros(s) for k, s in self.shapes.items()}
+    sent = []
+    for r, g in enumerate(grads):
+      G = {k: np.asarray(g[k], np.float64) / self.n for k in self.shapes}
+      if self.method == "dgc" and self.clip_local:
+        norm = np.sqrt(sum(np.sum(x ** 2) for x in G.values()))
+        G = {k: x * min(1.0, self.clip / np.sqrt(self.n) / norm) for k, x in G.items()}
+      V, U = self.V[r], self.U[r]
+      for k in self.shapes:
+        if self.method == "dgc" and self.mc:
+          U[k] = self.m * U[k] + G[k]
+          V[k] = V[k] + (self.m * U[k] + G[k] if self.nesterov else U[k])
+        elif self.method == "dgc" or self.ef:
+          V[k] = V[k] + G[k]
+        else:
+          V[k] = G[k].copy()
+      mine = {}
+      for k in self.shapes:
+        rows, urows = V[k].reshape(self.groups[k], -1), U[k].reshape(self.groups[k], -1)
+        count = max(1, round(self.density * rows.shape[1]))
+        mine[k] = []
+        for row, urow, dense in zip(rows, urows, total[k].reshape(self.groups[k], -1)):
+          idx = _top_k(row, count)
+          mine[k].append((idx, row[idx].copy()))
+          dense[idx] += row[idx]
+          row[idx] = 0
+          if self.method == "dgc" and self.mc and self.masking:
+            urow[idx] = 0
+      sent.append(mine)
+    return total, sent
+
+
+def reference(method, *, optimizer="sgd", m=0.9, clip=0.5, nesterov=False, grads,
+              params, **switches):
+  """Per step: what each replica sent, the parameters after the update, the
+  residuals V and velocities U."""
+  dgc = PaperDGC(SHAPES, GROUPS, R, DENSITY, method, m=m, clip=clip,
+                 nesterov=nesterov, **switches)
   w = {n: p.copy() for n, p in params.items()}
   mom = {n: np.zeros(s) for n, s in SHAPES.items()}  # the optimizer's own state
   nu = {n: np.zeros(s) for n, s in SHAPES.items()}
   out = []
   for t in range(STEPS):
-    sent, total = [], {n: np.zeros(s) for n, s in SHAPES.items()}
-    for r in range(R):
-      G = {n: grads[t][r][n] / R for n in SHAPES}  # the paper's 1/(N b) scaling
-      if method == "dgc" and local_clip:
-        norm = np.sqrt(sum(np.sum(g ** 2) for g in G.values()))
-        G = {n: g * min(1.0, clip / np.sqrt(R) / norm) for n, g in G.items()}
-      for n in SHAPES:
-        if method == "dgc" and momentum_correction:
-          U[r][n] = m * U[r][n] + G[n]
-          V[r][n] = V[r][n] + (m * U[r][n] + G[n] if nesterov else U[r][n])
-        elif method == "dgc" or error_feedback:
-          V[r][n] = V[r][n] + G[n]
-        else:
-          V[r][n] = G[n].copy()
-      mine = {}
-      for n in SHAPES:
-        rows, urows = V[r][n].reshape(GROUPS[n], -1), U[r][n].reshape(GROUPS[n], -1)
-        k = max(1, round(DENSITY * rows.shape[1]))
-        mine[n] = []
-        for row, urow, dense in zip(rows, urows, total[n].reshape(GROUPS[n], -1)):
-          idx = _top_k(row, k)
-          mine[n].append((idx, row[idx].copy()))
-          dense[idx] += row[idx]
-          row[idx] = 0
-          if method == "dgc" and momentum_correction and momentum_masking:
-            urow[idx] = 0
-      sent.append(mine)
+    total, sent = dgc.exchange(grads[t])
     if method == "topk":  # the optimizer's own global-norm clipping
       norm = np.sqrt(sum(np.sum(g ** 2) for g in total.values()))
       total = {n: g * min(1.0, clip / norm) for n, g in total.items()}
@@ -74,14 +102,14 @@ def reference(method, *, momentum_correction=True, local_clip=True,
         nu[n] = 0.95 * nu[n] + 0.05 * g ** 2
         mhat, vhat = mom[n] / (1 - 0.9 ** (t + 1)), nu[n] / (1 - 0.95 ** (t + 1))
         w[n] -= LR * mhat / (np.sqrt(vhat) + 1e-8)
-      elif method == "dgc" and momentum_correction:
+      elif method == "dgc" and switches.get("momentum_correction", True):
         w[n] -= LR * g  # the momentum ran per replica
       else:
         mom[n] = m * mom[n] + g
         w[n] -= LR * (g + m * mom[n] if nesterov else mom[n])
     out.append(dict(sent=sent, params={n: x.copy() for n, x in w.items()},
-                    residual=[{n: x.copy() for n, x in v.items()} for v in V],
-                    velocity=[{n: x.copy() for n, x in u.items()} for u in U]))
+                    residual=[{n: x.copy() for n, x in v.items()} for v in dgc.V],
+                    velocity=[{n: x.copy() for n, x in u.items()} for u in dgc.U]))
   return out
 
 
@@ -216,3 +244,178 @@ def test_regroup_keeps_the_total_residual():
   out = compression.regroup(state, 2)["residual"]["w"]
   assert out.shape == (2, 6)
   np.testing.assert_allclose(out.sum(0), state["residual"]["w"].sum(0))
+
+
+# --- training --------------------------------------------------------------------
+
+def _dgc_config(mesh, steps=3, **compression_fields):
+  from conftest import make_tiny_config
+  from test_train_meshes import _with_mesh
+  c = _with_mesh(make_tiny_config(), **mesh)
+  c.train.steps = steps
+  c.optim.update(name="sgd", learning_rate=0.5, warmup_steps=0, min_lr_ratio=1.0,
+                 weight_decay=0.0, momentum=0.9, nesterov=False, clip_norm=1.0)
+  c.optim.compression.update({**dict(method="dgc", density=0.05, sample_fraction=1.0),
+                              **compression_fields})
+  return c
+
+
+def _simulate(config, replicas):
+  """The run in one process on one device: each replica's gradient from rung's
+  loss on its rows, the exchange by `PaperDGC`, plain SGD (the momentum is the
+  replicas'). Returns the losses."""
+  from conftest import make_data_on
+  from train.state import init_state
+  from train.step import loss_fn
+  o = config.optim
+  spec = model_spec(ModelConfig.from_config(config.model), sharding.normalize_rules(None))
+  one = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
+                           jax.devices()[:1])
+  params = jax.device_get(init_state(spec, make_optimizer(o, 1), one,
+                                     config.train.seed).params)
+  flat = {sharding.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  shapes = {n: x.shape for n, x in flat.items()}
+  groups = {n: x.shape[0] if n.startswith("layers/") else 1 for n, x in flat.items()}
+  dgc = PaperDGC(shapes, groups, replicas, o.compression.density, "dgc",
+                 m=o.momentum, clip=o.clip_norm)
+  grad = jax.jit(jax.value_and_grad(loss_fn(spec, 0.0), has_aux=True))
+  data = make_data_on(config)  # one process: the global batch, any mesh
+  w = {n: np.asarray(x, np.float64) for n, x in flat.items()}
+  losses = []
+  for _ in range(config.train.steps):
+    batch = {k: v for k, v in next(data.train).items() if k != "source"}
+    rows = len(batch["inputs"]) // replicas
+    nlls, grads = [], []
+    for r in range(replicas):
+      part = {k: v[r * rows:(r + 1) * rows] for k, v in batch.items()}
+      tree = jax.tree_util.tree_unflatten(
+          jax.tree.structure(params), [w[n].astype(np.float32) for n in flat])
+      (_, nll), g = grad(tree, part)
+      nlls.append(float(nll))
+      grads.append({sharding.path_name(p): np.asarray(x)
+                    for p, x in jax.tree_util.tree_leaves_with_path(g)})
+    losses.append(np.mean(nlls))
+    total, _ = dgc.exchange(grads)
+    for n in w:
+      w[n] -= o.learning_rate * total[n]
+  return np.array(losses)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, tensor=2, fsdp=2)],
+                         ids=["data8", "data2_tensor2_fsdp2"])
+def test_training_equals_the_numpy_simulation(mesh, tmp_path):
+  from test_train_meshes import _losses
+  c = _dgc_config(mesh)
+  np.testing.assert_allclose(_losses(c, tmp_path), _simulate(c, mesh["data"]),
+                             rtol=2e-5)
+
+
+@pytest.mark.parametrize("method,optimizer", [("topk", "adamw"), ("dgc", "sgd")])
+def test_density_one_reproduces_uncompressed_training(method, optimizer, tmp_path):
+  """Sending everything is data parallelism. (DGC's momentum masking would zero
+  every velocity at density 1, so it is off here.)"""
+  from test_train_meshes import _losses
+  c = _dgc_config(dict(data=8), local_clip=False, momentum_masking=False)
+  c.optim.update(name=optimizer, learning_rate=0.05, clip_norm=0.0)
+  c.optim.compression.update(method=method, density=1.0)
+  compressed = _losses(c, tmp_path / "compressed")
+  c.optim.compression.method = "none"
+  np.testing.assert_allclose(compressed, _losses(c, tmp_path / "dense"), rtol=1e-6)
+
+
+def test_no_gradient_sized_collective_over_data():
+  """data=8: over `data` the compiled step only all-gathers (index, value)
+  buffers of k entries per tensor, and all-reduces the scalar loss."""
+  from aot import costs as costs_lib
+  from aot.compile import _train_step
+  from test_train_meshes import _with_mesh
+  for method in ("dgc", "none"):
+    c = _dgc_config(dict(data=8), density=0.01)
+    c.optim.compression.method = method
+    mesh = sharding.make_mesh(c.mesh)
+    rules = sharding.normalize_rules(None)
+    spec = model_spec(ModelConfig.from_config(c.model), rules)
+    step, args = _train_step(c, spec, mesh, rules)
+    with jax.set_mesh(mesh):
+      text = step.lower(*args).compile().as_text()
+    over_data = [col for col in costs_lib.analyze(
+        text, sharding.AXES, [mesh.shape[a] for a in sharding.AXES]).collectives
+        if "data" in col.axes]
+    if method == "none":  # the dense step does all-reduce the gradient
+      assert max(col.bytes for col in over_data if col.kind == "all-reduce") > 1e4
+      continue
+    group_tree = compression.groups(spec.abstract_params, spec.logical)
+    largest_k = max(g * compression.k_for(x.size // g, 0.01) for x, g in zip(
+        jax.tree.leaves(spec.abstract_params), jax.tree.leaves(group_tree)))
+    for col in over_data:
+      assert col.kind == "all-gather" or col.bytes <= 4, col
+      assert col.bytes / col.count <= 8 * largest_k * 4, col  # [replicas, g, k] x 4 B
+
+
+def test_warmup_resume_is_bit_exact_and_regroups_onto_fewer_replicas(tmp_path, capsys):
+  import train
+  c = _dgc_config(dict(data=8), steps=4, warmup_steps=2, density=0.01)
+  c.checkpoint.update(every_steps=2, async_save=False)
+  straight = train.train(c, str(tmp_path / "straight"), progress=False)
+  # Warm-up stages of 2/4 steps: 1/4, then 1/64 (1/16 falls between steps).
+  assert [r["density"] for r in straight] == [0.25, 0.015625, 0.01, 0.01]
+  # 4-byte values against 8-byte (index, value) pairs, k = round(0.01 n) per
+  # layer's tensor (at least 1).
+  spec = model_spec(ModelConfig.from_config(c.model), sharding.normalize_rules(None))
+  dense = sent = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(spec.abstract_params):
+    layers = x.shape[0] if sharding.path_name(path).startswith("layers/") else 1
+    dense += 4 * x.size
+    sent += 8 * layers * max(1, round(0.01 * x.size / layers))
+  assert straight[-1]["bytes_sent"] == sent
+  assert straight[-1]["compression_ratio"] == pytest.approx(dense / sent)
+  c.train.steps = 2
+  train.train(c, str(tmp_path / "resumed"), progress=False)
+  c.train.steps = 4
+  resumed = train.train(c, str(tmp_path / "resumed"), progress=False)
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]
+  # Onto 4 replicas: the buffers are regrouped, the run goes on.
+  c4 = _dgc_config(dict(data=4), steps=5, density=0.01)
+  capsys.readouterr()
+  more = train.train(c4, str(tmp_path / "straight"), devices=jax.devices()[:4],
+                     progress=False)
+  assert "compression state of 8 replicas regrouped onto 4" in capsys.readouterr().out
+  assert [r["step"] for r in more] == [5] and np.isfinite(more[0]["loss"])
+
+
+def _error(config):
+  from train.validate import validate_config
+  with pytest.raises(sharding.ConfigError) as e:
+    validate_config(config, 8)
+  return e.value
+
+
+def test_config_errors_name_the_field_and_fix():
+  c = _dgc_config(dict(data=1, fsdp=8))
+  e = _error(c)
+  assert e.field == "optim.compression.method" and "mesh.data=1" in str(e)
+  assert "--config.mesh.data=8 --config.mesh.fsdp=1" in str(e)
+  for density in (0.0, 1.5):
+    c = _dgc_config(dict(data=8), density=density)
+    assert _error(c).field == "optim.compression.density"
+  c = _dgc_config(dict(data=8))
+  c.optim.name = "adamw"
+  e = _error(c)
+  assert e.field == "optim.compression.method" and "optim.name=sgd" in str(e)
+  c = _dgc_config(dict(data=8), error_feedback=False)
+  assert _error(c).field == "optim.compression.error_feedback"
+  c = _dgc_config(dict(data=8))
+  c.optim.compression.method = "powersgd"
+  assert _error(c).field == "optim.compression.method"
+  c = _dgc_config(dict(data=8))
+  c.mesh.rules = dict(sharding.DEFAULT_RULES, embed=("data",))
+  assert _error(c).field == "mesh.rules.embed"
+
+
+def test_cli_compression_without_replicas_exits_2(tmp_path):
+  from conftest import run_cli
+  r = run_cli("train", "--config=experiments/llama_tiny.py", f"--workdir={tmp_path}",
+              "--config.optim.name=sgd", "--config.optim.compression.method=dgc",
+              "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "optim.compression.method" in r.stderr and "mesh.data=1" in r.stderr
