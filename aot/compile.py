@@ -97,6 +97,9 @@ class Report:
   compiler_flags: dict[str, Any] = dataclasses.field(default_factory=dict)
   schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
   #                            ops and communication seconds, collective counts
+  received_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+  #                            bytes a device receives per step, by the mesh axes
+  #                            the collectives span ("data", "data,fsdp", ...)
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-ready dict; figures the compile could not give are None."""
@@ -387,9 +390,13 @@ def _report(topology, chip: Chip, what, sizes, n, memory, costs, model_flops,
                       count=c.count, bytes=c.bytes, received_bytes=c.received_bytes)
                  for c in costs.by_kind()]
   mfu = per_device_model / (chip.peak_flops * t["roofline"]) if t["roofline"] else 0
+  received: dict[str, float] = {}
+  for c in costs.collectives:
+    key = ",".join(c.axes) or "?"
+    received[key] = received.get(key, 0.0) + c.received_bytes
   return Report(topology, chip.name, what, sizes, n, memory, fits, costs.flops,
                 model_flops, costs.uncounted_kernels, costs.hbm_bytes, collectives,
-                t, xla, mfu, seconds, error)
+                t, xla, mfu, seconds, error, received_bytes=received)
 
 
 def _dump(directory: str, stem: str, lowered, compiled) -> None:
@@ -447,6 +454,9 @@ def _table(r: Report) -> str:
       "", "collectives per step"]
   if not r.collectives:
     lines.append("  none")
+  else:
+    lines.append("  received per device          " + ", ".join(
+        f"{size(b)} over {axes}" for axes, b in sorted(r.received_bytes.items())))
   for c in r.collectives:
     axes = ",".join(c["axes"]) or "?"
     lines.append(f"  {c['kind']:<20} x{c['count']:<7.0f} {size(c['bytes']):>11} "

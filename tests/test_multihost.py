@@ -18,6 +18,8 @@ STEPS = ["--config.data.seq_len=64", "--config.train.batch_size=8",
          "--config.log.peak_flops=1e12", "--config.log.tensorboard=false",
          "--config.optim.decay_steps=6", "--config.checkpoint.every_steps=5"]
 MESH = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+DGC = ["--config.optim.name=sgd", "--config.optim.compression.method=dgc",
+       "--config.optim.compression.density=0.01"]
 # A config file that trains llama_tiny on a two-source mixture (data.mixture).
 MIX_CONFIG = '''
 from ml_collections import ConfigDict
@@ -62,6 +64,8 @@ def _config(steps, mixture=None):
   c.optim.decay_steps = 6
   c.checkpoint.every_steps = 5
   c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.optim.name = "sgd"
+  c.optim.compression.update(method="dgc", density=0.01)
   return c
 
 
@@ -81,13 +85,16 @@ def _mixture(root):
 
 
 def test_two_processes_train_then_one_process_resumes(tmp_path):
-  # The data is a two-source mixture, so this also checks that both processes read
-  # the rows of the same mixed global batches as one process does.
+  """Each process holds one `data` replica, and the replicas exchange gradients
+  compressed by DGC (its all-gathers of (index, value) pairs are what crosses
+  processes); one process with 8 devices then resumes, compression state
+  included. The data is a two-source mixture, so this also checks that both
+  processes read the rows of the same mixed global batches as one process does."""
   mixture = _mixture(tmp_path)
   config_file = tmp_path / "mix_config.py"
   config_file.write_text(MIX_CONFIG.replace("{MIXTURE!r}", repr(mixture)))
   work = tmp_path / "multi"
-  results = _launch(work, ["--config.train.steps=5", *STEPS, *MESH],
+  results = _launch(work, ["--config.train.steps=5", *STEPS, *MESH, *DGC],
                     config=str(config_file))
   for proc, out, err in results:
     assert proc.returncode == 0, err[-3000:]
@@ -104,6 +111,7 @@ def test_two_processes_train_then_one_process_resumes(tmp_path):
   np.testing.assert_allclose([r["loss"] for r in multi],
                              [r["loss"] for r in fresh[:5]], rtol=1e-5)
   np.testing.assert_allclose(resumed[0]["loss"], fresh[5]["loss"], rtol=1e-5)
+  assert multi[-1]["compression_ratio"] == fresh[4]["compression_ratio"] > 10
   for name in mixture:  # the fraction of each source read so far
     key = f"data_fraction/{name}"
     assert [r[key] for r in multi] == [r[key] for r in fresh[:5]]
@@ -126,3 +134,4 @@ def test_missing_process_times_out_naming_itself(tmp_path):
                               started=(1,), timeout_s=5)
   assert proc.returncode == 1
   assert "process 1 of 2: could not join the run through coordinator 127.0.0.1:" in err
+

@@ -33,11 +33,12 @@ k = max(1, round(density * n)) for a tensor of n entries; a tensor stacked over
 layers (`[layers, ...]`) is one tensor per layer. The density warms up
 exponentially (`Compression.density_at`), each density being one compiled step.
 
-Selection: `sample_fraction` < 1 estimates the threshold from a random sample of
-the tensor, then takes the exact top k of at most 4k candidates above it (the
-paper's hierarchical selection), so its cost does not grow with the tensor's
-sort; tensors too small for a sample to see about 8 of the top k are selected
-exactly.
+Selection: exact (`lax.top_k`) by default. `sample_fraction` < 1 estimates the
+threshold from a random sample of the tensor, then takes the exact top k of at
+most 4k candidates above it (the paper's hierarchical selection, for backends
+where a large top-k is slow); tensors too small for a sample to see about 8 of
+the top k are selected exactly. On CPU the exact top-k is the faster
+(benchmarks/README.md, "Gradient compression").
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Compression:
   method: str = "none"
   density: float = 0.001
   warmup_steps: int = 0
-  sample_fraction: float = 0.01
+  sample_fraction: float = 1.0
   momentum_correction: bool = True
   local_clip: bool = True
   momentum_masking: bool = True
@@ -205,7 +206,9 @@ def _select_groups(x: jax.Array, g: int, k: int, sample_fraction: float, key
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """x [g * n ...] as g tensors -> (indices [g, k], values [g, k], the mask of sent
   entries in x's shape)."""
-  flat = x.reshape(g, -1)  # [groups, n]
+  # [groups, n], whole on every device of the replica: selection is per tensor,
+  # and XLA partitions top_k and nonzero over a sharded operand very slowly.
+  flat = jax.lax.with_sharding_constraint(x.reshape(g, -1), P())
   keys = jax.random.split(key, g)
   idx, val = jax.vmap(lambda row, kk: select(row, k, sample_fraction, kk))(flat, keys)
   sent = jax.vmap(
