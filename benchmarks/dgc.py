@@ -13,7 +13,8 @@ feedback) in front of AdamW. One JSON line per run: final eval loss, its ratio t
 dense SGD's, the compression ratio of the gradient exchange and the step time.
 
 Then the bytes: `llama_1b` compiled for --topology (deviceless, `mesh.data=8`,
-`fsdp=1`, `optim.name=sgd`) dense and with DGC at --density; the bytes a device
+`fsdp=1`, `optim.name=sgd`, its 16 micro-batches per step) dense and with DGC
+at --density; the bytes a device
 receives over `data` per step are read from each compiled program, and the time
 each would take over 1, 10 and 100 Gbit/s links is computed from them (bytes x 8
 / link rate: computed, not measured). The eval-loss curves go to --plot.
@@ -41,7 +42,8 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 80, "DGC's density warm-up")
 _SGD_LR = flags.DEFINE_float("sgd_lr", 0.3, "momentum SGD's learning rate")
 _ADAMW_LR = flags.DEFINE_float("adamw_lr", 3e-3, "AdamW's learning rate")
 _ROOT = flags.DEFINE_string("root", "runs/dgc", "run directories")
-_ONLY = flags.DEFINE_list("only", [], "variants to run (default: all)")
+_ONLY = flags.DEFINE_list("only", [], "variants to run (default: all; 'none': "
+                          "only the llama_1b bytes)")
 _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
 _PLOT = flags.DEFINE_string("plot", "benchmarks/results/dgc.png", "")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x2",
@@ -54,15 +56,15 @@ def variants() -> dict[str, tuple[str, dict]]:
   dgc = dict(method="dgc", density=_DENSITY.value, warmup_steps=_WARMUP.value)
   return {
       "sgd": ("sgd", {}),
-      "adamw": ("adamw", {}),
       "dgc": ("sgd", dgc),
+      "adamw": ("adamw", {}),
+      "topk_adamw": ("adamw", dict(method="topk", density=_DENSITY.value)),
       "dgc_no_momentum_correction": ("sgd", {**dgc, "momentum_correction": False}),
       "dgc_no_local_clip": ("sgd", {**dgc, "local_clip": False}),
       "dgc_no_momentum_masking": ("sgd", {**dgc, "momentum_masking": False}),
       "dgc_no_warmup": ("sgd", {**dgc, "warmup_steps": 0}),
       "topk_no_error_feedback": ("sgd", dict(method="topk", density=_DENSITY.value,
                                             error_feedback=False)),
-      "topk_adamw": ("adamw", dict(method="topk", density=_DENSITY.value)),
   }
 
 
@@ -133,6 +135,8 @@ def _llama_1b_bytes() -> dict[str, float]:
     c.optim.name = "sgd"
     c.optim.compression.update(comp)
     report = compile_step(c, _TOPOLOGY.value)
+    if report.error:
+      raise RuntimeError(f"llama_1b ({kind}) did not compile: {report.error[:500]}")
     out[kind] = report.received_bytes.get("data", 0.0)
     emit(what="llama_1b", kind=kind, topology=_TOPOLOGY.value,
          received_over_data_bytes=out[kind],

@@ -323,33 +323,44 @@ def test_density_one_reproduces_uncompressed_training(method, optimizer, tmp_pat
   np.testing.assert_allclose(compressed, _losses(c, tmp_path / "dense"), rtol=1e-6)
 
 
+def _over_data(config):
+  """(collectives over `data` of the compiled train step, model spec)."""
+  from aot import costs as costs_lib
+  from aot.compile import _train_step
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.normalize_rules(None)
+  spec = model_spec(ModelConfig.from_config(config.model), rules)
+  step, args = _train_step(config, spec, mesh, rules)
+  with jax.set_mesh(mesh):
+    text = step.lower(*args).compile().as_text()
+  return [col for col in costs_lib.analyze(
+      text, sharding.AXES, [mesh.shape[a] for a in sharding.AXES]).collectives
+      if "data" in col.axes], spec
+
+
 def test_no_gradient_sized_collective_over_data():
   """data=8: over `data` the compiled step only all-gathers (index, value)
   buffers of k entries per tensor, and all-reduces the scalar loss."""
-  from aot import costs as costs_lib
-  from aot.compile import _train_step
-  from test_train_meshes import _with_mesh
-  for method in ("dgc", "none"):
-    c = _dgc_config(dict(data=8), density=0.01)
-    c.optim.compression.method = method
-    mesh = sharding.make_mesh(c.mesh)
-    rules = sharding.normalize_rules(None)
-    spec = model_spec(ModelConfig.from_config(c.model), rules)
-    step, args = _train_step(c, spec, mesh, rules)
-    with jax.set_mesh(mesh):
-      text = step.lower(*args).compile().as_text()
-    over_data = [col for col in costs_lib.analyze(
-        text, sharding.AXES, [mesh.shape[a] for a in sharding.AXES]).collectives
-        if "data" in col.axes]
-    if method == "none":  # the dense step does all-reduce the gradient
-      assert max(col.bytes for col in over_data if col.kind == "all-reduce") > 1e4
-      continue
-    group_tree = compression.groups(spec.abstract_params, spec.logical)
-    largest_k = max(g * compression.k_for(x.size // g, 0.01) for x, g in zip(
-        jax.tree.leaves(spec.abstract_params), jax.tree.leaves(group_tree)))
-    for col in over_data:
-      assert col.kind == "all-gather" or col.bytes <= 4, col
-      assert col.bytes / col.count <= 8 * largest_k * 4, col  # [replicas, g, k] x 4 B
+  c = _dgc_config(dict(data=8), density=0.01)
+  over_data, spec = _over_data(c)
+  group_tree = compression.groups(spec.abstract_params, spec.logical)
+  largest_k = max(g * compression.k_for(x.size // g, 0.01) for x, g in zip(
+      jax.tree.leaves(spec.abstract_params), jax.tree.leaves(group_tree)))
+  for col in over_data:
+    assert col.kind == "all-gather" or col.bytes <= 4, col
+    assert col.bytes / col.count <= 8 * largest_k * 4, col  # [replicas, g, k] x 4 B
+
+
+def test_accumulated_gradient_crosses_data_once():
+  """Dense data parallelism with 4 micro-batches all-reduces the gradient once
+  per step, not once per micro-batch."""
+  c = _dgc_config(dict(data=8))
+  c.optim.compression.method = "none"
+  c.train.update(grad_accum_steps=4, batch_size=32)
+  over_data, spec = _over_data(c)
+  grad_bytes = sum(4 * x.size for x in jax.tree.leaves(spec.abstract_params))
+  reduced = sum(col.bytes for col in over_data if col.kind == "all-reduce")
+  assert grad_bytes <= reduced < 1.1 * grad_bytes
 
 
 def test_warmup_resume_is_bit_exact_and_regroups_onto_fewer_replicas(tmp_path, capsys):

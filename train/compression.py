@@ -116,6 +116,26 @@ def replica_rules(rules):
                for name, axes in rules)
 
 
+def params_split_over_replicas(rules, logical) -> list[str]:
+  """Logical parameter axes the rules split over `data` (sorted); a replica holds
+  the whole model only when there are none, and the batch's first axis is `data`
+  (`replica_view_problem`)."""
+  table = dict(rules)
+  used = {name for axes in jax.tree.leaves(logical, is_leaf=lambda a: isinstance(a, tuple))
+          for name in axes}
+  return sorted(n for n in used if REPLICA_AXIS in table.get(n, ()))
+
+
+def replica_view_problem(rules, logical) -> str | None:
+  """Why a `data` replica cannot compute its own gradient (None when it can): the
+  batch must be split over `data` first, and no parameter over `data` at all."""
+  batch = dict(rules).get("batch", ())
+  if batch[:1] != (REPLICA_AXIS,):
+    return "batch"
+  split = params_split_over_replicas(rules, logical)
+  return split[0] if split else None
+
+
 def groups(abstract_params, logical) -> Any:
   """Per leaf, how many tensors it holds: its leading dimension when that is the
   layer stack (`layers`), else 1."""

@@ -96,35 +96,42 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
   """Jitted (state, batch) -> (state, metrics), donating state. Call it (or lower
   it) under jax.set_mesh so activation constraints see the mesh.
 
-  With gradient compression (`comp` enabled), each `data` replica's gradient is
-  computed on its rows alone (vmapped over the replica dimension: no all-reduce
-  over `data`) and exchanged compressed at `density` (default: `comp.density`;
-  each density is its own program).
+  Per-replica gradients: with gradient compression (`comp` enabled), and with
+  gradient accumulation over several `data` replicas, each replica's gradient
+  is computed on its rows alone (vmapped over the replica dimension), so nothing
+  crosses `data` per micro-batch. Compressed, the replicas then exchange it at
+  `density` (default: `comp.density`; each density is its own program);
+  accumulated, they all-reduce it once, where the plain step would all-reduce
+  every micro-batch's gradient (16x the bytes for llama_1b's 16 micro-batches).
   """
   accum = train_cfg.grad_accum_steps
   compressed = comp is not None and comp.enabled
-  if compressed:  # the model as one replica sees it: no `data` in its constraints
-    replica = model_spec(spec.cfg, compression.replica_rules(spec.rules))
-    grad_fn = jax.value_and_grad(loss_and_metrics(replica, train_cfg.z_loss),
-                                 has_aux=True)
+  replicas = data_sharding.mesh.shape[compression.REPLICA_AXIS]
+  per_replica = compressed or (
+      accum > 1 and replicas > 1
+      and compression.replica_view_problem(spec.rules, spec.logical) is None)
+  # The model as one replica sees it: no `data` in its constraints.
+  grad_fn = jax.value_and_grad(loss_and_metrics(
+      model_spec(spec.cfg, compression.replica_rules(spec.rules)) if per_replica
+      else spec, train_cfg.z_loss), has_aux=True)
+  if compressed:
     group_tree = compression.groups(spec.abstract_params, spec.logical)
     density = comp.density if density is None else density
-  else:
-    grad_fn = jax.value_and_grad(loss_and_metrics(spec, train_cfg.z_loss),
-                                 has_aux=True)
 
   def step(state: TrainState, batch: Batch):
     comp_state = state.compression
-    if compressed:
-      replicas = jax.tree.leaves(comp_state)[0].shape[0]
+    if per_replica:  # [replicas, ...]: nothing summed over `data` yet
       rows = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), batch)
       nll, aux, grads = jax.vmap(
           lambda b: _mean_grads(grad_fn, state.params, b, accum),
           spmd_axis_name=compression.REPLICA_AXIS)(rows)
       nll, aux = jax.tree.map(lambda x: jnp.mean(x, 0), (nll, aux))
-      key = jax.random.fold_in(jax.random.key(train_cfg.seed), state.step)
-      grads, comp_state, _ = compression.compressed_gradient(
-          comp, grads, comp_state, density, key, group_tree)
+      if compressed:
+        key = jax.random.fold_in(jax.random.key(train_cfg.seed), state.step)
+        grads, comp_state, _ = compression.compressed_gradient(
+            comp, grads, comp_state, density, key, group_tree)
+      else:
+        grads = jax.tree.map(lambda g: jnp.mean(g, 0), grads)
       grads = jax.lax.with_sharding_constraint(grads, state_sharding.params)
     else:
       nll, aux, grads = _mean_grads(grad_fn, state.params, batch, accum)

@@ -185,20 +185,18 @@ def _validate_compression(config, sizes: dict[str, int]) -> None:
         "has not sent (it switches only for method=topk).",
         f"set --config.{path}.method=topk for top-k without error feedback, or "
         f"--config.{path}.error_feedback=true.")
-  rules = dict(sharding.normalize_rules(config.mesh.rules))
-  if rules.get("batch", ())[:1] != (compression.REPLICA_AXIS,):
+  rules = sharding.normalize_rules(config.mesh.rules)
+  spec = model_spec(model.ModelConfig.from_config(config.model), rules)
+  problem = compression.replica_view_problem(rules, spec.logical)
+  if problem == "batch":
     raise ConfigError(
-        "mesh.rules.batch", f"is {rules.get('batch', ())}; compression exchanges "
-        "between the replicas of `data`, which must split the batch first.",
-        "map batch to (\"data\", ...), e.g. the default "
+        "mesh.rules.batch", f"is {dict(rules).get('batch', ())}; compression "
+        "exchanges between the replicas of `data`, which must split the batch "
+        "first.", "map batch to (\"data\", ...), e.g. the default "
         "--config.mesh.rules.batch=\"('data', 'fsdp', 'expert')\".")
-  spec = model_spec(model.ModelConfig.from_config(config.model), tuple(rules.items()))
-  used = {name for axes in jax.tree.leaves(
-      spec.logical, is_leaf=lambda a: isinstance(a, tuple)) for name in axes}
-  split = sorted(n for n in used if compression.REPLICA_AXIS in rules.get(n, ()))
-  if split:
+  if problem:
     raise ConfigError(
-        f"mesh.rules.{split[0]}", f"splits parameters over `data`, but with "
+        f"mesh.rules.{problem}", "splits parameters over `data`, but with "
         "compression each `data` replica holds a whole copy of the model.",
-        f"map {split[0]} to fsdp or tensor instead, or set "
+        f"map {problem} to fsdp or tensor instead, or set "
         f"--config.{path}.method=none.")
