@@ -115,7 +115,10 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   # run's config.json (what `generate` and `export-hf` build the model from) alone.
   if jax.process_index() == 0:
     run_config.write(workdir, config_dict)
-  step_fns: dict[float | None, Any] = {}  # one program per compression density
+  # One program per compression density, with the traffic it logs (host-side,
+  # computed once): density -> (compiled step, metrics of what a replica sends).
+  step_fns: dict[float | None, tuple[Any, dict]] = {}
+  group_tree = groups(spec.abstract_params, spec.logical)
 
   def compiled_step(step: int, batch):
     density = comp.density_at(step) if comp.enabled else None
@@ -124,12 +127,14 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
       fn = make_train_step(spec, tx, lr, t, shardings, data_sharding, comp=comp,
                            density=density)
       with jax.set_mesh(mesh):
-        step_fns[density] = fn.lower(state, batch).compile()
+        compiled = fn.lower(state, batch).compile()
+      sent = ({k: v for k, v in traffic(spec.abstract_params, group_tree,
+                                        density).items() if k != "dense_bytes"}
+              if comp.enabled else {})
+      step_fns[density] = compiled, sent
       at = f" (compression density {density:g})" if comp.enabled else ""
       _say(f"compiled the train step{at} in {time.perf_counter() - start:.1f}s")
-    return step_fns[density], density
-
-  group_tree = groups(spec.abstract_params, spec.logical)
+    return step_fns[density]
   eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
 
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -175,7 +180,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     for step in range(start, t.steps):
       batch = to_global(next(data.train))
       known = len(step_fns)
-      compiled, density = compiled_step(step, batch)
+      compiled, sent = compiled_step(step, batch)
       if len(step_fns) > known:
         window_start, window_steps = time.perf_counter(), 0
       with jax.set_mesh(mesh):
@@ -194,9 +199,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
                "tflops_per_device": flops_per_sec / len(devices) / 1e12,
                "mfu": flops_per_sec / peak if math.isfinite(peak) else float("nan")}
         row.update({k: float(v) for k, v in metrics.items() if k in MOE_KEYS})
-        if comp.enabled:  # per replica: what it sent this step, and the ratio
-          row.update({k: v for k, v in traffic(spec.abstract_params, group_tree,
-                                               density).items() if k != "dense_bytes"})
+        row.update(sent)  # compression: per replica, what it sent, and the ratio
         # One global batch per step: the windows seen so far, by mixture source.
         row.update({DATA_FRACTION_PREFIX + name: share for name, share in
                     data.source_fractions(done * t.batch_size).items()})
