@@ -57,9 +57,10 @@ from model import ModelConfig, flops as flops_lib
 from sharding import ConfigError
 from sharding.chips import Chip, chip_for_topology
 from train.compression import Compression
+from train.diloco import DiLoCo
 from train.optimizer import make_optimizer, schedule
 from train.state import abstract_params, abstract_state, model_spec
-from train.step import batch_sharding, make_train_step
+from train.step import batch_sharding, make_inner_step, make_train_step
 from train.validate import validate_config
 
 WHAT = ("train", "decode")
@@ -287,16 +288,20 @@ def _train_args(config, spec, mesh, rules):
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), jnp.int32,
                                    sharding=data) for k in _BATCH_FIELDS}
   comp = Compression.from_config(config.optim)
-  return tx, abstract_state(spec, tx, mesh, comp), batch
+  dl = DiLoCo.from_config(config, mesh.shape["diloco"])
+  return tx, abstract_state(spec, tx, mesh, comp, dl=dl), batch
 
 
 def _train_step(config, spec, mesh, rules):
+  """The train step (DiLoCo, mesh.diloco > 1: the inner step) and its abstract
+  arguments."""
   tx, state, batch = _train_args(config, spec, mesh, rules)
-  step = make_train_step(spec, tx, schedule(config.optim, config.train.steps),
-                         config.train, jax.tree.map(lambda x: x.sharding, state),
-                         batch["inputs"].sharding,
-                         comp=Compression.from_config(config.optim))
-  return step, (state, batch)
+  args = (spec, tx, schedule(config.optim, config.train.steps), config.train,
+          jax.tree.map(lambda x: x.sharding, state), batch["inputs"].sharding)
+  if state.diloco is not None:
+    return make_inner_step(*args), (state, batch)
+  return (make_train_step(*args, comp=Compression.from_config(config.optim)),
+          (state, batch))
 
 
 def decode_program(cfg: ModelConfig, spec, mesh, rules, batch: int,

@@ -57,6 +57,7 @@ class Collective:
   count: float              # executions per step
   bytes: float              # result bytes per device, summed over executions
   received_bytes: float     # bytes each device receives, summed over executions
+  dtypes: tuple[str, ...] = ()  # element types of its result (HLO names: f32, u8)
 
 
 @dataclasses.dataclass
@@ -314,4 +315,6 @@ def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape) -> Collecti
   received = {"all-reduce": 2 * (size - 1) / size, "all-gather": (size - 1) / size,
               "all-to-all": (size - 1) / size, "ragged-all-to-all": (size - 1) / size,
               "reduce-scatter": size - 1, "collective-permute": 1}[kind] * result
-  return Collective(kind, axes, size, times, times * result, times * received)
+  dtypes = tuple(sorted(set(re.findall(r"\b([a-z]+\d*)\[", ins.shape))))
+  return Collective(kind, axes, size, times, times * result, times * received,
+                    dtypes)

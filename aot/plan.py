@@ -73,13 +73,14 @@ class Plan:
 def candidate_meshes(num_devices: int, *, experts: bool = False,
                      sequence: bool = False) -> list[dict[str, int]]:
   """Every {axis: size} whose sizes multiply to `num_devices`; expert and sequence
-  stay 1 unless allowed. Ordered by tensor, sequence and expert size, then with
+  stay 1 unless allowed, `diloco` always (DiLoCo changes the training algorithm,
+  which a plan does not choose). Ordered by tensor, sequence and expert size, then with
   FSDP before data (sharded state first)."""
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
   out = []
   for sizes in itertools.product(divisors, repeat=len(sharding.AXES)):
     mesh = dict(zip(sharding.AXES, sizes))
-    if math.prod(sizes) != num_devices:
+    if math.prod(sizes) != num_devices or mesh["diloco"] > 1:
       continue
     if (mesh["expert"] > 1 and not experts) or (mesh["sequence"] > 1 and not sequence):
       continue

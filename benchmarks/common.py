@@ -35,6 +35,15 @@ def emit(**row) -> dict:
   return row
 
 
+def processor() -> str:
+  """The CPU model name (/proc/cpuinfo), or "unknown"."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return "unknown"
+
+
 def time_call(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
   """Median wall seconds of `fn()` (which must block until its work is done)."""
   for _ in range(warmup):

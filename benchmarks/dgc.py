@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import emit, write_rows_to  # noqa: E402
+from benchmarks.common import emit, processor, write_rows_to  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 400, "training steps per run")
 _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
@@ -77,7 +77,7 @@ def main(argv):
   write_rows_to(_ROWS.value)
   emit(what="environment", date=time.strftime("%Y-%m-%d"), steps=_STEPS.value,
        jax=jax.__version__, devices=f"{len(jax.devices())} x "
-       f"{jax.devices()[0].device_kind}", processor=_processor())
+       f"{jax.devices()[0].device_kind}", processor=processor())
   bytes_per_step = _llama_1b_bytes() if _TOPOLOGY.value else {}
   curves, dense_sgd = {}, None
   for name, (optimizer, comp) in variants().items():
@@ -112,14 +112,6 @@ def main(argv):
             if seconds else {}))
     curves[name] = evals
   _plot(curves)
-
-
-def _processor() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    return "unknown"
 
 
 def _llama_1b_bytes() -> dict[str, float]:

@@ -60,7 +60,7 @@ def get_config(arg=None) -> ConfigDict:
 
   c.mesh = ConfigDict(dict(
       # Device counts per axis, outer to inner; one may be -1 (takes the rest).
-      data=-1, fsdp=1, expert=1, sequence=1, tensor=1,
+      diloco=1, data=-1, fsdp=1, expert=1, sequence=1, tensor=1,
       # logical axis -> mesh axes; replace entries to change the plan.
       rules=ConfigDict(DEFAULT_RULES),
   ))
@@ -119,6 +119,18 @@ def get_config(arg=None) -> ConfigDict:
           momentum_masking=True,     # dgc: zero the velocity of what was sent
           error_feedback=True,       # topk: carry what was not sent to the next step
       )),
+  ))
+
+  # DiLoCo over the `diloco` mesh axis (train/diloco.py): active when mesh.diloco > 1.
+  c.diloco = ConfigDict(dict(
+      sync_every=100,          # H: inner steps between synchronisations of a fragment
+      outer_lr=0.7,            # outer optimizer: SGD on the averaged outer gradient
+      outer_momentum=0.9,
+      nesterov=True,
+      fragments=1,             # 1: DiLoCo; F > 1: Streaming DiLoCo, strided layer groups
+      overlap_steps=0,         # tau: inner steps a fragment's exchange overlaps (0: blocking)
+      alpha=0.5,               # tau > 0: weight of the local fragment when merging
+      outer_dtype="float32",   # float32 | bfloat16 | e3m0 (4 bits): outer gradients sent as
   ))
 
   c.train = ConfigDict(dict(

@@ -11,15 +11,17 @@ from jax.sharding import AxisType, Mesh
 from sharding.errors import ConfigError
 
 # Outer to inner. `tensor` is innermost: it communicates most, so it gets the
-# fastest links in the topology-aware device order.
-AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+# fastest links in the topology-aware device order; `diloco` (DiLoCo replicas,
+# which synchronise every H steps) is outermost, on the slowest links.
+AXES = ("diloco", "data", "fsdp", "expert", "sequence", "tensor")
 # Axes a batch is split over (the data-parallel size is their product).
-BATCH_AXES = ("data", "fsdp", "expert")
+BATCH_AXES = ("diloco", "data", "fsdp", "expert")
 
 
 def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """Returns {axis: size} with a -1 filled in; raises ConfigError if it cannot fit."""
-  sizes = {a: int(mesh_cfg[a]) for a in AXES}
+  """Returns {axis: size} with a -1 filled in; raises ConfigError if it cannot fit.
+  An axis absent from `mesh_cfg` has size 1."""
+  sizes = {a: int(mesh_cfg.get(a, 1)) for a in AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   bad = [a for a, s in sizes.items() if s == 0 or s < -1]
   if bad:
@@ -52,7 +54,7 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
 
 def make_mesh(mesh_cfg: Mapping[str, int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the 5-axis mesh with Auto axis types and topology-aware device order."""
+  """Builds the 6-axis mesh with Auto axis types and topology-aware device order."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in AXES)
@@ -66,7 +68,7 @@ def axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:
 
 
 def describe(mesh: Mesh) -> str:
-  """One line: 'mesh data=2 fsdp=1 expert=1 sequence=1 tensor=4 over 8 cpu devices'."""
+  """One line: 'mesh diloco=1 data=2 fsdp=1 expert=1 sequence=1 tensor=4 over 8 cpu devices'."""
   sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
   platform = mesh.devices.flat[0].platform
   return f"mesh {sizes} over {mesh.devices.size} {platform} devices"

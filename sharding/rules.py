@@ -29,7 +29,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "layers": (),
     "head_dim": (),
     # activations
-    "batch": ("data", "fsdp", "expert"),
+    "batch": ("diloco", "data", "fsdp", "expert"),
     "length": ("sequence",),
     "act_embed": (),
     "act_heads": ("tensor",),

@@ -16,7 +16,7 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
   logical axis to, not over fixed axis names: heads over `heads` / `act_heads`,
   experts over `experts`, the sequence over `length`, the batch over `batch`.
   """
-  sizes = resolve_shape({a: config.mesh[a] for a in AXES}, num_devices)
+  sizes = resolve_shape({a: config.mesh.get(a, 1) for a in AXES}, num_devices)
   table = normalize_rules(config.mesh.rules)  # ConfigError for a bad axis
   rules = dict(table)
   m = config.model

@@ -15,7 +15,7 @@ def test_enumeration_is_bounded():
   meshes = plan.candidate_meshes(8)
   assert len(meshes) == 10  # ordered triples with product 8
   assert all(m["expert"] == m["sequence"] == 1 for m in meshes)
-  assert meshes[0] == dict(data=1, fsdp=8, expert=1, sequence=1, tensor=1)
+  assert meshes[0] == dict(diloco=1, data=1, fsdp=8, expert=1, sequence=1, tensor=1)
   assert len(plan.candidate_meshes(8, sequence=True)) == 20
   assert len(plan.candidate_meshes(8, experts=True, sequence=True)) == 35
 

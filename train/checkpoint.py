@@ -42,6 +42,8 @@ def _as_dict(state: TrainState) -> dict[str, Any]:
   out = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
   if state.compression is not None:  # absent without compression: same layout
     out["compression"] = state.compression
+  if state.diloco is not None:
+    out["diloco"] = state.diloco
   return out
 
 
@@ -241,8 +243,23 @@ class Checkpointer:
   def compression_replicas(self, step: int) -> int | None:
     """The replica count of the compression buffers saved at `step` (from
     metadata), or None when it holds none."""
+    return self._replicas(step, "compression")
+
+  def diloco_replicas(self, step: int) -> int | None:
+    """The DiLoCo replica count saved at `step` (from metadata), or None when
+    it was saved without DiLoCo."""
+    return self._replicas(step, "diloco", "replicas")
+
+  def diloco_buffers(self, step: int) -> tuple[str, ...]:
+    """The DiLoCo buffers saved at `step` (`diloco.state_names`), from metadata."""
     meta = self._manager.item_metadata(step)["state"]
-    tree = getattr(meta, "tree", meta).get("compression")
+    return tuple(getattr(meta, "tree", meta).get("diloco") or ())
+
+  def _replicas(self, step: int, field: str, buffer: str | None = None
+                ) -> int | None:
+    meta = self._manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta).get(field)
+    tree = tree[buffer] if tree and buffer else tree
     leaves = jax.tree.leaves(tree) if tree else []
     return int(leaves[0].shape[0]) if leaves else None
 

@@ -110,29 +110,33 @@ class Compression:
     return out
 
 
-def replica_rules(rules):
-  """The logical rules without `data`: the mesh one replica's model sees."""
-  return tuple((name, tuple(a for a in axes if a != REPLICA_AXIS))
-               for name, axes in rules)
+def replica_rules(rules, axis: str = REPLICA_AXIS):
+  """The logical rules without `axis` (default `data`): the mesh one replica's
+  model sees."""
+  return tuple((name, tuple(a for a in axes if a != axis)) for name, axes in rules)
 
 
-def params_split_over_replicas(rules, logical) -> list[str]:
-  """Logical parameter axes the rules split over `data` (sorted); a replica holds
-  the whole model only when there are none, and the batch's first axis is `data`
-  (`replica_view_problem`)."""
+def params_split_over_replicas(rules, logical, axis: str = REPLICA_AXIS
+                               ) -> list[str]:
+  """Logical parameter axes the rules split over `axis` (sorted); a replica holds
+  the whole model only when there are none, and the batch's first split is over
+  `axis` (`replica_view_problem`)."""
   table = dict(rules)
   used = {name for axes in jax.tree.leaves(logical, is_leaf=lambda a: isinstance(a, tuple))
           for name in axes}
-  return sorted(n for n in used if REPLICA_AXIS in table.get(n, ()))
+  return sorted(n for n in used if axis in table.get(n, ()))
 
 
-def replica_view_problem(rules, logical) -> str | None:
-  """Why a `data` replica cannot compute its own gradient (None when it can): the
-  batch must be split over `data` first, and no parameter over `data` at all."""
-  batch = dict(rules).get("batch", ())
-  if batch[:1] != (REPLICA_AXIS,):
+def replica_view_problem(rules, logical, axis: str = REPLICA_AXIS,
+                         sizes=None) -> str | None:
+  """Why a replica of mesh axis `axis` (default `data`) cannot compute its own
+  gradient (None when it can): the batch must be split over `axis` before any
+  other axis (of size > 1 in `sizes`, when given), and no parameter over `axis`."""
+  batch = [a for a in dict(rules).get("batch", ())
+           if sizes is None or sizes[a] > 1 or a == axis]
+  if batch[:1] != [axis]:
     return "batch"
-  split = params_split_over_replicas(rules, logical)
+  split = params_split_over_replicas(rules, logical, axis)
   return split[0] if split else None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 import kernels
@@ -20,13 +21,15 @@ import sharding
 from model import ModelConfig, flops as flops_lib
 from train import run_config
 from train.checkpoint import Checkpointer, load_init_params
+from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
 from train.data import make_data
 from train.metrics import DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, peak_flops
 from train.optimizer import make_optimizer, schedule
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          state_shardings)
-from train.step import batch_sharding, make_eval_step, make_train_step
+from train.step import (batch_sharding, make_eval_step, make_inner_step,
+                        make_train_step)
 from train.validate import validate_config
 
 
@@ -64,7 +67,8 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   lr = schedule(config.optim, t.steps)
   tx = make_optimizer(config.optim, t.steps)
   comp = Compression.from_config(config.optim)
-  shardings = state_shardings(spec, tx, mesh, comp)
+  dl = diloco_lib.DiLoCo.from_config(config, sizes["diloco"])
+  shardings = state_shardings(spec, tx, mesh, comp, dl)
   data_sharding = batch_sharding(mesh, rules, t.batch_size, config.data.seq_len)
 
   _say(sharding.describe(mesh))
@@ -86,15 +90,24 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     # optimizer this run asks for.
     params = ckpt.restore_params(abstract_state(spec, tx, mesh).params, 0,
                                  config=config_dict)
-    state = init_state(spec, tx, mesh, t.seed, params=params, comp=comp)
+    state = init_state(spec, tx, mesh, t.seed, params=params, comp=comp, dl=dl)
     _say(f"starting {config.optim.name} from the step-0 parameters of "
          f"{ckpt.directory} ({optimizer_changed})")
   elif latest is not None:
     # A different model is a ConfigError here, before anything is read.
     saved_replicas = ckpt.compression_replicas(latest) if comp.enabled else None
-    state = ckpt.restore(abstract_state(spec, tx, mesh, comp, saved_replicas),
-                         data.train, config=config_dict)
+    saved_dl = diloco_lib.with_layout(dl, ckpt.diloco_replicas(latest),
+                                      ckpt.diloco_buffers(latest))
+    state = ckpt.restore(
+        abstract_state(spec, tx, mesh, comp, saved_replicas, saved_dl),
+        data.train, config=config_dict)
     _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+    if diloco_lib.layout(saved_dl) != diloco_lib.layout(dl):
+      state = _regroup_diloco(state, dl, shardings)
+      _say(f"DiLoCo: the checkpoint holds {saved_dl.replicas} replica(s), this "
+           f"run has {max(dl.replicas, 1)}: every replica restarts from the outer "
+           "parameters (inner steps since the last synchronisation are dropped) "
+           "with the mean of the saved inner optimizer states")
     if saved_replicas and saved_replicas != mesh.shape["data"]:
       state = state.replace(compression=jax.device_put(
           regroup(jax.device_get(state.compression), mesh.shape["data"]),
@@ -103,14 +116,14 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
            f"{mesh.shape['data']}: each starts from the sum over the old replicas "
            "/ the new count, so the total residual (gradient not yet sent) is kept")
     _report_trajectory_changes(ckpt, int(state.step), config_dict)
+  elif config.checkpoint.init_from:
+    params = load_init_params(config.checkpoint.init_from,
+                              abstract_state(spec, tx, mesh).params,
+                              config.checkpoint)
+    state = init_state(spec, tx, mesh, t.seed, params=params, comp=comp, dl=dl)
+    _say(f"initialised parameters from {config.checkpoint.init_from}")
   else:
-    state = init_state(spec, tx, mesh, t.seed, comp=comp)
-    if config.checkpoint.init_from:
-      params = load_init_params(config.checkpoint.init_from,
-                                abstract_state(spec, tx, mesh).params,
-                                config.checkpoint)
-      state = state.replace(params=params)
-      _say(f"initialised parameters from {config.checkpoint.init_from}")
+    state = init_state(spec, tx, mesh, t.seed, comp=comp, dl=dl)
   # Written once the checkpoint is known to fit, so a refused resume leaves the
   # run's config.json (what `generate` and `export-hf` build the model from) alone.
   if jax.process_index() == 0:
@@ -124,8 +137,10 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     density = comp.density_at(step) if comp.enabled else None
     if density not in step_fns:
       start = time.perf_counter()
-      fn = make_train_step(spec, tx, lr, t, shardings, data_sharding, comp=comp,
-                           density=density)
+      fn = (make_inner_step(spec, tx, lr, t, shardings, data_sharding)
+            if dl.enabled else
+            make_train_step(spec, tx, lr, t, shardings, data_sharding, comp=comp,
+                            density=density))
       with jax.set_mesh(mesh):
         compiled = fn.lower(state, batch).compile()
       sent = ({k: v for k, v in traffic(spec.abstract_params, group_tree,
@@ -136,6 +151,26 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
       _say(f"compiled the train step{at} in {time.perf_counter() - start:.1f}s")
     return step_fns[density]
   eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
+  # DiLoCo: one program per (sync | merge, fragment), compiled on first use.
+  frags = diloco_lib.Fragments.of(spec.abstract_params, spec.logical, dl.fragments)
+  sync_fns: dict[tuple[str, int], Any] = {}
+
+  def synchronise(state, done: int):
+    """Runs DiLoCo's events after inner step `done`; returns (state, seconds
+    spent compiling)."""
+    compiling = 0.0
+    for kind, p in dl.events(done, t.steps):
+      if (kind, p) not in sync_fns:
+        start = time.perf_counter()
+        fn = diloco_lib.make_sync(dl, frags, spec.abstract_params, p, kind, shardings)
+        with jax.set_mesh(mesh):
+          sync_fns[kind, p] = fn.lower(state).compile()
+        compiling += time.perf_counter() - start
+        _say(f"compiled the DiLoCo {kind} of fragment {p} in "
+             f"{time.perf_counter() - start:.1f}s")
+      with jax.set_mesh(mesh):
+        state = sync_fns[kind, p](state)
+    return state, compiling
 
   tokens_per_step = t.batch_size * config.data.seq_len
   step_flops = flops_lib.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
@@ -187,18 +222,23 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
         state, metrics = compiled(state, batch)
       window_steps += 1
       done = step + 1
+      if dl.enabled:
+        state, compiling = synchronise(state, done)
+        window_start += compiling  # compiling is not training time
       if done % config.log.every_steps == 0 or done == t.steps:
-        metrics = jax.device_get(metrics)
+        metrics = jax.tree.map(_to_host, metrics)
         elapsed = (time.perf_counter() - window_start) / window_steps
         flops_per_sec = step_flops / elapsed
-        row = {"step": done, "loss": float(metrics["loss"]),
-               "grad_norm": float(metrics["grad_norm"]),
+        # DiLoCo's metrics are per replica: their mean.
+        row = {"step": done, "loss": float(np.mean(metrics["loss"])),
+               "grad_norm": float(np.mean(metrics["grad_norm"])),
                "learning_rate": float(metrics["learning_rate"]),
                "step_time_s": elapsed,
                "tokens_per_sec": tokens_per_step / elapsed,
                "tflops_per_device": flops_per_sec / len(devices) / 1e12,
                "mfu": flops_per_sec / peak if math.isfinite(peak) else float("nan")}
-        row.update({k: float(v) for k, v in metrics.items() if k in MOE_KEYS})
+        row.update({k: float(np.mean(v)) for k, v in metrics.items()
+                    if k in MOE_KEYS})
         row.update(sent)  # compression: per replica, what it sent, and the ratio
         # One global batch per step: the windows seen so far, by mixture source.
         row.update({DATA_FRACTION_PREFIX + name: share for name, share in
@@ -228,6 +268,22 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     ckpt.wait()
     ckpt.close()
   return history
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A metric as NumPy on every process; DiLoCo's per-replica metrics span
+  processes when replicas do, and are gathered (every process calls this)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _regroup_diloco(state, dl, shardings):
+  """A state restored in another DiLoCo layout -> `dl`'s (`diloco.regroup`, on
+  the host)."""
+  host = jax.device_get(state)
+  opt_state, extra = diloco_lib.regroup(host.params, host.opt_state, host.diloco, dl)
+  return jax.device_put(state.replace(opt_state=opt_state, diloco=extra), shardings)
 
 
 # Fields that decide the optimizer state's structure (which buffers, what shapes).

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sharding
 from model import Decoder, ModelConfig, logical_axes
-from train import compression as compression_lib, optimizer
+from train import compression as compression_lib, diloco as diloco_lib, optimizer
 
 
 @struct.dataclass
@@ -24,6 +24,11 @@ class TrainState:
   # Per-replica gradient-compression buffers, {name: params-like tree of
   # [replicas, *param.shape]} (train/compression.py); None without compression.
   compression: Any = None
+  # DiLoCo (train/diloco.py): {'replicas': [replicas, *param.shape] every
+  # replica's parameters, 'momentum', 'pending': params-like}; `params` are then
+  # the outer parameters and `opt_state` the replicas' inner states, stacked
+  # [replicas, ...]. None without DiLoCo.
+  diloco: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +61,8 @@ def param_shardings(spec: ModelSpec, mesh: Mesh):
 
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
-                    mesh: Mesh, comp: compression_lib.Compression | None = None
-                    ) -> TrainState:
+                    mesh: Mesh, comp: compression_lib.Compression | None = None,
+                    dl: diloco_lib.DiLoCo | None = None) -> TrainState:
   """NamedShardings for every leaf: optimizer state follows its parameter.
 
   Nothing here executes: the optimizer state's shapes come from tracing its init
@@ -65,7 +70,9 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
   inside `jax.set_mesh` on a deviceless TPU topology, a device that cannot run
   anything). `optimizer.opt_state_shardings` gives each state leaf its
   parameter's spec (on the axes it shares with it) and, for `optim.offload=host`,
-  host memory. Compression buffers take `data` on their replica dimension.
+  host memory. Compression buffers take `data` on their replica dimension; with
+  DiLoCo (`dl` enabled) the replicas' parameters and inner optimizer states take
+  `diloco` on theirs.
   """
   params = param_shardings(spec, mesh)
   replicated = NamedSharding(mesh, P())
@@ -79,8 +86,16 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
         comp, jax.tree.map(lambda s: s.spec, params))
     comp_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda s: isinstance(s, P))
+  dl_shardings = None
+  if dl is not None and dl.enabled:
+    named = lambda specs: jax.tree.map(  # noqa: E731
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+    dl_shardings = named(diloco_lib.state_specs(
+        dl, jax.tree.map(lambda s: s.spec, params)))
+    opt = jax.tree.map(lambda s: NamedSharding(
+        mesh, diloco_lib.stacked_spec(s.spec), memory_kind=s.memory_kind), opt)
   return TrainState(step=replicated, params=params, opt_state=opt,
-                    compression=comp_shardings)
+                    compression=comp_shardings, diloco=dl_shardings)
 
 
 def abstract_params(spec: ModelSpec, mesh: Mesh):
@@ -91,51 +106,68 @@ def abstract_params(spec: ModelSpec, mesh: Mesh):
 
 def abstract_state(spec: ModelSpec, tx: optax.GradientTransformation,
                    mesh: Mesh, comp: compression_lib.Compression | None = None,
-                   replicas: int | None = None) -> TrainState:
+                   replicas: int | None = None,
+                   dl: diloco_lib.DiLoCo | None = None) -> TrainState:
   """ShapeDtypeStructs with concrete shardings: a restore or AOT-compile target.
   `replicas`: the compression buffers' replica count (default: the mesh's
-  `data` size; another count is replicated, to read a checkpoint written with it)."""
+  `data` size; another count is replicated, to read a checkpoint written with it).
+  `dl`: DiLoCo's layout; a `dl.replicas` other than the mesh's `diloco` size is
+  replicated likewise."""
   n = mesh.shape[compression_lib.REPLICA_AXIS]
   replicas = replicas or n
-  comp_shapes = (jax.eval_shape(lambda p: compression_lib.init_state(comp, p, replicas),
-                                spec.abstract_params)
-                 if comp is not None and comp.enabled else None)
-  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                      params=spec.abstract_params,
-                      opt_state=jax.eval_shape(tx.init, spec.abstract_params),
-                      compression=comp_shapes)
-  shardings = state_shardings(spec, tx, mesh, comp)
-  if replicas != n and comp_shapes is not None:
-    shardings = shardings.replace(compression=jax.tree.map(
-        lambda s: NamedSharding(mesh, P(None, *s.spec[1:])), shardings.compression))
+  shapes = jax.eval_shape(lambda p: _from_params(tx, p, comp, replicas, dl),
+                          spec.abstract_params)
+  other = dl is not None and dl.replicas != mesh.shape[diloco_lib.REPLICA_AXIS]
+  shardings = state_shardings(spec, tx, mesh, comp, dl)
+  unstack = lambda t: jax.tree.map(  # noqa: E731
+      lambda s: NamedSharding(mesh, P(None, *s.spec[1:]), memory_kind=s.memory_kind), t)
+  if replicas != n and shapes.compression is not None:
+    shardings = shardings.replace(compression=unstack(shardings.compression))
+  if other and dl.enabled:
+    shardings = shardings.replace(
+        opt_state=unstack(shardings.opt_state),
+        diloco={**shardings.diloco, "replicas": unstack(shardings.diloco["replicas"])})
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)
 
 
+def _from_params(tx, params, comp, replicas: int, dl) -> TrainState:
+  """Step 0 state around `params`: fresh optimizer (per DiLoCo replica) and
+  compression state."""
+  extra = (diloco_lib.init_state(dl, params)
+           if dl is not None and dl.enabled else None)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=(jax.vmap(tx.init)(extra["replicas"]) if extra is not None
+                 else tx.init(params)),
+      compression=compression_lib.init_state(comp, params, replicas)
+      if comp is not None and comp.enabled else None,
+      diloco=extra)
+
+
 def init_state(spec: ModelSpec, tx: optax.GradientTransformation, mesh: Mesh,
                seed: int, params: Any = None,
-               comp: compression_lib.Compression | None = None) -> TrainState:
+               comp: compression_lib.Compression | None = None,
+               dl: diloco_lib.DiLoCo | None = None) -> TrainState:
   """Step 0 state, built directly into its shardings (never whole on one device).
 
   Parameters are drawn from `seed`, or taken from `params` (e.g. imported weights,
   already placed with `param_shardings`), which are donated: the state holds
   them without a second copy, and the caller's arrays are invalid afterwards. The
-  optimizer state (and compression buffers, `comp`) start fresh.
+  optimizer state (and compression buffers, `comp`; DiLoCo's replicas, `dl`,
+  each a copy of the parameters) start fresh.
   """
   replicas = mesh.shape[compression_lib.REPLICA_AXIS]
 
   def from_params(params):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      compression=compression_lib.init_state(comp, params, replicas)
-                      if comp is not None and comp.enabled else None)
+    return _from_params(tx, params, comp, replicas, dl)
 
   def fresh():
     model = Decoder(spec.cfg, rngs=nnx.Rngs(params=seed),
                     constrain=sharding.LogicalConstraint(spec.rules))
     return from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
-  out = state_shardings(spec, tx, mesh, comp)
+  out = state_shardings(spec, tx, mesh, comp, dl)
   with jax.set_mesh(mesh):
     if params is None:
       return jax.jit(fresh, out_shardings=out)()

@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import sharding
-from train import compression
+from train import compression, diloco
 from train.state import ModelSpec, TrainState, model_spec
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: [batch, length]
@@ -109,7 +109,8 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
   replicas = data_sharding.mesh.shape[compression.REPLICA_AXIS]
   per_replica = compressed or (
       accum > 1 and replicas > 1
-      and compression.replica_view_problem(spec.rules, spec.logical) is None)
+      and compression.replica_view_problem(
+          spec.rules, spec.logical, sizes=data_sharding.mesh.shape) is None)
   # The model as one replica sees it: no `data` in its constraints.
   grad_fn = jax.value_and_grad(loss_and_metrics(
       model_spec(spec.cfg, compression.replica_rules(spec.rules)) if per_replica
@@ -142,6 +143,43 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       compression=comp_state), metrics
 
+  return jax.jit(step, in_shardings=(state_sharding, data_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+
+
+def make_inner_step(spec: ModelSpec, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, train_cfg,
+                    state_sharding: TrainState, data_sharding: NamedSharding
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """DiLoCo's inner step, jitted (state, batch) -> (state, metrics), donating
+  state: every replica (`state.diloco['replicas']`, `state.opt_state`, stacked
+  over `diloco`) takes one optimizer step on its own rows of the batch. Nothing
+  crosses `diloco`: the loss and gradient norm come back per replica
+  ([replicas], sharded over `diloco`) for the host to average."""
+  accum = train_cfg.grad_accum_steps
+  mesh = data_sharding.mesh
+  replicas = mesh.shape[diloco.REPLICA_AXIS]
+  grad_fn = jax.value_and_grad(loss_and_metrics(
+      model_spec(spec.cfg, compression.replica_rules(spec.rules, diloco.REPLICA_AXIS)),
+      train_cfg.z_loss), has_aux=True)
+
+  def one(params, opt_state, rows: Batch):
+    nll, aux, grads = _mean_grads(grad_fn, params, rows, accum)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state,
+            {"loss": nll, "grad_norm": optax.tree.norm(grads), **aux})
+
+  def step(state: TrainState, batch: Batch):
+    rows = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), batch)
+    params, opt_state, metrics = jax.vmap(
+        one, spmd_axis_name=diloco.REPLICA_AXIS)(
+            state.diloco["replicas"], state.opt_state, rows)
+    metrics["learning_rate"] = lr_schedule(state.step)
+    extra = {**state.diloco, "replicas": params}
+    return state.replace(step=state.step + 1, opt_state=opt_state,
+                         diloco=extra), metrics
+
+  # Metrics: the compiler keeps them [replicas] sharded over `diloco`.
   return jax.jit(step, in_shardings=(state_sharding, data_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=0)
 

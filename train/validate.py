@@ -10,7 +10,7 @@ import kernels
 import model
 import sharding
 from sharding import ConfigError
-from train import compression, data, matrices, optimizer
+from train import compression, data, diloco, matrices, optimizer
 from train.state import model_spec
 
 
@@ -45,6 +45,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   _validate_optim(config)
   sizes = sharding.validate_plan(config, num_devices)
   _validate_attention(config, sizes)
+  _validate_diloco(config, sizes)
   _validate_compression(config, sizes)
   return sizes
 
@@ -187,16 +188,84 @@ def _validate_compression(config, sizes: dict[str, int]) -> None:
         f"--config.{path}.error_feedback=true.")
   rules = sharding.normalize_rules(config.mesh.rules)
   spec = model_spec(model.ModelConfig.from_config(config.model), rules)
-  problem = compression.replica_view_problem(rules, spec.logical)
+  problem = compression.replica_view_problem(rules, spec.logical, sizes=sizes)
   if problem == "batch":
     raise ConfigError(
         "mesh.rules.batch", f"is {dict(rules).get('batch', ())}; compression "
         "exchanges between the replicas of `data`, which must split the batch "
         "first.", "map batch to (\"data\", ...), e.g. the default "
-        "--config.mesh.rules.batch=\"('data', 'fsdp', 'expert')\".")
+        "--config.mesh.rules.batch=\"('diloco', 'data', 'fsdp', 'expert')\".")
   if problem:
     raise ConfigError(
         f"mesh.rules.{problem}", "splits parameters over `data`, but with "
         "compression each `data` replica holds a whole copy of the model.",
         f"map {problem} to fsdp or tensor instead, or set "
         f"--config.{path}.method=none.")
+
+
+def _validate_diloco(config, sizes: dict[str, int]) -> None:
+  """The `diloco` group: a schedule whose fragments and overlap fit in H steps,
+  an outer optimizer, a transport dtype; and, with mesh.diloco > 1, replicas
+  that each hold the whole model and split the batch first."""
+  d = config.get("diloco")
+  if d is None:
+    return
+  _choice("diloco.outer_dtype", d.outer_dtype, diloco.OUTER_DTYPES)
+  _positive(config, ["diloco.sync_every", "diloco.fragments"])
+  _positive(config, ["diloco.overlap_steps"], 0)
+  if d.outer_lr <= 0:
+    raise ConfigError("diloco.outer_lr", f"must be positive, got {d.outer_lr}.",
+                      "set --config.diloco.outer_lr=0.7 (the DiLoCo paper's).")
+  if not 0 <= d.outer_momentum < 1:
+    raise ConfigError("diloco.outer_momentum",
+                      f"must be in [0, 1), got {d.outer_momentum}.",
+                      "set --config.diloco.outer_momentum=0.9.")
+  if not 0 <= d.alpha <= 1:
+    raise ConfigError("diloco.alpha", f"must be in [0, 1], got {d.alpha}.",
+                      "set --config.diloco.alpha=0.5.")
+  if d.sync_every % d.fragments:
+    raise ConfigError(
+        "diloco.fragments", f"{d.fragments} fragments cannot be spaced evenly in "
+        f"sync_every={d.sync_every} steps.",
+        f"use a number of fragments dividing {d.sync_every}, or a sync_every that "
+        f"is a multiple of {d.fragments}.")
+  units = config.model.num_layers // model.ModelConfig.from_config(config.model).unit
+  if d.fragments > units:
+    raise ConfigError(
+        "diloco.fragments", f"is {d.fragments}, but the model has {units} layer "
+        "groups to split into fragments.",
+        f"set --config.diloco.fragments to at most {units}.")
+  if d.overlap_steps >= d.sync_every:
+    raise ConfigError(
+        "diloco.overlap_steps", f"is {d.overlap_steps}: a fragment's exchange must "
+        f"land before its next one starts, sync_every={d.sync_every} steps later.",
+        f"set --config.diloco.overlap_steps below {d.sync_every} (the paper: 1 to 5).")
+  if sizes["diloco"] == 1:
+    return
+  c = config.optim.get("compression")
+  if c is not None and c.method != "none":
+    raise ConfigError(
+        "optim.compression.method", f"is {c.method!r} with mesh.diloco="
+        f"{sizes['diloco']}: gradient compression over `data` and DiLoCo over "
+        "`diloco` do not combine yet.",
+        "set --config.optim.compression.method=none, or --config.mesh.diloco=1.")
+  if config.optim.offload != "none":
+    raise ConfigError(
+        "optim.offload", f"is {config.optim.offload!r} with mesh.diloco > 1: "
+        "DiLoCo's stacked inner optimizer states stay on the device.",
+        "set --config.optim.offload=none, or --config.mesh.diloco=1.")
+  rules = sharding.normalize_rules(config.mesh.rules)
+  spec = model_spec(model.ModelConfig.from_config(config.model), rules)
+  problem = compression.replica_view_problem(rules, spec.logical, diloco.REPLICA_AXIS,
+                                             sizes)
+  if problem == "batch":
+    raise ConfigError(
+        "mesh.rules.batch", f"is {dict(rules).get('batch', ())}; DiLoCo replicas "
+        "train on their own rows, so `diloco` must split the batch first.",
+        "map batch to (\"diloco\", ...), e.g. the default --config.mesh.rules."
+        "batch=\"('diloco', 'data', 'fsdp', 'expert')\".")
+  if problem:
+    raise ConfigError(
+        f"mesh.rules.{problem}", "splits parameters over `diloco`, but each DiLoCo "
+        "replica holds a whole copy of the model.",
+        f"map {problem} to fsdp or tensor instead.")

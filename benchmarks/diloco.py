@@ -1,0 +1,164 @@
+"""DiLoCo and Streaming DiLoCo on llama_tiny against data parallelism: quality and bytes.
+
+  python benchmarks/diloco.py [--steps=600] [--root=runs/diloco] [--only=diloco]
+      [--write_rows=benchmarks/results/diloco.jsonl]
+      [--plot=benchmarks/results/diloco.png]
+
+Trains experiments/llama_tiny.py (the Python stdlib bytes, AdamW inner optimizer)
+for --steps with the same seed, data, global batch and schedule (equal total
+tokens) on 4 CPU devices as:
+
+  data_parallel   mesh.data=4
+  diloco          mesh.diloco=4, H=--sync_every, float32 outer gradients
+  streaming       mesh.diloco=4, H=--sync_every, 2 fragments, tau=1, alpha=0.5, e3m0
+
+evaluating every --eval_every steps (DiLoCo: the outer parameters). Then the
+bytes, read from the compiled programs (aot.costs, the HLO's collectives): what
+one device receives over the replica axis per step -- data parallelism's train
+step over `data`; DiLoCo's inner step and every fragment's synchronisation over
+`diloco` -- as the total per step (averaged over a period of H steps) and the
+peak of any one step, with each ratio to data parallelism, and what they would
+take over 1 and 10 Gbit/s links (bytes x 8 / rate: computed, not measured).
+One JSON line per run; the eval-loss curves go to --plot.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks.common import emit, processor, write_rows_to  # noqa: E402
+
+_STEPS = flags.DEFINE_integer("steps", 600, "training steps per run")
+_EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
+_H = flags.DEFINE_integer("sync_every", 50, "DiLoCo's H")
+_ROOT = flags.DEFINE_string("root", "runs/diloco", "run directories")
+_ONLY = flags.DEFINE_list("only", [], "variants to run (default: all)")
+_ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
+_PLOT = flags.DEFINE_string("plot", "benchmarks/results/diloco.png", "")
+REPLICAS = 4
+GBITS = (1, 10)
+
+
+def variants() -> dict[str, tuple[dict, dict]]:
+  """name -> (mesh sizes, diloco fields)."""
+  h = _H.value
+  return {
+      "data_parallel": (dict(data=REPLICAS), {}),
+      "diloco": (dict(diloco=REPLICAS, data=1), dict(sync_every=h)),
+      "streaming": (dict(diloco=REPLICAS, data=1), dict(
+          sync_every=h, fragments=2, overlap_steps=1, alpha=0.5, outer_dtype="e3m0")),
+  }
+
+
+def config(name: str):
+  from experiments import llama_tiny
+  mesh, fields = variants()[name]
+  c = llama_tiny.get_config()
+  c.mesh.update(**{"data": 1, **mesh})
+  c.diloco.update(fields)
+  c.train.update(steps=_STEPS.value, eval_every=_EVAL.value)
+  c.checkpoint.every_steps = 0
+  c.log.every_steps = 10
+  return c
+
+
+def received_bytes(c) -> dict[str, float]:
+  """Per step, bytes one device receives over the replica axis, from the
+  compiled programs: {'total': mean per step over a period, 'peak': the most in
+  one step}."""
+  import jax
+
+  import sharding
+  from aot import costs as costs_lib
+  from aot.compile import _train_step
+  from model import ModelConfig
+  from train import diloco
+  from train.state import model_spec
+
+  mesh = sharding.make_mesh(c.mesh)
+  rules = sharding.normalize_rules(c.mesh.rules)
+  spec = model_spec(ModelConfig.from_config(c.model), rules)
+
+  def over(program, args, axis):
+    with jax.set_mesh(mesh):
+      text = program.lower(*args).compile().as_text()
+    return sum(col.received_bytes for col in costs_lib.analyze(
+        text, sharding.AXES, [mesh.shape[a] for a in sharding.AXES]).collectives
+        if axis in col.axes)
+
+  step, args = _train_step(c, spec, mesh, rules)
+  if args[0].diloco is None:
+    per_step = over(step, args, "data")
+    return {"total": per_step, "peak": per_step}
+  d = diloco.DiLoCo.from_config(c, mesh.shape["diloco"])
+  frags = diloco.Fragments.of(spec.abstract_params, spec.logical, d.fragments)
+  shardings = jax.tree.map(lambda x: x.sharding, args[0])
+  inner = over(step, args, "diloco")
+  syncs = [over(diloco.make_sync(d, frags, spec.abstract_params, p, "sync",
+                                 shardings), args[:1], "diloco")
+           for p in range(d.fragments)]
+  return {"total": inner + sum(syncs) / d.sync_every, "peak": inner + max(syncs)}
+
+
+def main(argv):
+  del argv
+  import jax
+  import train
+
+  write_rows_to(_ROWS.value)
+  emit(what="environment", date=time.strftime("%Y-%m-%d"), steps=_STEPS.value,
+       jax=jax.__version__, devices=f"{len(jax.devices())} x "
+       f"{jax.devices()[0].device_kind}", processor=processor())
+  curves, baseline = {}, {}
+  for name in variants():
+    if _ONLY.value and name not in _ONLY.value:
+      continue
+    c = config(name)
+    sent = received_bytes(c)
+    if name == "data_parallel":
+      baseline = sent
+    elif not baseline:
+      baseline = received_bytes(config("data_parallel"))
+    start = time.perf_counter()
+    rows = train.train(c, os.path.join(_ROOT.value, name), progress=False)
+    wall = time.perf_counter() - start
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]
+    emit(what="run", variant=name, final_eval_loss=evals[-1][1],
+         bytes_per_step=sent["total"], peak_bytes_per_step=sent["peak"],
+         total_bytes_ratio=baseline["total"] / sent["total"],
+         peak_bytes_ratio=baseline["peak"] / sent["peak"],
+         **{f"comm_s_per_step_{g}gbit": sent["total"] * 8 / (g * 1e9) for g in GBITS},
+         step_time_s=sorted(times)[len(times) // 2] if times else None,
+         wall_s=round(wall, 1))
+    curves[name] = evals
+  _plot(curves)
+
+
+def _plot(curves) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, evals in curves.items():
+    ax.plot(*zip(*evals), marker=".", label=name)
+  ax.set_xlabel("step")
+  ax.set_ylabel("eval loss (nats/byte)")
+  ax.set_title(f"llama_tiny, {REPLICAS} replicas, {_STEPS.value} steps, H={_H.value}")
+  ax.legend(fontsize=8)
+  os.makedirs(os.path.dirname(os.path.abspath(_PLOT.value)), exist_ok=True)
+  fig.savefig(_PLOT.value, dpi=120, bbox_inches="tight")
+  emit(what="plot", path=_PLOT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

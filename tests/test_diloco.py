@@ -1,0 +1,330 @@
+"""DiLoCo and Streaming DiLoCo (`mesh.diloco`, config group `diloco`) against a
+NumPy reference written from the papers (Douillard et al., arXiv 2311.08105,
+Algorithm 1; arXiv 2501.18512, Algorithm 1 and section 2), against data
+parallelism, and in the compiled programs."""
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+import sharding
+from model import ModelConfig
+from train import diloco
+from train.optimizer import make_optimizer
+from train.state import init_state, model_spec, state_shardings
+
+LEVELS = np.array([0.0] + [2.0 ** -j for j in range(6, -1, -1)], np.float32)
+
+
+# --- the reference ------------------------------------------------------------------
+
+def e3m0_round(rows: np.ndarray) -> np.ndarray:
+  """Each row [tensors, n] scaled by its largest magnitude, every entry rounded
+  to the nearest of +-{0, 2^-6, ..., 1}, scaled back (float32)."""
+  scale = np.abs(rows).max(1, keepdims=True)
+  scale = np.where(scale > 0, scale, 1).astype(np.float32)
+  a = rows / scale
+  nearest = LEVELS[np.argmin(np.abs(np.abs(a)[..., None] - LEVELS), -1)]
+  return (np.sign(a) * nearest * scale).astype(np.float32)
+
+
+def transported_mean(deltas: list[np.ndarray], tensors: int, dtype: str) -> np.ndarray:
+  """The replicas' mean outer gradient as `dtype` carries it: each replica's
+  gradient encoded, the mean taken in float32 and encoded again."""
+  if dtype == "float32":
+    return np.mean(deltas, 0, dtype=np.float32)
+  if dtype == "bfloat16":
+    down = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
+  else:
+    down = lambda x: e3m0_round(x.reshape(tensors, -1)).reshape(x.shape)  # noqa: E731
+  total = np.zeros_like(deltas[0])
+  for d in deltas:
+    total += down(d)
+  return down(total / np.float32(len(deltas)))
+
+
+class StreamingDiLoCo:
+  """Outer parameters, outer momentum and R replicas as {name: array}; fragment p
+  holds layers l = p (mod F) of every `layers/` leaf and, for p = 0, the other
+  leaves; it synchronises at steps t = p H / F (mod H), t > 0."""
+
+  def __init__(self, params, R, H, F, tau, alpha, lr, mu, dtype):
+    self.outer = {k: v.copy() for k, v in params.items()}
+    self.m = {k: np.zeros_like(v) for k, v in params.items()}
+    self.reps = [{k: v.copy() for k, v in params.items()} for _ in range(R)]
+    self.R, self.H, self.F, self.tau, self.alpha, self.lr, self.mu = (
+        R, H, F, tau, alpha, lr, mu)
+    self.dtype, self.inflight = dtype, {}
+
+  def _index(self, name, p):
+    if name.startswith("layers/"):
+      return np.s_[p::self.F]
+    return np.s_[:] if p == 0 else None
+
+  def _syncs(self, t):
+    return [p for p in range(self.F) if t > 0 and t % self.H == p * self.H // self.F]
+
+  def _start(self, p):
+    delta = {}
+    for k in self.outer:
+      i = self._index(k, p)
+      if i is None:
+        continue
+      part = self.outer[k][i]
+      tensors = part.shape[0] if k.startswith("layers/") else 1
+      delta[k] = transported_mean([part - r[k][i] for r in self.reps], tensors,
+                                  self.dtype)
+    self.inflight[p] = delta
+
+  def _apply(self, p):
+    for k, g in self.inflight.pop(p).items():
+      i = self._index(k, p)
+      self.m[k][i] = self.mu * self.m[k][i] + g
+      self.outer[k][i] -= self.lr * (g + self.mu * self.m[k][i])  # Nesterov
+      for r in self.reps:
+        r[k][i] = (self.alpha * r[k][i] + (1 - self.alpha) * self.outer[k][i]
+                   if self.tau else self.outer[k][i])
+
+  def after_inner_step(self, t, total):
+    for p in self._syncs(t - self.tau) if self.tau else []:
+      self._apply(p)
+    for p in self._syncs(t):
+      self._start(p)
+      if not self.tau:
+        self._apply(p)
+    if t == total:
+      for p in list(self.inflight):
+        self._apply(p)
+
+
+# --- schedule and encoding ---------------------------------------------------------
+
+@pytest.mark.parametrize("H,F,tau,total", [(4, 2, 1, 9), (6, 3, 2, 13), (5, 1, 0, 10),
+                                           (8, 4, 0, 8), (4, 1, 3, 7)])
+def test_events_sync_each_fragment_every_H_steps_and_apply_it_tau_later(H, F, tau, total):
+  d = diloco.DiLoCo(replicas=2, sync_every=H, fragments=F, overlap_steps=tau)
+  events = [(t, *e) for t in range(1, total + 1) for e in d.events(t, total)]
+  for p in range(F):
+    starts = [t for t in range(1, total + 1) if t % H == p * H // F]
+    assert [t for t, k, q in events if k == "sync" and q == p] == starts
+    if tau:
+      assert [t for t, k, q in events if k == "merge" and q == p] == [
+          min(s + tau, total) for s in starts]
+    else:
+      assert not [e for e in events if e[1] == "merge"]
+  for t, k, p in events:  # a fragment is never started twice before it lands
+    later = [e for e in events if e[0] >= t and e[2] == p]
+    if k == "sync" and tau:
+      assert later[1][1] == "merge"
+
+
+def test_e3m0_rounds_to_the_nearest_level():
+  x = np.random.default_rng(0).standard_normal((3, 500)).astype(np.float32)
+  x[1] *= 1e-3
+  x[2, :7] = [0, 1, -1, 2 ** -6, 2 ** -7, 0.75, -0.374]
+  scale = np.abs(x).max(1, keepdims=True)
+  codes = diloco.e3m0_encode(x / scale)
+  assert codes.dtype == np.uint8 and int(codes.max()) <= 15
+  got = np.asarray(diloco.e3m0_decode(codes)) * scale
+  np.testing.assert_array_equal(got, e3m0_round(x))
+  assert np.asarray(diloco._unpack(diloco._pack(codes))).tolist() == np.asarray(codes).tolist()
+
+
+# --- the synchronisation programs against the reference ---------------------------
+
+def _spec_and_mesh(mesh_sizes):
+  from conftest import make_tiny_config
+  c = make_tiny_config()
+  spec = model_spec(ModelConfig.from_config(c.model), sharding.normalize_rules(None))
+  return c, spec, sharding.make_mesh(mesh_sizes)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "e3m0"])
+def test_streaming_outer_parameters_equal_the_reference(dtype):
+  """2 replicas (diloco=2, each over data=2 x tensor=2), 2 fragments, tau=1,
+  alpha=0.5, 3 periods of H=4; the inner steps are a fixed random walk applied
+  from the host, so only the outer algorithm is under test."""
+  c, spec, mesh = _spec_and_mesh(dict(diloco=2, data=2, tensor=2))
+  d = diloco.DiLoCo(replicas=2, sync_every=4, outer_lr=0.7, outer_momentum=0.9,
+                    nesterov=True, fragments=2, overlap_steps=1, alpha=0.5,
+                    outer_dtype=dtype)
+  tx = make_optimizer(c.optim, 10)
+  state = init_state(spec, tx, mesh, 0, dl=d)
+  shardings = state_shardings(spec, tx, mesh, dl=d)
+  names = [sharding.path_name(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(spec.abstract_params)]
+  flat = lambda tree: dict(zip(names, map(np.asarray, jax.tree.leaves(tree))))  # noqa: E731
+  ref = StreamingDiLoCo(flat(jax.device_get(state.params)), 2, 4, 2, 1, 0.5, 0.7, 0.9,
+                        dtype)
+  frags = diloco.Fragments.of(spec.abstract_params, spec.logical, 2)
+  programs = {}
+  rng, total = np.random.default_rng(1), 12
+  for t in range(1, total + 1):
+    walk = {k: rng.standard_normal((2, *v.shape)).astype(np.float32) * 0.01
+            for k, v in ref.outer.items()}
+    for r in range(2):
+      for k in walk:
+        ref.reps[r][k] = ref.reps[r][k] + walk[k][r]
+    reps = jax.tree.map(lambda x, w: np.asarray(x) + w,
+                        jax.device_get(state.diloco["replicas"]),
+                        jax.tree.unflatten(jax.tree.structure(spec.abstract_params),
+                                           list(walk.values())))
+    state = state.replace(diloco={**state.diloco, "replicas": jax.device_put(
+        reps, shardings.diloco["replicas"])})
+    for kind, p in d.events(t, total):
+      if (kind, p) not in programs:
+        programs[kind, p] = diloco.make_sync(d, frags, spec.abstract_params, p, kind,
+                                             shardings)
+      with jax.set_mesh(mesh):
+        state = programs[kind, p](state)
+    ref.after_inner_step(t, total)
+  outer, reps = flat(jax.device_get(state.params)), jax.device_get(
+      state.diloco["replicas"])
+  for k in names:
+    np.testing.assert_allclose(outer[k], ref.outer[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for r in range(2):
+    got = flat(jax.tree.map(lambda x: x[r], reps))
+    for k in names:
+      np.testing.assert_allclose(got[k], ref.reps[r][k], rtol=1e-5, atol=1e-6)
+
+
+# --- training ----------------------------------------------------------------------
+
+def _config(mesh, steps=3, **fields):
+  from conftest import make_tiny_config
+  from test_train_meshes import _with_mesh
+  c = _with_mesh(make_tiny_config(), **mesh)
+  c.train.steps = steps
+  c.optim.update(name="sgd", learning_rate=0.3, warmup_steps=0, min_lr_ratio=1.0,
+                 weight_decay=0.0, momentum=0.0, clip_norm=0.0)
+  c.diloco.update(fields)
+  return c
+
+
+def test_diloco_with_one_step_periods_is_data_parallelism(tmp_path):
+  """sync_every=1, outer_lr=1, no outer momentum, inner SGD without momentum:
+  the outer update is the mean of the replicas' SGD steps."""
+  from test_train_meshes import _losses
+  fields = dict(sync_every=1, outer_lr=1.0, outer_momentum=0.0)
+  got = _losses(_config(dict(diloco=4, tensor=2), **fields), tmp_path / "diloco")
+  want = _losses(_config(dict(data=4, tensor=2), **fields), tmp_path / "data")
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _collectives(program, args, mesh, axis):
+  from aot import costs as costs_lib
+  with jax.set_mesh(mesh):
+    text = program.lower(*args).compile().as_text()
+  return [col for col in costs_lib.analyze(
+      text, sharding.AXES, [mesh.shape[a] for a in sharding.AXES]).collectives
+      if axis in col.axes]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "e3m0"])
+def test_only_the_sync_program_crosses_diloco_with_one_fragment(dtype):
+  from aot.compile import _train_step
+  c = _config(dict(diloco=2, data=2, tensor=2), fragments=2, overlap_steps=1,
+              outer_dtype=dtype)
+  c, spec, mesh = c, *_spec_and_mesh(c.mesh)[1:]
+  step, args = _train_step(c, spec, mesh, sharding.normalize_rules(None))
+  assert args[0].diloco is not None
+  assert _collectives(step, args, mesh, "diloco") == []
+  d = diloco.DiLoCo.from_config(c, 2)
+  frags = diloco.Fragments.of(spec.abstract_params, spec.logical, 2)
+  shardings = jax.tree.map(lambda x: x.sharding, args[0])
+  merge = diloco.make_sync(d, frags, spec.abstract_params, 1, "merge", shardings)
+  assert _collectives(merge, args[:1], mesh, "diloco") == []
+  sync = diloco.make_sync(d, frags, spec.abstract_params, 1, "sync", shardings)
+  over = _collectives(sync, args[:1], mesh, "diloco")
+  entries = frags.size(spec.abstract_params, 1)
+  if dtype == "float32":  # each device reduces its (tensor-parallel) shard
+    shards = frags.take(jax.tree.map(
+        lambda x, s: np.empty(s.shard_shape(x.shape), np.int8),
+        spec.abstract_params, shardings.params), 1)
+    assert {col.kind for col in over} == {"all-reduce"}
+    assert {col.dtypes for col in over} == {("f32",)}
+    assert sum(col.bytes for col in over) == 4 * sum(x.size for x in shards)
+  else:  # 4-bit codes: reduce-scatter by all-to-all, then all-gather
+    codes = [col for col in over if col.dtypes == ("u8",)]
+    assert {col.kind for col in codes} == {"all-to-all", "all-gather"}
+    for kind in ("all-to-all", "all-gather"):
+      sent = sum(col.bytes for col in codes if col.kind == kind)
+      assert entries / 2 <= sent <= entries / 2 + 2 * len(over), kind
+    scales = [col for col in over if col.dtypes != ("u8",)]
+    assert all(col.dtypes == ("f32",) and col.bytes <= 64 for col in scales)
+
+
+def test_resume_is_bit_exact_mid_exchange_and_onto_other_replica_counts(
+    tmp_path, capsys):
+  """H=4, F=2, tau=1: the save at step 4 falls while fragment 0's exchange is in
+  flight. Resuming continues bit-exactly; onto 4 replicas or none, every replica
+  restarts from the outer parameters."""
+  import shutil
+  import train
+  c = _config(dict(diloco=2, data=2, tensor=2), steps=6, sync_every=4, fragments=2,
+              overlap_steps=1, outer_dtype="e3m0")
+  c.checkpoint.update(every_steps=4, async_save=False)
+  c.train.update(eval_every=6, eval_steps=1)
+  straight = train.train(c, str(tmp_path / "straight"), progress=False)
+  shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # preempted after 4
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+  resumed = train.train(c, str(tmp_path / "resumed"), progress=False)
+  key = lambda rows: [(r["step"], r.get("loss"), r.get("eval_loss"))  # noqa: E731
+                      for r in rows if r["step"] > 4]
+  assert key(resumed) == key(straight) and len(key(straight)) == 3
+  for replicas, devices in ((4, 8), (1, 2)):
+    work = tmp_path / f"onto{replicas}"
+    shutil.copytree(tmp_path / "straight", work)
+    more = _config(dict(diloco=replicas, data=2), steps=8, sync_every=4,
+                   fragments=2, overlap_steps=1, outer_dtype="e3m0")
+    capsys.readouterr()
+    rows = train.train(more, str(work), devices=jax.devices()[:devices],
+                       progress=False)
+    out = capsys.readouterr().out
+    assert f"the checkpoint holds 2 replica(s), this run has {replicas}" in out
+    assert [r["step"] for r in rows] == [7, 8]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+# --- bad input ----------------------------------------------------------------------
+
+def _error(config):
+  from train.validate import validate_config
+  with pytest.raises(sharding.ConfigError) as e:
+    validate_config(config, 8)
+  return e.value
+
+
+@pytest.mark.parametrize("fields,field", [
+    (dict(outer_dtype="int4"), "diloco.outer_dtype"),
+    (dict(sync_every=0), "diloco.sync_every"),
+    (dict(sync_every=6, fragments=4), "diloco.fragments"),
+    (dict(sync_every=4, fragments=4), "diloco.fragments"),  # 2 layers
+    (dict(sync_every=4, overlap_steps=4), "diloco.overlap_steps"),
+    (dict(alpha=1.5), "diloco.alpha"),
+    (dict(outer_momentum=1.0), "diloco.outer_momentum"),
+    (dict(outer_lr=0.0), "diloco.outer_lr"),
+])
+def test_config_errors_name_the_field(fields, field):
+  assert _error(_config(dict(diloco=2, data=4), **fields)).field == field
+
+
+def test_replicas_must_split_the_batch_first_and_hold_the_whole_model():
+  c = _config(dict(diloco=2, data=4))
+  c.mesh.rules = dict(sharding.DEFAULT_RULES, batch=("data", "diloco"))
+  assert _error(c).field == "mesh.rules.batch"
+  c.mesh.rules = dict(sharding.DEFAULT_RULES, embed=("diloco",))
+  assert _error(c).field == "mesh.rules.embed"
+  c = _config(dict(diloco=2, data=4))
+  c.optim.compression.method = "topk"
+  assert _error(c).field == "optim.compression.method"
+
+
+def test_cli_bad_fragments_exits_2_before_compiling(tmp_path):
+  from conftest import run_cli
+  r = run_cli("train", "--config=experiments/llama_tiny.py", f"--workdir={tmp_path}",
+              "--config.mesh.diloco=2", "--config.diloco.sync_every=10",
+              "--config.diloco.fragments=3")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "diloco.fragments" in r.stderr and "sync_every=10" in r.stderr

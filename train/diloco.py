@@ -1,0 +1,371 @@
+"""DiLoCo and Streaming DiLoCo over the `diloco` mesh axis (config group `diloco`).
+
+R replicas (positions on `diloco`, each a whole model sharded over the inner axes)
+take inner optimizer steps on their own rows of the batch with no communication
+over `diloco`. Every H steps a replica's outer gradient -- the outer (global)
+parameters minus its own -- is averaged over the replicas and applied to the
+outer parameters with an outer optimizer, SGD with Nesterov momentum; the
+replicas then continue from the new outer parameters.
+
+Streaming DiLoCo splits the parameters into F fragments of strided layers
+(fragment p: layers p, p+F, p+2F, ...; the embedding, final norm and LM head
+join fragment 0) and synchronises fragment p at steps t with t = p H/F (mod H),
+so the peak bandwidth falls F-fold. With overlap tau > 0, the exchange started
+at step t is applied at step t + tau (the replicas keep training meanwhile) and
+merged with the local fragment by a mixing factor alpha. Outer gradients cross
+`diloco` in float32, bfloat16 or E3M0 (4 bits), reduced in float32.
+
+Per fragment p, at its sync step t (Douillard et al., "DiLoCo: Distributed
+Low-Communication Training of Language Models", arXiv 2311.08105, Algorithm 1;
+Douillard et al., "Streaming DiLoCo with overlapping communication", arXiv
+2501.18512, Algorithm 1 and section 2):
+
+  Delta_r     = theta_p - theta_{r,p}(t)              outer gradient of replica r
+  Delta       = mean_r Q(Delta_r)                     (Q: the transport, below)
+  m_p        <- mu m_p + Delta                         outer momentum
+  theta_p    <- theta_p - lr (Delta + mu m_p)          (Nesterov; else lr m_p)
+  theta_{r,p} <- theta_p                               tau = 0, at step t
+  theta_{r,p} <- alpha theta_{r,p}(t + tau) + (1 - alpha) theta_p   tau > 0
+
+Transport (`outer_dtype`): float32 is one all-reduce of the fragment. bfloat16
+and e3m0 reduce in float32 without ever sending float32: each replica sends
+1/R of every tensor's codes to each other replica (all-to-all), each replica
+sums the R chunks it owns in float32, re-encodes the mean and all-gathers it
+(a reduce-scatter + all-gather, each in the configured dtype). So Q(x) above is
+Q2(mean_r Q1(x_r)): encoded twice, like a ring all-reduce in that dtype.
+
+E3M0: a sign and 3 exponent bits, two values per byte; magnitudes
+{0, 2^-6, ..., 2^-1, 1} times a per-tensor scale, the tensor's largest
+magnitude (a per-layer scale for a stacked weight; for the second encoding the
+largest magnitude of the mean, one max-reduce of a scalar per tensor); each
+value rounds to the nearest magnitude.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+REPLICA_AXIS = "diloco"
+OUTER_DTYPES = ("float32", "bfloat16", "e3m0")
+E3M0_MAX_EXPONENT = 6  # nonzero magnitudes 2^-6 ... 2^0, codes 1 ... 7
+
+
+@dataclasses.dataclass(frozen=True)
+class DiLoCo:
+  """The `diloco` config group and the replica count (`mesh.diloco`)."""
+  replicas: int = 1
+  sync_every: int = 100
+  outer_lr: float = 0.7
+  outer_momentum: float = 0.9
+  nesterov: bool = True
+  fragments: int = 1
+  overlap_steps: int = 0
+  alpha: float = 0.5
+  outer_dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, config, replicas: int) -> "DiLoCo":
+    c = config.get("diloco") or {}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"replicas"}
+    return cls(replicas=int(replicas), **{k: v for k, v in dict(c).items()
+                                          if k in fields})
+
+  @property
+  def enabled(self) -> bool:
+    return self.replicas > 1
+
+  def offset(self, p: int) -> int:
+    """Fragment p synchronises after inner steps t with t % H == offset(p)."""
+    return p * self.sync_every // self.fragments
+
+  def syncs_at(self, done: int) -> list[int]:
+    """Fragments whose synchronisation starts after `done` inner steps."""
+    return [p for p in range(self.fragments)
+            if done > 0 and done % self.sync_every == self.offset(p)]
+
+  def events(self, done: int, total: int) -> list[tuple[str, int]]:
+    """After inner step `done` (of `total`): ('sync', p) starts fragment p's
+    exchange (and, blocking, applies it); ('merge', p) applies the exchange that
+    started tau steps ago. The last step applies every exchange in flight."""
+    tau = self.overlap_steps
+    if not tau:
+      return [("sync", p) for p in self.syncs_at(done)]
+    out = [("merge", p) for p in self.syncs_at(done - tau)]
+    out += [("sync", p) for p in self.syncs_at(done)]
+    if done == total:
+      out += [("merge", p) for s in range(done - tau + 1, done + 1)
+              for p in self.syncs_at(s)]
+    return out
+
+
+# --- fragments -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Fragments:
+  """Which part of each parameter leaf fragment p holds: per fragment, per leaf
+  (in tree order), None (none of it), or a slice of its leading `layers` axis
+  (`slice(None)`: the whole leaf)."""
+  treedef: Any
+  parts: tuple[tuple[slice | None, ...], ...]
+
+  @classmethod
+  def of(cls, abstract_params, logical, fragments: int) -> "Fragments":
+    leaves, treedef = jax.tree.flatten(abstract_params)
+    names = jax.tree.leaves(logical, is_leaf=lambda a: isinstance(a, tuple))
+    parts = []
+    for p in range(fragments):
+      parts.append(tuple(
+          slice(p, None, fragments) if ax and ax[0] == "layers"
+          else (slice(None) if p == 0 else None)
+          for x, ax in zip(leaves, names)))
+    return cls(treedef, tuple(parts))
+
+  def take(self, tree, p: int, axis: int = 0) -> list[jax.Array]:
+    """Fragment p of `tree`'s leaves (`axis`: the layers axis, 1 for replica
+    stacks)."""
+    lead = (slice(None),) * axis
+    return [x[lead + (s,)] for x, s in zip(jax.tree.leaves(tree), self.parts[p])
+            if s is not None]
+
+  def put(self, tree, p: int, values: Sequence[jax.Array], axis: int = 0):
+    """`tree` with fragment p replaced by `values` (as `take` returns them)."""
+    lead = (slice(None),) * axis
+    values, out = list(values), []
+    for x, s in zip(jax.tree.leaves(tree), self.parts[p]):
+      out.append(x if s is None else x.at[lead + (s,)].set(values.pop(0)))
+    return jax.tree.unflatten(self.treedef, out)
+
+  def layer_counts(self, abstract_params, p: int) -> list[int]:
+    """Per leaf of fragment p, how many tensors it holds (its layers; 1 for a
+    non-stacked leaf): each gets its own E3M0 scale."""
+    leaves = jax.tree.leaves(abstract_params)
+    return [len(range(*s.indices(x.shape[0]))) if s != slice(None) else 1
+            for x, s in zip(leaves, self.parts[p]) if s is not None]
+
+  def size(self, abstract_params, p: int) -> int:
+    """Entries in fragment p."""
+    return sum(math.prod(x.shape) for x in self.take(
+        jax.tree.map(lambda a: np.empty(a.shape, np.int8), abstract_params), p))
+
+
+# --- encoding --------------------------------------------------------------------
+
+def e3m0_encode(a: jax.Array) -> jax.Array:
+  """Magnitudes in [0, 1] (float) with signs -> 4-bit codes in uint8: bit 3 the
+  sign, bits 0-2 the level j (0: zero; j >= 1: 2^(j-7)), the nearest level."""
+  mag = jnp.abs(a)
+  lo = jnp.clip(jnp.floor(jnp.log2(jnp.maximum(mag, 1e-30))) + 7, 0, 7)
+  lo_val = jnp.where(lo == 0, 0.0, jnp.exp2(lo - 7))
+  hi = jnp.minimum(lo + 1, 7)
+  level = jnp.where(mag - lo_val <= jnp.exp2(hi - 7) - mag, lo, hi)
+  return (level + 8 * (a < 0)).astype(jnp.uint8)
+
+
+def e3m0_decode(codes: jax.Array) -> jax.Array:
+  level = (codes & 7).astype(jnp.float32)
+  mag = jnp.where(level == 0, 0.0, jnp.exp2(level - 7))
+  return jnp.where(codes & 8, -mag, mag)
+
+
+def _pack(codes: jax.Array) -> jax.Array:
+  """[..., 2n] uint8 codes -> [..., n] bytes, two codes each."""
+  c = codes.reshape(*codes.shape[:-1], -1, 2)
+  return c[..., 0] | (c[..., 1] << 4)
+
+
+def _unpack(packed: jax.Array) -> jax.Array:
+  return jnp.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
+
+
+def _scale(x: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Per row of x [g, n]: the largest magnitude (over `axis_name` too), 1 if 0."""
+  s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+  if axis_name:
+    s = jax.lax.pmax(s, axis_name)
+  return jnp.where(s > 0, s, 1.0)
+
+
+def _mean_low_precision(x: jax.Array, groups: int, dtype: str, replicas: int
+                        ) -> jax.Array:
+  """Inside shard_map over `diloco`: this replica's x -> the mean over replicas,
+  sent as `dtype` codes by all-to-all (reduce-scatter) and all-gather, summed in
+  float32."""
+  shape = x.shape
+  rows = jax.lax.with_sharding_constraint(
+      x.astype(jnp.float32).reshape(groups, -1), P())  # [groups, n]
+  n = rows.shape[1]
+  quantum = 2 * replicas if dtype == "e3m0" else replicas
+  rows = jnp.pad(rows, ((0, 0), (0, -n % quantum)))
+
+  def encode(v, scale):
+    if dtype == "bfloat16":
+      return v.astype(jnp.bfloat16)
+    return _pack(e3m0_encode(v / scale))
+
+  def decode(codes, scale):
+    if dtype == "bfloat16":
+      return codes.astype(jnp.float32)
+    return e3m0_decode(_unpack(codes)) * scale
+
+  scale = _scale(rows) if dtype == "e3m0" else None  # [groups, 1]
+  codes = encode(rows, scale)  # [groups, n'] (e3m0: [groups, n'/2] bytes)
+  mine = jax.lax.all_to_all(codes.reshape(groups, replicas, -1), REPLICA_AXIS,
+                            split_axis=1, concat_axis=1, tiled=True)
+  mine = mine.reshape(groups, replicas, -1).swapaxes(0, 1)  # [senders, groups, c]
+  if dtype == "e3m0":
+    scales = jax.lax.all_gather(scale, REPLICA_AXIS)  # [senders, groups, 1]
+    part = jnp.sum(jax.vmap(decode)(mine, scales), 0) / replicas
+  else:
+    part = jnp.sum(decode(mine, None), 0) / replicas  # [groups, chunk]
+  scale2 = _scale(part, REPLICA_AXIS) if dtype == "e3m0" else None
+  every = jax.lax.all_gather(encode(part, scale2), REPLICA_AXIS, axis=1, tiled=True)
+  return decode(every, scale2)[:, :n].reshape(shape)
+
+
+def mean_over_replicas(deltas: list[jax.Array], groups: Sequence[int], dtype: str,
+                       mesh=None) -> list[jax.Array]:
+  """Per-replica arrays [replicas, ...] sharded over `diloco` -> their float32
+  means [...] (replicated over `diloco`), sent in `dtype` (module docstring).
+  The only communication over `diloco` in a synchronisation."""
+  replicas = deltas[0].shape[0]
+
+  def local(deltas):
+    if dtype == "float32":
+      return [jax.lax.psum(d[0].astype(jnp.float32), REPLICA_AXIS) / replicas
+              for d in deltas]
+    return [_mean_low_precision(d[0], g, dtype, replicas)
+            for d, g in zip(deltas, groups)]
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(REPLICA_AXIS),),
+                       out_specs=P(), axis_names={REPLICA_AXIS},
+                       check_vma=False)(deltas)
+
+
+# --- state -----------------------------------------------------------------------
+
+def state_names(d: DiLoCo) -> tuple[str, ...]:
+  """`replicas` (every replica's parameters), `momentum` (the outer momentum,
+  with outer_momentum > 0), `pending` (outer gradients in flight, with tau > 0)."""
+  return (("replicas",) + (("momentum",) if d.outer_momentum else ())
+          + (("pending",) if d.overlap_steps else ()))
+
+
+def init_state(d: DiLoCo, params) -> dict:
+  """Every replica starts from `params`; momentum and pending start at zero."""
+  out = {"replicas": jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (d.replicas, *x.shape)), params)}
+  for name in state_names(d)[1:]:
+    out[name] = jax.tree.map(jnp.zeros_like, params)
+  return out
+
+
+def stacked_spec(spec: P) -> P:
+  """A replica-stacked leaf's spec: `diloco` first, then the leaf's own."""
+  return P(REPLICA_AXIS, *spec)
+
+
+def state_specs(d: DiLoCo, param_specs) -> dict:
+  is_spec = lambda s: isinstance(s, P)  # noqa: E731
+  out = {"replicas": jax.tree.map(stacked_spec, param_specs, is_leaf=is_spec)}
+  for name in state_names(d)[1:]:
+    out[name] = param_specs
+  return out
+
+
+def regroup(params, opt_state, state: dict | None, d: DiLoCo):
+  """A checkpoint of another replica count (NumPy trees; `opt_state` stacked
+  [old replicas, ...] when `state` is not None) -> (opt_state, state) for `d`:
+  every replica restarts from the outer parameters `params` (inner progress since
+  the last synchronisation is dropped) with the mean of the old replicas' inner
+  optimizer states; outer momentum and pending outer gradients are kept where
+  `d` has them (zeros where the checkpoint has none)."""
+  if state is not None:
+    opt_state = jax.tree.map(
+        lambda x: np.asarray(x.mean(0) if np.issubdtype(x.dtype, np.floating)
+                             else x[0], x.dtype), opt_state)
+  if not d.enabled:
+    return opt_state, None
+  new = {"replicas": jax.tree.map(
+      lambda x: np.broadcast_to(x, (d.replicas, *x.shape)), params)}
+  for name in state_names(d)[1:]:
+    new[name] = (state or {}).get(name) or jax.tree.map(np.zeros_like, params)
+  stacked = jax.tree.map(lambda x: np.broadcast_to(x, (d.replicas, *np.shape(x))),
+                         opt_state)
+  return stacked, new
+
+
+# --- the programs ----------------------------------------------------------------
+
+def outer_step(d: DiLoCo, frags: Fragments, p: int, params, state: dict,
+               delta: list[jax.Array]):
+  """Applies the mean outer gradient `delta` of fragment p: (params, state) with
+  fragment p of the outer parameters, outer momentum and replicas updated."""
+  theta = frags.take(params, p)
+  if d.outer_momentum:
+    tx = optax.trace(decay=d.outer_momentum, nesterov=d.nesterov)
+    step, trace = tx.update(delta, optax.TraceState(
+        trace=frags.take(state["momentum"], p)))
+    state = {**state, "momentum": frags.put(state["momentum"], p, trace.trace)}
+  else:
+    step = delta
+  theta = [t - (d.outer_lr * s).astype(t.dtype) for t, s in zip(theta, step)]
+  local = frags.take(state["replicas"], p, axis=1)
+  if d.overlap_steps:
+    merged = [d.alpha * r + (1 - d.alpha) * t[None] for r, t in zip(local, theta)]
+  else:
+    merged = [jnp.broadcast_to(t[None], r.shape) for r, t in zip(local, theta)]
+  state = {**state, "replicas": frags.put(
+      state["replicas"], p, [m.astype(r.dtype) for m, r in zip(merged, local)],
+      axis=1)}
+  return frags.put(params, p, theta), state
+
+
+def make_sync(d: DiLoCo, frags: Fragments, abstract_params, p: int, kind: str,
+              state_sharding):
+  """Jitted state -> state for ('sync' | 'merge', fragment p), donating the state.
+
+  sync: the replicas' mean outer gradient of fragment p (the program's only
+  communication over `diloco`); blocking (tau = 0) it is applied at once, else
+  kept in `pending`. merge: applies `pending`'s fragment p (no communication).
+  """
+  groups = frags.layer_counts(abstract_params, p)
+
+  def sync(state):
+    params, extra = state.params, state.diloco
+    if kind == "sync":
+      deltas = [t[None] - r for t, r in zip(frags.take(params, p),
+                                            frags.take(extra["replicas"], p, axis=1))]
+      delta = mean_over_replicas(deltas, groups, d.outer_dtype)
+      if d.overlap_steps:
+        extra = {**extra, "pending": frags.put(
+            extra["pending"], p,
+            [x.astype(t.dtype) for x, t in zip(delta, frags.take(params, p))])}
+        return state.replace(diloco=extra)
+    else:
+      delta = [x.astype(jnp.float32) for x in frags.take(extra["pending"], p)]
+    params, extra = outer_step(d, frags, p, params, extra, delta)
+    return state.replace(params=params, diloco=extra)
+
+  return jax.jit(sync, in_shardings=(state_sharding,), out_shardings=state_sharding,
+                 donate_argnums=0)
+
+
+def layout(d: DiLoCo | None) -> tuple[int, tuple[str, ...]]:
+  """(replicas, buffers) of a state: what a checkpoint's structure depends on."""
+  return (d.replicas, state_names(d)) if d is not None and d.enabled else (1, ())
+
+
+def with_layout(d: DiLoCo, replicas: int | None, buffers: Sequence[str]) -> DiLoCo:
+  """`d` reshaped to a saved layout (`replicas` None: saved without DiLoCo)."""
+  return dataclasses.replace(
+      d, replicas=replicas or 1,
+      outer_momentum=(d.outer_momentum or 0.9) if "momentum" in buffers else 0.0,
+      overlap_steps=(d.overlap_steps or 1) if "pending" in buffers else 0)
