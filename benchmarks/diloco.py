@@ -12,13 +12,14 @@ tokens) on 4 CPU devices as:
   diloco          mesh.diloco=4, H=--sync_every, float32 outer gradients
   streaming       mesh.diloco=4, H=--sync_every, 2 fragments, tau=1, alpha=0.5, e3m0
 
-evaluating every --eval_every steps (DiLoCo: the outer parameters). Then the
-bytes, read from the compiled programs (aot.costs, the HLO's collectives): what
+evaluating every --eval_every steps (DiLoCo: the outer parameters). The
+bytes are read from the compiled programs (aot.costs, the HLO's collectives): what
 one device receives over the replica axis per step -- data parallelism's train
 step over `data`; DiLoCo's inner step and every fragment's synchronisation over
 `diloco` -- as the total per step (averaged over a period of H steps) and the
 peak of any one step, with each ratio to data parallelism, and what they would
-take over 1 and 10 Gbit/s links (bytes x 8 / rate: computed, not measured).
+take over 1 and 10 Gbit/s links (bytes x 8 / rate: computed, not measured);
+also, untrained, for DiLoCo in bfloat16 and e3m0 and streaming in float32.
 One JSON line per run; the eval-loss curves go to --plot.
 """
 
@@ -41,7 +42,7 @@ _STEPS = flags.DEFINE_integer("steps", 600, "training steps per run")
 _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
 _H = flags.DEFINE_integer("sync_every", 50, "DiLoCo's H")
 _ROOT = flags.DEFINE_string("root", "runs/diloco", "run directories")
-_ONLY = flags.DEFINE_list("only", [], "variants to run (default: all)")
+_ONLY = flags.DEFINE_list("only", [], "variants to run or read (default: all)")
 _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
 _PLOT = flags.DEFINE_string("plot", "benchmarks/results/diloco.png", "")
 REPLICAS = 4
@@ -59,9 +60,22 @@ def variants() -> dict[str, tuple[dict, dict]]:
   }
 
 
+def bytes_only() -> dict[str, tuple[dict, dict]]:
+  """Transports whose bytes are read from their compiled programs, untrained."""
+  h = _H.value
+  return {
+      "diloco_bf16": (dict(diloco=REPLICAS, data=1), dict(
+          sync_every=h, outer_dtype="bfloat16")),
+      "diloco_e3m0": (dict(diloco=REPLICAS, data=1), dict(
+          sync_every=h, outer_dtype="e3m0")),
+      "streaming_f32": (dict(diloco=REPLICAS, data=1), dict(
+          sync_every=h, fragments=2, overlap_steps=1, alpha=0.5)),
+  }
+
+
 def config(name: str):
   from experiments import llama_tiny
-  mesh, fields = variants()[name]
+  mesh, fields = {**variants(), **bytes_only()}[name]
   c = llama_tiny.get_config()
   c.mesh.update(**{"data": 1, **mesh})
   c.diloco.update(fields)
@@ -118,16 +132,21 @@ def main(argv):
   emit(what="environment", date=time.strftime("%Y-%m-%d"), steps=_STEPS.value,
        jax=jax.__version__, devices=f"{len(jax.devices())} x "
        f"{jax.devices()[0].device_kind}", processor=processor())
-  curves, baseline = {}, {}
+  baseline = received_bytes(config("data_parallel"))
+  for name in bytes_only():
+    if _ONLY.value and name not in _ONLY.value:
+      continue
+    sent = received_bytes(config(name))
+    emit(what="bytes", variant=name, bytes_per_step=sent["total"],
+         peak_bytes_per_step=sent["peak"],
+         total_bytes_ratio=baseline["total"] / sent["total"],
+         peak_bytes_ratio=baseline["peak"] / sent["peak"])
+  curves = {}
   for name in variants():
     if _ONLY.value and name not in _ONLY.value:
       continue
     c = config(name)
     sent = received_bytes(c)
-    if name == "data_parallel":
-      baseline = sent
-    elif not baseline:
-      baseline = received_bytes(config("data_parallel"))
     start = time.perf_counter()
     rows = train.train(c, os.path.join(_ROOT.value, name), progress=False)
     wall = time.perf_counter() - start

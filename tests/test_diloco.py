@@ -131,6 +131,23 @@ def test_e3m0_rounds_to_the_nearest_level():
   assert np.asarray(diloco._unpack(diloco._pack(codes))).tolist() == np.asarray(codes).tolist()
 
 
+def test_regroup_restarts_replicas_from_the_outer_parameters():
+  params = {"w": np.arange(3, dtype=np.float32)}
+  opt = {"mu": np.array([[1, 2, 3], [3, 4, 5]], np.float32),
+         "count": np.array([7, 7], np.int32)}
+  saved = {"replicas": {"w": np.ones((2, 3), np.float32)},
+           "momentum": {"w": np.full(3, 0.5, np.float32)}}
+  opt4, state4 = diloco.regroup(params, opt, saved, diloco.DiLoCo(
+      replicas=4, outer_momentum=0.9, overlap_steps=1))
+  np.testing.assert_array_equal(state4["replicas"]["w"], np.tile(params["w"], (4, 1)))
+  np.testing.assert_array_equal(opt4["mu"], np.tile([2, 3, 4], (4, 1)))
+  np.testing.assert_array_equal(opt4["count"], [7, 7, 7, 7])
+  np.testing.assert_array_equal(state4["momentum"]["w"], saved["momentum"]["w"])
+  np.testing.assert_array_equal(state4["pending"]["w"], np.zeros(3))  # none saved
+  opt1, state1 = diloco.regroup(params, opt, saved, diloco.DiLoCo(replicas=1))
+  assert state1 is None and opt1["mu"].tolist() == [2, 3, 4] and opt1["count"] == 7
+
+
 # --- the synchronisation programs against the reference ---------------------------
 
 def _spec_and_mesh(mesh_sizes):
@@ -221,7 +238,7 @@ def _collectives(program, args, mesh, axis):
       if axis in col.axes]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "e3m0"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "e3m0"])
 def test_only_the_sync_program_crosses_diloco_with_one_fragment(dtype):
   from aot.compile import _train_step
   c = _config(dict(diloco=2, data=2, tensor=2), fragments=2, overlap_steps=1,
@@ -245,14 +262,16 @@ def test_only_the_sync_program_crosses_diloco_with_one_fragment(dtype):
     assert {col.kind for col in over} == {"all-reduce"}
     assert {col.dtypes for col in over} == {("f32",)}
     assert sum(col.bytes for col in over) == 4 * sum(x.size for x in shards)
-  else:  # 4-bit codes: reduce-scatter by all-to-all, then all-gather
-    codes = [col for col in over if col.dtypes == ("u8",)]
+  else:  # codes (bf16 bits, 4-bit pairs): all-to-all (reduce-scatter), all-gather
+    code, size = {"bfloat16": ("u16", 2), "e3m0": ("u8", 0.5)}[dtype]
+    codes = [col for col in over if col.dtypes == (code,)]
     assert {col.kind for col in codes} == {"all-to-all", "all-gather"}
     for kind in ("all-to-all", "all-gather"):
       sent = sum(col.bytes for col in codes if col.kind == kind)
-      assert entries / 2 <= sent <= entries / 2 + 2 * len(over), kind
-    scales = [col for col in over if col.dtypes != ("u8",)]
+      assert size * entries <= sent <= size * entries + 4 * len(over), kind
+    scales = [col for col in over if col.dtypes != (code,)]
     assert all(col.dtypes == ("f32",) and col.bytes <= 64 for col in scales)
+    assert dtype == "e3m0" or not scales
 
 
 def test_resume_is_bit_exact_mid_exchange_and_onto_other_replica_counts(

@@ -152,8 +152,12 @@ class Fragments:
 
   def size(self, abstract_params, p: int) -> int:
     """Entries in fragment p."""
-    return sum(math.prod(x.shape) for x in self.take(
-        jax.tree.map(lambda a: np.empty(a.shape, np.int8), abstract_params), p))
+    total = 0
+    for x, s in zip(jax.tree.leaves(abstract_params), self.parts[p]):
+      if s is not None:
+        rows = x.shape[0] if s == slice(None) else len(range(*s.indices(x.shape[0])))
+        total += rows * math.prod(x.shape[1:])
+    return total
 
 
 # --- encoding --------------------------------------------------------------------
@@ -205,14 +209,16 @@ def _mean_low_precision(x: jax.Array, groups: int, dtype: str, replicas: int
   quantum = 2 * replicas if dtype == "e3m0" else replicas
   rows = jnp.pad(rows, ((0, 0), (0, -n % quantum)))
 
+  # Codes travel as unsigned integers: collectives move them without arithmetic,
+  # so no backend widens them (XLA:CPU runs bfloat16 collectives in float32).
   def encode(v, scale):
     if dtype == "bfloat16":
-      return v.astype(jnp.bfloat16)
+      return jax.lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16)
     return _pack(e3m0_encode(v / scale))
 
   def decode(codes, scale):
     if dtype == "bfloat16":
-      return codes.astype(jnp.float32)
+      return jax.lax.bitcast_convert_type(codes, jnp.bfloat16).astype(jnp.float32)
     return e3m0_decode(_unpack(codes)) * scale
 
   scale = _scale(rows) if dtype == "e3m0" else None  # [groups, 1]
