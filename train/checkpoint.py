@@ -252,13 +252,20 @@ class Checkpointer:
 
   def diloco_buffers(self, step: int) -> tuple[str, ...]:
     """The DiLoCo buffers saved at `step` (`diloco.state_names`), from metadata."""
-    meta = self._manager.item_metadata(step)["state"]
-    return tuple(getattr(meta, "tree", meta).get("diloco") or ())
+    return tuple(self._state_metadata(step).get("diloco") or ())
+
+  def _state_metadata(self, step: int) -> dict:
+    """The saved state's tree of metadata; {} when unreadable (`restore` then
+    reports the damage, or falls back)."""
+    try:
+      meta = self._manager.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001 -- any read failure: restore reports it
+      return {}
+    return getattr(meta, "tree", meta)
 
   def _replicas(self, step: int, field: str, buffer: str | None = None
                 ) -> int | None:
-    meta = self._manager.item_metadata(step)["state"]
-    tree = getattr(meta, "tree", meta).get(field)
+    tree = self._state_metadata(step).get(field)
     tree = tree[buffer] if tree and buffer else tree
     leaves = jax.tree.leaves(tree) if tree else []
     return int(leaves[0].shape[0]) if leaves else None
