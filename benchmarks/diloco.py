@@ -11,6 +11,8 @@ tokens) on 4 CPU devices as:
   data_parallel   mesh.data=4
   diloco          mesh.diloco=4, H=--sync_every, float32 outer gradients
   streaming       mesh.diloco=4, H=--sync_every, 2 fragments, tau=1, alpha=0.5, e3m0
+  diloco_averaging  as diloco with outer_lr=1 and no outer momentum (averaging)
+  one_replica     one device on a quarter of the batch (a replica alone)
 
 evaluating every --eval_every steps (DiLoCo: the outer parameters). The
 bytes are read from the compiled programs (aot.costs, the HLO's collectives): what
@@ -57,6 +59,11 @@ def variants() -> dict[str, tuple[dict, dict]]:
       "diloco": (dict(diloco=REPLICAS, data=1), dict(sync_every=h)),
       "streaming": (dict(diloco=REPLICAS, data=1), dict(
           sync_every=h, fragments=2, overlap_steps=1, alpha=0.5, outer_dtype="e3m0")),
+      # Diagnostics: plain parameter averaging every H steps (outer SGD at lr 1,
+      # no momentum), and one replica alone on a quarter of the batch.
+      "diloco_averaging": (dict(diloco=REPLICAS, data=1), dict(
+          sync_every=h, outer_lr=1.0, outer_momentum=0.0)),
+      "one_replica": (dict(data=1), {}),
   }
 
 
@@ -80,6 +87,8 @@ def config(name: str):
   c.mesh.update(**{"data": 1, **mesh})
   c.diloco.update(fields)
   c.train.update(steps=_STEPS.value, eval_every=_EVAL.value)
+  if name == "one_replica":  # a DiLoCo replica's share of the batch, alone
+    c.train.batch_size //= REPLICAS
   c.checkpoint.every_steps = 0
   c.log.every_steps = 10
   return c
@@ -146,25 +155,39 @@ def main(argv):
     if _ONLY.value and name not in _ONLY.value:
       continue
     c = config(name)
-    sent = received_bytes(c)
+    alone = name == "one_replica"
+    sent = {"total": 0.0, "peak": 0.0} if alone else received_bytes(c)
     start = time.perf_counter()
-    rows = train.train(c, os.path.join(_ROOT.value, name), progress=False)
+    rows = train.train(c, os.path.join(_ROOT.value, name), progress=False,
+                       devices=jax.devices()[:1] if alone else None)
     wall = time.perf_counter() - start
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]
     emit(what="run", variant=name, final_eval_loss=evals[-1][1],
          bytes_per_step=sent["total"], peak_bytes_per_step=sent["peak"],
-         total_bytes_ratio=baseline["total"] / sent["total"],
-         peak_bytes_ratio=baseline["peak"] / sent["peak"],
+         total_bytes_ratio=baseline["total"] / sent["total"] if sent["total"] else None,
+         peak_bytes_ratio=baseline["peak"] / sent["peak"] if sent["peak"] else None,
          **{f"comm_s_per_step_{g}gbit": sent["total"] * 8 / (g * 1e9) for g in GBITS},
          step_time_s=sorted(times)[len(times) // 2] if times else None,
          wall_s=round(wall, 1))
     curves[name] = evals
-  _plot(curves)
+  if curves:
+    _plot()
 
 
-def _plot(curves) -> None:
+def _plot() -> None:
+  """Eval-loss curves of every variant with a run under --root (this
+  invocation's and earlier ones')."""
+  import json
+
   import matplotlib
+  curves = {}
+  for name in variants():
+    path = os.path.join(_ROOT.value, name, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        rows = [json.loads(line) for line in f]
+      curves[name] = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
