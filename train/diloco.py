@@ -189,51 +189,72 @@ def _unpack(packed: jax.Array) -> jax.Array:
   return jnp.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
 
 
-def _scale(x: jax.Array, axis_name: str | None = None) -> jax.Array:
-  """Per row of x [g, n]: the largest magnitude (over `axis_name` too), 1 if 0."""
+def _scale(x: jax.Array) -> jax.Array:
+  """Per row of x [g, n]: the largest magnitude, 1 if 0 -> [g, 1]."""
   s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-  if axis_name:
-    s = jax.lax.pmax(s, axis_name)
   return jnp.where(s > 0, s, 1.0)
 
 
-def _mean_low_precision(x: jax.Array, groups: int, dtype: str, replicas: int
-                        ) -> jax.Array:
-  """Inside shard_map over `diloco`: this replica's x -> the mean over replicas,
-  sent as `dtype` codes by all-to-all (reduce-scatter) and all-gather, summed in
-  float32."""
-  shape = x.shape
-  rows = jax.lax.with_sharding_constraint(
-      x.astype(jnp.float32).reshape(groups, -1), P())  # [groups, n]
-  n = rows.shape[1]
-  quantum = 2 * replicas if dtype == "e3m0" else replicas
-  rows = jnp.pad(rows, ((0, 0), (0, -n % quantum)))
+def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
+                        replicas: int) -> list[jax.Array]:
+  """Inside shard_map over `diloco`: this replica's tensors -> their means over
+  the replicas, sent as `dtype` codes in one all-to-all (a reduce-scatter: each
+  replica sums its 1/R of every tensor in float32) and one all-gather of the
+  re-encoded means; e3m0 adds an all-gather and a max-reduce of the scales.
+  `groups`: per tensor, how many rows (layers) each with its own scale."""
+  e3m0 = dtype == "e3m0"
+  quantum = 2 * replicas if e3m0 else replicas
 
   # Codes travel as unsigned integers: collectives move them without arithmetic,
   # so no backend widens them (XLA:CPU runs bfloat16 collectives in float32).
   def encode(v, scale):
-    if dtype == "bfloat16":
+    if not e3m0:
       return jax.lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16)
     return _pack(e3m0_encode(v / scale))
 
   def decode(codes, scale):
-    if dtype == "bfloat16":
+    if not e3m0:
       return jax.lax.bitcast_convert_type(codes, jnp.bfloat16).astype(jnp.float32)
     return e3m0_decode(_unpack(codes)) * scale
 
-  scale = _scale(rows) if dtype == "e3m0" else None  # [groups, 1]
-  codes = encode(rows, scale)  # [groups, n'] (e3m0: [groups, n'/2] bytes)
-  mine = jax.lax.all_to_all(codes.reshape(groups, replicas, -1), REPLICA_AXIS,
-                            split_axis=1, concat_axis=1, tiled=True)
-  mine = mine.reshape(groups, replicas, -1).swapaxes(0, 1)  # [senders, groups, c]
-  if dtype == "e3m0":
-    scales = jax.lax.all_gather(scale, REPLICA_AXIS)  # [senders, groups, 1]
-    part = jnp.sum(jax.vmap(decode)(mine, scales), 0) / replicas
+  def split(flat, sizes):  # [..., sum(sizes)] -> pieces
+    return jnp.split(flat, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+
+  # Whole within the replica: [groups, n] padded so each replica's chunk of a
+  # row is whole (and, for e3m0, an even number of codes).
+  rows = [jax.lax.with_sharding_constraint(x.astype(jnp.float32).reshape(g, -1), P())
+          for x, g in zip(xs, groups)]
+  widths = [r.shape[1] for r in rows]
+  rows = [jnp.pad(r, ((0, 0), (0, -r.shape[1] % quantum))) for r in rows]
+  scales = [_scale(r) for r in rows] if e3m0 else [None] * len(rows)  # [g, 1]
+  codes = [encode(r, s).reshape(g, replicas, -1)  # [g, replicas, c]
+           for r, s, g in zip(rows, scales, groups)]
+  send = jnp.concatenate([c.swapaxes(0, 1).reshape(replicas, -1) for c in codes], 1)
+  got = jax.lax.all_to_all(send, REPLICA_AXIS, 0, 0, tiled=True)  # [senders, total]
+  parts = split(got, [c[:, 0].size for c in codes])
+  if e3m0:  # [senders, sum(groups)]
+    sent_scales = split(jax.lax.all_gather(
+        jnp.concatenate([s[:, 0] for s in scales]), REPLICA_AXIS), list(groups))
+  means = []
+  for part, c, i in zip(parts, codes, range(len(codes))):
+    part = part.reshape(replicas, c.shape[0], -1)  # [senders, g, c]
+    scale = sent_scales[i][..., None] if e3m0 else None
+    means.append(jnp.sum(decode(part, scale), 0) / replicas)  # [g, chunk]
+  if e3m0:
+    scales2 = split(jax.lax.pmax(jnp.concatenate(
+        [jnp.max(jnp.abs(m), 1) for m in means]), REPLICA_AXIS), list(groups))
+    scales2 = [jnp.where(s > 0, s, 1.0)[:, None] for s in scales2]
   else:
-    part = jnp.sum(decode(mine, None), 0) / replicas  # [groups, chunk]
-  scale2 = _scale(part, REPLICA_AXIS) if dtype == "e3m0" else None
-  every = jax.lax.all_gather(encode(part, scale2), REPLICA_AXIS, axis=1, tiled=True)
-  return decode(every, scale2)[:, :n].reshape(shape)
+    scales2 = [None] * len(means)
+  back = [encode(m, s) for m, s in zip(means, scales2)]  # [g, c]
+  every = jax.lax.all_gather(jnp.concatenate([b.reshape(-1) for b in back]),
+                             REPLICA_AXIS)  # [replicas, total]
+  out = []
+  for piece, b, s, x, n in zip(split(every, [b.size for b in back]), back, scales2,
+                               xs, widths):
+    full = piece.reshape(replicas, *b.shape).swapaxes(0, 1).reshape(b.shape[0], -1)
+    out.append(decode(full, s)[:, :n].reshape(x.shape))
+  return out
 
 
 def mean_over_replicas(deltas: list[jax.Array], groups: Sequence[int], dtype: str,
@@ -247,8 +268,7 @@ def mean_over_replicas(deltas: list[jax.Array], groups: Sequence[int], dtype: st
     if dtype == "float32":
       return [jax.lax.psum(d[0].astype(jnp.float32), REPLICA_AXIS) / replicas
               for d in deltas]
-    return [_mean_low_precision(d[0], g, dtype, replicas)
-            for d, g in zip(deltas, groups)]
+    return _mean_low_precision([d[0] for d in deltas], groups, dtype, replicas)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(REPLICA_AXIS),),
                        out_specs=P(), axis_names={REPLICA_AXIS},
