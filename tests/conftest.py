@@ -92,3 +92,18 @@ def run_cli(*args, timeout=300):
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", "experiment", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Files whose tests take longest (multi-process runs, notebooks, subprocess CLIs,
+# deviceless TPU compiles), longest first. They are collected first, so with
+# `-n 2 --dist worksteal` the two workers end on short tests instead of one
+# waiting for the other's last long one.
+_LONGEST_FIRST = ("test_multihost.py", "test_preemption.py", "test_notebooks.py",
+                  "test_gpu_check.py", "test_plan.py", "test_diloco.py",
+                  "test_kernels_training.py", "test_hf.py", "test_optimizers.py",
+                  "test_compression.py", "test_kernels_backends.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
