@@ -44,6 +44,26 @@ def processor() -> str:
     return "unknown"
 
 
+def plot_eval_curves(curves: dict[str, list[tuple[int, float]]], title: str,
+                     path: str, solid: tuple[str, ...] | None = None) -> None:
+  """Eval loss against step, one line per name (dashed unless in `solid`; all
+  solid when `solid` is None), saved to `path` (PNG); emits a 'plot' row."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, evals in curves.items():
+    ax.plot(*zip(*evals), marker=".", label=name,
+            linestyle="-" if solid is None or name in solid else "--")
+  ax.set_xlabel("step")
+  ax.set_ylabel("eval loss (nats/byte)")
+  ax.set_title(title)
+  ax.legend(fontsize=7)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  emit(what="plot", path=path)
+
+
 def time_call(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
   """Median wall seconds of `fn()` (which must block until its work is done)."""
   for _ in range(warmup):

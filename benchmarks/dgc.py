@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import emit, processor, write_rows_to  # noqa: E402
+from benchmarks.common import (emit, plot_eval_curves, processor,  # noqa: E402
+                               write_rows_to)
 
 _STEPS = flags.DEFINE_integer("steps", 400, "training steps per run")
 _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
@@ -111,7 +112,8 @@ def main(argv):
          **({f"llama_1b_comm_s_{g}gbit": seconds * 8 / (g * 1e9) for g in GBITS}
             if seconds else {}))
     curves[name] = evals
-  _plot(curves)
+  plot_eval_curves(curves, f"llama_tiny on data=8, {_STEPS.value} steps, density "
+                   f"{_DENSITY.value:g}", _PLOT.value, solid=("sgd", "adamw", "dgc"))
 
 
 def _llama_1b_bytes() -> dict[str, float]:
@@ -137,23 +139,6 @@ def _llama_1b_bytes() -> dict[str, float]:
   emit(what="llama_1b", kind="ratio", dense_over_compressed=out["dense"]
        / max(out["compressed"], 1.0))
   return out
-
-
-def _plot(curves) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, evals in curves.items():
-    ax.plot(*zip(*evals), marker=".", label=name,
-            linestyle="-" if name in ("sgd", "adamw", "dgc") else "--")
-  ax.set_xlabel("step")
-  ax.set_ylabel("eval loss (nats/byte)")
-  ax.set_title(f"llama_tiny on data=8, {_STEPS.value} steps, density {_DENSITY.value:g}")
-  ax.legend(fontsize=7)
-  os.makedirs(os.path.dirname(os.path.abspath(_PLOT.value)), exist_ok=True)
-  fig.savefig(_PLOT.value, dpi=120, bbox_inches="tight")
-  emit(what="plot", path=_PLOT.value)
 
 
 if __name__ == "__main__":

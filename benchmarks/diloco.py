@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import emit, processor, write_rows_to  # noqa: E402
+from benchmarks.common import (emit, plot_eval_curves, processor,  # noqa: E402
+                               write_rows_to)
 
 _STEPS = flags.DEFINE_integer("steps", 600, "training steps per run")
 _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
@@ -172,15 +173,14 @@ def main(argv):
          wall_s=round(wall, 1))
     curves[name] = evals
   if curves:
-    _plot()
+    plot_eval_curves(_curves(), f"llama_tiny, {REPLICAS} replicas, {_STEPS.value} "
+                     f"steps, H={_H.value}", _PLOT.value)
 
 
-def _plot() -> None:
+def _curves() -> dict[str, list[tuple[int, float]]]:
   """Eval-loss curves of every variant with a run under --root (this
   invocation's and earlier ones')."""
   import json
-
-  import matplotlib
   curves = {}
   for name in variants():
     path = os.path.join(_ROOT.value, name, "metrics.jsonl")
@@ -188,18 +188,7 @@ def _plot() -> None:
       with open(path) as f:
         rows = [json.loads(line) for line in f]
       curves[name] = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, evals in curves.items():
-    ax.plot(*zip(*evals), marker=".", label=name)
-  ax.set_xlabel("step")
-  ax.set_ylabel("eval loss (nats/byte)")
-  ax.set_title(f"llama_tiny, {REPLICAS} replicas, {_STEPS.value} steps, H={_H.value}")
-  ax.legend(fontsize=8)
-  os.makedirs(os.path.dirname(os.path.abspath(_PLOT.value)), exist_ok=True)
-  fig.savefig(_PLOT.value, dpi=120, bbox_inches="tight")
-  emit(what="plot", path=_PLOT.value)
+  return curves
 
 
 if __name__ == "__main__":
