@@ -80,18 +80,14 @@ def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation,
   opt = optimizer.opt_state_shardings(
       abstract_opt, spec.abstract_params, params, mesh,
       optimizer.HOST if isinstance(tx, optimizer.Offloaded) else None)
-  comp_shardings = None
+  param_specs = jax.tree.map(lambda s: s.spec, params)
+  named = lambda specs: jax.tree.map(  # noqa: E731
+      lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+  comp_shardings = dl_shardings = None
   if comp is not None and comp.enabled:
-    specs = compression_lib.state_specs(
-        comp, jax.tree.map(lambda s: s.spec, params))
-    comp_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                                  is_leaf=lambda s: isinstance(s, P))
-  dl_shardings = None
+    comp_shardings = named(compression_lib.state_specs(comp, param_specs))
   if dl is not None and dl.enabled:
-    named = lambda specs: jax.tree.map(  # noqa: E731
-        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
-    dl_shardings = named(diloco_lib.state_specs(
-        dl, jax.tree.map(lambda s: s.spec, params)))
+    dl_shardings = named(diloco_lib.state_specs(dl, param_specs))
     opt = jax.tree.map(lambda s: NamedSharding(
         mesh, diloco_lib.stacked_spec(s.spec), memory_kind=s.memory_kind), opt)
   return TrainState(step=replicated, params=params, opt_state=opt,
