@@ -59,7 +59,7 @@ from sharding.chips import Chip, chip_for_topology
 from train.compression import Compression
 from train.diloco import DiLoCo
 from train.optimizer import make_optimizer, schedule
-from train.state import abstract_params, abstract_state, model_spec
+from train.state import abstract_params, abstract_state, model_spec, pipeline_from_config
 from train.step import batch_sharding, make_inner_step, make_train_step
 from train.validate import validate_config
 
@@ -206,7 +206,7 @@ def compile_step(config, topology: str, what: str = "train",
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.normalize_rules(config.mesh.rules)
   cfg = ModelConfig.from_config(config.model)
-  spec = model_spec(cfg, rules)
+  spec = model_spec(cfg, rules, pipeline_from_config(config, sizes))
   batch, length = config.train.batch_size, config.data.seq_len
   if what == "train":
     step, args = _train_step(config, spec, mesh, rules)

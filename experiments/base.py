@@ -60,7 +60,7 @@ def get_config(arg=None) -> ConfigDict:
 
   c.mesh = ConfigDict(dict(
       # Device counts per axis, outer to inner; one may be -1 (takes the rest).
-      diloco=1, data=-1, fsdp=1, expert=1, sequence=1, tensor=1,
+      diloco=1, data=-1, stage=1, fsdp=1, expert=1, sequence=1, tensor=1,
       # logical axis -> mesh axes; replace entries to change the plan.
       rules=ConfigDict(DEFAULT_RULES),
   ))
@@ -131,6 +131,15 @@ def get_config(arg=None) -> ConfigDict:
       overlap_steps=0,         # tau: inner steps a fragment's exchange overlaps (0: blocking)
       alpha=0.5,               # tau > 0: weight of the local fragment when merging
       outer_dtype="float32",   # float32 | bfloat16 | e3m0 (4 bits): outer gradients sent as
+  ))
+
+  # Pipeline parallelism over the `stage` mesh axis (model/pipeline.py): the layer
+  # stack in mesh.stage stages, each batch (each accumulation micro-batch) in
+  # `microbatches`; active when mesh.stage > 1 or microbatches > 1.
+  c.pipeline = ConfigDict(dict(
+      microbatches=1,          # M: must divide the per-replica batch
+      schedule="gpipe",        # gpipe | circular (interleaved: `repeats` groups/stage)
+      repeats=1,               # R: circular only; layers must divide by stage * R
   ))
 
   c.train = ConfigDict(dict(

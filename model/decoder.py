@@ -16,6 +16,8 @@ from model.embedding import Embed
 from model.linear import dense
 from model.norms import RMSNorm
 from model.params import param
+from model.pipeline import Pipeline
+from model import pipeline as pipeline_lib
 from sharding import LogicalConstraint
 
 REMAT_POLICIES = {
@@ -30,13 +32,17 @@ class Decoder(nnx.Module):
 
   `constrain` applies activation sharding by logical name (see
   `sharding.LogicalConstraint`); the default does nothing, so the model itself holds
-  no parallelism plan.
+  no parallelism plan. `pipeline` (model/pipeline.py) says how the training
+  forward runs the layer stack: in stages over microbatches, or (default) as one
+  scan; prefill and decoding always run it as one scan.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
-               constrain: LogicalConstraint = LogicalConstraint()):
+               constrain: LogicalConstraint = LogicalConstraint(),
+               pipeline: Pipeline = Pipeline()):
     self.cfg = cfg
     self.constrain = constrain
+    self.pipeline = pipeline
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
                        dtype=cfg.dtype, param_dtype=cfg.params_dtype, rngs=rngs)
 
@@ -168,26 +174,14 @@ class Decoder(nnx.Module):
     dense model): scan outputs, one row per scanned step.
     """
     graphdef, state = nnx.split(self.layers)
+    if self.pipeline.active and cache is None and layers is None:
+      return self._pipelined(graphdef, state, x, ctx)
     pending = None  # (a, m) from a ladder segment
     stats = []
     unit = self.cfg.unit
     for kind, start, stop in self.cfg.segments():
       start, stop = start // unit, stop // unit  # scanned steps (validated whole)
-      step = blocks.RESIDUAL[kind]
-      if unit > 1:
-        step = functools.partial(blocks.through_unit, step)
-      step = functools.partial(step, ctx=ctx)
-
-      def body(carry, layer, step=step):
-        carry, kv = carry
-        layer_state, index = layer
-        module = nnx.merge(graphdef, layer_state)
-        carry, kv = step(module, carry, None if kv is None else (kv, index))
-        return (carry, kv), blocks.moe_stats(module)
-
-      if self.cfg.remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
-                              prevent_cse=False)
+      body = self._layer_body(graphdef, kind, ctx)
 
       def run(carry, cache, body=body, start=start, stop=stop):
         if layers is None:
@@ -221,6 +215,51 @@ class Decoder(nnx.Module):
     if stats[0] is None:
       return x, cache, None
     return x, cache, jax.tree.map(lambda *s: jnp.concatenate(s), *stats)
+
+  def _layer_body(self, graphdef, kind: str, ctx: blocks.Context):
+    """The scan body of one scanned step of dataflow `kind`: ((carry, kv),
+    (step parameters, step index)) -> ((carry, kv), MoE stats or None), under
+    the model's remat policy."""
+    step = blocks.RESIDUAL[kind]
+    if self.cfg.unit > 1:
+      step = functools.partial(blocks.through_unit, step)
+
+    def body(carry, layer):
+      carry, kv = carry
+      layer_state, index = layer
+      module = nnx.merge(graphdef, layer_state)
+      carry, kv = step(module, carry, None if kv is None else (kv, index), ctx=ctx)
+      return (carry, kv), blocks.moe_stats(module)
+
+    if self.cfg.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
+                            prevent_cse=False)
+    return body
+
+  def _pipelined(self, graphdef, state, x: jax.Array, ctx: blocks.Context):
+    """run_layers' training path under `self.pipeline` (one layer kind: checked
+    by the config validation) -> (x, None, MoE stats merged over microbatches)."""
+    (kind, _, _), = self.cfg.segments()
+    ladder = kind == "ladder"
+    carry = (x, jnp.zeros_like(x), jnp.zeros_like(x)) if ladder else x
+    rows = {"positions": ctx.positions, "segment_ids": ctx.segment_ids,
+            "mask": ctx.mask}
+
+    def stage(params, carry, rows):
+      micro = blocks.Context(rows["positions"], rows["segment_ids"],
+                             mask=rows["mask"])
+      body = self._layer_body(graphdef, kind, micro)
+      steps = jax.tree.leaves(params)[0].shape[0]
+      (carry, _), stats = jax.lax.scan(body, (carry, None),
+                                       (params, jnp.zeros(steps, jnp.int32)))
+      return carry, stats
+
+    carry, stats = pipeline_lib.run(self.pipeline, stage, state, carry, rows)
+    if ladder:
+      x = carry[0] + carry[1] + carry[2]
+    else:
+      x = carry
+    return x, None, None if stats is None else moe.merge_microbatches(stats)
 
 
 def _mask(mask: jax.Array | None, tokens: jax.Array) -> jax.Array | None:

@@ -158,6 +158,20 @@ def aggregate(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   }
 
 
+def merge_microbatches(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-microbatch stats [microbatches, moe layers] -> per-layer [moe layers],
+  for a batch run as microbatches (model/pipeline.py): the losses are the mean
+  over microbatches, as under gradient accumulation (the load-balancing loss is
+  not additive over tokens), the load the worst microbatch's, the counts sums."""
+  return {
+      "aux_loss": jnp.mean(stats["aux_loss"], 0),
+      "z_loss": jnp.mean(stats["z_loss"], 0),
+      "max_load": jnp.max(stats["max_load"], 0),
+      "dropped": jnp.sum(stats["dropped"], 0),
+      "routed": jnp.sum(stats["routed"], 0),
+  }
+
+
 def _swiglu(x, gate, up, down, ex, dependency):
   """Expert FFN on buffers [groups, local experts, C, embed] with local weights."""
   gate, up, down = ex.weight(gate, 1), ex.weight(up, 1), ex.weight(down, 2)

@@ -12,8 +12,10 @@ from sharding.errors import ConfigError
 
 # Outer to inner. `tensor` is innermost: it communicates most, so it gets the
 # fastest links in the topology-aware device order; `diloco` (DiLoCo replicas,
-# which synchronise every H steps) is outermost, on the slowest links.
-AXES = ("diloco", "data", "fsdp", "expert", "sequence", "tensor")
+# which synchronise every H steps) is outermost, on the slowest links; `stage`
+# (pipeline stages, which pass one activation per microbatch) sits between the
+# replicas and the axes that split a stage's work.
+AXES = ("diloco", "data", "stage", "fsdp", "expert", "sequence", "tensor")
 # Axes a batch is split over (the data-parallel size is their product).
 BATCH_AXES = ("diloco", "data", "fsdp", "expert")
 
@@ -54,7 +56,7 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
 
 def make_mesh(mesh_cfg: Mapping[str, int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the 6-axis mesh with Auto axis types and topology-aware device order."""
+  """Builds the 7-axis mesh with Auto axis types and topology-aware device order."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in AXES)
@@ -68,7 +70,7 @@ def axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:
 
 
 def describe(mesh: Mesh) -> str:
-  """One line: 'mesh diloco=1 data=2 fsdp=1 expert=1 sequence=1 tensor=4 over 8 cpu devices'."""
+  """One line: 'mesh diloco=1 data=2 stage=1 fsdp=1 expert=1 sequence=1 tensor=4 over 8 cpu devices'."""
   sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
   platform = mesh.devices.flat[0].platform
   return f"mesh {sizes} over {mesh.devices.size} {platform} devices"

@@ -26,7 +26,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "vocab": ("tensor",),
     "experts": ("expert",),
-    "layers": (),
+    "layers": ("stage",),
     "head_dim": (),
     # activations
     "batch": ("diloco", "data", "fsdp", "expert"),

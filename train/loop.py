@@ -27,7 +27,7 @@ from train.data import make_data
 from train.metrics import DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, peak_flops
 from train.optimizer import make_optimizer, schedule
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
-                         state_shardings)
+                         pipeline_from_config, state_shardings)
 from train.step import (batch_sharding, make_eval_step, make_inner_step,
                         make_train_step)
 from train.validate import validate_config
@@ -62,7 +62,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.normalize_rules(config.mesh.rules)
   cfg = ModelConfig.from_config(config.model)
-  spec = model_spec(cfg, rules)
+  spec = model_spec(cfg, rules, pipeline_from_config(config, sizes))
   t = config.train
   lr = schedule(config.optim, t.steps)
   tx = make_optimizer(config.optim, t.steps)

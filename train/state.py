@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sharding
 from model import Decoder, ModelConfig, logical_axes
+from model.pipeline import Pipeline
 from train import compression as compression_lib, diloco as diloco_lib, optimizer
 
 
@@ -39,21 +40,34 @@ class ModelSpec:
   abstract_params: Any  # nested dict of ShapeDtypeStruct
   logical: Any  # nested dict of per-dimension logical names
   rules: sharding.Rules
+  pipeline: Pipeline = Pipeline()
 
   def model(self, params) -> Decoder:
     return nnx.merge(self.graphdef, params)
 
 
-def model_spec(cfg: ModelConfig, rules: sharding.Rules) -> ModelSpec:
+def model_spec(cfg: ModelConfig, rules: sharding.Rules,
+               pipeline: Pipeline = Pipeline()) -> ModelSpec:
   """Builds the model abstractly (jax.eval_shape): no parameter memory is used.
 
   Not under `jax.set_mesh`: eval_shape there would yield abstract-mesh shardings.
   """
   constrain = sharding.LogicalConstraint(rules)
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), constrain=constrain))
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), constrain=constrain,
+                                            pipeline=pipeline))
   graphdef, params = nnx.split(abstract, nnx.Param)
   return ModelSpec(cfg, graphdef, nnx.to_pure_dict(params), logical_axes(params),
-                   rules)
+                   rules, pipeline)
+
+
+def pipeline_from_config(config, sizes: dict[str, int]) -> Pipeline:
+  """The `pipeline` group and mesh.stage as a model.pipeline.Pipeline (validated
+  by train/validate.py)."""
+  p = config.get("pipeline")
+  if p is None:
+    return Pipeline(stages=sizes.get("stage", 1))
+  return Pipeline(stages=sizes.get("stage", 1), microbatches=int(p.microbatches),
+                  repeats=int(p.repeats) if p.schedule == "circular" else 1)
 
 
 def param_shardings(spec: ModelSpec, mesh: Mesh):

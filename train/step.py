@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import sharding
 from train import compression, diloco
+from model.pipeline import microbatches
 from train.state import ModelSpec, TrainState, model_spec
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: [batch, length]
@@ -62,13 +63,6 @@ def loss_fn(spec: ModelSpec, z_loss: float):
   return g
 
 
-def _microbatches(batch: Batch, n: int) -> Batch:
-  """[batch, ...] -> [n, batch/n, ...], micro-batch i taking rows i, i+n, ... so each
-  keeps the data-parallel sharding of the whole batch."""
-  return jax.tree.map(
-      lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
 def _mean_grads(grad_fn, params, batch: Batch, accum: int):
   """(mean next-token NLL, MoE metrics, gradients), each a mean over `accum`
   micro-batches of `batch`."""
@@ -80,10 +74,10 @@ def _mean_grads(grad_fn, params, batch: Batch, accum: int):
     (_, out), g = grad_fn(params, mb)
     return jax.tree.map(jnp.add, carry, (out, g)), None
   shapes = jax.eval_shape(grad_fn, params,
-                          jax.tree.map(lambda x: x[0], _microbatches(batch, accum)))
+                          jax.tree.map(lambda x: x[0], microbatches(batch, accum)))
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
                        (shapes[0][1], shapes[1]))
-  ((nll, aux), grads), _ = jax.lax.scan(micro, zeros, _microbatches(batch, accum))
+  ((nll, aux), grads), _ = jax.lax.scan(micro, zeros, microbatches(batch, accum))
   return jax.tree.map(lambda x: x / accum, (nll, aux, grads))
 
 
@@ -113,7 +107,8 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
           spec.rules, spec.logical, sizes=data_sharding.mesh.shape) is None)
   # The model as one replica sees it: no `data` in its constraints.
   grad_fn = jax.value_and_grad(loss_and_metrics(
-      model_spec(spec.cfg, compression.replica_rules(spec.rules)) if per_replica
+      model_spec(spec.cfg, compression.replica_rules(spec.rules), spec.pipeline)
+      if per_replica
       else spec, train_cfg.z_loss), has_aux=True)
   if compressed:
     group_tree = compression.groups(spec.abstract_params, spec.logical)
@@ -160,7 +155,8 @@ def make_inner_step(spec: ModelSpec, tx: optax.GradientTransformation,
   mesh = data_sharding.mesh
   replicas = mesh.shape[diloco.REPLICA_AXIS]
   grad_fn = jax.value_and_grad(loss_and_metrics(
-      model_spec(spec.cfg, compression.replica_rules(spec.rules, diloco.REPLICA_AXIS)),
+      model_spec(spec.cfg, compression.replica_rules(spec.rules, diloco.REPLICA_AXIS),
+                 spec.pipeline),
       train_cfg.z_loss), has_aux=True)
 
   def one(params, opt_state, rows: Batch):

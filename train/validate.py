@@ -10,6 +10,7 @@ import kernels
 import model
 import sharding
 from sharding import ConfigError
+from model import pipeline
 from train import compression, data, diloco, matrices, optimizer
 from train.state import model_spec
 
@@ -45,6 +46,7 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   _validate_optim(config)
   sizes = sharding.validate_plan(config, num_devices)
   _validate_attention(config, sizes)
+  _validate_pipeline(config, sizes)
   _validate_diloco(config, sizes)
   _validate_compression(config, sizes)
   return sizes
@@ -201,6 +203,88 @@ def _validate_compression(config, sizes: dict[str, int]) -> None:
         "compression each `data` replica holds a whole copy of the model.",
         f"map {problem} to fsdp or tensor instead, or set "
         f"--config.{path}.method=none.")
+
+
+def _validate_pipeline(config, sizes: dict[str, int]) -> None:
+  """The `pipeline` group and mesh.stage: a schedule, layer groups that split
+  evenly over stages and repeats, microbatches that split each replica's
+  (micro-)batch, and a model of one layer kind."""
+  p = config.get("pipeline")
+  stages = sizes.get("stage", 1)
+  if p is None:
+    p = {"microbatches": 1, "schedule": "gpipe", "repeats": 1}
+  _choice("pipeline.schedule", p["schedule"], pipeline.SCHEDULES)
+  for field in ("microbatches", "repeats"):
+    if p[field] < 1:
+      raise ConfigError(f"pipeline.{field}", f"must be at least 1, got {p[field]}.",
+                        f"set --config.pipeline.{field}=1 or more.")
+  m, r = p["microbatches"], p["repeats"]
+  if r > 1 and p["schedule"] != "circular":
+    raise ConfigError(
+        "pipeline.repeats", f"is {r} with schedule={p['schedule']!r}: only the "
+        "circular schedule gives a stage several groups of layers.",
+        "set --config.pipeline.schedule=circular, or --config.pipeline.repeats=1.")
+  if stages == 1 and m == 1:
+    return
+  rules = dict(sharding.normalize_rules(config.mesh.rules))
+  if stages > 1 and tuple(rules.get("layers", ())) != ("stage",):
+    raise ConfigError(
+        "mesh.rules.layers", f"is {rules.get('layers', ())} with mesh.stage="
+        f"{stages}: the pipeline splits the layer stack over `stage`.",
+        "set --config.mesh.rules.layers=\"('stage',)\" (the default).")
+  other = sorted(name for name, axes in rules.items()
+                 if name != "layers" and "stage" in axes)
+  if stages > 1 and other:
+    raise ConfigError(
+        f"mesh.rules.{other[0]}", "uses `stage`, which holds pipeline stages alone.",
+        f"map {other[0]} to other mesh axes (see the default rules).")
+  cfg = model.ModelConfig.from_config(config.model)
+  repeats = r if p["schedule"] == "circular" else 1
+  units = cfg.num_layers // cfg.unit
+  if units % (stages * repeats):
+    what = "layers" if cfg.unit == 1 else f"units of {cfg.unit} layers"
+    raise ConfigError(
+        "mesh.stage" if repeats == 1 else "pipeline.repeats",
+        f"the model's {units} {what} do not split into mesh.stage={stages} x "
+        f"pipeline.repeats={repeats} equal groups.",
+        f"choose mesh.stage and pipeline.repeats whose product divides {units}, "
+        f"or change model.num_layers.")
+  if len(cfg.segments()) > 1:
+    raise ConfigError(
+        "model.ladder_layers", f"is {cfg.ladder_layers!r}: a pipelined model "
+        "(mesh.stage > 1 or pipeline.microbatches > 1) must have one layer kind, "
+        "since every stage runs the same program.",
+        "set --config.model.ladder_layers=all, or --config.model.block=standard.")
+  if p["schedule"] == "circular" and m < stages:
+    raise ConfigError(
+        "pipeline.microbatches", f"is {m} with the circular schedule over "
+        f"{stages} stages: a microbatch coming back to stage 0 must find it free, "
+        "which needs at least as many microbatches as stages.",
+        f"set --config.pipeline.microbatches={stages} (or more), or "
+        "--config.pipeline.schedule=gpipe.")
+  dp = sharding.split_size(tuple(rules.items()), "batch", sizes)
+  rows = config.train.batch_size // dp // config.train.grad_accum_steps
+  if rows % m:
+    raise ConfigError(
+        "pipeline.microbatches", f"is {m}, but each data-parallel replica's "
+        f"(micro-)batch has {rows} sequences (train.batch_size="
+        f"{config.train.batch_size} over {dp} replicas and "
+        f"{config.train.grad_accum_steps} accumulation micro-batches).",
+        f"use microbatches dividing {rows}, or a train.batch_size that is a "
+        f"multiple of {dp * config.train.grad_accum_steps * m}.")
+  if sizes.get("diloco", 1) > 1:
+    raise ConfigError(
+        "mesh.stage" if stages > 1 else "pipeline.microbatches",
+        f"pipelining and mesh.diloco={sizes['diloco']} do not combine yet.",
+        "set --config.mesh.diloco=1, or --config.mesh.stage=1 and "
+        "--config.pipeline.microbatches=1.")
+  c = config.optim.get("compression")
+  if c is not None and c.method != "none":
+    raise ConfigError(
+        "optim.compression.method", f"is {c.method!r}: gradient compression and "
+        "pipelining do not combine yet.",
+        "set --config.optim.compression.method=none, or --config.mesh.stage=1 and "
+        "--config.pipeline.microbatches=1.")
 
 
 def _validate_diloco(config, sizes: dict[str, int]) -> None:
