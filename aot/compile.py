@@ -101,6 +101,10 @@ class Report:
   received_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
   #                            bytes a device receives per step, by the mesh axes
   #                            the collectives span ("data", "data,fsdp", ...)
+  pipeline: dict[str, Any] = dataclasses.field(default_factory=dict)
+  #                            pipelined training: stages, microbatches, repeats,
+  #                            iterations (of the compiled loops), bubble (idle
+  #                            fraction of their stage-time), bubble_formula
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-ready dict; figures the compile could not give are None."""
@@ -244,11 +248,23 @@ def compile_step(config, topology: str, what: str = "train",
   report = _report(topology, chip, what, sizes, len(devices), memory, costs,
                    model_flops, attention_flops, compiled, seconds, error)
   report.compiler_flags = options
+  if compiled is not None and what == "train" and spec.pipeline.active:
+    report.pipeline = _pipeline(spec.pipeline, compiled.as_text(), sizes)
   if compiled is not None:
     _add_estimate(report, compiled.as_text(), chip, list(mesh.devices.flat),
                   [sizes[a] for a in sharding.AXES],
                   attention_flops / len(devices) if costs.uncounted_kernels else 0.0)
   return report
+
+
+def _pipeline(pipe, text: str, sizes: dict[str, int]) -> dict[str, Any]:
+  """The pipeline's bubble read from the compiled loops, next to its formula."""
+  loops = costs_lib.pipeline_loops(text, sharding.AXES,
+                                   [sizes[a] for a in sharding.AXES])
+  return dict(stages=pipe.stages, microbatches=pipe.microbatches,
+              repeats=pipe.repeats, iterations=loops.trips if loops else [],
+              bubble=loops.bubble if loops else math.nan,
+              bubble_formula=pipe.bubble)
 
 
 def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
@@ -456,6 +472,7 @@ def _table(r: Report) -> str:
       + (f"{t['compiler'] * 1e3:.2f} ms" if t["compiler"] > 0
          else f"none (XLA gave {t['compiler']:.3g} s)")
       + " (XLA optimal_seconds; counts each loop body once)",
+      *_pipeline_lines(r),
       "", "collectives per step"]
   if not r.collectives:
     lines.append("  none")
@@ -468,6 +485,16 @@ def _table(r: Report) -> str:
                  f"result, {size(c['received_bytes']):>11} received over {axes} "
                  f"(groups of {c['group_size']})")
   return "\n".join(lines)
+
+
+def _pipeline_lines(r: Report) -> list[str]:
+  if not r.pipeline:
+    return []
+  p = r.pipeline
+  return [f"  pipeline bubble              {p['bubble']:.1%} of stage-time idle in "
+          f"the compiled loops ({'/'.join(map(str, p['iterations'])) or 'none'} "
+          f"iterations); formula (S-1)/(R*M+S-1) = {p['bubble_formula']:.1%} "
+          f"(S={p['stages']}, M={p['microbatches']}, R={p['repeats']})"]
 
 
 def _estimate_lines(r: Report) -> list[str]:

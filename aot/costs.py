@@ -318,3 +318,48 @@ def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape) -> Collecti
   dtypes = tuple(sorted(set(re.findall(r"\b([a-z]+\d*)\[", ins.shape))))
   return Collective(kind, axes, size, times, times * result, times * received,
                     dtypes)
+
+
+@dataclasses.dataclass
+class PipelineLoops:
+  """The pipeline's loops in a compiled step (model/pipeline.py): while loops
+  whose body passes activations between stages by collective-permute over the
+  stage axis. Forward and backward each have one."""
+  stages: int                 # devices in the ring of the permute (S)
+  trips: list[int]            # iterations of each loop (R*M + S - 1 each)
+  flops: list[float]          # per device, per iteration, including nested loops
+
+  @property
+  def bubble(self) -> float:
+    """Fraction of the loops' stage-time idle: in each loop every stage is busy
+    in all but S - 1 of its iterations; loops weighted by their FLOPs."""
+    total = sum(t * f for t, f in zip(self.trips, self.flops))
+    idle = sum((self.stages - 1) * f for f in self.flops)
+    return idle / total if total else math.nan
+
+
+def pipeline_loops(hlo_text: str, mesh_axes: Sequence[str], mesh_shape: Sequence[int],
+                   axis: str = "stage") -> PipelineLoops | None:
+  """The pipeline loops of a compiled program, or None if it has none."""
+  comps = hlo.parse(hlo_text)
+  instrs = hlo.instructions(comps)
+  stages = dict(zip(mesh_axes, mesh_shape)).get(axis, 1)
+  trips, flops = [], []
+  reached, _, _ = hlo.execution_counts(comps, hlo.entry_name(comps), instrs)
+  for name in reached:
+    for ins in comps[name]:
+      if ins.opcode != "while":
+        continue
+      body, _, n = hlo.loop_parts(ins, comps, instrs)
+      permutes = [c for c in comps[body] if c.opcode.removesuffix("-start")
+                  == "collective-permute"]
+      if n is None or not any(
+          axis in _collective(c, "collective-permute", 1, mesh_axes, mesh_shape).axes
+          for c in permutes):
+        continue
+      counts, _, _ = hlo.execution_counts(comps, body, instrs)
+      trips.append(n)
+      flops.append(sum(times * _matmul_flops(i, instrs)
+                       for name, times in counts.items() for i in comps[name]
+                       if i.opcode in ("convolution", "dot")))
+  return PipelineLoops(stages, trips, flops) if trips else None

@@ -1,7 +1,8 @@
 """`plan`: choose a parallelism plan by compiling the candidates for a TPU topology.
 
 Candidates are the factorisations of the topology's device count over the mesh
-axes (data, fsdp, expert, sequence, tensor) times the remat policies, kept when
+axes (data, stage, fsdp, expert, sequence, tensor) times the remat policies (and,
+with pipeline stages, GPipe microbatch counts: `microbatch_choices`), kept when
 they pass the same validation `train` runs (`train/validate.py`). Each is compiled
 deviceless (`aot/compile.py`) and the plans are ranked: those that fit in HBM
 first, then by estimated step time, then by memory per device.
@@ -56,11 +57,14 @@ class Plan:
   roofline: float = math.nan       # seconds
   mfu_estimate: float = math.nan
   exposed: dict[str, float] = dataclasses.field(default_factory=dict)  # s per axes
+  microbatches: int = 1      # pipeline microbatches (mesh.stage > 1)
 
   def flags(self) -> str:
     """The plan as command-line overrides."""
     return " ".join([f"--config.mesh.{a}={self.mesh[a]}" for a in sharding.AXES]
-                    + [f"--config.model.remat={self.remat}"])
+                    + [f"--config.model.remat={self.remat}"]
+                    + ([f"--config.pipeline.microbatches={self.microbatches}"]
+                       if self.mesh.get("stage", 1) > 1 else []))
 
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(dataclasses.replace(self, report=None))
@@ -111,13 +115,14 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   candidates = []
   for mesh in meshes:
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.AXES}
-    for remat in remats:
-      c = _override(config, mesh, remat)
-      try:
-        validate_config(c, len(devices))
-      except ConfigError:
-        continue
-      candidates.append((mesh, remat, c))
+    for micro in microbatch_choices(config, mesh["stage"]):
+      for remat in remats:
+        c = _override(config, mesh, remat, micro)
+        try:
+          validate_config(c, len(devices))
+        except ConfigError:
+          continue
+        candidates.append((mesh, remat, micro, c))
   if not candidates:
     raise ConfigError("mesh", f"no mesh of {len(devices)} devices passes validation "
                       "for this config.", "check the config with "
@@ -126,20 +131,23 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   plans, floors, compiled = [], {}, 0
   bar = tqdm(candidates, desc=f"plan {topology}", disable=not progress,
              dynamic_ncols=True)
-  for mesh, remat, c in bar:
+  for mesh, remat, micro, c in bar:
     bar.set_postfix_str(" ".join(f"{a}={s}" for a, s in mesh.items() if s > 1)
-                        + f" remat={remat}")
+                        + f" remat={remat}"
+                        + (f" microbatches={micro}" if mesh["stage"] > 1 else ""))
     key = tuple(mesh.values())
     if key not in floors:
       floors[key] = state_bytes(c, devices)
     if floors[key] > chip.hbm_bytes:
       plans.append(Plan(mesh, remat, False, math.nan, floors[key], math.nan,
                         f"state and batch alone need "
-                        f"{sharding.format_bytes(floors[key])} per device"))
+                        f"{sharding.format_bytes(floors[key])} per device",
+                        microbatches=micro))
       continue
     if max_plans is not None and compiled >= max_plans:
       plans.append(Plan(mesh, remat, None, math.nan, floors[key], math.nan,
-                        f"not compiled: max_plans={max_plans} reached"))
+                        f"not compiled: max_plans={max_plans} reached",
+                        microbatches=micro))
       continue
     compiled += 1
     try:
@@ -147,13 +155,14 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
                             compiler_flags=compiler_flags)
     except Exception as err:  # noqa: BLE001 -- one failing plan must not end the search
       plans.append(Plan(mesh, remat, False, math.nan, floors[key], math.nan,
-                        f"compile failed: {str(err).strip().splitlines()[0]}"))
+                        f"compile failed: {str(err).strip().splitlines()[0]}",
+                        microbatches=micro))
       continue
     plans.append(Plan(mesh, remat, report.fits, report.time.get("estimate", math.nan),
                       report.memory["total"], report.mfu_bound,
                       report.error.splitlines()[0] if report.error else "", report,
                       report.time.get("roofline", math.nan), report.mfu_estimate,
-                      report.exposed_communication))
+                      report.exposed_communication, micro))
   bar.close()
   return sorted(plans, key=_rank)
 
@@ -170,10 +179,24 @@ def _num_experts(config) -> int:
   return int(moe.get("num_experts", 0)) if moe is not None else 0
 
 
-def _override(config, mesh: dict[str, int], remat: str):
+def microbatch_choices(config, stages: int) -> tuple[int, ...]:
+  """Pipeline microbatch counts a plan tries: the config's own without stages;
+  with S stages, S and 4S (GPipe bubbles (S-1)/(2S-1) and (S-1)/(5S-1)), those
+  the batch cannot split being dropped by validation."""
+  if stages == 1:
+    p = config.get("pipeline")
+    return (int(p.microbatches) if p is not None else 1,)
+  return (stages, 4 * stages)
+
+
+def _override(config, mesh: dict[str, int], remat: str, microbatches: int = 1):
   c = copy.deepcopy(config)
   c.mesh.update(**mesh)
   c.model.remat = remat
+  if "pipeline" in c:
+    c.pipeline.microbatches = microbatches
+    if mesh["stage"] > 1:
+      c.pipeline.update(schedule="gpipe", repeats=1)
   return c
 
 
@@ -184,6 +207,8 @@ def table(plans: list[Plan]) -> str:
            "MFU est.", "exposed comm (ms)", "roofline", "MFU bound", "note")]
   for i, p in enumerate(plans, 1):
     mesh = " ".join(f"{a}={s}" for a, s in p.mesh.items() if s > 1) or "1 device"
+    if p.mesh.get("stage", 1) > 1:
+      mesh += f" (M={p.microbatches})"
     fits = {True: "yes", False: "no", None: "?"}[p.fits]
     rows.append((str(i), mesh, p.remat, fits,
                  # not compiled: what the state and batch alone need
