@@ -225,8 +225,8 @@ def test_compile_cli_writes_json(tmp_path):
   assert "fits in 16.0 GiB of HBM" in proc.stdout
   report = json.loads(out.read_text())
   assert report["fits"] and report["what"] == "decode" and report["chip"] == "v5e"
-  assert report["mesh"] == dict(diloco=1, data=1, fsdp=8, expert=1, sequence=1,
-                                tensor=1)
+  assert report["mesh"] == dict(diloco=1, data=1, stage=1, fsdp=8, expert=1,
+                                sequence=1, tensor=1)
   assert math.isfinite(report["time"]["roofline"]) and report["collectives"]
   assert report["time"]["estimate"] > 0 and 0 < report["mfu_estimate"] <= 1
   assert isinstance(report["exposed_communication"], dict)

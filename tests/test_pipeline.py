@@ -97,7 +97,8 @@ def _losses(config, workdir, devices=None):
 def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stages(
     tmp_path):
   """3 steps on stage=2 x tensor=2 x data=2 equal 1 device; a checkpoint saved on
-  stage=2 resumes on stage=4 (circular) and on 1 device with the same losses."""
+  stage=2 resumes on stage=4 (circular) and on 1 device with the same losses;
+  the stage-split model generates what it does on one device."""
   one = _losses(_config(microbatches=2, steps=4), tmp_path / "one",
                 jax.devices()[:1])
   c = _config(dict(stage=2, tensor=2, data=2), steps=2, microbatches=2)
@@ -109,6 +110,17 @@ def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stag
   c1 = _config(steps=4, microbatches=2)
   np.testing.assert_allclose(_losses(c1, tmp_path / "s2b", jax.devices()[:1]),
                              one[2:], rtol=1e-5)
+
+  import infer
+  prompts = [[1, 2, 3], [4, 5]]
+  split, config = infer.load(str(tmp_path / "s2"))
+  assert config.mesh.stage == 4
+  one_device, _ = infer.load(str(tmp_path / "s2"), devices=jax.devices()[:1],
+                             mesh_overrides=dict(stage=1, data=1))
+  want = infer.generate(one_device, prompts, max_new_tokens=5)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    assert infer.generate(split, prompts, max_new_tokens=5) == want
 
 
 def _compiled(mesh, **pipeline):

@@ -10,14 +10,17 @@ from train.validate import validate_config
 
 
 def test_enumeration_is_bounded():
-  """Factorisations of 8 devices: over (data, fsdp, tensor) by default; sequence
-  and expert join only when asked for or when the model has experts."""
+  """Factorisations of 8 devices: over (data, stage, fsdp, tensor) by default;
+  sequence and expert join only when asked for or when the model has experts."""
   meshes = plan.candidate_meshes(8)
-  assert len(meshes) == 10  # ordered triples with product 8
-  assert all(m["expert"] == m["sequence"] == 1 for m in meshes)
-  assert meshes[0] == dict(diloco=1, data=1, fsdp=8, expert=1, sequence=1, tensor=1)
-  assert len(plan.candidate_meshes(8, sequence=True)) == 20
-  assert len(plan.candidate_meshes(8, experts=True, sequence=True)) == 35
+  # ordered 4-tuples with product 2^3: 3 factors of 2 among 4 axes, C(6, 3)
+  assert len(meshes) == 20
+  assert all(m["expert"] == m["sequence"] == m["diloco"] == 1 for m in meshes)
+  assert meshes[0] == dict(diloco=1, data=1, stage=1, fsdp=8, expert=1, sequence=1,
+                           tensor=1)
+  assert sum(m["stage"] > 1 for m in meshes) == 10
+  assert len(plan.candidate_meshes(8, sequence=True)) == 35  # C(7, 4)
+  assert len(plan.candidate_meshes(8, experts=True, sequence=True)) == 56  # C(8, 5)
 
 
 @needs_libtpu

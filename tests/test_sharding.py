@@ -29,8 +29,8 @@ def test_two_fill_axes_rejected():
 def test_mesh_axes_order_and_types():
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
   assert mesh.axis_names == sharding.AXES == (
-      "diloco", "data", "fsdp", "expert", "sequence", "tensor")
-  assert dict(mesh.shape) == {"diloco": 1, "data": 2, "fsdp": 2, "expert": 1,
+      "diloco", "data", "stage", "fsdp", "expert", "sequence", "tensor")
+  assert dict(mesh.shape) == {"diloco": 1, "data": 2, "stage": 1, "fsdp": 2, "expert": 1,
                               "sequence": 1, "tensor": 2}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 

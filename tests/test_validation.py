@@ -62,9 +62,9 @@ CLI_CASES = {
                    "'ten' is not a valid int"),
     "rules_misspelt_axis": (["--config.mesh.rules.embed=('fdsp',)"],
                             "mesh.rules.embed",
-                            "'fdsp' is not a mesh axis; the mesh axes are diloco, data, fsdp"),
+                            "'fdsp' is not a mesh axis; the mesh axes are diloco, data, stage, fsdp"),
     "rules_none": (["--config.mesh.rules.embed=None"], "mesh.rules.embed",
-                   "None is not a mesh axis; the mesh axes are diloco, data, fsdp"),
+                   "None is not a mesh axis; the mesh axes are diloco, data, stage, fsdp"),
     "placeholder_none": (["--config.optim.decay_steps=None"], "optim.decay_steps",
                          "is an optional int, unset (None) unless given. Fix: pass "
                          "a value of type int, e.g. --config.optim.decay_steps=100"),
