@@ -32,6 +32,7 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
   new.train.eval_every = 2
   new.model.remat = "full"
   new.train.grad_accum_steps = 2           # a dense model: the same mean gradient
+  new.pipeline.update(microbatches=2, schedule="circular", repeats=2)
   changes = trajectory_changes(_as_dict(old), _as_dict(new))
   assert sorted((f, a, b) for f, a, b, _ in changes) == [
       ("data.seq_len", 16, 32),
@@ -42,6 +43,17 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
       ("train.steps", 3, 6),
   ]
   assert trajectory_changes(_as_dict(old), _as_dict(make_tiny_config())) == []
+  # An MoE model's losses are per microbatch; a run saved before the pipeline
+  # group existed had one.
+  old.model.moe.num_experts = new.model.moe.num_experts = 4
+  new = _as_dict(new)
+  fields = [f for f, *_ in trajectory_changes(_as_dict(old), new)]
+  assert "pipeline.microbatches" in fields and "train.grad_accum_steps" in fields
+  saved = _as_dict(old)
+  del saved["pipeline"]
+  new["pipeline"]["microbatches"] = 1
+  assert "pipeline.microbatches" not in [
+      f for f, *_ in trajectory_changes(saved, new)]
 
 
 def test_steps_are_a_change_only_while_they_set_the_schedule_length():

@@ -92,7 +92,11 @@ ABSENT = "(absent)"
 # resuming with a different value continues the same trajectory.
 _SAME_TRAJECTORY_GROUPS = ("mesh.", "log.", "checkpoint.")
 _SAME_TRAJECTORY_FIELDS = ("model.attention", "model.remat", "train.eval_every",
-                           "train.eval_steps", "optim.offload")
+                           "train.eval_steps", "optim.offload", "pipeline.schedule",
+                           "pipeline.repeats")
+# The same mean gradient in a dense model; per-micro-batch MoE losses otherwise.
+_SPLITS_OF_THE_BATCH = {"train.grad_accum_steps": "micro-batch",
+                        "pipeline.microbatches": "pipeline microbatch"}
 
 
 def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, str]]:
@@ -100,9 +104,10 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   a run resumed with `config` continue differently from the run saved with `saved`:
   model, data, optimizer, batch size, seed and other train fields. Not reported:
   mesh sizes and rules, log.*, checkpoint.*, the attention implementation, remat,
-  evaluation settings. `train.steps` and `optim.decay_steps` are reported only when
-  the schedule's length (decay_steps, or train.steps when it is unset) changes;
-  `train.grad_accum_steps` only for MoE models (their losses are per micro-batch).
+  evaluation settings, the pipeline schedule. `train.steps` and
+  `optim.decay_steps` are reported only when the schedule's length (decay_steps,
+  or train.steps when it is unset) changes; `train.grad_accum_steps` and
+  `pipeline.microbatches` only for MoE models (their losses are per micro-batch).
   """
   old, new = flatten(saved), flatten(config)
   schedule = {"train.steps", "optim.decay_steps"}
@@ -113,10 +118,12 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
         or field in _SAME_TRAJECTORY_FIELDS or field in schedule):
       continue
     note = ""
-    if field == "train.grad_accum_steps":
-      if not (old.get("model.moe.num_experts") or new.get("model.moe.num_experts")):
+    if field in _SPLITS_OF_THE_BATCH:
+      if (not (old.get("model.moe.num_experts") or new.get("model.moe.num_experts"))
+          or {a, b} == {ABSENT, 1}):  # saved before the field existed: 1
         continue
-      note = "MoE load-balancing and router losses are computed per micro-batch"
+      note = ("MoE load-balancing and router losses are computed per "
+              f"{_SPLITS_OF_THE_BATCH[field]}")
     changes.append((field, a, b, note))
   length = lambda c: c.get("optim.decay_steps") or c.get("train.steps")  # noqa: E731
   if length(old) != length(new):
