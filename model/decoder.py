@@ -16,8 +16,8 @@ from model.embedding import Embed
 from model.linear import dense
 from model.norms import RMSNorm
 from model.params import param
-from model.pipeline import Pipeline
 from model import pipeline as pipeline_lib
+from model.pipeline import Pipeline
 from sharding import LogicalConstraint
 
 REMAT_POLICIES = {
@@ -255,10 +255,7 @@ class Decoder(nnx.Module):
       return carry, stats
 
     carry, stats = pipeline_lib.run(self.pipeline, stage, state, carry, rows)
-    if ladder:
-      x = carry[0] + carry[1] + carry[2]
-    else:
-      x = carry
+    x = carry[0] + carry[1] + carry[2] if ladder else carry  # pending outputs land
     return x, None, None if stats is None else moe.merge_microbatches(stats)
 
 
