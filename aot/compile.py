@@ -260,9 +260,11 @@ def compile_step(config, topology: str, what: str = "train",
 def _pipeline(pipe, text: str, sizes: dict[str, int]) -> dict[str, Any]:
   """The pipeline's bubble read from the compiled loops, next to its formula."""
   loops = costs_lib.pipeline_loops(text, sharding.AXES,
-                                   [sizes[a] for a in sharding.AXES])
-  return dict(stages=pipe.stages, microbatches=pipe.microbatches,
-              repeats=pipe.repeats, iterations=loops.trips if loops else [],
+                                   [sizes[a] for a in sharding.AXES],
+                                   pipe.repeats * pipe.microbatches)
+  return dict(schedule=pipe.schedule, stages=pipe.stages,
+              microbatches=pipe.microbatches, repeats=pipe.repeats,
+              iterations=loops.trips if loops else [],
               bubble=loops.bubble if loops else math.nan,
               bubble_formula=pipe.bubble)
 
@@ -491,10 +493,13 @@ def _pipeline_lines(r: Report) -> list[str]:
   if not r.pipeline:
     return []
   p = r.pipeline
+  formula = ("2(S-1)/(M+2(S-1))" if p.get("schedule") == "1f1b"
+             else "(S-1)/(R*M+S-1)")
   return [f"  pipeline bubble              {p['bubble']:.1%} of stage-time idle in "
           f"the compiled loops ({'/'.join(map(str, p['iterations'])) or 'none'} "
-          f"iterations); formula (S-1)/(R*M+S-1) = {p['bubble_formula']:.1%} "
-          f"(S={p['stages']}, M={p['microbatches']}, R={p['repeats']})"]
+          f"iterations); {p.get('schedule', 'gpipe')} formula {formula} = "
+          f"{p['bubble_formula']:.1%} (S={p['stages']}, M={p['microbatches']}, "
+          f"R={p['repeats']})"]
 
 
 def _estimate_lines(r: Report) -> list[str]:

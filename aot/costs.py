@@ -324,23 +324,26 @@ def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape) -> Collecti
 class PipelineLoops:
   """The pipeline's loops in a compiled step (model/pipeline.py): while loops
   whose body passes activations between stages by collective-permute over the
-  stage axis. Forward and backward each have one."""
+  stage axis. GPipe and circular: one forward and one backward loop; 1F1B: one
+  loop doing both."""
   stages: int                 # devices in the ring of the permute (S)
-  trips: list[int]            # iterations of each loop (R*M + S - 1 each)
+  work: int                   # iterations in which a stage has work (R*M)
+  trips: list[int]            # iterations of each loop, as compiled
   flops: list[float]          # per device, per iteration, including nested loops
 
   @property
   def bubble(self) -> float:
     """Fraction of the loops' stage-time idle: in each loop every stage is busy
-    in all but S - 1 of its iterations; loops weighted by their FLOPs."""
+    in `work` of its iterations; loops weighted by their FLOPs."""
     total = sum(t * f for t, f in zip(self.trips, self.flops))
-    idle = sum((self.stages - 1) * f for f in self.flops)
+    idle = sum((t - self.work) * f for t, f in zip(self.trips, self.flops))
     return idle / total if total else math.nan
 
 
 def pipeline_loops(hlo_text: str, mesh_axes: Sequence[str], mesh_shape: Sequence[int],
-                   axis: str = "stage") -> PipelineLoops | None:
-  """The pipeline loops of a compiled program, or None if it has none."""
+                   work: int, axis: str = "stage") -> PipelineLoops | None:
+  """The pipeline loops of a compiled program, or None if it has none; `work`:
+  the iterations of a loop in which a stage is busy (R*M)."""
   comps = hlo.parse(hlo_text)
   instrs = hlo.instructions(comps)
   stages = dict(zip(mesh_axes, mesh_shape)).get(axis, 1)
@@ -362,4 +365,4 @@ def pipeline_loops(hlo_text: str, mesh_axes: Sequence[str], mesh_shape: Sequence
       flops.append(sum(times * _matmul_flops(i, instrs)
                        for name, times in counts.items() for i in comps[name]
                        if i.opcode in ("convolution", "dot")))
-  return PipelineLoops(stages, trips, flops) if trips else None
+  return PipelineLoops(stages, work, trips, flops) if trips else None

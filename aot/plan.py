@@ -2,7 +2,7 @@
 
 Candidates are the factorisations of the topology's device count over the mesh
 axes (data, stage, fsdp, expert, sequence, tensor) times the remat policies (and,
-with pipeline stages, GPipe microbatch counts: `microbatch_choices`), kept when
+with pipeline stages, microbatch counts and schedules: `pipeline_choices`), kept when
 they pass the same validation `train` runs (`train/validate.py`). Each is compiled
 deviceless (`aot/compile.py`) and the plans are ranked: those that fit in HBM
 first, then by estimated step time, then by memory per device.
@@ -58,12 +58,14 @@ class Plan:
   mfu_estimate: float = math.nan
   exposed: dict[str, float] = dataclasses.field(default_factory=dict)  # s per axes
   microbatches: int = 1      # pipeline microbatches (mesh.stage > 1)
+  schedule: str = "gpipe"    # pipeline schedule (mesh.stage > 1)
 
   def flags(self) -> str:
     """The plan as command-line overrides."""
     return " ".join([f"--config.mesh.{a}={self.mesh[a]}" for a in sharding.AXES]
                     + [f"--config.model.remat={self.remat}"]
-                    + ([f"--config.pipeline.microbatches={self.microbatches}"]
+                    + ([f"--config.pipeline.microbatches={self.microbatches}",
+                        f"--config.pipeline.schedule={self.schedule}"]
                        if self.mesh.get("stage", 1) > 1 else []))
 
   def to_json(self) -> dict[str, Any]:
@@ -115,14 +117,14 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   candidates = []
   for mesh in meshes:
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.AXES}
-    for micro in microbatch_choices(config, mesh["stage"]):
+    for micro, schedule in pipeline_choices(config, mesh["stage"]):
       for remat in remats:
-        c = _override(config, mesh, remat, micro)
+        c = _override(config, mesh, remat, micro, schedule)
         try:
           validate_config(c, len(devices))
         except ConfigError:
           continue
-        candidates.append((mesh, remat, micro, c))
+        candidates.append((mesh, remat, (micro, schedule), c))
   if not candidates:
     raise ConfigError("mesh", f"no mesh of {len(devices)} devices passes validation "
                       "for this config.", "check the config with "
@@ -131,10 +133,11 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   plans, floors, compiled = [], {}, 0
   bar = tqdm(candidates, desc=f"plan {topology}", disable=not progress,
              dynamic_ncols=True)
-  for mesh, remat, micro, c in bar:
+  for mesh, remat, (micro, schedule), c in bar:
     bar.set_postfix_str(" ".join(f"{a}={s}" for a, s in mesh.items() if s > 1)
                         + f" remat={remat}"
-                        + (f" microbatches={micro}" if mesh["stage"] > 1 else ""))
+                        + (f" {schedule} M={micro}" if mesh["stage"] > 1 else ""))
+    pipe = dict(microbatches=micro, schedule=schedule)
     key = tuple(mesh.values())
     if key not in floors:
       floors[key] = state_bytes(c, devices)
@@ -142,12 +145,12 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
       plans.append(Plan(mesh, remat, False, math.nan, floors[key], math.nan,
                         f"state and batch alone need "
                         f"{sharding.format_bytes(floors[key])} per device",
-                        microbatches=micro))
+                        **pipe))
       continue
     if max_plans is not None and compiled >= max_plans:
       plans.append(Plan(mesh, remat, None, math.nan, floors[key], math.nan,
                         f"not compiled: max_plans={max_plans} reached",
-                        microbatches=micro))
+                        **pipe))
       continue
     compiled += 1
     try:
@@ -156,13 +159,13 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
     except Exception as err:  # noqa: BLE001 -- one failing plan must not end the search
       plans.append(Plan(mesh, remat, False, math.nan, floors[key], math.nan,
                         f"compile failed: {str(err).strip().splitlines()[0]}",
-                        microbatches=micro))
+                        **pipe))
       continue
     plans.append(Plan(mesh, remat, report.fits, report.time.get("estimate", math.nan),
                       report.memory["total"], report.mfu_bound,
                       report.error.splitlines()[0] if report.error else "", report,
                       report.time.get("roofline", math.nan), report.mfu_estimate,
-                      report.exposed_communication, micro))
+                      report.exposed_communication, **pipe))
   bar.close()
   return sorted(plans, key=_rank)
 
@@ -179,24 +182,27 @@ def _num_experts(config) -> int:
   return int(moe.get("num_experts", 0)) if moe is not None else 0
 
 
-def microbatch_choices(config, stages: int) -> tuple[int, ...]:
-  """Pipeline microbatch counts a plan tries: the config's own without stages;
-  with S stages, S and 4S (GPipe bubbles (S-1)/(2S-1) and (S-1)/(5S-1)), those
-  the batch cannot split being dropped by validation."""
+def pipeline_choices(config, stages: int) -> tuple[tuple[int, str], ...]:
+  """(microbatches, schedule) pairs a plan tries: the config's own without
+  stages; with S stages GPipe at M = S and 4S (bubbles (S-1)/(2S-1) and
+  (S-1)/(5S-1)) and 1F1B at 4S (bubble 2(S-1)/(6S-2), memory that does not grow
+  with M); those the batch cannot split are dropped by validation."""
+  p = config.get("pipeline")
   if stages == 1:
-    p = config.get("pipeline")
-    return (int(p.microbatches) if p is not None else 1,)
-  return (stages, 4 * stages)
+    return ((int(p.microbatches) if p is not None else 1,
+             str(p.schedule) if p is not None else "gpipe"),)
+  return ((stages, "gpipe"), (4 * stages, "gpipe"), (4 * stages, "1f1b"))
 
 
-def _override(config, mesh: dict[str, int], remat: str, microbatches: int = 1):
+def _override(config, mesh: dict[str, int], remat: str, microbatches: int = 1,
+              schedule: str = "gpipe"):
   c = copy.deepcopy(config)
   c.mesh.update(**mesh)
   c.model.remat = remat
   if "pipeline" in c:
     c.pipeline.microbatches = microbatches
     if mesh["stage"] > 1:
-      c.pipeline.update(schedule="gpipe", repeats=1)
+      c.pipeline.update(schedule=schedule, repeats=1)
   return c
 
 
@@ -208,7 +214,7 @@ def table(plans: list[Plan]) -> str:
   for i, p in enumerate(plans, 1):
     mesh = " ".join(f"{a}={s}" for a, s in p.mesh.items() if s > 1) or "1 device"
     if p.mesh.get("stage", 1) > 1:
-      mesh += f" (M={p.microbatches})"
+      mesh += f" ({p.schedule} M={p.microbatches})"
     fits = {True: "yes", False: "no", None: "?"}[p.fits]
     rows.append((str(i), mesh, p.remat, fits,
                  # not compiled: what the state and batch alone need

@@ -1,16 +1,16 @@
 """Pipeline memory and bubble: llama_1b at stage=4 on v5e:2x4, compiled deviceless.
 
   python benchmarks/pipeline.py [--microbatches=4,8,16,32]
-      [--schedules=gpipe,circular] [--write_rows=benchmarks/results/pipeline.jsonl]
+      [--schedules=gpipe,circular,1f1b] [--write_rows=benchmarks/results/pipeline.jsonl]
 
-For each schedule (gpipe; circular with 2 repeats) and microbatch count M,
+For each schedule (gpipe; circular with 2 repeats; 1f1b) and microbatch count M,
 compiles llama_1b's train step for a TPU v5e 2x4 slice (libtpu's deviceless
 compile; no TPU needed) on mesh stage=4 x fsdp=2, with a fixed microbatch of 2
 sequences of 2048 tokens (one per FSDP shard), so the global batch is 2M
 sequences and the work per microbatch is the same at every M. Prints per plan
 the compiled temporary memory per device (XLA's buffer assignment), the bubble
-read from the compiled pipeline loops, and the formula (S-1)/(R*M+S-1); one
-JSON line each. A plan beyond the chip's 16 GiB is refused by the compiler, which
+read from the compiled pipeline loops, and the schedule's formula
+((S-1)/(R*M+S-1); 1F1B: 2(S-1)/(M+2(S-1))); one JSON line each. A plan beyond the chip's 16 GiB is refused by the compiler, which
 says how many bytes of temporaries it asked for: that figure is recorded.
 """
 
@@ -28,7 +28,8 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("microbatches", ["4", "8", "16", "32"], "microbatch counts M")
-flags.DEFINE_list("schedules", ["gpipe", "circular"], "gpipe | circular (R=2)")
+flags.DEFINE_list("schedules", ["gpipe", "circular", "1f1b"],
+                  "gpipe | circular (R=2) | 1f1b")
 flags.DEFINE_string("topology", "v5e:2x4", "TPU topology to compile for")
 flags.DEFINE_string("write_rows", "", "append one JSON line per plan here")
 

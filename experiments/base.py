@@ -139,6 +139,8 @@ def get_config(arg=None) -> ConfigDict:
   c.pipeline = ConfigDict(dict(
       microbatches=1,          # M: must divide the per-replica batch
       schedule="gpipe",        # gpipe | circular (interleaved: `repeats` groups/stage)
+      #                          | 1f1b (forward and backward in one loop: memory
+      #                          bounded by the stages, not the microbatches)
       repeats=1,               # R: circular only; layers must divide by stage * R
   ))
 

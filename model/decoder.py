@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,37 @@ class Decoder(nnx.Module):
     logits, _, stats = self._run(tokens, ctx)
     return logits, moe.aggregate(stats) if stats else {}
 
+  def loss(self, tokens: jax.Array, targets: jax.Array,
+           positions: jax.Array | None = None,
+           segment_ids: jax.Array | None = None, *, token_loss: Callable):
+    """The training loss of a batch: `token_loss` of the logits plus, for an MoE
+    model, its router losses weighted by cfg.moe (aux_loss_weight, z_loss_weight).
+
+    token_loss(logits [rows, length, vocab], targets [rows, length]) -> (loss,
+    metric): float32 scalars, means over the rows given, so that the mean over
+    equal microbatches is the batch's. Returns (loss, (metric, aux)), aux as
+    `forward_and_aux` gives it.
+
+    Under the 1F1B pipeline schedule the whole batch's logits never exist: each
+    microbatch's loss and its gradient are computed inside the pipeline loop
+    (`pipeline.one_forward_one_backward`), and this function's VJP returns that
+    gradient times the loss's cotangent; `metric` and `aux` then carry none.
+    """
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if self.pipeline.active and self.pipeline.schedule == "1f1b":
+      return self._one_forward_one_backward(tokens, targets, positions, segment_ids,
+                                            token_loss)
+    logits, aux = self.forward_and_aux(tokens, positions, segment_ids)
+    loss, metric = token_loss(logits, targets)
+    return loss + self._router_loss(aux), (metric, aux)
+
+  def _router_loss(self, aux: dict) -> jax.Array | float:
+    if not aux:
+      return 0.0
+    return (self.cfg.moe.aux_loss_weight * aux["moe_aux_loss"]
+            + self.cfg.moe.z_loss_weight * aux["moe_z_loss"])
+
   def prefill(self, tokens: jax.Array, lengths: jax.Array,
               cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Prompts from position 0 into an empty cache.
@@ -138,13 +169,17 @@ class Decoder(nnx.Module):
     """-> (logits, cache, MoE router stats or None)."""
     x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
     x, cache, stats = self.run_layers(x, ctx, cache, layers)
+    return self._head(x), cache, stats
+
+  def _head(self, x: jax.Array) -> jax.Array:
+    """[batch, length, embed] after the last layer -> logits [batch, length,
+    vocab]."""
     x = self.final_norm(x)
     if self.cfg.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = dense(x, self.head[...].astype(self.cfg.dtype))
-    logits = self.constrain(logits, ("batch", "length", "act_vocab"))
-    return logits, cache, stats
+    return self.constrain(logits, ("batch", "length", "act_vocab"))
 
   def split_layers(self) -> list[nnx.State]:
     """Each scanned step's parameters as separate arrays, for `layers=`.
@@ -257,6 +292,69 @@ class Decoder(nnx.Module):
     carry, stats = pipeline_lib.run(self.pipeline, stage, state, carry, rows)
     x = carry[0] + carry[1] + carry[2] if ladder else carry  # pending outputs land
     return x, None, None if stats is None else moe.merge_microbatches(stats)
+
+  def _one_forward_one_backward(self, tokens, targets, positions, segment_ids,
+                                token_loss):
+    """`loss` under the 1F1B schedule: a function whose forward computes its own
+    gradient (jax.custom_vjp), so the training step's jax.value_and_grad is
+    unchanged."""
+    graphdef, layers, outer = nnx.split(self, nnx.PathContains("layers"), ...)
+    layers_def, _ = nnx.split(self.layers)
+    (kind, _, _), = self.cfg.segments()
+    ladder = kind == "ladder"
+    units = self.cfg.num_layers // self.cfg.unit
+    moe_cfg, constrain = self.cfg.moe, self.constrain
+    layer_body = self._layer_body  # reads only static fields of self
+
+    def value_and_grad(layers, outer, inputs):
+      def model(o):
+        return nnx.merge(graphdef, layers, o)
+
+      def first_fn(o, inp):
+        x = constrain(model(o).embed(inp["tokens"]), ("batch", "length", "act_embed"))
+        return (x, jnp.zeros_like(x), jnp.zeros_like(x)) if ladder else x
+
+      def last_fn(o, carry, inp):
+        x = carry[0] + carry[1] + carry[2] if ladder else carry
+        loss, metric = token_loss(model(o)._head(x), inp["targets"])
+        return loss.astype(jnp.float32), metric.astype(jnp.float32)
+
+      def stage_fn(params, carry, rows):
+        ctx = blocks.Context(rows["positions"], rows["segment_ids"])
+        steps = jax.tree.leaves(params)[0].shape[0]
+        (carry, _), stats = jax.lax.scan(layer_body(layers_def, kind, ctx),
+                                         (carry, None),
+                                         (params, jnp.zeros(steps, jnp.int32)))
+        loss = jnp.zeros((), jnp.float32)
+        if stats is not None:  # this stage's share of the mean over MoE units
+          loss += (moe_cfg.aux_loss_weight * jnp.sum(stats["aux_loss"])
+                   + moe_cfg.z_loss_weight * jnp.sum(stats["z_loss"])) / units
+        return carry, stats, loss
+
+      rows = {"positions": inputs["positions"], "segment_ids": inputs["segment_ids"]}
+      loss, metric, stats, (g_outer, g_layers) = (
+          pipeline_lib.one_forward_one_backward(
+              self.pipeline, first_fn, stage_fn, last_fn, outer, layers["layers"],
+              inputs, rows))
+      aux = {} if stats is None else moe.aggregate(moe.merge_microbatches(stats))
+      g_layers = jax.tree.unflatten(jax.tree.structure(layers),
+                                    jax.tree.leaves(g_layers))
+      return (loss, (metric, aux)), (g_layers, g_outer)
+
+    @jax.custom_vjp
+    def f(layers, outer, inputs):
+      return value_and_grad(layers, outer, inputs)[0]
+
+    def f_fwd(layers, outer, inputs):
+      return value_and_grad(layers, outer, inputs)
+
+    def f_bwd(grads, cotangent):
+      g = cotangent[0]  # of the loss; metric and aux carry none
+      return (*jax.tree.map(lambda x: x * g.astype(x.dtype), grads), None)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(layers, outer, {"tokens": tokens, "targets": targets,
+                             "positions": positions, "segment_ids": segment_ids})
 
 
 def _mask(mask: jax.Array | None, tokens: jax.Array) -> jax.Array | None:

@@ -1,4 +1,4 @@
-"""Pipeline parallelism in one SPMD program: GPipe and the circular schedule.
+"""Pipeline parallelism in one SPMD program: GPipe, circular and 1F1B schedules.
 
 The layer stack is split into S stages along its leading `layers` axis, which the
 sharding rules map to the `stage` mesh axis, and the batch into M microbatches.
@@ -27,6 +27,13 @@ The parameters keep their layer order [L, ...], so checkpoints do not depend on
 the schedule; for R > 1 that order is not stage-contiguous and the compiler moves
 each stage's groups to it once per step (measured in benchmarks/README.md,
 "Pipeline parallelism").
+
+GPipe and circular are forward loops that autodiff turns into backward loops,
+so a stage keeps what its backward needs of all M microbatches until the
+forward loop ends: activation memory grows with M. `one_forward_one_backward`
+(schedule "1f1b", after PipeDream-Flush, Narayanan et al. 2021, arXiv
+2006.09503) runs forward and backward in one loop, with the loss inside it,
+and keeps at most 2S - 1 microbatches' stage inputs per stage, whatever M.
 """
 
 from __future__ import annotations
@@ -38,18 +45,20 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-SCHEDULES = ("gpipe", "circular")
+SCHEDULES = ("gpipe", "circular", "1f1b")
 
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
   """How the decoder runs its layer stack in training: `stages` (S) over the mesh
   axes `axes`, `microbatches` (M) per batch, `repeats` (R) layer groups per stage
-  (R > 1: the circular schedule). The default runs the layers in one scan."""
+  (R > 1: the circular schedule), `schedule` one of SCHEDULES. The default runs
+  the layers in one scan."""
   stages: int = 1
   microbatches: int = 1
   repeats: int = 1
   axes: tuple[str, ...] = ("stage",)
+  schedule: str = "gpipe"
 
   @property
   def active(self) -> bool:
@@ -57,13 +66,17 @@ class Pipeline:
 
   @property
   def iterations(self) -> int:
-    """Stage-steps per batch: R*M + S - 1."""
+    """Iterations of each pipeline loop: R*M + S - 1; for 1F1B, whose loop
+    takes a microbatch through every stage and back, M + 2(S - 1)."""
+    if self.schedule == "1f1b":
+      return self.microbatches + 2 * (self.stages - 1)
     return self.repeats * self.microbatches + self.stages - 1
 
   @property
   def bubble(self) -> float:
-    """Fraction of stage-time idle: (S-1) / (R*M + S-1)."""
-    return (self.stages - 1) / self.iterations
+    """Fraction of stage-time idle: (S-1) / (R*M + S-1); 1F1B: 2(S-1) / (M +
+    2(S-1)), each of its iterations being a forward and a backward."""
+    return 1 - self.repeats * self.microbatches / self.iterations
 
 
 def microbatches(tree: Any, n: int) -> Any:
@@ -173,3 +186,133 @@ def run(pipe: Pipeline, stage_fn: Callable, stacked: Any, carry: Any,
         lambda a: a.transpose(2, 1, 0, *range(3, a.ndim)).reshape(
             M, units, *a.shape[4:]), stats)
   return out, stats
+
+
+
+def one_forward_one_backward(pipe: Pipeline, first_fn: Callable, stage_fn: Callable,
+                             last_fn: Callable, outer: Any, stacked: Any,
+                             inputs: Any, rows: Any):
+  """The loss of a batch and its gradient, with forward and backward interleaved
+  so that a stage's live activations do not grow with M (schedule "1f1b").
+
+  first_fn(outer, inputs) -> carry: stage 0's input for one microbatch (the
+    embedding), leaves [batch/M, ...].
+  stage_fn(params, carry, rows) -> (carry, stats, loss): K consecutive scanned
+    steps (parameters leaves [K, ...]); `loss` is a float32 scalar the stage
+    adds to the microbatch's loss (an MoE model's router losses; 0 otherwise).
+  last_fn(outer, carry, inputs) -> (loss, metric): float32 scalars for one
+    microbatch, means over its rows (the head and the token loss).
+  outer: the parameters outside the layer stack; stacked: the layer stack,
+    leaves [S*K, ...] in layer order; inputs, rows: leaves [batch, ...].
+
+  The loss is the mean over microbatches of last_fn's loss plus every stage's.
+  Iteration t: stage s runs the forward of microbatch t - s and the backward of
+  microbatch t - 2(S-1) + s; on the last stage the loss and its gradient come
+  between the two, so it runs both halves of a microbatch in one iteration.
+  Activations go forward by `jnp.roll(+1)` and input gradients backward by
+  `jnp.roll(-1)` over the stage dimension: two collective-permutes per
+  iteration. A stage keeps only its inputs, in 2S - 1 slots (microbatch f in
+  slot f mod 2S-1 from its forward until its backward, 2(S-1-s) iterations
+  later), and recomputes its forward inside the backward (jax.vjp), under the
+  model's remat policy. Like every stage's program, the embedding and the head
+  run on every stage, masked: no stage waits on a broadcast.
+
+  The price of the bound: M + 2(S-1) iterations, each a forward and a backward,
+  where GPipe's two loops take M + S - 1 each; and one more forward per
+  microbatch and stage.
+
+  Returns (loss, metric, stats: leaves [M, S*K, ...] in layer order or None,
+  gradients (of outer, of stacked) in the parameters' dtypes).
+  """
+  S, M = pipe.stages, pipe.microbatches
+  W = 2 * S - 1
+  units = jax.tree.leaves(stacked)[0].shape[0]
+  K = units // S
+  stage_major = lambda tree: _constrain_leading(tree, pipe.axes)  # noqa: E731
+  at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+  zeros = lambda tree, lead=(), dtype=None: jax.tree.map(  # noqa: E731
+      lambda a: jnp.zeros((*lead, *a.shape), dtype or a.dtype), tree)
+  params = stage_major(jax.tree.map(lambda p: p.reshape(S, K, *p.shape[1:]),
+                                    stacked))
+  inputs_mb, rows_mb = microbatches(inputs, M), microbatches(rows, M)
+  carry = jax.eval_shape(first_fn, outer, at(inputs_mb, 0))
+  stats = jax.eval_shape(stage_fn, at(params, 0), carry, at(rows_mb, 0))[1]
+  loop = dict(
+      stash=stage_major(zeros(carry, (S, W))),
+      sent=stage_major(zeros(carry, (S,))),       # forward outputs, to roll +1
+      grad_sent=stage_major(zeros(carry, (S,))),  # input gradients, to roll -1
+      grad_stacked=stage_major(zeros(at(params, 0), (S,), jnp.float32)),
+      grad_outer=stage_major(zeros(outer, (S,), jnp.float32)),
+      loss=jnp.zeros(S, jnp.float32), metric=jnp.zeros(S, jnp.float32),
+      stats=None if stats is None else stage_major(zeros(stats, (S, M))))
+  where = lambda ok, tree: jax.tree.map(  # noqa: E731
+      lambda a: jnp.where(ok, a, jnp.zeros_like(a)), tree)
+  add = lambda acc, g: jax.tree.map(  # noqa: E731
+      lambda a, b: a + b.astype(a.dtype), acc, g)
+
+  def one_stage(s, params_s, loop_s, received, received_grad, t):
+    # Forward of microbatch f: stage 0 embeds it, the others take what came.
+    f = t - s
+    ok_f = (f >= 0) & (f < M)
+    f = jnp.clip(f, 0, M - 1)
+    first = first_fn(outer, at(inputs_mb, f))
+    x = jax.tree.map(lambda a, b: jnp.where(s == 0, a, b), first, received)
+    stash = jax.tree.map(
+        lambda b, v: b.at[f % W].set(jnp.where(ok_f, v, b[f % W])),
+        loop_s["stash"], x)
+    out, st, stage_loss = stage_fn(params_s, x, at(rows_mb, f))
+    stats = loop_s["stats"]
+    if stats is not None:
+      stats = jax.tree.map(lambda a, v: a.at[f].set(jnp.where(ok_f, v, a[f])),
+                           stats, st)
+    # The last stage's microbatch leaves the model: its loss and gradient.
+    last = ok_f & (s == S - 1)
+    (loss, metric), last_vjp = jax.vjp(
+        lambda o, c: last_fn(o, c, at(inputs_mb, f)), outer, out)
+    g_last_outer, g_out = last_vjp((jnp.where(last, 1.0 / M, 0.0).astype(loss.dtype),
+                                    jnp.zeros_like(metric)))
+    # Backward of microbatch b, its forward recomputed from the stash.
+    b = t - 2 * (S - 1) + s
+    ok_b = (b >= 0) & (b < M)
+    b = jnp.clip(b, 0, M - 1)
+    g = where(ok_b, jax.tree.map(lambda a, c: jnp.where(s == S - 1, a, c),
+                                 g_out, received_grad))
+
+    def stage(p, x):
+      y, _, stage_loss = stage_fn(p, x, at(rows_mb, b))
+      return y, stage_loss
+    _, stage_vjp = jax.vjp(stage, params_s, at(stash, b % W))
+    g_params, g_x = stage_vjp((g, jnp.where(ok_b, 1.0 / M, 0.0).astype(jnp.float32)))
+    # Stage 0's input gradient reaches the embedding.
+    _, first_vjp = jax.vjp(lambda o: first_fn(o, at(inputs_mb, b)), outer)
+    g_first, = first_vjp(where(ok_b & (s == 0), g_x))
+    return dict(
+        stash=stash, sent=out, grad_sent=g_x,
+        grad_stacked=add(loop_s["grad_stacked"], where(ok_b, g_params)),
+        grad_outer=add(add(loop_s["grad_outer"], where(last, g_last_outer)),
+                       g_first),
+        loss=(loop_s["loss"] + jnp.where(last, loss, 0) / M
+              + jnp.where(ok_f, stage_loss, 0) / M),
+        metric=loop_s["metric"] + jnp.where(last, metric, 0) / M, stats=stats)
+
+  def iteration(loop, t):
+    received = stage_major(jax.tree.map(lambda a: jnp.roll(a, 1, 0), loop["sent"]))
+    received_grad = stage_major(jax.tree.map(lambda a: jnp.roll(a, -1, 0),
+                                             loop["grad_sent"]))
+    loop = jax.vmap(one_stage, in_axes=(0, 0, 0, 0, 0, None),
+                    spmd_axis_name=pipe.axes if len(pipe.axes) > 1 else pipe.axes[0])(
+        jnp.arange(S), params, loop, received, received_grad, t)
+    return stage_major(loop), None
+
+  loop, _ = jax.lax.scan(iteration, loop, jnp.arange(pipe.iterations))
+  cast = lambda g, p: jax.tree.map(lambda a, b: a.astype(b.dtype), g, p)  # noqa: E731
+  grad_outer = jax.tree.map(lambda g: jnp.sum(g, 0), loop["grad_outer"])
+  grad_stacked = jax.tree.map(lambda g: g.reshape(units, *g.shape[2:]),
+                              loop["grad_stacked"])
+  stats = loop["stats"]
+  if stats is not None:
+    # [S, M, K, ...] -> [M, S*K, ...]: layer order.
+    stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(
+        M, units, *a.shape[3:]), stats)
+  return (jnp.sum(loop["loss"]), jnp.sum(loop["metric"]), stats,
+          (cast(grad_outer, outer), cast(grad_stacked, stacked)))

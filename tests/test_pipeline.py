@@ -1,11 +1,11 @@
-"""Pipeline parallelism (model/pipeline.py): GPipe and circular schedules over the
-`stage` mesh axis give the sequential model's losses and gradients, pass only
-activations between stages, and report their bubble."""
+"""Pipeline parallelism (model/pipeline.py): GPipe, circular and 1F1B schedules over
+the `stage` mesh axis give the sequential model's losses and gradients, pass only
+activations between stages, and report their bubble; 1F1B's memory does not grow
+with the microbatches."""
 
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,6 +17,7 @@ from model import Decoder, ModelConfig, MoEConfig
 from model.pipeline import Pipeline, microbatches, unmicrobatch
 from sharding import ConfigError
 from train.loop import train
+from train.step import cross_entropy
 from train.validate import validate_config
 
 BLOCKS = {  # name -> ModelConfig fields
@@ -36,15 +37,22 @@ def test_microbatches_round_trip_and_keep_rows_strided():
   np.testing.assert_array_equal(unmicrobatch(mb), x)
 
 
+def _token_loss(logits, targets):
+  nll, lse2 = cross_entropy(logits, targets)
+  return nll + 0.1 * lse2, nll
+
+
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_stages_give_the_sequential_losses_and_gradients(block):
-  """On a stage x data x tensor mesh of 8 devices, S = 2 and 4 (GPipe) and S = 2,
-  R = 2 (circular) equal one scan over the layers: loss and every gradient, with
-  the same microbatches (an MoE layer's load-balancing loss is a mean over
-  microbatches, as under accumulation)."""
+  """On stage x data x tensor meshes of 8 devices, S = 2 and 4 (GPipe), S = 2,
+  R = 2 (circular) and S = 2 and 4 (1F1B; at S = 2 the 4 microbatches reuse its
+  3 stash slots) equal one scan over the layers: loss, metric and every
+  gradient, with the same microbatches (an MoE layer's load-balancing loss is a
+  mean over microbatches, as under accumulation)."""
   cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=8, num_heads=4,
                     num_kv_heads=2, head_dim=8, d_ff=64, **BLOCKS[block])
   tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 64)
+  targets = jax.random.randint(jax.random.key(2), (8, 16), 0, 64)
   model = Decoder(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
 
@@ -52,18 +60,21 @@ def test_stages_give_the_sequential_losses_and_gradients(block):
     m = nnx.merge(graphdef, params)
     m.pipeline = pipe
     m.constrain = sharding.LogicalConstraint(rules)
-    logits, aux = m.forward_and_aux(tokens)
-    return jnp.mean(logits ** 2) + sum(aux.values(), 0.0)
+    loss, (nll, _) = m.loss(tokens, targets, token_loss=_token_loss)
+    return loss, nll
 
-  grad = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
-  want_loss, want = grad(params, Pipeline(1, 4, 1))
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+  (want_loss, want_nll), want = grad(params, Pipeline(1, 4, 1))
   if block != "moe":  # a dense model does not depend on the microbatches at all
-    one_loss, one = grad(params, Pipeline())
+    (one_loss, _), one = grad(params, Pipeline())
     np.testing.assert_allclose(want_loss, one_loss, rtol=1e-6)
   rules = sharding.normalize_rules(None)
-  for stages, micro, repeats, mesh in ((2, 4, 1, dict(stage=2, data=2, tensor=2)),
-                                       (4, 4, 1, dict(stage=4, data=2)),
-                                       (2, 4, 2, dict(stage=2, data=4))):
+  for stages, repeats, schedule, mesh in (
+      (2, 1, "gpipe", dict(stage=2, data=2, tensor=2)),
+      (4, 1, "gpipe", dict(stage=4, data=2)),
+      (2, 2, "circular", dict(stage=2, data=4)),
+      (2, 1, "1f1b", dict(stage=2, data=2, tensor=2)),
+      (4, 1, "1f1b", dict(stage=4, tensor=2))):
     mesh = sharding.make_mesh({"data": 1, **mesh})
     placed = jax.device_put(params, jax.tree.map(
         lambda x: NamedSharding(mesh, sharding.logical_to_spec(
@@ -71,12 +82,14 @@ def test_stages_give_the_sequential_losses_and_gradients(block):
         if x.ndim and x.shape[0] == cfg.num_layers // cfg.unit
         else NamedSharding(mesh, jax.sharding.PartitionSpec()), params))
     with jax.set_mesh(mesh):
-      got_loss, got = grad(placed, Pipeline(stages, micro, repeats), rules)
+      (got_loss, got_nll), got = grad(
+          placed, Pipeline(stages, 4, repeats, schedule=schedule), rules)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(got_nll, want_nll, rtol=1e-5)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
                             jax.tree.leaves(want)):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7,
-                                 err_msg=f"{block} S={stages} R={repeats} {path}")
+                                 err_msg=f"{block} {schedule} S={stages} {path}")
 
 
 def _config(mesh=None, steps=3, **pipeline):
@@ -96,12 +109,13 @@ def _losses(config, workdir, devices=None):
 
 def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stages(
     tmp_path):
-  """3 steps on stage=2 x tensor=2 x data=2 equal 1 device; a checkpoint saved on
-  stage=2 resumes on stage=4 (circular) and on 1 device with the same losses;
-  the stage-split model generates what it does on one device."""
+  """2 steps on stage=2 x tensor=2 x data=2 (1F1B) equal 1 device; a checkpoint
+  saved on stage=2 resumes on stage=4 (circular) and on 1 device with the same
+  losses; the stage-split model generates what it does on one device."""
   one = _losses(_config(microbatches=2, steps=4), tmp_path / "one",
                 jax.devices()[:1])
-  c = _config(dict(stage=2, tensor=2, data=2), steps=2, microbatches=2)
+  c = _config(dict(stage=2, tensor=2, data=2), steps=2, microbatches=2,
+              schedule="1f1b")
   np.testing.assert_allclose(_losses(c, tmp_path / "s2"), one[:2], rtol=1e-5)
   shutil.copytree(tmp_path / "s2", tmp_path / "s2b")
   c4 = _config(dict(stage=4, data=2), steps=4, microbatches=4, schedule="circular")
@@ -123,13 +137,14 @@ def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stag
     assert infer.generate(split, prompts, max_new_tokens=5) == want
 
 
-def _compiled(mesh, **pipeline):
-  from aot import costs
+def _compile(mesh, batch_size=16, seq_len=16, **pipeline):
+  """The compiled train step of an 8-layer tiny model, and its spec and mesh."""
   from aot.compile import _train_step
   from train.state import model_spec, pipeline_from_config
   c = _config(mesh, **pipeline)
   c.model.num_layers = 8
-  c.train.batch_size = 16
+  c.train.batch_size = batch_size
+  c.data.seq_len = seq_len
   sizes = validate_config(c, 8)
   m = sharding.make_mesh(c.mesh)
   rules = sharding.normalize_rules(None)
@@ -137,25 +152,37 @@ def _compiled(mesh, **pipeline):
                     pipeline_from_config(c, sizes))
   step, args = _train_step(c, spec, m, rules)
   with jax.set_mesh(m):
-    text = step.lower(*args).compile().as_text()
+    return step.lower(*args).compile(), spec, m
+
+
+def _compiled(mesh, **pipeline):
+  from aot import costs
+  compiled, spec, m = _compile(mesh, **pipeline)
+  text = compiled.as_text()
   shape = [m.shape[a] for a in sharding.AXES]
   return (costs.analyze(text, sharding.AXES, shape).collectives,
-          costs.pipeline_loops(text, sharding.AXES, shape))
+          costs.pipeline_loops(text, sharding.AXES, shape,
+                               spec.pipeline.repeats * spec.pipeline.microbatches))
 
 
-@pytest.mark.parametrize("repeats", [1, 2])
-def test_stages_exchange_activations_and_the_bubble_matches_the_formula(repeats):
+@pytest.mark.parametrize("schedule, repeats",
+                         [("gpipe", 1), ("circular", 2), ("1f1b", 1)])
+def test_stages_exchange_activations_and_the_bubble_matches_the_formula(
+    schedule, repeats):
   """(S, M, R) = (4, 8, R): the loops pass one microbatch's activation per
-  iteration by collective-permute over `stage`; GPipe sends nothing else over
-  `stage` but the batch's activations in and out; the bubble read from the
-  compiled loops is (S-1)/(R*M+S-1)."""
+  iteration by collective-permute over `stage` (1F1B: its activations forward
+  and their gradients back, in one loop); GPipe sends nothing else over `stage`
+  but the batch's activations in and out, 1F1B nothing but the gradients of the
+  parameters outside the stack; the bubble read from the compiled loops is the
+  schedule's formula."""
   collectives, loops = _compiled(dict(stage=4, data=2), microbatches=8,
-                                 schedule="circular" if repeats > 1 else "gpipe",
-                                 repeats=repeats)
-  pipe = Pipeline(4, 8, repeats)
-  assert loops.trips == [pipe.iterations] * 2  # forward and backward
+                                 schedule=schedule, repeats=repeats)
+  pipe = Pipeline(4, 8, repeats, schedule=schedule)
+  one_loop = schedule == "1f1b"
+  assert loops.trips == [pipe.iterations] * (1 if one_loop else 2)
   assert loops.bubble == pytest.approx(pipe.bubble, rel=0.05)
-  assert pipe.bubble == pytest.approx(3 / (repeats * 8 + 3))
+  assert pipe.bubble == pytest.approx(
+      6 / (8 + 6) if one_loop else 3 / (repeats * 8 + 3))
   # [batch 16 / (data 2 x microbatches 8), length 16, embed 32] float32
   activation = 1 * 16 * 32 * 4
   over = [c for c in collectives if "stage" in c.axes]
@@ -164,10 +191,29 @@ def test_stages_exchange_activations_and_the_bubble_matches_the_formula(repeats)
       c.kind == "collective-permute" and c.bytes == c.count * activation
       for c in looped)
   once = [c for c in over if c.count == 1]
-  if repeats == 1:  # the batch in (gradient) and out: [8 rows, 16, 32] at most
+  if schedule == "gpipe":  # the batch in (gradient) and out: [8 rows, 16, 32]
     assert all(c.bytes <= 8 * activation + 128 for c in once), once
+  elif schedule == "1f1b":  # embedding, head, norm: [64, 32] x 2 + [32] float32,
+    # and a few scalars (the loss)
+    assert all(c.kind == "all-reduce" for c in once), once
+    assert (2 * 64 * 32 + 32) * 4 <= sum(c.bytes for c in once) <= (
+        2 * 64 * 32 + 32 + 64) * 4, once
   else:  # circular: each stage's layer groups move to it once per step
     assert any(c.kind == "all-to-all" for c in once)
+
+
+def test_1f1b_memory_does_not_grow_with_microbatches():
+  """At a fixed microbatch (one row of 512 tokens per data shard), S = 4: GPipe's
+  temporaries grow with M, 1F1B's stay flat (its stash has 2S-1 slots)."""
+  temps = {}
+  for schedule in ("gpipe", "1f1b"):
+    for m in (4, 16):
+      compiled, _, _ = _compile(dict(stage=4, data=2), batch_size=2 * m,
+                                seq_len=512, microbatches=m, schedule=schedule)
+      temps[schedule, m] = compiled.memory_analysis().temp_size_in_bytes
+  assert temps["gpipe", 16] > 1.5 * temps["gpipe", 4], temps
+  assert temps["1f1b", 16] < 1.1 * temps["1f1b", 4], temps
+  assert temps["1f1b", 16] < temps["gpipe", 16] / 2, temps
 
 
 @pytest.mark.parametrize("change, field", [
@@ -178,7 +224,7 @@ def test_stages_exchange_activations_and_the_bubble_matches_the_formula(repeats)
     (dict(mesh=dict(stage=4), schedule="circular", microbatches=2),
      "pipeline.microbatches"),
     (dict(mesh=dict(stage=2), repeats=2), "pipeline.repeats"),
-    (dict(mesh=dict(stage=2), schedule="1f1b"), "pipeline.schedule"),
+    (dict(mesh=dict(stage=2), schedule="zero_bubble"), "pipeline.schedule"),
     (dict(mesh=dict(stage=2), ladder="upper:2"), "model.ladder_layers"),
     (dict(mesh=dict(stage=2), rules=dict(layers=())), "mesh.rules.layers"),
 ])

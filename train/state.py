@@ -67,7 +67,8 @@ def pipeline_from_config(config, sizes: dict[str, int]) -> Pipeline:
   if p is None:
     return Pipeline(stages=sizes.get("stage", 1))
   return Pipeline(stages=sizes.get("stage", 1), microbatches=int(p.microbatches),
-                  repeats=int(p.repeats) if p.schedule == "circular" else 1)
+                  repeats=int(p.repeats) if p.schedule == "circular" else 1,
+                  schedule=str(p.schedule))
 
 
 def param_shardings(spec: ModelSpec, mesh: Mesh):

@@ -39,17 +39,15 @@ def loss_and_metrics(spec: ModelSpec, z_loss: float):
   """(params, batch) -> (loss, (nll, aux)). The loss adds the z-loss and, for an
   MoE model, its load-balancing and router z-losses (averaged over MoE layers,
   weighted by model.moe); aux holds the MoE metrics ({} for a dense model)."""
-  moe = spec.cfg.moe
+
+  def token_loss(logits, targets):
+    nll, lse2 = cross_entropy(logits, targets)
+    return nll + z_loss * lse2, nll
 
   def f(params, batch: Batch):
-    logits, aux = spec.model(params).forward_and_aux(
-        batch["inputs"], batch["positions"], batch["segment_ids"])
-    nll, lse2 = cross_entropy(logits, batch["targets"])
-    loss = nll + z_loss * lse2
-    if aux:
-      loss += (moe.aux_loss_weight * aux["moe_aux_loss"]
-               + moe.z_loss_weight * aux["moe_z_loss"])
-    return loss, (nll, aux)
+    return spec.model(params).loss(batch["inputs"], batch["targets"],
+                                   batch["positions"], batch["segment_ids"],
+                                   token_loss=token_loss)
   return f
 
 
