@@ -101,6 +101,8 @@ class Report:
   received_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
   #                            bytes a device receives per step, by the mesh axes
   #                            the collectives span ("data", "data,fsdp", ...)
+  unknown_trip_counts: int = 0  # loops counted once: their trip count was not
+  #                            found in the HLO, so the times are too low
   pipeline: dict[str, Any] = dataclasses.field(default_factory=dict)
   #                            pipelined training: stages, microbatches, repeats,
   #                            iterations (of the compiled loops), bubble (idle
@@ -419,7 +421,8 @@ def _report(topology, chip: Chip, what, sizes, n, memory, costs, model_flops,
     received[key] = received.get(key, 0.0) + c.received_bytes
   return Report(topology, chip.name, what, sizes, n, memory, fits, costs.flops,
                 model_flops, costs.uncounted_kernels, costs.hbm_bytes, collectives,
-                t, xla, mfu, seconds, error, received_bytes=received)
+                t, xla, mfu, seconds, error, received_bytes=received,
+                unknown_trip_counts=costs.unknown_trip_counts)
 
 
 def _dump(directory: str, stem: str, lowered, compiled) -> None:
@@ -464,6 +467,9 @@ def _table(r: Report) -> str:
       f"  model FLOPs per device       {r.model_flops / r.devices:.3e}  "
       f"(PaLM count, {'6N + attention' if r.what == 'train' else '2N + attention'})",
       f"  HBM bytes per device         {size(r.hbm_bytes)}",
+      *([f"  WARNING: {r.unknown_trip_counts} loop(s) of unknown trip count "
+         "counted once: the FLOPs and times below are too low"]
+        if r.unknown_trip_counts else []),
       "", "time per step",
       f"  roofline                     {t['roofline'] * 1e3:.2f} ms ({bound}-bound: "
       f"compute {t['compute'] * 1e3:.2f}, HBM {t['hbm'] * 1e3:.2f}, "

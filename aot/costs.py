@@ -343,12 +343,14 @@ class PipelineLoops:
 def pipeline_loops(hlo_text: str, mesh_axes: Sequence[str], mesh_shape: Sequence[int],
                    work: int, axis: str = "stage") -> PipelineLoops | None:
   """The pipeline loops of a compiled program, or None if it has none; `work`:
-  the iterations of a loop in which a stage is busy (R*M)."""
+  the iterations of a loop in which a stage is busy (R*M). A loop around
+  pipeline loops (gradient accumulation) is not one, even where it permutes
+  over `stage` itself."""
   comps = hlo.parse(hlo_text)
   instrs = hlo.instructions(comps)
   stages = dict(zip(mesh_axes, mesh_shape)).get(axis, 1)
-  trips, flops = [], []
   reached, _, _ = hlo.execution_counts(comps, hlo.entry_name(comps), instrs)
+  found = {}  # body -> trips
   for name in reached:
     for ins in comps[name]:
       if ins.opcode != "while":
@@ -356,13 +358,17 @@ def pipeline_loops(hlo_text: str, mesh_axes: Sequence[str], mesh_shape: Sequence
       body, _, n = hlo.loop_parts(ins, comps, instrs)
       permutes = [c for c in comps[body] if c.opcode.removesuffix("-start")
                   == "collective-permute"]
-      if n is None or not any(
+      if n is not None and any(
           axis in _collective(c, "collective-permute", 1, mesh_axes, mesh_shape).axes
           for c in permutes):
-        continue
-      counts, _, _ = hlo.execution_counts(comps, body, instrs)
-      trips.append(n)
-      flops.append(sum(times * _matmul_flops(i, instrs)
-                       for name, times in counts.items() for i in comps[name]
-                       if i.opcode in ("convolution", "dot")))
+        found[body] = n
+  trips, flops = [], []
+  for body, n in found.items():
+    counts, _, _ = hlo.execution_counts(comps, body, instrs)
+    if any(inner != body and inner in found for inner in counts):
+      continue  # it runs pipeline loops
+    trips.append(n)
+    flops.append(sum(times * _matmul_flops(i, instrs)
+                     for name, times in counts.items() for i in comps[name]
+                     if i.opcode in ("convolution", "dot")))
   return PipelineLoops(stages, work, trips, flops) if trips else None

@@ -216,13 +216,18 @@ def root(instrs_of_comp: list[Instruction]) -> Instruction:
 
 def _constant(name: str, instrs) -> int | None:
   """The integer a value holds, following copies and bitcasts to a constant."""
-  ins = instrs.get(name)
-  while ins is not None and ins.opcode in ("copy", "bitcast", "convert"):
-    ins = instrs.get(ins.operands[0])
+  ins = _through_copies(instrs.get(name), instrs)
   if ins is None or ins.opcode != "constant":
     return None
   m = re.search(r"constant\((-?\d+)\)", ins.text)
   return int(m.group(1)) if m else None
+
+
+def _through_copies(ins: Instruction | None, instrs) -> Instruction | None:
+  """The instruction a chain of copies, bitcasts and converts starts from."""
+  while ins is not None and ins.opcode in ("copy", "bitcast", "convert"):
+    ins = instrs.get(ins.operands[0])
+  return ins
 
 
 def _trip_count(loop, cond, body, instrs) -> int | None:
@@ -236,7 +241,7 @@ def _trip_count(loop, cond, body, instrs) -> int | None:
   direction = re.search(r"direction=(\w+)", compare.text)
   if compare.opcode != "compare" or not direction or len(compare.operands) != 2:
     return None
-  counter, limit = (instrs.get(o) for o in compare.operands)
+  counter, limit = (_through_copies(instrs.get(o), instrs) for o in compare.operands)
   op = direction.group(1)
   if counter is not None and counter.opcode != "get-tuple-element":
     counter, limit = limit, counter
@@ -248,7 +253,8 @@ def _trip_count(loop, cond, body, instrs) -> int | None:
     return None
   index = int(re.search(r"index=(\d+)", counter.text).group(1))
   limit, start = _constant(limit.name, instrs), _constant(init.operands[index], instrs)
-  update = instrs.get(body_root.operands[index])
+  # TPU loop passes leave `counter + 1` behind a copy
+  update = _through_copies(instrs.get(body_root.operands[index]), instrs)
   step = None
   if update is not None and update.opcode in ("add", "subtract"):
     known = [c for c in (_constant(o, instrs) for o in update.operands) if c is not None]

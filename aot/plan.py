@@ -161,9 +161,12 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
                         f"compile failed: {str(err).strip().splitlines()[0]}",
                         **pipe))
       continue
+    note = report.error.splitlines()[0] if report.error else ""
+    if report.unknown_trip_counts:
+      note = (f"{report.unknown_trip_counts} loop(s) of unknown trip count "
+              "counted once: time too low")
     plans.append(Plan(mesh, remat, report.fits, report.time.get("estimate", math.nan),
-                      report.memory["total"], report.mfu_bound,
-                      report.error.splitlines()[0] if report.error else "", report,
+                      report.memory["total"], report.mfu_bound, note, report,
                       report.time.get("roofline", math.nan), report.mfu_estimate,
                       report.exposed_communication, **pipe))
   bar.close()

@@ -157,6 +157,48 @@ def test_decode_figures_match_analytic_counts():
   assert abs(report.flops * report.devices / expected - 1) < 0.10
 
 
+def test_trip_count_reads_through_copies():
+  """A counted loop whose counter reaches the compare, and whose `counter + 1`
+  reaches the body's result, through copies (as TPU loop passes leave them in
+  an accumulation loop around a pipeline): 16 trips, not unknown."""
+  import textwrap
+  from aot import hlo
+  text = textwrap.dedent("""\
+  HloModule m, entry_computation_layout={(f32[4]{0})->(s32[], f32[4]{0})}
+
+  %body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+    %p = (s32[], f32[4]{0}) parameter(0)
+    %i = s32[] get-tuple-element(%p), index=0
+    %one = s32[] constant(1)
+    %next = s32[] add(%i, %one)
+    %moved = s32[] copy(%next)
+    %x = f32[4]{0} get-tuple-element(%p), index=1
+    ROOT %t = (s32[], f32[4]{0}) tuple(%moved, %x)
+  }
+
+  %cond (q: (s32[], f32[4])) -> pred[] {
+    %q = (s32[], f32[4]{0}) parameter(0)
+    %j = s32[] get-tuple-element(%q), index=0
+    %jc = s32[] copy(%j)
+    %n = s32[] constant(16)
+    ROOT %lt = pred[] compare(%jc, %n), direction=LT
+  }
+
+  ENTRY %main (a: f32[4]) -> (s32[], f32[4]) {
+    %a = f32[4]{0} parameter(0)
+    %zero = s32[] constant(0)
+    %z = s32[] copy(%zero)
+    %init = (s32[], f32[4]{0}) tuple(%z, %a)
+    ROOT %w = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
+  }
+  """)
+  comps = hlo.parse(text)
+  instrs = hlo.instructions(comps)
+  loop, = [i for i in comps[hlo.entry_name(comps)] if i.opcode == "while"]
+  assert hlo.loop_parts(loop, comps, instrs)[2] == 16
+  assert hlo.execution_counts(comps, hlo.entry_name(comps), instrs)[0]["body"] == 16
+
+
 @needs_libtpu
 def test_hlo_costs_count_loop_trips_where_xla_counts_once():
   """aot.costs against XLA's cost analysis: the same matmul FLOPs for a

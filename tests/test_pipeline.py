@@ -3,6 +3,7 @@ the `stage` mesh axis give the sequential model's losses and gradients, pass onl
 activations between stages, and report their bubble; 1F1B's memory does not grow
 with the microbatches."""
 
+import functools
 import shutil
 
 import jax
@@ -44,11 +45,13 @@ def _token_loss(logits, targets):
 
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_stages_give_the_sequential_losses_and_gradients(block):
-  """On stage x data x tensor meshes of 8 devices, S = 2 and 4 (GPipe), S = 2,
-  R = 2 (circular) and S = 2 and 4 (1F1B; at S = 2 the 4 microbatches reuse its
-  3 stash slots) equal one scan over the layers: loss, metric and every
-  gradient, with the same microbatches (an MoE layer's load-balancing loss is a
-  mean over microbatches, as under accumulation)."""
+  """3 SGD steps on meshes of 8 devices, with S = 2 and 4 (GPipe), S = 2, R = 2
+  (circular) and S = 2 and 4 (1F1B; at S = 2 the 4 microbatches reuse its 3
+  stash slots), equal 3 steps of one scan over the layers: each step's loss,
+  metric and every gradient, with the same microbatches (an MoE layer's
+  load-balancing loss is a mean over microbatches, as under accumulation).
+  Inside a stage: data with tensor, expert (MoE) or sequence (parallel
+  blocks)."""
   cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=8, num_heads=4,
                     num_kv_heads=2, head_dim=8, d_ff=64, **BLOCKS[block])
   tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 64)
@@ -56,24 +59,32 @@ def test_stages_give_the_sequential_losses_and_gradients(block):
   model = Decoder(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
 
-  def loss(params, pipe, rules=()):
+  def loss(params, pipe, rules):
     m = nnx.merge(graphdef, params)
     m.pipeline = pipe
     m.constrain = sharding.LogicalConstraint(rules)
     loss, (nll, _) = m.loss(tokens, targets, token_loss=_token_loss)
     return loss, nll
 
-  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
-  (want_loss, want_nll), want = grad(params, Pipeline(1, 4, 1))
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def three_steps(params, pipe, rules=()):
+    def step(params, _):
+      (l, nll), g = jax.value_and_grad(loss, has_aux=True)(params, pipe, rules)
+      return jax.tree.map(lambda p, d: p - 0.5 * d, params, g), (l, nll, g)
+    return jax.lax.scan(step, params, None, length=3)[1]  # each leaf [3, ...]
+
+  want = three_steps(params, Pipeline(1, 4, 1))
   if block != "moe":  # a dense model does not depend on the microbatches at all
-    (one_loss, _), one = grad(params, Pipeline())
-    np.testing.assert_allclose(want_loss, one_loss, rtol=1e-6)
+    np.testing.assert_allclose(three_steps(params, Pipeline())[0], want[0],
+                               rtol=1e-6)
   rules = sharding.normalize_rules(None)
+  inside = dict(moe=dict(expert=2), parallel=dict(sequence=2)).get(
+      block, dict(tensor=2))
   for stages, repeats, schedule, mesh in (
-      (2, 1, "gpipe", dict(stage=2, data=2, tensor=2)),
+      (2, 1, "gpipe", dict(stage=2, data=2, **inside)),
       (4, 1, "gpipe", dict(stage=4, data=2)),
       (2, 2, "circular", dict(stage=2, data=4)),
-      (2, 1, "1f1b", dict(stage=2, data=2, tensor=2)),
+      (2, 1, "1f1b", dict(stage=2, data=2, **inside)),
       (4, 1, "1f1b", dict(stage=4, tensor=2))):
     mesh = sharding.make_mesh({"data": 1, **mesh})
     placed = jax.device_put(params, jax.tree.map(
@@ -82,14 +93,15 @@ def test_stages_give_the_sequential_losses_and_gradients(block):
         if x.ndim and x.shape[0] == cfg.num_layers // cfg.unit
         else NamedSharding(mesh, jax.sharding.PartitionSpec()), params))
     with jax.set_mesh(mesh):
-      (got_loss, got_nll), got = grad(
-          placed, Pipeline(stages, 4, repeats, schedule=schedule), rules)
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    np.testing.assert_allclose(got_nll, want_nll, rtol=1e-5)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
-                            jax.tree.leaves(want)):
+      got = three_steps(placed, Pipeline(stages, 4, repeats, schedule=schedule),
+                        rules)
+    where = f"{block} {schedule} S={stages} {dict(mesh.shape)}"
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, err_msg=where)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, err_msg=where)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[2]),
+                            jax.tree.leaves(want[2])):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7,
-                                 err_msg=f"{block} {schedule} S={stages} {path}")
+                                 err_msg=f"{where} {path}")
 
 
 def _config(mesh=None, steps=3, **pipeline):
