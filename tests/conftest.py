@@ -98,7 +98,8 @@ def run_cli(*args, timeout=300):
 # deviceless TPU compiles), longest first. They are collected first, so with
 # `-n 2 --dist worksteal` the two workers end on short tests instead of one
 # waiting for the other's last long one.
-_LONGEST_FIRST = ("test_multihost.py", "test_preemption.py", "test_notebooks.py",
+_LONGEST_FIRST = ("test_pipeline.py", "test_multihost.py", "test_preemption.py",
+                  "test_notebooks.py",
                   "test_gpu_check.py", "test_plan.py", "test_diloco.py",
                   "test_kernels_training.py", "test_hf.py", "test_optimizers.py",
                   "test_compression.py", "test_kernels_backends.py")
