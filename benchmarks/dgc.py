@@ -104,7 +104,8 @@ def main(argv):
       dense_sgd = final
     sparse = bool(comp)
     seconds = bytes_per_step.get("compressed" if sparse else "dense")
-    emit(what="run", variant=name, optimizer=optimizer, final_eval_loss=final,
+    emit(what="run", variant=name, optimizer=optimizer,
+         learning_rate=c.optim.learning_rate, final_eval_loss=final,
          vs_dense_sgd=final / dense_sgd if dense_sgd else None,
          compression_ratio=last.get("compression_ratio", 1.0),
          step_time_s=sorted(times)[len(times) // 2] if times else None,
