@@ -237,12 +237,12 @@ def one_forward_one_backward(pipe: Pipeline, first_fn: Callable, stage_fn: Calla
   inputs_mb, rows_mb = microbatches(inputs, M), microbatches(rows, M)
   carry = jax.eval_shape(first_fn, outer, at(inputs_mb, 0))
   stats = jax.eval_shape(stage_fn, at(params, 0), carry, at(rows_mb, 0))[1]
-  loop = dict(
-      stash=stage_major(zeros(carry, (S, W))),
+  loop = dict(  # every leaf [S, ...], sharded over the stage axes
+      stash=stage_major(zeros(carry, (S, W))),    # [S, 2S-1, batch/M, ...] inputs
       sent=stage_major(zeros(carry, (S,))),       # forward outputs, to roll +1
       grad_sent=stage_major(zeros(carry, (S,))),  # input gradients, to roll -1
-      grad_stacked=stage_major(zeros(at(params, 0), (S,), jnp.float32)),
-      grad_outer=stage_major(zeros(outer, (S,), jnp.float32)),
+      grad_stacked=stage_major(zeros(at(params, 0), (S,), jnp.float32)),  # [S, K, ...]
+      grad_outer=stage_major(zeros(outer, (S,), jnp.float32)),  # summed at the end
       loss=jnp.zeros(S, jnp.float32), metric=jnp.zeros(S, jnp.float32),
       stats=None if stats is None else stage_major(zeros(stats, (S, M))))
   where = lambda ok, tree: jax.tree.map(  # noqa: E731
