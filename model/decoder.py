@@ -275,23 +275,27 @@ class Decoder(nnx.Module):
     """run_layers' training path under `self.pipeline` (one layer kind: checked
     by the config validation) -> (x, None, MoE stats merged over microbatches)."""
     (kind, _, _), = self.cfg.segments()
-    ladder = kind == "ladder"
-    carry = (x, jnp.zeros_like(x), jnp.zeros_like(x)) if ladder else x
     rows = {"positions": ctx.positions, "segment_ids": ctx.segment_ids,
             "mask": ctx.mask}
 
     def stage(params, carry, rows):
       micro = blocks.Context(rows["positions"], rows["segment_ids"],
                              mask=rows["mask"])
-      body = self._layer_body(graphdef, kind, micro)
-      steps = jax.tree.leaves(params)[0].shape[0]
-      (carry, _), stats = jax.lax.scan(body, (carry, None),
-                                       (params, jnp.zeros(steps, jnp.int32)))
-      return carry, stats
+      return self._scan_stage(graphdef, kind, micro, params, carry)
 
-    carry, stats = pipeline_lib.run(self.pipeline, stage, state, carry, rows)
-    x = carry[0] + carry[1] + carry[2] if ladder else carry  # pending outputs land
-    return x, None, None if stats is None else moe.merge_microbatches(stats)
+    carry, stats = pipeline_lib.run(self.pipeline, stage, state,
+                                    _stage_carry(kind, x), rows)
+    return (_stage_output(kind, carry), None,
+            None if stats is None else moe.merge_microbatches(stats))
+
+  def _scan_stage(self, graphdef, kind: str, ctx: blocks.Context, params, carry):
+    """One pipeline stage: its scanned steps (`params`, leaves [K, ...]) over one
+    microbatch's carry -> (carry, MoE stats [K, ...] or None)."""
+    steps = jax.tree.leaves(params)[0].shape[0]
+    (carry, _), stats = jax.lax.scan(self._layer_body(graphdef, kind, ctx),
+                                     (carry, None),
+                                     (params, jnp.zeros(steps, jnp.int32)))
+    return carry, stats
 
   def _one_forward_one_backward(self, tokens, targets, positions, segment_ids,
                                 token_loss):
@@ -301,10 +305,9 @@ class Decoder(nnx.Module):
     graphdef, layers, outer = nnx.split(self, nnx.PathContains("layers"), ...)
     layers_def, _ = nnx.split(self.layers)
     (kind, _, _), = self.cfg.segments()
-    ladder = kind == "ladder"
     units = self.cfg.num_layers // self.cfg.unit
     moe_cfg, constrain = self.cfg.moe, self.constrain
-    layer_body = self._layer_body  # reads only static fields of self
+    scan_stage = self._scan_stage  # reads only static fields of self
 
     def value_and_grad(layers, outer, inputs):
       def model(o):
@@ -312,19 +315,16 @@ class Decoder(nnx.Module):
 
       def first_fn(o, inp):
         x = constrain(model(o).embed(inp["tokens"]), ("batch", "length", "act_embed"))
-        return (x, jnp.zeros_like(x), jnp.zeros_like(x)) if ladder else x
+        return _stage_carry(kind, x)
 
       def last_fn(o, carry, inp):
-        x = carry[0] + carry[1] + carry[2] if ladder else carry
-        loss, metric = token_loss(model(o)._head(x), inp["targets"])
+        logits = model(o)._head(_stage_output(kind, carry))
+        loss, metric = token_loss(logits, inp["targets"])
         return loss.astype(jnp.float32), metric.astype(jnp.float32)
 
       def stage_fn(params, carry, rows):
         ctx = blocks.Context(rows["positions"], rows["segment_ids"])
-        steps = jax.tree.leaves(params)[0].shape[0]
-        (carry, _), stats = jax.lax.scan(layer_body(layers_def, kind, ctx),
-                                         (carry, None),
-                                         (params, jnp.zeros(steps, jnp.int32)))
+        carry, stats = scan_stage(layers_def, kind, ctx, params, carry)
         loss = jnp.zeros((), jnp.float32)
         if stats is not None:  # this stage's share of the mean over MoE units
           loss += (moe_cfg.aux_loss_weight * jnp.sum(stats["aux_loss"])
@@ -355,6 +355,17 @@ class Decoder(nnx.Module):
     f.defvjp(f_fwd, f_bwd)
     return f(layers, outer, {"tokens": tokens, "targets": targets,
                              "positions": positions, "segment_ids": segment_ids})
+
+
+def _stage_carry(kind: str, x: jax.Array):
+  """What travels between pipeline stages: the residual stream, and for ladder
+  blocks the pending attention and MLP outputs too."""
+  return (x, jnp.zeros_like(x), jnp.zeros_like(x)) if kind == "ladder" else x
+
+
+def _stage_output(kind: str, carry) -> jax.Array:
+  """The residual stream after the last stage (ladder's pending outputs land)."""
+  return carry[0] + carry[1] + carry[2] if kind == "ladder" else carry
 
 
 def _mask(mask: jax.Array | None, tokens: jax.Array) -> jax.Array | None:
