@@ -103,6 +103,7 @@ class Report:
   #                            the collectives span ("data", "data,fsdp", ...)
   unknown_trip_counts: int = 0  # loops counted once: their trip count was not
   #                            found in the HLO, so the times are too low
+  slices: int = 1            # slices of `topology`, joined over DCN
   pipeline: dict[str, Any] = dataclasses.field(default_factory=dict)
   #                            pipelined training: stages, microbatches, repeats,
   #                            iterations (of the compiled loops), bubble (idle
@@ -128,9 +129,19 @@ class Report:
     return max(("compute", "hbm", "ici"), key=lambda k: self.time[k])
 
 
-def topology_devices(topology: str) -> list[jax.Device]:
-  """The devices of a named TPU topology (deviceless: compile-only)."""
-  chip_for_topology(topology)
+def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
+  """The devices of a named TPU topology (deviceless: compile-only); `slices` > 1:
+  that many copies of the slice, joined over the data-center network (each device
+  has a `slice_index`)."""
+  chip = chip_for_topology(topology)
+  if slices < 1:
+    raise ConfigError("--slices", f"is {slices}; a plan runs on at least 1 slice.",
+                      "pass --slices=1 or more.")
+  if slices > 1 and not chip.dcn_bandwidth:
+    raise ConfigError(
+        "--slices", f"rung has no data-center network figure for {chip.name} "
+        "(sharding/chips.py cites one per chip), so it cannot price the traffic "
+        "between slices.", "use --slices=1, or a v5e or v5p topology.")
   if importlib.util.find_spec("libtpu") is None:
     raise ConfigError(
         "--topology", f"compiling for {topology} needs libtpu, the TPU compiler, "
@@ -138,7 +149,9 @@ def topology_devices(topology: str) -> list[jax.Device]:
         'pip install -e ".[tpu]" (jax[tpu] at the pinned jax version).')
   from jax.experimental import topologies
   try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topology,
+        **({"num_slices": slices} if slices > 1 else {}))
   except Exception as err:  # noqa: BLE001 -- libtpu's message names the problem
     raise ConfigError("--topology", f"libtpu cannot build {topology!r}: "
                       f"{str(err).strip().splitlines()[-1]}",
@@ -149,7 +162,8 @@ def topology_devices(topology: str) -> list[jax.Device]:
 
 def devices_per_chip(devices: list[jax.Device]) -> int:
   """2 on v4, whose topologies list each TensorCore as a device; else 1."""
-  chips = {tuple(getattr(d, "coords", (d.id,))) for d in devices}
+  chips = {(getattr(d, "slice_index", 0), *getattr(d, "coords", (d.id,)))
+           for d in devices}
   return max(1, len(devices) // len(chips))
 
 
@@ -194,7 +208,8 @@ def parse_flags(flags: str | dict | None) -> dict[str, Any]:
 def compile_step(config, topology: str, what: str = "train",
                  dump_hlo: str | None = None,
                  devices: list[jax.Device] | None = None,
-                 compiler_flags: str | dict | None = None) -> Report:
+                 compiler_flags: str | dict | None = None,
+                 slices: int = 1) -> Report:
   """Compiles `config`'s train step (or decode step) for `topology` and reports
   what it needs and does. Raises ConfigError for a plan that cannot run.
 
@@ -202,11 +217,13 @@ def compile_step(config, topology: str, what: str = "train",
   `train.batch_size` sequences and a cache of `data.seq_len` positions.
   `devices`: the topology's, when the caller already has them.
   `compiler_flags`: libtpu / XLA options for this compile (`parse_flags`).
+  `slices`: copies of the slice joined over DCN; the outer mesh axes span them
+  (`sharding.mesh.slice_split`).
   """
   if what not in WHAT:
     raise ConfigError("--what", f"{what!r} is not one of {WHAT}.",
                       "pass --what=train or --what=decode.")
-  devices = devices or topology_devices(topology)
+  devices = devices or topology_devices(topology, slices)
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
   sizes = validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -250,6 +267,7 @@ def compile_step(config, topology: str, what: str = "train",
   report = _report(topology, chip, what, sizes, len(devices), memory, costs,
                    model_flops, attention_flops, compiled, seconds, error)
   report.compiler_flags = options
+  report.slices = len({getattr(d, "slice_index", 0) for d in devices})
   if compiled is not None and what == "train" and spec.pipeline.active:
     report.pipeline = _pipeline(spec.pipeline, compiled.as_text(), sizes)
   if compiled is not None:
@@ -277,9 +295,12 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
   the per-device FLOPs of Pallas kernels without a cost estimate, spread over
   their calls."""
   calls = schedule_lib.kernel_calls(text) if kernel_flops else 0
-  est = schedule_lib.estimate(text, chip, schedule_lib.Torus.from_devices(devices, chip),
-                              sharding.AXES, mesh_shape,
-                              kernel_flops / calls if calls else 0.0)
+  torus = schedule_lib.Torus.from_devices(devices, chip)
+  slices = len(set(torus.slices)) or 1
+  split = sharding.mesh.slice_split(dict(zip(sharding.AXES, mesh_shape)), slices)
+  est = schedule_lib.estimate(text, chip, torus, sharding.AXES, mesh_shape,
+                              kernel_flops / calls if calls else 0.0,
+                              "+".join(a for a in sharding.AXES if split[a] > 1))
   report.time["estimate"] = est.seconds
   report.exposed_communication = est.exposed
   report.mfu_estimate = (report.model_flops / report.devices
@@ -440,7 +461,8 @@ def _table(r: Report) -> str:
   size = sharding.format_bytes
   mesh = " ".join(f"{a}={s}" for a, s in r.mesh.items())
   m = r.memory
-  lines = [f"{r.what} step on {r.topology}: {r.devices} x TPU {r.chip} "
+  where = f"{r.slices} x {r.topology} (over DCN)" if r.slices > 1 else r.topology
+  lines = [f"{r.what} step on {where}: {r.devices} x TPU {r.chip} "
            f"({size(m['hbm'])} HBM each), mesh {mesh}; compiled in "
            f"{r.compile_seconds:.1f} s", "", "memory per device"]
   rows = [("parameters", m["params"]), ("optimizer state", m["optimizer"]),

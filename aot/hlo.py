@@ -321,3 +321,28 @@ def async_role(comps, ins: Instruction) -> tuple[str, str] | None:
       role = "start" if target.group(1).endswith("Start") else "done"
       return role, f"channel:{channel_id(coll)}"
   return None
+
+
+# Collectives between TPU slices compile to host-transfer send / recv pairs that the
+# megascale runtime carries over the data-center network (multi-slice programs).
+_DCN_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather",
+              "REDUCE_SCATTER": "reduce-scatter", "ALL_TO_ALL": "all-to-all"}
+
+
+def dcn_role(ins: Instruction, instrs) -> tuple[str, str, str] | None:
+  """('start' | 'done' | 'other', rendezvous, kind) for the ops of a collective
+  between slices: its `send` starts it, the `recv-done` of the same rendezvous
+  ends it; kind is a collective opcode ('collective-permute' for a plain
+  transfer). None for anything else."""
+  if ins.opcode not in ("send", "recv", "send-done", "recv-done") or \
+     "xla_megascale_runtime" not in ins.text:
+    return None
+  source = ins if ins.opcode in ("send", "recv") else instrs.get(ins.operands[0])
+  key = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"',
+                  source.text if source is not None else "")
+  kind = re.search(r'_xla_megascale_transfer_type="([A-Z_]*)"',
+                   source.text if source is not None else "")
+  kind = _DCN_KINDS.get(kind.group(1), "collective-permute") if kind else \
+      "collective-permute"
+  role = {"send": "start", "recv-done": "done"}.get(ins.opcode, "other")
+  return role, key.group(1) if key else ins.name, kind

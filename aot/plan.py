@@ -99,12 +99,14 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
          sequence: bool = False, max_plans: int | None = None,
          meshes: Iterable[dict[str, int]] | None = None,
          progress: bool = True,
-         compiler_flags: str | dict | None = None) -> list[Plan]:
+         compiler_flags: str | dict | None = None,
+         slices: int = 1) -> list[Plan]:
   """Ranked plans for `config` on `topology` (best first). `meshes` replaces the
   enumeration (each a {axis: size} dict, missing axes 1); `remats` defaults to
   every policy; `compiler_flags`: libtpu options for every compile
-  (`aot.compile.parse_flags`)."""
-  devices = topology_devices(topology)
+  (`aot.compile.parse_flags`); `slices`: copies of the slice over DCN, which a
+  mesh's outer axes must span (`sharding.mesh.slice_split`)."""
+  devices = topology_devices(topology, slices)
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
   remats = tuple(remats or REMAT)
   for r in remats:
@@ -122,6 +124,8 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
         c = _override(config, mesh, remat, micro, schedule)
         try:
           validate_config(c, len(devices))
+          if slices > 1:
+            sharding.mesh.slice_split(mesh, slices)
         except ConfigError:
           continue
         candidates.append((mesh, remat, (micro, schedule), c))

@@ -35,9 +35,14 @@ bytes (the bidirectional-ring figure of the scaling book); a collective-permute 
 its bytes over one link plus the hops between the farthest pair. See `ring_time`.
 Per-link bandwidth, hop latency and wraparound: `sharding/chips.py`, with sources.
 
+Several slices (`--slices`): a group whose devices sit in several slices adds one
+more ring phase, over the data-center network, whose length is the number of
+slices and whose bandwidth is the chip's DCN share (`Chip.dcn_bandwidth`) one way,
+with no latency charged; the ICI phases run over the group's part in one slice.
+
 What it leaves out: the overlap of independent ops with each other (one op at a
 time), VMEM reuse across fusions, contention of concurrent collectives on a link
-beyond serialising them, DCN between slices, and host work between steps.
+beyond serialising them, DCN latency and congestion, and host work between steps.
 """
 
 from __future__ import annotations
@@ -68,25 +73,32 @@ class Torus:
   link_bandwidth: float
   hop_latency: float
   hbm_bandwidth: float  # for "collectives" among devices of one chip (v4's cores)
+  slices: tuple[int, ...] = ()  # each device's slice (empty: all in one slice)
+  dcn_bandwidth: float = 0.0    # bytes/s per chip between slices, one way
 
   @classmethod
-  def from_coords(cls, coords: Sequence[Sequence[int]], chip: Chip) -> Torus:
+  def from_coords(cls, coords: Sequence[Sequence[int]], chip: Chip,
+                  slices: Sequence[int] = ()) -> Torus:
     coords = tuple(tuple(int(x) for x in c) for c in coords)
     shape = tuple(max(c[d] for c in coords) + 1 for d in range(len(coords[0])))
     return cls(coords, shape, tuple(chip.wraps(n) for n in shape),
-               chip.ici_link_bandwidth, chip.ici_hop_latency, chip.hbm_bandwidth)
+               chip.ici_link_bandwidth, chip.ici_hop_latency, chip.hbm_bandwidth,
+               tuple(int(x) for x in slices) if len(set(slices)) > 1 else (),
+               chip.dcn_bandwidth)
 
   @classmethod
   def from_devices(cls, devices, chip: Chip) -> Torus:
     """From jax devices in the compile's order (e.g. `mesh.devices.flat`)."""
-    return cls.from_coords([getattr(d, "coords", (d.id,)) for d in devices], chip)
+    return cls.from_coords([getattr(d, "coords", (d.id,)) for d in devices], chip,
+                           [getattr(d, "slice_index", 0) for d in devices])
 
 
 def ring_time(kind: str, nbytes: float, lengths: Sequence[int],
-              rings: Sequence[bool], link_bandwidth: float,
-              hop_latency: float) -> float:
+              rings: Sequence[bool], link_bandwidth: float | Sequence[float],
+              hop_latency: float | Sequence[float]) -> float:
   """Seconds for a collective of `nbytes` over a group spanning torus axes of
-  `lengths` chips (`rings[i]`: axis i wraps around).
+  `lengths` chips (`rings[i]`: axis i wraps around). `link_bandwidth` and
+  `hop_latency` are one figure for every axis or one per axis (a DCN phase).
 
   `nbytes` is the whole array: an all-gather's result, a reduce-scatter's operand,
   an all-reduce's or all-to-all's operand. An all-gather over one axis of k chips
@@ -96,19 +108,25 @@ def ring_time(kind: str, nbytes: float, lengths: Sequence[int],
   the busiest axis sets the time. Latency: one hop per ring step, (k-1)/f steps
   per axis. Reduce-scatter takes as long as all-gather; all-reduce twice;
   all-to-all a quarter."""
-  axes = [(k, 2 if ring else 1) for k, ring in zip(lengths, rings) if k > 1]
+  n = len(lengths)
+  bw = [link_bandwidth] * n if isinstance(link_bandwidth, (int, float)) \
+      else list(link_bandwidth)
+  lat = [hop_latency] * n if isinstance(hop_latency, (int, float)) \
+      else list(hop_latency)
+  axes = [(k, 2 if ring else 1, b, t)
+          for k, ring, b, t in zip(lengths, rings, bw, lat) if k > 1]
   if not axes:
     return 0.0
-  total = math.prod(k for k, _ in axes)
+  total = math.prod(k for k, *_ in axes)
   load = [0.0] * len(axes)
   for r in range(len(axes)):
     held = nbytes / len(axes) / total  # what a device holds before the phases
     for i in [(r + j) % len(axes) for j in range(len(axes))]:
-      k, f = axes[i]
+      k, f, _, _ = axes[i]
       load[i] += (k - 1) * held / f
       held *= k
-  seconds = max(load) / link_bandwidth + hop_latency * sum(
-      math.ceil((k - 1) / f) for k, f in axes)
+  seconds = max(x / b for x, (_, _, b, _) in zip(load, axes)) + sum(
+      t * math.ceil((k - 1) / f) for k, f, _, t in axes)
   return {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0,
           "all-to-all": 0.25, "ragged-all-to-all": 0.25}[kind] * seconds
 
@@ -119,7 +137,10 @@ def collective_seconds(kind: str, nbytes: float, groups, torus: Torus) -> float:
   if not groups or max(map(max, groups)) >= len(torus.coords):
     groups = [list(range(len(torus.coords)))]
   coords = np.array(torus.coords)
+  slice_of = np.array(torus.slices or (0,) * len(torus.coords))
   if kind == "collective-permute":
+    if any(slice_of[src] != slice_of[dst] for src, dst in groups):
+      return nbytes / torus.dcn_bandwidth
     hops = 0
     for src, dst in groups:
       delta = np.abs(coords[src] - coords[dst])
@@ -129,15 +150,18 @@ def collective_seconds(kind: str, nbytes: float, groups, torus: Torus) -> float:
       return nbytes / torus.hbm_bandwidth
     return nbytes / torus.link_bandwidth + hops * torus.hop_latency
   members = coords[groups[0]]
+  spanned = len(set(slice_of[groups[0]].tolist()))  # slices the group spans
   lengths = [len(set(members[:, d].tolist())) for d in range(members.shape[1])]
-  if all(k == 1 for k in lengths):  # cores of one chip
+  if all(k == 1 for k in lengths) and spanned == 1:  # cores of one chip
     return nbytes / torus.hbm_bandwidth
-  if math.prod(lengths) != len(groups[0]):  # not a sub-grid: one line through all
-    lengths, rings = [len(groups[0])], [False]
+  if math.prod(lengths) * spanned != len(groups[0]):  # not a sub-grid: a line
+    lengths, rings = [len(groups[0]) // spanned], [False]
   else:
     rings = [torus.wraps[d] and k == torus.shape[d] for d, k in enumerate(lengths)]
-  return ring_time(kind, nbytes, lengths, rings, torus.link_bandwidth,
-                   torus.hop_latency)
+  bandwidth = [torus.link_bandwidth] * len(lengths) + [torus.dcn_bandwidth]
+  latency = [torus.hop_latency] * len(lengths) + [0.0]
+  return ring_time(kind, nbytes, lengths + [spanned], rings + [False], bandwidth,
+                   latency)
 
 
 @dataclasses.dataclass
@@ -148,15 +172,30 @@ class Estimate:
   communication: float           # all collectives' times, overlapped or not
   exposed: dict[str, float]      # waits for collectives, by the mesh axes they span
   #                                ("fsdp", "data+fsdp", "?" when not known)
-  collectives: dict[str, int]    # asynchronous / synchronous, executions per step
+  collectives: dict[str, int]    # asynchronous / synchronous, executions per step;
+  #                                dcn_bytes: what a device sends to other slices
+
+
+def dcn_seconds(kind: str, nbytes: float, torus: Torus) -> float:
+  """Seconds for a collective between all of `torus`'s slices over DCN; `nbytes`
+  is what one device sends into it (an all-gather's piece, else the operand)."""
+  slices = len(set(torus.slices)) or 1
+  if kind == "collective-permute":
+    return nbytes / torus.dcn_bandwidth
+  whole = nbytes * slices if kind == "all-gather" else nbytes
+  return ring_time(kind, whole, [slices], [False], torus.dcn_bandwidth, 0.0)
 
 
 def estimate(hlo_text: str, chip: Chip, torus: Torus,
              mesh_axes: Sequence[str] = (), mesh_shape: Sequence[int] = (),
-             kernel_flops: float = 0.0) -> Estimate:
+             kernel_flops: float = 0.0, dcn_axes: str = "dcn") -> Estimate:
   """Walks the compiled module's schedule (module docstring). `kernel_flops`:
   FLOPs per execution of a Pallas kernel that carries no cost estimate (compile
-  spreads the model's attention FLOPs over the kernel calls)."""
+  spreads the model's attention FLOPs over the kernel calls). `dcn_axes`: the
+  key under which waits for collectives between slices are exposed (the mesh
+  axes that span the slices). A collective between slices compiles to a `send`
+  (its start) and a `recv-done` (its end) that the megascale runtime carries; it
+  runs on its own DCN clock, beside the ICI's."""
   comps = hlo.parse(hlo_text)
   instrs = hlo.instructions(comps)
   n_devices = len(torus.coords)
@@ -217,7 +256,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
   @functools.cache
   def walk(name: str) -> tuple[float, float, float, tuple]:
     """(seconds, op seconds, communication seconds, exposed items) of one run."""
-    core = link = ops = communication = 0.0
+    core = link = dcn = ops = communication = 0.0
     exposed = collections.Counter()
     inflight: dict[str, tuple[float, str]] = {}
     alias: dict[str, str] = {}
@@ -240,6 +279,24 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
           for k, v in e:
             exposed[k] += times * v
         link = max(link, core)
+        continue
+      between = hlo.dcn_role(ins, instrs)
+      if between is not None:
+        what, key, kind = between
+        if what == "start":
+          nbytes = hlo.Instruction("", ins.shape.strip("()").split(", ")[0], "", [],
+                                   [], "").bytes
+          seconds = dcn_seconds(kind, nbytes, torus)
+          dcn = max(core, dcn) + seconds
+          inflight["dcn:" + key] = (dcn, dcn_axes)
+          communication += seconds
+          exposed["#asynchronous"] += 1
+          exposed["#dcn_bytes"] += nbytes
+        elif what == "done" and "dcn:" + key in inflight:
+          end, axes = inflight.pop("dcn:" + key)
+          if end > core:
+            exposed[axes] += end - core
+            core = end
         continue
       role = hlo.async_role(comps, ins)
       if role is not None:

@@ -56,14 +56,16 @@ COMMANDS = {
         "compile --config's step for a TPU --topology (no TPU needed): memory, "
         "fit, FLOPs, collectives, time",
         "--config=experiments/llama_1b.py --topology=v5p:2x2x2 [--what=train|decode "
-        "--output_json=F --dump_hlo=DIR --libtpu_flags=maxtext --config.mesh.tensor=4]",
-        ("config", "topology", "what", "output_json", "dump_hlo", "libtpu_flags")),
+        "--output_json=F --dump_hlo=DIR --libtpu_flags=maxtext --slices=2 "
+        "--config.mesh.tensor=4]",
+        ("config", "topology", "what", "output_json", "dump_hlo", "libtpu_flags",
+         "slices")),
     "plan": Command(
         "compile every mesh and remat plan for --topology; rank them",
         "--config=experiments/llama_1b.py --topology=v5e:2x4 [--max_plans=12 "
-        "--plan_sequence --libtpu_flags=maxtext --output_json=F]",
+        "--plan_sequence --libtpu_flags=maxtext --slices=2 --output_json=F]",
         ("config", "topology", "max_plans", "plan_sequence", "output_json",
-         "libtpu_flags")),
+         "libtpu_flags", "slices")),
 }
 # Commands that need --config (import-hf defaults to experiments/base.py).
 _NEEDS_CONFIG = ("train", "compile", "plan")
@@ -107,6 +109,9 @@ _LIBTPU_FLAGS = flags.DEFINE_string(
     "libtpu_flags", None, "compile / plan: TPU compiler options for this compile, "
     "as LIBTPU_INIT_ARGS writes them ('--xla_enable_async_all_gather=true ...'), "
     "or 'maxtext' for the flags of MaxText's published v5e / v5p configs.")
+_SLICES = flags.DEFINE_integer(
+    "slices", 1, "compile / plan: copies of --topology joined over the data-center "
+    "network (multi-slice); the outermost mesh axes with room span them.")
 _PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "Also try "
                                    "mesh.sequence > 1.")
 
@@ -225,6 +230,15 @@ def _require(flag, value, example: str):
   return value
 
 
+def _with_cache_dir(config):
+  """`data.cache_dir` from $XDG_CACHE_HOME (the XDG base-directory spec) when the
+  config leaves it None; without either, the library uses ~/.cache/rung/tokens."""
+  if config.data.cache_dir is None and os.environ.get("XDG_CACHE_HOME"):
+    config.data.cache_dir = os.path.join(os.environ["XDG_CACHE_HOME"], "rung",
+                                         "tokens")
+  return config
+
+
 def main(argv: list[str]) -> None:
   command = argv[1]
   if not flags.FLAGS["verbosity"].present:
@@ -245,7 +259,7 @@ def main(argv: list[str]) -> None:
       sys.stderr.write(f"joined as {sharding.describe_process()}\n")
     if command == "train":
       import train
-      train.train(_CONFIG.value, workdir)
+      train.train(_with_cache_dir(_CONFIG.value), workdir)
     elif command == "import-hf":
       from train import hf
       hf.import_hf(_require(_HF_DIR, _HF_DIR.value, "path/to/hf_model"), workdir,
@@ -299,14 +313,15 @@ def _ask_compiler(command: str, topology: str) -> None:
   import aot
   if command == "compile":
     report = aot.compile_step(_CONFIG.value, topology, _WHAT.value, _DUMP_HLO.value,
-                              compiler_flags=_LIBTPU_FLAGS.value)
+                              compiler_flags=_LIBTPU_FLAGS.value,
+                              slices=_SLICES.value)
     print(report.table())
     result = report.to_json()
   else:
     from aot import plan
     plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
                       max_plans=_MAX_PLANS.value,
-                      compiler_flags=_LIBTPU_FLAGS.value)
+                      compiler_flags=_LIBTPU_FLAGS.value, slices=_SLICES.value)
     print(plan.table(plans))
     result = [p.to_json() for p in plans]
   if _OUTPUT_JSON.value:

@@ -54,6 +54,17 @@ message spends per hop, `wraparound` which torus axes close into rings.
   full 16-chip axis of a 16x16 pod. A smaller axis is a line, which halves what a
   ring collective gets from its links.
 
+Between slices (`--slices=N`: data-center network, DCN), `dcn_bandwidth` is the
+bytes/s one chip sends to other slices, one way:
+- v5e: https://docs.cloud.google.com/tpu/docs/v5e -- "Per-host NIC configuration
+       2 x 100 Gbps NIC", 8 chips per host: 25 Gb/s = 3.125e9 bytes/s per chip
+       (the page's 6.4 Tbps of DCN per 256-chip pod is the same figure).
+- v5p: https://docs.cloud.google.com/tpu/docs/v5p-training -- "Data center network
+       (DCN) bandwidth per chip (Gbps) 50": 6.25e9 bytes/s.
+v4 and v6e: no per-chip or per-host DCN figure was found in their pages, so the
+row has none and a multi-slice compile for them is refused. No DCN latency is
+published; none is charged.
+
 HBM capacities are taken as binary (the v5e and v6e pages write "16 GB" and
 "32 GB"): the TPU compiler (libtpu 0.0.42.1, deviceless) refuses programs above
 15.75 GiB on v5e, 31.25 GiB on v6e and 15.25 GiB per TensorCore on v4, the usable
@@ -85,6 +96,7 @@ class Chip:
   ici_link_bandwidth: float = 0.0  # bytes/s per ICI link, one direction
   ici_hop_latency: float = 0.0     # seconds per hop
   wraparound: str = ""     # "cube": axes of 4k chips are rings; "pod": axes of 16
+  dcn_bandwidth: float = 0.0  # bytes/s per chip to other slices, one way (0: unknown)
 
   def wraps(self, axis_length: int) -> bool:
     """Whether a slice axis of `axis_length` chips closes into a ring."""
@@ -101,7 +113,8 @@ class Chip:
         self, name=f"{self.name} (1/{n} chip)", hbm_bytes=self.hbm_bytes // n,
         peak_flops=self.peak_flops / n, hbm_bandwidth=self.hbm_bandwidth / n,
         ici_bandwidth=self.ici_bandwidth / n,
-        ici_link_bandwidth=self.ici_link_bandwidth / n)
+        ici_link_bandwidth=self.ici_link_bandwidth / n,
+        dcn_bandwidth=self.dcn_bandwidth / n)
 
 
 CHIPS: dict[str, Chip] = {c.name: c for c in (
@@ -110,10 +123,12 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
          ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="cube"),
     Chip("v5e", 16 * GiB, 197e12, 819 * GB, 400 * GB,
          "https://docs.cloud.google.com/tpu/docs/v5e",
-         ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="pod"),
+         ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="pod",
+         dcn_bandwidth=3.125e9),
     Chip("v5p", 95 * GiB, 459e12, 2765 * GB, 1200 * GB,
          "https://docs.cloud.google.com/tpu/docs/v5p",
-         ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="cube"),
+         ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="cube",
+         dcn_bandwidth=6.25e9),
     Chip("v6e", 32 * GiB, 918e12, 1600 * GB, 800 * GB,
          "https://docs.cloud.google.com/tpu/docs/v6e",
          ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="pod"),

@@ -56,12 +56,39 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
 
 def make_mesh(mesh_cfg: Mapping[str, int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the 7-axis mesh with Auto axis types and topology-aware device order."""
+  """Builds the 7-axis mesh with Auto axis types and topology-aware device order.
+  Devices of several TPU slices (`slice_index`) get a hybrid mesh whose outer
+  axes span the slices (`slice_split`)."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in AXES)
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                       devices=devices)
+  types = (AxisType.Auto,) * len(AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+  from jax.experimental import mesh_utils
+  dcn = slice_split(sizes, slices)
+  ici = tuple(s // dcn[a] for a, s in zip(AXES, shape))
+  grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in AXES),
+                                              devices)
+  return Mesh(grid, AXES, axis_types=types)
+
+
+def slice_split(sizes: Mapping[str, int], slices: int) -> dict[str, int]:
+  """How many slices each axis spans: the outermost axes take them (DiLoCo
+  replicas, then data parallelism, ...), as far as their sizes divide the count.
+  Raises ConfigError when the axes cannot hold `slices`."""
+  out, left = {}, slices
+  for a in AXES:
+    out[a] = math.gcd(left, sizes[a])
+    left //= out[a]
+  if left != 1:
+    raise ConfigError(
+        "mesh", f"the {slices} slices must split the mesh axes (outermost "
+        f"first), but the axis sizes leave a factor of {left} over.",
+        f"make mesh.data (or mesh.diloco) a multiple of {slices}, e.g. "
+        f"--config.mesh.data={slices}.")
+  return out
 
 
 def axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:

@@ -24,7 +24,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"],
                   ignore_errors=True)
 # Token caches (train/token_cache.py) go to a directory of the suite's own, removed
-# the same way, not to the user's ~/.cache.
+# the same way, not to the user's ~/.cache: the command line takes it from
+# $XDG_CACHE_HOME, the library in this process from DEFAULT_CACHE_DIR (set below),
+# notebook kernels from their own $HOME (test_notebooks).
 if "RUNG_TEST_XDG_CACHE" not in os.environ:
   os.environ["RUNG_TEST_XDG_CACHE"] = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(
       prefix="rung-test-cache-")
@@ -38,6 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from train import token_cache  # noqa: E402
+
+token_cache.DEFAULT_CACHE_DIR = os.path.join(os.environ["RUNG_TEST_XDG_CACHE"], "rung",
+                                             "tokens")
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

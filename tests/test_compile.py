@@ -129,6 +129,30 @@ def test_estimate_separates_plans_and_sees_async_flags():
   assert "compiler flags               --xla_tpu_enable_data_parallel" in fast.table()
 
 
+@needs_libtpu
+def test_two_slices_put_data_parallelism_on_dcn():
+  """--slices=2 of v5e:2x2 against one v5e:2x4, mesh data=2 x fsdp=4: the data
+  axis spans the slices (each data index in one slice), and the gradient
+  all-reduce over `data` then crosses DCN (25 Gb/s per chip against ICI's 360), so
+  the step exposes more communication on `data` and takes longer."""
+  c = small_1b(data=2, fsdp=4)
+  devices = aot.topology_devices("v5e:2x2", slices=2)
+  mesh = sharding.make_mesh(c.mesh, devices)
+  by_data = [{d.slice_index for d in mesh.devices[0, i].flat} for i in range(2)]
+  assert by_data == [{0}, {1}]
+  two = aot.compile_step(c, "v5e:2x2", devices=devices)
+  one = aot.compile_step(small_1b(data=2, fsdp=4), "v5e:2x4")
+  assert two.slices == 2 and one.slices == 1 and two.devices == one.devices == 8
+  assert "2 x v5e:2x2 (over DCN)" in two.table()
+  dcn = sum(v for k, v in two.exposed_communication.items() if "data" in k)
+  ici = sum(v for k, v in one.exposed_communication.items() if "data" in k)
+  assert dcn > 2 * ici and two.time["estimate"] > one.time["estimate"]
+  assert two.schedule["collectives"]["dcn_bytes"] > 0
+  assert "dcn_bytes" not in one.schedule["collectives"]
+  with pytest.raises(ConfigError, match="no data-center network figure for v6e"):
+    aot.topology_devices("v6e:2x2", slices=2)
+
+
 def test_libtpu_flags_parse_and_unknown_ones_are_config_errors():
   assert aot.parse_flags("--xla_a=true --xla_b=3,--xla_c=name") == dict(
       xla_a=True, xla_b=3, xla_c="name")

@@ -19,7 +19,7 @@ def test_the_four_notebooks_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
   book = nbformat.read(path, as_version=4)
   for cell in book.cells:
     if cell.cell_type == "code":
@@ -27,7 +27,9 @@ def test_notebook_runs(path, tmp_path):
           f"{path.name}: clear outputs before committing (jupyter nbconvert "
           "--clear-output --inplace notebooks/*.ipynb)")
   # The kernel inherits the suite's environment (8 CPU devices, JAX_PLATFORMS=cpu);
-  # it starts in notebooks/, as Jupyter would.
+  # it starts in notebooks/, as Jupyter would. Its $HOME is the test's, so the
+  # token cache (~/.cache/rung/tokens) is not the user's.
+  monkeypatch.setenv("HOME", str(tmp_path))
   client = NotebookClient(book, timeout=180, kernel_name="python3",
                           resources={"metadata": {"path": str(path.parent)}})
   start = time.perf_counter()

@@ -221,6 +221,35 @@ def test_group_axes_come_from_device_coordinates():
   assert line == pytest.approx(2 * ring) and math.isfinite(ring)
 
 
+def test_groups_across_slices_add_a_dcn_phase():
+  """Two v5e 2x2 slices: an all-reduce over the 2 chips with the same place in
+  each slice runs over DCN alone, 2 x (1/2) V at the chip's DCN share one way;
+  over all 8, the ICI phases run over one slice's 2x2 and the DCN phase carries
+  what is left, by the same rotation rule as the ICI axes (written out here)."""
+  v5e = CHIPS["v5e"]
+  coords = [(x, y, 0) for y in range(2) for x in range(2)] * 2
+  torus = schedule.Torus.from_coords(coords, v5e, slices=[0] * 4 + [1] * 4)
+  V = 8e6
+  across = schedule.collective_seconds("all-reduce", V, [[0, 4], [1, 5], [2, 6],
+                                                         [3, 7]], torus)
+  assert across == pytest.approx(2 * (1 / 2) * V / v5e.dcn_bandwidth)
+  everything = schedule.collective_seconds("all-gather", V, [], torus)
+  # 3 phases (x, y, DCN), each of length 2, one way; rotation r starts at axis r
+  # with V/3/8 held; an axis seen j-th carries (V/3/8) * 2^j.
+  ici = sum(V / 3 / 8 * 2 ** j for j in (0, 2, 1)) / v5e.ici_link_bandwidth
+  dcn = sum(V / 3 / 8 * 2 ** j for j in (2, 1, 0)) / v5e.dcn_bandwidth
+  assert everything == pytest.approx(max(ici, dcn) + 2 * v5e.ici_hop_latency)
+  # a permute between slices goes over DCN
+  assert schedule.collective_seconds("collective-permute", V, [[0, 4]], torus) == \
+      pytest.approx(V / v5e.dcn_bandwidth)
+  # one slice only: no DCN phase, the figures of before
+  one = schedule.Torus.from_coords(coords[:4], v5e, slices=[0] * 4)
+  assert one.slices == () and schedule.collective_seconds(
+      "all-gather", V, [], one) == pytest.approx(schedule.ring_time(
+          "all-gather", V, [2, 2, 1], [False] * 3, v5e.ici_link_bandwidth,
+          v5e.ici_hop_latency))
+
+
 def test_collective_inside_a_compute_fusion_runs_alongside_it():
   """A fusion carrying a collective that no start / done brackets (a collective
   matmul step): the collective runs alongside the fusion's matmul; only what

@@ -300,15 +300,18 @@ def test_validation_knows_the_new_sources(tiny_config):
   assert err.value.field == "data.path"
 
 
-def test_cli_reports_a_bad_record_before_training(docs, tmp_path):
+def test_cli_reports_a_bad_record_before_training(docs, tmp_path, monkeypatch):
+  """Also: with data.cache_dir unset, the command line tokenizes under
+  $XDG_CACHE_HOME/rung/tokens."""
   path = _jsonl_with_bad_lines(tmp_path, docs)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   r = run_cli("train", "--config=experiments/llama_tiny.py",
               f"--workdir={tmp_path / 'run'}", "--config.data.source=jsonl",
-              f"--config.data.path={path}", f"--config.data.cache_dir={tmp_path}/c",
-              "--config.train.steps=1")
+              f"--config.data.path={path}", "--config.train.steps=1")
   assert r.returncode == 2, r.stderr[-2000:]
   assert "Config error in `data.path`" in r.stderr
   assert f"{path}:5" in r.stderr
+  assert (tmp_path / "xdg" / "rung" / "tokens").is_dir()
 
 
 def test_arrayrecord_token_id_records_match_the_text_stream(tiny_config, corpus, docs,

@@ -48,11 +48,10 @@ def _say(msg: str) -> None:
     tqdm.write(msg)
 
 
-def default_cache_dir() -> str:
-  """$XDG_CACHE_HOME/rung/tokens, or ~/.cache/rung/tokens."""
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-      os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "rung", "tokens")
+# Where caches go when `data.cache_dir` is None. The command line resolves
+# $XDG_CACHE_HOME into `data.cache_dir` (experiment/); the library reads no
+# environment of its own.
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "rung", "tokens")
 
 
 def _file_sha256(path: str) -> str:
@@ -194,7 +193,7 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
   way; also logs how many bad records were skipped and how many documents held
   bytes that are not UTF-8. Raises ConfigError on bad records (see train.sources)
   and when the source yields no documents."""
-  root = data_cfg.cache_dir or default_cache_dir()
+  root = os.path.expanduser(data_cfg.cache_dir or DEFAULT_CACHE_DIR)
   key = cache_key(data_cfg, files, tokenizer.eos_id)
   final = os.path.join(root, key)
   meta_path = os.path.join(final, "meta.json")
