@@ -23,6 +23,10 @@ from sharding import LogicalConstraint
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # save_dots' matmul outputs kept in pinned host memory between the forward and
+    # the backward (MaxText's `*_offloaded` remat policies)
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
 }
 
 

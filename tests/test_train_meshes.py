@@ -69,9 +69,11 @@ def test_parameters_sharded_by_rules(tiny_config):
 
 def test_remat_and_grad_accumulation_keep_the_numbers(tiny_config, tmp_path,
                                                        one_device_losses):
-  """Remat changes memory, not results; accumulating 2 micro-batches of 4 equals
-  one batch of 8 (the mean of equal-size means)."""
-  for i, (remat, accum) in enumerate([("full", 1), ("save_dots", 2)]):
+  """Remat changes memory, not results (offload_dots: the saved matmul outputs
+  round-trip through pinned host memory); accumulating 2 micro-batches of 4
+  equals one batch of 8 (the mean of equal-size means)."""
+  for i, (remat, accum) in enumerate([("full", 1), ("save_dots", 2),
+                                      ("offload_dots", 1)]):
     c = _with_mesh(tiny_config, data=1)
     c.model.remat = remat
     c.train.grad_accum_steps = accum

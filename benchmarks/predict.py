@@ -1,0 +1,162 @@
+"""rung's schedule estimate against MaxText's published TPU training runs.
+
+  python benchmarks/predict.py [--only=16b_v5e,32b_v5p] [--slices=1,2]
+      [--write_rows=benchmarks/results/predict.jsonl]
+
+For each configuration MaxText published (`MaxText/configs/v5e/README.md` and
+`MaxText/configs/v5p/README.md` at commit 0ed7bd52 of
+https://github.com/AI-Hypercomputer/maxtext: MFU of synthetic-data training runs),
+builds the same model in rung (benchmarks/README.md derives the shapes from
+MaxText's `global_parameter_scale` rule), compiles its train step deviceless for
+the slice (`aot.compile_step`, no TPU), and prints the published MFU next to rung's
+estimate (`time.estimate`, the compiled schedule walked by `aot/schedule.py`) and
+its roofline. One JSON row per configuration; a markdown table at the end.
+
+Multi-slice rows (`--slices=2`) join two slices over the data-center network with
+data parallelism across them (MaxText's `dcn_data_parallelism=2`), the per-device
+batch unchanged. 128B on v5e is not reproduced: its recipe offloads remat to host
+memory (`minimal_offloaded`), for which rung has no policy.
+
+FLOP convention: these tables predate MaxText's halving of causal attention FLOPs,
+so their MFU counts (6N + 12·L·H·Q·T) per token; the published MFU becomes a step
+time with that count, and rung's estimate is converted back the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks.common import emit, write_rows_to  # noqa: E402
+
+_ONLY = flags.DEFINE_list("only", [], "configurations to run (default: all)")
+_SLICES = flags.DEFINE_list("slices", ["1", "2"], "slice counts to run")
+_ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
+
+# v5p's recipes add these to MaxText's v5e flags (LIBTPU_INIT_ARGS of
+# MaxText/configs/v5p/{32b,64b}.sh).
+V5P_FLAGS = ("maxtext --xla_tpu_megacore_fusion_allow_ags=false "
+             "--xla_enable_async_collective_permute=true "
+             "--xla_tpu_enable_ag_backward_pipelining=true")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One published configuration: model shape, slice, mesh, batch per device."""
+  d_model: int
+  heads: int
+  layers: int
+  topology: str
+  mesh: dict
+  batch_per_device: int
+  flags: str
+  published: dict  # slices -> published MFU (fraction)
+  d_ff: int = 28672
+  head_dim: int = 128
+  vocab: int = 32000
+  seq_len: int = 2048
+
+
+RUNS = {
+    "16b_v5e": Run(4096, 64, 32, "v5e:16x16", dict(fsdp=256), 6, "maxtext",
+                   {1: 0.6110, 2: 0.5937}),
+    "32b_v5e": Run(8192, 64, 32, "v5e:16x16", dict(fsdp=256), 4, "maxtext",
+                   {1: 0.6686, 2: 0.6481}),
+    "64b_v5e": Run(8192, 64, 64, "v5e:16x16", dict(fsdp=256), 2, "maxtext",
+                   {1: 0.5990, 2: 0.5666}),
+    "32b_v5p": Run(8192, 64, 32, "v5p:4x4x4", dict(fsdp=16, tensor=4), 7, V5P_FLAGS,
+                   {1: 0.7147, 2: 0.6943}),
+    "64b_v5p": Run(8192, 64, 64, "v5p:4x4x4", dict(fsdp=16, tensor=4), 3, V5P_FLAGS,
+                   {1: 0.7031, 2: 0.6726}),
+}
+
+
+def config_for(run: Run, slices: int):
+  """experiments/llama_1b.py reshaped to `run` (MaxText's base config: untied
+  embeddings, SwiGLU, float32 weights and Adam state, bfloat16 compute, flash
+  attention, full remat), data parallel over `slices`."""
+  from experiments import llama_1b
+  c = llama_1b.get_config()
+  c.model.update(vocab_size=run.vocab, d_model=run.d_model, num_layers=run.layers,
+                 num_heads=run.heads, num_kv_heads=run.heads, head_dim=run.head_dim,
+                 d_ff=run.d_ff, tie_embeddings=False, remat="full",
+                 attention="flash")
+  c.data.seq_len = run.seq_len
+  chips = 1
+  for size in run.mesh.values():
+    chips *= size
+  c.train.update(batch_size=run.batch_per_device * chips * slices, grad_accum_steps=1)
+  c.mesh.update(**{**dict(data=slices, fsdp=1, tensor=1), **run.mesh})
+  return c
+
+
+def maxtext_flops_per_token(cfg, seq_len: int) -> float:
+  """6N + 12·L·H·Q·T: the count of MaxText's tables (causal attention whole)."""
+  from model import flops as flops_lib
+  return flops_lib.flops_per_token(cfg, seq_len, causal=False)
+
+
+def main(argv):
+  del argv
+  import jax
+  jax.config.update("jax_platforms", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import aot
+  from model import ModelConfig
+  from sharding.chips import chip_for_topology
+
+  write_rows_to(_ROWS.value)
+  emit(what="environment", date=time.strftime("%Y-%m-%d"), jax=jax.__version__)
+  rows = []
+  for name, run in RUNS.items():
+    if _ONLY.value and name not in _ONLY.value:
+      continue
+    for slices in map(int, _SLICES.value):
+      c = config_for(run, slices)
+      start = time.perf_counter()
+      report = aot.compile_step(c, run.topology, compiler_flags=run.flags,
+                                slices=slices)
+      wall = time.perf_counter() - start
+      cfg = ModelConfig.from_config(c.model)
+      chip = chip_for_topology(run.topology)
+      count = maxtext_flops_per_token(cfg, run.seq_len) * c.train.batch_size \
+          * run.seq_len / report.devices  # per device per step
+      published_step = count / (run.published[slices] * chip.peak_flops)
+      est, roof = report.time.get("estimate"), report.time.get("roofline")
+      rows.append(emit(
+          what="prediction", config=name, slices=slices, topology=run.topology,
+          mesh={a: s for a, s in report.mesh.items() if s > 1},
+          batch=c.train.batch_size, fits=report.fits,
+          published_mfu=run.published[slices], published_step_s=published_step,
+          estimate_step_s=est, predicted_mfu=count / (est * chip.peak_flops),
+          roofline_step_s=roof, roofline_mfu=count / (roof * chip.peak_flops),
+          mfu_estimate_rung_count=report.mfu_estimate,
+          ops_s=report.schedule.get("ops"),
+          communication_s=report.schedule.get("communication"),
+          exposed_s=report.exposed_communication,
+          dcn_bytes=report.schedule.get("collectives", {}).get("dcn_bytes", 0),
+          compile_s=round(wall, 1),
+          peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                             / 2 ** 20, 2)))
+  print()
+  print("| config | slices | published MFU (step) | predicted MFU (step) | error "
+        "| roofline MFU | exposed communication |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    exposed = ", ".join(f"{k} {v:.2f} s" for k, v in r["exposed_s"].items())
+    print(f"| {r['config']} | {r['slices']} | {r['published_mfu']:.2%} "
+          f"({r['published_step_s']:.2f} s) | {r['predicted_mfu']:.1%} "
+          f"({r['estimate_step_s']:.2f} s) | "
+          f"{100 * (r['predicted_mfu'] - r['published_mfu']):+.1f} pp | "
+          f"{r['roofline_mfu']:.1%} | {exposed} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
