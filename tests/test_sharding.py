@@ -50,3 +50,23 @@ def test_rules_can_be_replaced():
   rules = sharding.normalize_rules({"embed": ("fsdp", "tensor"), "mlp": None})
   mesh = sharding.make_mesh(mesh_cfg(fsdp=2, tensor=4))
   assert sharding.logical_to_spec(("embed", "mlp"), rules, mesh, (8, 8)) == P(("fsdp", "tensor"))
+
+
+def test_slices_split_the_outermost_axes_with_room():
+  """Multi-slice meshes: DiLoCo replicas, then data parallelism, ... span the
+  slices, as far as each axis's size divides what is left; a mesh that cannot
+  hold the slice count is a config error naming the fix."""
+  from sharding.mesh import AXES, slice_split
+
+  def split(slices, **sizes):
+    got = slice_split({a: sizes.get(a, 1) for a in AXES}, slices)
+    return {a: n for a, n in got.items() if n > 1}
+
+  assert split(2, data=2, fsdp=4) == {"data": 2}
+  assert split(4, diloco=2, data=4, fsdp=2) == {"diloco": 2, "data": 2}
+  assert split(4, data=2, fsdp=8) == {"data": 2, "fsdp": 2}
+  assert split(2, fsdp=8, tensor=4) == {"fsdp": 2}
+  with pytest.raises(ConfigError, match=r"leave a factor of 2 over.*"
+                     r"--config\.mesh\.data=4") as err:
+    split(4, data=2, tensor=3)
+  assert err.value.field == "mesh"
