@@ -296,8 +296,8 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
   their calls."""
   calls = schedule_lib.kernel_calls(text) if kernel_flops else 0
   torus = schedule_lib.Torus.from_devices(devices, chip)
-  slices = len(set(torus.slices)) or 1
-  split = sharding.mesh.slice_split(dict(zip(sharding.AXES, mesh_shape)), slices)
+  split = sharding.mesh.slice_split(dict(zip(sharding.AXES, mesh_shape)),
+                                    report.slices)
   est = schedule_lib.estimate(text, chip, torus, sharding.AXES, mesh_shape,
                               kernel_flops / calls if calls else 0.0,
                               "+".join(a for a in sharding.AXES if split[a] > 1))

@@ -34,11 +34,16 @@ class Instruction:
   @property
   def bytes(self) -> int:
     """Bytes of the result (summed over a tuple)."""
-    total = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", self.shape):
-      n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-      total += n * _DTYPE_BYTES.get(dtype, 4)
-    return total
+    return shape_bytes(self.shape)
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string, summed over a tuple's elements."""
+  total = 0
+  for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    total += n * _DTYPE_BYTES.get(dtype, 4)
+  return total
 
 
 def _split_shape(rest: str) -> tuple[str, str]:

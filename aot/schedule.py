@@ -284,8 +284,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
       if between is not None:
         what, key, kind = between
         if what == "start":
-          nbytes = hlo.Instruction("", ins.shape.strip("()").split(", ")[0], "", [],
-                                   [], "").bytes
+          nbytes = hlo.shape_bytes(ins.shape.strip("()").split(", ")[0])  # payload
           seconds = dcn_seconds(kind, nbytes, torus)
           dcn = max(core, dcn) + seconds
           inflight["dcn:" + key] = (dcn, dcn_axes)

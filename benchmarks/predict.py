@@ -26,6 +26,7 @@ time with that count, and rung's estimate is converted back the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import resource
 import sys
@@ -96,9 +97,7 @@ def config_for(run: Run, slices: int):
                  d_ff=run.d_ff, tie_embeddings=False, remat=run.remat,
                  attention="flash")
   c.data.seq_len = run.seq_len
-  chips = 1
-  for size in run.mesh.values():
-    chips *= size
+  chips = math.prod(run.mesh.values())
   c.train.update(batch_size=run.batch_per_device * chips * slices, grad_accum_steps=1)
   c.mesh.update(**{**dict(data=slices, fsdp=1, tensor=1), **run.mesh})
   return c
