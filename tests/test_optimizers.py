@@ -336,24 +336,48 @@ def test_bfloat16_state_updates_close_to_float32():
       np.testing.assert_allclose(b[2][k], a[2][k], rtol=0.1, atol=2e-3)
 
 
-def test_state_sharded_like_its_parameter():
-  """FSDP and tensor shard every optimizer's state on the axes it shares with its
-  parameter: Adam moments like the parameter, NorMuon's per-neuron moment on the
-  output axes, GaLore's low-rank moments on the full-size axis."""
-  from jax.sharding import PartitionSpec as P
+@pytest.mark.parametrize("name", ["adamw", "sgd", "muon", "normuon", "galore"])
+def test_state_sharded_over_every_axis_of_its_parameter(name):
+  """ZeRO: every parameter-owned state leaf is cut into as many shards as its
+  parameter, also where its shape differs (NorMuon's per-neuron moment, GaLore's
+  [layers, m, rank] moments and projectors of a 4-D attention projection)."""
+  import math
+  import sharding
+  from train.optimizer import _param_keys, owner
+  from train.state import model_spec, param_shardings
+  from model import ModelConfig
   mesh = dict(fsdp=2, tensor=2, data=2)
-  _, s = _opt_state("adamw", mesh)
-  assert s[1][0].mu["layers"]["mlp"]["gate"].spec == P(None, "fsdp", "tensor")
-  _, s = _opt_state("normuon", mesh)
-  inner = s[1].inner_states["matrix"].inner_state[0]
-  assert inner.mu["layers"]["mlp"]["down"].spec == P(None, "tensor", "fsdp")
-  assert inner.nu["layers"]["mlp"]["down"].spec == P(None, None, "fsdp")  # [L, 1, embed]
-  shapes, s = _opt_state("galore", mesh)
-  g = shapes[1].inner_states["matrix"].inner_state[0]["layers"]["mlp"]["gate"]
-  gs = s[1].inner_states["matrix"].inner_state[0]["layers"]["mlp"]["gate"]
-  assert g.projector.shape == (2, 64, 4)  # [layers, out, rank]: gate is [2, 32, 64]
-  assert g.base_optimizer_state.mu.shape == (2, 32, 4)
-  assert gs.base_optimizer_state.mu.spec == P(None, "fsdp", None)
+  shapes, s = _opt_state(name, mesh)
+  c = _with_mesh(_tiny(name), **mesh)
+  spec = model_spec(ModelConfig.from_config(c.model), sharding.normalize_rules(None))
+  params = _param_keys(spec.abstract_params)
+  pshard = _param_keys(param_shardings(spec, sharding.make_mesh(c.mesh)))
+  shards = lambda x, sh: x.size // math.prod(sh.shard_shape(x.shape))  # noqa: E731
+  owned = 0
+  for (path, x), sh in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                           jax.tree.leaves(s)):
+    key = owner(path, params)
+    if key is None or not jnp.issubdtype(x.dtype, jnp.floating):
+      assert sh.spec == jax.sharding.PartitionSpec()
+      continue
+    owned += 1
+    assert shards(x, sh) == shards(params[key], pshard[key]), (
+        jax.tree_util.keystr(path), x.shape, sh.spec, pshard[key].spec)
+  assert owned >= len(params)
+
+
+def test_state_spec_moves_a_projected_axis_onto_what_is_left():
+  from jax.sharding import PartitionSpec as P
+  from train.optimizer import state_spec
+  sizes = dict(stage=2, fsdp=4, tensor=2)
+  q = (4, 64, 8, 16)  # [layers, embed, heads, head_dim]
+  qs = P("stage", "fsdp", "tensor", None)
+  assert state_spec(q, q, qs, sizes) == qs  # Adam's moments
+  assert state_spec((4, 1, 8, 16), q, qs, sizes) == P("stage", None, "tensor", "fsdp")
+  assert state_spec((4, 64, 4), q, qs, sizes) == P("stage", ("fsdp", "tensor"), None)
+  assert state_spec((4, 128, 4), q, qs, sizes) == P("stage", ("fsdp", "tensor"), None)
+  assert state_spec((4, 3, 5), q, qs, sizes) == P(("stage", "tensor"), None, None)
+  assert state_spec((3, 3, 5), q, qs, sizes) == P(None, None, None)  # indivisible
 
 
 # --- config errors ------------------------------------------------------------------

@@ -11,6 +11,8 @@ update (`state_shardings` places it).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -131,22 +133,62 @@ def _param_keys(params) -> dict:
           for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
+def _mesh_axes(entry) -> tuple:
+  """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def state_spec(shape: tuple, param_shape: tuple, param_spec: P,
+               mesh_sizes: dict[str, int]) -> P:
+  """The PartitionSpec of an optimizer-state leaf of `shape` owned by a parameter
+  of `param_shape` sharded as `param_spec` (ZeRO: the state is sharded over every
+  mesh axis its parameter is).
+
+  1. An axis that is the parameter's own keeps its spec: every axis of the same
+     size when the ranks agree (Adam's moments, NorMuon's per-neuron moment with
+     its reduced axes kept as 1), else the leading axes while the sizes agree
+     (the `[layers, (experts,)]` batch axes of GaLore's per-layer state).
+  2. A mesh axis the parameter is sharded over that step 1 did not place (its
+     axis was reduced or projected away: GaLore's `[layers, m, rank]` moments and
+     projectors of a `[layers, embed, heads, head_dim]` projection) goes onto the
+     largest state axis it still divides, so FSDP and tensor shard low-rank state
+     as they shard the parameter. An axis nothing divides stays replicated.
+  """
+  pspec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
+  if len(shape) == len(param_shape):
+    spec = [a if n == m else None for a, n, m in zip(pspec, shape, param_shape)]
+  else:
+    spec = [None] * len(shape)
+    for i, (n, m) in enumerate(zip(shape, param_shape)):
+      if n != m:
+        break
+      spec[i] = pspec[i]
+  placed = {a for e in spec for a in _mesh_axes(e)}
+  for axis in (a for e in pspec for a in _mesh_axes(e) if a not in placed):
+    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+      have = math.prod(mesh_sizes[a] for a in _mesh_axes(spec[i]))
+      if shape[i] % (have * mesh_sizes[axis]) == 0:
+        spec[i] = _mesh_axes(spec[i]) + (axis,)
+        spec[i] = spec[i][0] if len(spec[i]) == 1 else spec[i]
+        break
+  return P(*spec)
+
+
 def opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh,
                         memory_kind: str | None = None):
-  """A NamedSharding per optimizer-state leaf. A leaf that belongs to a parameter
-  takes that parameter's spec on every axis of the same size (Adam's moments: all
-  axes; NorMuon's per-neuron moment: the output axes; GaLore's projectors and
-  low-rank moments: the full-size axes), and is replicated on the others; counters
-  are replicated. `memory_kind="pinned_host"` puts every leaf in host memory."""
+  """A NamedSharding per optimizer-state leaf: `state_spec` of the parameter it
+  belongs to; counters (also GaLore's per-layer ones) and constants are
+  replicated. `memory_kind="pinned_host"`
+  puts every leaf in host memory."""
   shapes = _param_keys(abstract_params)
   specs = {k: s.spec for k, s in _param_keys(param_shardings).items()}
+  sizes = dict(mesh.shape)
 
   def one(path, leaf):
-    key, spec = owner(path, shapes), P()
-    if key is not None and len(leaf.shape) == len(shapes[key].shape):
-      axes = tuple(specs[key]) + (None,) * (leaf.ndim - len(specs[key]))
-      spec = P(*(a if n == m else None
-                 for a, n, m in zip(axes, leaf.shape, shapes[key].shape)))
+    key = owner(path, shapes)
+    floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+    spec = P() if key is None or not floating else state_spec(
+        leaf.shape, shapes[key].shape, specs[key], sizes)
     return NamedSharding(mesh, spec, memory_kind=memory_kind)
 
   return jax.tree_util.tree_map_with_path(one, abstract_opt)
