@@ -168,10 +168,18 @@ def _ref_normuon(o, name):
   return f
 
 
+def _sign_fixed(p):
+  """Each column times the sign of its largest-magnitude entry (rung's convention
+  for singular vectors, whose sign the SVD leaves free)."""
+  return p * np.sign(p[np.abs(p).argmax(axis=0), np.arange(p.shape[1])])
+
+
 def _ref_galore(o, name):
   """GaLore (Zhao et al. 2024, Algorithm 2) per matrix G [m, n]: every T steps
   U S V^T = SVD(G), P = U[:, :r] if m >= n (R = P^T G) else V[:, :r] (R = G P);
-  N = Adam(R) (moments at R's shape); update alpha P N (or alpha N P^T)."""
+  N = Adam(R) (moments at R's shape); update alpha P N (or alpha N P^T). The
+  randomized projector finds the same P here: every test matrix's rank is below
+  its probe count."""
   nb = _matrices(np.zeros(SHAPES[name]), name)[0].shape[0]
   adams = [_AdamW(o) for _ in range(nb)]
   proj = [None] * nb
@@ -183,7 +191,7 @@ def _ref_galore(o, name):
       left = m.shape[0] >= m.shape[1]
       if (t - 1) % o.galore_update_proj_gap == 0:
         u, _, vt = np.linalg.svd(m, full_matrices=False)
-        proj[i] = u[:, :o.galore_rank] if left else vt[:o.galore_rank].T
+        proj[i] = _sign_fixed(u[:, :o.galore_rank] if left else vt[:o.galore_rank].T)
       r = proj[i].T @ m if left else m @ proj[i]
       n = adams[i](r, t)
       out.append(o.galore_scale * (proj[i] @ n if left else n @ proj[i].T))
@@ -195,12 +203,13 @@ REFS = {"adamw": _ref_adamw, "sgd": _ref_sgd, "muon": _ref_muon,
         "normuon": _ref_normuon, "galore": _ref_galore}
 
 
-@pytest.mark.parametrize("name", list(REFS))
-def test_update_equals_numpy_reference_of_the_paper(name):
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in REFS] +
+                         [("galore", {"galore_projector": "svd"})])
+def test_update_equals_numpy_reference_of_the_paper(name, extra):
   """Three updates of each optimizer (warmup then cosine, decoupled decay masked
   for the norm scale, GaLore refreshing its projectors at steps 1 and 3) against
   the float64 reference, rtol 1e-5."""
-  o = _optim(name)
+  o = _optim(name, **extra)
   rng = np.random.default_rng(0)
   params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
   grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
@@ -219,6 +228,30 @@ def test_update_equals_numpy_reference_of_the_paper(name):
       np.testing.assert_allclose(got[t - 1][k], want, rtol=1e-5, atol=1e-7,
                                  err_msg=f"{name} step {t} {k}")
       p[k] = p[k] + got[t - 1][k]
+
+
+@pytest.mark.parametrize("m,n", [(96, 64), (48, 80)])
+def test_randomized_projector_finds_the_top_singular_subspace(m, n):
+  """Halko et al.'s subspace iteration against NumPy's SVD, on spectra beyond the
+  probe count: fast decay (s_i = 0.7^i) gives the same subspace; slow decay
+  (s_i = 1/(1+i)) captures at least 99% of the best rank-r energy."""
+  from train.galore import _randomized_left
+  rng = np.random.default_rng(0)
+  u = np.linalg.qr(rng.normal(size=(m, min(m, n))))[0]
+  v = np.linalg.qr(rng.normal(size=(n, min(m, n))))[0]
+  r, i = 8, np.arange(min(m, n))
+  for s, same in ((0.7 ** i, True), (1 / (1 + i), False)):
+    g = (u * s) @ v.T                                      # [m, n]
+    p = np.asarray(_randomized_left(jnp.asarray(g, jnp.float32), r,
+                                    jax.random.key(3)), np.float64)
+    best = u[:, :r]
+    assert p.shape == (m, r)
+    np.testing.assert_allclose(p.T @ p, np.eye(r), atol=1e-5)
+    if same:
+      np.testing.assert_allclose(p @ p.T, best @ best.T, atol=1e-4)
+    else:
+      energy = np.linalg.norm(p.T @ g) ** 2 / np.linalg.norm(best.T @ g) ** 2
+      assert 0.99 <= energy <= 1 + 1e-6, energy
 
 
 # --- training on a mesh -------------------------------------------------------------
@@ -406,6 +439,11 @@ def test_config_errors_name_the_field_and_fix(monkeypatch):
       "Config error in `optim.offload`: is 'host', but the cpu backend has no "
       "'pinned_host' memory (its memory kinds: device). Fix: set "
       "--config.optim.offload=none, or run on a backend with host memory (TPU, GPU).")
+  c = _tiny("galore", galore_projector="lanczos")
+  assert _error(c) == (
+      "Config error in `optim.galore_projector`: is 'lanczos'; it must be one of "
+      "randomized, svd. Fix: set --config.optim.galore_projector=randomized (or "
+      "another of those).")
   c = _tiny("muon", matrices="norm")
   assert "matches final_norm/scale of shape (32,), which is not a matrix" in _error(c)
 

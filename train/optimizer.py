@@ -77,7 +77,7 @@ def _matrix_tx(o, lr, mask) -> optax.GradientTransformation:
   else:  # galore
     core = scale_by_galore_per_layer(
         o.galore_rank, o.galore_update_proj_gap, o.galore_scale,
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps), o.galore_projector)
   return optax.chain(core, optax.add_decayed_weights(o.weight_decay, mask),
                      optax.scale_by_learning_rate(lr))
 

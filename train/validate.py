@@ -11,7 +11,7 @@ import model
 import sharding
 from sharding import ConfigError
 from model import pipeline
-from train import compression, data, diloco, matrices, optimizer
+from train import compression, data, diloco, galore, matrices, optimizer
 from train.state import model_spec
 
 
@@ -59,12 +59,13 @@ def _choice(path: str, value, allowed) -> None:
 
 
 def _validate_optim(config) -> None:
-  """optim.name, state_dtype and offload; the matrices regex; GaLore's rank against
+  """optim.name, state_dtype, offload and galore_projector; the matrices regex; GaLore's rank against
   every matrix it projects (one per layer, as train.matrices groups them)."""
   o = config.optim
   _choice("optim.name", o.name, optimizer.NAMES)
   _choice("optim.state_dtype", o.state_dtype, optimizer.STATE_DTYPES)
   _choice("optim.offload", o.offload, optimizer.OFFLOADS)
+  _choice("optim.galore_projector", o.galore_projector, galore.PROJECTORS)
   if o.offload == "host":
     kinds = host_memory_kinds()
     if optimizer.HOST not in kinds:
