@@ -355,6 +355,30 @@ def test_offloaded_optimizer_state_leaves_device_memory():
 
 
 @needs_libtpu
+def test_galore_state_is_its_low_rank_size_over_every_device():
+  """GaLore's train step compiles for TPU (its default randomized projector
+  refresh), and `memory.optimizer` is the analytic ZeRO figure: per matrix
+  [m, n] a projector on the larger side and two Adam moments on the smaller
+  (rank r each), AdamW's two moments for the embedding and norms, all over 8
+  devices; integer counters replicated."""
+  r = 16
+  c = small_1b(**MESHES["fsdp8"])
+  c.optim.update(name="galore", galore_rank=r)
+  m = ModelConfig.from_config(c.model)
+  mats = [(m.d_model, m.num_heads * m.head_dim), (m.d_model, m.num_kv_heads * m.head_dim),
+          (m.d_model, m.num_kv_heads * m.head_dim), (m.num_heads * m.head_dim, m.d_model),
+          (m.d_model, m.d_ff), (m.d_model, m.d_ff), (m.d_ff, m.d_model)]
+  low_rank = m.num_layers * sum(r * (max(a, b) + 2 * min(a, b)) for a, b in mats)
+  adamw = 2 * (m.vocab_size * m.d_model + (2 * m.num_layers + 1) * m.d_model)
+  floats = 4 * (low_rank + adamw) / 8
+  # counters: the step, AdamW's, GaLore's per leaf and its Adam's per layer
+  counters = 4 * (1 + 2 + len(mats) * (1 + m.num_layers) + 1)
+  report = aot.compile_step(c, "v5p:2x2x2")
+  assert floats <= report.memory["optimizer"] <= floats + counters
+  assert report.memory["optimizer"] < 0.3 * train_report("fsdp8").memory["optimizer"]
+
+
+@needs_libtpu
 def test_offloaded_remat_moves_saved_matmul_outputs_to_the_host():
   """model.remat=offload_dots keeps save_dots' matmul outputs in pinned host
   memory: the compiled step's device temporaries shrink at the same FLOPs
