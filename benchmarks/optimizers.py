@@ -11,7 +11,8 @@ loss, step time, its eval curve), then per optimizer its best run and the eval-l
 curve of each optimizer's best run to benchmarks/results/optimizers.png.
 `--lrs` picks which of the three rates to run (0 low, 1 the default, 2 high), so a
 sweep can be run in passes into one rows file; `--summarize` reads such a file and
-gives the best runs and the plot without training. Muon uses rung's default
+gives the best runs and the plot without training. GaLore runs with
+`--galore_projector` (rows without the field ran the exact SVD). Muon uses rung's default
 `optim.muon_rms=0.2` (RMS matched to AdamW), so it sweeps AdamW's range.
 """
 
@@ -38,6 +39,8 @@ _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
 _SUMMARIZE = flags.DEFINE_string("summarize", None,
                                  "rows file of earlier runs: best runs and plot only")
 _PLOT = flags.DEFINE_string("plot", "benchmarks/results/optimizers.png", "")
+_PROJECTOR = flags.DEFINE_enum("galore_projector", "randomized", ["randomized", "svd"],
+                               "GaLore's projector refresh (optim.galore_projector)")
 
 # name -> (learning rates, extra optim fields); the middle rate is the default.
 SWEEP = {
@@ -47,6 +50,13 @@ SWEEP = {
     "normuon": ([1e-3, 3e-3, 1e-2], {}),
     "galore": ([3e-3, 1e-2, 3e-2], {"galore_rank": 64, "galore_update_proj_gap": 200}),
 }
+
+
+def _label(row: dict) -> str:
+  """The optimizer, and GaLore's projector (rows without one ran the SVD)."""
+  if row["optimizer"] != "galore":
+    return row["optimizer"]
+  return f"galore-{row.get('galore_projector', 'svd')}"
 
 
 def main(argv):
@@ -72,6 +82,8 @@ def main(argv):
       c = llama_tiny.get_config()
       c.train.update(steps=_STEPS.value, eval_every=_EVAL.value)
       c.optim.update(name=name, learning_rate=lr, **extra)
+      if name == "galore":
+        c.optim.galore_projector = _PROJECTOR.value
       c.checkpoint.every_steps = 0
       c.log.every_steps = max(1, min(10, _STEPS.value // 3))  # step times to median
       start = time.perf_counter()
@@ -84,7 +96,8 @@ def main(argv):
           what="run", optimizer=name, lr=lr, steps=_STEPS.value,
           best_eval_loss=min(e for _, e in evals), final_eval_loss=evals[-1][1],
           step_time_s=sorted(times)[len(times) // 2] if times else None,
-          wall_s=round(wall, 1), evals=evals))
+          wall_s=round(wall, 1), evals=evals,
+          **({"galore_projector": _PROJECTOR.value} if name == "galore" else {})))
   _summarize(runs)
 
 
@@ -92,13 +105,13 @@ def _summarize(runs: list[dict]) -> None:
   """Each optimizer's best run (lowest best eval loss): a row each, and the plot."""
   best = {}
   for row in runs:
-    name = row["optimizer"]
+    name = _label(row)
     if name not in best or row["best_eval_loss"] < best[name]["best_eval_loss"]:
       best[name] = row
   for name, row in best.items():
     emit(what="best", optimizer=name, lr=row["lr"],
          best_eval_loss=row["best_eval_loss"], step_time_s=row["step_time_s"],
-         runs=sum(r["optimizer"] == name for r in runs))
+         runs=sum(_label(r) == name for r in runs))
   _plot(best)
 
 
