@@ -59,8 +59,9 @@ def _choice(path: str, value, allowed) -> None:
 
 
 def _validate_optim(config) -> None:
-  """optim.name, state_dtype, offload and galore_projector; the matrices regex; GaLore's rank against
-  every matrix it projects (one per layer, as train.matrices groups them)."""
+  """optim.name, state_dtype, offload and galore_projector; the matrices regex;
+  GaLore's rank against every matrix it projects (one per layer, as
+  train.matrices groups them)."""
   o = config.optim
   _choice("optim.name", o.name, optimizer.NAMES)
   _choice("optim.state_dtype", o.state_dtype, optimizer.STATE_DTYPES)
