@@ -37,8 +37,6 @@ so the refresh is a `lax.cond` on it inside the jitted step (no recompilation).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -82,8 +80,7 @@ def _leaf(d: matrices.Dims, shape: tuple[int, ...], rank: int, gap: int,
   red = tuple(a - nb for a in d.reduction)
   out = tuple(a - nb for a in d.output)
   perm = red + out
-  m = math.prod(shape[a] for a in red)
-  n = math.prod(shape[a] for a in out)
+  m, n = matrices.matrix_shape(shape, matrices.Dims((), red, out))
   left, r = m >= n, min(rank, m, n)
   inverse = tuple(perm.index(a) for a in range(len(shape)))
 
