@@ -74,13 +74,10 @@ def _randomized_left(g: jax.Array, r: int, key: jax.Array) -> jax.Array:
 
 def _leaf(d: matrices.Dims, shape: tuple[int, ...], rank: int, gap: int,
           scale: float, base: optax.GradientTransformation, projector: str):
-  """(init, update) of GaLore for one unbatched matrix of `shape`, laid out as
-  `d` says (batch axes already removed)."""
-  nb = len(d.batch)
-  red = tuple(a - nb for a in d.reduction)
-  out = tuple(a - nb for a in d.output)
-  perm = red + out
-  m, n = matrices.matrix_shape(shape, matrices.Dims((), red, out))
+  """(init, update) of GaLore for one matrix of `shape` with no batch axes, its
+  reduction and output axes as `d` says."""
+  perm = d.reduction + d.output
+  m, n = matrices.matrix_shape(shape, d)
   left, r = m >= n, min(rank, m, n)
   inverse = tuple(perm.index(a) for a in range(len(shape)))
 
@@ -122,7 +119,9 @@ def _leaf(d: matrices.Dims, shape: tuple[int, ...], rank: int, gap: int,
 def _batched(d: matrices.Dims, shape, *args) -> tuple:
   """`_leaf` vmapped over d.batch (one projector per layer, one shared count)."""
   nb = len(d.batch)
-  init, update = _leaf(d, shape[nb:], *args)
+  unbatched = matrices.Dims((), tuple(a - nb for a in d.reduction),
+                            tuple(a - nb for a in d.output))
+  init, update = _leaf(unbatched, shape[nb:], *args)
   axes = GaLoreState(count=None, base_optimizer_state=0, projector=0)
   for _ in range(nb):
     init = jax.vmap(init, out_axes=axes)
