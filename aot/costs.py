@@ -44,6 +44,12 @@ _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
 _SLICES = ("dynamic-slice", "slice", "gather")
 # Ops that update their first operand in place: the operand carrying the new data.
 _IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}
+# Asynchronous DMAs, started here and waited for at the matching `-done`: a slice
+# copied out of a buffer (into the core's VMEM, S(1), or out of host memory, S(5)),
+# or an update written into one (remat residuals offloaded to host memory). They
+# move the slice, not the buffer, and run beside the core.
+ASYNC_DMA = ("slice-start", "dynamic-slice-start", "dynamic-update-slice-start")
+HOST_MEMORY = "S(5)}"  # the layout suffix of an array in host memory
 # Custom calls that are compute kernels (Pallas: Mosaic on TPU, Triton on GPU); the
 # other custom calls in TPU programs (AllocateBuffer, ...) are bookkeeping.
 _KERNELS = ("tpu_custom_call", "__gpu$xla.gpu.triton")
@@ -193,6 +199,11 @@ def _traffic(ins, instrs, comps) -> float:
   """Bytes an unfused instruction reads and writes."""
   if ins.opcode in _SLICES:
     return 2.0 * ins.bytes
+  if ins.opcode in ("slice-start", "dynamic-slice-start"):
+    # ((operand, indices...), slice, context)
+    return 2.0 * hlo.shape_bytes(_tuple_elements(ins.shape)[1])
+  if ins.opcode == "dynamic-update-slice-start":  # operands: buffer, update, indices
+    return 2.0 * instrs[ins.operands[1]].bytes
   if ins.opcode in _IN_PLACE:
     return 2.0 * instrs[ins.operands[_IN_PLACE[ins.opcode]]].bytes
   if ins.opcode == "custom-call":

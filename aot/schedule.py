@@ -22,7 +22,12 @@ program) with two clocks, the TensorCore's and the ICI's:
   step) runs alongside that work, and only what exceeds it is exposed;
 - collectives share the links: one starts when the previous one has finished.
 - asynchronous copies (`copy-start` / `copy-done`: prefetches between HBM and the
-  core's memories) and bookkeeping (tuples, bitcasts, parameters) cost nothing.
+  core's memories) and bookkeeping (tuples, bitcasts, parameters) cost nothing;
+- asynchronous DMAs (`slice-start`, `dynamic-slice-start`,
+  `dynamic-update-slice-start`: slices prefetched into VMEM, remat residuals moved
+  between HBM and host memory) run beside the core and cost it nothing; the bytes
+  moved to and from host memory are counted (`collectives["host_bytes"]`), but the
+  host link's time is not modelled.
 
 A collective's time is that of its algorithm on the slice's torus, for the
 physical axes its replica group spans (read from the devices' coordinates):
@@ -42,7 +47,8 @@ with no latency charged; the ICI phases run over the group's part in one slice.
 
 What it leaves out: the overlap of independent ops with each other (one op at a
 time), VMEM reuse across fusions, contention of concurrent collectives on a link
-beyond serialising them, DCN latency and congestion, and host work between steps.
+beyond serialising them, DCN latency and congestion, host-offload transfer time,
+and host work between steps.
 """
 
 from __future__ import annotations
@@ -296,6 +302,10 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
           if end > core:
             exposed[axes] += end - core
             core = end
+        continue
+      if ins.opcode in costs_lib.ASYNC_DMA:
+        if costs_lib.HOST_MEMORY in ins.shape:
+          exposed["#host_bytes"] += costs_lib._traffic(ins, instrs, comps) / 2
         continue
       role = hlo.async_role(comps, ins)
       if role is not None:

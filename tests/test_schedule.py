@@ -267,3 +267,42 @@ def test_collective_inside_a_compute_fusion_runs_alongside_it():
   slow = schedule.estimate(text, CHIP, ring8(LINK / 4))
   assert slow.seconds == pytest.approx(4 * GATHER)
   assert slow.exposed["devices"] == pytest.approx(4 * GATHER - DOT)
+
+
+# Remat residuals offloaded to host memory (S(5)): one [1024,1024] slice of a
+# [64,1024,1024] host buffer written and one read, each around a matmul; and a
+# quarter of p0 prefetched into VMEM (S(1)).
+HOST_OFFLOAD = """HloModule m, is_scheduled=true
+
+ENTRY %main (p0: bf16[1024,1024], p1: bf16[64,1024,1024], i: s32[]) -> (bf16[1024,1024], bf16[256,1024]) {
+  %p0 = bf16[1024,1024]{1,0} parameter(0)
+  %p1 = bf16[64,1024,1024]{2,1,0:S(5)} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  %up = bf16[1,1024,1024]{2,1,0} bitcast(%p0)
+  %dus = ((bf16[64,1024,1024]{2,1,0:S(5)}, bf16[1,1024,1024]{2,1,0}, s32[], s32[], s32[]), bf16[64,1024,1024]{2,1,0:S(5)}, u32[]) dynamic-update-slice-start(%p1, %up, %i, %z, %z)
+  %dot = bf16[1024,1024]{1,0} dot(%p0, %p0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %buf = bf16[64,1024,1024]{2,1,0:S(5)} dynamic-update-slice-done(%dus)
+  %ds = ((bf16[64,1024,1024]{2,1,0:S(5)}, s32[], s32[], s32[]), bf16[1,1024,1024]{2,1,0}, u32[]) dynamic-slice-start(%buf, %i, %z, %z), dynamic_slice_sizes={1,1024,1024}
+  %dot2 = bf16[1024,1024]{1,0} dot(%dot, %dot), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %back = bf16[1,1024,1024]{2,1,0} dynamic-slice-done(%ds)
+  %b2 = bf16[1024,1024]{1,0} bitcast(%back)
+  %ss = ((bf16[1024,1024]{1,0}), bf16[256,1024]{1,0:S(1)}, s32[]) slice-start(%p0), slice={[0:256], [0:1024]}
+  %q = bf16[256,1024]{1,0:S(1)} slice-done(%ss)
+  %out = bf16[1024,1024]{1,0} add(%b2, %dot2)
+  ROOT %t = (bf16[1024,1024]{1,0}, bf16[256,1024]{1,0:S(1)}) tuple(%out, %q)
+}
+"""
+
+
+def test_host_offload_moves_slices_beside_the_core():
+  """The DMAs to and from a host buffer, and the prefetch into VMEM, cost the
+  core nothing and move their slice (not the 128 MiB buffer): in the estimate,
+  its host byte count and the roofline's HBM traffic."""
+  from aot import costs
+  est = schedule.estimate(HOST_OFFLOAD, CHIP, ring8())
+  assert est.seconds == pytest.approx(2 * DOT + ADD)
+  assert est.collectives["host_bytes"] == 2 * ARRAY
+  dots = 2 * 3 * ARRAY  # the two matmuls read two arrays and write one each
+  assert costs.analyze(HOST_OFFLOAD).hbm_bytes == pytest.approx(
+      dots + 3 * ARRAY + 2 * 2 * ARRAY + 2 * ARRAY / 4)
