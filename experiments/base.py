@@ -24,6 +24,7 @@ def get_config(arg=None) -> ConfigDict:
       head_dim=32,
       d_ff=704,                # SwiGLU hidden size
       tie_embeddings=False,    # LM head shares the embedding table
+      embed_lookup="gather",   # gather | one_hot (a matmul: model/embedding.py)
       rope_theta=10000.0,
       rope_type="default",     # default | linear | llama3 | yarn (model/rotary.py)
       rope_factor=1.0,         # linear, llama3, yarn: context extension factor

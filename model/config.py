@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 import kernels
+from model.embedding import LOOKUPS
 from model.rotary import ROPE_TYPES, Rotary
 from sharding import ConfigError
 
@@ -47,6 +48,9 @@ class ModelConfig:
   head_dim: int = 32
   d_ff: int = 704
   tie_embeddings: bool = False
+  # How tokens find their rows: 'gather' or 'one_hot' (a matmul; see
+  # model/embedding.py for what each moves under FSDP).
+  embed_lookup: str = "gather"
   # Rotary variant (model/rotary.py): default | linear | llama3 | yarn, and its
   # knobs; the defaults are Rotary's, written once there.
   rope_theta: float = Rotary.theta
@@ -160,7 +164,8 @@ def parse_ladder_layers(spec: str, num_layers: int) -> frozenset[int]:
 def validate(cfg: Any) -> None:
   """Raises ConfigError for model fields that cannot build a model."""
   choices = {"compute_dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES),
-             "remat": REMAT, "block": BLOCKS, "attention": kernels.IMPLS}
+             "remat": REMAT, "block": BLOCKS, "attention": kernels.IMPLS,
+             "embed_lookup": LOOKUPS}
   for field, allowed in choices.items():
     if cfg[field] not in allowed:
       raise ConfigError(f"model.{field}", f"{cfg[field]!r} is not one of {allowed}.",

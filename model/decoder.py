@@ -48,7 +48,8 @@ class Decoder(nnx.Module):
     self.constrain = constrain
     self.pipeline = pipeline
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
-                       dtype=cfg.dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+                       dtype=cfg.dtype, param_dtype=cfg.params_dtype, rngs=rngs,
+                       lookup=cfg.embed_lookup, constrain=constrain)
 
     # One scanned step: a layer, or in an MoE model with every_k_layers > 1 a
     # blocks.Unit of that many layers.

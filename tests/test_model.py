@@ -120,3 +120,33 @@ def test_parallel_block_is_one_shared_norm():
   ctx = blocks.Context(jnp.broadcast_to(jnp.arange(10), (2, 10)), None)
   got, _ = blocks.parallel(layer, x, None, ctx)
   np.testing.assert_allclose(got, x + attn(x) + mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_lookup_gives_the_gathers_loss_and_gradients_on_a_mesh():
+  """model.embed_lookup='one_hot' multiplies one-hot tokens by the table: in
+  float32 each row is found exactly, so the loss and every gradient equal the
+  gather's, on one device and on fsdp=4 x tensor=2 (table split over both, the
+  one-hot's vocabulary over `tensor`)."""
+  import sharding
+  from jax.sharding import NamedSharding
+  from train.state import model_spec, param_shardings
+  tokens = jax.random.randint(jax.random.key(4), (8, 12), 0, 61)
+
+  def loss_and_grads(lookup, mesh=None):
+    cfg = ModelConfig(**CFG, embed_lookup=lookup)
+    spec = model_spec(cfg, sharding.normalize_rules(None))
+    params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    f = jax.value_and_grad(lambda p, t: spec.model(p)(t).sum() / 100)
+    if mesh is None:
+      return jax.jit(f)(params, tokens)
+    params = jax.device_put(params, param_shardings(spec, mesh))
+    with jax.set_mesh(mesh):
+      return jax.jit(f)(params, jax.device_put(
+          tokens, NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))))
+
+  want = loss_and_grads("gather")
+  mesh = sharding.make_mesh(dict(data=1, fsdp=4, expert=1, sequence=1, tensor=2))
+  for got in (loss_and_grads("one_hot"), loss_and_grads("one_hot", mesh)):
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)

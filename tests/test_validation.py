@@ -19,6 +19,8 @@ CASES = {
     "batch": ({"train.batch_size": 12}, "train.batch_size",
               "batch_size=12 does not split over the data-parallel size 8"),
     "block": ({"model.block": "ladderr"}, "model.block", "'ladderr' is not one of"),
+    "embed_lookup": ({"model.embed_lookup": "iota"}, "model.embed_lookup",
+                     "'iota' is not one of ('gather', 'one_hot')"),
 }
 
 
