@@ -1,6 +1,7 @@
 """rung's schedule estimate against MaxText's published TPU training runs.
 
   python benchmarks/predict.py [--only=16b_v5e,32b_v5p] [--slices=1,2]
+      [--program=rung|maxtext] [--remat=save_dots] [--batch_per_device=6]
       [--write_rows=benchmarks/results/predict.jsonl]
 
 For each configuration MaxText published (`MaxText/configs/v5e/README.md` and
@@ -41,6 +42,17 @@ from benchmarks.common import emit, write_rows_to  # noqa: E402
 _ONLY = flags.DEFINE_list("only", [], "configurations to run (default: all)")
 _SLICES = flags.DEFINE_list("slices", ["1", "2"], "slice counts to run")
 _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
+_PROGRAM = flags.DEFINE_enum(
+    "program", "rung", ["rung", "maxtext"],
+    "rung: rung's defaults beyond the model shape; maxtext: MaxText's choices "
+    "there too: activations' embedding split over `tensor` (its "
+    "logical_axis_rules: activation_embed -> tensor) and the embedding lookup "
+    "as a one-hot matmul (use_iota_embed=true in every recipe)")
+_REMAT = flags.DEFINE_string("remat", None,
+                             "replace every run's remat policy (model.remat)")
+_BATCH = flags.DEFINE_integer(
+    "batch_per_device", None, "replace every run's batch per device (to find the "
+    "largest that fits when the published one does not)")
 
 # v5p's recipes add these to MaxText's v5e flags (LIBTPU_INIT_ARGS of
 # MaxText/configs/v5p/{32b,64b}.sh).
@@ -86,10 +98,12 @@ RUNS = {
 }
 
 
-def config_for(run: Run, slices: int):
+def config_for(run: Run, slices: int, program: str = "rung"):
   """experiments/llama_1b.py reshaped to `run` (MaxText's base config: untied
   embeddings, SwiGLU, float32 weights and Adam state, bfloat16 compute, flash
-  attention, the run's remat), data parallel over `slices`."""
+  attention, the run's remat), data parallel over `slices`; with
+  `program="maxtext"`, activations' embedding split over `tensor` (MaxText's
+  `activation_embed` rule) and the lookup a one-hot matmul (`use_iota_embed`)."""
   from experiments import llama_1b
   c = llama_1b.get_config()
   c.model.update(vocab_size=run.vocab, d_model=run.d_model, num_layers=run.layers,
@@ -100,6 +114,9 @@ def config_for(run: Run, slices: int):
   chips = math.prod(run.mesh.values())
   c.train.update(batch_size=run.batch_per_device * chips * slices, grad_accum_steps=1)
   c.mesh.update(**{**dict(data=slices, fsdp=1, tensor=1), **run.mesh})
+  if program == "maxtext":
+    c.mesh.rules.act_embed = ("tensor",)
+    c.model.embed_lookup = "one_hot"
   return c
 
 
@@ -124,8 +141,11 @@ def main(argv):
   for name, run in RUNS.items():
     if _ONLY.value and name not in _ONLY.value:
       continue
+    run = dataclasses.replace(
+        run, remat=_REMAT.value or run.remat,
+        batch_per_device=_BATCH.value or run.batch_per_device)
     for slices in map(int, _SLICES.value):
-      c = config_for(run, slices)
+      c = config_for(run, slices, _PROGRAM.value)
       start = time.perf_counter()
       report = aot.compile_step(c, run.topology, compiler_flags=run.flags,
                                 slices=slices)
@@ -137,7 +157,8 @@ def main(argv):
       published_step = count / (run.published[slices] * chip.peak_flops)
       if report.error:  # the compiler refused the plan (memory): no step time
         emit(what="refused", config=name, slices=slices, topology=run.topology,
-             published_mfu=run.published[slices],
+             program=_PROGRAM.value, remat=run.remat,
+             batch_per_device=run.batch_per_device, published_mfu=run.published[slices],
              total_gib=report.memory["total"] / 2 ** 30,
              temporaries_gib=report.memory["temporaries"] / 2 ** 30,
              hbm_gib=report.memory["hbm"] / 2 ** 30,
@@ -146,7 +167,8 @@ def main(argv):
       est, roof = report.time.get("estimate"), report.time.get("roofline")
       rows.append(emit(
           what="prediction", config=name, slices=slices, topology=run.topology,
-          mesh={a: s for a, s in report.mesh.items() if s > 1},
+          program=_PROGRAM.value, remat=run.remat,
+          batch_per_device=run.batch_per_device, mesh={a: s for a, s in report.mesh.items() if s > 1},
           batch=c.train.batch_size, fits=report.fits,
           published_mfu=run.published[slices], published_step_s=published_step,
           estimate_step_s=est, predicted_mfu=count / (est * chip.peak_flops),
@@ -160,12 +182,14 @@ def main(argv):
           peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                              / 2 ** 20, 2)))
   print()
-  print("| config | slices | published MFU (step) | predicted MFU (step) | error "
-        "| roofline MFU | exposed communication |")
-  print("|---|---|---|---|---|---|---|")
+  print(f"program: {_PROGRAM.value}")
+  print("| config | slices | remat | batch / device | published MFU (step) "
+        "| predicted MFU (step) | error | roofline MFU | exposed communication |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     exposed = ", ".join(f"{k} {v:.2f} s" for k, v in r["exposed_s"].items())
-    print(f"| {r['config']} | {r['slices']} | {r['published_mfu']:.2%} "
+    print(f"| {r['config']} | {r['slices']} | {r['remat']} | "
+          f"{r['batch_per_device']} | {r['published_mfu']:.2%} "
           f"({r['published_step_s']:.2f} s) | {r['predicted_mfu']:.1%} "
           f"({r['estimate_step_s']:.2f} s) | "
           f"{100 * (r['predicted_mfu'] - r['published_mfu']):+.1f} pp | "
