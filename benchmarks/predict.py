@@ -170,6 +170,7 @@ def main(argv):
           program=_PROGRAM.value, remat=run.remat,
           batch_per_device=run.batch_per_device, mesh={a: s for a, s in report.mesh.items() if s > 1},
           batch=c.train.batch_size, fits=report.fits,
+          total_gib=report.memory["total"] / 2 ** 30,
           published_mfu=run.published[slices], published_step_s=published_step,
           estimate_step_s=est, predicted_mfu=count / (est * chip.peak_flops),
           roofline_step_s=roof, roofline_mfu=count / (roof * chip.peak_flops),
