@@ -43,7 +43,8 @@ def get_config(arg=None) -> ConfigDict:
       compute_dtype="float32",  # float32 | bfloat16 (params stay param_dtype)
       param_dtype="float32",
       attention="auto",        # reference | flash | ring | ring_zigzag | ulysses | auto
-      remat="none",            # none | full | save_dots
+      remat="none",            # none | full | save_dots | offload_dots
+      loss_chunks=1,           # LM head + loss over this many row chunks (memory)
       block="standard",        # standard | parallel | ladder
       ladder_layers="all",     # with block=ladder: all | none | upper:N | '2,3'
       moe=ConfigDict(dict(     # mixture of experts (model/moe.py)

@@ -74,6 +74,11 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention: str = "auto"
   remat: str = "none"
+  # The training loss's LM head and token loss run over this many chunks of rows,
+  # each chunk's logits recomputed in the backward, so the whole batch's [batch,
+  # length, vocab] logits never exist (1: one piece). The 1F1B pipeline schedule
+  # computes them per microbatch already and ignores it.
+  loss_chunks: int = 1
   block: str = "standard"
   # Which layers read the residual stream late when block == 'ladder': 'all',
   # 'upper:N' (the top N layers, as when converting a pretrained model), or a
@@ -175,6 +180,11 @@ def validate(cfg: Any) -> None:
     if cfg[field] <= 0:
       raise ConfigError(f"model.{field}", f"must be positive, got {cfg[field]}.",
                         f"set --config.model.{field} to a positive integer.")
+  chunks = cfg.get("loss_chunks", 1)
+  if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+    raise ConfigError("model.loss_chunks", f"{chunks!r} is not a number of chunks.",
+                      "set --config.model.loss_chunks to a positive integer (1: "
+                      "the whole batch's logits at once).")
   window = cfg.get("sliding_window", 0)
   if not isinstance(window, int) or isinstance(window, bool) or window < 0:
     raise ConfigError("model.sliding_window", f"{window!r} is not a number of keys.",

@@ -118,9 +118,36 @@ class Decoder(nnx.Module):
     if self.pipeline.active and self.pipeline.schedule == "1f1b":
       return self._one_forward_one_backward(tokens, targets, positions, segment_ids,
                                             token_loss)
-    logits, aux = self.forward_and_aux(tokens, positions, segment_ids)
-    loss, metric = token_loss(logits, targets)
+    if self.cfg.loss_chunks == 1:
+      logits, aux = self.forward_and_aux(tokens, positions, segment_ids)
+      loss, metric = token_loss(logits, targets)
+      return loss + self._router_loss(aux), (metric, aux)
+    ctx = blocks.Context(positions, segment_ids, mask=_mask(None, tokens))
+    x, _, stats = self._hidden(tokens, ctx)
+    aux = moe.aggregate(stats) if stats else {}
+    loss, metric = self._chunked_token_loss(x, targets, token_loss)
     return loss + self._router_loss(aux), (metric, aux)
+
+  def _chunked_token_loss(self, x: jax.Array, targets: jax.Array,
+                          token_loss: Callable) -> tuple[jax.Array, jax.Array]:
+    """token_loss of the head's logits, over cfg.loss_chunks chunks of rows taken
+    as microbatches are (rows i, i+n, ...: each keeps the batch's sharding), one
+    after another, each chunk's logits recomputed in the backward: the whole
+    batch's [batch, length, vocab] logits never exist. x: [batch, length, embed]
+    after the last layer; targets: [batch, length]. Returns the means of
+    token_loss's (loss, metric) over the chunks, which are the batch's because
+    token_loss gives means over its rows."""
+    n = self.cfg.loss_chunks
+    chunk_loss = jax.checkpoint(lambda xc, tc: token_loss(self._head(xc), tc))
+
+    def one(totals, chunk):
+      loss, metric = chunk_loss(*chunk)
+      return (totals[0] + loss, totals[1] + metric), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, metric), _ = jax.lax.scan(
+        one, (zero, zero), pipeline_lib.microbatches((x, targets), n))
+    return loss / n, metric / n
 
   def _router_loss(self, aux: dict) -> jax.Array | float:
     if not aux:
@@ -172,9 +199,14 @@ class Decoder(nnx.Module):
 
   def _run(self, tokens, ctx: blocks.Context, cache=None, layers=None):
     """-> (logits, cache, MoE router stats or None)."""
-    x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
-    x, cache, stats = self.run_layers(x, ctx, cache, layers)
+    x, cache, stats = self._hidden(tokens, ctx, cache, layers)
     return self._head(x), cache, stats
+
+  def _hidden(self, tokens, ctx: blocks.Context, cache=None, layers=None):
+    """-> (the residual stream after the last layer [batch, length, embed], cache,
+    MoE router stats or None)."""
+    x = self.constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+    return self.run_layers(x, ctx, cache, layers)
 
   def _head(self, x: jax.Array) -> jax.Array:
     """[batch, length, embed] after the last layer -> logits [batch, length,

@@ -79,6 +79,15 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"{config.train.batch_size // dp} sequences, which do not split into "
         f"{accum} micro-batches.",
         "make train.batch_size a multiple of data-parallel size x grad_accum_steps.")
+  rows = config.train.batch_size // dp // accum
+  chunks = config.model.get("loss_chunks", 1)
+  if isinstance(chunks, int) and chunks > 0 and rows % chunks:
+    raise ConfigError(
+        "model.loss_chunks",
+        f"each data-parallel shard's micro-batch holds {rows} sequences, which do "
+        f"not split into {chunks} loss chunks.",
+        f"choose model.loss_chunks dividing {rows}, e.g. "
+        f"--config.model.loss_chunks={_largest_divisor(rows, chunks)}.")
   return sizes
 
 

@@ -150,3 +150,64 @@ def test_one_hot_lookup_gives_the_gathers_loss_and_gradients_on_a_mesh():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def _token_loss(logits, targets):
+  from train.step import cross_entropy
+  nll, lse2 = cross_entropy(logits, targets)
+  return nll + 0.1 * lse2, nll
+
+
+def test_loss_chunks_give_the_same_loss_and_gradients_on_a_mesh():
+  """model.loss_chunks=4 (head and loss over 4 chunks of rows, recomputed in the
+  backward) equals one piece: the loss, the metric and every gradient, on one
+  device and on data=2 x fsdp=2 x tensor=2, for a dense and an MoE model (whose
+  router losses are added outside the chunks)."""
+  import sharding
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from model import MoEConfig
+  from train.state import model_spec, param_shardings
+  tokens = jax.random.randint(jax.random.key(5), (8, 12), 0, 61)
+  targets = jax.random.randint(jax.random.key(6), (8, 12), 0, 61)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=1, sequence=1, tensor=2))
+
+  def run(chunks, moe, on_mesh):
+    cfg = ModelConfig(**CFG, loss_chunks=chunks,
+                      moe=MoEConfig(num_experts=4 if moe else 0, top_k=2))
+    spec = model_spec(cfg, sharding.normalize_rules(None))
+    params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    f = jax.value_and_grad(lambda p, t, y: spec.model(p).loss(
+        t, y, token_loss=_token_loss)[:2], has_aux=True)
+    if not on_mesh:
+      return jax.jit(f)(params, tokens, targets)
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+      return jax.jit(f)(jax.device_put(params, param_shardings(spec, mesh)),
+                        jax.device_put(tokens, rows), jax.device_put(targets, rows))
+
+  for moe in (False, True):
+    (want_loss, (want_metric, _)), want_grads = run(1, moe, False)
+    for on_mesh in (False, True):
+      (loss, (metric, _)), grads = run(4, moe, on_mesh)
+      np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+      np.testing.assert_allclose(metric, want_metric, rtol=1e-6)
+      for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7)
+
+
+def test_loss_chunks_keep_the_whole_batchs_logits_out_of_memory():
+  """With a 4096-token vocabulary the float32 logits of 8 x 64 tokens are 8 MiB;
+  the compiled training step's temporaries fall by at least that much with 4
+  chunks (each chunk's logits are a quarter, and are not kept for the backward)."""
+  tokens = jnp.zeros((8, 64), jnp.int32)
+  logits_bytes = 8 * 64 * 4096 * 4
+
+  def temporaries(chunks):
+    m = Decoder(ModelConfig(**{**CFG, "vocab_size": 4096, "num_layers": 1},
+                            loss_chunks=chunks), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(m)
+    f = jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(
+        tokens, tokens, token_loss=_token_loss)[0])
+    return jax.jit(f).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  assert temporaries(1) - temporaries(4) >= logits_bytes

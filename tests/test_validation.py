@@ -21,6 +21,10 @@ CASES = {
     "block": ({"model.block": "ladderr"}, "model.block", "'ladderr' is not one of"),
     "embed_lookup": ({"model.embed_lookup": "iota"}, "model.embed_lookup",
                      "'iota' is not one of ('gather', 'one_hot')"),
+    "loss_chunks": ({"model.loss_chunks": 3}, "model.loss_chunks",
+                    "holds 2 sequences, which do not split into 3 loss chunks"),
+    "loss_chunks_zero": ({"model.loss_chunks": 0}, "model.loss_chunks",
+                         "0 is not a number of chunks"),
 }
 
 
