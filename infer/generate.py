@@ -26,8 +26,7 @@ def _prefill(graphdef, params, tokens, cache, lengths):
   [batch, vocab] float32, cache). Rows of length 0 (batch padding) are all padding;
   `Decoder.prefill` masks padding out of MoE routing."""
   model = nnx.merge(graphdef, params)
-  logits, cache = model.prefill(tokens, lengths, cache)
-  last = logits[jnp.arange(tokens.shape[0]), jnp.maximum(lengths - 1, 0)]
+  last, cache = model.prefill_last(tokens, lengths, cache)
   return decode.last_logits(model, last), cache
 
 

@@ -164,11 +164,27 @@ class Decoder(nnx.Module):
     cache.lengths = lengths). The padding is masked out of MoE routing, so a row's
     logits do not depend on its batch-mates or on P.
     """
+    x, cache = self._prefill_hidden(tokens, lengths, cache)
+    return self._head(x), cache
+
+  def prefill_last(self, tokens: jax.Array, lengths: jax.Array,
+                   cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """`prefill` for generation: (the logits of each prompt's last token [batch,
+    vocab], cache). The LM head runs on that one position per row, so a long
+    prompt's [batch, P, vocab] logits are never made. A padding row (length 0)
+    gets position 0's."""
+    x, cache = self._prefill_hidden(tokens, lengths, cache)
+    last = x[jnp.arange(x.shape[0]), jnp.maximum(lengths - 1, 0)]  # [batch, embed]
+    return self._head(last[:, None])[:, 0], cache
+
+  def _prefill_hidden(self, tokens, lengths, cache):
+    """-> (the residual stream after the last layer [batch, P, embed], cache with
+    cache.lengths = lengths)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = positions < lengths[:, None]  # [batch, P]
     ctx = blocks.Context(positions, None, prefill=True, mask=mask)
-    logits, cache, _ = self._run(tokens, ctx, cache)
-    return logits, cache.replace(lengths=lengths.astype(jnp.int32))
+    x, cache, _ = self._hidden(tokens, ctx, cache)
+    return x, cache.replace(lengths=lengths.astype(jnp.int32))
 
   def decode(self, tokens: jax.Array, cache: KVCache | Sequence[KVCache], *,
              mask: jax.Array | None = None,
