@@ -74,10 +74,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention: str = "auto"
   remat: str = "none"
-  # The training loss's LM head and token loss run over this many chunks of rows,
-  # each chunk's logits recomputed in the backward, so the whole batch's [batch,
-  # length, vocab] logits never exist (1: one piece). The 1F1B pipeline schedule
-  # computes them per microbatch already and ignores it.
+  # The LM head and loss (training and evaluation) run over this many chunks of
+  # rows, in training each chunk's logits recomputed in the backward, so the whole
+  # batch's [batch, length, vocab] logits never exist (1: one piece). The 1F1B
+  # pipeline schedule computes them per microbatch already and ignores it.
   loss_chunks: int = 1
   block: str = "standard"
   # Which layers read the residual stream late when block == 'ladder': 'all',

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,11 +91,8 @@ class Decoder(nnx.Module):
     """The training forward: (logits as `__call__` gives them, aux), aux holding an
     MoE model's router metrics (`moe.aggregate`: the auxiliary losses for the
     training loss, load and drops); {} for a dense model."""
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    ctx = blocks.Context(positions, segment_ids, mask=_mask(mask, tokens))
-    logits, _, stats = self._run(tokens, ctx)
-    return logits, moe.aggregate(stats) if stats else {}
+    x, aux = self.hidden(tokens, positions, segment_ids, mask)
+    return self._head(x), aux
 
   def loss(self, tokens: jax.Array, targets: jax.Array,
            positions: jax.Array | None = None,
@@ -118,36 +115,42 @@ class Decoder(nnx.Module):
     if self.pipeline.active and self.pipeline.schedule == "1f1b":
       return self._one_forward_one_backward(tokens, targets, positions, segment_ids,
                                             token_loss)
-    if self.cfg.loss_chunks == 1:
-      logits, aux = self.forward_and_aux(tokens, positions, segment_ids)
-      loss, metric = token_loss(logits, targets)
-      return loss + self._router_loss(aux), (metric, aux)
-    ctx = blocks.Context(positions, segment_ids, mask=_mask(None, tokens))
-    x, _, stats = self._hidden(tokens, ctx)
-    aux = moe.aggregate(stats) if stats else {}
-    loss, metric = self._chunked_token_loss(x, targets, token_loss)
-    return loss + self._router_loss(aux), (metric, aux)
-
-  def _chunked_token_loss(self, x: jax.Array, targets: jax.Array,
-                          token_loss: Callable) -> tuple[jax.Array, jax.Array]:
-    """token_loss of the head's logits, over cfg.loss_chunks chunks of rows taken
-    as microbatches are (rows i, i+n, ...: each keeps the batch's sharding), one
-    after another, each chunk's logits recomputed in the backward: the whole
-    batch's [batch, length, vocab] logits never exist. x: [batch, length, embed]
-    after the last layer; targets: [batch, length]. Returns the means of
-    token_loss's (loss, metric) over the chunks, which are the batch's because
-    token_loss gives means over its rows."""
+    x, aux = self.hidden(tokens, positions, segment_ids)
+    loss, metric = self.head_chunk_sums(x, targets, token_loss)
     n = self.cfg.loss_chunks
-    chunk_loss = jax.checkpoint(lambda xc, tc: token_loss(self._head(xc), tc))
+    return loss / n + self._router_loss(aux), (metric / n, aux)
 
-    def one(totals, chunk):
-      loss, metric = chunk_loss(*chunk)
-      return (totals[0] + loss, totals[1] + metric), None
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None,
+             mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """`forward_and_aux` up to the LM head: (the residual stream after the last
+    layer [batch, length, embed], aux). `head_chunk_sums` takes it on."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    ctx = blocks.Context(positions, segment_ids, mask=_mask(mask, tokens))
+    x, _, stats = self._hidden(tokens, ctx)
+    return x, moe.aggregate(stats) if stats else {}
 
-    zero = jnp.zeros((), jnp.float32)
-    (loss, metric), _ = jax.lax.scan(
-        one, (zero, zero), pipeline_lib.microbatches((x, targets), n))
-    return loss / n, metric / n
+  def head_chunk_sums(self, x: jax.Array, rows: Any, fn: Callable) -> Any:
+    """The sum over cfg.loss_chunks chunks of rows of fn(logits [rows/n, length,
+    vocab], the chunk of `rows`), a pytree of float32 scalars. x: [batch, length,
+    embed] from `hidden`; rows: arrays with a leading [batch] axis (targets,
+    weights). Chunks take rows i, i+n, ... as microbatches do, so each keeps the
+    batch's sharding; they run one after another, each chunk's logits recomputed
+    in the backward, so the whole batch's logits never exist. With one chunk,
+    fn(all logits, rows)."""
+    n = self.cfg.loss_chunks
+    if n == 1:
+      return fn(self._head(x), rows)
+    chunk = jax.checkpoint(lambda xc, rc: fn(self._head(xc), rc))
+    chunks = pipeline_lib.microbatches((x, rows), n)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+        chunk, *jax.tree.map(lambda a: a[0], chunks)))
+
+    def one(total, c):
+      return jax.tree.map(jnp.add, total, chunk(*c)), None
+
+    return jax.lax.scan(one, zeros, chunks)[0]
 
   def _router_loss(self, aux: dict) -> jax.Array | float:
     if not aux:

@@ -197,7 +197,8 @@ def test_loss_chunks_give_the_same_loss_and_gradients_on_a_mesh():
 def test_loss_chunks_keep_the_whole_batchs_logits_out_of_memory():
   """With a 4096-token vocabulary the float32 logits of 8 x 64 tokens are 8 MiB;
   the compiled training step's temporaries fall by at least that much with 4
-  chunks (each chunk's logits are a quarter, and are not kept for the backward)."""
+  chunks (each chunk's logits are a quarter, and are not kept for the backward),
+  and the eval step's stay under half of it."""
   tokens = jnp.zeros((8, 64), jnp.int32)
   logits_bytes = 8 * 64 * 4096 * 4
 
@@ -210,3 +211,50 @@ def test_loss_chunks_keep_the_whole_batchs_logits_out_of_memory():
     return jax.jit(f).lower(params).compile().memory_analysis().temp_size_in_bytes
 
   assert temporaries(1) - temporaries(4) >= logits_bytes
+
+  # the eval step (no backward) holds a quarter of the logits at a time
+  import sharding
+  from train.state import model_spec
+  from train.step import make_eval_step
+  cfg = ModelConfig(**{**CFG, "vocab_size": 4096, "num_layers": 1}, loss_chunks=4)
+  params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  batch = dict(inputs=tokens, targets=tokens, weights=jnp.ones((8, 64)),
+               positions=tokens, segment_ids=tokens)
+  evaluate = make_eval_step(model_spec(cfg, sharding.normalize_rules(None)), None,
+                            None)
+  assert evaluate.lower(params, batch).compile().memory_analysis(
+      ).temp_size_in_bytes < logits_bytes / 2
+
+
+def test_evaluation_sums_over_the_same_loss_chunks():
+  """The eval step runs the head over model.loss_chunks chunks too (a model that
+  trains only with chunks must evaluate): its weighted NLL sum on data=2 x fsdp=2
+  x tensor=2 with 4 chunks equals a float64 NumPy sum over one device's logits,
+  padding rows (weight 0) left out."""
+  import sharding
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from train.state import model_spec, param_shardings
+  from train.step import make_eval_step
+  tokens = jax.random.randint(jax.random.key(8), (8, 12), 0, 61)
+  targets = jax.random.randint(jax.random.key(9), (8, 12), 0, 61)
+  weights = np.ones((8, 12), np.float32)
+  weights[5:] = 0  # a partial batch
+  batch = dict(inputs=tokens, targets=targets, weights=weights,
+               positions=jnp.broadcast_to(jnp.arange(12), (8, 12)),
+               segment_ids=jnp.zeros((8, 12), jnp.int32))
+  model = Decoder(ModelConfig(**CFG), rngs=nnx.Rngs(0))
+  logits = np.asarray(model(tokens), np.float64)  # [batch, length, vocab]
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) \
+      + logits.max(-1)
+  nll = logz - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
+  want = (nll * weights).sum()
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=1, sequence=1, tensor=2))
+  spec = model_spec(ModelConfig(**CFG, loss_chunks=4), sharding.normalize_rules(None))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  with jax.set_mesh(mesh):
+    total, count = make_eval_step(spec, param_shardings(spec, mesh), rows)(
+        jax.device_put(params, param_shardings(spec, mesh)),
+        jax.device_put(batch, rows))
+  np.testing.assert_allclose(total, want, rtol=1e-5)
+  assert count == weights.sum()

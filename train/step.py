@@ -185,12 +185,19 @@ def make_eval_step(spec: ModelSpec, param_sharding, data_sharding):
   NLL / total weight) is the mean over real tokens alone. Call it under
   jax.set_mesh."""
 
+  def weighted_nll(logits, rows):
+    targets, weights = rows
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets)  # [rows, length]
+    return jnp.sum(nll * weights)
+
   def f(params, batch: Batch):
     weights = batch["weights"].astype(jnp.float32)
-    logits = spec.model(params)(batch["inputs"], batch["positions"],
-                                batch["segment_ids"], mask=weights > 0)
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["targets"])  # [batch, length]
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    model = spec.model(params)
+    x, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                        mask=weights > 0)
+    # over model.loss_chunks chunks of rows, as the training loss
+    return (model.head_chunk_sums(x, (batch["targets"], weights), weighted_nll),
+            jnp.sum(weights))
 
   return jax.jit(f, in_shardings=(param_sharding, data_sharding))
