@@ -144,6 +144,8 @@ def main(argv):
     run = dataclasses.replace(
         run, remat=_REMAT.value or run.remat,
         batch_per_device=_BATCH.value or run.batch_per_device)
+    variant = dict(program=_PROGRAM.value, remat=run.remat,
+                   batch_per_device=run.batch_per_device)  # in every row
     for slices in map(int, _SLICES.value):
       c = config_for(run, slices, _PROGRAM.value)
       start = time.perf_counter()
@@ -157,8 +159,7 @@ def main(argv):
       published_step = count / (run.published[slices] * chip.peak_flops)
       if report.error:  # the compiler refused the plan (memory): no step time
         emit(what="refused", config=name, slices=slices, topology=run.topology,
-             program=_PROGRAM.value, remat=run.remat,
-             batch_per_device=run.batch_per_device, published_mfu=run.published[slices],
+             **variant, published_mfu=run.published[slices],
              total_gib=report.memory["total"] / 2 ** 30,
              temporaries_gib=report.memory["temporaries"] / 2 ** 30,
              hbm_gib=report.memory["hbm"] / 2 ** 30,
@@ -167,8 +168,7 @@ def main(argv):
       est, roof = report.time.get("estimate"), report.time.get("roofline")
       rows.append(emit(
           what="prediction", config=name, slices=slices, topology=run.topology,
-          program=_PROGRAM.value, remat=run.remat,
-          batch_per_device=run.batch_per_device, mesh={a: s for a, s in report.mesh.items() if s > 1},
+          **variant, mesh={a: s for a, s in report.mesh.items() if s > 1},
           batch=c.train.batch_size, fits=report.fits,
           total_gib=report.memory["total"] / 2 ** 30,
           published_mfu=run.published[slices], published_step_s=published_step,
