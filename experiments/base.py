@@ -45,6 +45,7 @@ def get_config(arg=None) -> ConfigDict:
       attention="auto",        # reference | flash | ring | ring_zigzag | ulysses | auto
       remat="none",            # none | full | save_dots | offload_dots
       loss_chunks=1,           # LM head + loss over this many row chunks (memory)
+      scan_layers=True,        # False: layers unrolled in training (speed, compile)
       block="standard",        # standard | parallel | ladder
       ladder_layers="all",     # with block=ladder: all | none | upper:N | '2,3'
       moe=ConfigDict(dict(     # mixture of experts (model/moe.py)

@@ -74,6 +74,12 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention: str = "auto"
   remat: str = "none"
+  # False: the training and evaluation forward runs the layers one after another
+  # (the parameters keep their stacked [layers, ...] layout), so no layer's weights
+  # are sliced out of the stack inside a loop and no saved activation is written
+  # into a stacked buffer; compile time then grows with depth. Prefill and decoding
+  # are unaffected (generation always slices the layers once, outside its loop).
+  scan_layers: bool = True
   # The LM head and loss (training and evaluation) run over this many chunks of
   # rows, in training each chunk's logits recomputed in the backward, so the whole
   # batch's [batch, length, vocab] logits never exist (1: one piece). The 1F1B
@@ -185,6 +191,10 @@ def validate(cfg: Any) -> None:
     raise ConfigError("model.loss_chunks", f"{chunks!r} is not a number of chunks.",
                       "set --config.model.loss_chunks to a positive integer (1: "
                       "the whole batch's logits at once).")
+  if not isinstance(cfg.get("scan_layers", True), bool):
+    raise ConfigError("model.scan_layers", f"{cfg.scan_layers!r} is not True or False.",
+                      "set --config.model.scan_layers=true (a loop over the layers) "
+                      "or false (unrolled).")
   window = cfg.get("sliding_window", 0)
   if not isinstance(window, int) or isinstance(window, bool) or window < 0:
     raise ConfigError("model.sliding_window", f"{window!r} is not a number of keys.",

@@ -32,7 +32,8 @@ REMAT_POLICIES = {
 
 class Decoder(nnx.Module):
   """Llama-style decoder. Layers are stacked on a leading `layers` axis and scanned,
-  so compile time does not grow with depth.
+  so compile time does not grow with depth (`cfg.scan_layers=False` runs the same
+  stacked parameters unrolled in the training and evaluation forward).
 
   `constrain` applies activation sharding by logical name (see
   `sharding.LogicalConstraint`); the default does nothing, so the model itself holds
@@ -244,9 +245,12 @@ class Decoder(nnx.Module):
     copies every layer's weights out of the stacked arrays on every call; in
     matrix-vector decoding that copy costs about as much as the matmuls themselves
     (benchmarks/README.md, "Decode speed"). Unrolled layers also compile in time
-    proportional to depth, which is why training keeps the scan.
+    proportional to depth, which is why training scans unless
+    `cfg.scan_layers=False`.
     """
-    _, state = nnx.split(self.layers)
+    return self._unstacked(nnx.split(self.layers)[1])
+
+  def _unstacked(self, state: nnx.State) -> list[nnx.State]:
     steps = self.cfg.num_layers // self.cfg.unit
     return [jax.tree.map(lambda p, i=i: p[i], state) for i in range(steps)]
 
@@ -267,6 +271,8 @@ class Decoder(nnx.Module):
     graphdef, state = nnx.split(self.layers)
     if self.pipeline.active and cache is None and layers is None:
       return self._pipelined(graphdef, state, x, ctx)
+    if not self.cfg.scan_layers and cache is None and layers is None:
+      layers = self._unstacked(state)
     pending = None  # (a, m) from a ladder segment
     stats = []
     unit = self.cfg.unit

@@ -194,6 +194,50 @@ def test_loss_chunks_give_the_same_loss_and_gradients_on_a_mesh():
       np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7)
 
 
+def test_unrolled_layers_give_the_scans_loss_and_gradients_on_a_mesh():
+  """model.scan_layers=False on data=2 x fsdp=2 x tensor=2 equals the scanned
+  model on one device (loss, metric, every gradient of the stacked parameters) for
+  a ladder model under remat whose top layers alone read late (a standard and a
+  ladder segment, ladder outputs pending at the end) and an MoE model of 2-layer
+  units; its program has no loop over the layers."""
+  import sharding
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from model import MoEConfig
+  from train.state import model_spec, param_shardings
+  tokens = jax.random.randint(jax.random.key(7), (8, 12), 0, 61)
+  targets = jax.random.randint(jax.random.key(8), (8, 12), 0, 61)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=1, sequence=1, tensor=2))
+  models = {"ladder": dict(num_layers=4, block="ladder", ladder_layers="upper:2",
+                          remat="full"),
+            "moe": dict(num_layers=4, moe=MoEConfig(num_experts=4, top_k=2,
+                                                    every_k_layers=2))}
+
+  def run(fields, scan, on_mesh):  # -> (lowered, ((loss, (metric, aux)), grads))
+    cfg = ModelConfig(**{**CFG, **fields}, scan_layers=scan)
+    spec = model_spec(cfg, sharding.normalize_rules(None))
+    params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    f = jax.jit(jax.value_and_grad(lambda p, t, y: spec.model(p).loss(
+        t, y, token_loss=_token_loss), has_aux=True))
+    if not on_mesh:
+      return None, f(params, tokens, targets)
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+      args = (jax.device_put(params, param_shardings(spec, mesh)),
+              jax.device_put(tokens, rows), jax.device_put(targets, rows))
+      return f.lower(*args), f(*args)
+
+  for name, fields in models.items():
+    _, ((want_loss, (want_metric, _)), want_grads) = run(fields, True, False)
+    lowered, ((loss, (metric, _)), grads) = run(fields, False, True)
+    assert "stablehlo.while" not in lowered.as_text(), name
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(metric, want_metric, rtol=1e-6, err_msg=name)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree.leaves(want_grads)):
+      assert g.shape == w.shape, (name, path)
+      np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-7, err_msg=f"{name} {path}")
+
+
 def test_loss_chunks_keep_the_whole_batchs_logits_out_of_memory():
   """With a 4096-token vocabulary the float32 logits of 8 x 64 tokens are 8 MiB;
   the compiled training step's temporaries fall by at least that much with 4

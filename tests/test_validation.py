@@ -25,6 +25,9 @@ CASES = {
                     "holds 2 sequences, which do not split into 3 loss chunks"),
     "loss_chunks_zero": ({"model.loss_chunks": 0}, "model.loss_chunks",
                          "0 is not a number of chunks"),
+    "scan_layers_pipelined": ({"model.scan_layers": False, "pipeline.microbatches": 2},
+                              "model.scan_layers",
+                              "is False in a pipelined model"),
 }
 
 

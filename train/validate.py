@@ -251,6 +251,11 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         f"pipeline.repeats={repeats} equal groups.",
         f"choose mesh.stage and pipeline.repeats whose product divides {units}, "
         f"or change model.num_layers.")
+  if not cfg.scan_layers:
+    raise ConfigError(
+        "model.scan_layers", "is False in a pipelined model (mesh.stage > 1 or "
+        "pipeline.microbatches > 1): each stage scans its own group of layers.",
+        "set --config.model.scan_layers=true.")
   if len(cfg.segments()) > 1:
     raise ConfigError(
         "model.ladder_layers", f"is {cfg.ladder_layers!r}: a pipelined model "
