@@ -208,7 +208,12 @@ REFS = {"adamw": _ref_adamw, "sgd": _ref_sgd, "muon": _ref_muon,
 def test_update_equals_numpy_reference_of_the_paper(name, extra):
   """Three updates of each optimizer (warmup then cosine, decoupled decay masked
   for the norm scale, GaLore refreshing its projectors at steps 1 and 3) against
-  the float64 reference, rtol 1e-5."""
+  the float64 reference, rtol 1e-5. Muon's and NorMuon's orthogonalized matrices
+  are compared to 1e-4 of the largest element instead: five Newton-Schulz
+  iterations amplify float32 rounding across each matrix, so the same program
+  lands 2.4e-5 or 2.8e-5 (of the matrix's scale) away from the reference
+  depending only on XLA:CPU's fusion emitter, while a coefficient off by 0.1% is
+  off by more than 1e-3."""
   o = _optim(name, **extra)
   rng = np.random.default_rng(0)
   params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
@@ -225,7 +230,9 @@ def test_update_equals_numpy_reference_of_the_paper(name, extra):
     for k in SHAPES:
       decay = WD * p[k] if "norm" not in k else 0.0  # decoupled, masked for norms
       want = -eta * (refs[k](g[k].astype(np.float64), t) + decay)
-      np.testing.assert_allclose(got[t - 1][k], want, rtol=1e-5, atol=1e-7,
+      atol = (1e-4 * np.abs(want).max() if name in ("muon", "normuon")
+              and k in GROUPS else 1e-7)
+      np.testing.assert_allclose(got[t - 1][k], want, rtol=1e-5, atol=atol,
                                  err_msg=f"{name} step {t} {k}")
       p[k] = p[k] + got[t - 1][k]
 
