@@ -42,8 +42,8 @@ def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60,
             config="experiments/llama_tiny.py"):
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4 "
-             "--xla_backend_optimization_level=0")  # as conftest: faster compiles
+             # conftest's flags (faster compiles), 4 devices per process
+             XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
   procs = []
   for pid in started:
     procs.append(subprocess.Popen(
