@@ -105,6 +105,23 @@ def run_cli(*args, timeout=300):
                         env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_cli_many(arg_lists, timeout=300):
+  """`run_cli` for many command lines that end before any device work (config
+  errors, help): one interpreter imports the launcher, a forked child runs each
+  (tests/cli_fork.py) -> a CompletedProcess per command line."""
+  import json
+  import subprocess
+  with tempfile.NamedTemporaryFile("w", suffix=".json") as cases:
+    json.dump([list(a) for a in arg_lists], cases)
+    cases.flush()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "cli_fork.py"),
+                           cases.name], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return [subprocess.CompletedProcess(a, r["returncode"], r["stdout"], r["stderr"])
+          for a, r in zip(arg_lists, json.loads(proc.stdout))]
+
+
 # Files whose tests take longest (multi-process runs, notebooks, subprocess CLIs,
 # deviceless TPU compiles), longest first. They are collected first, so with
 # `-n 2 --dist worksteal` the two workers end on short tests instead of one

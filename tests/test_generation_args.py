@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import infer
-from conftest import run_cli
+from conftest import run_cli, run_cli_many
 from model import Decoder, ModelConfig
 
 LOGITS = jnp.array([[.1, .3, 5., .2, 1.]])  # argmax 2
@@ -158,10 +158,19 @@ def test_cli_zero_new_tokens_prints_the_prompt(byte_run):
   assert proc.stdout == "def f(\n"
 
 
-@pytest.mark.parametrize("flag", ["--temperature=-1", "--top_p=1.5", "--top_k=-2",
-                                  "--max_new_tokens=-1"])
-def test_cli_bad_generation_flag_exits_2_naming_it(byte_run, flag):
-  proc = run_cli("generate", f"--workdir={byte_run}", "--prompt=x", flag)
+BAD_FLAGS = ["--temperature=-1", "--top_p=1.5", "--top_k=-2", "--max_new_tokens=-1"]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(byte_run):
+  """`generate` with each bad flag, each its own process (conftest.run_cli_many)."""
+  return dict(zip(BAD_FLAGS, run_cli_many(
+      [("generate", f"--workdir={byte_run}", "--prompt=x", f) for f in BAD_FLAGS])))
+
+
+@pytest.mark.parametrize("flag", BAD_FLAGS)
+def test_cli_bad_generation_flag_exits_2_naming_it(bad_flag_runs, flag):
+  proc = bad_flag_runs[flag]
   assert proc.returncode == 2, proc.stderr[-2000:]
   name = flag.split("=")[0]
   assert f"Config error in `{name}`" in proc.stderr

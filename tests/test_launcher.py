@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_many
 from experiment.__main__ import COMMANDS
 
 OWN_FLAGS = {f for c in COMMANDS.values() for f in c.flags}
@@ -26,9 +26,15 @@ def test_top_level_help_aligns_every_command():
     assert re.search(rf"^  python -m experiment {name} --", proc.stdout, re.M)
 
 
+@pytest.fixture(scope="module")
+def helps():
+  """`python -m experiment COMMAND --help` for every command, each its own process."""
+  return dict(zip(COMMANDS, run_cli_many([(c, "--help") for c in COMMANDS])))
+
+
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_command_help_lists_only_its_flags_and_exits_0(command):
-  proc = run_cli(command, "--help")
+def test_command_help_lists_only_its_flags_and_exits_0(command, helps):
+  proc = helps[command]
   assert proc.returncode == 0, proc.stderr[-2000:]
   listed = set(re.findall(r"^  --(\w+)", proc.stdout, re.M))
   assert listed & OWN_FLAGS == set(COMMANDS[command].flags)

@@ -3,7 +3,7 @@
 import pytest
 
 import train
-from conftest import run_cli
+from conftest import run_cli, run_cli_many
 from experiments import llama_tiny
 from sharding import ConfigError
 
@@ -83,11 +83,21 @@ CLI_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+  """Every CLI case's `python -m experiment train ...`, each its own process
+  (forked from one interpreter that imported the launcher: conftest.run_cli_many)."""
+  workdir = tmp_path_factory.mktemp("cli")
+  runs = run_cli_many([("train", "--config=experiments/llama_tiny.py",
+                        f"--workdir={workdir}", *args)
+                       for args, _, _ in CLI_CASES.values()])
+  return dict(zip(CLI_CASES, runs))
+
+
 @pytest.mark.parametrize("case", CLI_CASES)
-def test_cli_exits_2_with_message(case, tmp_path):
-  args, field, numbers = CLI_CASES[case]
-  proc = run_cli("train", "--config=experiments/llama_tiny.py",
-                 f"--workdir={tmp_path}", *args)
+def test_cli_exits_2_with_message(case, cli_runs):
+  _, field, numbers = CLI_CASES[case]
+  proc = cli_runs[case]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert f"Config error in `{field}`" in proc.stderr
   assert numbers in proc.stderr
