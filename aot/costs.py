@@ -195,15 +195,20 @@ def _cost_estimate(ins) -> dict | None:
 
 # --- HBM traffic ---------------------------------------------------------------
 
+def dma_bytes(ins, instrs) -> float:
+  """The bytes an asynchronous DMA (ASYNC_DMA) moves: its slice, not the buffer."""
+  if ins.opcode == "dynamic-update-slice-start":  # operands: buffer, update, indices
+    return float(instrs[ins.operands[1]].bytes)
+  # slice-start, dynamic-slice-start: ((operand, indices...), slice, context)
+  return float(hlo.shape_bytes(_tuple_elements(ins.shape)[1]))
+
+
 def _traffic(ins, instrs, comps) -> float:
   """Bytes an unfused instruction reads and writes."""
   if ins.opcode in _SLICES:
     return 2.0 * ins.bytes
-  if ins.opcode in ("slice-start", "dynamic-slice-start"):
-    # ((operand, indices...), slice, context)
-    return 2.0 * hlo.shape_bytes(_tuple_elements(ins.shape)[1])
-  if ins.opcode == "dynamic-update-slice-start":  # operands: buffer, update, indices
-    return 2.0 * instrs[ins.operands[1]].bytes
+  if ins.opcode in ASYNC_DMA:  # read and written once each
+    return 2.0 * dma_bytes(ins, instrs)
   if ins.opcode in _IN_PLACE:
     return 2.0 * instrs[ins.operands[_IN_PLACE[ins.opcode]]].bytes
   if ins.opcode == "custom-call":

@@ -305,7 +305,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
         continue
       if ins.opcode in costs_lib.ASYNC_DMA:
         if costs_lib.HOST_MEMORY in ins.shape:
-          exposed["#host_bytes"] += costs_lib._traffic(ins, instrs, comps) / 2
+          exposed["#host_bytes"] += costs_lib.dma_bytes(ins, instrs)
         continue
       role = hlo.async_role(comps, ins)
       if role is not None:

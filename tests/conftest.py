@@ -68,6 +68,13 @@ def make_tiny_config():
   return c
 
 
+def z_token_loss(logits, targets):
+  """A token loss with a z-loss term, as `Decoder.loss` takes it: (loss, NLL)."""
+  from train.step import cross_entropy
+  nll, lse2 = cross_entropy(logits, targets)
+  return nll + 0.1 * lse2, nll
+
+
 def make_data_on(config, mesh_sizes=None):
   """train.data.make_data for `config` with the batch sharded as a training run on
   `mesh_sizes` (default data=8) would shard it."""

@@ -1,5 +1,7 @@
 """Model numerics against independent references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 import kernels
+from conftest import z_token_loss
 from model import Decoder, ModelConfig
 from model.rotary import apply_rotary
 
@@ -152,10 +155,24 @@ def test_one_hot_lookup_gives_the_gathers_loss_and_gradients_on_a_mesh():
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
-def _token_loss(logits, targets):
-  from train.step import cross_entropy
-  nll, lse2 = cross_entropy(logits, targets)
-  return nll + 0.1 * lse2, nll
+def _loss_and_grads(cfg, tokens, targets, mesh=None):
+  """-> (the jitted lowering or None, ((loss, (metric, aux)), gradients)) of
+  `cfg`'s training loss, on one device or with parameters and rows (over data and
+  fsdp) placed on `mesh`."""
+  import sharding
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from train.state import model_spec, param_shardings
+  spec = model_spec(cfg, sharding.normalize_rules(None))
+  params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  f = jax.jit(jax.value_and_grad(lambda p, t, y: spec.model(p).loss(
+      t, y, token_loss=z_token_loss), has_aux=True))
+  if mesh is None:
+    return None, f(params, tokens, targets)
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  with jax.set_mesh(mesh):
+    args = (jax.device_put(params, param_shardings(spec, mesh)),
+            jax.device_put(tokens, rows), jax.device_put(targets, rows))
+    return f.lower(*args), f(*args)
 
 
 def test_loss_chunks_give_the_same_loss_and_gradients_on_a_mesh():
@@ -164,30 +181,17 @@ def test_loss_chunks_give_the_same_loss_and_gradients_on_a_mesh():
   loss, the metric and every gradient, for a dense and an MoE model (whose router
   losses are added outside the chunks)."""
   import sharding
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from model import MoEConfig
-  from train.state import model_spec, param_shardings
   tokens = jax.random.randint(jax.random.key(5), (8, 12), 0, 61)
   targets = jax.random.randint(jax.random.key(6), (8, 12), 0, 61)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=1, sequence=1, tensor=2))
 
-  def run(chunks, moe, on_mesh):  # -> ((loss, (metric, aux)), gradients)
-    cfg = ModelConfig(**CFG, loss_chunks=chunks,
-                      moe=MoEConfig(num_experts=4 if moe else 0, top_k=2))
-    spec = model_spec(cfg, sharding.normalize_rules(None))
-    params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-    f = jax.value_and_grad(lambda p, t, y: spec.model(p).loss(
-        t, y, token_loss=_token_loss), has_aux=True)
-    if not on_mesh:
-      return jax.jit(f)(params, tokens, targets)
-    rows = NamedSharding(mesh, P(("data", "fsdp")))
-    with jax.set_mesh(mesh):
-      return jax.jit(f)(jax.device_put(params, param_shardings(spec, mesh)),
-                        jax.device_put(tokens, rows), jax.device_put(targets, rows))
-
   for moe in (False, True):
-    (want_loss, (want_metric, _)), want_grads = run(1, moe, False)
-    (loss, (metric, _)), grads = run(4, moe, True)
+    cfg = ModelConfig(**CFG, moe=MoEConfig(num_experts=4 if moe else 0, top_k=2))
+    _, ((want_loss, (want_metric, _)), want_grads) = _loss_and_grads(
+        cfg, tokens, targets)
+    _, ((loss, (metric, _)), grads) = _loss_and_grads(
+        dataclasses.replace(cfg, loss_chunks=4), tokens, targets, mesh)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     np.testing.assert_allclose(metric, want_metric, rtol=1e-6)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
@@ -201,9 +205,7 @@ def test_unrolled_layers_give_the_scans_loss_and_gradients_on_a_mesh():
   ladder segment, ladder outputs pending at the end) and an MoE model of 2-layer
   units; its program has no loop over the layers."""
   import sharding
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from model import MoEConfig
-  from train.state import model_spec, param_shardings
   tokens = jax.random.randint(jax.random.key(7), (8, 12), 0, 61)
   targets = jax.random.randint(jax.random.key(8), (8, 12), 0, 61)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=1, sequence=1, tensor=2))
@@ -212,23 +214,12 @@ def test_unrolled_layers_give_the_scans_loss_and_gradients_on_a_mesh():
             "moe": dict(num_layers=4, moe=MoEConfig(num_experts=4, top_k=2,
                                                     every_k_layers=2))}
 
-  def run(fields, scan, on_mesh):  # -> (lowered, ((loss, (metric, aux)), grads))
-    cfg = ModelConfig(**{**CFG, **fields}, scan_layers=scan)
-    spec = model_spec(cfg, sharding.normalize_rules(None))
-    params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
-    f = jax.jit(jax.value_and_grad(lambda p, t, y: spec.model(p).loss(
-        t, y, token_loss=_token_loss), has_aux=True))
-    if not on_mesh:
-      return None, f(params, tokens, targets)
-    rows = NamedSharding(mesh, P(("data", "fsdp")))
-    with jax.set_mesh(mesh):
-      args = (jax.device_put(params, param_shardings(spec, mesh)),
-              jax.device_put(tokens, rows), jax.device_put(targets, rows))
-      return f.lower(*args), f(*args)
-
   for name, fields in models.items():
-    _, ((want_loss, (want_metric, _)), want_grads) = run(fields, True, False)
-    lowered, ((loss, (metric, _)), grads) = run(fields, False, True)
+    cfg = ModelConfig(**{**CFG, **fields})
+    _, ((want_loss, (want_metric, _)), want_grads) = _loss_and_grads(
+        cfg, tokens, targets)
+    lowered, ((loss, (metric, _)), grads) = _loss_and_grads(
+        dataclasses.replace(cfg, scan_layers=False), tokens, targets, mesh)
     assert "stablehlo.while" not in lowered.as_text(), name
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=name)
     np.testing.assert_allclose(metric, want_metric, rtol=1e-6, err_msg=name)
@@ -251,7 +242,7 @@ def test_loss_chunks_keep_the_whole_batchs_logits_out_of_memory():
                             loss_chunks=chunks), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(m)
     f = jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(
-        tokens, tokens, token_loss=_token_loss)[0])
+        tokens, tokens, token_loss=z_token_loss)[0])
     return jax.jit(f).lower(params).compile().memory_analysis().temp_size_in_bytes
 
   assert temporaries(1) - temporaries(4) >= logits_bytes
