@@ -2,12 +2,14 @@
 restore time against the disk's sequential read speed, without and with
 compression (`checkpoint.compress`), in one run.
 
-  python benchmarks/checkpoint.py [--gib=1.0] [--dir=/tmp/rung_ckpt_bench]
+  python benchmarks/checkpoint.py [--gib=1.0] [--rounds=3] [--dir=/tmp/rung_ckpt_bench]
 
 A train state of about --gib GiB (parameters plus two Adam moments, float32) is
 saved through rung's Checkpointer with async_save on and off. `blocked_s` is the
 time save() holds the training loop; `total_s` includes waiting for the write.
 Page caches are dropped before each read measurement when permitted (root).
+Restores and `dd` reads of a same-size file alternate for --rounds rounds; the
+ratio compares their medians, since this VM's disk speed drifts by minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from common import emit  # noqa: E402
 
 _GIB = flags.DEFINE_float("gib", 1.0, "train state size in GiB")
 _DIR = flags.DEFINE_string("dir", "/tmp/rung_ckpt_bench", "scratch directory")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating dd / restore rounds")
 
 
 def drop_caches() -> bool:
@@ -36,6 +39,15 @@ def drop_caches() -> bool:
     return True
   except OSError:
     return False
+
+
+def dd_read(path: str) -> float:
+  """GiB/s of dd's sequential read of `path` from a cold page cache."""
+  drop_caches()
+  start = time.perf_counter()
+  subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M"], check=True,
+                 capture_output=True)
+  return os.path.getsize(path) / 2**30 / (time.perf_counter() - start)
 
 
 def main(argv):
@@ -68,15 +80,13 @@ def main(argv):
 
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                        sharding=x.sharding), state)
-  restore_s = {}
   for compress in (False, True):
     results = {}
     for mode in ("sync", "async"):
       cfg = ml_collections.ConfigDict(dict(keep=1, keep_best=0, fallback=False,
                                            async_save=mode == "async",
                                            compress=compress))
-      workdir = os.path.join(root, f"{mode}_{compress}")
-      ckpt = Checkpointer(workdir, cfg)
+      ckpt = Checkpointer(os.path.join(root, f"{mode}_{compress}"), cfg)
       start = time.perf_counter()
       ckpt.save(state, None, {"bench": True}, force=True)
       blocked = time.perf_counter() - start
@@ -88,37 +98,43 @@ def main(argv):
            total_s=total, gib_per_s=nbytes / 2**30 / total)
     emit(what="ratio", compress=compress,
          async_blocked_over_sync_save=results["async"][0] / results["sync"][1])
-    # Restore the sync checkpoint from a cold page cache.
-    dropped = drop_caches()
+
+  def restore(compress: bool) -> float:
+    """Seconds to restore the sync checkpoint from a cold page cache."""
+    drop_caches()
     cfg = ml_collections.ConfigDict(dict(keep=1, keep_best=0, async_save=False,
                                          fallback=False, compress=compress))
     ckpt = Checkpointer(os.path.join(root, f"sync_{compress}"), cfg, read_only=True)
     start = time.perf_counter()
-    restored = ckpt.restore(target)
-    jax.block_until_ready(restored)
-    restore_s[compress] = time.perf_counter() - start
+    restored = jax.block_until_ready(ckpt.restore(target))
+    seconds = time.perf_counter() - start
     ckpt.close()
     assert np.array_equal(np.asarray(restored.params["w0"]),
                           np.asarray(state.params["w0"]))
-    del restored
-    disk = sum(os.path.getsize(os.path.join(d, f))
-               for d, _, files in os.walk(os.path.join(root, f"sync_{compress}"))
-               for f in files)
-    emit(what="restore", compress=compress, restore_s=restore_s[compress],
-         restore_gib_per_s=nbytes / 2**30 / restore_s[compress],
-         disk_over_state_bytes=disk / nbytes, caches_dropped=dropped)
-  # dd's sequential read of a same-size file on the same disk.
+    return seconds
+
+  # The disk's read speed drifts (0.7-2.5 GiB/s within minutes on this VM), so
+  # dd and the restores alternate for --rounds rounds and medians are compared.
   blob = os.path.join(root, "dd.bin")
   subprocess.run(["dd", "if=/dev/urandom", f"of={blob}", "bs=16M",
                   f"count={max(1, nbytes // (16 << 20))}"], check=True,
                  capture_output=True)
-  drop_caches()
-  start = time.perf_counter()
-  subprocess.run(["dd", f"if={blob}", "of=/dev/null", "bs=16M"], check=True,
-                 capture_output=True)
-  dd = os.path.getsize(blob) / 2**30 / (time.perf_counter() - start)
-  emit(what="disk", dd_read_gib_per_s=dd,
-       restore_over_dd={str(k): nbytes / 2**30 / v / dd for k, v in restore_s.items()})
+  dd, restore_s = [], {False: [], True: []}
+  for _ in range(_ROUNDS.value):
+    dd.append(dd_read(blob))
+    for compress in restore_s:
+      restore_s[compress].append(restore(compress))
+  emit(what="disk", dd_read_gib_per_s=float(np.median(dd)), rounds=dd,
+       caches_dropped=drop_caches())
+  for compress, seconds in restore_s.items():
+    disk = sum(os.path.getsize(os.path.join(d, f))
+               for d, _, files in os.walk(os.path.join(root, f"sync_{compress}"))
+               for f in files)
+    speed = nbytes / 2**30 / float(np.median(seconds))
+    emit(what="restore", compress=compress, restore_s=float(np.median(seconds)),
+         rounds=seconds, restore_gib_per_s=speed,
+         restore_over_dd=speed / float(np.median(dd)),
+         disk_over_state_bytes=disk / nbytes)
   shutil.rmtree(root, ignore_errors=True)
 
 
