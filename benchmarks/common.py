@@ -87,11 +87,11 @@ def copy_bandwidth(nbytes: int, reps: int = 10) -> float:
   return 2 * x.nbytes / time_call(lambda: add(x).block_until_ready(), reps)
 
 
-def decode_floor_s(model, *, batch: int, prompt: int, new: int,
-                   bandwidth: float) -> float:
-  """Seconds to generate `new` tokens if each step only read every weight and the
-  filled part of the KV cache once at `bandwidth` (bytes/s): the weight-read floor.
-  The cache is counted at its mean fill, prompt + new / 2 positions."""
+def decode_floor_bytes(model, *, batch: int, prompt: int, new: int) -> float:
+  """Bytes a decoder must read to generate `new` tokens if each step read every
+  weight and the filled part of the KV cache once: over a bandwidth (bytes/s),
+  the weight-read floor in seconds. The cache is counted at its mean fill,
+  prompt + new / 2 positions."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -99,7 +99,7 @@ def decode_floor_s(model, *, batch: int, prompt: int, new: int,
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   kv = (2 * cfg.num_layers * batch * (prompt + new / 2) * cfg.num_kv_heads *
         cfg.head_dim * jnp.dtype(cfg.dtype).itemsize)
-  return new * (weights + kv) / bandwidth
+  return new * (weights + kv)
 
 
 def llama_config(model: dict, *, batch: int, seq_len: int):

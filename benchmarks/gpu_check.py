@@ -312,8 +312,8 @@ def decode(s: dict, facts: dict) -> None:
 
     ref = hf_generate()[:, prompt:].cpu().numpy()
     t_hf = common.time_call(hf_generate, reps=2, warmup=0)
-    floor_s = common.decode_floor_s(rung, batch=batch, prompt=prompt, new=new,
-                                    bandwidth=facts["bandwidth"])
+    floor_s = common.decode_floor_bytes(rung, batch=batch, prompt=prompt,
+                                        new=new) / facts["bandwidth"]
     same = [list(o) == list(r) for o, r in zip(out, ref)]
     agree = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), len(o))
              for o, r in zip(out, ref)]

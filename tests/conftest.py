@@ -8,12 +8,16 @@ import sys
 # 3m10s to 2m04s (same results; numerics do not depend on it). XLA:CPU's MLIR
 # fusion emitters spent a quarter of a pipeline test's process time (perf) building
 # an MLIR pipeline per fusion; its older LLVM emitters halve those compiles
-# (4.1 -> 1.8 s, 4.8 -> 2.4 s) at the same step time. Inherited by the CLI and
-# multi-process tests' subprocesses.
+# (4.1 -> 1.8 s, 4.8 -> 2.4 s) at the same step time. XLA:CPU also splits each
+# program's LLVM module for parallel codegen, which only adds per-part overhead
+# for programs this small while both cores run tests: one part took the user time
+# of the pipeline-stage and optimizer tests from 149 to 132 s. Inherited by the
+# CLI and multi-process tests' subprocesses.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0"
-                           " --xla_cpu_use_fusion_emitters=false").strip()
+                           " --xla_cpu_use_fusion_emitters=false"
+                           " --xla_cpu_parallel_codegen_split_count=1").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Many tests compile the same small programs (in this process and in launcher
 # subprocesses, which inherit the variables): share compiled executables.
