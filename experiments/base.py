@@ -83,6 +83,7 @@ def get_config(arg=None) -> ConfigDict:
       token_dtype="uint16",    # dtype of .bin files for source=tokens
       seq_len=256,
       eval_fraction=0.02,      # tail of the token stream held out for eval
+      prefetch_batches=8,      # batches read ahead by the loader's two threads
       # name -> dict(source=..., path=..., text_field=..., weight=...): train on a
       # weighted mixture of sources instead of data.source / data.path (set it in
       # a config file; see docs/configuration.md). Empty: the single data.source.

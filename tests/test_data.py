@@ -96,3 +96,28 @@ def test_hf_tokenizer_json(tiny_config, text_dir, tmp_path):
   d = make_data_on(c)
   assert d.tokenizer.eos_id == 0 and d.tokenizer.vocab_size == 6
   assert next(d.train)["inputs"].max() < 6
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_loader_reads_at_most_prefetch_batches_ahead(tiny_config, text_dir, prefetch,
+                                                     monkeypatch):
+  """data.prefetch_batches bounds how far the loader reads ahead of the training
+  loop (grain's default would read 500 batches ahead), and the batches are the
+  same whatever it is."""
+  import time
+  c = _text_config(tiny_config, text_dir)
+  c.data.prefetch_batches = 0  # no reader threads left running below
+  want = make_data_on(c).train
+  want = [next(want)["inputs"] for _ in range(2)]
+  reads = []
+  getitem = data_lib.ProcessRows.__getitem__
+  monkeypatch.setattr(data_lib.ProcessRows, "__getitem__",
+                      lambda self, n: reads.append(n) or getitem(self, n))
+  c.data.prefetch_batches = prefetch
+  d = make_data_on(c)
+  got = [next(d.train)["inputs"] for _ in range(2)]
+  time.sleep(0.5)  # time for the reader threads to run ahead
+  rows = c.train.batch_size  # one process holds every row
+  assert 2 * rows <= len(reads) <= (2 + prefetch) * rows
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(a, b)

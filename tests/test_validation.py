@@ -28,6 +28,8 @@ CASES = {
     "scan_layers_pipelined": ({"model.scan_layers": False, "pipeline.microbatches": 2},
                               "model.scan_layers",
                               "is False in a pipelined model"),
+    "prefetch_negative": ({"data.prefetch_batches": -1}, "data.prefetch_batches",
+                          "must be at least 0, got -1"),
 }
 
 
