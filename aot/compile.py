@@ -261,17 +261,17 @@ def compile_step(config, topology: str, what: str = "train",
     _dump(dump_hlo, f"{what}_{topology.replace(':', '_')}", lowered, compiled)
 
   memory = _memory(args, what, compiled, chip, error)
-  costs = (costs_lib.analyze(compiled.as_text(), sharding.AXES,
-                                [sizes[a] for a in sharding.AXES])
+  text = compiled.as_text() if compiled is not None else ""  # printed once, read thrice
+  costs = (costs_lib.analyze(text, sharding.AXES, [sizes[a] for a in sharding.AXES])
            if compiled is not None else None)
   report = _report(topology, chip, what, sizes, len(devices), memory, costs,
                    model_flops, attention_flops, compiled, seconds, error)
   report.compiler_flags = options
   report.slices = len({getattr(d, "slice_index", 0) for d in devices})
   if compiled is not None and what == "train" and spec.pipeline.active:
-    report.pipeline = _pipeline(spec.pipeline, compiled.as_text(), sizes)
+    report.pipeline = _pipeline(spec.pipeline, text, sizes)
   if compiled is not None:
-    _add_estimate(report, compiled.as_text(), chip, list(mesh.devices.flat),
+    _add_estimate(report, text, chip, list(mesh.devices.flat),
                   [sizes[a] for a in sharding.AXES],
                   attention_flops / len(devices) if costs.uncounted_kernels else 0.0)
   return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import re
 
@@ -58,8 +59,13 @@ def _split_shape(rest: str) -> tuple[str, str]:
   return shape, tail
 
 
+@functools.lru_cache(maxsize=4)
 def parse(hlo: str) -> dict[str, list[Instruction]]:
-  """{computation name: instructions}; the entry computation is also under 'ENTRY'."""
+  """{computation name: instructions}; the entry computation is also under 'ENTRY'.
+
+  Cached on the text (the cost count, the schedule estimate and the pipeline's
+  bubble each read the same compiled program), so callers share the result and
+  must not modify it."""
   comps: dict[str, list[Instruction]] = {}
   current = None
   for line in hlo.splitlines():
