@@ -91,9 +91,11 @@ ABSENT = "(absent)"
 # Fields that change how training is run or watched, not the numbers it computes:
 # resuming with a different value continues the same trajectory.
 _SAME_TRAJECTORY_GROUPS = ("mesh.", "log.", "checkpoint.")
-_SAME_TRAJECTORY_FIELDS = ("model.attention", "model.remat", "train.eval_every",
-                           "train.eval_steps", "optim.offload", "pipeline.schedule",
-                           "pipeline.repeats")
+_SAME_TRAJECTORY_FIELDS = ("model.attention", "model.remat", "model.scan_layers",
+                           "model.loss_chunks", "model.embed_lookup",
+                           "train.eval_every", "train.eval_steps", "optim.offload",
+                           "pipeline.schedule", "pipeline.repeats",
+                           "data.prefetch_batches")
 # The same mean gradient in a dense model; per-micro-batch MoE losses otherwise.
 _SPLITS_OF_THE_BATCH = {"train.grad_accum_steps": "micro-batch",
                         "pipeline.microbatches": "pipeline microbatch"}
@@ -104,7 +106,8 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   a run resumed with `config` continue differently from the run saved with `saved`:
   model, data, optimizer, batch size, seed and other train fields. Not reported:
   mesh sizes and rules, log.*, checkpoint.*, the attention implementation, remat,
-  evaluation settings, the pipeline schedule. `train.steps` and
+  scanned or unrolled layers, loss chunks, the embedding lookup, evaluation
+  settings, the pipeline schedule, the loader's read-ahead. `train.steps` and
   `optim.decay_steps` are reported only when the schedule's length (decay_steps,
   or train.steps when it is unset) changes; `train.grad_accum_steps` and
   `pipeline.microbatches` only for MoE models (their losses are per micro-batch).
