@@ -378,8 +378,9 @@ def read_options(prefetch_batches: int) -> grain.ReadOptions:
   """The loader reads `prefetch_batches` batches ahead in two threads (0: in the
   training thread). grain's default, 16 threads and 500 elements, would read 500
   *batches* ahead here (the dataset's elements are this process's batches): at
-  256 x 2048 tokens, 8 MiB a batch, that is 4 GiB of host memory, and on a 2-core machine the
-  threads took a sixth of a short training run's time from the steps."""
+  256 x 2048 tokens, 8 MiB a batch, that is 4 GiB of host memory, and on a
+  2-core machine its threads took a sixth of a short training run's time from
+  the steps (benchmarks/README.md, "Data pipeline")."""
   return grain.ReadOptions(num_threads=min(2, prefetch_batches),
                            prefetch_buffer_size=prefetch_batches)
 
