@@ -124,16 +124,16 @@ def main(argv):
     dd.append(dd_read(blob))
     for compress in restore_s:
       restore_s[compress].append(restore(compress))
-  emit(what="disk", dd_read_gib_per_s=float(np.median(dd)), rounds=dd,
-       caches_dropped=drop_caches())
+  dd_median = float(np.median(dd))
+  emit(what="disk", dd_read_gib_per_s=dd_median, rounds=dd, caches_dropped=drop_caches())
   for compress, seconds in restore_s.items():
     disk = sum(os.path.getsize(os.path.join(d, f))
                for d, _, files in os.walk(os.path.join(root, f"sync_{compress}"))
                for f in files)
-    speed = nbytes / 2**30 / float(np.median(seconds))
-    emit(what="restore", compress=compress, restore_s=float(np.median(seconds)),
-         rounds=seconds, restore_gib_per_s=speed,
-         restore_over_dd=speed / float(np.median(dd)),
+    median = float(np.median(seconds))
+    speed = nbytes / 2**30 / median
+    emit(what="restore", compress=compress, restore_s=median, rounds=seconds,
+         restore_gib_per_s=speed, restore_over_dd=speed / dd_median,
          disk_over_state_bytes=disk / nbytes)
   shutil.rmtree(root, ignore_errors=True)
 
