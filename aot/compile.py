@@ -15,8 +15,10 @@ and reports, per device:
 - time: a roofline, max(compute, HBM, interconnect), from the compiled FLOPs, HBM
   bytes and collective bytes over the chip's rates, and the MFU it bounds; and the
   compiler's own estimate (`optimal_seconds`), which counts every loop body once.
-  rung's Pallas (attention) kernels carry no cost estimate, so the compiled count
-  misses them; the compute term adds the model's attention FLOPs in their place.
+  rung's Pallas attention kernels declare what they execute (`kernels/flash_tpu.py`:
+  the visible tiles, computed whole, and the backward's recomputed scores), so the
+  compiled count holds more attention FLOPs than the model's halved causal term; a
+  kernel without a declared cost is counted at the model's attention FLOPs instead.
 
 - time: the step-time estimate from the compiled schedule (`aot/schedule.py`:
   ops in their scheduled order, loop bodies times their trip counts, asynchronous
@@ -418,8 +420,8 @@ def _report(topology, chip: Chip, what, sizes, n, memory, costs, model_flops,
     return Report(topology, chip.name, what, sizes, n, memory, False, math.nan,
                   model_flops, 0, math.nan, [], {}, {}, math.nan, seconds, error)
   per_device_model = model_flops / n
-  # rung's Pallas kernels (attention) carry no cost estimate, so the compiled count
-  # misses them; the compute term takes them at the model's attention FLOPs.
+  # Pallas kernels without a declared cost are missing from the compiled count; the
+  # compute term takes them at the model's attention FLOPs.
   kernels = attention_flops / n if costs.uncounted_kernels else 0.0
   t = {"compute": (costs.flops + kernels) / chip.peak_flops,
        "hbm": costs.hbm_bytes / chip.hbm_bandwidth,

@@ -189,7 +189,7 @@ def _is_kernel(ins) -> bool:
 
 
 def _cost_estimate(ins) -> dict | None:
-  m = re.search(r'"cost_estimate":(\{[^}]*\})', ins.text)
+  m = re.search(r'"cost_estimate":\s*(\{[^}]*\})', ins.text)
   return json.loads(m.group(1)) if m else None
 
 

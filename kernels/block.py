@@ -109,10 +109,13 @@ class Span(NamedTuple):
 
 
 def count_blocks(q_len: int, kv_len: int, *, causal: bool, block_q: int,
-                 block_kv: int, window: int | None = None) -> int:
-  """Tiles the forward pass computes for one head: the cost model of tile skipping."""
-  span = Span(causal, window)
+                 block_kv: int, window: int | None = None, offset: int = 0) -> int:
+  """Tiles the forward pass computes for one head: the cost model of tile skipping.
+  A traced `offset` (unknown when tracing) counts every tile."""
   nq, nk = cdiv(q_len, block_q), cdiv(kv_len, block_kv)
+  if not isinstance(offset, int):
+    return nq * nk
+  span = Span(causal, window, offset)
   total = 0
   for i in range(nq):
     lo, hi = span.kv_range(i, block_q=block_q, block_kv=block_kv, num_kv=nk)

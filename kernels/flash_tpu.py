@@ -18,6 +18,7 @@ blockwise: q [b, heads, len, d], k and v [b, kv_heads, len, d].
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -150,10 +151,30 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, span, sc
     dv_ref[...] = dv_sc[...]
 
 
-def _call(kernel, grid, inputs, in_specs, out_shape, out_specs, scratch, interpret):
+def _call(kernel, grid, inputs, in_specs, out_shape, out_specs, scratch, interpret,
+          cost: pl.CostEstimate):
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, scratch_shapes=scratch,
-                        interpret=interpret, compiler_params=_PARAMS)(*inputs)
+                        interpret=interpret, compiler_params=_PARAMS,
+                        cost_estimate=cost)(*inputs)
+
+
+def _cost(tiles: int, *, heads: int, bq: int, bk: int, d: int, matmuls: int,
+          nbytes: float) -> pl.CostEstimate:
+  """What one kernel call executes, for XLA's scheduler and rung's step estimate
+  (aot/schedule.py): `matmuls` [bq, bk, d] products and one exp per score on each
+  of the `tiles` visible tiles of each of `heads` (batch x heads) heads, and
+  `nbytes` moved between HBM and VMEM. Skipped tiles cost nothing; the diagonal
+  tiles count whole, as the kernel computes them."""
+  n = tiles * heads
+  return pl.CostEstimate(flops=2 * matmuls * bq * bk * d * n,
+                         transcendentals=bq * bk * n, bytes_accessed=int(nbytes))
+
+
+def _size(*shapes_and_dtypes) -> int:
+  """Bytes of arrays given as (shape, dtype) pairs."""
+  return sum(math.prod(shape) * jnp.dtype(dtype).itemsize
+             for shape, dtype in shapes_and_dtypes)
 
 
 
@@ -193,6 +214,12 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
                               lambda b_, h_, i, j: (b_, 0, kv_index(b_, h_, i, j)[2]))]
   kernel = functools.partial(_fwd_kernel, span=span, scale=scale, bq=bq, bk=bk,
                              kv_len=kv_len if lk != kv_len else None, segmented=segmented)
+  tiles = block.count_blocks(lq, lk, causal=causal, block_q=bq, block_kv=bk,
+                             window=window, offset=offset)
+  # q read and o, lse written once; a K and a V tile read per visible tile.
+  nbytes = (_size(((b, h, lq, d), q.dtype), ((b, h, lq, d), out_dtype),
+                  ((b, h, lq), jnp.float32))
+            + 2 * b * h * tiles * _size(((bk, d), k.dtype)))
   o, lse = _call(
       kernel, (b, h, lq // bq, lk // bk), inputs, in_specs,
       [jax.ShapeDtypeStruct((b, h, lq, d), out_dtype),
@@ -200,7 +227,8 @@ def forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: block.BlockSiz
       [pl.BlockSpec((None, None, bq, d), lambda b_, h_, i, j: (b_, h_, i, 0)),
        pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))],
       [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-       pltpu.VMEM((bq, d), jnp.float32)], interpret)
+       pltpu.VMEM((bq, d), jnp.float32)], interpret,
+      _cost(tiles, heads=b * h, bq=bq, bk=bk, d=d, matmuls=2, nbytes=nbytes))
   return o[:, :, :q_len], lse[:, :, 0, :q_len]
 
 
@@ -221,7 +249,22 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
   span = block.Span(causal, window, offset)
   opts = dict(span=span, scale=scale, bq=bq, bk=bk,
               kv_len=kv_len if lk != kv_len else None, segmented=segmented)
-
+  tiles = block.count_blocks(lq, lk, causal=causal, block_q=bq, block_kv=bk,
+                             window=window, offset=offset)
+  n = b * h * tiles  # visible tiles over every head
+  row_bytes = _size(((b, h, lq, d), q.dtype), ((b, h, lq, d), do.dtype),
+                    ((b, h, 2, lq), jnp.float32))  # q, dO, lse and delta
+  kv_bytes = _size(((b, kvh, lk, d), k.dtype), ((b, kvh, lk, d), v.dtype))
+  # dQ: scores again, dP = dO V^T, dQ += dS K; the query side read once, a K and a
+  # V tile per visible tile. dK/dV: scores again, dP, dK += dS^T Q, dV += P^T dO; K
+  # and V read once, the query side per visible tile.
+  dq_cost = _cost(tiles, heads=b * h, bq=bq, bk=bk, d=d, matmuls=3,
+                  nbytes=row_bytes + n * _size(((2, bk, d), k.dtype))
+                  + _size(((b, h, lq, d), jnp.float32)))
+  dkv_cost = _cost(tiles, heads=b * h, bq=bq, bk=bk, d=d, matmuls=4,
+                   nbytes=kv_bytes + n * (_size(((bq, d), q.dtype), ((bq, d), do.dtype),
+                                                ((2, bq), jnp.float32)))
+                   + 2 * _size(((b, kvh, lk, d), jnp.float32)))
   # dQ: grid (batch, head, q block, kv block).
   def kv_index(b_, h_, i, j):
     if causal:
@@ -243,7 +286,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
        pl.BlockSpec((None, None, bk, d), kv_index), *seg_specs[:len(segs)]],
       jax.ShapeDtypeStruct((b, h, lq, d), jnp.float32),
       pl.BlockSpec((None, None, bq, d), row), [pltpu.VMEM((bq, d), jnp.float32)],
-      interpret)
+      interpret, dq_cost)
 
   # dK/dV: grid (batch, kv head, kv block, (query head in group, q block)).
   def q_block(j, t):
@@ -273,5 +316,6 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
       [kv_out, kv_out],
       [pl.BlockSpec((None, None, bk, d), kv_tile),
        pl.BlockSpec((None, None, bk, d), kv_tile)],
-      [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], interpret)
+      [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], interpret,
+      dkv_cost)
   return dq[:, :, :q_len], dk[:, :, :kv_len], dv[:, :, :kv_len]

@@ -89,7 +89,17 @@ def test_train_figures_match_analytic_counts(name):
   tokens = c.train.batch_size * c.data.seq_len
   expected = flops_lib.flops_per_token(cfg, c.data.seq_len) * tokens
   assert report.model_flops == expected
-  assert abs(report.flops * report.devices / expected - 1) < 0.10
+  # The compiled count is what runs: the matmuls' 6N per token, and the Pallas
+  # attention kernels' declared cost, which is not the model's halved causal term:
+  # every tile of the 128-token sequence is one 128 x 128 tile, computed whole, and
+  # per head it runs 2 [128, 128, head_dim] matmuls in the forward kernel, again in
+  # the backward (save_dots saves matmul outputs, not a kernel's), 3 in the dQ
+  # kernel and 4 in the dK/dV kernel.
+  tile_matmul = 2 * 128 * 128 * cfg.head_dim
+  kernels = (cfg.num_layers * c.train.batch_size * cfg.num_heads * tile_matmul
+             * (2 + 2 + 3 + 4))
+  assert report.flops * report.devices == pytest.approx(
+      6 * flops_lib.matmul_params(cfg) * tokens + kernels, rel=1e-3)
 
   axes = {a for col in report.collectives for a in col["axes"]}
   assert axes == {a for a, s in mesh.items() if s > 1}

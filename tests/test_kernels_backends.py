@@ -3,16 +3,19 @@ TPU v5e compile through libtpu (Mosaic), and a CUDA lowering through jax.export
 (Triton). See DESIGN.md, "Kernels, checked on all three backends"."""
 
 import importlib.util
+import json
 import os
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
 import sharding
+from aot import costs
 from test_kernels_sequence import count_ops
 
 # Another process may hold libtpu's lock file; a deviceless compile needs no chip.
@@ -63,6 +66,20 @@ def test_flash_compiles_for_tpu(v5e_devices, window):
   hlo = compiled.as_text()
   assert hlo.count("custom_call_target=\"tpu_custom_call\"") == 3
   assert compiled.memory_analysis().temp_size_in_bytes >= 0
+
+  # Each kernel declares what it executes (XLA's scheduler and aot/schedule.py read
+  # it): per visible 256 x 256 tile of each of the device's 1 x 4 heads, 2 (forward),
+  # 3 (dQ) and 4 (dK/dV) [256, 256, 128] matmuls and 256² exps. Visible tiles counted
+  # here from the dense mask over the padded length 1024.
+  pos = np.arange(1024)
+  distance = pos[:, None] - pos[None, :]
+  seen = (distance >= 0) & (distance < (window or 1 << 30))
+  tiles = int(seen.reshape(4, 256, 4, 256).any(axis=(1, 3)).sum())
+  estimates = sorted((float(e["flops"]), float(e["transcendentals"])) for e in map(
+      json.loads, re.findall(r'"cost_estimate":\s*(\{[^}]*\})', hlo)))
+  per_matmul = 2 * 256 * 256 * 128 * tiles * 4
+  assert estimates == [(m * per_matmul, 256 * 256 * tiles * 4) for m in (2, 3, 4)]
+  assert costs.analyze(hlo).uncounted_kernels == 0
 
 
 HEAD_DIMS = (64, 80, 96, 128)
