@@ -26,13 +26,15 @@ class Attention(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                *, rope: Rotary | float, init_std: float, impl: str, dtype, param_dtype,
                constrain, rngs: nnx.Rngs, qkv_bias: bool = False, qk_norm: bool = False,
-               norm_eps: float = 1e-6, window: int | None = None):
+               norm_eps: float = 1e-6, window: int | None = None,
+               block_sizes: tuple[int | None, int | None] = (None, None)):
     """rope: the rotary variant (or a plain theta); qkv_bias: biases q_bias
     [heads, head_dim], k_bias and v_bias [kv_heads, head_dim] added after the
     projections (Qwen2); qk_norm: RMSNorm of each q and k head over head_dim with
     scales q_norm, k_norm [head_dim] and epsilon norm_eps, before rotary (Qwen3);
     window: a sliding window of that many keys per query (Mistral), None for full
-    causal attention -- in training, prefill and decoding alike."""
+    causal attention -- in training, prefill and decoding alike. block_sizes:
+    (block_q, block_kv) flash tiles, None for the backend's default."""
     init = nnx.initializers.normal(init_std)
     self.q = param(rngs, init, (d_model, num_heads, head_dim),
                    ("embed", "heads", "head_dim"), param_dtype)
@@ -56,6 +58,7 @@ class Attention(nnx.Module):
     self.rope = rope
     self.impl = impl
     self.window = window
+    self.block_sizes = block_sizes
     self.dtype = dtype
     self.constrain = constrain
 
@@ -89,7 +92,7 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x, positions)
     o = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
                           impl=self.impl, rules=self.constrain.rules,
-                          window=self.window)
+                          window=self.window, block_sizes=self.block_sizes)
     # o: [batch, length, heads, head_dim]
     return self.project_out(o)
 
@@ -104,7 +107,8 @@ class Attention(nnx.Module):
     cache = cache.write(layer, k, v, positions[:, 0])
     if prefill:
       o = kernels.attention(q, k, v, causal=True, impl=self.impl,
-                            rules=self.constrain.rules, window=self.window)
+                            rules=self.constrain.rules, window=self.window,
+                            block_sizes=self.block_sizes)
     else:
       o = cached.attention(q, cache, layer, positions, window=self.window)
     return self.project_out(o), cache

@@ -42,7 +42,8 @@ class Block(nnx.Module):
                           impl=cfg.attention, dtype=cfg.dtype,
                           param_dtype=cfg.params_dtype, constrain=constrain,
                           rngs=rngs, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
-                          norm_eps=cfg.norm_eps, window=cfg.sliding_window or None)
+                          norm_eps=cfg.norm_eps, window=cfg.sliding_window or None,
+                          block_sizes=cfg.attention_block_sizes)
     self.mlp_norm = norm() if cfg.block != "parallel" else None
     self.mlp = MoE(cfg, constrain=constrain, rngs=rngs) if moe else MLP(
         cfg.d_model, cfg.d_ff, init_std=cfg.init_std, dtype=cfg.dtype,

@@ -73,6 +73,11 @@ class ModelConfig:
   compute_dtype: str = "float32"
   param_dtype: str = "float32"
   attention: str = "auto"
+  # Flash tiles along the query and key length (flash, ring, ulysses); 0 takes the
+  # backend's default. Each backend adapts a size to what it can run (TPU: a
+  # multiple of 128, GPU: a power of two, no larger than the padded length).
+  attention_block_q: int = 0
+  attention_block_kv: int = 0
   remat: str = "none"
   # False: the training and evaluation forward runs the layers one after another
   # (the parameters keep their stacked [layers, ...] layout), so no layer's weights
@@ -110,6 +115,11 @@ class ModelConfig:
         beta_fast=float(self.rope_beta_fast), beta_slow=float(self.rope_beta_slow),
         attention_factor=(None if self.rope_attention_factor is None
                           else float(self.rope_attention_factor)))
+
+  @property
+  def attention_block_sizes(self) -> tuple[int | None, int | None]:
+    """(block_q, block_kv) for `kernels.attention`; None takes the default."""
+    return self.attention_block_q or None, self.attention_block_kv or None
 
   @property
   def dtype(self):
@@ -195,6 +205,12 @@ def validate(cfg: Any) -> None:
     raise ConfigError("model.scan_layers", f"{cfg.scan_layers!r} is not True or False.",
                       "set --config.model.scan_layers=true (a loop over the layers) "
                       "or false (unrolled).")
+  for field in ("attention_block_q", "attention_block_kv"):
+    size = cfg.get(field, 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+      raise ConfigError(f"model.{field}", f"{size!r} is not a tile size.",
+                        f"set --config.model.{field} to 0 (the backend's default) or "
+                        "a positive number of rows such as 512.")
   window = cfg.get("sliding_window", 0)
   if not isinstance(window, int) or isinstance(window, bool) or window < 0:
     raise ConfigError("model.sliding_window", f"{window!r} is not a number of keys.",

@@ -10,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -66,6 +67,28 @@ def train_report(name: str, flags: str | None = None) -> aot.Report:
     _REPORTS[name, flags] = aot.compile_step(small_1b(**MESHES[name]), "v5p:2x2x2",
                                              compiler_flags=flags)
   return _REPORTS[name, flags]
+
+
+@needs_libtpu
+def test_attention_tile_sizes_reach_every_kernel():
+  """model.attention_block_q / _kv set the flash tiles of the forward, dQ and dK/dV
+  kernels: at 512 tokens in 128 x 256 tiles a head computes the tiles a causal
+  mask touches (6 of 8, counted here from the dense mask), where the default
+  512 x 512 tile is one; the compiled FLOPs are 6N per token plus 2 + 2 + 3 + 4
+  tile matmuls per visible tile, head and layer (as in the test above)."""
+  c = small_1b(fsdp=8)
+  c.data.seq_len = 512
+  c.model.update(attention_block_q=128, attention_block_kv=256)
+  report = aot.compile_step(c, "v5p:2x2x2")
+  cfg = ModelConfig.from_config(c.model)
+  pos = np.arange(512)
+  seen = pos[:, None] >= pos[None, :]
+  tiles = int(seen.reshape(4, 128, 2, 256).any(axis=(1, 3)).sum())
+  kernels = (cfg.num_layers * c.train.batch_size * cfg.num_heads * tiles
+             * 2 * 128 * 256 * cfg.head_dim * (2 + 2 + 3 + 4))
+  tokens = c.train.batch_size * c.data.seq_len
+  assert report.flops * report.devices == pytest.approx(
+      6 * flops_lib.matmul_params(cfg) * tokens + kernels, rel=1e-3)
 
 
 @needs_libtpu

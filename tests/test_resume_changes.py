@@ -31,7 +31,8 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
   new.mesh.update(data=2, tensor=4)
   new.train.eval_every = 2
   new.model.remat = "full"
-  new.model.update(scan_layers=False, loss_chunks=2, embed_lookup="one_hot")
+  new.model.update(scan_layers=False, loss_chunks=2, embed_lookup="one_hot",
+                   attention_block_q=128, attention_block_kv=256)
   new.data.prefetch_batches = 0
   new.train.grad_accum_steps = 2           # a dense model: the same mean gradient
   new.pipeline.update(microbatches=2, schedule="circular", repeats=2)
@@ -45,8 +46,9 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
       ("train.steps", 3, 6),
   ]
   assert trajectory_changes(_as_dict(old), _as_dict(make_tiny_config())) == []
-  before_prefetch = _as_dict(old)  # saved before the loader's read-ahead was a field
+  before_prefetch = _as_dict(old)  # saved before these fields existed
   del before_prefetch["data"]["prefetch_batches"]
+  del before_prefetch["model"]["attention_block_q"], before_prefetch["model"]["attention_block_kv"]
   assert trajectory_changes(before_prefetch, _as_dict(make_tiny_config())) == []
   # An MoE model's losses are per microbatch; a run saved before the pipeline
   # group existed had one.

@@ -30,6 +30,8 @@ CASES = {
                               "is False in a pipelined model"),
     "prefetch_negative": ({"data.prefetch_batches": -1}, "data.prefetch_batches",
                           "must be at least 0, got -1"),
+    "attention_block_negative": ({"model.attention_block_kv": -128},
+                                 "model.attention_block_kv", "-128 is not a tile size"),
 }
 
 

@@ -44,8 +44,8 @@ def read(workdir: str) -> dict[str, Any]:
 
 def overlay(config: ConfigDict, saved: dict) -> ConfigDict:
   """Writes `saved` values into `config`; lists become tuples where `config` has
-  tuples, and the tables `mesh.rules` and `data.mixture` are replaced whole. Raises KeyError for a saved field
-  `config` does not have."""
+  tuples, and the tables `mesh.rules` and `data.mixture` are replaced whole. Raises
+  KeyError for a saved field `config` does not have."""
   for key, value in saved.items():
     if key not in config:
       raise KeyError(f"saved config has field {key!r}, which this version of rung "
@@ -91,7 +91,8 @@ ABSENT = "(absent)"
 # Fields that change how training is run or watched, not the numbers it computes:
 # resuming with a different value continues the same trajectory.
 _SAME_TRAJECTORY_GROUPS = ("mesh.", "log.", "checkpoint.")
-_SAME_TRAJECTORY_FIELDS = ("model.attention", "model.remat", "model.scan_layers",
+_SAME_TRAJECTORY_FIELDS = ("model.attention", "model.attention_block_q",
+                           "model.attention_block_kv", "model.remat", "model.scan_layers",
                            "model.loss_chunks", "model.embed_lookup",
                            "train.eval_every", "train.eval_steps", "optim.offload",
                            "pipeline.schedule", "pipeline.repeats",
