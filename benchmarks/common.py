@@ -87,6 +87,36 @@ def copy_bandwidth(nbytes: int, reps: int = 10) -> float:
   return 2 * x.nbytes / time_call(lambda: add(x).block_until_ready(), reps)
 
 
+def train_matmul_floor(model: dict, *, batch: int, seq_len: int, reps: int) -> dict:
+  """The projection and LM-head matmuls of one training step alone -> {seconds,
+  flops}: for each weight [in, out] of `model` (a llama_config dict), the forward
+  x w, the input gradient g w^T and the weight gradient x^T g over batch x seq_len
+  tokens, float32, as independent ops of one jitted program (XLA:CPU may run them
+  side by side). No attention, norms, loss or optimizer: 6N FLOPs per token, the
+  bulk of the PaLM count. The median of `reps` calls after a warm-up."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  tokens = batch * seq_len
+  q = model["num_heads"] * model["head_dim"]
+  kv = model["num_kv_heads"] * model["head_dim"]
+  d, ff = model["d_model"], model["d_ff"]
+  shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, ff), (d, ff), (ff, d)] * \
+      model["num_layers"] + [(d, model["vocab_size"])]
+  rng = np.random.default_rng(0)
+  weights = [jnp.asarray(rng.standard_normal(s, np.float32)) for s in shapes]
+  acts = {n: jnp.asarray(rng.standard_normal((tokens, n), np.float32))
+          for n in {n for s in shapes for n in s}}  # [tokens, width], one per width
+
+  @jax.jit
+  def matmuls(weights, acts):
+    return [y for w in weights for x, g in [(acts[w.shape[0]], acts[w.shape[1]])]
+            for y in (x @ w, g @ w.T, x.T @ g)]
+
+  seconds = time_call(lambda: jax.block_until_ready(matmuls(weights, acts)), reps)
+  return dict(seconds=seconds, flops=sum(6 * a * b * tokens for a, b in shapes))
+
+
 def decode_floor_bytes(model, *, batch: int, prompt: int, new: int) -> float:
   """Bytes a decoder must read to generate `new` tokens if each step read every
   weight and the filled part of the KV cache once: over a bandwidth (bytes/s),

@@ -7,7 +7,8 @@ MFU for rung's train step, with the layers unrolled and scanned
 (`model.scan_layers`), on `llama_tiny` and on a 21M-parameter Llama (d_model
 512, 4 layers, 8 heads, SwiGLU 1408, vocab 8192, untied, batch 4 x 512, float32),
 then `transformers`' LlamaForCausalLM with AdamW in PyTorch eager on the same
-21M shape. Record results in benchmarks/README.md.
+21M shape, and the 21M step's matmul floor (its projection and LM-head matmuls
+alone, `common.train_matmul_floor`). Record results in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv):
                       threads=torch.get_num_threads(), batch=[4, 512],
                       tokens_per_sec=t["tokens_per_sec"]),
                  t["step_time_s"], r["flops_per_step"]))
+  floor = common.train_matmul_floor(SHAPE_21M, batch=4, seq_len=512, reps=_STEPS.value)
   peaks.append(measured_matmul_peak())
   peak = max(peaks)
   emit(what="environment", date=time.strftime("%Y-%m-%d"), machine=platform.machine(),
@@ -67,9 +69,13 @@ def main(argv):
   for fields, step_time, flops in rows:
     emit(**fields, step_time_s=step_time, tflops=flops / step_time / 1e12,
          mfu=flops / step_time / peak)
+  # The 21M step's matmuls alone (6N per token): the bulk of any step's work.
+  emit(system="matmul-floor", model="21m", batch=[4, 512], step_time_s=floor["seconds"],
+       tflops=floor["flops"] / floor["seconds"] / 1e12,
+       rung_step_over_floor=r["step_time_s"] / floor["seconds"])
   if not _SKIP_TORCH.value:
     emit(what="ratio", rung_over_pytorch_tokens_per_sec=r["tokens_per_sec"] /
-         t["tokens_per_sec"])
+         t["tokens_per_sec"], floor_over_pytorch_step=t["step_time_s"] / floor["seconds"])
 
 if __name__ == "__main__":
   app.run(main)
