@@ -265,6 +265,7 @@ def backward(q, k, v, q_seg, kv_seg, lse, delta, do, *, causal: bool,
                    nbytes=kv_bytes + n * (_size(((bq, d), q.dtype), ((bq, d), do.dtype),
                                                 ((2, bq), jnp.float32)))
                    + 2 * _size(((b, kvh, lk, d), jnp.float32)))
+
   # dQ: grid (batch, head, q block, kv block).
   def kv_index(b_, h_, i, j):
     if causal:

@@ -69,26 +69,33 @@ def train_report(name: str, flags: str | None = None) -> aot.Report:
   return _REPORTS[name, flags]
 
 
+def compiled_train_flops(c, tiles: int, block_q: int, block_kv: int) -> float:
+  """A train step's FLOPs as compiled: the matmuls' 6N per token, and the flash
+  kernels' declared cost, per visible [block_q, block_kv] tile (`tiles` per head),
+  head and layer: 2 tile matmuls in the forward kernel, 2 again in the backward
+  (save_dots saves matmul outputs, not a kernel's), 3 in dQ and 4 in dK/dV."""
+  cfg = ModelConfig.from_config(c.model)
+  tokens = c.train.batch_size * c.data.seq_len
+  tile_matmul = 2 * block_q * block_kv * cfg.head_dim
+  return (6 * flops_lib.matmul_params(cfg) * tokens + cfg.num_layers
+          * c.train.batch_size * cfg.num_heads * tiles * tile_matmul * (2 + 2 + 3 + 4))
+
+
 @needs_libtpu
 def test_attention_tile_sizes_reach_every_kernel():
   """model.attention_block_q / _kv set the flash tiles of the forward, dQ and dK/dV
   kernels: at 512 tokens in 128 x 256 tiles a head computes the tiles a causal
   mask touches (6 of 8, counted here from the dense mask), where the default
-  512 x 512 tile is one; the compiled FLOPs are 6N per token plus 2 + 2 + 3 + 4
-  tile matmuls per visible tile, head and layer (as in the test above)."""
+  512 x 512 tile is one."""
   c = small_1b(fsdp=8)
   c.data.seq_len = 512
   c.model.update(attention_block_q=128, attention_block_kv=256)
   report = aot.compile_step(c, "v5p:2x2x2")
-  cfg = ModelConfig.from_config(c.model)
   pos = np.arange(512)
   seen = pos[:, None] >= pos[None, :]
   tiles = int(seen.reshape(4, 128, 2, 256).any(axis=(1, 3)).sum())
-  kernels = (cfg.num_layers * c.train.batch_size * cfg.num_heads * tiles
-             * 2 * 128 * 256 * cfg.head_dim * (2 + 2 + 3 + 4))
-  tokens = c.train.batch_size * c.data.seq_len
   assert report.flops * report.devices == pytest.approx(
-      6 * flops_lib.matmul_params(cfg) * tokens + kernels, rel=1e-3)
+      compiled_train_flops(c, tiles, 128, 256), rel=1e-3)
 
 
 @needs_libtpu
@@ -112,17 +119,10 @@ def test_train_figures_match_analytic_counts(name):
   tokens = c.train.batch_size * c.data.seq_len
   expected = flops_lib.flops_per_token(cfg, c.data.seq_len) * tokens
   assert report.model_flops == expected
-  # The compiled count is what runs: the matmuls' 6N per token, and the Pallas
-  # attention kernels' declared cost, which is not the model's halved causal term:
-  # every tile of the 128-token sequence is one 128 x 128 tile, computed whole, and
-  # per head it runs 2 [128, 128, head_dim] matmuls in the forward kernel, again in
-  # the backward (save_dots saves matmul outputs, not a kernel's), 3 in the dQ
-  # kernel and 4 in the dK/dV kernel.
-  tile_matmul = 2 * 128 * 128 * cfg.head_dim
-  kernels = (cfg.num_layers * c.train.batch_size * cfg.num_heads * tile_matmul
-             * (2 + 2 + 3 + 4))
+  # The compiled count is what runs, not the model's halved causal attention: the
+  # 128-token sequence is one 128 x 128 tile per head, computed whole.
   assert report.flops * report.devices == pytest.approx(
-      6 * flops_lib.matmul_params(cfg) * tokens + kernels, rel=1e-3)
+      compiled_train_flops(c, 1, 128, 128), rel=1e-3)
 
   axes = {a for col in report.collectives for a in col["axes"]}
   assert axes == {a for a, s in mesh.items() if s > 1}
