@@ -10,8 +10,11 @@ TPU compile from a CPU process still gets the Mosaic kernels:
   else -> pure-JAX blockwise loops (blockwise), the fast choice on CPU.
 
 The residual saved for the backward pass is the log-sum-exp ([b, heads, len] float32)
-plus the inputs and output, so memory stays linear in length. Tests name a backend
-explicitly, e.g. "mosaic_interpret" runs the TPU kernels with interpret=True on CPU.
+plus the inputs and output, so memory stays linear in length. The output and the
+log-sum-exp carry the checkpoint names in RESIDUAL_NAMES (ring's too), so a remat
+policy can keep them and the backward need not run the forward kernel again
+(`model.remat=save_dots_attention`). Tests name a backend explicitly, e.g.
+"mosaic_interpret" runs the TPU kernels with interpret=True on CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels import block, blockwise, flash_gpu, flash_tpu
 
@@ -85,6 +89,15 @@ def _to_kernel(x):
   return jnp.swapaxes(x, 1, 2)  # [b, len, heads, d] <-> [b, heads, len, d]
 
 
+# Checkpoint names of the attention output and log-sum-exp the backward reads.
+RESIDUAL_NAMES = ("attention_out", "attention_lse")
+
+
+def name_residuals(o, lse):
+  """o [b, heads, len, d] and lse [b, heads, len], named for remat policies."""
+  return checkpoint_name(o, RESIDUAL_NAMES[0]), checkpoint_name(lse, RESIDUAL_NAMES[1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _attention(q, k, v, segment_ids, causal, block_sizes, backend, window):
   return _attention_fwd(q, k, v, segment_ids, causal, block_sizes, backend, window)[0]
@@ -92,8 +105,9 @@ def _attention(q, k, v, segment_ids, causal, block_sizes, backend, window):
 
 def _attention_fwd(q, k, v, segment_ids, causal, block_sizes, backend, window):
   qt, kt, vt = _to_kernel(q), _to_kernel(k), _to_kernel(v)
-  o, lse = forward(qt, kt, vt, segment_ids, segment_ids, causal=causal,
-                   block_sizes=block_sizes, backend=backend, window=window)
+  o, lse = name_residuals(*forward(qt, kt, vt, segment_ids, segment_ids, causal=causal,
+                                   block_sizes=block_sizes, backend=backend,
+                                   window=window))
   return _to_kernel(o), (qt, kt, vt, segment_ids, o, lse)
 
 

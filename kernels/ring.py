@@ -262,7 +262,7 @@ def _ring_fwd(cfg: Ring, q, k, v, seg):
   qt, kt, vt = _to_kernel(q), _to_kernel(k), _to_kernel(v)
   forward = _window_forward if cfg.window else _ring_forward
   o, lse = forward(cfg, qt, kt, vt, seg)
-  o = o.astype(q.dtype)
+  o, lse = flash.name_residuals(o.astype(q.dtype), lse)
   return _to_kernel(o), (qt, kt, vt, seg, o, lse)
 
 

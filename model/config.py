@@ -13,7 +13,7 @@ from model.rotary import ROPE_TYPES, Rotary
 from sharding import ConfigError
 
 BLOCKS = ("standard", "parallel", "ladder")
-REMAT = ("none", "full", "save_dots", "offload_dots")
+REMAT = ("none", "full", "save_dots", "save_dots_attention", "offload_dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DISPATCH = ("capacity", "dropless")
 

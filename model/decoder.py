@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import flash
 from kernels.cached import KVCache
 from model import blocks, moe
 from model.config import ModelConfig
@@ -23,6 +24,11 @@ from sharding import LogicalConstraint
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # save_dots and the flash / ring kernels' output and log-sum-exp, so the backward
+    # does not run the attention forward again (MaxText's `minimal_with_context`)
+    "save_dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*flash.RESIDUAL_NAMES)),
     # save_dots' matmul outputs kept in pinned host memory between the forward and
     # the backward (MaxText's `*_offloaded` remat policies)
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims(

@@ -69,16 +69,31 @@ def train_report(name: str, flags: str | None = None) -> aot.Report:
   return _REPORTS[name, flags]
 
 
-def compiled_train_flops(c, tiles: int, block_q: int, block_kv: int) -> float:
+def compiled_train_flops(c, tiles: int, block_q: int, block_kv: int,
+                         forward_runs: int = 2) -> float:
   """A train step's FLOPs as compiled: the matmuls' 6N per token, and the flash
   kernels' declared cost, per visible [block_q, block_kv] tile (`tiles` per head),
-  head and layer: 2 tile matmuls in the forward kernel, 2 again in the backward
-  (save_dots saves matmul outputs, not a kernel's), 3 in dQ and 4 in dK/dV."""
+  head and layer: 2 tile matmuls in each run of the forward kernel (under save_dots
+  twice: it saves matmul outputs, not a kernel's, so the backward runs it again),
+  3 in dQ and 4 in dK/dV."""
   cfg = ModelConfig.from_config(c.model)
   tokens = c.train.batch_size * c.data.seq_len
   tile_matmul = 2 * block_q * block_kv * cfg.head_dim
-  return (6 * flops_lib.matmul_params(cfg) * tokens + cfg.num_layers
-          * c.train.batch_size * cfg.num_heads * tiles * tile_matmul * (2 + 2 + 3 + 4))
+  return (6 * flops_lib.matmul_params(cfg) * tokens
+          + cfg.num_layers * c.train.batch_size * cfg.num_heads * tiles * tile_matmul
+          * (2 * forward_runs + 3 + 4))
+
+
+@needs_libtpu
+def test_save_dots_attention_runs_the_attention_forward_once():
+  """remat=save_dots_attention keeps the flash kernel's output and log-sum-exp
+  (MaxText's minimal_with_context), so the compiled step runs the forward kernel
+  once per layer where save_dots runs it twice (the test below)."""
+  c = small_1b(fsdp=8)
+  c.model.remat = "save_dots_attention"
+  report = aot.compile_step(c, "v5p:2x2x2")
+  assert report.flops * report.devices == pytest.approx(
+      compiled_train_flops(c, 1, 128, 128, forward_runs=1), rel=1e-3)
 
 
 @needs_libtpu

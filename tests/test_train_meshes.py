@@ -70,12 +70,15 @@ def test_parameters_sharded_by_rules(tiny_config):
 def test_remat_and_grad_accumulation_keep_the_numbers(tiny_config, tmp_path,
                                                        one_device_losses):
   """Remat changes memory, not results (offload_dots: the saved matmul outputs
-  round-trip through pinned host memory); accumulating 2 micro-batches of 4
-  equals one batch of 8 (the mean of equal-size means)."""
+  round-trip through pinned host memory; save_dots_attention: the flash kernel's
+  saved output and log-sum-exp feed its backward); accumulating 2 micro-batches
+  of 4 equals one batch of 8 (the mean of equal-size means)."""
   for i, (remat, accum) in enumerate([("full", 1), ("save_dots", 2),
-                                      ("offload_dots", 1)]):
+                                      ("offload_dots", 1), ("save_dots_attention", 1)]):
     c = _with_mesh(tiny_config, data=1)
     c.model.remat = remat
+    if remat == "save_dots_attention":
+      c.model.attention = "flash"
     c.train.grad_accum_steps = accum
     losses = _losses(c, tmp_path / str(i), devices=jax.devices()[:1])
     np.testing.assert_allclose(losses, one_device_losses, rtol=1e-5)
