@@ -15,6 +15,9 @@ def from_flag_error(err: Exception, config) -> ConfigError:
   """An absl/ml_collections parsing error -> ConfigError naming the field, its
   declared type and a value that parses."""
   text = str(err).strip()
+  launcher = re.search(r"flag --(\w+)=(.*?): (.*)", text)
+  if launcher and launcher.group(1) != "config":  # a launcher flag, not a field
+    return _launcher_flag_error(*launcher.groups())
   m = re.search(r"--config\.([\w.]+)=(\S*): (.*)", text)
   if isinstance(err, flags.IllegalFlagValueError) or m:
     field, value, why = m.groups() if m else ("config", "?", text)
@@ -33,6 +36,25 @@ def from_flag_error(err: Exception, config) -> ConfigError:
 
 # A value of each placeholder type that parses, for the fix of an error.
 _EXAMPLES = {"int": "100", "float": "1.0", "str": "VALUE", "bool": "true"}
+
+
+def _launcher_flag_error(name: str, value: str, why: str) -> ConfigError:
+  """A launcher flag (`--what`, `--slices`, ...) given a value its parser refuses
+  -> ConfigError naming the flag, with a value that parses."""
+  flag = flags.FLAGS[name]
+  parser = flag.parser
+  choices = ""
+  if isinstance(parser, flags.EnumParser):
+    example, choices = parser.enum_values[0], f" (one of {', '.join(parser.enum_values)})"
+  elif isinstance(parser, flags.BooleanParser):
+    example = "true"
+  elif flag.default is not None:
+    example = flag.serialize().split("=", 1)[1]
+  else:
+    example = {flags.IntegerParser: "1", flags.FloatParser: "1.0"}.get(
+        type(parser), "VALUE")
+  return ConfigError(f"--{name}", f"{value!r} is not a valid value ({why}).",
+                     f"pass --{name}={example}{choices}.")
 
 
 def _declared(config, field) -> tuple[str, object]:

@@ -47,3 +47,28 @@ def test_flag_of_another_command_exits_2():
   assert proc.returncode == 2
   assert "Config error in `--prompt`: the train command does not read --prompt" in (
       proc.stderr)
+
+
+# A value each launcher flag's parser refuses, by command.
+BAD_VALUES = [("compile", "--what=bogus"), ("compile", "--slices=two"),
+              ("plan", "--max_plans=many"), ("plan", "--plan_sequence=maybe"),
+              ("generate", "--temperature=hot"), ("generate", "--max_new_tokens=ten")]
+
+
+def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
+  """`--slices=two` is a config error in `--slices` (exit 2, no traceback), and the
+  value its fix suggests is one the flag's own parser accepts."""
+  from absl import flags
+  base = {"compile": ["--topology=v5e:2x2"], "plan": ["--topology=v5e:2x2"],
+          "generate": ["--workdir=/tmp/unused"]}
+  runs = run_cli_many([(command, "--config=experiments/llama_tiny.py", *base[command],
+                        value) for command, value in BAD_VALUES])
+  for (command, value), proc in zip(BAD_VALUES, runs):
+    name = value[2:].split("=")[0]
+    assert proc.returncode == 2, (value, proc.stderr[-1000:])
+    assert f"Config error in `--{name}`: '{value.split('=')[1]}' is not a valid value" in (
+        proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    fix = re.search(rf"Fix: pass --{name}=(\S+?)(?: \(one of [^)]*\))?\.$", proc.stderr.strip())
+    assert fix, proc.stderr
+    flags.FLAGS[name].parser.parse(fix.group(1))  # raises if the fix does not parse
