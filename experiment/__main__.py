@@ -63,9 +63,10 @@ COMMANDS = {
     "plan": Command(
         "compile every mesh and remat plan for --topology; rank them",
         "--config=experiments/llama_1b.py --topology=v5e:2x4 [--max_plans=12 "
-        "--plan_sequence --libtpu_flags=maxtext --slices=2 --output_json=F]",
-        ("config", "topology", "max_plans", "plan_sequence", "output_json",
-         "libtpu_flags", "slices")),
+        "--plan_sequence --plan_remats=save_dots --libtpu_flags=maxtext --slices=2 "
+        "--output_json=F]",
+        ("config", "topology", "max_plans", "plan_sequence", "plan_remats",
+         "output_json", "libtpu_flags", "slices")),
 }
 # Commands that need --config (import-hf defaults to experiments/base.py).
 _NEEDS_CONFIG = ("train", "compile", "plan")
@@ -112,6 +113,12 @@ _LIBTPU_FLAGS = flags.DEFINE_string(
 _SLICES = flags.DEFINE_integer(
     "slices", 1, "compile / plan: copies of --topology joined over the data-center "
     "network (multi-slice); the outermost mesh axes with room span them.")
+# The launcher imports no model code before parsing; plan's policies, spelled out
+# (tests/test_launcher.py checks them against model.config.REMAT).
+PLAN_REMATS = ("none", "full", "save_dots", "save_dots_attention", "offload_dots")
+_PLAN_REMATS = flags.DEFINE_multi_enum(
+    "plan_remats", [], PLAN_REMATS, "plan: a remat policy to try (repeat the flag "
+    "for several); default: every policy.")
 _PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "Also try "
                                    "mesh.sequence > 1.")
 
@@ -192,7 +199,11 @@ def parse(argv: list[str]) -> list[str]:
                                 "or imported run."))
     from experiments import saved  # the run's own config; overrides pick the mesh
     argv = [*argv[:2], f"--config={saved.__file__}:{workdir}", *argv[2:]]
-  elif not has_config and any(a.startswith("--config.") for a in argv):
+  elif has_config:
+    missing = config_errors.missing_config_file(argv)
+    if missing:
+      _config_error(missing)
+  if not has_config and any(a.startswith("--config.") for a in argv):
     _config_error(ConfigError("--config", "--config.* overrides were given without "
                               "a config file to override.",
                               "pass --config=experiments/NAME.py as well."))
@@ -201,6 +212,9 @@ def parse(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
     if isinstance(err, ConfigError):
       _config_error(err)
+    unknown = config_errors.unknown_flag(err, argv[1], COMMANDS[argv[1]].flags)
+    if unknown:
+      _config_error(unknown)
     config = config_errors.load_config(argv)
     if config is None:  # the config file itself is broken: show its traceback
       raise
@@ -320,6 +334,7 @@ def _ask_compiler(command: str, topology: str) -> None:
   else:
     from aot import plan
     plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
+                      remats=tuple(_PLAN_REMATS.value) or None,
                       max_plans=_MAX_PLANS.value,
                       compiler_flags=_LIBTPU_FLAGS.value, slices=_SLICES.value)
     print(plan.table(plans))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import re
 
 from absl import flags
@@ -88,6 +89,39 @@ def unknown_key(argv: list[str], config) -> ConfigError | None:
         return ConfigError(field, f"there is no such config field; {hint}",
                            "fix the name; experiments/base.py lists every field.")
       node = node[key]
+  return None
+
+
+def unknown_flag(err: Exception, command: str, own: tuple[str, ...]
+                 ) -> ConfigError | None:
+  """ConfigError for a flag no command defines, with the command's flags."""
+  m = re.search(r"Unknown command line flag '([\w-]+)'", str(err))
+  if not m:
+    return None
+  name = m.group(1)
+  close = difflib.get_close_matches(name, own, n=1, cutoff=0.75)
+  hint = (f"did you mean --{close[0]}?" if close
+          else f"{command} reads {', '.join('--' + f for f in own)}.")
+  return ConfigError(f"--{name}", f"there is no such flag; {hint}",
+                     f"fix or drop it; `python -m experiment {command} --help` lists "
+                     "the flags.")
+
+
+def missing_config_file(argv: list[str]) -> ConfigError | None:
+  """ConfigError when --config=path[:arg] names no file, with the shipped configs."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg[len("--config="):].partition(":")[0]
+      if os.path.isfile(path):
+        return None
+      import experiments
+      shipped = os.path.relpath(os.path.dirname(experiments.__file__))
+      names = sorted(n for n in os.listdir(shipped) if n.endswith(".py")
+                     and n not in ("__init__.py", "base.py", "saved.py"))
+      example = "llama_tiny.py" if "llama_tiny.py" in names else names[0]
+      return ConfigError("--config", f"{path} does not exist.",
+                         f"pass a config file, e.g. --config={shipped}/{example} "
+                         f"(shipped: {', '.join(names)}).")
   return None
 
 

@@ -1,11 +1,12 @@
 """The launcher's help and its refusal of flags a command does not read."""
 
+import os
 import re
 
 import pytest
 
-from conftest import run_cli, run_cli_many
-from experiment.__main__ import COMMANDS
+from conftest import REPO, run_cli, run_cli_many
+from experiment.__main__ import COMMANDS, PLAN_REMATS
 
 OWN_FLAGS = {f for c in COMMANDS.values() for f in c.flags}
 
@@ -52,7 +53,8 @@ def test_flag_of_another_command_exits_2():
 # A value each launcher flag's parser refuses, by command.
 BAD_VALUES = [("compile", "--what=bogus"), ("compile", "--slices=two"),
               ("plan", "--max_plans=many"), ("plan", "--plan_sequence=maybe"),
-              ("generate", "--temperature=hot"), ("generate", "--max_new_tokens=ten")]
+              ("generate", "--temperature=hot"), ("generate", "--max_new_tokens=ten"),
+              ("plan", "--plan_remats=bogus")]
 
 
 def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
@@ -72,3 +74,25 @@ def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
     fix = re.search(rf"Fix: pass --{name}=(\S+?)(?: \(one of [^)]*\))?\.$", proc.stderr.strip())
     assert fix, proc.stderr
     flags.FLAGS[name].parser.parse(fix.group(1))  # raises if the fix does not parse
+
+
+def test_an_unknown_flag_or_config_file_is_a_config_error_that_says_what_exists():
+  """A misspelt flag names itself and the flag meant; a --config path that is not a
+  file names the shipped configs, and the suggested one exists."""
+  misspelt, missing = run_cli_many([
+      ("train", "--config=experiments/llama_tiny.py", "--workdri=runs/x"),
+      ("train", "--config=experiments/llama_tiyn.py", "--workdir=runs/x")])
+  assert misspelt.returncode == missing.returncode == 2
+  assert "Config error in `--workdri`: there is no such flag; did you mean --workdir?" in (
+      misspelt.stderr)
+  assert "Config error in `--config`: experiments/llama_tiyn.py does not exist" in (
+      missing.stderr)
+  suggested = re.search(r"--config=(\S+\.py)", missing.stderr).group(1)
+  assert os.path.isfile(os.path.join(REPO, suggested)), missing.stderr
+
+
+def test_plan_remats_are_the_models_policies():
+  """The launcher spells out plan's policies (it imports no model code before
+  parsing); they must be model.config.REMAT."""
+  from model.config import REMAT
+  assert PLAN_REMATS == REMAT
