@@ -192,21 +192,15 @@ def parse(argv: list[str]) -> list[str]:
     from experiments import base  # the defaults, so --config.* overrides apply
     argv = [*argv[:2], f"--config={base.__file__}", *argv[2:]]
   elif argv[1] == "generate" and not has_config and workdir:
-    import os
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-      _config_error(ConfigError("--workdir", f"{workdir} holds no run (it has no "
-                                "config.json).", "pass the --workdir of a trained "
-                                "or imported run."))
+    _check(_no_run(workdir))
     from experiments import saved  # the run's own config; overrides pick the mesh
     argv = [*argv[:2], f"--config={saved.__file__}:{workdir}", *argv[2:]]
-  elif has_config:
-    missing = config_errors.missing_config_file(argv)
-    if missing:
-      _config_error(missing)
-  if not has_config and any(a.startswith("--config.") for a in argv):
+  elif not has_config and any(a.startswith("--config.") for a in argv):
     _config_error(ConfigError("--config", "--config.* overrides were given without "
                               "a config file to override.",
                               "pass --config=experiments/NAME.py as well."))
+  if has_config:
+    _check(config_errors.missing_config_file(argv))
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
@@ -235,6 +229,29 @@ def _refuse_other_commands_flags(argv: list[str]) -> None:
           f"--{flag}", f"the {name} command does not read --{flag}.",
           f"drop it; `python -m experiment {name} --help` lists the flags of "
           f"{name}."))
+
+
+def _no_run(workdir: str) -> ConfigError | None:
+  """A ConfigError when `workdir` holds no run (train or import-hf writes its
+  config.json first)."""
+  if os.path.isfile(os.path.join(workdir, "config.json")):
+    return None
+  return ConfigError("--workdir", f"{workdir} holds no run (it has no config.json).",
+                     "pass the --workdir of a trained or imported run.")
+
+
+def _no_hf_model(hf_dir: str) -> ConfigError | None:
+  """A ConfigError when `hf_dir` is not a Hugging Face model directory."""
+  if os.path.isfile(os.path.join(hf_dir, "config.json")):
+    return None
+  return ConfigError("--hf_dir", f"{hf_dir} holds no Hugging Face model (it has no "
+                     "config.json).", "pass the directory that holds the model's "
+                     "config.json and *.safetensors (what save_pretrained writes).")
+
+
+def _check(error: ConfigError | None) -> None:
+  if error is not None:
+    _config_error(error)
 
 
 def _require(flag, value, example: str):
@@ -276,10 +293,12 @@ def main(argv: list[str]) -> None:
       train.train(_with_cache_dir(_CONFIG.value), workdir)
     elif command == "import-hf":
       from train import hf
-      hf.import_hf(_require(_HF_DIR, _HF_DIR.value, "path/to/hf_model"), workdir,
-                   _CONFIG.value)
+      hf_dir = _require(_HF_DIR, _HF_DIR.value, "path/to/hf_model")
+      _check(_no_hf_model(hf_dir))
+      hf.import_hf(hf_dir, workdir, _CONFIG.value)
     elif command == "export-hf":
       from train import hf
+      _check(_no_run(workdir))
       hf.export_hf(workdir, _require(_OUT, _OUT.value, "path/to/out"), _STEP.value)
     elif command == "generate":
       _generate(workdir)

@@ -96,3 +96,22 @@ def test_plan_remats_are_the_models_policies():
   parsing); they must be model.config.REMAT."""
   from model.config import REMAT
   assert PLAN_REMATS == REMAT
+
+
+def test_a_directory_without_its_files_is_a_config_error(tmp_path):
+  """import-hf from a directory with no HF config.json, and export-hf / generate
+  from a --workdir that holds no run, exit 2 naming the flag (no traceback) and
+  create nothing."""
+  empty, out = tmp_path / "empty", tmp_path / "out"
+  empty.mkdir()
+  runs = run_cli_many([
+      ("import-hf", f"--hf_dir={empty}", f"--workdir={tmp_path / 'imported'}"),
+      ("export-hf", f"--workdir={empty}", f"--out={out}"),
+      ("generate", f"--workdir={empty}", "--prompt=hi")])
+  for proc, flag, what in zip(runs, ("--hf_dir", "--workdir", "--workdir"),
+                              ("no Hugging Face model", "no run", "no run")):
+    assert proc.returncode == 2, proc.stderr[-1000:]
+    assert f"Config error in `{flag}`: {empty} holds {what} (it has no config.json)" in (
+        proc.stderr)
+    assert "Traceback" not in proc.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
