@@ -304,6 +304,7 @@ def main(argv: list[str]) -> None:
       _generate(workdir)
     elif command == "inspect":
       from train.inspect_run import describe_run
+      _check(_no_run(workdir))
       print(describe_run(workdir))
   except ConfigError as err:
     _config_error(err)

@@ -99,17 +99,18 @@ def test_plan_remats_are_the_models_policies():
 
 
 def test_a_directory_without_its_files_is_a_config_error(tmp_path):
-  """import-hf from a directory with no HF config.json, and export-hf / generate
-  from a --workdir that holds no run, exit 2 naming the flag (no traceback) and
-  create nothing."""
+  """import-hf from a directory with no HF config.json, and export-hf / generate /
+  inspect of a --workdir that holds no run, exit 2 naming the flag (no traceback)
+  and create nothing."""
   empty, out = tmp_path / "empty", tmp_path / "out"
   empty.mkdir()
   runs = run_cli_many([
       ("import-hf", f"--hf_dir={empty}", f"--workdir={tmp_path / 'imported'}"),
       ("export-hf", f"--workdir={empty}", f"--out={out}"),
-      ("generate", f"--workdir={empty}", "--prompt=hi")])
-  for proc, flag, what in zip(runs, ("--hf_dir", "--workdir", "--workdir"),
-                              ("no Hugging Face model", "no run", "no run")):
+      ("generate", f"--workdir={empty}", "--prompt=hi"),
+      ("inspect", f"--workdir={empty}")])
+  for proc, flag, what in zip(runs, ("--hf_dir", "--workdir", "--workdir", "--workdir"),
+                              ("no Hugging Face model", "no run", "no run", "no run")):
     assert proc.returncode == 2, proc.stderr[-1000:]
     assert f"Config error in `{flag}`: {empty} holds {what} (it has no config.json)" in (
         proc.stderr)
