@@ -85,32 +85,24 @@ def compiled_train_flops(c, tiles: int, block_q: int, block_kv: int,
 
 
 @needs_libtpu
-def test_save_dots_attention_runs_the_attention_forward_once():
-  """remat=save_dots_attention keeps the flash kernel's output and log-sum-exp
-  (MaxText's minimal_with_context), so the compiled step runs the forward kernel
-  once per layer where save_dots runs it twice (the test below)."""
-  c = small_1b(fsdp=8)
-  c.model.remat = "save_dots_attention"
-  report = aot.compile_step(c, "v5p:2x2x2")
-  assert report.flops * report.devices == pytest.approx(
-      compiled_train_flops(c, 1, 128, 128, forward_runs=1), rel=1e-3)
-
-
-@needs_libtpu
-def test_attention_tile_sizes_reach_every_kernel():
+def test_tile_sizes_and_save_dots_attention_reach_the_kernels():
   """model.attention_block_q / _kv set the flash tiles of the forward, dQ and dK/dV
   kernels: at 512 tokens in 128 x 256 tiles a head computes the tiles a causal
   mask touches (6 of 8, counted here from the dense mask), where the default
-  512 x 512 tile is one."""
+  512 x 512 tile is one. remat=save_dots_attention keeps the forward kernel's
+  output and log-sum-exp (MaxText's minimal_with_context), so the step runs that
+  kernel once per layer, where save_dots runs it twice (the test below). One
+  compile checks both: either fault changes the FLOPs."""
   c = small_1b(fsdp=8)
   c.data.seq_len = 512
-  c.model.update(attention_block_q=128, attention_block_kv=256)
+  c.model.update(attention_block_q=128, attention_block_kv=256,
+                 remat="save_dots_attention")
   report = aot.compile_step(c, "v5p:2x2x2")
   pos = np.arange(512)
   seen = pos[:, None] >= pos[None, :]
   tiles = int(seen.reshape(4, 128, 2, 256).any(axis=(1, 3)).sum())
   assert report.flops * report.devices == pytest.approx(
-      compiled_train_flops(c, tiles, 128, 256), rel=1e-3)
+      compiled_train_flops(c, tiles, 128, 256, forward_runs=1), rel=1e-3)
 
 
 @needs_libtpu
