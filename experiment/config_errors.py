@@ -119,7 +119,7 @@ def missing_config_file(argv: list[str]) -> ConfigError | None:
       names = sorted(n for n in os.listdir(shipped) if n.endswith(".py")
                      and n not in ("__init__.py", "base.py", "saved.py"))
       example = "llama_tiny.py" if "llama_tiny.py" in names else names[0]
-      return ConfigError("--config", f"{path} does not exist.",
+      return ConfigError("--config", f"there is no config file at {path}.",
                          f"pass a config file, e.g. --config={shipped}/{example} "
                          f"(shipped: {', '.join(names)}).")
   return None

@@ -85,7 +85,7 @@ def test_an_unknown_flag_or_config_file_is_a_config_error_that_says_what_exists(
   assert misspelt.returncode == missing.returncode == 2
   assert "Config error in `--workdri`: there is no such flag; did you mean --workdir?" in (
       misspelt.stderr)
-  assert "Config error in `--config`: experiments/llama_tiyn.py does not exist" in (
+  assert "Config error in `--config`: there is no config file at experiments/llama_tiyn.py" in (
       missing.stderr)
   suggested = re.search(r"--config=(\S+\.py)", missing.stderr).group(1)
   assert os.path.isfile(os.path.join(REPO, suggested)), missing.stderr
