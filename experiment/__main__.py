@@ -231,22 +231,24 @@ def _refuse_other_commands_flags(argv: list[str]) -> None:
           f"{name}."))
 
 
-def _no_run(workdir: str) -> ConfigError | None:
-  """A ConfigError when `workdir` holds no run (train or import-hf writes its
-  config.json first)."""
-  if os.path.isfile(os.path.join(workdir, "config.json")):
+def _without_config_json(flag: str, path: str, what: str, fix: str
+                         ) -> ConfigError | None:
+  """A ConfigError naming `flag` when directory `path` has no config.json: a run
+  (train and import-hf write it first) or a Hugging Face model has one."""
+  if os.path.isfile(os.path.join(path, "config.json")):
     return None
-  return ConfigError("--workdir", f"{workdir} holds no run (it has no config.json).",
-                     "pass the --workdir of a trained or imported run.")
+  return ConfigError(flag, f"{path} holds {what} (it has no config.json).", fix)
+
+
+def _no_run(workdir: str) -> ConfigError | None:
+  return _without_config_json("--workdir", workdir, "no run",
+                              "pass the --workdir of a trained or imported run.")
 
 
 def _no_hf_model(hf_dir: str) -> ConfigError | None:
-  """A ConfigError when `hf_dir` is not a Hugging Face model directory."""
-  if os.path.isfile(os.path.join(hf_dir, "config.json")):
-    return None
-  return ConfigError("--hf_dir", f"{hf_dir} holds no Hugging Face model (it has no "
-                     "config.json).", "pass the directory that holds the model's "
-                     "config.json and *.safetensors (what save_pretrained writes).")
+  return _without_config_json(
+      "--hf_dir", hf_dir, "no Hugging Face model", "pass the directory that holds "
+      "the model's config.json and *.safetensors (what save_pretrained writes).")
 
 
 def _check(error: ConfigError | None) -> None:
