@@ -182,6 +182,15 @@ def parse_ladder_layers(spec: str, num_layers: int) -> frozenset[int]:
   return layers
 
 
+def _int_at_least(cfg: Any, field: str, minimum: int, what: str, fix: str) -> int:
+  """cfg[field] (default `minimum` when absent, as in configs saved before the
+  field existed), or a ConfigError unless it is an int >= minimum (not a bool)."""
+  value = cfg.get(field, minimum)
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ConfigError(f"model.{field}", f"{value!r} is not {what}.", fix)
+  return value
+
+
 def validate(cfg: Any) -> None:
   """Raises ConfigError for model fields that cannot build a model."""
   choices = {"compute_dtype": tuple(DTYPES), "param_dtype": tuple(DTYPES),
@@ -196,26 +205,20 @@ def validate(cfg: Any) -> None:
     if cfg[field] <= 0:
       raise ConfigError(f"model.{field}", f"must be positive, got {cfg[field]}.",
                         f"set --config.model.{field} to a positive integer.")
-  chunks = cfg.get("loss_chunks", 1)
-  if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-    raise ConfigError("model.loss_chunks", f"{chunks!r} is not a number of chunks.",
-                      "set --config.model.loss_chunks to a positive integer (1: "
-                      "the whole batch's logits at once).")
+  _int_at_least(cfg, "loss_chunks", 1, "a number of chunks",
+                "set --config.model.loss_chunks to a positive integer (1: the whole "
+                "batch's logits at once).")
   if not isinstance(cfg.get("scan_layers", True), bool):
     raise ConfigError("model.scan_layers", f"{cfg.scan_layers!r} is not True or False.",
                       "set --config.model.scan_layers=true (a loop over the layers) "
                       "or false (unrolled).")
   for field in ("attention_block_q", "attention_block_kv"):
-    size = cfg.get(field, 0)
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-      raise ConfigError(f"model.{field}", f"{size!r} is not a tile size.",
-                        f"set --config.model.{field} to 0 (the backend's default) or "
-                        "a positive number of rows such as 512.")
-  window = cfg.get("sliding_window", 0)
-  if not isinstance(window, int) or isinstance(window, bool) or window < 0:
-    raise ConfigError("model.sliding_window", f"{window!r} is not a number of keys.",
-                      "set --config.model.sliding_window to 0 (full causal) or a "
-                      "positive integer such as 4096.")
+    _int_at_least(cfg, field, 0, "a tile size",
+                  f"set --config.model.{field} to 0 (the backend's default) or a "
+                  "positive number of rows such as 512.")
+  window = _int_at_least(cfg, "sliding_window", 0, "a number of keys",
+                         "set --config.model.sliding_window to 0 (full causal) or a "
+                         "positive integer such as 4096.")
   if window and cfg.attention == "ring_zigzag":
     raise ConfigError("model.attention", "ring_zigzag cannot run a sliding window "
                       f"(model.sliding_window={window}).",

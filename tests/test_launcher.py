@@ -1,4 +1,5 @@
-"""The launcher's help and its refusal of flags a command does not read."""
+"""The launcher's help, its refusal of flags a command does not read, and the config
+errors it gives for malformed command lines."""
 
 import os
 import re

@@ -106,9 +106,9 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   """(field, saved value, new value, note) for every config field whose change makes
   a run resumed with `config` continue differently from the run saved with `saved`:
   model, data, optimizer, batch size, seed and other train fields. Not reported:
-  mesh sizes and rules, log.*, checkpoint.*, the attention implementation, remat,
-  scanned or unrolled layers, loss chunks, the embedding lookup, evaluation
-  settings, the pipeline schedule, the loader's read-ahead. `train.steps` and
+  mesh sizes and rules, log.*, checkpoint.*, the attention implementation and its
+  tile sizes, remat, scanned or unrolled layers, loss chunks, the embedding lookup,
+  evaluation settings, the pipeline schedule, the loader's read-ahead. `train.steps` and
   `optim.decay_steps` are reported only when the schedule's length (decay_steps,
   or train.steps when it is unset) changes; `train.grad_accum_steps` and
   `pipeline.microbatches` only for MoE models (their losses are per micro-batch).
