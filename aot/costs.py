@@ -42,6 +42,11 @@ _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
                "async-update", "async-done", "copy-start", "copy-done",
                "send", "send-done", "recv", "recv-done"}
 _SLICES = ("dynamic-slice", "slice", "gather")
+# Ops between a fused parameter and its slices that do not make the fusion read
+# the whole parameter: views, element-type changes, padding (a slice of a padded
+# array reads the array's share of the slice; the TPU compiler's collective
+# matmuls pad an activation and slice one window of it per step).
+_PASS_THROUGH = {"bitcast", "convert", "pad", "reshape", "transpose", "copy"}
 # Ops that update their first operand in place: the operand carrying the new data.
 _IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}
 # Asynchronous DMAs, started here and waited for at the matching `-done`: a slice
@@ -225,16 +230,41 @@ def _traffic(ins, instrs, comps) -> float:
   for i in fused:
     for o in i.operands:
       users[o].append(i)
+
+  def elements_read(name: str, view: bool = True) -> float | None:
+    """Elements of `name` the fusion reads when every use ends in a slice of it
+    (through views, type changes and padding) or, through views only, in an
+    in-place update of it; None when some use reads it whole."""
+    total = 0.0
+    for u in users.get(name, []):
+      if u.operands[0] != name:
+        return None
+      if u.opcode in _SLICES:
+        total += hlo._elements(u.shape, False)
+      elif u.opcode in _IN_PLACE and view:
+        continue
+      elif u.opcode in _PASS_THROUGH:
+        part = elements_read(u.name, view and u.opcode == "bitcast")
+        if part is None:
+          return None
+        if u.opcode == "pad":  # a slice of the padded array: the array's share
+          part *= hlo._elements(local[name].shape, False) / max(
+              1, hlo._elements(u.shape, False))
+        total += part
+      else:
+        return None
+    return total
+
   read = 0.0
   for k, operand in enumerate(ins.operands):
     name = params[k].name if k in params else None
-    uses = users.get(name, [])
-    # A parameter only sliced, or only updated in place, is read in part.
-    if uses and all(u.operands[0] == name and (u.opcode in _SLICES
-                                               or u.opcode in _IN_PLACE) for u in uses):
-      read += sum(u.bytes for u in uses if u.opcode in _SLICES)
-    elif operand in instrs:
-      read += instrs[operand].bytes
+    part = elements_read(name) if users.get(name) else None
+    whole = instrs[operand].bytes if operand in instrs else 0
+    if part is not None:  # a parameter only sliced or updated is read in part
+      elements = hlo._elements(params[k].shape, False)
+      read += min(whole, whole * part / elements) if elements else 0.0
+    else:
+      read += whole
   root = hlo.root(fused)
   outputs = ([local[o] for o in root.operands] if root.opcode == "tuple" else [root])
   written = sum(local[o.operands[_IN_PLACE[o.opcode]]].bytes if o.opcode in _IN_PLACE

@@ -306,3 +306,49 @@ def test_host_offload_moves_slices_beside_the_core():
   dots = 2 * 3 * ARRAY  # the two matmuls read two arrays and write one each
   assert costs.analyze(HOST_OFFLOAD).hbm_bytes == pytest.approx(
       dots + 3 * ARRAY + 2 * 2 * ARRAY + 2 * ARRAY / 4)
+
+
+# A collective matmul's window: the TPU compiler pads an activation with -inf
+# (bitcast to a new leading dim of 1, padded to 2) and slices one 256-column window
+# of the padded array per loop step; `tail` is what else the fusion does with it.
+WINDOW = """HloModule m, is_scheduled=true
+
+%window (a: bf16[1024,1024], i: s32[]) -> {out} {{
+  %a = bf16[1024,1024]{{1,0}} parameter(0)
+  %i = s32[] parameter(1)
+  %b = bf16[1,1024,1024]{{2,1,0}} bitcast(%a)
+  %ninf = bf16[] constant(-inf)
+  %p = bf16[2,1024,1024]{{2,1,0}} pad(%b, %ninf), padding=0_1x0_0x0_0
+  %z = s32[] constant(0)
+  %c = f32[2,1024,1024]{{2,1,0}} convert(%p)
+  %s = f32[2,1024,256]{{2,1,0}} dynamic-slice(%c, %z, %z, %i), dynamic_slice_sizes={{2,1024,256}}
+  %w = bf16[2,1024,256]{{2,1,0}} convert(%s)
+  {tail}
+}}
+
+ENTRY %main (p0: bf16[1024,1024], i: s32[]) -> {out} {{
+  %p0 = bf16[1024,1024]{{1,0}} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %f = {out} fusion(%p0, %i), kind=kLoop, calls=%window
+}}
+"""
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_window_of_a_padded_parameter_reads_the_window(whole):
+  """HBM traffic of a fusion that slices a padded view of its parameter: the
+  window's share of the array (a quarter: 256 of 1024 columns, half of each
+  window padding) and the window written, not the whole array; when the padded
+  array is also used whole (`whole`), the whole array."""
+  from aot import costs
+  window = 2 * 1024 * 256 * 2  # bytes of the bf16 window written
+  if whole:
+    out = "(bf16[2,1024,256]{2,1,0}, bf16[2,1024,1024]{2,1,0})"
+    tail = f"ROOT %t = {out} tuple(%w, %p)"
+    expected = ARRAY + window + 2 * ARRAY
+  else:
+    out = "bf16[2,1024,256]{2,1,0}"
+    tail = "ROOT %r = bf16[2,1024,256]{2,1,0} copy(%w)"
+    expected = ARRAY / 4 + window
+  text = WINDOW.format(out=out, tail=tail)
+  assert costs.analyze(text).hbm_bytes == pytest.approx(expected + 4)  # + index
