@@ -12,8 +12,9 @@ weighted by how often it runs, with trip counts read from the loop conditions
   plus `cost_estimate` FLOPs of custom kernels that carry one. Kernels without an
   estimate (rung's Pallas kernels) are counted in `uncounted_kernels`.
 - HBM bytes: operands read and results written by every instruction that is not
-  fused into another; slices of an operand count as the slice, and in-place
-  updates (dynamic-update-slice, scatter) as the update. An estimate of traffic,
+  fused into another; slices of an operand count as the slice (also through
+  views, type changes and padding), and in-place updates (dynamic-update-slice,
+  scatter) as the update. An estimate of traffic,
   not a measurement.
 - Collectives: result bytes per device and the bytes each device receives over
   the interconnect with ring algorithms (all-reduce 2(n-1)/n, all-gather and
