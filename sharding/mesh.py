@@ -35,24 +35,57 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
         f"mesh.{fill[1]}", f"only one mesh axis may be -1, got {fill}.",
         f"give explicit sizes to all but one of {fill}.")
   known = math.prod(s for s in sizes.values() if s != -1)
-  if fill:
-    if num_devices % known:
-      raise ConfigError(
-          f"mesh.{fill[0]}",
-          f"the other axes multiply to {known}, which does not divide the "
-          f"{num_devices} devices, so -1 cannot be filled.",
-          f"choose sizes whose product divides {num_devices}.")
+  if fill and num_devices % known == 0:
     sizes[fill[0]] = num_devices // known
   product = math.prod(sizes.values())
   if product != num_devices:
-    shape = ",".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
+    fix = _mesh_fix(sizes, num_devices)
+    named = next((a for a in fix if sizes[a] > 1), next(iter(fix)))
+    if fill:
+      what = (f"the axes other than mesh.{fill[0]}=-1 multiply to {known}, which "
+              f"does not divide {_devices(num_devices)}, so mesh.{fill[0]} cannot "
+              "take the rest.")
+    else:
+      shape = ",".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
+      what = (f"the mesh ({shape}) has {_devices(product)} but {num_devices} "
+              f"{'is' if num_devices == 1 else 'are'} available.")
     raise ConfigError(
-        "mesh", f"the mesh ({shape}) has {product} devices but {num_devices} "
-        "are available.",
-        f"make the product of mesh.{{{','.join(AXES)}}} equal {num_devices}, "
-        "e.g. set one axis to -1 (--config.mesh.data=-1).")
+        f"mesh.{named}", what,
+        "pass " + " ".join(f"--config.mesh.{a}={v}" for a, v in fix.items())
+        + f" (the mesh axes must multiply to {num_devices}; -1 on one axis takes "
+        "the devices the others leave).")
   return sizes
 
+
+def _devices(n: int) -> str:
+  return f"{n} device{'' if n == 1 else 's'}"
+
+
+def _mesh_fix(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """{axis: size} changes that make the mesh fit `num_devices`: explicitly sized
+  axes cut to the largest sizes whose product divides the devices (one axis if one
+  suffices, the largest such), then -1 on `data` unless an axis already is."""
+  explicit = {a: s for a, s in sizes.items() if s > 1}
+
+  def cut(size: int, room: int) -> int:
+    return max(d for d in range(1, size + 1) if room % d == 0)
+
+  fix: dict[str, int] = {}
+  if num_devices % math.prod(explicit.values()):
+    for axis in sorted(explicit, key=lambda a: -explicit[a]):
+      others = math.prod(s for a, s in explicit.items() if a != axis)
+      if num_devices % others == 0:
+        fix[axis] = cut(explicit[axis], num_devices // others)
+        break
+    else:
+      room = num_devices
+      for axis in sorted(explicit, key=lambda a: explicit[a]):
+        fix[axis] = cut(explicit[axis], room)
+        room //= fix[axis]
+      fix = {a: v for a, v in fix.items() if v != explicit[a]}
+  if -1 not in sizes.values():
+    fix["data"] = -1
+  return fix
 
 def make_mesh(mesh_cfg: Mapping[str, int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -97,7 +130,8 @@ def axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:
 
 
 def describe(mesh: Mesh) -> str:
-  """One line: 'mesh diloco=1 data=2 stage=1 fsdp=1 expert=1 sequence=1 tensor=4 over 8 cpu devices'."""
+  """One line, e.g. 'mesh diloco=1 data=2 stage=1 fsdp=1 expert=1 sequence=1
+  tensor=4 over 8 cpu devices'."""
   sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
   platform = mesh.devices.flat[0].platform
   return f"mesh {sizes} over {mesh.devices.size} {platform} devices"

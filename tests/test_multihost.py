@@ -151,7 +151,7 @@ def test_mesh_larger_than_the_processes_fails_clearly(tmp_path):
                                "--config.mesh.tensor=2"])
   for pid, (proc, out, err) in enumerate(results):
     assert proc.returncode == 2, err[-3000:]
-    assert f"[process {pid} of 2] Config error in `mesh`" in err
+    assert f"[process {pid} of 2] Config error in `mesh.data`" in err
     assert "has 16 devices but 8 are available" in err
 
 

@@ -1,3 +1,5 @@
+import math
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -17,8 +19,37 @@ def test_fill_axis_takes_remaining_devices():
 
 
 def test_mesh_product_mismatch_names_field_and_numbers():
-  with pytest.raises(ConfigError, match=r"`mesh`.*has 6 devices but 8 are available"):
+  with pytest.raises(ConfigError, match=r"`mesh.data`.*has 6 devices but 8 are "
+                     r"available.*--config.mesh.data=-1"):
     sharding.resolve_shape(mesh_cfg(data=3, tensor=2), 8)
+  with pytest.raises(ConfigError, match=r"`mesh.tensor`.*multiply to 3, which does "
+                     r"not divide 1 device,.*--config.mesh.tensor=1 "):
+    sharding.resolve_shape(mesh_cfg(data=-1, tensor=3), 1)
+
+
+def test_a_mesh_that_does_not_fit_gets_a_fix_that_fits():
+  """Every mesh of sizes 1-8 (at most one -1) over 1-8 devices that does not fit:
+  the error names an axis the fix changes (one the user sized, when the fix
+  changes one), and the flags in its fix make the mesh fit."""
+  import itertools
+  import re
+  axes = ("data", "fsdp", "sequence", "tensor")
+  for n in range(1, 9):
+    for values in itertools.product((-1, 1, 2, 3, 4, 6, 8), repeat=len(axes)):
+      if values.count(-1) > 1:
+        continue
+      cfg = mesh_cfg(**dict(zip(axes, values)))
+      try:
+        sharding.resolve_shape(cfg, n)
+        continue
+      except ConfigError as err:
+        message, named = str(err), err.field.removeprefix("mesh.")
+      fix = dict(re.findall(r"--config\.mesh\.(\w+)=(-?\d+)", message))
+      assert fix and named in fix, message
+      if any(cfg.get(a, 1) != 1 for a in fix):
+        assert cfg.get(named, 1) != 1, message
+      cfg.update({a: int(v) for a, v in fix.items()})
+      assert math.prod(sharding.resolve_shape(cfg, n).values()) == n, (message, cfg)
 
 
 def test_two_fill_axes_rejected():

@@ -9,7 +9,7 @@ from sharding import ConfigError
 
 # (overrides, field named in the message, fragment with the numbers)
 CASES = {
-    "mesh_product": ({"mesh.data": 3}, "mesh", "has 3 devices but 8 are available"),
+    "mesh_product": ({"mesh.data": 3}, "mesh.data", "has 3 devices but 8 are available"),
     "heads": ({"model.num_heads": 12, "mesh.tensor": 8, "mesh.data": 1},
               "model.num_heads", "12 heads cannot be split over mesh.tensor=8"),
     "kv_heads": ({"mesh.tensor": 8, "mesh.data": 1}, "model.num_kv_heads",
