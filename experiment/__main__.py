@@ -272,11 +272,30 @@ def _with_cache_dir(config):
   return config
 
 
+# Device files an accelerator's driver creates on Linux: TPU (/dev/accel*, or
+# /dev/vfio/N on v5e and later), NVIDIA GPUs, AMD GPUs.
+_ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*",
+                      "/dev/kfd")
+
+
+def _cpu_only_host() -> bool:
+  """A Linux host without accelerator device files, JAX_PLATFORMS unset: jax then
+  runs on the CPU without first starting libtpu (installed by the test extra),
+  which fails there with screens of warnings that look like a crash."""
+  import glob
+  import platform
+  return ("JAX_PLATFORMS" not in os.environ and platform.system() == "Linux"
+          and not any(glob.glob(p) for p in _ACCELERATOR_FILES))
+
+
 def main(argv: list[str]) -> None:
   command = argv[1]
   if not flags.FLAGS["verbosity"].present:
     # rung prints what a user needs; --verbosity=0 shows the libraries' INFO logs.
     logging.set_verbosity(logging.ERROR)
+  if _cpu_only_host():
+    import jax
+    jax.config.update("jax_platforms", "cpu")
   try:
     if command in _NEEDS_CONFIG and _CONFIG.value is None:
       raise ConfigError("--config", "no experiment config was given.",

@@ -134,4 +134,4 @@ def describe(mesh: Mesh) -> str:
   tensor=4 over 8 cpu devices'."""
   sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
   platform = mesh.devices.flat[0].platform
-  return f"mesh {sizes} over {mesh.devices.size} {platform} devices"
+  return f"mesh {sizes} over {_devices(mesh.devices.size).replace(' ', f' {platform} ', 1)}"

@@ -108,10 +108,12 @@ def tiny_config():
   return make_tiny_config()
 
 
-def run_cli(*args, timeout=300):
-  """Runs `python -m experiment ...` with 8 CPU devices; returns CompletedProcess."""
+def run_cli(*args, timeout=300, unset=()):
+  """Runs `python -m experiment ...` with 8 CPU devices (without the environment
+  variables in `unset`); returns CompletedProcess."""
   import subprocess
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = {k: v for k, v in os.environ.items() if k not in unset}
+  env["PYTHONPATH"] = REPO
   return subprocess.run([sys.executable, "-m", "experiment", *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -2,6 +2,7 @@
 sliding window, Mixtral; transformers 4 and 5 config layouts): logits, greedy
 generation and exported configs match transformers."""
 
+import glob
 import json
 import shutil
 
@@ -285,10 +286,18 @@ def test_cli_import_finetune_inspect_export(tmp_path):
       eos_token_id=[2, 9])
   transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
   work = tmp_path / "run"
+  # As a user runs it, JAX_PLATFORMS unset: on a host without accelerators the
+  # launcher uses the CPU without starting libtpu (no TPU warnings).
   proc = run_cli("import-hf", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={work}",
-                 "--config.mesh.data=4", "--config.mesh.tensor=2")
+                 "--config.mesh.data=4", "--config.mesh.tensor=2",
+                 unset=("JAX_PLATFORMS",))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  if not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*")):
+    assert "TPU" not in proc.stderr, proc.stderr[-3000:]
   assert "at step 0" in proc.stdout
+  assert ("has no tokenizer.json, so text is read and written as byte ids 0-255 of "
+          "the model's 300; give the model's own with --config.data.tokenizer=") \
+      in proc.stdout
   proc = run_cli("train", f"--config=experiments/saved.py:{work}", f"--workdir={work}",
                  "--config.train.steps=2", "--config.data.source=synthetic",
                  "--config.data.seq_len=16", "--config.train.batch_size=8",

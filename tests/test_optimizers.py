@@ -459,3 +459,27 @@ def test_cli_unknown_optimizer_exits_2(tmp_path):
               f"--workdir={tmp_path}", "--config.optim.name=lion")
   assert r.returncode == 2, r.stderr[-2000:]
   assert "Config error in `optim.name`: is 'lion'" in r.stderr + r.stdout
+
+
+def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
+  """`optim.warmup_steps` beyond the schedule's length (a 10-step fine-tune on the
+  default 100) is cut to length - 1; the note names both and the steps it takes,
+  and the schedule peaks exactly there. A warmup that fits says nothing."""
+  import re
+
+  from train.optimizer import warmup_note
+  for warmup, steps, decay in [(100, 10, None), (50, 30, 20), (5, 10, None),
+                               (19, 40, 20), (20, 40, 20)]:
+    o = _optim("adamw")
+    o.warmup_steps, o.decay_steps = warmup, decay
+    lr = schedule(o, steps)
+    length = decay or steps
+    peak = int(np.argmax([float(lr(i)) for i in range(length)]))
+    note = warmup_note(o, steps)
+    if warmup < length:
+      assert note == "" and peak == warmup
+      continue
+    assert f"optim.warmup_steps={warmup} does not fit a learning-rate schedule of " \
+        f"{length} steps" in note
+    assert int(re.search(r"warmup takes (\d+) steps", note).group(1)) == peak
+    assert peak == length - 1 and float(lr(peak)) == pytest.approx(o.learning_rate)

@@ -73,9 +73,13 @@ def test_steps_are_a_change_only_while_they_set_the_schedule_length():
   new.optim.decay_steps, old.optim.decay_steps = 3, None
   assert trajectory_changes(_as_dict(old), _as_dict(new)) == []
   new.optim.decay_steps = 12
-  assert [(f, a, b) for f, a, b, _ in trajectory_changes(_as_dict(old),
-                                                         _as_dict(new))] == [
-      ("optim.decay_steps", None, 12), ("train.steps", 3, 6)]
+  assert trajectory_changes(_as_dict(old), _as_dict(new)) == [
+      ("optim.decay_steps", None, 12, "the learning-rate schedule's length; saved: "
+       "train.steps=3 while it is unset")]
+  old.optim.decay_steps, new.optim.decay_steps = 12, None
+  assert trajectory_changes(_as_dict(old), _as_dict(new)) == [
+      ("optim.decay_steps", 12, None, "the learning-rate schedule's length; now: "
+       "train.steps=6 while it is unset")]
 
 
 def test_resume_with_more_steps_says_the_schedule_changed(tmp_path, capsys):
@@ -86,9 +90,10 @@ def test_resume_with_more_steps_says_the_schedule_changed(tmp_path, capsys):
   c.train.steps = 6
   rows = train.train(c, str(tmp_path), progress=False)
   assert [r["step"] for r in rows] == [4, 5, 6]
-  err = capsys.readouterr().err
-  assert ("resuming from step 3 with a config that changes the training trajectory "
-          "from here on (saved with the checkpoint -> now):") in err
+  out, err = capsys.readouterr()
+  assert "resuming from step 3 of" in out and "resuming" not in err  # said once
+  assert ("the config changes the training trajectory from step 3 on (saved with "
+          "the checkpoint -> now):") in err
   lines = err.splitlines()
   first = next(i for i, line in enumerate(lines) if "changes the training" in line)
   last = next(i for i, line in enumerate(lines) if line.startswith("The run will"))

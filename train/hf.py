@@ -496,6 +496,13 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   if os.path.exists(tokenizer):
     shutil.copy(tokenizer, os.path.join(workdir, "tokenizer.json"))
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    tokens = "tokenizer.json, copied into the run"
+  elif config.data.tokenizer == "byte":
+    tokens = (f"bytes: {hf_dir} has no tokenizer.json, so text is read and written "
+              f"as byte ids 0-255 of the model's {config.model.vocab_size}; give "
+              "the model's own with --config.data.tokenizer=PATH/tokenizer.json")
+  else:
+    tokens = str(config.data.tokenizer)
   stops = stop_ids_from_hf(hf, generation)
   if stops:
     config.data.eos_id = stops[0]
@@ -524,6 +531,7 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   print(f"imported {family_of(cfg)} ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
         f"rope: {rope_description(cfg)}; stop tokens: {stops or 'none'}\n"
+        f"tokenizer: {tokens}\n"
         f"fine-tune: python -m experiment train --config=experiments/saved.py:"
         f"{workdir} --workdir={workdir}")
 

@@ -25,7 +25,7 @@ from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
 from train.data import make_data
 from train.metrics import DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, peak_flops
-from train.optimizer import make_optimizer, schedule
+from train.optimizer import make_optimizer, schedule, warmup_note
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          pipeline_from_config, state_shardings)
 from train.step import (batch_sharding, make_eval_step, make_inner_step,
@@ -65,6 +65,8 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   spec = model_spec(cfg, rules, pipeline_from_config(config, sizes))
   t = config.train
   lr = schedule(config.optim, t.steps)
+  if note := warmup_note(config.optim, t.steps):
+    _say(note)
   tx = make_optimizer(config.optim, t.steps)
   comp = Compression.from_config(config.optim)
   dl = diloco_lib.DiLoCo.from_config(config, sizes["diloco"])
@@ -101,7 +103,11 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     state = ckpt.restore(
         abstract_state(spec, tx, mesh, comp, saved_replicas, saved_dl),
         data.train, config=config_dict)
-    _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+    if int(state.step):
+      _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+    else:  # what import-hf writes: a start, with no trajectory to compare against
+      _say(f"starting from the step-0 parameters and optimizer state of "
+           f"{ckpt.directory}")
     if diloco_lib.layout(saved_dl) != diloco_lib.layout(dl):
       state = _regroup_diloco(state, dl, shardings)
       _say(f"DiLoCo: the checkpoint holds {saved_dl.replicas} replica(s), this "

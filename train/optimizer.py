@@ -34,14 +34,32 @@ HOST = "pinned_host"
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup then cosine decay over `optim.decay_steps` (default: the run's
-  steps). Setting it lets a run be extended or stopped early on the same curve."""
+  steps). Setting it lets a run be extended or stopped early on the same curve.
+  Warmup is cut to the schedule's length - 1 (`warmup_note` says when)."""
   o = optim_cfg
   total_steps = o.decay_steps or total_steps
-  warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+  warmup = _warmup(o, total_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1),
       end_value=o.learning_rate * o.min_lr_ratio)
+
+
+def _warmup(optim_cfg, length: int) -> int:
+  return min(optim_cfg.warmup_steps, max(length - 1, 0))
+
+
+def warmup_note(optim_cfg, total_steps: int) -> str:
+  """What a run says when `optim.warmup_steps` does not fit the schedule (a short
+  fine-tune on the default 100 warmup steps); empty when it fits."""
+  length = optim_cfg.decay_steps or total_steps
+  warmup = _warmup(optim_cfg, length)
+  if warmup == optim_cfg.warmup_steps:
+    return ""
+  return (f"optim.warmup_steps={optim_cfg.warmup_steps} does not fit a learning-rate "
+          f"schedule of {length} steps: warmup takes {warmup} steps and the cosine "
+          f"decay {length - warmup}; set --config.optim.warmup_steps (e.g. "
+          f"{max(length // 10, 0)}) to choose")
 
 
 def decay_mask(params, no_decay: str):

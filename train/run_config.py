@@ -131,12 +131,14 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
     changes.append((field, a, b, note))
   length = lambda c: c.get("optim.decay_steps") or c.get("train.steps")  # noqa: E731
   if length(old) != length(new):
-    if old.get("optim.decay_steps") != new.get("optim.decay_steps"):
-      changes.append(("optim.decay_steps", old.get("optim.decay_steps"),
-                      new.get("optim.decay_steps"),
-                      "the learning-rate schedule's length"))
-    if old.get("train.steps") != new.get("train.steps") and not (
-        old.get("optim.decay_steps") and new.get("optim.decay_steps")):
+    decay = old.get("optim.decay_steps"), new.get("optim.decay_steps")
+    if decay[0] != decay[1]:
+      unset = [f"{when} train.steps={c.get('train.steps')} while it is unset"
+               for when, c, d in (("saved:", old, decay[0]), ("now:", new, decay[1]))
+               if not d]
+      changes.append(("optim.decay_steps", *decay, "the learning-rate schedule's "
+                      "length" + (f"; {', '.join(unset)}" if unset else "")))
+    else:  # unset on both sides: train.steps is the length
       changes.append(("train.steps", old.get("train.steps"), new.get("train.steps"),
                       "the learning-rate schedule's length while optim.decay_steps is "
                       "unset"))
@@ -147,8 +149,8 @@ def describe_trajectory_changes(step: int, changes: list) -> str:
   """The message a resume prints for `trajectory_changes` (empty when none)."""
   if not changes:
     return ""
-  lines = [f"resuming from step {step} with a config that changes the training "
-           "trajectory from here on (saved with the checkpoint -> now):"]
+  lines = [f"the config changes the training trajectory from step {step} on (saved "
+           "with the checkpoint -> now):"]
   for field, a, b, note in changes:
     lines.append(f"  {field}: {a!r} -> {b!r}" + (f"  ({note})" if note else ""))
   lines.append("The run will not match an uninterrupted run of either config. To "
