@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 import train
 from conftest import run_cli
@@ -61,3 +62,41 @@ def test_same_seed_same_run(tiny_config, tmp_path):
   tx = make_optimizer(tiny_config.optim, 3)
   p0, p1 = (init_state(spec, tx, mesh, s).params["head"] for s in (0, 1))
   assert not np.array_equal(np.asarray(p0), np.asarray(p1))
+
+
+class _AsyncDevice:
+  """A fake clock and device: a dispatched step returns to the host at once and
+  runs on the device after the steps before it; `sync` waits for the device."""
+
+  def __init__(self):
+    self.now = self.free_at = 0.0
+
+  def dispatch(self, seconds):
+    self.free_at = max(self.free_at, self.now) + seconds
+    self.now += 1e-4  # the host's dispatch
+
+  def sync(self):
+    self.now = max(self.now, self.free_at)
+
+
+def test_step_time_leaves_out_host_work_and_keeps_the_steps_it_overlaps():
+  """`StepTimer` over asynchronously dispatched steps: compiling or evaluating
+  between steps (while earlier steps still run on the device) is left out of the
+  window and the steps keep their device time, so the logged step time is the
+  steps' own, for random step times, pauses and window lengths."""
+  from train.metrics import StepTimer
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    dev = _AsyncDevice()
+    timer = StepTimer(clock=lambda: dev.now)
+    steps = rng.uniform(0.5, 2.0, size=rng.integers(1, 8))
+    for k, seconds in enumerate(steps):
+      if k and rng.random() < 0.5:  # a compile or an evaluation before this step
+        with timer.paused(dev.sync):
+          dev.now += rng.uniform(1.0, 30.0)
+          dev.dispatch(rng.uniform(0.1, 1.0))  # an evaluation's device work
+          dev.sync()
+      dev.dispatch(seconds)
+      timer.step()
+    dev.sync()  # fetching the last step's metrics
+    assert timer.per_step() == pytest.approx(steps.mean(), rel=1e-3)

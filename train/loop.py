@@ -24,7 +24,8 @@ from train.checkpoint import Checkpointer, load_init_params
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
 from train.data import make_data
-from train.metrics import DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, peak_flops
+from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
+                           peak_flops)
 from train.optimizer import make_optimizer, schedule, warmup_note
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          pipeline_from_config, state_shardings)
@@ -139,22 +140,28 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   step_fns: dict[float | None, tuple[Any, dict]] = {}
   group_tree = groups(spec.abstract_params, spec.logical)
 
+  timer = StepTimer()  # seconds per step, compiles and evaluations left out
+
+  def wait_for_steps():
+    jax.block_until_ready(state)
+
   def compiled_step(step: int, batch):
     density = comp.density_at(step) if comp.enabled else None
     if density not in step_fns:
-      start = time.perf_counter()
-      fn = (make_inner_step(spec, tx, lr, t, shardings, data_sharding)
-            if dl.enabled else
-            make_train_step(spec, tx, lr, t, shardings, data_sharding, comp=comp,
-                            density=density))
-      with jax.set_mesh(mesh):
-        compiled = fn.lower(state, batch).compile()
-      sent = ({k: v for k, v in traffic(spec.abstract_params, group_tree,
-                                        density).items() if k != "dense_bytes"}
-              if comp.enabled else {})
-      step_fns[density] = compiled, sent
-      at = f" (compression density {density:g})" if comp.enabled else ""
-      _say(f"compiled the train step{at} in {time.perf_counter() - start:.1f}s")
+      with timer.paused(wait_for_steps):
+        start = time.perf_counter()
+        fn = (make_inner_step(spec, tx, lr, t, shardings, data_sharding)
+              if dl.enabled else
+              make_train_step(spec, tx, lr, t, shardings, data_sharding, comp=comp,
+                              density=density))
+        with jax.set_mesh(mesh):
+          compiled = fn.lower(state, batch).compile()
+        sent = ({k: v for k, v in traffic(spec.abstract_params, group_tree,
+                                          density).items() if k != "dense_bytes"}
+                if comp.enabled else {})
+        step_fns[density] = compiled, sent
+        at = f" (compression density {density:g})" if comp.enabled else ""
+        _say(f"compiled the train step{at} in {time.perf_counter() - start:.1f}s")
     return step_fns[density]
   eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
   # DiLoCo: one program per (sync | merge, fragment), compiled on first use.
@@ -162,21 +169,20 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   sync_fns: dict[tuple[str, int], Any] = {}
 
   def synchronise(state, done: int):
-    """Runs DiLoCo's events after inner step `done`; returns (state, seconds
-    spent compiling)."""
-    compiling = 0.0
+    """Runs DiLoCo's events after inner step `done`; returns the state."""
     for kind, p in dl.events(done, t.steps):
       if (kind, p) not in sync_fns:
-        start = time.perf_counter()
-        fn = diloco_lib.make_sync(dl, frags, spec.abstract_params, p, kind, shardings)
-        with jax.set_mesh(mesh):
-          sync_fns[kind, p] = fn.lower(state).compile()
-        compiling += time.perf_counter() - start
-        _say(f"compiled the DiLoCo {kind} of fragment {p} in "
-             f"{time.perf_counter() - start:.1f}s")
+        with timer.paused(lambda: jax.block_until_ready(state)):
+          start = time.perf_counter()
+          fn = diloco_lib.make_sync(dl, frags, spec.abstract_params, p, kind,
+                                    shardings)
+          with jax.set_mesh(mesh):
+            sync_fns[kind, p] = fn.lower(state).compile()
+          _say(f"compiled the DiLoCo {kind} of fragment {p} in "
+               f"{time.perf_counter() - start:.1f}s")
       with jax.set_mesh(mesh):
         state = sync_fns[kind, p](state)
-    return state, compiling
+    return state
 
   tokens_per_step = t.batch_size * config.data.seq_len
   step_flops = flops_lib.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
@@ -213,27 +219,23 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     _say(f"step {step}: eval_loss {row['eval_loss']:.4f}")
     return row
 
-  window_start, window_steps = time.perf_counter(), 0
   stop = _StopOnSignal()
   try:
     if start == 0 and t.eval_every:
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
+    timer.restart()
     for step in range(start, t.steps):
       batch = to_global(next(data.train))
-      known = len(step_fns)
       compiled, sent = compiled_step(step, batch)
-      if len(step_fns) > known:
-        window_start, window_steps = time.perf_counter(), 0
       with jax.set_mesh(mesh):
         state, metrics = compiled(state, batch)
-      window_steps += 1
+      timer.step()
       done = step + 1
       if dl.enabled:
-        state, compiling = synchronise(state, done)
-        window_start += compiling  # compiling is not training time
+        state = synchronise(state, done)
       if done % config.log.every_steps == 0 or done == t.steps:
-        metrics = jax.tree.map(_to_host, metrics)
-        elapsed = (time.perf_counter() - window_start) / window_steps
+        metrics = jax.tree.map(_to_host, metrics)  # waits for the window's steps
+        elapsed = timer.per_step()
         flops_per_sec = step_flops / elapsed
         # DiLoCo's metrics are per replica: their mean.
         row = {"step": done, "loss": float(np.mean(metrics["loss"])),
@@ -253,12 +255,12 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",
                         tok_s=f"{row['tokens_per_sec']:.0f}")
-        window_start, window_steps = time.perf_counter(), 0
+        timer.restart()
       bar.update(1)
       eval_loss = None
       if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-        eval_loss = evaluate(done)["eval_loss"]
-        window_start = time.perf_counter()
+        with timer.paused(wait_for_steps):
+          eval_loss = evaluate(done)["eval_loss"]
       every = config.checkpoint.every_steps
       if every and (done % every == 0 or done == t.steps):
         save(eval_loss)

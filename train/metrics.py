@@ -3,11 +3,12 @@ MFU divides by."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,41 @@ MOE_KEYS = ("moe_aux_loss", "moe_z_loss", "moe_max_load", "moe_dropped_fraction"
 # from step 1 to this row's step, that came from source <name>
 # (train.data.Data.source_fractions).
 DATA_FRACTION_PREFIX = "data_fraction/"
+
+
+class StepTimer:
+  """Seconds per training step over a window of steps, with host work between
+  steps (compiling a program, evaluating) kept out of it.
+
+  Steps are dispatched asynchronously, so host work can run while earlier steps
+  are still computing: `paused(sync)` first waits for them (`sync`, e.g.
+  `jax.block_until_ready` on the state), so their time stays in the window, then
+  leaves its own duration out. Read `per_step()` after a host sync of the window's
+  last step (fetching its metrics)."""
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self.restart()
+
+  def restart(self) -> None:
+    """A new window, from now."""
+    self._start, self._steps = self._clock(), 0
+
+  def step(self) -> None:
+    self._steps += 1
+
+  @contextlib.contextmanager
+  def paused(self, sync: Callable[[], Any]):
+    sync()
+    began = self._clock()
+    try:
+      yield
+    finally:
+      self._start += self._clock() - began
+
+  def per_step(self) -> float:
+    """Seconds per step of the window (its steps must have finished)."""
+    return (self._clock() - self._start) / max(self._steps, 1)
 
 
 class MetricsWriter:
