@@ -30,9 +30,9 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
             f"model.{field}",
             f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
             f"split over {over}.",
-            f"choose mesh.{axis} dividing {m[field]} (e.g. --config.mesh.{axis}="
-            f"{_largest_divisor(m[field], sizes[axis])}), or change model.{field} "
-            f"(or mesh.rules.{name}).")
+            f"choose mesh.{axis} dividing {m[field]} (e.g. "
+            f"{_axis_fix(config, axis, table, num_devices)}), or change "
+            f"model.{field} (or mesh.rules.{name}).")
   # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
   # is split over `expert` too, so it is plain data parallelism.
   experts = m.moe.num_experts if "moe" in m else 0
@@ -42,8 +42,9 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
     raise ConfigError(
         "model.moe.num_experts",
         f"{experts} experts cannot be split over {_describe(rules, 'experts', sizes)}.",
-        f"choose mesh.{axis} dividing {experts} (e.g. --config.mesh.{axis}="
-        f"{_largest_divisor(experts, sizes[axis])}), or a multiple of {e} experts.")
+        f"choose mesh.{axis} dividing {experts} (e.g. "
+        f"{_axis_fix(config, axis, table, num_devices)}), or a multiple of {e} "
+        "experts.")
   if experts:
     shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
               and sizes[a] > 1]
@@ -98,6 +99,33 @@ def _describe(rules: dict, name: str, sizes: dict[str, int]) -> str:
     return f"mesh.{axes[0]}={sizes[axes[0]]}"
   return (f"{'*'.join(f'mesh.{a}' for a in axes)} = "
           f"{'*'.join(str(sizes[a]) for a in axes)}")
+
+
+def _axis_fix(config: Any, axis: str, table, num_devices: int) -> str:
+  """Flags that resize mesh `axis` to the largest size that divides every count
+  split over it (heads, kv heads, experts) and still fits the devices (with
+  -1 on `data` when no axis takes the rest)."""
+  m = config.model
+  counts = [m[field] for field, names in (("num_heads", ("heads", "act_heads")),
+                                           ("num_kv_heads",
+                                            ("kv_heads", "act_kv_heads")))
+            if any(axis in dict(table).get(n, ()) for n in names)]
+  experts = m.moe.num_experts if "moe" in m else 0
+  if experts and axis in dict(table).get("experts", ()):
+    counts.append(experts)
+  mesh = {a: config.mesh.get(a, 1) for a in AXES}
+  for size in range(max(mesh[axis], 1), 0, -1):
+    if any(c % size for c in counts):
+      continue
+    for extra in ({}, {"data": -1}) if axis != "data" else ({},):
+      trial = {**mesh, axis: size, **extra}
+      try:
+        resolve_shape(trial, num_devices)
+      except ConfigError:
+        continue
+      changes = {axis: size, **extra}
+      return " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
+  return f"--config.mesh.{axis}=1"
 
 
 def _largest_divisor(n: int, at_most: int) -> int:

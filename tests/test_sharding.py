@@ -101,3 +101,38 @@ def test_slices_split_the_outermost_axes_with_room():
                      r"--config\.mesh\.data=4") as err:
     split(4, data=2, tensor=3)
   assert err.value.field == "mesh"
+
+
+def test_a_head_or_expert_split_error_suggests_a_mesh_that_passes():
+  """Heads, kv heads or experts that a mesh axis does not divide: the flags in the
+  fix (a size dividing every count split over that axis, fitting the devices)
+  clear that error without causing a mesh error, over head counts, meshes and
+  device counts."""
+  import itertools
+  import re
+
+  from experiments import llama_tiny
+  for heads, kv, experts, tensor, expert, n in itertools.product(
+      (4, 6, 12), (1, 2, 3), (0, 6), (2, 4, 8), (1, 4), (8, 16)):
+    if heads % kv or tensor * expert > n:
+      continue
+    c = llama_tiny.get_config()
+    c.model.update(num_heads=heads, num_kv_heads=kv)
+    c.model.moe.num_experts = experts
+    c.mesh.update(data=-1, tensor=tensor, expert=expert)
+    c.train.batch_size = 16
+    try:
+      sharding.validate_plan(c, n)
+      continue
+    except ConfigError as err:
+      message, field = str(err), err.field
+    if field not in ("model.num_heads", "model.num_kv_heads", "model.moe.num_experts"):
+      continue
+    fix = dict(re.findall(r"--config\.mesh\.(\w+)=(-?\d+)", message))
+    assert fix, message
+    c.mesh.update(**{a: int(v) for a, v in fix.items()})
+    try:
+      sharding.validate_plan(c, n)
+    except ConfigError as again:  # only another, independent problem remains
+      assert again.field != field and not again.field.startswith("mesh"), (
+          message, str(again))
