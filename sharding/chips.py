@@ -150,7 +150,27 @@ def chip_for_topology(topology: str) -> Chip:
         "--topology", f"{topology!r} is not a TPU topology rung knows.",
         f"write CHIP:SHAPE with CHIP one of {', '.join(TPUS)}, e.g. "
         "--topology=v5p:2x2x2 or --topology=v5e:2x4.")
-  return CHIPS[name]
+  chip = CHIPS[name]
+  # Slice shapes as the chips' pages list them: v4 and v5p slices are 3-D, each
+  # side 1, 2 or a multiple of 4 (2x2x1 ... 4x4x4, 8x8x12, 16x16x24); v5e and v6e
+  # slices are 2-D, sides powers of two up to a 16x16 pod. libtpu itself builds
+  # some other shapes (v5e:2x2x2), which no slice has.
+  dims = topology.split(":", 1)[1].strip().lower().split("x")
+  cube = chip.wraparound == "cube"
+  example = "2x2x2" if cube else "2x4"
+  ok = len(dims) == (3 if cube else 2) and all(d.isdigit() and int(d) > 0
+                                               for d in dims)
+  if ok:
+    sides = [int(d) for d in dims]
+    ok = all(d in (1, 2) or d % 4 == 0 for d in sides) if cube else all(
+        d <= 16 and d & (d - 1) == 0 for d in sides)
+  if not ok:
+    rule = ("3 sides, each 1, 2 or a multiple of 4" if cube else
+            "2 sides, each a power of two up to 16")
+    raise ConfigError(
+        "--topology", f"{topology!r} is not a {name} slice shape: {name} slices "
+        f"have {rule}.", f"pass e.g. --topology={name}:{example}.")
+  return chip
 
 
 # jax's `device_kind` for each chip (v5e and v6e report "lite"; GPUs report the

@@ -356,11 +356,22 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
 @needs_libtpu
 @pytest.mark.parametrize("topology,message", [
     ("v3:2x2", r"not a TPU topology rung knows.*one of v4, v5e, v5p, v6e"),
-    ("v5e:3x3", r"libtpu cannot build 'v5e:3x3'"),
+    ("v5e:3x3", r"'v5e:3x3' is not a v5e slice shape: v5e slices have 2 sides, "
+                r"each a power of two up to 16\. Fix: pass e\.g\. --topology=v5e:2x4"),
+    ("v5e:2x2x2", r"'v5e:2x2x2' is not a v5e slice shape"),   # libtpu builds it
+    ("v5p:2x2x3", r"'v5p:2x2x3' is not a v5p slice shape: v5p slices have 3 sides, "
+                  r"each 1, 2 or a multiple of 4"),           # libtpu builds it
+    ("v6e:2xx4", r"'v6e:2xx4' is not a v6e slice shape"),
 ])
 def test_bad_topology_is_a_config_error(topology, message):
   with pytest.raises(ConfigError, match=message):
     aot.topology_devices(topology)
+
+
+def test_published_slice_shapes_are_topologies():
+  for topology in ("v5e:1x1", "v5e:2x4", "v5e:16x16", "v6e:4x8", "v4:2x2x1",
+                   "v5p:2x2x2", "v5p:4x4x4", "v5p:8x8x12", "v5p:16x16x24"):
+    assert sharding.chips.chip_for_topology(topology).name == topology.split(":")[0]
 
 
 def test_runtime_device_kinds_map_to_the_chip_table():
