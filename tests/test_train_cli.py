@@ -26,6 +26,9 @@ def test_cli_trains_and_writes_metrics(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The override reached the model: the stacked layer weights have 3 layers.
   assert "layers/mlp/gate         3x64x128" in proc.stdout
+  # attention=auto names what it chose (32 tokens on CPU: the reference).
+  assert ("model: standard block, attention auto -> reference (length 32 < 256 on "
+          "cpu)") in proc.stdout
   rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
   assert [r["step"] for r in train_rows] == [2, 4]

@@ -187,7 +187,15 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   tokens_per_step = t.batch_size * config.data.seq_len
   step_flops = flops_lib.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
   peak, peak_source = peak_flops(config.log)
-  _say(f"model: {flops_lib.matmul_params(cfg) / 1e6:.2f}M matmul params, "
+  attention = cfg.attention
+  if attention == "auto":  # what the model's attention layers will choose
+    with jax.set_mesh(mesh):
+      impl, _, reason = kernels.choose(
+          (t.batch_size, config.data.seq_len, cfg.num_heads, cfg.head_dim),
+          cfg.num_kv_heads, kernels.partition.Axes.from_rules(rules))
+    attention = f"auto -> {impl} ({reason})"
+  _say(f"model: {cfg.block} block, attention {attention}; "
+       f"{flops_lib.matmul_params(cfg) / 1e6:.2f}M matmul params, "
        f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
        f"TFLOP/s ({peak_source})")
 
