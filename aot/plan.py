@@ -22,7 +22,8 @@ every candidate's compile.
 
 The search stays small: `expert` > 1 only for MoE models (it would only replicate
 dense work), `sequence` > 1 only when asked, plans whose train state and batch
-alone exceed HBM are marked without compiling, and `max_plans` caps the compiles.
+alone exceed HBM are marked without compiling, and `max_plans` caps the compiles
+(in `candidate_meshes`' order: plans without pipeline stages first).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
                      sequence: bool = False) -> list[dict[str, int]]:
   """Every {axis: size} whose sizes multiply to `num_devices`; expert and sequence
   stay 1 unless allowed, `diloco` always (DiLoCo changes the training algorithm,
-  which a plan does not choose). Ordered by tensor, sequence and expert size, then with
-  FSDP before data (sharded state first)."""
+  which a plan does not choose). Ordered, for `max_plans`, so a capped search
+  compiles the plainest plans first: no pipeline stages before stages, then by
+  tensor, sequence and expert size, then FSDP before data (sharded state first)."""
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
   out = []
   for sizes in itertools.product(divisors, repeat=len(sharding.AXES)):
@@ -91,8 +93,8 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
     if (mesh["expert"] > 1 and not experts) or (mesh["sequence"] > 1 and not sequence):
       continue
     out.append(mesh)
-  return sorted(out, key=lambda m: (m["tensor"], m["sequence"], m["expert"],
-                                    -m["fsdp"]))
+  return sorted(out, key=lambda m: (m["stage"], m["tensor"], m["sequence"],
+                                    m["expert"], -m["fsdp"]))
 
 
 def plan(config, topology: str, *, remats: Sequence[str] | None = None,

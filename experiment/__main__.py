@@ -104,8 +104,9 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write "
                                    "the report as JSON here.")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the lowered and "
                                 "compiled programs into this directory.")
-_MAX_PLANS = flags.DEFINE_integer("max_plans", None, "Compile at most this "
-                                  "many plans.")
+_MAX_PLANS = flags.DEFINE_integer(
+    "max_plans", None, "plan: compile at most this many candidates (default: all), "
+    "plans without pipeline stages first, then by tensor size.")
 _LIBTPU_FLAGS = flags.DEFINE_string(
     "libtpu_flags", None, "compile / plan: TPU compiler options for this compile, "
     "as LIBTPU_INIT_ARGS writes them ('--xla_enable_async_all_gather=true ...'), "

@@ -19,6 +19,8 @@ def test_enumeration_is_bounded():
   assert meshes[0] == dict(diloco=1, data=1, stage=1, fsdp=8, expert=1, sequence=1,
                            tensor=1)
   assert sum(m["stage"] > 1 for m in meshes) == 10
+  # a capped search (max_plans) compiles the ten plans without stages first
+  assert all(m["stage"] == 1 for m in meshes[:10])
   assert len(plan.candidate_meshes(8, sequence=True)) == 35  # C(7, 4)
   assert len(plan.candidate_meshes(8, experts=True, sequence=True)) == 56  # C(8, 5)
 
