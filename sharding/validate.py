@@ -31,8 +31,8 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
             f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
             f"split over {over}.",
             f"choose mesh.{axis} dividing {m[field]} (e.g. "
-            f"{_axis_fix(config, axis, table, num_devices)}), or change "
-            f"model.{field} (or mesh.rules.{name}).")
+            f"{axis_fix(config, axis, _counts_on(config, axis, table), num_devices)}"
+            f"), or change model.{field} (or mesh.rules.{name}).")
   # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
   # is split over `expert` too, so it is plain data parallelism.
   experts = m.moe.num_experts if "moe" in m else 0
@@ -43,8 +43,8 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         "model.moe.num_experts",
         f"{experts} experts cannot be split over {_describe(rules, 'experts', sizes)}.",
         f"choose mesh.{axis} dividing {experts} (e.g. "
-        f"{_axis_fix(config, axis, table, num_devices)}), or a multiple of {e} "
-        "experts.")
+        f"{axis_fix(config, axis, _counts_on(config, axis, table), num_devices)}), "
+        f"or a multiple of {e} experts.")
   if experts:
     shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
               and sizes[a] > 1]
@@ -101,30 +101,34 @@ def _describe(rules: dict, name: str, sizes: dict[str, int]) -> str:
           f"{'*'.join(str(sizes[a]) for a in axes)}")
 
 
-def _axis_fix(config: Any, axis: str, table, num_devices: int) -> str:
-  """Flags that resize mesh `axis` to the largest size that divides every count
-  split over it (heads, kv heads, experts) and still fits the devices (with
-  -1 on `data` when no axis takes the rest)."""
-  m = config.model
+def _counts_on(config: Any, axis: str, table) -> list[int]:
+  """The counts split over mesh `axis` by the rules: heads, kv heads, experts."""
+  m, rules = config.model, dict(table)
   counts = [m[field] for field, names in (("num_heads", ("heads", "act_heads")),
                                            ("num_kv_heads",
                                             ("kv_heads", "act_kv_heads")))
-            if any(axis in dict(table).get(n, ()) for n in names)]
+            if any(axis in rules.get(n, ()) for n in names)]
   experts = m.moe.num_experts if "moe" in m else 0
-  if experts and axis in dict(table).get("experts", ()):
+  if experts and axis in rules.get("experts", ()):
     counts.append(experts)
+  return counts
+
+
+def axis_fix(config: Any, axis: str, counts: list[int], num_devices: int) -> str:
+  """Flags that resize mesh `axis` to the largest size (at most its current one)
+  that divides every count in `counts` and still fits the devices (with -1 on
+  `data` when no other axis takes the rest)."""
   mesh = {a: config.mesh.get(a, 1) for a in AXES}
   for size in range(max(mesh[axis], 1), 0, -1):
     if any(c % size for c in counts):
       continue
     for extra in ({}, {"data": -1}) if axis != "data" else ({},):
-      trial = {**mesh, axis: size, **extra}
       try:
-        resolve_shape(trial, num_devices)
+        resolve_shape({**mesh, axis: size, **extra}, num_devices)
       except ConfigError:
         continue
-      changes = {axis: size, **extra}
-      return " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
+      return " ".join(f"--config.mesh.{a}={v}" for a, v in {axis: size,
+                                                            **extra}.items())
   return f"--config.mesh.{axis}=1"
 
 

@@ -157,3 +157,33 @@ def test_splits_are_checked_over_the_axes_the_rules_name():
     train.validate_config(config, 8)
   assert err.value.field == "data.seq_len"
   assert "seq_len=250 cannot be split over mesh.data=4" in str(err.value)
+
+
+def test_a_layer_split_error_suggests_stages_and_repeats_that_split():
+  """Layers that mesh.stage x pipeline.repeats do not divide: the flags in the
+  fix clear that error without a mesh error, over layer counts, stages and
+  repeats on 8 devices."""
+  import itertools
+  import re
+  for layers, stages, repeats in itertools.product((3, 4, 6), (2, 4, 8), (1, 2, 3)):
+    c = llama_tiny.get_config()
+    c.model.num_layers = layers
+    c.mesh.update(data=-1, stage=stages)
+    c.pipeline.update(schedule="circular" if repeats > 1 else "gpipe",
+                      repeats=repeats, microbatches=stages)
+    try:
+      train.validate_config(c, 8)
+      continue
+    except ConfigError as err:
+      message, field = str(err), err.field
+    if field not in ("mesh.stage", "pipeline.repeats"):
+      continue
+    fix = re.findall(r"--config\.(mesh|pipeline)\.(\w+)=(-?\d+)", message)
+    assert fix, message
+    for group, name, value in fix:
+      c[group][name] = int(value)
+    try:
+      train.validate_config(c, 8)
+    except ConfigError as again:
+      assert again.field not in ("mesh.stage", "pipeline.repeats") and not \
+          again.field.startswith("mesh"), (message, str(again))

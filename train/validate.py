@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -251,7 +252,9 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         f"the model's {units} {what} do not split into mesh.stage={stages} x "
         f"pipeline.repeats={repeats} equal groups.",
         f"choose mesh.stage and pipeline.repeats whose product divides {units}, "
-        f"or change model.num_layers.")
+        f"e.g. {_pipeline_fix(config, units, stages, repeats, math.prod(sizes.values()))}"
+        ", or change "
+        "model.num_layers.")
   if not cfg.scan_layers:
     raise ConfigError(
         "model.scan_layers", "is False in a pipelined model (mesh.stage > 1 or "
@@ -293,6 +296,17 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         "pipelining do not combine yet.",
         "set --config.optim.compression.method=none, or --config.mesh.stage=1 and "
         "--config.pipeline.microbatches=1.")
+
+
+def _pipeline_fix(config, units: int, stages: int, repeats: int,
+                  num_devices: int) -> str:
+  """Flags that split `units` into stages x repeats groups: fewer repeats if the
+  stages divide the units, else fewer stages (fitting the devices), one repeat."""
+  if repeats > 1 and units % stages == 0:
+    r = max(r for r in range(1, repeats + 1) if units % (stages * r) == 0)
+    return f"--config.pipeline.repeats={r}"
+  fix = sharding.validate.axis_fix(config, "stage", [units], num_devices)
+  return fix + (" --config.pipeline.repeats=1" if repeats > 1 else "")
 
 
 def _validate_diloco(config, sizes: dict[str, int]) -> None:
