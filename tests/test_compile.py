@@ -328,6 +328,7 @@ def test_compile_cli_writes_json(tmp_path):
                  "--what=decode", f"--output_json={out}", *SMALL_OVERRIDES)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "decode step on v5e:2x4: 8 x TPU v5e" in proc.stdout
+  assert "TPU_WORKER_HOSTNAMES" not in proc.stderr  # libtpu's metadata warnings
   assert "fits in 16.0 GiB of HBM" in proc.stdout
   report = json.loads(out.read_text())
   assert report["fits"] and report["what"] == "decode" and report["chip"] == "v5e"
