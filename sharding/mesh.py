@@ -87,6 +87,7 @@ def _mesh_fix(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     fix["data"] = -1
   return fix
 
+
 def make_mesh(mesh_cfg: Mapping[str, int],
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the 7-axis mesh with Auto axis types and topology-aware device order.
@@ -134,4 +135,5 @@ def describe(mesh: Mesh) -> str:
   tensor=4 over 8 cpu devices'."""
   sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
   platform = mesh.devices.flat[0].platform
-  return f"mesh {sizes} over {_devices(mesh.devices.size).replace(' ', f' {platform} ', 1)}"
+  n = mesh.devices.size
+  return f"mesh {sizes} over {n} {platform} device{'' if n == 1 else 's'}"
