@@ -131,6 +131,17 @@ class Report:
     return max(("compute", "hbm", "ici"), key=lambda k: self.time[k])
 
 
+def _quiet_libtpu() -> None:
+  """Off a TPU VM, libtpu finds no accelerator type or workers in the VM's metadata
+  and prints screens of warnings when it builds a topology. The topology it builds
+  is the named one whatever these say (the same devices for v5p:2x2x2 and two
+  v5e:4x4 slices with v5p-8 or v5litepod-4 set), so defaults silence it."""
+  import glob
+  if not any(glob.glob(p) for p in sharding.chips.TPU_DEVICE_FILES):
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
 def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
   """The devices of a named TPU topology (deviceless: compile-only); `slices` > 1:
   that many copies of the slice, joined over the data-center network (each device
@@ -149,6 +160,7 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
         "--topology", f"compiling for {topology} needs libtpu, the TPU compiler, "
         "which is not installed (no TPU is needed, only the library).",
         'pip install -e ".[tpu]" (jax[tpu] at the pinned jax version).')
+  _quiet_libtpu()
   from jax.experimental import topologies
   try:
     desc = topologies.get_topology_desc(

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sharding import ConfigError
+from sharding.chips import TPU_DEVICE_FILES
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
                   "join_timeout_s")
@@ -273,24 +274,18 @@ def _with_cache_dir(config):
   return config
 
 
-# Device files an accelerator's driver creates on Linux: TPU (/dev/accel*, or
-# /dev/vfio/N on v5e and later), NVIDIA GPUs, AMD GPUs.
-_TPU_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
-_ACCELERATOR_FILES = _TPU_FILES + ("/dev/nvidia[0-9]*", "/dev/kfd")
-
-
-def _has_files(patterns) -> bool:
-  import glob
-  return any(glob.glob(p) for p in patterns)
+# Device files an accelerator's driver creates on Linux: TPU, NVIDIA and AMD GPUs.
+_ACCELERATOR_FILES = TPU_DEVICE_FILES + ("/dev/nvidia[0-9]*", "/dev/kfd")
 
 
 def _cpu_only_host() -> bool:
   """A Linux host without accelerator device files, JAX_PLATFORMS unset: jax then
   runs on the CPU without first starting libtpu (installed by the test extra),
   which fails there with screens of warnings that look like a crash."""
+  import glob
   import platform
   return ("JAX_PLATFORMS" not in os.environ and platform.system() == "Linux"
-          and not _has_files(_ACCELERATOR_FILES))
+          and not any(glob.glob(p) for p in _ACCELERATOR_FILES))
 
 
 def main(argv: list[str]) -> None:
@@ -370,13 +365,6 @@ def _ask_compiler(command: str, topology: str) -> None:
     jax.config.update("jax_platforms", "cpu")
   # Another process may hold libtpu's lock file; a deviceless compile needs no chip.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  if not _has_files(_TPU_FILES):
-    # Off a TPU VM libtpu finds no accelerator type or workers in the VM's
-    # metadata and prints screens of warnings. The topology it builds is
-    # --topology's whatever these say (the same devices for v5p:2x2x2 and two
-    # v5e:4x4 slices with v5p-8 or v5litepod-4 here).
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   import aot
   if command == "compile":
     report = aot.compile_step(_CONFIG.value, topology, _WHAT.value, _DUMP_HLO.value,

@@ -142,6 +142,11 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
 TPUS = tuple(name for name, c in CHIPS.items() if c.platform == "tpu")
 
 
+# Device files a TPU driver creates on a TPU VM (v4: /dev/accel*, v5e and later:
+# /dev/vfio/N): their absence means no TPU on this host.
+TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
 def chip_for_topology(topology: str) -> Chip:
   """'v5p:2x2x2' -> the v5p row; ConfigError naming the known chips otherwise."""
   name = topology.split(":", 1)[0].strip().lower()

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 import infer  # noqa: E402
+import sharding  # noqa: E402
 from experiments import base  # noqa: E402
 from sharding import ConfigError  # noqa: E402
 from train import hf  # noqa: E402
@@ -292,7 +293,7 @@ def test_cli_import_finetune_inspect_export(tmp_path):
                  "--config.mesh.data=4", "--config.mesh.tensor=2",
                  unset=("JAX_PLATFORMS",))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  if not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*")):
+  if not any(glob.glob(p) for p in sharding.chips.TPU_DEVICE_FILES):
     assert "TPU" not in proc.stderr, proc.stderr[-3000:]
   assert "at step 0" in proc.stdout
   assert ("has no tokenizer.json, so text is read and written as byte ids 0-255 of "
