@@ -100,3 +100,25 @@ def test_sigterm_saves_current_step_and_exits_0(tmp_path):
   saved = re.search(r"SIGTERM: saved step (\d+); exiting", _output(proc))
   assert saved, _output(proc)[-3000:]
   assert _latest_restorable(workdir) == int(saved.group(1))
+
+
+def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, monkeypatch,
+                                                           capsys):
+  """SIGINT while the run is still being set up (here: as its data is made) is
+  not lost to a KeyboardInterrupt somewhere in setup: the run stops before its
+  first step, saying so, and trains nothing."""
+  import train
+  from conftest import make_tiny_config
+  from train import loop
+  real = loop.make_data
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "make_data", interrupted)
+  rows = train.train(make_tiny_config(), str(tmp_path), progress=False)
+  assert rows == []
+  assert "SIGINT before the first step: nothing new to save; exiting" in \
+      capsys.readouterr().out
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

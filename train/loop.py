@@ -57,7 +57,18 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   """Trains `config` in `workdir`; returns the logged metric rows.
 
   `devices` restricts the run to a subset (tests use it to compare 1 device with 8).
+  SIGTERM / SIGINT save the step reached and stop; one that comes during setup
+  stops the run before its first step.
   """
+  stop = _StopOnSignal()  # from the start: a signal during setup is not lost
+  try:
+    return _train(config, workdir, stop, devices, progress)
+  finally:
+    stop.restore()
+
+
+def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
+           ) -> list[dict[str, Any]]:
   devices = list(jax.devices() if devices is None else devices)
   sizes = validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -227,12 +238,15 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     _say(f"step {step}: eval_loss {row['eval_loss']:.4f}")
     return row
 
-  stop = _StopOnSignal()
   try:
-    if start == 0 and t.eval_every:
+    if start == 0 and t.eval_every and not stop.requested:
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
     timer.restart()
     for step in range(start, t.steps):
+      if stop.requested and step == start:
+        _say(f"{stop.requested} before the first step: nothing new to save; "
+             "exiting")
+        break
       batch = to_global(next(data.train))
       compiled, sent = compiled_step(step, batch)
       with jax.set_mesh(mesh):
@@ -278,7 +292,6 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
         _say(f"{stop.requested}: saved step {done}; exiting")
         break
   finally:
-    stop.restore()
     bar.close()
     writer.close()
     ckpt.wait()
