@@ -31,3 +31,60 @@ def test_readme_links_the_reference_and_benchmarks():
     readme = f.read()
   assert "docs/configuration.md" in readme
   assert "benchmarks/README.md" in readme
+
+
+def _doc_commands():
+  """Every `python -m experiment ...` command line (not a mention in prose) in the
+  README, docs/, the experiment configs and the notebooks' code cells, backslash
+  continuations joined: (where, text)."""
+  import glob
+  import json
+  paths = [os.path.join(REPO, "README.md")] + sorted(
+      glob.glob(os.path.join(REPO, "docs", "*.md"))
+      + glob.glob(os.path.join(REPO, "experiments", "*.py"))
+      + glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+  line = re.compile(r"^[ \t]*(?:[!$] ?)?(?:[A-Z_]+=\S+ )*(python -m experiment "
+                    r"[^\n`\"#]*)", re.M)
+  for path in paths:
+    with open(path) as f:
+      text = f.read()
+    if path.endswith(".ipynb"):
+      text = "\n".join("".join(c["source"]) for c in json.loads(text)["cells"]
+                       if c["cell_type"] == "code")
+    text = text.replace("\\\n", " ")
+    for m in line.finditer(text):
+      yield os.path.relpath(path, REPO), m.group(1).strip()
+
+
+def test_documented_commands_use_real_flags_and_fields():
+  """Each documented command names a command the launcher has, only flags it
+  defines for it, a --workdir where the command needs one, and --config.* fields that
+  exist: a command pasted from the docs does not fail on its spelling."""
+  from experiment.__main__ import COMMANDS
+  fields = set(_fields(base.get_config()))
+  needs_workdir = {"train", "import-hf", "export-hf", "generate", "inspect"}
+  seen, problems = 0, []
+  for where, cmd in _doc_commands():
+    words = cmd.split()
+    command = words[3] if len(words) > 3 else ""
+    if command.startswith(("[", "<")) or command == "...":
+      continue
+    seen += 1
+    if command not in COMMANDS:
+      problems.append((where, cmd, f"no command {command!r}"))
+      continue
+    flags = set(COMMANDS[command].flags)
+    given = re.findall(r"--([\w.]+)", cmd)
+    for flag in given:
+      if flag.startswith("config."):
+        field = flag.removeprefix("config.")
+        field = re.sub(r"^mesh\.rules\.\w+$", "mesh.rules.<name>", field)
+        field = re.sub(r"^data\.mixture\.\w+\.\w+$", "data.mixture.<name>", field)
+        if field not in fields:
+          problems.append((where, cmd, f"no config field {field}"))
+      elif flag not in flags and not flag.startswith("xla_"):
+        problems.append((where, cmd, f"--{flag} is not a flag of {command}"))
+    if command in needs_workdir and "workdir" not in given and "..." not in cmd:
+      problems.append((where, cmd, "no --workdir"))
+  assert seen > 20
+  assert not problems, "\n".join(map(str, problems))
