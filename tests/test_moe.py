@@ -408,7 +408,7 @@ def test_moe_train_step_compiles_for_tpu(tiny_config, monkeypatch):
   assert "all-to-all" in ops, ops
 
 
-def test_training_lowers_loss_and_logs_moe_metrics(tiny_config, tmp_path):
+def test_training_lowers_loss_and_logs_moe_metrics(tiny_config, tmp_path, capsys):
   """A few steps of an MoE model through the training loop: the loss falls, and
   every logged row carries the MoE metrics (loads, drops, aux loss)."""
   import train
@@ -422,6 +422,9 @@ def test_training_lowers_loss_and_logs_moe_metrics(tiny_config, tmp_path):
     rows = train.train(c, str(tmp_path), devices=jax.devices()[:1], progress=False)
   losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < losses[0] - 0.1, losses
+  out = capsys.readouterr().out
+  assert "MoE: 4 experts, top-2, capacity dispatch" in out
+  assert "M matmul params (active per token)" in out
   logged = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
   assert all(set(MOE_KEYS) <= set(r) for r in logged)
   # top-2 of 4 experts: an expert holds at most every token, twice the mean load

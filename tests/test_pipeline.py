@@ -117,7 +117,7 @@ def _losses(config, workdir, devices=None):
 
 
 def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stages(
-    tmp_path):
+    tmp_path, capsys):
   """2 steps on stage=2 x tensor=2 x data=2 (1F1B) equal 1 device; a checkpoint
   saved on stage=2 resumes on stage=4 (circular) and on 1 device with the same
   losses; the stage-split model generates what it does on one device."""
@@ -126,6 +126,9 @@ def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stag
   c = _config(dict(stage=2, tensor=2, data=2), steps=2, microbatches=2,
               schedule="1f1b")
   np.testing.assert_allclose(_losses(c, tmp_path / "s2"), one[:2], rtol=1e-5)
+  # the run says its schedule; 1F1B's bubble is 2(S-1) / (M + 2(S-1))
+  assert ("pipeline: 1f1b, 2 stages x 1 repeats, 2 microbatches, bubble 50.0%"
+          in capsys.readouterr().out)
   shutil.copytree(tmp_path / "s2", tmp_path / "s2b")
   c4 = _config(dict(stage=4, data=2), steps=4, microbatches=4, schedule="circular")
   c4.train.batch_size = 8

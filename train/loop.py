@@ -205,8 +205,18 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
           (t.batch_size, config.data.seq_len, cfg.num_heads, cfg.head_dim),
           cfg.num_kv_heads, kernels.partition.Axes.from_rules(rules))
     attention = f"auto -> {impl} ({reason})"
+  moe = cfg.moe
+  if moe.num_experts:
+    attention += (f"; MoE: {moe.num_experts} experts, top-{moe.top_k}, "
+                  f"{moe.dispatch} dispatch")
+  pipe = spec.pipeline
+  if pipe.active:
+    attention += (f"; pipeline: {pipe.schedule}, {pipe.stages} stages x "
+                  f"{pipe.repeats} repeats, {pipe.microbatches} microbatches, "
+                  f"bubble {pipe.bubble:.1%}")
   _say(f"model: {cfg.block} block, attention {attention}; "
-       f"{flops_lib.matmul_params(cfg) / 1e6:.2f}M matmul params, "
+       f"{flops_lib.matmul_params(cfg) / 1e6:.2f}M matmul params"
+       f"{' (active per token)' if moe.num_experts else ''}, "
        f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
        f"TFLOP/s ({peak_source})")
 
