@@ -59,7 +59,7 @@ def warmup_note(optim_cfg, total_steps: int) -> str:
   return (f"optim.warmup_steps={optim_cfg.warmup_steps} does not fit a learning-rate "
           f"schedule of {length} steps: warmup takes {warmup} steps and the cosine "
           f"decay {length - warmup}; set --config.optim.warmup_steps (e.g. "
-          f"{max(length // 10, 0)}) to choose")
+          f"{length // 10}) to choose")
 
 
 def decay_mask(params, no_decay: str):
