@@ -70,6 +70,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
 
   A row stops at `max_new_tokens` (>= 0; 0 returns empty lists without running the
   model) or after emitting one of `stop_tokens` (which is included in its output).
+  Prompt and stop ids outside [0, vocab_size) raise ValueError.
   Sampling arguments are those of `infer.sample`; a bad one (or a negative
   `max_new_tokens`) raises `SamplingArgumentError`, a ValueError naming it.
   The decode loop runs inside one while_loop; with `on_token` (streaming) it runs
@@ -78,6 +79,15 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
+  vocab = model.cfg.vocab_size
+  for row, p in enumerate(prompts):  # an id past the table would be clamped
+    bad = [int(t) for t in p if not 0 <= int(t) < vocab]
+    if bad:
+      raise ValueError(f"prompt {row} holds token id {bad[0]}, outside the "
+                       f"model's vocabulary [0, {vocab})")
+  if not all(0 <= int(t) < vocab for t in stop_tokens):
+    raise ValueError(f"stop_tokens {list(stop_tokens)} fall outside the model's "
+                     f"vocabulary [0, {vocab})")
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
   if max_new_tokens == 0:
     return [[] for _ in prompts]

@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 
 import kernels
 import sharding
+import model
 from model import Decoder, ModelConfig
 from train import run_config
 from train.checkpoint import Checkpointer
@@ -41,6 +42,7 @@ def load(workdir: str, *, step: int | None = None,
   if kernels.uses_zigzag(config.model.attention):
     # Trained on zig-zag ordered batches; prompts arrive in natural order.
     config.model.attention = "auto"
+  model.validate(config.model)  # overrides of the saved model are checked too
   devices = list(jax.devices() if devices is None else devices)
   config.mesh.update(**sharding.validate_plan(config, len(devices)))
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -48,7 +50,7 @@ def load(workdir: str, *, step: int | None = None,
                     sharding.normalize_rules(config.mesh.rules))
   target = abstract_params(spec, mesh)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step = ckpt.latest_step() if step is None else step
+  step = ckpt.step_to_read(step)
   params = ckpt.restore_params(target, step, config=requested)
   ckpt.close()
   return nnx.merge(spec.graphdef, params), config

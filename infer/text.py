@@ -9,6 +9,7 @@ import sharding
 from infer.generate import generate
 from infer.sampling import check_sampling
 from infer.load import load
+from train.hf import stop_tokens
 from train.tokenizer import make_tokenizer
 
 
@@ -31,13 +32,6 @@ class _Printer:
     self.printed = len(text)
 
 
-def stop_tokens(tokenizer, config) -> list[int]:
-  """The tokenizer's eos (data.eos_id when set), then every id of
-  `data.stop_ids` (import-hf fills it with the checkpoint's other eos_token_ids)."""
-  out = [int(tokenizer.eos_id)]
-  return out + [int(i) for i in config.data.get("stop_ids") or () if int(i) not in out]
-
-
 def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 256,
                   temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int = 0, step: int | None = None,
@@ -53,10 +47,22 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   if not ids:
     raise sharding.ConfigError("--prompt", "the prompt encodes to no tokens.",
                                "pass a non-empty --prompt.")
+  stops = stop_tokens(saved.data, tokenizer)
+  vocab = saved.model.vocab_size
+  if not all(0 <= t < vocab for t in stops):
+    raise sharding.ConfigError(
+        "data.stop_ids", f"the stop ids {stops} (data.eos_id or the tokenizer's "
+        f"eos, then data.stop_ids) fall outside the model's vocabulary [0, {vocab}).",
+        "pass ids of this model's vocabulary, e.g. --config.data.stop_ids=()")
+  if max(ids) >= vocab:
+    raise sharding.ConfigError(
+        "data.tokenizer", f"the prompt encodes to id {max(ids)}, past the model's "
+        f"vocabulary of {vocab}: the tokenizer is not this model's.",
+        "pass the model's tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
   out.write(prompt)
   printer = _Printer(tokenizer, out)
   new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, seed=seed,
-                 stop_tokens=stop_tokens(tokenizer, saved), on_token=printer)[0]
+                 stop_tokens=stops, on_token=printer)[0]
   out.write("\n")
   return tokenizer.decode(new)

@@ -16,8 +16,20 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
   logical axis to, not over fixed axis names: heads over `heads` / `act_heads`,
   experts over `experts`, the sequence over `length`, the batch over `batch`.
   """
-  sizes = resolve_shape({a: config.mesh.get(a, 1) for a in AXES}, num_devices)
   table = normalize_rules(config.mesh.rules)  # ConfigError for a bad axis
+  try:
+    sizes = resolve_shape({a: config.mesh.get(a, 1) for a in AXES}, num_devices)
+  except ConfigError as err:
+    # The mesh's own fix knows only the devices; an axis that splits heads or
+    # experts must also divide them.
+    axis = err.field.removeprefix("mesh.")
+    counts = _counts_on(config, axis, table) if axis in AXES else []
+    if not counts or config.mesh.get(axis, 1) < 1:
+      raise
+    raise ConfigError(err.field, err.problem,
+                      f"pass {axis_fix(config, axis, counts, num_devices)} (it must "
+                      f"divide {', '.join(map(str, counts))} as well as fit the "
+                      f"{num_devices} devices).") from None
   rules = dict(table)
   m = config.model
   for field, names in (("num_heads", ("heads", "act_heads")),

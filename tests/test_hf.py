@@ -324,15 +324,18 @@ def test_cli_import_finetune_inspect_export(tmp_path):
 
 
 def test_generate_command_stops_on_eos_and_every_stop_id():
-  from infer.text import stop_tokens
+  """One definition for generate and export-hf: data.eos_id, else the tokenizer's
+  end-of-text id (the byte tokenizer's 0), then data.stop_ids."""
 
   class Tokenizer:
     eos_id = 5
 
   c = base.get_config()
+  assert hf.stop_tokens(c.data) == [0]  # byte tokenizer, eos_id unset
   c.data.stop_ids = (7, 5, 9)
-  assert stop_tokens(Tokenizer, c) == [5, 7, 9]
+  assert hf.stop_tokens(c.data, Tokenizer) == [5, 7, 9]
   assert hf.stop_tokens(dict(eos_id=5, stop_ids=[7, 5, 9])) == [5, 7, 9]
+  assert hf.stop_tokens(dict(eos_id=2, stop_ids=[9]), Tokenizer) == [2, 9]
   assert hf.stop_ids_from_hf({"eos_token_id": [128001, 128009]},
                              {"eos_token_id": [128001, 128008]}) == [128001, 128009,
                                                                      128008]

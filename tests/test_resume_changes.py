@@ -165,3 +165,37 @@ def test_cli_resume_into_other_model_shape_exits_2(run_d32):
   assert "`embed/table` has shape (64, 32) there but (64, 48)" in proc.stderr
   assert "model.d_model 32 -> 48" in proc.stderr
   assert "Traceback" not in proc.stderr and "strict=False" not in proc.stderr
+
+
+def test_reading_a_step_that_is_not_saved_is_a_config_error(run_d32, tmp_path):
+  """generate / export-hf / the Python API on a step the run did not save, or on a
+  run stopped before its first save (config.json, no checkpoint): a ConfigError
+  naming the flag and the saved steps, not Orbax's FileNotFoundError; a bad
+  model override and ids outside the vocabulary are errors too."""
+  import infer
+  from train import hf
+  for read in (lambda w, s: infer.load(w, step=s),
+               lambda w, s: hf.export_hf(w, str(tmp_path / "out"), s)):
+    with pytest.raises(sharding.ConfigError) as err:
+      read(str(run_d32), 2)
+    assert err.value.field == "--step" and "(saved: 3)" in str(err.value)
+    assert "--step=3" in err.value.fix
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  shutil.copy(run_d32 / "config.json", empty / "config.json")
+  with pytest.raises(sharding.ConfigError, match="holds a run config but no saved "
+                     "checkpoint") as err:
+    infer.load(str(empty))
+  assert err.value.field == "--workdir"
+  from train import run_config
+  config = run_config.load(str(run_d32))
+  config.model.compute_dtype = "float16"
+  with pytest.raises(sharding.ConfigError) as err:
+    infer.load(str(run_d32), config=config)
+  assert err.value.field == "model.compute_dtype"
+  model, config = infer.load(str(run_d32))
+  vocab = config.model.vocab_size
+  with pytest.raises(ValueError, match=f"prompt 1 holds token id {vocab}, outside"):
+    infer.generate(model, [[1, 2], [3, vocab]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="stop_tokens"):
+    infer.generate(model, [[1, 2]], max_new_tokens=2, stop_tokens=[-1])

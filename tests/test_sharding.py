@@ -136,3 +136,21 @@ def test_a_head_or_expert_split_error_suggests_a_mesh_that_passes():
     except ConfigError as again:  # only another, independent problem remains
       assert again.field != field and not again.field.startswith("mesh"), (
           message, str(again))
+
+
+def test_a_mesh_error_on_a_head_axis_suggests_a_size_that_splits_the_heads():
+  """tensor=16 on 8 devices with 4 kv heads: the fix is a size that fits the
+  devices and divides the heads (4), not the largest that fits (8)."""
+  import re
+
+  from experiments import llama_tiny
+  c = llama_tiny.get_config()
+  c.model.update(num_heads=8, num_kv_heads=4)
+  c.mesh.update(data=-1, tensor=16)
+  with pytest.raises(ConfigError) as err:
+    sharding.validate_plan(c, 8)
+  assert err.value.field == "mesh.tensor"
+  fix = dict(re.findall(r"--config\.mesh\.(\w+)=(-?\d+)", err.value.fix))
+  assert fix == {"tensor": "4"}, str(err.value)
+  c.mesh.update(tensor=4)
+  sharding.validate_plan(c, 8)

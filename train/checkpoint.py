@@ -92,6 +92,25 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def step_to_read(self, step: int | None = None) -> int:
+    """`step`, or the latest saved one when None, for reading parameters
+    (generate, export-hf, inspect-style tools). ConfigError when there is no such
+    step (a run stopped before its first save has a config.json and no step)."""
+    steps = self.all_steps()
+    if not steps:
+      raise ConfigError(
+          "--workdir", f"{os.path.dirname(self.directory)} holds a run config but "
+          "no saved checkpoint (a run stopped before its first save).",
+          "train it until it saves (checkpoint.every_steps, or the end of the "
+          "run), or pass the --workdir of a run with a checkpoint.")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise ConfigError("--step", f"{step} is not a saved step of this run "
+                        f"(saved: {', '.join(map(str, steps))}).",
+                        f"pass --step={steps[-1]} (the latest), or leave --step out.")
+    return step
+
   def save(self, state: TrainState, data_iter: Any, config_dict: dict, *,
            eval_loss: float | None = None, force: bool = False) -> bool:
     step = int(state.step)

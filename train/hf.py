@@ -262,9 +262,20 @@ def stop_ids_from_hf(hf: dict, generation: dict | None = None) -> list[int]:
   return out
 
 
-def stop_tokens(data_cfg) -> list[int]:
-  """Generation stop ids of a run: data.eos_id (if set), then data.stop_ids."""
-  out = [] if data_cfg.get("eos_id") is None else [int(data_cfg["eos_id"])]
+def stop_tokens(data_cfg, tokenizer=None) -> list[int]:
+  """Generation stop ids of a run (what `generate` stops on and `export-hf` writes
+  as eos_token_id): data.eos_id, or when unset its tokenizer's end-of-text id
+  (`tokenizer`, else made from `data_cfg`: the byte tokenizer's is 0, a
+  tokenizer.json's its eos token), then every id of data.stop_ids."""
+  eos = data_cfg.get("eos_id")
+  if eos is None:
+    if tokenizer is None:
+      from ml_collections import ConfigDict
+      from train.tokenizer import make_tokenizer
+      tokenizer = make_tokenizer(data_cfg if isinstance(data_cfg, ConfigDict)
+                                 else ConfigDict(dict(data_cfg)))
+    eos = tokenizer.eos_id
+  out = [] if eos is None else [int(eos)]
   return out + [int(i) for i in data_cfg.get("stop_ids") or () if int(i) not in out]
 
 
@@ -548,7 +559,7 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   family_of(cfg)  # refuses field combinations no HF family has
   spec = model_spec(cfg, sharding.normalize_rules(config.mesh.rules))
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
-  step = ckpt.latest_step() if step is None else step
+  step = ckpt.step_to_read(step)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         spec.abstract_params)

@@ -30,7 +30,10 @@ def _describe_model(saved: dict) -> list[str]:
   except sharding.ConfigError:
     family = "no transformers family"
   data = saved.get("data", {})
-  stops = hf.stop_tokens(data)
+  try:
+    stops = hf.stop_tokens(data)
+  except (OSError, ValueError) as err:  # the run's tokenizer.json is gone
+    stops = f"unknown ({err})"
   return [
       f"model: {family} layout, {cfg.num_layers} layers, d_model {cfg.d_model}, "
       f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv) of {cfg.head_dim}, d_ff "
@@ -42,7 +45,7 @@ def _describe_model(saved: dict) -> list[str]:
        f"{' (renormalised gates)' if cfg.moe.renormalize else ''}, "
        f"dispatch {cfg.moe.dispatch}" if cfg.moe.num_experts else ""),
       f"rope: {hf.rope_description(cfg)}",
-      f"stop tokens: {stops if stops else 'none (the tokenizer eos)'}"]
+      f"stop tokens: {stops}"]
 
 
 def describe_run(workdir: str) -> str:
