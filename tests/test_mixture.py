@@ -216,9 +216,9 @@ def test_a_bad_record_names_the_mixture_entry(tiny_config, corpus, tmp_path):
   assert err.value.field == "data.mixture.web.path"
   assert f"{bad}:2: not valid JSON" in err.value.problem
   c.data.mixture.web.update(path=corpus["web"], text_field="text")
-  with pytest.raises(sharding.ConfigError, match="no 'text' text field") as err:
+  with pytest.raises(sharding.ConfigError, match="no 'text' field") as err:
     make_data_on(c)
-  assert err.value.field == "data.mixture.web.path"
+  assert err.value.field == "data.mixture.web.text_field"
 
 
 def test_a_mixture_run_reloads_from_its_saved_config(tiny_config, corpus, tmp_path):

@@ -221,7 +221,10 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
   with pytest.raises(sharding.ConfigError) as err:
     make_data_on(c)
   assert err.value.field == "data.path"
-  assert f"{path}:5: not valid JSON" in err.value.problem
+  # the line's newline is not part of the record: an unterminated string, not a
+  # control character
+  assert f"{path}:5: not valid JSON (Unterminated string starting at: column 10)" \
+      in err.value.problem
   assert "skip_bad_records=true" in err.value.fix
   assert not [d for d in os.listdir(tmp_path / "cache") if not d.startswith(".")]
   # Each kind of bad record, with its line, once the earlier ones are gone.
@@ -229,13 +232,30 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
   lines[4] = json.dumps({"text": "fixed"})
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises(sharding.ConfigError, match=f"{path}:10: the record has no "
-                     "'text' text field"):
+                     r"'text' field \(its fields: \['body'\]\)") as err:
     make_data_on(c)
+  # a missing field points at data.text_field, with a field the record has
+  assert err.value.field == "data.text_field"
+  assert err.value.fix.startswith("name the text field, e.g. "
+                                  "--config.data.text_field=body; or fix")
   c.data.text_field = "body"
   with pytest.raises(sharding.ConfigError, match=f"{path}:1: the record has no "
-                     "'body' text field"):
+                     "'body' field") as err:
     make_data_on(c)
+  assert "--config.data.text_field=text" in err.value.fix
+  odd = tmp_path / "odd.jsonl"
+  for record, problem in (({"text": None}, "the record's 'text' is null."),
+                          ({"text": 42}, "the record's 'text' is of type int, "
+                           "not text.")):
+    odd.write_text(json.dumps(record) + "\n")
+    c2 = _config(tiny_config, "jsonl", odd, tmp_path / "cache2")
+    c2.data.text_field = "text"
+    with pytest.raises(sharding.ConfigError) as err:
+      make_data_on(c2)
+    assert err.value.problem == f"{odd}:1: {problem}" and \
+        err.value.field == "data.path"
   # skip_bad_records: the two bad lines are skipped, counted and logged.
+  c = _config(tiny_config, "jsonl", path, tmp_path / "cache")
   c.data.update(text_field="text", skip_bad_records=True)
   capsys.readouterr()
   stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))

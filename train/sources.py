@@ -76,13 +76,16 @@ class _Reader:
     self.counts = counts
     self.prefix = field_prefix(data_cfg)
 
-  def bad(self, where: str, problem: str) -> None:
-    """A record that cannot be used: raise, or count it when skipping."""
+  def bad(self, where: str, problem: str, field: str = "path",
+          fix: str = "") -> None:
+    """A record that cannot be used: raise (naming `field` of the data config,
+    with `fix` before the general one), or count it when skipping."""
     if not self.skip:
       raise ConfigError(
-          f"{self.prefix}path", f"{where}: {problem}",
-          "fix or remove the record, or set --config.data.skip_bad_records=true "
-          "to skip such records (their count is logged).")
+          f"{self.prefix}{field}", f"{where}: {problem}",
+          fix + "fix or remove the record, or set "
+          "--config.data.skip_bad_records=true to skip such records (their count "
+          "is logged).")
     self.counts.skipped += 1
 
   def decode(self, raw: bytes) -> str:
@@ -110,12 +113,18 @@ class _Reader:
     value = record.get(self.text_field)
     if isinstance(value, bytes):
       return self.decode(value)
-    if not isinstance(value, str):
-      self.bad(where, f"the record has no {self.text_field!r} text field" +
-               (f" (its fields: {sorted(record)[:8]})." if value is None else
-                f" (it is a {type(value).__name__})."))
-      return None
-    return value
+    if isinstance(value, str):
+      return value
+    if self.text_field not in record:
+      texts = [k for k, v in record.items() if isinstance(v, str)]
+      self.bad(where, f"the record has no {self.text_field!r} field (its fields: "
+               f"{sorted(record)[:8]}).", "text_field",
+               f"name the text field, e.g. --config.data.text_field={texts[0]}; or "
+               if texts else "")
+    else:
+      what = "null" if value is None else f"of type {type(value).__name__}, not text"
+      self.bad(where, f"the record's {self.text_field!r} is {what}.")
+    return None
 
 
 def _text(reader: _Reader, files: list[str]) -> Iterator[str]:
@@ -133,9 +142,9 @@ def _jsonl(reader: _Reader, files: list[str]) -> Iterator[str]:
           continue
         where = f"{f}:{line_no}"
         try:
-          record = json.loads(reader.decode(line))
+          record = json.loads(reader.decode(line).rstrip("\r\n"))
         except json.JSONDecodeError as err:
-          reader.bad(where, f"not valid JSON ({err.msg} at column {err.colno}).")
+          reader.bad(where, f"not valid JSON ({err.msg}: column {err.colno}).")
           continue
         text = reader.field(record, where)
         if text is not None:
