@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import sharding
+from sharding import ConfigError
 from conftest import make_data_on, write_word_tokenizer
 from train import data as data_lib
 from train.step import batch_sharding
@@ -96,6 +97,15 @@ def test_hf_tokenizer_json(tiny_config, text_dir, tmp_path):
   d = make_data_on(c)
   assert d.tokenizer.eos_id == 0 and d.tokenizer.vocab_size == 6
   assert next(d.train)["inputs"].max() < 6
+  # a missing file, or one that names no end-of-text token: config errors
+  c.data.tokenizer = str(tmp_path / "missing.json")
+  with pytest.raises(ConfigError, match="there is no tokenizer file at") as err:
+    make_data_on(c)
+  assert err.value.field == "data.tokenizer"
+  c.data.tokenizer = write_word_tokenizer(tmp_path / "no_eos.json", ["[UNK]", "x"])
+  with pytest.raises(ConfigError, match="names none of") as err:
+    make_data_on(c)
+  assert err.value.field == "data.eos_id"
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])

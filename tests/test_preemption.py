@@ -122,3 +122,24 @@ def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, monkeypatch
   assert "SIGINT before the first step: nothing new to save; exiting" in \
       capsys.readouterr().out
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
+  """Two SIGINTs during setup (a long first tokenization, say): the second stops
+  the run at once instead of waiting for the first step."""
+  import pytest
+
+  import train
+  from conftest import make_tiny_config
+  from train import loop
+  real = loop.make_data
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "make_data", interrupted)
+  with pytest.raises(KeyboardInterrupt, match="a second SIGINT"):
+    train.train(make_tiny_config(), str(tmp_path), progress=False)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -363,7 +363,9 @@ def _report_trajectory_changes(ckpt: Checkpointer, step: int, config_dict: dict)
 
 
 class _StopOnSignal:
-  """Turns SIGTERM / SIGINT into a request to save and stop after this step."""
+  """Turns SIGTERM / SIGINT into a request to save and stop after this step (or
+  before the first, during setup); a second one stops at once (KeyboardInterrupt),
+  e.g. during a long first tokenization."""
 
   def __init__(self):
     self.requested: str | None = None
@@ -374,7 +376,11 @@ class _StopOnSignal:
 
   def _handle(self, signum, frame):
     del frame
+    if self.requested:
+      raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}")
     self.requested = signal.Signals(signum).name
+    sys.stderr.write(f"\n{self.requested}: stopping at the next step boundary "
+                     "(saving it); send it again to stop at once.\n")
 
   def restore(self):
     for sig, handler in self._previous.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -71,9 +73,20 @@ class TokenIds:
 
 
 def make_tokenizer(data_cfg):
-  """ByteTokenizer for `byte`, TokenIds for `none`, else an HFTokenizer."""
+  """ByteTokenizer for `byte`, TokenIds for `none`, else an HFTokenizer; a
+  ConfigError naming data.tokenizer when its file is missing or names no eos."""
   if data_cfg.tokenizer in (None, "", "byte"):
     return ByteTokenizer()
   if data_cfg.tokenizer == "none":
     return TokenIds(data_cfg.token_dtype, data_cfg.eos_id)
-  return HFTokenizer(data_cfg.tokenizer, data_cfg.eos_id)
+  from sharding import ConfigError
+  path = os.path.expanduser(str(data_cfg.tokenizer))
+  if not os.path.isfile(path):
+    raise ConfigError("data.tokenizer", f"there is no tokenizer file at {path}.",
+                      "pass the path of a tokenizer.json, or "
+                      "--config.data.tokenizer=byte.")
+  try:
+    return HFTokenizer(path, data_cfg.eos_id)
+  except ValueError as err:  # no end-of-text token
+    raise ConfigError("data.eos_id", str(err) + ".", "set --config.data.eos_id to "
+                      "the id that ends a document.") from None
