@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -22,15 +23,25 @@ def main(argv):
   import matplotlib.pyplot as plt
 
   from train.metrics import read_metrics
+  if len(argv) < 2:
+    raise app.UsageError("name at least one run directory (its metrics.jsonl).")
+  missing = [w for w in argv[1:]
+             if not os.path.exists(os.path.join(w, "metrics.jsonl"))]
+  if missing:
+    raise app.UsageError(f"no metrics.jsonl in {', '.join(missing)}.")
   fig, ax = plt.subplots(figsize=(6, 4))
+  vocab = set()
   for workdir in argv[1:]:
     rows = read_metrics(workdir)
+    vocab.add(_vocab_size(workdir))
     name = os.path.basename(os.path.normpath(workdir))
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     line, = ax.plot(*zip(*train), alpha=0.6, label=f"{name} train")
     ax.plot(*zip(*evals), "o-", color=line.get_color(), label=f"{name} eval")
-  ax.axhline(5.545, color="gray", ls=":", label="uniform over bytes (ln 256)")
+  if len(vocab) == 1 and None not in vocab:  # uniform over the runs' vocabulary
+    v = vocab.pop()
+    ax.axhline(math.log(v), color="gray", ls=":", label=f"uniform (ln {v})")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title(_TITLE.value)
@@ -39,6 +50,17 @@ def main(argv):
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   fig.tight_layout()
   fig.savefig(_OUT.value, dpi=120)
+  print(f"wrote {_OUT.value}")
+
+
+def _vocab_size(workdir: str) -> int | None:
+  """The run's model.vocab_size from its config.json (None if absent)."""
+  import json
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return int(json.load(f)["model"]["vocab_size"])
+  except (OSError, KeyError, ValueError):
+    return None
 
 
 if __name__ == "__main__":
