@@ -131,3 +131,20 @@ def test_loader_reads_at_most_prefetch_batches_ahead(tiny_config, text_dir, pref
   assert 2 * rows <= len(reads) <= (2 + prefetch) * rows
   for a, b in zip(want, got):
     np.testing.assert_array_equal(a, b)
+
+
+def test_eval_fraction_zero_trains_on_everything_without_evaluation(tiny_config,
+                                                                    text_dir):
+  """data.eval_fraction=0 is allowed with train.eval_every=0: every token is a
+  training token; with evaluation on it is a config error."""
+  c = _text_config(tiny_config, text_dir)
+  c.data.eval_fraction, c.train.eval_every = 0.0, 0
+  d = make_data_on(c)
+  assert len(d.eval_source) == 0
+  c.data.eval_fraction = 0.1
+  held = make_data_on(c)
+  assert len(held.eval_source) > 0
+  data_lib.validate(c)
+  c.data.eval_fraction, c.train.eval_every = 0.0, 5
+  with pytest.raises(ConfigError, match="or 0, training on all the data"):
+    data_lib.validate(c)

@@ -93,7 +93,7 @@ class Windows:
   eos_id: int | None
 
   def __len__(self) -> int:
-    return (len(self.tokens) - 1) // self.seq_len
+    return max(len(self.tokens) - 1, 0) // self.seq_len
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     s = int(i) * self.seq_len
@@ -494,8 +494,10 @@ def validate(config) -> None:
   if d.seq_len < 2:
     raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",
                       "set --config.data.seq_len=256, for example.")
-  if not 0 < d.eval_fraction < 1:
-    raise ConfigError("data.eval_fraction", f"must be in (0, 1), got "
+  if not (0 < d.eval_fraction < 1
+          or d.eval_fraction == 0 and not config.train.eval_every):
+    raise ConfigError("data.eval_fraction", f"must be in (0, 1) (or 0, training on "
+                      f"all the data, with train.eval_every=0), got "
                       f"{d.eval_fraction}.", "set it to e.g. 0.02.")
   for prefix, source, path, text_field in checks:
     if source in ("jsonl", "parquet", "arrayrecord", "hf_disk") and not path:
