@@ -8,7 +8,10 @@ from typing import TextIO
 import sharding
 from infer.generate import generate
 from infer.sampling import check_sampling
+from infer.kv_cache import mesh_of
 from infer.load import load
+from train import run_config
+from train.checkpoint import Checkpointer
 from train.hf import stop_tokens
 from train.tokenizer import make_tokenizer
 
@@ -41,7 +44,15 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   continuation of `prompt` to `out`, and returns it. Sampling arguments are checked before
   anything is loaded (`infer.check_sampling`)."""
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
+  ckpt = Checkpointer(workdir, (config or run_config.load(workdir)).checkpoint,
+                      read_only=True)
+  step = ckpt.step_to_read(step)  # a config error before anything is loaded
+  ckpt.close()
   model, saved = load(workdir, step=step, config=config)
+  mesh = mesh_of(model)
+  sys.stderr.write(f"generating from step {step} of {workdir}"
+                   + (f" on {sharding.describe(mesh)}" if mesh is not None else "")
+                   + "\n")
   tokenizer = make_tokenizer(saved.data)
   ids = [int(i) for i in tokenizer.encode(prompt)]
   if not ids:

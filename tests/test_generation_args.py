@@ -156,6 +156,7 @@ def test_cli_zero_new_tokens_prints_the_prompt(byte_run):
                  "--max_new_tokens=0")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout == "def f(\n"
+  assert f"generating from step 1 of {byte_run} on mesh " in proc.stderr
 
 
 BAD_FLAGS = ["--temperature=-1", "--top_p=1.5", "--top_k=-2", "--max_new_tokens=-1"]
