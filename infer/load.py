@@ -11,8 +11,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 import kernels
-import sharding
 import model
+import sharding
 from model import Decoder, ModelConfig
 from train import run_config
 from train.checkpoint import Checkpointer

@@ -7,9 +7,9 @@ from typing import TextIO
 
 import sharding
 from infer.generate import generate
-from infer.sampling import check_sampling
 from infer.kv_cache import mesh_of
 from infer.load import load
+from infer.sampling import check_sampling
 from train import run_config
 from train.checkpoint import Checkpointer
 from train.hf import stop_tokens
