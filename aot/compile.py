@@ -37,6 +37,7 @@ only, as compile options, and the report lists them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -131,15 +132,27 @@ class Report:
     return max(("compute", "hbm", "ici"), key=lambda k: self.time[k])
 
 
-def _quiet_libtpu() -> None:
+@contextlib.contextmanager
+def _quiet_libtpu():
   """Off a TPU VM, libtpu finds no accelerator type or workers in the VM's metadata
   and prints screens of warnings when it builds a topology. The topology it builds
   is the named one whatever these say (the same devices for v5p:2x2x2 and two
-  v5e:4x4 slices with v5p-8 or v5litepod-4 set), so defaults silence it."""
+  v5e:4x4 slices with v5p-8 or v5litepod-4 set), so defaults silence it, for the
+  call only: left set, TPU_WORKER_HOSTNAMES makes this process and its children
+  look like a TPU pod to multi-host auto-detection."""
   import glob
+  added = []
   if not any(glob.glob(p) for p in sharding.chips.TPU_DEVICE_FILES):
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    for name, value in (("TPU_ACCELERATOR_TYPE", "v5p-8"),
+                        ("TPU_WORKER_HOSTNAMES", "localhost")):
+      if name not in os.environ:
+        os.environ[name] = value
+        added.append(name)
+  try:
+    yield
+  finally:
+    for name in added:
+      os.environ.pop(name, None)
 
 
 def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
@@ -160,12 +173,12 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
         "--topology", f"compiling for {topology} needs libtpu, the TPU compiler, "
         "which is not installed (no TPU is needed, only the library).",
         'pip install -e ".[tpu]" (jax[tpu] at the pinned jax version).')
-  _quiet_libtpu()
   from jax.experimental import topologies
   try:
-    desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=topology,
-        **({"num_slices": slices} if slices > 1 else {}))
+    with _quiet_libtpu():
+      desc = topologies.get_topology_desc(
+          platform="tpu", topology_name=topology,
+          **({"num_slices": slices} if slices > 1 else {}))
   except Exception as err:  # noqa: BLE001 -- libtpu's message names the problem
     raise ConfigError("--topology", f"libtpu cannot build {topology!r}: "
                       f"{str(err).strip().splitlines()[-1]}",

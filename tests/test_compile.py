@@ -369,6 +369,17 @@ def test_bad_topology_is_a_config_error(topology, message):
     aot.topology_devices(topology)
 
 
+@needs_libtpu
+def test_building_a_topology_leaves_no_cluster_hints_behind():
+  """The defaults that quiet libtpu's metadata lookup are set for the call only:
+  left in the environment, they made later runs in this process (and the
+  processes it starts) wait to join a TPU pod."""
+  from sharding.distributed import detected_cluster
+  assert detected_cluster() is None
+  aot.topology_devices("v5e:2x2")
+  assert detected_cluster() is None
+
+
 def test_published_slice_shapes_are_topologies():
   for topology in ("v5e:1x1", "v5e:2x4", "v5e:16x16", "v6e:4x8", "v4:2x2x1",
                    "v5p:2x2x2", "v5p:4x4x4", "v5p:8x8x12", "v5p:16x16x24"):
