@@ -57,6 +57,11 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
   return sizes
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+  """The largest d <= at_most that divides n (1 at least)."""
+  return max(d for d in range(1, max(at_most, 1) + 1) if n % d == 0)
+
+
 def _devices(n: int) -> str:
   return f"{n} device{'' if n == 1 else 's'}"
 
@@ -66,21 +71,17 @@ def _mesh_fix(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
   axes cut to the largest sizes whose product divides the devices (one axis if one
   suffices, the largest such), then -1 on `data` unless an axis already is."""
   explicit = {a: s for a, s in sizes.items() if s > 1}
-
-  def cut(size: int, room: int) -> int:
-    return max(d for d in range(1, size + 1) if room % d == 0)
-
   fix: dict[str, int] = {}
   if num_devices % math.prod(explicit.values()):
     for axis in sorted(explicit, key=lambda a: -explicit[a]):
       others = math.prod(s for a, s in explicit.items() if a != axis)
       if num_devices % others == 0:
-        fix[axis] = cut(explicit[axis], num_devices // others)
+        fix[axis] = largest_divisor(num_devices // others, explicit[axis])
         break
     else:
       room = num_devices
       for axis in sorted(explicit, key=lambda a: explicit[a]):
-        fix[axis] = cut(explicit[axis], room)
+        fix[axis] = largest_divisor(room, explicit[axis])
         room //= fix[axis]
       fix = {a: v for a, v in fix.items() if v != explicit[a]}
   if -1 not in sizes.values():

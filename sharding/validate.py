@@ -5,8 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from sharding.errors import ConfigError
-from sharding.mesh import AXES, resolve_shape
+from sharding.mesh import AXES, largest_divisor, resolve_shape
 from sharding.rules import normalize_rules, split_size
+
+
+# Model fields split over mesh axes by head: the logical axes of their weights and
+# of their activations.
+_HEAD_COUNTS = (("num_heads", ("heads", "act_heads")),
+                ("num_kv_heads", ("kv_heads", "act_kv_heads")))
 
 
 def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
@@ -32,8 +38,7 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
                       f"{num_devices} devices).") from None
   rules = dict(table)
   m = config.model
-  for field, names in (("num_heads", ("heads", "act_heads")),
-                       ("num_kv_heads", ("kv_heads", "act_kv_heads"))):
+  for field, names in _HEAD_COUNTS:
     for name in names:
       n, over = split_size(table, name, sizes), _describe(rules, name, sizes)
       if m[field] % n:
@@ -100,7 +105,7 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"each data-parallel shard's micro-batch holds {rows} sequences, which do "
         f"not split into {chunks} loss chunks.",
         f"choose model.loss_chunks dividing {rows}, e.g. "
-        f"--config.model.loss_chunks={_largest_divisor(rows, chunks)}.")
+        f"--config.model.loss_chunks={largest_divisor(rows, chunks)}.")
   return sizes
 
 
@@ -116,9 +121,7 @@ def _describe(rules: dict, name: str, sizes: dict[str, int]) -> str:
 def _counts_on(config: Any, axis: str, table) -> list[int]:
   """The counts split over mesh `axis` by the rules: heads, kv heads, experts."""
   m, rules = config.model, dict(table)
-  counts = [m[field] for field, names in (("num_heads", ("heads", "act_heads")),
-                                           ("num_kv_heads",
-                                            ("kv_heads", "act_kv_heads")))
+  counts = [m[field] for field, names in _HEAD_COUNTS
             if any(axis in rules.get(n, ()) for n in names)]
   experts = m.moe.num_experts if "moe" in m else 0
   if experts and axis in rules.get("experts", ()):
@@ -142,7 +145,3 @@ def axis_fix(config: Any, axis: str, counts: list[int], num_devices: int) -> str
       return " ".join(f"--config.mesh.{a}={v}" for a, v in {axis: size,
                                                             **extra}.items())
   return f"--config.mesh.{axis}=1"
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-  return max(d for d in range(1, at_most + 1) if n % d == 0)

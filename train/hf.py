@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from ml_collections import ConfigDict
 
 import sharding
 from model import ModelConfig
@@ -34,6 +35,7 @@ from train import run_config
 from train.checkpoint import Checkpointer
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, param_shardings
+from train.tokenizer import make_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,12 +271,7 @@ def stop_tokens(data_cfg, tokenizer=None) -> list[int]:
   tokenizer.json's its eos token), then every id of data.stop_ids."""
   eos = data_cfg.get("eos_id")
   if eos is None:
-    if tokenizer is None:
-      from ml_collections import ConfigDict
-      from train.tokenizer import make_tokenizer
-      tokenizer = make_tokenizer(data_cfg if isinstance(data_cfg, ConfigDict)
-                                 else ConfigDict(dict(data_cfg)))
-    eos = tokenizer.eos_id
+    eos = (tokenizer or make_tokenizer(ConfigDict(dict(data_cfg)))).eos_id
   out = [] if eos is None else [int(eos)]
   return out + [int(i) for i in data_cfg.get("stop_ids") or () if int(i) not in out]
 

@@ -198,25 +198,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   tokens_per_step = t.batch_size * config.data.seq_len
   step_flops = flops_lib.flops_per_token(cfg, config.data.seq_len) * tokens_per_step
   peak, peak_source = peak_flops(config.log)
-  attention = cfg.attention
-  if attention == "auto":  # what the model's attention layers will choose
-    with jax.set_mesh(mesh):
-      impl, _, reason = kernels.choose(
-          (t.batch_size, config.data.seq_len, cfg.num_heads, cfg.head_dim),
-          cfg.num_kv_heads, kernels.partition.Axes.from_rules(rules))
-    attention = f"auto -> {impl} ({reason})"
-  moe = cfg.moe
-  if moe.num_experts:
-    attention += (f"; MoE: {moe.num_experts} experts, top-{moe.top_k}, "
-                  f"{moe.dispatch} dispatch")
-  pipe = spec.pipeline
-  if pipe.active:
-    attention += (f"; pipeline: {pipe.schedule}, {pipe.stages} stages x "
-                  f"{pipe.repeats} repeats, {pipe.microbatches} microbatches, "
-                  f"bubble {pipe.bubble:.1%}")
-  _say(f"model: {cfg.block} block, attention {attention}; "
+  _say(f"model: {_architecture(spec, mesh, rules, t.batch_size, config.data.seq_len)}; "
        f"{flops_lib.matmul_params(cfg) / 1e6:.2f}M matmul params"
-       f"{' (active per token)' if moe.num_experts else ''}, "
+       f"{' (active per token)' if cfg.moe.num_experts else ''}, "
        f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
        f"TFLOP/s ({peak_source})")
 
@@ -251,12 +235,11 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   try:
     if start == 0 and t.eval_every and not stop.requested:
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
+    if stop.requested:  # during setup
+      _say(f"{stop.requested} before the first step: nothing new to save; exiting")
+      return history
     timer.restart()
     for step in range(start, t.steps):
-      if stop.requested and step == start:
-        _say(f"{stop.requested} before the first step: nothing new to save; "
-             "exiting")
-        break
       batch = to_global(next(data.train))
       compiled, sent = compiled_step(step, batch)
       with jax.set_mesh(mesh):
@@ -307,6 +290,28 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
     ckpt.wait()
     ckpt.close()
   return history
+
+
+def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
+  """The block, the attention impl (what `auto` chooses on this mesh, and why),
+  MoE and pipeline settings, for the run's first lines."""
+  cfg = spec.cfg
+  attention = cfg.attention
+  if attention == "auto":
+    with jax.set_mesh(mesh):
+      impl, _, reason = kernels.choose((batch, seq_len, cfg.num_heads, cfg.head_dim),
+                                       cfg.num_kv_heads,
+                                       kernels.partition.Axes.from_rules(rules))
+    attention = f"auto -> {impl} ({reason})"
+  parts = [f"{cfg.block} block, attention {attention}"]
+  moe, pipe = cfg.moe, spec.pipeline
+  if moe.num_experts:
+    parts.append(f"MoE: {moe.num_experts} experts, top-{moe.top_k}, "
+                 f"{moe.dispatch} dispatch")
+  if pipe.active:
+    parts.append(f"pipeline: {pipe.schedule}, {pipe.stages} stages x {pipe.repeats} "
+                 f"repeats, {pipe.microbatches} microbatches, bubble {pipe.bubble:.1%}")
+  return "; ".join(parts)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -251,10 +251,9 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         "mesh.stage" if repeats == 1 else "pipeline.repeats",
         f"the model's {units} {what} do not split into mesh.stage={stages} x "
         f"pipeline.repeats={repeats} equal groups.",
-        f"choose mesh.stage and pipeline.repeats whose product divides {units}, "
-        f"e.g. {_pipeline_fix(config, units, stages, repeats, math.prod(sizes.values()))}"
-        ", or change "
-        "model.num_layers.")
+        f"choose mesh.stage and pipeline.repeats whose product divides {units}, e.g. "
+        f"{_pipeline_fix(config, units, stages, repeats, math.prod(sizes.values()))}, "
+        "or change model.num_layers.")
   if not cfg.scan_layers:
     raise ConfigError(
         "model.scan_layers", "is False in a pipelined model (mesh.stage > 1 or "
@@ -303,8 +302,8 @@ def _pipeline_fix(config, units: int, stages: int, repeats: int,
   """Flags that split `units` into stages x repeats groups: fewer repeats if the
   stages divide the units, else fewer stages (fitting the devices), one repeat."""
   if repeats > 1 and units % stages == 0:
-    r = max(r for r in range(1, repeats + 1) if units % (stages * r) == 0)
-    return f"--config.pipeline.repeats={r}"
+    return ("--config.pipeline.repeats="
+            f"{sharding.mesh.largest_divisor(units // stages, repeats)}")
   fix = sharding.validate.axis_fix(config, "stage", [units], num_devices)
   return fix + (" --config.pipeline.repeats=1" if repeats > 1 else "")
 
