@@ -45,6 +45,8 @@ def _launcher_flag_error(name: str, value: str, why: str) -> ConfigError:
   flag = flags.FLAGS[name]
   parser = flag.parser
   choices = ""
+  kind = {flags.IntegerParser: "an integer", flags.FloatParser: "a number",
+          flags.BooleanParser: "true or false"}.get(type(parser), "a valid value")
   if isinstance(parser, flags.EnumParser):
     example, choices = parser.enum_values[0], f" (one of {', '.join(parser.enum_values)})"
   elif isinstance(parser, flags.BooleanParser):
@@ -54,7 +56,7 @@ def _launcher_flag_error(name: str, value: str, why: str) -> ConfigError:
   else:
     example = {flags.IntegerParser: "1", flags.FloatParser: "1.0"}.get(
         type(parser), "VALUE")
-  return ConfigError(f"--{name}", f"{value!r} is not a valid value ({why}).",
+  return ConfigError(f"--{name}", f"{value!r} is not {kind} ({why}).",
                      f"pass --{name}={example}{choices}.")
 
 

@@ -70,6 +70,12 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
         "data.tokenizer", f"the prompt encodes to id {max(ids)}, past the model's "
         f"vocabulary of {vocab}: the tokenizer is not this model's.",
         "pass the model's tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
+  context = saved.model.max_position_embeddings
+  if len(ids) + max_new_tokens > context:
+    sys.stderr.write(
+        f"warning: {len(ids)} prompt tokens + up to {max_new_tokens} new ones run past "
+        f"the model's context of {context} positions (model.max_position_embeddings); "
+        "tokens beyond it are positions the model was not made for.\n")
   out.write(prompt)
   printer = _Printer(tokenizer, out)
   new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,

@@ -137,6 +137,9 @@ def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
   assert err.value.argument == argument
 
 
+BYTE_RUN_CONTEXT = 24
+
+
 @pytest.fixture(scope="module")
 def byte_run(tmp_path_factory):
   """A one-step byte-level run to point the generate CLI at."""
@@ -145,6 +148,7 @@ def byte_run(tmp_path_factory):
   from train.tokenizer import ByteTokenizer
   config = make_tiny_config()
   config.model.vocab_size = ByteTokenizer.vocab_size
+  config.model.max_position_embeddings = BYTE_RUN_CONTEXT
   config.train.steps = 1
   workdir = tmp_path_factory.mktemp("byte_run")
   train.train(config, str(workdir), progress=False)
@@ -157,6 +161,21 @@ def test_cli_zero_new_tokens_prints_the_prompt(byte_run):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout == "def f(\n"
   assert f"generating from step 1 of {byte_run} on mesh " in proc.stderr
+  assert "warning" not in proc.stderr
+
+
+def test_cli_warns_when_generation_runs_past_the_models_context(byte_run):
+  """Prompt plus new tokens past model.max_position_embeddings (BYTE_RUN_CONTEXT) is
+  served, with a warning that names the field; exactly the context is not warned
+  about. Bytes: one token per character."""
+  fits, past = run_cli_many([
+      ("generate", f"--workdir={byte_run}", "--prompt=" + "x" * (BYTE_RUN_CONTEXT - 3),
+       f"--max_new_tokens={n}") for n in (3, 4)])
+  assert fits.returncode == 0 and past.returncode == 0, past.stderr[-2000:]
+  assert "warning" not in fits.stderr, fits.stderr[-2000:]
+  assert (f"warning: {BYTE_RUN_CONTEXT - 3} prompt tokens + up to 4 new ones run past "
+          f"the model's context of {BYTE_RUN_CONTEXT} positions "
+          "(model.max_position_embeddings)" in past.stderr), past.stderr[-2000:]
 
 
 BAD_FLAGS = ["--temperature=-1", "--top_p=1.5", "--top_k=-2", "--max_new_tokens=-1"]

@@ -321,6 +321,10 @@ def test_cli_import_finetune_inspect_export(tmp_path):
   assert back.config.num_key_value_heads == 2
   assert back.config.max_position_embeddings == 64
   assert back.config.eos_token_id == [2, 9]
+  # the weights are as readable as the config next to them (safetensors writes 0600)
+  modes = {f: (tmp_path / "out" / f).stat().st_mode & 0o777
+           for f in ("model.safetensors", "config.json")}
+  assert modes["model.safetensors"] == modes["config.json"], modes
 
 
 def test_generate_command_stops_on_eos_and_every_stop_id():

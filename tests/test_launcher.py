@@ -52,10 +52,14 @@ def test_flag_of_another_command_exits_2():
 
 
 # A value each launcher flag's parser refuses, by command.
-BAD_VALUES = [("compile", "--what=bogus"), ("compile", "--slices=two"),
-              ("plan", "--max_plans=many"), ("plan", "--plan_sequence=maybe"),
-              ("generate", "--temperature=hot"), ("generate", "--max_new_tokens=ten"),
-              ("plan", "--plan_remats=bogus")]
+# (command, flag=value, what the error says the value is not)
+BAD_VALUES = [("compile", "--what=bogus", "a valid value"),
+              ("compile", "--slices=two", "an integer"),
+              ("plan", "--max_plans=many", "an integer"),
+              ("plan", "--plan_sequence=maybe", "true or false"),
+              ("generate", "--temperature=hot", "a number"),
+              ("generate", "--max_new_tokens=ten", "an integer"),
+              ("plan", "--plan_remats=bogus", "a valid value")]
 
 
 def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
@@ -65,11 +69,11 @@ def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
   base = {"compile": ["--topology=v5e:2x2"], "plan": ["--topology=v5e:2x2"],
           "generate": ["--workdir=/tmp/unused"]}
   runs = run_cli_many([(command, "--config=experiments/llama_tiny.py", *base[command],
-                        value) for command, value in BAD_VALUES])
-  for (command, value), proc in zip(BAD_VALUES, runs):
+                        value) for command, value, _ in BAD_VALUES])
+  for (command, value, kind), proc in zip(BAD_VALUES, runs):
     name = value[2:].split("=")[0]
     assert proc.returncode == 2, (value, proc.stderr[-1000:])
-    assert f"Config error in `--{name}`: '{value.split('=')[1]}' is not a valid value" in (
+    assert f"Config error in `--{name}`: '{value.split('=')[1]}' is not {kind}" in (
         proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
     fix = re.search(rf"Fix: pass --{name}=(\S+?)(?: \(one of [^)]*\))?\.$", proc.stderr.strip())

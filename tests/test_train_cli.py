@@ -22,8 +22,12 @@ def test_cli_trains_and_writes_metrics(tmp_path):
                  "--config.model.num_layers=3", "--config.model.d_model=64",
                  "--config.model.d_ff=128", "--config.train.steps=4",
                  "--config.train.batch_size=8", "--config.train.eval_every=2",
-                 "--config.log.every_steps=2", "--config.log.peak_flops=1e12")
+                 "--config.log.every_steps=2", "--config.log.peak_flops=1e12",
+                 "--config.model.max_position_embeddings=16")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # Training past the declared context is allowed, and said.
+  assert ("note: data.seq_len=32 is past model.max_position_embeddings=16: export-hf "
+          "will declare a context of 16") in proc.stdout
   # The override reached the model: the stacked layer weights have 3 layers.
   assert "layers/mlp/gate         3x64x128" in proc.stdout
   # attention=auto names what it chose (32 tokens on CPU: the reference).

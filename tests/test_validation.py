@@ -187,3 +187,19 @@ def test_a_layer_split_error_suggests_stages_and_repeats_that_split():
     except ConfigError as again:
       assert again.field not in ("mesh.stage", "pipeline.repeats") and not \
           again.field.startswith("mesh"), (message, str(again))
+
+
+@pytest.mark.parametrize("seq_len,context", [(16, 16), (17, 16), (512, 8192), (4096, 2048)])
+def test_training_past_the_declared_context_is_a_note_with_a_fix(seq_len, context):
+  """Sequences up to model.max_position_embeddings say nothing; longer ones get a
+  note whose flag, applied, silences it."""
+  from train.validate import context_note
+  config = llama_tiny.get_config()
+  config.data.seq_len, config.model.max_position_embeddings = seq_len, context
+  note = context_note(config)
+  assert bool(note) == (seq_len > context)
+  if note:
+    assert f"data.seq_len={seq_len} is past model.max_position_embeddings={context}" in note
+    config.model.max_position_embeddings = int(
+        note.split("--config.model.max_position_embeddings=")[1].split()[0])
+    assert context_note(config) == ""

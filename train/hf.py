@@ -544,6 +544,14 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
         f"{workdir} --workdir={workdir}")
 
 
+def _honour_umask(path: str) -> None:
+  """safetensors writes through a private temporary file (mode 0600); give the
+  weights the permissions any other file written here gets, as config.json has."""
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(path, 0o666 & ~mask)
+
+
 def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   """A rung workdir's parameters -> safetensors + config.json that transformers loads."""
   from safetensors.numpy import save_file
@@ -563,8 +571,9 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   params = jax.device_get(ckpt.restore_params(target, step))
   ckpt.close()
   os.makedirs(out, exist_ok=True)
-  save_file(params_to_hf(params, cfg), os.path.join(out, "model.safetensors"),
-            metadata={"format": "pt"})
+  weights = os.path.join(out, "model.safetensors")
+  save_file(params_to_hf(params, cfg), weights, metadata={"format": "pt"})
+  _honour_umask(weights)
   stops = stop_tokens(config.data)
   hf = hf_config(cfg, stops, config.data.get("bos_id"))
   with open(os.path.join(out, "config.json"), "w") as f:

@@ -31,7 +31,7 @@ from train.state import (abstract_state, init_state, model_spec, param_shardings
                          pipeline_from_config, state_shardings)
 from train.step import (batch_sharding, make_eval_step, make_inner_step,
                         make_train_step)
-from train.validate import validate_config
+from train.validate import context_note, validate_config
 
 
 def _say(msg: str) -> None:
@@ -77,8 +77,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   spec = model_spec(cfg, rules, pipeline_from_config(config, sizes))
   t = config.train
   lr = schedule(config.optim, t.steps)
-  if note := warmup_note(config.optim, t.steps):
-    _say(note)
+  for note in (warmup_note(config.optim, t.steps), context_note(config)):
+    if note:
+      _say(note)
   tx = make_optimizer(config.optim, t.steps)
   comp = Compression.from_config(config.optim)
   dl = diloco_lib.DiLoCo.from_config(config, sizes["diloco"])

@@ -54,6 +54,19 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def context_note(config) -> str:
+  """A note when the run trains on sequences longer than the model's declared
+  context (`model.max_position_embeddings`, what export-hf writes and past which
+  generate warns); "" otherwise. Rotary positions go on past it, so it is allowed."""
+  length, context = config.data.seq_len, config.model.max_position_embeddings
+  if length <= context:
+    return ""
+  return (f"note: data.seq_len={length} is past model.max_position_embeddings="
+          f"{context}: export-hf will declare a context of {context} and generate "
+          f"warns beyond it; --config.model.max_position_embeddings={length} declares "
+          "the length trained on.")
+
+
 def _choice(path: str, value, allowed) -> None:
   if value not in allowed:
     raise ConfigError(path, f"is {value!r}; it must be one of {', '.join(allowed)}.",
