@@ -44,7 +44,7 @@ def load(workdir: str, *, step: int | None = None,
     config.model.attention = "auto"
   model.validate(config.model)  # overrides of the saved model are checked too
   devices = list(jax.devices() if devices is None else devices)
-  config.mesh.update(**sharding.validate_plan(config, len(devices)))
+  config.mesh.update(**sharding.validate_serving_plan(config, len(devices)))
   mesh = sharding.make_mesh(config.mesh, devices)
   spec = model_spec(ModelConfig.from_config(config.model),
                     sharding.normalize_rules(config.mesh.rules))

@@ -4,7 +4,7 @@ from sharding.errors import ConfigError
 from sharding.mesh import AXES, BATCH_AXES, axis_size, describe, make_mesh, resolve_shape
 from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_spec,
                             normalize_rules, split_size, tree_shardings)
-from sharding.validate import validate_plan
+from sharding.validate import validate_plan, validate_serving_plan
 from sharding.report import format_bytes, format_rows, path_name, sharding_table
 from sharding import chips
 from sharding.distributed import describe_process, initialize as initialize_distributed

@@ -43,11 +43,11 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
     named = next((a for a in fix if sizes[a] > 1), next(iter(fix)))
     if fill:
       what = (f"the axes other than mesh.{fill[0]}=-1 multiply to {known}, which "
-              f"does not divide {_devices(num_devices)}, so mesh.{fill[0]} cannot "
+              f"does not divide {devices_phrase(num_devices)}, so mesh.{fill[0]} cannot "
               "take the rest.")
     else:
       shape = ",".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
-      what = (f"the mesh ({shape}) has {_devices(product)} but {num_devices} "
+      what = (f"the mesh ({shape}) has {devices_phrase(product)} but {num_devices} "
               f"{'is' if num_devices == 1 else 'are'} available.")
     raise ConfigError(
         f"mesh.{named}", what,
@@ -62,7 +62,8 @@ def largest_divisor(n: int, at_most: int) -> int:
   return max(d for d in range(1, max(at_most, 1) + 1) if n % d == 0)
 
 
-def _devices(n: int) -> str:
+def devices_phrase(n: int) -> str:
+  """"1 device", "8 devices"."""
   return f"{n} device{'' if n == 1 else 's'}"
 
 

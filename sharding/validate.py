@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from sharding.errors import ConfigError
-from sharding.mesh import AXES, largest_divisor, resolve_shape
+from sharding.mesh import AXES, devices_phrase, largest_divisor, resolve_shape
 from sharding.rules import normalize_rules, split_size
 
 
@@ -16,64 +16,16 @@ _HEAD_COUNTS = (("num_heads", ("heads", "act_heads")),
 
 
 def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
-  """Raises ConfigError for a plan that cannot run; returns the resolved mesh sizes.
+  """Raises ConfigError for a training plan that cannot run; returns the resolved
+  mesh sizes.
 
   Every split is checked over the mesh axes the rules (`mesh.rules`) map its
   logical axis to, not over fixed axis names: heads over `heads` / `act_heads`,
   experts over `experts`, the sequence over `length`, the batch over `batch`.
   """
-  table = normalize_rules(config.mesh.rules)  # ConfigError for a bad axis
-  try:
-    sizes = resolve_shape({a: config.mesh.get(a, 1) for a in AXES}, num_devices)
-  except ConfigError as err:
-    # The mesh's own fix knows only the devices; an axis that splits heads or
-    # experts must also divide them.
-    axis = err.field.removeprefix("mesh.")
-    counts = _counts_on(config, axis, table) if axis in AXES else []
-    if not counts or config.mesh.get(axis, 1) < 1:
-      raise
-    raise ConfigError(err.field, err.problem,
-                      f"pass {axis_fix(config, axis, counts, num_devices)} (it must "
-                      f"divide {', '.join(map(str, counts))} as well as fit the "
-                      f"{num_devices} devices).") from None
-  rules = dict(table)
-  m = config.model
-  for field, names in _HEAD_COUNTS:
-    for name in names:
-      n, over = split_size(table, name, sizes), _describe(rules, name, sizes)
-      if m[field] % n:
-        axis = rules[name][0]
-        raise ConfigError(
-            f"model.{field}",
-            f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
-            f"split over {over}.",
-            f"choose mesh.{axis} dividing {m[field]} (e.g. "
-            f"{axis_fix(config, axis, _counts_on(config, axis, table), num_devices)}"
-            f"), or change model.{field} (or mesh.rules.{name}).")
-  # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
-  # is split over `expert` too, so it is plain data parallelism.
-  experts = m.moe.num_experts if "moe" in m else 0
-  e = split_size(table, "experts", sizes)
-  if experts and experts % e:
-    axis = rules["experts"][0]
-    raise ConfigError(
-        "model.moe.num_experts",
-        f"{experts} experts cannot be split over {_describe(rules, 'experts', sizes)}.",
-        f"choose mesh.{axis} dividing {experts} (e.g. "
-        f"{axis_fix(config, axis, _counts_on(config, axis, table), num_devices)}), "
-        f"or a multiple of {e} experts.")
-  if experts:
-    shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
-              and sizes[a] > 1]
-    if shared:
-      raise ConfigError(
-          "mesh.rules.mlp",
-          f"the experts' hidden dimension (`mlp`) and the batch are both split "
-          f"over mesh axes {shared}: expert parallelism sums partial expert outputs "
-          "over the `mlp` axes, which would add up different tokens.",
-          "map `mlp` and `batch` to disjoint mesh axes (the default maps mlp to "
-          "tensor and batch to data, fsdp, expert).")
-  seq = split_size(table, "length", sizes)
+  sizes = validate_serving_plan(config, num_devices)
+  rules = dict(normalize_rules(config.mesh.rules))
+  seq = split_size(rules, "length", sizes)
   if config.data.seq_len % seq:
     raise ConfigError(
         "data.seq_len",
@@ -81,7 +33,7 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"{_describe(rules, 'length', sizes)}.",
         f"make data.seq_len a multiple of {seq} or change "
         f"mesh.{rules['length'][0]}.")
-  dp = split_size(table, "batch", sizes)
+  dp = split_size(rules, "batch", sizes)
   if config.train.batch_size % dp:
     raise ConfigError(
         "train.batch_size",
@@ -109,6 +61,66 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def validate_serving_plan(config: Any, num_devices: int) -> dict[str, int]:
+  """The checks of `validate_plan` that serving needs: the mesh fits the devices
+  and the model's heads and experts split over it. Nothing about `train` or the
+  training length: any batch and prompt serve on any mesh (they are padded to it).
+  Returns the resolved mesh sizes."""
+  table = normalize_rules(config.mesh.rules)  # ConfigError for a bad axis
+  try:
+    sizes = resolve_shape({a: config.mesh.get(a, 1) for a in AXES}, num_devices)
+  except ConfigError as err:
+    # The mesh's own fix knows only the devices; an axis that splits heads or
+    # experts must also divide them.
+    axis = err.field.removeprefix("mesh.")
+    counts = _counts_on(config, axis, table) if axis in AXES else {}
+    if not counts or config.mesh.get(axis, 1) < 1:
+      raise
+    divides = " and ".join(f"{field}={n}" for field, n in counts.items())
+    raise ConfigError(err.field, err.problem,
+                      f"pass {axis_fix(config, axis, counts.values(), num_devices)} "
+                      f"(mesh.{axis} must divide {divides} as well as fit "
+                      f"{devices_phrase(num_devices)}).") from None
+  rules = dict(table)
+  m = config.model
+  for field, names in _HEAD_COUNTS:
+    for name in names:
+      n, over = split_size(table, name, sizes), _describe(rules, name, sizes)
+      if m[field] % n:
+        axis = rules[name][0]
+        raise ConfigError(
+            f"model.{field}",
+            f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
+            f"split over {over}.",
+            f"choose mesh.{axis} dividing {m[field]} (e.g. "
+            f"{_resize(config, axis, table, num_devices)}"
+            f"), or change model.{field} (or mesh.rules.{name}).")
+  # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
+  # is split over `expert` too, so it is plain data parallelism.
+  experts = m.moe.num_experts if "moe" in m else 0
+  e = split_size(table, "experts", sizes)
+  if experts and experts % e:
+    axis = rules["experts"][0]
+    raise ConfigError(
+        "model.moe.num_experts",
+        f"{experts} experts cannot be split over {_describe(rules, 'experts', sizes)}.",
+        f"choose mesh.{axis} dividing {experts} (e.g. "
+        f"{_resize(config, axis, table, num_devices)}), "
+        f"or a multiple of {e} experts.")
+  if experts:
+    shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
+              and sizes[a] > 1]
+    if shared:
+      raise ConfigError(
+          "mesh.rules.mlp",
+          f"the experts' hidden dimension (`mlp`) and the batch are both split "
+          f"over mesh axes {shared}: expert parallelism sums partial expert outputs "
+          "over the `mlp` axes, which would add up different tokens.",
+          "map `mlp` and `batch` to disjoint mesh axes (the default maps mlp to "
+          "tensor and batch to data, fsdp, expert).")
+  return sizes
+
+
 def _describe(rules: dict, name: str, sizes: dict[str, int]) -> str:
   """'mesh.tensor=8', or 'mesh.data*mesh.fsdp*mesh.expert = 2*2*2' for several."""
   axes = rules.get(name, ())
@@ -118,18 +130,24 @@ def _describe(rules: dict, name: str, sizes: dict[str, int]) -> str:
           f"{'*'.join(str(sizes[a]) for a in axes)}")
 
 
-def _counts_on(config: Any, axis: str, table) -> list[int]:
-  """The counts split over mesh `axis` by the rules: heads, kv heads, experts."""
+def _counts_on(config: Any, axis: str, table) -> dict[str, int]:
+  """{model field: count} of what the rules split over mesh `axis`: heads, kv
+  heads, experts."""
   m, rules = config.model, dict(table)
-  counts = [m[field] for field, names in _HEAD_COUNTS
-            if any(axis in rules.get(n, ()) for n in names)]
+  counts = {f"model.{field}": m[field] for field, names in _HEAD_COUNTS
+            if any(axis in rules.get(n, ()) for n in names)}
   experts = m.moe.num_experts if "moe" in m else 0
   if experts and axis in rules.get("experts", ()):
-    counts.append(experts)
+    counts["model.moe.num_experts"] = experts
   return counts
 
 
-def axis_fix(config: Any, axis: str, counts: list[int], num_devices: int) -> str:
+def _resize(config: Any, axis: str, table, num_devices: int) -> str:
+  """`axis_fix` for every count the rules split over mesh `axis`."""
+  return axis_fix(config, axis, _counts_on(config, axis, table).values(), num_devices)
+
+
+def axis_fix(config: Any, axis: str, counts: Iterable[int], num_devices: int) -> str:
   """Flags that resize mesh `axis` to the largest size (at most its current one)
   that divides every count in `counts` and still fits the devices (with -1 on
   `data` when no other axis takes the rest)."""

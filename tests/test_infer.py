@@ -8,6 +8,7 @@ from flax import nnx
 
 import infer
 from model import Decoder, ModelConfig, MoEConfig
+from train import run_config
 
 CFG = dict(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2,
            head_dim=8, d_ff=48)
@@ -155,7 +156,6 @@ def test_bf16_greedy_equals_transformers_in_bf16(imported_hf):
 
   import torch
 
-  from train import run_config
   hf_model, workdir = imported_hf
   config = run_config.load(workdir)
   config.model.update(compute_dtype="bfloat16", param_dtype="bfloat16")
@@ -175,7 +175,10 @@ def test_generation_same_on_tensor4_data2_as_one_device(imported_hf):
   _, workdir = imported_hf
   one, _ = infer.load(workdir, mesh_overrides=dict(data=1, fsdp=1),
                       devices=jax.devices()[:1])
-  sharded, config = infer.load(workdir, mesh_overrides=dict(data=2, fsdp=1, tensor=4))
+  saved = run_config.load(workdir)
+  saved.train.batch_size = 3  # data=2 does not split it: serving does not ask
+  sharded, config = infer.load(workdir, mesh_overrides=dict(data=2, fsdp=1, tensor=4),
+                               config=saved)
   assert config.mesh.tensor == 4
   q = sharded.layers.attn.q[...]
   assert "tensor" in str(q.sharding.spec)

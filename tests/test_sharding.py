@@ -152,5 +152,35 @@ def test_a_mesh_error_on_a_head_axis_suggests_a_size_that_splits_the_heads():
   assert err.value.field == "mesh.tensor"
   fix = dict(re.findall(r"--config\.mesh\.(\w+)=(-?\d+)", err.value.fix))
   assert fix == {"tensor": "4"}, str(err.value)
+  # the counts it must divide are named, with the devices in words
+  assert ("(mesh.tensor must divide model.num_heads=8 and model.num_kv_heads=4 as "
+          "well as fit 8 devices)") in err.value.fix, err.value.fix
   c.mesh.update(tensor=4)
   sharding.validate_plan(c, 8)
+  c.mesh.update(data=1, tensor=2)
+  with pytest.raises(ConfigError, match=r"as well as fit 1 device\)"):
+    sharding.validate_plan(c, 1)
+
+
+def test_serving_plans_ignore_the_training_batch_and_length():
+  """A run trained with batch 7 and length 251 serves on tensor=2 over 8 devices:
+  `validate_serving_plan` checks the mesh and the model's splits only, and refuses
+  what serving cannot run (heads the mesh does not divide)."""
+  from experiments import llama_tiny
+  c = llama_tiny.get_config()
+  c.train.batch_size, c.data.seq_len = 7, 251
+  c.mesh.update(data=-1, tensor=2, sequence=2)
+  with pytest.raises(ConfigError) as err:
+    sharding.validate_plan(c, 8)
+  assert err.value.field == "data.seq_len"
+  c.data.seq_len = 256
+  with pytest.raises(ConfigError) as err:
+    sharding.validate_plan(c, 8)
+  assert err.value.field == "train.batch_size"
+  c.data.seq_len = 251
+  assert sharding.validate_serving_plan(c, 8) == dict(
+      diloco=1, data=2, stage=1, fsdp=1, expert=1, sequence=2, tensor=2)
+  c.mesh.tensor = 8
+  with pytest.raises(ConfigError) as err:
+    sharding.validate_serving_plan(c, 8)
+  assert err.value.field.startswith(("model.num", "mesh."))
