@@ -112,7 +112,7 @@ class Report:
   #                            iterations (of the compiled loops), bubble (idle
   #                            fraction of their stage-time), bubble_formula
 
-  def to_json(self) -> dict[str, Any]:
+  def to_dict(self) -> dict[str, Any]:
     """A JSON-ready dict; figures the compile could not give are None."""
     def clean(x):
       if isinstance(x, float) and not math.isfinite(x):
@@ -576,4 +576,4 @@ def _estimate_lines(r: Report) -> list[str]:
 
 def write_json(report: Report, path: str) -> None:
   with open(path, "w") as f:
-    json.dump(report.to_json(), f, indent=2)
+    json.dump(report.to_dict(), f, indent=2)

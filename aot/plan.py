@@ -69,9 +69,9 @@ class Plan:
                         f"--config.pipeline.schedule={self.schedule}"]
                        if self.mesh.get("stage", 1) > 1 else []))
 
-  def to_json(self) -> dict[str, Any]:
+  def to_dict(self) -> dict[str, Any]:
     out = dataclasses.asdict(dataclasses.replace(self, report=None))
-    out["report"] = self.report.to_json() if self.report else None
+    out["report"] = self.report.to_dict() if self.report else None
     out["flags"] = self.flags()
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in out.items()}

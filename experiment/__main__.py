@@ -203,16 +203,22 @@ def parse(argv: list[str]) -> list[str]:
                               "pass --config=experiments/NAME.py as well."))
   if has_config:
     _check(config_errors.missing_config_file(argv))
+    # A config file may import the modules next to it; appended, they never
+    # shadow rung's packages.
+    sys.path.append(os.path.dirname(os.path.abspath(config_errors.config_arg(argv)[0])))
   try:
     return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+  except Exception as err:  # noqa: BLE001 -- each kind is reported below
     if isinstance(err, ConfigError):
       _config_error(err)
     unknown = config_errors.unknown_flag(err, argv[1], COMMANDS[argv[1]].flags)
     if unknown:
       _config_error(unknown)
-    config = config_errors.load_config(argv)
-    if config is None:  # the config file itself is broken: show its traceback
+    try:
+      config = config_errors.load_config(argv)  # names a broken config file
+    except ConfigError as broken:
+      _config_error(broken)
+    if config is None:
       raise
     _config_error(config_errors.unknown_key(argv, config)
                   or config_errors.from_flag_error(err, config))
@@ -233,24 +239,19 @@ def _refuse_other_commands_flags(argv: list[str]) -> None:
           f"{name}."))
 
 
-def _without_config_json(flag: str, path: str, what: str, fix: str
-                         ) -> ConfigError | None:
-  """A ConfigError naming `flag` when directory `path` has no config.json: a run
-  (train and import-hf write it first) or a Hugging Face model has one."""
-  if os.path.isfile(os.path.join(path, "config.json")):
-    return None
-  return ConfigError(flag, f"{path} holds {what} (it has no config.json).", fix)
-
-
 def _no_run(workdir: str) -> ConfigError | None:
-  return _without_config_json("--workdir", workdir, "no run",
-                              "pass the --workdir of a trained or imported run.")
+  from train import run_config
+  return run_config.no_run(workdir)
 
 
 def _no_hf_model(hf_dir: str) -> ConfigError | None:
-  return _without_config_json(
-      "--hf_dir", hf_dir, "no Hugging Face model", "pass the directory that holds "
-      "the model's config.json and *.safetensors (what save_pretrained writes).")
+  """A ConfigError when `hf_dir` has no config.json, as a Hugging Face model has."""
+  if os.path.isfile(os.path.join(hf_dir, "config.json")):
+    return None
+  return ConfigError(
+      "--hf_dir", f"{hf_dir} holds no Hugging Face model (it has no config.json).",
+      "pass the directory that holds the model's config.json and *.safetensors (what "
+      "save_pretrained writes).")
 
 
 def _check(error: ConfigError | None) -> None:
@@ -371,7 +372,7 @@ def _ask_compiler(command: str, topology: str) -> None:
                               compiler_flags=_LIBTPU_FLAGS.value,
                               slices=_SLICES.value)
     print(report.table())
-    result = report.to_json()
+    result = report.to_dict()
   else:
     from aot import plan
     plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
@@ -379,7 +380,7 @@ def _ask_compiler(command: str, topology: str) -> None:
                       max_plans=_MAX_PLANS.value,
                       compiler_flags=_LIBTPU_FLAGS.value, slices=_SLICES.value)
     print(plan.table(plans))
-    result = [p.to_json() for p in plans]
+    result = [p.to_dict() for p in plans]
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(result, f, indent=2)

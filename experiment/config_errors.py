@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import os
 import re
+import traceback
 
 from absl import flags
 
@@ -109,34 +110,84 @@ def unknown_flag(err: Exception, command: str, own: tuple[str, ...]
                      "the flags.")
 
 
-def missing_config_file(argv: list[str]) -> ConfigError | None:
-  """ConfigError when --config=path[:arg] names no file, with the shipped configs."""
+def config_arg(argv: list[str]) -> tuple[str, str] | None:
+  """(path, arg) of --config=path[:arg], or None without --config."""
   for arg in argv:
     if arg.startswith("--config="):
-      path = arg[len("--config="):].partition(":")[0]
-      if os.path.isfile(path):
-        return None
-      import experiments
-      shipped = os.path.relpath(os.path.dirname(experiments.__file__))
-      names = sorted(n for n in os.listdir(shipped) if n.endswith(".py")
-                     and n not in ("__init__.py", "base.py", "saved.py"))
-      example = "llama_tiny.py" if "llama_tiny.py" in names else names[0]
-      return ConfigError("--config", f"there is no config file at {path}.",
-                         f"pass a config file, e.g. --config={shipped}/{example} "
-                         f"(shipped: {', '.join(names)}).")
+      path, _, cfg_arg = arg[len("--config="):].partition(":")
+      return path, cfg_arg
+  return None
+
+
+def missing_config_file(argv: list[str]) -> ConfigError | None:
+  """ConfigError when --config=path[:arg] names no file, with the shipped configs."""
+  if given := config_arg(argv):
+    path = given[0]
+    if os.path.isfile(path):
+      return None
+    import experiments
+    shipped = os.path.relpath(os.path.dirname(experiments.__file__))
+    names = sorted(n for n in os.listdir(shipped) if n.endswith(".py")
+                   and n not in ("__init__.py", "base.py", "saved.py"))
+    example = "llama_tiny.py" if "llama_tiny.py" in names else names[0]
+    return ConfigError("--config", f"there is no config file at {path}.",
+                       f"pass a config file, e.g. --config={shipped}/{example} "
+                       f"(shipped: {', '.join(names)}).")
   return None
 
 
 def load_config(argv: list[str]):
-  """The config named by --config=path[:arg], without overrides, or None."""
-  for arg in argv:
-    if arg.startswith("--config="):
-      path, _, cfg_arg = arg[len("--config="):].partition(":")
-      try:
-        spec = importlib.util.spec_from_file_location("_rung_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(cfg_arg or None)
-      except Exception:  # reported by the caller as the original error
-        return None
+  """The config named by --config=path[:arg], without overrides, or None without
+  --config. Raises ConfigError naming the file, and the line in it, when the file
+  cannot give a config (a syntax error, no get_config, a misspelt field on the
+  locked base config, a value of the wrong type, ...)."""
+  if given := config_arg(argv):
+    path, cfg_arg = given
+    spec = importlib.util.spec_from_file_location("_rung_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+      spec.loader.exec_module(module)
+    except SyntaxError as err:
+      raise ConfigError("--config", f"{path} line {err.lineno}: {err.msg}.",
+                        "fix the file's syntax.") from None
+    except Exception as err:  # noqa: BLE001 -- reported with the file's line
+      raise _raised_in(path, err) from None
+    if not callable(getattr(module, "get_config", None)):
+      raise ConfigError(
+          "--config", f"{path} defines no get_config function.",
+          "define get_config(arg=None) returning the config, e.g. starting from "
+          "`from experiments import base; c = base.get_config()`.")
+    try:
+      return module.get_config(cfg_arg or None)
+    except ConfigError:
+      raise
+    except Exception as err:  # noqa: BLE001 -- reported with the file's line
+      raise _raised_in(path, err) from None
   return None
+
+
+def _raised_in(path: str, err: Exception) -> ConfigError:
+  """ConfigError for an exception raised while a config file ran, at the file's
+  deepest line in the traceback; a misspelt field gets the field meant."""
+  lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__)
+           if os.path.abspath(frame.filename) == os.path.abspath(path)]
+  where = f"{path} line {lines[-1]}" if lines else path
+  text = str(err).strip("'\"")
+  missing = re.search(r'Key "(\w+)" does not exist and cannot be added', text)
+  if missing:
+    meant = re.search(r'Did you mean "(\w+)"', text)
+    return ConfigError("--config", f"{where}: there is no config field "
+                       f"`{missing.group(1)}`"
+                       + (f"; did you mean `{meant.group(1)}`?" if meant else "."),
+                       "fix the name; experiments/base.py lists every field.")
+  wrong_type = re.search(r"Could not override field '(\w+)' \(reference\)\. (.*) is "
+                         r"of original type <class '(\w+)'> and cannot be casted to "
+                         r"type <class '(\w+)'>", text)
+  if wrong_type:
+    field, value, given, declared = wrong_type.groups()
+    return ConfigError("--config", f"{where}: field `{field}` is declared {declared}; "
+                       f"it was given {value!r}, a {given}.",
+                       f"give `{field}` a{'n' if declared[0] in 'aeiou' else ''} "
+                       f"{declared}.")
+  return ConfigError("--config", f"{where}: {type(err).__name__}: {text}",
+                     f"fix {where}.")

@@ -2,7 +2,10 @@
 
 Experiments start from `get_config()` here and change what they need; the command
 line overrides any field, e.g. `--config.model.num_layers=4 --config.mesh.tensor=2`.
-Fields that may be unset are placeholders (None until given).
+Fields that may be unset are placeholders (None until given). The config comes back
+locked: changing a field works, adding one (a misspelt name) is an error that
+suggests the field meant. Tables of named entries (`data.mixture`) are assigned
+whole as a new ConfigDict.
 """
 
 from ml_collections import ConfigDict
@@ -176,4 +179,4 @@ def get_config(arg=None) -> ConfigDict:
       tensorboard=True,
       peak_flops=placeholder(float),  # MFU denominator; None: measured or chip table
   ))
-  return c
+  return c.lock()

@@ -9,10 +9,17 @@ experiments/base.py, so every field stays typed and overridable.
 """
 
 from experiments import base
+from sharding import ConfigError
 from train import run_config
 
 
 def get_config(arg=None):
   if not arg:
-    raise ValueError("use --config=experiments/saved.py:WORKDIR")
+    raise ConfigError("--config", "experiments/saved.py reads the config of a run, "
+                      "and no run directory was given.",
+                      "pass --config=experiments/saved.py:WORKDIR.")
+  if run_config.no_run(arg):
+    raise ConfigError("--config", f"{arg} holds no run (it has no config.json).",
+                      "pass --config=experiments/saved.py:WORKDIR with the directory "
+                      "of a trained or imported run.")
   return run_config.load(arg, base.get_config())

@@ -66,7 +66,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
              stop_tokens: Sequence[int] = (),
              on_token: Callable[[np.ndarray], None] | None = None
              ) -> list[list[int]]:
-  """New token ids for each prompt (lists of ids; lengths may differ).
+  """New token ids for each prompt (lists of ids, lengths may differ, or a
+  [batch, length] array of ids).
 
   A row stops at `max_new_tokens` (>= 0; 0 returns empty lists without running the
   model) or after emitting one of `stop_tokens` (which is included in its output).
@@ -77,10 +78,16 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   token by token and calls on_token with the [batch] new ids (-1 for finished rows)
   after each.
   """
-  if not prompts or any(len(p) == 0 for p in prompts):
+  if hasattr(prompts, "tolist"):  # a [batch, length] array of ids
+    prompts = prompts.tolist()
+  if len(prompts) and not all(isinstance(p, Sequence) or hasattr(p, "tolist")
+                              for p in prompts):
+    raise ValueError("prompts is a list of prompts, each a list of token ids; one "
+                     "prompt is [ids].")
+  if not len(prompts) or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
   vocab = model.cfg.vocab_size
-  for row, p in enumerate(prompts):  # an id past the table would be clamped
+  for row, p in enumerate(prompts):  # an id past the table would give NaN logits
     bad = [int(t) for t in p if not 0 <= int(t) < vocab]
     if bad:
       raise ValueError(f"prompt {row} holds token id {bad[0]}, outside the "

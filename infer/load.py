@@ -28,16 +28,24 @@ def load(workdir: str, *, step: int | None = None,
   The config is the one saved with the run (`train.run_config.load`), or `config`
   when given (e.g. the saved one with command-line overrides); `mesh_overrides`
   (e.g. {'tensor': 4}) replace its mesh sizes, so a model trained on one mesh
-  serves on another. A config whose model does not match the checkpoint's
-  parameter shapes is a ConfigError naming the field. The returned config's mesh
-  holds the resolved sizes; parameters carry their NamedShardings, so the model
-  runs as is (or under `jax.set_mesh` of that mesh to apply activation constraints
-  too).
+  serves on another; the mesh spans `devices` (default: every device; a smaller
+  mesh needs the devices it spans, e.g. `devices=jax.devices()[:4]`). A config
+  whose model does not match the checkpoint's parameter shapes, a field the
+  config does not have, or a mesh that does not fit is a ConfigError naming it.
+  The returned config's mesh holds the resolved sizes; parameters carry their
+  NamedShardings, so the model runs as is (or under `jax.set_mesh` of that mesh to
+  apply activation constraints too).
   """
   # The shape check names what was asked for: the run's config.json, or `config`.
   requested = None if config is None else json.loads(config.to_json())
   config = run_config.load(workdir) if config is None else copy.deepcopy(config)
   if mesh_overrides:
+    for axis in mesh_overrides:
+      if axis not in sharding.AXES:
+        raise sharding.ConfigError(
+            "mesh_overrides", f"{axis!r} is not a mesh axis; the axes are "
+            f"{', '.join(sharding.AXES)}.", "name axes of the mesh, e.g. "
+            "mesh_overrides={'tensor': 2}.")
     config.mesh.update(**mesh_overrides)
   if kernels.uses_zigzag(config.model.attention):
     # Trained on zig-zag ordered batches; prompts arrive in natural order.

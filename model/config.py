@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 import jax.numpy as jnp
+from ml_collections import ConfigDict
 
 import kernels
 from model.embedding import LOOKUPS
@@ -99,11 +101,18 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, cfg: Any) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    fields = {k: v for k, v in dict(cfg).items() if k in names}
+    """`config.model` (a ConfigDict or dict; missing fields take the defaults) ->
+    ModelConfig. A field the model does not have is a ConfigError naming it."""
+    fields = _known_fields(cls, dict(cfg), "model")
     if "moe" in fields:
-      fields["moe"] = MoEConfig(**dict(fields["moe"]))
+      fields["moe"] = MoEConfig(**_known_fields(MoEConfig, dict(fields["moe"]),
+                                                "model.moe"))
     return cls(**fields)
+
+  def validate(self) -> None:
+    """`validate` of these fields: ConfigError naming the first that cannot build
+    a model."""
+    validate(ConfigDict(dataclasses.asdict(self)))
 
   @property
   def rotary(self) -> Rotary:
@@ -189,6 +198,19 @@ def _int_at_least(cfg: Any, field: str, minimum: int, what: str, fix: str) -> in
   if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
     raise ConfigError(f"model.{field}", f"{value!r} is not {what}.", fix)
   return value
+
+
+def _known_fields(cls, values: dict, group: str) -> dict:
+  """`values`, refusing a key that is not a field of dataclass `cls`."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  for key in values:
+    if key not in names:
+      close = difflib.get_close_matches(key, names, n=1)
+      hint = f"did you mean `{group}.{close[0]}`?" if close else (
+          f"the fields are {', '.join(names)}.")
+      raise ConfigError(f"{group}.{key}", f"there is no such field; {hint}",
+                        "fix the name; experiments/base.py lists every field.")
+  return values
 
 
 def validate(cfg: Any) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import optax
 
 from kernels import flash
 from kernels.cached import KVCache
@@ -51,6 +52,10 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
                constrain: LogicalConstraint = LogicalConstraint(),
                pipeline: Pipeline = Pipeline()):
+    if not isinstance(cfg, ModelConfig):
+      raise TypeError(f"Decoder takes a ModelConfig, not {type(cfg).__name__}: build "
+                      "it with ModelConfig.from_config(config.model).")
+    cfg.validate()  # a model built directly gets the launcher's checks
     self.cfg = cfg
     self.constrain = constrain
     self.pipeline = pipeline
@@ -83,6 +88,8 @@ class Decoder(nnx.Module):
                segment_ids: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
     """tokens: [batch, length] ints -> logits [batch, length, vocab] (compute dtype).
+    Ids must lie in [0, vocab_size): past the table the default gather lookup
+    gives NaN logits (`jnp.take` fills), the one_hot lookup a zero embedding.
 
     positions default to 0..length-1; with `segment_ids` (packed sequences) tokens
     attend only within their segment and positions should restart per segment.
@@ -103,14 +110,17 @@ class Decoder(nnx.Module):
 
   def loss(self, tokens: jax.Array, targets: jax.Array,
            positions: jax.Array | None = None,
-           segment_ids: jax.Array | None = None, *, token_loss: Callable):
+           segment_ids: jax.Array | None = None, *,
+           token_loss: Callable = lambda logits, targets: (_nll(logits, targets),) * 2):
     """The training loss of a batch: `token_loss` of the logits plus, for an MoE
     model, its router losses weighted by cfg.moe (aux_loss_weight, z_loss_weight).
 
     token_loss(logits [rows, length, vocab], targets [rows, length]) -> (loss,
     metric): float32 scalars, means over the rows given, so that the mean over
-    equal microbatches is the batch's. Returns (loss, (metric, aux)), aux as
-    `forward_and_aux` gives it.
+    equal microbatches is the batch's. The default is the mean next-token
+    negative log-likelihood (nats) as both; training passes
+    `train.step.loss_and_metrics`'s, which adds the z-loss. Returns (loss,
+    (metric, aux)), aux as `forward_and_aux` gives it.
 
     Under the 1F1B pipeline schedule the whole batch's logits never exist: each
     microbatch's loss and its gradient are computed inside the pipeline loop
@@ -132,6 +142,9 @@ class Decoder(nnx.Module):
              mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """`forward_and_aux` up to the LM head: (the residual stream after the last
     layer [batch, length, embed], aux). `head_chunk_sums` takes it on."""
+    if jnp.ndim(tokens) != 2:
+      raise ValueError(f"tokens must be [batch, length] ids, got shape "
+                       f"{jnp.shape(tokens)}; one sequence is tokens[None].")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     ctx = blocks.Context(positions, segment_ids, mask=_mask(mask, tokens))
@@ -434,6 +447,13 @@ def _stage_carry(kind: str, x: jax.Array):
 def _stage_output(kind: str, carry) -> jax.Array:
   """The residual stream after the last stage (ladder's pending outputs land)."""
   return carry[0] + carry[1] + carry[2] if kind == "ladder" else carry
+
+
+def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean negative log-likelihood of `targets` [rows, length] under `logits`
+  [rows, length, vocab], in float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets).mean()
 
 
 def _mask(mask: jax.Array | None, tokens: jax.Array) -> jax.Array | None:

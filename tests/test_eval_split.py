@@ -92,11 +92,25 @@ def test_no_held_out_window_is_a_config_error_naming_eval_fraction(tiny_config,
 
 
 def test_fewer_training_windows_than_a_batch_is_a_config_error(tiny_config, tmp_path):
-  c = _text_config(tiny_config, tmp_path, num_bytes=100)
+  c = _text_config(tiny_config, tmp_path, num_bytes=40)
   with pytest.raises(sharding.ConfigError, match="fewer than one batch of "
                      "train.batch_size=8") as err:
     _make(c)
-  assert err.value.field == "data.path"
+  assert err.value.field == "data.path"  # 40 bytes: no useful length fills a batch of 8
+
+
+def test_a_window_too_long_for_the_corpus_names_seq_len_with_a_length_that_fits(
+    tiny_config, tmp_path):
+  """A corpus that fills batches at a shorter length: the error names data.seq_len,
+  and the suggested length trains."""
+  import re
+  c = _text_config(tiny_config, tmp_path, num_bytes=3000)
+  c.data.seq_len = 1024
+  with pytest.raises(sharding.ConfigError, match="fewer than one batch") as err:
+    _make(c)
+  assert err.value.field == "data.seq_len", str(err.value)
+  c.data.seq_len = int(re.search(r"--config.data.seq_len=(\d+)", err.value.fix).group(1))
+  assert next(_make(c).train)["inputs"].shape == (8, c.data.seq_len)
 
 
 def test_eval_with_zero_steps_is_a_config_error(tiny_config):

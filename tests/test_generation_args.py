@@ -126,6 +126,20 @@ def test_zero_new_tokens_returns_empty_rows(tiny_model):
   assert calls == []
 
 
+def test_prompts_as_an_array_and_the_mistakes_of_shape(tiny_model):
+  """A [batch, length] array of ids generates what the same lists do; one flat
+  prompt, or 1-D tokens to the model, is a ValueError that says the shape."""
+  import jax.numpy as jnp
+  rows = [[1, 2, 3], [4, 5, 6]]
+  want = infer.generate(tiny_model, rows, max_new_tokens=3)
+  assert infer.generate(tiny_model, np.array(rows), max_new_tokens=3) == want
+  assert infer.generate(tiny_model, jnp.array(rows), max_new_tokens=3) == want
+  with pytest.raises(ValueError, match=r"one prompt is \[ids\]"):
+    infer.generate(tiny_model, [1, 2, 3], max_new_tokens=3)
+  with pytest.raises(ValueError, match=r"\[batch, length\].*got shape \(3,\)"):
+    tiny_model(jnp.array([1, 2, 3]))
+
+
 @pytest.mark.parametrize("argument,kwargs", [
     ("max_new_tokens", dict(max_new_tokens=-1)),
     ("max_new_tokens", dict(max_new_tokens=2.0)),
@@ -162,6 +176,23 @@ def test_cli_zero_new_tokens_prints_the_prompt(byte_run):
   assert proc.stdout == "def f(\n"
   assert f"generating from step 1 of {byte_run} on mesh " in proc.stderr
   assert "warning" not in proc.stderr
+
+
+def test_loading_a_run_refuses_what_it_does_not_have(byte_run, tmp_path):
+  """infer.load from Python: a misspelt mesh axis or config field, or a directory
+  without a run, is a ConfigError naming it, not a silent default."""
+  from sharding import ConfigError
+  from train import run_config
+  with pytest.raises(ConfigError) as err:
+    infer.load(str(byte_run), mesh_overrides={"tensr": 2})
+  assert err.value.field == "mesh_overrides" and "'tensr' is not a mesh axis" in str(
+      err.value)
+  config = run_config.load(str(byte_run))
+  with pytest.raises(AttributeError, match='Did you mean "compute_dtype"'):
+    config.model.computedtype = "bfloat16"
+  with pytest.raises(ConfigError) as err:
+    infer.load(str(tmp_path))
+  assert err.value.field == "--workdir" and "holds no run" in str(err.value)
 
 
 def test_cli_warns_when_generation_runs_past_the_models_context(byte_run):

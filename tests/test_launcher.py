@@ -121,3 +121,64 @@ def test_a_directory_without_its_files_is_a_config_error(tmp_path):
         proc.stderr)
     assert "Traceback" not in proc.stderr
   assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+# (file body, the message's start after "<path> ", and a fix fragment); each file
+# defines get_config from experiments/base.py unless the case is about that.
+BROKEN_CONFIGS = {
+    "misspelt_field": (
+        "def get_config(arg=None):\n  c = base.get_config()\n"
+        "  c.model.update(num_layer=2)\n  return c\n",
+        "line 4: there is no config field `num_layer`; did you mean `num_layers`?",
+        "experiments/base.py lists every field"),
+    "misspelt_attribute": (
+        "def get_config(arg=None):\n  c = base.get_config()\n"
+        "  c.optim.warmup_step = 3\n  return c\n",
+        "line 4: there is no config field `warmup_step`; did you mean `warmup_steps`?",
+        "experiments/base.py lists every field"),
+    "syntax": ("def get_config(arg=None)\n  return base.get_config()\n",
+               "line 2: expected ':'.", "fix the file's syntax"),
+    "no_get_config": ("def config(arg=None):\n  return base.get_config()\n",
+                      "defines no get_config function.", "define get_config(arg=None)"),
+    "wrong_type": (
+        "def get_config(arg=None):\n  c = base.get_config()\n"
+        "  c.model.d_model = '128'\n  return c\n",
+        "line 4: field `d_model` is declared int; it was given '128', a str.",
+        "give `d_model` an int"),
+    "raises": ("def get_config(arg=None):\n  return 1 / 0\n",
+               "line 3: ZeroDivisionError: division by zero", "line 3."),
+}
+
+
+def test_a_config_file_that_cannot_give_a_config_is_a_config_error(tmp_path):
+  """Each way a config file fails (a misspelt field on the locked base config, bad
+  syntax, no get_config, a mistyped value, an exception) exits 2 naming the file,
+  its line and a fix; no traceback. A config may import the module next to it."""
+  cases = list(BROKEN_CONFIGS.items())
+  for name, (body, _, _) in cases:
+    (tmp_path / f"{name}.py").write_text("from experiments import base\n" + body)
+  (tmp_path / "steps.py").write_text("STEPS = 0\n")
+  (tmp_path / "sibling.py").write_text(
+      "import steps\nfrom experiments import llama_tiny\n\n\ndef get_config(arg=None):\n"
+      "  c = llama_tiny.get_config()\n  c.train.steps = steps.STEPS\n  return c\n")
+  runs = run_cli_many(
+      [("train", f"--config={tmp_path / name}.py", f"--workdir={tmp_path / 'run'}")
+       for name, _ in cases]
+      + [("train", f"--config={tmp_path / 'sibling.py'}", f"--workdir={tmp_path / 'run'}"),
+         ("train", "--config=experiments/saved.py", f"--workdir={tmp_path / 'run'}"),
+         ("train", f"--config=experiments/saved.py:{tmp_path / 'nope'}",
+          f"--workdir={tmp_path / 'run'}")])
+  for (name, (_, problem, fix)), proc in zip(cases, runs):
+    assert proc.returncode == 2, (name, proc.stderr[-2000:])
+    assert f"Config error in `--config`: {tmp_path / name}.py {problem}" in proc.stderr, (
+        name, proc.stderr[-2000:])
+    assert fix in proc.stderr.split("Fix:")[1], (name, proc.stderr)
+    assert "Traceback" not in proc.stderr
+  sibling, no_arg, no_run = runs[len(cases):]
+  # the sibling module was imported: its train.steps=0 reached validation
+  assert "Config error in `train.steps`: must be at least 1, got 0" in sibling.stderr, (
+      sibling.stderr[-2000:])
+  assert ("Config error in `--config`: experiments/saved.py reads the config of a run, "
+          "and no run directory was given") in no_arg.stderr
+  assert f"Config error in `--config`: {tmp_path / 'nope'} holds no run" in no_run.stderr
+  assert not (tmp_path / "run").exists()

@@ -293,3 +293,22 @@ def test_evaluation_sums_over_the_same_loss_chunks():
         jax.device_put(batch, rows))
   np.testing.assert_allclose(total, want, rtol=1e-5)
   assert count == weights.sum()
+
+
+def test_loss_defaults_to_the_mean_next_token_nll():
+  """`model.loss(tokens, targets)` without a token_loss is the mean NLL of the
+  targets under the model's own logits (NumPy log-softmax), as loss and metric."""
+  import numpy as np
+  from flax import nnx
+  from model import Decoder, ModelConfig
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=8, d_ff=32)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  tokens, targets = (rng.integers(0, 32, (2, 5)) for _ in range(2))
+  logits = np.asarray(model(tokens), np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -np.take_along_axis(logp, targets[..., None], -1).mean()
+  loss, (metric, aux) = model.loss(tokens, targets)
+  np.testing.assert_allclose([float(loss), float(metric)], [want, want], rtol=1e-5)
+  assert aux == {}

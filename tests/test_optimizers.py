@@ -483,3 +483,26 @@ def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
         f"{length} steps" in note
     assert int(re.search(r"warmup takes (\d+) steps", note).group(1)) == peak
     assert peak == length - 1 and float(lr(peak)) == pytest.approx(o.learning_rate)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "muon", "normuon", "galore"])
+def test_the_optimizer_line_says_the_schedule_the_run_follows(name):
+  """The run's `optimizer:` line names the update and, for the matrix optimizers,
+  the parameters it takes; its warmup, peak, final rate and last step are the
+  schedule's own (checked against `schedule` for several lengths)."""
+  import re
+
+  from train.optimizer import describe
+  for warmup, steps, decay in [(100, 10, None), (5, 40, None), (10, 40, 25)]:
+    o = _optim(name)
+    o.warmup_steps, o.decay_steps = warmup, decay
+    line = describe(o, steps)
+    assert line.startswith(f"optimizer: {name} (")
+    assert (f" on {o.matrices}, adamw" in line) == (name in ("muon", "normuon", "galore"))
+    m = re.search(r"learning rate (\S+), warmup (\d+) steps, cosine to (\S+) at step "
+                  r"(\d+)", line)
+    peak, w, end, last = float(m[1]), int(m[2]), float(m[3]), int(m[4])
+    lr = schedule(o, steps)
+    assert float(lr(w)) == pytest.approx(peak) and float(lr(w - 1)) < peak
+    assert float(lr(last)) == pytest.approx(end, rel=1e-4)
+    assert float(lr(last - 1)) > end

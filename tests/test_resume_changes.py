@@ -124,7 +124,14 @@ _SHAPES = (r"parameter `embed/table` has shape \(64, 32\) there but \(64, 48\) i
            r"from the one saved with that step in model\.d_model 32 -> 48\.")
 
 
-def test_resume_into_other_model_shape_is_a_config_error(run_d32):
+def test_resume_into_other_model_shape_is_a_config_error(run_d32, monkeypatch):
+  """Named before the data is made (a long tokenization would come first)."""
+  from train import loop
+
+  def no_data(*args):
+    raise AssertionError("the data was made before the model was checked")
+
+  monkeypatch.setattr(loop, "make_data", no_data)
   c = make_tiny_config()
   c.model.d_model = 48
   c.train.steps = 4

@@ -244,16 +244,18 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
     make_data_on(c)
   assert "--config.data.text_field=text" in err.value.fix
   odd = tmp_path / "odd.jsonl"
-  for record, problem in (({"text": None}, "the record's 'text' is null."),
-                          ({"text": 42}, "the record's 'text' is of type int, "
-                           "not text.")):
+  # a null is one bad record; a number is most likely the wrong field
+  for record, problem, field in (
+      ({"text": None}, "the record's 'text' is null.", "data.path"),
+      ({"text": 42, "body": "x"}, "the record's 'text' is of type int, not text.",
+       "data.text_field")):
     odd.write_text(json.dumps(record) + "\n")
     c2 = _config(tiny_config, "jsonl", odd, tmp_path / "cache2")
     c2.data.text_field = "text"
     with pytest.raises(sharding.ConfigError) as err:
       make_data_on(c2)
-    assert err.value.problem == f"{odd}:1: {problem}" and \
-        err.value.field == "data.path"
+    assert (err.value.problem, err.value.field) == (f"{odd}:1: {problem}", field)
+    assert ("--config.data.text_field=body" in err.value.fix) == ("body" in record)
   # skip_bad_records: the two bad lines are skipped, counted and logged.
   c = _config(tiny_config, "jsonl", path, tmp_path / "cache")
   c.data.update(text_field="text", skip_bad_records=True)

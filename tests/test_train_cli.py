@@ -28,6 +28,13 @@ def test_cli_trains_and_writes_metrics(tmp_path):
   # Training past the declared context is allowed, and said.
   assert ("note: data.seq_len=32 is past model.max_position_embeddings=16: export-hf "
           "will declare a context of 16") in proc.stdout
+  # What the run trains on and with: its windows and epochs, its optimizer.
+  import re
+  m = re.search(r"data: ([\d,]+) training / [\d,]+ held-out windows of data.seq_len "
+                r"\+ 1 = 33 tokens; ([\d.]+) epochs in train.steps=4", proc.stdout)
+  assert m, proc.stdout
+  assert float(m[2]) == pytest.approx(4 * 8 / int(m[1].replace(",", "")), abs=0.01)
+  assert "optimizer: adamw (b1 0.9, b2 0.95); weight decay" in proc.stdout
   # The override reached the model: the stacked layer weights have 3 layers.
   assert "layers/mlp/gate         3x64x128" in proc.stdout
   # attention=auto names what it chose (32 tokens on CPU: the reference).
@@ -52,6 +59,8 @@ def test_training_learns_the_synthetic_pattern(tiny_config, tmp_path):
   assert losses[0] > 3.5  # about ln(64) = 4.16 at the start
   assert losses[-1] < 0.6 * losses[0]
   assert rows[-1]["eval_loss"] < 0.6 * losses[0]
+  # rows hold Python numbers, as metrics.jsonl does (not NumPy scalars)
+  assert {type(v) for r in rows for v in r.values()} <= {int, float}, rows[-1]
 
 
 def test_same_seed_same_run(tiny_config, tmp_path):

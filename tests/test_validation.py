@@ -203,3 +203,33 @@ def test_training_past_the_declared_context_is_a_note_with_a_fix(seq_len, contex
     config.model.max_position_embeddings = int(
         note.split("--config.model.max_position_embeddings=")[1].split()[0])
     assert context_note(config) == ""
+
+
+def test_python_config_mistakes_are_errors_that_name_the_field():
+  """From Python as from the command line: the base config is locked (a misspelt
+  field is an error suggesting the field meant), a model config with an unknown
+  field is a ConfigError naming it, and a Decoder built directly gets the
+  launcher's checks."""
+  from flax import nnx
+  from experiments import base
+  from model import Decoder, ModelConfig
+  c = llama_tiny.get_config()
+  with pytest.raises(AttributeError, match='Did you mean "warmup_steps"'):
+    c.optim.warmup_step = 3
+  with pytest.raises(KeyError, match='Did you mean "num_layers"'):
+    c.model.update(num_layer=2)
+  c.model.num_layers = 2  # a field that exists still changes
+  assert c.model.num_layers == 2
+  fields = base.get_config().model.to_dict()
+  with pytest.raises(ConfigError) as err:
+    ModelConfig.from_config({**fields, "num_layer": 2})
+  assert (err.value.field, "did you mean `model.num_layers`?" in str(err.value)) == (
+      "model.num_layer", True)
+  with pytest.raises(ConfigError) as err:
+    ModelConfig.from_config({**fields, "moe": {**fields["moe"], "topk": 1}})
+  assert err.value.field == "model.moe.topk" and "`model.moe.top_k`" in str(err.value)
+  with pytest.raises(TypeError, match=r"ModelConfig.from_config\(config.model\)"):
+    Decoder(c.model, rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError) as err:
+    Decoder(ModelConfig(head_dim=31), rngs=nnx.Rngs(0))
+  assert err.value.field == "model.head_dim"

@@ -218,7 +218,9 @@ class Checkpointer:
     problem = (f"step {step} in {self.directory} cannot be restored: parameter "
                f"`{name}` has shape {saved.get(name, 'missing')} there but "
                f"{ours.get(name, 'missing')} in the model {desc} builds")
-    problem += f" ({len(bad) - 1} more parameters differ)." if len(bad) > 1 else "."
+    more = len(bad) - 1
+    problem += (f" ({more} more parameter{'s differ' if more > 1 else ' differs'})."
+                if more else ".")
     diffs = []
     if stored is not None and requested is not None:
       a = run_config.flatten(stored.get("model", {}), "model.")

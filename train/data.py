@@ -402,11 +402,17 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   else:
     tokens, train_src, eval_src = _windows(d, tokenizer, config, "the corpus")
     if len(train_src) < batch:
+      # The longest power-of-two length whose windows fill one batch, if useful.
+      fits = int(tokens * (1 - d.eval_fraction)) // batch - 1
+      shorter = 2 ** (fits.bit_length() - 1) if fits >= 8 else 0
       raise ConfigError(
-          "data.path", f"the corpus has {tokens} tokens: {len(train_src)} "
-          f"training windows of {d.seq_len + 1}, fewer than one batch of "
+          "data.seq_len" if shorter else "data.path",
+          f"the corpus has {tokens} tokens: {len(train_src)} training windows of "
+          f"data.seq_len + 1 = {d.seq_len + 1}, fewer than one batch of "
           f"train.batch_size={batch}.",
-          "use more data, a shorter data.seq_len or a smaller train.batch_size.")
+          (f"use a shorter data.seq_len, e.g. --config.data.seq_len={shorter}, a "
+           "smaller train.batch_size, or more data." if shorter else
+           "use more data (or a shorter data.seq_len or a smaller train.batch_size)."))
     if len(eval_src) < 1 and config.train.eval_every:
       held_out = tokens - int(tokens * (1 - d.eval_fraction))
       raise ConfigError(
@@ -417,6 +423,11 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
           "set --config.train.eval_every=0 to train without evaluation.")
   if not entries:
     examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
+  if not entries and d.source != "synthetic":
+    epochs = config.train.steps * batch / len(train_src)
+    _say(f"data: {len(train_src):,} training / {len(eval_src):,} held-out windows of "
+         f"data.seq_len + 1 = {d.seq_len + 1} tokens; {epochs:.2f} epochs in "
+         f"train.steps={config.train.steps}")
   lo, hi = process_rows(batch_sharding, batch, d.seq_len)
   train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))
            .batch(hi - lo, drop_remainder=True)

@@ -20,18 +20,32 @@ import kernels
 import sharding
 from model import ModelConfig, flops as flops_lib
 from train import run_config
-from train.checkpoint import Checkpointer, load_init_params
+from train.checkpoint import Checkpointer, checkpoint_dir, load_init_params
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
 from train.data import make_data
 from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
                            peak_flops)
+from train.optimizer import describe as describe_optimizer
 from train.optimizer import make_optimizer, schedule, warmup_note
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          pipeline_from_config, state_shardings)
 from train.step import (batch_sharding, make_eval_step, make_inner_step,
                         make_train_step)
 from train.validate import context_note, validate_config
+
+
+def _check_saved_model(workdir: str, config, spec, config_dict: dict) -> None:
+  """A checkpoint of a model with other parameter shapes is a ConfigError before
+  the data is read or tokenized (metadata only)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return
+  ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
+  try:
+    if (step := ckpt.latest_step()) is not None:
+      ckpt.check_param_shapes(spec.abstract_params, step, config_dict)
+  finally:
+    ckpt.close()
 
 
 def _say(msg: str) -> None:
@@ -77,6 +91,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   spec = model_spec(cfg, rules, pipeline_from_config(config, sizes))
   t = config.train
   lr = schedule(config.optim, t.steps)
+  _say(describe_optimizer(config.optim, t.steps))
   for note in (warmup_note(config.optim, t.steps), context_note(config)):
     if note:
       _say(note)
@@ -89,11 +104,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   _say(sharding.describe(mesh))
   _say(sharding.sharding_table(spec.abstract_params, shardings.params))
 
+  config_dict = json.loads(config.to_json())
+  _check_saved_model(workdir, config, spec, config_dict)
   data = make_data(config, data_sharding)
   zigzag = (sharding.split_size(rules, "length", sizes)
             if kernels.uses_zigzag(cfg.attention) else 1)
   to_global = lambda b: _global_batch(b, data_sharding, zigzag)
-  config_dict = json.loads(config.to_json())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, config.checkpoint)
@@ -227,7 +243,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
     if not tokens:  # validate_config and make_data refuse such configs
       raise RuntimeError("evaluation found no held-out tokens; refusing to log an "
                          "eval_loss of 0/0.")
-    row = {"step": step, "eval_loss": nll_sum / tokens}
+    row = {"step": step, "eval_loss": float(nll_sum / tokens)}
     writer.write(row)
     history.append(row)
     _say(f"step {step}: eval_loss {row['eval_loss']:.4f}")

@@ -62,6 +62,36 @@ def warmup_note(optim_cfg, total_steps: int) -> str:
           f"{length // 10}) to choose")
 
 
+def describe(optim_cfg, total_steps: int) -> str:
+  """One line saying what `make_optimizer(optim_cfg, total_steps)` does: the
+  update, which parameters take it, weight decay, clipping and the schedule."""
+  o = optim_cfg
+  length = o.decay_steps or total_steps
+  warmup = _warmup(o, length)
+  adam = f"adamw (b1 {o.b1:g}, b2 {o.b2:g})"
+  momentum = f"momentum {o.momentum:g}{', nesterov' if o.nesterov else ''}"
+  update = {
+      "adamw": adam,
+      "sgd": f"sgd ({momentum})",
+      "muon": f"muon ({momentum}, {o.ns_steps} Newton-Schulz steps) on "
+              f"{o.matrices}, {adam} elsewhere",
+      "normuon": f"normuon (momentum {o.momentum:g}, b2 {o.normuon_b2:g}, {o.ns_steps} "
+                 f"Newton-Schulz steps) on {o.matrices}, {adam} elsewhere",
+      "galore": f"galore (rank {o.galore_rank}, projection every "
+                f"{o.galore_update_proj_gap} steps, scale {o.galore_scale:g}) on "
+                f"{o.matrices}, {adam} elsewhere"}.get(o.name, o.name)
+  clip = "no clipping"
+  if o.clip_norm:
+    clip = f"global-norm clip {o.clip_norm:g}" + (
+        " per replica before DGC" if Compression.from_config(o).method == "dgc" else "")
+  state = "".join([f"; {o.state_dtype} state" if o.state_dtype != "float32" else "",
+                   "; state in host memory" if o.offload == "host" else ""])
+  return (f"optimizer: {update}; weight decay {o.weight_decay:g} except {o.no_decay}; "
+          f"{clip}; learning rate {o.learning_rate:g}, warmup {warmup} steps, cosine "
+          f"to {o.learning_rate * o.min_lr_ratio:g} at step {max(length, warmup + 1)}"
+          + state)
+
+
 def decay_mask(params, no_decay: str):
   """True for parameters that get weight decay: those whose '/'-joined path matches
   none of the comma-separated regexes in `no_decay` (default: norm scales)."""

@@ -17,6 +17,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from sharding import ConfigError
+
 FILE = "config.json"
 
 
@@ -67,13 +69,24 @@ def overlay(config: ConfigDict, saved: dict) -> ConfigDict:
   return config
 
 
+def no_run(workdir: str) -> ConfigError | None:
+  """The ConfigError for a `workdir` without a run's config.json, else None."""
+  if os.path.isfile(path(workdir)):
+    return None
+  return ConfigError("--workdir", f"{workdir} holds no run (it has no {FILE}).",
+                     "pass the --workdir of a trained or imported run.")
+
+
 def load(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
-  """The run's config as a ConfigDict: laid over `defaults` when given, else as
-  saved (lists as tuples)."""
+  """The run's config as a locked ConfigDict (a misspelt field set on it is an
+  error): laid over `defaults` when given, else as saved (lists as tuples).
+  Raises ConfigError when `workdir` holds no run."""
+  if error := no_run(workdir):
+    raise error
   saved = read(workdir)
   if defaults is not None:
-    return overlay(defaults, saved)
-  return ConfigDict(_tuples(saved))
+    return overlay(defaults, saved).lock()
+  return ConfigDict(_tuples(saved)).lock()
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

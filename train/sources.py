@@ -115,15 +115,17 @@ class _Reader:
       return self.decode(value)
     if isinstance(value, str):
       return value
+    texts = [k for k, v in record.items() if isinstance(v, str)]
+    other_field = (f"name the text field, e.g. --config.data.text_field={texts[0]}; or "
+                   if texts else "")
     if self.text_field not in record:
-      texts = [k for k, v in record.items() if isinstance(v, str)]
       self.bad(where, f"the record has no {self.text_field!r} field (its fields: "
-               f"{sorted(record)[:8]}).", "text_field",
-               f"name the text field, e.g. --config.data.text_field={texts[0]}; or "
-               if texts else "")
-    else:
-      what = "null" if value is None else f"of type {type(value).__name__}, not text"
-      self.bad(where, f"the record's {self.text_field!r} is {what}.")
+               f"{sorted(record)[:8]}).", "text_field", other_field)
+    elif value is None:  # one record without text
+      self.bad(where, f"the record's {self.text_field!r} is null.")
+    else:  # a field of another kind: most likely not the text field
+      self.bad(where, f"the record's {self.text_field!r} is of type "
+               f"{type(value).__name__}, not text.", "text_field", other_field)
     return None
 
 
@@ -156,9 +158,13 @@ def _column(reader: _Reader, values, where_row, start: int) -> Iterator[str]:
   for j, value in enumerate(values):
     if isinstance(value, bytes):
       value = reader.decode(value)
+    if value is None:
+      reader.bad(where_row(start + j), f"the {reader.text_field!r} field is null.")
+      continue
     if not isinstance(value, str):
       reader.bad(where_row(start + j), f"the {reader.text_field!r} field is "
-                 f"{'null' if value is None else type(value).__name__}, not text.")
+                 f"{type(value).__name__}, not text.", "text_field",
+                 "name a text column, --config.data.text_field=NAME; or ")
       continue
     yield value
 
