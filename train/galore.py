@@ -30,9 +30,9 @@ Either way each column of P is signed so its largest-magnitude entry is
 positive: the update is sign-invariant within a refresh, and a fixed sign keeps
 the moments (which GaLore carries across refreshes) in a reproducible frame.
 
-Each stacked `[layers, (experts,) in, out]` tensor is vmapped over its batch axes
-(`train.matrices.dims`): one projector per layer. The step count stays unbatched,
-so the refresh is a `lax.cond` on it inside the jitted step (no recompilation).
+Each stacked `[layers, (experts,) in, out]` tensor has one projector per layer
+(its batch axes, `train.matrices.dims`); the step count is shared, so the
+refresh is one `lax.cond` on it inside the jitted step (no recompilation).
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ def _randomized_left(g: jax.Array, r: int, key: jax.Array) -> jax.Array:
   return q @ jnp.linalg.svd(q.T @ g, full_matrices=False)[0][:, :r]
 
 
-def _leaf(d: matrices.Dims, shape: tuple[int, ...], rank: int, gap: int,
-          scale: float, base: optax.GradientTransformation, projector: str):
-  """(init, update) of GaLore for one matrix of `shape` with no batch axes, its
-  reduction and output axes as `d` says."""
+def _leaf(d: matrices.Dims, shape: tuple[int, ...], rank: int, scale: float,
+          base: optax.GradientTransformation, projector: str):
+  """(init, project, update) of GaLore for one matrix of `shape` with no batch
+  axes, its reduction and output axes as `d` says: project(g, count) finds a
+  fresh P; update(g, state, p) applies this step's P."""
   perm = d.reduction + d.output
   m, n = matrices.matrix_shape(shape, d)
   left, r = m >= n, min(rank, m, n)
@@ -90,7 +91,8 @@ def _leaf(d: matrices.Dims, shape: tuple[int, ...], rank: int, gap: int,
   def low_rank(p, g2):  # [r, n] or [m, r]
     return p.T @ g2 if left else g2 @ p
 
-  def refresh(g2, count):
+  def project(g, count):  # a fresh P for g [shape]: [m, r] or [n, r]
+    g2 = to_2d(g)
     g32 = (g2 if left else g2.T).astype(jnp.float32)  # the side P spans first
     if projector == "svd":
       p = _svd_left(g32, r)
@@ -104,28 +106,46 @@ def _leaf(d: matrices.Dims, shape: tuple[int, ...], rank: int, gap: int,
                        base_optimizer_state=base.init(low_rank(p, to_2d(x))),
                        projector=p)
 
-  def update(g, state):
+  def update(g, state, p):  # p: this step's projector (fresh or state's)
     g2 = to_2d(g)
-    p = jax.lax.cond(state.count % gap == 0, lambda: refresh(g2, state.count),
-                     lambda: state.projector)
     n_t, base_state = base.update(low_rank(p, g2), state.base_optimizer_state)
     full = p @ n_t if left else n_t @ p.T
     return (from_2d(scale * full).astype(g.dtype),
             GaLoreState(optax.safe_increment(state.count), base_state, p))
 
-  return init, update
+  return init, project, update
 
 
-def _batched(d: matrices.Dims, shape, *args) -> tuple:
-  """`_leaf` vmapped over d.batch (one projector per layer, one shared count)."""
+def _batched(d: matrices.Dims, shape, rank: int, gap: int, scale: float,
+             base: optax.GradientTransformation, projector: str) -> tuple:
+  """(init, update) of `_leaf` over d.batch: one projector per layer, one
+  shared count, so the refresh is a single `lax.cond` on it.
+
+  The refresh runs the layers one after another (`lax.map`), not vmapped: a
+  batched QR or SVD inside a conditional deadlocked XLA:CPU's thread pool when
+  two devices shared two cores (train.galore tests); the refresh is one step in
+  `gap`, so the loop costs little anywhere.
+  """
   nb = len(d.batch)
   unbatched = matrices.Dims((), tuple(a - nb for a in d.reduction),
                             tuple(a - nb for a in d.output))
-  init, update = _leaf(unbatched, shape[nb:], *args)
+  init, project, apply = _leaf(unbatched, shape[nb:], rank, scale, base,
+                               projector)
   axes = GaLoreState(count=None, base_optimizer_state=0, projector=0)
   for _ in range(nb):
     init = jax.vmap(init, out_axes=axes)
-    update = jax.vmap(update, in_axes=(0, axes), out_axes=(0, axes))
+    apply = jax.vmap(apply, in_axes=(0, axes, 0), out_axes=(0, axes))
+
+  def refresh(g, count):  # g [*batch, *matrix] -> P [*batch, d, r]
+    flat = g.reshape((-1, *g.shape[nb:]))
+    p = jax.lax.map(lambda x: project(x, count), flat)
+    return p.reshape((*g.shape[:nb], *p.shape[1:]))
+
+  def update(g, state):
+    p = jax.lax.cond(state.count % gap == 0,
+                     lambda: refresh(g, state.count), lambda: state.projector)
+    return apply(g, state, p)
+
   return init, update
 
 
