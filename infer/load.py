@@ -47,12 +47,13 @@ def load(workdir: str, *, step: int | None = None,
             f"{', '.join(sharding.AXES)}.", "name axes of the mesh, e.g. "
             "mesh_overrides={'tensor': 2}.")
     config.mesh.update(**mesh_overrides)
-  if kernels.uses_zigzag(config.model.attention):
-    # Trained on zig-zag ordered batches; prompts arrive in natural order.
-    config.model.attention = "auto"
   model.validate(config.model)  # overrides of the saved model are checked too
   devices = list(jax.devices() if devices is None else devices)
-  config.mesh.update(**sharding.validate_serving_plan(config, len(devices)))
+  sizes = sharding.validate_serving_plan(config, len(devices))
+  config.mesh.update(**sizes)
+  config.model.attention = kernels.serving_impl(
+      config.model.attention,
+      sharding.split_size(sharding.normalize_rules(config.mesh.rules), "length", sizes))
   mesh = sharding.make_mesh(config.mesh, devices)
   spec = model_spec(ModelConfig.from_config(config.model),
                     sharding.normalize_rules(config.mesh.rules))

@@ -29,6 +29,9 @@ from kernels.block import BlockSizes
 
 # Implementations that exist in this build; config validation checks against it.
 IMPLS = ("reference", "flash", "ring", "ring_zigzag", "ulysses", "auto")
+# Implementations that exchange the sequence over the mesh axis the rules split
+# `length` over; they need that axis to have more than one device.
+SEQUENCE_PARALLEL = ("ring", "ring_zigzag", "ulysses")
 # On CPU the blockwise flash loops beat the reference for training from about this
 # length: a whole llama_tiny train step (length 256) took 1.8 CPU-seconds with flash
 # against 2.2-2.6 with the reference, and the 21M model's (length 512) 3.1 against
@@ -42,8 +45,18 @@ zigzag_unpermute = zigzag.unpermute
 _log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
-__all__ = ["BlockSizes", "IMPLS", "attention", "choose", "uses_zigzag",
-           "zigzag_permute", "zigzag_unpermute"]
+__all__ = ["BlockSizes", "IMPLS", "SEQUENCE_PARALLEL", "attention", "choose",
+           "serving_impl", "uses_zigzag", "zigzag_permute", "zigzag_unpermute"]
+
+
+def serving_impl(impl: str, length_split: int) -> str:
+  """The impl to serve a model trained with `impl` on a mesh that splits the
+  length over `length_split` devices: `auto` where the trained one cannot serve
+  (`ring_zigzag` wants zig-zag ordered prompts; a sequence-parallel impl on an
+  unsplit length has nothing to exchange over), else `impl`."""
+  if uses_zigzag(impl) or (impl in SEQUENCE_PARALLEL and length_split == 1):
+    return "auto"
+  return impl
 
 
 def uses_zigzag(impl: str) -> bool:

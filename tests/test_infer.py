@@ -177,9 +177,11 @@ def test_generation_same_on_tensor4_data2_as_one_device(imported_hf):
                       devices=jax.devices()[:1])
   saved = run_config.load(workdir)
   saved.train.batch_size = 3  # data=2 does not split it: serving does not ask
+  # Trained sequence parallel; served where nothing splits the length: auto.
+  saved.model.attention = "ring"
   sharded, config = infer.load(workdir, mesh_overrides=dict(data=2, fsdp=1, tensor=4),
                                config=saved)
-  assert config.mesh.tensor == 4
+  assert config.mesh.tensor == 4 and config.model.attention == "auto"
   q = sharded.layers.attn.q[...]
   assert "tensor" in str(q.sharding.spec)
   assert (infer.generate(one, PROMPTS[:2], max_new_tokens=12) ==

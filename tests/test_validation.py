@@ -32,6 +32,12 @@ CASES = {
                           "must be at least 0, got -1"),
     "attention_block_negative": ({"model.attention_block_kv": -128},
                                  "model.attention_block_kv", "-128 is not a tile size"),
+    "ring_unsplit": ({"model.attention": "ring"}, "model.attention",
+                     "'ring', which exchanges the sequence between the devices of the "
+                     "mesh axis the rules split `length` over, but mesh.sequence=1 does "
+                     "not split it"),
+    "ulysses_unsplit": ({"model.attention": "ulysses"}, "model.attention",
+                        "but mesh.sequence=1 does not split it"),
 }
 
 
@@ -50,6 +56,16 @@ def test_library_raises_config_error(case):
   assert err.value.field == field
   assert numbers in str(err.value)
   assert "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("impl", ["ring", "ring_zigzag", "ulysses"])
+def test_sequence_parallel_attention_fix_works(impl):
+  """The fix that the unsplit-length error gives validates."""
+  config = _apply(llama_tiny.get_config(), {"model.attention": impl})
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(config, 8)
+  assert "Fix: set --config.mesh.sequence=2 (or more" in str(err.value)
+  assert train.validate_config(_apply(config, {"mesh.sequence": 2}), 8)["sequence"] == 2
 
 
 def test_moe_mlp_and_batch_on_one_mesh_axis():

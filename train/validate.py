@@ -138,7 +138,18 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
   rules = sharding.normalize_rules(config.mesh.rules)
   impl, seq = config.model.attention, sharding.split_size(rules, "length", sizes)
   length_axes = [a for a in dict(rules).get("length", ()) if sizes[a] > 1]
-  if impl in ("ring", "ring_zigzag", "ulysses") and len(length_axes) > 1:
+  if impl in kernels.SEQUENCE_PARALLEL and not length_axes:
+    axes = dict(rules).get("length", ())
+    where = (" and ".join(f"mesh.{a}={sizes[a]}" for a in axes) if axes else
+             "no mesh axis (mesh.rules.length is empty)")
+    raise ConfigError(
+        "model.attention", f"is {impl!r}, which exchanges the sequence between the "
+        f"devices of the mesh axis the rules split `length` over, but {where} does "
+        "not split it.", (f"set --config.mesh.{axes[0]}=2" if axes else
+                         "set --config.mesh.rules.length=\"('sequence',)\" and "
+                         "--config.mesh.sequence=2") +
+        " (or more; it must divide data.seq_len), or --config.model.attention=auto.")
+  if impl in kernels.SEQUENCE_PARALLEL and len(length_axes) > 1:
     raise ConfigError(
         "mesh.rules.length", f"{impl} attention exchanges over one mesh axis, but "
         f"the rules split the length over {length_axes}.",
