@@ -248,8 +248,7 @@ def compile_step(config, topology: str, what: str = "train",
   (`sharding.mesh.slice_split`).
   """
   if what not in WHAT:
-    raise ConfigError("--what", f"{what!r} is not one of {WHAT}.",
-                      "pass --what=train or --what=decode.")
+    raise ConfigError.choice("--what", what, WHAT, flag="--what")
   devices = devices or topology_devices(topology, slices)
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
   sizes = validate_config(config, len(devices))

@@ -220,8 +220,7 @@ def validate(cfg: Any) -> None:
              "embed_lookup": LOOKUPS}
   for field, allowed in choices.items():
     if cfg[field] not in allowed:
-      raise ConfigError(f"model.{field}", f"{cfg[field]!r} is not one of {allowed}.",
-                        f"set --config.model.{field} to one of them.")
+      raise ConfigError.choice(f"model.{field}", cfg[field], allowed)
   for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "d_ff"):
     if cfg[field] <= 0:
@@ -263,8 +262,7 @@ def validate(cfg: Any) -> None:
 def validate_rotary(m: ModelConfig) -> None:
   """The `model.rope_*` fields: a known variant with parameters it can use."""
   if m.rope_type not in ROPE_TYPES:
-    raise ConfigError("model.rope_type", f"{m.rope_type!r} is not one of {ROPE_TYPES}.",
-                      "set --config.model.rope_type to one of them.")
+    raise ConfigError.choice("model.rope_type", m.rope_type, ROPE_TYPES)
   if m.head_dim % 2:
     raise ConfigError("model.head_dim", f"rotary embeddings rotate pairs of features; "
                       f"head_dim={m.head_dim} is odd.", "choose an even head_dim.")
@@ -307,8 +305,7 @@ def validate_moe(m: ModelConfig) -> None:
                       f"num_experts={moe.num_experts}.",
                       "set --config.model.moe.top_k to e.g. 1 or 2.")
   if moe.dispatch not in DISPATCH:
-    raise ConfigError("model.moe.dispatch", f"{moe.dispatch!r} is not one of "
-                      f"{DISPATCH}.", "set --config.model.moe.dispatch to one of them.")
+    raise ConfigError.choice("model.moe.dispatch", moe.dispatch, DISPATCH)
   if moe.capacity_factor <= 0:
     raise ConfigError("model.moe.capacity_factor", f"must be positive, got "
                       f"{moe.capacity_factor}.", "set e.g. 1.25 (1.0: no slack).")

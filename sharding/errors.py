@@ -5,6 +5,11 @@ its message as one paragraph and exits with status 2. It lives in `sharding/` be
 every package may import `sharding` and `sharding` imports none of them.
 """
 
+from __future__ import annotations
+
+import difflib
+from typing import Any, Sequence
+
 
 class ConfigError(ValueError):
   """A config value that cannot work, with the field, the numbers and the fix."""
@@ -14,3 +19,17 @@ class ConfigError(ValueError):
     self.problem = problem
     self.fix = fix
     super().__init__(f"Config error in `{field}`: {problem} Fix: {fix}")
+
+  @classmethod
+  def choice(cls, field: str, value: Any, allowed: Sequence[str],
+             flag: str | None = None) -> "ConfigError":
+    """The error for `value` not among `allowed`; the fix names the closest one
+    (same letters in another case, else difflib's nearest), or all of them.
+    `flag`: how to set the field (default `--config.<field>`)."""
+    flag = flag or f"--config.{field}"
+    lower = {str(a).lower(): a for a in allowed}
+    close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.6)
+    meant = lower[close[0]] if close else None
+    fix = (f"set {flag}={meant} (or another of those)." if meant else
+           f"set {flag} to one of them.")
+    return cls(field, f"{value!r} is not one of {', '.join(allowed)}.", fix)

@@ -20,7 +20,7 @@ CASES = {
               "batch_size=12 does not split over the data-parallel size 8"),
     "block": ({"model.block": "ladderr"}, "model.block", "'ladderr' is not one of"),
     "embed_lookup": ({"model.embed_lookup": "iota"}, "model.embed_lookup",
-                     "'iota' is not one of ('gather', 'one_hot')"),
+                     "'iota' is not one of gather, one_hot."),
     "loss_chunks": ({"model.loss_chunks": 3}, "model.loss_chunks",
                     "holds 2 sequences, which do not split into 3 loss chunks"),
     "loss_chunks_zero": ({"model.loss_chunks": 0}, "model.loss_chunks",
@@ -56,6 +56,33 @@ def test_library_raises_config_error(case):
   assert err.value.field == field
   assert numbers in str(err.value)
   assert "Fix:" in str(err.value)
+
+
+def _choices():
+  from model.config import BLOCKS, DTYPES, REMAT
+  from model.embedding import LOOKUPS
+  from train import data, galore, optimizer
+  return {"optim.name": optimizer.NAMES, "optim.galore_projector": galore.PROJECTORS,
+          "optim.state_dtype": optimizer.STATE_DTYPES, "model.block": BLOCKS,
+          "model.remat": REMAT, "model.embed_lookup": LOOKUPS,
+          "model.compute_dtype": tuple(DTYPES), "data.source": data.SOURCES}
+
+
+@pytest.mark.parametrize("field", sorted(_choices()))
+def test_a_misspelt_choice_names_the_one_meant(field):
+  """Every value of a choice field, typed in capitals or with a letter doubled,
+  gets a fix that names that value; a value like none of them lists them all."""
+  allowed = _choices()[field]
+  for meant in allowed:
+    for typo in (meant.upper(), meant + meant[-1]):
+      with pytest.raises(ConfigError) as err:
+        train.validate_config(_apply(llama_tiny.get_config(), {field: typo}), 8)
+      assert err.value.field == field
+      assert err.value.problem == f"{typo!r} is not one of {', '.join(allowed)}."
+      assert err.value.fix == f"set --config.{field}={meant} (or another of those)."
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(_apply(llama_tiny.get_config(), {field: "qqqq"}), 8)
+  assert err.value.fix == f"set --config.{field} to one of them."
 
 
 @pytest.mark.parametrize("impl", ["ring", "ring_zigzag", "ulysses"])

@@ -499,8 +499,7 @@ def validate(config) -> None:
   checks = _validate_mixture(config)
   if not checks:
     if d.source not in SOURCES:
-      raise ConfigError("data.source", f"{d.source!r} is not one of {SOURCES}.",
-                        f"set --config.data.source to one of {', '.join(SOURCES)}.")
+      raise ConfigError.choice("data.source", d.source, SOURCES)
     checks = [("data.", d.source, d.path, d.text_field)]
   if d.seq_len < 2:
     raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",

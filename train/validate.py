@@ -69,8 +69,7 @@ def context_note(config) -> str:
 
 def _choice(path: str, value, allowed) -> None:
   if value not in allowed:
-    raise ConfigError(path, f"is {value!r}; it must be one of {', '.join(allowed)}.",
-                      f"set --config.{path}={allowed[0]} (or another of those).")
+    raise ConfigError.choice(path, value, allowed)
 
 
 def _validate_optim(config) -> None:
