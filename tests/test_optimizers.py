@@ -470,7 +470,7 @@ def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
 
   from train.optimizer import warmup_note
   for warmup, steps, decay in [(100, 10, None), (50, 30, 20), (5, 10, None),
-                               (19, 40, 20), (20, 40, 20)]:
+                               (19, 40, 20), (20, 40, 20), (100, 2, None)]:
     o = _optim("adamw")
     o.warmup_steps, o.decay_steps = warmup, decay
     lr = schedule(o, steps)
@@ -482,7 +482,8 @@ def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
       continue
     assert f"optim.warmup_steps={warmup} does not fit a learning-rate schedule of " \
         f"{length} steps" in note
-    assert int(re.search(r"warmup takes (\d+) steps", note).group(1)) == peak
+    taken = re.search(r"warmup takes (\d+) (steps?)", note)
+    assert int(taken[1]) == peak and taken[2] == ("step" if peak == 1 else "steps")
     assert peak == length - 1 and float(lr(peak)) == pytest.approx(o.learning_rate)
 
 
@@ -494,14 +495,16 @@ def test_the_optimizer_line_says_the_schedule_the_run_follows(name):
   import re
 
   from train.optimizer import describe
-  for warmup, steps, decay in [(100, 10, None), (5, 40, None), (10, 40, 25)]:
+  for warmup, steps, decay in [(100, 10, None), (5, 40, None), (10, 40, 25),
+                               (100, 2, None)]:
     o = _optim(name)
     o.warmup_steps, o.decay_steps = warmup, decay
     line = describe(o, steps)
     assert line.startswith(f"optimizer: {name} (")
     assert (f" on {o.matrices}, adamw" in line) == (name in ("muon", "normuon", "galore"))
-    m = re.search(r"learning rate (\S+), warmup (\d+) steps, cosine to (\S+) at step "
-                  r"(\d+)", line)
+    m = re.search(r"learning rate (\S+), warmup (\d+) steps?, cosine to (\S+) at "
+                  r"step (\d+)", line)
+    assert "1 steps" not in line
     peak, w, end, last = float(m[1]), int(m[2]), float(m[3]), int(m[4])
     lr = schedule(o, steps)
     assert float(lr(w)) == pytest.approx(peak) and float(lr(w - 1)) < peak

@@ -116,3 +116,17 @@ def test_step_time_leaves_out_host_work_and_keeps_the_steps_it_overlaps():
       timer.step()
     dev.sync()  # fetching the last step's metrics
     assert timer.per_step() == pytest.approx(steps.mean(), rel=1e-3)
+
+
+def test_cpu_mfu_peak_is_one_host_rate_per_process(monkeypatch):
+  """MFU divides the FLOP/s of all processes by the peak of all their hosts: the
+  measured host rate times the process count; log.peak_flops overrides it."""
+  from ml_collections import ConfigDict
+  from train import metrics
+  monkeypatch.setattr(metrics, "measured_matmul_peak", lambda: 3e11)
+  log = ConfigDict(dict(peak_flops=0.0))
+  assert metrics.peak_flops(log) == (3e11, "measured matmul (host)")
+  monkeypatch.setattr(metrics.jax, "process_count", lambda: 2)
+  assert metrics.peak_flops(log) == (6e11, "measured matmul (host) x 2 processes")
+  log.peak_flops = 1e12
+  assert metrics.peak_flops(log) == (1e12, "config")

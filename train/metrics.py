@@ -118,15 +118,18 @@ def measured_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
 def peak_flops(log_cfg) -> tuple[float, str]:
   """(peak FLOP/s that MFU divides by, where it came from).
 
-  On CPU every fake device shares the same cores, so the peak is the whole host's
-  measured matmul rate and MFU compares the step's total FLOP/s with it.
+  On CPU a process's fake devices share its host's cores, so the peak is the
+  host's measured matmul rate times the number of processes (hosts), and MFU
+  compares the step's total FLOP/s over all of them with it.
   `log.peak_flops` overrides it (total FLOP/s over all devices of the run).
   """
   if log_cfg.peak_flops:
     return float(log_cfg.peak_flops), "config"
   device = jax.devices()[0]
   if device.platform == "cpu":
-    return measured_matmul_peak(), "measured matmul (host)"
+    hosts = jax.process_count()
+    return (measured_matmul_peak() * hosts,
+            "measured matmul (host)" + (f" x {hosts} processes" if hosts > 1 else ""))
   chip = sharding.chips.chip_for_device_kind(device.device_kind)
   if chip is not None:  # at run time each TPU device is a whole chip (v4: megacore)
     return (chip.peak_flops * jax.device_count(),

@@ -49,6 +49,10 @@ def _warmup(optim_cfg, length: int) -> int:
   return min(optim_cfg.warmup_steps, max(length - 1, 0))
 
 
+def _steps(n: int) -> str:
+  return f"{n} step{'' if n == 1 else 's'}"
+
+
 def warmup_note(optim_cfg, total_steps: int) -> str:
   """What a run says when `optim.warmup_steps` does not fit the schedule (a short
   fine-tune on the default 100 warmup steps); empty when it fits."""
@@ -57,7 +61,7 @@ def warmup_note(optim_cfg, total_steps: int) -> str:
   if warmup == optim_cfg.warmup_steps:
     return ""
   return (f"optim.warmup_steps={optim_cfg.warmup_steps} does not fit a learning-rate "
-          f"schedule of {length} steps: warmup takes {warmup} steps and the cosine "
+          f"schedule of {_steps(length)}: warmup takes {_steps(warmup)} and the cosine "
           f"decay {length - warmup}; set --config.optim.warmup_steps (e.g. "
           f"{length // 10}) to choose")
 
@@ -78,7 +82,7 @@ def describe(optim_cfg, total_steps: int) -> str:
       "normuon": f"normuon (momentum {o.momentum:g}, b2 {o.normuon_b2:g}, {o.ns_steps} "
                  f"Newton-Schulz steps) on {o.matrices}, {adam} elsewhere",
       "galore": f"galore (rank {o.galore_rank}, projection every "
-                f"{o.galore_update_proj_gap} steps, scale {o.galore_scale:g}) on "
+                f"{_steps(o.galore_update_proj_gap)}, scale {o.galore_scale:g}) on "
                 f"{o.matrices}, {adam} elsewhere"}.get(o.name, o.name)
   clip = "no clipping"
   if o.clip_norm:
@@ -87,7 +91,7 @@ def describe(optim_cfg, total_steps: int) -> str:
   state = "".join([f"; {o.state_dtype} state" if o.state_dtype != "float32" else "",
                    "; state in host memory" if o.offload == "host" else ""])
   return (f"optimizer: {update}; weight decay {o.weight_decay:g} except {o.no_decay}; "
-          f"{clip}; learning rate {o.learning_rate:g}, warmup {warmup} steps, cosine "
+          f"{clip}; learning rate {o.learning_rate:g}, warmup {_steps(warmup)}, cosine "
           f"to {o.learning_rate * o.min_lr_ratio:g} at step {max(length, warmup + 1)}"
           + state)
 
