@@ -36,6 +36,11 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
   new.data.prefetch_batches = 0
   new.train.grad_accum_steps = 2           # a dense model: the same mean gradient
   new.pipeline.update(microbatches=2, schedule="circular", repeats=2)
+  # Fields of features this run has switched off (no diloco replicas, no
+  # compression, neither GaLore nor NorMuon):
+  new.diloco.update(sync_every=5, outer_lr=0.5)
+  new.optim.compression.density = 0.01
+  new.optim.update(galore_rank=8, normuon_b2=0.5)
   changes = trajectory_changes(_as_dict(old), _as_dict(new))
   assert sorted((f, a, b) for f, a, b, _ in changes) == [
       ("data.seq_len", 16, 32),
@@ -46,6 +51,16 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
       ("train.steps", 3, 6),
   ]
   assert trajectory_changes(_as_dict(old), _as_dict(make_tiny_config())) == []
+  # ... which count once the feature is on, on either side.
+  for switch, field in [(dict(mesh=dict(diloco=2)), "diloco.sync_every"),
+                        (dict(optim=dict(compression=dict(method="dgc"))),
+                         "optim.compression.density"),
+                        (dict(optim=dict(name="galore")), "optim.galore_rank"),
+                        (dict(optim=dict(name="normuon")), "optim.normuon_b2")]:
+    on = make_tiny_config()
+    on.update(switch)
+    assert field in [f for f, *_ in trajectory_changes(_as_dict(on), _as_dict(new))]
+    assert field in [f for f, *_ in trajectory_changes(_as_dict(new), _as_dict(on))]
   before_prefetch = _as_dict(old)  # saved before these fields existed
   del before_prefetch["data"]["prefetch_batches"]
   del before_prefetch["model"]["attention_block_q"], before_prefetch["model"]["attention_block_kv"]
@@ -80,6 +95,15 @@ def test_steps_are_a_change_only_while_they_set_the_schedule_length():
   assert trajectory_changes(_as_dict(old), _as_dict(new)) == [
       ("optim.decay_steps", 12, None, "the learning-rate schedule's length; now: "
        "train.steps=6 while it is unset")]
+
+
+def test_the_schedule_hint_comes_only_with_a_schedule_change():
+  from train.run_config import describe_trajectory_changes
+  hint = "To extend a run on the same learning-rate curve"
+  assert hint in describe_trajectory_changes(3, [("train.steps", 3, 6, "")])
+  assert hint in describe_trajectory_changes(3, [("optim.decay_steps", None, 9, "")])
+  message = describe_trajectory_changes(3, [("train.seed", 0, 1, "")])
+  assert message.endswith("will not match an uninterrupted run of either config.")
 
 
 def test_resume_with_more_steps_says_the_schedule_changed(tmp_path, capsys):

@@ -110,6 +110,14 @@ _SAME_TRAJECTORY_FIELDS = ("model.attention", "model.attention_block_q",
                            "train.eval_every", "train.eval_steps", "optim.offload",
                            "pipeline.schedule", "pipeline.repeats",
                            "data.prefetch_batches")
+# Groups of fields that a run reads only when a switch turns them on: a change
+# matters only when the switch is on in the saved run or the resumed one.
+_ACTIVE_WHEN = {
+    "diloco.": lambda c: (c.get("mesh.diloco") or 1) > 1,
+    "optim.compression.": lambda c: c.get("optim.compression.method", "none") != "none",
+    "optim.galore_": lambda c: c.get("optim.name") == "galore",
+    "optim.normuon_": lambda c: c.get("optim.name") == "normuon",
+}
 # The same mean gradient in a dense model; per-micro-batch MoE losses otherwise.
 _SPLITS_OF_THE_BATCH = {"train.grad_accum_steps": "micro-batch",
                         "pipeline.microbatches": "pipeline microbatch"}
@@ -121,7 +129,10 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   model, data, optimizer, batch size, seed and other train fields. Not reported:
   mesh sizes and rules, log.*, checkpoint.*, the attention implementation and its
   tile sizes, remat, scanned or unrolled layers, loss chunks, the embedding lookup,
-  evaluation settings, the pipeline schedule, the loader's read-ahead. `train.steps` and
+  evaluation settings, the pipeline schedule, the loader's read-ahead, and fields of
+  a switched-off feature (diloco.* without mesh.diloco > 1, optim.compression.*
+  while its method is none, GaLore's and NorMuon's own fields under another
+  optimizer) on both sides. `train.steps` and
   `optim.decay_steps` are reported only when the schedule's length (decay_steps,
   or train.steps when it is unset) changes; `train.grad_accum_steps` and
   `pipeline.microbatches` only for MoE models (their losses are per micro-batch).
@@ -133,6 +144,9 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
     a, b = old.get(field, ABSENT), new.get(field, ABSENT)
     if (a == b or field.startswith(_SAME_TRAJECTORY_GROUPS)
         or field in _SAME_TRAJECTORY_FIELDS or field in schedule):
+      continue
+    if any(field.startswith(group) and not (on(old) or on(new))
+           for group, on in _ACTIVE_WHEN.items()):
       continue
     note = ""
     if field in _SPLITS_OF_THE_BATCH:
@@ -166,9 +180,10 @@ def describe_trajectory_changes(step: int, changes: list) -> str:
            "with the checkpoint -> now):"]
   for field, a, b, note in changes:
     lines.append(f"  {field}: {a!r} -> {b!r}" + (f"  ({note})" if note else ""))
-  lines.append("The run will not match an uninterrupted run of either config. To "
-               "extend a run on the same learning-rate curve, set optim.decay_steps "
-               "to the whole run's length from the start.")
+  lines.append("The run will not match an uninterrupted run of either config." + (
+      " To extend a run on the same learning-rate curve, set optim.decay_steps to "
+      "the whole run's length from the start."
+      if any(f in ("train.steps", "optim.decay_steps") for f, *_ in changes) else ""))
   return "\n".join(lines)
 
 
