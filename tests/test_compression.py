@@ -367,7 +367,11 @@ def test_warmup_resume_is_bit_exact_and_regroups_onto_fewer_replicas(tmp_path, c
   import train
   c = _dgc_config(dict(data=8), steps=3, warmup_steps=1, density=0.01)
   c.checkpoint.update(every_steps=1, async_save=False)
+  capsys.readouterr()
   straight = train.train(c, str(tmp_path / "straight"), progress=False)
+  assert ("compression: dgc over mesh.data (8 replicas), density 0.01 of each "
+          "tensor's entries, warming up over 1 step from 1/4; exact top-k; momentum "
+          "correction; local clip; momentum masking\n") in capsys.readouterr().out
   # A one-step warm-up is the first stage (1/4) alone.
   assert [r["density"] for r in straight] == [0.25, 0.01, 0.01]
   # 4-byte values against 8-byte (index, value) pairs, k = round(0.01 n) per

@@ -87,6 +87,23 @@ class Compression:
   def enabled(self) -> bool:
     return self.method != "none"
 
+  def describe(self, replicas: int) -> str:
+    """One line a run prints at its start: method, replicas, density and its
+    warm-up, selection and the DGC/top-k options in force."""
+    n = self.warmup_steps
+    warmup = f", warming up over {n} step{'s' if n > 1 else ''} from 1/4" if n else ""
+    select = ("exact top-k" if self.sample_fraction >= 1 else
+              f"threshold from a {self.sample_fraction:g} sample")
+    if self.method == "dgc":
+      options = [name.replace("_", " ") for name in
+                 ("momentum_correction", "local_clip", "momentum_masking")
+                 if getattr(self, name)]
+    else:
+      options = ["error feedback"] if self.error_feedback else []
+    return (f"compression: {self.method} over mesh.data ({replicas} replicas), density "
+            f"{self.density:g} of each tensor's entries{warmup}; {select}"
+            + "".join(f"; {o}" for o in options))
+
   @property
   def local_momentum(self) -> bool:
     """DGC's momentum correction: momentum runs per replica, before selection."""

@@ -82,6 +82,21 @@ class DiLoCo:
   def enabled(self) -> bool:
     return self.replicas > 1
 
+  def describe(self) -> str:
+    """One line a run prints at its start: replicas, H, outer optimizer,
+    fragments, overlap and the outer gradients' dtype."""
+    h, f = self.sync_every, self.fragments
+    outer = (f"outer SGD (lr {self.outer_lr:g}, momentum {self.outer_momentum:g}"
+             f"{', nesterov' if self.nesterov else ''})")
+    fragments = (f"{f} fragments (Streaming DiLoCo), one synchronised every "
+                 f"{h / f:g} steps on average" if f > 1 else "1 fragment (DiLoCo)")
+    tau = self.overlap_steps
+    overlap = (f"exchange overlaps tau={tau} inner step{'s' if tau > 1 else ''}, "
+               f"alpha {self.alpha:g}" if tau else "blocking exchange")
+    return (f"diloco: {self.replicas} replicas over mesh.diloco, {outer} every "
+            f"H={h} inner steps; {fragments}; {overlap}; outer gradients sent as "
+            f"{self.outer_dtype}")
+
   def offset(self, p: int) -> int:
     """Fragment p synchronises after inner steps t with t % H == offset(p)."""
     return p * self.sync_every // self.fragments

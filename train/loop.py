@@ -98,6 +98,10 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   tx = make_optimizer(config.optim, t.steps)
   comp = Compression.from_config(config.optim)
   dl = diloco_lib.DiLoCo.from_config(config, sizes["diloco"])
+  if dl.enabled:
+    _say(dl.describe())
+  if comp.enabled:
+    _say(comp.describe(sizes["data"]))
   shardings = state_shardings(spec, tx, mesh, comp, dl)
   data_sharding = batch_sharding(mesh, rules, t.batch_size, config.data.seq_len)
 
