@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sharding import ConfigError
+from sharding.distributed import JoinError
 from sharding.chips import TPU_DEVICE_FILES
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
@@ -310,6 +311,10 @@ def main(argv: list[str]) -> None:
                                        _PROCESS_ID.value,
                                        timeout_s=_JOIN_TIMEOUT.value):
       sys.stderr.write(f"joined as {sharding.describe_process()}\n")
+      if _CONFIG.value is not None:
+        sharding.distributed.check_same_on_every_process(
+            _CONFIG.value.to_json(), "--config", "launch every process with the same "
+            "--config file and --config.* overrides.")
     if command == "train":
       import train
       train.train(_with_cache_dir(_CONFIG.value), workdir)
@@ -330,9 +335,7 @@ def main(argv: list[str]) -> None:
       print(describe_run(workdir))
   except ConfigError as err:
     _config_error(err)
-  except RuntimeError as err:
-    if "could not join the run" not in str(err):
-      raise
+  except JoinError as err:
     sys.stderr.write(f"\n{err}\n")
     sys.exit(1)
 

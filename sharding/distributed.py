@@ -7,18 +7,26 @@ collectives go over gloo.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import socket
 import sys
 import time
 
 import jax
+import numpy as np
 
 from sharding.errors import ConfigError
 
 # Environment variables whose presence means a cluster JAX can detect by itself.
 _CLUSTER_HINTS = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
                   "JOBSET_NAME", "TPU_ACCELERATOR_TYPE")
+
+
+class JoinError(RuntimeError):
+  """This process could not join the run, or lost the others while starting;
+  the message names the process and what it waited for."""
 
 
 def detected_cluster() -> str | None:
@@ -57,13 +65,63 @@ def initialize(coordinator_address: str | None = None,
   sys.stderr.flush()
   if coordinator_address and process_id:
     _wait_for_coordinator(coordinator_address, timeout_s, who)
+  elif coordinator_address:
+    _check_port_free(coordinator_address)
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_s)
   except Exception as err:
-    raise RuntimeError(f"{who}: could not join the run through coordinator {where} "
+    raise JoinError(f"{who}: could not join the run through coordinator {where} "
                        f"within {timeout_s}s: {err}") from err
+  if num_processes is not None and jax.process_count() != num_processes:
+    raise ConfigError("--num_processes", f"is {num_processes} here, but the run "
+                      f"joined through {where} has {jax.process_count()} processes.",
+                      "pass the same --num_processes to every process.")
   return jax.process_count() > 1
+
+
+def check_same_on_every_process(text: str, field: str, fix: str) -> None:
+  """Raises ConfigError (on every process) when `text` -- a config's JSON, say --
+  differs between the processes of the run; compares SHA-256 digests in one
+  all-gather. Nothing to do in a single-process run."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  try:
+    every = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
+  except jax.errors.JaxRuntimeError as err:
+    raise JoinError(f"process {jax.process_index()} of {jax.process_count()}: "
+                    f"another process left the run before comparing {field} (its "
+                    f"own output says why): {err}") from err
+  differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  if differ:
+    several = len(differ) > 1
+    raise ConfigError(field, f"process{'es' if several else ''} "
+                      f"{', '.join(map(str, differ))} of the {len(every)} "
+                      f"ha{'ve' if several else 's'} a different one from process 0.",
+                      fix)
+
+
+def _check_port_free(address: str) -> None:
+  """Process 0 starts the coordinator on `address`'s port: a port already in use
+  is named here instead of the runtime aborting the process."""
+  host, _, port = address.rpartition(":")
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", int(port)))
+      return
+    except OSError as err:
+      if err.errno != errno.EADDRINUSE:
+        return  # not ours to judge; the runtime says what it finds
+  with socket.socket() as s:
+    s.bind(("", 0))
+    free = s.getsockname()[1]
+  raise ConfigError("--coordinator_address", f"port {port} is already in use on this "
+                    "host, where process 0 starts the run's coordinator.",
+                    f"pass a free port to every process, e.g. "
+                    f"--coordinator_address={host}:{free}.")
 
 
 def _wait_for_coordinator(address: str, timeout_s: int, who: str) -> None:
@@ -75,7 +133,7 @@ def _wait_for_coordinator(address: str, timeout_s: int, who: str) -> None:
       return
     except OSError as err:
       if time.monotonic() > deadline:
-        raise RuntimeError(f"{who}: could not join the run through coordinator "
+        raise JoinError(f"{who}: could not join the run through coordinator "
                            f"{address} within {timeout_s}s: nothing accepts "
                            f"connections there ({err}). Is process 0 running?")
       time.sleep(0.5)

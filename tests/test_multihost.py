@@ -39,8 +39,10 @@ def _free_port() -> int:
 
 
 def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60,
-            config="experiments/llama_tiny.py"):
-  port = _free_port()
+            config="experiments/llama_tiny.py", port=None, per_process=None):
+  """Starts `python -m experiment train` as the processes `started` of a run and
+  waits for them -> [(Popen, stdout, stderr)]. per_process: {pid: more flags}."""
+  port = port or _free_port()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              # conftest's flags (faster compiles), 4 devices per process
              XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
@@ -50,7 +52,8 @@ def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60,
         [sys.executable, "-m", "experiment", "train",
          f"--config={config}", f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-         f"--process_id={pid}", f"--join_timeout_s={timeout_s}", *extra],
+         f"--process_id={pid}", f"--join_timeout_s={timeout_s}", *extra,
+         *(per_process or {}).get(pid, ())],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   return [(p, *p.communicate(timeout=600)) for p in procs]
 
@@ -161,3 +164,40 @@ def test_missing_process_times_out_naming_itself(tmp_path):
   assert proc.returncode == 1
   assert "process 1 of 2: could not join the run through coordinator 127.0.0.1:" in err
 
+
+
+def test_processes_launched_differently_fail_naming_the_flag(tmp_path):
+  """A process with other --config.* overrides, or another --num_processes, is a
+  config error on every process (exit 2) before anything compiles."""
+  results = _launch(tmp_path / "config", ["--config.train.steps=1", *STEPS],
+                    per_process={1: ["--config.train.seed=1"]})
+  for pid, (proc, out, err) in enumerate(results):
+    assert proc.returncode == 2, err[-3000:]
+    assert (f"[process {pid} of 2] Config error in `--config`: process 1 of the 2 has "
+            "a different one from process 0. Fix: launch every process with the same "
+            "--config file and --config.* overrides.") in err
+  # Process 1 names its flag; process 0, left alone, says so and exits.
+  zero, one = _launch(tmp_path / "count", ["--config.train.steps=1", *STEPS],
+                      per_process={1: ["--num_processes=3"]})
+  assert one[0].returncode == 2
+  assert ("[process 1 of 2] Config error in `--num_processes`: is 3 here, but the run "
+          "joined through 127.0.0.1:") in one[2]
+  assert " has 2 processes. Fix: pass the same --num_processes to every process." \
+      in one[2]
+  assert zero[0].returncode == 1, zero[2][-3000:]
+  assert ("process 0 of 2: another process left the run before comparing --config "
+          "(its own output says why)") in zero[2]
+
+
+def test_a_coordinator_port_in_use_is_a_config_error(tmp_path):
+  import socket
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    (proc, out, err), = _launch(tmp_path, ["--config.train.steps=1", *STEPS],
+                                started=(0,), port=port, timeout_s=5)
+  assert proc.returncode == 2, err[-3000:]
+  assert f"Config error in `--coordinator_address`: port {port} is already in use" in err
+  assert "Fix: pass a free port to every process, e.g. --coordinator_address=127.0.0.1:" \
+      in err
