@@ -29,8 +29,7 @@ def heads_problem(heads: int, kv_heads: int, head_split: int,
   if h % size:
     return (f"ulysses splits heads over the sequence axis, but heads per device "
             f"({h} = heads {heads} / {head_split}) is not a multiple of "
-            f"sequence={size}; use attention='ring' or a sequence size that divides "
-            f"{h}")
+            f"sequence={size}")
   if kvh % size and size % kvh:
     return (f"ulysses cannot share kv_heads per device ({kvh}) over sequence={size}: "
             f"one must divide the other")
@@ -81,7 +80,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
                      f"whose length axes {axes.length} have a size above 1")
   problem = check(mesh, q.shape[2], k.shape[2], axes)
   if problem:
-    raise ValueError(problem)
+    raise ValueError(f"{problem}; use attention='ring' or another sequence size")
   size = partition.sequence_size(mesh, axes)
   if q.shape[1] % size:
     raise ValueError(f"length={q.shape[1]} is not a multiple of {axis}={size}")

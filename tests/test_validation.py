@@ -38,6 +38,12 @@ CASES = {
                      "not split it"),
     "ulysses_unsplit": ({"model.attention": "ulysses"}, "model.attention",
                         "but mesh.sequence=1 does not split it"),
+    "ulysses_heads": ({"model.attention": "ulysses", "model.num_heads": 6,
+                       "model.num_kv_heads": 2, "mesh.sequence": 4, "mesh.data": 2},
+                      "model.attention", "heads per device (6 = heads 6 / 1) is not a "
+                      "multiple of sequence=4. Fix: use --config.model.attention="
+                      "ring_zigzag (or ring), or --config.mesh.sequence=2, the largest "
+                      "smaller size Ulysses can split these heads over."),
 }
 
 

@@ -163,14 +163,16 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
         f"use a seq_len divisible by {2 * seq}, or --config.model.attention=ring.")
   if impl == "ulysses" and seq > 1:
     m = config.model
-    problem = kernels.ulysses.heads_problem(
-        m.num_heads, m.num_kv_heads, sharding.split_size(rules, "act_heads", sizes),
-        seq)
+    split = sharding.split_size(rules, "act_heads", sizes)
+    problem = kernels.ulysses.heads_problem(m.num_heads, m.num_kv_heads, split, seq)
     if problem:
+      works = [s for s in range(seq - 1, 1, -1) if not kernels.ulysses.heads_problem(
+          m.num_heads, m.num_kv_heads, split, s)]
       raise ConfigError(
           "model.attention", f"{problem}.", "use --config.model.attention="
-          "ring_zigzag (or ring), or a mesh.sequence that divides the heads per "
-          "device.")
+          "ring_zigzag (or ring)" + (f", or --config.mesh.sequence={works[0]}, the "
+                                     "largest smaller size Ulysses can split these "
+                                     "heads over" if works else "") + ".")
 
 
 def _validate_compression(config, sizes: dict[str, int]) -> None:
