@@ -72,7 +72,7 @@ def initialize(coordinator_address: str | None = None,
                                initialization_timeout=timeout_s)
   except Exception as err:
     raise JoinError(f"{who}: could not join the run through coordinator {where} "
-                       f"within {timeout_s}s: {err}") from err
+                    f"within {timeout_s}s: {err}") from err
   if num_processes is not None and jax.process_count() != num_processes:
     raise ConfigError("--num_processes", f"is {num_processes} here, but the run "
                       f"joined through {where} has {jax.process_count()} processes.",
@@ -134,8 +134,8 @@ def _wait_for_coordinator(address: str, timeout_s: int, who: str) -> None:
     except OSError as err:
       if time.monotonic() > deadline:
         raise JoinError(f"{who}: could not join the run through coordinator "
-                           f"{address} within {timeout_s}s: nothing accepts "
-                           f"connections there ({err}). Is process 0 running?")
+                        f"{address} within {timeout_s}s: nothing accepts "
+                        f"connections there ({err}). Is process 0 running?")
       time.sleep(0.5)
 
 
