@@ -39,17 +39,24 @@ def _free_port() -> int:
 
 
 def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60,
-            config="experiments/llama_tiny.py", port=None, per_process=None):
+            config="experiments/llama_tiny.py", port=None, per_process=None,
+            before=None):
   """Starts `python -m experiment train` as the processes `started` of a run and
-  waits for them -> [(Popen, stdout, stderr)]. per_process: {pid: more flags}."""
+  waits for them -> [(Popen, stdout, stderr)]. per_process: {pid: more flags};
+  before: {pid: Python run in that process before the launcher}."""
   port = port or _free_port()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              # conftest's flags (faster compiles), 4 devices per process
              XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
   procs = []
   for pid in started:
+    python = [sys.executable, "-m", "experiment"]
+    if before and pid in before:
+      python = [sys.executable, "-c", before[pid] + "\nimport runpy, sys\n"
+                "sys.argv[0] = 'experiment'\n"
+                "runpy.run_module('experiment', run_name='__main__')"]
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "experiment", "train",
+        [*python, "train",
          f"--config={config}", f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
          f"--process_id={pid}", f"--join_timeout_s={timeout_s}", *extra,
@@ -201,3 +208,16 @@ def test_a_coordinator_port_in_use_is_a_config_error(tmp_path):
   assert f"Config error in `--coordinator_address`: port {port} is already in use" in err
   assert "Fix: pass a free port to every process, e.g. --coordinator_address=127.0.0.1:" \
       in err
+
+
+def test_a_slow_process_takes_the_same_path_as_process_0(tmp_path):
+  """Process 1 reaches the check for a saved model after process 0 has made the
+  checkpoint directory: it must not open a checkpoint manager that process 0
+  never opens (it did, and the run failed in Orbax's barrier with a name
+  mismatch)."""
+  slow = ("import time, train.loop as loop\n"
+          "check = loop._check_saved_model\n"
+          "loop._check_saved_model = lambda *a: (time.sleep(8), check(*a))[1]")
+  results = _launch(tmp_path, ["--config.train.steps=1", *STEPS], before={1: slow})
+  for proc, out, err in results:
+    assert proc.returncode == 0, err[-3000:]
