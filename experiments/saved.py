@@ -6,7 +6,14 @@
 `train` writes <workdir>/config.json at start, and `import-hf` writes one derived
 from the HF config.json (`train.run_config`). Fields are laid over
 experiments/base.py, so every field stays typed and overridable.
+
+`checkpoint.init_from` is set to that run: trained in its own workdir the run
+resumes (init_from only applies to a workdir without checkpoints); trained into
+a new --workdir it starts from the run's latest parameters, as a fine-tune of
+it. An empty `--config.checkpoint.init_from=` starts from fresh parameters instead.
 """
+
+import os
 
 from experiments import base
 from sharding import ConfigError
@@ -22,4 +29,6 @@ def get_config(arg=None):
     raise ConfigError("--config", f"{arg} holds no run (it has no config.json).",
                       "pass --config=experiments/saved.py:WORKDIR with the directory "
                       "of a trained or imported run.")
-  return run_config.load(arg, base.get_config())
+  c = run_config.load(arg, base.get_config())
+  c.checkpoint.init_from = os.path.abspath(arg)
+  return c

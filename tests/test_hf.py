@@ -308,6 +308,29 @@ def test_cli_import_finetune_inspect_export(tmp_path):
   # The import saved AdamW's (empty) state; fine-tuning with SGD takes the step-0
   # parameters and starts SGD's state fresh.
   assert "starting sgd from the step-0 parameters" in proc.stdout
+  # Importing again into the run is refused before anything is written.
+  saved = (work / "config.json").read_bytes()
+  proc = run_cli("import-hf", f"--hf_dir={tmp_path / 'hf'}", f"--workdir={work}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert (f"Config error in `--workdir`: {work} already holds a run (config.json and "
+          "checkpoints); import-hf writes a new run at step 0 and would overwrite it. "
+          "Fix: pass a new --workdir") in proc.stderr
+  assert (work / "config.json").read_bytes() == saved
+  # Its config trained into a new workdir fine-tunes it: the run's latest
+  # parameters, not fresh ones (evaluated at step 0 against a fresh start).
+  losses = {}
+  for start in ("tuned", "fresh"):
+    more = [] if start == "tuned" else ["--config.checkpoint.init_from="]
+    proc = run_cli("train", f"--config=experiments/saved.py:{work}",
+                   f"--workdir={tmp_path / start}", "--config.train.steps=1",
+                   "--config.data.source=synthetic", "--config.data.seq_len=16",
+                   "--config.train.batch_size=8", "--config.train.eval_every=1",
+                   "--config.train.eval_steps=1", "--config.log.peak_flops=1e12",
+                   *more)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"initialised parameters from {work}" in proc.stdout) == (start == "tuned")
+    losses[start] = float(proc.stdout.split("step 0: eval_loss ")[1].split()[0])
+  assert losses["tuned"] != losses["fresh"]
   proc = run_cli("inspect", f"--workdir={work}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step        2" in proc.stdout

@@ -32,7 +32,7 @@ from model import ModelConfig
 from model.rotary import ROPE_TYPES, yarn_attention_factor
 from sharding import ConfigError
 from train import run_config
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, checkpoint_dir
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, param_shardings
 from train.tokenizer import make_tokenizer
@@ -487,7 +487,16 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   a stop token: the first is data.eos_id, the rest data.stop_ids.
 
   Train it with --config=experiments/saved.py:WORKDIR --workdir=WORKDIR.
+  Raises ConfigError, before anything is written, when `workdir` already holds
+  a run (its config.json or checkpoints).
   """
+  held = [name for name in (run_config.FILE, os.path.basename(checkpoint_dir(workdir)))
+          if os.path.exists(os.path.join(workdir, name))]
+  if held:
+    raise ConfigError(
+        "--workdir", f"{workdir} already holds a run ({' and '.join(held)}); "
+        "import-hf writes a new run at step 0 and would overwrite it.",
+        "pass a new --workdir (or remove that directory first).")
   with open(os.path.join(hf_dir, "config.json")) as f:
     hf = json.load(f)
   generation = None
