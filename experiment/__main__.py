@@ -208,7 +208,7 @@ def parse(argv: list[str]) -> list[str]:
     # shadow rung's packages.
     sys.path.append(os.path.dirname(os.path.abspath(config_errors.config_arg(argv)[0])))
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except Exception as err:  # noqa: BLE001 -- each kind is reported below
     if isinstance(err, ConfigError):
       _config_error(err)
@@ -223,6 +223,16 @@ def parse(argv: list[str]) -> list[str]:
       raise
     _config_error(config_errors.unknown_key(argv, config)
                   or config_errors.from_flag_error(err, config))
+  if len(rest) > 2:  # [program, command, anything that is not a flag...]
+    stray = rest[2:]
+    _config_error(ConfigError(
+        "command line", f"{' '.join(map(repr, stray))} "
+        f"{'is not a flag' if len(stray) == 1 else 'are not flags'}; "
+        f"{argv[1]} takes --name=value flags only.",
+        "quote a value that holds spaces, e.g. " + (
+            '--prompt="the quick fox"' if argv[1] == "generate" else
+            '--workdir="runs/my run"') + ", or drop the extra words."))
+  return rest
 
 
 def _refuse_other_commands_flags(argv: list[str]) -> None:
@@ -262,7 +272,8 @@ def _check(error: ConfigError | None) -> None:
 
 def _require(flag, value, example: str):
   if not value:
-    raise ConfigError(f"--{flag.name}", f"this command needs --{flag.name}.",
+    raise ConfigError(f"--{flag.name}", f"--{flag.name} is empty." if flag.present
+                      else f"this command needs --{flag.name}.",
                       f"pass --{flag.name}={example}.")
   return value
 

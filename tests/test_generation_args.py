@@ -1,6 +1,7 @@
 """Sampling and generation arguments at their edges, in the library and the CLI."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -226,3 +227,20 @@ def test_cli_bad_generation_flag_exits_2_naming_it(bad_flag_runs, flag):
   name = flag.split("=")[0]
   assert f"Config error in `{name}`" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_words_outside_a_flag_and_an_empty_prompt_are_config_errors(byte_run, tmp_path):
+  """An unquoted prompt's other words were dropped without a word; an empty
+  --prompt was reported as missing."""
+  words, empty, train = run_cli_many([
+      ("generate", f"--workdir={byte_run}", "--prompt=the", "quick", "fox"),
+      ("generate", f"--workdir={byte_run}", "--prompt="),
+      ("train", "--config=experiments/llama_tiny.py", f"--workdir={tmp_path}", "x")])
+  assert words.returncode == empty.returncode == train.returncode == 2
+  assert ("Config error in `command line`: 'quick' 'fox' are not flags; generate "
+          "takes --name=value flags only. Fix: quote a value that holds spaces, e.g. "
+          '--prompt="the quick fox", or drop the extra words.') in words.stderr
+  assert "Config error in `--prompt`: --prompt is empty. Fix: pass --prompt=" \
+      in empty.stderr
+  assert "Config error in `command line`: 'x' is not a flag; train takes" in train.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
