@@ -86,6 +86,13 @@ def unknown_key(argv: list[str], config) -> ConfigError | None:
       keys = list(node.keys()) if hasattr(node, "keys") else []
       if key not in keys:
         field = ".".join(path[:i + 1])
+        if not keys and i:  # an empty table, such as data.mixture by default
+          table = ".".join(path[:i])
+          return ConfigError(field, f"`{table}` is empty in this config, so it has no "
+                             f"entry `{key}`; an override can change an entry's "
+                             "fields but not add an entry.",
+                             f"define `{table}` in a config file (README, "
+                             "\"Mixtures\", has an example) and override its fields.")
         close = difflib.get_close_matches(key, keys, n=1)
         hint = (f"did you mean `{'.'.join(path[:i] + close)}`?" if close
                 else f"valid keys here: {', '.join(sorted(keys))}.")

@@ -84,10 +84,15 @@ def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
 def test_an_unknown_flag_or_config_file_is_a_config_error_that_says_what_exists():
   """A misspelt flag names itself and the flag meant; a --config path that is not a
   file names the shipped configs, and the suggested one exists."""
-  misspelt, missing = run_cli_many([
+  misspelt, missing, entry = run_cli_many([
       ("train", "--config=experiments/llama_tiny.py", "--workdri=runs/x"),
-      ("train", "--config=experiments/llama_tiyn.py", "--workdir=runs/x")])
-  assert misspelt.returncode == missing.returncode == 2
+      ("train", "--config=experiments/llama_tiyn.py", "--workdir=runs/x"),
+      ("train", "--config=experiments/llama_tiny.py", "--workdir=runs/x",
+       "--config.data.mixture.web.weight=0.5")])
+  assert misspelt.returncode == missing.returncode == entry.returncode == 2
+  # An entry of a table the config leaves empty: not "valid keys here: ." (none).
+  assert ("Config error in `data.mixture.web`: `data.mixture` is empty in this config, "
+          "so it has no entry `web`") in entry.stderr
   assert "Config error in `--workdri`: there is no such flag; did you mean --workdir?" in (
       misspelt.stderr)
   assert "Config error in `--config`: there is no config file at experiments/llama_tiyn.py" in (
