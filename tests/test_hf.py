@@ -285,7 +285,8 @@ def test_cli_import_finetune_inspect_export(tmp_path):
       vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
       eos_token_id=[2, 9])
-  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+  transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(
+      tmp_path / "hf")
   work = tmp_path / "run"
   # As a user runs it, JAX_PLATFORMS unset: on a host without accelerators the
   # launcher uses the CPU without starting libtpu (no TPU warnings).
@@ -296,6 +297,10 @@ def test_cli_import_finetune_inspect_export(tmp_path):
   if not any(glob.glob(p) for p in sharding.chips.TPU_DEVICE_FILES):
     assert "TPU" not in proc.stderr, proc.stderr[-3000:]
   assert "at step 0" in proc.stdout
+  # bfloat16 weights are held in the run's float32 unless asked: said at import.
+  assert ("weights: bfloat16 in the checkpoint, held (and exported) as float32, "
+          "model.param_dtype (twice the memory; --config.model.param_dtype=bfloat16 "
+          "at import keeps them in 16 bits)") in proc.stdout
   assert ("has no tokenizer.json, so text is read and written as byte ids 0-255 of "
           "the model's 300; give the model's own with --config.data.tokenizer=") \
       in proc.stdout

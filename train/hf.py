@@ -545,9 +545,17 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   ckpt.close()
   n = sum(x.size for x in jax.tree.leaves(params))
   cfg = spec.cfg
+  stored = hf.get("dtype") or hf.get("torch_dtype")
+  weights = (f"{stored} in the checkpoint, held (and exported) as {cfg.param_dtype}, "
+             "model.param_dtype" if stored and stored != cfg.param_dtype else
+             cfg.param_dtype)
+  if stored in ("bfloat16", "float16") and cfg.param_dtype == "float32":
+    weights += (f" (twice the memory; --config.model.param_dtype=bfloat16 at import "
+                "keeps them in 16 bits)")
   print(f"imported {family_of(cfg)} ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
         f"rope: {rope_description(cfg)}; stop tokens: {stops or 'none'}\n"
+        f"weights: {weights}\n"
         f"tokenizer: {tokens}\n"
         f"fine-tune: python -m experiment train --config=experiments/saved.py:"
         f"{workdir} --workdir={workdir}")
