@@ -38,7 +38,8 @@ COMMANDS = {
         "[--config.mesh.tensor=2 --config.model.num_layers=3 ...]",
         ("config", "workdir", *_PROCESS_FLAGS)),
     "import-hf": Command(
-        "local HF Llama (--hf_dir) -> rung run dir (--workdir) at step 0",
+        "local HF checkpoint (--hf_dir; Llama, Qwen2/3, Mistral, Mixtral) -> rung "
+        "run dir (--workdir) at step 0",
         "--hf_dir=path/to/llama --workdir=runs/llama",
         ("hf_dir", "workdir", "config", *_PROCESS_FLAGS)),
     "export-hf": Command(

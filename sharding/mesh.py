@@ -9,6 +9,7 @@ import jax
 from jax.sharding import AxisType, Mesh
 
 from sharding.errors import ConfigError
+from sharding.report import count
 
 # Outer to inner. `tensor` is innermost: it communicates most, so it gets the
 # fastest links in the topology-aware device order; `diloco` (DiLoCo replicas,
@@ -64,7 +65,7 @@ def largest_divisor(n: int, at_most: int) -> int:
 
 def devices_phrase(n: int) -> str:
   """"1 device", "8 devices"."""
-  return f"{n} device{'' if n == 1 else 's'}"
+  return count(n, "device")
 
 
 def _mesh_fix(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:

@@ -37,6 +37,11 @@ def format_rows(rows: list[tuple[str, ...]], indent: str = "") -> str:
                    for r in rows)
 
 
+def count(n: int, noun: str) -> str:
+  """"1 step", "2,048 steps": n with the noun in the number it takes."""
+  return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def format_bytes(n: float) -> str:
   """1536 -> '1.5 KiB'."""
   for unit in ("B", "KiB", "MiB", "GiB"):

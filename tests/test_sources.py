@@ -297,14 +297,14 @@ def test_no_documents_and_invalid_utf8(tiny_config, tmp_path, capsys):
   c.data.update(source="text", path=str(tmp_path / "t"))
   capsys.readouterr()
   stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer())).tobytes()
-  assert "1 documents held bytes that are not UTF-8" in capsys.readouterr().out
+  assert "data: 1 document held bytes that are not UTF-8" in capsys.readouterr().out
   assert "caf\ufffd au lait".encode() in stream and "ok é".encode() in stream
   # JSON escapes: a surrogate pair is one character, a lone surrogate becomes U+FFFD.
   (tmp_path / "s.jsonl").write_text('{"text": "pair \\ud83d\\ude00"}\n'
                                     '{"text": "lone \\ud800!"}\n')
   c.data.update(source="jsonl", path=str(tmp_path / "s.jsonl"))
   stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer())).tobytes()
-  assert "1 documents held bytes that are not UTF-8" in capsys.readouterr().out
+  assert "data: 1 document held bytes that are not UTF-8" in capsys.readouterr().out
   assert "pair \U0001f600".encode() in stream and "lone \ufffd".encode() in stream
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sharding import ConfigError
+from sharding.report import count
 from train import sources, token_cache
 from train.tokenizer import make_tokenizer
 
@@ -360,15 +361,16 @@ def _mixture(config, entries, tokenizer):
   eval_mix = ([] if min(p.eval_windows for p in parts) < 1 else
               grain.MapDataset.mix(evals, weights=proportions))
   lines = [f"data: a mixture of {len(parts)} sources, one tokenizer "
-           f"({d.tokenizer or 'byte'}); {len(eval_mix):,} held-out windows mixed "
-           "by weight for evaluation:"]
+           f"({d.tokenizer or 'byte'}); {count(len(eval_mix), 'held-out window')} "
+           "mixed by weight for evaluation:"]
   total = sum(proportions)
   for p in parts:
     share = p.proportion / total
     epochs = config.train.steps * config.train.batch_size * share / p.train_windows
     lines.append(f"  {p.name}: weight {p.weight:g} ({share:.1%} of training "
                  f"windows), {p.tokens:,} tokens, {p.train_windows:,} training / "
-                 f"{p.eval_windows:,} held-out windows of {d.seq_len + 1}; "
+                 f"{count(p.eval_windows, 'held-out window')} of data.seq_len + 1 = "
+                 f"{d.seq_len + 1} tokens; "
                  f"{epochs:.2f} epochs in train.steps={config.train.steps}")
   _say("\n".join(lines))
   return examples, eval_mix, parts
@@ -425,8 +427,8 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
     examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
   if not entries and d.source != "synthetic":
     epochs = config.train.steps * batch / len(train_src)
-    _say(f"data: {len(train_src):,} training / {len(eval_src):,} held-out windows of "
-         f"data.seq_len + 1 = {d.seq_len + 1} tokens; {epochs:.2f} epochs in "
+    _say(f"data: {len(train_src):,} training / {count(len(eval_src), 'held-out window')} "
+         f"of data.seq_len + 1 = {d.seq_len + 1} tokens; {epochs:.2f} epochs in "
          f"train.steps={config.train.steps}")
   lo, hi = process_rows(batch_sharding, batch, d.seq_len)
   train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))

@@ -50,7 +50,7 @@ def _warmup(optim_cfg, length: int) -> int:
 
 
 def _steps(n: int) -> str:
-  return f"{n} step{'' if n == 1 else 's'}"
+  return sharding.report.count(n, "step")
 
 
 def warmup_note(optim_cfg, total_steps: int) -> str:

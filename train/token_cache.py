@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sharding import ConfigError
+from sharding.report import count
 from train import sources
 
 _VERSION = 1
@@ -222,11 +223,11 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
     _say(f"data: reusing the token cache {final} ({meta['documents']:,} documents, "
          f"{meta['tokens']:,} tokens)")
   else:
-    _say(f"data: tokenized {meta['documents']:,} documents into {meta['tokens']:,} "
-         f"tokens in {meta['seconds']:.1f}s; cached in {final}")
+    _say(f"data: tokenized {count(meta['documents'], 'document')} into "
+         f"{count(meta['tokens'], 'token')} in {meta['seconds']:.1f}s; cached in {final}")
   if meta["skipped"]:
     _say(f"data: skipped {meta['skipped']:,} bad records (data.skip_bad_records)")
   if meta["replaced_utf8"]:
-    _say(f"data: {meta['replaced_utf8']:,} documents held bytes that are not UTF-8; "
+    _say(f"data: {count(meta['replaced_utf8'], 'document')} held bytes that are not UTF-8; "
          "decoded with replacement characters (U+FFFD)")
   return Cached(tokens=tokens, offsets=offsets, meta=meta, path=final, reused=reused)
