@@ -422,3 +422,31 @@ def test_import_names_unused_and_misshapen_tensors(t5_llama, tmp_path):
                else r"model.norm.weight: shape \(47,\) does not fit rung's final_norm/scale")
     with pytest.raises(ValueError, match=message):
       _import(path, tmp_path / f"rung_{name}")
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_export_gives_autotokenizer_its_special_tokens(with_config, tmp_path):
+  """The HF checkpoint's tokenizer files go into the run and back out; without a
+  tokenizer_config.json, export writes one naming config.json's bos and eos, so
+  AutoTokenizer knows them (it had eos None)."""
+  from conftest import write_word_tokenizer
+  words = ["[UNK]", "<s>", "</s>", *[f"w{i}" for i in range(13)]]
+  config = transformers.LlamaConfig(
+      vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+      bos_token_id=1, eos_token_id=2)
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+  write_word_tokenizer(tmp_path / "hf" / "tokenizer.json", words)
+  template = "{{ messages[0]['content'] }}"
+  if with_config:
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>",
+         "chat_template": template}))
+  hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), base.get_config())
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+  assert (tok.eos_token, tok.eos_token_id) == ("</s>", 2)
+  assert tok.chat_template == (template if with_config else None)
+  if not with_config:
+    assert (tok.bos_token, tok.bos_token_id) == ("<s>", 1)
+  assert tok("w3 w4")["input_ids"][-2:] == [6, 7]

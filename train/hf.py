@@ -511,9 +511,10 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   tokenizer = os.path.join(hf_dir, "tokenizer.json")
   os.makedirs(workdir, exist_ok=True)
   if os.path.exists(tokenizer):
-    shutil.copy(tokenizer, os.path.join(workdir, "tokenizer.json"))
+    copied = [name for name in ("tokenizer.json", *TOKENIZER_EXTRAS)
+              if _copy_if_there(hf_dir, name, workdir)]
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
-    tokens = "tokenizer.json, copied into the run"
+    tokens = f"{', '.join(copied)}, copied into the run"
   elif config.data.tokenizer == "byte":
     tokens = (f"bytes: {hf_dir} has no tokenizer.json, so text is read and written "
               f"as byte ids 0-255 of the model's {config.model.vocab_size}; give "
@@ -550,7 +551,7 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
              "model.param_dtype" if stored and stored != cfg.param_dtype else
              cfg.param_dtype)
   if stored in ("bfloat16", "float16") and cfg.param_dtype == "float32":
-    weights += (f" (twice the memory; --config.model.param_dtype=bfloat16 at import "
+    weights += (" (twice the memory; --config.model.param_dtype=bfloat16 at import "
                 "keeps them in 16 bits)")
   print(f"imported {family_of(cfg)} ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
@@ -567,6 +568,35 @@ def _honour_umask(path: str) -> None:
   mask = os.umask(0)
   os.umask(mask)
   os.chmod(path, 0o666 & ~mask)
+
+
+# What transformers' AutoTokenizer reads next to tokenizer.json (special tokens,
+# chat template); kept with the run by import-hf and written back by export-hf.
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def _copy_if_there(src_dir: str, name: str, dst_dir: str) -> bool:
+  src = os.path.join(src_dir, name)
+  if os.path.isfile(src):
+    shutil.copy(src, os.path.join(dst_dir, name))
+    return True
+  return False
+
+
+def _write_tokenizer_config(tokenizer_json: str, hf: dict, out: str) -> None:
+  """A tokenizer_config.json naming the bos and eos tokens of `hf` (config.json's
+  ids, as strings of tokenizer_json), for a run whose tokenizer came without one."""
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(tokenizer_json)
+  eos = hf.get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) else eos
+  special = {name: tok.id_to_token(i) for name, i in
+             (("bos_token", hf.get("bos_token_id")), ("eos_token", eos))
+             if isinstance(i, int) and tok.id_to_token(i) is not None}
+  with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast",
+               "model_max_length": hf.get("max_position_embeddings"), **special},
+              f, indent=2)
 
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> None:
@@ -600,5 +630,9 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
               f, indent=2)
   if config.data.tokenizer and os.path.exists(str(config.data.tokenizer)):
     shutil.copy(config.data.tokenizer, os.path.join(out, "tokenizer.json"))
+    held = os.path.dirname(os.path.abspath(str(config.data.tokenizer)))
+    copied = [_copy_if_there(held, name, out) for name in TOKENIZER_EXTRAS]
+    if not copied[0]:  # AutoTokenizer then knows the special tokens
+      _write_tokenizer_config(str(config.data.tokenizer), hf, out)
   logging.info("exported step %s of %s to %s", step, workdir, out)
   print(f"exported step {step} of {workdir} to {out}")
