@@ -3,6 +3,7 @@ bad input: the same documents give the same token stream whatever the source."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -151,6 +152,10 @@ def test_a_changed_file_or_tokenizer_rebuilds(tiny_config, docs, tmp_path,
   key2 = token_cache.cache_key(c.data, [str(src)], 0)
   c.data.tokenizer = "byte"
   assert len({key1, key2, token_cache.cache_key(c.data, [str(src)], 0)}) == 3
+  # A copy of the same file elsewhere (import-hf keeps one in the run) shares it.
+  shutil.copy(tmp_path / "tokenizer.json", tmp_path / "copy.json")
+  c.data.tokenizer = str(tmp_path / "copy.json")
+  assert token_cache.cache_key(c.data, [str(src)], 0) == key2
 
 
 def test_hf_tokenizer_encode_batch_matches_encode(tiny_config, docs, tmp_path):

@@ -12,8 +12,9 @@ reads the next batch and writes the previous one) and writes, under
   meta.json    what was read: counts, the largest id, source, files, tokenizer.
 
 `<key>` hashes the file list with sizes and modification times, the source kind,
-text field, skip_bad_records, the tokenizer's identity (its path and file hash, or
-'byte') and the eos id, so a change to any of them builds a new cache. The cache is
+text field, skip_bad_records, the tokenizer's identity (its file's content hash,
+not its path: a copy, such as the one import-hf keeps in a run, shares the cache;
+or 'byte') and the eos id, so a change to any of them builds a new cache. The cache is
 written into a temporary directory and renamed when complete: a run killed while
 tokenizing leaves only a temporary directory, which no later run reads.
 """
@@ -64,14 +65,13 @@ def _file_sha256(path: str) -> str:
 
 
 def tokenizer_identity(data_cfg) -> str:
-  """'byte', 'none:<token_dtype>', or the tokenizer.json's absolute path and
-  content hash."""
+  """'byte', 'none:<token_dtype>', or 'tokenizer.json:' and the file's content
+  hash (its path does not change what it encodes)."""
   if data_cfg.tokenizer in (None, "", "byte"):
     return "byte"
   if data_cfg.tokenizer == "none":
     return f"none:{data_cfg.token_dtype}"
-  path = os.path.abspath(data_cfg.tokenizer)
-  return f"{path}:{_file_sha256(path)}"
+  return f"tokenizer.json:{_file_sha256(os.path.abspath(data_cfg.tokenizer))}"
 
 
 def cache_key(data_cfg, files: list[str], eos_id: int) -> str:
