@@ -253,7 +253,10 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
   for record, problem, field in (
       ({"text": None}, "the record's 'text' is null.", "data.path"),
       ({"text": 42, "body": "x"}, "the record's 'text' is of type int, not text.",
-       "data.text_field")):
+       "data.text_field"),
+      ([{"text": "a"}, {"text": "b"}], "the record is a list, not an object with a "
+       "'text' field (JSON Lines holds one object per line; a JSON array of them is "
+       "not JSON Lines).", "data.path")):
     odd.write_text(json.dumps(record) + "\n")
     c2 = _config(tiny_config, "jsonl", odd, tmp_path / "cache2")
     c2.data.text_field = "text"

@@ -108,7 +108,9 @@ class _Reader:
     """record[text_field] as str, or None (after `bad`) when it has none."""
     if not isinstance(record, dict):
       self.bad(where, f"the record is a {type(record).__name__}, not an object with "
-               f"a {self.text_field!r} field.")
+               f"a {self.text_field!r} field" + (
+                   " (JSON Lines holds one object per line; a JSON array of them "
+                   "is not JSON Lines)." if isinstance(record, list) else "."))
       return None
     value = record.get(self.text_field)
     if isinstance(value, bytes):
