@@ -159,3 +159,18 @@ def test_keeps_latest_and_best_by_eval_loss(tmp_path):
   ckpt.wait()
   assert ckpt.all_steps() == [2, 4]  # best (lowest eval loss) and latest
   ckpt.close()
+
+
+def test_opening_checkpoints_to_read_logs_no_orbax_warnings(tmp_path, caplog):
+  """Loading for inference opens a read-only manager; Orbax's two warnings about
+  that were printed on every load (twice per generate)."""
+  import logging
+  from conftest import make_tiny_config
+  from train.checkpoint import checkpoint_dir
+  (tmp_path / "checkpoints").mkdir()
+  with caplog.at_level(logging.WARNING):
+    Checkpointer(str(tmp_path), make_tiny_config().checkpoint, read_only=True).close()
+  assert not [r for r in caplog.records if "read" in r.getMessage()], caplog.text
+  assert checkpoint_dir(str(tmp_path)) == str(tmp_path / "checkpoints")
+  # The filter is gone afterwards: other absl warnings still reach the user.
+  assert not logging.getLogger("absl").filters

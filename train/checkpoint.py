@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging as std_logging
 import os
 from typing import Any
 
@@ -62,6 +63,16 @@ def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+class _WithoutReadOnlyNotice(std_logging.Filter):
+  """Orbax warns twice on every read-only manager it opens ("read_only=True,
+  setting save_interval_steps=0", "Given directory is read only"), which is how
+  loading for inference opens one: not news to the reader."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return "read_only=True" not in message and "is read only=" not in message
+
+
 class Checkpointer:
   """The checkpoints of one run directory."""
 
@@ -71,20 +82,25 @@ class Checkpointer:
       policies.append(pp.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
                                n=ckpt_cfg.keep_best,
                                keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=ckpt_cfg.async_save,
-        preservation_policy=pp.AnyPreservationPolicy(policies),
-        read_only=read_only, create=not read_only)
     self.directory = checkpoint_dir(workdir)
     self.cfg = ckpt_cfg
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data", "config"),
-        # Compression (zstd) halves save and restore speed here for ~8% less disk
-        # on float weights (benchmarks/README.md, "Checkpoints"); off by default.
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(
-                           use_compression=bool(ckpt_cfg.get("compress", False))),
-                       "data": grain.checkpoint.CheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
+    quiet, absl_logger = _WithoutReadOnlyNotice(), std_logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          enable_async_checkpointing=ckpt_cfg.async_save,
+          preservation_policy=pp.AnyPreservationPolicy(policies),
+          read_only=read_only, create=not read_only)
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=("state", "data", "config"),
+          # Compression (zstd) halves save and restore speed here for ~8% less disk
+          # on float weights (benchmarks/README.md, "Checkpoints"); off by default.
+          item_handlers={"state": ocp.PyTreeCheckpointHandler(
+                             use_compression=bool(ckpt_cfg.get("compress", False))),
+                         "data": grain.checkpoint.CheckpointHandler(),
+                         "config": ocp.JsonCheckpointHandler()})
+    finally:
+      absl_logger.removeFilter(quiet)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
