@@ -52,6 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from sharding.report import count
+
 METHODS = ("none", "topk", "dgc")
 REPLICA_AXIS = "data"
 WARMUP_STAGES = 4     # densities 1/4, 1/16, 1/64, 1/256 (the paper's 75% ... 99.6%)
@@ -91,7 +93,7 @@ class Compression:
     """One line a run prints at its start: method, replicas, density and its
     warm-up, selection and the DGC/top-k options in force."""
     n = self.warmup_steps
-    warmup = f", warming up over {n} step{'s' if n > 1 else ''} from 1/4" if n else ""
+    warmup = f", warming up over {count(n, 'step')} from 1/4" if n else ""
     select = ("exact top-k" if self.sample_fraction >= 1 else
               f"threshold from a {self.sample_fraction:g} sample")
     if self.method == "dgc":

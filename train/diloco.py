@@ -53,6 +53,8 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from sharding.report import count
+
 REPLICA_AXIS = "diloco"
 OUTER_DTYPES = ("float32", "bfloat16", "e3m0")
 E3M0_MAX_EXPONENT = 6  # nonzero magnitudes 2^-6 ... 2^0, codes 1 ... 7
@@ -91,8 +93,8 @@ class DiLoCo:
     fragments = (f"{f} fragments (Streaming DiLoCo), one synchronised every "
                  f"{h / f:g} steps on average" if f > 1 else "1 fragment (DiLoCo)")
     tau = self.overlap_steps
-    overlap = (f"exchange overlaps tau={tau} inner step{'s' if tau > 1 else ''}, "
-               f"alpha {self.alpha:g}" if tau else "blocking exchange")
+    overlap = (f"exchange overlaps tau={count(tau, 'inner step')}, alpha "
+               f"{self.alpha:g}" if tau else "blocking exchange")
     return (f"diloco: {self.replicas} replicas over mesh.diloco, {outer} every "
             f"H={h} inner steps; {fragments}; {overlap}; outer gradients sent as "
             f"{self.outer_dtype}")
