@@ -297,10 +297,12 @@ def test_resume_is_bit_exact_mid_exchange_and_onto_other_replica_counts(
   c.train.update(eval_every=6, eval_steps=1)
   capsys.readouterr()
   straight = train.train(c, str(tmp_path / "straight"), progress=False)
+  out = capsys.readouterr().out
   assert ("diloco: 2 replicas over mesh.diloco, outer SGD (lr 0.7, momentum 0.9, "
           "nesterov) every H=4 inner steps; 2 fragments (Streaming DiLoCo), one "
           "synchronised every 2 steps on average; exchange overlaps tau=1 inner step, "
-          "alpha 0.5; outer gradients sent as e3m0\n") in capsys.readouterr().out
+          "alpha 0.5; outer gradients sent as e3m0\n") in out
+  assert "(DiLoCo: these are the outer parameters; the 2 replicas' own" in out
   shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # preempted after 4
   shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
   resumed = train.train(c, str(tmp_path / "resumed"), progress=False)

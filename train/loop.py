@@ -113,6 +113,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
 
   _say(sharding.describe(mesh))
   _say(sharding.sharding_table(spec.abstract_params, shardings.params))
+  if dl.enabled:
+    _say(f"(DiLoCo: these are the outer parameters; the {dl.replicas} replicas' own "
+         "parameters and inner optimizer states add mesh.diloco to each spec)")
 
   config_dict = json.loads(config.to_json())
   _check_saved_model(workdir, config, spec, config_dict)
