@@ -152,6 +152,21 @@ def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stag
     assert infer.generate(split, prompts, max_new_tokens=5) == want
 
 
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_moe_in_microbatches_accumulates_over_data_replicas(dispatch, tmp_path):
+  """An MoE model in 2 pipeline microbatches, accumulating 2 micro-batches on
+  stage=2 x data=4, takes 1 device's steps (it failed to trace: the expert
+  dispatch inside the stage shard_map, vmapped over the replicas)."""
+  def config(mesh=None):
+    c = _config(mesh, steps=2, microbatches=2)
+    c.model.moe.update(num_experts=4, every_k_layers=2, dispatch=dispatch)
+    c.train.update(grad_accum_steps=2, batch_size=16)
+    return c
+  one = _losses(config(), tmp_path / "one", jax.devices()[:1])
+  np.testing.assert_allclose(_losses(config(dict(stage=2, data=4)), tmp_path / "s2"),
+                             one, rtol=1e-5)
+
+
 def _compile(mesh, batch_size=16, seq_len=16, **pipeline):
   """The compiled train step of an 8-layer tiny model, and its spec and mesh."""
   from aot.compile import _train_step

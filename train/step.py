@@ -61,6 +61,14 @@ def loss_fn(spec: ModelSpec, z_loss: float):
   return g
 
 
+def moe_in_pipeline(spec: ModelSpec) -> bool:
+  """An MoE model in pipeline microbatches: its expert dispatch inside the stage
+  shard_map fails jax's varying-axes check once vmapped over the replicas
+  (`spmd_axis_name`), so such a model accumulates in the plain step, which
+  all-reduces each micro-batch's gradient over `data` (more bytes, same result)."""
+  return bool(spec.cfg.moe.num_experts) and spec.pipeline.active
+
+
 def _mean_grads(grad_fn, params, batch: Batch, accum: int):
   """(mean next-token NLL, MoE metrics, gradients), each a mean over `accum`
   micro-batches of `batch`."""
@@ -100,7 +108,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
   compressed = comp is not None and comp.enabled
   replicas = data_sharding.mesh.shape[compression.REPLICA_AXIS]
   per_replica = compressed or (
-      accum > 1 and replicas > 1
+      accum > 1 and replicas > 1 and not moe_in_pipeline(spec)
       and compression.replica_view_problem(
           spec.rules, spec.logical, sizes=data_sharding.mesh.shape) is None)
   # The model as one replica sees it: no `data` in its constraints.
