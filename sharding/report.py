@@ -37,9 +37,10 @@ def format_rows(rows: list[tuple[str, ...]], indent: str = "") -> str:
                    for r in rows)
 
 
-def count(n: int, noun: str) -> str:
-  """"1 step", "2,048 steps": n with the noun in the number it takes."""
-  return f"{n:,} {noun}{'' if n == 1 else 's'}"
+def count(n: int, noun: str, plural: str | None = None) -> str:
+  """"1 step", "2,048 steps": n with the noun in the number it takes (`plural`
+  where adding an s is wrong: "microbatches")."""
+  return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def format_bytes(n: float) -> str:

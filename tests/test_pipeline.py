@@ -130,7 +130,7 @@ def test_training_on_stage_tensor_data_equals_one_device_and_resumes_across_stag
               schedule="1f1b")
   np.testing.assert_allclose(_losses(c, tmp_path / "s2"), one[:2], rtol=1e-5)
   # the run says its schedule; 1F1B's bubble is 2(S-1) / (M + 2(S-1))
-  assert ("pipeline: 1f1b, 2 stages x 1 repeats, 2 microbatches, bubble 50.0%"
+  assert ("pipeline: 1f1b, 2 stages x 1 repeat, 2 microbatches, bubble 50.0%"
           in capsys.readouterr().out)
   shutil.copytree(tmp_path / "s2", tmp_path / "s2b")
   c4 = _config(dict(stage=4, data=2), steps=4, microbatches=4, schedule="circular")

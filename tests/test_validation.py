@@ -30,6 +30,12 @@ CASES = {
                               "is False in a pipelined model"),
     "prefetch_negative": ({"data.prefetch_batches": -1}, "data.prefetch_batches",
                           "must be at least 0, got -1"),
+    # keep=0 kept 1 checkpoint, as if it were 1; negative settings ran silently
+    "keep_zero": ({"checkpoint.keep": 0}, "checkpoint.keep", "must be at least 1, got 0"),
+    "keep_best_negative": ({"checkpoint.keep_best": -2}, "checkpoint.keep_best",
+                           "must be at least 0, got -2"),
+    "checkpoint_every_negative": ({"checkpoint.every_steps": -5},
+                                  "checkpoint.every_steps", "must be at least 0, got -5"),
     "attention_block_negative": ({"model.attention_block_kv": -128},
                                  "model.attention_block_kv", "-128 is not a tile size"),
     "ring_unsplit": ({"model.attention": "ring"}, "model.attention",

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import kernels
 import sharding
+from sharding.report import count
 from model import ModelConfig, flops as flops_lib
 from train import run_config
 from train.checkpoint import Checkpointer, checkpoint_dir, load_init_params
@@ -339,8 +340,10 @@ def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
     parts.append(f"MoE: {moe.num_experts} experts, top-{moe.top_k}, "
                  f"{moe.dispatch} dispatch")
   if pipe.active:
-    parts.append(f"pipeline: {pipe.schedule}, {pipe.stages} stages x {pipe.repeats} "
-                 f"repeats, {pipe.microbatches} microbatches, bubble {pipe.bubble:.1%}")
+    parts.append(f"pipeline: {pipe.schedule}, {count(pipe.stages, 'stage')} x "
+                 f"{count(pipe.repeats, 'repeat')}, "
+                 f"{count(pipe.microbatches, 'microbatch', 'microbatches')}, "
+                 f"bubble {pipe.bubble:.1%}")
   return "; ".join(parts)
 
 

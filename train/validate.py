@@ -31,10 +31,11 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
   model.validate(config.model)
   data.validate(config)
   _positive(config, ["train.steps", "train.batch_size", "train.grad_accum_steps",
-                     "log.every_steps", "data.seq_len"])
+                     "log.every_steps", "data.seq_len", "checkpoint.keep"])
   _positive(config, ["optim.warmup_steps", "train.eval_every", "train.eval_steps",
                      "optim.weight_decay", "optim.clip_norm", "train.z_loss",
-                     "data.prefetch_batches"], 0)
+                     "data.prefetch_batches", "checkpoint.every_steps",
+                     "checkpoint.keep_best"], 0)
   if config.train.eval_every and config.train.eval_steps < 1:
     raise ConfigError(
         "train.eval_steps", f"is {config.train.eval_steps} while train.eval_every="
