@@ -11,7 +11,16 @@ whole as a new ConfigDict.
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
-from sharding import DEFAULT_RULES
+from sharding import DEFAULT_RULES, ConfigError
+from sharding.errors import closest
+
+
+def unknown_variant(file: str, arg, variants) -> ConfigError:
+  """The error a config file raises for a `:VARIANT` it does not have (or for
+  none, when it needs one); the fix names the closest variant, else the first."""
+  problem = (f"{file} has no variant {arg!r}" if arg else f"{file} needs a variant")
+  return ConfigError("--config", f"{problem}; its variants: {', '.join(variants)}.",
+                     f"pass --config={file}:{closest(arg or '', variants) or variants[0]}.")
 
 
 def get_config(arg=None) -> ConfigDict:

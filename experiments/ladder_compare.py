@@ -14,7 +14,7 @@ parallel slightly behind. `benchmarks/ladder_quality.py` runs all of it and plot
 the curves; measured figures are in benchmarks/README.md.
 """
 
-from experiments import llama_tiny
+from experiments import base, llama_tiny
 
 VARIANTS = {"standard": dict(block="standard"), "parallel": dict(block="parallel"),
             "ladder": dict(block="ladder", ladder_layers="all"),
@@ -23,8 +23,7 @@ VARIANTS = {"standard": dict(block="standard"), "parallel": dict(block="parallel
 
 def get_config(arg=None):
   if arg not in VARIANTS:
-    raise ValueError(f"choose a variant: experiments/ladder_compare.py:{{"
-                     f"{','.join(VARIANTS)}}}")
+    raise base.unknown_variant("experiments/ladder_compare.py", arg, tuple(VARIANTS))
   c = llama_tiny.get_config()
   c.model.update(**VARIANTS[arg])
   c.train.update(steps=200, eval_every=25)

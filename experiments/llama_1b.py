@@ -39,5 +39,5 @@ def get_config(arg=None):
     c.train.update(steps=300, batch_size=16, grad_accum_steps=1, eval_every=50)
     c.optim.update(learning_rate=3e-3, warmup_steps=30)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of llama_1b; the only one is 'local'")
+    raise base.unknown_variant("experiments/llama_1b.py", arg, ("local",))
   return c

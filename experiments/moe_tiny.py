@@ -21,14 +21,14 @@ Measured with `python benchmarks/moe.py --what=balance` on the 2-core CPU
 dropped. no_aux: eval loss 2.24, moe_max_load 3.20, 27.9% dropped.
 """
 
-from experiments import llama_tiny
+from experiments import base, llama_tiny
 
 VARIANTS = ("default", "no_aux")
 
 
 def get_config(arg=None):
   if arg not in (None, *VARIANTS):
-    raise ValueError(f"unknown variant {arg!r} of moe_tiny; choose one of {VARIANTS}")
+    raise base.unknown_variant("experiments/moe_tiny.py", arg, VARIANTS)
   c = llama_tiny.get_config()
   c.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
                  head_dim=32, d_ff=256)

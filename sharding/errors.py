@@ -24,12 +24,18 @@ class ConfigError(ValueError):
   def choice(cls, field: str, value: Any, allowed: Sequence[str],
              flag: str | None = None) -> "ConfigError":
     """The error for `value` not among `allowed`; the fix names the closest one
-    (same letters in another case, else difflib's nearest), or all of them.
-    `flag`: how to set the field (default `--config.<field>`)."""
+    (`closest`), or all of them. `flag`: how to set the field (default
+    `--config.<field>`)."""
     flag = flag or f"--config.{field}"
-    lower = {str(a).lower(): a for a in allowed}
-    close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.6)
-    meant = lower[close[0]] if close else None
+    meant = closest(value, allowed)
     fix = (f"set {flag}={meant} (or another of those)." if meant else
            f"set {flag} to one of them.")
     return cls(field, f"{value!r} is not one of {', '.join(allowed)}.", fix)
+
+
+def closest(value: Any, allowed: Sequence[str]) -> str | None:
+  """The entry of `allowed` that `value` most likely meant: the same letters in
+  another case, else difflib's nearest (ratio >= 0.6); None when none is near."""
+  lower = {str(a).lower(): a for a in allowed}
+  close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.6)
+  return lower[close[0]] if close else None

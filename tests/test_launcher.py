@@ -187,3 +187,21 @@ def test_a_config_file_that_cannot_give_a_config_is_a_config_error(tmp_path):
           "and no run directory was given") in no_arg.stderr
   assert f"Config error in `--config`: {tmp_path / 'nope'} holds no run" in no_run.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_variant_that_does_not_exist_names_the_one_meant():
+  """A config file's `:VARIANT` missing or misspelt is a config error (exit 2)
+  whose fix names a variant that exists (it was a ValueError "fix the file")."""
+  runs = run_cli_many([("train", f"--config=experiments/{arg}", "--workdir=runs/x")
+                       for arg in ("ladder_compare.py", "ladder_compare.py:ladderr",
+                                   "moe_tiny.py:NO_AUX", "llama_1b.py:lcal")])
+  assert [r.returncode for r in runs] == [2] * 4
+  for run, problem, fix in zip(runs, (
+      "experiments/ladder_compare.py needs a variant; its variants: standard, "
+      "parallel, ladder, hybrid.", "experiments/ladder_compare.py has no variant "
+      "'ladderr'", "experiments/moe_tiny.py has no variant 'NO_AUX'; its variants: "
+      "default, no_aux.", "experiments/llama_1b.py has no variant 'lcal'; its "
+      "variants: local."), ("ladder_compare.py:standard", "ladder_compare.py:ladder",
+                           "moe_tiny.py:no_aux", "llama_1b.py:local")):
+    assert f"Config error in `--config`: {problem}" in run.stderr, run.stderr
+    assert f"Fix: pass --config=experiments/{fix}." in run.stderr
