@@ -373,6 +373,11 @@ def _generate(workdir: str) -> None:
       seed=_SEED.value, step=_STEP.value)
 
 
+# compile / plan exit with this when nothing they compiled fits the chip's HBM
+# (2 is a config error, 1 a crash).
+NO_FIT_STATUS = 3
+
+
 def _ask_compiler(command: str, topology: str) -> None:
   """compile / plan: deviceless TPU compiles, printed and optionally saved as JSON."""
   import json
@@ -388,6 +393,7 @@ def _ask_compiler(command: str, topology: str) -> None:
                               slices=_SLICES.value)
     print(report.table())
     result = report.to_dict()
+    fits = report.fits
   else:
     from aot import plan
     plans = plan.plan(_CONFIG.value, topology, sequence=_PLAN_SEQUENCE.value,
@@ -396,9 +402,14 @@ def _ask_compiler(command: str, topology: str) -> None:
                       compiler_flags=_LIBTPU_FLAGS.value, slices=_SLICES.value)
     print(plan.table(plans))
     result = [p.to_dict() for p in plans]
+    fits = any(p.fits for p in plans)
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(result, f, indent=2)
+  if not fits:  # for scripts: a plan the chip cannot hold is not a success
+    sys.stderr.write(f"{'the step' if command == 'compile' else 'no plan'} does not "
+                     f"fit {topology}'s HBM (exit status {NO_FIT_STATUS})\n")
+    sys.exit(NO_FIT_STATUS)
 
 
 if __name__ == "__main__":

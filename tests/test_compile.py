@@ -340,6 +340,22 @@ def test_compile_cli_writes_json(tmp_path):
   assert "schedule estimate" in proc.stdout and "MFU estimate" in proc.stdout
 
 
+@needs_libtpu
+def test_compile_cli_exits_3_when_the_step_does_not_fit(tmp_path):
+  """A step bigger than the chip's HBM (a 40M-entry vocabulary) still prints and
+  saves its report, then exits 3, so a script can tell it from a plan that fits
+  (it exited 0)."""
+  out = tmp_path / "report.json"
+  small = [a for a in SMALL_OVERRIDES if "vocab_size" not in a]
+  proc = run_cli("compile", "--config=experiments/llama_1b.py", "--topology=v5e:2x4",
+                 "--what=decode", f"--output_json={out}", *small,
+                 "--config.model.vocab_size=40000000")
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert "DOES NOT FIT in 16.0 GiB of HBM" in proc.stdout
+  assert "the step does not fit v5e:2x4's HBM (exit status 3)" in proc.stderr
+  assert json.loads(out.read_text())["fits"] is False
+
+
 def test_cli_config_error_exits_2():
   proc = run_cli("compile", "--config=experiments/llama_1b.py", "--topology=v3:2x2")
   assert proc.returncode == 2
