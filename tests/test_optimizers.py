@@ -516,19 +516,20 @@ def test_galore_refresh_on_devices_sharing_cores_finishes(tmp_path):
   """llama_tiny with GaLore over fsdp=2 hung for good in its first refresh
   (XLA:CPU's thread pool deadlocked in a batched QR inside the refresh's
   conditional while the devices shared this machine's cores); the refresh now
-  runs the layers one at a time. Two refreshes in 4 steps, on all 8 devices.
+  runs the layers one at a time. Two refreshes in 3 steps, on all 8 devices.
   The svd projector takes the same path (69 s here, so measured by hand:
   benchmarks/README.md)."""
   from conftest import run_cli
   args = ("train", "--config=experiments/llama_tiny.py", f"--workdir={tmp_path}",
-          "--config.train.steps=4", "--config.optim.warmup_steps=1",
+          "--config.train.steps=3", "--config.optim.warmup_steps=1",
           "--config.train.eval_every=0", "--config.optim.name=galore",
           "--config.optim.galore_rank=32", "--config.optim.galore_update_proj_gap=2",
-          "--config.mesh.fsdp=2")
+          "--config.mesh.fsdp=2", "--config.data.source=synthetic",
+          "--config.log.peak_flops=1e12", "--config.checkpoint.every_steps=0")
   import subprocess
   try:
     proc = run_cli(*args, timeout=150)
   except subprocess.TimeoutExpired:
     pytest.fail("GaLore's training run hung (no exit in 150 s)")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "4/4" in proc.stderr
+  assert "3/3" in proc.stderr
