@@ -80,6 +80,17 @@ def initialize(coordinator_address: str | None = None,
   return jax.process_count() > 1
 
 
+def process_0_says(value: bool) -> bool:
+  """Process 0's `value` on every process (one broadcast; `value` itself in a
+  single-process run). For a decision read off shared files before the run
+  writes them: a slower process could otherwise see what process 0 has just
+  written and take another path (and other collectives) than the rest."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
 def check_same_on_every_process(text: str, field: str, fix: str) -> None:
   """Raises ConfigError (on every process) when `text` -- a config's JSON, say --
   differs between the processes of the run; compares SHA-256 digests in one

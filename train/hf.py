@@ -492,7 +492,8 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   """
   held = [name for name in (run_config.FILE, os.path.basename(checkpoint_dir(workdir)))
           if os.path.exists(os.path.join(workdir, name))]
-  if held:
+  # Process 0's view: a slower process may already see what this import wrote.
+  if sharding.distributed.process_0_says(bool(held)):
     raise ConfigError(
         "--workdir", f"{workdir} already holds a run ({' and '.join(held)}); "
         "import-hf writes a new run at step 0 and would overwrite it.",
@@ -631,8 +632,9 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   if config.data.tokenizer and os.path.exists(str(config.data.tokenizer)):
     shutil.copy(config.data.tokenizer, os.path.join(out, "tokenizer.json"))
     held = os.path.dirname(os.path.abspath(str(config.data.tokenizer)))
-    copied = [_copy_if_there(held, name, out) for name in TOKENIZER_EXTRAS]
-    if not copied[0]:  # AutoTokenizer then knows the special tokens
-      _write_tokenizer_config(str(config.data.tokenizer), hf, out)
+    for name in TOKENIZER_EXTRAS:
+      _copy_if_there(held, name, out)
+    if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
+      _write_tokenizer_config(str(config.data.tokenizer), hf, out)  # bos/eos
   logging.info("exported step %s of %s to %s", step, workdir, out)
   print(f"exported step {step} of {workdir} to {out}")

@@ -38,14 +38,11 @@ from train.validate import context_note, validate_config
 
 def _check_saved_model(workdir: str, config, spec, config_dict: dict) -> None:
   """A checkpoint of a model with other parameter shapes is a ConfigError before
-  the data is read or tokenized (metadata only). Every process takes process 0's
-  answer to whether checkpoints exist: a slower process could otherwise see the
-  directory that this run's process 0 has just made, and open a checkpoint
-  manager (and its collectives) that the others never open."""
-  exists = os.path.isdir(checkpoint_dir(workdir))
-  if jax.process_count() > 1:
-    exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
-  if not exists:
+  the data is read or tokenized (metadata only). Whether checkpoints exist is
+  process 0's answer (`process_0_says`): a slower process saw the directory this
+  run's process 0 had just made and opened a checkpoint manager the others never
+  opened."""
+  if not sharding.distributed.process_0_says(os.path.isdir(checkpoint_dir(workdir))):
     return
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
