@@ -139,4 +139,4 @@ def describe(mesh: Mesh) -> str:
   sizes = " ".join(f"{a}={mesh.shape[a]}" for a in AXES)
   platform = mesh.devices.flat[0].platform
   n = mesh.devices.size
-  return f"mesh {sizes} over {n} {platform} device{'' if n == 1 else 's'}"
+  return f"mesh {sizes} over {count(n, f'{platform} device')}"
