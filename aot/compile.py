@@ -87,8 +87,8 @@ class Report:
   uncounted_kernels: int     # Pallas kernel calls whose FLOPs the HLO does not show
   hbm_bytes: float           # HBM traffic estimate per device
   collectives: list[dict[str, Any]]
-  time: dict[str, float]     # seconds: compute, hbm, ici, roofline, compiler,
-  #                            estimate (the schedule's, aot/schedule.py)
+  time: dict[str, float]     # seconds: compute, hbm, ici, dcn (between slices),
+  #                            roofline, compiler, estimate (aot/schedule.py)
   compiler: dict[str, float]  # XLA's cost analysis as given: flops, bytes accessed,
   #                             optimal_seconds (each loop body counted once)
   mfu_bound: float
@@ -113,7 +113,9 @@ class Report:
   #                            fraction of their stage-time), bubble_formula
 
   def to_dict(self) -> dict[str, Any]:
-    """A JSON-ready dict; figures the compile could not give are None."""
+    """A JSON-ready dict; figures the compile could not give are None.
+    `model_flops_per_device` sits beside `flops` (compiled, per device) so the two
+    compare without dividing `model_flops` (whole step) by `devices`."""
     def clean(x):
       if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -122,14 +124,16 @@ class Report:
       if isinstance(x, list):
         return [clean(v) for v in x]
       return x
-    return clean(dataclasses.asdict(self))
+    out = dataclasses.asdict(self)
+    out["model_flops_per_device"] = self.model_flops / self.devices
+    return clean(out)
 
   def table(self) -> str:
     return _table(self)
 
   def bound(self) -> str:
-    """Which roofline term sets the step time: compute, hbm or ici."""
-    return max(("compute", "hbm", "ici"), key=lambda k: self.time[k])
+    """Which roofline term sets the step time: compute, hbm, ici or dcn."""
+    return max(("compute", "hbm", "ici", "dcn"), key=lambda k: self.time.get(k, 0))
 
 
 @contextlib.contextmanager
@@ -333,6 +337,20 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
                          / (chip.peak_flops * est.seconds)) if est.seconds else 0.0
   report.schedule = {"ops": est.ops, "communication": est.communication,
                      "collectives": est.collectives}
+  dcn = est.collectives.get("dcn_bytes", 0)
+  if dcn:  # send / recv between slices: not in the HLO's collectives (aot/hlo.py)
+    axes = [a for a in sharding.AXES if split[a] > 1]
+    received = est.dcn_seconds * chip.dcn_bandwidth
+    report.collectives.append(dict(
+        kind="send/recv (DCN)", axes=axes, group_size=report.slices,
+        count=est.collectives.get("dcn_transfers", 0), bytes=float(dcn),
+        received_bytes=received))
+    report.received_bytes[",".join(axes) + " (DCN)"] = received
+    t = report.time
+    t["dcn"] = est.dcn_seconds
+    t["roofline"] = max(t["compute"], t["hbm"], t["ici"], t["dcn"])
+    report.mfu_bound = report.model_flops / report.devices / (
+        chip.peak_flops * t["roofline"])
 
 
 def state_bytes(config, devices: list[jax.Device]) -> float:
@@ -521,7 +539,8 @@ def _table(r: Report) -> str:
       "", "time per step",
       f"  roofline                     {t['roofline'] * 1e3:.2f} ms ({bound}-bound: "
       f"compute {t['compute'] * 1e3:.2f}, HBM {t['hbm'] * 1e3:.2f}, "
-      f"ICI {t['ici'] * 1e3:.2f} ms)",
+      f"ICI {t['ici'] * 1e3:.2f}"
+      + (f", DCN {t['dcn'] * 1e3:.2f}" if "dcn" in t else "") + " ms)",
       f"  MFU upper bound              {r.mfu_bound:.1%}",
       *_estimate_lines(r),
       "  compiler estimate            "

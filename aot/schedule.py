@@ -180,6 +180,8 @@ class Estimate:
   #                                ("fsdp", "data+fsdp", "?" when not known)
   collectives: dict[str, int]    # asynchronous / synchronous, executions per step;
   #                                dcn_bytes: what a device sends to other slices
+  dcn_seconds: float = 0.0       # the DCN link's busy time (--slices), overlapped
+  #                                or not: received bytes / Chip.dcn_bandwidth
 
 
 def dcn_seconds(kind: str, nbytes: float, torus: Torus) -> float:
@@ -297,6 +299,8 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
           communication += seconds
           exposed["#asynchronous"] += 1
           exposed["#dcn_bytes"] += nbytes
+          exposed["#dcn_transfers"] += 1
+          exposed["~dcn_seconds"] += seconds
         elif what == "done" and "dcn:" + key in inflight:
           end, axes = inflight.pop("dcn:" + key)
           if end > core:
@@ -354,9 +358,10 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
     return core, ops, communication, tuple(sorted(exposed.items()))
 
   seconds, ops, communication, items = walk(hlo.entry_name(comps))
-  exposed = {k: v for k, v in items if not k.startswith("#")}
+  exposed = {k: v for k, v in items if k[0] not in "#~"}
   counts = {k[1:]: round(v) for k, v in items if k.startswith("#")}
-  return Estimate(seconds, ops, communication, exposed, counts)
+  return Estimate(seconds, ops, communication, exposed, counts,
+                  dict(items).get("~dcn_seconds", 0.0))
 
 
 def kernel_calls(hlo_text: str) -> float:

@@ -181,6 +181,7 @@ def test_two_slices_put_data_parallelism_on_dcn():
   by_data = [{d.slice_index for d in mesh.devices[0, i].flat} for i in range(2)]
   assert by_data == [{0}, {1}]
   two = aot.compile_step(c, "v5e:2x2", devices=devices)
+  two_chip = sharding.chips.chip_for_topology("v5e:2x2")
   one = aot.compile_step(small_1b(data=2, fsdp=4), "v5e:2x4")
   assert two.slices == 2 and one.slices == 1 and two.devices == one.devices == 8
   assert "2 x v5e:2x2 (over DCN)" in two.table()
@@ -189,6 +190,16 @@ def test_two_slices_put_data_parallelism_on_dcn():
   assert dcn > 2 * ici and two.time["estimate"] > one.time["estimate"]
   assert two.schedule["collectives"]["dcn_bytes"] > 0
   assert "dcn_bytes" not in one.schedule["collectives"]
+  # the DCN transfers are in the collectives table, the received bytes and the
+  # roofline, each a device's traffic at the chip's DCN share
+  dcn_row, = [c for c in two.collectives if "DCN" in c["kind"]]
+  received = two.received_bytes["data (DCN)"]
+  assert dcn_row["axes"] == ["data"] and dcn_row["received_bytes"] == received > 0
+  assert dcn_row["count"] == two.schedule["collectives"]["dcn_transfers"] > 0
+  assert two.time["dcn"] == pytest.approx(received / two_chip.dcn_bandwidth)
+  assert two.time["roofline"] >= two.time["dcn"] and "dcn" not in one.time
+  assert "over data (DCN)" in two.table()
+  assert f"DCN {two.time['dcn'] * 1e3:.2f} ms" in two.table()
   with pytest.raises(ConfigError, match="no data-center network figure for v6e"):
     aot.topology_devices("v6e:2x2", slices=2)
 
@@ -337,6 +348,8 @@ def test_compile_cli_writes_json(tmp_path):
   assert math.isfinite(report["time"]["roofline"]) and report["collectives"]
   assert report["time"]["estimate"] > 0 and 0 < report["mfu_estimate"] <= 1
   assert isinstance(report["exposed_communication"], dict)
+  assert report["model_flops_per_device"] == pytest.approx(
+      report["model_flops"] / report["devices"])
   assert "schedule estimate" in proc.stdout and "MFU estimate" in proc.stdout
 
 
