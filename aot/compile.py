@@ -58,7 +58,7 @@ from infer import decode
 from infer.kv_cache import cache_struct
 from model import ModelConfig, flops as flops_lib
 from sharding import ConfigError
-from sharding.chips import Chip, chip_for_topology
+from sharding.chips import Chip, chip_for_topology, topology_name
 from train.compression import Compression
 from train.diloco import DiLoCo
 from train.optimizer import make_optimizer, schedule
@@ -164,6 +164,7 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
   that many copies of the slice, joined over the data-center network (each device
   has a `slice_index`)."""
   chip = chip_for_topology(topology)
+  topology = topology_name(topology)
   if slices < 1:
     raise ConfigError("--slices", f"is {slices}; a plan runs on at least 1 slice.",
                       "pass --slices=1 or more.")
@@ -254,6 +255,7 @@ def compile_step(config, topology: str, what: str = "train",
   if what not in WHAT:
     raise ConfigError.choice("--what", what, WHAT, flag="--what")
   devices = devices or topology_devices(topology, slices)
+  topology = topology_name(topology)
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
   sizes = validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)

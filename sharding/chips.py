@@ -147,9 +147,15 @@ TPUS = tuple(name for name, c in CHIPS.items() if c.platform == "tpu")
 TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
 
 
+def topology_name(topology: str) -> str:
+  """The spelling libtpu reads: ' V5E:2X4 ' -> 'v5e:2x4'."""
+  return "".join(topology.split()).lower()
+
+
 def chip_for_topology(topology: str) -> Chip:
-  """'v5p:2x2x2' -> the v5p row; ConfigError naming the known chips otherwise."""
-  name = topology.split(":", 1)[0].strip().lower()
+  """'v5p:2x2x2' -> the v5p row; ConfigError naming the known chips otherwise.
+  Case and spaces do not matter (`topology_name`)."""
+  name = topology_name(topology).split(":", 1)[0]
   if ":" not in topology or name not in TPUS:
     raise ConfigError(
         "--topology", f"{topology!r} is not a TPU topology rung knows.",
@@ -160,7 +166,7 @@ def chip_for_topology(topology: str) -> Chip:
   # side 1, 2 or a multiple of 4 (2x2x1 ... 4x4x4, 8x8x12, 16x16x24); v5e and v6e
   # slices are 2-D, sides powers of two up to a 16x16 pod. libtpu itself builds
   # some other shapes (v5e:2x2x2), which no slice has.
-  dims = topology.split(":", 1)[1].strip().lower().split("x")
+  dims = topology_name(topology).split(":", 1)[1].split("x")
   cube = chip.wraparound == "cube"
   example = "2x2x2" if cube else "2x4"
   ok = len(dims) == (3 if cube else 2) and all(d.isdigit() and int(d) > 0

@@ -517,3 +517,12 @@ def test_ladder_exposed_tensor_communication_follows_the_schedule():
     assert lad.exposed_communication["tensor"] < std.exposed_communication["tensor"]
   else:
     assert lad.exposed_communication["tensor"] > std.exposed_communication["tensor"]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("spelling", ["V5E:2X4", " v5e : 2x4 ", "v5E:2x4"])
+def test_topology_names_take_any_case_and_spaces(spelling):
+  """libtpu reads only lower case without spaces; rung passes it that spelling."""
+  devices = aot.topology_devices(spelling)
+  assert len(devices) == 8 and devices[0].device_kind == \
+      aot.topology_devices("v5e:2x4")[0].device_kind
