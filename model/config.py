@@ -153,6 +153,22 @@ class ModelConfig:
     return tuple("ladder" if i in ladder else "standard"
                   for i in range(self.num_layers))
 
+  def describe_blocks(self) -> str:
+    """'ladder block', or for a hybrid 'ladder block on layers 2-3 (standard on
+    0-1)': what the run's first lines say of the dataflow."""
+    def span(start, stop):
+      return f"{start}" if stop - start == 1 else f"{start}-{stop - 1}"
+    segments = self.segments()
+    if len(segments) < 2:
+      return f"{segments[0][0] if segments else self.block} block"
+    by_kind: dict[str, list[str]] = {}
+    for kind, start, stop in segments:
+      by_kind.setdefault(kind, []).append(span(start, stop))
+    ladder = ", ".join(by_kind.pop("ladder"))
+    rest = "; ".join(f"{k} on {', '.join(v)}" for k, v in by_kind.items())
+    word = "layer" if ladder.isdigit() else "layers"
+    return f"ladder block on {word} {ladder} ({rest})"
+
   def segments(self) -> tuple[tuple[str, int, int], ...]:
     """Maximal runs of layers with the same kind: ((kind, start, stop), ...)."""
     out: list[list[Any]] = []
@@ -251,8 +267,13 @@ def validate(cfg: Any) -> None:
         f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention shares each "
         "K/V head across an equal group of query heads).",
         "choose num_kv_heads dividing num_heads.")
-  if cfg.block == "ladder":
-    parse_ladder_layers(cfg.ladder_layers, cfg.num_layers)
+  picked = parse_ladder_layers(cfg.ladder_layers, cfg.num_layers)
+  if cfg.block != "ladder" and 0 < len(picked) < cfg.num_layers:
+    raise ConfigError(
+        "model.ladder_layers", f"{cfg.ladder_layers!r} picks ladder layers, but "
+        f"model.block={cfg.block!r} has none, so it would be ignored.",
+        "set --config.model.block=ladder for a hybrid (ladder layers there, "
+        "standard elsewhere), or leave ladder_layers at 'all'.")
   if "rope_type" in cfg:
     validate_rotary(ModelConfig.from_config(cfg))
   if "moe" in cfg:

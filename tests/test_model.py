@@ -70,6 +70,21 @@ def test_packed_sequences_equal_separate_forwards():
   np.testing.assert_allclose(packed[:, 5:], m(tokens[:, 5:]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block,layers,phrase", [
+    ("standard", "all", "standard block"),
+    ("parallel", "all", "parallel block"),
+    ("ladder", "all", "ladder block"),
+    ("ladder", "none", "standard block"),
+    ("ladder", "upper:2", "ladder block on layers 1-2 (standard on 0)"),
+    ("ladder", "0,2", "ladder block on layers 0, 2 (standard on 1)"),
+    ("ladder", "1", "ladder block on layer 1 (standard on 0, 2)"),
+])
+def test_block_description_names_a_hybrid_s_layers(block, layers, phrase):
+  """The run's model line: each layer's kind (`layer_kinds`) in words."""
+  cfg = ModelConfig(**{**CFG, "block": block, "ladder_layers": layers})
+  assert cfg.describe_blocks() == phrase
+
+
 def test_ladder_with_no_ladder_layers_is_standard_bit_for_bit():
   tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 61)
   standard = _model(block="standard")

@@ -38,6 +38,10 @@ CASES = {
                                   "checkpoint.every_steps", "must be at least 0, got -5"),
     "attention_block_negative": ({"model.attention_block_kv": -128},
                                  "model.attention_block_kv", "-128 is not a tile size"),
+    # a hybrid's layers on a standard block were ignored silently
+    "ladder_layers_on_standard": ({"model.ladder_layers": "upper:1"},
+                                  "model.ladder_layers", "'upper:1' picks ladder "
+                                  "layers, but model.block='standard' has none"),
     "ring_unsplit": ({"model.attention": "ring"}, "model.attention",
                      "'ring', which exchanges the sequence between the devices of the "
                      "mesh axis the rules split `length` over, but mesh.sequence=1 does "
@@ -105,6 +109,17 @@ def test_sequence_parallel_attention_fix_works(impl):
     train.validate_config(config, 8)
   assert "Fix: set --config.mesh.sequence=2 (or more" in str(err.value)
   assert train.validate_config(_apply(config, {"mesh.sequence": 2}), 8)["sequence"] == 2
+
+
+def test_ladder_layers_fix_works():
+  config = _apply(llama_tiny.get_config(), {"model.ladder_layers": "upper:1"})
+  with pytest.raises(ConfigError, match="set --config.model.block=ladder for a hybrid"):
+    train.validate_config(config, 8)
+  train.validate_config(_apply(config, {"model.block": "ladder"}), 8)
+  for block in ("standard", "parallel"):  # 'all' and 'none' leave nothing to ignore
+    for layers in ("all", "none"):
+      train.validate_config(_apply(config, {"model.block": block,
+                                            "model.ladder_layers": layers}), 8)
 
 
 def test_moe_mlp_and_batch_on_one_mesh_axis():

@@ -331,7 +331,7 @@ def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
                                        cfg.num_kv_heads,
                                        kernels.partition.Axes.from_rules(rules))
     attention = f"auto -> {impl} ({reason})"
-  parts = [f"{cfg.block} block, attention {attention}"]
+  parts = [f"{cfg.describe_blocks()}, attention {attention}"]
   moe, pipe = cfg.moe, spec.pipeline
   if moe.num_experts:
     parts.append(f"MoE: {moe.num_experts} experts, top-{moe.top_k}, "
