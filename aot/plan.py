@@ -83,7 +83,8 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
   stay 1 unless allowed, `diloco` always (DiLoCo changes the training algorithm,
   which a plan does not choose). Ordered, for `max_plans`, so a capped search
   compiles the plainest plans first: no pipeline stages before stages, then by
-  tensor, sequence and expert size, then FSDP before data (sharded state first)."""
+  tensor and sequence size, then the most sharded state first (fsdp x expert, an
+  MoE's experts being its state's bulk), then fewer experts before more."""
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
   out = []
   for sizes in itertools.product(divisors, repeat=len(sharding.AXES)):
@@ -94,7 +95,7 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
       continue
     out.append(mesh)
   return sorted(out, key=lambda m: (m["stage"], m["tensor"], m["sequence"],
-                                    m["expert"], -m["fsdp"]))
+                                    -m["fsdp"] * m["expert"], m["expert"]))
 
 
 def plan(config, topology: str, *, remats: Sequence[str] | None = None,

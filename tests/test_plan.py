@@ -22,6 +22,11 @@ def test_enumeration_is_bounded():
   # a capped search (max_plans) compiles the ten plans without stages first
   assert all(m["stage"] == 1 for m in meshes[:10])
   assert len(plan.candidate_meshes(8, sequence=True)) == 35  # C(7, 4)
+  # an MoE search reaches expert parallelism within its first plans: the state is
+  # sharded over fsdp x expert, so expert=2..8 come right after fsdp=8
+  moe = plan.candidate_meshes(8, experts=True)
+  assert [(m["fsdp"], m["expert"]) for m in moe[:4]] == [(8, 1), (4, 2), (2, 4), (1, 8)]
+  assert moe[:10] == sorted(moe[:10], key=lambda m: -m["fsdp"] * m["expert"])
   assert len(plan.candidate_meshes(8, experts=True, sequence=True)) == 56  # C(8, 5)
 
 
