@@ -231,3 +231,36 @@ def test_a_mixture_run_reloads_from_its_saved_config(tiny_config, corpus, tmp_pa
   loaded = saved.get_config(str(tmp_path / "run"))
   assert loaded.data.mixture.to_dict() == config.data.mixture.to_dict()
   validate.validate_config(loaded, 8)  # the reloaded mixture is a valid config
+
+
+def test_eval_rows_give_each_source_s_loss(tiny_config, corpus, tmp_path):
+  """Eval rows carry `eval_loss/<name>`: the mean NLL over that source's held-out
+  tokens in the evaluated batches, as a float64 NumPy log-softmax of the saved
+  model's logits gives it; `eval_loss` stays the mean over all of them."""
+  import infer
+  c = _config(tiny_config, corpus, tmp_path / "cache")
+  c.train.update(steps=2, eval_every=2, eval_steps=3)
+  run = str(tmp_path / "run")
+  rows = train.train(c, run, progress=False)
+  last = [r for r in rows if "eval_loss" in r][-1]
+  assert last["step"] == 2
+  model, _ = infer.load(run)  # the step-2 parameters
+  d = make_data_on(c)
+  sums = {m.name: [0.0, 0.0] for m in d.mixture}
+  for b in d.eval_batches(3):
+    logits = np.asarray(model(b["inputs"], b["positions"], b["segment_ids"]),
+                        np.float64)  # [rows, length, vocab]
+    top = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    nll = logz - np.take_along_axis(logits, b["targets"][..., None], -1)[..., 0]
+    for row, source in enumerate(b["source"]):
+      s = sums[d.mixture[source].name]
+      s[0] += float((nll[row] * b["weights"][row]).sum())
+      s[1] += float(b["weights"][row].sum())
+  for name, (total, tokens) in sums.items():
+    assert tokens > 0
+    assert last[f"eval_loss/{name}"] == pytest.approx(total / tokens, rel=1e-4)
+  assert last["eval_loss"] == pytest.approx(
+      sum(s[0] for s in sums.values()) / sum(s[1] for s in sums.values()), rel=1e-4)
+  # ten-letter alphabets on one byte vocabulary: each source has its own loss
+  assert len({round(last[f"eval_loss/{n}"], 3) for n in sums}) == 3

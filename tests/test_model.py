@@ -308,6 +308,17 @@ def test_evaluation_sums_over_the_same_loss_chunks():
         jax.device_put(batch, rows))
   np.testing.assert_allclose(total, want, rtol=1e-5)
   assert count == weights.sum()
+  # a mixture of 3 sources: the same sums split by each row's source
+  source = np.array([2, 0, 2, 1, 0, 1, 2, 0])
+  batch["source_ids"] = np.repeat(source[:, None], 12, 1).astype(np.int32)
+  with jax.set_mesh(mesh):
+    totals, counts = make_eval_step(spec, param_shardings(spec, mesh), rows, 3)(
+        jax.device_put(params, param_shardings(spec, mesh)),
+        jax.device_put(batch, rows))
+  for s in range(3):
+    np.testing.assert_allclose(totals[s], (nll * weights)[source == s].sum(),
+                               rtol=1e-5)
+    assert counts[s] == weights[source == s].sum()
 
 
 def test_loss_defaults_to_the_mean_next_token_nll():

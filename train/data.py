@@ -354,7 +354,7 @@ def _mixture(config, entries, tokenizer):
                        & 0x7FFFFFFF)
     trains.append(grain.MapDataset.source(Tagged(train_src, index))
                   .shuffle(seed=shuffle_seed).repeat())
-    evals.append(grain.MapDataset.source(eval_src))
+    evals.append(grain.MapDataset.source(Tagged(eval_src, index)))
     parts.append(MixtureSource(name, weight, prop, tokens, len(train_src),
                                len(eval_src)))
   examples = grain.MapDataset.mix(trains, weights=proportions)

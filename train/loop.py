@@ -70,6 +70,15 @@ def _global_batch(local: dict[str, np.ndarray], data_sharding,
           for k, v in local.items()}
 
 
+def _with_source_ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A mixture's eval batch with `source_ids` [rows, length]: each row's `source`
+  on every token, for the per-source sums of the eval step."""
+  if "source" not in batch:
+    return batch
+  ids = np.broadcast_to(batch["source"][:, None], batch["targets"].shape)
+  return {**batch, "source_ids": np.ascontiguousarray(ids, np.int32)}
+
+
 def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
   """Trains `config` in `workdir`; returns the logged metric rows.
@@ -202,7 +211,8 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
         at = f" (compression density {density:g})" if comp.enabled else ""
         _say(f"compiled the train step{at} in {time.perf_counter() - start:.1f}s")
     return step_fns[density]
-  eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding)
+  eval_fn = make_eval_step(spec, param_shardings(spec, mesh), data_sharding,
+                           len(data.mixture))
   # DiLoCo: one program per (sync | merge, fragment), compiled on first use.
   frags = diloco_lib.Fragments.of(spec.abstract_params, spec.logical, dl.fragments)
   sync_fns: dict[tuple[str, int], Any] = {}
@@ -248,16 +258,24 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
 
   def evaluate(step: int) -> dict[str, Any]:
     with jax.set_mesh(mesh):  # dispatch every batch, then one host sync
-      sums = [eval_fn(state.params, to_global(b))
+      sums = [eval_fn(state.params, to_global(_with_source_ids(b)))
               for b in data.eval_batches(t.eval_steps)]
-    nll_sum, tokens = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2).sum(0)
-    if not tokens:  # validate_config and make_data refuse such configs
+    # [2, sources]: NLL and token sums per mixture source (one column without)
+    nll, tokens = np.asarray(jax.device_get(sums), np.float64).reshape(
+        len(sums), 2, -1).sum(0)
+    if not tokens.sum():  # validate_config and make_data refuse such configs
       raise RuntimeError("evaluation found no held-out tokens; refusing to log an "
                          "eval_loss of 0/0.")
-    row = {"step": step, "eval_loss": float(nll_sum / tokens)}
+    row = {"step": step, "eval_loss": float(nll.sum() / tokens.sum())}
+    for source, n, k in zip(data.mixture, nll, tokens):
+      if k:  # a source whose held-out windows the evaluated batches reached
+        row[f"eval_loss/{source.name}"] = float(n / k)
     writer.write(row)
     history.append(row)
-    _say(f"step {step}: eval_loss {row['eval_loss']:.4f}")
+    per_source = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in row.items()
+                           if k.startswith("eval_loss/"))
+    _say(f"step {step}: eval_loss {row['eval_loss']:.4f}"
+         + (f" ({per_source})" if per_source else ""))
     return row
 
   try:

@@ -186,26 +186,38 @@ def make_inner_step(spec: ModelSpec, tx: optax.GradientTransformation,
                  out_shardings=(state_sharding, None), donate_argnums=0)
 
 
-def make_eval_step(spec: ModelSpec, param_sharding, data_sharding):
+def make_eval_step(spec: ModelSpec, param_sharding, data_sharding,
+                   sources: int = 0):
   """Jitted (params, batch) -> (next-token NLL summed with batch['weights'] [batch,
   length], sum of the weights). Rows of weight 0 pad a partial eval batch: they
   count in neither sum and MoE layers do not route them, so the eval loss (total
   NLL / total weight) is the mean over real tokens alone. Call it under
-  jax.set_mesh."""
+  jax.set_mesh.
+
+  `sources` > 0 (a data mixture): batch['source_ids'] [batch, length] int32 says
+  which source each token came from, and both sums are [sources] vectors, one
+  entry per source (their totals are the sums above)."""
 
   def weighted_nll(logits, rows):
-    targets, weights = rows
+    targets, weights = rows[:2]
     nll = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), targets)  # [rows, length]
-    return jnp.sum(nll * weights)
+    if not sources:
+      return jnp.sum(nll * weights)
+    return _per_source(nll * weights, rows[2])
+
+  def _per_source(values, ids):  # [rows, length] -> [sources]
+    return jnp.einsum("rl,rls->s", values, jax.nn.one_hot(ids, sources))
 
   def f(params, batch: Batch):
     weights = batch["weights"].astype(jnp.float32)
     model = spec.model(params)
     x, _ = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                         mask=weights > 0)
+    rows = (batch["targets"], weights) + ((batch["source_ids"],) if sources else ())
     # over model.loss_chunks chunks of rows, as the training loss
-    return (model.head_chunk_sums(x, (batch["targets"], weights), weighted_nll),
-            jnp.sum(weights))
+    return (model.head_chunk_sums(x, rows, weighted_nll),
+            _per_source(weights, batch["source_ids"]) if sources
+            else jnp.sum(weights))
 
   return jax.jit(f, in_shardings=(param_sharding, data_sharding))
