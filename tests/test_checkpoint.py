@@ -121,6 +121,20 @@ def test_init_from_shape_mismatch_names_parameter(tiny_config, tmp_path):
                      match=r"`layers/mlp/down` has shape \(2, 64, 32\) in .* but "
                            r"\(2, 96, 32\) in this model"):
     train.train(c, str(tmp_path / "ft"), progress=False)
+  # a step the source does not have, and sources without checkpoints: each error
+  # says what the value was read as and gives a fix that works
+  from train.checkpoint import load_init_params
+  cases = [(f"{tmp_path / 'src'}:7", r"has no step 7 \(steps: \[3\]\)\. Fix: give "
+            rf"DIR:STEP with a saved step, e\.g\. {tmp_path / 'src'}:3"),
+           (str(tmp_path / "nowhere"), r"'.*nowhere' is read as a run directory, "
+            r"and .* holds no checkpoints\. Fix: give DIR of a run"),
+           ("None", r"holds no checkpoints \(a value of None on the command line is "
+            r"the word, not unset\)\. Fix: pass an empty value, "
+            r"--config\.checkpoint\.init_from=, to start")]
+  for spec, message in cases:
+    with pytest.raises(sharding.ConfigError, match=message):
+      load_init_params(spec, None, c.checkpoint)
+  assert not (tmp_path / "nowhere").exists()  # looking created nothing
 
 
 def _corrupt(workdir, step):

@@ -361,12 +361,22 @@ def load_init_params(spec: str, abstract_params: Any, ckpt_cfg) -> Any:
   """Parameters from another run for fine-tuning, checked shape by shape."""
   path, step = parse_init_from(spec)
   source = Checkpointer(path, ckpt_cfg, read_only=True)
+  steps = source.all_steps()
+  if not steps:
+    unset = spec.strip().lower() in ("none", "null")
+    raise ConfigError(
+        "checkpoint.init_from", f"{spec!r} is read as a run directory, and "
+        f"{source.directory} holds no checkpoints"
+        + (" (a value of None on the command line is the word, not unset)."
+           if unset else "."),
+        "pass an empty value, --config.checkpoint.init_from=, to start from "
+        "scratch" if unset else "give DIR of a run with checkpoints, or DIR:STEP.")
   step = source.latest_step() if step is None else step
-  if step is None or step not in source.all_steps():
+  if step not in steps:
     raise ConfigError("checkpoint.init_from",
-                      f"{source.directory} has no step {step} "
-                      f"(steps: {source.all_steps()}).",
-                      "give DIR of a run with checkpoints, or DIR:STEP of one of them.")
+                      f"{source.directory} has no step {step} (steps: {steps}).",
+                      f"give DIR:STEP with a saved step, e.g. {path}:{steps[-1]}, "
+                      f"or DIR for the latest.")
   saved = source.param_shapes(step)
   ours = {path_name(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
