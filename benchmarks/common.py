@@ -19,6 +19,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SINK: list[Any] = []
 
 
+def main_quietly(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """`main` for absl's app.run with the libraries' INFO logs off (Orbax logs
+  lines per checkpoint) unless --verbosity is given, as `python -m experiment`
+  does."""
+  def run(argv):
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.ERROR)
+    return main(argv)
+  return run
+
+
 def write_rows_to(path: str | None) -> None:
   """Also append every emitted row to `path` (JSON lines), flushed per row."""
   if path:

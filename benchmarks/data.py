@@ -39,16 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.common import emit, main_quietly  # noqa: E402
+
 _SMALL = flags.DEFINE_bool("small", False, "a 5 MB corpus and 12 training steps")
 _MB = flags.DEFINE_float("mb", 50.0, "corpus size in MB (without --small)")
 _STEPS = flags.DEFINE_integer("steps", 30, "training steps per data-wait run")
 _VOCAB = flags.DEFINE_integer("vocab", 4096, "BPE vocabulary size")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "tokenization comparisons")
 _ONLY_TOKENIZE = flags.DEFINE_bool("only_tokenize", False, "skip the data-wait runs")
-
-
-def emit(**row):
-  print(json.dumps(row), flush=True)
 
 
 def make_corpus(path: str, megabytes: float, seed: int = 0) -> tuple[int, int]:
@@ -259,4 +257,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main_quietly(main))

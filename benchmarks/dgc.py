@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import (emit, plot_eval_curves, processor,  # noqa: E402
+from benchmarks.common import (main_quietly, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
 
 _STEPS = flags.DEFINE_integer("steps", 400, "training steps per run")
@@ -143,4 +143,4 @@ def _llama_1b_bytes() -> dict[str, float]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main_quietly(main))

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import (emit, plot_eval_curves, processor,  # noqa: E402
+from benchmarks.common import (main_quietly, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
 
 _STEPS = flags.DEFINE_integer("steps", 600, "training steps per run")
@@ -192,4 +192,4 @@ def _curves() -> dict[str, list[tuple[int, float]]]:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main_quietly(main))

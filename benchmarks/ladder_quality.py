@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.common import main_quietly  # noqa: E402
+
 _STEPS = flags.DEFINE_integer("steps", 200, "training steps per block type")
 _RETRAIN = flags.DEFINE_integer("retrain_steps", 40, "hybrid retraining steps")
 _ROOT = flags.DEFINE_string("root", "runs/ladder_quality", "run directories")
@@ -81,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main_quietly(main))

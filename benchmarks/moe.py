@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.common import main_quietly  # noqa: E402
+
 SECTIONS = ["dispatch", "traffic", "balance"]
 _WHAT = flags.DEFINE_list("what", ["dispatch", "traffic"], f"sections of {SECTIONS}")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (best of)")
@@ -170,4 +172,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main_quietly(main))

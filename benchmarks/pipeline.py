@@ -10,8 +10,9 @@ sequences of 2048 tokens (one per FSDP shard), so the global batch is 2M
 sequences and the work per microbatch is the same at every M. Prints per plan
 the compiled temporary memory per device (XLA's buffer assignment), the bubble
 read from the compiled pipeline loops, and the schedule's formula
-((S-1)/(R*M+S-1); 1F1B: 2(S-1)/(M+2(S-1))); one JSON line each. A plan beyond the chip's 16 GiB is refused by the compiler, which
-says how many bytes of temporaries it asked for: that figure is recorded.
+((S-1)/(R*M+S-1); 1F1B: 2(S-1)/(M+2(S-1))); one JSON line each. A plan beyond
+the chip's 16 GiB is refused by the compiler, which says how many bytes of
+temporaries it asked for: that figure is recorded.
 """
 
 from __future__ import annotations
