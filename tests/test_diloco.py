@@ -88,14 +88,20 @@ class StreamingDiLoCo:
 
   def after_inner_step(self, t, total):
     for p in self._syncs(t - self.tau) if self.tau else []:
-      self._apply(p)
+      if p in self.inflight:  # not when it landed at the end of an earlier run
+        self._apply(p)
     for p in self._syncs(t):
       self._start(p)
       if not self.tau:
         self._apply(p)
-    if t == total:
+    if t == total:  # every fragment lands: those in flight, then the others
+      landed = set(self.inflight) | set(self._syncs(t))
       for p in list(self.inflight):
         self._apply(p)
+      for p in range(self.F):
+        if p not in landed:
+          self._start(p)
+          self._apply(p)
 
 
 # --- schedule and encoding ---------------------------------------------------------
@@ -107,16 +113,43 @@ def test_events_sync_each_fragment_every_H_steps_and_apply_it_tau_later(H, F, ta
   events = [(t, *e) for t in range(1, total + 1) for e in d.events(t, total)]
   for p in range(F):
     starts = [t for t in range(1, total + 1) if t % H == p * H // F]
+    # the last step synchronises a fragment not in flight then (nor just synced)
+    if not starts or starts[-1] <= total - max(tau, 1):
+      starts.append(total)
     assert [t for t, k, q in events if k == "sync" and q == p] == starts
     if tau:
       assert [t for t, k, q in events if k == "merge" and q == p] == [
           min(s + tau, total) for s in starts]
     else:
       assert not [e for e in events if e[1] == "merge"]
-  for t, k, p in events:  # a fragment is never started twice before it lands
-    later = [e for e in events if e[0] >= t and e[2] == p]
-    if k == "sync" and tau:
-      assert later[1][1] == "merge"
+    if tau:  # in event order: never started twice before it lands
+      kinds = [k for _, k, q in events if q == p]
+      assert kinds == ["sync", "merge"] * (len(kinds) // 2)
+
+
+@pytest.mark.parametrize("H,F,tau,first,second", [
+    (4, 2, 1, 12, 16), (6, 3, 2, 13, 20), (5, 1, 0, 7, 10), (4, 1, 3, 9, 10),
+    (4, 2, 1, 3, 4)])
+def test_a_run_continued_past_its_end_applies_each_exchange_once(H, F, tau, first,
+                                                                 second):
+  """A run of `first` steps continued to `second` (the end's exchanges landed in
+  the first run: `landed`): every exchange is applied exactly once, the
+  continuation's own schedule is the uninterrupted one after `first`, and both
+  runs end with every fragment synchronised."""
+  d = diloco.DiLoCo(replicas=2, sync_every=H, fragments=F, overlap_steps=tau)
+  one = [(t, *e) for t in range(1, first + 1) for e in d.events(t, first)]
+  two = [(t, *e) for t in range(first + 1, second + 1)
+         for e in d.events(t, second, landed=first)]
+  for run in (one, one + two):
+    for p in range(F):
+      kinds = [k for _, k, q in run if q == p]
+      if tau:  # sync, merge, sync, merge, ...: no exchange applied twice
+        assert kinds == ["sync", "merge"] * (len(kinds) // 2)
+      assert any(t == max(e[0] for e in run) and q == p for t, _, q in run)
+  straight = [(t, *e) for t in range(first + 1, second + 1) for e in d.events(t, second)]
+  # before its own last step, the continuation starts the uninterrupted run's syncs
+  assert [e for e in two if e[1] == "sync" and e[0] < second] == [
+      e for e in straight if e[1] == "sync" and e[0] < second]
 
 
 def test_e3m0_rounds_to_the_nearest_level():
@@ -160,8 +193,10 @@ def _spec_and_mesh(mesh_sizes):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "e3m0"])
 def test_streaming_outer_parameters_equal_the_reference(dtype):
   """2 replicas (diloco=2, each over data=2 x tensor=2), 2 fragments, tau=1,
-  alpha=0.5, 3 periods of H=4; the inner steps are a fixed random walk applied
-  from the host, so only the outer algorithm is under test."""
+  alpha=0.5, 3 periods of H=4, then continued past that end to step 15 (the
+  exchanges that landed at the end are not applied again); the inner steps are a
+  fixed random walk applied from the host, so only the outer algorithm is under
+  test."""
   c, spec, mesh = _spec_and_mesh(dict(diloco=2, data=2, tensor=2))
   d = diloco.DiLoCo(replicas=2, sync_every=4, outer_lr=0.7, outer_momentum=0.9,
                     nesterov=True, fragments=2, overlap_steps=1, alpha=0.5,
@@ -176,8 +211,9 @@ def test_streaming_outer_parameters_equal_the_reference(dtype):
                         dtype)
   frags = diloco.Fragments.of(spec.abstract_params, spec.logical, 2)
   programs = {}
-  rng, total = np.random.default_rng(1), 12
-  for t in range(1, total + 1):
+  rng = np.random.default_rng(1)
+  runs = [(t, 12, 0) for t in range(1, 13)] + [(t, 15, 12) for t in range(13, 16)]
+  for t, total, landed in runs:
     walk = {k: rng.standard_normal((2, *v.shape)).astype(np.float32) * 0.01
             for k, v in ref.outer.items()}
     for r in range(2):
@@ -189,7 +225,7 @@ def test_streaming_outer_parameters_equal_the_reference(dtype):
                                            list(walk.values())))
     state = state.replace(diloco={**state.diloco, "replicas": jax.device_put(
         reps, shardings.diloco["replicas"])})
-    for kind, p in d.events(t, total):
+    for kind, p in d.events(t, total, landed):
       if (kind, p) not in programs:
         programs[kind, p] = diloco.make_sync(d, frags, spec.abstract_params, p, kind,
                                              shardings)
@@ -323,6 +359,29 @@ def test_resume_is_bit_exact_mid_exchange_and_onto_other_replica_counts(
     assert all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_a_run_ends_synchronised_and_continues_without_reapplying(tmp_path,
+                                                                 monkeypatch):
+  """A run shorter than H (2 steps, H=3) still ends with its inner steps in the
+  outer parameters: the eval after step 2 is not the step-0 one (it was: nothing
+  had synchronised). Continued to 4 steps, the run is told its start is where the
+  ended run's exchanges landed (`landed`, whose schedule the reference test
+  checks)."""
+  import train
+  c = _config(dict(diloco=2, data=2, tensor=2), steps=2, sync_every=3,
+              overlap_steps=1)
+  c.train.update(eval_every=2, eval_steps=1)
+  rows = train.train(c, str(tmp_path / "run"), progress=False)
+  evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+  assert len(evals) == 2 and evals[1] < evals[0] - 1e-3
+  calls = []
+  events = diloco.DiLoCo.events
+  monkeypatch.setattr(diloco.DiLoCo, "events", lambda self, done, total, landed=0: (
+      calls.append((done, landed)) or events(self, done, total, landed)))
+  c.train.steps = 4
+  rows = train.train(c, str(tmp_path / "run"), progress=False)
+  assert calls == [(3, 2), (4, 2)] and [r["step"] for r in rows if "loss" in r] == [3, 4]
+
+
 # --- bad input ----------------------------------------------------------------------
 
 def _error(config):
@@ -364,3 +423,13 @@ def test_cli_bad_fragments_exits_2_before_compiling(tmp_path):
               "--config.diloco.fragments=3")
   assert r.returncode == 2, r.stderr[-2000:]
   assert "diloco.fragments" in r.stderr and "sync_every=10" in r.stderr
+
+
+def test_diloco_fields_are_read_only_with_replicas():
+  """docs/configuration.md: `diloco.*` is read only when mesh.diloco > 1; a config
+  with fields that would not fit is refused only then."""
+  from train.validate import validate_config
+  c = _config(dict(data=8), sync_every=10, fragments=3)
+  assert validate_config(c, 8)["diloco"] == 1
+  c.mesh.update(diloco=2, data=4)
+  assert _error(c).field == "diloco.fragments"

@@ -277,3 +277,28 @@ def test_cli_refuses_layers_that_do_not_split_over_stages(tmp_path):
                 "--config.mesh.data=4", "--config.pipeline.microbatches=2")
   assert out.returncode == 2, out.stderr
   assert "mesh.stage" in out.stderr and "3 layers" in out.stderr
+
+
+@pytest.mark.parametrize("pipeline,phrase", [
+    (dict(schedule="1f1b"), "no pipeline (pipeline.schedule='1f1b' unused: "
+                            "mesh.stage=1 and pipeline.microbatches=1)"),
+    (dict(schedule="circular", repeats=2),
+     "no pipeline (pipeline.schedule='circular', repeats=2 unused"),
+])
+def test_pipeline_settings_without_a_pipeline_are_named_unused(pipeline, phrase):
+  """A schedule on one stage and one microbatch was dropped without a word."""
+  import sharding
+  from model import ModelConfig
+  from train.loop import _architecture
+  from train.state import model_spec, pipeline_from_config
+  c = _config(**pipeline)
+  rules = sharding.normalize_rules(c.mesh.rules)
+  spec = model_spec(ModelConfig.from_config(c.model), rules,
+                    pipeline_from_config(c, {"stage": 1}))
+  line = _architecture(spec, sharding.make_mesh(c.mesh, jax.devices()[:1]), rules, 8, 16)
+  assert phrase in line
+  c = _config()  # the defaults say nothing
+  spec = model_spec(ModelConfig.from_config(c.model), rules,
+                    pipeline_from_config(c, {"stage": 1}))
+  assert "pipeline" not in _architecture(
+      spec, sharding.make_mesh(c.mesh, jax.devices()[:1]), rules, 8, 16)

@@ -108,18 +108,29 @@ class DiLoCo:
     return [p for p in range(self.fragments)
             if done > 0 and done % self.sync_every == self.offset(p)]
 
-  def events(self, done: int, total: int) -> list[tuple[str, int]]:
+  def events(self, done: int, total: int, landed: int = 0) -> list[tuple[str, int]]:
     """After inner step `done` (of `total`): ('sync', p) starts fragment p's
     exchange (and, blocking, applies it); ('merge', p) applies the exchange that
-    started tau steps ago. The last step applies every exchange in flight."""
+    started tau steps ago.
+
+    The last step synchronises every fragment: exchanges in flight land, and each
+    other fragment synchronises and is applied at once, so the outer parameters a
+    run ends with (evaluated, saved, exported) hold all of its inner steps, also
+    when train.steps is not a multiple of H. `landed`: the step a resumed run
+    starts from when the run that saved it ended there; the exchanges it started
+    landed in that ending and are not applied again."""
     tau = self.overlap_steps
-    if not tau:
-      return [("sync", p) for p in self.syncs_at(done)]
-    out = [("merge", p) for p in self.syncs_at(done - tau)]
+    out = [("merge", p) for p in self.syncs_at(done - tau)
+           if tau and done - tau > landed]
     out += [("sync", p) for p in self.syncs_at(done)]
-    if done == total:
-      out += [("merge", p) for s in range(done - tau + 1, done + 1)
-              for p in self.syncs_at(s)]
+    if done != total:
+      return out
+    inflight = [p for s in range(done - tau + 1, done + 1) if s > landed
+                for p in self.syncs_at(s)] if tau else self.syncs_at(done)
+    out += [("merge", p) for p in inflight] if tau else []
+    for p in range(self.fragments):
+      if p not in inflight:
+        out += [("sync", p)] + ([("merge", p)] if tau else [])
     return out
 
 

@@ -134,6 +134,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
     os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(workdir, config.checkpoint)
   latest = ckpt.latest_step()
+  landed = 0  # DiLoCo: a finished run's last step, where its exchanges all landed
   optimizer_changed = latest is not None and _optimizer_state_changes(
       ckpt, latest, config_dict)
   if optimizer_changed and latest == 0:
@@ -152,6 +153,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
     state = ckpt.restore(
         abstract_state(spec, tx, mesh, comp, saved_replicas, saved_dl),
         data.train, config=config_dict)
+    ended = ((ckpt.saved_config(latest) or {}).get("train") or {}).get("steps")
+    if dl.enabled and ended == int(state.step):
+      landed = ended
     if int(state.step):
       _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
     else:  # what import-hf writes: a start, with no trajectory to compare against
@@ -219,7 +223,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
 
   def synchronise(state, done: int):
     """Runs DiLoCo's events after inner step `done`; returns the state."""
-    for kind, p in dl.events(done, t.steps):
+    for kind, p in dl.events(done, t.steps, landed):
       if (kind, p) not in sync_fns:
         with timer.paused(lambda: jax.block_until_ready(state)):
           start = time.perf_counter()
@@ -354,6 +358,10 @@ def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
   if moe.num_experts:
     parts.append(f"MoE: {moe.num_experts} experts, top-{moe.top_k}, "
                  f"{moe.dispatch} dispatch")
+  if not pipe.active and (pipe.schedule != "gpipe" or pipe.repeats > 1):
+    parts.append(f"no pipeline (pipeline.schedule={pipe.schedule!r}"
+                 + (f", repeats={pipe.repeats}" if pipe.repeats > 1 else "")
+                 + " unused: mesh.stage=1 and pipeline.microbatches=1)")
   if pipe.active:
     parts.append(f"pipeline: {pipe.schedule}, {count(pipe.stages, 'stage')} x "
                  f"{count(pipe.repeats, 'repeat')}, "

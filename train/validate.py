@@ -335,11 +335,11 @@ def _pipeline_fix(config, units: int, stages: int, repeats: int,
 
 
 def _validate_diloco(config, sizes: dict[str, int]) -> None:
-  """The `diloco` group: a schedule whose fragments and overlap fit in H steps,
-  an outer optimizer, a transport dtype; and, with mesh.diloco > 1, replicas
-  that each hold the whole model and split the batch first."""
+  """With mesh.diloco > 1, the `diloco` group (read only then): a schedule whose
+  fragments and overlap fit in H steps, an outer optimizer, a transport dtype,
+  and replicas that each hold the whole model and split the batch first."""
   d = config.get("diloco")
-  if d is None:
+  if d is None or sizes.get("diloco", 1) == 1:
     return
   _choice("diloco.outer_dtype", d.outer_dtype, diloco.OUTER_DTYPES)
   _positive(config, ["diloco.sync_every", "diloco.fragments"])
@@ -371,8 +371,6 @@ def _validate_diloco(config, sizes: dict[str, int]) -> None:
         "diloco.overlap_steps", f"is {d.overlap_steps}: a fragment's exchange must "
         f"land before its next one starts, sync_every={d.sync_every} steps later.",
         f"set --config.diloco.overlap_steps below {d.sync_every} (the paper: 1 to 5).")
-  if sizes["diloco"] == 1:
-    return
   c = config.optim.get("compression")
   if c is not None and c.method != "none":
     raise ConfigError(
