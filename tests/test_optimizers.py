@@ -533,3 +533,43 @@ def test_galore_refresh_on_devices_sharing_cores_finishes(tmp_path):
     pytest.fail("GaLore's training run hung (no exit in 150 s)")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "3/3" in proc.stderr
+
+
+def test_resume_refuses_only_changes_to_the_saved_optimizer_state():
+  """A field of an optimizer or compression method that is off on both sides
+  (GaLore's rank, the matrices under AdamW, DGC's momentum correction under top-k)
+  changes nothing saved; the same field where it is used is a config error whose
+  fix pastes into a shell."""
+  import json
+  import shlex
+  import types
+  from ml_collections import ConfigDict
+  from train.loop import _optimizer_state_changes
+  from experiments import base
+
+  def optim(**fields):
+    o = base.get_config().optim
+    for k, v in fields.items():
+      group, _, name = k.rpartition("__")
+      (o[group] if group else o)[name] = v
+    return json.loads(ConfigDict({"optim": o}).to_json())
+
+  def check(saved, new):
+    ckpt = types.SimpleNamespace(saved_config=lambda step: saved,
+                                 directory="/runs/a b/checkpoints")
+    return _optimizer_state_changes(ckpt, 2, new)
+
+  regex = "attn/(q|k)$"
+  for saved, new in [(dict(name="adamw"), dict(name="adamw", galore_rank=64)),
+                     (dict(name="adamw"), dict(name="adamw", matrices=regex)),
+                     (dict(compression__method="topk"),
+                      dict(compression__method="topk",
+                           compression__momentum_correction=False))]:
+    assert check(optim(**saved), optim(**new)) == ""
+  with pytest.raises(ConfigError, match="optim.galore_rank=128, not 64"):
+    check(optim(name="galore"), optim(name="galore", galore_rank=64))
+  with pytest.raises(ConfigError) as err:
+    check(optim(name="muon", matrices=regex), optim(name="muon"))
+  words = shlex.split(err.value.fix)
+  assert f"--config.optim.matrices={regex}," in words
+  assert "--config.checkpoint.init_from=/runs/a b:2." in words

@@ -303,3 +303,37 @@ def test_python_config_mistakes_are_errors_that_name_the_field():
   with pytest.raises(ConfigError) as err:
     Decoder(ModelConfig(head_dim=31), rngs=nnx.Rngs(0))
   assert err.value.field == "model.head_dim"
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("muon_rms", -1.0), ("galore_scale", -1.0), ("galore_scale", 0.0), ("eps", 0.0),
+    ("b1", 1.0), ("b2", -0.1), ("min_lr_ratio", 1.5), ("decay_steps", -5),
+    ("decay_steps", 0)])
+def test_optimizer_scales_and_rates_out_of_range_and_their_fix(field, bad):
+  """A negative muon_rms or galore_scale trained uphill (loss 5.5 -> 7.9); each
+  such value is refused, and the value the fix names validates."""
+  import re
+  config = llama_tiny.get_config()
+  config.optim[field] = bad
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(config, 8)
+  assert err.value.field == f"optim.{field}"
+  fixed = re.search(rf"--config\.optim\.{field}=([-\d.e]+)", err.value.fix)
+  config.optim[field] = (type(bad)(float(fixed.group(1).rstrip("."))) if fixed
+                         else None)
+  train.validate_config(config, 8)
+
+
+def test_a_matrices_regex_that_matches_nothing_is_refused():
+  """Muon on `attn/qq` trained bit for bit as AdamW, its log naming attn/qq; the
+  fix's regex (the default) validates."""
+  import shlex
+  config = llama_tiny.get_config()
+  config.optim.update(name="muon", matrices="attn/qq")
+  with pytest.raises(ConfigError, match=r"'attn/qq' matches none of the model's "
+                     r"parameters \(embed/table, .*layers/attn/q.*\), so muon would "
+                     "act on nothing") as err:
+    train.validate_config(config, 8)
+  flag, = [w for w in shlex.split(err.value.fix) if w.startswith("--config")]
+  config.optim.matrices = flag.split("=", 1)[1].rstrip(".")
+  train.validate_config(config, 8)

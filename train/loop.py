@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -386,9 +387,17 @@ def _regroup_diloco(state, dl, shardings):
   return jax.device_put(state.replace(opt_state=opt_state, diloco=extra), shardings)
 
 
-# Fields that decide the optimizer state's structure (which buffers, what shapes).
-_OPTIMIZER_STATE_FIELDS = ("name", "matrices", "galore_rank", "compression.method",
-                           "compression.momentum_correction")
+# Fields that decide the optimizer state's structure (which buffers, what shapes),
+# each with when it does (on the flattened `optim` group): a field of an optimizer
+# or compression method that is off on both sides changes nothing saved.
+_OPTIMIZER_STATE_FIELDS = {
+    "name": lambda o: True,
+    "matrices": lambda o: o.get("name") in ("muon", "normuon", "galore"),
+    "galore_rank": lambda o: o.get("name") == "galore",
+    "compression.method": lambda o: True,
+    "compression.momentum_correction":
+        lambda o: o.get("compression.method") == "dgc",
+}
 
 
 def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -> str:
@@ -397,15 +406,17 @@ def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -
   is a ConfigError naming the field: that state cannot be resumed."""
   saved = run_config.flatten((ckpt.saved_config(step) or {}).get("optim", {}))
   new = run_config.flatten(config_dict.get("optim", {}))
-  for field in _OPTIMIZER_STATE_FIELDS:
-    if field in saved and saved[field] != new.get(field):
+  for field, used in _OPTIMIZER_STATE_FIELDS.items():
+    if (field in saved and saved[field] != new.get(field)
+        and (used(saved) or used(new))):
       if step:
         raise sharding.ConfigError(
             f"optim.{field}", f"the checkpoint at step {step} holds the state of "
             f"optim.{field}={saved[field]!r}, not {new.get(field)!r}.",
-            f"resume with --config.optim.{field}={saved[field]}, or start a new "
-            f"workdir from its parameters: --config.checkpoint.init_from="
-            f"{os.path.dirname(ckpt.directory)}:{step}.")
+            f"resume with --config.optim.{field}={shlex.quote(str(saved[field]))}, "
+            "or start a new workdir from its parameters: "
+            "--config.checkpoint.init_from="
+            + shlex.quote(f"{os.path.dirname(ckpt.directory)}:{step}") + ".")
       return f"optim.{field} {saved[field]!r} -> {new.get(field)!r}"
   return ""
 

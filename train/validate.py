@@ -90,10 +90,27 @@ def _validate_optim(config) -> None:
           f"no {optimizer.HOST!r} memory (its memory kinds: {', '.join(kinds)}).",
           "set --config.optim.offload=none, or run on a backend with host memory "
           "(TPU, GPU).")
-  for field in ("momentum", "normuon_b2"):
+  # decay rates in [0, 1), each with the value its fix suggests
+  for field, usual in (("momentum", 0.95), ("normuon_b2", 0.95), ("b1", 0.9),
+                       ("b2", 0.95)):
     if not 0 <= o[field] < 1:
       raise ConfigError(f"optim.{field}", f"must be in [0, 1), got {o[field]}.",
-                        f"set --config.optim.{field}=0.95.")
+                        f"set --config.optim.{field}={usual}.")
+  if not 0 <= o.min_lr_ratio <= 1:
+    raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got "
+                      f"{o.min_lr_ratio} (the cosine ends at learning_rate x it).",
+                      "set --config.optim.min_lr_ratio=0.1.")
+  # scales whose sign flips the update (a negative one trains uphill)
+  for field, low, usual in (("eps", "positive", 1e-8), ("galore_scale", "positive",
+                                                        0.25),
+                            ("muon_rms", "at least 0 (0: width scaling)", 0.2)):
+    if o[field] < 0 or (o[field] == 0 and low == "positive"):
+      raise ConfigError(f"optim.{field}", f"must be {low}, got {o[field]}.",
+                        f"set --config.optim.{field}={usual}.")
+  if o.decay_steps is not None and o.decay_steps < 1:
+    raise ConfigError("optim.decay_steps", f"must be at least 1 when set, got "
+                      f"{o.decay_steps}.", "leave it unset (the schedule then spans "
+                      "train.steps), or set the steps it should span.")
   _positive(config, ["optim.ns_steps", "optim.galore_rank",
                      "optim.galore_update_proj_gap"])
   for field in ("matrices", "no_decay"):
@@ -115,8 +132,16 @@ def _validate_matrices(config) -> None:
   o = config.optim
   spec = model_spec(model.ModelConfig.from_config(config.model),
                     sharding.normalize_rules(config.mesh.rules))
-  for path, x in jax.tree_util.tree_leaves_with_path(spec.abstract_params):
-    name = sharding.path_name(path)
+  leaves = [(sharding.path_name(p), x)
+            for p, x in jax.tree_util.tree_leaves_with_path(spec.abstract_params)]
+  if not any(matrices.is_matrix(name, o.matrices) for name, _ in leaves):
+    raise ConfigError(
+        "optim.matrices", f"{o.matrices!r} matches none of the model's parameters "
+        f"({', '.join(name for name, _ in leaves)}), so {o.name} would act on "
+        "nothing and the run would be AdamW.",
+        "name weight matrices, e.g. the default --config.optim.matrices="
+        "'attn/(q|k|v|o)$,mlp/(gate|up|down)$'.")
+  for name, x in leaves:
     if not matrices.is_matrix(name, o.matrices):
       continue
     if x.ndim < 2:
