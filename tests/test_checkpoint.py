@@ -188,3 +188,27 @@ def test_opening_checkpoints_to_read_logs_no_orbax_warnings(tmp_path, caplog):
   assert checkpoint_dir(str(tmp_path)) == str(tmp_path / "checkpoints")
   # The filter is gone afterwards: other absl warnings still reach the user.
   assert not logging.getLogger("absl").filters
+
+
+def test_metrics_keep_one_trajectory_across_interrupted_attempts(tmp_path):
+  """Rows past the step a run resumes from, and a line a kill cut short, leave
+  metrics.jsonl before the run appends (plot_loss draws the file in order); a
+  fresh start (step 0) drops every row, its step-0 evaluation included."""
+  import json
+  from train.metrics import MetricsWriter, read_metrics
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)] + [
+      {"step": 4, "eval_loss": 0.5}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
+  writer = MetricsWriter(str(tmp_path), enabled=True, tensorboard=False, start=4)
+  writer.write({"step": 5, "loss": 0.1})
+  writer.close()
+  assert writer.dropped == 3  # steps 5, 6 and the cut line
+  assert read_metrics(str(tmp_path)) == [r for r in rows if r["step"] <= 4] + [
+      {"step": 5, "loss": 0.1}]
+  again = MetricsWriter(str(tmp_path), enabled=True, tensorboard=False, start=5)
+  again.close()
+  assert again.dropped == 0 and len(read_metrics(str(tmp_path))) == 6
+  fresh = MetricsWriter(str(tmp_path), enabled=True, tensorboard=False, start=0)
+  fresh.close()
+  assert fresh.dropped == 6 and read_metrics(str(tmp_path)) == []

@@ -345,6 +345,12 @@ def test_resume_is_bit_exact_mid_exchange_and_onto_other_replica_counts(
   key = lambda rows: [(r["step"], r.get("loss"), r.get("eval_loss"))  # noqa: E731
                       for r in rows if r["step"] > 4]
   assert key(resumed) == key(straight) and len(key(straight)) == 3
+  # the copy's rows past step 4 (logged by the attempt preempted there) were
+  # dropped: metrics.jsonl holds the uninterrupted run's trajectory, once
+  from train.metrics import read_metrics
+  rows = lambda w: [(r["step"], r.get("loss"), r.get("eval_loss"))  # noqa: E731
+                    for r in read_metrics(str(tmp_path / w))]
+  assert rows("resumed") == rows("straight")
   for replicas, devices in ((4, 8), (1, 2)):
     work = tmp_path / f"onto{replicas}"
     shutil.copytree(tmp_path / "straight", work)

@@ -247,10 +247,13 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
        f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
        f"TFLOP/s ({peak_source})")
 
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                         tensorboard=config.log.tensorboard)
-  history: list[dict[str, Any]] = []
   start = int(state.step)
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                         tensorboard=config.log.tensorboard, start=start)
+  if writer.dropped:
+    _say(f"metrics.jsonl: dropped {count(writer.dropped, 'row')} that an interrupted "
+         f"attempt logged past step {start}, where this run continues")
+  history: list[dict[str, Any]] = []
   bar = tqdm(total=t.steps, initial=start, disable=not progress or
              jax.process_index() != 0, dynamic_ncols=True, desc="train")
 

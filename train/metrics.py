@@ -66,18 +66,29 @@ class StepTimer:
 
 class MetricsWriter:
   """Appends one JSON object per logged step to <workdir>/metrics.jsonl and mirrors
-  the scalars to TensorBoard. Only the writing process (process 0) writes."""
+  the scalars to TensorBoard. Only the writing process (process 0) writes.
 
-  def __init__(self, workdir: str, *, enabled: bool, tensorboard: bool):
+  `start`: the step the run starts from. Rows an interrupted attempt logged past
+  the checkpoint it resumes from (past step 0 for a fresh start) are dropped from
+  metrics.jsonl first, with any line a kill cut short, so the file holds one
+  trajectory in step order; TensorBoard hides those events (`purge_step`).
+  `dropped` counts the rows dropped."""
+
+  def __init__(self, workdir: str, *, enabled: bool, tensorboard: bool,
+               start: int = 0):
     self.enabled = enabled
     self._tb = None
+    self.dropped = 0
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    self.dropped = _keep_rows_before(path, start)
+    self._jsonl = open(path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=start + 1 if start else 0)
 
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:
@@ -94,6 +105,32 @@ class MetricsWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _keep_rows_before(path: str, start: int) -> int:
+  """Rewrites the JSON lines at `path` keeping rows of steps up to `start` (none
+  for start 0, whose step-0 evaluation runs again) and dropping unreadable lines;
+  returns how many lines went. The rewrite is a new file moved over the old one,
+  so a crash leaves either whole."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      continue
+    if start and step <= start:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if len(keep) == len(lines):
+    return 0
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  return len(lines) - len(keep)
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
