@@ -360,7 +360,9 @@ def test_resume_is_bit_exact_mid_exchange_and_onto_other_replica_counts(
     rows = train.train(more, str(work), devices=jax.devices()[:devices],
                        progress=False)
     out = capsys.readouterr().out
-    assert f"the checkpoint holds 2 replica(s), this run has {replicas}" in out
+    assert ("the checkpoint holds 2 replicas, this run has "
+            + ("4: every replica restarts" if replicas == 4 else
+               "none (mesh.diloco=1): the run continues")) in out
     assert [r["step"] for r in rows] == [7, 8]
     assert all(np.isfinite(r["loss"]) for r in rows)
 
@@ -439,3 +441,17 @@ def test_diloco_fields_are_read_only_with_replicas():
   assert validate_config(c, 8)["diloco"] == 1
   c.mesh.update(diloco=2, data=4)
   assert _error(c).field == "diloco.fragments"
+
+
+def test_a_changed_layout_says_what_is_kept_and_dropped():
+  """Changing overlap_steps alone was reported as a replica count change."""
+  D = diloco.DiLoCo
+  line = diloco.describe_regroup(D(replicas=4, overlap_steps=1), D(replicas=4))
+  assert "replicas, this run" not in line
+  assert line.endswith("; the outer gradients in flight are dropped "
+                       "(overlap_steps is 0 now)")
+  line = diloco.describe_regroup(D(replicas=4, outer_momentum=0.0),
+                                 D(replicas=2, overlap_steps=2))
+  assert "holds 4 replicas, this run has 2" in line
+  assert line.endswith("; the outer gradients in flight start at zero; the outer "
+                       "momentum starts at zero")

@@ -334,6 +334,28 @@ def state_specs(d: DiLoCo, param_specs) -> dict:
   return out
 
 
+def describe_regroup(saved: DiLoCo, d: DiLoCo) -> str:
+  """What `regroup` does to a checkpoint saved in `saved`'s layout for a run in
+  `d`'s, in one line for the log."""
+  (before, old), (after, new) = layout(saved), layout(d)
+  head = (f"holds {before} replicas, this run has "
+          f"{after if d.enabled else 'none (mesh.diloco=1)'}" if before != after
+          else "holds outer buffers this run's settings do not match")
+  notes = []
+  if d.enabled:
+    why = {"pending": ("the outer gradients in flight", "overlap_steps"),
+           "momentum": ("the outer momentum", "outer_momentum")}
+    notes = [f"{what} {'are' if b == 'pending' else 'is'} dropped ({field} is 0 "
+             "now)" for b, (what, field) in why.items() if b in old and b not in new]
+    notes += [f"{what} {'start' if b == 'pending' else 'starts'} at zero"
+              for b, (what, _) in why.items() if b in new and b not in old]
+  who = "every replica restarts" if d.enabled else "the run continues"
+  return (f"DiLoCo: the checkpoint {head}: {who} from the outer "
+          "parameters (inner steps since the last synchronisation are dropped) "
+          "with the mean of the saved inner optimizer states"
+          + "".join(f"; {n}" for n in notes))
+
+
 def regroup(params, opt_state, state: dict | None, d: DiLoCo):
   """A checkpoint of another replica count (NumPy trees; `opt_state` stacked
   [old replicas, ...] when `state` is not None) -> (opt_state, state) for `d`:

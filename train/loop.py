@@ -164,10 +164,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
            f"{ckpt.directory}")
     if diloco_lib.layout(saved_dl) != diloco_lib.layout(dl):
       state = _regroup_diloco(state, dl, shardings)
-      _say(f"DiLoCo: the checkpoint holds {saved_dl.replicas} replica(s), this "
-           f"run has {max(dl.replicas, 1)}: every replica restarts from the outer "
-           "parameters (inner steps since the last synchronisation are dropped) "
-           "with the mean of the saved inner optimizer states")
+      _say(diloco_lib.describe_regroup(saved_dl, dl))
     if saved_replicas and saved_replicas != mesh.shape["data"]:
       state = state.replace(compression=jax.device_put(
           regroup(jax.device_get(state.compression), mesh.shape["data"]),
