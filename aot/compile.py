@@ -79,8 +79,9 @@ class Report:
   what: str
   mesh: dict[str, int]
   devices: int
-  memory: dict[str, float]   # params, optimizer, optimizer_host, inputs, arguments,
-  #                            temporaries, outputs, code, total, hbm (bytes per device)
+  memory: dict[str, float]   # params, optimizer, optimizer_host, diloco (replicas
+  #                            and outer buffers), inputs, arguments, temporaries,
+  #                            outputs, code, total, hbm (bytes per device)
   fits: bool
   flops: float               # compiled, per device
   model_flops: float         # PaLM count for the whole step
@@ -424,6 +425,9 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
              # with gradient compression, its per-replica buffers too
              "optimizer": _device_bytes((state.opt_state, state.compression))
                           + _device_bytes(state.step),
+             # DiLoCo: every replica's parameters, the outer momentum and
+             # the outer gradients in flight
+             "diloco": _device_bytes(state.diloco),
              "inputs": _device_bytes(batch)}
     host = {"optimizer_host": _device_bytes(state.opt_state, "host")}
   else:  # decode_step's (graphdef, params, layers, cache, logits, done, key, ...)
@@ -508,12 +512,16 @@ def _table(r: Report) -> str:
   mesh = " ".join(f"{a}={s}" for a, s in r.mesh.items())
   m = r.memory
   where = f"{r.slices} x {r.topology} (over DCN)" if r.slices > 1 else r.topology
-  lines = [f"{r.what} step on {where}: {r.devices} x TPU {r.chip} "
+  what = (f"{r.what} step" if not r.mesh.get("diloco", 1) > 1 else
+          "train step (DiLoCo's inner step; its synchronisations over `diloco` are "
+          "separate programs, not compiled here)")
+  lines = [f"{what} on {where}: {r.devices} x TPU {r.chip} "
            f"({size(m['hbm'])} HBM each), mesh {mesh}; compiled in "
            f"{r.compile_seconds:.1f} s", "", "memory per device"]
   rows = [("parameters", m["params"]), ("optimizer state", m["optimizer"]),
           *([("optimizer state (host)", m["optimizer_host"])]
             if m.get("optimizer_host") else []),
+          *([("DiLoCo replicas, outer", m["diloco"])] if m.get("diloco") else []),
           ("batch" if r.what == "train" else "tokens + KV cache", m["inputs"]),
           ("arguments (compiled)", m["arguments"]), ("temporaries", m["temporaries"]),
           ("outputs not aliased", m["outputs"]), ("generated code", m["code"]),
