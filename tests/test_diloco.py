@@ -455,3 +455,22 @@ def test_a_changed_layout_says_what_is_kept_and_dropped():
   assert "holds 4 replicas, this run has 2" in line
   assert line.endswith("; the outer gradients in flight start at zero; the outer "
                        "momentum starts at zero")
+
+
+def test_inspect_says_how_the_run_trains(tmp_path):
+  """`inspect` gives the optimizer, DiLoCo and compression lines the run printed
+  at its start (it showed the model alone)."""
+  from train import inspect_run, run_config
+  from train.compression import Compression
+  from train.optimizer import describe
+  c = _config(dict(diloco=2, data=4), sync_every=4, fragments=2, overlap_steps=1)
+  run_config.write(str(tmp_path), c)
+  text = inspect_run.describe_run(str(tmp_path))
+  assert describe(c.optim, c.train.steps) in text
+  assert diloco.DiLoCo.from_config(c, 2).describe() in text
+  assert "compression" not in text and "pipeline" not in text
+  c.mesh.update(diloco=1, data=8)
+  c.optim.compression.method = "topk"
+  run_config.write(str(tmp_path), c)
+  text = inspect_run.describe_run(str(tmp_path))
+  assert Compression.from_config(c.optim).describe(8) in text and "diloco" not in text

@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import sharding
+from sharding.report import count
 from train import run_config
 from train.checkpoint import checkpoint_dir
 from train.metrics import read_metrics
@@ -48,11 +49,33 @@ def _describe_model(saved: dict) -> list[str]:
       f"stop tokens: {stops}"]
 
 
+def _describe_training(config) -> list[str]:
+  """The lines a run printed at its start about how it trains: optimizer,
+  DiLoCo, gradient compression and pipeline, from its saved config (mesh sizes
+  as saved; an auto (-1) size reads as 1)."""
+  from train import diloco, optimizer
+  from train.compression import Compression
+  mesh = {a: max(int(config.mesh.get(a, 1)), 1) for a in sharding.AXES}
+  lines = [optimizer.describe(config.optim, config.train.steps)]
+  dl = diloco.DiLoCo.from_config(config, mesh["diloco"])
+  if dl.enabled:
+    lines.append(dl.describe())
+  comp = Compression.from_config(config.optim)
+  if comp.enabled:
+    lines.append(comp.describe(mesh["data"]))
+  p = config.get("pipeline")
+  if mesh["stage"] > 1 or (p is not None and p.microbatches > 1):
+    lines.append(f"pipeline: {p.schedule}, {count(mesh['stage'], 'stage')}, "
+                 f"{count(p.microbatches, 'microbatch', 'microbatches')}")
+  return lines
+
+
 def describe_run(workdir: str) -> str:
   """A report of a run's checkpoints (read from metadata only) and metrics."""
   lines = [f"run {os.path.abspath(workdir)}"]
   if os.path.exists(run_config.path(workdir)):
     lines += _describe_model(run_config.read(workdir))
+    lines += _describe_training(run_config.load(workdir))
   directory = checkpoint_dir(workdir)
   manager = None
   if os.path.isdir(directory):
@@ -65,7 +88,8 @@ def describe_run(workdir: str) -> str:
   else:
     lines.append("checkpoints:")
     for s in steps:
-      lines.append(f"  step {s:>8}  {sharding.format_bytes(_dir_size(os.path.join(directory, str(s))))}")
+      size = _dir_size(os.path.join(directory, str(s)))
+      lines.append(f"  step {s:>8}  {sharding.format_bytes(size)}")
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     rows = read_metrics(workdir)
     train_rows = [r for r in rows if "loss" in r]
