@@ -144,6 +144,12 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.close()
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def restore(self, target: TrainState, data_iter: Any | None = None,
               step: int | None = None, *, config: dict | None = None) -> TrainState:
     """Restores `step` (default: latest) into `target`'s shapes and shardings.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -90,13 +91,16 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   """
   stop = _StopOnSignal()  # from the start: a signal during setup is not lost
   try:
-    return _train(config, workdir, stop, devices, progress)
+    # closes what setup opened also when it fails (a refused restore left Orbax's
+    # threads and event loop behind)
+    with contextlib.ExitStack() as opened:
+      return _train(config, workdir, stop, devices, progress, opened)
   finally:
     stop.restore()
 
 
-def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
-           ) -> list[dict[str, Any]]:
+def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
+           opened: contextlib.ExitStack) -> list[dict[str, Any]]:
   devices = list(jax.devices() if devices is None else devices)
   sizes = validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -133,7 +137,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   to_global = lambda b: _global_batch(b, data_sharding, zigzag)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(workdir, config.checkpoint)
+  ckpt = opened.enter_context(Checkpointer(workdir, config.checkpoint))
   latest = ckpt.latest_step()
   landed = 0  # DiLoCo: a finished run's last step, where its exchanges all landed
   optimizer_changed = latest is not None and _optimizer_state_changes(
@@ -338,8 +342,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool
   finally:
     bar.close()
     writer.close()
-    ckpt.wait()
-    ckpt.close()
+    ckpt.wait()  # `opened` closes it
   return history
 
 
