@@ -95,7 +95,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   if not all(0 <= int(t) < vocab for t in stop_tokens):
     raise ValueError(f"stop_tokens {list(stop_tokens)} fall outside the model's "
                      f"vocabulary [0, {vocab})")
-  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
+  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens,
+                 warn_ignored=True)
   if max_new_tokens == 0:
     return [[] for _ in prompts]
   graphdef, params = nnx.split(model)

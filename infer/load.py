@@ -33,8 +33,9 @@ def load(workdir: str, *, step: int | None = None,
   whose model does not match the checkpoint's parameter shapes, a field the
   config does not have, or a mesh that does not fit is a ConfigError naming it.
   The returned config's mesh holds the resolved sizes; parameters carry their
-  NamedShardings, so the model runs as is (or under `jax.set_mesh` of that mesh to
-  apply activation constraints too).
+  NamedShardings, so the model runs as is, except with ring or Ulysses attention
+  over a `sequence` axis, whose kernels need the mesh: call it under
+  `jax.set_mesh` of that mesh (which also applies the activation constraints).
   """
   # The shape check names what was asked for: the run's config.json, or `config`.
   requested = None if config is None else json.loads(config.to_json())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,13 @@ class SamplingArgumentError(ValueError):
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None,
-                   max_new_tokens: int | None = None) -> None:
+                   max_new_tokens: int | None = None, *,
+                   warn_ignored: bool = False) -> None:
   """Raises SamplingArgumentError (a ValueError) naming the first bad argument:
   temperature must be a finite number >= 0, top_k an integer >= 0 (or None),
-  top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 (or None)."""
+  top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 (or None).
+  `warn_ignored` (what `generate` passes): a UserWarning when top_k or top_p
+  would truncate but temperature 0 makes them moot."""
   if max_new_tokens is not None and not _is_count(max_new_tokens):
     raise SamplingArgumentError(
         "max_new_tokens", f"max_new_tokens={max_new_tokens!r} must be an integer "
@@ -48,6 +52,12 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None,
     raise SamplingArgumentError(
         "top_p", f"top_p={top_p!r} must be a number in [0, 1] (1 or None: no "
         "truncation; 0: greedy).")
+  ignored = [f"{name}={v}" for name, v, off in (("top_k", top_k, (None, 0)),
+                                                 ("top_p", top_p, (None, 1, 1.0)))
+             if v not in off]
+  if warn_ignored and temperature == 0 and ignored:
+    warnings.warn(f"{' and '.join(ignored)} has no effect at temperature 0, which "
+                  "is greedy; pass a temperature > 0 to sample.", stacklevel=3)
 
 
 def _is_count(x) -> bool:

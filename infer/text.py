@@ -50,8 +50,12 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   ckpt.close()
   model, saved = load(workdir, step=step, config=config)
   mesh = mesh_of(model)
+  asked = config.model.attention if config is not None else None
   sys.stderr.write(f"generating from step {step} of {workdir}"
                    + (f" on {sharding.describe(mesh)}" if mesh is not None else "")
+                   + (f"; attention {saved.model.attention}, as model.attention="
+                      f"{asked} needs the length split over mesh.sequence"
+                      if asked and asked != saved.model.attention else "")
                    + "\n")
   tokenizer = make_tokenizer(saved.data)
   ids = [int(i) for i in tokenizer.encode(prompt)]

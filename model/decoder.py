@@ -185,7 +185,8 @@ class Decoder(nnx.Module):
     tokens: [batch, P] right-padded prompts, lengths: [batch] their lengths (0 for a
     padding row). Returns (logits [batch, P, vocab], cache holding the prompts,
     cache.lengths = lengths). The padding is masked out of MoE routing, so a row's
-    logits do not depend on its batch-mates or on P.
+    logits do not depend on its batch-mates or on P. Raises ValueError when P is
+    longer than the cache (its writes would land out of bounds).
     """
     x, cache = self._prefill_hidden(tokens, lengths, cache)
     return self._head(x), cache
@@ -203,6 +204,9 @@ class Decoder(nnx.Module):
   def _prefill_hidden(self, tokens, lengths, cache):
     """-> (the residual stream after the last layer [batch, P, embed], cache with
     cache.lengths = lengths)."""
+    if tokens.shape[1] > cache.max_length:
+      raise ValueError(f"prompts of {tokens.shape[1]} positions do not fit a KV cache "
+                       f"of {cache.max_length}; make the cache at least that long.")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = positions < lengths[:, None]  # [batch, P]
     ctx = blocks.Context(positions, None, prefill=True, mask=mask)

@@ -244,3 +244,46 @@ def test_words_outside_a_flag_and_an_empty_prompt_are_config_errors(byte_run, tm
       in empty.stderr
   assert "Config error in `command line`: 'x' is not a flag; train takes" in train.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_truncation_at_temperature_zero_warns_that_it_does_nothing(tiny_model):
+  """top_p / top_k with the default temperature 0 gave the greedy output without a
+  word (transformers warns too); with a temperature, or without them, no warning."""
+  with pytest.warns(UserWarning, match="top_p=0.9 has no effect at temperature 0"):
+    infer.check_sampling(0.0, None, 0.9, warn_ignored=True)
+  with pytest.warns(UserWarning, match="top_k=5 and top_p=0.5 has no effect"):
+    infer.check_sampling(0.0, 5, 0.5, warn_ignored=True)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    infer.check_sampling(0.7, 5, 0.9, warn_ignored=True)
+    infer.check_sampling(0.0, 0, 1.0, warn_ignored=True)
+    infer.check_sampling(0.0, 5, 0.9)  # sample() itself: no warning per call
+  with pytest.warns(UserWarning, match="top_p=0.9 has no effect"):
+    infer.generate(tiny_model, [[1, 2]], max_new_tokens=1, top_p=0.9)
+
+
+def test_prefill_longer_than_the_cache_is_refused(tiny_model):
+  """A prompt past the cache's length wrote out of bounds and returned lengths
+  beyond it (garbage, silently)."""
+  cache = infer.init_cache(tiny_model, 1, 3)
+  with pytest.raises(ValueError, match="prompts of 4 positions do not fit a KV "
+                     "cache of 3"):
+    tiny_model.prefill(jnp.array([[1, 2, 3, 4]]), jnp.array([4]), cache)
+  _, cache = tiny_model.prefill(jnp.array([[1, 2, 3]]), jnp.array([3]), cache)
+  assert int(cache.lengths[0]) == 3
+
+
+def test_serving_says_when_it_falls_back_from_sequence_parallel_attention(
+    byte_run, capsys):
+  """model.attention=ring on a mesh whose sequence axis is 1 is served with auto
+  (`kernels.serving_impl`); the start line says so, where it said nothing."""
+  from infer.text import generate_text
+  from train import run_config
+  config = run_config.load(str(byte_run))
+  config.model.attention = "ring"
+  generate_text(str(byte_run), config, "ab", max_new_tokens=1)
+  assert ("; attention auto, as model.attention=ring needs the length split over "
+          "mesh.sequence") in capsys.readouterr().err
+  generate_text(str(byte_run), run_config.load(str(byte_run)), "ab", max_new_tokens=1)
+  assert "; attention" not in capsys.readouterr().err
