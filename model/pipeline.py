@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sharding.report import count
+
 SCHEDULES = ("gpipe", "circular", "1f1b")
 
 
@@ -71,6 +73,13 @@ class Pipeline:
     if self.schedule == "1f1b":
       return self.microbatches + 2 * (self.stages - 1)
     return self.repeats * self.microbatches + self.stages - 1
+
+  def describe(self) -> str:
+    """'pipeline: 1f1b, 2 stages x 1 repeat, 4 microbatches, bubble 33.3%'."""
+    return (f"pipeline: {self.schedule}, {count(self.stages, 'stage')} x "
+            f"{count(self.repeats, 'repeat')}, "
+            f"{count(self.microbatches, 'microbatch', 'microbatches')}, "
+            f"bubble {self.bubble:.1%}")
 
   @property
   def bubble(self) -> float:

@@ -9,7 +9,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import sharding
-from sharding.report import count
 from train import run_config
 from train.checkpoint import checkpoint_dir
 from train.metrics import read_metrics
@@ -55,6 +54,7 @@ def _describe_training(config) -> list[str]:
   as saved; an auto (-1) size reads as 1)."""
   from train import diloco, optimizer
   from train.compression import Compression
+  from train.state import pipeline_from_config
   mesh = {a: max(int(config.mesh.get(a, 1)), 1) for a in sharding.AXES}
   lines = [optimizer.describe(config.optim, config.train.steps)]
   dl = diloco.DiLoCo.from_config(config, mesh["diloco"])
@@ -63,10 +63,9 @@ def _describe_training(config) -> list[str]:
   comp = Compression.from_config(config.optim)
   if comp.enabled:
     lines.append(comp.describe(mesh["data"]))
-  p = config.get("pipeline")
-  if mesh["stage"] > 1 or (p is not None and p.microbatches > 1):
-    lines.append(f"pipeline: {p.schedule}, {count(mesh['stage'], 'stage')}, "
-                 f"{count(p.microbatches, 'microbatch', 'microbatches')}")
+  pipeline = pipeline_from_config(config, mesh)
+  if pipeline.active:
+    lines.append(pipeline.describe())
   return lines
 
 

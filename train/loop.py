@@ -367,10 +367,7 @@ def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
                  + (f", repeats={pipe.repeats}" if pipe.repeats > 1 else "")
                  + " unused: mesh.stage=1 and pipeline.microbatches=1)")
   if pipe.active:
-    parts.append(f"pipeline: {pipe.schedule}, {count(pipe.stages, 'stage')} x "
-                 f"{count(pipe.repeats, 'repeat')}, "
-                 f"{count(pipe.microbatches, 'microbatch', 'microbatches')}, "
-                 f"bubble {pipe.bubble:.1%}")
+    parts.append(pipe.describe())
   return "; ".join(parts)
 
 
@@ -390,37 +387,31 @@ def _regroup_diloco(state, dl, shardings):
   return jax.device_put(state.replace(opt_state=opt_state, diloco=extra), shardings)
 
 
-# Fields that decide the optimizer state's structure (which buffers, what shapes),
-# each with when it does (on the flattened `optim` group): a field of an optimizer
-# or compression method that is off on both sides changes nothing saved.
-_OPTIMIZER_STATE_FIELDS = {
-    "name": lambda o: True,
-    "matrices": lambda o: o.get("name") in ("muon", "normuon", "galore"),
-    "galore_rank": lambda o: o.get("name") == "galore",
-    "compression.method": lambda o: True,
-    "compression.momentum_correction":
-        lambda o: o.get("compression.method") == "dgc",
-}
+# Fields that decide the optimizer state's structure (which buffers, what shapes);
+# one that neither side uses (`run_config.in_use`) changes nothing saved.
+_OPTIMIZER_STATE_FIELDS = ("optim.name", "optim.matrices", "optim.galore_rank",
+                           "optim.compression.method",
+                           "optim.compression.momentum_correction")
 
 
 def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -> str:
   """'' when the checkpoint at `step` holds the state of the optimizer
   `config_dict` asks for; else a description of the change. Past step 0 a change
   is a ConfigError naming the field: that state cannot be resumed."""
-  saved = run_config.flatten((ckpt.saved_config(step) or {}).get("optim", {}))
-  new = run_config.flatten(config_dict.get("optim", {}))
-  for field, used in _OPTIMIZER_STATE_FIELDS.items():
+  saved = run_config.flatten({"optim": (ckpt.saved_config(step) or {}).get("optim", {})})
+  new = run_config.flatten({"optim": config_dict.get("optim", {})})
+  for field in _OPTIMIZER_STATE_FIELDS:
     if (field in saved and saved[field] != new.get(field)
-        and (used(saved) or used(new))):
+        and (run_config.in_use(field, saved) or run_config.in_use(field, new))):
       if step:
         raise sharding.ConfigError(
-            f"optim.{field}", f"the checkpoint at step {step} holds the state of "
-            f"optim.{field}={saved[field]!r}, not {new.get(field)!r}.",
-            f"resume with --config.optim.{field}={shlex.quote(str(saved[field]))}, "
+            field, f"the checkpoint at step {step} holds the state of "
+            f"{field}={saved[field]!r}, not {new.get(field)!r}.",
+            f"resume with --config.{field}={shlex.quote(str(saved[field]))}, "
             "or start a new workdir from its parameters: "
             "--config.checkpoint.init_from="
             + shlex.quote(f"{os.path.dirname(ckpt.directory)}:{step}") + ".")
-      return f"optim.{field} {saved[field]!r} -> {new.get(field)!r}"
+      return f"{field} {saved[field]!r} -> {new.get(field)!r}"
   return ""
 
 

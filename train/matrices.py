@@ -19,6 +19,9 @@ import jax
 
 import sharding
 
+# The optimizers that act on the parameters `optim.matrices` names.
+OPTIMIZERS = ("muon", "normuon", "galore")
+
 
 class Dims(NamedTuple):
   """Axes of one stored tensor: leading `batch`, then `reduction` (the input, which

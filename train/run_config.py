@@ -117,7 +117,17 @@ _ACTIVE_WHEN = {
     "optim.compression.": lambda c: c.get("optim.compression.method", "none") != "none",
     "optim.galore_": lambda c: c.get("optim.name") == "galore",
     "optim.normuon_": lambda c: c.get("optim.name") == "normuon",
+    # train.matrices.OPTIMIZERS, spelled here to keep this module free of jax
+    "optim.matrices": lambda c: c.get("optim.name") in ("muon", "normuon", "galore"),
+    "optim.compression.momentum_correction":
+        lambda c: c.get("optim.compression.method") == "dgc",
 }
+
+
+def in_use(field: str, flat: dict) -> bool:
+  """Whether the run whose flattened config is `flat` reads `field` (e.g.
+  'optim.galore_rank' only under GaLore): every switch over it is on."""
+  return all(on(flat) for group, on in _ACTIVE_WHEN.items() if field.startswith(group))
 # The same mean gradient in a dense model; per-micro-batch MoE losses otherwise.
 _SPLITS_OF_THE_BATCH = {"train.grad_accum_steps": "micro-batch",
                         "pipeline.microbatches": "pipeline microbatch"}
@@ -145,8 +155,7 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
     if (a == b or field.startswith(_SAME_TRAJECTORY_GROUPS)
         or field in _SAME_TRAJECTORY_FIELDS or field in schedule):
       continue
-    if any(field.startswith(group) and not (on(old) or on(new))
-           for group, on in _ACTIVE_WHEN.items()):
+    if not (in_use(field, old) or in_use(field, new)):
       continue
     note = ""
     if field in _SPLITS_OF_THE_BATCH:

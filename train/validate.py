@@ -119,7 +119,7 @@ def _validate_optim(config) -> None:
     except re.error as e:
       raise ConfigError(f"optim.{field}", f"holds an invalid regex: {e}.",
                         "give comma-separated Python regexes.") from None
-  if o.name in ("muon", "normuon", "galore"):
+  if o.name in matrices.OPTIMIZERS:
     _validate_matrices(config)
 
 
