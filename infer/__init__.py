@@ -2,6 +2,6 @@
 
 from infer.generate import generate
 from infer.decode import decode_step
-from infer.kv_cache import init_cache
+from infer.kv_cache import CacheDoesNotFit, init_cache
 from infer.load import load
 from infer.sampling import SamplingArgumentError, check_sampling, sample

@@ -56,6 +56,25 @@ def _decode_loop(graphdef, params, cache, logits, done, key, max_new: int,
   return jax.lax.while_loop(cond, body, carry)[3]
 
 
+def _is_list(x) -> bool:
+  return (isinstance(x, Sequence) and not isinstance(x, (str, bytes))) or (
+      hasattr(x, "tolist") and np.ndim(x) == 1)
+
+
+def _token_ids(name: str, ids, vocab: int) -> list[int]:
+  """ids as Python ints, or ValueError naming `name`: every id an integer (not a
+  float, which would be truncated silently) in [0, vocab) (an id past the embedding
+  table would give NaN logits)."""
+  ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+  for t in ids:
+    if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+      raise ValueError(f"{name} holds {t!r}; token ids are integers.")
+    if not 0 <= t < vocab:
+      raise ValueError(f"{name} holds token id {t}, outside the model's vocabulary "
+                       f"[0, {vocab})")
+  return [int(t) for t in ids]
+
+
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
@@ -74,27 +93,29 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   Prompt and stop ids outside [0, vocab_size) raise ValueError.
   Sampling arguments are those of `infer.sample`; a bad one (or a negative
   `max_new_tokens`) raises `SamplingArgumentError`, a ValueError naming it.
+  A KV cache for the longest prompt plus `max_new_tokens` larger than the free
+  memory raises `CacheDoesNotFit` (a ValueError) before anything is allocated.
   The decode loop runs inside one while_loop; with `on_token` (streaming) it runs
   token by token and calls on_token with the [batch] new ids (-1 for finished rows)
   after each.
   """
   if hasattr(prompts, "tolist"):  # a [batch, length] array of ids
     prompts = prompts.tolist()
-  if len(prompts) and not all(isinstance(p, Sequence) or hasattr(p, "tolist")
-                              for p in prompts):
-    raise ValueError("prompts is a list of prompts, each a list of token ids; one "
-                     "prompt is [ids].")
+  if isinstance(prompts, str) or not _is_list(prompts) or (
+      len(prompts) and not all(_is_list(p) for p in prompts)):
+    raise ValueError("prompts is a list of prompts, each a list of token ids (one "
+                     "prompt is [ids]); for text, tokenize first or use "
+                     "infer.text.generate_text.")
   if not len(prompts) or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
   vocab = model.cfg.vocab_size
-  for row, p in enumerate(prompts):  # an id past the table would give NaN logits
-    bad = [int(t) for t in p if not 0 <= int(t) < vocab]
-    if bad:
-      raise ValueError(f"prompt {row} holds token id {bad[0]}, outside the "
-                       f"model's vocabulary [0, {vocab})")
-  if not all(0 <= int(t) < vocab for t in stop_tokens):
-    raise ValueError(f"stop_tokens {list(stop_tokens)} fall outside the model's "
-                     f"vocabulary [0, {vocab})")
+  prompts = [_token_ids(f"prompt {row}", p, vocab) for row, p in enumerate(prompts)]
+  if not _is_list(stop_tokens):
+    raise ValueError(f"stop_tokens={stop_tokens!r} is a list of token ids; one stop "
+                     f"id is [{stop_tokens!r}].")
+  _token_ids("stop_tokens", stop_tokens, vocab)
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+    raise ValueError(f"seed={seed!r} must be an integer.")
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens,
                  warn_ignored=True)
   if max_new_tokens == 0:

@@ -3,6 +3,9 @@ logical rules."""
 
 from __future__ import annotations
 
+import math
+import os
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -50,9 +53,70 @@ def cache_struct(cfg: ModelConfig, batch: int, max_length: int, rules=(),
                                               sharding=NamedSharding(mesh, rows)))
 
 
+class CacheDoesNotFit(ValueError):
+  """The cache asked for is larger than the memory free to hold it; `positions` is
+  the most positions per row that would fit (0 when not even one does)."""
+
+  def __init__(self, message: str, positions: int):
+    self.positions = positions
+    super().__init__(message)
+
+
 def init_cache(model: Decoder, batch: int, max_length: int) -> KVCache:
   """An empty cache (zeros, lengths 0), laid out as `cache_struct` says, on the
-  model's mesh."""
-  s = cache_struct(model.cfg, batch, max_length, model.constrain.rules,
-                   mesh_of(model))
+  model's mesh. Raises CacheDoesNotFit (a ValueError) before allocating a cache
+  larger than the memory its devices have free."""
+  mesh = mesh_of(model)
+  s = cache_struct(model.cfg, batch, max_length, model.constrain.rules, mesh)
+  check_fits(s, jax.devices()[:1] if mesh is None else list(mesh.devices.flat))
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), s)
+
+
+def check_fits(cache: KVCache, devices) -> None:
+  """Raises CacheDoesNotFit when k and v of the abstract `cache` need more bytes
+  per device than `devices[0]` has free (its allocator's limit less what is in use;
+  CPU devices share the host's available memory, so there the bytes of every device
+  count). Says nothing where the free memory is unknown."""
+  kv = cache.k
+  shard = kv.sharding.shard_shape(kv.shape) if kv.sharding is not None else kv.shape
+  per_device = 2 * math.prod(shard) * jnp.dtype(kv.dtype).itemsize  # k and v
+  device = devices[0]
+  free, holders = _free_bytes(device), 1
+  if device.platform == "cpu":
+    holders = sum(d.process_index == device.process_index for d in devices)
+  if free is None or per_device * holders <= free:
+    return
+  layers, batch, length, heads, head_dim = kv.shape
+  per_position = per_device / length
+  positions = int(free / holders // per_position)
+  raise CacheDoesNotFit(
+      f"the KV cache for {batch} rows of {length} positions ({layers} layers x "
+      f"{heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}) "
+      f"takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
+      f"{'host memory' if holders > 1 else 'device ' + str(device.id)}, which has "
+      f"{free / 2**30:.2f} GiB free: at most {positions} positions per row fit; "
+      "ask for fewer new tokens or fewer rows.", positions)
+
+
+def _free_bytes(device) -> int | None:
+  """Bytes free on `device`: its allocator's limit less what is in use, or for a
+  CPU device the host's available memory; None where neither is known."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # some backends do not implement it
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform != "cpu":
+    return None
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None

@@ -7,7 +7,7 @@ from typing import TextIO
 
 import sharding
 from infer.generate import generate
-from infer.kv_cache import mesh_of
+from infer.kv_cache import CacheDoesNotFit, mesh_of
 from infer.load import load
 from infer.sampling import check_sampling
 from train import run_config
@@ -17,14 +17,22 @@ from train.tokenizer import make_tokenizer
 
 
 class _Printer:
-  """Prints decoded text as ids arrive, holding back an incomplete character."""
+  """Prints the prompt, then decoded text as ids arrive, holding back an incomplete
+  character. The prompt waits for the first id (or `close`), so an error before
+  decoding (a cache that does not fit) prints nothing to `out`."""
 
-  def __init__(self, tokenizer, out: TextIO):
-    self.tokenizer, self.out = tokenizer, out
+  def __init__(self, tokenizer, out: TextIO, prompt: str):
+    self.tokenizer, self.out, self.prompt = tokenizer, out, prompt
     self.ids: list[int] = []
     self.printed = 0
 
+  def close(self) -> None:
+    self.out.write(self.prompt + self.tokenizer.decode(self.ids)[self.printed:] + "\n")
+    self.prompt = ""
+
   def __call__(self, column) -> None:
+    self.out.write(self.prompt)
+    self.prompt = ""
     if column[0] >= 0:
       self.ids.append(int(column[0]))
     text = self.tokenizer.decode(self.ids)
@@ -41,11 +49,30 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                   out: TextIO = sys.stdout) -> str:
   """Loads the run's latest checkpoint (or `step`) with `config` (the run's saved
   config with any overrides: the mesh to serve on, attention impl...), streams the
-  continuation of `prompt` to `out`, and returns it. Sampling arguments are checked before
-  anything is loaded (`infer.check_sampling`)."""
+  continuation of `prompt` to `out`, and returns it. Sampling arguments
+  (`infer.check_sampling`), the prompt's ids and the stop ids are checked before
+  anything is loaded; a KV cache past the free memory is a ConfigError naming
+  --max_new_tokens before it is allocated, and nothing is printed to `out`."""
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
-  ckpt = Checkpointer(workdir, (config or run_config.load(workdir)).checkpoint,
-                      read_only=True)
+  wanted = config or run_config.load(workdir)
+  tokenizer = make_tokenizer(wanted.data)
+  ids = [int(i) for i in tokenizer.encode(prompt)]
+  if not ids:
+    raise sharding.ConfigError("--prompt", "the prompt encodes to no tokens.",
+                               "pass a non-empty --prompt.")
+  stops = stop_tokens(wanted.data, tokenizer)
+  vocab = wanted.model.vocab_size
+  if not all(0 <= t < vocab for t in stops):
+    raise sharding.ConfigError(
+        "data.stop_ids", f"the stop ids {stops} (data.eos_id or the tokenizer's "
+        f"eos, then data.stop_ids) fall outside the model's vocabulary [0, {vocab}).",
+        "pass ids of this model's vocabulary, e.g. --config.data.stop_ids=()")
+  if max(ids) >= vocab:
+    raise sharding.ConfigError(
+        "data.tokenizer", f"the prompt encodes to id {max(ids)}, past the model's "
+        f"vocabulary of {vocab}: the tokenizer is not this model's.",
+        "pass the model's tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
+  ckpt = Checkpointer(workdir, wanted.checkpoint, read_only=True)
   step = ckpt.step_to_read(step)  # a config error before anything is loaded
   ckpt.close()
   model, saved = load(workdir, step=step, config=config)
@@ -57,33 +84,23 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                       f"{asked} needs the length split over mesh.sequence"
                       if asked and asked != saved.model.attention else "")
                    + "\n")
-  tokenizer = make_tokenizer(saved.data)
-  ids = [int(i) for i in tokenizer.encode(prompt)]
-  if not ids:
-    raise sharding.ConfigError("--prompt", "the prompt encodes to no tokens.",
-                               "pass a non-empty --prompt.")
-  stops = stop_tokens(saved.data, tokenizer)
-  vocab = saved.model.vocab_size
-  if not all(0 <= t < vocab for t in stops):
-    raise sharding.ConfigError(
-        "data.stop_ids", f"the stop ids {stops} (data.eos_id or the tokenizer's "
-        f"eos, then data.stop_ids) fall outside the model's vocabulary [0, {vocab}).",
-        "pass ids of this model's vocabulary, e.g. --config.data.stop_ids=()")
-  if max(ids) >= vocab:
-    raise sharding.ConfigError(
-        "data.tokenizer", f"the prompt encodes to id {max(ids)}, past the model's "
-        f"vocabulary of {vocab}: the tokenizer is not this model's.",
-        "pass the model's tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
   context = saved.model.max_position_embeddings
   if len(ids) + max_new_tokens > context:
     sys.stderr.write(
         f"warning: {len(ids)} prompt tokens + up to {max_new_tokens} new ones run past "
         f"the model's context of {context} positions (model.max_position_embeddings); "
         "tokens beyond it are positions the model was not made for.\n")
-  out.write(prompt)
-  printer = _Printer(tokenizer, out)
-  new = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
-                 top_k=top_k, top_p=top_p, seed=seed,
-                 stop_tokens=stops, on_token=printer)[0]
-  out.write("\n")
+  printer = _Printer(tokenizer, out, prompt)
+  try:
+    new = generate(model, [ids], max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   stop_tokens=stops, on_token=printer)[0]
+  except CacheDoesNotFit as err:
+    fits = err.positions - len(ids)
+    raise sharding.ConfigError(
+        "--max_new_tokens", str(err),
+        f"pass --max_new_tokens={fits} or fewer." if fits > 0 else
+        f"the {len(ids)}-token prompt alone does not fit; pass a shorter --prompt."
+    ) from None
+  printer.close()
   return tokenizer.decode(new)

@@ -152,6 +152,33 @@ def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
   assert err.value.argument == argument
 
 
+@pytest.mark.parametrize("prompts,kwargs,message", [
+    ("hello", {}, "tokenize first"),
+    ([[1, 2.7]], {}, r"prompt 0 holds 2\.7; token ids are integers"),
+    (np.array([[1.0, 2.0]]), {}, r"prompt 0 holds 1\.0; token ids are"),
+    ([[1], [2, True]], {}, r"prompt 1 holds True"),
+    ([[1], [2, 32]], {}, r"prompt 1 holds token id 32, outside .* \[0, 32\)"),
+    ([[1]], dict(stop_tokens=7), r"one stop id is \[7\]"),
+    ([[1]], dict(stop_tokens=[3.0]), r"stop_tokens holds 3\.0"),
+    ([[1]], dict(stop_tokens=[-1]), r"stop_tokens holds token id -1"),
+    ([[1]], dict(seed=None), r"seed=None must be an integer"),
+    ([[1]], dict(seed=1.5), r"seed=1\.5 must be an integer"),
+])
+def test_generate_refuses_ids_and_seeds_of_the_wrong_type(tiny_model, prompts, kwargs,
+                                                          message):
+  """A mistake of type is a ValueError naming the argument and the value, never a
+  raw TypeError from deep inside, and never a float id truncated to a wrong one."""
+  with pytest.raises(ValueError, match=message):
+    infer.generate(tiny_model, prompts, max_new_tokens=2, **kwargs)
+
+
+def test_generate_takes_ids_of_any_integer_type(tiny_model):
+  want = infer.generate(tiny_model, [[1, 2, 3]], max_new_tokens=3, stop_tokens=[5])
+  assert infer.generate(tiny_model, [np.array([1, 2, 3], np.int64)], max_new_tokens=3,
+                        stop_tokens=np.array([5], np.int32),
+                        seed=np.int32(0)) == want
+
+
 BYTE_RUN_CONTEXT = 24
 
 
@@ -210,7 +237,8 @@ def test_cli_warns_when_generation_runs_past_the_models_context(byte_run):
           "(model.max_position_embeddings)" in past.stderr), past.stderr[-2000:]
 
 
-BAD_FLAGS = ["--temperature=-1", "--top_p=1.5", "--top_k=-2", "--max_new_tokens=-1"]
+BAD_FLAGS = ["--temperature=-1", "--top_p=1.5", "--top_k=-2", "--max_new_tokens=-1",
+             f"--max_new_tokens={10**15}"]
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +255,55 @@ def test_cli_bad_generation_flag_exits_2_naming_it(bad_flag_runs, flag):
   name = flag.split("=")[0]
   assert f"Config error in `{name}`" in proc.stderr
   assert "Traceback" not in proc.stderr
+  assert proc.stdout == ""
+
+
+def test_cli_cache_past_memory_names_the_tokens_that_fit(bad_flag_runs):
+  """10**15 new tokens: before the fix, an allocator traceback (or the OOM killer);
+  now a config error before the cache is allocated, with a count that fits. The
+  byte run serves on data=8, so its one prompt is padded to 8 rows."""
+  import re
+  err = bad_flag_runs[f"--max_new_tokens={10**15}"].stderr
+  assert "the KV cache for 8 rows of " in err and "GiB free" in err, err[-2000:]
+  fits = int(re.search(r"Fix: pass --max_new_tokens=(\d+) or fewer", err).group(1))
+  assert 0 < fits < 10**15
+
+
+class _Accelerator:
+  """A device with an allocator limit, as memory_stats reports it on GPU and TPU."""
+  platform, id, process_index = "gpu", 0, 0
+
+  def __init__(self, limit, in_use):
+    self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+  def memory_stats(self):
+    return self.stats
+
+
+def test_cache_check_counts_the_bytes_of_one_device():
+  """k and v of [layers, batch, length, kv_heads, head_dim] float32: 2 x 2 x 3 x 1 x 8
+  x 4 = 384 bytes per position of a 3-row batch, against the allocator's limit less
+  what is in use; with the batch split over 4 devices, a device holds one row's
+  128 bytes per position."""
+  from infer.kv_cache import cache_struct, check_fits
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=8, d_ff=32)
+  cache = cache_struct(cfg, 3, 10)
+  per_position = 2 * 2 * 3 * 1 * 8 * 4
+  check_fits(cache, [_Accelerator(10 * per_position + 50, 50)])  # exactly fits
+  with pytest.raises(infer.CacheDoesNotFit, match=r"3 rows of 10 positions .*at most "
+                     r"9 positions per row fit") as err:
+    check_fits(cache, [_Accelerator(10 * per_position + 49, 50)])
+  assert err.value.positions == 9
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(4, 1), ("data", "tensor"))
+  rules = (("batch", ("data",)), ("act_kv_heads", ("tensor",)))
+  split = cache_struct(cfg, 4, 10, rules, mesh)  # one row per device
+  one_row = per_position // 3
+  check_fits(split, [_Accelerator(10 * one_row, 0)])
+  with pytest.raises(infer.CacheDoesNotFit) as err:
+    check_fits(split, [_Accelerator(10 * one_row - 1, 0)])
+  assert err.value.positions == 9
 
 
 def test_words_outside_a_flag_and_an_empty_prompt_are_config_errors(byte_run, tmp_path):
@@ -272,6 +349,37 @@ def test_prefill_longer_than_the_cache_is_refused(tiny_model):
     tiny_model.prefill(jnp.array([[1, 2, 3, 4]]), jnp.array([4]), cache)
   _, cache = tiny_model.prefill(jnp.array([[1, 2, 3]]), jnp.array([3]), cache)
   assert int(cache.lengths[0]) == 3
+
+
+def test_stop_ids_and_tokenizer_not_the_models_are_refused_before_loading(
+    byte_run, tmp_path, monkeypatch):
+  """Stop ids or a prompt past the model's vocabulary are config errors raised
+  before the weights are loaded (they were checked after), with nothing printed."""
+  import io
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  import infer.text
+  from sharding import ConfigError
+  from train import run_config
+  monkeypatch.setattr(infer.text, "load", lambda *a, **k: pytest.fail("loaded"))
+  vocab = run_config.load(str(byte_run)).model.vocab_size
+  config = run_config.load(str(byte_run))
+  config.data.stop_ids = (vocab,)
+  out = io.StringIO()
+  with pytest.raises(ConfigError, match=rf"stop ids \[0, {vocab}\] .* fall outside "
+                     rf"the model's vocabulary \[0, {vocab}\)") as err:
+    infer.text.generate_text(str(byte_run), config, "ab", max_new_tokens=1, out=out)
+  assert err.value.field == "data.stop_ids"
+  words = {"<eos>": 0, **{f"w{i}": i for i in range(1, vocab + 2)}}
+  tokenizer = Tokenizer(models.WordLevel(words, unk_token="<eos>"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.save(str(tmp_path / "tokenizer.json"))
+  config = run_config.load(str(byte_run))
+  config.data.tokenizer, config.data.eos_id = str(tmp_path / "tokenizer.json"), 0
+  with pytest.raises(ConfigError, match=rf"encodes to id {vocab + 1}, past the "
+                     rf"model's vocabulary of {vocab}") as err:
+    infer.text.generate_text(str(byte_run), config, f"w1 w{vocab + 1}",
+                             max_new_tokens=1, out=out)
+  assert err.value.field == "data.tokenizer" and out.getvalue() == ""
 
 
 def test_serving_says_when_it_falls_back_from_sequence_parallel_attention(
