@@ -226,9 +226,22 @@ class Decoder(nnx.Module):
     `split_layers()`; pass them split once, outside a token loop). `mask` [batch]
     or [batch, t], False for rows whose tokens are not real (finished or padding
     rows): MoE layers do not route them.
+
+    Called eagerly (outside jit), a row whose tokens would run past the cache's
+    max_length raises ValueError (its writes would land out of bounds); under jit
+    the lengths are not known, and keeping them in bounds is the caller's part
+    (`infer.generate` sizes the cache for prompt plus new tokens).
     """
     split = not isinstance(cache, KVCache)
     lengths = (cache[0] if split else cache).lengths
+    max_length = (cache[0] if split else cache).max_length
+    if not isinstance(lengths, jax.core.Tracer):
+      end = int(jnp.max(lengths)) + tokens.shape[1]
+      if end > max_length:
+        raise ValueError(
+            f"decoding {tokens.shape[1]} token(s) after {end - tokens.shape[1]} "
+            f"cached positions runs past the KV cache's {max_length}; make the cache "
+            f"at least {end} long.")
     positions = lengths[:, None] + jnp.arange(tokens.shape[1])  # [batch, t]
     if mask is not None and mask.ndim == 1:
       mask = mask[:, None]

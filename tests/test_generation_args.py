@@ -351,6 +351,23 @@ def test_prefill_longer_than_the_cache_is_refused(tiny_model):
   assert int(cache.lengths[0]) == 3
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["stacked", "decode_form"])
+def test_eager_decode_past_the_cache_is_refused(tiny_model, split):
+  """Decoding past max_length wrote out of bounds (the writes promise in-bounds
+  indices) and returned logits from whatever it read, silently."""
+  cache = infer.init_cache(tiny_model, 2, 5)
+  _, cache = tiny_model.prefill(jnp.array([[1, 2, 3], [4, 0, 0]]), jnp.array([3, 1]),
+                                cache)
+  if split:
+    cache = cache.for_decoding(tiny_model.cfg.unit)
+  logits, cache = tiny_model.decode(jnp.array([[5, 6], [7, 8]]), cache)  # fills 5
+  assert logits.shape == (2, 2, 32)
+  with pytest.raises(ValueError, match=r"decoding 1 token\(s\) after 5 cached "
+                     r"positions runs past the KV cache's 5; make the cache at "
+                     r"least 6 long"):
+    tiny_model.decode(jnp.array([[1], [2]]), cache)
+
+
 def test_stop_ids_and_tokenizer_not_the_models_are_refused_before_loading(
     byte_run, tmp_path, monkeypatch):
   """Stop ids or a prompt past the model's vocabulary are config errors raised
