@@ -18,11 +18,13 @@ from train.tokenizer import make_tokenizer
 
 class _Printer:
   """Prints the prompt, then decoded text as ids arrive, holding back an incomplete
-  character. The prompt waits for the first id (or `close`), so an error before
-  decoding (a cache that does not fit) prints nothing to `out`."""
+  character; a stop id ends the row unprinted. The prompt waits for the first id
+  (or `close`), so an error before decoding (a cache that does not fit) prints
+  nothing to `out`."""
 
-  def __init__(self, tokenizer, out: TextIO, prompt: str):
+  def __init__(self, tokenizer, out: TextIO, prompt: str, stops):
     self.tokenizer, self.out, self.prompt = tokenizer, out, prompt
+    self.stops = set(stops)
     self.ids: list[int] = []
     self.printed = 0
 
@@ -33,7 +35,7 @@ class _Printer:
   def __call__(self, column) -> None:
     self.out.write(self.prompt)
     self.prompt = ""
-    if column[0] >= 0:
+    if column[0] >= 0 and column[0] not in self.stops:
       self.ids.append(int(column[0]))
     text = self.tokenizer.decode(self.ids)
     if text.endswith("\ufffd"):
@@ -49,7 +51,8 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                   out: TextIO = sys.stdout) -> str:
   """Loads the run's latest checkpoint (or `step`) with `config` (the run's saved
   config with any overrides: the mesh to serve on, attention impl...), streams the
-  continuation of `prompt` to `out`, and returns it. Sampling arguments
+  continuation of `prompt` to `out` (without the stop id that ends it, as
+  transformers' streamer skips special tokens), and returns it. Sampling arguments
   (`infer.check_sampling`), the prompt's ids and the stop ids are checked before
   anything is loaded; a KV cache past the free memory is a ConfigError naming
   --max_new_tokens before it is allocated, and nothing is printed to `out`."""
@@ -90,7 +93,7 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
         f"warning: {len(ids)} prompt tokens + up to {max_new_tokens} new ones run past "
         f"the model's context of {context} positions (model.max_position_embeddings); "
         "tokens beyond it are positions the model was not made for.\n")
-  printer = _Printer(tokenizer, out, prompt)
+  printer = _Printer(tokenizer, out, prompt, stops)
   try:
     new = generate(model, [ids], max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -103,4 +106,4 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
         f"the {len(ids)}-token prompt alone does not fit; pass a shorter --prompt."
     ) from None
   printer.close()
-  return tokenizer.decode(new)
+  return tokenizer.decode(new[:-1] if new and new[-1] in stops else new)

@@ -204,7 +204,14 @@ def test_cli_generate_streams_what_the_library_generates(tiny_config, tmp_path):
                  "--max_new_tokens=12", "--config.mesh.tensor=2")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert len(new) >= 4, new  # something to compare (it may end at the eos id)
-  assert proc.stdout == "def " + tok.decode(new) + "\n"
+  shown = new[:-1] if new[-1] == tok.eos_id else new
+  assert proc.stdout == "def " + tok.decode(shown) + "\n"
+  # A stop id ends the output unprinted: stopping at the third new token prints two.
+  proc = run_cli("generate", f"--workdir={tmp_path}", "--prompt=def ",
+                 "--max_new_tokens=12", f"--config.data.stop_ids=({new[2]},)")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  cut = new.index(new[2])  # the first occurrence stops it
+  assert proc.stdout == "def " + tok.decode(new[:cut]) + "\n"
 
 
 # ------------------------------------------- a row's result is its own (issue #14)
