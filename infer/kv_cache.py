@@ -74,16 +74,16 @@ def init_cache(model: Decoder, batch: int, max_length: int) -> KVCache:
 
 def check_fits(cache: KVCache, devices) -> None:
   """Raises CacheDoesNotFit when k and v of the abstract `cache` need more bytes
-  per device than `devices[0]` has free (its allocator's limit less what is in use;
-  CPU devices share the host's available memory, so there the bytes of every device
-  count). Says nothing where the free memory is unknown."""
+  per device than this process's first device of `devices` has free (its
+  allocator's limit less what is in use; CPU devices share the host's available
+  memory, so there the bytes of each of this process's devices count). Says
+  nothing where the free memory is unknown."""
   kv = cache.k
   shard = kv.sharding.shard_shape(kv.shape) if kv.sharding is not None else kv.shape
   per_device = 2 * math.prod(shard) * jnp.dtype(kv.dtype).itemsize  # k and v
-  device = devices[0]
-  free, holders = _free_bytes(device), 1
-  if device.platform == "cpu":
-    holders = sum(d.process_index == device.process_index for d in devices)
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  device = local[0]
+  free, holders = _free_bytes(device), len(local) if device.platform == "cpu" else 1
   if free is None or per_device * holders <= free:
     return
   layers, batch, length, heads, head_dim = kv.shape
