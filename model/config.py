@@ -99,15 +99,21 @@ class ModelConfig:
   ladder_layers: str = "all"
   moe: MoEConfig = MoEConfig()
 
+  def __post_init__(self):
+    # From Python, `moe` may be the dict `config.model.moe` is (dict(num_experts=4)).
+    if isinstance(self.moe, (dict, ConfigDict)):
+      object.__setattr__(self, "moe", MoEConfig(**_known_fields(
+          MoEConfig, dict(self.moe), "model.moe")))
+    elif not isinstance(self.moe, MoEConfig):
+      raise ConfigError("model.moe", f"{self.moe!r} is not a MoEConfig or a dict of "
+                        "its fields.", "pass e.g. moe=MoEConfig(num_experts=4) or "
+                        "moe=dict(num_experts=4).")
+
   @classmethod
   def from_config(cls, cfg: Any) -> "ModelConfig":
     """`config.model` (a ConfigDict or dict; missing fields take the defaults) ->
     ModelConfig. A field the model does not have is a ConfigError naming it."""
-    fields = _known_fields(cls, dict(cfg), "model")
-    if "moe" in fields:
-      fields["moe"] = MoEConfig(**_known_fields(MoEConfig, dict(fields["moe"]),
-                                                "model.moe"))
-    return cls(**fields)
+    return cls(**_known_fields(cls, dict(cfg), "model"))
 
   def validate(self) -> None:
     """`validate` of these fields: ConfigError naming the first that cannot build

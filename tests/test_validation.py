@@ -74,6 +74,23 @@ def test_library_raises_config_error(case):
   assert "Fix:" in str(err.value)
 
 
+def test_model_config_from_python_takes_moe_as_a_dict():
+  """ModelConfig(moe=dict(...)) failed later with "'dict' object has no attribute
+  'num_experts'"; it now builds the MoEConfig, with the same field checks as a
+  config file, and anything else for moe is a ConfigError."""
+  from model import ModelConfig
+  from model.config import MoEConfig
+  cfg = ModelConfig(moe=dict(num_experts=4, top_k=1))
+  assert cfg.moe == MoEConfig(num_experts=4, top_k=1)
+  assert ModelConfig.from_config(llama_tiny.get_config().model).moe == MoEConfig()
+  with pytest.raises(ConfigError) as err:
+    ModelConfig(moe=dict(num_expert=4))
+  assert err.value.field == "model.moe.num_expert" and "num_experts" in str(err.value)
+  with pytest.raises(ConfigError) as err:
+    ModelConfig(moe=4)
+  assert err.value.field == "model.moe"
+
+
 def _choices():
   from model.config import BLOCKS, DTYPES, REMAT
   from model.embedding import LOOKUPS
