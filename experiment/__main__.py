@@ -323,10 +323,10 @@ def main(argv: list[str]) -> None:
                                        _PROCESS_ID.value,
                                        timeout_s=_JOIN_TIMEOUT.value):
       sys.stderr.write(f"joined as {sharding.describe_process()}\n")
-      if _CONFIG.value is not None:
-        sharding.distributed.check_same_on_every_process(
-            _CONFIG.value.to_json(), "--config", "launch every process with the same "
-            "--config file and --config.* overrides.")
+      sharding.distributed.check_same_on_every_process(
+          _CONFIG.value.to_json() if _CONFIG.value is not None else "", "--config",
+          "launch every process with the same --config file and --config.* "
+          "overrides.", num_processes=_NUM_PROCESSES.value)
     if command == "train":
       import train
       train.train(_with_cache_dir(_CONFIG.value), workdir)

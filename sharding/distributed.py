@@ -42,7 +42,10 @@ def initialize(coordinator_address: str | None = None,
   """Joins the run if one is configured; returns whether this is multi-process.
 
   A process that cannot reach the coordinator fails after `timeout_s` with an
-  error naming its process id and the address, rather than hanging.
+  error naming its process id and the address, rather than hanging. A
+  `num_processes` other than the run's is reported by
+  `check_same_on_every_process` (pass it there), on every process at once: raised
+  here, it left the others waiting for this process in their first collective.
   """
   explicit = coordinator_address is not None or num_processes is not None
   if not explicit and detected_cluster() is None:
@@ -73,10 +76,6 @@ def initialize(coordinator_address: str | None = None,
   except Exception as err:
     raise JoinError(f"{who}: could not join the run through coordinator {where} "
                     f"within {timeout_s}s: {err}") from err
-  if num_processes is not None and jax.process_count() != num_processes:
-    raise ConfigError("--num_processes", f"is {num_processes} here, but the run "
-                      f"joined through {where} has {jax.process_count()} processes.",
-                      "pass the same --num_processes to every process.")
   return jax.process_count() > 1
 
 
@@ -91,27 +90,42 @@ def process_0_says(value: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
 
-def check_same_on_every_process(text: str, field: str, fix: str) -> None:
+def check_same_on_every_process(text: str, field: str, fix: str, *,
+                                num_processes: int | None = None) -> None:
   """Raises ConfigError (on every process) when `text` -- a config's JSON, say --
-  differs between the processes of the run; compares SHA-256 digests in one
-  all-gather. Nothing to do in a single-process run."""
+  differs between the processes of the run, or when a process was launched with a
+  `num_processes` (its --num_processes; None: not given) other than the run's
+  process count; compares SHA-256 digests and the counts in one all-gather.
+  Nothing to do in a single-process run."""
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils
   digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+  mine = np.concatenate([digest.astype(np.int64), [num_processes or 0]])
   try:
-    every = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 32]
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 33]
   except jax.errors.JaxRuntimeError as err:
     raise JoinError(f"process {jax.process_index()} of {jax.process_count()}: "
                     f"another process left the run before comparing {field} (its "
                     f"own output says why): {err}") from err
-  differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
+  digests, counts = every[:, :-1], every[:, -1]
+  wrong = [i for i, n in enumerate(counts) if n and n != len(every)]
+  if wrong:
+    raise ConfigError("--num_processes", f"{_processes(wrong, len(every))} "
+                      f"--num_processes={counts[wrong[0]]}, but the run joined "
+                      f"through the coordinator has {len(every)} processes.",
+                      f"pass --num_processes={len(every)} to every process.")
+  differ = [i for i in range(len(every)) if not np.array_equal(digests[i], digests[0])]
   if differ:
-    several = len(differ) > 1
-    raise ConfigError(field, f"process{'es' if several else ''} "
-                      f"{', '.join(map(str, differ))} of the {len(every)} "
-                      f"ha{'ve' if several else 's'} a different one from process 0.",
-                      fix)
+    raise ConfigError(field, f"{_processes(differ, len(every))} a different one from "
+                      "process 0.", fix)
+
+
+def _processes(ids: list[int], count: int) -> str:
+  """'process 1 of the 2 has' / 'processes 1, 3 of the 4 have'."""
+  several = len(ids) > 1
+  return (f"process{'es' if several else ''} {', '.join(map(str, ids))} of the "
+          f"{count} ha{'ve' if several else 's'}")
 
 
 def _check_port_free(address: str) -> None:
