@@ -75,6 +75,56 @@ def test_tokens_source_reads_bin_memmap(tiny_config, tmp_path):
     assert set(diffs) == {1}, row
 
 
+def test_tokens_ids_past_the_vocabulary_and_files_that_are_not_ids(tiny_config,
+                                                                   tmp_path):
+  """`tokens` files were never scanned: ids at or past model.vocab_size trained to
+  NaN losses with exit 0. A directory's metadata file was read as ids, and a file
+  of an odd byte count was a raw numpy traceback."""
+  tiny_config.model.vocab_size = 64
+  stream = np.arange(1000, dtype=np.uint16) % 50 + 1
+  stream[700] = 64  # the one id past the vocabulary
+  stream.tofile(tmp_path / "shard0.bin")
+  c = tiny_config
+  c.data.update(source="tokens", path=str(tmp_path), token_dtype="uint16",
+                eos_id=50, eval_fraction=0.1)
+  with pytest.raises(sharding.ConfigError, match="token ids reach 64") as err:
+    make_data_on(c)
+  assert err.value.field == "model.vocab_size"
+  assert "--config.model.vocab_size to at least 65" in str(err.value)
+  c.model.vocab_size = 65  # the fix it gave
+  reference = next(make_data_on(c).train)["inputs"]
+  (tmp_path / "meta.json").write_text('{"a": 1}\n')  # 9 bytes
+  np.testing.assert_array_equal(next(make_data_on(c).train)["inputs"], reference)
+  (tmp_path / "shard1.bin").write_bytes(b"\x01\x00\x02")
+  with pytest.raises(sharding.ConfigError, match=r"shard1.bin holds 3 bytes, not a "
+                     r"whole number of uint16 ids \(2 bytes each\)") as err:
+    make_data_on(c)
+  assert err.value.field == "data.path" and "data.token_dtype" in err.value.fix
+  (tmp_path / "shard1.bin").unlink()
+  c.data.path = str(tmp_path / "*.json")
+  with pytest.raises(sharding.ConfigError, match="meta.json holds 9 bytes"):
+    make_data_on(c)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_tokenizing(
+    tiny_config, text_dir, tmp_path, monkeypatch):
+  """A tokenizer.json with more ids than model.vocab_size trained (only the ids
+  the data used were checked), and generation then met the others."""
+  from conftest import write_word_tokenizer
+  from train import token_cache
+  path = write_word_tokenizer(tmp_path / "tok.json",
+                              ["<|endoftext|>"] + [f"w{i}" for i in range(99)])
+  c = _text_config(tiny_config, text_dir)
+  c.data.tokenizer, c.model.vocab_size = path, 64
+  monkeypatch.setattr(token_cache, "load_or_build",
+                      lambda *a, **k: pytest.fail("tokenized"))
+  with pytest.raises(sharding.ConfigError) as err:
+    make_data_on(c)
+  assert err.value.field == "model.vocab_size"
+  assert (f"64 is smaller than the vocabulary of data.tokenizer ({path}): 100 ids. "
+          "Fix: set --config.model.vocab_size=100 (or more).") in str(err.value)
+
+
 def test_process_rows_cover_the_global_batch_on_one_process():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=1, sequence=1, tensor=2))
   sh = batch_sharding(mesh, sharding.normalize_rules(None), 8, 16)

@@ -373,8 +373,8 @@ def test_stop_ids_and_tokenizer_not_the_models_are_refused_before_loading(
   """Stop ids or a prompt past the model's vocabulary are config errors raised
   before the weights are loaded (they were checked after), with nothing printed."""
   import io
-  from tokenizers import Tokenizer, models, pre_tokenizers
   import infer.text
+  from conftest import write_word_tokenizer
   from sharding import ConfigError
   from train import run_config
   monkeypatch.setattr(infer.text, "load", lambda *a, **k: pytest.fail("loaded"))
@@ -386,12 +386,9 @@ def test_stop_ids_and_tokenizer_not_the_models_are_refused_before_loading(
                      rf"the model's vocabulary \[0, {vocab}\)") as err:
     infer.text.generate_text(str(byte_run), config, "ab", max_new_tokens=1, out=out)
   assert err.value.field == "data.stop_ids"
-  words = {"<eos>": 0, **{f"w{i}": i for i in range(1, vocab + 2)}}
-  tokenizer = Tokenizer(models.WordLevel(words, unk_token="<eos>"))
-  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-  tokenizer.save(str(tmp_path / "tokenizer.json"))
   config = run_config.load(str(byte_run))
-  config.data.tokenizer, config.data.eos_id = str(tmp_path / "tokenizer.json"), 0
+  config.data.tokenizer = write_word_tokenizer(
+      tmp_path / "tokenizer.json", ["<|endoftext|>"] + [f"w{i}" for i in range(1, vocab + 2)])
   with pytest.raises(ConfigError, match=rf"encodes to id {vocab + 1}, past the "
                      rf"model's vocabulary of {vocab}") as err:
     infer.text.generate_text(str(byte_run), config, f"w1 w{vocab + 1}",
