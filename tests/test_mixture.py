@@ -219,6 +219,11 @@ def test_a_bad_record_names_the_mixture_entry(tiny_config, corpus, tmp_path):
   with pytest.raises(sharding.ConfigError, match="no 'text' field") as err:
     make_data_on(c)
   assert err.value.field == "data.mixture.web.text_field"
+  # The fix names the entry's own field (data.text_field would be overridden by it)
+  # and works: the records' text is under "body".
+  assert "--config.data.mixture.web.text_field=body" in err.value.fix
+  c.data.mixture.web.text_field = "body"
+  assert next(make_data_on(c).train)["inputs"].shape[0] == c.train.batch_size
 
 
 def test_a_mixture_run_reloads_from_its_saved_config(tiny_config, corpus, tmp_path):

@@ -118,8 +118,8 @@ class _Reader:
     if isinstance(value, str):
       return value
     texts = [k for k, v in record.items() if isinstance(v, str)]
-    other_field = (f"name the text field, e.g. --config.data.text_field={texts[0]}; or "
-                   if texts else "")
+    other_field = (f"name the text field, e.g. --config.{self.prefix}text_field="
+                   f"{texts[0]}; or " if texts else "")
     if self.text_field not in record:
       self.bad(where, f"the record has no {self.text_field!r} field (its fields: "
                f"{sorted(record)[:8]}).", "text_field", other_field)
@@ -166,7 +166,7 @@ def _column(reader: _Reader, values, where_row, start: int) -> Iterator[str]:
     if not isinstance(value, str):
       reader.bad(where_row(start + j), f"the {reader.text_field!r} field is "
                  f"{type(value).__name__}, not text.", "text_field",
-                 "name a text column, --config.data.text_field=NAME; or ")
+                 f"name a text column, --config.{reader.prefix}text_field=NAME; or ")
       continue
     yield value
 
