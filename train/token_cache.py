@@ -161,7 +161,8 @@ def _build(data_cfg, files, tokenizer, tmp: str, dtype) -> dict:
     prefix = sources.field_prefix(data_cfg)
     raise ConfigError(
         f"{prefix}path", f"the {data_cfg.source} source at {data_cfg.path!r} "
-        f"yielded no documents ({len(files)} files, {counts.skipped} bad records skipped).",
+        f"yielded no documents ({count(len(files), 'file')}, "
+        f"{count(counts.skipped, 'bad record')} skipped).",
         f"point {prefix}path at files that hold documents (and check "
         f"{prefix}text_field).")
   # A fixed shuffle of documents, so the held-out tail is a fair sample.
@@ -226,7 +227,8 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
     _say(f"data: tokenized {count(meta['documents'], 'document')} into "
          f"{count(meta['tokens'], 'token')} in {meta['seconds']:.1f}s; cached in {final}")
   if meta["skipped"]:
-    _say(f"data: skipped {meta['skipped']:,} bad records (data.skip_bad_records)")
+    _say(f"data: skipped {count(meta['skipped'], 'bad record')} "
+         "(data.skip_bad_records)")
   if meta["replaced_utf8"]:
     _say(f"data: {count(meta['replaced_utf8'], 'document')} held bytes that are not UTF-8; "
          "decoded with replacement characters (U+FFFD)")
