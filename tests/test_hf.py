@@ -4,6 +4,7 @@ generation and exported configs match transformers."""
 
 import glob
 import json
+import os
 import shutil
 
 import jax
@@ -17,6 +18,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 import infer  # noqa: E402
 import sharding  # noqa: E402
 from experiments import base  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from sharding import ConfigError  # noqa: E402
 from train import hf  # noqa: E402
 
@@ -407,21 +409,84 @@ def test_mixtral_on_expert4_data2_equals_transformers(tmp_path):
   assert _max_diff(_rung_logits(one), expected) <= 1e-4
 
 
-def test_import_names_unused_and_misshapen_tensors(t5_llama, tmp_path):
+def test_import_names_unused_missing_and_misshapen_tensors(t5_llama, tmp_path):
   """The streaming reader hands out each tensor once: a tensor no parameter asks
-  for, or one whose size does not fit its parameter, is named."""
+  for, one whose size does not fit its parameter, or one the config.json's model
+  needs and the checkpoint lacks, is a config error naming --hf_dir (they were
+  tracebacks); no run directory is made (the tokenizer was copied into one before
+  the weights were read)."""
+  from conftest import write_word_tokenizer
   from safetensors.numpy import load_file, save_file
   tensors = load_file(str(t5_llama / "model.safetensors"))
-  for name, change in (("extra", lambda t: {**t, "model.extra.weight": t["model.norm.weight"]}),
-                       ("shape", lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:-1]})):
+  layers = json.loads((t5_llama / "config.json").read_text())["num_hidden_layers"]
+  cases = {
+      "extra": (lambda t: {**t, "model.extra.weight": t["model.norm.weight"]}, {},
+                r"holds tensors the model does not use: \['model.extra.weight'\]"),
+      "shape": (lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:-1]}, {},
+                r"model.norm.weight has shape \(47,\), which does not fit rung's "
+                r"final_norm/scale \(48,\)\."),
+      "layers": (dict, {"num_hidden_layers": layers + 1},
+                 rf"has no tensor 'model.layers.{layers}.self_attn.q_proj.weight'"),
+      "untied": (dict, {"tie_word_embeddings": False}, "has no tensor 'lm_head.weight'"),
+  }
+  for name, (change, fields, message) in cases.items():
     path = tmp_path / name
     path.mkdir()
-    shutil.copy(t5_llama / "config.json", path / "config.json")
+    hf_config = json.loads((t5_llama / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf_config, **fields}))
     save_file(change(dict(tensors)), str(path / "model.safetensors"))
-    message = ("unused tensors in the HF checkpoint: .'model.extra.weight'." if name == "extra"
-               else r"model.norm.weight: shape \(47,\) does not fit rung's final_norm/scale")
-    with pytest.raises(ValueError, match=message):
+    write_word_tokenizer(path / "tokenizer.json", ["</s>", "a"])
+    with pytest.raises(ConfigError, match="weights do not match its config.json: .*"
+                       + message) as err:
       _import(path, tmp_path / f"rung_{name}")
+    assert err.value.field == "--hf_dir"
+    assert not (tmp_path / f"rung_{name}").exists()
+
+
+def test_import_reads_as_transformers_does(t5_llama, tmp_path, capsys):
+  """model.safetensors before an index of shards (an index was read first: stale
+  shards beside a newer single file were imported); a config.json without
+  `architectures` by its model_type; a tokenizer larger than the model, with a
+  warning."""
+  from conftest import write_word_tokenizer
+  from safetensors.numpy import load_file, save_file
+  src = tmp_path / "hf"
+  shutil.copytree(t5_llama, src)
+  tensors = load_file(str(src / "model.safetensors"))
+  save_file({k: np.zeros_like(v) for k, v in tensors.items()},
+            str(src / "model-00001-of-00001.safetensors"))
+  (src / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {k: "model-00001-of-00001.safetensors" for k in tensors}}))
+  cfg = json.loads((src / "config.json").read_text())
+  assert cfg.pop("architectures") == ["LlamaForCausalLM"]
+  (src / "config.json").write_text(json.dumps(cfg))
+  vocab = cfg["vocab_size"]
+  write_word_tokenizer(src / "tokenizer.json", ["</s>"] + [f"w{i}" for i in range(vocab)])
+  _import(src, tmp_path / "rung", data=8)
+  assert (f"warning: it has {vocab + 1} ids, more than the model's vocab_size of "
+          f"{vocab}") in capsys.readouterr().out
+  model, config = infer.load(str(tmp_path / "rung"))
+  np.testing.assert_array_equal(np.asarray(model.embed.table[...]),
+                                tensors["model.embed_tokens.weight"])
+  assert hf.family_of(ModelConfig.from_config(config.model)) == "LlamaForCausalLM"
+
+
+def test_export_refuses_an_out_directory_that_holds_files(t5_llama, tmp_path):
+  """export-hf wrote into a directory holding another checkpoint's shards and
+  tokenizer, silently, leaving a mix that transformers and import-hf read wrongly."""
+  _import(t5_llama, tmp_path / "rung", data=8)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
+  with pytest.raises(ConfigError) as err:
+    hf.export_hf(str(tmp_path / "rung"), str(out))
+  assert err.value.field == "--out"
+  assert (f"{out} already holds model-00001-of-00002.safetensors; export-hf writes a "
+          "whole checkpoint there") in str(err.value)
+  assert os.listdir(out) == ["model-00001-of-00002.safetensors"]
+  (tmp_path / "empty").mkdir()  # an empty directory, or a new one, is written
+  hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "empty"))
+  assert (tmp_path / "empty" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("with_config", [False, True])

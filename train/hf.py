@@ -207,7 +207,10 @@ def rope_fields_from_hf(hf: dict, family: Family) -> dict:
 
 def model_fields_from_hf(hf: dict) -> dict:
   """config.model fields from an HF config.json; refuses what rung cannot run."""
-  arch = (hf.get("architectures") or ["?"])[0]
+  arch = (hf.get("architectures") or [None])[0]
+  if arch is None:  # transformers' AutoModelForCausalLM goes by model_type then
+    arch = next((a for a, f in FAMILIES.items()
+                 if f.model_type == hf.get("model_type")), f"model_type {hf.get('model_type')}")
   if arch not in FAMILIES:
     raise ConfigError(_FIELD, f"architecture {arch} is not supported.",
                       f"import one of {SUPPORTED}.")
@@ -387,20 +390,31 @@ def hf_config(cfg: ModelConfig, eos_ids: int | list[int] | None,
 
 # ---------------------------------------------------------------------- weights
 
+class WeightsMismatch(ValueError):
+  """An HF checkpoint's tensors do not fit the model its config.json describes
+  (a tensor missing, left over, or of another size)."""
+
+
 class SafetensorsReader:
-  """The tensors of an HF checkpoint directory (one file, or sharded with
-  `model.safetensors.index.json`), read one at a time on request, memory-mapped,
-  in their stored dtype (bfloat16 through ml_dtypes). `pop` reads a tensor and
-  marks it used; `unused()` names what nothing asked for."""
+  """The tensors of an HF checkpoint directory (`model.safetensors`, or else the
+  shards `model.safetensors.index.json` lists: transformers' order), read one at a
+  time on request, memory-mapped, in their stored dtype (bfloat16 through
+  ml_dtypes). `pop` reads a tensor and marks it used; `unused()` names what
+  nothing asked for."""
 
   def __init__(self, hf_dir: str):
     from safetensors import safe_open
     index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
+    if os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+      files = ["model.safetensors"]
+    elif os.path.exists(index):
       with open(index) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
     else:
-      files = ["model.safetensors"]
+      raise ConfigError("--hf_dir", f"{hf_dir} holds neither model.safetensors nor "
+                        "model.safetensors.index.json.",
+                        "point it at a directory saved with save_pretrained "
+                        "(safe_serialization, the default).")
     self._files = [safe_open(os.path.join(hf_dir, name), framework="np")
                    for name in files]
     self._where = {key: f for f in self._files for key in f.keys()}
@@ -409,7 +423,7 @@ class SafetensorsReader:
     if name not in self._where:
       if default:
         return default[0]
-      raise KeyError(f"the HF checkpoint has no tensor {name!r}")
+      raise WeightsMismatch(f"the checkpoint has no tensor {name!r}")
     return self._where.pop(name).get_tensor(name)
 
   def unused(self) -> list[str]:
@@ -431,8 +445,9 @@ def params_from_hf(weights, spec, place=None) -> dict:
   def read(name, n_in, shape, dtype, path):
     w = np.asarray(weights.pop(name))
     if math.prod(w.shape) != math.prod(shape):
-      raise ValueError(f"{name}: shape {w.shape} does not fit rung's "
-                       f"{'/'.join(path)} {shape} (per layer)")
+      raise WeightsMismatch(
+          f"{name} has shape {w.shape}, which does not fit rung's {'/'.join(path)} "
+          f"{shape}" + (" (per layer)" if path[0] == "layers" else ""))
     return _to_rung(w, n_in, shape).astype(dtype)
 
   for path, (name, n_in) in table(cfg).items():
@@ -456,7 +471,8 @@ def params_from_hf(weights, spec, place=None) -> dict:
   weights.pop("lm_head.weight", None)  # tied checkpoints may still carry it
   unused = weights.unused() if hasattr(weights, "unused") else sorted(weights)
   if unused:
-    raise ValueError(f"unused tensors in the HF checkpoint: {unused[:5]}")
+    raise WeightsMismatch(f"the checkpoint holds tensors the model does not use: "
+                          f"{unused[:5]}")
   return params
 
 
@@ -509,13 +525,18 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   config.model.update(**fields)
   if moe:
     config.model.moe.update(**moe)
-  tokenizer = os.path.join(hf_dir, "tokenizer.json")
-  os.makedirs(workdir, exist_ok=True)
+  tokenizer, copied = os.path.join(hf_dir, "tokenizer.json"), []
   if os.path.exists(tokenizer):
-    copied = [name for name in ("tokenizer.json", *TOKENIZER_EXTRAS)
-              if _copy_if_there(hf_dir, name, workdir)]
+    # Copied once the weights are read: a failed import leaves no half-made run.
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    copied = [name for name in ("tokenizer.json", *TOKENIZER_EXTRAS)
+              if os.path.isfile(os.path.join(hf_dir, name))]
     tokens = f"{', '.join(copied)}, copied into the run"
+    size = _tokenizer_size(tokenizer)
+    if size > config.model.vocab_size:
+      tokens += (f"; warning: it has {size} ids, more than the model's vocab_size of "
+                 f"{config.model.vocab_size}: training refuses it (model.vocab_size) "
+                 "and generation cannot take its ids past the embedding")
   elif config.data.tokenizer == "byte":
     tokens = (f"bytes: {hf_dir} has no tokenizer.json, so text is read and written "
               f"as byte ids 0-255 of the model's {config.model.vocab_size}; give "
@@ -535,8 +556,18 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   rules = sharding.normalize_rules(config.mesh.rules)
   spec = model_spec(ModelConfig.from_config(config.model), rules)
   shardings = param_shardings(spec, mesh)
-  params = params_from_hf(SafetensorsReader(hf_dir), spec,
-                          place=lambda path, x: jax.device_put(x, _get(shardings, path)))
+  try:
+    params = params_from_hf(
+        SafetensorsReader(hf_dir), spec,
+        place=lambda path, x: jax.device_put(x, _get(shardings, path)))
+  except WeightsMismatch as err:
+    raise ConfigError(
+        "--hf_dir", f"{hf_dir}'s weights do not match its config.json: {err}.",
+        "check that config.json belongs to these weights (num_hidden_layers, "
+        "vocab_size, hidden_size, tie_word_embeddings, ...).") from None
+  os.makedirs(workdir, exist_ok=True)
+  for name in copied:
+    shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
   tx = make_optimizer(config.optim, config.train.steps)
   state = init_state(spec, tx, mesh, 0, params=params)
   config_dict = json.loads(config.to_json())
@@ -561,6 +592,11 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
         f"tokenizer: {tokens}\n"
         f"fine-tune: python -m experiment train --config=experiments/saved.py:"
         f"{workdir} --workdir={workdir}")
+
+
+def _tokenizer_size(path: str) -> int:
+  from tokenizers import Tokenizer
+  return Tokenizer.from_file(path).get_vocab_size()
 
 
 def _honour_umask(path: str) -> None:
@@ -601,8 +637,18 @@ def _write_tokenizer_config(tokenizer_json: str, hf: dict, out: str) -> None:
 
 
 def export_hf(workdir: str, out: str, step: int | None = None) -> None:
-  """A rung workdir's parameters -> safetensors + config.json that transformers loads."""
+  """A rung workdir's parameters -> safetensors + config.json that transformers loads.
+  Raises ConfigError, before anything is read, when `out` already holds files: a
+  new checkpoint beside an old one's shards or tokenizer would mix the two."""
   from safetensors.numpy import save_file
+  held = sorted(os.listdir(out)) if os.path.isdir(out) else []
+  if held or (os.path.exists(out) and not os.path.isdir(out)):
+    raise ConfigError(
+        "--out", f"{out} already " + (f"holds {', '.join(held[:4])}"
+                                      + (", ..." if len(held) > 4 else "")
+                                      if held else "exists as a file")
+        + "; export-hf writes a whole checkpoint there and would mix it with them.",
+        "pass a new --out (or remove that directory first).")
   config = run_config.load(workdir)
   cfg = ModelConfig.from_config(config.model)
   if cfg.block != "standard":
