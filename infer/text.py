@@ -17,19 +17,34 @@ from train.tokenizer import make_tokenizer
 
 
 class _Printer:
-  """Prints the prompt, then decoded text as ids arrive, holding back an incomplete
-  character; a stop id ends the row unprinted. The prompt waits for the first id
-  (or `close`), so an error before decoding (a cache that does not fit) prints
+  """Prints the prompt, then the continuation as ids arrive, holding back an
+  incomplete character; a stop id ends the row unprinted. The continuation is
+  the text the new ids add to the prompt's last `CONTEXT` ids, decoded together:
+  a tokenizer that spaces words by their neighbours (SentencePiece's leading
+  space, a tokenizer.json without a decoder) spaces them as the whole text
+  would, where the new ids alone lost the space. The prompt waits for the first
+  id (or `close`), so an error before decoding (a cache that does not fit) prints
   nothing to `out`."""
 
-  def __init__(self, tokenizer, out: TextIO, prompt: str, stops):
+  CONTEXT = 4
+
+  def __init__(self, tokenizer, out: TextIO, prompt: str, prompt_ids, stops):
     self.tokenizer, self.out, self.prompt = tokenizer, out, prompt
+    self.context = [int(i) for i in prompt_ids[-self.CONTEXT:]]
+    self.base = tokenizer.decode(self.context)
     self.stops = set(stops)
     self.ids: list[int] = []
     self.printed = 0
 
+  def text(self) -> str:
+    """The continuation so far."""
+    full = self.tokenizer.decode(self.context + self.ids)
+    if full.startswith(self.base):
+      return full[len(self.base):]
+    return self.tokenizer.decode(self.ids)  # a decoder that rewrites the context
+
   def close(self) -> None:
-    self.out.write(self.prompt + self.tokenizer.decode(self.ids)[self.printed:] + "\n")
+    self.out.write(self.prompt + self.text()[self.printed:] + "\n")
     self.prompt = ""
 
   def __call__(self, column) -> None:
@@ -37,7 +52,7 @@ class _Printer:
     self.prompt = ""
     if column[0] >= 0 and column[0] not in self.stops:
       self.ids.append(int(column[0]))
-    text = self.tokenizer.decode(self.ids)
+    text = self.text()
     if text.endswith("\ufffd"):
       text = text[:-1]
     self.out.write(text[self.printed:])
@@ -93,11 +108,11 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
         f"warning: {len(ids)} prompt tokens + up to {max_new_tokens} new ones run past "
         f"the model's context of {context} positions (model.max_position_embeddings); "
         "tokens beyond it are positions the model was not made for.\n")
-  printer = _Printer(tokenizer, out, prompt, stops)
-  try:
-    new = generate(model, [ids], max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                   stop_tokens=stops, on_token=printer)[0]
+  printer = _Printer(tokenizer, out, prompt, ids, stops)
+  try:  # the printer keeps the new ids
+    generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
+             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stops,
+             on_token=printer)
   except CacheDoesNotFit as err:
     fits = err.positions - len(ids)
     raise sharding.ConfigError(
@@ -106,4 +121,4 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
         f"the {len(ids)}-token prompt alone does not fit; pass a shorter --prompt."
     ) from None
   printer.close()
-  return tokenizer.decode(new[:-1] if new and new[-1] in stops else new)
+  return printer.text()

@@ -396,6 +396,33 @@ def test_stop_ids_and_tokenizer_not_the_models_are_refused_before_loading(
   assert err.value.field == "data.tokenizer" and out.getvalue() == ""
 
 
+def test_streamed_text_spaces_words_as_the_whole_text_does(tmp_path):
+  """A tokenizer.json without a decoder joins ids with spaces: the new ids decoded
+  alone printed "the quickbrown fox" for the prompt "the quick"; decoded after
+  the prompt's last ids they print " brown fox". A stop id is not printed, and
+  bytes of a character split over ids wait for the rest."""
+  import io
+  from conftest import write_word_tokenizer
+  from infer.text import _Printer
+  from train.tokenizer import ByteTokenizer, HFTokenizer
+  words = ["<|endoftext|>", "the", "quick", "brown", "fox"]
+  tok = HFTokenizer(write_word_tokenizer(tmp_path / "tok.json", words))
+  out = io.StringIO()
+  printer = _Printer(tok, out, "the quick", [1, 2], stops=[0])
+  for new in (3, 4, 0, -1):
+    printer(np.array([new]))
+  printer.close()
+  assert out.getvalue() == "the quick brown fox\n"
+  assert printer.text() == " brown fox"
+  out, byte = io.StringIO(), ByteTokenizer()
+  printer = _Printer(byte, out, "a", byte.encode("a").tolist(), stops=[])
+  for new in byte.encode("é!").tolist():
+    printer(np.array([new]))
+    assert "\ufffd" not in out.getvalue()
+  printer.close()
+  assert out.getvalue() == "aé!\n"
+
+
 def test_serving_says_when_it_falls_back_from_sequence_parallel_attention(
     byte_run, capsys):
   """model.attention=ring on a mesh whose sequence axis is 1 is served with auto
