@@ -238,6 +238,33 @@ def test_a_mixture_run_reloads_from_its_saved_config(tiny_config, corpus, tmp_pa
   validate.validate_config(loaded, 8)  # the reloaded mixture is a valid config
 
 
+def test_a_resume_on_changed_data_says_which_source_changed(tiny_config, corpus,
+                                                            tmp_path, capsys):
+  """Documents appended to a source between runs changed the shuffle of its
+  windows without a word (the run resumed "exactly"); now the resume names the
+  source and its token counts. A resume on the same data says nothing."""
+  import shutil
+  web = tmp_path / "web.jsonl"
+  shutil.copy(corpus["web"], web)
+  c = _config(tiny_config, dict(corpus, web=str(web)), tmp_path / "cache")
+  c.train.steps = 1
+  run = str(tmp_path / "run")
+  train.train(c, run, progress=False)
+  c.train.steps = 2
+  train.train(c, run, progress=False)
+  assert "the data changed" not in capsys.readouterr().out
+  before = make_data_on(c).tokens["web"]
+  with open(web, "a") as f:
+    f.write(json.dumps({"body": "w" * 200}) + "\n")
+  after = make_data_on(c).tokens["web"]
+  assert after > before
+  c.train.steps = 3
+  train.train(c, run, progress=False)
+  out = capsys.readouterr().out
+  assert (f"warning: the data changed since this run last started (tokens web: "
+          f"{before:,} -> {after:,}): its windows are shuffled") in out, out
+
+
 def test_eval_rows_give_each_source_s_loss(tiny_config, corpus, tmp_path):
   """Eval rows carry `eval_loss/<name>`: the mean NLL over that source's held-out
   tokens in the evaluated batches, as a float64 NumPy log-softmax of the saved

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import json
 import math
 import os
 import re
@@ -295,6 +296,9 @@ class Data:
   rows: tuple[int, int]  # this process's rows of each global batch
   batch_size: int
   mixture: list[MixtureSource] = dataclasses.field(default_factory=list)
+  # Tokens in each source's stream ({} for synthetic data): what `data_changes`
+  # compares against the run's last start.
+  tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def eval_batches(self, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
     """The same held-out batches every call (no shuffle): at most `num_batches`,
@@ -474,8 +478,43 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))
            .batch(hi - lo, drop_remainder=True)
            .to_iter_dataset(read_options(d.prefetch_batches)))
+  sizes = ({m.name: m.tokens for m in mixture} if entries else
+           {} if d.source == "synthetic" else {"the corpus": tokens})
   return Data(train=iter(train), eval_source=eval_src, tokenizer=tokenizer,
-              rows=(lo, hi), batch_size=batch, mixture=mixture)
+              rows=(lo, hi), batch_size=batch, mixture=mixture, tokens=sizes)
+
+
+# The token count of each source at a run's last start, in its workdir.
+TOKENS_FILE = "data_tokens.json"
+
+
+def data_changes(workdir: str, tokens: dict[str, int]) -> str | None:
+  """What changed in the data since the run in `workdir` last started (its
+  TOKENS_FILE against `tokens`, `Data.tokens`), as a warning; None when nothing
+  did or nothing was recorded. The shuffle spans each whole stream, so a resumed
+  run reads the same windows as an uninterrupted one only on the same data."""
+  try:
+    with open(os.path.join(workdir, TOKENS_FILE)) as f:
+      before = json.load(f)
+  except (OSError, ValueError):
+    return None
+  changed = [f"{name}: {before.get(name, 0):,} -> {n:,}" for name, n in tokens.items()
+             if before.get(name) != n]
+  changed += [f"{name}: {n:,} -> gone" for name, n in before.items() if name not in tokens]
+  if not changed:
+    return None
+  return ("warning: the data changed since this run last started (tokens "
+          + "; ".join(changed) + "): its windows are shuffled over the whole "
+          "stream, so from here the run reads another order than it would have; a "
+          "resume is exact only on the same data.")
+
+
+def record_tokens(workdir: str, tokens: dict[str, int]) -> None:
+  """Writes `tokens` as the run's TOKENS_FILE (atomically), for `data_changes`."""
+  path = os.path.join(workdir, TOKENS_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(tokens, f)
+  os.replace(path + ".tmp", path)
 
 
 _MIXTURE_EXAMPLE = ('in the config file: c.data.mixture = ConfigDict({"code": '

@@ -26,7 +26,7 @@ from train import run_config
 from train.checkpoint import Checkpointer, checkpoint_dir, load_init_params
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
-from train.data import make_data
+from train.data import data_changes, make_data, record_tokens
 from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
                            peak_flops)
 from train.optimizer import describe as describe_optimizer
@@ -163,6 +163,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       landed = ended
     if int(state.step):
       _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+      changed = data_changes(workdir, data.tokens)
+      if changed:
+        _say(changed)
     else:  # what import-hf writes: a start, with no trajectory to compare against
       _say(f"starting from the step-0 parameters and optimizer state of "
            f"{ckpt.directory}")
@@ -189,6 +192,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   # run's config.json (what `generate` and `export-hf` build the model from) alone.
   if jax.process_index() == 0:
     run_config.write(workdir, config_dict)
+    record_tokens(workdir, data.tokens)
   # One program per compression density, with the traffic it logs (host-side,
   # computed once): density -> (compiled step, metrics of what a replica sends).
   step_fns: dict[float | None, tuple[Any, dict]] = {}
