@@ -250,8 +250,8 @@ def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
   directory gives its `*.bin` files). Every document source
   (`text`, `jsonl`, `parquet`, `arrayrecord`, `hf_disk`) is tokenized once into the
   token cache (`train.token_cache`) and read back memory-mapped, documents in a
-  fixed shuffled order, so the same documents give the same stream whatever the
-  source. Raises ConfigError for missing files, bad records (unless
+  fixed shuffled order, so the same documents in the same order give the same
+  stream whatever the source (files are read in name order). Raises ConfigError for missing files, bad records (unless
   `data.skip_bad_records`) and a source without documents."""
   path_field = sources.field_prefix(data_cfg) + "path"
   if data_cfg.source == "tokens":
