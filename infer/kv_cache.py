@@ -82,6 +82,8 @@ def check_fits(cache: KVCache, devices) -> None:
   shard = kv.sharding.shard_shape(kv.shape) if kv.sharding is not None else kv.shape
   per_device = 2 * math.prod(shard) * jnp.dtype(kv.dtype).itemsize  # k and v
   local = [d for d in devices if d.process_index == jax.process_index()]
+  if not local:
+    return
   device = local[0]
   free, holders = _free_bytes(device), len(local) if device.platform == "cpu" else 1
   if free is None or per_device * holders <= free:
