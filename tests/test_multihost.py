@@ -101,33 +101,48 @@ def test_two_processes_train_then_one_process_resumes(tmp_path):
   compressed by DGC (its all-gathers of (index, value) pairs are what crosses
   processes); one process with 8 devices then resumes, compression state
   included. The data is a two-source mixture, so this also checks that both
-  processes read the rows of the same mixed global batches as one process does."""
+  processes read the rows of the same mixed global batches as one process does.
+
+  Process 1 alone gets SIGTERM during step 3 (a preemption notice): both
+  processes save the same step and exit 0 (process 1 used to stop alone and leave
+  process 0 waiting in the next step's collectives, both hung for good)."""
   mixture = _mixture(tmp_path)
   config_file = tmp_path / "mix_config.py"
   config_file.write_text(MIX_CONFIG.replace("{MIXTURE!r}", repr(mixture)))
   work = tmp_path / "multi"
-  results = _launch(work, ["--config.train.steps=5", *STEPS, *MESH, *DGC],
-                    config=str(config_file))
+  sigterm_in_step_3 = (
+      "import os, signal, train.loop as loop\n"
+      "batch, calls = loop._global_batch, []\n"
+      "def counted(*a, **k):\n"
+      "  calls.append(1)\n"
+      "  if len(calls) == 3:\n"
+      "    os.kill(os.getpid(), signal.SIGTERM)\n"
+      "  return batch(*a, **k)\n"
+      "loop._global_batch = counted")
+  results = _launch(work, ["--config.train.steps=6", *STEPS, *MESH, *DGC],
+                    config=str(config_file), before={1: sigterm_in_step_3})
   for proc, out, err in results:
     assert proc.returncode == 0, err[-3000:]
   assert "process 1 of 2" in results[1][2]
   rows = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
-  multi = [r for r in rows if "loss" in r]
-  assert len(multi) == 5  # process 0 alone wrote metrics (one row per step)
+  multi = [r for r in rows if "loss" in r]  # process 0 alone writes metrics
+  stopped = multi[-1]["step"]
+  assert 3 <= stopped < 6 and [r["step"] for r in multi] == list(range(1, stopped + 1))
+  out, err = results[0][1:]  # process 0 speaks for the run
+  assert (f"a process's SIGTERM (preemption): saved step {stopped}; exiting"
+          in out + err), (out + err)[-3000:]
 
-  # One process with 8 devices: restore the 2-process checkpoint, take step 6.
+  # One process with 8 devices: restore the 2-process checkpoint, finish the run.
   resumed = train.train(_config(6, mixture), str(work), progress=False)
-  assert [r["step"] for r in resumed] == [6]
+  assert [r["step"] for r in resumed] == list(range(stopped + 1, 7))
   # Reference: the same run in one process from scratch.
   fresh = train.train(_config(6, mixture), str(tmp_path / "one"), progress=False)
-  np.testing.assert_allclose([r["loss"] for r in multi],
-                             [r["loss"] for r in fresh[:5]], rtol=1e-5)
-  np.testing.assert_allclose(resumed[0]["loss"], fresh[5]["loss"], rtol=1e-5)
-  assert multi[-1]["compression_ratio"] == fresh[4]["compression_ratio"] > 10
+  np.testing.assert_allclose([r["loss"] for r in multi + resumed],
+                             [r["loss"] for r in fresh], rtol=1e-5)
+  assert multi[-1]["compression_ratio"] == fresh[stopped - 1]["compression_ratio"] > 10
   for name in mixture:  # the fraction of each source read so far
     key = f"data_fraction/{name}"
-    assert [r[key] for r in multi] == [r[key] for r in fresh[:5]]
-    assert resumed[0][key] == fresh[5][key]
+    assert [r[key] for r in multi + resumed] == [r[key] for r in fresh]
     assert abs(fresh[5][key] - mixture[name]["weight"]) < 0.1
 
 

@@ -292,9 +292,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     return row
 
   try:
-    if start == 0 and t.eval_every and not stop.requested:
+    if stop.reached(start):  # during setup
+      _say(f"{stop.requested} before the first step: nothing new to save; exiting")
+      return history
+    if start == 0 and t.eval_every:
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
-    if stop.requested:  # during setup
+    if stop.requested:  # during the baseline evaluation
       _say(f"{stop.requested} before the first step: nothing new to save; exiting")
       return history
     timer.restart()
@@ -338,7 +341,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       every = config.checkpoint.every_steps
       if every and (done % every == 0 or done == t.steps):
         save(eval_loss)
-      if stop.requested:
+      if stop.reached(done):
         save(force=True)
         ckpt.wait()
         _say(f"{stop.requested}: saved step {done}; exiting")
@@ -435,22 +438,46 @@ def _report_trajectory_changes(ckpt: Checkpointer, step: int, config_dict: dict)
 class _StopOnSignal:
   """Turns SIGTERM / SIGINT into a request to save and stop after this step (or
   before the first, during setup); a second one stops at once (KeyboardInterrupt),
-  e.g. during a long first tokenization."""
+  e.g. during a long first tokenization.
+
+  In a multi-process run every process must stop at the same step (one that
+  stopped alone left the others waiting in the next step's collectives, for
+  good): SIGTERM is left to JAX's preemption notifier, SIGINT is passed on to it
+  as a SIGTERM, and `reached(step)` asks the coordination service
+  (`multihost_utils.reached_preemption_sync_point`), which answers True on every
+  process at one step once any process was signalled."""
 
   def __init__(self):
     self.requested: str | None = None
     self._previous = {}
+    self._multiprocess = jax.process_count() > 1
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM,
+                                                               signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
     del frame
+    if self._multiprocess:
+      sys.stderr.write(f"\n{signal.Signals(signum).name}: every process stops at "
+                       "the next step boundary they reach together (saving it).\n")
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
+      return
     if self.requested:
       raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}")
     self.requested = signal.Signals(signum).name
     sys.stderr.write(f"\n{self.requested}: stopping at the next step boundary "
                      "(saving it); send it again to stop at once.\n")
+
+  def reached(self, step: int) -> bool:
+    """Whether to save `step` and stop: this process's signal, or in a
+    multi-process run the step every process agreed on. Call it once per step
+    on every process, with increasing steps."""
+    if self._multiprocess:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.requested = "a process's SIGTERM (preemption)"
+    return self.requested is not None
 
   def restore(self):
     for sig, handler in self._previous.items():
