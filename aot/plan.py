@@ -109,6 +109,11 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   every policy; `compiler_flags`: libtpu options for every compile
   (`aot.compile.parse_flags`); `slices`: copies of the slice over DCN, which a
   mesh's outer axes must span (`sharding.mesh.slice_split`)."""
+  if max_plans is not None and max_plans < 1:
+    raise ConfigError("--max_plans", f"is {max_plans}; it caps how many candidate "
+                      "plans are compiled, so it must be at least 1.",
+                      "pass e.g. --max_plans=12, or leave it out to compile every "
+                      "candidate.")
   devices = topology_devices(topology, slices)
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
   remats = tuple(remats or REMAT)
@@ -119,7 +124,7 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   if meshes is None:
     meshes = candidate_meshes(len(devices), experts=_num_experts(config) > 0,
                               sequence=sequence)
-  candidates = []
+  candidates, refused = [], {}  # refused: ConfigError message -> (error, count)
   for mesh in meshes:
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.AXES}
     for micro, schedule in pipeline_choices(config, mesh["stage"]):
@@ -129,10 +134,22 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
           validate_config(c, len(devices))
           if slices > 1:
             sharding.mesh.slice_split(mesh, slices)
-        except ConfigError:
+        except ConfigError as err:
+          seen = refused.get(str(err), (err, 0))
+          refused[str(err)] = (err, seen[1] + 1)
           continue
         candidates.append((mesh, remat, (micro, schedule), c))
   if not candidates:
+    if refused:  # the reasons most candidates gave, one per field
+      total, top = sum(c for _, c in refused.values()), {}
+      for err, n in sorted(refused.values(), key=lambda e: -e[1]):
+        top.setdefault(err.field, (err, n))
+      reasons = list(top.values())[:3]
+      raise ConfigError(reasons[0][0].field, f"no mesh of {len(devices)} devices "
+                        "passes validation for this config. Of the "
+                        f"{total} candidates, " + "; ".join(
+                            f"{n} say: `{e.field}`: {e.problem.rstrip('.')}" for e, n in reasons),
+                        reasons[0][0].fix)
     raise ConfigError("mesh", f"no mesh of {len(devices)} devices passes validation "
                       "for this config.", "check the config with "
                       "`python -m experiment compile` and one explicit mesh.")

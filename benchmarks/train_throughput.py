@@ -35,10 +35,10 @@ def main(argv):
   import jax
 
   from experiments import llama_tiny
-  from train.metrics import measured_matmul_peak
+  from train.metrics import measure_matmul_peak
   # This VM's matmul rate drifts by up to 2x within minutes (neighbours), so the
   # peak is measured before and after the runs and MFU divides by the higher.
-  peaks = [measured_matmul_peak()]
+  peaks = [measure_matmul_peak()]
   device = jax.devices()[0]
   tiny = llama_tiny.get_config()
   runs = {"llama_tiny": (tiny.model.to_dict(), tiny.train.batch_size, tiny.data.seq_len),
@@ -60,7 +60,7 @@ def main(argv):
                       tokens_per_sec=t["tokens_per_sec"]),
                  t["step_time_s"], r["flops_per_step"]))
   floor = common.train_matmul_floor(SHAPE_21M, batch=4, seq_len=512, reps=_STEPS.value)
-  peaks.append(measured_matmul_peak())
+  peaks.append(measure_matmul_peak())  # again, not the cached first figure
   peak = max(peaks)
   emit(what="environment", date=time.strftime("%Y-%m-%d"), machine=platform.machine(),
        cpus=os.cpu_count(), python=platform.python_version(), jax=jax.__version__,

@@ -18,7 +18,10 @@ class ConfigError(ValueError):
     self.field = field
     self.problem = problem
     self.fix = fix
-    super().__init__(f"Config error in `{field}`: {problem} Fix: {fix}")
+    # A problem quoted from a library may lack its full stop.
+    ended = problem.rstrip()
+    ended += "" if ended.endswith((".", "?", "!")) else "."
+    super().__init__(f"Config error in `{field}`: {ended} Fix: {fix}")
 
   @classmethod
   def choice(cls, field: str, value: Any, allowed: Sequence[str],

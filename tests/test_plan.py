@@ -75,3 +75,27 @@ def test_plan_marks_a_plan_that_cannot_fit():
   assert 12 * params + batch <= plans[0].memory <= 12 * params + batch + 16
   assert "state and batch alone need" in plans[0].note
   assert plan.table(plans).endswith("no plan fits in HBM.")
+
+
+@needs_libtpu
+def test_a_plan_that_cannot_start_names_why():
+  """--max_plans of 0 compiled nothing and then said that nothing fit (exit 3);
+  a config no mesh passes said only that, where each mesh's own error names the
+  fix (here: a global batch of 16 over 12 devices of three slices)."""
+  from experiments import llama_tiny
+  with pytest.raises(sharding.ConfigError) as err:
+    plan.plan(llama_tiny.get_config(), "v5e:2x2", max_plans=0, progress=False)
+  assert err.value.field == "--max_plans"
+  with pytest.raises(sharding.ConfigError) as err:
+    plan.plan(llama_tiny.get_config(), "v5e:2x2", slices=3, progress=False)
+  assert "no mesh of 12 devices passes validation for this config. Of the " in str(
+      err.value)
+  assert "say: `train.batch_size`: global batch_size=16 does not split" in str(err.value)
+
+
+def test_a_problem_without_its_full_stop_gets_one():
+  """A problem quoted from a library ('No such compile option: x') ran into
+  'Fix:'."""
+  err = sharding.ConfigError("--libtpu_flags", "No such compile option: 'x'", "check it.")
+  assert str(err) == ("Config error in `--libtpu_flags`: No such compile option: 'x'. "
+                      "Fix: check it.")

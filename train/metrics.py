@@ -138,9 +138,9 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-@functools.cache
-def measured_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
-  """FLOP/s of a large matmul on the first device: the CPU's practical peak."""
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
+  """FLOP/s of a large matmul on the first device, measured now: the CPU's
+  practical peak."""
   a = jnp.ones((n, n), dtype, device=jax.devices()[0])
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
@@ -150,6 +150,10 @@ def measured_matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best
+
+
+# Measured once per process: what a training run's MFU divides by.
+measured_matmul_peak = functools.cache(measure_matmul_peak)
 
 
 def peak_flops(log_cfg) -> tuple[float, str]:
