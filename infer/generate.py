@@ -56,6 +56,10 @@ def _decode_loop(graphdef, params, cache, logits, done, key, max_new: int,
   return jax.lax.while_loop(cond, body, carry)[3]
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _is_list(x) -> bool:
   return (isinstance(x, Sequence) and not isinstance(x, (str, bytes))) or (
       hasattr(x, "tolist") and np.ndim(x) == 1)
@@ -67,7 +71,7 @@ def _token_ids(name: str, ids, vocab: int) -> list[int]:
   table would give NaN logits)."""
   ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
   for t in ids:
-    if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+    if not _is_int(t):
       raise ValueError(f"{name} holds {t!r}; token ids are integers.")
     if not 0 <= t < vocab:
       raise ValueError(f"{name} holds token id {t}, outside the model's vocabulary "
@@ -114,7 +118,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     raise ValueError(f"stop_tokens={stop_tokens!r} is a list of token ids; one stop "
                      f"id is [{stop_tokens!r}].")
   _token_ids("stop_tokens", stop_tokens, vocab)
-  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+  if not _is_int(seed):
     raise ValueError(f"seed={seed!r} must be an integer.")
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens,
                  warn_ignored=True)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from sharding import ConfigError
 from sharding.report import count
-from train import sources, token_cache
+from train import run_config, sources, token_cache
 from train.tokenizer import HFTokenizer, make_tokenizer
 
 SOURCES = (*sources.DOCUMENT_SOURCES, "tokens", "synthetic")
@@ -511,10 +511,7 @@ def data_changes(workdir: str, tokens: dict[str, int]) -> str | None:
 
 def record_tokens(workdir: str, tokens: dict[str, int]) -> None:
   """Writes `tokens` as the run's TOKENS_FILE (atomically), for `data_changes`."""
-  path = os.path.join(workdir, TOKENS_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(tokens, f)
-  os.replace(path + ".tmp", path)
+  run_config.write_atomically(os.path.join(workdir, TOKENS_FILE), json.dumps(tokens))
 
 
 _MIXTURE_EXAMPLE = ('in the config file: c.data.mixture = ConfigDict({"code": '

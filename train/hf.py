@@ -209,8 +209,9 @@ def model_fields_from_hf(hf: dict) -> dict:
   """config.model fields from an HF config.json; refuses what rung cannot run."""
   arch = (hf.get("architectures") or [None])[0]
   if arch is None:  # transformers' AutoModelForCausalLM goes by model_type then
-    arch = next((a for a, f in FAMILIES.items()
-                 if f.model_type == hf.get("model_type")), f"model_type {hf.get('model_type')}")
+    kind = hf.get("model_type")
+    arch = next((a for a, f in FAMILIES.items() if f.model_type == kind),
+                f"model_type {kind}")
   if arch not in FAMILIES:
     raise ConfigError(_FIELD, f"architecture {arch} is not supported.",
                       f"import one of {SUPPORTED}.")
@@ -641,14 +642,13 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   Raises ConfigError, before anything is read, when `out` already holds files: a
   new checkpoint beside an old one's shards or tokenizer would mix the two."""
   from safetensors.numpy import save_file
-  held = sorted(os.listdir(out)) if os.path.isdir(out) else []
-  if held or (os.path.exists(out) and not os.path.isdir(out)):
-    raise ConfigError(
-        "--out", f"{out} already " + (f"holds {', '.join(held[:4])}"
-                                      + (", ..." if len(held) > 4 else "")
-                                      if held else "exists as a file")
-        + "; export-hf writes a whole checkpoint there and would mix it with them.",
-        "pass a new --out (or remove that directory first).")
+  if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+    held = sorted(os.listdir(out))[:5] if os.path.isdir(out) else []
+    what = (f"holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}" if held
+            else "exists as a file")
+    raise ConfigError("--out", f"{out} already {what}; export-hf writes a whole "
+                      "checkpoint there and would mix it with them.",
+                      "pass a new --out (or remove that directory first).")
   config = run_config.load(workdir)
   cfg = ModelConfig.from_config(config.model)
   if cfg.block != "standard":

@@ -292,12 +292,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     return row
 
   try:
-    if stop.reached(start):  # during setup
-      _say(f"{stop.requested} before the first step: nothing new to save; exiting")
-      return history
-    if start == 0 and t.eval_every:
+    if not stop.reached(start) and start == 0 and t.eval_every:
       evaluate(0)  # the untrained baseline (about ln(vocab) nats/token)
-    if stop.requested:  # during the baseline evaluation
+    if stop.requested:  # during setup or the baseline evaluation
       _say(f"{stop.requested} before the first step: nothing new to save; exiting")
       return history
     timer.restart()

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import sharding
+from train import run_config
 
 # The keys of every logged training row in metrics.jsonl (eval rows add eval_loss).
 TRAIN_KEYS = ("step", "loss", "grad_norm", "learning_rate", "step_time_s",
@@ -126,10 +127,7 @@ def _keep_rows_before(path: str, start: int) -> int:
       keep.append(line if line.endswith("\n") else line + "\n")
   if len(keep) == len(lines):
     return 0
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  run_config.write_atomically(path, "".join(keep))
   return len(lines) - len(keep)
 
 

@@ -31,10 +31,15 @@ def write(workdir: str, config: ConfigDict | dict) -> None:
   file or the new one, never half of one)."""
   data = json.loads(config.to_json()) if isinstance(config, ConfigDict) else config
   os.makedirs(workdir, exist_ok=True)
-  tmp = path(workdir) + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2)
-  os.replace(tmp, path(workdir))
+  write_atomically(path(workdir), json.dumps(data, indent=2))
+
+
+def write_atomically(file: str, text: str) -> None:
+  """Writes `text` to a temporary file moved over `file`, so a crash leaves the
+  old file or the new one, never half of one."""
+  with open(file + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(file + ".tmp", file)
 
 
 def read(workdir: str) -> dict[str, Any]:
