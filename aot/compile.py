@@ -432,7 +432,10 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
     host = {"optimizer_host": _device_bytes(state.opt_state, "host")}
   else:  # decode_step's (graphdef, params, layers, cache, logits, done, key, ...)
     _, params, layers, cache, *inputs = args
-    parts = {"params": _device_bytes(params) + _device_bytes(layers),
+    # The program reads the per-step copies `layers`, not the stacked layer
+    # weights, which jit drops from its arguments (they stay with the model).
+    parts = {"params": _device_bytes({k: v for k, v in params.items() if k != "layers"})
+                       + _device_bytes(layers),
              "optimizer": 0.0,
              "inputs": _device_bytes(cache) + _device_bytes(  # not the PRNG key
                  [x for x in inputs if isinstance(x, jax.ShapeDtypeStruct)
@@ -589,7 +592,7 @@ def _estimate_lines(r: Report) -> list[str]:
   if "estimate" not in r.time:
     return []
   s = r.schedule
-  exposed = ", ".join(f"{a} {t * 1e3:.2f}" for a, t in sorted(
+  exposed = ", ".join(f"{a} {t * 1e3:.2f} ms" for a, t in sorted(
       r.exposed_communication.items(), key=lambda x: -x[1])) or "none"
   flags = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
                    for k, v in r.compiler_flags.items()) or "none (libtpu defaults)"
@@ -597,7 +600,7 @@ def _estimate_lines(r: Report) -> list[str]:
           f"(ops {s['ops'] * 1e3:.2f} ms; collectives {s['communication'] * 1e3:.2f}"
           f" ms, {s['collectives'].get('asynchronous', 0)} async / "
           f"{s['collectives'].get('synchronous', 0)} sync per step)",
-          f"  exposed communication        {exposed} ms (by mesh axes)",
+          f"  exposed communication        {exposed} (by mesh axes)",
           f"  MFU estimate                 {r.mfu_estimate:.1%}",
           f"  compiler flags               {flags}"]
 

@@ -20,7 +20,7 @@ from sharding.distributed import JoinError
 from sharding.chips import TPU_DEVICE_FILES
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
-                  "join_timeout_s")
+                  "join_timeout_s", "heartbeat_timeout_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: cou
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's id.")
 _JOIN_TIMEOUT = flags.DEFINE_integer("join_timeout_s", 300, "Multi-process: seconds "
                                      "to wait for every process to join.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "Multi-process: seconds without a heartbeat after "
+    "which a process counts as dead and JAX ends every process (exit status 134); "
+    "the last committed checkpoint resumes.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens to add (0: print the prompt only).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
@@ -321,7 +325,8 @@ def main(argv: list[str]) -> None:
     import sharding
     if sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                        _PROCESS_ID.value,
-                                       timeout_s=_JOIN_TIMEOUT.value):
+                                       timeout_s=_JOIN_TIMEOUT.value,
+                                       heartbeat_s=_HEARTBEAT.value):
       sys.stderr.write(f"joined as {sharding.describe_process()}\n")
       sharding.distributed.check_same_on_every_process(
           _CONFIG.value.to_json() if _CONFIG.value is not None else "", "--config",

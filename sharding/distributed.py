@@ -38,7 +38,7 @@ def detected_cluster() -> str | None:
 
 def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None,
-               *, timeout_s: int = 120) -> bool:
+               *, timeout_s: int = 120, heartbeat_s: int = 100) -> bool:
   """Joins the run if one is configured; returns whether this is multi-process.
 
   A process that cannot reach the coordinator fails after `timeout_s` with an
@@ -46,7 +46,18 @@ def initialize(coordinator_address: str | None = None,
   `num_processes` other than the run's is reported by
   `check_same_on_every_process` (pass it there), on every process at once: raised
   here, it left the others waiting for this process in their first collective.
+
+  A process that dies later (killed, out of memory, its host lost) is noticed by
+  the coordination service after `heartbeat_s` seconds without its heartbeat;
+  JAX then aborts every other process ("another task died", status 134), and
+  the last committed checkpoint is intact: relaunch every process to resume.
+  Raises ConfigError for a timeout below 1 s.
   """
+  for flag, value, usual in (("--join_timeout_s", timeout_s, 300),
+                             ("--heartbeat_timeout_s", heartbeat_s, 100)):
+    if value < 1:
+      raise ConfigError(flag, f"{value} seconds cannot be waited for.",
+                        f"pass {flag}={usual} (or any whole number of seconds from 1).")
   explicit = coordinator_address is not None or num_processes is not None
   if not explicit and detected_cluster() is None:
     return False
@@ -72,7 +83,8 @@ def initialize(coordinator_address: str | None = None,
     _check_port_free(coordinator_address)
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout_s)
+                               initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_s)
   except Exception as err:
     raise JoinError(f"{who}: could not join the run through coordinator {where} "
                     f"within {timeout_s}s: {err}") from err

@@ -228,8 +228,29 @@ def test_decode_figures_match_analytic_counts():
   assert report.memory["inputs"] == (cache / 8 + lengths / 2 + logits / 8 + done / 2
                                      + scalars)
   assert report.memory["optimizer"] == 0
+  # The weights it reads: the per-step copies of the layers, not the stacked
+  # arrays beside them as well (which jit drops from the program's arguments).
+  assert report.memory["params"] == pytest.approx(analytic_param_bytes(cfg, 2, 4))
+  assert report.memory["params"] + report.memory["inputs"] <= report.memory["arguments"]
   expected = flops_lib.decode_flops_per_token(cfg, t) * b
   assert abs(report.flops * report.devices / expected - 1) < 0.10
+
+
+def test_exposed_communication_line_reads_per_axis_or_none():
+  """The text report's line: each axis with its unit, or "none" alone (it read
+  "none ms")."""
+  import types
+  from aot.compile import _estimate_lines
+  r = types.SimpleNamespace(
+      time={"estimate": 0.5}, mfu_estimate=0.5, compiler_flags={},
+      schedule={"ops": 0.4, "communication": 0.1, "collectives": {}},
+      exposed_communication={"fsdp": 0.002, "tensor": 0.0105})
+  line = next(l for l in _estimate_lines(r) if "exposed communication" in l)
+  assert line.split("communication")[1].strip() == (
+      "tensor 10.50 ms, fsdp 2.00 ms (by mesh axes)")
+  r.exposed_communication = {}
+  line = next(l for l in _estimate_lines(r) if "exposed communication" in l)
+  assert line.split("communication")[1].strip() == "none (by mesh axes)"
 
 
 def test_trip_count_reads_through_copies():

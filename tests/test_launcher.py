@@ -81,6 +81,22 @@ def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
     flags.FLAGS[name].parser.parse(fix.group(1))  # raises if the fix does not parse
 
 
+def test_multi_process_timeouts_below_one_second_are_config_errors():
+  """--join_timeout_s=0 and --heartbeat_timeout_s=-5 exit 2 before joining, naming
+  the flag, with a fix of at least one second."""
+  runs = run_cli_many([("train", "--config=experiments/llama_tiny.py", "--workdir=runs/x",
+                        "--coordinator_address=127.0.0.1:1", "--num_processes=2",
+                        "--process_id=0", flag) for flag in
+                       ("--join_timeout_s=0", "--heartbeat_timeout_s=-5")])
+  for proc, (name, value) in zip(runs, (("join_timeout_s", 0),
+                                        ("heartbeat_timeout_s", -5))):
+    assert proc.returncode == 2, proc.stderr[-1000:]
+    assert (f"Config error in `--{name}`: {value} seconds cannot be waited for. "
+            f"Fix: pass --{name}=") in proc.stderr, proc.stderr
+    fix = int(re.search(rf"--{name}=(\d+)", proc.stderr.split("Fix:")[1]).group(1))
+    assert fix >= 1 and "joining the run" not in proc.stderr
+
+
 def test_an_unknown_flag_or_config_file_is_a_config_error_that_says_what_exists():
   """A misspelt flag names itself and the flag meant; a --config path that is not a
   file names the shipped configs, and the suggested one exists."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,6 +170,45 @@ def test_diloco_replicas_in_two_processes(tmp_path):
   fresh = train.train(c, str(tmp_path / "one"), progress=False)
   np.testing.assert_allclose([r["loss"] for r in rows if "loss" in r],
                              [r["loss"] for r in fresh], rtol=1e-5)
+
+
+def test_a_killed_process_ends_the_run_and_the_last_checkpoint_resumes(tmp_path):
+  """Process 1 is SIGKILLed in step 5 (as the out-of-memory killer would): process 0
+  is ended within --heartbeat_timeout_s, told that another process died, instead
+  of waiting in a collective for good; the last committed checkpoint (step 2 or
+  4, the save of step 4 may be cut off mid-write) resumes in one process and
+  trains the same losses as an uninterrupted run."""
+  work = tmp_path / "multi"
+  killed_in_step_5 = (
+      "import os, signal, train.loop as loop\n"
+      "batch, calls = loop._global_batch, []\n"
+      "def counted(*a, **k):\n"
+      "  calls.append(1)\n"
+      "  if len(calls) == 5:\n"
+      "    os.kill(os.getpid(), signal.SIGKILL)\n"
+      "  return batch(*a, **k)\n"
+      "loop._global_batch = counted")
+  start = time.monotonic()
+  results = _launch(work, ["--config.train.steps=8", *STEPS,
+                           "--config.checkpoint.every_steps=2", *MESH,
+                           "--heartbeat_timeout_s=5"], before={1: killed_in_step_5})
+  elapsed = time.monotonic() - start
+  (p0, _, err0), (p1, _, _) = results
+  assert p1.returncode == -signal.SIGKILL
+  assert p0.returncode != 0 and "another task died" in err0, err0[-3000:]
+  assert elapsed < 90, elapsed  # JAX's default heartbeat alone is 100 s
+  committed = sorted(int(p.name) for p in (work / "checkpoints").iterdir()
+                     if p.name.isdigit())
+  assert committed[-1] in (2, 4), committed
+
+  c = _config(8)
+  c.optim.name, c.optim.compression.method = "adamw", "none"
+  c.checkpoint.every_steps = 2
+  resumed = train.train(c, str(work), progress=False)
+  assert [r["step"] for r in resumed] == list(range(committed[-1] + 1, 9))
+  fresh = train.train(c, str(tmp_path / "one"), progress=False)
+  np.testing.assert_allclose([r["loss"] for r in resumed],
+                             [r["loss"] for r in fresh[committed[-1]:]], rtol=1e-5)
 
 
 def test_mesh_larger_than_the_processes_fails_clearly(tmp_path):

@@ -525,6 +525,7 @@ def test_galore_refresh_on_devices_sharing_cores_finishes(tmp_path):
           "--config.train.eval_every=0", "--config.optim.name=galore",
           "--config.optim.galore_rank=32", "--config.optim.galore_update_proj_gap=2",
           "--config.mesh.fsdp=2", "--config.data.source=synthetic",
+          "--config.data.seq_len=64", "--config.train.batch_size=8",
           "--config.log.peak_flops=1e12", "--config.checkpoint.every_steps=0")
   import subprocess
   try:
