@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sharding
+import train
 from model import ModelConfig
 from train import diloco
 from train.optimizer import make_optimizer
@@ -56,6 +57,7 @@ class StreamingDiLoCo:
     self.R, self.H, self.F, self.tau, self.alpha, self.lr, self.mu = (
         R, H, F, tau, alpha, lr, mu)
     self.dtype, self.inflight = dtype, {}
+    self.started_norms = []  # each outer gradient's L2 norm, in sync order
 
   def _index(self, name, p):
     if name.startswith("layers/"):
@@ -76,6 +78,8 @@ class StreamingDiLoCo:
       delta[k] = transported_mean([part - r[k][i] for r in self.reps], tensors,
                                   self.dtype)
     self.inflight[p] = delta
+    self.started_norms.append(float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64))
+                                                 for g in delta.values()))))
 
   def _apply(self, p):
     for k, g in self.inflight.pop(p).items():
@@ -210,7 +214,7 @@ def test_streaming_outer_parameters_equal_the_reference(dtype):
   ref = StreamingDiLoCo(flat(jax.device_get(state.params)), 2, 4, 2, 1, 0.5, 0.7, 0.9,
                         dtype)
   frags = diloco.Fragments.of(spec.abstract_params, spec.logical, 2)
-  programs = {}
+  programs, norms = {}, []
   rng = np.random.default_rng(1)
   runs = [(t, 12, 0) for t in range(1, 13)] + [(t, 15, 12) for t in range(13, 16)]
   for t, total, landed in runs:
@@ -230,8 +234,13 @@ def test_streaming_outer_parameters_equal_the_reference(dtype):
         programs[kind, p] = diloco.make_sync(d, frags, spec.abstract_params, p, kind,
                                              shardings)
       with jax.set_mesh(mesh):
-        state = programs[kind, p](state)
+        state, metrics = programs[kind, p](state)
+      if kind == "sync":
+        norms.append(float(metrics["outer_grad_norm"]))
     ref.after_inner_step(t, total)
+  # Each sync's metric: the norm of the mean outer gradient as received.
+  np.testing.assert_allclose(norms, ref.started_norms,
+                             rtol=1e-5 if dtype == "float32" else 1e-3)
   outer, reps = flat(jax.device_get(state.params)), jax.device_get(
       state.diloco["replicas"])
   pairs = [(outer[k], ref.outer[k], k) for k in names]
@@ -266,12 +275,19 @@ def _config(mesh, steps=3, **fields):
 
 def test_diloco_with_one_step_periods_is_data_parallelism(tmp_path):
   """sync_every=1, outer_lr=1, no outer momentum, inner SGD without momentum:
-  the outer update is the mean of the replicas' SGD steps."""
-  from test_train_meshes import _losses
+  the outer update is the mean of the replicas' SGD steps, so each step's logged
+  outer-gradient norm is the learning rate times the data-parallel gradient's."""
   fields = dict(sync_every=1, outer_lr=1.0, outer_momentum=0.0)
-  got = _losses(_config(dict(diloco=4, tensor=2), **fields), tmp_path / "diloco")
-  want = _losses(_config(dict(data=4, tensor=2), **fields), tmp_path / "data")
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  got = train.train(_config(dict(diloco=4, tensor=2), **fields), str(tmp_path / "diloco"),
+                    progress=False)
+  want = train.train(_config(dict(data=4, tensor=2), **fields), str(tmp_path / "data"),
+                     progress=False)
+  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want],
+                             rtol=1e-5)
+  np.testing.assert_allclose([r["outer_grad_norm"] for r in got],
+                             [r["learning_rate"] * r["grad_norm"] for r in want],
+                             rtol=1e-4)
+  assert all("outer_grad_norm" not in r for r in want)
 
 
 def _collectives(program, args, mesh, axis):

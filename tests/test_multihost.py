@@ -170,6 +170,15 @@ def test_diloco_replicas_in_two_processes(tmp_path):
   fresh = train.train(c, str(tmp_path / "one"), progress=False)
   np.testing.assert_allclose([r["loss"] for r in rows if "loss" in r],
                              [r["loss"] for r in fresh], rtol=1e-5)
+  # Each fragment's outer-gradient norm, logged at the steps of its syncs
+  # (gathered across the processes that hold the replicas), as in one process.
+  for p in range(2):
+    key = f"outer_grad_norm/fragment_{p}"
+    logged = [(r["step"], r[key]) for r in rows if key in r]
+    assert [s for s, _ in logged] == [r["step"] for r in fresh if key in r]
+    assert len(logged) >= 2
+    np.testing.assert_allclose([v for _, v in logged],
+                               [r[key] for r in fresh if key in r], rtol=1e-5)
 
 
 def test_a_killed_process_ends_the_run_and_the_last_checkpoint_resumes(tmp_path):

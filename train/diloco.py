@@ -406,13 +406,17 @@ def outer_step(d: DiLoCo, frags: Fragments, p: int, params, state: dict,
 
 def make_sync(d: DiLoCo, frags: Fragments, abstract_params, p: int, kind: str,
               state_sharding):
-  """Jitted state -> state for ('sync' | 'merge', fragment p), donating the state.
+  """Jitted state -> (state, metrics) for ('sync' | 'merge', fragment p), donating
+  the state.
 
   sync: the replicas' mean outer gradient of fragment p (the program's only
   communication over `diloco`); blocking (tau = 0) it is applied at once, else
-  kept in `pending`. merge: applies `pending`'s fragment p (no communication).
+  kept in `pending`. Its metrics: `outer_grad_norm`, the L2 norm of that mean as
+  received (float32 scalar, replicated). merge: applies `pending`'s fragment p
+  (no communication; no metrics).
   """
   groups = frags.layer_counts(abstract_params, p)
+  replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_sharding)[0].mesh, P())
 
   def sync(state):
     params, extra = state.params, state.diloco
@@ -420,18 +424,26 @@ def make_sync(d: DiLoCo, frags: Fragments, abstract_params, p: int, kind: str,
       deltas = [t[None] - r for t, r in zip(frags.take(params, p),
                                             frags.take(extra["replicas"], p, axis=1))]
       delta = mean_over_replicas(deltas, groups, d.outer_dtype)
+      metrics = {"outer_grad_norm": optax.global_norm(delta)}
       if d.overlap_steps:
         extra = {**extra, "pending": frags.put(
             extra["pending"], p,
             [x.astype(t.dtype) for x, t in zip(delta, frags.take(params, p))])}
-        return state.replace(diloco=extra)
+        return state.replace(diloco=extra), metrics
     else:
       delta = [x.astype(jnp.float32) for x in frags.take(extra["pending"], p)]
+      metrics = {}
     params, extra = outer_step(d, frags, p, params, extra, delta)
-    return state.replace(params=params, diloco=extra)
+    return state.replace(params=params, diloco=extra), metrics
 
-  return jax.jit(sync, in_shardings=(state_sharding,), out_shardings=state_sharding,
-                 donate_argnums=0)
+  return jax.jit(sync, in_shardings=(state_sharding,),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def metric_name(d: DiLoCo, p: int) -> str:
+  """The metrics.jsonl key of fragment p's outer-gradient norm: `outer_grad_norm`
+  with one fragment, `outer_grad_norm/fragment_<p>` with several."""
+  return "outer_grad_norm" if d.fragments == 1 else f"outer_grad_norm/fragment_{p}"
 
 
 def layout(d: DiLoCo | None) -> tuple[int, tuple[str, ...]]:

@@ -226,6 +226,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   # DiLoCo: one program per (sync | merge, fragment), compiled on first use.
   frags = diloco_lib.Fragments.of(spec.abstract_params, spec.logical, dl.fragments)
   sync_fns: dict[tuple[str, int], Any] = {}
+  outer_metrics: dict[str, jax.Array] = {}  # the latest sync's, until logged
 
   def synchronise(state, done: int):
     """Runs DiLoCo's events after inner step `done`; returns the state."""
@@ -240,7 +241,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
           _say(f"compiled the DiLoCo {kind} of fragment {p} in "
                f"{time.perf_counter() - start:.1f}s")
       with jax.set_mesh(mesh):
-        state = sync_fns[kind, p](state)
+        state, metrics = sync_fns[kind, p](state)
+      if metrics:
+        outer_metrics[diloco_lib.metric_name(dl, p)] = metrics["outer_grad_norm"]
     return state
 
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -322,6 +325,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
         row.update({k: float(np.mean(v)) for k, v in metrics.items()
                     if k in MOE_KEYS})
         row.update(sent)  # compression: per replica, what it sent, and the ratio
+        # DiLoCo: each fragment's outer-gradient norm, from its syncs since the last row
+        row.update({k: float(_to_host(v)) for k, v in outer_metrics.items()})
+        outer_metrics.clear()
         # One global batch per step: the windows seen so far, by mixture source.
         row.update({DATA_FRACTION_PREFIX + name: share for name, share in
                     data.source_fractions(done * t.batch_size).items()})
