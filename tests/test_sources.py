@@ -158,6 +158,17 @@ def test_a_changed_file_or_tokenizer_rebuilds(tiny_config, docs, tmp_path,
   assert token_cache.cache_key(c.data, [str(src)], 0) == key2
 
 
+def test_byte_tokenizer_round_trips_text_and_shows_ids_past_the_bytes(docs):
+  """decode(encode(text)) is the text (multi-byte characters included); eos (0) is
+  dropped and an id of 256 or more (a larger model vocabulary) shows as U+FFFD
+  where it stands, rather than vanishing."""
+  tok = ByteTokenizer()
+  for doc in docs[:20]:
+    assert tok.decode(tok.encode(doc)) == doc
+  ids = [*tok.encode("θ→ a"), 0, 300, *tok.encode("b"), 256, 511]
+  assert tok.decode(ids) == "θ→ a\ufffdb\ufffd\ufffd"
+
+
 def test_hf_tokenizer_encode_batch_matches_encode(tiny_config, docs, tmp_path):
   pytest.importorskip("tokenizers")
   from train.tokenizer import HFTokenizer

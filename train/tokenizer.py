@@ -20,7 +20,17 @@ class ByteTokenizer:
     return [self.encode(t) for t in texts]
 
   def decode(self, ids) -> str:
-    return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", "replace")
+    """Text of byte ids; id 0 is dropped, and an id past the bytes (a model whose
+    vocabulary is larger than 256, read without its tokenizer) is U+FFFD, as an
+    invalid UTF-8 sequence is: generated, it shows instead of vanishing."""
+    parts, run = [], bytearray()
+    for i in map(int, ids):
+      if 0 < i < 256:
+        run.append(i)
+      elif i >= 256:
+        parts += [run.decode("utf-8", "replace"), "\ufffd"]
+        run = bytearray()
+    return "".join(parts) + run.decode("utf-8", "replace")
 
 
 class HFTokenizer:
