@@ -5,9 +5,13 @@
 Prints one JSON line per measurement:
   memory       compiled temp bytes (memory_analysis) of forward+backward, reference
                against flash, at lengths 1k..16k; on CPU (flash = blockwise loops) and,
-               when libtpu is installed, for a deviceless TPU v5e (flash = Mosaic).
+               when libtpu is installed, for a deviceless TPU v5e (flash = Mosaic;
+               HBM temporaries only: a Mosaic kernel's VMEM scratch is not in
+               memory_analysis, and 0 means none beyond arguments and outputs,
+               so the ratio is null).
   ring_memory  per-device bytes of ring forward+backward at a fixed total length for
-               sequence P = 1, 2, 4, 8 (8 CPU devices; deviceless TPU v5e:2x4).
+               sequence P = 2, 4, 8, and of flash on one device for P = 1 (what the
+               ring splits); 8 CPU devices, and a deviceless TPU v5e:2x4.
   comm         collectives per attention call read from compiled HLO (count and
                elements per device) next to the formulas: ring forward P-1 hops of
                2*(N/P)*kv_heads*head_dim elements; Ulysses 4 all-to-alls of
@@ -33,8 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 SECTIONS = ["memory", "ring_memory", "comm", "balance", "cpu_time"]
-_ONLY = flags.DEFINE_list("only", SECTIONS, "sections to run")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed repetitions for cpu_time (best of)")
+_ONLY = flags.DEFINE_list("only", SECTIONS, f"sections to run, of {','.join(SECTIONS)}")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed repetitions for cpu_time (best of)",
+                                lower_bound=1)
+flags.register_validator("only", lambda names: bool(names) and set(names) <= set(SECTIONS),
+                         f"--only takes one or more of {','.join(SECTIONS)}")
 
 # One attention call: batch 1, 8 query heads over 2 KV heads, head_dim 128.
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 128
@@ -109,7 +116,8 @@ def memory():
       emit(section="memory", backend=backend, length=length, dtype=jnp.dtype(dtype).name,
            heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
            reference_temp_bytes=row["reference"], flash_temp_bytes=row["flash"],
-           flash_over_reference=round(row["flash"] / max(row["reference"], 1), 4))
+           flash_over_reference=(round(row["flash"] / row["reference"], 4)
+                                 if row["reference"] else None))
 
 
 def ring_memory(length: int = 16384):
@@ -122,11 +130,12 @@ def ring_memory(length: int = 16384):
   for backend, devices, dtype in targets:
     for p in (1, 2, 4, 8):
       mesh = _mesh(devices, sequence=p)
-      stats = _compile(_fwd_bwd("ring_zigzag"), mesh, _args(mesh, length, dtype))
+      impl = "ring_zigzag" if p > 1 else "flash"  # a ring needs two devices
+      stats = _compile(_fwd_bwd(impl), mesh, _args(mesh, length, dtype))
       stats = stats.memory_analysis()
       total = (stats.temp_size_in_bytes + stats.argument_size_in_bytes +
                stats.output_size_in_bytes)
-      emit(section="ring_memory", backend=backend, length=length, sequence=p,
+      emit(section="ring_memory", backend=backend, impl=impl, length=length, sequence=p,
            dtype=jnp.dtype(dtype).name, temp_bytes_per_device=stats.temp_size_in_bytes,
            argument_bytes_per_device=stats.argument_size_in_bytes,
            total_bytes_per_device=total)
