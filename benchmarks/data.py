@@ -19,8 +19,10 @@ wait on the data iterator.
    two-source mixture (that text and the generated corpus, 0.5 each). A wrapper
    around the data iterator (the loop is not changed) times every `next()`; the
    figure is the time blocked in `next()` over the time between successive
-   `next()` calls (one step), from the second step on (the first includes the
-   compile).
+   run from the second `next()` to the end of training (steps 2..N; the first
+   includes the compile). The loop dispatches steps ahead of the device between
+   metric logs, so the interval between two `next()` calls is not a step's time;
+   the mean step is that span over N - 1.
 
 Prints one JSON line per measurement. Record results in benchmarks/README.md.
 """
@@ -42,10 +44,12 @@ from absl import app, flags  # noqa: E402
 from benchmarks.common import emit, main_quietly  # noqa: E402
 
 _SMALL = flags.DEFINE_bool("small", False, "a 5 MB corpus and 12 training steps")
-_MB = flags.DEFINE_float("mb", 50.0, "corpus size in MB (without --small)")
-_STEPS = flags.DEFINE_integer("steps", 30, "training steps per data-wait run")
-_VOCAB = flags.DEFINE_integer("vocab", 4096, "BPE vocabulary size")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "tokenization comparisons")
+_MB = flags.DEFINE_float("mb", 50.0, "corpus size in MB (without --small)", lower_bound=0.5)
+_STEPS = flags.DEFINE_integer("steps", 30, "training steps per data-wait run",
+                              lower_bound=2)
+_VOCAB = flags.DEFINE_integer("vocab", 4096, "BPE vocabulary size (from the 256 bytes)",
+                              lower_bound=256)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "tokenization comparisons", lower_bound=1)
 _ONLY_TOKENIZE = flags.DEFINE_bool("only_tokenize", False, "skip the data-wait runs")
 
 
@@ -199,20 +203,20 @@ def bench_wait(name: str, steps: int, work: str, mixture=None):
     # next(): it is not part of the wait measured here.
     t = time.perf_counter()
     rows = train.train(c, os.path.join(work, f"run-{name}"), progress=False)
-    wall = time.perf_counter() - t
+    end = time.perf_counter()
   finally:
     loop.make_data = real
   calls = timed[0].calls
-  starts = [s for s, _ in calls]
-  # Steps 2..N-1: the interval from one next() to the next is one training step.
-  waits = [e - s for s, e in calls[1:-1]]
-  intervals = [b - a for a, b in zip(starts[1:-1], starts[2:])]
+  # Steps 2..N: from the second next() to the end of training (which waits for
+  # the last step); every next() in that span blocked the loop for its time.
+  span = end - calls[1][0]
+  waits = [e - s for s, e in calls[1:]]
   row = dict(measurement="data_wait", data=name, steps=steps,
-             mean_step_s=round(sum(intervals) / len(intervals), 4),
+             mean_step_s=round(span / (steps - 1), 4),
              mean_next_ms=round(1e3 * sum(waits) / len(waits), 3),
              max_next_ms=round(1e3 * max(waits), 3),
-             wait_fraction=round(sum(waits) / sum(intervals), 5),
-             final_loss=round(rows[-1]["loss"], 4), wall_s=round(wall, 1))
+             wait_fraction=round(sum(waits) / span, 5),
+             final_loss=round(rows[-1]["loss"], 4), wall_s=round(end - t, 1))
   row.update({k: round(v, 4) for k, v in rows[-1].items()
               if k.startswith("data_fraction/")})
   emit(**row)
