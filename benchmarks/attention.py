@@ -92,8 +92,8 @@ def _compile(fn, mesh, args):
 
 def _tpu_devices(topology: str):
   try:
-    from jax.experimental import topologies
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    import aot  # its topology call silences libtpu's metadata warnings off a TPU VM
+    return aot.topology_devices(topology)
   except Exception as e:  # noqa: BLE001 - libtpu absent or unusable: skip TPU rows
     emit(section="tpu", skipped=f"{type(e).__name__}: {e}"[:200])
     return None

@@ -21,12 +21,17 @@ _SINK: list[Any] = []
 
 def main_quietly(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   """`main` for absl's app.run with the libraries' INFO logs off (Orbax logs
-  lines per checkpoint) unless --verbosity is given, as `python -m experiment`
-  does."""
+  lines per checkpoint) unless --verbosity is given, and on a host without
+  accelerators the CPU chosen before libtpu can start (and print screens of
+  warnings), as `python -m experiment` does. Deviceless TPU compiles still work."""
   def run(argv):
     from absl import flags, logging
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.ERROR)
+    from sharding.chips import cpu_only_host
+    if cpu_only_host():
+      import jax
+      jax.config.update("jax_platforms", "cpu")
     return main(argv)
   return run
 

@@ -44,11 +44,15 @@ from absl import app, flags  # noqa: E402
 import common  # noqa: E402
 from common import emit  # noqa: E402
 
-_REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kept)")
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "weight and compute "
-                            "dtypes to time, each on both sides")
+_REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kept)",
+                             lower_bound=1)
+DTYPES = ("float32", "bfloat16")  # what rung's model.param_dtype accepts
+_DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "weight and compute dtypes to "
+                            f"time, each on both sides, of {DTYPES}")
 _LADDER = flags.DEFINE_bool("ladder", True, "also time the 2-process tensor=2 "
                             "decode step per block type")
+flags.register_validator("dtypes", lambda v: bool(v) and set(v) <= set(DTYPES),
+                         f"must name dtypes of {', '.join(DTYPES)}")
 PROMPT, NEW = 64, 128
 
 

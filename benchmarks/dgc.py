@@ -17,7 +17,8 @@ Then the bytes: `llama_1b` compiled for --topology (deviceless, `mesh.data=8`,
 at --density; the bytes a device
 receives over `data` per step are read from each compiled program, and the time
 each would take over 1, 10 and 100 Gbit/s links is computed from them (bytes x 8
-/ link rate: computed, not measured). The eval-loss curves go to --plot.
+/ link rate: computed, not measured). The eval-loss curves go to --plot (none
+without it).
 """
 
 from __future__ import annotations
@@ -36,19 +37,49 @@ from absl import app, flags  # noqa: E402
 from benchmarks.common import (main_quietly, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
 
-_STEPS = flags.DEFINE_integer("steps", 400, "training steps per run")
-_EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
-_DENSITY = flags.DEFINE_float("density", 0.001, "fraction of each tensor sent")
-_WARMUP = flags.DEFINE_integer("warmup_steps", 80, "DGC's density warm-up")
-_SGD_LR = flags.DEFINE_float("sgd_lr", 0.3, "momentum SGD's learning rate")
-_ADAMW_LR = flags.DEFINE_float("adamw_lr", 3e-3, "AdamW's learning rate")
+_STEPS = flags.DEFINE_integer("steps", 400, "training steps per run", lower_bound=1)
+_EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations (0: none; "
+                             "final_eval_loss is then null and nothing is plotted)",
+                             lower_bound=0)
+_DENSITY = flags.DEFINE_float("density", 0.001, "fraction of each tensor sent, in (0, 1]")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 80, "DGC's density warm-up",
+                               lower_bound=0)
+_SGD_LR = flags.DEFINE_float("sgd_lr", 0.3, "momentum SGD's learning rate (> 0)")
+_ADAMW_LR = flags.DEFINE_float("adamw_lr", 3e-3, "AdamW's learning rate (> 0)")
 _ROOT = flags.DEFINE_string("root", "runs/dgc", "run directories")
-_ONLY = flags.DEFINE_list("only", [], "variants to run (default: all; 'none': "
-                          "only the llama_1b bytes)")
+VARIANTS = ("sgd", "dgc", "adamw", "topk_adamw", "dgc_no_momentum_correction",
+            "dgc_no_local_clip", "dgc_no_momentum_masking", "dgc_no_warmup",
+            "topk_no_error_feedback")
+_ONLY = flags.DEFINE_list("only", [], f"variants to run, of {', '.join(VARIANTS)} "
+                          "(default: all; 'none': only the llama_1b bytes)")
 _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
-_PLOT = flags.DEFINE_string("plot", "benchmarks/results/dgc.png", "")
+_PLOT = flags.DEFINE_string("plot", None, "write the eval-loss curves to this PNG "
+                            "(default: no plot)")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x2",
                                 "TPU topology for the llama_1b bytes ('' skips)")
+flags.register_validator("density", lambda v: 0 < v <= 1, "must be in (0, 1]")
+flags.register_validator("sgd_lr", lambda v: v > 0, "must be positive")
+flags.register_validator("adamw_lr", lambda v: v > 0, "must be positive")
+flags.register_validator(
+    "only", lambda v: set(v) <= {*VARIANTS, "none"},
+    f"must name variants of {', '.join(VARIANTS)}, or 'none'")
+flags.register_multi_flags_validator(
+    ["plot", "eval_every"], lambda f: not f["plot"] or f["eval_every"] > 0,
+    "--plot needs evaluations: --eval_every > 0")
+
+
+def _check_topology(value: str) -> bool:
+  """'' or a TPU topology rung knows (sharding.chips), else ValidationError."""
+  if value:
+    from sharding.chips import chip_for_topology
+    try:
+      chip_for_topology(value)
+    except Exception as e:  # ConfigError: says what is wrong and the fix
+      raise flags.ValidationError(str(e)) from None
+  return True
+
+
+flags.register_validator("topology", _check_topology)
 GBITS = (1, 10, 100)
 
 
@@ -81,6 +112,7 @@ def main(argv):
        f"{jax.devices()[0].device_kind}", processor=processor())
   bytes_per_step = _llama_1b_bytes() if _TOPOLOGY.value else {}
   curves, dense_sgd = {}, None
+  assert tuple(variants()) == VARIANTS
   for name, (optimizer, comp) in variants().items():
     if _ONLY.value and name not in _ONLY.value:
       continue
@@ -99,22 +131,24 @@ def main(argv):
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]
     last = [r for r in rows if "loss" in r][-1]
-    final = evals[-1][1]
+    final = evals[-1][1] if evals else None  # None: --eval_every=0
     if name == "sgd":
       dense_sgd = final
     sparse = bool(comp)
     seconds = bytes_per_step.get("compressed" if sparse else "dense")
     emit(what="run", variant=name, optimizer=optimizer,
          learning_rate=c.optim.learning_rate, final_eval_loss=final,
-         vs_dense_sgd=final / dense_sgd if dense_sgd else None,
+         final_train_loss=last["loss"],
+         vs_dense_sgd=final / dense_sgd if final and dense_sgd else None,
          compression_ratio=last.get("compression_ratio", 1.0),
          step_time_s=sorted(times)[len(times) // 2] if times else None,
          wall_s=round(wall, 1),
          **({f"llama_1b_comm_s_{g}gbit": seconds * 8 / (g * 1e9) for g in GBITS}
             if seconds else {}))
     curves[name] = evals
-  plot_eval_curves(curves, f"llama_tiny on data=8, {_STEPS.value} steps, density "
-                   f"{_DENSITY.value:g}", _PLOT.value, solid=("sgd", "adamw", "dgc"))
+  if _PLOT.value and curves:
+    plot_eval_curves(curves, f"llama_tiny on data=8, {_STEPS.value} steps, density "
+                     f"{_DENSITY.value:g}", _PLOT.value, solid=("sgd", "adamw", "dgc"))
 
 
 def _llama_1b_bytes() -> dict[str, float]:

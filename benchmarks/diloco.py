@@ -22,7 +22,9 @@ step over `data`; DiLoCo's inner step and every fragment's synchronisation over
 peak of any one step, with each ratio to data parallelism, and what they would
 take over 1 and 10 Gbit/s links (bytes x 8 / rate: computed, not measured);
 also, untrained, for DiLoCo in bfloat16 and e3m0 and streaming in float32.
-One JSON line per run; the eval-loss curves go to --plot.
+One JSON line per run (its step time the median over logged windows after the
+first, which includes compilation); the eval-loss curves go to --plot (none
+without it).
 """
 
 from __future__ import annotations
@@ -41,13 +43,31 @@ from absl import app, flags  # noqa: E402
 from benchmarks.common import (main_quietly, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
 
-_STEPS = flags.DEFINE_integer("steps", 600, "training steps per run")
-_EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
-_H = flags.DEFINE_integer("sync_every", 50, "DiLoCo's H")
+_STEPS = flags.DEFINE_integer("steps", 600, "training steps per run", lower_bound=1)
+_EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations (0: none; "
+                             "final_eval_loss is then null and nothing is plotted)",
+                             lower_bound=0)
+_H = flags.DEFINE_integer("sync_every", 50, "DiLoCo's H (even when a streaming "
+                          "variant runs: its 2 fragments sync H/2 steps apart)",
+                          lower_bound=1)
 _ROOT = flags.DEFINE_string("root", "runs/diloco", "run directories")
-_ONLY = flags.DEFINE_list("only", [], "variants to run or read (default: all)")
+TRAINED = ("data_parallel", "diloco", "streaming", "diloco_averaging", "one_replica")
+BYTES_ONLY = ("diloco_bf16", "diloco_e3m0", "streaming_f32")
+_ONLY = flags.DEFINE_list("only", [], "variants to run or read, of "
+                          f"{', '.join(TRAINED + BYTES_ONLY)} (default: all)")
 _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
-_PLOT = flags.DEFINE_string("plot", "benchmarks/results/diloco.png", "")
+_PLOT = flags.DEFINE_string("plot", None, "write the eval-loss curves of every run "
+                            "under --root to this PNG (default: no plot)")
+flags.register_validator("only", lambda v: set(v) <= {*TRAINED, *BYTES_ONLY},
+                         f"must name variants of {', '.join(TRAINED + BYTES_ONLY)}")
+flags.register_multi_flags_validator(
+    ["sync_every", "only"], lambda f: f["sync_every"] % 2 == 0 or (
+        f["only"] and not {"streaming", "streaming_f32"} & set(f["only"])),
+    "--sync_every must be even for the streaming variants (2 fragments): pass an "
+    "even H, or --only without streaming and streaming_f32")
+flags.register_multi_flags_validator(
+    ["plot", "eval_every"], lambda f: not f["plot"] or f["eval_every"] > 0,
+    "--plot needs evaluations: --eval_every > 0")
 REPLICAS = 4
 GBITS = (1, 10)
 
@@ -91,7 +111,8 @@ def config(name: str):
   if name == "one_replica":  # a DiLoCo replica's share of the batch, alone
     c.train.batch_size //= REPLICAS
   c.checkpoint.every_steps = 0
-  c.log.every_steps = 10
+  # >= 2 rows to time even a short run: the first window includes compilation.
+  c.log.every_steps = max(1, min(10, _STEPS.value // 3))
   return c
 
 
@@ -142,6 +163,7 @@ def main(argv):
   emit(what="environment", date=time.strftime("%Y-%m-%d"), steps=_STEPS.value,
        jax=jax.__version__, devices=f"{len(jax.devices())} x "
        f"{jax.devices()[0].device_kind}", processor=processor())
+  assert tuple(variants()) == TRAINED and tuple(bytes_only()) == BYTES_ONLY
   baseline = received_bytes(config("data_parallel"))
   for name in bytes_only():
     if _ONLY.value and name not in _ONLY.value:
@@ -164,15 +186,18 @@ def main(argv):
     wall = time.perf_counter() - start
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]
-    emit(what="run", variant=name, final_eval_loss=evals[-1][1],
+    timing = ({"step_time_s": sorted(times)[len(times) // 2]} if times else
+              {"step_time_note": "one logged window, which includes compilation: "
+               "no step time (run --steps >= 2)"})
+    emit(what="run", variant=name,
+         final_eval_loss=evals[-1][1] if evals else None,  # None: --eval_every=0
          bytes_per_step=sent["total"], peak_bytes_per_step=sent["peak"],
          total_bytes_ratio=baseline["total"] / sent["total"] if sent["total"] else None,
          peak_bytes_ratio=baseline["peak"] / sent["peak"] if sent["peak"] else None,
          **{f"comm_s_per_step_{g}gbit": sent["total"] * 8 / (g * 1e9) for g in GBITS},
-         step_time_s=sorted(times)[len(times) // 2] if times else None,
-         wall_s=round(wall, 1))
+         **timing, wall_s=round(wall, 1))
     curves[name] = evals
-  if curves:
+  if curves and _PLOT.value:
     plot_eval_curves(_curves(), f"llama_tiny, {REPLICAS} replicas, {_STEPS.value} "
                      f"steps, H={_H.value}", _PLOT.value)
 

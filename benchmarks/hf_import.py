@@ -27,10 +27,12 @@ from absl import app, flags  # noqa: E402
 
 from common import emit  # noqa: E402
 
-_LAYERS = flags.DEFINE_integer("layers", 3, "decoder layers (3: ~1.06 GiB in float32)")
+_LAYERS = flags.DEFINE_integer("layers", 3, "decoder layers (3: ~1.06 GiB in float32)",
+                               lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "dtype of the checkpoint's tensors")
-_SHARD_MB = flags.DEFINE_integer("shard_mb", 400, "safetensors shard size")
+_SHARD_MB = flags.DEFINE_integer("shard_mb", 400, "safetensors shard size (MiB)",
+                                 lower_bound=1)
 
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
              num_attention_heads=16, num_key_value_heads=16, head_dim=128)

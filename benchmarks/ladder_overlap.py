@@ -1,6 +1,7 @@
 """Does Ladder Residual hide tensor-parallel communication? Two instruments.
 
-  python benchmarks/ladder_overlap.py [--instrument=both|wallclock|tpu]
+  python benchmarks/ladder_overlap.py [--instrument=both|wallclock|tpu] [--reps=20]
+      [--programs=all|decode] [--write_json=benchmarks/results/ladder_overlap.json]
 
 1. wallclock: 2 processes x 1 CPU device, joined by jax.distributed over gloo on
    127.0.0.1, `tensor=2` spanning them, so every all-reduce is real inter-process
@@ -11,8 +12,9 @@
    ladder blocks, and for `desync`: each process runs its shard's compute (half
    the heads, half the MLP) with no all-reduce at all, the paper's
    no-communication upper bound. `--programs=decode` times only the cached
-   decode step (benchmarks/decode.py runs it that way); a full run also writes
-   its timings to results/ladder_overlap.json.
+   decode step (benchmarks/decode.py runs it that way); a full run with
+   --write_json=benchmarks/results/ladder_overlap.json also writes its timings
+   there (what notebooks/ladder.ipynb plots).
 2. tpu: deviceless compile for TPU v5e:2x2 with tensor=4; per block type, the
    number of all-reduces in a layer, whether each is async, and how many
    instructions (and matmuls) the scheduler placed between each start and done.
@@ -33,14 +35,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_INSTRUMENT = flags.DEFINE_enum("instrument", "both", ["both", "wallclock", "tpu"], "")
-_WORKER = flags.DEFINE_integer("worker", None, "internal: process id of a worker")
-_PORT = flags.DEFINE_integer("port", None, "internal: coordinator port")
-_REPS = flags.DEFINE_integer("reps", 20, "timed repetitions (median kept)")
+_INSTRUMENT = flags.DEFINE_enum(
+    "instrument", "both", ["both", "wallclock", "tpu"],
+    "wallclock: time 2 CPU processes joined over gloo; tpu: read the all-reduce "
+    "schedule of a deviceless TPU v5e compile; both: the two in turn")
+_WORKER = flags.DEFINE_integer("worker", None, "internal: process id of a worker",
+                               lower_bound=0, upper_bound=1)
+_PORT = flags.DEFINE_integer("port", None, "internal: coordinator port",
+                             lower_bound=1, upper_bound=65535)
+_REPS = flags.DEFINE_integer("reps", 20, "timed repetitions (median kept)",
+                             lower_bound=1)
 _PROGRAMS = flags.DEFINE_enum("programs", "all", ["all", "decode"],
                               "wallclock: every program, or only the cached decode step")
+_JSON = flags.DEFINE_string(
+    "write_json", None, "a full wallclock run (--programs=all) also writes its "
+    "timings here as JSON (default: not written; notebooks/ladder.ipynb plots "
+    "benchmarks/results/ladder_overlap.json)")
+flags.register_multi_flags_validator(
+    ["worker", "port"], lambda f: (f["worker"] is None) == (f["port"] is None),
+    "--worker and --port (internal) go together")
 PREFIX, CACHE_SLOTS = 64, 192
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 SHAPE = dict(vocab_size=4096, d_model=1024, num_layers=4, num_heads=16,
              num_kv_heads=16, head_dim=64, d_ff=4096)
@@ -162,9 +176,9 @@ def wallclock(reps: int, programs: str = "all"):
   rows = [json.loads(l) for l in outs[0][0].splitlines() if l.startswith("{")]
   for r in rows:
     print(json.dumps(r))
-  if programs == "all":  # what notebooks/ladder.ipynb plots
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "ladder_overlap.json"), "w") as f:
+  if programs == "all" and _JSON.value:  # what notebooks/ladder.ipynb plots
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, "w") as f:
       json.dump({"date": time.strftime("%Y-%m-%d"), "shape": SHAPE,
                  "median_seconds": rows}, f, indent=1)
   table = {(r["block"], r["what"]): r["seconds"] for r in rows}

@@ -1,13 +1,15 @@
 """Ladder Residual's quality cost, and converting a trained standard model.
 
-  python benchmarks/ladder_quality.py [--steps=200] [--root=runs/ladder_quality]
+  python benchmarks/ladder_quality.py [--steps=200] [--retrain_steps=40]
+      [--root=runs/ladder_quality] [--out=benchmarks/results]
 
 Trains experiments/ladder_compare.py's standard, parallel and ladder variants for
---steps each on the default data (the Python stdlib bytes), plots their eval-loss
-curves to benchmarks/results/ladder_quality.png (and the numbers to
-ladder_quality.json, which notebooks/ladder.ipynb plots), then loads the trained standard
-checkpoint as a hybrid (upper half of the layers ladder), measures its eval loss
-unchanged, and retrains it for --retrain_steps. One JSON line per result.
+--steps each on the default data (the Python stdlib bytes), then loads the trained
+standard checkpoint as a hybrid (upper half of the layers ladder), measures its
+eval loss unchanged, and retrains it for --retrain_steps. One JSON line per
+result. With --out=DIR, also plots the eval-loss curves to DIR/ladder_quality.png
+and writes the numbers to DIR/ladder_quality.json (which notebooks/ladder.ipynb
+plots from benchmarks/results).
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.common import main_quietly  # noqa: E402
 
-_STEPS = flags.DEFINE_integer("steps", 200, "training steps per block type")
-_RETRAIN = flags.DEFINE_integer("retrain_steps", 40, "hybrid retraining steps")
+_STEPS = flags.DEFINE_integer("steps", 200, "training steps per block type",
+                              lower_bound=1)
+# The hybrid's run evaluates every retrain_steps // 2 steps: its evaluations before
+# (step 0) and after retraining need that > 0, so retrain_steps >= 2.
+_RETRAIN = flags.DEFINE_integer("retrain_steps", 40, "hybrid retraining steps (>= 2: "
+                                "it is evaluated every retrain_steps // 2 steps)",
+                                lower_bound=2)
 _ROOT = flags.DEFINE_string("root", "runs/ladder_quality", "run directories")
+_OUT = flags.DEFINE_string(
+    "out", None, "write ladder_quality.json (the eval-loss curves, which "
+    "notebooks/ladder.ipynb plots) and ladder_quality.png into this directory "
+    "(default: neither is written; the committed ones: --out=benchmarks/results)")
 
 
 def emit(**row):
@@ -64,8 +75,10 @@ def main(argv):
   emit(conversion="standard -> hybrid ladder (upper 2 of 4 layers)",
        standard_eval_loss=base, converted_before_retrain=evals[0][1],
        converted_after_retrain=evals[-1][1], retrain_steps=_RETRAIN.value)
-  os.makedirs("benchmarks/results", exist_ok=True)
-  with open("benchmarks/results/ladder_quality.json", "w") as f:
+  if not _OUT.value:
+    return
+  os.makedirs(_OUT.value, exist_ok=True)
+  with open(os.path.join(_OUT.value, "ladder_quality.json"), "w") as f:
     json.dump({"date": time.strftime("%Y-%m-%d"), "eval_loss": curves,
                "hybrid_from_standard": evals}, f, indent=1)
 
@@ -79,7 +92,9 @@ def main(argv):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig("benchmarks/results/ladder_quality.png", dpi=120)
+  fig.savefig(os.path.join(_OUT.value, "ladder_quality.png"), dpi=120)
+  emit(what="written", paths=[os.path.join(_OUT.value, name) for name in
+                              ("ladder_quality.json", "ladder_quality.png")])
 
 
 if __name__ == "__main__":

@@ -36,15 +36,22 @@ from absl import app, flags  # noqa: E402
 from benchmarks.common import main_quietly  # noqa: E402
 
 SECTIONS = ["dispatch", "traffic", "balance"]
+VARIANTS = ("default", "no_aux")  # experiments/moe_tiny.py's
 _WHAT = flags.DEFINE_list("what", ["dispatch", "traffic"], f"sections of {SECTIONS}")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (best of)")
-_STEPS = flags.DEFINE_integer("steps", 200, "training steps per balance run")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (best of)",
+                                lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 200, "training steps per balance run",
+                              lower_bound=1)
 _ROOT = flags.DEFINE_string("root", "runs/moe_balance", "balance run directories")
-_VARIANTS = flags.DEFINE_list("variants", ["default", "no_aux"],
-                              "moe_tiny variants the balance section trains")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
+                              f"moe_tiny variants the balance section trains, of {VARIANTS}")
 _AUX = flags.DEFINE_float("aux_loss_weight", None,
                           "override moe_tiny's load-balancing loss weight (default "
-                          "variant)")
+                          "variant)", lower_bound=0.0)
+flags.register_validator("what", lambda v: bool(v) and set(v) <= set(SECTIONS),
+                         f"must name sections of {', '.join(SECTIONS)}")
+flags.register_validator("variants", lambda v: bool(v) and set(v) <= set(VARIANTS),
+                         f"must name variants of {', '.join(VARIANTS)}")
 
 D_MODEL, D_FF, EXPERTS, TOP_K, BATCH, LENGTH = 128, 256, 8, 2, 16, 128
 

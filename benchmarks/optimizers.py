@@ -2,16 +2,18 @@
 
   python benchmarks/optimizers.py [--steps=400] [--root=runs/optimizers]
       [--only=normuon,muon] [--lrs=0,1,2] [--write_rows=benchmarks/results/optimizers.jsonl]
-  python benchmarks/optimizers.py --summarize=benchmarks/results/optimizers.jsonl
+  python benchmarks/optimizers.py --summarize=benchmarks/results/optimizers.jsonl \
+      --plot=benchmarks/results/optimizers.png
 
 Trains experiments/llama_tiny.py (the Python stdlib bytes) for --steps with each
 optimizer at three learning rates around its paper's default (same seed, data and
 schedule), evaluating every --eval_every steps. One JSON line per run (best eval
-loss, step time, its eval curve), then per optimizer its best run and the eval-loss
-curve of each optimizer's best run to benchmarks/results/optimizers.png.
+loss, step time, its eval curve), then per optimizer its best run, and with
+--plot the eval-loss curve of each optimizer's best run (the committed one:
+--plot=benchmarks/results/optimizers.png).
 `--lrs` picks which of the three rates to run (0 low, 1 the default, 2 high), so a
 sweep can be run in passes into one rows file; `--summarize` reads such a file and
-gives the best runs and the plot without training. GaLore runs with
+gives the best runs (and the plot) without training. GaLore runs with
 `--galore_projector` (rows without the field ran the exact SVD). Muon uses rung's default
 `optim.muon_rms=0.2` (RMS matched to AdamW), so it sweeps AdamW's range.
 """
@@ -29,18 +31,28 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.common import main_quietly, emit, processor, write_rows_to  # noqa: E402
 
-_STEPS = flags.DEFINE_integer("steps", 400, "training steps per run")
-_EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations")
+_STEPS = flags.DEFINE_integer("steps", 400, "training steps per run", lower_bound=1)
+_EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations",
+                             lower_bound=1)
 _ROOT = flags.DEFINE_string("root", "runs/optimizers", "run directories")
-_ONLY = flags.DEFINE_list("only", [], "optimizers to run (default: all)")
+OPTIMIZERS = ("adamw", "sgd", "muon", "normuon", "galore")
+_ONLY = flags.DEFINE_list("only", [], f"optimizers to run, of {', '.join(OPTIMIZERS)} "
+                          "(default: all)")
 _LRS = flags.DEFINE_list("lrs", ["0", "1", "2"],
                          "which learning rates of each sweep: 0 low, 1 default, 2 high")
 _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
 _SUMMARIZE = flags.DEFINE_string("summarize", None,
                                  "rows file of earlier runs: best runs and plot only")
-_PLOT = flags.DEFINE_string("plot", "benchmarks/results/optimizers.png", "")
+_PLOT = flags.DEFINE_string("plot", None, "write the eval-loss curve of each "
+                            "optimizer's best run to this PNG (default: no plot)")
 _PROJECTOR = flags.DEFINE_enum("galore_projector", "randomized", ["randomized", "svd"],
                                "GaLore's projector refresh (optim.galore_projector)")
+flags.register_validator("only", lambda v: set(v) <= set(OPTIMIZERS),
+                         f"must name optimizers of {', '.join(OPTIMIZERS)}")
+flags.register_validator("lrs", lambda v: bool(v) and set(v) <= {"0", "1", "2"},
+                         "must be indices into each sweep's 3 rates: 0, 1 or 2")
+flags.register_validator("summarize", lambda v: v is None or os.path.isfile(v),
+                         "must be an existing rows file (JSON lines)")
 
 # name -> (learning rates, extra optim fields); the middle rate is the default.
 SWEEP = {
@@ -75,6 +87,7 @@ def main(argv):
        jax=jax.__version__, devices=f"{len(jax.devices())} x "
        f"{jax.devices()[0].device_kind}", processor=processor())
   runs = []
+  assert tuple(SWEEP) == OPTIMIZERS
   for name, (lrs, extra) in SWEEP.items():
     if _ONLY.value and name not in _ONLY.value:
       continue
@@ -112,7 +125,8 @@ def _summarize(runs: list[dict]) -> None:
     emit(what="best", optimizer=name, lr=row["lr"],
          best_eval_loss=row["best_eval_loss"], step_time_s=row["step_time_s"],
          runs=sum(_label(r) == name for r in runs))
-  _plot(best)
+  if _PLOT.value and best:
+    _plot(best)
 
 
 def _plot(best: dict) -> None:

@@ -39,8 +39,8 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks.common import emit, write_rows_to  # noqa: E402
 
-_ONLY = flags.DEFINE_list("only", [], "configurations to run (default: all)")
-_SLICES = flags.DEFINE_list("slices", ["1", "2"], "slice counts to run")
+_SLICES = flags.DEFINE_list("slices", ["1", "2"], "slice counts to run (MaxText "
+                            "published 1 and 2)")
 _ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
 _PROGRAM = flags.DEFINE_enum(
     "program", "rung", ["rung", "maxtext"],
@@ -52,7 +52,22 @@ _REMAT = flags.DEFINE_string("remat", None,
                              "replace every run's remat policy (model.remat)")
 _BATCH = flags.DEFINE_integer(
     "batch_per_device", None, "replace every run's batch per device (to find the "
-    "largest that fits when the published one does not)")
+    "largest that fits when the published one does not)", lower_bound=1)
+
+
+def _check_remat(value: str | None) -> bool:
+  """None or one of model.config.REMAT (imported only when the flag is given)."""
+  if value is None:
+    return True
+  from model.config import REMAT
+  if value not in REMAT:
+    raise flags.ValidationError(f"must be one of {', '.join(REMAT)}")
+  return True
+
+
+flags.register_validator("remat", _check_remat)
+flags.register_validator("slices", lambda v: bool(v) and set(v) <= {"1", "2"},
+                         "must be slice counts MaxText published: 1, 2 or both")
 
 # v5p's recipes add these to MaxText's v5e flags (LIBTPU_INIT_ARGS of
 # MaxText/configs/v5p/{32b,64b}.sh).
@@ -96,6 +111,10 @@ RUNS = {
                     "maxtext", {1: 0.5606, 2: 0.5582}, d_ff=57344,
                     remat="offload_dots"),
 }
+_ONLY = flags.DEFINE_list("only", [], f"configurations to run, of {', '.join(RUNS)} "
+                          "(default: all)")
+flags.register_validator("only", lambda v: set(v) <= set(RUNS),
+                         f"must name configurations of {', '.join(RUNS)}")
 
 
 def config_for(run: Run, slices: int, program: str = "rung"):
@@ -143,7 +162,8 @@ def main(argv):
       continue
     run = dataclasses.replace(
         run, remat=_REMAT.value or run.remat,
-        batch_per_device=_BATCH.value or run.batch_per_device)
+        batch_per_device=(_BATCH.value if _BATCH.value is not None
+                          else run.batch_per_device))
     variant = dict(program=_PROGRAM.value, remat=run.remat,
                    batch_per_device=run.batch_per_device)  # in every row
     for slices in map(int, _SLICES.value):

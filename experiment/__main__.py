@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from sharding import ConfigError
 from sharding.distributed import JoinError
-from sharding.chips import TPU_DEVICE_FILES
+from sharding.chips import cpu_only_host
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
                   "join_timeout_s", "heartbeat_timeout_s")
@@ -292,26 +292,12 @@ def _with_cache_dir(config):
   return config
 
 
-# Device files an accelerator's driver creates on Linux: TPU, NVIDIA and AMD GPUs.
-_ACCELERATOR_FILES = TPU_DEVICE_FILES + ("/dev/nvidia[0-9]*", "/dev/kfd")
-
-
-def _cpu_only_host() -> bool:
-  """A Linux host without accelerator device files, JAX_PLATFORMS unset: jax then
-  runs on the CPU without first starting libtpu (installed by the test extra),
-  which fails there with screens of warnings that look like a crash."""
-  import glob
-  import platform
-  return ("JAX_PLATFORMS" not in os.environ and platform.system() == "Linux"
-          and not any(glob.glob(p) for p in _ACCELERATOR_FILES))
-
-
 def main(argv: list[str]) -> None:
   command = argv[1]
   if not flags.FLAGS["verbosity"].present:
     # rung prints what a user needs; --verbosity=0 shows the libraries' INFO logs.
     logging.set_verbosity(logging.ERROR)
-  if _cpu_only_host():
+  if cpu_only_host():
     import jax
     jax.config.update("jax_platforms", "cpu")
   try:

@@ -1,0 +1,61 @@
+"""Bad benchmark flags are refused at flag parsing, naming the flag: no traceback,
+no work done first. Runs each script as a subprocess, all cases at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (script, bad flag, the flag's name that stderr must carry)
+CASES = [
+    ("dgc.py", "--steps=0", "steps"),
+    ("dgc.py", "--only=bogus", "only"),
+    ("dgc.py", "--density=-1", "density"),
+    ("diloco.py", "--sync_every=0", "sync_every"),
+    ("diloco.py", "--only=bogus", "only"),
+    ("optimizers.py", "--lrs=5", "lrs"),
+    ("optimizers.py", "--summarize=/nonexistent/rows.jsonl", "summarize"),
+    ("moe.py", "--variants=bogus", "variants"),
+    ("ladder_overlap.py", "--reps=0", "reps"),
+    ("ladder_quality.py", "--retrain_steps=1", "retrain_steps"),
+    ("decode.py", "--dtypes=bogus", "dtypes"),
+    ("hf_import.py", "--shard_mb=0", "shard_mb"),
+    ("pipeline.py", "--schedules=bogus", "schedules"),
+    ("predict.py", "--batch_per_device=0", "batch_per_device"),
+]
+LIMIT_S = 60
+
+
+def test_bad_flags_are_refused_before_any_work():
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  start = time.perf_counter()
+  procs = [subprocess.Popen([sys.executable, os.path.join("benchmarks", script), flag],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for script, flag, _ in CASES]
+  failures = []
+  try:
+    for (script, flag, name), p in zip(CASES, procs):
+      left = max(1.0, LIMIT_S - (time.perf_counter() - start))
+      try:
+        _, err = p.communicate(timeout=left)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        failures.append(f"{script} {flag}: still running after {LIMIT_S} s")
+        continue
+      if p.returncode == 0:
+        failures.append(f"{script} {flag}: exit status 0")
+      if f"--{name}=" not in err:  # absl: "flag --NAME=VALUE: why"
+        failures.append(f"{script} {flag}: stderr does not name {name}: {err[-500:]}")
+      if "Traceback" in err:
+        failures.append(f"{script} {flag}: traceback: {err[-1000:]}")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert not failures, "\n".join(failures)
