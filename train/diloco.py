@@ -424,7 +424,7 @@ def make_sync(d: DiLoCo, frags: Fragments, abstract_params, p: int, kind: str,
       deltas = [t[None] - r for t, r in zip(frags.take(params, p),
                                             frags.take(extra["replicas"], p, axis=1))]
       delta = mean_over_replicas(deltas, groups, d.outer_dtype)
-      metrics = {"outer_grad_norm": optax.global_norm(delta)}
+      metrics = {"outer_grad_norm": optax.tree.norm(delta)}
       if d.overlap_steps:
         extra = {**extra, "pending": frags.put(
             extra["pending"], p,
