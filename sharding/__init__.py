@@ -3,7 +3,8 @@
 from sharding.errors import ConfigError
 from sharding.mesh import AXES, BATCH_AXES, axis_size, describe, make_mesh, resolve_shape
 from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_spec,
-                            normalize_rules, split_size, tree_shardings)
+                            normalize_rules, split_size, tree_shardings,
+                            unsplit_dims)
 from sharding.validate import validate_plan, validate_serving_plan
 from sharding.report import format_bytes, format_rows, path_name, sharding_table
 from sharding import chips

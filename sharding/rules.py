@@ -110,6 +110,30 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules,
   return P(*spec)
 
 
+def unsplit_dims(abstract_tree: Any, logical_tree: Any, mesh: Mesh,
+                 rules: Rules) -> list[str]:
+  """Where `logical_to_spec` replicated a dimension the rules split, because the
+  mesh axes do not divide it: one line per (array, dimension), e.g.
+  'embed/table: vocab 1001 over tensor=2' (the array is then that many times
+  larger per device than the rules meant)."""
+  from sharding.report import path_name
+  lines = []
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_tree)
+  for (path, x), names in zip(leaves, jax.tree.leaves(
+      logical_tree, is_leaf=lambda n: isinstance(n, tuple))):
+    meant = logical_to_spec(names, rules, mesh)
+    got = logical_to_spec(names, rules, mesh, x.shape)
+    for dim, name in enumerate(names):
+      want = meant[dim] if dim < len(meant) else None
+      have = got[dim] if dim < len(got) else None
+      if want != have:
+        lost = [a for a in (want if isinstance(want, tuple) else (want,))
+                if a not in (have if isinstance(have, tuple) else (have,))]
+        lines.append(f"{path_name(path)}: {name} {x.shape[dim]} over "
+                     + "*".join(f"{a}={mesh.shape[a]}" for a in lost))
+  return lines
+
+
 def tree_shardings(abstract_tree: Any, logical_tree: Any, mesh: Mesh,
                    rules: Rules) -> Any:
   """NamedShardings for a tree of arrays given a same-structured tree of names."""

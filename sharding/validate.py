@@ -83,18 +83,21 @@ def validate_serving_plan(config: Any, num_devices: int) -> dict[str, int]:
                       f"{devices_phrase(num_devices)}).") from None
   rules = dict(table)
   m = config.model
-  for field, names in _HEAD_COUNTS:
-    for name in names:
-      n, over = split_size(table, name, sizes), _describe(rules, name, sizes)
-      if m[field] % n:
-        axis = rules[name][0]
-        raise ConfigError(
-            f"model.{field}",
-            f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
-            f"split over {over}.",
-            f"choose mesh.{axis} dividing {m[field]} (e.g. "
-            f"{_resize(config, axis, table, num_devices)}"
-            f"), or change model.{field} (or mesh.rules.{name}).")
+  # Every rule that splits a head count it does not divide, so the fix that
+  # leaves them unsplit names them all at once.
+  failing = [(field, name) for field, names in _HEAD_COUNTS for name in names
+             if m[field] % split_size(table, name, sizes)]
+  if failing:
+    field, name = failing[0]
+    axis = rules[name][0]
+    unsplit = " ".join(f"--config.mesh.rules.{n}=()" for _, n in failing)
+    raise ConfigError(
+        f"model.{field}",
+        f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
+        f"split over {_describe(rules, name, sizes)}.",
+        f"choose mesh.{axis} dividing {m[field]} (e.g. "
+        f"{_resize(config, axis, table, num_devices)}"
+        f"), change model.{field}, or leave the heads unsplit: {unsplit}.")
   # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
   # is split over `expert` too, so it is plain data parallelism.
   experts = m.moe.num_experts if "moe" in m else 0

@@ -534,6 +534,10 @@ def test_galore_refresh_on_devices_sharing_cores_finishes(tmp_path):
     pytest.fail("GaLore's training run hung (no exit in 150 s)")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "3/3" in proc.stderr
+  # every_steps=0 saves nothing, not even at the end: the run says so at start
+  assert "checkpoint.every_steps=0: this run saves no checkpoint" in proc.stdout
+  assert not (tmp_path / "checkpoints").exists() or not any(
+      (tmp_path / "checkpoints").iterdir())
 
 
 def test_resume_refuses_only_changes_to_the_saved_optimizer_state():

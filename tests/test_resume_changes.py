@@ -218,6 +218,16 @@ def test_reading_a_step_that_is_not_saved_is_a_config_error(run_d32, tmp_path):
                      "checkpoint") as err:
     infer.load(str(empty))
   assert err.value.field == "--workdir"
+  assert "a run stopped before its first save" in err.value.problem
+  # Trained to the end with checkpoint.every_steps=0, which saves nothing: said so,
+  # and the fix is a setting that saves.
+  saved = json.loads((empty / "config.json").read_text())
+  saved["checkpoint"]["every_steps"] = 0
+  (empty / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(sharding.ConfigError) as err:
+    infer.load(str(empty))
+  assert "trained with checkpoint.every_steps=0, which saves nothing" in err.value.problem
+  assert "--config.checkpoint.every_steps above 0" in err.value.fix
   from train import run_config
   config = run_config.load(str(run_d32))
   config.model.compute_dtype = "float16"

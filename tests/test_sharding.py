@@ -184,3 +184,28 @@ def test_serving_plans_ignore_the_training_batch_and_length():
   with pytest.raises(ConfigError) as err:
     sharding.validate_serving_plan(c, 8)
   assert err.value.field.startswith(("model.num", "mesh."))
+
+
+def test_dimensions_the_mesh_does_not_divide_are_reported_as_unsplit():
+  """An odd vocabulary on tensor=2 and an odd d_model on fsdp=8 are replicated
+  (odd shapes do not fail); `unsplit_dims` names each such array and dimension,
+  which the training log prints, and nothing for a shape the mesh divides."""
+  from experiments import llama_tiny
+  from model import ModelConfig
+  from train.state import model_spec
+
+  def lines(mesh_sizes, **model):
+    c = llama_tiny.get_config()
+    c.model.update(model)
+    rules = sharding.normalize_rules(None)
+    spec = model_spec(ModelConfig.from_config(c.model), rules)
+    mesh = sharding.make_mesh({**dict(data=1, fsdp=1, tensor=1), **mesh_sizes})
+    return sharding.unsplit_dims(spec.abstract_params, spec.logical, mesh, rules)
+
+  assert lines(dict(fsdp=4, tensor=2)) == []
+  odd_vocab = lines(dict(data=4, tensor=2), vocab_size=1001)
+  assert odd_vocab and all(" 1001 over tensor=2" in l for l in odd_vocab)
+  assert any(l.startswith("embed/table:") for l in odd_vocab)
+  odd_width = lines(dict(fsdp=8), d_model=100, num_heads=4, num_kv_heads=2)
+  assert any(l.startswith("layers/attn/q:") and " 100 over fsdp=8" in l
+             for l in odd_width)

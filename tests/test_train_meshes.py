@@ -82,3 +82,19 @@ def test_remat_and_grad_accumulation_keep_the_numbers(tiny_config, tmp_path,
     c.train.grad_accum_steps = accum
     losses = _losses(c, tmp_path / str(i), devices=jax.devices()[:1])
     np.testing.assert_allclose(losses, one_device_losses, rtol=1e-5)
+
+
+def test_grad_norm_of_bfloat16_gradients_is_summed_in_float32():
+  """The logged grad_norm of bf16 gradients (param_dtype=bfloat16) equals the
+  float64 norm of the same values: summed in bf16 it kept 8 bits (0.609375 two
+  steps running under Muon)."""
+  import jax.numpy as jnp
+  import ml_dtypes
+  from train.step import grad_norm
+  rng = np.random.default_rng(0)
+  grads = {"w": rng.normal(0, 0.01, (64, 256)).astype(ml_dtypes.bfloat16),
+           "b": rng.normal(0, 0.01, (4096,)).astype(ml_dtypes.bfloat16)}
+  want = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads.values()))
+  got = grad_norm(jax.tree.map(jnp.asarray, grads))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)

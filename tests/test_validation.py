@@ -74,6 +74,29 @@ def test_library_raises_config_error(case):
   assert "Fix:" in str(err.value)
 
 
+@pytest.mark.parametrize("heads,kv_heads,tensor", [(6, 1, 2), (6, 2, 4), (12, 4, 8)])
+def test_head_counts_the_tensor_axis_does_not_divide_name_every_rule_to_unsplit(
+    heads, kv_heads, tensor):
+  """The fix's "leave the heads unsplit" overrides, applied as given, pass: every
+  rule that splits a count it does not divide (heads, act_heads, kv_heads,
+  act_kv_heads) is in it, not only the first (a user met them one per run)."""
+  import ml_collections
+  import shlex
+  c = _apply(llama_tiny.get_config(), {"model.num_heads": heads, "model.num_kv_heads":
+                                       kv_heads, "model.d_model": 64,
+                                       "mesh.tensor": tensor, "mesh.data": 8 // tensor})
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(c, 8)
+  overrides = shlex.split(err.value.fix.split("unsplit: ")[1].rstrip("."))
+  assert overrides
+  for flag in overrides:
+    name, value = flag.removeprefix("--config.mesh.rules.").split("=")
+    assert value == "()"
+    c.mesh.rules[name] = ()
+  assert isinstance(c.mesh.rules, ml_collections.ConfigDict)
+  train.validate_config(c, 8)  # passes
+
+
 def test_model_config_from_python_takes_moe_as_a_dict():
   """ModelConfig(moe=dict(...)) failed later with "'dict' object has no attribute
   'num_experts'"; it now builds the MoEConfig, with the same field checks as a

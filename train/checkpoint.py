@@ -114,11 +114,19 @@ class Checkpointer:
     step (a run stopped before its first save has a config.json and no step)."""
     steps = self.all_steps()
     if not steps:
+      workdir = os.path.dirname(self.directory)
+      why = "a run stopped before its first save"
+      try:
+        with open(os.path.join(workdir, "config.json")) as f:
+          if json.load(f)["checkpoint"]["every_steps"] == 0:
+            why = "it was trained with checkpoint.every_steps=0, which saves nothing"
+      except (OSError, ValueError, KeyError, TypeError):
+        pass
       raise ConfigError(
-          "--workdir", f"{os.path.dirname(self.directory)} holds a run config but "
-          "no saved checkpoint (a run stopped before its first save).",
-          "train it until it saves (checkpoint.every_steps, or the end of the "
-          "run), or pass the --workdir of a run with a checkpoint.")
+          "--workdir", f"{workdir} holds a run config but no saved checkpoint "
+          f"({why}).",
+          "train it with --config.checkpoint.every_steps above 0 (the end of the "
+          "run then saves too), or pass the --workdir of a run with a checkpoint.")
     if step is None:
       return steps[-1]
     if step not in steps:

@@ -125,6 +125,11 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
 
   _say(sharding.describe(mesh))
   _say(sharding.sharding_table(spec.abstract_params, shardings.params))
+  unsplit = sharding.unsplit_dims(spec.abstract_params, spec.logical, mesh, spec.rules)
+  if unsplit:
+    _say(f"not split as the rules ask, because the mesh does not divide them "
+         f"(replicated instead; {count(len(unsplit), 'dimension')}): "
+         + "; ".join(unsplit[:8]) + ("; ..." if len(unsplit) > 8 else ""))
   if dl.enabled:
     _say(f"(DiLoCo: these are the outer parameters; the {dl.replicas} replicas' own "
          "parameters and inner optimizer states add mesh.diloco to each spec)")
@@ -255,6 +260,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
        f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
        f"TFLOP/s ({peak_source})")
 
+  if not config.checkpoint.every_steps:
+    _say("checkpoint.every_steps=0: this run saves no checkpoint (only a SIGTERM "
+         "does), so generate, export-hf and a resume will have nothing to read")
   start = int(state.step)
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
                          tensorboard=config.log.tensorboard, start=start)
