@@ -28,7 +28,7 @@ def main_quietly(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]
     from absl import flags, logging
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.ERROR)
-    from sharding.chips import cpu_only_host
+    from experiment.host import cpu_only_host
     if cpu_only_host():
       import jax
       jax.config.update("jax_platforms", "cpu")

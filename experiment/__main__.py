@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from sharding import ConfigError
 from sharding.distributed import JoinError
-from sharding.chips import cpu_only_host
+from experiment.host import cpu_only_host
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
                   "join_timeout_s", "heartbeat_timeout_s")

@@ -145,19 +145,6 @@ TPUS = tuple(name for name, c in CHIPS.items() if c.platform == "tpu")
 # Device files a TPU driver creates on a TPU VM (v4: /dev/accel*, v5e and later:
 # /dev/vfio/N): their absence means no TPU on this host.
 TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
-# Device files an accelerator's driver creates on Linux: TPU, NVIDIA and AMD GPUs.
-ACCELERATOR_FILES = TPU_DEVICE_FILES + ("/dev/nvidia[0-9]*", "/dev/kfd")
-
-
-def cpu_only_host() -> bool:
-  """A Linux host without accelerator device files, JAX_PLATFORMS unset: jax then
-  should run on the CPU without first starting libtpu (installed by the test
-  extra), which fails there with screens of warnings that look like a crash."""
-  import glob
-  import os
-  import platform
-  return ("JAX_PLATFORMS" not in os.environ and platform.system() == "Linux"
-          and not any(glob.glob(p) for p in ACCELERATOR_FILES))
 
 
 def topology_name(topology: str) -> str:

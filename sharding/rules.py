@@ -124,14 +124,17 @@ def unsplit_dims(abstract_tree: Any, logical_tree: Any, mesh: Mesh,
     meant = logical_to_spec(names, rules, mesh)
     got = logical_to_spec(names, rules, mesh, x.shape)
     for dim, name in enumerate(names):
-      want = meant[dim] if dim < len(meant) else None
-      have = got[dim] if dim < len(got) else None
-      if want != have:
-        lost = [a for a in (want if isinstance(want, tuple) else (want,))
-                if a not in (have if isinstance(have, tuple) else (have,))]
+      lost = [a for a in _axes(meant, dim) if a not in _axes(got, dim)]
+      if lost:
         lines.append(f"{path_name(path)}: {name} {x.shape[dim]} over "
                      + "*".join(f"{a}={mesh.shape[a]}" for a in lost))
   return lines
+
+
+def _axes(spec: P, dim: int) -> tuple[str, ...]:
+  """The mesh axes `spec` splits dimension `dim` over (() for none)."""
+  entry = spec[dim] if dim < len(spec) else None
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 def tree_shardings(abstract_tree: Any, logical_tree: Any, mesh: Mesh,

@@ -117,9 +117,8 @@ class Checkpointer:
       workdir = os.path.dirname(self.directory)
       why = "a run stopped before its first save"
       try:
-        with open(os.path.join(workdir, "config.json")) as f:
-          if json.load(f)["checkpoint"]["every_steps"] == 0:
-            why = "it was trained with checkpoint.every_steps=0, which saves nothing"
+        if run_config.read(workdir)["checkpoint"]["every_steps"] == 0:
+          why = "it was trained with checkpoint.every_steps=0, which saves nothing"
       except (OSError, ValueError, KeyError, TypeError):
         pass
       raise ConfigError(
