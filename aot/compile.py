@@ -581,9 +581,10 @@ def _pipeline_lines(r: Report) -> list[str]:
   p = r.pipeline
   formula = ("2(S-1)/(M+2(S-1))" if p.get("schedule") == "1f1b"
              else "(S-1)/(R*M+S-1)")
+  loops = ("/".join(map(str, p["iterations"])) + " iterations" if p["iterations"]
+           else "none found")
   return [f"  pipeline bubble              {p['bubble']:.1%} of stage-time idle in "
-          f"the compiled loops ({'/'.join(map(str, p['iterations'])) or 'none'} "
-          f"iterations); {p.get('schedule', 'gpipe')} formula {formula} = "
+          f"the compiled loops ({loops}); {p.get('schedule', 'gpipe')} formula {formula} = "
           f"{p['bubble_formula']:.1%} (S={p['stages']}, M={p['microbatches']}, "
           f"R={p['repeats']})"]
 

@@ -253,6 +253,18 @@ def test_exposed_communication_line_reads_per_axis_or_none():
   assert line.split("communication")[1].strip() == "none (by mesh axes)"
 
 
+def test_pipeline_bubble_line_reads_its_loops_or_none_found():
+  """The same kind as above: "(none iterations)" when no loop was read."""
+  import types
+  from aot.compile import _pipeline_lines
+  pipe = dict(bubble=0.25, bubble_formula=0.25, stages=2, microbatches=4, repeats=1,
+              schedule="gpipe", iterations=[5, 5])
+  r = types.SimpleNamespace(pipeline=pipe)
+  assert "the compiled loops (5/5 iterations);" in _pipeline_lines(r)[0]
+  pipe["iterations"] = []
+  assert "the compiled loops (none found);" in _pipeline_lines(r)[0]
+
+
 def test_trip_count_reads_through_copies():
   """A counted loop whose counter reaches the compare, and whose `counter + 1`
   reaches the body's result, through copies (as TPU loop passes leave them in

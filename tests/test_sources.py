@@ -169,6 +169,16 @@ def test_byte_tokenizer_round_trips_text_and_shows_ids_past_the_bytes(docs):
   assert tok.decode(ids) == "θ→ a\ufffdb\ufffd\ufffd"
 
 
+def test_hf_tokenizer_shows_ids_past_its_vocabulary(tmp_path):
+  """A model larger than its tokenizer.json (a padded vocabulary) can generate ids
+  the tokenizer does not have: U+FFFD where each stands (tokenizers dropped them)."""
+  from train.tokenizer import HFTokenizer
+  tok = HFTokenizer(write_word_tokenizer(str(tmp_path / "tok.json"),
+                                         ["</s>", "alpha", "beta", "[UNK]"]))
+  assert tok.decode([1, 2]) == "alpha beta"
+  assert tok.decode([1, 2, tok.vocab_size, 1, 4096]) == "alpha beta\ufffdalpha\ufffd"
+
+
 def test_hf_tokenizer_encode_batch_matches_encode(tiny_config, docs, tmp_path):
   pytest.importorskip("tokenizers")
   from train.tokenizer import HFTokenizer

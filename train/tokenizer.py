@@ -20,17 +20,10 @@ class ByteTokenizer:
     return [self.encode(t) for t in texts]
 
   def decode(self, ids) -> str:
-    """Text of byte ids; id 0 is dropped, and an id past the bytes (a model whose
-    vocabulary is larger than 256, read without its tokenizer) is U+FFFD, as an
-    invalid UTF-8 sequence is: generated, it shows instead of vanishing."""
-    parts, run = [], bytearray()
-    for i in map(int, ids):
-      if 0 < i < 256:
-        run.append(i)
-      elif i >= 256:
-        parts += [run.decode("utf-8", "replace"), "\ufffd"]
-        run = bytearray()
-    return "".join(parts) + run.decode("utf-8", "replace")
+    """Text of byte ids; id 0 is dropped (`decode_in_vocabulary` for ids past 255)."""
+    return decode_in_vocabulary(
+        ids, self.vocab_size,
+        lambda run: bytes(i for i in run if i).decode("utf-8", "replace"))
 
 
 class HFTokenizer:
@@ -58,7 +51,23 @@ class HFTokenizer:
     return [np.asarray(e.ids, np.uint32) for e in self._tok.encode_batch(texts)]
 
   def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in ids])
+    """Text of `ids` (`decode_in_vocabulary` for ids past the tokenizer's)."""
+    return decode_in_vocabulary(ids, self.vocab_size, self._tok.decode)
+
+
+def decode_in_vocabulary(ids, vocab_size: int, decode) -> str:
+  """`decode` of each run of ids below `vocab_size`, with U+FFFD (as for invalid
+  UTF-8) where an id at or past it stands: a model whose vocabulary is larger than
+  its tokenizer's (padded, or read without its tokenizer) can generate such ids,
+  and both tokenizers dropped them silently."""
+  parts, run = [], []
+  for i in map(int, ids):
+    if i < vocab_size:
+      run.append(i)
+    else:
+      parts += [decode(run), "\ufffd"]
+      run = []
+  return "".join(parts) + decode(run)
 
 
 class TokenIds:
