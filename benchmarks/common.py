@@ -209,6 +209,114 @@ def rung_train_step(model: dict, *, batch: int, seq_len: int, steps: int, device
               compile_s=compile_s)
 
 
+def plain_llama_loss(params: dict, inputs, targets, *, model: dict, eps: float = 1e-6):
+  """Mean next-token cross-entropy of a Llama written directly in jax.numpy, with
+  none of rung's modules: the peer that says what XLA itself makes of this model.
+
+  `params` hold transformers' LlamaForCausalLM names with each linear weight as
+  [in, out] (`plain_llama_params` converts a state dict): `embed` [vocab, d_model],
+  per layer `q, k, v` [d_model, heads * head_dim], `o` [heads * head_dim, d_model],
+  `gate, up` [d_model, d_ff], `down` [d_ff, d_model], `attn_norm, mlp_norm`
+  [d_model]; `norm` [d_model], `head` [d_model, vocab]. `inputs`, `targets`:
+  int [batch, length]. Causal softmax attention (GQA), rotary embeddings with
+  HF's half-split layout, RMSNorm, SwiGLU."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  batch, length = inputs.shape
+  heads, kv_heads, head_dim = model["num_heads"], model["num_kv_heads"], model["head_dim"]
+  half = head_dim // 2
+  inv_freq = 1.0 / model.get("rope_theta", 10000.0) ** (jnp.arange(half) / half)
+  angle = jnp.arange(length)[:, None] * inv_freq  # [length, head_dim / 2]
+
+  def rms(x, w):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+  def rope(x):  # [batch, length, ..., head_dim]
+    shape = (length,) + (1,) * (x.ndim - 3) + (half,)
+    cos, sin = jnp.cos(angle).reshape(shape), jnp.sin(angle).reshape(shape)
+    a, b = x[..., :half], x[..., half:]
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  x = params["embed"][inputs].reshape(batch * length, -1)  # [tokens, d_model]
+  for layer in params["layers"]:
+    h = rms(x, layer["attn_norm"])
+    q = rope((h @ layer["q"]).reshape(batch, length, kv_heads, heads // kv_heads, head_dim))
+    k = rope((h @ layer["k"]).reshape(batch, length, kv_heads, head_dim))
+    v = (h @ layer["v"]).reshape(batch, length, kv_heads, head_dim)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) / jnp.sqrt(head_dim)
+    p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(batch * length, -1)
+    x = x + o @ layer["o"]
+    h = rms(x, layer["mlp_norm"])
+    x = x + (jax.nn.silu(h @ layer["gate"]) * (h @ layer["up"])) @ layer["down"]
+  logits = rms(x, params["norm"]) @ params["head"]  # [tokens, vocab]
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, targets.reshape(-1)).mean()
+
+
+def plain_llama_params(state_dict: dict) -> dict:
+  """transformers' LlamaForCausalLM state dict (NumPy arrays) -> the params of
+  `plain_llama_loss` (linear weights transposed to [in, out])."""
+  import jax.numpy as jnp
+  w = lambda name: jnp.asarray(state_dict[name])  # noqa: E731
+  num_layers = len({k.split(".")[2] for k in state_dict if k.startswith("model.layers.")})
+  layers = []
+  for i in range(num_layers):
+    n = f"model.layers.{i}."
+    layers.append(dict(
+        **{k: w(n + f"self_attn.{k}_proj.weight").T for k in "qkvo"},
+        **{k: w(n + f"mlp.{k}_proj.weight").T for k in ("gate", "up", "down")},
+        attn_norm=w(n + "input_layernorm.weight"),
+        mlp_norm=w(n + "post_attention_layernorm.weight")))
+  head = state_dict.get("lm_head.weight", state_dict["model.embed_tokens.weight"])
+  return dict(embed=w("model.embed_tokens.weight"), layers=layers,
+              norm=w("model.norm.weight"), head=jnp.asarray(head).T)
+
+
+def plain_jax_train_step(model: dict, *, batch: int, seq_len: int, steps: int) -> dict:
+  """`plain_llama_loss` under jax.value_and_grad with optax.adamw, jitted, on
+  random weights of `model`'s shape (untied) -> {step_time_s, tokens_per_sec,
+  compile_s}: the same work as rung's step without rung (no NNX, no layer scan,
+  no sharding rules, reference attention). The median of `steps` timed steps
+  after two warm-up steps."""
+  import jax
+  import numpy as np
+  import optax
+  rng = np.random.default_rng(0)
+  d, ff, hd = model["d_model"], model["d_ff"], model["head_dim"]
+  q, kv = model["num_heads"] * hd, model["num_kv_heads"] * hd
+  normal = lambda *shape: (rng.standard_normal(shape) * 0.02).astype(np.float32)  # noqa: E731
+  layer = lambda: dict(q=normal(d, q), k=normal(d, kv), v=normal(d, kv), o=normal(q, d),  # noqa: E731
+                       gate=normal(d, ff), up=normal(d, ff), down=normal(ff, d),
+                       attn_norm=np.ones(d, np.float32), mlp_norm=np.ones(d, np.float32))
+  params = jax.device_put(dict(
+      embed=normal(model["vocab_size"], d), layers=[layer() for _ in range(model["num_layers"])],
+      norm=np.ones(d, np.float32), head=normal(d, model["vocab_size"])))
+  tx = optax.adamw(1e-4)
+  tokens = rng.integers(0, model["vocab_size"], (batch, seq_len + 1)).astype(np.int32)
+  inputs, targets = jax.device_put(tokens[:, :-1]), jax.device_put(tokens[:, 1:])
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(plain_llama_loss)(params, inputs, targets, model=model)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  box = [params, tx.init(params)]
+  start = time.perf_counter()
+  compiled = step.lower(*box).compile()
+  compile_s = time.perf_counter() - start
+
+  def one():
+    box[0], box[1], loss = compiled(*box)
+    jax.block_until_ready(loss)
+
+  dt = time_call(one, steps, warmup=2)
+  return dict(step_time_s=dt, tokens_per_sec=batch * seq_len / dt, compile_s=compile_s)
+
+
 def hf_llama_config(model: dict, **extra):
   """A transformers LlamaConfig of the same shape as rung's `model` fields."""
   import transformers

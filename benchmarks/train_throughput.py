@@ -5,10 +5,13 @@
 Prints one JSON line per measurement: the host's matmul peak, then tokens/s and
 MFU for rung's train step, with the layers unrolled and scanned
 (`model.scan_layers`), on `llama_tiny` and on a 21M-parameter Llama (d_model
-512, 4 layers, 8 heads, SwiGLU 1408, vocab 8192, untied, batch 4 x 512, float32),
-then `transformers`' LlamaForCausalLM with AdamW in PyTorch eager on the same
-21M shape, and the 21M step's matmul floor (its projection and LM-head matmuls
-alone, `common.train_matmul_floor`). Record results in benchmarks/README.md.
+512, 4 layers, 8 heads, SwiGLU 1408, vocab 8192, untied, batch 4 x 512, float32);
+the same 21M model written directly in jax.numpy with optax.adamw
+(`common.plain_llama_loss`: no NNX, no scan, no sharding rules; what XLA itself
+makes of the model, so rung / plain JAX is rung's own overhead); `transformers`'
+LlamaForCausalLM with AdamW in PyTorch eager on the same shape; and the 21M
+step's matmul floor (its projection and LM-head matmuls alone,
+`common.train_matmul_floor`). Record results in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ def main(argv):
                         batch=[batch, seq_len], compile_s=r["compile_s"],
                         tokens_per_sec=r["tokens_per_sec"]),
                    r["step_time_s"], r["flops_per_step"]))
+  plain = common.plain_jax_train_step(SHAPE_21M, batch=4, seq_len=512, steps=_STEPS.value)
+  rows.append((dict(system="plain-jax", model="21m", batch=[4, 512],
+                    compile_s=plain["compile_s"], tokens_per_sec=plain["tokens_per_sec"]),
+               plain["step_time_s"], r["flops_per_step"]))
   if not _SKIP_TORCH.value:
     t = common.torch_train_step(SHAPE_21M, batch=4, seq_len=512, steps=_STEPS.value)
     import torch
@@ -73,6 +80,8 @@ def main(argv):
   emit(system="matmul-floor", model="21m", batch=[4, 512], step_time_s=floor["seconds"],
        tflops=floor["flops"] / floor["seconds"] / 1e12,
        rung_step_over_floor=r["step_time_s"] / floor["seconds"])
+  emit(what="ratio", rung_over_plain_jax_tokens_per_sec=r["tokens_per_sec"] /
+       plain["tokens_per_sec"], plain_jax_step_over_floor=plain["step_time_s"] / floor["seconds"])
   if not _SKIP_TORCH.value:
     emit(what="ratio", rung_over_pytorch_tokens_per_sec=r["tokens_per_sec"] /
          t["tokens_per_sec"], floor_over_pytorch_step=t["step_time_s"] / floor["seconds"])
