@@ -225,23 +225,11 @@ def plain_llama_loss(params: dict, inputs, targets, *, model: dict, eps: float =
   import optax
   batch, length = inputs.shape
   heads, kv_heads, head_dim = model["num_heads"], model["num_kv_heads"], model["head_dim"]
-  half = head_dim // 2
-  inv_freq = 1.0 / model.get("rope_theta", 10000.0) ** (jnp.arange(half) / half)
-  angle = jnp.arange(length)[:, None] * inv_freq  # [length, head_dim / 2]
-
-  def rms(x, w):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
-
-  def rope(x):  # [batch, length, ..., head_dim]
-    shape = (length,) + (1,) * (x.ndim - 3) + (half,)
-    cos, sin = jnp.cos(angle).reshape(shape), jnp.sin(angle).reshape(shape)
-    a, b = x[..., :half], x[..., half:]
-    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
-
+  rope = _plain_rope(jnp.arange(length), head_dim, model.get("rope_theta", 10000.0))
   causal = jnp.tril(jnp.ones((length, length), bool))
   x = params["embed"][inputs].reshape(batch * length, -1)  # [tokens, d_model]
   for layer in params["layers"]:
-    h = rms(x, layer["attn_norm"])
+    h = _plain_rms(x, layer["attn_norm"], eps)
     q = rope((h @ layer["q"]).reshape(batch, length, kv_heads, heads // kv_heads, head_dim))
     k = rope((h @ layer["k"]).reshape(batch, length, kv_heads, head_dim))
     v = (h @ layer["v"]).reshape(batch, length, kv_heads, head_dim)
@@ -249,11 +237,90 @@ def plain_llama_loss(params: dict, inputs, targets, *, model: dict, eps: float =
     p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(batch * length, -1)
     x = x + o @ layer["o"]
-    h = rms(x, layer["mlp_norm"])
-    x = x + (jax.nn.silu(h @ layer["gate"]) * (h @ layer["up"])) @ layer["down"]
-  logits = rms(x, params["norm"]) @ params["head"]  # [tokens, vocab]
+    x = x + _plain_mlp(_plain_rms(x, layer["mlp_norm"], eps), layer)
+  logits = _plain_rms(x, params["norm"], eps) @ params["head"]  # [tokens, vocab]
   return optax.softmax_cross_entropy_with_integer_labels(
       logits, targets.reshape(-1)).mean()
+
+
+def _plain_rms(x, w, eps):
+  import jax
+  import jax.numpy as jnp
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _plain_mlp(h, layer):
+  import jax
+  return (jax.nn.silu(h @ layer["gate"]) * (h @ layer["up"])) @ layer["down"]
+
+
+def _plain_rope(positions, head_dim: int, theta: float):
+  """Rotary embedding at int `positions` [length], HF's half-split layout: a
+  function of x [batch, length, ..., head_dim]."""
+  import jax.numpy as jnp
+  half = head_dim // 2
+  angle = positions[:, None] * (1.0 / theta ** (jnp.arange(half) / half))  # [length, half]
+
+  def rope(x):
+    shape = (len(positions),) + (1,) * (x.ndim - 3) + (half,)
+    cos = jnp.cos(angle).reshape(shape).astype(x.dtype)
+    sin = jnp.sin(angle).reshape(shape).astype(x.dtype)
+    a, b = x[..., :half], x[..., half:]
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+  return rope
+
+
+def plain_llama_greedy(model: dict, *, new: int, eps: float = 1e-6):
+  """A greedy KV-cache decoder for `plain_llama_loss`'s params, written directly
+  in jax.numpy (the decode peer of `plain_jax_train_step`): a jitted function
+  (params, prompts int [batch, prompt]) -> int [batch, new]. One prefill over the
+  prompts, then `new - 1` cached steps in a `fori_loop`; each layer's cache is
+  its own [batch, kv_heads, prompt + new, head_dim] array and attention reads
+  every slot under a position mask (as rung's decoder does)."""
+  import jax
+  import jax.numpy as jnp
+  heads, kv_heads, head_dim = model["num_heads"], model["num_kv_heads"], model["head_dim"]
+  theta = model.get("rope_theta", 10000.0)
+
+  def forward(params, tokens, start, caches):
+    """tokens [batch, length] at positions start.. -> last logits [batch, vocab]."""
+    batch, length = tokens.shape
+    positions = start + jnp.arange(length)
+    rope = _plain_rope(positions, head_dim, theta)
+    visible = jnp.arange(caches[0][0].shape[2]) <= positions[:, None]  # [length, slots]
+    x = params["embed"][tokens]  # [batch, length, d_model]
+    out = []
+    for layer, (k_cache, v_cache) in zip(params["layers"], caches):
+      h = _plain_rms(x, layer["attn_norm"], eps)
+      q = rope((h @ layer["q"]).reshape(batch, length, kv_heads, heads // kv_heads, head_dim))
+      k = rope((h @ layer["k"]).reshape(batch, length, kv_heads, head_dim))
+      v = (h @ layer["v"]).reshape(batch, length, kv_heads, head_dim)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3), (0, 0, start, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3), (0, 0, start, 0))
+      s = jnp.einsum("bqhgd,bhkd->bhgqk", q, k_cache) / jnp.sqrt(head_dim).astype(q.dtype)
+      p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), -1)
+      o = jnp.einsum("bhgqk,bhkd->bqhgd", p, v_cache).reshape(batch, length, -1)
+      x = x + o @ layer["o"]
+      x = x + _plain_mlp(_plain_rms(x, layer["mlp_norm"], eps), layer)
+      out.append((k_cache, v_cache))
+    return _plain_rms(x[:, -1], params["norm"], eps) @ params["head"], out
+
+  @jax.jit
+  def greedy(params, prompts):
+    batch, prompt = prompts.shape
+    dtype = params["embed"].dtype
+    caches = [(jnp.zeros((batch, kv_heads, prompt + new, head_dim), dtype),) * 2
+              for _ in params["layers"]]
+    logits, caches = forward(params, prompts, 0, caches)
+    tokens = jnp.zeros((batch, new), jnp.int32).at[:, 0].set(jnp.argmax(logits, -1))
+
+    def step(i, carry):
+      tokens, caches = carry
+      last = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)  # [batch, 1]
+      logits, caches = forward(params, last, prompt + i - 1, caches)
+      return tokens.at[:, i].set(jnp.argmax(logits, -1)), caches
+    return jax.lax.fori_loop(1, new, step, (tokens, caches))[0]
+  return greedy
 
 
 def plain_llama_params(state_dict: dict) -> dict:

@@ -16,8 +16,10 @@ over a 1 GiB buffer (`common.decode_floor_bytes`), measured before and after the
 decoding runs (it drifts on a shared VM); the floor uses the higher, and its rows
 come last.
 
-Also timed, as the reference for what any float32 decoder can reach under XLA:CPU
-here: the "matmul floor", only the model's projection matmuls (every weight read
+Also timed: the same model as a greedy KV-cache decoder written directly in
+jax.numpy (`common.plain_llama_greedy`: no NNX, no rung; what XLA itself makes of
+this decoder, so rung / plain JAX is rung's own overhead), and, as the reference
+for what any float32 decoder can reach under XLA:CPU here, the "matmul floor", only the model's projection matmuls (every weight read
 once per token, as separate per-layer arrays, in a jitted loop of 128 steps) with
 no attention, norms, sampling or cache.
 
@@ -54,6 +56,8 @@ _LADDER = flags.DEFINE_bool("ladder", True, "also time the 2-process tensor=2 "
 flags.register_validator("dtypes", lambda v: bool(v) and set(v) <= set(DTYPES),
                          f"must name dtypes of {', '.join(DTYPES)}")
 PROMPT, NEW = 64, 128
+SHAPE = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=8,
+             head_dim=64, d_ff=1408, tie_embeddings=False)
 
 
 def matmul_floor(model, batch: int, steps: int = NEW) -> float:
@@ -101,10 +105,8 @@ def main(argv):
   from train import hf, run_config
 
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-      vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-      tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+  config = common.hf_llama_config(SHAPE, max_position_embeddings=256, eos_token_id=None,
+                                  bos_token_id=None)
   hf_model = transformers.LlamaForCausalLM(config).eval()
   tmp = tempfile.mkdtemp()
   hf_model.save_pretrained(os.path.join(tmp, "hf"))
@@ -122,7 +124,11 @@ def main(argv):
     saved.model.update(compute_dtype=dtype, param_dtype=dtype)
     model, _ = infer.load(os.path.join(tmp, "rung"), devices=jax.devices()[:1],
                           config=saved)
-    timed += time_dtype(model, hf_model.to(getattr(torch, dtype)), dtype)
+    hf_model = hf_model.to(getattr(torch, dtype))
+    plain = common.plain_llama_params(
+        {k: v.float().numpy() for k, v in hf_model.state_dict().items()})
+    plain = jax.tree.map(lambda w: w.astype(dtype), plain)
+    timed += time_dtype(model, hf_model, plain, dtype)
   after = common.copy_bandwidth(2 ** 30)
   bandwidth = max(before, after)
   emit(what="copy bandwidth", gib_per_s=bandwidth / 2 ** 30,
@@ -142,28 +148,43 @@ def main(argv):
         print(line, flush=True)
 
 
-def time_dtype(model, hf_model, dtype: str) -> list[tuple[str, int, float, float]]:
-  """Times rung and transformers at batch 1 and 16 and emits their rows; returns
-  (dtype, batch, rung seconds, weight-read floor bytes) per batch."""
+def best_time(fn) -> tuple[float, object]:
+  """(best wall seconds of `_REPS` calls after one warm-up call, last result)."""
+  fn()
+  best = float("inf")
+  for _ in range(_REPS.value):
+    start = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, out
+
+
+def time_dtype(model, hf_model, plain_params, dtype: str
+               ) -> list[tuple[str, int, float, float]]:
+  """Times rung, plain JAX and transformers at batch 1 and 16 and emits their
+  rows; returns (dtype, batch, rung seconds, weight-read floor bytes) per batch."""
+  import jax
   import numpy as np
   import torch
 
   import infer
   rng = np.random.default_rng(0)
+  plain_greedy = common.plain_llama_greedy(SHAPE, new=NEW)
   timed = []
   for batch in (1, 16):
     prompts = rng.integers(0, 8192, (batch, PROMPT))
-    infer.generate(model, prompts.tolist(), max_new_tokens=NEW)  # compile
-    best = float("inf")
-    for _ in range(_REPS.value):
-      start = time.perf_counter()
-      out = infer.generate(model, prompts.tolist(), max_new_tokens=NEW)
-      best = min(best, time.perf_counter() - start)
+    best, out = best_time(lambda: infer.generate(model, prompts.tolist(), max_new_tokens=NEW))
     rung_tps = batch * NEW / best
     timed.append((dtype, batch, best, common.decode_floor_bytes(
         model, batch=batch, prompt=PROMPT, new=NEW)))
     emit(system="rung", dtype=dtype, batch=batch, seconds=best,
          new_tokens_per_sec=rung_tps)
+    plain_s, plain_out = best_time(
+        lambda: jax.block_until_ready(plain_greedy(plain_params, prompts)))
+    emit(system="plain-jax", dtype=dtype, batch=batch, seconds=plain_s,
+         new_tokens_per_sec=batch * NEW / plain_s, rung_over_plain_jax=plain_s / best,
+         same_greedy_tokens_as_rung=f"{sum(o == p.tolist() for o, p in zip(out, plain_out))}"
+                                    f"/{batch}")
     ids = torch.tensor(prompts)
     with torch.no_grad():
       hf_model.generate(ids, max_new_tokens=4, do_sample=False)  # warm up

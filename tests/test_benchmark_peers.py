@@ -42,3 +42,23 @@ def test_plain_jax_train_step_runs_and_reports_its_rate():
                head_dim=8, d_ff=32)
   r = common.plain_jax_train_step(model, batch=2, seq_len=8, steps=2)
   assert r["step_time_s"] > 0 and r["tokens_per_sec"] == pytest.approx(16 / r["step_time_s"])
+
+
+def test_plain_jax_greedy_decoder_gives_transformers_tokens():
+  from transformers import LlamaForCausalLM
+  model = dict(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+               head_dim=8, d_ff=48)
+  torch.manual_seed(0)
+  config = common.hf_llama_config(model, eos_token_id=None, bos_token_id=None)
+  hf = LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # sharper logits than the random init's: greedy ties are rare
+    for w in hf.parameters():
+      w.mul_(4.0)
+  prompts = np.random.default_rng(2).integers(0, 96, (3, 5))
+  with torch.no_grad():
+    want = hf.generate(torch.tensor(prompts), max_new_tokens=12, min_new_tokens=12,
+                       do_sample=False)[:, 5:].numpy()
+  params = common.plain_llama_params({k: v.numpy() for k, v in hf.state_dict().items()})
+  got = np.asarray(common.plain_llama_greedy(model, new=12)(params, prompts))
+  np.testing.assert_array_equal(got, want)
+  assert len(set(want.ravel().tolist())) > 3  # not one repeated token
