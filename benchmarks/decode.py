@@ -19,9 +19,10 @@ come last.
 Also timed: the same model as a greedy KV-cache decoder written directly in
 jax.numpy (`common.plain_llama_greedy`: no NNX, no rung; what XLA itself makes of
 this decoder, so rung / plain JAX is rung's own overhead), and, as the reference
-for what any float32 decoder can reach under XLA:CPU here, the "matmul floor", only the model's projection matmuls (every weight read
-once per token, as separate per-layer arrays, in a jitted loop of 128 steps) with
-no attention, norms, sampling or cache.
+for what any float32 decoder can reach under XLA:CPU here, the "matmul floor":
+only the model's projection matmuls (every weight read once per token, as
+separate per-layer arrays, in a jitted loop of 128 steps) with no attention,
+norms, sampling or cache.
 
 Then (unless --ladder=false) the ladder question: the cached decode step of a
 larger model under tensor=2 spanning two processes joined over gloo, for standard,
