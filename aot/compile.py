@@ -60,7 +60,7 @@ from model import ModelConfig, flops as flops_lib
 from sharding import ConfigError
 from sharding.chips import Chip, chip_for_topology, topology_name
 from train.compression import Compression
-from train.diloco import DiLoCo
+from train.diloco import DiLoCo, Fragments, make_sync
 from train.optimizer import make_optimizer, schedule
 from train.state import abstract_params, abstract_state, model_spec, pipeline_from_config
 from train.step import batch_sharding, make_inner_step, make_train_step
@@ -112,6 +112,9 @@ class Report:
   #                            pipelined training: stages, microbatches, repeats,
   #                            iterations (of the compiled loops), bubble (idle
   #                            fraction of their stage-time), bubble_formula
+  diloco_syncs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  #                            DiLoCo (mesh.diloco > 1): per fragment, its
+  #                            synchronisation program compiled (`_diloco_syncs`)
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-ready dict; figures the compile could not give are None.
@@ -307,7 +310,51 @@ def compile_step(config, topology: str, what: str = "train",
     _add_estimate(report, text, chip, list(mesh.devices.flat),
                   [sizes[a] for a in sharding.AXES],
                   attention_flops / len(devices) if costs.uncounted_kernels else 0.0)
+  if compiled is not None and what == "train" and args[0].diloco is not None:
+    report.diloco_syncs = _diloco_syncs(config, spec, mesh, args[0], chip, options,
+                                        report.slices)
   return report
+
+
+def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
+                  slices: int) -> list[dict[str, Any]]:
+  """Each fragment's DiLoCo synchronisation (`train.diloco.make_sync`, the
+  program the loop runs every `diloco.sync_every` inner steps per fragment),
+  compiled on `mesh` with the inner step's state: per fragment, `seconds` (its
+  schedule estimate), `exposed_communication` (seconds by mesh axes),
+  `received_bytes` (per device, by mesh axes), `temporaries`, `total` (bytes per
+  device: arguments + temporaries + unaliased outputs + code), `fits`,
+  `compile_seconds`."""
+  dl = DiLoCo.from_config(config, mesh.shape["diloco"])
+  frags = Fragments.of(spec.abstract_params, spec.logical, dl.fragments)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  shape = [mesh.shape[a] for a in sharding.AXES]
+  out = []
+  for p in range(dl.fragments):
+    sync = make_sync(dl, frags, spec.abstract_params, p, "sync", shardings)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+      lowered = sync.lower(state)
+    compiled = lowered.compile(options) if options else lowered.compile()
+    seconds = time.perf_counter() - start
+    text = compiled.as_text()
+    received: dict[str, float] = {}
+    for c in costs_lib.analyze(text, sharding.AXES, shape).collectives:
+      key = ",".join(c.axes) or "?"
+      received[key] = received.get(key, 0.0) + c.received_bytes
+    est = _schedule_estimate(text, chip, list(mesh.devices.flat), shape, slices, 0.0)
+    if est.collectives.get("dcn_bytes", 0):  # send / recv between slices
+      axes, dcn = _dcn_received(est, chip, shape, slices)
+      received[",".join(axes) + " (DCN)"] = dcn
+    stats = compiled.memory_analysis()
+    total = float(stats.argument_size_in_bytes + stats.temp_size_in_bytes
+                  + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                  + stats.generated_code_size_in_bytes)
+    out.append(dict(fragment=p, sync_every=dl.sync_every, seconds=est.seconds,
+                    exposed_communication=est.exposed, received_bytes=received,
+                    temporaries=float(stats.temp_size_in_bytes), total=total,
+                    fits=total <= chip.hbm_bytes, compile_seconds=seconds))
+  return out
 
 
 def _pipeline(pipe, text: str, sizes: dict[str, int]) -> dict[str, Any]:
@@ -327,13 +374,7 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
   """The schedule estimate into `report` (`aot/schedule.py`); `kernel_flops`:
   the per-device FLOPs of Pallas kernels without a cost estimate, spread over
   their calls."""
-  calls = schedule_lib.kernel_calls(text) if kernel_flops else 0
-  torus = schedule_lib.Torus.from_devices(devices, chip)
-  split = sharding.mesh.slice_split(dict(zip(sharding.AXES, mesh_shape)),
-                                    report.slices)
-  est = schedule_lib.estimate(text, chip, torus, sharding.AXES, mesh_shape,
-                              kernel_flops / calls if calls else 0.0,
-                              "+".join(a for a in sharding.AXES if split[a] > 1))
+  est = _schedule_estimate(text, chip, devices, mesh_shape, report.slices, kernel_flops)
   report.time["estimate"] = est.seconds
   report.exposed_communication = est.exposed
   report.mfu_estimate = (report.model_flops / report.devices
@@ -342,8 +383,7 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
                      "collectives": est.collectives}
   dcn = est.collectives.get("dcn_bytes", 0)
   if dcn:  # send / recv between slices: not in the HLO's collectives (aot/hlo.py)
-    axes = [a for a in sharding.AXES if split[a] > 1]
-    received = est.dcn_seconds * chip.dcn_bandwidth
+    axes, received = _dcn_received(est, chip, mesh_shape, report.slices)
     report.collectives.append(dict(
         kind="send/recv (DCN)", axes=axes, group_size=report.slices,
         count=est.collectives.get("dcn_transfers", 0), bytes=float(dcn),
@@ -354,6 +394,27 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
     t["roofline"] = max(t["compute"], t["hbm"], t["ici"], t["dcn"])
     report.mfu_bound = report.model_flops / report.devices / (
         chip.peak_flops * t["roofline"])
+
+
+def _schedule_estimate(text: str, chip: Chip, devices, mesh_shape, slices: int,
+                       kernel_flops: float) -> schedule_lib.Estimate:
+  """`aot/schedule.py`'s estimate of one compiled program on the devices' torus,
+  the mesh axes that span slices priced over DCN."""
+  calls = schedule_lib.kernel_calls(text) if kernel_flops else 0
+  torus = schedule_lib.Torus.from_devices(devices, chip)
+  split = sharding.mesh.slice_split(dict(zip(sharding.AXES, mesh_shape)), slices)
+  return schedule_lib.estimate(text, chip, torus, sharding.AXES, mesh_shape,
+                               kernel_flops / calls if calls else 0.0,
+                               "+".join(a for a in sharding.AXES if split[a] > 1))
+
+
+def _dcn_received(est: schedule_lib.Estimate, chip: Chip, mesh_shape, slices: int
+                  ) -> tuple[list[str], float]:
+  """(the mesh axes that span slices, bytes a device receives over DCN) of a
+  program whose estimate priced send / receive pairs between slices."""
+  split = sharding.mesh.slice_split(dict(zip(sharding.AXES, mesh_shape)), slices)
+  return ([a for a in sharding.AXES if split[a] > 1],
+          est.dcn_seconds * chip.dcn_bandwidth)
 
 
 def state_bytes(config, devices: list[jax.Device]) -> float:
@@ -516,8 +577,7 @@ def _table(r: Report) -> str:
   m = r.memory
   where = f"{r.slices} x {r.topology} (over DCN)" if r.slices > 1 else r.topology
   what = (f"{r.what} step" if not r.mesh.get("diloco", 1) > 1 else
-          "train step (DiLoCo's inner step; its synchronisations over `diloco` are "
-          "separate programs, not compiled here)")
+          "train step (DiLoCo's inner step; its synchronisations at the end)")
   lines = [f"{what} on {where}: {r.devices} x TPU {r.chip} "
            f"({size(m['hbm'])} HBM each), mesh {mesh}; compiled in "
            f"{r.compile_seconds:.1f} s", "", "memory per device"]
@@ -572,7 +632,30 @@ def _table(r: Report) -> str:
     lines.append(f"  {c['kind']:<20} x{c['count']:<7.0f} {size(c['bytes']):>11} "
                  f"result, {size(c['received_bytes']):>11} received over {axes} "
                  f"(groups of {c['group_size']})")
-  return "\n".join(lines)
+  return "\n".join(lines + _diloco_lines(r))
+
+
+def _diloco_lines(r: Report) -> list[str]:
+  if not r.diloco_syncs:
+    return []
+  size = sharding.format_bytes
+  every = r.diloco_syncs[0]["sync_every"]
+  lines = ["", f"DiLoCo synchronisations (one program per fragment, each every "
+               f"{every} inner steps)"]
+  for s in r.diloco_syncs:
+    received = ", ".join(f"{size(b)} over {a}" for a, b in sorted(
+        s["received_bytes"].items())) or "nothing"
+    exposed = ", ".join(f"{a} {t * 1e3:.2f} ms" for a, t in sorted(
+        s["exposed_communication"].items(), key=lambda x: -x[1])) or "none"
+    lines.append(f"  fragment {s['fragment']:<20}{s['seconds'] * 1e3:.2f} ms estimate; "
+                 f"receives {received}; exposed {exposed}; {size(s['total'])} in all, "
+                 f"{'fits' if s['fits'] else 'DOES NOT FIT'}")
+  per_step = sum(s["seconds"] for s in r.diloco_syncs) / every
+  inner = r.time.get("estimate", math.nan)
+  lines.append(f"  amortised                    {per_step * 1e3:.3f} ms per inner step"
+               + (f" ({per_step / inner:.2%} of the inner step's estimate)"
+                  if inner > 0 else ""))
+  return lines
 
 
 def _pipeline_lines(r: Report) -> list[str]:

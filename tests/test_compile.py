@@ -566,13 +566,25 @@ def test_diloco_compile_counts_the_replicas_and_outer_buffers():
   """mesh.diloco=2 compiles the inner step; its memory table has a row for every
   replica's parameters, the outer momentum and the outer gradients in flight
   (each device holds one replica's shard: three times the outer parameters'
-  bytes), and the header says the synchronisations are separate programs. The
-  row was missing."""
+  bytes; the row was missing). Each fragment's synchronisation is compiled too
+  (it was not): the float32 outer gradients' all-reduce over 2 replicas
+  receives each device's shard once, so the fragments together receive the
+  parameters' bytes per device over `diloco`, and nothing else but scalars."""
   c = small_1b(diloco=2, fsdp=4)
-  c.diloco.update(sync_every=10, overlap_steps=1)
+  c.diloco.update(sync_every=10, overlap_steps=1, fragments=2)
   r = aot.compile_step(c, "v5e:2x4")
   m = r.memory
   assert m["diloco"] == pytest.approx(3 * m["params"])
   assert m["arguments"] > m["params"] + m["optimizer"] + m["diloco"]
-  assert "DiLoCo replicas, outer" in r.table()
-  assert "train step (DiLoCo's inner step; its synchronisations" in r.table()
+  table = r.table()
+  assert "DiLoCo replicas, outer" in table
+  assert "train step (DiLoCo's inner step; its synchronisations" in table
+  syncs = r.diloco_syncs
+  assert [s["fragment"] for s in syncs] == [0, 1]
+  assert sum(s["received_bytes"]["diloco"] for s in syncs) == pytest.approx(m["params"])
+  for s in syncs:
+    assert sum(b for a, b in s["received_bytes"].items() if a != "diloco") <= 64
+    assert s["seconds"] > 0 and s["fits"] and s["total"] >= 3 * m["params"]
+  amortised = sum(s["seconds"] for s in syncs) / 10
+  assert f"amortised                    {amortised * 1e3:.3f} ms per inner step" in table
+  assert "fragment 1" in table and r.to_dict()["diloco_syncs"][1]["fragment"] == 1

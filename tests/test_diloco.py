@@ -296,7 +296,7 @@ def _collectives(program, args, mesh, axis):
     text = program.lower(*args).compile().as_text()
   return [col for col in costs_lib.analyze(
       text, sharding.AXES, [mesh.shape[a] for a in sharding.AXES]).collectives
-      if axis in col.axes]
+      if axis is None or axis in col.axes]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "e3m0"])
@@ -315,25 +315,37 @@ def test_only_the_sync_program_crosses_diloco_with_one_fragment(dtype):
   assert _collectives(merge, args[:1], mesh, "diloco") == []
   sync = diloco.make_sync(d, frags, spec.abstract_params, 1, "sync", shardings)
   over = _collectives(sync, args[:1], mesh, "diloco")
-  entries = frags.size(spec.abstract_params, 1)
-  if dtype == "float32":  # each device reduces its (tensor-parallel) shard
-    shards = frags.take(jax.tree.map(
-        lambda x, s: np.empty(s.shard_shape(x.shape), np.int8),
-        spec.abstract_params, shardings.params), 1)
+  # Each device sends only its (tensor-parallel) shard of the fragment, in every
+  # dtype (the low-precision transport gathered whole tensors onto every device:
+  # twice float32's bytes over diloco at tensor=2, and traffic over tensor).
+  shards = frags.take(jax.tree.map(
+      lambda x, s: np.empty(s.shard_shape(x.shape), np.int8),
+      spec.abstract_params, shardings.params), 1)
+  entries = sum(x.size for x in shards)
+  assert entries < frags.size(spec.abstract_params, 1)
+  rows = sum(frags.layer_counts(spec.abstract_params, 1))  # each padded to 4 entries
+  if dtype == "float32":  # each device reduces its shard
     assert {col.kind for col in over} == {"all-reduce"}
     assert {col.dtypes for col in over} == {("f32",)}
-    assert sum(col.bytes for col in over) == 4 * sum(x.size for x in shards)
+    assert sum(col.bytes for col in over) == 4 * entries
   else:  # codes (bf16 bits, 4-bit pairs): all-to-all (reduce-scatter), all-gather
     code, size = {"bfloat16": ("u16", 2), "e3m0": ("u8", 0.5)}[dtype]
     codes = [col for col in over if col.dtypes == (code,)]
     assert {col.kind for col in codes} == {"all-to-all", "all-gather"}
-    rows = sum(frags.layer_counts(spec.abstract_params, 1))  # padded to 4 entries
     for kind in ("all-to-all", "all-gather"):  # one of each, all tensors together
       sent = [col.bytes for col in codes if col.kind == kind]
       assert len(sent) == 1 and size * entries <= sent[0] <= size * (entries + 3 * rows)
-    scales = [col for col in over if col.dtypes != (code,)]  # one f32 per row
+    # e3m0: one all-gather of the replicas' scales, a max-reduce of the means'
+    # (one per set of axes that split rows: here none or tensor); f32 per row
+    scales = [col for col in over if col.dtypes != (code,)]
     assert all(col.dtypes == ("f32",) and col.bytes <= 4 * rows * 2 for col in scales)
-    assert len(scales) == (2 if dtype == "e3m0" else 0)
+    kinds = sorted(col.kind for col in scales)
+    assert kinds == ([] if dtype == "bfloat16" else
+                     ["all-gather"] + ["all-reduce"] * (len(kinds) - 1)), kinds
+    assert len(kinds) <= (3 if dtype == "e3m0" else 0)
+  # Over the other axes: scalars only (the norm's sum; e3m0's row maxima).
+  others = [col for col in _collectives(sync, args[:1], mesh, None) if "diloco" not in col.axes]
+  assert sum(col.bytes for col in others) <= 4 * (2 * rows + 1), others
 
 
 def test_resume_is_bit_exact_mid_exchange_and_onto_other_replica_counts(

@@ -217,19 +217,37 @@ def _unpack(packed: jax.Array) -> jax.Array:
   return jnp.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
 
 
-def _scale(x: jax.Array) -> jax.Array:
-  """Per row of x [g, n]: the largest magnitude, 1 if 0 -> [g, 1]."""
-  s = jnp.max(jnp.abs(x), axis=1, keepdims=True)
-  return jnp.where(s > 0, s, 1.0)
+def _row_max(rows: list[jax.Array], row_axes: Sequence[tuple[str, ...]],
+             over: tuple[str, ...] = ()) -> list[jax.Array]:
+  """Per tensor's rows [g, n] (this device's shard of each row): the largest
+  magnitude of the whole row, max-reduced over the mesh axes that split it
+  (`row_axes`, per tensor) and `over`; 1 where it is 0 -> [g, 1]. One max-reduce
+  per distinct set of axes, the tensors' maxima concatenated."""
+  local = [jnp.max(jnp.abs(r), axis=1) for r in rows]  # [g]
+  out = list(local)
+  for axes in sorted(set(row_axes)):
+    names = tuple(over) + tuple(axes)
+    if not names:
+      continue
+    idx = [i for i, a in enumerate(row_axes) if a == axes]
+    reduced = jax.lax.pmax(jnp.concatenate([local[i] for i in idx]), names)
+    for i, piece in zip(idx, jnp.split(reduced, np.cumsum(
+        [local[i].shape[0] for i in idx])[:-1].tolist())):
+      out[i] = piece
+  return [jnp.where(s > 0, s, 1.0)[:, None] for s in out]
 
 
 def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
-                        replicas: int) -> list[jax.Array]:
-  """Inside shard_map over `diloco`: this replica's tensors -> their means over
-  the replicas, sent as `dtype` codes in one all-to-all (a reduce-scatter: each
-  replica sums its 1/R of every tensor in float32) and one all-gather of the
-  re-encoded means; e3m0 adds an all-gather and a max-reduce of the scales.
-  `groups`: per tensor, how many rows (layers) each with its own scale."""
+                        replicas: int, row_axes: Sequence[tuple[str, ...]]
+                        ) -> list[jax.Array]:
+  """Inside shard_map over the whole mesh: this device's shard of this replica's
+  tensors -> the shard of their means over the replicas, sent as `dtype` codes in
+  one all-to-all over `diloco` (a reduce-scatter: each replica sums its 1/R of
+  every shard in float32) and one all-gather of the re-encoded means; e3m0 adds
+  an all-gather and a max-reduce of the scales (and, for tensors split over other
+  axes, a max-reduce of each row's scale over them). Each device sends only its
+  shard. `groups`: per tensor, how many rows (layers) each with its own scale;
+  `row_axes`: per tensor, the mesh axes that split its rows."""
   e3m0 = dtype == "e3m0"
   quantum = 2 * replicas if e3m0 else replicas
 
@@ -248,13 +266,12 @@ def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
   def split(flat, sizes):  # [..., sum(sizes)] -> pieces
     return jnp.split(flat, np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
-  # Whole within the replica: [groups, n] padded so each replica's chunk of a
-  # row is whole (and, for e3m0, an even number of codes).
-  rows = [jax.lax.with_sharding_constraint(x.astype(jnp.float32).reshape(g, -1), P())
-          for x, g in zip(xs, groups)]
+  # This device's shard of each row, [groups, n] padded so each replica's chunk
+  # of it is whole (and, for e3m0, an even number of codes).
+  rows = [x.astype(jnp.float32).reshape(g, -1) for x, g in zip(xs, groups)]
   widths = [r.shape[1] for r in rows]
   rows = [jnp.pad(r, ((0, 0), (0, -r.shape[1] % quantum))) for r in rows]
-  scales = [_scale(r) for r in rows] if e3m0 else [None] * len(rows)  # [g, 1]
+  scales = _row_max(rows, row_axes) if e3m0 else [None] * len(rows)  # [g, 1]
   codes = [encode(r, s).reshape(g, replicas, -1)  # [g, replicas, c]
            for r, s, g in zip(rows, scales, groups)]
   send = jnp.concatenate([c.swapaxes(0, 1).reshape(replicas, -1) for c in codes], 1)
@@ -269,9 +286,7 @@ def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
     scale = sent_scales[i][..., None] if e3m0 else None
     means.append(jnp.sum(decode(part, scale), 0) / replicas)  # [g, chunk]
   if e3m0:
-    scales2 = split(jax.lax.pmax(jnp.concatenate(
-        [jnp.max(jnp.abs(m), 1) for m in means]), REPLICA_AXIS), list(groups))
-    scales2 = [jnp.where(s > 0, s, 1.0)[:, None] for s in scales2]
+    scales2 = _row_max(means, row_axes, over=(REPLICA_AXIS,))
   else:
     scales2 = [None] * len(means)
   back = [encode(m, s) for m, s in zip(means, scales2)]  # [g, c]
@@ -286,20 +301,37 @@ def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
 
 
 def mean_over_replicas(deltas: list[jax.Array], groups: Sequence[int], dtype: str,
-                       mesh=None) -> list[jax.Array]:
+                       specs: Sequence[P], stacked: Sequence[bool], mesh=None
+                       ) -> list[jax.Array]:
   """Per-replica arrays [replicas, ...] sharded over `diloco` -> their float32
   means [...] (replicated over `diloco`), sent in `dtype` (module docstring).
-  The only communication over `diloco` in a synchronisation."""
+  The only communication over `diloco` in a synchronisation.
+
+  `specs`: each tensor's PartitionSpec without the replica dimension (its
+  parameter's); every device encodes and sends only its own shard. `stacked`:
+  per tensor, whether its leading axis is layers (rows with their own E3M0 scale,
+  kept whole on each device) or the tensor is one row."""
   replicas = deltas[0].shape[0]
+  layouts = []
+  for x, spec, s in zip(deltas, specs, stacked):
+    entries = list(spec) + [None] * (x.ndim - 1 - len(spec))
+    if s:
+      entries[0] = None  # a row per layer, its layers whole here
+    axes = tuple(a for e in (entries[1:] if s else entries) if e is not None
+                 for a in ((e,) if isinstance(e, str) else e))
+    layouts.append((P(*entries), axes))
+  row_axes = [axes for _, axes in layouts]
 
   def local(deltas):
     if dtype == "float32":
       return [jax.lax.psum(d[0].astype(jnp.float32), REPLICA_AXIS) / replicas
               for d in deltas]
-    return _mean_low_precision([d[0] for d in deltas], groups, dtype, replicas)
+    return _mean_low_precision([d[0] for d in deltas], groups, dtype, replicas,
+                               row_axes)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(REPLICA_AXIS),),
-                       out_specs=P(), axis_names={REPLICA_AXIS},
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=([P(REPLICA_AXIS, *spec) for spec, _ in layouts],),
+                       out_specs=[spec for spec, _ in layouts],
                        check_vma=False)(deltas)
 
 
@@ -416,6 +448,10 @@ def make_sync(d: DiLoCo, frags: Fragments, abstract_params, p: int, kind: str,
   (no communication; no metrics).
   """
   groups = frags.layer_counts(abstract_params, p)
+  parts = [s for s in frags.parts[p] if s is not None]
+  specs = [sh.spec for sh, s in zip(jax.tree.leaves(state_sharding.params),
+                                    frags.parts[p]) if s is not None]
+  stacked = [s != slice(None) for s in parts]
   replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_sharding)[0].mesh, P())
 
   def sync(state):
@@ -423,7 +459,7 @@ def make_sync(d: DiLoCo, frags: Fragments, abstract_params, p: int, kind: str,
     if kind == "sync":
       deltas = [t[None] - r for t, r in zip(frags.take(params, p),
                                             frags.take(extra["replicas"], p, axis=1))]
-      delta = mean_over_replicas(deltas, groups, d.outer_dtype)
+      delta = mean_over_replicas(deltas, groups, d.outer_dtype, specs, stacked)
       metrics = {"outer_grad_norm": optax.tree.norm(delta)}
       if d.overlap_steps:
         extra = {**extra, "pending": frags.put(
