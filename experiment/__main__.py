@@ -101,7 +101,7 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens to add (0: print 
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k likeliest tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass in [0, 1] (0: greedy).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed, in [0, 2**32).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU generation and "
                                 "slice shape, e.g. v5p:2x2x2, v5e:2x4, v4:2x2x2, v6e:2x4.")
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"], "The train "
@@ -345,7 +345,7 @@ def main(argv: list[str]) -> None:
 
 # A value that works for each generation flag, for the fix of a ConfigError.
 _GENERATION_EXAMPLES = {"max_new_tokens": "64", "temperature": "0.8", "top_k": "50",
-                        "top_p": "0.95"}
+                        "top_p": "0.95", "seed": "0"}
 
 
 def _generate(workdir: str) -> None:
@@ -353,7 +353,7 @@ def _generate(workdir: str) -> None:
   prompt = _require(_PROMPT, _PROMPT.value, '"def main("')
   try:
     infer.check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
-                         max_new_tokens=_MAX_NEW.value)
+                         max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
   except infer.SamplingArgumentError as err:
     flag = f"--{err.argument}"
     raise ConfigError(flag, str(err), f"pass e.g. {flag}="

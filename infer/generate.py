@@ -120,7 +120,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   _token_ids("stop_tokens", stop_tokens, vocab)
   if not _is_int(seed):
     raise ValueError(f"seed={seed!r} must be an integer.")
-  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens,
+  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed,
                  warn_ignored=True)
   if max_new_tokens == 0:
     return [[] for _ in prompts]

@@ -27,19 +27,27 @@ class SamplingArgumentError(ValueError):
     super().__init__(message)
 
 
+SEEDS = 2 ** 32  # JAX's PRNG keys hold 32-bit seeds: seed and seed + 2**32 collide
+
+
 def check_sampling(temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None,
                    max_new_tokens: int | None = None, *,
-                   warn_ignored: bool = False) -> None:
+                   seed: int | None = None, warn_ignored: bool = False) -> None:
   """Raises SamplingArgumentError (a ValueError) naming the first bad argument:
   temperature must be a finite number >= 0, top_k an integer >= 0 (or None),
-  top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 (or None).
+  top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 (or None),
+  seed an integer in [0, 2**32) (or None).
   `warn_ignored` (what `generate` passes): a UserWarning when top_k or top_p
   would truncate but temperature 0 makes them moot."""
   if max_new_tokens is not None and not _is_count(max_new_tokens):
     raise SamplingArgumentError(
         "max_new_tokens", f"max_new_tokens={max_new_tokens!r} must be an integer "
         ">= 0 (0 returns no new tokens).")
+  if seed is not None and not (_is_count(seed) and seed < SEEDS):
+    raise SamplingArgumentError(
+        "seed", f"seed={seed!r} must be an integer in [0, 2**32): JAX's random keys "
+        "hold 32 bits, so a larger seed would repeat a smaller one's samples.")
   if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
     raise SamplingArgumentError(
         "temperature", f"temperature={temperature!r} must be a finite number >= 0 "

@@ -71,9 +71,15 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   (`infer.check_sampling`), the prompt's ids and the stop ids are checked before
   anything is loaded; a KV cache past the free memory is a ConfigError naming
   --max_new_tokens before it is allocated, and nothing is printed to `out`."""
-  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens)
+  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
   wanted = config or run_config.load(workdir)
-  tokenizer = make_tokenizer(wanted.data)
+  if wanted.data.tokenizer == "none":
+    raise sharding.ConfigError(
+        "data.tokenizer", "data.tokenizer=none reads token ids, so it cannot encode "
+        "a text --prompt.", "pass the tokenizer that made the ids, "
+        "--config.data.tokenizer=PATH/tokenizer.json (or give ids to infer.generate "
+        "from Python).")
+  tokenizer = make_tokenizer(wanted.data, require_eos=False)
   ids = [int(i) for i in tokenizer.encode(prompt)]
   if not ids:
     raise sharding.ConfigError("--prompt", "the prompt encodes to no tokens.",
@@ -102,6 +108,10 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                       f"{asked} needs the length split over mesh.sequence"
                       if asked and asked != saved.model.attention else "")
                    + "\n")
+  if not stops:
+    sys.stderr.write("no stop token (data.eos_id is unset and the tokenizer names no "
+                     "end-of-text token): generating all --max_new_tokens; "
+                     "--config.data.eos_id=ID stops at one.\n")
   context = saved.model.max_position_embeddings
   if len(ids) + max_new_tokens > context:
     sys.stderr.write(

@@ -163,6 +163,10 @@ def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
     ([[1]], dict(stop_tokens=[-1]), r"stop_tokens holds token id -1"),
     ([[1]], dict(seed=None), r"seed=None must be an integer"),
     ([[1]], dict(seed=1.5), r"seed=1\.5 must be an integer"),
+    # 32-bit keys: seed and seed + 2**32 gave the same samples; 2**64 overflowed
+    ([[1]], dict(seed=2 ** 32), r"seed=4294967296 must be an integer in \[0, 2\*\*32\)"),
+    ([[1]], dict(seed=-1), r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
+    ([[1]], dict(seed=10 ** 20), r"seed=100000000000000000000 must be"),
 ])
 def test_generate_refuses_ids_and_seeds_of_the_wrong_type(tiny_model, prompts, kwargs,
                                                           message):
@@ -238,7 +242,7 @@ def test_cli_warns_when_generation_runs_past_the_models_context(byte_run):
 
 
 BAD_FLAGS = ["--temperature=-1", "--top_p=1.5", "--top_k=-2", "--max_new_tokens=-1",
-             f"--max_new_tokens={10**15}"]
+             f"--max_new_tokens={10**15}", "--seed=-1", f"--seed={2**64}"]
 
 
 @pytest.fixture(scope="module")

@@ -515,3 +515,56 @@ def test_export_gives_autotokenizer_its_special_tokens(with_config, tmp_path):
   if not with_config:
     assert (tok.bos_token, tok.bos_token_id) == ("<s>", 1)
   assert tok("w3 w4")["input_ids"][-2:] == [6, 7]
+
+
+def test_a_moved_run_keeps_its_tokenizer_and_a_run_without_eos_serves(tmp_path,
+                                                                        monkeypatch):
+  """A tokenizer given at import (the HF directory has none) is copied into the
+  run, whose config.json names it relative to the run: after the run directory
+  moves, generate and export-hf find it (both failed: the config held the old
+  absolute path). The model names no eos and neither does its tokenizer:
+  import says so, generate runs to --max_new_tokens saying why, and export writes
+  eos_token_id null (it refused, after writing the weights, with a fix the
+  command could not take). data.tokenizer=none on generate is a config error,
+  not a traceback."""
+  from conftest import run_cli_many, write_word_tokenizer
+  from train import run_config
+  words = ["[UNK]", "<|eot_id|>", *[f"w{i}" for i in range(14)]]  # no known eos name
+  config = transformers.LlamaConfig(
+      vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+      bos_token_id=None, eos_token_id=None)
+  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+  tok = write_word_tokenizer(tmp_path / "tok.json", words)
+  c = base.get_config()
+  c.data.tokenizer = tok
+  hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"), c)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["data"][
+      "tokenizer"] == "tokenizer.json"
+  os.remove(tok)  # the run holds its own copy
+  shutil.move(tmp_path / "run", tmp_path / "moved")
+  moved = str(tmp_path / "moved")
+  assert run_config.read(moved)["data"]["tokenizer"] == os.path.join(moved,
+                                                                     "tokenizer.json")
+  out = str(tmp_path / "out")
+  gen, export, ids = run_cli_many([
+      ("generate", f"--workdir={moved}", "--prompt=w3 w4", "--max_new_tokens=5"),
+      ("export-hf", f"--workdir={moved}", f"--out={out}"),
+      ("generate", f"--workdir={moved}", "--prompt=w3",
+       f"--config=experiments/saved.py:{moved}", "--config.data.tokenizer=none")])
+  assert gen.returncode == 0, gen.stderr[-2000:]
+  assert "no stop token" in gen.stderr and "generating all --max_new_tokens" in gen.stderr
+  assert len(gen.stdout.split()) == 2 + 5, gen.stdout  # the prompt and 5 words
+  assert export.returncode == 0, export.stderr[-2000:]
+  assert "eos_token_id none" in export.stdout
+  assert json.loads(open(os.path.join(out, "config.json")).read())["eos_token_id"] is None
+  assert transformers.AutoTokenizer.from_pretrained(out)("w3 w4")["input_ids"] == [5, 6]
+  assert ids.returncode == 2 and "Traceback" not in ids.stderr, ids.stderr[-2000:]
+  assert "Config error in `data.tokenizer`" in ids.stderr
+  assert "cannot encode a text --prompt" in ids.stderr
+  # A relative path outside the run is written absolute (it was kept relative to
+  # whatever directory the run was started from).
+  monkeypatch.chdir(tmp_path)
+  run_config.write(str(tmp_path / "other"), {"data": {"tokenizer": "tok.json"}})
+  assert json.loads((tmp_path / "other" / "config.json").read_text())["data"][
+      "tokenizer"] == str(tmp_path / "tok.json")

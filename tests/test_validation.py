@@ -18,6 +18,8 @@ CASES = {
                 "data.seq_len", "seq_len=250 cannot be split over mesh.sequence=4"),
     "batch": ({"train.batch_size": 12}, "train.batch_size",
               "batch_size=12 does not split over the data-parallel size 8"),
+    "seed": ({"train.seed": 2 ** 32}, "train.seed",
+             "is 4294967296; JAX's random keys hold 32 bits"),
     "block": ({"model.block": "ladderr"}, "model.block", "'ladderr' is not one of"),
     "embed_lookup": ({"model.embed_lookup": "iota"}, "model.embed_lookup",
                      "'iota' is not one of gather, one_hot."),

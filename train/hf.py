@@ -272,10 +272,12 @@ def stop_tokens(data_cfg, tokenizer=None) -> list[int]:
   """Generation stop ids of a run (what `generate` stops on and `export-hf` writes
   as eos_token_id): data.eos_id, or when unset its tokenizer's end-of-text id
   (`tokenizer`, else made from `data_cfg`: the byte tokenizer's is 0, a
-  tokenizer.json's its eos token), then every id of data.stop_ids."""
+  tokenizer.json's its eos token, none if it names none), then every id of
+  data.stop_ids. Empty: generation runs to its length."""
   eos = data_cfg.get("eos_id")
   if eos is None:
-    eos = (tokenizer or make_tokenizer(ConfigDict(dict(data_cfg)))).eos_id
+    eos = (tokenizer or make_tokenizer(ConfigDict(dict(data_cfg)),
+                                       require_eos=False)).eos_id
   out = [] if eos is None else [int(eos)]
   return out + [int(i) for i in data_cfg.get("stop_ids") or () if int(i) not in out]
 
@@ -527,12 +529,21 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
   if moe:
     config.model.moe.update(**moe)
   tokenizer, copied = os.path.join(hf_dir, "tokenizer.json"), []
+  given = config.data.tokenizer not in (None, "", "byte", "none")
+  if given:  # --config.data.tokenizer=PATH: the run keeps its own copy too
+    tokenizer = os.path.expanduser(str(config.data.tokenizer))
+    if not os.path.isfile(tokenizer):
+      raise ConfigError("data.tokenizer", f"there is no tokenizer file at {tokenizer}.",
+                        "pass the path of the model's tokenizer.json.")
   if os.path.exists(tokenizer):
-    # Copied once the weights are read: a failed import leaves no half-made run.
+    # Copied once the weights are read: a failed import leaves no half-made run
+    # (to <workdir>/tokenizer.json, which the run's config.json names relative to
+    # the run, so the run can be moved).
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
-    copied = [name for name in ("tokenizer.json", *TOKENIZER_EXTRAS)
-              if os.path.isfile(os.path.join(hf_dir, name))]
-    tokens = f"{', '.join(copied)}, copied into the run"
+    copied = [(tokenizer, "tokenizer.json")] + [
+        (os.path.join(hf_dir, name), name) for name in TOKENIZER_EXTRAS
+        if not given and os.path.isfile(os.path.join(hf_dir, name))]
+    tokens = f"{', '.join(name for _, name in copied)}, copied into the run"
     size = _tokenizer_size(tokenizer)
     if size > config.model.vocab_size:
       tokens += (f"; warning: it has {size} ids, more than the model's vocab_size of "
@@ -542,7 +553,7 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
     tokens = (f"bytes: {hf_dir} has no tokenizer.json, so text is read and written "
               f"as byte ids 0-255 of the model's {config.model.vocab_size}; give "
               "the model's own with --config.data.tokenizer=PATH/tokenizer.json")
-  else:
+  else:  # none: token ids
     tokens = str(config.data.tokenizer)
   stops = stop_ids_from_hf(hf, generation)
   if stops:
@@ -567,8 +578,8 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
         "check that config.json belongs to these weights (num_hidden_layers, "
         "vocab_size, hidden_size, tie_word_embeddings, ...).") from None
   os.makedirs(workdir, exist_ok=True)
-  for name in copied:
-    shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
+  for source, name in copied:
+    shutil.copy(source, os.path.join(workdir, name))
   tx = make_optimizer(config.optim, config.train.steps)
   state = init_state(spec, tx, mesh, 0, params=params)
   config_dict = json.loads(config.to_json())
@@ -588,11 +599,25 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
                 "keeps them in 16 bits)")
   print(f"imported {family_of(cfg)} ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
-        f"rope: {rope_description(cfg)}; stop tokens: {stops or 'none'}\n"
+        f"rope: {rope_description(cfg)}; stop tokens: {_stops_line(stops, copied)}\n"
         f"weights: {weights}\n"
         f"tokenizer: {tokens}\n"
         f"fine-tune: python -m experiment train --config=experiments/saved.py:"
         f"{workdir} --workdir={workdir}")
+
+
+def _stops_line(stops: list[int], copied: list[tuple[str, str]]) -> str:
+  """What import-hf says the run stops on: config.json's eos ids, else its
+  tokenizer's end-of-text token, else none."""
+  if stops:
+    return str(stops)
+  if copied:
+    from train.tokenizer import HFTokenizer
+    eos = HFTokenizer(copied[0][0], require_eos=False).eos_id
+    if eos is not None:
+      return f"[{eos}] (the tokenizer's end-of-text token)"
+  return ("none (generation runs to --max_new_tokens; --config.data.eos_id=ID "
+          "sets one)")
 
 
 def _tokenizer_size(path: str) -> int:
@@ -662,13 +687,18 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         spec.abstract_params)
+  stops = stop_tokens(config.data)  # a config error before anything is written
+  tokenizer = config.data.tokenizer
+  if tokenizer not in (None, "", "byte", "none") and not os.path.isfile(str(tokenizer)):
+    raise ConfigError("data.tokenizer", f"the run's tokenizer {tokenizer} is gone; the "
+                      "export would have none.", "put the tokenizer.json back there "
+                      "(or into the run directory, where a moved run looks for it).")
   params = jax.device_get(ckpt.restore_params(target, step))
   ckpt.close()
   os.makedirs(out, exist_ok=True)
   weights = os.path.join(out, "model.safetensors")
   save_file(params_to_hf(params, cfg), weights, metadata={"format": "pt"})
   _honour_umask(weights)
-  stops = stop_tokens(config.data)
   hf = hf_config(cfg, stops, config.data.get("bos_id"))
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
@@ -683,4 +713,6 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
     if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
       _write_tokenizer_config(str(config.data.tokenizer), hf, out)  # bos/eos
   logging.info("exported step %s of %s to %s", step, workdir, out)
-  print(f"exported step {step} of {workdir} to {out}")
+  print(f"exported step {step} of {workdir} to {out}" + (
+      "" if stops else "; eos_token_id none: the run has no stop token (data.eos_id "
+      "unset and its tokenizer names no end-of-text token)"))

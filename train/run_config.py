@@ -7,6 +7,11 @@ back on its own it is a complete config; laid over the current defaults
 (`experiments/saved.py` passes experiments/base.py) it also gets fields this
 version added since, and placeholders keep their declared types for command-line
 overrides.
+
+A run stays usable when its directory is moved or copied: a tokenizer file inside
+the run directory (what `import-hf` copies there) is written as a path relative
+to it, and read back joined to wherever the run is now; any other relative
+tokenizer path is written absolute.
 """
 
 from __future__ import annotations
@@ -28,10 +33,22 @@ def path(workdir: str) -> str:
 
 def write(workdir: str, config: ConfigDict | dict) -> None:
   """Writes the config as `<workdir>/config.json` (atomically: a crash leaves the old
-  file or the new one, never half of one)."""
+  file or the new one, never half of one), a tokenizer inside the run directory
+  as a path relative to it."""
   data = json.loads(config.to_json()) if isinstance(config, ConfigDict) else config
   os.makedirs(workdir, exist_ok=True)
+  tokenizer = _tokenizer_file((data.get("data") or {}).get("tokenizer"))
+  if tokenizer:
+    full = os.path.abspath(os.path.expanduser(tokenizer))
+    inside = os.path.relpath(full, os.path.abspath(workdir))
+    data = {**data, "data": {**data["data"], "tokenizer": (
+        full if inside.startswith(os.pardir) else inside)}}
   write_atomically(path(workdir), json.dumps(data, indent=2))
+
+
+def _tokenizer_file(value) -> str | None:
+  """`data.tokenizer` when it names a file (not byte, none or unset)."""
+  return value if isinstance(value, str) and value not in ("", "byte", "none") else None
 
 
 def write_atomically(file: str, text: str) -> None:
@@ -43,10 +60,21 @@ def write_atomically(file: str, text: str) -> None:
 
 
 def read(workdir: str) -> dict[str, Any]:
-  """The saved config as plain JSON data. Raises FileNotFoundError if the run has
-  none."""
+  """The saved config as plain JSON data, its tokenizer path absolute (a relative
+  one joined to `workdir`; a missing absolute one replaced by the run directory's
+  own tokenizer.json, for runs saved before paths were relative and then moved).
+  Raises FileNotFoundError if the run has none."""
   with open(path(workdir)) as f:
-    return json.load(f)
+    data = json.load(f)
+  tokenizer = _tokenizer_file((data.get("data") or {}).get("tokenizer"))
+  if tokenizer:
+    here = os.path.join(os.path.abspath(workdir), "tokenizer.json")
+    if not os.path.isabs(tokenizer):
+      tokenizer = os.path.join(os.path.abspath(workdir), tokenizer)
+    elif not os.path.exists(tokenizer) and os.path.isfile(here):
+      tokenizer = here
+    data["data"]["tokenizer"] = tokenizer
+  return data
 
 
 def overlay(config: ConfigDict, saved: dict) -> ConfigDict:
@@ -88,7 +116,7 @@ def load(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
   Raises ConfigError when `workdir` holds no run."""
   if error := no_run(workdir):
     raise error
-  saved = read(workdir)
+  saved = read(workdir)  # the tokenizer path resolved
   if defaults is not None:
     return overlay(defaults, saved).lock()
   return ConfigDict(_tuples(saved)).lock()

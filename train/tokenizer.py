@@ -27,18 +27,20 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """A `tokenizers` tokenizer.json; `eos_id` from the file's end-of-text token."""
+  """A `tokenizers` tokenizer.json; `eos_id` from the file's end-of-text token
+  (None when it names none and `require_eos` is False: generation and export
+  need no end-of-text token, training on text does)."""
 
   _EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
 
-  def __init__(self, path: str, eos_id: int | None = None):
+  def __init__(self, path: str, eos_id: int | None = None, require_eos: bool = True):
     from tokenizers import Tokenizer  # optional dependency
     self._tok = Tokenizer.from_file(path)
     self.vocab_size = self._tok.get_vocab_size()
     if eos_id is None:
       ids = [self._tok.token_to_id(n) for n in self._EOS_NAMES]
       eos_id = next((i for i in ids if i is not None), None)
-    if eos_id is None:
+    if eos_id is None and require_eos:
       raise ValueError(f"{path} names none of {self._EOS_NAMES}; set data.eos_id")
     self.eos_id = eos_id
 
@@ -91,9 +93,11 @@ class TokenIds:
     return " ".join(str(int(i)) for i in ids)
 
 
-def make_tokenizer(data_cfg):
+def make_tokenizer(data_cfg, require_eos: bool = True):
   """ByteTokenizer for `byte`, TokenIds for `none`, else an HFTokenizer; a
-  ConfigError naming data.tokenizer when its file is missing or names no eos."""
+  ConfigError naming data.tokenizer when its file is missing, or data.eos_id
+  when it names no eos and `require_eos` (training; generation and export pass
+  False and get eos_id None)."""
   if data_cfg.tokenizer in (None, "", "byte"):
     return ByteTokenizer()
   if data_cfg.tokenizer == "none":
@@ -105,7 +109,7 @@ def make_tokenizer(data_cfg):
                       "pass the path of a tokenizer.json, or "
                       "--config.data.tokenizer=byte.")
   try:
-    return HFTokenizer(path, data_cfg.eos_id)
+    return HFTokenizer(path, data_cfg.eos_id, require_eos)
   except ValueError as err:  # no end-of-text token
     raise ConfigError("data.eos_id", str(err) + ".", "set --config.data.eos_id to "
                       "the id that ends a document.") from None

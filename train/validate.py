@@ -36,6 +36,11 @@ def validate_config(config, num_devices: int) -> dict[str, int]:
                      "optim.weight_decay", "optim.clip_norm", "train.z_loss",
                      "data.prefetch_batches", "checkpoint.every_steps",
                      "checkpoint.keep_best"], 0)
+  if not 0 <= config.train.seed < 2 ** 32:
+    raise ConfigError(
+        "train.seed", f"is {config.train.seed}; JAX's random keys hold 32 bits, so "
+        "seeds outside [0, 2**32) repeat those inside it.",
+        "set --config.train.seed to a value in [0, 4294967295].")
   if config.train.eval_every and config.train.eval_steps < 1:
     raise ConfigError(
         "train.eval_steps", f"is {config.train.eval_steps} while train.eval_every="
