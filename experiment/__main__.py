@@ -325,7 +325,7 @@ def main(argv: list[str]) -> None:
       from train import hf
       hf_dir = _require(_HF_DIR, _HF_DIR.value, "path/to/hf_model")
       _check(_no_hf_model(hf_dir))
-      hf.import_hf(hf_dir, workdir, _CONFIG.value)
+      hf.import_hf(hf_dir, workdir, _CONFIG.value, _config_overrides())
     elif command == "export-hf":
       from train import hf
       _check(_no_run(workdir))
@@ -346,6 +346,13 @@ def main(argv: list[str]) -> None:
 # A value that works for each generation flag, for the fix of a ConfigError.
 _GENERATION_EXAMPLES = {"max_new_tokens": "64", "temperature": "0.8", "top_k": "50",
                         "top_p": "0.95", "seed": "0"}
+
+
+def _config_overrides() -> list[str]:
+  """The config fields set on the command line (`--config.model.num_layers=3` ->
+  "model.num_layers")."""
+  return [arg[len("--config."):].split("=")[0] for arg in sys.argv[1:]
+          if arg.startswith("--config.")]
 
 
 def _generate(workdir: str) -> None:

@@ -271,6 +271,35 @@ def test_cli_refuses_longrope(tmp_path):
   assert "rope_type='longrope'" in proc.stderr
 
 
+def test_import_refuses_overrides_config_json_decides(t5_llama, tmp_path):
+  """--config.model.* fields config.json sets were dropped silently (num_layers,
+  vocab_size, rope_theta) or blamed on the checkpoint (experts on a dense model);
+  now each is a config error naming it, before anything is written. Fields it
+  does not set (param_dtype) apply; block=ladder applies and is announced."""
+  from conftest import run_cli_many
+  cases = {"model.num_layers": ["--config.model.num_layers=3"],
+           "model.rope_theta": ["--config.model.rope_theta=123.0"],
+           "model.moe.num_experts": ["--config.model.moe.num_experts=4"],
+           "ok": ["--config.model.param_dtype=bfloat16", "--config.model.block=ladder",
+                  "--config.model.num_layers=2"]}  # the checkpoint's own value
+  runs = dict(zip(cases, run_cli_many([
+      ("import-hf", f"--hf_dir={t5_llama}", f"--workdir={tmp_path / name}", *flags)
+      for name, flags in cases.items()])))
+  for name, proc in runs.items():
+    if name == "ok":
+      continue
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"Config error in `{name}`" in proc.stderr, proc.stderr[-2000:]
+    assert f"drop --config.{name} from the import" in proc.stderr
+    assert not (tmp_path / name).exists()
+  ok = runs["ok"]
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "block: ladder: the imported weights run with another residual" in ok.stdout
+  saved = json.loads((tmp_path / "ok" / "config.json").read_text())["model"]
+  assert (saved["param_dtype"], saved["block"], saved["num_layers"]) == (
+      "bfloat16", "ladder", 2)
+
+
 def test_export_refuses_ladder(t5_llama, tmp_path):
   _import(t5_llama, tmp_path / "rung", data=8)
   cfg = json.loads((tmp_path / "rung" / "config.json").read_text())

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -500,14 +500,16 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------- commands
 
-def import_hf(hf_dir: str, workdir: str, config) -> None:
+def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ()) -> None:
   """A local HF checkpoint of a family in FAMILIES -> a rung workdir (config.json
   + step 0). Every eos_token_id of config.json and generation_config.json becomes
   a stop token: the first is data.eos_id, the rest data.stop_ids.
 
   Train it with --config=experiments/saved.py:WORKDIR --workdir=WORKDIR.
   Raises ConfigError, before anything is written, when `workdir` already holds
-  a run (its config.json or checkpoints).
+  a run (its config.json or checkpoints), or when a field in `set_fields` (the
+  dotted config fields the caller set, e.g. "model.num_layers") is one that
+  config.json determines and `config` gives it another value.
   """
   held = [name for name in (run_config.FILE, os.path.basename(checkpoint_dir(workdir)))
           if os.path.exists(os.path.join(workdir, name))]
@@ -524,6 +526,7 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
     with open(os.path.join(hf_dir, "generation_config.json")) as f:
       generation = json.load(f)
   fields = model_fields_from_hf(hf)
+  _refuse_conflicting(config, fields, set_fields, hf_dir)
   moe = fields.pop("moe", None)
   config.model.update(**fields)
   if moe:
@@ -602,8 +605,35 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
         f"rope: {rope_description(cfg)}; stop tokens: {_stops_line(stops, copied)}\n"
         f"weights: {weights}\n"
         f"tokenizer: {tokens}\n"
+        + (f"block: {cfg.block}: the imported weights run with another residual "
+           "wiring than the checkpoint's model, so its outputs differ until it is "
+           "fine-tuned (export-hf takes standard blocks only)\n"
+           if cfg.block != "standard" else "") +
         f"fine-tune: python -m experiment train --config=experiments/saved.py:"
         f"{workdir} --workdir={workdir}")
+
+
+def _refuse_conflicting(config, fields: dict, set_fields: Sequence[str],
+                        hf_dir: str) -> None:
+  """ConfigError for the first field of `set_fields` that the HF config.json
+  determines (`fields`, from model_fields_from_hf) and `config` sets otherwise:
+  import-hf took config.json's value silently, or blamed the checkpoint."""
+  from_hf = {f"model.{k}": v for k, v in fields.items() if k != "moe"}
+  if "model.moe.num_experts" in set_fields or fields.get("moe"):
+    moe = fields.get("moe") or {"num_experts": 0}
+    from_hf.update({f"model.moe.{k}": v for k, v in moe.items()})
+  for name in set_fields:
+    if name not in from_hf:
+      continue
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    if value != from_hf[name]:
+      raise ConfigError(
+          name, f"is {value!r}, but {hf_dir}/config.json makes it {from_hf[name]!r}; "
+          "import-hf builds the model config.json describes.",
+          f"drop --config.{name} from the import; to train the imported model with "
+          f"another value, pass it to `train --config=experiments/saved.py:RUN`.")
 
 
 def _stops_line(stops: list[int], copied: list[tuple[str, str]]) -> str:
