@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import TextIO
 
@@ -100,6 +101,15 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   step = ckpt.step_to_read(step)  # a config error before anything is loaded
   ckpt.close()
   model, saved = load(workdir, step=step, config=config)
+  if config is not None:  # another run's config of the same shapes loads silently
+    changed = [(f, a, b) for f, a, b, _ in run_config.trajectory_changes(
+        run_config.read(workdir), json.loads(config.to_json()))
+        if f.startswith("model.")]
+    if changed:
+      sys.stderr.write(
+          "note: the model config differs from the run's (saved -> now), so the "
+          "outputs can differ from the trained model's: " + "; ".join(
+              f"{f}: {a!r} -> {b!r}" for f, a, b in changed) + "\n")
   mesh = mesh_of(model)
   asked = config.model.attention if config is not None else None
   sys.stderr.write(f"generating from step {step} of {workdir}"

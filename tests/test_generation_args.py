@@ -440,3 +440,20 @@ def test_serving_says_when_it_falls_back_from_sequence_parallel_attention(
           "mesh.sequence") in capsys.readouterr().err
   generate_text(str(byte_run), run_config.load(str(byte_run)), "ab", max_new_tokens=1)
   assert "; attention" not in capsys.readouterr().err
+
+
+def test_cli_says_when_the_config_changes_the_models_outputs(byte_run):
+  """A --config whose model fields differ from the run's (another run's config of
+  the same shapes, or an override) loaded silently; generation now names each
+  changed field. The run's own config, or a serving choice (attention), says
+  nothing."""
+  changed, same = run_cli_many([
+      ("generate", f"--workdir={byte_run}", "--prompt=ab", "--max_new_tokens=2",
+       f"--config=experiments/saved.py:{byte_run}", "--config.model.sliding_window=4"),
+      ("generate", f"--workdir={byte_run}", "--prompt=ab", "--max_new_tokens=2",
+       f"--config=experiments/saved.py:{byte_run}", "--config.model.attention=reference")])
+  assert changed.returncode == 0 and same.returncode == 0, changed.stderr[-2000:]
+  assert ("note: the model config differs from the run's (saved -> now), so the "
+          "outputs can differ from the trained model's: model.sliding_window: 0 -> 4"
+          in changed.stderr), changed.stderr[-2000:]
+  assert "differs from the run's" not in same.stderr, same.stderr[-2000:]
