@@ -87,16 +87,25 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                                "pass a non-empty --prompt.")
   stops = stop_tokens(wanted.data, tokenizer)
   vocab = wanted.model.vocab_size
-  if not all(0 <= t < vocab for t in stops):
+  bad = [t for t in stops if not 0 <= t < vocab]
+  if bad:  # name the field that holds it: eos_id (or the tokenizer's), or stop_ids
+    eos_bad = bool(stops) and stops[0] == bad[0] and bad[0] not in (
+        wanted.data.get("stop_ids") or ())
+    field = "data.eos_id" if eos_bad else "data.stop_ids"
+    where = ("data.eos_id" if wanted.data.get("eos_id") is not None
+             else "the tokenizer's end-of-text id") if eos_bad else "data.stop_ids"
     raise sharding.ConfigError(
-        "data.stop_ids", f"the stop ids {stops} (data.eos_id or the tokenizer's "
-        f"eos, then data.stop_ids) fall outside the model's vocabulary [0, {vocab}).",
-        "pass ids of this model's vocabulary, e.g. --config.data.stop_ids=()")
+        field, f"the stop id {bad[0]} ({where}) falls outside the model's vocabulary "
+        f"[0, {vocab}).", f"pass an id of this model's vocabulary, e.g. "
+        f"--config.{field}={'0' if eos_bad else '()'}")
   if max(ids) >= vocab:
+    size = getattr(tokenizer, "vocab_size", None)
     raise sharding.ConfigError(
         "data.tokenizer", f"the prompt encodes to id {max(ids)}, past the model's "
-        f"vocabulary of {vocab}: the tokenizer is not this model's.",
-        "pass the model's tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
+        f"vocabulary of {vocab}" + (f": the tokenizer has {size} ids, more than the "
+                                    "model has rows" if size and size > vocab else "")
+        + ".", "pass a prompt whose tokens fall inside the model's vocabulary, or the "
+        "model's own tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
   ckpt = Checkpointer(workdir, wanted.checkpoint, read_only=True)
   step = ckpt.step_to_read(step)  # a config error before anything is loaded
   ckpt.close()

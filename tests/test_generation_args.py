@@ -372,6 +372,14 @@ def test_eager_decode_past_the_cache_is_refused(tiny_model, split):
     tiny_model.decode(jnp.array([[1], [2]]), cache)
 
 
+class _Loaded(Exception):
+  """Raised in place of the checkpoint's opening: the checks before it passed."""
+
+
+def _open_checkpoint(*args, **kwargs):
+  raise _Loaded
+
+
 def test_stop_ids_and_tokenizer_not_the_models_are_refused_before_loading(
     byte_run, tmp_path, monkeypatch):
   """Stop ids or a prompt past the model's vocabulary are config errors raised
@@ -386,10 +394,21 @@ def test_stop_ids_and_tokenizer_not_the_models_are_refused_before_loading(
   config = run_config.load(str(byte_run))
   config.data.stop_ids = (vocab,)
   out = io.StringIO()
-  with pytest.raises(ConfigError, match=rf"stop ids \[0, {vocab}\] .* fall outside "
-                     rf"the model's vocabulary \[0, {vocab}\)") as err:
+  with pytest.raises(ConfigError, match=rf"stop id {vocab} \(data.stop_ids\) falls "
+                     rf"outside the model's vocabulary \[0, {vocab}\)") as err:
     infer.text.generate_text(str(byte_run), config, "ab", max_new_tokens=1, out=out)
   assert err.value.field == "data.stop_ids"
+  # A bad data.eos_id is named as such, with a fix that works (the error named
+  # data.stop_ids and suggested clearing them, which changed nothing).
+  config = run_config.load(str(byte_run))
+  config.data.eos_id = -1
+  with pytest.raises(ConfigError, match=r"stop id -1 \(data.eos_id\)") as err:
+    infer.text.generate_text(str(byte_run), config, "ab", max_new_tokens=1, out=out)
+  assert err.value.field == "data.eos_id" and "--config.data.eos_id=0" in str(err.value)
+  config.data.eos_id = 0
+  monkeypatch.setattr(infer.text, "Checkpointer", _open_checkpoint)
+  with pytest.raises(_Loaded):  # past the stop-id checks: the fix works
+    infer.text.generate_text(str(byte_run), config, "ab", max_new_tokens=1, out=out)
   config = run_config.load(str(byte_run))
   config.data.tokenizer = write_word_tokenizer(
       tmp_path / "tokenizer.json", ["<|endoftext|>"] + [f"w{i}" for i in range(1, vocab + 2)])
