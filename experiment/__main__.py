@@ -264,8 +264,11 @@ def _no_hf_model(hf_dir: str) -> ConfigError | None:
   """A ConfigError when `hf_dir` has no config.json, as a Hugging Face model has."""
   if os.path.isfile(os.path.join(hf_dir, "config.json")):
     return None
+  what = ("is a file, not a directory" if os.path.isfile(hf_dir) else
+          "does not exist" if not os.path.exists(hf_dir) else
+          "holds no Hugging Face model (it has no config.json)")
   return ConfigError(
-      "--hf_dir", f"{hf_dir} holds no Hugging Face model (it has no config.json).",
+      "--hf_dir", f"{hf_dir} {what}.",
       "pass the directory that holds the model's config.json and *.safetensors (what "
       "save_pretrained writes).")
 

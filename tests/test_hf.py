@@ -516,6 +516,11 @@ def test_export_refuses_an_out_directory_that_holds_files(t5_llama, tmp_path):
   (tmp_path / "empty").mkdir()  # an empty directory, or a new one, is written
   hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "empty"))
   assert (tmp_path / "empty" / "model.safetensors").exists()
+  (tmp_path / "a_file").write_text("x")  # its fix said "remove that directory"
+  with pytest.raises(ConfigError, match=r"a_file already exists as a file; export-hf "
+                     r"writes a whole checkpoint there \(a directory\)\..*remove that "
+                     r"file first"):
+    hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "a_file"))
 
 
 @pytest.mark.parametrize("with_config", [False, True])

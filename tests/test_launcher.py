@@ -124,6 +124,16 @@ def test_plan_remats_are_the_models_policies():
   assert PLAN_REMATS == REMAT
 
 
+def test_an_hf_dir_that_is_a_file_or_missing_says_so(tmp_path):
+  """--hf_dir=.../config.json said the file "has no config.json"."""
+  from experiment.__main__ import _no_hf_model
+  (tmp_path / "config.json").write_text("{}")
+  assert _no_hf_model(str(tmp_path)) is None
+  assert "config.json is a file, not a directory" in str(
+      _no_hf_model(str(tmp_path / "config.json")))
+  assert "nowhere does not exist" in str(_no_hf_model(str(tmp_path / "nowhere")))
+
+
 def test_a_directory_without_its_files_is_a_config_error(tmp_path):
   """import-hf from a directory with no HF config.json, and export-hf / generate /
   inspect of a --workdir that holds no run, exit 2 naming the flag (no traceback)

@@ -702,8 +702,10 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
     what = (f"holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}" if held
             else "exists as a file")
     raise ConfigError("--out", f"{out} already {what}; export-hf writes a whole "
-                      "checkpoint there and would mix it with them.",
-                      "pass a new --out (or remove that directory first).")
+                      "checkpoint there" + (" and would mix it with them." if held else
+                                            " (a directory)."),
+                      "pass a new --out (or remove that " +
+                      ("directory" if held else "file") + " first).")
   config = run_config.load(workdir)
   cfg = ModelConfig.from_config(config.model)
   if cfg.block != "standard":
