@@ -46,6 +46,9 @@ def test_a_mesh_that_does_not_fit_gets_a_fix_that_fits():
         message, named = str(err), err.field.removeprefix("mesh.")
       fix = dict(re.findall(r"--config\.mesh\.(\w+)=(-?\d+)", message))
       assert fix and named in fix, message
+      asked = math.prod(values)  # more devices than there are: how to try it on CPU
+      hint = f"XLA_FLAGS=--xla_force_host_platform_device_count={asked} set before"
+      assert (hint in message) == (-1 not in values and asked > n), message
       if any(cfg.get(a, 1) != 1 for a in fix):
         assert cfg.get(named, 1) != 1, message
       cfg.update({a: int(v) for a, v in fix.items()})
