@@ -208,13 +208,15 @@ def e3m0_decode(codes: jax.Array) -> jax.Array:
 
 
 def _pack(codes: jax.Array) -> jax.Array:
-  """[..., 2n] uint8 codes -> [..., n] bytes, two codes each."""
-  c = codes.reshape(*codes.shape[:-1], -1, 2)
-  return c[..., 0] | (c[..., 1] << 4)
+  """[..., 2n] uint8 codes -> [..., n] bytes: byte i holds codes i and n + i. (Not
+  neighbours: a trailing axis of 2 is tiled to 128 lanes on TPU, which made the
+  transport's temporaries tens of times the fragment.)"""
+  n = codes.shape[-1] // 2
+  return codes[..., :n] | (codes[..., n:] << 4)
 
 
 def _unpack(packed: jax.Array) -> jax.Array:
-  return jnp.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
+  return jnp.concatenate([packed & 15, packed >> 4], -1)
 
 
 def _row_max(rows: list[jax.Array], row_axes: Sequence[tuple[str, ...]],
