@@ -92,8 +92,8 @@ def dispatch():
   # Expert matmuls a token's top_k choices need, forward and backward (6 FLOPs per
   # parameter per row): what both paths do at capacity factor 1.0.
   useful = 6 * BATCH * LENGTH * TOP_K * 3 * D_MODEL * D_FF
-  for name, factor in [("capacity", 1.0), ("capacity", 1.25), ("dropless", 1.0)]:
-    fn, state = _loss_fn(_layer(name, factor), grad=True)
+  for name, factor in [("capacity", 1.0), ("capacity", 1.25), ("dropless", None)]:
+    fn, state = _loss_fn(_layer(name, factor or 1.0), grad=True)  # dropless: unused
     compiled = fn.lower(state, x).compile()
     jax.block_until_ready(compiled(state, x))
     best = float("inf")
