@@ -185,19 +185,28 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
   from jax.experimental import topologies
   try:
     with _quiet_libtpu():
-      desc = topologies.get_topology_desc(
-          platform="tpu", topology_name=topology,
-          **({"num_slices": slices} if slices > 1 else {}))
+      kwargs = {"num_slices": slices} if slices > 1 else {}
+      desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                          **kwargs)
+      if devices_per_chip(list(desc.devices)) > 1:
+        # v4 lists each TensorCore as a device; its runtime (and jax.make_mesh)
+        # runs one device per chip, both cores together ("megacore").
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            chip_config_name="megacore", **kwargs)
   except Exception as err:  # noqa: BLE001 -- libtpu's message names the problem
+    name = topology.split(":", 1)[0]
+    host = "2x2x1" if chip.wraparound == "cube" else "2x2"
     raise ConfigError("--topology", f"libtpu cannot build {topology!r}: "
                       f"{str(err).strip().splitlines()[-1]}",
-                      "use a slice shape of that TPU generation, e.g. v5e:2x4 "
-                      "or v5p:2x2x2.") from None
+                      f"use a {name} slice of at least one host ({name}:{host}; "
+                      "deviceless compiles take no smaller shape), e.g. "
+                      f"--topology={name}:{host}.") from None
   return list(desc.devices)
 
 
 def devices_per_chip(devices: list[jax.Device]) -> int:
-  """2 on v4, whose topologies list each TensorCore as a device; else 1."""
+  """Devices per chip: 2 where a topology lists each TensorCore as a device (v4's
+  default; `topology_devices` asks for one per chip), else 1."""
   chips = {(getattr(d, "slice_index", 0), *getattr(d, "coords", (d.id,)))
            for d in devices}
   return max(1, len(devices) // len(chips))

@@ -448,6 +448,27 @@ def test_published_slice_shapes_are_topologies():
     assert sharding.chips.chip_for_topology(topology).name == topology.split(":")[0]
 
 
+@needs_libtpu
+def test_every_generation_compiles_and_a_sub_host_shape_gets_a_fix_that_works():
+  """v4's topology lists each TensorCore as a device, which jax.make_mesh refuses
+  (a traceback for every v4 topology, the --help example among them): compiles
+  now take one device per chip ("megacore"), as v4 runs. A shape smaller than a
+  host is libtpu's refusal, with a fix of the same generation (it offered v5p to
+  a v5e user)."""
+  from aot.compile import devices_per_chip
+  for topology, chips in (("v4:2x2x1", 4), ("v5e:2x2", 4), ("v6e:2x2", 4),
+                          ("v5p:2x2x1", 4)):
+    devices = aot.topology_devices(topology)
+    assert len(devices) == chips and devices_per_chip(devices) == 1
+  r = aot.compile_step(small_1b(fsdp=4), "v4:2x2x1")
+  assert r.fits and r.memory["hbm"] == sharding.chips.CHIPS["v4"].hbm_bytes
+  for topology, fix in (("v5e:1x1", "v5e:2x2"), ("v6e:1x2", "v6e:2x2"),
+                        ("v5p:1x1x1", "v5p:2x2x1")):
+    with pytest.raises(ConfigError, match=f"e.g. --topology={fix}"):
+      aot.topology_devices(topology)
+    assert len(aot.topology_devices(fix)) == 4
+
+
 def test_runtime_device_kinds_map_to_the_chip_table():
   """MFU divides by the table's peak; jax names v5e and v6e chips 'lite'. A GPU
   variant with other clocks (PCIe) has no row, so its MFU is NaN, not a guess;
