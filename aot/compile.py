@@ -298,6 +298,9 @@ def compile_step(config, topology: str, what: str = "train",
       raise ConfigError("--libtpu_flags", str(err).strip().splitlines()[0],
                         "check the flag's name against libtpu's (MaxText's "
                         "benchmarks/xla_flags_library.py lists common ones).") from None
+    if "Failed to parse" in str(err):  # a known flag given a value it does not take
+      raise ConfigError("--libtpu_flags", str(err).strip().splitlines()[0],
+                        "give the flag one of the values the message lists.") from None
     if "RESOURCE_EXHAUSTED" not in str(err):
       raise
     compiled, error = None, str(err).strip()

@@ -213,6 +213,18 @@ def test_libtpu_flags_parse_and_unknown_ones_are_config_errors():
 
 
 @needs_libtpu
+def test_a_flag_libtpu_rejects_is_a_config_error():
+  """An unknown flag, and a known one with a value it does not take (that was a
+  JaxRuntimeError traceback), are config errors naming --libtpu_flags."""
+  c = small_1b(fsdp=4)
+  for flags, says in (("--xla_rung_no_such_flag=true", "No such compile option"),
+                      ("--xla_enable_async_all_gather=maybe", "Failed to parse 'maybe'")):
+    with pytest.raises(ConfigError, match=says) as err:
+      aot.compile_step(c, "v5e:2x2", compiler_flags=flags)
+    assert err.value.field == "--libtpu_flags"
+
+
+@needs_libtpu
 def test_decode_figures_match_analytic_counts():
   """One step of the decode program `infer.generate` runs: the cache splits its
   batch over fsdp and its KV heads over tensor; the logits their batch over fsdp
