@@ -408,8 +408,8 @@ def _ask_compiler(command: str, topology: str) -> None:
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(result, f, indent=2)
   if not fits:  # for scripts: a plan the chip cannot hold is not a success
-    sys.stderr.write(f"{'the step' if command == 'compile' else 'no plan'} does not "
-                     f"fit {topology}'s HBM (exit status {NO_FIT_STATUS})\n")
+    what = "the step does not fit" if command == "compile" else "no plan fits"
+    sys.stderr.write(f"{what} {topology}'s HBM (exit status {NO_FIT_STATUS})\n")
     sys.exit(NO_FIT_STATUS)
 
 

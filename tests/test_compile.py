@@ -412,6 +412,12 @@ def test_compile_cli_exits_3_when_the_step_does_not_fit(tmp_path):
   assert "DOES NOT FIT in 16.0 GiB of HBM" in proc.stdout
   assert "the step does not fit v5e:2x4's HBM (exit status 3)" in proc.stderr
   assert json.loads(out.read_text())["fits"] is False
+  # plan: every mesh's state alone is past the HBM (listed without compiling); its
+  # closing line read "no plan does not fit".
+  proc = run_cli("plan", "--config=experiments/llama_1b.py", "--topology=v5e:2x2",
+                 "--config.model.num_layers=100", "--max_plans=1")
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert proc.stderr.rstrip().endswith("no plan fits v5e:2x2's HBM (exit status 3)")
 
 
 def test_cli_config_error_exits_2():
