@@ -557,7 +557,8 @@ def _report(topology, chip: Chip, what, sizes, n, memory, costs, model_flops,
   analysis = (analysis[0] if isinstance(analysis, list) else analysis) or {}
   xla = {k: float(analysis.get(k, math.nan))
          for k in ("flops", "bytes accessed", "optimal_seconds")}
-  t["compiler"] = xla["optimal_seconds"]
+  # XLA gives 0 or a negative number where it has no estimate: none, not a time
+  t["compiler"] = xla["optimal_seconds"] if xla["optimal_seconds"] > 0 else math.nan
   collectives = [dict(kind=c.kind, axes=list(c.axes), group_size=c.group_size,
                       count=c.count, bytes=c.bytes, received_bytes=c.received_bytes)
                  for c in costs.by_kind()]
@@ -630,7 +631,7 @@ def _table(r: Report) -> str:
       *_estimate_lines(r),
       "  compiler estimate            "
       + (f"{t['compiler'] * 1e3:.2f} ms" if t["compiler"] > 0
-         else f"none (XLA gave {t['compiler']:.3g} s)")
+         else f"none (XLA gave {r.compiler['optimal_seconds']:.3g} s)")
       + " (XLA optimal_seconds; counts each loop body once)",
       *_pipeline_lines(r),
       "", "collectives per step"]

@@ -213,6 +213,25 @@ def test_libtpu_flags_parse_and_unknown_ones_are_config_errors():
 
 
 @needs_libtpu
+def test_no_compiler_estimate_is_null_not_a_negative_time(monkeypatch):
+  """XLA gives a negative optimal_seconds where it has no estimate (llama_1b:
+  -5.99 s); the table said "none" but the JSON's time.compiler held the negative
+  number a script would read as a step time."""
+  real = jax.stages.Compiled.cost_analysis
+
+  def negative(self):
+    analysis = real(self)
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return {**analysis, "optimal_seconds": -5.99}
+
+  monkeypatch.setattr(jax.stages.Compiled, "cost_analysis", negative)
+  r = aot.compile_step(small_1b(fsdp=4), "v5e:2x2")
+  assert r.to_dict()["time"]["compiler"] is None
+  assert r.to_dict()["compiler"]["optimal_seconds"] == -5.99  # as XLA gave it
+  assert "compiler estimate            none (XLA gave -5.99 s)" in r.table()
+
+
+@needs_libtpu
 def test_a_flag_libtpu_rejects_is_a_config_error():
   """An unknown flag, and a known one with a value it does not take (that was a
   JaxRuntimeError traceback), are config errors naming --libtpu_flags."""
