@@ -139,6 +139,9 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
           refused[str(err)] = (err, seen[1] + 1)
           continue
         candidates.append((mesh, remat, (micro, schedule), c))
+  if slices > 1:  # data parallelism over DCN first, as multi-slice runs are laid out
+    # (the outer axes span the slices: with data=1, FSDP's gathers would cross DCN)
+    candidates.sort(key=lambda cand: cand[0]["data"] % slices != 0)
   if not candidates:
     if refused:  # the reasons most candidates gave, one per field
       total, top = sum(c for _, c in refused.values()), {}

@@ -93,6 +93,18 @@ def test_a_plan_that_cannot_start_names_why():
   assert "say: `train.batch_size`: global batch_size=16 does not split" in str(err.value)
 
 
+@needs_libtpu
+def test_plan_over_slices_compiles_data_over_dcn_first():
+  """With --slices, plans whose data axis spans the slices come first (they came
+  last: `--max_plans` compiled FSDP across DCN and recommended it)."""
+  from experiments import llama_tiny
+  plans = plan.plan(llama_tiny.get_config(), "v5e:2x2", slices=2, max_plans=1,
+                    remats=("full",), progress=False)
+  compiled = [p for p in plans if p.report is not None]
+  assert len(compiled) == 1 and compiled[0].mesh["data"] % 2 == 0, compiled[0].mesh
+  assert any(p.mesh["data"] == 1 for p in plans)  # the others are still listed
+
+
 def test_a_problem_without_its_full_stop_gets_one():
   """A problem quoted from a library ('No such compile option: x') ran into
   'Fix:'."""
