@@ -81,7 +81,10 @@ class Report:
   devices: int
   memory: dict[str, float]   # params, optimizer, optimizer_host, diloco (replicas
   #                            and outer buffers), inputs, arguments, temporaries,
-  #                            outputs, code, total, hbm (bytes per device)
+  #                            outputs, code, held (decode: the stacked layer
+  #                            weights the serving model keeps beside the
+  #                            per-step copies it reads), total, hbm (bytes
+  #                            per device)
   fits: bool
   flops: float               # compiled, per device
   model_flops: float         # PaLM count for the whole step
@@ -503,10 +506,12 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
              "diloco": _device_bytes(state.diloco),
              "inputs": _device_bytes(batch)}
     host = {"optimizer_host": _device_bytes(state.opt_state, "host")}
+    held = 0.0
   else:  # decode_step's (graphdef, params, layers, cache, logits, done, key, ...)
     _, params, layers, cache, *inputs = args
     # The program reads the per-step copies `layers`, not the stacked layer
-    # weights, which jit drops from its arguments (they stay with the model).
+    # weights, which jit drops from its arguments; the model serving it still
+    # holds them (`held`), so they count towards what a device needs.
     parts = {"params": _device_bytes({k: v for k, v in params.items() if k != "layers"})
                        + _device_bytes(layers),
              "optimizer": 0.0,
@@ -514,18 +519,19 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
                  [x for x in inputs if isinstance(x, jax.ShapeDtypeStruct)
                   and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)])}
     host = {"optimizer_host": 0.0}
-  m = {**parts, **host, "hbm": float(chip.hbm_bytes)}
+    held = _device_bytes(params["layers"])
+  m = {**parts, **host, "held": held, "hbm": float(chip.hbm_bytes)}
   if compiled is None:  # refused: the state, and the temporaries XLA asked for
     m.update(arguments=sum(parts.values()), temporaries=_refused_temporaries(error),
              outputs=math.nan, code=math.nan)
-    m["total"] = m["arguments"] + m["temporaries"]
+    m["total"] = m["arguments"] + m["temporaries"] + held
     return m
   stats = compiled.memory_analysis()
   m.update(arguments=float(stats.argument_size_in_bytes),
            temporaries=float(stats.temp_size_in_bytes),
            outputs=float(stats.output_size_in_bytes - stats.alias_size_in_bytes),
            code=float(stats.generated_code_size_in_bytes))
-  m["total"] = m["arguments"] + m["temporaries"] + m["outputs"] + m["code"]
+  m["total"] = m["arguments"] + m["temporaries"] + m["outputs"] + m["code"] + held
   return m
 
 
@@ -600,6 +606,7 @@ def _table(r: Report) -> str:
           *([("DiLoCo replicas, outer", m["diloco"])] if m.get("diloco") else []),
           ("batch" if r.what == "train" else "tokens + KV cache", m["inputs"]),
           ("arguments (compiled)", m["arguments"]), ("temporaries", m["temporaries"]),
+          *([("stacked weights (held)", m["held"])] if m.get("held") else []),
           ("outputs not aliased", m["outputs"]), ("generated code", m["code"]),
           ("total", m["total"])]
   lines += [f"  {k:<24}{'-' if math.isnan(v) else size(v):>12}" for k, v in rows]

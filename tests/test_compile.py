@@ -263,6 +263,16 @@ def test_decode_figures_match_analytic_counts():
   # arrays beside them as well (which jit drops from the program's arguments).
   assert report.memory["params"] == pytest.approx(analytic_param_bytes(cfg, 2, 4))
   assert report.memory["params"] + report.memory["inputs"] <= report.memory["arguments"]
+  # ... but the serving model holds the stacked layer weights too: they count
+  # towards the total and "fits" (they were left out, so fits was optimistic).
+  m = report.memory
+  layers = 4 * cfg.num_layers * (
+      (cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+       + 3 * cfg.d_model * cfg.d_ff) / 8 + 2 * cfg.d_model / 2)
+  assert m["held"] == pytest.approx(layers)
+  assert m["total"] == pytest.approx(m["arguments"] + m["temporaries"] + m["outputs"]
+                                     + m["code"] + layers)
+  assert "stacked weights (held)" in report.table()
   expected = flops_lib.decode_flops_per_token(cfg, t) * b
   assert abs(report.flops * report.devices / expected - 1) < 0.10
 
