@@ -273,7 +273,14 @@ def compile_step(config, topology: str, what: str = "train",
   devices = devices or topology_devices(topology, slices)
   topology = topology_name(topology)
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
-  sizes = validate_config(config, len(devices))
+  try:
+    sizes = validate_config(config, len(devices))
+  except ConfigError as err:  # the mesh's fix knows hosts, not topologies
+    if "XLA_FLAGS" not in err.fix:
+      raise
+    raise ConfigError(err.field, err.problem, err.fix.split("; on a CPU host")[0]
+                      + f"; or compile for a larger --topology than {topology}."
+                      ) from None
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.normalize_rules(config.mesh.rules)
   cfg = ModelConfig.from_config(config.model)

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from sharding.errors import ConfigError
 from sharding.mesh import AXES, devices_phrase, largest_divisor, resolve_shape
+from sharding.report import count
 from sharding.rules import normalize_rules, split_size
 
 
@@ -34,21 +35,27 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"make data.seq_len a multiple of {seq} or change "
         f"mesh.{rules['length'][0]}.")
   dp = split_size(rules, "batch", sizes)
-  if config.train.batch_size % dp:
+  accum = config.train.grad_accum_steps
+  unit = dp * accum  # a batch both checks below pass is a multiple of this
+  batch = config.train.batch_size
+  fits = max(unit, batch // unit * unit)
+  if batch % dp:
     raise ConfigError(
         "train.batch_size",
-        f"global batch_size={config.train.batch_size} does not split over the "
+        f"global batch_size={batch} does not split over the "
         f"data-parallel size {dp} ({_describe(rules, 'batch', sizes)}).",
-        f"use a batch_size that is a multiple of {dp}, e.g. "
-        f"--config.train.batch_size={max(dp, config.train.batch_size // dp * dp)}.")
-  accum = config.train.grad_accum_steps
-  if (config.train.batch_size // dp) % accum:
+        f"use a batch_size that is a multiple of {dp}"
+        + (f" x train.grad_accum_steps={accum}" if accum > 1 else "")
+        + f", e.g. --config.train.batch_size={fits}.")
+  if (batch // dp) % accum:
     raise ConfigError(
         "train.grad_accum_steps",
         f"each of the {dp} data-parallel shards gets "
-        f"{config.train.batch_size // dp} sequences, which do not split into "
+        f"{count(batch // dp, 'sequence')}, which do not split into "
         f"{accum} micro-batches.",
-        "make train.batch_size a multiple of data-parallel size x grad_accum_steps.")
+        f"pass --config.train.batch_size={fits} (a multiple of data-parallel size "
+        f"{dp} x {accum}), or --config.train.grad_accum_steps="
+        f"{largest_divisor(batch // dp, accum)}.")
   rows = config.train.batch_size // dp // accum
   chunks = config.model.get("loss_chunks", 1)
   if isinstance(chunks, int) and chunks > 0 and rows % chunks:

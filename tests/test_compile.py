@@ -509,6 +509,12 @@ def test_every_generation_compiles_and_a_sub_host_shape_gets_a_fix_that_works():
     assert len(devices) == chips and devices_per_chip(devices) == 1
   r = aot.compile_step(small_1b(fsdp=4), "v4:2x2x1")
   assert r.fits and r.memory["hbm"] == sharding.chips.CHIPS["v4"].hbm_bytes
+  # A mesh larger than the topology: the fix is a larger topology, not the CPU
+  # host's XLA_FLAGS (which does nothing for a deviceless compile).
+  with pytest.raises(ConfigError, match=r"or compile for a larger --topology than "
+                     r"v5e:2x2\.$") as err:
+    aot.compile_step(small_1b(fsdp=8), "v5e:2x2")
+  assert "XLA_FLAGS" not in str(err.value) and "--config.mesh.fsdp=4" in str(err.value)
   for topology, fix in (("v5e:1x1", "v5e:2x2"), ("v6e:1x2", "v6e:2x2"),
                         ("v5p:1x1x1", "v5p:2x2x1")):
     with pytest.raises(ConfigError, match=f"e.g. --topology={fix}"):

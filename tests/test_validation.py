@@ -379,3 +379,34 @@ def test_a_matrices_regex_that_matches_nothing_is_refused():
   flag, = [w for w in shlex.split(err.value.fix) if w.startswith("--config")]
   config.optim.matrices = flag.split("=", 1)[1].rstrip(".")
   train.validate_config(config, 8)
+
+
+def test_batch_fixes_pass_both_batch_checks():
+  """The batch_size fix suggested a multiple of the data-parallel size alone, and
+  the run then failed on grad_accum_steps; each fix now passes validation as
+  printed, for every batch 1-40 over data-parallel sizes 1-8 and 1-4 micro-batches."""
+  import re
+
+  import sharding
+  from conftest import make_tiny_config
+  checked = 0
+  for dp in (1, 2, 4, 8):
+    for accum in (1, 2, 3, 4):
+      for batch in range(1, 41):
+        c = make_tiny_config()
+        c.mesh.update(data=dp, fsdp=1, tensor=1, sequence=1, expert=1)
+        c.train.update(batch_size=batch, grad_accum_steps=accum)
+        try:
+          sharding.validate_plan(c, dp)
+          continue
+        except ConfigError as err:
+          message = str(err)
+        assert " 1 sequences" not in message, message
+        fixes = re.findall(r"--config\.train\.(batch_size|grad_accum_steps)=(\d+)", message)
+        assert fixes, message
+        for field, value in fixes:  # each alternative alone is a fix
+          c.train.update(**{"batch_size": batch, "grad_accum_steps": accum,
+                            field: int(value)})
+          sharding.validate_plan(c, dp)
+          checked += 1
+  assert checked > 100
