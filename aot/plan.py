@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import sys
 from typing import Any, Iterable, Sequence
 
 from tqdm.auto import tqdm
@@ -159,7 +160,8 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
 
   plans, floors, compiled = [], {}, 0
   bar = tqdm(candidates, desc=f"plan {topology}", disable=not progress,
-             dynamic_ncols=True)
+             dynamic_ncols=True,  # piped into a log: a line a minute, not a wall
+             mininterval=0.1 if sys.stderr.isatty() else 60)
   for mesh, remat, (micro, schedule), c in bar:
     bar.set_postfix_str(" ".join(f"{a}={s}" for a, s in mesh.items() if s > 1)
                         + f" remat={remat}"
