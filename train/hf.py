@@ -35,7 +35,7 @@ from train import run_config
 from train.checkpoint import Checkpointer, checkpoint_dir
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, param_shardings
-from train.tokenizer import make_tokenizer
+from train.tokenizer import make_tokenizer, tokenizer_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,9 +532,9 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
   if moe:
     config.model.moe.update(**moe)
   tokenizer, copied = os.path.join(hf_dir, "tokenizer.json"), []
-  given = config.data.tokenizer not in (None, "", "byte", "none")
+  given = tokenizer_file(config.data.tokenizer)
   if given:  # --config.data.tokenizer=PATH: the run keeps its own copy too
-    tokenizer = os.path.expanduser(str(config.data.tokenizer))
+    tokenizer = os.path.expanduser(given)
     if not os.path.isfile(tokenizer):
       raise ConfigError("data.tokenizer", f"there is no tokenizer file at {tokenizer}.",
                         "pass the path of the model's tokenizer.json.")
@@ -720,8 +720,8 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         spec.abstract_params)
   stops = stop_tokens(config.data)  # a config error before anything is written
-  tokenizer = config.data.tokenizer
-  if tokenizer not in (None, "", "byte", "none") and not os.path.isfile(str(tokenizer)):
+  tokenizer = tokenizer_file(config.data.tokenizer)
+  if tokenizer and not os.path.isfile(tokenizer):
     raise ConfigError("data.tokenizer", f"the run's tokenizer {tokenizer} is gone; the "
                       "export would have none.", "put the tokenizer.json back there "
                       "(or into the run directory, where a moved run looks for it).")

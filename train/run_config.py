@@ -23,6 +23,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from sharding import ConfigError
+from train.tokenizer import tokenizer_file
 
 FILE = "config.json"
 
@@ -37,18 +38,13 @@ def write(workdir: str, config: ConfigDict | dict) -> None:
   as a path relative to it."""
   data = json.loads(config.to_json()) if isinstance(config, ConfigDict) else config
   os.makedirs(workdir, exist_ok=True)
-  tokenizer = _tokenizer_file((data.get("data") or {}).get("tokenizer"))
+  tokenizer = tokenizer_file((data.get("data") or {}).get("tokenizer"))
   if tokenizer:
     full = os.path.abspath(os.path.expanduser(tokenizer))
     inside = os.path.relpath(full, os.path.abspath(workdir))
     data = {**data, "data": {**data["data"], "tokenizer": (
         full if inside.startswith(os.pardir) else inside)}}
   write_atomically(path(workdir), json.dumps(data, indent=2))
-
-
-def _tokenizer_file(value) -> str | None:
-  """`data.tokenizer` when it names a file (not byte, none or unset)."""
-  return value if isinstance(value, str) and value not in ("", "byte", "none") else None
 
 
 def write_atomically(file: str, text: str) -> None:
@@ -66,7 +62,7 @@ def read(workdir: str) -> dict[str, Any]:
   Raises FileNotFoundError if the run has none."""
   with open(path(workdir)) as f:
     data = json.load(f)
-  tokenizer = _tokenizer_file((data.get("data") or {}).get("tokenizer"))
+  tokenizer = tokenizer_file((data.get("data") or {}).get("tokenizer"))
   if tokenizer:
     here = os.path.join(os.path.abspath(workdir), "tokenizer.json")
     if not os.path.isabs(tokenizer):

@@ -6,6 +6,14 @@ import os
 
 import numpy as np
 
+# data.tokenizer values that name no file: the byte tokenizer, or token ids.
+BUILT_IN = (None, "", "byte", "none")
+
+
+def tokenizer_file(value) -> str | None:
+  """`data.tokenizer` when it names a tokenizer.json (not a BUILT_IN value)."""
+  return None if value in BUILT_IN else str(value)
+
 
 class ByteTokenizer:
   """UTF-8 bytes as ids 1..255; id 0 (NUL, absent from text) ends a document."""
