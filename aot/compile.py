@@ -360,10 +360,7 @@ def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
     compiled = lowered.compile(options) if options else lowered.compile()
     seconds = time.perf_counter() - start
     text = compiled.as_text()
-    received: dict[str, float] = {}
-    for c in costs_lib.analyze(text, sharding.AXES, shape).collectives:
-      key = ",".join(c.axes) or "?"
-      received[key] = received.get(key, 0.0) + c.received_bytes
+    received = _received_by_axes(costs_lib.analyze(text, sharding.AXES, shape))
     est = _schedule_estimate(text, chip, list(mesh.devices.flat), shape, slices, 0.0)
     if est.collectives.get("dcn_bytes", 0):  # send / recv between slices
       axes, dcn = _dcn_received(est, chip, shape, slices)
@@ -428,6 +425,16 @@ def _schedule_estimate(text: str, chip: Chip, devices, mesh_shape, slices: int,
   return schedule_lib.estimate(text, chip, torus, sharding.AXES, mesh_shape,
                                kernel_flops / calls if calls else 0.0,
                                "+".join(a for a in sharding.AXES if split[a] > 1))
+
+
+def _received_by_axes(costs) -> dict[str, float]:
+  """Bytes a device receives per step, by the mesh axes its collectives span
+  ("data", "data,fsdp", ...)."""
+  received: dict[str, float] = {}
+  for c in costs.collectives:
+    key = ",".join(c.axes) or "?"
+    received[key] = received.get(key, 0.0) + c.received_bytes
+  return received
 
 
 def _dcn_received(est: schedule_lib.Estimate, chip: Chip, mesh_shape, slices: int
@@ -576,10 +583,7 @@ def _report(topology, chip: Chip, what, sizes, n, memory, costs, model_flops,
                       count=c.count, bytes=c.bytes, received_bytes=c.received_bytes)
                  for c in costs.by_kind()]
   mfu = per_device_model / (chip.peak_flops * t["roofline"]) if t["roofline"] else 0
-  received: dict[str, float] = {}
-  for c in costs.collectives:
-    key = ",".join(c.axes) or "?"
-    received[key] = received.get(key, 0.0) + c.received_bytes
+  received = _received_by_axes(costs)
   return Report(topology, chip.name, what, sizes, n, memory, fits, costs.flops,
                 model_flops, costs.uncounted_kernels, costs.hbm_bytes, collectives,
                 t, xla, mfu, seconds, error, received_bytes=received,
