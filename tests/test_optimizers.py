@@ -512,6 +512,40 @@ def test_the_optimizer_line_says_the_schedule_the_run_follows(name):
     assert float(lr(last - 1)) > end
 
 
+def test_the_lines_say_the_clipping_and_options_in_force():
+  """From a trial of DGC ablations: with DGC's local clip off the line still said
+  "global-norm clip 1 per replica" (nothing clips then; with it on each replica
+  clips at clip_norm / sqrt(replicas)); "momentum masking" was listed without
+  momentum correction, where it does nothing; "warming up from 1/4" at a density
+  of 1/4 or more, where there is no warm-up; GaLore's projector and Muon's update
+  scaling, which change the update, were not named."""
+  from train.compression import Compression
+  from train.optimizer import describe
+  o = _optim("sgd")
+  o.clip_norm = 1.0
+  o.compression.update(method="dgc", density=0.01, warmup_steps=4)
+  assert "global-norm clip 1 / sqrt(replicas) = 0.5 per replica before DGC" in describe(
+      o, 10, replicas=4)
+  o.compression.update(local_clip=False, momentum_correction=False)
+  assert "; no clipping (DGC's local_clip is off);" in describe(o, 10, replicas=4)
+  line = Compression.from_config(o).describe(4)
+  assert "momentum masking" not in line and "warming up over 4 steps from 1/4" in line
+  o.compression.update(momentum_correction=True, density=0.5)
+  line = Compression.from_config(o).describe(4)
+  assert line.endswith("momentum correction; momentum masking")
+  assert "(no warm-up: the density is at least 1/4)" in line
+  o.compression.method = "none"
+  assert "; global-norm clip 1;" in describe(o, 10, replicas=4)
+  g = _optim("galore")
+  g.galore_projector = "svd"
+  assert "galore (rank " in describe(g, 10) and "svd projection every" in describe(g, 10)
+  m = _optim("muon")
+  m.muon_rms = 0.0
+  assert "width scaling sqrt(max(1, out/in))" in describe(m, 10)
+  m.muon_rms = 0.2
+  assert "update RMS 0.2 x sqrt(max(in, out))" in describe(m, 10)
+
+
 def test_galore_refresh_on_devices_sharing_cores_finishes(tmp_path):
   """llama_tiny with GaLore over fsdp=2 hung for good in its first refresh
   (XLA:CPU's thread pool deadlocked in a batched QR inside the refresh's

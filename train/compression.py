@@ -93,13 +93,16 @@ class Compression:
     """One line a run prints at its start: method, replicas, density and its
     warm-up, selection and the DGC/top-k options in force."""
     n = self.warmup_steps
-    warmup = f", warming up over {count(n, 'step')} from 1/4" if n else ""
+    warmup = (f", warming up over {count(n, 'step')} from 1/4" if n and self.density < 0.25
+              else " (no warm-up: the density is at least 1/4)" if n else "")
     select = ("exact top-k" if self.sample_fraction >= 1 else
               f"threshold from a {self.sample_fraction:g} sample")
     if self.method == "dgc":
+      # momentum masking acts on the per-replica momentum correction keeps
       options = [name.replace("_", " ") for name in
                  ("momentum_correction", "local_clip", "momentum_masking")
-                 if getattr(self, name)]
+                 if getattr(self, name) and (name != "momentum_masking"
+                                             or self.momentum_correction)]
     else:
       options = ["error feedback"] if self.error_feedback else []
     return (f"compression: {self.method} over mesh.data ({replicas} replicas), density "

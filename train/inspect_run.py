@@ -56,7 +56,8 @@ def _describe_training(config) -> list[str]:
   from train.compression import Compression
   from train.state import pipeline_from_config
   mesh = {a: max(int(config.mesh.get(a, 1)), 1) for a in sharding.AXES}
-  lines = [optimizer.describe(config.optim, config.train.steps)]
+  lines = [optimizer.describe(config.optim, config.train.steps,
+                              config.mesh.get("data"))]
   dl = diloco.DiLoCo.from_config(config, mesh["diloco"])
   if dl.enabled:
     lines.append(dl.describe())

@@ -109,7 +109,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   spec = model_spec(cfg, rules, pipeline_from_config(config, sizes))
   t = config.train
   lr = schedule(config.optim, t.steps)
-  _say(describe_optimizer(config.optim, t.steps))
+  _say(describe_optimizer(config.optim, t.steps, sizes["data"]))
   for note in (warmup_note(config.optim, t.steps), context_note(config)):
     if note:
       _say(note)

@@ -66,9 +66,10 @@ def warmup_note(optim_cfg, total_steps: int) -> str:
           f"{length // 10}) to choose")
 
 
-def describe(optim_cfg, total_steps: int) -> str:
+def describe(optim_cfg, total_steps: int, replicas: int | None = None) -> str:
   """One line saying what `make_optimizer(optim_cfg, total_steps)` does: the
-  update, which parameters take it, weight decay, clipping and the schedule."""
+  update, which parameters take it, weight decay, clipping and the schedule.
+  `replicas` (mesh.data): with DGC, the per-replica clip it implies."""
   o = optim_cfg
   length = o.decay_steps or total_steps
   warmup = _warmup(o, length)
@@ -77,17 +78,26 @@ def describe(optim_cfg, total_steps: int) -> str:
   update = {
       "adamw": adam,
       "sgd": f"sgd ({momentum})",
-      "muon": f"muon ({momentum}, {o.ns_steps} Newton-Schulz steps) on "
-              f"{o.matrices}, {adam} elsewhere",
+      "muon": f"muon ({momentum}, {o.ns_steps} Newton-Schulz steps, "
+              + (f"update RMS {o.muon_rms:g} x sqrt(max(in, out))" if o.muon_rms
+                 else "width scaling sqrt(max(1, out/in))")
+              + f") on {o.matrices}, {adam} elsewhere",
       "normuon": f"normuon (momentum {o.momentum:g}, b2 {o.normuon_b2:g}, {o.ns_steps} "
                  f"Newton-Schulz steps) on {o.matrices}, {adam} elsewhere",
-      "galore": f"galore (rank {o.galore_rank}, projection every "
+      "galore": f"galore (rank {o.galore_rank}, {o.galore_projector} projection every "
                 f"{_steps(o.galore_update_proj_gap)}, scale {o.galore_scale:g}) on "
                 f"{o.matrices}, {adam} elsewhere"}.get(o.name, o.name)
   clip = "no clipping"
-  if o.clip_norm:
-    clip = f"global-norm clip {o.clip_norm:g}" + (
-        " per replica before DGC" if Compression.from_config(o).method == "dgc" else "")
+  comp = Compression.from_config(o)
+  if o.clip_norm and comp.method != "dgc":
+    clip = f"global-norm clip {o.clip_norm:g}"
+  elif o.clip_norm and comp.local_clip:  # DGC clips each replica's gradient instead
+    per = (f" = {o.clip_norm / math.sqrt(replicas):.3g}" if replicas and replicas > 0
+           else "")  # (a saved mesh.data of -1 leaves the count unknown)
+    clip = (f"global-norm clip {o.clip_norm:g} / sqrt(replicas){per} per replica "
+            "before DGC")
+  elif o.clip_norm:
+    clip = "no clipping (DGC's local_clip is off)"
   state = "".join([f"; {o.state_dtype} state" if o.state_dtype != "float32" else "",
                    "; state in host memory" if o.offload == "host" else ""])
   return (f"optimizer: {update}; weight decay {o.weight_decay:g} except {o.no_decay}; "
