@@ -217,6 +217,16 @@ def test_warmup_densities_follow_the_paper():
   # A density above a stage's ends the ramp there.
   assert compression.Compression(density=0.05, warmup_steps=4).densities() == [
       0.25, 0.0625, 0.05]
+  # Fewer steps than stages take the first stages in order, none skipped (2 steps
+  # gave 1/4 then 1/64); and for any length the stages are equal to within a step.
+  for n in range(1, 13):
+    c = compression.Compression(method="dgc", density=1e-4, warmup_steps=n)
+    got = [c.density_at(s) for s in range(n)]
+    stages = sorted(set(got), reverse=True)
+    assert stages == [0.25 ** (i + 1) for i in range(min(4, n))], (n, got)
+    assert got == sorted(got, reverse=True)
+    runs = [got.count(d) for d in stages]
+    assert max(runs) - min(runs) <= 1, (n, got)
 
 
 @pytest.mark.parametrize("seed", range(3))

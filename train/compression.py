@@ -117,10 +117,12 @@ class Compression:
   def density_at(self, step: int) -> float:
     """The density at optimizer step `step`: during `warmup_steps`, four equal
     stages at 1/4, 1/16, 1/64 and 1/256 of the entries (the paper's 75%, 93.75%,
-    98.4%, 99.6% sparsity), never below `density`; then `density`."""
+    98.4%, 99.6% sparsity), never below `density`; then `density`. A warm-up of
+    fewer than 4 steps takes the first stages, a step each (none is skipped)."""
     if step >= self.warmup_steps:
       return self.density
-    stage = step * WARMUP_STAGES // self.warmup_steps
+    stages = min(WARMUP_STAGES, self.warmup_steps)
+    stage = step * stages // self.warmup_steps
     return max(self.density, 0.25 ** (stage + 1))
 
   def densities(self) -> list[float]:
