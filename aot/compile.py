@@ -366,9 +366,7 @@ def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
       axes, dcn = _dcn_received(est, chip, shape, slices)
       received[",".join(axes) + " (DCN)"] = dcn
     stats = compiled.memory_analysis()
-    total = float(stats.argument_size_in_bytes + stats.temp_size_in_bytes
-                  + stats.output_size_in_bytes - stats.alias_size_in_bytes
-                  + stats.generated_code_size_in_bytes)
+    total = sum(_compiled_memory(stats).values())
     out.append(dict(fragment=p, sync_every=dl.sync_every, seconds=est.seconds,
                     exposed_communication=est.exposed, received_bytes=received,
                     temporaries=float(stats.temp_size_in_bytes), total=total,
@@ -540,13 +538,18 @@ def _memory(args, what: str, compiled, chip: Chip, error: str) -> dict[str, floa
              outputs=math.nan, code=math.nan)
     m["total"] = m["arguments"] + m["temporaries"] + held
     return m
-  stats = compiled.memory_analysis()
-  m.update(arguments=float(stats.argument_size_in_bytes),
-           temporaries=float(stats.temp_size_in_bytes),
-           outputs=float(stats.output_size_in_bytes - stats.alias_size_in_bytes),
-           code=float(stats.generated_code_size_in_bytes))
+  m.update(_compiled_memory(compiled.memory_analysis()))
   m["total"] = m["arguments"] + m["temporaries"] + m["outputs"] + m["code"] + held
   return m
+
+
+def _compiled_memory(stats) -> dict[str, float]:
+  """A compiled program's bytes per device: arguments, temporaries, outputs not
+  aliased to arguments, and code (their sum: what it needs to run)."""
+  return dict(arguments=float(stats.argument_size_in_bytes),
+              temporaries=float(stats.temp_size_in_bytes),
+              outputs=float(stats.output_size_in_bytes - stats.alias_size_in_bytes),
+              code=float(stats.generated_code_size_in_bytes))
 
 
 def _refused_temporaries(error: str) -> float:

@@ -104,6 +104,12 @@ def copy_bandwidth(nbytes: int, reps: int = 10) -> float:
   return 2 * x.nbytes / time_call(lambda: add(x).block_until_ready(), reps)
 
 
+# The 21M-parameter Llama the training and decoding benchmarks time (d_model 512,
+# 4 layers, 8 heads, SwiGLU 1408, vocab 8192, untied).
+LLAMA_21M = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=8,
+                 head_dim=64, d_ff=1408, tie_embeddings=False)
+
+
 def train_matmul_floor(model: dict, *, batch: int, seq_len: int, reps: int) -> dict:
   """The projection and LM-head matmuls of one training step alone -> {seconds,
   flops}: for each weight [in, out] of `model` (a llama_config dict), the forward
@@ -224,15 +230,12 @@ def plain_llama_loss(params: dict, inputs, targets, *, model: dict, eps: float =
   import jax.numpy as jnp
   import optax
   batch, length = inputs.shape
-  heads, kv_heads, head_dim = model["num_heads"], model["num_kv_heads"], model["head_dim"]
+  head_dim = model["head_dim"]
   rope = _plain_rope(jnp.arange(length), head_dim, model.get("rope_theta", 10000.0))
   causal = jnp.tril(jnp.ones((length, length), bool))
   x = params["embed"][inputs].reshape(batch * length, -1)  # [tokens, d_model]
   for layer in params["layers"]:
-    h = _plain_rms(x, layer["attn_norm"], eps)
-    q = rope((h @ layer["q"]).reshape(batch, length, kv_heads, heads // kv_heads, head_dim))
-    k = rope((h @ layer["k"]).reshape(batch, length, kv_heads, head_dim))
-    v = (h @ layer["v"]).reshape(batch, length, kv_heads, head_dim)
+    q, k, v = _plain_qkv(x, layer, rope, (batch, length), model, eps)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) / jnp.sqrt(head_dim)
     p = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(batch * length, -1)
@@ -247,6 +250,18 @@ def _plain_rms(x, w, eps):
   import jax
   import jax.numpy as jnp
   return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def _plain_qkv(x, layer, rope, batch_length: tuple[int, int], model: dict, eps: float):
+  """The attention inputs of one layer from the residual x: q [batch, length,
+  kv_heads, group, head_dim] and k, v [batch, length, kv_heads, head_dim], q and k
+  rotated."""
+  kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
+  h = _plain_rms(x, layer["attn_norm"], eps)
+  q = rope((h @ layer["q"]).reshape(*batch_length, kv_heads, -1, head_dim))
+  k = rope((h @ layer["k"]).reshape(*batch_length, kv_heads, head_dim))
+  v = (h @ layer["v"]).reshape(*batch_length, kv_heads, head_dim)
+  return q, k, v
 
 
 def _plain_mlp(h, layer):
@@ -279,7 +294,7 @@ def plain_llama_greedy(model: dict, *, new: int, eps: float = 1e-6):
   every slot under a position mask (as rung's decoder does)."""
   import jax
   import jax.numpy as jnp
-  heads, kv_heads, head_dim = model["num_heads"], model["num_kv_heads"], model["head_dim"]
+  kv_heads, head_dim = model["num_kv_heads"], model["head_dim"]
   theta = model.get("rope_theta", 10000.0)
 
   def forward(params, tokens, start, caches):
@@ -291,10 +306,7 @@ def plain_llama_greedy(model: dict, *, new: int, eps: float = 1e-6):
     x = params["embed"][tokens]  # [batch, length, d_model]
     out = []
     for layer, (k_cache, v_cache) in zip(params["layers"], caches):
-      h = _plain_rms(x, layer["attn_norm"], eps)
-      q = rope((h @ layer["q"]).reshape(batch, length, kv_heads, heads // kv_heads, head_dim))
-      k = rope((h @ layer["k"]).reshape(batch, length, kv_heads, head_dim))
-      v = (h @ layer["v"]).reshape(batch, length, kv_heads, head_dim)
+      q, k, v = _plain_qkv(x, layer, rope, (batch, length), model, eps)
       k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3), (0, 0, start, 0))
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3), (0, 0, start, 0))
       s = jnp.einsum("bqhgd,bhkd->bhgqk", q, k_cache) / jnp.sqrt(head_dim).astype(q.dtype)

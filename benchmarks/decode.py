@@ -57,8 +57,7 @@ _LADDER = flags.DEFINE_bool("ladder", True, "also time the 2-process tensor=2 "
 flags.register_validator("dtypes", lambda v: bool(v) and set(v) <= set(DTYPES),
                          f"must name dtypes of {', '.join(DTYPES)}")
 PROMPT, NEW = 64, 128
-SHAPE = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8, num_kv_heads=8,
-             head_dim=64, d_ff=1408, tie_embeddings=False)
+SHAPE = common.LLAMA_21M
 
 
 def matmul_floor(model, batch: int, steps: int = NEW) -> float:
@@ -86,13 +85,7 @@ def matmul_floor(model, batch: int, steps: int = NEW) -> float:
     return jax.lax.fori_loop(0, steps, token, x)
 
   x = jnp.ones((batch, d), head.dtype)
-  run(x, mats, head).block_until_ready()
-  best = float("inf")
-  for _ in range(_REPS.value):
-    start = time.perf_counter()
-    run(x, mats, head).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return best
+  return best_time(lambda: run(x, mats, head).block_until_ready())[0]
 
 
 def main(argv):

@@ -28,8 +28,7 @@ from common import emit
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per measurement")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "skip the PyTorch peer")
 
-SHAPE_21M = dict(vocab_size=8192, d_model=512, num_layers=4, num_heads=8,
-                 num_kv_heads=8, head_dim=64, d_ff=1408, tie_embeddings=False)
+SHAPE_21M = common.LLAMA_21M
 
 
 def main(argv):

@@ -602,7 +602,8 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
                 "keeps them in 16 bits)")
   print(f"imported {family_of(cfg)} ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
-        f"rope: {rope_description(cfg)}; stop tokens: {_stops_line(stops, copied)}\n"
+        f"rope: {rope_description(cfg)}; stop tokens: "
+        f"{_stops_line(config.data, stops, copied)}\n"
         f"weights: {weights}\n"
         f"tokenizer: {tokens}\n"
         + (f"block: {cfg.block}: the imported weights run with another residual "
@@ -636,16 +637,17 @@ def _refuse_conflicting(config, fields: dict, set_fields: Sequence[str],
           f"another value, pass it to `train --config=experiments/saved.py:RUN`.")
 
 
-def _stops_line(stops: list[int], copied: list[tuple[str, str]]) -> str:
-  """What import-hf says the run stops on: config.json's eos ids, else its
-  tokenizer's end-of-text token, else none."""
+def _stops_line(data_cfg, stops: list[int], copied: list[tuple[str, str]]) -> str:
+  """What import-hf says the run stops on: config.json's eos ids, else what
+  `stop_tokens` finds with the tokenizer being copied (its end-of-text token),
+  else none."""
   if stops:
     return str(stops)
   if copied:
     from train.tokenizer import HFTokenizer
-    eos = HFTokenizer(copied[0][0], require_eos=False).eos_id
-    if eos is not None:
-      return f"[{eos}] (the tokenizer's end-of-text token)"
+    found = stop_tokens(data_cfg, HFTokenizer(copied[0][0], require_eos=False))
+    if found:
+      return f"{found} (the tokenizer's end-of-text token)"
   return ("none (generation runs to --max_new_tokens; --config.data.eos_id=ID "
           "sets one)")
 
