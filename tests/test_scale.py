@@ -56,8 +56,11 @@ def state_shardings_of(abstract):
 
 
 def test_compile_time_does_not_grow_with_depth():
-  t2, hlo2 = _compile_train_step(2)
-  t16, hlo16 = _compile_train_step(16)
+  # Each depth compiled twice, interleaved, its faster time kept: one compile next
+  # to the other pytest worker's heaviest test missed the bound by 10 ms in CI.
+  # (A new lowering each time: nothing is served from a compile cache.)
+  (t2, hlo2), (t16, hlo16) = _compile_train_step(2), _compile_train_step(16)
+  t2, t16 = min(t2, _compile_train_step(2)[0]), min(t16, _compile_train_step(16)[0])
   # Layers are scanned: the program is the same size whatever the depth...
   assert abs(len(hlo16) - len(hlo2)) < 0.05 * len(hlo2), (len(hlo2), len(hlo16))
   # ...and so is its compile time (generous bound; 8x the layers unrolled would be
