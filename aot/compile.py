@@ -57,7 +57,7 @@ from aot import schedule as schedule_lib
 from infer import decode
 from infer.kv_cache import cache_struct
 from model import ModelConfig, flops as flops_lib
-from sharding import ConfigError
+from sharding import ConfigError, MeshTooLarge
 from sharding.chips import Chip, chip_for_topology, topology_name
 from train.compression import Compression
 from train.diloco import DiLoCo, Fragments, make_sync
@@ -275,12 +275,9 @@ def compile_step(config, topology: str, what: str = "train",
   chip = chip_for_topology(topology).per_device(devices_per_chip(devices))
   try:
     sizes = validate_config(config, len(devices))
-  except ConfigError as err:  # the mesh's fix knows hosts, not topologies
-    if "XLA_FLAGS" not in err.fix:
-      raise
-    raise ConfigError(err.field, err.problem, err.fix.split("; on a CPU host")[0]
-                      + f"; or compile for a larger --topology than {topology}."
-                      ) from None
+  except MeshTooLarge as err:  # the mesh's hint knows hosts, not topologies
+    raise err.elsewhere(f"or compile for a larger --topology than {topology}"
+                        ) from None
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.normalize_rules(config.mesh.rules)
   cfg = ModelConfig.from_config(config.model)

@@ -36,6 +36,29 @@ class ConfigError(ValueError):
     return cls(field, f"{value!r} is not one of {', '.join(allowed)}.", fix)
 
 
+class MeshTooLarge(ConfigError):
+  """A mesh that asks for more devices than there are. `fix` changes the mesh;
+  `hint` says how to get `wanted` devices instead (by default on a CPU host, where
+  XLA can split the CPU into that many); `elsewhere` swaps the hint for another
+  (a deviceless compile's is a larger topology)."""
+
+  def __init__(self, field: str, problem: str, fix: str, wanted: int,
+               hint: str | None = None):
+    self.mesh_fix, self.wanted = fix.rstrip("."), wanted
+    self.hint = hint if hint is not None else (
+        f"on a CPU host, XLA_FLAGS=--xla_force_host_platform_device_count={wanted} "
+        f"set before starting splits the CPU into {wanted} devices to try this mesh")
+    super().__init__(field, problem, f"{self.mesh_fix}; {self.hint}.")
+
+  def elsewhere(self, hint: str) -> "MeshTooLarge":
+    """The same error with `hint` in place of the CPU host's."""
+    return MeshTooLarge(self.field, self.problem, self.mesh_fix, self.wanted, hint)
+
+  def with_fix(self, fix: str) -> "MeshTooLarge":
+    """The same error and hint with another fix."""
+    return MeshTooLarge(self.field, self.problem, fix, self.wanted, self.hint)
+
+
 def closest(value: Any, allowed: Sequence[str]) -> str | None:
   """The entry of `allowed` that `value` most likely meant: the same letters in
   another case, else difflib's nearest (ratio >= 0.6); None when none is near."""

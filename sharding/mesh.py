@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from sharding.errors import ConfigError
+from sharding.errors import ConfigError, MeshTooLarge
 from sharding.report import count
 
 # Outer to inner. `tensor` is innermost: it communicates most, so it gets the
@@ -50,14 +50,12 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
       shape = ",".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
       what = (f"the mesh ({shape}) has {devices_phrase(product)} but {num_devices} "
               f"{'is' if num_devices == 1 else 'are'} available.")
-    cpu = (f"; on a CPU host, XLA_FLAGS=--xla_force_host_platform_device_count="
-           f"{product} set before starting splits the CPU into {product} devices to "
-           "try this mesh" if product > num_devices and not fill else "")
-    raise ConfigError(
-        f"mesh.{named}", what,
-        "pass " + " ".join(f"--config.mesh.{a}={v}" for a, v in fix.items())
-        + f" (the mesh axes must multiply to {num_devices}; -1 on one axis takes "
-        f"the devices the others leave){cpu}.")
+    fix = ("pass " + " ".join(f"--config.mesh.{a}={v}" for a, v in fix.items())
+           + f" (the mesh axes must multiply to {num_devices}; -1 on one axis takes "
+           "the devices the others leave)")
+    if product > num_devices and not fill:
+      raise MeshTooLarge(f"mesh.{named}", what, fix, wanted=product)
+    raise ConfigError(f"mesh.{named}", what, fix + ".")
   return sizes
 
 

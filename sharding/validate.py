@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from sharding.errors import ConfigError
+from sharding.errors import ConfigError, MeshTooLarge
 from sharding.mesh import AXES, devices_phrase, largest_divisor, resolve_shape
 from sharding.report import count
 from sharding.rules import normalize_rules, split_size
@@ -84,10 +84,12 @@ def validate_serving_plan(config: Any, num_devices: int) -> dict[str, int]:
     if not counts or config.mesh.get(axis, 1) < 1:
       raise
     divides = " and ".join(f"{field}={n}" for field, n in counts.items())
-    raise ConfigError(err.field, err.problem,
-                      f"pass {axis_fix(config, axis, counts.values(), num_devices)} "
-                      f"(mesh.{axis} must divide {divides} as well as fit "
-                      f"{devices_phrase(num_devices)}).") from None
+    fix = (f"pass {axis_fix(config, axis, counts.values(), num_devices)} "
+           f"(mesh.{axis} must divide {divides} as well as fit "
+           f"{devices_phrase(num_devices)})")
+    if isinstance(err, MeshTooLarge):
+      raise err.with_fix(fix) from None
+    raise ConfigError(err.field, err.problem, fix + ".") from None
   rules = dict(table)
   m = config.model
   # Every rule that splits a head count it does not divide, so the fix that

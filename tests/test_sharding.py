@@ -187,6 +187,13 @@ def test_serving_plans_ignore_the_training_batch_and_length():
   with pytest.raises(ConfigError) as err:
     sharding.validate_serving_plan(c, 8)
   assert err.value.field.startswith(("model.num", "mesh."))
+  # A serving mesh larger than the host: the fix divides the heads too, and the
+  # CPU host's hint to get the devices stays (it was dropped).
+  c.mesh.update(data=1, sequence=1, tensor=16)
+  with pytest.raises(sharding.MeshTooLarge) as err:
+    sharding.validate_serving_plan(c, 8)
+  assert "must divide model.num_heads" in err.value.fix, err.value
+  assert "XLA_FLAGS=--xla_force_host_platform_device_count=16 " in str(err.value)
 
 
 def test_dimensions_the_mesh_does_not_divide_are_reported_as_unsplit():
