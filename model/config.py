@@ -333,7 +333,7 @@ def validate_moe(m: ModelConfig) -> None:
                       "set --config.model.moe.top_k to e.g. 1 or 2.")
   if moe.dispatch not in DISPATCH:
     raise ConfigError.choice("model.moe.dispatch", moe.dispatch, DISPATCH)
-  if moe.capacity_factor <= 0:
+  if moe.dispatch == "capacity" and moe.capacity_factor <= 0:  # dropless: unread
     raise ConfigError("model.moe.capacity_factor", f"must be positive, got "
                       f"{moe.capacity_factor}.", "set e.g. 1.25 (1.0: no slack).")
   for field in ("aux_loss_weight", "z_loss_weight"):

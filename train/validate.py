@@ -14,10 +14,14 @@ from sharding import ConfigError
 from model import pipeline
 from train import compression, data, diloco, galore, matrices, optimizer
 from train.state import model_spec
+from train.unread import read
 
 
 def _positive(config, fields: list[str], minimum: float = 1) -> None:
+  """Each of `fields` the run reads (`train.unread.read`) is at least `minimum`."""
   for path in fields:
+    if not read(config, path):
+      continue
     group, name = path.split(".")
     value = config[group][name]
     if value < minimum:
@@ -86,7 +90,8 @@ def _validate_optim(config) -> None:
   _choice("optim.name", o.name, optimizer.NAMES)
   _choice("optim.state_dtype", o.state_dtype, optimizer.STATE_DTYPES)
   _choice("optim.offload", o.offload, optimizer.OFFLOADS)
-  _choice("optim.galore_projector", o.galore_projector, galore.PROJECTORS)
+  if read(config, "optim.galore_projector"):
+    _choice("optim.galore_projector", o.galore_projector, galore.PROJECTORS)
   if o.offload == "host":
     kinds = host_memory_kinds()
     if optimizer.HOST not in kinds:
@@ -95,10 +100,11 @@ def _validate_optim(config) -> None:
           f"no {optimizer.HOST!r} memory (its memory kinds: {', '.join(kinds)}).",
           "set --config.optim.offload=none, or run on a backend with host memory "
           "(TPU, GPU).")
-  # decay rates in [0, 1), each with the value its fix suggests
+  # decay rates in [0, 1), each with the value its fix suggests (a field the
+  # optimizer does not read is not checked: its fix would be refused)
   for field, usual in (("momentum", 0.95), ("normuon_b2", 0.95), ("b1", 0.9),
                        ("b2", 0.95)):
-    if not 0 <= o[field] < 1:
+    if read(config, f"optim.{field}") and not 0 <= o[field] < 1:
       raise ConfigError(f"optim.{field}", f"must be in [0, 1), got {o[field]}.",
                         f"set --config.optim.{field}={usual}.")
   if not 0 <= o.min_lr_ratio <= 1:
@@ -109,6 +115,8 @@ def _validate_optim(config) -> None:
   for field, low, usual in (("eps", "positive", 1e-8), ("galore_scale", "positive",
                                                         0.25),
                             ("muon_rms", "at least 0 (0: width scaling)", 0.2)):
+    if not read(config, f"optim.{field}"):
+      continue
     if o[field] < 0 or (o[field] == 0 and low == "positive"):
       raise ConfigError(f"optim.{field}", f"must be {low}, got {o[field]}.",
                         f"set --config.optim.{field}={usual}.")
@@ -119,6 +127,8 @@ def _validate_optim(config) -> None:
   _positive(config, ["optim.ns_steps", "optim.galore_rank",
                      "optim.galore_update_proj_gap"])
   for field in ("matrices", "no_decay"):
+    if not read(config, f"optim.{field}"):
+      continue
     try:
       matrices.patterns(o[field])
     except re.error as e:
@@ -273,19 +283,20 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
   stages = sizes.get("stage", 1)
   if p is None:
     p = {"microbatches": 1, "schedule": "gpipe", "repeats": 1}
-  _choice("pipeline.schedule", p["schedule"], pipeline.SCHEDULES)
+  if read(config, "pipeline.schedule"):
+    _choice("pipeline.schedule", p["schedule"], pipeline.SCHEDULES)
   for field in ("microbatches", "repeats"):
-    if p[field] < 1:
+    if read(config, f"pipeline.{field}") and p[field] < 1:
       raise ConfigError(f"pipeline.{field}", f"must be at least 1, got {p[field]}.",
                         f"set --config.pipeline.{field}=1 or more.")
   m, r = p["microbatches"], p["repeats"]
+  if stages == 1 and m == 1:  # no pipeline: schedule and repeats are not read
+    return
   if r > 1 and p["schedule"] != "circular":
     raise ConfigError(
         "pipeline.repeats", f"is {r} with schedule={p['schedule']!r}: only the "
         "circular schedule gives a stage several groups of layers.",
         "set --config.pipeline.schedule=circular, or --config.pipeline.repeats=1.")
-  if stages == 1 and m == 1:
-    return
   rules = dict(sharding.normalize_rules(config.mesh.rules))
   if stages > 1 and tuple(rules.get("layers", ())) != ("stage",):
     raise ConfigError(
@@ -381,7 +392,7 @@ def _validate_diloco(config, sizes: dict[str, int]) -> None:
     raise ConfigError("diloco.outer_momentum",
                       f"must be in [0, 1), got {d.outer_momentum}.",
                       "set --config.diloco.outer_momentum=0.9.")
-  if not 0 <= d.alpha <= 1:
+  if read(config, "diloco.alpha") and not 0 <= d.alpha <= 1:
     raise ConfigError("diloco.alpha", f"must be in [0, 1], got {d.alpha}.",
                       "set --config.diloco.alpha=0.5.")
   if d.sync_every % d.fragments:

@@ -1,0 +1,255 @@
+"""Config fields a run does not read (`train.unread`): each rule is checked against
+what the code computes (changing the field under the rule's condition leaves the
+optimizer's updates, the compression exchange, the rotary frequencies or the
+logits bit-identical, and changes them where the field is read); an override of
+such a field is refused before anything compiles, with a fix that makes it act;
+validation never asks for a value of a field the run does not read."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import sharding
+from conftest import REPO, make_tiny_config
+from sharding import ConfigError
+from train import compression as comp_lib
+from train.unread import RULES, read, unread_override
+
+# A value each field can take that differs from experiments/base.py's default.
+OTHER = {"optim.momentum": 0.5, "optim.nesterov": False, "optim.ns_steps": 3,
+         "optim.muon_rms": 0.0, "optim.normuon_b2": 0.5, "optim.galore_rank": 1,
+         "optim.galore_update_proj_gap": 1, "optim.galore_projector": "svd",
+         "optim.galore_scale": 0.5, "optim.b1": 0.5, "optim.b2": 0.5,
+         "optim.eps": 1e-3, "optim.matrices": r"mlp/up$"}
+# For each optimizer field: (an optimizer that does not read it, one that does).
+OPTIMIZERS = {"optim.momentum": ("adamw", "sgd"), "optim.nesterov": ("normuon", "muon"),
+              "optim.ns_steps": ("galore", "normuon"),
+              "optim.muon_rms": ("normuon", "muon"),
+              "optim.normuon_b2": ("muon", "normuon"),
+              "optim.galore_rank": ("muon", "galore"),
+              "optim.galore_update_proj_gap": ("normuon", "galore"),
+              "optim.galore_projector": ("adamw", "galore"),
+              "optim.galore_scale": ("sgd", "galore"), "optim.b1": ("sgd", "adamw"),
+              "optim.b2": ("sgd", "normuon"), "optim.eps": ("sgd", "adamw"),
+              "optim.matrices": ("adamw", "muon")}
+
+
+def _config(**fields):
+  c = make_tiny_config()
+  for path, value in fields.items():
+    *groups, name = path.split(".")
+    node = c
+    for g in groups:
+      node = node[g]
+    node[name] = value
+  return c
+
+
+def test_every_optimizer_rule_is_what_the_update_does():
+  """Under the optimizer that does not read a field, changing it leaves two
+  updates bit-identical; under one that reads it, they change. The rule agrees
+  with both (and every optimizer field of RULES is covered)."""
+  from test_optimizers import SHAPES, _optim, _run_jax
+  rng = np.random.default_rng(0)
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+  grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+           for _ in range(2)]
+  ruled = {f for r in RULES for f in r.fields if f.startswith("optim.")
+           and not f.startswith("optim.compression.")}
+  assert ruled == set(OPTIMIZERS)
+  base = {}
+  for field, (unread_by, read_by) in OPTIMIZERS.items():
+    name = field.split(".")[1]
+    for opt, expect_read in ((unread_by, False), (read_by, True)):
+      assert read(_config(**{"optim.name": opt}), field) == expect_read, (field, opt)
+      if opt not in base:
+        base[opt] = _run_jax(_optim(opt), params, grads)
+      o = _optim(opt)
+      o[name] = OTHER[field]
+      changed = _run_jax(o, params, grads)
+      same = all(np.array_equal(a[k], b[k]) for a, b in zip(base[opt], changed)
+                 for k in a)
+      assert same == (not expect_read), (field, opt)
+
+
+def _exchange(**kw):
+  """One DGC/top-k replica step (2 replicas) twice in a row -> what was sent and
+  the state, as NumPy."""
+  c = comp_lib.Compression(**{"method": "dgc", "density": 0.25, "momentum": 0.9,
+                              "clip_norm": 0.5, **kw})
+  rng = np.random.default_rng(1)
+  grads = {"w": jnp.asarray(rng.normal(size=(4, 16)), jnp.float32)}
+  state = jax.tree.map(lambda x: x[0], comp_lib.init_state(c, grads, 2))
+  out = []
+  with jax.set_mesh(sharding.make_mesh(dict(data=1), jax.devices()[:1])):
+    for i in range(2):
+      sent, state = comp_lib.replica_step(c, grads, state, 0.25, jax.random.key(i),
+                                          {"w": 1}, 2)
+      out.append(jax.tree.map(np.asarray, (sent, state)))
+  return out
+
+
+def _same(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("field,flip,where,unread", [
+    ("momentum_correction", dict(momentum_correction=False), dict(method="topk"), True),
+    ("momentum_correction", dict(momentum_correction=False), {}, False),
+    ("local_clip", dict(local_clip=False), dict(method="topk"), True),
+    ("local_clip", dict(local_clip=False), dict(clip_norm=0.0), True),
+    ("local_clip", dict(local_clip=False), {}, False),
+    ("momentum_masking", dict(momentum_masking=False), dict(method="topk"), True),
+    ("momentum_masking", dict(momentum_masking=False),
+     dict(momentum_correction=False), True),
+    ("momentum_masking", dict(momentum_masking=False), {}, False),
+])
+def test_every_compression_rule_is_what_the_exchange_does(field, flip, where, unread):
+  """A DGC option under top-k, momentum masking without momentum correction and
+  the local clip without optim.clip_norm leave the exchange bit-identical; under
+  DGC each changes it. The rule says the same of the config."""
+  assert _same(_exchange(**where), _exchange(**where, **flip)) == unread
+  fields = {f"optim.compression.{k}": v for k, v in where.items() if k != "clip_norm"}
+  c = _config(**{"optim.name": "sgd", "optim.compression.method": "dgc",
+                 "optim.clip_norm": where.get("clip_norm", 1.0), **fields})
+  assert read(c, f"optim.compression.{field}") == (not unread)
+
+
+@pytest.mark.parametrize("rope_type", ["default", "linear", "llama3", "yarn"])
+def test_every_rope_rule_is_what_the_frequencies_are(rope_type):
+  """A rope field the rule calls unread leaves inv_freq and the cos/sin scale
+  bit-identical under this rope_type; one it calls read changes them."""
+  from model import ModelConfig
+  base = dict(rope_type=rope_type, rope_factor=8.0, rope_original_max_positions=4096,
+              head_dim=16)
+  other = dict(rope_factor=4.0, rope_low_freq_factor=2.0, rope_high_freq_factor=8.0,
+               rope_original_max_positions=1024, rope_beta_fast=16.0, rope_beta_slow=4.0,
+               rope_attention_factor=1.5)
+
+  def rotary(**kw):
+    r = ModelConfig(**{**base, **kw}).rotary
+    return r.inv_freq(16), r.scale
+
+  for name, value in other.items():
+    a, b = rotary(), rotary(**{name: value})
+    same = np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert read(_config(**{"model.rope_type": rope_type}), f"model.{name}") != same, (
+        rope_type, name)
+
+
+def _logits(**moe):
+  from model import Decoder, ModelConfig
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2,
+                    num_kv_heads=2, head_dim=8, d_ff=32, moe=dict(moe))
+  m = Decoder(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 12)), jnp.int32)
+  return np.asarray(m(tokens))
+
+
+def test_every_moe_rule_is_what_the_model_computes():
+  """A dense model's logits do not move with any model.moe field; a dropless
+  model's do not move with capacity_factor, a capacity-dispatch model's do."""
+  other = dict(top_k=1, every_k_layers=2, capacity_factor=0.5, shared_expert=True,
+               aux_loss_weight=0.5, z_loss_weight=0.5, dispatch="dropless",
+               renormalize=True)
+  dense = _logits()
+  for name, value in other.items():
+    assert read(_config(), f"model.moe.{name}") is False
+    np.testing.assert_array_equal(_logits(**{name: value}), dense, err_msg=name)
+  for dispatch, unread in (("dropless", True), ("capacity", False)):
+    moe = dict(num_experts=4, top_k=2, dispatch=dispatch)
+    same = np.array_equal(_logits(**moe), _logits(**moe, capacity_factor=0.25))
+    assert same == unread
+    assert read(_config(**{f"model.moe.{k}": v for k, v in moe.items()}),
+                "model.moe.capacity_factor") == (not unread)
+
+
+def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
+  """For every rule and field: an override under the rule's condition is refused
+  naming the field; applying the fix's own flags makes the field read (so the fix
+  works), and an override of a field the run reads is not refused."""
+  where = {  # a config under each rule's condition, from the tiny config
+      0: {}, 1: {"optim.compression.method": "topk"},
+      2: {"optim.name": "sgd", "optim.compression.method": "dgc",
+          "optim.compression.momentum_correction": False},
+      3: {"optim.name": "sgd", "optim.compression.method": "dgc",
+          "optim.clip_norm": 0.0},
+      4: {}, 5: {}, 6: {}, 7: {}, 8: {}, 9: {}, 10: {"optim.name": "sgd"}, 11: {},
+      12: {}, 13: {"mesh.diloco": 2}, 14: {}, 15: {},
+      16: {"model.moe.num_experts": 4, "model.moe.dispatch": "dropless"},
+      17: {}, 18: {}, 19: {}, 20: {}, 21: {"data.source": "jsonl"},
+      22: {"data.source": "synthetic"}, 23: {}}
+  assert set(where) == set(range(len(RULES)))
+  for i, rule in enumerate(RULES):
+    config = _config(**where[i])
+    if i == 21:  # a mixture replaces data.source / data.path
+      from ml_collections import ConfigDict
+      config.data.mixture = ConfigDict({"web": dict(source="jsonl", path="a.jsonl",
+                                                    weight=1.0)})
+    assert rule.unread(config), i
+    for field in rule.fields:
+      err = unread_override(config, ["train.steps", field])
+      assert isinstance(err, ConfigError) and err.field == field, (i, field)
+      assert f"drop --config.{field}" in err.fix
+      flags = re.findall(r"--config\.([\w.]+)=(\S+?)[),]?(?:\s|$)", err.fix)
+      flags = [(k, v) for k, v in flags if k != field]
+      if not flags:  # the mixture: set in a config file
+        assert "data.mixture" in err.fix
+        continue
+      defaults = make_tiny_config()
+      overrides = dict(where[i])
+      for key, value in flags:  # parsed as the default's type, as the CLI does
+        leaf = defaults
+        for g in key.split("."):
+          leaf = leaf[g]
+        overrides[key] = (value == "true" if isinstance(leaf, bool)
+                          else type(leaf)(value))
+      assert read(_config(**overrides), field), (i, field, err.fix)
+  assert unread_override(_config(), ["optim.b1", "model.rope_theta"]) is None
+
+
+@pytest.mark.parametrize("field,bad,where", [
+    ("optim.momentum", 1.5, {}), ("optim.galore_rank", 0, {}),
+    ("optim.galore_projector", "qr", {}), ("optim.ns_steps", 0, {}),
+    ("optim.muon_rms", -1.0, {}), ("optim.b2", 1.0, {"optim.name": "sgd"}),
+    ("optim.matrices", "(", {}), ("diloco.alpha", 2.0, {}),
+    ("diloco.alpha", 2.0, {"mesh.diloco": 2}),
+    ("pipeline.schedule", "zigzag", {}), ("pipeline.repeats", 0, {}),
+    ("train.eval_steps", -1, {}),
+    ("model.moe.capacity_factor", 0.0, {"model.moe.num_experts": 4,
+                                        "model.moe.dispatch": "dropless"}),
+])
+def test_validation_leaves_unread_fields_alone(field, bad, where):
+  """A value that would be refused where the field is read passes where it is
+  not (otherwise the error's fix, an override of the field, would be refused as
+  unread, and the user could satisfy neither)."""
+  from train.validate import validate_config
+  c = _config(**where, **{field: bad})
+  assert not read(c, field)
+  validate_config(c, 2)
+
+
+def test_the_launcher_refuses_an_unread_override_before_compiling(tmp_path):
+  """`train` with a DGC option under top-k exits 2 with the field and the fix,
+  and writes nothing to the workdir."""
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiment", "train",
+       "--config=experiments/llama_tiny.py", f"--workdir={workdir}",
+       "--config.optim.compression.method=topk",
+       "--config.optim.compression.momentum_masking=false"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert ("Config error in `optim.compression.momentum_masking`: "
+          "--config.optim.compression.momentum_masking is set but this run never "
+          "reads it: it is a DGC option, and optim.compression.method is 'topk'."
+          in proc.stderr), proc.stderr
+  assert "--config.optim.compression.method=dgc" in proc.stderr
+  assert not workdir.exists()

@@ -1,0 +1,192 @@
+"""Config fields a run does not read, given the rest of its config.
+
+A field set on the command line that nothing reads under the rest of the config
+(a DGC option under top-k compression, GaLore's rank under AdamW, a DiLoCo field
+with one replica, a yarn parameter under default RoPE) changes nothing: an ablation
+that sets it trains the baseline again. The launcher refuses such an override
+before anything compiles (`unread_override`), as it refuses a launcher flag the
+command does not read. Config files may set such fields (a config's defaults
+cannot be told from choices); only command-line overrides are checked.
+
+Each rule below restates a condition in the code that reads the field (named in
+its comment); `tests/test_unread.py` checks, for the optimizer, compression and
+model rules, that changing the field under the rule's condition leaves the
+update or the logits bit-identical and changes them where the field is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+from sharding import ConfigError
+
+_COMP = "optim.compression."
+_ROPE = "model.rope_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """`fields` are not read when `unread(config)`; `why` says what reads them and
+  what this config has instead; `fix` is the flags that make them act (or a
+  function of the config giving them)."""
+  fields: tuple[str, ...]
+  unread: Callable
+  why: Callable[..., str]
+  fix: str | Callable[..., str]
+
+
+def _optimizers(*names: str) -> Callable:
+  return lambda c: c.optim.name not in names
+
+
+def _name_why(*names: str) -> Callable[..., str]:
+  return lambda c: (f"only {' and '.join(names)} read it, and optim.name is "
+                    f"{c.optim.name!r}")
+
+
+def _method(c) -> str:
+  return c.optim.compression.method
+
+
+RULES: tuple[Rule, ...] = (
+    # train/compression.py: nothing runs with method=none.
+    Rule(tuple(_COMP + f for f in ("density", "warmup_steps", "sample_fraction",
+                                   "error_feedback")),
+         lambda c: _method(c) == "none",
+         lambda c: "it configures gradient compression, and "
+                   "optim.compression.method is 'none'",
+         f"--config.{_COMP}method=topk (or dgc)"),
+    # compression.replica_step: local clip and momentum only under dgc.
+    Rule(tuple(_COMP + f for f in ("momentum_correction", "local_clip",
+                                   "momentum_masking")),
+         lambda c: _method(c) != "dgc",
+         lambda c: f"it is a DGC option, and optim.compression.method is "
+                   f"{_method(c)!r}",
+         f"--config.{_COMP}method=dgc (with --config.optim.name=sgd)"),
+    Rule((_COMP + "momentum_masking",),
+         lambda c: _method(c) == "dgc" and not c.optim.compression.momentum_correction,
+         lambda c: "it masks the per-replica momentum that momentum_correction keeps, "
+                   "and momentum_correction is false",
+         f"--config.{_COMP}momentum_correction=true"),
+    Rule((_COMP + "local_clip",),
+         lambda c: _method(c) == "dgc" and not c.optim.clip_norm,
+         lambda c: "it clips each replica at optim.clip_norm / sqrt(replicas), and "
+                   "optim.clip_norm is 0",
+         "--config.optim.clip_norm=1.0"),
+    # train/optimizer.py: which update reads which field.
+    Rule(("optim.momentum",), _optimizers("sgd", "muon", "normuon"),
+         _name_why("sgd", "muon", "normuon"), "--config.optim.name=sgd (or muon)"),
+    Rule(("optim.nesterov",), _optimizers("sgd", "muon"), _name_why("sgd", "muon"),
+         "--config.optim.name=sgd (or muon)"),
+    Rule(("optim.ns_steps",), _optimizers("muon", "normuon"),
+         _name_why("muon", "normuon"), "--config.optim.name=muon (or normuon)"),
+    Rule(("optim.muon_rms",), _optimizers("muon"), _name_why("muon"),
+         "--config.optim.name=muon"),
+    Rule(("optim.normuon_b2",), _optimizers("normuon"), _name_why("normuon"),
+         "--config.optim.name=normuon"),
+    Rule(("optim.galore_rank", "optim.galore_update_proj_gap",
+          "optim.galore_projector", "optim.galore_scale"),
+         _optimizers("galore"), _name_why("galore"), "--config.optim.name=galore"),
+    Rule(("optim.b1", "optim.b2", "optim.eps"), lambda c: c.optim.name == "sgd",
+         lambda c: "AdamW (and NorMuon) read it, and optim.name is 'sgd'",
+         "--config.optim.name=adamw"),
+    Rule(("optim.matrices",), _optimizers("muon", "normuon", "galore"),
+         _name_why("muon", "normuon", "galore"), "--config.optim.name=muon"),
+    # train/diloco.py: DiLoCo runs only over more than one replica.
+    Rule(("diloco.sync_every", "diloco.outer_lr", "diloco.outer_momentum",
+          "diloco.nesterov", "diloco.fragments", "diloco.overlap_steps",
+          "diloco.outer_dtype"),
+         lambda c: c.mesh.diloco == 1,
+         lambda c: "it configures DiLoCo, and mesh.diloco is 1 (one replica)",
+         "--config.mesh.diloco=2 (or more)"),
+    Rule(("diloco.alpha",), lambda c: c.mesh.diloco == 1 or not c.diloco.overlap_steps,
+         lambda c: "it weighs the local fragment of an overlapped exchange, and "
+                   + ("mesh.diloco is 1 (one replica)" if c.mesh.diloco == 1 else
+                      "diloco.overlap_steps is 0 (blocking)"),
+         lambda c: "--config.diloco.overlap_steps=1" + (
+             " --config.mesh.diloco=2" if c.mesh.diloco == 1 else "")),
+    # model/pipeline.py (Pipeline.active). (repeats > 1 without the circular
+    # schedule is refused by validation, whose fix is repeats=1.)
+    Rule(("pipeline.schedule", "pipeline.repeats"),
+         lambda c: c.mesh.stage == 1 and c.pipeline.microbatches == 1,
+         lambda c: "it configures the pipeline, and mesh.stage and "
+                   "pipeline.microbatches are 1",
+         "--config.mesh.stage=2 (or more)"),
+    # model/moe.py: a dense model has no router.
+    Rule(tuple(f"model.moe.{f}" for f in (
+        "top_k", "every_k_layers", "capacity_factor", "shared_expert",
+        "aux_loss_weight", "z_loss_weight", "dispatch", "renormalize")),
+         lambda c: not c.model.moe.num_experts,
+         lambda c: "it configures mixture-of-experts layers, and "
+                   "model.moe.num_experts is 0 (dense)",
+         "--config.model.moe.num_experts=8 (or another count)"),
+    Rule(("model.moe.capacity_factor",),
+         lambda c: c.model.moe.dispatch == "dropless",
+         lambda c: "it sizes capacity dispatch, and model.moe.dispatch is 'dropless'",
+         "--config.model.moe.dispatch=capacity"),
+    # model/rotary.py (inv_frequencies, Rotary.scale) and train/hf.py (_rope_params).
+    Rule((_ROPE + "factor",), lambda c: c.model.rope_type == "default",
+         lambda c: "default RoPE has no scaling factor", "--config.model.rope_type=llama3 "
+         "(or linear, yarn)"),
+    Rule((_ROPE + "low_freq_factor", _ROPE + "high_freq_factor"),
+         lambda c: c.model.rope_type != "llama3",
+         lambda c: f"only rope_type=llama3 reads it, and model.rope_type is "
+                   f"{c.model.rope_type!r}", "--config.model.rope_type=llama3"),
+    Rule((_ROPE + "original_max_positions",),
+         lambda c: c.model.rope_type not in ("llama3", "yarn"),
+         lambda c: f"only rope_type=llama3 and yarn read it, and model.rope_type is "
+                   f"{c.model.rope_type!r}", "--config.model.rope_type=llama3 (or yarn)"),
+    Rule((_ROPE + "beta_fast", _ROPE + "beta_slow", _ROPE + "attention_factor"),
+         lambda c: c.model.rope_type != "yarn",
+         lambda c: f"only rope_type=yarn reads it, and model.rope_type is "
+                   f"{c.model.rope_type!r}", "--config.model.rope_type=yarn"),
+    # train/data.py (load): a mixture replaces the single source; synthetic reads
+    # no files.
+    Rule(("data.source", "data.path"), lambda c: bool(c.data.mixture),
+         lambda c: f"data.mixture ({', '.join(sorted(c.data.mixture))}) replaces the "
+                   "single source",
+         "set data.mixture.<name>.source and .path in the config file instead"),
+    Rule(("data.path", "data.text_field"),
+         lambda c: not c.data.mixture and c.data.source == "synthetic",
+         lambda c: "data.source is 'synthetic', which reads no files",
+         "--config.data.source=jsonl (or text, parquet, ...)"),
+    # train/loop.py: evaluation runs only every train.eval_every steps.
+    Rule(("train.eval_steps",), lambda c: not c.train.eval_every,
+         lambda c: "train.eval_every is 0 (no evaluation)",
+         "--config.train.eval_every=100"),
+)
+
+
+def _rule_for(config, field: str) -> Rule | None:
+  """The first rule under which `config` does not read `field`, else None."""
+  for rule in RULES:
+    if field not in rule.fields:
+      continue
+    try:
+      if rule.unread(config):
+        return rule
+    except (AttributeError, KeyError):  # a config without the group
+      continue
+  return None
+
+
+def read(config, field: str) -> bool:
+  """Whether a run of `config` reads `field` (validation checks only such fields,
+  so a fix never asks for a value the run would not read)."""
+  return _rule_for(config, field) is None
+
+
+def unread_override(config, fields: Sequence[str]) -> ConfigError | None:
+  """The error for the first of `fields` (dotted config paths set on the command
+  line, e.g. "optim.compression.local_clip") that `config` does not read, else
+  None. A field a rule names that this config does not have is skipped."""
+  for field in fields:
+    rule = _rule_for(config, field)
+    if rule is not None:
+      fix = rule.fix(config) if callable(rule.fix) else rule.fix
+      fix = f"pass {fix} for it to act" if fix.startswith("--") else fix
+      return ConfigError(
+          field, f"--config.{field} is set but this run never reads it: "
+          f"{rule.why(config)}.", f"drop --config.{field}, or {fix}.")
+  return None
