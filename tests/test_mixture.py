@@ -261,8 +261,8 @@ def test_a_resume_on_changed_data_says_which_source_changed(tiny_config, corpus,
   c.train.steps = 3
   train.train(c, run, progress=False)
   out = capsys.readouterr().out
-  assert (f"warning: the data changed since this run last started (tokens web: "
-          f"{before:,} -> {after:,}): its windows are shuffled") in out, out
+  assert (f"warning: the data changed since this run last started (web: "
+          f"{before:,} -> {after:,} tokens): its windows are shuffled") in out, out
 
 
 def test_eval_rows_give_each_source_s_loss(tiny_config, corpus, tmp_path):

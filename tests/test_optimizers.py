@@ -56,6 +56,19 @@ def _optim(name, **kw):
   return o
 
 
+def _ref_rate(o, steps: int, t: int) -> float:
+  """The learning rate of update t (1-based, the metrics' step) from the schedule's
+  definition: linear from 0 to the peak at step W, cosine to peak x min_lr_ratio
+  at step D (decay_steps, else the run's steps), held there after."""
+  d = o.decay_steps or steps
+  w = min(o.warmup_steps, d - 1)
+  peak, end = o.learning_rate, o.learning_rate * o.min_lr_ratio
+  if t <= w:
+    return peak * t / w
+  frac = min(t - w, d - w) / (d - w)
+  return end + (peak - end) * 0.5 * (1 + np.cos(np.pi * frac))
+
+
 def _run_jax(o, params, grads):
   """Three updates with `o`; returns the updates [step][name] as float64."""
   tx = make_optimizer(o, 8)
@@ -220,13 +233,12 @@ def test_update_equals_numpy_reference_of_the_paper(name, extra):
   grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
            for _ in range(3)]
   got = _run_jax(o, params, grads)
-  lr = schedule(o, 8)
   matrix = name in ("muon", "normuon", "galore")
   refs = {k: (REFS[name] if matrix and k in GROUPS or not matrix else _ref_adamw)(o, k)
           for k in SHAPES}
   p = {k: v.astype(np.float64) for k, v in params.items()}
   for t, g in enumerate(grads, start=1):
-    eta = float(lr(t - 1))
+    eta = _ref_rate(o, 8, t)
     for k in SHAPES:
       decay = WD * p[k] if "norm" not in k else 0.0  # decoupled, masked for norms
       want = -eta * (refs[k](g[k].astype(np.float64), t) + decay)
@@ -465,7 +477,10 @@ def test_cli_unknown_optimizer_exits_2(tmp_path):
 def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
   """`optim.warmup_steps` beyond the schedule's length (a 10-step fine-tune on the
   default 100) is cut to length - 1; the note names both and the steps it takes,
-  and the schedule peaks exactly there. A warmup that fits says nothing."""
+  and the schedule peaks exactly there. A warmup that fits says nothing. Steps are
+  the metrics' (update n is step n): the last step of the schedule takes the final
+  rate (a trial found a 10-step run cut to 9 warmup steps ending at the peak,
+  its one decay step past the run's end), and step 1 is not 0."""
   import re
 
   from train.optimizer import warmup_note
@@ -475,7 +490,12 @@ def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
     o.warmup_steps, o.decay_steps = warmup, decay
     lr = schedule(o, steps)
     length = decay or steps
-    peak = int(np.argmax([float(lr(i)) for i in range(length)]))
+    rates = [float(lr(n - 1)) for n in range(1, length + 1)]  # steps 1..length
+    peak = 1 + int(np.argmax(rates))
+    assert rates[-1] == pytest.approx(o.learning_rate * o.min_lr_ratio)
+    assert rates[0] > 0
+    np.testing.assert_allclose(rates, [_ref_rate(o, steps, n)
+                                       for n in range(1, length + 1)], rtol=1e-6)
     note = warmup_note(o, steps)
     if warmup < length:
       assert note == "" and peak == warmup
@@ -484,7 +504,24 @@ def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
         f"{length} steps" in note
     taken = re.search(r"warmup takes (\d+) (steps?)", note)
     assert int(taken[1]) == peak and taken[2] == ("step" if peak == 1 else "steps")
-    assert peak == length - 1 and float(lr(peak)) == pytest.approx(o.learning_rate)
+    assert peak == length - 1 and rates[peak - 1] == pytest.approx(o.learning_rate)
+
+
+def test_a_resume_past_the_schedule_says_the_rate_it_runs_at():
+  """From a trial: a run resumed at step 22 with optim.decay_steps lowered to 20
+  said nothing of it. The note appears exactly when the schedule ended before the
+  resume, and names the rate the remaining steps take (the schedule's own)."""
+  from train.optimizer import resume_note
+  o = _optim("adamw")
+  o.warmup_steps, o.decay_steps = 3, 20
+  lr = schedule(o, 30)
+  for step in range(0, 31):
+    note = resume_note(o, 30, step)
+    assert bool(note) == (20 <= step < 30), step
+    if note:
+      end = float(lr(step))  # the rate of step + 1
+      assert end == pytest.approx(o.learning_rate * o.min_lr_ratio)
+      assert note.endswith(f"steps {step + 1} to 30 run at its final rate {end:g}")
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "muon", "normuon", "galore"])
@@ -506,10 +543,10 @@ def test_the_optimizer_line_says_the_schedule_the_run_follows(name):
                   r"step (\d+)", line)
     assert "1 steps" not in line
     peak, w, end, last = float(m[1]), int(m[2]), float(m[3]), int(m[4])
-    lr = schedule(o, steps)
-    assert float(lr(w)) == pytest.approx(peak) and float(lr(w - 1)) < peak
-    assert float(lr(last)) == pytest.approx(end, rel=1e-4)
-    assert float(lr(last - 1)) > end
+    rate = lambda n: float(schedule(o, steps)(n - 1))  # noqa: E731  (step n)
+    assert rate(w) == pytest.approx(peak) and rate(w - 1) < peak
+    assert rate(last) == pytest.approx(end, rel=1e-4) and rate(last - 1) > end
+    assert last == (decay or steps)  # the run's last step, when it ends the schedule
 
 
 def test_the_lines_say_the_clipping_and_options_in_force():

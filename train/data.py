@@ -374,8 +374,8 @@ def _mixture(config, entries, tokenizer):
           "mixture.")
     if len(eval_src) < 1 and config.train.eval_every:
       raise ConfigError(
-          "data.eval_fraction", f"{d.eval_fraction} of source {name!r}'s {tokens} "
-          f"tokens is less than one window of data.seq_len + 1 = {d.seq_len + 1}, "
+          "data.eval_fraction", f"{d.eval_fraction} of the {tokens} tokens of source "
+          f"{name!r} is less than one window of data.seq_len + 1 = {d.seq_len + 1}, "
           "so it has nothing to evaluate (every source holds out its own tail).",
           "raise data.eval_fraction, give the source more data, or set "
           "--config.train.eval_every=0 to train without evaluation.")
@@ -498,12 +498,13 @@ def data_changes(workdir: str, tokens: dict[str, int]) -> str | None:
       before = json.load(f)
   except (OSError, ValueError):
     return None
-  changed = [f"{name}: {before.get(name, 0):,} -> {n:,}" for name, n in tokens.items()
-             if before.get(name) != n]
-  changed += [f"{name}: {n:,} -> gone" for name, n in before.items() if name not in tokens]
+  changed = [f"{name}: {before.get(name, 0):,} -> {n:,} tokens"
+             for name, n in tokens.items() if before.get(name) != n]
+  changed += [f"{name}: {n:,} tokens -> gone" for name, n in before.items()
+              if name not in tokens]
   if not changed:
     return None
-  return ("warning: the data changed since this run last started (tokens "
+  return ("warning: the data changed since this run last started ("
           + "; ".join(changed) + "): its windows are shuffled over the whole "
           "stream, so from here the run reads another order than it would have; a "
           "resume is exact only on the same data.")

@@ -30,7 +30,7 @@ from train.data import data_changes, make_data, record_tokens
 from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
                            peak_flops)
 from train.optimizer import describe as describe_optimizer
-from train.optimizer import make_optimizer, schedule, warmup_note
+from train.optimizer import make_optimizer, resume_note, schedule, warmup_note
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          pipeline_from_config, state_shardings)
 from train.step import (batch_sharding, make_eval_step, make_inner_step,
@@ -168,6 +168,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       landed = ended
     if int(state.step):
       _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+      late = resume_note(config.optim, t.steps, int(state.step))
+      if late:
+        _say(late)
       changed = data_changes(workdir, data.tokens)
       if changed:
         _say(changed)

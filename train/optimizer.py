@@ -35,14 +35,21 @@ HOST = "pinned_host"
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup then cosine decay over `optim.decay_steps` (default: the run's
   steps). Setting it lets a run be extended or stopped early on the same curve.
-  Warmup is cut to the schedule's length - 1 (`warmup_note` says when)."""
+  Warmup is cut to the schedule's length - 1 (`warmup_note` says when).
+
+  Indexed by the optimizer's update count (0 for the first update), it gives
+  update n (count n - 1, the step the metrics call n) the curve's value at n:
+  warmup W reaches the peak at step W (step 1 takes learning_rate / W, not 0),
+  and step `decay_steps` takes learning_rate x min_lr_ratio, as `describe` says.
+  """
   o = optim_cfg
   total_steps = o.decay_steps or total_steps
   warmup = _warmup(o, total_steps)
-  return optax.warmup_cosine_decay_schedule(
+  curve = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1),
       end_value=o.learning_rate * o.min_lr_ratio)
+  return lambda count: curve(count + 1)
 
 
 def _warmup(optim_cfg, length: int) -> int:
@@ -64,6 +71,18 @@ def warmup_note(optim_cfg, total_steps: int) -> str:
           f"schedule of {_steps(length)}: warmup takes {_steps(warmup)} and the cosine "
           f"decay {length - warmup}; set --config.optim.warmup_steps (e.g. "
           f"{length // 10}) to choose")
+
+
+def resume_note(optim_cfg, total_steps: int, step: int) -> str:
+  """What a run resumed at `step` says when its schedule (`optim.decay_steps`)
+  already ended there: the steps left run at the final rate. Empty otherwise."""
+  length = optim_cfg.decay_steps or total_steps
+  if step < length or step >= total_steps:
+    return ""
+  end = optim_cfg.learning_rate * optim_cfg.min_lr_ratio
+  return (f"note: the learning-rate schedule ended at step {length} "
+          f"(optim.decay_steps), before this resume at step {step}: steps {step + 1} "
+          f"to {total_steps} run at its final rate {end:g}")
 
 
 def describe(optim_cfg, total_steps: int, replicas: int | None = None) -> str:

@@ -20,6 +20,7 @@ import re
 from typing import Iterator
 
 from sharding import ConfigError
+from sharding.report import count
 
 # Sources whose documents are tokenized into the token cache.
 DOCUMENT_SOURCES = ("text", "jsonl", "parquet", "arrayrecord", "hf_disk")
@@ -71,6 +72,7 @@ class _Reader:
   def __init__(self, data_cfg, counts: Counts):
     self.skip = bool(data_cfg.skip_bad_records)
     self.text_field = data_cfg.text_field or "text"
+    self.texts = 0  # records read so far that held text in text_field
     self.token_ids = data_cfg.tokenizer == "none"
     self.token_dtype = data_cfg.token_dtype
     self.counts = counts
@@ -113,21 +115,25 @@ class _Reader:
                    "is not JSON Lines)." if isinstance(record, list) else "."))
       return None
     value = record.get(self.text_field)
-    if isinstance(value, bytes):
-      return self.decode(value)
-    if isinstance(value, str):
-      return value
+    if isinstance(value, (bytes, str)):
+      self.texts += 1
+      return self.decode(value) if isinstance(value, bytes) else value
+    # Before any record held text there, the field name is likely wrong; after,
+    # this record is (renaming the field would fail on the records before it).
     texts = [k for k, v in record.items() if isinstance(v, str)]
-    other_field = (f"name the text field, e.g. --config.{self.prefix}text_field="
-                   f"{texts[0]}; or " if texts else "")
+    field, other_field = ("text_field", f"if the records hold their text in {texts[0]!r}, "
+                          f"set --config.{self.prefix}text_field={texts[0]}; or "
+                          ) if texts and not self.texts else ("path", "")
+    earlier = (f", though the {count(self.texts, 'record')} before it "
+               f"{'does' if self.texts == 1 else 'do'}" if self.texts else "")
     if self.text_field not in record:
       self.bad(where, f"the record has no {self.text_field!r} field (its fields: "
-               f"{sorted(record)[:8]}).", "text_field", other_field)
+               f"{sorted(record)[:8]}){earlier}.", field, other_field)
     elif value is None:  # one record without text
       self.bad(where, f"the record's {self.text_field!r} is null.")
     else:  # a field of another kind: most likely not the text field
       self.bad(where, f"the record's {self.text_field!r} is of type "
-               f"{type(value).__name__}, not text.", "text_field", other_field)
+               f"{type(value).__name__}, not text{earlier}.", field, other_field)
     return None
 
 
