@@ -255,7 +255,11 @@ def validate(cfg: Any) -> None:
     raise ConfigError("model.scan_layers", f"{cfg.scan_layers!r} is not True or False.",
                       "set --config.model.scan_layers=true (a loop over the layers) "
                       "or false (unrolled).")
-  for field in ("attention_block_q", "attention_block_kv"):
+  # The reference attention reads no tiles: their fields go unchecked there (the
+  # launcher refuses to set them, train/unread.py).
+  tiles = (() if cfg.attention == "reference" else
+           ("attention_block_q", "attention_block_kv"))
+  for field in tiles:
     _int_at_least(cfg, field, 0, "a tile size",
                   f"set --config.model.{field} to 0 (the backend's default) or a "
                   "positive number of rows such as 512.")

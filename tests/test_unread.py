@@ -144,6 +144,19 @@ def test_every_rope_rule_is_what_the_frequencies_are(rope_type):
         rope_type, name)
 
 
+def test_the_reference_attention_reads_no_tiles():
+  """Tile sizes leave the reference attention bit-identical; flash reads them."""
+  import kernels
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 32, 2, 8)), jnp.float32) for _ in "qkv")
+  ref = [np.asarray(kernels.attention(q, k, v, impl="reference", block_sizes=b))
+         for b in (None, (8, 8))]
+  np.testing.assert_array_equal(*ref)
+  for field in ("model.attention_block_q", "model.attention_block_kv"):
+    assert not read(_config(**{"model.attention": "reference"}), field)
+    assert read(_config(**{"model.attention": "flash"}), field)
+
+
 def _logits(**moe):
   from model import Decoder, ModelConfig
   cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2,
@@ -184,12 +197,13 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
       4: {}, 5: {}, 6: {}, 7: {}, 8: {}, 9: {}, 10: {"optim.name": "sgd"}, 11: {},
       12: {}, 13: {"mesh.diloco": 2}, 14: {}, 15: {},
       16: {"model.moe.num_experts": 4, "model.moe.dispatch": "dropless"},
-      17: {}, 18: {}, 19: {}, 20: {}, 21: {"data.source": "jsonl"},
-      22: {"data.source": "synthetic"}, 23: {}}
+      17: {"model.attention": "reference"},
+      18: {}, 19: {}, 20: {}, 21: {}, 22: {"data.source": "jsonl"},
+      23: {"data.source": "synthetic"}, 24: {}}
   assert set(where) == set(range(len(RULES)))
   for i, rule in enumerate(RULES):
     config = _config(**where[i])
-    if i == 21:  # a mixture replaces data.source / data.path
+    if i == 22:  # a mixture replaces data.source / data.path
       from ml_collections import ConfigDict
       config.data.mixture = ConfigDict({"web": dict(source="jsonl", path="a.jsonl",
                                                     weight=1.0)})
@@ -223,6 +237,7 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
     ("diloco.alpha", 2.0, {"mesh.diloco": 2}),
     ("pipeline.schedule", "zigzag", {}), ("pipeline.repeats", 0, {}),
     ("train.eval_steps", -1, {}),
+    ("model.attention_block_q", -8, {"model.attention": "reference"}),
     ("model.moe.capacity_factor", 0.0, {"model.moe.num_experts": 4,
                                         "model.moe.dispatch": "dropless"}),
 ])

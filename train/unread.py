@@ -125,6 +125,11 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.model.moe.dispatch == "dropless",
          lambda c: "it sizes capacity dispatch, and model.moe.dispatch is 'dropless'",
          "--config.model.moe.dispatch=capacity"),
+    # kernels.attention: the reference (XLA) attention has no tiles.
+    Rule(("model.attention_block_q", "model.attention_block_kv"),
+         lambda c: c.model.attention == "reference",
+         lambda c: "model.attention is 'reference', which has no tiles",
+         "--config.model.attention=flash"),
     # model/rotary.py (inv_frequencies, Rotary.scale) and train/hf.py (_rope_params).
     Rule((_ROPE + "factor",), lambda c: c.model.rope_type == "default",
          lambda c: "default RoPE has no scaling factor", "--config.model.rope_type=llama3 "
