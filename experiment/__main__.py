@@ -194,6 +194,12 @@ def parse(argv: list[str]) -> list[str]:
     print(_command_help(argv[1]))
     sys.exit(0)
   _refuse_other_commands_flags(argv)
+  if "config" not in COMMANDS[argv[1]].flags and any(
+      a.startswith("--config.") for a in argv[2:]):
+    _config_error(ConfigError(
+        "--config", f"the {argv[1]} command takes no --config.* overrides: it reads "
+        "the run's own config.json.",
+        f"drop them; `python -m experiment {argv[1]} --help` lists its flags."))
   has_config = any(a.startswith("--config=") for a in argv)
   workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
   if argv[1] == "import-hf" and not has_config:

@@ -51,6 +51,22 @@ def test_flag_of_another_command_exits_2():
       proc.stderr)
 
 
+def test_config_overrides_to_a_command_without_a_config_say_so():
+  """export-hf and inspect read the run's own config: a --config.* override there
+  is refused as such (it was told to add --config=..., which it then refused as a
+  flag the command does not read: a loop a trial found)."""
+  commands = [c for c, spec in COMMANDS.items() if "config" not in spec.flags]
+  assert set(commands) == {"export-hf", "inspect"}
+  procs = run_cli_many([(c, "--workdir=/tmp/x",
+                         *(("--out=/tmp/y",) if c == "export-hf" else ()),
+                         "--config.model.block=standard") for c in commands])
+  for command, proc in zip(commands, procs):
+    assert proc.returncode == 2, proc.stderr
+    assert (f"Config error in `--config`: the {command} command takes no --config.* "
+            "overrides: it reads the run's own config.json.") in proc.stderr
+    assert "pass --config=" not in proc.stderr
+
+
 # A value each launcher flag's parser refuses, by command.
 # (command, flag=value, what the error says the value is not)
 BAD_VALUES = [("compile", "--what=bogus", "a valid value"),
