@@ -343,6 +343,8 @@ def main(argv: list[str]) -> None:
       _check(_no_run(workdir))
       hf.export_hf(workdir, _require(_OUT, _OUT.value, "path/to/out"), _STEP.value)
     elif command == "generate":
+      from train.unread import unread_by_serving
+      _check(unread_by_serving(_CONFIG.value, _config_overrides()))
       _generate(workdir)
     elif command == "inspect":
       from train.inspect_run import describe_run

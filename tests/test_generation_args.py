@@ -461,6 +461,29 @@ def test_serving_says_when_it_falls_back_from_sequence_parallel_attention(
   assert "; attention" not in capsys.readouterr().err
 
 
+def test_cli_refuses_overrides_generate_does_not_read(byte_run):
+  """From a trial: generate ran with --config.optim.learning_rate=1.0, a MoE
+  field on a dense model and rope_factor under default RoPE, as if they applied.
+  Each is refused naming the field; a field generate reads is not."""
+  cases = {"optim.learning_rate=1.0": "generate never reads it",
+           "model.remat=full": "generate never reads it",
+           "data.path=x.jsonl": "generate never reads it",
+           "model.moe.top_k=1": "model.moe.num_experts is 0 (dense)",
+           "model.rope_factor=2.0": "default RoPE has no scaling factor"}
+  procs = run_cli_many([("generate", f"--workdir={byte_run}", "--prompt=ab",
+                         f"--config.{case}") for case in cases])
+  for (case, why), proc in zip(cases.items(), procs):
+    field = case.split("=")[0]
+    assert proc.returncode == 2, (case, proc.stderr[-2000:])
+    assert f"Config error in `{field}`: --config.{field} is set but" in proc.stderr
+    assert why in proc.stderr, proc.stderr
+  from train import run_config
+  from train.unread import unread_by_serving
+  assert unread_by_serving(run_config.load(str(byte_run)),
+                           ["mesh.tensor", "model.attention", "data.eos_id",
+                            "data.stop_ids", "checkpoint.fallback"]) is None
+
+
 def test_cli_says_when_the_config_changes_the_models_outputs(byte_run):
   """A --config whose model fields differ from the run's (another run's config of
   the same shapes, or an override) loaded silently; generation now names each

@@ -236,7 +236,7 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
     ("optim.matrices", "(", {}), ("diloco.alpha", 2.0, {}),
     ("diloco.alpha", 2.0, {"mesh.diloco": 2}),
     ("pipeline.schedule", "zigzag", {}), ("pipeline.repeats", 0, {}),
-    ("train.eval_steps", -1, {}),
+    ("train.eval_steps", -1, {}), ("checkpoint.keep_best", -1, {}),
     ("model.attention_block_q", -8, {"model.attention": "reference"}),
     ("model.moe.capacity_factor", 0.0, {"model.moe.num_experts": 4,
                                         "model.moe.dispatch": "dropless"}),

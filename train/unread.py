@@ -156,11 +156,24 @@ RULES: tuple[Rule, ...] = (
          lambda c: not c.data.mixture and c.data.source == "synthetic",
          lambda c: "data.source is 'synthetic', which reads no files",
          "--config.data.source=jsonl (or text, parquet, ...)"),
-    # train/loop.py: evaluation runs only every train.eval_every steps.
-    Rule(("train.eval_steps",), lambda c: not c.train.eval_every,
-         lambda c: "train.eval_every is 0 (no evaluation)",
+    # train/loop.py: evaluation runs only every train.eval_every steps, and
+    # train/checkpoint.py: the best checkpoints are ranked by eval loss.
+    Rule(("train.eval_steps", "checkpoint.keep_best"), lambda c: not c.train.eval_every,
+         lambda c: "it acts on evaluations (their batches; checkpoints ranked by "
+                   "eval loss), and train.eval_every is 0 (no evaluation)",
          "--config.train.eval_every=100"),
 )
+
+
+# What `generate` reads of a config (infer/load.py, infer/text.py): the model, the
+# mesh it serves on, how checkpoints are read, the tokenizer and the stop ids;
+# of the model, not what only training reads (remat, the loss's chunks and
+# auxiliary weights, the unrolled training forward, initialisation).
+SERVING = ("model.", "mesh.", "checkpoint.", "data.tokenizer", "data.eos_id",
+           "data.stop_ids")
+SERVING_UNREAD = ("model.remat", "model.loss_chunks", "model.scan_layers",
+                  "model.init_std", "model.moe.aux_loss_weight",
+                  "model.moe.z_loss_weight")
 
 
 def _rule_for(config, field: str) -> Rule | None:
@@ -195,3 +208,19 @@ def unread_override(config, fields: Sequence[str]) -> ConfigError | None:
           field, f"--config.{field} is set but this run never reads it: "
           f"{rule.why(config)}.", f"drop --config.{field}, or {fix}.")
   return None
+
+
+def unread_by_serving(config, fields: Sequence[str]) -> ConfigError | None:
+  """`unread_override` for `generate`, which reads only `SERVING` (less
+  `SERVING_UNREAD`): an override of anything else (the optimizer, the training
+  length, remat) changes nothing it computes."""
+  for field in fields:
+    served = any(field == s or s.endswith(".") and field.startswith(s)
+                 for s in SERVING)
+    if not served or field in SERVING_UNREAD:
+      return ConfigError(
+          field, f"--config.{field} is set but generate never reads it: it reads "
+          "the model's architecture, the mesh, checkpoint reading, data.tokenizer, "
+          "data.eos_id and data.stop_ids, not what only training reads.",
+          f"drop --config.{field} (`train` reads it).")
+  return unread_override(config, fields)
