@@ -20,7 +20,7 @@ import sharding  # noqa: E402
 from experiments import base  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from sharding import ConfigError  # noqa: E402
-from train import hf  # noqa: E402
+from train import hf, run_config  # noqa: E402
 
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43, 38],
            [8, 32, 79, 50, 28, 84, 19, 71, 69, 39, 93, 75, 10]]
@@ -307,6 +307,46 @@ def test_export_refuses_ladder(t5_llama, tmp_path):
   (tmp_path / "rung" / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ConfigError, match="'ladder' model has no transformers equivalent"):
     hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "out"))
+
+
+def test_a_capacity_dispatch_moe_export_says_transformers_drops_nothing(
+    tmp_path, capsys):
+  """From a trial: a capacity-dispatch MoE run exported as Mixtral silently, and
+  transformers' logits differed from rung's (0.04) where rung's capacity dropped
+  experts. The export says so, and what it says holds: rung under capacity 0.5
+  differs from the export's logits, rung dropless matches them."""
+  arch, kwargs = FAMILIES["mixtral"]
+  _hf_model(arch, kwargs, tmp_path / "hf")
+  _import(tmp_path / "hf", tmp_path / "rung", data=8)
+  path = tmp_path / "rung" / "config.json"
+  cfg = json.loads(path.read_text())
+  cfg["model"]["moe"].update(dispatch="capacity", capacity_factor=0.5)
+  path.write_text(json.dumps(cfg))
+  capsys.readouterr()
+  hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "out"))
+  out = capsys.readouterr().out
+  assert ("note: the run routes with capacity dispatch (model.moe.capacity_factor=0.5)"
+          in out and "--config.model.moe.dispatch=dropless" in out), out
+  exported = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out").eval())
+  capacity, _ = infer.load(str(tmp_path / "rung"))
+  assert _max_diff(_rung_logits(capacity), exported) > 1e-2
+  config = run_config.load(str(tmp_path / "rung"))
+  config.model.moe.dispatch = "dropless"
+  dropless, _ = infer.load(str(tmp_path / "rung"), config=config)
+  assert _max_diff(_rung_logits(dropless), exported) <= 1e-4
+
+
+def test_a_moe_model_hf_cannot_hold_names_every_field_at_once():
+  """A top-1 MoE with every_k_layers=2, a shared expert and no renormalisation
+  was refused one field at a time (each fix met the next refusal)."""
+  from model import ModelConfig
+  cfg = ModelConfig(num_layers=2, moe=dict(num_experts=4, top_k=1, every_k_layers=2,
+                                           shared_expert=True, renormalize=False))
+  with pytest.raises(ConfigError) as err:
+    hf.family_of(cfg)
+  assert err.value.fix == ("export a run with renormalize=true and every_k_layers=1 "
+                           "and shared_expert=false.")
 
 
 def test_cli_import_finetune_inspect_export(tmp_path):

@@ -292,11 +292,13 @@ def family_of(cfg: ModelConfig) -> str:
                 "model.moe.every_k_layers": (m.every_k_layers != 1, "every_k_layers=1"),
                 "model.moe.shared_expert": (m.shared_expert, "shared_expert=false"),
                 "model.qkv_bias": (cfg.qkv_bias or cfg.qk_norm, "no q/k biases or norms")}
-    for field, (bad, need) in problems.items():
-      if bad:
-        raise ConfigError(field, "a mixture-of-experts model exports as "
-                          f"MixtralForCausalLM, which needs {need}.",
-                          f"export a run with {need}.")
+    bad = [(field, need) for field, (wrong, need) in problems.items() if wrong]
+    if bad:  # every one at once: fixing the first alone would meet the next
+      needs = " and ".join(need for _, need in bad)
+      raise ConfigError(bad[0][0], "a mixture-of-experts model exports as "
+                        f"MixtralForCausalLM, which needs {needs} (this run has "
+                        + ", ".join(f"{f}" for f, _ in bad) + " otherwise).",
+                        f"export a run with {needs}.")
     return "MixtralForCausalLM"
   if cfg.qk_norm and cfg.qkv_bias:
     raise ConfigError("model.qkv_bias", "no transformers architecture has both q/k "
@@ -310,6 +312,20 @@ def family_of(cfg: ModelConfig) -> str:
   if cfg.qkv_bias:
     return "Qwen2ForCausalLM"
   return "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM"
+
+
+def dispatch_note(cfg: ModelConfig) -> str:
+  """What an export says of a capacity-dispatch MoE model: transformers' Mixtral
+  computes every token's experts (dropless), so its logits equal rung's only
+  where rung's capacity dropped nothing. Empty for dense and dropless models."""
+  m = cfg.moe
+  if not m.num_experts or m.dispatch != "capacity":
+    return ""
+  return ("note: the run routes with capacity dispatch (model.moe.capacity_factor="
+          f"{m.capacity_factor:g}), which drops a token's expert once the expert is "
+          "full; transformers' Mixtral drops nothing, so its logits match rung's only "
+          "where no expert overflows (rung computes what transformers does with "
+          "--config.model.moe.dispatch=dropless)")
 
 
 def rope_description(cfg: ModelConfig) -> str:
@@ -750,3 +766,5 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   print(f"exported step {step} of {workdir} to {out}" + (
       "" if stops else "; eos_token_id none: the run has no stop token (data.eos_id "
       "unset and its tokenizer names no end-of-text token)"))
+  if dispatch_note(cfg):
+    print(dispatch_note(cfg))
