@@ -349,6 +349,27 @@ def test_a_moe_model_hf_cannot_hold_names_every_field_at_once():
                            "and shared_expert=false.")
 
 
+def test_inspect_names_the_block_and_the_expert_layout():
+  """From a trial: inspect printed "LlamaForCausalLM layout" for ladder, hybrid
+  and parallel runs (which export refuses), and no block at all."""
+  from train.inspect_run import _describe_model
+
+  data = {"tokenizer": "byte", "eos_id": None, "stop_ids": []}
+
+  def line(**model):
+    return _describe_model({"model": dict(num_layers=4, **model), "data": data})[0]
+
+  assert line().startswith("model: standard block, LlamaForCausalLM layout, 4 layers")
+  assert line(block="ladder").startswith("model: ladder block, no transformers family")
+  assert line(block="ladder", ladder_layers="upper:2").startswith(
+      "model: ladder block in layers 2,3 (standard elsewhere), no transformers family")
+  assert line(block="parallel").startswith("model: parallel block, no transformers")
+  experts = _describe_model({"model": dict(num_layers=4, moe=dict(
+      num_experts=4, every_k_layers=2, shared_expert=True)), "data": data})[1]
+  assert experts.endswith("experts: top-2 of 4, dispatch capacity, every 2 layers, "
+                          "shared expert"), experts
+
+
 def test_cli_import_finetune_inspect_export(tmp_path):
   from conftest import run_cli
   torch.manual_seed(0)
@@ -411,7 +432,7 @@ def test_cli_import_finetune_inspect_export(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step        2" in proc.stdout
   assert "layers/attn/k" in proc.stdout and "2x32x2x8" in proc.stdout
-  assert "model: LlamaForCausalLM layout" in proc.stdout
+  assert "model: standard block, LlamaForCausalLM layout" in proc.stdout
   assert "rope: default (theta 10000), max_position_embeddings 64" in proc.stdout
   assert "stop tokens: [2, 9]" in proc.stdout
   proc = run_cli("export-hf", f"--workdir={work}", f"--out={tmp_path / 'out'}")

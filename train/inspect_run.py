@@ -23,11 +23,20 @@ def _describe_model(saved: dict) -> list[str]:
   """Family, shape, attention window, experts, rotary variant and stop tokens of a
   run's saved config."""
   from model import ModelConfig
+  from model.config import parse_ladder_layers
   from train import hf
   cfg = ModelConfig.from_config(saved.get("model", {}))
   try:
-    family = hf.family_of(cfg)
+    family = f"{hf.family_of(cfg)} layout"
   except sharding.ConfigError:
+    family = "no transformers family"
+  block = f"{cfg.block} block"
+  if cfg.block == "ladder":
+    ladder = sorted(parse_ladder_layers(cfg.ladder_layers, cfg.num_layers))
+    if len(ladder) < cfg.num_layers:
+      block = (f"ladder block in layers {','.join(map(str, ladder))} (standard "
+               "elsewhere)" if ladder else "standard block (ladder_layers=none)")
+  if cfg.block != "standard":  # export refuses these (HF has no such block)
     family = "no transformers family"
   data = saved.get("data", {})
   try:
@@ -35,7 +44,7 @@ def _describe_model(saved: dict) -> list[str]:
   except (OSError, ValueError) as err:  # the run's tokenizer.json is gone
     stops = f"unknown ({err})"
   return [
-      f"model: {family} layout, {cfg.num_layers} layers, d_model {cfg.d_model}, "
+      f"model: {block}, {family}, {cfg.num_layers} layers, d_model {cfg.d_model}, "
       f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv) of {cfg.head_dim}, d_ff "
       f"{cfg.d_ff}, qkv_bias {cfg.qkv_bias}, qk_norm {cfg.qk_norm}, tied head "
       f"{cfg.tie_embeddings}",
@@ -43,7 +52,10 @@ def _describe_model(saved: dict) -> list[str]:
                        if cfg.sliding_window else "full causal") +
       (f"; experts: top-{cfg.moe.top_k} of {cfg.moe.num_experts}"
        f"{' (renormalised gates)' if cfg.moe.renormalize else ''}, "
-       f"dispatch {cfg.moe.dispatch}" if cfg.moe.num_experts else ""),
+       f"dispatch {cfg.moe.dispatch}"
+       + (f", every {cfg.moe.every_k_layers} layers" if cfg.moe.every_k_layers > 1
+          else "") + (", shared expert" if cfg.moe.shared_expert else "")
+       if cfg.moe.num_experts else ""),
       f"rope: {hf.rope_description(cfg)}",
       f"stop tokens: {stops}"]
 
