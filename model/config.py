@@ -203,9 +203,15 @@ def parse_ladder_layers(spec: str, num_layers: int) -> frozenset[int]:
                         "write e.g. 'upper:4' for the top 4 layers.")
     return frozenset(range(num_layers - n, num_layers))
   try:
-    layers = frozenset(int(t) for t in spec.split(","))
+    listed = [int(t) for t in spec.split(",")]
   except ValueError:
-    layers = None
+    listed = None
+  if listed and len(set(listed)) < len(listed):
+    twice = next(i for i in listed if listed.count(i) > 1)
+    raise ConfigError(field, f"{spec!r} lists layer {twice} more than once.",
+                      f"list each layer once, e.g. --config.model.ladder_layers="
+                      f"'{','.join(map(str, sorted(set(listed))))}'.")
+  layers = None if listed is None else frozenset(listed)
   if layers is None or any(not 0 <= i < num_layers for i in layers):
     raise ConfigError(field, f"{spec!r} is not 'all', 'none', 'upper:N' or a list "
                       f"of layer indices in 0..{num_layers - 1}.",
@@ -323,6 +329,13 @@ def validate_rotary(m: ModelConfig) -> None:
                       f"{m.max_position_embeddings}.", "set e.g. 8192.")
 
 
+def _upper_fit(m: ModelConfig, k: int) -> int:
+  """The `upper:N` closest below the model's ladder-layer count (at least k) whose
+  ladder layers start at a multiple of k (num_layers divides by k)."""
+  n = len(parse_ladder_layers(m.ladder_layers, m.num_layers))
+  return max(n - n % k, k)
+
+
 def validate_moe(m: ModelConfig) -> None:
   """The `model.moe` group: counts that fit, known dispatch, units that tile."""
   moe = m.moe
@@ -339,11 +352,13 @@ def validate_moe(m: ModelConfig) -> None:
     raise ConfigError.choice("model.moe.dispatch", moe.dispatch, DISPATCH)
   if moe.dispatch == "capacity" and moe.capacity_factor <= 0:  # dropless: unread
     raise ConfigError("model.moe.capacity_factor", f"must be positive, got "
-                      f"{moe.capacity_factor}.", "set e.g. 1.25 (1.0: no slack).")
+                      f"{moe.capacity_factor}.", "set e.g. "
+                      "--config.model.moe.capacity_factor=1.25 (1.0: no slack).")
   for field in ("aux_loss_weight", "z_loss_weight"):
     if getattr(moe, field) < 0:
       raise ConfigError(f"model.moe.{field}", f"must be >= 0, got "
-                        f"{getattr(moe, field)}.", "use 0 to switch the loss off.")
+                        f"{getattr(moe, field)}.",
+                        f"set --config.model.moe.{field}=0 to switch the loss off.")
   k = moe.every_k_layers
   if k < 1 or m.num_layers % k:
     raise ConfigError(
@@ -357,4 +372,6 @@ def validate_moe(m: ModelConfig) -> None:
           "model.ladder_layers",
           f"{m.ladder_layers!r} switches to {kind} layers at layer {start}, inside "
           f"a unit of every_k_layers={k} layers (one scanned unit has one "
-          "residual dataflow).", f"make the ladder layers start at a multiple of {k}.")
+          "residual dataflow).",
+          "make the ladder layers start at a multiple of "
+          f"{k}, e.g. --config.model.ladder_layers=upper:{_upper_fit(m, k)}.")

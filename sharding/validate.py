@@ -61,8 +61,8 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
   if isinstance(chunks, int) and chunks > 0 and rows % chunks:
     raise ConfigError(
         "model.loss_chunks",
-        f"each data-parallel shard's micro-batch holds {rows} sequences, which do "
-        f"not split into {chunks} loss chunks.",
+        f"each data-parallel shard's micro-batch holds {count(rows, 'sequence')}, "
+        f"which {'does' if rows == 1 else 'do'} not split into {chunks} loss chunks.",
         f"choose model.loss_chunks dividing {rows}, e.g. "
         f"--config.model.loss_chunks={largest_divisor(rows, chunks)}.")
   return sizes

@@ -325,6 +325,15 @@ def test_moe_config_errors(case):
     train.validate_config(c, 8)
   assert err.value.field == field
   assert numbers in str(err.value) and "Fix:" in str(err.value)
+  if case == "ladder_unit":  # the fix's flag validates (it named none)
+    for layers, upper in (("upper:1", 2), ("upper:3", 2), ("1,2,3", 2)):
+      c.model.ladder_layers = layers
+      with pytest.raises(ConfigError) as err:
+        train.validate_config(c, 8)
+      fix = re.search(r"--config\.model\.ladder_layers=(\S+?)\.$", err.value.fix)
+      assert fix[1] == f"upper:{upper}", err.value.fix
+      c.model.ladder_layers = fix[1]
+      train.validate_config(c, 8)
 
 
 def test_expert_axis_without_experts_is_data_parallel():

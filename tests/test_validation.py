@@ -157,6 +157,15 @@ def test_sequence_parallel_attention_fix_works(impl):
   assert train.validate_config(_apply(config, {"mesh.sequence": 2}), 8)["sequence"] == 2
 
 
+def test_ladder_layers_listed_twice_are_refused_with_a_fix_that_works():
+  config = _apply(llama_tiny.get_config(), {"model.block": "ladder",
+                                            "model.ladder_layers": "3,2,3"})
+  with pytest.raises(ConfigError, match="'3,2,3' lists layer 3 more than once") as err:
+    train.validate_config(config, 8)
+  assert err.value.fix.endswith("--config.model.ladder_layers='2,3'.")
+  train.validate_config(_apply(config, {"model.ladder_layers": "2,3"}), 8)
+
+
 def test_ladder_layers_fix_works():
   config = _apply(llama_tiny.get_config(), {"model.ladder_layers": "upper:1"})
   with pytest.raises(ConfigError, match="set --config.model.block=ladder for a hybrid"):
