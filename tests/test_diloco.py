@@ -433,7 +433,7 @@ def _error(config):
     (dict(sync_every=6, fragments=4), "diloco.fragments"),
     (dict(sync_every=4, fragments=4), "diloco.fragments"),  # 2 layers
     (dict(sync_every=4, overlap_steps=4), "diloco.overlap_steps"),
-    (dict(alpha=1.5), "diloco.alpha"),
+    (dict(alpha=1.5, overlap_steps=1), "diloco.alpha"),  # (read only with overlap)
     (dict(outer_momentum=1.0), "diloco.outer_momentum"),
     (dict(outer_lr=0.0), "diloco.outer_lr"),
 ])
