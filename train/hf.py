@@ -296,8 +296,8 @@ def family_of(cfg: ModelConfig) -> str:
     if bad:  # every one at once: fixing the first alone would meet the next
       needs = " and ".join(need for _, need in bad)
       raise ConfigError(bad[0][0], "a mixture-of-experts model exports as "
-                        f"MixtralForCausalLM, which needs {needs} (this run has "
-                        + ", ".join(f"{f}" for f, _ in bad) + " otherwise).",
+                        f"MixtralForCausalLM, which needs {needs} (this run differs "
+                        "in " + ", ".join(f for f, _ in bad) + ").",
                         f"export a run with {needs}.")
     return "MixtralForCausalLM"
   if cfg.qk_norm and cfg.qkv_bias:
@@ -766,5 +766,6 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   print(f"exported step {step} of {workdir} to {out}" + (
       "" if stops else "; eos_token_id none: the run has no stop token (data.eos_id "
       "unset and its tokenizer names no end-of-text token)"))
-  if dispatch_note(cfg):
-    print(dispatch_note(cfg))
+  note = dispatch_note(cfg)
+  if note:
+    print(note)

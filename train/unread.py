@@ -5,7 +5,8 @@ A field set on the command line that nothing reads under the rest of the config
 with one replica, a yarn parameter under default RoPE) changes nothing: an ablation
 that sets it trains the baseline again. The launcher refuses such an override
 before anything compiles (`unread_override`), as it refuses a launcher flag the
-command does not read. Config files may set such fields (a config's defaults
+command does not read; `generate` also refuses what serving never reads
+(`unread_by_serving`: the optimizer, the training length, remat, ...). Config files may set such fields (a config's defaults
 cannot be told from choices); only command-line overrides are checked.
 
 Each rule below restates a condition in the code that reads the field (named in
