@@ -199,7 +199,7 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
       16: {"model.moe.num_experts": 4, "model.moe.dispatch": "dropless"},
       17: {"model.attention": "reference"},
       18: {}, 19: {}, 20: {}, 21: {}, 22: {"data.source": "jsonl"},
-      23: {"data.source": "synthetic"}, 24: {}}
+      23: {"data.source": "synthetic"}, 24: {"data.source": "text"}, 25: {}}
   assert set(where) == set(range(len(RULES)))
   for i, rule in enumerate(RULES):
     config = _config(**where[i])

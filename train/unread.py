@@ -157,6 +157,14 @@ RULES: tuple[Rule, ...] = (
          lambda c: not c.data.mixture and c.data.source == "synthetic",
          lambda c: "data.source is 'synthetic', which reads no files",
          "--config.data.source=jsonl (or text, parquet, ...)"),
+    # train/sources.py: text files are read whole, arrayrecord records are the
+    # text, .bin files hold ids; only jsonl, parquet and hf_disk name a field.
+    Rule(("data.text_field",),
+         lambda c: not c.data.mixture and c.data.source in ("text", "arrayrecord",
+                                                            "tokens"),
+         lambda c: f"only jsonl, parquet and hf_disk records name a text field, and "
+                   f"data.source is {c.data.source!r}",
+         "--config.data.source=jsonl (or parquet, hf_disk)"),
     # train/loop.py: evaluation runs only every train.eval_every steps, and
     # train/checkpoint.py: the best checkpoints are ranked by eval loss.
     Rule(("train.eval_steps", "checkpoint.keep_best"), lambda c: not c.train.eval_every,
