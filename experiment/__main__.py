@@ -365,8 +365,8 @@ _GENERATION_EXAMPLES = {"max_new_tokens": "64", "temperature": "0.8", "top_k": "
 def _config_overrides() -> list[str]:
   """The config fields set on the command line (`--config.model.num_layers=3` ->
   "model.num_layers")."""
-  return [arg[len("--config."):].split("=")[0] for arg in sys.argv[1:]
-          if arg.startswith("--config.")]
+  return [arg.lstrip("-")[len("config."):].split("=")[0] for arg in sys.argv[1:]
+          if arg.startswith("-") and arg.lstrip("-").startswith("config.")]
 
 
 def _generate(workdir: str) -> None:

@@ -6,8 +6,6 @@ such a field is refused before anything compiles, with a fix that makes it act;
 validation never asks for a value of a field the run does not read."""
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import jax
@@ -16,7 +14,7 @@ import pytest
 from flax import nnx
 
 import sharding
-from conftest import REPO, make_tiny_config
+from conftest import make_tiny_config
 from sharding import ConfigError
 from train import compression as comp_lib
 from train.unread import RULES, read, unread_override
@@ -61,7 +59,7 @@ def test_every_optimizer_rule_is_what_the_update_does():
   grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
            for _ in range(2)]
   ruled = {f for r in RULES for f in r.fields if f.startswith("optim.")
-           and not f.startswith("optim.compression.")}
+           and not f.startswith("optim.compression.")} - {"optim.clip_norm"}
   assert ruled == set(OPTIMIZERS)
   base = {}
   for field, (unread_by, read_by) in OPTIMIZERS.items():
@@ -120,6 +118,29 @@ def test_every_compression_rule_is_what_the_exchange_does(field, flip, where, un
   c = _config(**{"optim.name": "sgd", "optim.compression.method": "dgc",
                  "optim.clip_norm": where.get("clip_norm", 1.0), **fields})
   assert read(c, f"optim.compression.{field}") == (not unread)
+
+
+def test_under_dgc_without_its_local_clip_nothing_reads_clip_norm():
+  """DGC turns the optimizer's global clipping off and clips per replica only
+  with local_clip: without it, optim.clip_norm changes neither the optimizer's
+  update nor the exchange; with it, the exchange changes."""
+  from test_optimizers import SHAPES, _optim, _run_jax
+  rng = np.random.default_rng(2)
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+  grads = [{k: 10 * rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}]
+  runs = []
+  for clip in (0.5, 0.01):
+    o = _optim("sgd")
+    o.clip_norm = clip
+    o.compression.update(method="dgc", local_clip=False)
+    runs.append(_run_jax(o, params, grads))
+  assert all(np.array_equal(runs[0][0][k], runs[1][0][k]) for k in SHAPES)
+  for local, unread in ((False, True), (True, False)):
+    assert _same(_exchange(local_clip=local, clip_norm=0.5),
+                 _exchange(local_clip=local, clip_norm=0.01)) == unread
+    c = _config(**{"optim.name": "sgd", "optim.compression.method": "dgc",
+                   "optim.compression.local_clip": local})
+    assert read(c, "optim.clip_norm") == (not unread)
 
 
 @pytest.mark.parametrize("rope_type", ["default", "linear", "llama3", "yarn"])
@@ -188,22 +209,28 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
   """For every rule and field: an override under the rule's condition is refused
   naming the field; applying the fix's own flags makes the field read (so the fix
   works), and an override of a field the run reads is not refused."""
-  where = {  # a config under each rule's condition, from the tiny config
-      0: {}, 1: {"optim.compression.method": "topk"},
-      2: {"optim.name": "sgd", "optim.compression.method": "dgc",
-          "optim.compression.momentum_correction": False},
-      3: {"optim.name": "sgd", "optim.compression.method": "dgc",
-          "optim.clip_norm": 0.0},
-      4: {}, 5: {}, 6: {}, 7: {}, 8: {}, 9: {}, 10: {"optim.name": "sgd"}, 11: {},
-      12: {}, 13: {"mesh.diloco": 2}, 14: {}, 15: {},
-      16: {"model.moe.num_experts": 4, "model.moe.dispatch": "dropless"},
-      17: {"model.attention": "reference"},
-      18: {}, 19: {}, 20: {}, 21: {}, 22: {"data.source": "jsonl"},
-      23: {"data.source": "synthetic"}, 24: {"data.source": "text"}, 25: {}}
-  assert set(where) == set(range(len(RULES)))
+  dgc = {"optim.name": "sgd", "optim.compression.method": "dgc"}
+  conditions = {  # a config under each rule's condition (by its first field)
+      "optim.compression.momentum_correction": {"optim.compression.method": "topk"},
+      "optim.compression.momentum_masking": {
+          **dgc, "optim.compression.momentum_correction": False},
+      "optim.compression.local_clip": {**dgc, "optim.clip_norm": 0.0},
+      "optim.clip_norm": {**dgc, "optim.compression.local_clip": False},
+      "optim.b1": {"optim.name": "sgd"},
+      "diloco.alpha": {"mesh.diloco": 2, "diloco.sync_every": 1},
+      "diloco.nesterov": {"mesh.diloco": 2, "diloco.outer_momentum": 0.0},
+      "model.moe.capacity_factor": {"model.moe.num_experts": 4,
+                                    "model.moe.dispatch": "dropless"},
+      "model.attention_block_q": {"model.attention": "reference"},
+      "data.source": {"data.source": "jsonl"},
+      "data.path": {"data.source": "synthetic"},
+      "data.text_field": {"data.source": "text"}}
+  firsts = [rule.fields[0] for rule in RULES]
+  assert len(set(firsts)) == len(RULES) and set(conditions) <= set(firsts)
+  where = [conditions.get(first, {}) for first in firsts]
   for i, rule in enumerate(RULES):
     config = _config(**where[i])
-    if i == 22:  # a mixture replaces data.source / data.path
+    if rule.fields[0] == "data.source":  # a mixture replaces data.source / path
       from ml_collections import ConfigDict
       config.data.mixture = ConfigDict({"web": dict(source="jsonl", path="a.jsonl",
                                                     weight=1.0)})
@@ -236,7 +263,9 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
     ("optim.matrices", "(", {}), ("diloco.alpha", 2.0, {}),
     ("diloco.alpha", 2.0, {"mesh.diloco": 2}),
     ("pipeline.schedule", "zigzag", {}), ("pipeline.repeats", 0, {}),
-    ("train.eval_steps", -1, {}), ("checkpoint.keep_best", -1, {}),
+    ("train.eval_steps", -1, {}), ("optim.clip_norm", -1.0, {
+        "optim.name": "sgd", "optim.compression.method": "dgc",
+        "optim.compression.local_clip": False, "mesh.data": 2}),
     ("model.attention_block_q", -8, {"model.attention": "reference"}),
     ("model.moe.capacity_factor", 0.0, {"model.moe.num_experts": 4,
                                         "model.moe.dispatch": "dropless"}),
@@ -254,17 +283,17 @@ def test_validation_leaves_unread_fields_alone(field, bad, where):
 def test_the_launcher_refuses_an_unread_override_before_compiling(tmp_path):
   """`train` with a DGC option under top-k exits 2 with the field and the fix,
   and writes nothing to the workdir."""
+  from conftest import run_cli_many
   workdir = tmp_path / "run"
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiment", "train",
-       "--config=experiments/llama_tiny.py", f"--workdir={workdir}",
-       "--config.optim.compression.method=topk",
-       "--config.optim.compression.momentum_masking=false"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2, proc.stderr
-  assert ("Config error in `optim.compression.momentum_masking`: "
-          "--config.optim.compression.momentum_masking is set but this run never "
-          "reads it: it is a DGC option, and optim.compression.method is 'topk'."
-          in proc.stderr), proc.stderr
-  assert "--config.optim.compression.method=dgc" in proc.stderr
+  procs = run_cli_many([
+      ("train", "--config=experiments/llama_tiny.py", f"--workdir={workdir}",
+       "--config.optim.compression.method=topk", f"{dashes}config.optim.compression."
+       "momentum_masking=false") for dashes in ("--", "-")])  # absl takes both
+  for proc in procs:
+    assert proc.returncode == 2, proc.stderr
+    assert ("Config error in `optim.compression.momentum_masking`: "
+            "--config.optim.compression.momentum_masking is set but this run never "
+            "reads it: it is a DGC option, and optim.compression.method is 'topk'."
+            in proc.stderr), proc.stderr
+    assert "--config.optim.compression.method=dgc" in proc.stderr
   assert not workdir.exists()

@@ -6,8 +6,9 @@ with one replica, a yarn parameter under default RoPE) changes nothing: an ablat
 that sets it trains the baseline again. The launcher refuses such an override
 before anything compiles (`unread_override`), as it refuses a launcher flag the
 command does not read; `generate` also refuses what serving never reads
-(`unread_by_serving`: the optimizer, the training length, remat, ...). Config files may set such fields (a config's defaults
-cannot be told from choices); only command-line overrides are checked.
+(`unread_by_serving`: the optimizer, the training length, remat, ...). Config
+files may set such fields (a config's defaults cannot be told from choices);
+only command-line overrides are checked.
 
 Each rule below restates a condition in the code that reads the field (named in
 its comment); `tests/test_unread.py` checks, for the optimizer, compression and
@@ -75,6 +76,13 @@ RULES: tuple[Rule, ...] = (
          lambda c: "it clips each replica at optim.clip_norm / sqrt(replicas), and "
                    "optim.clip_norm is 0",
          "--config.optim.clip_norm=1.0"),
+    # make_optimizer skips global clipping under DGC, which clips per replica
+    # only with local_clip.
+    Rule(("optim.clip_norm",),
+         lambda c: _method(c) == "dgc" and not c.optim.compression.local_clip,
+         lambda c: "DGC replaces global clipping with its per-replica clip, and "
+                   "optim.compression.local_clip is false",
+         f"--config.{_COMP}local_clip=true"),
     # train/optimizer.py: which update reads which field.
     Rule(("optim.momentum",), _optimizers("sgd", "muon", "normuon"),
          _name_why("sgd", "muon", "normuon"), "--config.optim.name=sgd (or muon)"),
@@ -90,7 +98,8 @@ RULES: tuple[Rule, ...] = (
           "optim.galore_projector", "optim.galore_scale"),
          _optimizers("galore"), _name_why("galore"), "--config.optim.name=galore"),
     Rule(("optim.b1", "optim.b2", "optim.eps"), lambda c: c.optim.name == "sgd",
-         lambda c: "AdamW (and NorMuon) read it, and optim.name is 'sgd'",
+         lambda c: "AdamW's update reads it (alone, or beside muon, normuon and "
+                   "galore for the other parameters), and optim.name is 'sgd'",
          "--config.optim.name=adamw"),
     Rule(("optim.matrices",), _optimizers("muon", "normuon", "galore"),
          _name_why("muon", "normuon", "galore"), "--config.optim.name=muon"),
@@ -106,14 +115,22 @@ RULES: tuple[Rule, ...] = (
                    + ("mesh.diloco is 1 (one replica)" if c.mesh.diloco == 1 else
                       "diloco.overlap_steps is 0 (blocking)"),
          lambda c: "--config.diloco.overlap_steps=1" + (
+             " --config.diloco.sync_every=2" if c.diloco.sync_every < 2 else "") + (
              " --config.mesh.diloco=2" if c.mesh.diloco == 1 else "")),
+    # train/diloco.py (outer_step): Nesterov's look-ahead is a multiple of the
+    # outer momentum.
+    Rule(("diloco.nesterov",),
+         lambda c: c.mesh.diloco != 1 and not c.diloco.outer_momentum,
+         lambda c: "it looks ahead along the outer momentum, and "
+                   "diloco.outer_momentum is 0",
+         "--config.diloco.outer_momentum=0.9"),
     # model/pipeline.py (Pipeline.active). (repeats > 1 without the circular
     # schedule is refused by validation, whose fix is repeats=1.)
     Rule(("pipeline.schedule", "pipeline.repeats"),
          lambda c: c.mesh.stage == 1 and c.pipeline.microbatches == 1,
          lambda c: "it configures the pipeline, and mesh.stage and "
                    "pipeline.microbatches are 1",
-         "--config.mesh.stage=2 (or more)"),
+         "--config.pipeline.microbatches=2 (or --config.mesh.stage=2)"),
     # model/moe.py: a dense model has no router.
     Rule(tuple(f"model.moe.{f}" for f in (
         "top_k", "every_k_layers", "capacity_factor", "shared_expert",
@@ -156,7 +173,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("data.path", "data.text_field"),
          lambda c: not c.data.mixture and c.data.source == "synthetic",
          lambda c: "data.source is 'synthetic', which reads no files",
-         "--config.data.source=jsonl (or text, parquet, ...)"),
+         "--config.data.source=jsonl (or parquet, hf_disk)"),
     # train/sources.py: text files are read whole, arrayrecord records are the
     # text, .bin files hold ids; only jsonl, parquet and hf_disk name a field.
     Rule(("data.text_field",),
@@ -165,11 +182,12 @@ RULES: tuple[Rule, ...] = (
          lambda c: f"only jsonl, parquet and hf_disk records name a text field, and "
                    f"data.source is {c.data.source!r}",
          "--config.data.source=jsonl (or parquet, hf_disk)"),
-    # train/loop.py: evaluation runs only every train.eval_every steps, and
-    # train/checkpoint.py: the best checkpoints are ranked by eval loss.
-    Rule(("train.eval_steps", "checkpoint.keep_best"), lambda c: not c.train.eval_every,
-         lambda c: "it acts on evaluations (their batches; checkpoints ranked by "
-                   "eval loss), and train.eval_every is 0 (no evaluation)",
+    # train/loop.py: evaluation runs only every train.eval_every steps.
+    # (checkpoint.keep_best is read without evaluation too: Orbax's BestN keeps up
+    # to keep_best checkpoints that carry no metrics.)
+    Rule(("train.eval_steps",), lambda c: not c.train.eval_every,
+         lambda c: "it sets how many batches each evaluation averages, and "
+                   "train.eval_every is 0 (no evaluation)",
          "--config.train.eval_every=100"),
 )
 
@@ -232,4 +250,9 @@ def unread_by_serving(config, fields: Sequence[str]) -> ConfigError | None:
           "the model's architecture, the mesh, checkpoint reading, data.tokenizer, "
           "data.eos_id and data.stop_ids, not what only training reads.",
           f"drop --config.{field} (`train` reads it).")
-  return unread_override(config, fields)
+  err = unread_override(config, fields)
+  if err is not None and "model.moe.num_experts" in err.fix:
+    # a served checkpoint keeps its experts: that fix could not load it
+    return ConfigError(err.field, err.problem,
+                       f"drop --config.{err.field} (the run's model has no experts).")
+  return err
