@@ -314,8 +314,9 @@ def main(argv: list[str]) -> None:
       raise ConfigError("--config", "no experiment config was given.",
                         "pass --config=experiments/llama_tiny.py.")
     if command in _NEEDS_CONFIG:  # an override the run would not read is a mistake
-      from train.unread import unread_override
-      _check(unread_override(_CONFIG.value, _config_overrides()))
+      from train import unread
+      check = unread.unread_by_planning if command == "plan" else unread.unread_override
+      _check(check(_CONFIG.value, _config_overrides()))
     if command in _COMPILER_COMMANDS:
       _ask_compiler(command, _require(_TOPOLOGY, _TOPOLOGY.value, "v5p:2x2x2"))
       return

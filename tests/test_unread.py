@@ -280,6 +280,25 @@ def test_validation_leaves_unread_fields_alone(field, bad, where):
   validate_config(c, 2)
 
 
+def test_plan_refuses_the_mesh_sizes_and_remat_it_chooses_itself():
+  """plan overwrites every mesh axis and the remat policy in each candidate (so
+  `plan --config.mesh.tensor=4` planned as if it were absent): the override is
+  refused, and the claim holds in plan's own code."""
+  from aot.plan import _override, candidate_meshes
+  from train.unread import PLAN_CHOOSES, unread_by_planning
+  c = _config(**{"mesh.tensor": 4, "mesh.diloco": 2, "model.remat": "full"})
+  for mesh in candidate_meshes(8):
+    assert set(mesh) == set(sharding.AXES) and mesh["diloco"] == 1
+    planned = _override(c, mesh, "save_dots")
+    assert {a: planned.mesh[a] for a in sharding.AXES} == mesh
+    assert planned.model.remat == "save_dots"
+  for field in PLAN_CHOOSES:
+    err = unread_by_planning(_config(), [field])
+    assert err.field == field and "plan never reads it" in err.problem
+  assert unread_by_planning(_config(), ["mesh.rules.batch", "model.num_layers"]) is None
+  assert unread_by_planning(_config(), ["optim.galore_rank"]).field == "optim.galore_rank"
+
+
 def test_the_launcher_refuses_an_unread_override_before_compiling(tmp_path):
   """`train` with a DGC option under top-k exits 2 with the field and the fix,
   and writes nothing to the workdir."""

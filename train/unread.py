@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from sharding import ConfigError
+from sharding import AXES, ConfigError
 
 _COMP = "optim.compression."
 _ROPE = "model.rope_"
@@ -203,6 +203,12 @@ SERVING_UNREAD = ("model.remat", "model.loss_chunks", "model.scan_layers",
                   "model.moe.z_loss_weight")
 
 
+# What `plan` sets itself in every candidate (aot/plan.py: candidate_meshes,
+# _override): every mesh axis's size (DiLoCo's stays 1: it changes the training
+# algorithm, which a plan does not choose) and the remat policy.
+PLAN_CHOOSES = (*(f"mesh.{a}" for a in AXES), "model.remat")
+
+
 def _rule_for(config, field: str) -> Rule | None:
   """The first rule under which `config` does not read `field`, else None."""
   for rule in RULES:
@@ -235,6 +241,20 @@ def unread_override(config, fields: Sequence[str]) -> ConfigError | None:
           field, f"--config.{field} is set but this run never reads it: "
           f"{rule.why(config)}.", f"drop --config.{field}, or {fix}.")
   return None
+
+
+def unread_by_planning(config, fields: Sequence[str]) -> ConfigError | None:
+  """`unread_override` for `plan`, which chooses `PLAN_CHOOSES` itself: an
+  override of a mesh size or of model.remat there changes nothing it compiles."""
+  for field in fields:
+    if field in PLAN_CHOOSES:
+      return ConfigError(
+          field, f"--config.{field} is set but plan never reads it: plan compiles "
+          "every mesh (mesh.diloco stays 1: DiLoCo changes the training algorithm, "
+          "not the plan) under every remat policy itself.",
+          f"drop --config.{field}; --plan_remats limits the remat policies, and "
+          f"`compile --config.{field}=...` compiles that one plan.")
+  return unread_override(config, fields)
 
 
 def unread_by_serving(config, fields: Sequence[str]) -> ConfigError | None:
