@@ -194,8 +194,7 @@ def parse(argv: list[str]) -> list[str]:
     print(_command_help(argv[1]))
     sys.exit(0)
   _refuse_other_commands_flags(argv)
-  if "config" not in COMMANDS[argv[1]].flags and any(
-      a.startswith("--config.") for a in argv[2:]):
+  if "config" not in COMMANDS[argv[1]].flags and _config_overrides(argv[2:]):
     _config_error(ConfigError(
         "--config", f"the {argv[1]} command takes no --config.* overrides: it reads "
         "the run's own config.json.",
@@ -209,7 +208,7 @@ def parse(argv: list[str]) -> list[str]:
     _check(_no_run(workdir))
     from experiments import saved  # the run's own config; overrides pick the mesh
     argv = [*argv[:2], f"--config={saved.__file__}:{workdir}", *argv[2:]]
-  elif not has_config and any(a.startswith("--config.") for a in argv):
+  elif not has_config and _config_overrides(argv):
     _config_error(ConfigError("--config", "--config.* overrides were given without "
                               "a config file to override.",
                               "pass --config=experiments/NAME.py as well."))
@@ -363,10 +362,11 @@ _GENERATION_EXAMPLES = {"max_new_tokens": "64", "temperature": "0.8", "top_k": "
                         "top_p": "0.95", "seed": "0"}
 
 
-def _config_overrides() -> list[str]:
-  """The config fields set on the command line (`--config.model.num_layers=3` ->
-  "model.num_layers")."""
-  return [arg.lstrip("-")[len("config."):].split("=")[0] for arg in sys.argv[1:]
+def _config_overrides(args: list[str] | None = None) -> list[str]:
+  """The config fields `args` (default: the command line) set
+  (`--config.model.num_layers=3`, or absl's single-dash form -> "model.num_layers")."""
+  return [arg.lstrip("-")[len("config."):].split("=")[0]
+          for arg in (sys.argv[1:] if args is None else args)
           if arg.startswith("-") and arg.lstrip("-").startswith("config.")]
 
 
