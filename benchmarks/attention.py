@@ -34,7 +34,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # deviceless compile only
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks.common import run  # noqa: E402
 
 SECTIONS = ["memory", "ring_memory", "comm", "balance", "cpu_time"]
 _ONLY = flags.DEFINE_list("only", SECTIONS, f"sections to run, of {','.join(SECTIONS)}")
@@ -226,4 +228,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -22,9 +22,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from common import emit  # noqa: E402
+from common import emit, run  # noqa: E402
 
 _GIB = flags.DEFINE_float("gib", 1.0, "train state size in GiB")
 _DIR = flags.DEFINE_string("dir", "/tmp/rung_ckpt_bench", "scratch directory")
@@ -139,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -36,6 +36,23 @@ def main_quietly(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]
   return run
 
 
+def run(main: Callable[[list[str]], Any]) -> None:
+  """Every benchmark's entry point: absl's `app.run` of `main_quietly(main)`,
+  except that asking for help (`--help`, `--helpfull`, ...) exits with status 0
+  where absl exits 1, which a script or CI step reads as a failure."""
+  from absl import app
+  try:
+    app.run(main_quietly(main))
+  except SystemExit as stop:
+    if stop.code == 1 and any(a.lstrip("-").split("=")[0] in _HELP_FLAGS
+                              for a in sys.argv[1:]):
+      sys.exit(0)
+    raise
+
+
+_HELP_FLAGS = {"help", "helpshort", "helpfull", "helpxml", "?"}
+
+
 def write_rows_to(path: str | None) -> None:
   """Also append every emitted row to `path` (JSON lines), flushed per row."""
   if path:

@@ -39,9 +39,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from benchmarks.common import emit, main_quietly  # noqa: E402
+from benchmarks.common import run, emit  # noqa: E402
 
 _SMALL = flags.DEFINE_bool("small", False, "a 5 MB corpus and 12 training steps")
 _MB = flags.DEFINE_float("mb", 50.0, "corpus size in MB (without --small)", lower_bound=0.5)
@@ -261,4 +261,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main_quietly(main))
+  run(main)

@@ -42,10 +42,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 import common  # noqa: E402
-from common import emit  # noqa: E402
+from common import emit, run  # noqa: E402
 
 _REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kept)",
                              lower_bound=1)
@@ -202,4 +202,4 @@ def time_dtype(model, hf_model, plain_params, dtype: str
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

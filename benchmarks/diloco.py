@@ -38,9 +38,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from benchmarks.common import (main_quietly, emit, plot_eval_curves, processor,  # noqa: E402
+from benchmarks.common import (run, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
 
 _STEPS = flags.DEFINE_integer("steps", 600, "training steps per run", lower_bound=1)
@@ -217,4 +217,4 @@ def _curves() -> dict[str, list[tuple[int, float]]]:
 
 
 if __name__ == "__main__":
-  app.run(main_quietly(main))
+  run(main)

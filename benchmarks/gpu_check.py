@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from absl import app, flags  # noqa: E402
 
 import common  # noqa: E402
-from common import emit  # noqa: E402
+from common import emit, run  # noqa: E402
 
 SECTIONS = ["environment", "flash", "train", "decode", "blocks"]
 _ONLY = flags.DEFINE_list("only", SECTIONS, "sections to run")
@@ -378,4 +378,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from common import emit  # noqa: E402
+from common import emit, run  # noqa: E402
 
 _LAYERS = flags.DEFINE_integer("layers", 3, "decoder layers (3: ~1.06 GiB in float32)",
                                lower_bound=1)
@@ -116,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

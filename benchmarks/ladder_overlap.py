@@ -33,7 +33,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks.common import run  # noqa: E402
 
 _INSTRUMENT = flags.DEFINE_enum(
     "instrument", "both", ["both", "wallclock", "tpu"],
@@ -260,4 +262,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

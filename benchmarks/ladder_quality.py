@@ -21,9 +21,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from benchmarks.common import main_quietly  # noqa: E402
+from benchmarks.common import run  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 200, "training steps per block type",
                               lower_bound=1)
@@ -98,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main_quietly(main))
+  run(main)

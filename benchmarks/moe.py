@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from benchmarks.common import main_quietly  # noqa: E402
+from benchmarks.common import run  # noqa: E402
 
 SECTIONS = ["dispatch", "traffic", "balance"]
 VARIANTS = ("default", "no_aux")  # experiments/moe_tiny.py's
@@ -179,4 +179,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main_quietly(main))
+  run(main)

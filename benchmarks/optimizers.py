@@ -27,9 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from benchmarks.common import main_quietly, emit, processor, write_rows_to  # noqa: E402
+from benchmarks.common import run, emit, processor, write_rows_to  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 400, "training steps per run", lower_bound=1)
 _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations",
@@ -147,4 +147,4 @@ def _plot(best: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main_quietly(main))
+  run(main)

@@ -27,7 +27,9 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from benchmarks.common import run  # noqa: E402
 
 FLAGS = flags.FLAGS
 STAGES, FSDP = 4, 2  # the mesh: stage=4 x fsdp=2
@@ -118,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

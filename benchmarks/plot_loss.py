@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.common import run  # noqa: E402
+
 _OUT = flags.DEFINE_string("out", None, "PNG to write", required=True)
 _TITLE = flags.DEFINE_string("title", "", "figure title")
 
@@ -64,4 +66,4 @@ def _vocab_size(workdir: str) -> int | None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

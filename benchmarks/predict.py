@@ -35,8 +35,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from benchmarks import common
 from benchmarks.common import emit, write_rows_to  # noqa: E402
 
 _SLICES = flags.DEFINE_list("slices", ["1", "2"], "slice counts to run (MaxText "
@@ -218,4 +219,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)

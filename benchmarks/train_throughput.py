@@ -20,10 +20,10 @@ import os
 import platform
 import time
 
-from absl import app, flags
+from absl import flags
 
 import common
-from common import emit
+from common import emit, run
 
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per measurement")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "skip the PyTorch peer")
@@ -86,4 +86,4 @@ def main(argv):
          t["tokens_per_sec"], floor_over_pytorch_step=t["step_time_s"] / floor["seconds"])
 
 if __name__ == "__main__":
-  app.run(main)
+  run(main)

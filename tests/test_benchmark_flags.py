@@ -59,3 +59,20 @@ def test_bad_flags_are_refused_before_any_work():
       if p.poll() is None:
         p.kill()
   assert not failures, "\n".join(failures)
+
+
+def test_help_exits_zero_and_lists_the_scripts_flags():
+  """`--help` and `--helpfull` print the script's own flags and exit 0 (absl's
+  app.run exits 1, which a shell `&&` or a CI step reads as a failure)."""
+  scripts = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                   if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  failures = []
+  for script in scripts:
+    for flag in ("--help", "--helpfull"):
+      p = subprocess.run([sys.executable, os.path.join("benchmarks", script), flag],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+      if p.returncode != 0 or f"benchmarks/{script}:" not in p.stdout:
+        failures.append(f"{script} {flag}: exit {p.returncode}: {p.stdout[-300:]}"
+                        f"{p.stderr[-300:]}")
+  assert not failures, "\n".join(failures)
