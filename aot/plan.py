@@ -24,6 +24,13 @@ The search stays small: `expert` > 1 only for MoE models (it would only replicat
 dense work), `sequence` > 1 only when asked, plans whose train state and batch
 alone exceed HBM are marked without compiling, and `max_plans` caps the compiles
 (in `candidate_meshes`' order: plans without pipeline stages first).
+
+DiLoCo is the config's choice, not the plan's (it changes the training
+algorithm): the config's `mesh.diloco` replicas are kept in every candidate and
+the other axes factor the devices left to each replica. A DiLoCo plan's step time
+is the inner step's estimate plus its fragments' synchronisations amortised over
+`diloco.sync_every` inner steps (`Plan.sync_time`), so plans whose outer
+exchanges cost more rank lower.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class Plan:
   roofline: float = math.nan       # seconds
   mfu_estimate: float = math.nan
   exposed: dict[str, float] = dataclasses.field(default_factory=dict)  # s per axes
+  sync_time: float = 0.0     # DiLoCo: synchronisations, seconds per inner step
+  #                            (included in step_time)
   microbatches: int = 1      # pipeline microbatches (mesh.stage > 1)
   schedule: str = "gpipe"    # pipeline schedule (mesh.stage > 1)
 
@@ -79,10 +88,10 @@ class Plan:
 
 
 def candidate_meshes(num_devices: int, *, experts: bool = False,
-                     sequence: bool = False) -> list[dict[str, int]]:
+                     sequence: bool = False, diloco: int = 1) -> list[dict[str, int]]:
   """Every {axis: size} whose sizes multiply to `num_devices`; expert and sequence
-  stay 1 unless allowed, `diloco` always (DiLoCo changes the training algorithm,
-  which a plan does not choose). Ordered, for `max_plans`, so a capped search
+  stay 1 unless allowed, `diloco` is always the given replica count (DiLoCo
+  changes the training algorithm, which a plan does not choose). Ordered, for `max_plans`, so a capped search
   compiles the plainest plans first: no pipeline stages before stages, then by
   tensor and sequence size, then the most sharded state first (fsdp x expert, an
   MoE's experts being its state's bulk), then fewer experts before more."""
@@ -90,7 +99,7 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
   out = []
   for sizes in itertools.product(divisors, repeat=len(sharding.AXES)):
     mesh = dict(zip(sharding.AXES, sizes))
-    if math.prod(sizes) != num_devices or mesh["diloco"] > 1:
+    if math.prod(sizes) != num_devices or mesh["diloco"] != diloco:
       continue
     if (mesh["expert"] > 1 and not experts) or (mesh["sequence"] > 1 and not sequence):
       continue
@@ -106,7 +115,8 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
          compiler_flags: str | dict | None = None,
          slices: int = 1) -> list[Plan]:
   """Ranked plans for `config` on `topology` (best first). `meshes` replaces the
-  enumeration (each a {axis: size} dict, missing axes 1); `remats` defaults to
+  enumeration (each a {axis: size} dict, missing axes 1 and a missing `diloco`
+  the config's); `remats` defaults to
   every policy; `compiler_flags`: libtpu options for every compile
   (`aot.compile.parse_flags`); `slices`: copies of the slice over DCN, which a
   mesh's outer axes must span (`sharding.mesh.slice_split`)."""
@@ -122,12 +132,19 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
     if r not in REMAT:
       raise ConfigError("model.remat", f"{r!r} is not one of {REMAT}.",
                         f"plan over some of {', '.join(REMAT)}.")
+  diloco = int(config.mesh.diloco)
+  if diloco < 1 or len(devices) % diloco:
+    raise ConfigError("mesh.diloco", f"is {diloco}; plan keeps the config's DiLoCo "
+                      f"replicas and factors the rest of {topology}'s "
+                      f"{len(devices)} devices, so it must divide {len(devices)}.",
+                      "pass --config.mesh.diloco=1 (no DiLoCo) or a divisor of "
+                      f"{len(devices)}.")
   if meshes is None:
     meshes = candidate_meshes(len(devices), experts=_num_experts(config) > 0,
-                              sequence=sequence)
+                              sequence=sequence, diloco=diloco)
   candidates, refused = [], {}  # refused: ConfigError message -> (error, count)
   for mesh in meshes:
-    mesh = {a: int(mesh.get(a, 1)) for a in sharding.AXES}
+    mesh = {a: int(mesh.get(a, diloco if a == "diloco" else 1)) for a in sharding.AXES}
     for micro, schedule in pipeline_choices(config, mesh["stage"]):
       for remat in remats:
         c = _override(config, mesh, remat, micro, schedule)
@@ -194,10 +211,20 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
     if report.unknown_trip_counts:
       note = (f"{report.unknown_trip_counts} loop(s) of unknown trip count "
               "counted once: time too low")
-    plans.append(Plan(mesh, remat, report.fits, report.time.get("estimate", math.nan),
+    inner = report.time.get("estimate", math.nan)
+    syncs = report.diloco_syncs
+    sync_time = sum(s["seconds"] for s in syncs) / syncs[0]["sync_every"] if syncs else 0.0
+    fits = report.fits and all(s["fits"] for s in syncs)
+    if syncs:
+      note = "; ".join(filter(None, [
+          f"incl. DiLoCo syncs {sync_time * 1e3:.2f} ms/step "
+          f"(every {syncs[0]['sync_every']})",
+          "a sync does not fit" if report.fits and not fits else "", note]))
+    mfu = report.mfu_estimate * inner / (inner + sync_time) if inner > 0 else math.nan
+    plans.append(Plan(mesh, remat, fits, inner + sync_time,
                       report.memory["total"], report.mfu_bound, note, report,
-                      report.time.get("roofline", math.nan), report.mfu_estimate,
-                      report.exposed_communication, **pipe))
+                      report.time.get("roofline", math.nan), mfu,
+                      report.exposed_communication, sync_time, **pipe))
   bar.close()
   return sorted(plans, key=_rank)
 

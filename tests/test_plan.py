@@ -28,6 +28,38 @@ def test_enumeration_is_bounded():
   assert [(m["fsdp"], m["expert"]) for m in moe[:4]] == [(8, 1), (4, 2), (2, 4), (1, 8)]
   assert moe[:10] == sorted(moe[:10], key=lambda m: -m["fsdp"] * m["expert"])
   assert len(plan.candidate_meshes(8, experts=True, sequence=True)) == 56  # C(8, 5)
+  # DiLoCo's replicas are the config's: the other axes factor the devices left
+  two = plan.candidate_meshes(8, diloco=2)
+  assert len(two) == 10 and all(m["diloco"] == 2 for m in two)  # C(5, 3)
+  assert [{a: s for a, s in m.items() if a != "diloco"} for m in two] == [
+      {a: s for a, s in m.items() if a != "diloco"} for m in plan.candidate_meshes(4)]
+
+
+@needs_libtpu
+def test_a_diloco_config_is_planned_with_its_replicas_and_syncs():
+  """plan compiled a DiLoCo config (mesh.diloco=2) as plain data parallelism:
+  every candidate had one replica and no synchronisation. Now the replicas stay
+  and a plan's step time is its inner step plus each fragment's sync amortised
+  over diloco.sync_every steps (the figures compile reports)."""
+  from experiments import llama_tiny
+  c = llama_tiny.get_config()
+  c.mesh.diloco = 2
+  c.diloco.update(sync_every=4, fragments=2)
+  plans = plan.plan(c, "v5e:2x2", remats=("full",), meshes=[dict(fsdp=2)],
+                    progress=False)
+  (p,) = plans
+  assert p.mesh["diloco"] == 2 and p.report.mesh["diloco"] == 2
+  syncs = p.report.diloco_syncs
+  assert len(syncs) == 2 and all(s["seconds"] > 0 for s in syncs)
+  assert p.sync_time == pytest.approx(sum(s["seconds"] for s in syncs) / 4)
+  assert p.step_time == pytest.approx(p.report.time["estimate"] + p.sync_time)
+  assert p.mfu_estimate < p.report.mfu_estimate
+  assert "incl. DiLoCo syncs" in plan.table(plans)
+  assert "--config.mesh.diloco=2" in p.flags()
+  c.mesh.diloco = 3
+  with pytest.raises(sharding.ConfigError) as err:
+    plan.plan(c, "v5e:2x2", progress=False)
+  assert err.value.field == "mesh.diloco" and "must divide 4" in err.value.problem
 
 
 @needs_libtpu

@@ -297,6 +297,12 @@ def test_plan_refuses_the_mesh_sizes_and_remat_it_chooses_itself():
     assert err.field == field and "plan never reads it" in err.problem
   assert unread_by_planning(_config(), ["mesh.rules.batch", "model.num_layers"]) is None
   assert unread_by_planning(_config(), ["optim.galore_rank"]).field == "optim.galore_rank"
+  # plan keeps the config's DiLoCo replicas, so it reads mesh.diloco and, with
+  # more than one replica, the DiLoCo fields (the rule's own fix leads there)
+  assert unread_by_planning(_config(), ["mesh.diloco"]) is None
+  assert "pass --config.mesh.diloco=2" in unread_by_planning(
+      _config(), ["diloco.sync_every"]).fix
+  assert unread_by_planning(_config(**{"mesh.diloco": 2}), ["diloco.sync_every"]) is None
 
 
 def test_the_launcher_refuses_an_unread_override_before_compiling(tmp_path):

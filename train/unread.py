@@ -204,9 +204,10 @@ SERVING_UNREAD = ("model.remat", "model.loss_chunks", "model.scan_layers",
 
 
 # What `plan` sets itself in every candidate (aot/plan.py: candidate_meshes,
-# _override): every mesh axis's size (DiLoCo's stays 1: it changes the training
-# algorithm, which a plan does not choose) and the remat policy.
-PLAN_CHOOSES = (*(f"mesh.{a}" for a in AXES), "model.remat")
+# _override): every mesh axis's size but DiLoCo's (the config's replica count is
+# kept: DiLoCo changes the training algorithm, which a plan does not choose) and
+# the remat policy.
+PLAN_CHOOSES = (*(f"mesh.{a}" for a in AXES if a != "diloco"), "model.remat")
 
 
 def _rule_for(config, field: str) -> Rule | None:
@@ -250,8 +251,8 @@ def unread_by_planning(config, fields: Sequence[str]) -> ConfigError | None:
     if field in PLAN_CHOOSES:
       return ConfigError(
           field, f"--config.{field} is set but plan never reads it: plan compiles "
-          "every mesh (mesh.diloco stays 1: DiLoCo changes the training algorithm, "
-          "not the plan) under every remat policy itself.",
+          "every mesh (keeping the config's mesh.diloco replicas) under every "
+          "remat policy itself.",
           f"drop --config.{field}; --plan_remats limits the remat policies, and "
           f"`compile --config.{field}=...` compiles that one plan.")
   return unread_override(config, fields)
