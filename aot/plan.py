@@ -91,8 +91,8 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
                      sequence: bool = False, diloco: int = 1) -> list[dict[str, int]]:
   """Every {axis: size} whose sizes multiply to `num_devices`; expert and sequence
   stay 1 unless allowed, `diloco` is always the given replica count (DiLoCo
-  changes the training algorithm, which a plan does not choose). Ordered, for `max_plans`, so a capped search
-  compiles the plainest plans first: no pipeline stages before stages, then by
+  changes the training algorithm, which a plan does not choose). Ordered, for
+  `max_plans`, so a capped search compiles the plainest plans first: no pipeline stages before stages, then by
   tensor and sequence size, then the most sharded state first (fsdp x expert, an
   MoE's experts being its state's bulk), then fewer experts before more."""
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
