@@ -9,6 +9,8 @@ from rung's JAX code. Parameters (one of each layout rung stores):
   norm/scale      [6]                            never a matrix: AdamW
 """
 
+import math
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -522,6 +524,44 @@ def test_a_resume_past_the_schedule_says_the_rate_it_runs_at():
       end = float(lr(step))  # the rate of step + 1
       assert end == pytest.approx(o.learning_rate * o.min_lr_ratio)
       assert note.endswith(f"steps {step + 1} to 30 run at its final rate {end:g}")
+
+
+def test_a_resume_on_another_schedule_says_the_rate_and_warmup_that_moved():
+  """A run trained 50 steps with the default 100 warm-up steps (cut to 49) and
+  resumed with train.steps=200 warms up again from step 51: nothing said so. The
+  note appears exactly when step + 1's rate differs between the saved schedule and
+  the new one, gives both (each the schedule's own), and the two warm-ups when
+  they differ; checked over lengths, warm-ups, decay_steps and peak rates."""
+  import re
+  import types
+
+  from train.optimizer import _warmup, rate_change_note
+  o = _optim("adamw")
+  cases = 0
+  for (saved_steps, total, warmup, decay, saved_lr) in [
+      (50, 200, 100, None, None), (50, 50, 10, None, None), (40, 80, 10, 80, None),
+      (40, 80, 10, None, 1e-3), (30, 60, 5, 30, None), (20, 20, 5, None, 1e-3)]:
+    o.warmup_steps, o.decay_steps = warmup, decay
+    saved = dict(learning_rate=saved_lr or o.learning_rate, warmup_steps=warmup,
+                 min_lr_ratio=o.min_lr_ratio, decay_steps=None)
+    old = types.SimpleNamespace(**saved)
+    for step in range(1, saved_steps + 1):
+      note = rate_change_note(saved, saved_steps, o, total, step)
+      was, now = float(schedule(old, saved_steps)(step)), float(schedule(o, total)(step))
+      if step >= total or math.isclose(was, now, rel_tol=1e-6):
+        assert note == "", (saved_steps, total, step, note)
+        continue
+      cases += 1
+      assert note.startswith(f"note: step {step + 1} takes learning rate {now:g}, "
+                             f"where the saved run's schedule gave it {was:g}")
+      warmups = (_warmup(old, saved_steps), _warmup(o, decay or total))
+      moved = re.search(r"warm-up (\d+) steps? -> (\d+)", note)
+      assert (moved is not None) == (warmups[0] != warmups[1])
+      if moved:
+        assert (int(moved[1]), int(moved[2])) == warmups
+        assert ("warm up again" in note) == (warmups[0] <= step < warmups[1])
+  assert cases > 100
+  assert rate_change_note({}, None, o, 80, 10) == ""  # no saved length: nothing to say
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "muon", "normuon", "galore"])

@@ -125,6 +125,12 @@ def test_resume_with_more_steps_says_the_schedule_changed(tmp_path, capsys):
       "train.steps: 3 -> 6  (the learning-rate schedule's length while "
       "optim.decay_steps is unset)"]
   assert err.count("changes the training trajectory") == 1  # said once
+  # and the rate step 4 now takes, beside the one the saved schedule gave it
+  from train.optimizer import schedule
+  now, was = float(schedule(c.optim, 6)(3)), float(schedule(c.optim, 3)(3))
+  assert now != was
+  assert (f"step 4 takes learning rate {now:g}, where the saved run's schedule "
+          f"gave it {was:g}") in out
   # Resuming again unchanged, then with only non-trajectory fields changed: silent.
   for change in ({}, dict(log=dict(every_steps=2), checkpoint=dict(every_steps=1),
                           mesh=dict(data=2, fsdp=4))):

@@ -30,7 +30,8 @@ from train.data import data_changes, make_data, record_tokens
 from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
                            peak_flops)
 from train.optimizer import describe as describe_optimizer
-from train.optimizer import make_optimizer, resume_note, schedule, warmup_note
+from train.optimizer import (make_optimizer, rate_change_note, resume_note, schedule,
+                             warmup_note)
 from train.state import (abstract_state, init_state, model_spec, param_shardings,
                          pipeline_from_config, state_shardings)
 from train.step import (batch_sharding, make_eval_step, make_inner_step,
@@ -163,14 +164,17 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     state = ckpt.restore(
         abstract_state(spec, tx, mesh, comp, saved_replicas, saved_dl),
         data.train, config=config_dict)
-    ended = ((ckpt.saved_config(latest) or {}).get("train") or {}).get("steps")
+    saved = ckpt.saved_config(latest) or {}
+    ended = (saved.get("train") or {}).get("steps")
     if dl.enabled and ended == int(state.step):
       landed = ended
     if int(state.step):
       _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
-      late = resume_note(config.optim, t.steps, int(state.step))
-      if late:
-        _say(late)
+      for note in (resume_note(config.optim, t.steps, int(state.step)),
+                   rate_change_note(saved.get("optim") or {}, ended, config.optim,
+                                    t.steps, int(state.step))):
+        if note:
+          _say(note)
       changed = data_changes(workdir, data.tokens)
       if changed:
         _say(changed)
@@ -187,7 +191,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       _say(f"compression state of {saved_replicas} replicas regrouped onto "
            f"{mesh.shape['data']}: each starts from the sum over the old replicas "
            "/ the new count, so the total residual (gradient not yet sent) is kept")
-    _report_trajectory_changes(ckpt, int(state.step), config_dict)
+    _report_trajectory_changes(saved, int(state.step), config_dict)
   elif config.checkpoint.init_from:
     params = load_init_params(config.checkpoint.init_from,
                               abstract_state(spec, tx, mesh).params,
@@ -436,13 +440,13 @@ def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -
   return ""
 
 
-def _report_trajectory_changes(ckpt: Checkpointer, step: int, config_dict: dict):
+def _report_trajectory_changes(saved: dict, step: int, config_dict: dict):
   """On resume: prints (process 0, stderr) every changed config field that makes
-  the run continue differently from the run that saved `step`. Step 0 (an import)
-  has no trajectory yet."""
+  the run continue differently from the run that saved `step` with the config
+  `saved` (read by every process alike). Step 0 (an import) has no trajectory
+  yet."""
   if not step:
     return
-  saved = ckpt.saved_config(step)  # read by every process alike
   message = run_config.describe_trajectory_changes(
       step, run_config.trajectory_changes(saved, config_dict) if saved else [])
   if message and jax.process_index() == 0:

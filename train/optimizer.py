@@ -12,6 +12,7 @@ update (`state_shardings` places it).
 from __future__ import annotations
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,35 @@ def resume_note(optim_cfg, total_steps: int, step: int) -> str:
   return (f"note: the learning-rate schedule ended at step {length} "
           f"(optim.decay_steps), before this resume at step {step}: steps {step + 1} "
           f"to {total_steps} run at its final rate {end:g}")
+
+
+_SCHEDULE_FIELDS = ("learning_rate", "min_lr_ratio", "warmup_steps", "decay_steps")
+
+
+def rate_change_note(saved_optim: dict, saved_steps: int | None, optim_cfg,
+                     total_steps: int, step: int) -> str:
+  """What a run resumed at `step` says when its next step's learning rate is not
+  the one the saved run's schedule gave it: the two rates, and the two warm-ups
+  when they differ (a longer train.steps with optim.decay_steps unset stretches
+  the cosine, and can move a warm-up cut to the old length past the resume).
+  `saved_optim` / `saved_steps`: the checkpoint's config.json `optim` group and
+  `train.steps`. Empty when the rates agree or nothing is left to run."""
+  if not saved_steps or step >= total_steps:
+    return ""
+  old = types.SimpleNamespace(**{f: saved_optim.get(f, getattr(optim_cfg, f))
+                                 for f in _SCHEDULE_FIELDS})
+  was = float(schedule(old, saved_steps)(step))  # the rate of step + 1
+  now = float(schedule(optim_cfg, total_steps)(step))
+  if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
+    return ""
+  warmups = (_warmup(old, old.decay_steps or saved_steps),
+             _warmup(optim_cfg, optim_cfg.decay_steps or total_steps))
+  return (f"note: step {step + 1} takes learning rate {now:g}, where the saved run's "
+          f"schedule gave it {was:g}"
+          + (f"; warm-up {_steps(warmups[0])} -> {warmups[1]}"
+             + (f" (steps {step + 1} to {warmups[1]} warm up again)"
+                if warmups[0] <= step < warmups[1] else "")
+             if warmups[0] != warmups[1] else ""))
 
 
 def describe(optim_cfg, total_steps: int, replicas: int | None = None) -> str:
