@@ -50,11 +50,13 @@ COMMANDS = {
         "list a run's checkpoints, metrics and parameter shardings",
         "--workdir=runs/tiny", ("workdir", *_PROCESS_FLAGS)),
     "generate": Command(
-        "continue --prompt with a run's latest checkpoint, streaming text",
+        "continue --prompt with a run's latest checkpoint, streaming text; or each "
+        "prompt of a --prompts file, in batches, as JSON lines",
         '--workdir=runs/tiny --prompt="def main(" [--max_new_tokens=200 '
-        "--temperature=0.8 --top_p=0.95 --config.mesh.tensor=2]",
-        ("workdir", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
-         "seed", "step", "config", *_PROCESS_FLAGS)),
+        "--temperature=0.8 --top_p=0.95 --config.mesh.tensor=2] (or --prompts=F.txt "
+        "--output_jsonl=out.jsonl --batch_size=8)",
+        ("workdir", "prompt", "prompts", "output_jsonl", "batch_size", "max_new_tokens",
+         "temperature", "top_k", "top_p", "seed", "step", "config", *_PROCESS_FLAGS)),
     "compile": Command(
         "compile --config's step for a TPU --topology (no TPU needed): memory, "
         "fit, FLOPs, collectives, time",
@@ -97,6 +99,14 @@ _HEARTBEAT = flags.DEFINE_integer(
     "which a process counts as dead and JAX ends every process (exit status 134); "
     "the last committed checkpoint resumes.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "A file of prompts to continue instead: one per line, or in a "
+    '.jsonl file {"prompt": ...} per line.')
+_OUTPUT_JSONL = flags.DEFINE_string(
+    "output_jsonl", None, "With --prompts: write the completions here (a new file), "
+    "one JSON object per prompt; default: standard output.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "With --prompts: prompts "
+                                   "generated together.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens to add (0: print the prompt only).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k likeliest tokens (0: all).")
@@ -372,7 +382,17 @@ def _config_overrides(args: list[str] | None = None) -> list[str]:
 
 def _generate(workdir: str) -> None:
   import infer.text
-  prompt = _require(_PROMPT, _PROMPT.value, '"def main("')
+  if _PROMPTS.present and _PROMPT.present:
+    raise ConfigError("--prompts", "is given with --prompt; generate continues one "
+                      "or the other.", "drop --prompt (or --prompts).")
+  if not _PROMPTS.present:
+    for flag in (_OUTPUT_JSONL, _BATCH_SIZE):
+      if flag.present:
+        raise ConfigError(f"--{flag.name}", f"--{flag.name} is read only with "
+                          "--prompts (a file of prompts).",
+                          f"pass --prompts=FILE, or drop --{flag.name}.")
+  prompts = _require(_PROMPTS, _PROMPTS.value, "prompts.txt") if _PROMPTS.present else None
+  prompt = None if prompts else _require(_PROMPT, _PROMPT.value, '"def main("')
   try:
     infer.check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
                          max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
@@ -380,10 +400,15 @@ def _generate(workdir: str) -> None:
     flag = f"--{err.argument}"
     raise ConfigError(flag, str(err), f"pass e.g. {flag}="
                       f"{_GENERATION_EXAMPLES[err.argument]}.") from None
-  infer.text.generate_text(
-      workdir, _CONFIG.value, prompt, max_new_tokens=_MAX_NEW.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-      seed=_SEED.value, step=_STEP.value)
+  sampling = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                  top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                  step=_STEP.value)
+  if prompts:
+    infer.text.generate_file(workdir, _CONFIG.value, prompts,
+                             output=_OUTPUT_JSONL.value, batch_size=_BATCH_SIZE.value,
+                             **sampling)
+  else:
+    infer.text.generate_text(workdir, _CONFIG.value, prompt, **sampling)
 
 
 # compile / plan exit with this when nothing they compiled fits the chip's HBM

@@ -87,8 +87,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
              temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] = (),
-             on_token: Callable[[np.ndarray], None] | None = None
-             ) -> list[list[int]]:
+             on_token: Callable[[np.ndarray], None] | None = None,
+             pad_to: tuple[int, int] | None = None) -> list[list[int]]:
   """New token ids for each prompt (lists of ids, lengths may differ, or a
   [batch, length] array of ids).
 
@@ -101,7 +101,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   memory raises `CacheDoesNotFit` (a ValueError) before anything is allocated.
   The decode loop runs inside one while_loop; with `on_token` (streaming) it runs
   token by token and calls on_token with the [batch] new ids (-1 for finished rows)
-  after each.
+  after each. `pad_to` (rows, prompt length): pad the batch and the prompts to at
+  least these, so calls with fewer or shorter prompts reuse one compiled program
+  (padding rows and positions are masked; the new ids are the same).
   """
   if hasattr(prompts, "tolist"):  # a [batch, length] array of ids
     prompts = prompts.tolist()
@@ -130,8 +132,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   # start), and the prompts to a multiple of those `length` is split over; the
   # padding is masked out of the MoE layers and the rows dropped from the result.
   batch = len(prompts)
-  rows = _round_up(batch, split_size(model, "batch"))
-  longest = _round_up(max(len(p) for p in prompts), split_size(model, "length"))
+  least_rows, least_length = pad_to or (0, 0)
+  rows = _round_up(max(batch, least_rows), split_size(model, "batch"))
+  longest = _round_up(max(least_length, *(len(p) for p in prompts)),
+                      split_size(model, "length"))
   lengths = np.zeros((rows,), np.int32)
   tokens = np.zeros((rows, longest), np.int32)
   for row, p in enumerate(prompts):

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import TextIO
+from typing import Callable, Sequence, TextIO
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
 
 import sharding
 from infer.generate import generate
@@ -32,17 +37,13 @@ class _Printer:
   def __init__(self, tokenizer, out: TextIO, prompt: str, prompt_ids, stops):
     self.tokenizer, self.out, self.prompt = tokenizer, out, prompt
     self.context = [int(i) for i in prompt_ids[-self.CONTEXT:]]
-    self.base = tokenizer.decode(self.context)
     self.stops = set(stops)
     self.ids: list[int] = []
     self.printed = 0
 
   def text(self) -> str:
     """The continuation so far."""
-    full = self.tokenizer.decode(self.context + self.ids)
-    if full.startswith(self.base):
-      return full[len(self.base):]
-    return self.tokenizer.decode(self.ids)  # a decoder that rewrites the context
+    return continuation(self.tokenizer, self.context, self.ids)
 
   def close(self) -> None:
     self.out.write(self.prompt + self.text()[self.printed:] + "\n")
@@ -61,30 +62,35 @@ class _Printer:
     self.printed = len(text)
 
 
-def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 256,
-                  temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int = 0, step: int | None = None,
-                  out: TextIO = sys.stdout) -> str:
-  """Loads the run's latest checkpoint (or `step`) with `config` (the run's saved
-  config with any overrides: the mesh to serve on, attention impl...), streams the
-  continuation of `prompt` to `out` (without the stop id that ends it, as
-  transformers' streamer skips special tokens), and returns it. Sampling arguments
-  (`infer.check_sampling`), the prompt's ids and the stop ids are checked before
-  anything is loaded; a KV cache past the free memory is a ConfigError naming
-  --max_new_tokens before it is allocated, and nothing is printed to `out`."""
-  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
+def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+  """The text `new_ids` add after a prompt: decoded together with the prompt's
+  last `_Printer.CONTEXT` ids, so a tokenizer that spaces words by their
+  neighbours spaces them as the whole text would."""
+  context = [int(i) for i in prompt_ids[-_Printer.CONTEXT:]]
+  base, full = tokenizer.decode(context), tokenizer.decode(context + list(new_ids))
+  return full[len(base):] if full.startswith(base) else tokenizer.decode(list(new_ids))
+
+
+def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int], str],
+             flag: str, max_new_tokens: int, step: int | None):
+  """What generating text from `prompts` needs, every check made before the
+  weights are read: (model, tokenizer, prompt ids, stop ids). `where(i)` names
+  prompt i in errors ("the prompt", "line 3 of prompts.txt"); `flag` is the
+  command-line flag that gave the prompts. Prints the run, step and mesh, and
+  warnings, to stderr."""
   wanted = config or run_config.load(workdir)
   if wanted.data.tokenizer == "none":
     raise sharding.ConfigError(
         "data.tokenizer", "data.tokenizer=none reads token ids, so it cannot encode "
-        "a text --prompt.", "pass the tokenizer that made the ids, "
+        f"a text {flag}.", "pass the tokenizer that made the ids, "
         "--config.data.tokenizer=PATH/tokenizer.json (or give ids to infer.generate "
         "from Python).")
   tokenizer = make_tokenizer(wanted.data, require_eos=False)
-  ids = [int(i) for i in tokenizer.encode(prompt)]
-  if not ids:
-    raise sharding.ConfigError("--prompt", "the prompt encodes to no tokens.",
-                               "pass a non-empty --prompt.")
+  ids = [[int(i) for i in tokenizer.encode(p)] for p in prompts]
+  for i, row in enumerate(ids):
+    if not row:
+      raise sharding.ConfigError(flag, f"{where(i)} encodes to no tokens.",
+                                 f"give {where(i)} some text.")
   stops = stop_tokens(wanted.data, tokenizer)
   vocab = wanted.model.vocab_size
   bad = [t for t in stops if not 0 <= t < vocab]
@@ -92,20 +98,21 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
     eos_bad = bool(stops) and stops[0] == bad[0] and bad[0] not in (
         wanted.data.get("stop_ids") or ())
     field = "data.eos_id" if eos_bad else "data.stop_ids"
-    where = ("data.eos_id" if wanted.data.get("eos_id") is not None
-             else "the tokenizer's end-of-text id") if eos_bad else "data.stop_ids"
+    holder = ("data.eos_id" if wanted.data.get("eos_id") is not None
+              else "the tokenizer's end-of-text id") if eos_bad else "data.stop_ids"
     raise sharding.ConfigError(
-        field, f"the stop id {bad[0]} ({where}) falls outside the model's vocabulary "
+        field, f"the stop id {bad[0]} ({holder}) falls outside the model's vocabulary "
         f"[0, {vocab}).", f"pass an id of this model's vocabulary, e.g. "
         f"--config.{field}={'0' if eos_bad else '()'}")
-  if max(ids) >= vocab:
-    size = getattr(tokenizer, "vocab_size", None)
-    raise sharding.ConfigError(
-        "data.tokenizer", f"the prompt encodes to id {max(ids)}, past the model's "
-        f"vocabulary of {vocab}" + (f": the tokenizer has {size} ids, more than the "
-                                    "model has rows" if size and size > vocab else "")
-        + ".", "pass a prompt whose tokens fall inside the model's vocabulary, or the "
-        "model's own tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
+  for i, row in enumerate(ids):
+    if max(row) >= vocab:
+      size = getattr(tokenizer, "vocab_size", None)
+      raise sharding.ConfigError(
+          "data.tokenizer", f"{where(i)} encodes to id {max(row)}, past the model's "
+          f"vocabulary of {vocab}" + (f": the tokenizer has {size} ids, more than the "
+                                      "model has rows" if size and size > vocab else "")
+          + ".", "pass prompts whose tokens fall inside the model's vocabulary, or the "
+          "model's own tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
   ckpt = Checkpointer(workdir, wanted.checkpoint, read_only=True)
   step = ckpt.step_to_read(step)  # a config error before anything is loaded
   ckpt.close()
@@ -132,22 +139,160 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
                      "end-of-text token): generating all --max_new_tokens; "
                      "--config.data.eos_id=ID stops at one.\n")
   context = saved.model.max_position_embeddings
-  if len(ids) + max_new_tokens > context:
+  longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+  if len(ids[longest]) + max_new_tokens > context:
     sys.stderr.write(
-        f"warning: {len(ids)} prompt tokens + up to {max_new_tokens} new ones run past "
+        f"warning: {len(ids[longest])} prompt tokens"
+        + (f" ({where(longest)})" if len(ids) > 1 else "")
+        + f" + up to {max_new_tokens} new ones run past "
         f"the model's context of {context} positions (model.max_position_embeddings); "
         "tokens beyond it are positions the model was not made for.\n")
+  return model, tokenizer, ids, stops
+
+
+def _cache_error(err: CacheDoesNotFit, longest: int, flag: str,
+                 batch_size: int | None = None) -> sharding.ConfigError:
+  fits = err.positions - longest
+  if fits > 0:
+    fix = f"pass --max_new_tokens={fits} or fewer"
+    return sharding.ConfigError("--max_new_tokens", str(err), fix + (
+        f", or a smaller --batch_size than {batch_size}." if batch_size and batch_size > 1
+        else "."))
+  return sharding.ConfigError(
+      "--max_new_tokens", str(err),
+      f"the {longest}-token prompt alone does not fit; pass a shorter {flag}."
+      if not batch_size or batch_size == 1 else
+      f"the prompts alone do not fit; pass --batch_size={max(1, batch_size // 2)}.")
+
+
+def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0, step: int | None = None,
+                  out: TextIO = sys.stdout) -> str:
+  """Loads the run's latest checkpoint (or `step`) with `config` (the run's saved
+  config with any overrides: the mesh to serve on, attention impl...), streams the
+  continuation of `prompt` to `out` (without the stop id that ends it, as
+  transformers' streamer skips special tokens), and returns it. Sampling arguments
+  (`infer.check_sampling`), the prompt's ids and the stop ids are checked before
+  anything is loaded; a KV cache past the free memory is a ConfigError naming
+  --max_new_tokens before it is allocated, and nothing is printed to `out`."""
+  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
+  model, tokenizer, (ids,), stops = _prepare(
+      workdir, config, [prompt], lambda i: "the prompt", "--prompt", max_new_tokens,
+      step)
   printer = _Printer(tokenizer, out, prompt, ids, stops)
   try:  # the printer keeps the new ids
     generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stops,
              on_token=printer)
   except CacheDoesNotFit as err:
-    fits = err.positions - len(ids)
-    raise sharding.ConfigError(
-        "--max_new_tokens", str(err),
-        f"pass --max_new_tokens={fits} or fewer." if fits > 0 else
-        f"the {len(ids)}-token prompt alone does not fit; pass a shorter --prompt."
-    ) from None
+    raise _cache_error(err, len(ids), "--prompt") from None
   printer.close()
   return printer.text()
+
+
+def read_prompts(path: str) -> list[tuple[int, str]]:
+  """(line number, prompt) for each prompt in `path`: in a `.jsonl` file each
+  non-blank line is a JSON string or an object with a "prompt" string; in any
+  other file each non-blank line is one prompt (its newline dropped). A line that
+  is neither, or a file with none, is a ConfigError naming --prompts and the line."""
+  try:
+    with open(os.path.expanduser(path), encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as err:
+    raise sharding.ConfigError("--prompts", f"cannot read {path}: {err}.",
+                               "pass a UTF-8 text or JSONL file of prompts.") from None
+  prompts = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    if path.endswith(".jsonl"):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as err:
+        raise sharding.ConfigError("--prompts", f"line {n} of {path} is not JSON "
+                                   f"({err.msg}).", 'write one JSON object per line, '
+                                   'e.g. {"prompt": "def main("}.') from None
+      text = record.get("prompt") if isinstance(record, dict) else record
+      if not isinstance(text, str):
+        raise sharding.ConfigError(
+            "--prompts", f"line {n} of {path} holds no \"prompt\" string: {line[:80]}",
+            'write {"prompt": "..."} or a JSON string on each line.')
+      line = text
+    prompts.append((n, line))
+  if not prompts:
+    raise sharding.ConfigError("--prompts", f"{path} holds no prompts.",
+                               "write one prompt per line.")
+  return prompts
+
+
+def generate_file(workdir: str, config, prompts_path: str, *,
+                  output: str | None = None, batch_size: int = 8,
+                  max_new_tokens: int = 256, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                  step: int | None = None, progress: bool = True,
+                  out: TextIO = sys.stdout) -> list[dict]:
+  """Continues every prompt of `prompts_path` (`read_prompts`), `batch_size` at a
+  time, and writes one JSON line per prompt, in the file's order, to `output`
+  (a new file; else `out`): {"line": its line in the prompts file, "prompt",
+  "completion" (without the stop id that ends it), "new_tokens" (ids generated,
+  the stop id included), "stopped" (whether a stop id ended it, not
+  --max_new_tokens)}. Returns the records. Lines are written as each batch
+  finishes, so an interrupted run keeps the finished ones.
+
+  Every batch is padded to `batch_size` rows and the file's longest prompt, so one
+  program serves them all. Batch b samples with the seed
+  `SeedSequence([seed, b])` draws (greedy decoding ignores it), so rows of
+  different batches do not share random draws. Checks as `generate_text`; an
+  `output` that exists is refused (nothing is overwritten), and none is created
+  before the first batch has finished."""
+  check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
+  if batch_size < 1:
+    raise sharding.ConfigError("--batch_size", f"is {batch_size}; it is how many "
+                               "prompts generate together.", "pass --batch_size=8.")
+  if output and os.path.exists(output):
+    raise sharding.ConfigError("--output_jsonl", f"{output} exists; nothing is "
+                               "overwritten.", "pass a new path, or delete it first.")
+  lines = read_prompts(prompts_path)
+  texts = [t for _, t in lines]
+  model, tokenizer, ids, stops = _prepare(
+      workdir, config, texts, lambda i: f"line {lines[i][0]} of {prompts_path}",
+      "--prompts", max_new_tokens, step)
+  longest = max(map(len, ids))
+  rows = min(batch_size, len(ids))
+  writer = jax.process_index() == 0  # every process computes; one writes
+  sink, records = None, []
+  try:
+    bar = tqdm(total=len(ids), desc="generate", unit="prompt",
+               disable=not progress or not writer, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 60)
+    for b, start in enumerate(range(0, len(ids), rows)):
+      batch = ids[start:start + rows]
+      batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
+      try:
+        new = generate(model, batch, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=batch_seed, stop_tokens=stops, pad_to=(rows, longest))
+      except CacheDoesNotFit as err:
+        raise _cache_error(err, longest, "--prompts", rows) from None
+      for i, (prompt_ids, new_ids) in enumerate(zip(batch, new)):
+        stopped = bool(new_ids) and new_ids[-1] in stops
+        shown = new_ids[:-1] if stopped else new_ids
+        line, text = lines[start + i]
+        record = dict(line=line, prompt=text,
+                      completion=continuation(tokenizer, prompt_ids, shown),
+                      new_tokens=len(new_ids), stopped=stopped)
+        records.append(record)
+      if writer:  # opened with the first finished batch: a refused one writes no file
+        sink = sink or (open(output, "x", encoding="utf-8") if output else out)
+        for record in records[start:]:
+          sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sink.flush()
+      bar.update(len(batch))
+    bar.close()
+  finally:
+    if output and sink is not None:
+      sink.close()
+  if output and writer:
+    sys.stderr.write(f"wrote {len(records)} completions to {output}\n")
+  return records

@@ -501,3 +501,94 @@ def test_cli_says_when_the_config_changes_the_models_outputs(byte_run):
           "outputs can differ from the trained model's: model.sliding_window: 0 -> 4"
           in changed.stderr), changed.stderr[-2000:]
   assert "differs from the run's" not in same.stderr, same.stderr[-2000:]
+
+
+def test_a_file_of_prompts_generates_what_each_prompt_alone_does(byte_run, tmp_path):
+  """`generate --prompts`: every prompt of a text or JSONL file (blank lines
+  skipped, line numbers kept), batched and padded to the file's longest prompt,
+  continues greedily exactly as `infer.generate` continues it alone; the stop id
+  ends a completion unprinted. Written to a new file as JSON lines."""
+  import json
+
+  import infer.text
+  from train import run_config
+  from train.hf import stop_tokens
+  from train.tokenizer import make_tokenizer
+  prompts = ["def f(", "import numpy as np", "x", "class A:\n"[:-1], "# é"]
+  text = tmp_path / "prompts.txt"
+  text.write_text(prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")
+  jsonl = tmp_path / "prompts.jsonl"
+  jsonl.write_text("\n".join(json.dumps(p if i % 2 else {"prompt": p})
+                             for i, p in enumerate(prompts)) + "\n")
+  config = run_config.load(str(byte_run))
+  tokenizer = make_tokenizer(config.data, require_eos=False)
+  stops = stop_tokens(config.data, tokenizer)
+  model, _ = infer.load(str(byte_run))
+  alone = [infer.generate(model, [tokenizer.encode(p)], max_new_tokens=6,
+                          stop_tokens=stops)[0] for p in prompts]
+  out = tmp_path / "out.jsonl"
+  records = infer.text.generate_file(str(byte_run), None, str(text), output=str(out),
+                                     batch_size=2, max_new_tokens=6, progress=False)
+  assert [r["line"] for r in records] == [1, 3, 4, 5, 6]
+  assert [r["prompt"] for r in records] == prompts
+  for r, p, new in zip(records, prompts, alone):
+    stopped = bool(new) and new[-1] in stops
+    assert r["new_tokens"] == len(new) and r["stopped"] == stopped
+    assert r["completion"] == infer.text.continuation(
+        tokenizer, tokenizer.encode(p), new[:-1] if stopped else new)
+  assert [json.loads(line) for line in out.read_text().splitlines()] == records
+  from_jsonl = infer.text.generate_file(str(byte_run), None, str(jsonl), batch_size=3,
+                                        max_new_tokens=6, progress=False,
+                                        out=open(os.devnull, "w"))
+  assert [r["completion"] for r in from_jsonl] == [r["completion"] for r in records]
+  assert [r["line"] for r in from_jsonl] == [1, 2, 3, 4, 5]
+
+
+def test_sampled_batches_of_a_prompt_file_draw_apart_and_repeat(byte_run, tmp_path):
+  """Batch b samples from its own seed (SeedSequence([seed, b])): the same prompt
+  in two batches of one row draws two different continuations (one seed for every
+  batch would give the same), and a rerun gives both again."""
+  import infer.text
+  path = tmp_path / "same.txt"
+  path.write_text("ab\nab\n")
+  def run(seed):
+    return [r["completion"] for r in infer.text.generate_file(
+        str(byte_run), None, str(path), batch_size=1, max_new_tokens=12,
+        temperature=1.0, seed=seed, progress=False, out=open(os.devnull, "w"))]
+  first = run(0)
+  assert first[0] != first[1]
+  assert run(0) == first and run(1) != first
+
+
+def test_cli_prompt_file_writes_json_lines_and_refuses_what_it_cannot_do(
+    byte_run, tmp_path):
+  import json
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("def f(\nab\n")
+  out = tmp_path / "out.jsonl"
+  proc = run_cli("generate", f"--workdir={byte_run}", f"--prompts={prompts}",
+                 f"--output_jsonl={out}", "--max_new_tokens=3", "--batch_size=2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == [
+      "def f(", "ab"]
+  assert f"wrote 2 completions to {out}" in proc.stderr and proc.stdout == ""
+  before = out.read_text()
+  bad_json = tmp_path / "bad.jsonl"
+  bad_json.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+  cases = {
+      (f"--prompts={prompts}", f"--output_jsonl={out}"):
+          f"Config error in `--output_jsonl`: {out} exists; nothing is overwritten.",
+      ("--prompt=ab", "--batch_size=4"):
+          "Config error in `--batch_size`: --batch_size is read only with --prompts",
+      ("--prompt=ab", f"--prompts={prompts}"):
+          "Config error in `--prompts`: is given with --prompt",
+      (f"--prompts={bad_json}",):
+          f'Config error in `--prompts`: line 2 of {bad_json} holds no "prompt" string',
+      (f"--prompts={prompts}", "--batch_size=0"):
+          "Config error in `--batch_size`: is 0",
+      (f"--prompts={tmp_path / 'missing.txt'}",): "Config error in `--prompts`: cannot read",
+  }
+  procs = run_cli_many([("generate", f"--workdir={byte_run}", *flags) for flags in cases])
+  for (flags, message), proc in zip(cases.items(), procs):
+    assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr[-1500:])
+  assert out.read_text() == before
