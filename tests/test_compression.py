@@ -273,7 +273,9 @@ def _dgc_config(mesh, steps=3, **compression_fields):
 def _simulate(config, replicas):
   """The run in one process on one device: each replica's gradient from rung's
   loss on its rows, the exchange by `PaperDGC`, plain SGD (the momentum is the
-  replicas'). Returns the losses."""
+  replicas'). Returns per step: the loss, the replicas' mean gradient norm and
+  the norm of the exchanged sum (what rung logs as grad_norm and
+  exchanged_grad_norm)."""
   from conftest import make_data_on
   from train.state import init_state
   from train.step import loss_fn
@@ -291,7 +293,7 @@ def _simulate(config, replicas):
   grad = jax.jit(jax.value_and_grad(loss_fn(spec, 0.0), has_aux=True))
   data = make_data_on(config)  # one process: the global batch, any mesh
   w = {n: np.asarray(x, np.float64) for n, x in flat.items()}
-  losses = []
+  losses, norms, exchanged = [], [], []
   for _ in range(config.train.steps):
     batch = {k: v for k, v in next(data.train).items() if k != "source"}
     rows = len(batch["inputs"]) // replicas
@@ -305,19 +307,30 @@ def _simulate(config, replicas):
       grads.append({sharding.path_name(p): np.asarray(x)
                     for p, x in jax.tree_util.tree_leaves_with_path(g)})
     losses.append(np.mean(nlls))
+    norms.append(np.mean([np.sqrt(sum(np.sum(np.square(g[n], dtype=np.float64))
+                                      for n in g)) for g in grads]))
     total, _ = dgc.exchange(grads)
+    exchanged.append(np.sqrt(sum(np.sum(np.square(total[n])) for n in total)))
     for n in w:
       w[n] -= o.learning_rate * total[n]
-  return np.array(losses)
+  return np.array(losses), np.array(norms), np.array(exchanged)
 
 
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, tensor=2, fsdp=2)],
                          ids=["data8", "data2_tensor2_fsdp2"])
 def test_training_equals_the_numpy_simulation(mesh, tmp_path):
-  from test_train_meshes import _losses
+  """Losses, and the logged norms: grad_norm is the replicas' mean of their own
+  gradients' norms (it was the norm of the exchanged sum, which under DGC grows
+  with the accumulated velocity: a trial read it as divergence), and
+  exchanged_grad_norm the norm of what the optimizer takes."""
+  import train
   c = _dgc_config(mesh)
-  np.testing.assert_allclose(_losses(c, tmp_path), _simulate(c, mesh["data"]),
-                             rtol=2e-5)
+  rows = [r for r in train.train(c, str(tmp_path), progress=False) if "loss" in r]
+  losses, norms, exchanged = _simulate(c, mesh["data"])
+  np.testing.assert_allclose([r["loss"] for r in rows], losses, rtol=2e-5)
+  np.testing.assert_allclose([r["grad_norm"] for r in rows], norms, rtol=1e-4)
+  np.testing.assert_allclose([r["exchanged_grad_norm"] for r in rows], exchanged,
+                             rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,optimizer", [("topk", "adamw"), ("dgc", "sgd")])

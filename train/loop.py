@@ -339,6 +339,8 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
                "mfu": flops_per_sec / peak if math.isfinite(peak) else float("nan")}
         row.update({k: float(np.mean(v)) for k, v in metrics.items()
                     if k in MOE_KEYS})
+        if "exchanged_grad_norm" in metrics:  # compression (train.step)
+          row["exchanged_grad_norm"] = float(metrics["exchanged_grad_norm"])
         row.update(sent)  # compression: per replica, what it sent, and the ratio
         # DiLoCo: each fragment's outer-gradient norm, from its syncs since the last row
         row.update({k: float(_to_host(v)) for k, v in outer_metrics.items()})

@@ -109,6 +109,13 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
   `density` (default: `comp.density`; each density is its own program);
   accumulated, they all-reduce it once, where the plain step would all-reduce
   every micro-batch's gradient (16x the bytes for llama_1b's 16 micro-batches).
+
+  Metrics: `loss`, `learning_rate` and `grad_norm`, the L2 norm of the gradient
+  the optimizer takes; compressed, the mean gradient is never formed, so
+  `grad_norm` is the replicas' mean of their own gradients' norms (as DiLoCo's
+  is) and `exchanged_grad_norm` the norm of the exchanged sparse sum the optimizer
+  takes (under DGC, momentum-corrected velocity accumulated over steps: it grows
+  as the residual does, and is not a gradient norm).
   """
   accum = train_cfg.grad_accum_steps
   compressed = comp is not None and comp.enabled
@@ -136,6 +143,8 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
       nll, aux = jax.tree.map(lambda x: jnp.mean(x, 0), (nll, aux))
       if compressed:
         key = jax.random.fold_in(jax.random.key(train_cfg.seed), state.step)
+        own_norm = jnp.mean(jax.vmap(grad_norm, spmd_axis_name=compression.REPLICA_AXIS)(
+            grads))  # each replica's gradient, before the exchange
         grads, comp_state, _ = compression.compressed_gradient(
             comp, grads, comp_state, density, key, group_tree)
       else:
@@ -147,6 +156,8 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": nll, "grad_norm": grad_norm(grads),
                "learning_rate": lr_schedule(state.step), **aux}
+    if compressed:
+      metrics.update(grad_norm=own_norm, exchanged_grad_norm=metrics["grad_norm"])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       compression=comp_state), metrics
 
