@@ -507,6 +507,10 @@ def test_a_warmup_longer_than_the_schedule_is_cut_and_said():
     taken = re.search(r"warmup takes (\d+) (steps?)", note)
     assert int(taken[1]) == peak and taken[2] == ("step" if peak == 1 else "steps")
     assert peak == length - 1 and rates[peak - 1] == pytest.approx(o.learning_rate)
+    # the suggested warm-up fits the schedule and warms up (a trial's 2-step run
+    # was offered warmup_steps=0)
+    suggested = int(re.search(r"warmup_steps \(e\.g\. (\d+)\)", note)[1])
+    assert 1 <= suggested <= length - 1
 
 
 def test_a_resume_past_the_schedule_says_the_rate_it_runs_at():
@@ -620,7 +624,14 @@ def test_the_lines_say_the_clipping_and_options_in_force():
   m.muon_rms = 0.0
   assert "width scaling sqrt(max(1, out/in))" in describe(m, 10)
   m.muon_rms = 0.2
-  assert "update RMS 0.2 x sqrt(max(in, out))" in describe(m, 10)
+  assert "update RMS 0.2: scale 0.2 x sqrt(max(in, out))" in describe(m, 10)
+  # Nesterov looks ahead along the momentum: at momentum 0 the line does not claim it
+  for name in ("sgd", "muon"):
+    o = _optim(name)
+    o.nesterov = True
+    assert ", nesterov" in describe(o, 10)
+    o.momentum = 0.0
+    assert "momentum 0" in describe(o, 10) and "nesterov" not in describe(o, 10)
 
 
 def test_galore_refresh_on_devices_sharing_cores_finishes(tmp_path):

@@ -236,6 +236,13 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
                                                     weight=1.0)})
     assert rule.unread(config), i
     for field in rule.fields:
+      *groups, name = field.split(".")
+      node = config
+      for g in groups:
+        node = node[g]
+      if node[name] is False:  # a switch turned off is accepted: turn it on
+        node[name] = True
+        assert rule.unread(config), (i, field)
       err = unread_override(config, ["train.steps", field])
       assert isinstance(err, ConfigError) and err.field == field, (i, field)
       assert f"drop --config.{field}" in err.fix
@@ -322,3 +329,56 @@ def test_the_launcher_refuses_an_unread_override_before_compiling(tmp_path):
             in proc.stderr), proc.stderr
     assert "--config.optim.compression.method=dgc" in proc.stderr
   assert not workdir.exists()
+
+
+def test_nesterov_at_momentum_zero_is_unread_and_the_update_agrees():
+  """A trial's `--config.optim.momentum=0` printed "sgd (momentum 0, nesterov)":
+  the look-ahead is a multiple of the momentum, so at 0 the update is bit-identical
+  with and without it (sgd and muon), the rule calls it unread, and the line no
+  longer claims it."""
+  from test_optimizers import SHAPES, _optim, _run_jax
+  rng = np.random.default_rng(3)
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+  grads = [{k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+           for _ in range(2)]
+  for name in ("sgd", "muon"):
+    for momentum, unread in ((0.0, True), (0.9, False)):
+      runs = []
+      for nesterov in (True, False):
+        o = _optim(name)
+        o.update(momentum=momentum, nesterov=nesterov)
+        runs.append(_run_jax(o, params, grads))
+      assert _same(*runs) == unread, (name, momentum)
+      c = _config(**{"optim.name": name, "optim.momentum": momentum})
+      assert read(c, "optim.nesterov") == (not unread)
+  err = unread_override(_config(**{"optim.name": "sgd", "optim.momentum": 0.0,
+                                   "optim.nesterov": True}), ["optim.nesterov"])
+  assert "optim.momentum is 0" in err.problem and "--config.optim.momentum=0.9" in err.fix
+
+
+def test_a_switch_turned_off_where_nothing_reads_it_is_accepted():
+  """`--config.optim.compression.momentum_masking=false` with momentum correction
+  off asks for what the run does anyway: accepted (a trial's ablation script set
+  every switch and was refused). Turned on, it is refused. Checked for every
+  boolean field of every rule, under that rule's condition."""
+  conditions = {"optim.compression.momentum_masking": {
+      "optim.name": "sgd", "optim.compression.method": "dgc",
+      "optim.compression.momentum_correction": False}}
+  seen = 0
+  for rule in RULES:
+    for field in rule.fields:
+      config = _config(**conditions.get(field, {}))
+      try:
+        value = config
+        for name in field.split("."):
+          value = value[name]
+      except (KeyError, AttributeError):
+        continue
+      if not isinstance(value, bool) or not rule.unread(config):
+        continue
+      seen += 1
+      for setting, refused in ((False, False), (True, True)):
+        c = _config(**conditions.get(field, {}), **{field: setting})
+        if rule.unread(c):
+          assert (unread_override(c, [field]) is not None) == refused, (field, setting)
+  assert seen >= 5  # the DGC switches, error feedback, nesterov, MoE switches

@@ -89,7 +89,7 @@ class DiLoCo:
     fragments, overlap and the outer gradients' dtype."""
     h, f = self.sync_every, self.fragments
     outer = (f"outer SGD (lr {self.outer_lr:g}, momentum {self.outer_momentum:g}"
-             f"{', nesterov' if self.nesterov else ''})")
+             f"{', nesterov' if self.nesterov and self.outer_momentum else ''})")
     fragments = (f"{f} fragments (Streaming DiLoCo), one synchronised every "
                  f"{h / f:g} steps on average" if f > 1 else "1 fragment (DiLoCo)")
     tau = self.overlap_steps

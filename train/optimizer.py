@@ -71,7 +71,7 @@ def warmup_note(optim_cfg, total_steps: int) -> str:
   return (f"optim.warmup_steps={optim_cfg.warmup_steps} does not fit a learning-rate "
           f"schedule of {_steps(length)}: warmup takes {_steps(warmup)} and the cosine "
           f"decay {length - warmup}; set --config.optim.warmup_steps (e.g. "
-          f"{length // 10}) to choose")
+          f"{min(max(1, length // 10), warmup)}) to choose")
 
 
 def resume_note(optim_cfg, total_steps: int, step: int) -> str:
@@ -123,12 +123,14 @@ def describe(optim_cfg, total_steps: int, replicas: int | None = None) -> str:
   length = o.decay_steps or total_steps
   warmup = _warmup(o, length)
   adam = f"adamw (b1 {o.b1:g}, b2 {o.b2:g})"
-  momentum = f"momentum {o.momentum:g}{', nesterov' if o.nesterov else ''}"
+  # (Nesterov's look-ahead is a multiple of the momentum: nothing at momentum 0)
+  momentum = f"momentum {o.momentum:g}{', nesterov' if o.nesterov and o.momentum else ''}"
   update = {
       "adamw": adam,
       "sgd": f"sgd ({momentum})",
       "muon": f"muon ({momentum}, {o.ns_steps} Newton-Schulz steps, "
-              + (f"update RMS {o.muon_rms:g} x sqrt(max(in, out))" if o.muon_rms
+              + (f"update RMS {o.muon_rms:g}: scale {o.muon_rms:g} x sqrt(max(in, out))"
+                 if o.muon_rms
                  else "width scaling sqrt(max(1, out/in))")
               + f") on {o.matrices}, {adam} elsewhere",
       "normuon": f"normuon (momentum {o.momentum:g}, b2 {o.normuon_b2:g}, {o.ns_steps} "

@@ -86,8 +86,15 @@ RULES: tuple[Rule, ...] = (
     # train/optimizer.py: which update reads which field.
     Rule(("optim.momentum",), _optimizers("sgd", "muon", "normuon"),
          _name_why("sgd", "muon", "normuon"), "--config.optim.name=sgd (or muon)"),
-    Rule(("optim.nesterov",), _optimizers("sgd", "muon"), _name_why("sgd", "muon"),
-         "--config.optim.name=sgd (or muon)"),
+    # ... and Nesterov's look-ahead is a multiple of the momentum (optax.trace,
+    # scale_by_muon): with momentum 0 it adds nothing.
+    Rule(("optim.nesterov",),
+         lambda c: c.optim.name not in ("sgd", "muon") or c.optim.momentum == 0,
+         lambda c: (_name_why("sgd", "muon")(c) if c.optim.name not in ("sgd", "muon")
+                    else "it looks ahead along the momentum, and optim.momentum is 0"),
+         lambda c: ("--config.optim.name=sgd (or muon)"
+                    if c.optim.name not in ("sgd", "muon")
+                    else "--config.optim.momentum=0.9")),
     Rule(("optim.ns_steps",), _optimizers("muon", "normuon"),
          _name_why("muon", "normuon"), "--config.optim.name=muon (or normuon)"),
     Rule(("optim.muon_rms",), _optimizers("muon"), _name_why("muon"),
@@ -229,13 +236,25 @@ def read(config, field: str) -> bool:
   return _rule_for(config, field) is None
 
 
+def _value(config, field: str):
+  node = config
+  try:
+    for name in field.split("."):
+      node = node[name]
+  except (KeyError, AttributeError):
+    return None
+  return node
+
+
 def unread_override(config, fields: Sequence[str]) -> ConfigError | None:
   """The error for the first of `fields` (dotted config paths set on the command
   line, e.g. "optim.compression.local_clip") that `config` does not read, else
-  None. A field a rule names that this config does not have is skipped."""
+  None. A field a rule names that this config does not have is skipped. A switch
+  turned off (set to False) where nothing reads it asks for what the run does
+  anyway, and is accepted: an ablation script may set every switch explicitly."""
   for field in fields:
     rule = _rule_for(config, field)
-    if rule is not None:
+    if rule is not None and _value(config, field) is not False:
       fix = rule.fix(config) if callable(rule.fix) else rule.fix
       fix = f"pass {fix} for it to act" if fix.startswith("--") else fix
       return ConfigError(
