@@ -320,7 +320,7 @@ def test_the_launcher_refuses_an_unread_override_before_compiling(tmp_path):
   procs = run_cli_many([
       ("train", "--config=experiments/llama_tiny.py", f"--workdir={workdir}",
        "--config.optim.compression.method=topk", f"{dashes}config.optim.compression."
-       "momentum_masking=false") for dashes in ("--", "-")])  # absl takes both
+       "momentum_masking=true") for dashes in ("--", "-")])  # absl takes both
   for proc in procs:
     assert proc.returncode == 2, proc.stderr
     assert ("Config error in `optim.compression.momentum_masking`: "
