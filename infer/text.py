@@ -1,4 +1,7 @@
-"""Text in, streamed text out: what `python -m experiment generate` runs."""
+"""Text in, text out: what `python -m experiment generate` runs. One prompt
+streams its continuation (`generate_text`); a file of prompts is generated in
+batches into JSON lines (`generate_file`). Both make every check before the
+weights are read (`_prepare`)."""
 
 from __future__ import annotations
 
