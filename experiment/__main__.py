@@ -403,12 +403,15 @@ def _generate(workdir: str) -> None:
   sampling = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                   step=_STEP.value)
-  if prompts:
-    infer.text.generate_file(workdir, _CONFIG.value, prompts,
-                             output=_OUTPUT_JSONL.value, batch_size=_BATCH_SIZE.value,
-                             **sampling)
-  else:
-    infer.text.generate_text(workdir, _CONFIG.value, prompt, **sampling)
+  try:
+    if prompts:
+      infer.text.generate_file(workdir, _CONFIG.value, prompts,
+                               output=_OUTPUT_JSONL.value, batch_size=_BATCH_SIZE.value,
+                               **sampling)
+    else:
+      infer.text.generate_text(workdir, _CONFIG.value, prompt, **sampling)
+  except KeyboardInterrupt:  # Ctrl-C: what was finished is printed or written
+    sys.exit(130)
 
 
 # compile / plan exit with this when nothing they compiled fits the chip's HBM

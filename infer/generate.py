@@ -151,8 +151,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     logits, cache = _prefill(graphdef, params, tokens, cache, lengths)
     done = _rows(padding, mesh, model)
     if on_token is None:
-      out = np.asarray(_decode_loop(graphdef, params, cache, logits, done, key,
-                                    max_new_tokens, sampling, stops))
+      # (a batch split over processes is gathered: every process gets every row)
+      out = sharding.to_host(_decode_loop(graphdef, params, cache, logits, done, key,
+                                          max_new_tokens, sampling, stops))
     else:
       layers, cache = decode.split(graphdef, params, cache)
       was_done = padding
@@ -161,7 +162,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
         token, logits, cache, done = decode.decode_step(
             graphdef, params, layers, cache, logits, done, key, np.int32(i),
             sampling, stops)
-        token_h, done_h = jax.device_get((token, done))  # one host sync per token
+        token_h, done_h = map(sharding.to_host, (token, done))  # a host sync per token
         column = np.where(was_done, -1, token_h)[:batch]  # real rows only
         columns.append(column)
         on_token(column)

@@ -91,8 +91,12 @@ def check_fits(cache: KVCache, devices) -> None:
   layers, batch, length, heads, head_dim = kv.shape
   per_position = per_device / length
   positions = int(free / holders // per_position)
+  split = batch // shard[1]  # devices the rows are split over
+  rows = sharding.report.count(batch, "row") + (
+      f" (the prompts padded to a multiple of the {split} devices the batch is "
+      "split over)" if split > 1 else "")
   raise CacheDoesNotFit(
-      f"the KV cache for {batch} rows of {length} positions ({layers} layers x "
+      f"the KV cache for {rows} of {length} positions ({layers} layers x "
       f"{heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}) "
       f"takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
       f"{'host memory' if holders > 1 else 'device ' + str(device.id)}, which has "

@@ -183,6 +183,8 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   model, tokenizer, (ids,), stops = _prepare(
       workdir, config, [prompt], lambda i: "the prompt", "--prompt", max_new_tokens,
       step)
+  if jax.process_index() != 0:  # every process computes; process 0 prints
+    out = open(os.devnull, "w")
   printer = _Printer(tokenizer, out, prompt, ids, stops)
   try:  # the printer keeps the new ids
     generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
@@ -200,8 +202,10 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
   other file each non-blank line is one prompt (its newline dropped). A line that
   is neither, or a file with none, is a ConfigError naming --prompts and the line."""
   try:
-    with open(os.path.expanduser(path), encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    with open(os.path.expanduser(path), encoding="utf-8", newline="") as f:
+      # lines end at \n (or \r\n) only: a form feed or U+2028 inside a prompt
+      # (valid in JSON text) does not split it
+      lines = [line.removesuffix("\r") for line in f.read().split("\n")]
   except (OSError, UnicodeDecodeError) as err:
     raise sharding.ConfigError("--prompts", f"cannot read {path}: {err}.",
                                "pass a UTF-8 text or JSONL file of prompts.") from None
@@ -256,6 +260,11 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   if output and os.path.exists(output):
     raise sharding.ConfigError("--output_jsonl", f"{output} exists; nothing is "
                                "overwritten.", "pass a new path, or delete it first.")
+  parent = os.path.dirname(os.path.abspath(output)) if output else None
+  if parent and not os.path.isdir(parent):
+    raise sharding.ConfigError("--output_jsonl", f"its directory {parent} does not "
+                               "exist.", f"create it first (mkdir -p {parent}), or "
+                               "pass a path in an existing directory.")
   lines = read_prompts(prompts_path)
   texts = [t for _, t in lines]
   model, tokenizer, ids, stops = _prepare(
@@ -293,6 +302,12 @@ def generate_file(workdir: str, config, prompts_path: str, *,
         sink.flush()
       bar.update(len(batch))
     bar.close()
+  except KeyboardInterrupt:
+    if writer:
+      sys.stderr.write(f"\ninterrupted after {len(records)} of {len(ids)} prompts"
+                       + (f"; {output} holds the finished ones" if output and records
+                          else "") + ".\n")
+    raise
   finally:
     if output and sink is not None:
       sink.close()

@@ -91,6 +91,16 @@ def initialize(coordinator_address: str | None = None,
   return jax.process_count() > 1
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """`x` as NumPy on every process. An array that spans other processes' devices
+  (a batch split over `data` across hosts) is gathered first, so every process
+  must call this with the same array (a collective)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def process_0_says(value: bool) -> bool:
   """Process 0's `value` on every process (one broadcast; `value` itself in a
   single-process run). For a decision read off shared files before the run

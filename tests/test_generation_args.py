@@ -268,7 +268,8 @@ def test_cli_cache_past_memory_names_the_tokens_that_fit(bad_flag_runs):
   byte run serves on data=8, so its one prompt is padded to 8 rows."""
   import re
   err = bad_flag_runs[f"--max_new_tokens={10**15}"].stderr
-  assert "the KV cache for 8 rows of " in err and "GiB free" in err, err[-2000:]
+  assert ("the KV cache for 8 rows (the prompts padded to a multiple of the 8 devices "
+          "the batch is split over) of " in err and "GiB free" in err), err[-2000:]
   fits = int(re.search(r"Fix: pass --max_new_tokens=(\d+) or fewer", err).group(1))
   assert 0 < fits < 10**15
 
@@ -308,6 +309,10 @@ def test_cache_check_counts_the_bytes_of_one_device():
   with pytest.raises(infer.CacheDoesNotFit) as err:
     check_fits(split, [_Accelerator(10 * one_row - 1, 0)])
   assert err.value.positions == 9
+  assert ("the KV cache for 4 rows (the prompts padded to a multiple of the 4 devices "
+          "the batch is split over) of 10 positions") in str(err.value)
+  with pytest.raises(infer.CacheDoesNotFit, match="the KV cache for 1 row of 10 "):
+    check_fits(cache_struct(cfg, 1, 10), [_Accelerator(1, 0)])  # "1 rows" before
 
 
 def test_words_outside_a_flag_and_an_empty_prompt_are_config_errors(byte_run, tmp_path):
@@ -587,8 +592,56 @@ def test_cli_prompt_file_writes_json_lines_and_refuses_what_it_cannot_do(
       (f"--prompts={prompts}", "--batch_size=0"):
           "Config error in `--batch_size`: is 0",
       (f"--prompts={tmp_path / 'missing.txt'}",): "Config error in `--prompts`: cannot read",
+      (f"--prompts={prompts}", f"--output_jsonl={tmp_path / 'no' / 'o.jsonl'}"):
+          f"Config error in `--output_jsonl`: its directory {tmp_path / 'no'} does not "
+          "exist",
   }
   procs = run_cli_many([("generate", f"--workdir={byte_run}", *flags) for flags in cases])
   for (flags, message), proc in zip(cases.items(), procs):
     assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr[-1500:])
   assert out.read_text() == before
+
+
+def test_prompt_files_split_at_newlines_only(tmp_path):
+  """A trial's prompts split at a form feed (common in Python sources) and at
+  U+2028 inside a JSON string (valid JSON, as json.dumps(ensure_ascii=False)
+  writes it): lines end at \\n or \\r\\n only, and keep the file's line numbers."""
+  import json
+
+  from infer.text import read_prompts
+  text = tmp_path / "p.txt"
+  text.write_bytes("first\nx = 1\x0cy = 2\r\n\nlast \u2028 word\n".encode())
+  assert read_prompts(str(text)) == [(1, "first"), (2, "x = 1\x0cy = 2"),
+                                     (4, "last \u2028 word")]
+  jsonl = tmp_path / "p.jsonl"
+  jsonl.write_text(json.dumps({"prompt": "a\u2028b\x85c"}, ensure_ascii=False) + "\n"
+                   + json.dumps("d") + "\n", encoding="utf-8")
+  assert read_prompts(str(jsonl)) == [(1, "a\u2028b\x85c"), (2, "d")]
+
+
+def test_an_interrupted_prompt_file_keeps_the_finished_batches(byte_run, tmp_path,
+                                                              monkeypatch, capsys):
+  """Ctrl-C in the second batch: the first batch's lines are in the file, whole,
+  and the run says how far it got (it ended in a bare KeyboardInterrupt
+  traceback)."""
+  import json
+
+  import infer.text
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("ab\ncd\nef\n")
+  calls, real = [], infer.text.generate
+
+  def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+  monkeypatch.setattr(infer.text, "generate", interrupted)
+  out = tmp_path / "out.jsonl"
+  with pytest.raises(KeyboardInterrupt):
+    infer.text.generate_file(str(byte_run), None, str(prompts), output=str(out),
+                             batch_size=2, max_new_tokens=2, progress=False)
+  assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == [
+      "ab", "cd"]
+  assert f"interrupted after 2 of 3 prompts; {out} holds the finished ones." in (
+      capsys.readouterr().err)

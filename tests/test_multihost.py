@@ -181,6 +181,57 @@ def test_diloco_replicas_in_two_processes(tmp_path):
                                [r[key] for r in fresh if key in r], rtol=1e-5)
 
 
+def _generate_in_two_processes(workdir, *flags):
+  """`python -m experiment generate` as both processes of a 2-process run (4 CPU
+  devices each) -> [(Popen, stdout, stderr)]."""
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiment", "generate", f"--workdir={workdir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={pid}", "--join_timeout_s=60", *flags],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for pid in (0, 1)]
+  return [(p, *p.communicate(timeout=600)) for p in procs]
+
+
+def test_two_processes_generate_what_one_process_does(tmp_path):
+  """A trial's `generate` on two processes crashed fetching tokens split over
+  `data` across them (non-addressable devices), with --prompt and --prompts
+  alike; with a replicated batch it printed the completion once per process. Now
+  every process gets every row, process 0 alone prints or writes, and the text
+  is what one process with all 8 devices generates on the same mesh."""
+  import io
+
+  import infer.text
+  work = tmp_path / "run"
+  c = _config(2)
+  c.optim.compression.method = "none"
+  train.train(c, str(work), progress=False)  # mesh data=2 fsdp=2 tensor=2, saved
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("def f(\nimport numpy as np\nx\n")
+  out = tmp_path / "out.jsonl"
+  results = _generate_in_two_processes(work, f"--prompts={prompts}",
+                                       f"--output_jsonl={out}", "--batch_size=2",
+                                       "--max_new_tokens=5")
+  for proc, _, err in results:
+    assert proc.returncode == 0, err[-3000:]
+  want = infer.text.generate_file(str(work), None, str(prompts), batch_size=2,
+                                  max_new_tokens=5, progress=False, out=io.StringIO())
+  assert [json.loads(line) for line in out.read_text().splitlines()] == want
+  results = _generate_in_two_processes(work, "--prompt=def f(", "--max_new_tokens=5")
+  for proc, _, err in results:
+    assert proc.returncode == 0, err[-3000:]
+  printed = io.StringIO()
+  infer.text.generate_text(str(work), None, "def f(", max_new_tokens=5, out=printed)
+  def text(out):  # less gloo's own connection lines (C++, on stdout, interleaved)
+    import re
+    return re.sub(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected "
+                  r"number of connected peer ranks is : \d+\n", "", out)
+  assert text(results[0][1]) == printed.getvalue() and text(results[1][1]) == ""
+
+
 def test_a_killed_process_ends_the_run_and_the_last_checkpoint_resumes(tmp_path):
   """Process 1 is SIGKILLed in step 5 (as the out-of-memory killer would): process 0
   is ended within --heartbeat_timeout_s, told that another process died, instead

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 import kernels
@@ -326,7 +325,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       if dl.enabled:
         state = synchronise(state, done)
       if done % config.log.every_steps == 0 or done == t.steps:
-        metrics = jax.tree.map(_to_host, metrics)  # waits for the window's steps
+        metrics = jax.tree.map(sharding.to_host, metrics)  # waits for the window's steps
         elapsed = timer.per_step()
         flops_per_sec = step_flops / elapsed
         # DiLoCo's metrics are per replica: their mean.
@@ -343,7 +342,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
           row["exchanged_grad_norm"] = float(metrics["exchanged_grad_norm"])
         row.update(sent)  # compression: per replica, what it sent, and the ratio
         # DiLoCo: each fragment's outer-gradient norm, from its syncs since the last row
-        row.update({k: float(_to_host(v)) for k, v in outer_metrics.items()})
+        row.update({k: float(sharding.to_host(v)) for k, v in outer_metrics.items()})
         outer_metrics.clear()
         # One global batch per step: the windows seen so far, by mixture source.
         row.update({DATA_FRACTION_PREFIX + name: share for name, share in
@@ -396,14 +395,6 @@ def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
   if pipe.active:
     parts.append(pipe.describe())
   return "; ".join(parts)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A metric as NumPy on every process; DiLoCo's per-replica metrics span
-  processes when replicas do, and are gathered (every process calls this)."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _regroup_diloco(state, dl, shardings):
