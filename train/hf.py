@@ -715,7 +715,9 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   Raises ConfigError, before anything is read, when `out` already holds files: a
   new checkpoint beside an old one's shards or tokenizer would mix the two."""
   from safetensors.numpy import save_file
-  if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+  # Process 0's view: a slower process may already see what this export wrote.
+  if sharding.distributed.process_0_says(
+      os.path.isfile(out) or (os.path.isdir(out) and bool(os.listdir(out)))):
     held = sorted(os.listdir(out))[:5] if os.path.isdir(out) else []
     what = (f"holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}" if held
             else "exists as a file")
@@ -734,7 +736,8 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   spec = model_spec(cfg, sharding.normalize_rules(config.mesh.rules))
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step = ckpt.step_to_read(step)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # every process reads the whole parameters onto a device of its own; process 0 writes
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         spec.abstract_params)
   stops = stop_tokens(config.data)  # a config error before anything is written
@@ -745,6 +748,8 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
                       "(or into the run directory, where a moved run looks for it).")
   params = jax.device_get(ckpt.restore_params(target, step))
   ckpt.close()
+  if jax.process_index() != 0:
+    return
   os.makedirs(out, exist_ok=True)
   weights = os.path.join(out, "model.safetensors")
   save_file(params_to_hf(params, cfg), weights, metadata={"format": "pt"})
