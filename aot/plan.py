@@ -92,9 +92,10 @@ def candidate_meshes(num_devices: int, *, experts: bool = False,
   """Every {axis: size} whose sizes multiply to `num_devices`; expert and sequence
   stay 1 unless allowed, `diloco` is always the given replica count (DiLoCo
   changes the training algorithm, which a plan does not choose). Ordered, for
-  `max_plans`, so a capped search compiles the plainest plans first: no pipeline stages before stages, then by
-  tensor and sequence size, then the most sharded state first (fsdp x expert, an
-  MoE's experts being its state's bulk), then fewer experts before more."""
+  `max_plans`, so a capped search compiles the plainest plans first: no pipeline
+  stages before stages, then by tensor and sequence size, then the most sharded
+  state first (fsdp x expert, an MoE's experts being its state's bulk), then fewer
+  experts before more."""
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
   out = []
   for sizes in itertools.product(divisors, repeat=len(sharding.AXES)):
@@ -116,8 +117,8 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
          slices: int = 1) -> list[Plan]:
   """Ranked plans for `config` on `topology` (best first). `meshes` replaces the
   enumeration (each a {axis: size} dict, missing axes 1 and a missing `diloco`
-  the config's); `remats` defaults to
-  every policy; `compiler_flags`: libtpu options for every compile
+  the config's); `remats` defaults to every policy; `compiler_flags`: libtpu
+  options for every compile
   (`aot.compile.parse_flags`); `slices`: copies of the slice over DCN, which a
   mesh's outer axes must span (`sharding.mesh.slice_split`)."""
   if max_plans is not None and max_plans < 1:
