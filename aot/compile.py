@@ -606,8 +606,8 @@ def _table(r: Report) -> str:
   mesh = " ".join(f"{a}={s}" for a, s in r.mesh.items())
   m = r.memory
   where = f"{r.slices} x {r.topology} (over DCN)" if r.slices > 1 else r.topology
-  what = (f"{r.what} step" if not r.mesh.get("diloco", 1) > 1 else
-          "train step (DiLoCo's inner step; its synchronisations at the end)")
+  what = (f"{r.what} step" if r.what != "train" or not r.mesh.get("diloco", 1) > 1
+          else "train step (DiLoCo's inner step; its synchronisations at the end)")
   lines = [f"{what} on {where}: {r.devices} x TPU {r.chip} "
            f"({size(m['hbm'])} HBM each), mesh {mesh}; compiled in "
            f"{r.compile_seconds:.1f} s", "", "memory per device"]

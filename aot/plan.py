@@ -160,7 +160,9 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
         candidates.append((mesh, remat, (micro, schedule), c))
   if slices > 1:  # data parallelism over DCN first, as multi-slice runs are laid out
     # (the outer axes span the slices: with data=1, FSDP's gathers would cross DCN)
-    candidates.sort(key=lambda cand: cand[0]["data"] % slices != 0)
+    # (DiLoCo's replicas are outermost: with diloco a multiple of the slices, they
+    # already span them, and every candidate is laid out alike)
+    candidates.sort(key=lambda cand: cand[0]["diloco"] * cand[0]["data"] % slices != 0)
   if not candidates:
     if refused:  # the reasons most candidates gave, one per field
       total, top = sum(c for _, c in refused.values()), {}
@@ -294,5 +296,6 @@ def table(plans: list[Plan]) -> str:
   if flags:
     lines.append("compiler flags: " + " ".join(
         f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()))
-  lines.append(f"best: {best.flags()}" if best else "no plan fits in HBM.")
+  lines.append(f"best: {best.flags()} (with this command's other --config overrides "
+               "and flags)" if best else "no plan fits in HBM.")
   return "\n".join(lines)

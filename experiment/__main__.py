@@ -444,7 +444,8 @@ def _ask_compiler(command: str, topology: str) -> None:
     print(plan.table(plans))
     result = [p.to_dict() for p in plans]
     fits = any(p.fits for p in plans)
-  if _OUTPUT_JSON.value:
+  if _OUTPUT_JSON.value:  # its directory is made, as --dump_hlo's is
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(result, f, indent=2)
   if not fits:  # for scripts: a plan the chip cannot hold is not a success

@@ -164,8 +164,10 @@ def chip_for_topology(topology: str) -> Chip:
   chip = CHIPS[name]
   # Slice shapes as the chips' pages list them: v4 and v5p slices are 3-D, each
   # side 1, 2 or a multiple of 4 (2x2x1 ... 4x4x4, 8x8x12, 16x16x24); v5e and v6e
-  # slices are 2-D, sides powers of two up to a 16x16 pod. libtpu itself builds
-  # some other shapes (v5e:2x2x2), which no slice has.
+  # slices are 2-D, sides powers of two up to a 16x16 pod, the longer at most twice
+  # the shorter (1x1, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16). libtpu itself builds
+  # some other shapes (v5e:2x2x2; v5e:2x16 then fails inside its DMA routing),
+  # which no slice has.
   dims = topology_name(topology).split(":", 1)[1].split("x")
   cube = chip.wraparound == "cube"
   example = "2x2x2" if cube else "2x4"
@@ -174,10 +176,11 @@ def chip_for_topology(topology: str) -> Chip:
   if ok:
     sides = [int(d) for d in dims]
     ok = all(d in (1, 2) or d % 4 == 0 for d in sides) if cube else all(
-        d <= 16 and d & (d - 1) == 0 for d in sides)
+        d <= 16 and d & (d - 1) == 0 for d in sides) and max(sides) <= 2 * min(sides)
   if not ok:
     rule = ("3 sides, each 1, 2 or a multiple of 4" if cube else
-            "2 sides, each a power of two up to 16")
+            "2 sides, each a power of two up to 16, the longer at most twice the "
+            "shorter (2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16)")
     raise ConfigError(
         "--topology", f"{topology!r} is not a {name} slice shape: {name} slices "
         f"have {rule}.", f"pass e.g. --topology={name}:{example}.")

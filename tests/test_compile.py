@@ -408,16 +408,20 @@ def test_state_shardings_on_a_deviceless_mesh():
 
 @needs_libtpu
 def test_compile_cli_writes_json(tmp_path):
-  out = tmp_path / "report.json"
+  """The report as JSON, into a directory made for it (it crashed after compiling
+  when the directory was missing); a DiLoCo config's decode step is headed as one
+  (it was headed "train step (DiLoCo's inner step ...)")."""
+  out = tmp_path / "new" / "report.json"
   proc = run_cli("compile", "--config=experiments/llama_1b.py", "--topology=v5e:2x4",
-                 "--what=decode", f"--output_json={out}", *SMALL_OVERRIDES)
+                 "--what=decode", f"--output_json={out}", *SMALL_OVERRIDES,
+                 "--config.mesh.diloco=2", "--config.mesh.fsdp=4")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "decode step on v5e:2x4: 8 x TPU v5e" in proc.stdout
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr  # libtpu's metadata warnings
   assert "fits in 16.0 GiB of HBM" in proc.stdout
   report = json.loads(out.read_text())
   assert report["fits"] and report["what"] == "decode" and report["chip"] == "v5e"
-  assert report["mesh"] == dict(diloco=1, data=1, stage=1, fsdp=8, expert=1,
+  assert report["mesh"] == dict(diloco=2, data=1, stage=1, fsdp=4, expert=1,
                                 sequence=1, tensor=1)
   assert math.isfinite(report["time"]["roofline"]) and report["collectives"]
   assert report["time"]["estimate"] > 0 and 0 < report["mfu_estimate"] <= 1
@@ -467,7 +471,9 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
 @pytest.mark.parametrize("topology,message", [
     ("v3:2x2", r"not a TPU topology rung knows.*one of v4, v5e, v5p, v6e"),
     ("v5e:3x3", r"'v5e:3x3' is not a v5e slice shape: v5e slices have 2 sides, "
-                r"each a power of two up to 16\. Fix: pass e\.g\. --topology=v5e:2x4"),
+                r"each a power of two up to 16, the longer at most twice the shorter "
+                r"\(2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16\)\. Fix: pass e\.g\. "
+                r"--topology=v5e:2x4"),
     ("v5e:2x2x2", r"'v5e:2x2x2' is not a v5e slice shape"),   # libtpu builds it
     ("v5p:2x2x3", r"'v5p:2x2x3' is not a v5p slice shape: v5p slices have 3 sides, "
                   r"each 1, 2 or a multiple of 4"),           # libtpu builds it
@@ -493,6 +499,10 @@ def test_published_slice_shapes_are_topologies():
   for topology in ("v5e:1x1", "v5e:2x4", "v5e:16x16", "v6e:4x8", "v4:2x2x1",
                    "v5p:2x2x2", "v5p:4x4x4", "v5p:8x8x12", "v5p:16x16x24"):
     assert sharding.chips.chip_for_topology(topology).name == topology.split(":")[0]
+  # shapes no v5e / v6e slice has (v5e:2x16 compiled into a libtpu RET_CHECK crash)
+  for topology in ("v5e:2x16", "v5e:1x16", "v5e:4x16", "v6e:2x8", "v5e:3x3"):
+    with pytest.raises(ConfigError, match="the longer at most twice the shorter"):
+      sharding.chips.chip_for_topology(topology)
 
 
 @needs_libtpu
