@@ -43,4 +43,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   errors = [o for c in book.cells for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors
+  # a notebook demonstrates what a run should do: no resume that leaves the
+  # uninterrupted run's trajectory (checkpoints.ipynb's did, raising train.steps)
+  text = "".join(o.get("text", "") for c in book.cells for o in c.get("outputs", []))
+  assert "will not match an uninterrupted run" not in text, text[-3000:]
   assert seconds < 180, f"{path.name} took {seconds:.0f} s; the budget is 3 minutes"
