@@ -635,7 +635,8 @@ def _table(r: Report) -> str:
       + (f"  (without {r.uncounted_kernels} Pallas kernel calls; the roofline "
          "takes them at the model's attention FLOPs)" if r.uncounted_kernels else ""),
       f"  model FLOPs per device       {r.model_flops / r.devices:.3e}  "
-      f"(PaLM count, {'6N + attention' if r.what == 'train' else '2N + attention'})",
+      f"(PaLM count, causal attention halved: "
+      f"{'6N + attention' if r.what == 'train' else '2N + attention'})",
       f"  HBM bytes per device         {size(r.hbm_bytes)}",
       *([f"  WARNING: {r.unknown_trip_counts} loop(s) of unknown trip count "
          "counted once: the FLOPs and times below are too low"]

@@ -357,9 +357,12 @@ def main(argv: list[str]) -> None:
       _check(unread_by_serving(_CONFIG.value, _config_overrides()))
       _generate(workdir)
     elif command == "inspect":
+      import jax
       from train.inspect_run import describe_run
       _check(_no_run(workdir))
-      print(describe_run(workdir))
+      text = describe_run(workdir)  # on every process alike, so they end together
+      if jax.process_index() == 0:  # (one ending first fails JAX's shutdown barrier)
+        print(text)
   except ConfigError as err:
     _config_error(err)
   except JoinError as err:

@@ -71,8 +71,10 @@ HBM capacities are taken as binary (the v5e and v6e pages write "16 GB" and
 part of 16, 32 and 2 x 16 GiB; on v5p it allows 95.74 GiB, a little above the
 page's 95 GiB used here.
 
-A v4 topology lists each of a chip's two TensorCores as a device (v5p's two act as
-one); `per_device` divides a chip's figures among its devices.
+libtpu's default v4 topology lists each of a chip's two TensorCores as a device
+(v5p's two act as one); rung's compiles ask for one device per chip, as v4 runs
+(megacore: `aot.compile.topology_devices`), and `per_device` divides a chip's
+figures among its devices wherever a topology still lists cores.
 """
 
 from __future__ import annotations

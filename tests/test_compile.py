@@ -173,7 +173,8 @@ def test_estimate_separates_plans_and_sees_async_flags():
 def test_two_slices_put_data_parallelism_on_dcn():
   """--slices=2 of v5e:2x2 against one v5e:2x4, mesh data=2 x fsdp=4: the data
   axis spans the slices (each data index in one slice), and the gradient
-  all-reduce over `data` then crosses DCN (25 Gb/s per chip against ICI's 360), so
+  all-reduce over `data` then crosses DCN (25 Gb/s, 3.1 GB/s, per chip against
+  ICI's 400 GB/s), so
   the step exposes more communication on `data` and takes longer."""
   c = small_1b(data=2, fsdp=4)
   devices = aot.topology_devices("v5e:2x2", slices=2)

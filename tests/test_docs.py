@@ -26,6 +26,24 @@ def test_every_field_is_documented():
   assert not missing, f"fields missing from docs/configuration.md: {missing}"
 
 
+def test_readme_rules_table_names_every_default_rule():
+  """README's table of the default rules lists every logical name with its mesh
+  axes (it lacked act_kv_heads, act_embed and head_dim, which errors name)."""
+  import sharding
+  with open(os.path.join(REPO, "README.md")) as f:
+    text = f.read()
+  table = text[text.index("| logical | mesh |"):]
+  table = table[:table.index("\n\n")]
+  listed = {}
+  for row in table.splitlines()[2:]:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for names, axes in ((cells[0], cells[1]), (cells[3], cells[4])):
+      for name in filter(None, (n.strip() for n in names.split(","))):
+        listed[name] = () if axes == "(none)" else tuple(
+            a.strip() for a in axes.split(","))
+  assert listed == dict(sharding.DEFAULT_RULES)
+
+
 def test_readme_links_the_reference_and_benchmarks():
   with open(os.path.join(REPO, "README.md")) as f:
     readme = f.read()

@@ -247,6 +247,11 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
   assert two.keys() == one.keys()
   assert all(np.array_equal(two[k], one[k]) for k in one)
   assert sorted(os.listdir(tmp_path / "hf2")) == sorted(os.listdir(tmp_path / "hf1"))
+  # inspect, likewise: one description, from process 0 (each process printed one)
+  results = _generate_in_two_processes(work, command="inspect")
+  for proc, _, err in results:
+    assert proc.returncode == 0, err[-3000:]
+  assert "checkpoints" in results[0][1] and "checkpoints" not in results[1][1]
 
 
 def test_a_killed_process_ends_the_run_and_the_last_checkpoint_resumes(tmp_path):

@@ -713,8 +713,8 @@ def _write_tokenizer_config(tokenizer_json: str, hf: dict, out: str) -> None:
 def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   """A rung workdir's parameters -> safetensors + config.json that transformers loads.
   Raises ConfigError, before anything is read, when `out` already holds files: a
-  new checkpoint beside an old one's shards or tokenizer would mix the two."""
-  from safetensors.numpy import save_file
+  new checkpoint beside an old one's shards or tokenizer would mix the two.
+  On several processes, each reads the parameters and process 0 writes."""
   # Process 0's view: a slower process may already see what this export wrote.
   if sharding.distributed.process_0_says(
       os.path.isfile(out) or (os.path.isdir(out) and bool(os.listdir(out)))):
@@ -748,8 +748,18 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
                       "(or into the run directory, where a moved run looks for it).")
   params = jax.device_get(ckpt.restore_params(target, step))
   ckpt.close()
-  if jax.process_index() != 0:
-    return
+  if jax.process_index() == 0:
+    _write_export(params, cfg, config, stops, workdir, out, step)
+  if jax.process_count() > 1:  # the others wait for the files: a process that
+    # exited first failed JAX's shutdown barrier and aborted every process
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("export-hf written")
+
+
+def _write_export(params, cfg: ModelConfig, config, stops, workdir: str, out: str,
+                  step: int) -> None:
+  """Process 0's half of `export_hf`: the files."""
+  from safetensors.numpy import save_file
   os.makedirs(out, exist_ok=True)
   weights = os.path.join(out, "model.safetensors")
   save_file(params_to_hf(params, cfg), weights, metadata={"format": "pt"})
