@@ -162,7 +162,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
         token, logits, cache, done = decode.decode_step(
             graphdef, params, layers, cache, logits, done, key, np.int32(i),
             sampling, stops)
-        token_h, done_h = map(sharding.to_host, (token, done))  # a host sync per token
+        token_h, done_h = sharding.to_host((token, done))  # one host sync per token
         column = np.where(was_done, -1, token_h)[:batch]  # real rows only
         columns.append(column)
         on_token(column)

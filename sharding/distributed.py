@@ -91,14 +91,17 @@ def initialize(coordinator_address: str | None = None,
   return jax.process_count() > 1
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-  """`x` as NumPy on every process. An array that spans other processes' devices
-  (a batch split over `data` across hosts) is gathered first, so every process
-  must call this with the same array (a collective)."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
+def to_host(tree):
+  """A pytree of jax Arrays as NumPy on every process, in one host sync when every
+  array is local. An array that spans other processes' devices (a batch split
+  over `data` across hosts) is gathered first, so every process must call this
+  with the same arrays (a collective)."""
+  if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
   from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(
+      lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      if not x.is_fully_addressable else np.asarray(jax.device_get(x)), tree)
 
 
 def process_0_says(value: bool) -> bool:

@@ -325,7 +325,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       if dl.enabled:
         state = synchronise(state, done)
       if done % config.log.every_steps == 0 or done == t.steps:
-        metrics = jax.tree.map(sharding.to_host, metrics)  # waits for the window's steps
+        metrics = sharding.to_host(metrics)  # waits for the window's steps
         elapsed = timer.per_step()
         flops_per_sec = step_flops / elapsed
         # DiLoCo's metrics are per replica: their mean.
@@ -342,7 +342,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
           row["exchanged_grad_norm"] = float(metrics["exchanged_grad_norm"])
         row.update(sent)  # compression: per replica, what it sent, and the ratio
         # DiLoCo: each fragment's outer-gradient norm, from its syncs since the last row
-        row.update({k: float(sharding.to_host(v)) for k, v in outer_metrics.items()})
+        row.update({k: float(v) for k, v in sharding.to_host(dict(outer_metrics)).items()})
         outer_metrics.clear()
         # One global batch per step: the windows seen so far, by mixture source.
         row.update({DATA_FRACTION_PREFIX + name: share for name, share in
