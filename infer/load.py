@@ -61,6 +61,6 @@ def load(workdir: str, *, step: int | None = None,
   target = abstract_params(spec, mesh)
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   step = ckpt.step_to_read(step)
-  params = ckpt.restore_params(target, step, config=requested)
+  params = ckpt.restore_params(target, step, config=requested, serving=True)
   ckpt.close()
   return nnx.merge(spec.graphdef, params), config

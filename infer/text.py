@@ -5,6 +5,7 @@ weights are read (`_prepare`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -24,22 +25,19 @@ from train.checkpoint import Checkpointer
 from train.hf import stop_tokens
 from train.tokenizer import make_tokenizer
 
+CONTEXT_IDS = 4  # prompt ids decoded with a continuation (`continuation`)
+
 
 class _Printer:
   """Prints the prompt, then the continuation as ids arrive, holding back an
   incomplete character; a stop id ends the row unprinted. The continuation is
-  the text the new ids add to the prompt's last `CONTEXT` ids, decoded together:
-  a tokenizer that spaces words by their neighbours (SentencePiece's leading
-  space, a tokenizer.json without a decoder) spaces them as the whole text
-  would, where the new ids alone lost the space. The prompt waits for the first
-  id (or `close`), so an error before decoding (a cache that does not fit) prints
-  nothing to `out`."""
-
-  CONTEXT = 4
+  the text the new ids add to the prompt (`continuation`). The prompt waits for
+  the first id (or `close`), so an error before decoding (a cache that does not
+  fit) prints nothing to `out`."""
 
   def __init__(self, tokenizer, out: TextIO, prompt: str, prompt_ids, stops):
     self.tokenizer, self.out, self.prompt = tokenizer, out, prompt
-    self.context = [int(i) for i in prompt_ids[-self.CONTEXT:]]
+    self.context = [int(i) for i in prompt_ids[-CONTEXT_IDS:]]
     self.stops = set(stops)
     self.ids: list[int] = []
     self.printed = 0
@@ -67,9 +65,10 @@ class _Printer:
 
 def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
   """The text `new_ids` add after a prompt: decoded together with the prompt's
-  last `_Printer.CONTEXT` ids, so a tokenizer that spaces words by their
-  neighbours spaces them as the whole text would."""
-  context = [int(i) for i in prompt_ids[-_Printer.CONTEXT:]]
+  last `CONTEXT_IDS` ids, so a tokenizer that spaces words by their neighbours
+  (SentencePiece's leading space, a tokenizer.json without a decoder) spaces them
+  as the whole text would, where the new ids alone lose the space."""
+  context = [int(i) for i in prompt_ids[-CONTEXT_IDS:]]
   base, full = tokenizer.decode(context), tokenizer.decode(context + list(new_ids))
   return full[len(base):] if full.startswith(base) else tokenizer.decode(list(new_ids))
 
@@ -184,7 +183,7 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
       workdir, config, [prompt], lambda i: "the prompt", "--prompt", max_new_tokens,
       step)
   if jax.process_index() != 0:  # every process computes; process 0 prints
-    out = open(os.devnull, "w")
+    out = io.StringIO()
   printer = _Printer(tokenizer, out, prompt, ids, stops)
   try:  # the printer keeps the new ids
     generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,

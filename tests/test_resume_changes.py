@@ -193,6 +193,20 @@ def test_load_and_export_with_a_changed_config_json_name_the_field(run_d32, tmp_
   assert not (tmp_path / "out").exists()
 
 
+def test_serving_another_model_shape_says_how_to_load_the_saved_one(run_d32):
+  """generate with a config of another model (e.g. moe_tiny's on a dense run):
+  the fix loads the saved model; it does not say "resume" or "train"."""
+  import infer
+  c = make_tiny_config()
+  c.model.d_model = 48
+  with pytest.raises(sharding.ConfigError, match=_SHAPES) as err:
+    infer.load(str(run_d32), config=c)
+  assert err.value.field == "model.d_model"
+  assert err.value.fix == ("load it with the model it was saved with: drop --config "
+                           "(the run's saved config is the default), or pass "
+                           "--config.model.d_model=32.")
+
+
 def test_cli_resume_into_other_model_shape_exits_2(run_d32):
   proc = run_cli("train", f"--config=experiments/saved.py:{run_d32}",
                  f"--workdir={run_d32}", "--config.model.d_model=48",

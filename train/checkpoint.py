@@ -217,13 +217,15 @@ class Checkpointer:
       return None
 
   def check_param_shapes(self, abstract_params: Any, step: int,
-                         config: dict | None = None) -> None:
+                         config: dict | None = None, *, serving: bool = False) -> None:
     """Raises ConfigError if the parameters saved at `step` (read from metadata,
     no arrays) differ in shape or presence from `abstract_params`: the error names
     the first differing parameter, both shapes, and the model fields in which
     `config` (default: the run's config.json, which `infer.load` and `export_hf`
-    build their model from) differs from the config saved with `step`. Metadata
-    that cannot be read is left to the restore to report."""
+    build their model from) differs from the config saved with `step`; its fix
+    is to resume with the saved model, or (`serving`: generate loads the step) to
+    load it with the run's saved config. Metadata that cannot be read is left to
+    the restore to report."""
     try:
       saved = self.param_shapes(step)
     except Exception:  # noqa: BLE001 -- unreadable: the restore reports (or falls back)
@@ -271,8 +273,10 @@ class Checkpointer:
         fix = (f"make {run_config.path(workdir)} say what step {step} was saved with "
                f"({saved_flags.replace('--config.', '')}), or load a step saved with "
                "this model.")
+      elif serving:
+        fix = (f"load it with the model it was saved with: drop --config (the run's "
+               f"saved config is the default), or pass {saved_flags}.")
       else:
-        workdir = os.path.dirname(self.directory)
         fix = (f"resume with the saved model ({saved_flags}, or "
                f"--config=experiments/saved.py:{workdir}), or train this model in a "
                "new --workdir.")
@@ -321,10 +325,10 @@ class Checkpointer:
     return int(leaves[0].shape[0]) if leaves else None
 
   def restore_params(self, abstract_params: Any, step: int, *,
-                     config: dict | None = None) -> Any:
+                     config: dict | None = None, serving: bool = False) -> Any:
     """Only the parameters (optimizer state is not read), after
     `check_param_shapes` (`config` defaults to the run's config.json)."""
-    self.check_param_shapes(abstract_params, step, config)
+    self.check_param_shapes(abstract_params, step, config, serving=serving)
     target = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
