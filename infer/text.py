@@ -73,13 +73,19 @@ def continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int]) -
   return full[len(base):] if full.startswith(base) else tokenizer.decode(list(new_ids))
 
 
+def _note(text: str) -> None:
+  """Writes to stderr on process 0 (every process runs generate)."""
+  if jax.process_index() == 0:
+    sys.stderr.write(text)
+
+
 def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int], str],
              flag: str, max_new_tokens: int, step: int | None):
   """What generating text from `prompts` needs, every check made before the
   weights are read: (model, tokenizer, prompt ids, stop ids). `where(i)` names
   prompt i in errors ("the prompt", "line 3 of prompts.txt"); `flag` is the
   command-line flag that gave the prompts. Prints the run, step and mesh, and
-  warnings, to stderr."""
+  warnings, to stderr (on process 0)."""
   wanted = config or run_config.load(workdir)
   if wanted.data.tokenizer == "none":
     raise sharding.ConfigError(
@@ -124,26 +130,26 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
         run_config.read(workdir), json.loads(config.to_json()))
         if f.startswith("model.")]
     if changed:
-      sys.stderr.write(
+      _note(
           "note: the model config differs from the run's (saved -> now), so the "
           "outputs can differ from the trained model's: " + "; ".join(
               f"{f}: {a!r} -> {b!r}" for f, a, b in changed) + "\n")
   mesh = mesh_of(model)
   asked = config.model.attention if config is not None else None
-  sys.stderr.write(f"generating from step {step} of {workdir}"
+  _note(f"generating from step {step} of {workdir}"
                    + (f" on {sharding.describe(mesh)}" if mesh is not None else "")
                    + (f"; attention {saved.model.attention}, as model.attention="
                       f"{asked} needs the length split over mesh.sequence"
                       if asked and asked != saved.model.attention else "")
                    + "\n")
   if not stops:
-    sys.stderr.write("no stop token (data.eos_id is unset and the tokenizer names no "
+    _note("no stop token (data.eos_id is unset and the tokenizer names no "
                      "end-of-text token): generating all --max_new_tokens; "
                      "--config.data.eos_id=ID stops at one.\n")
   context = saved.model.max_position_embeddings
   longest = max(range(len(ids)), key=lambda i: len(ids[i]))
   if len(ids[longest]) + max_new_tokens > context:
-    sys.stderr.write(
+    _note(
         f"warning: {len(ids[longest])} prompt tokens"
         + (f" ({where(longest)})" if len(ids) > 1 else "")
         + f" + up to {max_new_tokens} new ones run past "

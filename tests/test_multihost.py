@@ -231,6 +231,9 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
   rest = iter(results[0][1])
   assert all(ch in rest for ch in printed.getvalue()), results[0][1]
   assert "def f(" not in results[1][1] and results[0][1].count("def f(") == 1
+  # the run / step / mesh note too, once (each process wrote it)
+  assert "generating from step" in results[0][2]
+  assert "generating from step" not in results[1][2]
 
   # export-hf on both processes (as a TPU pod runs every command on every worker):
   # it restored onto process 0's device from every process and every process
@@ -241,6 +244,7 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
                                        command="export-hf")
   for proc, _, err in results:
     assert proc.returncode == 0, err[-3000:]
+  assert "exported step" in results[0][1] and "exported step" not in results[1][1]
   from train.hf import export_hf
   export_hf(str(work), str(tmp_path / "hf1"))
   two, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("hf2", "hf1"))
