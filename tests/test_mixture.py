@@ -10,6 +10,7 @@ from ml_collections import ConfigDict
 import sharding
 import train
 from train import data as data_lib
+from train import mixture_schedule
 from train import validate
 from conftest import make_data_on
 
@@ -105,7 +106,7 @@ def test_source_fractions_count_every_prefix(tiny_config, corpus, tmp_path):
     got = d.source_fractions(step * 8)
     np.testing.assert_allclose([got[m.name] for m in d.mixture], counted, atol=1e-12)
   assert d.source_fractions(0) == {}
-  assert data_lib.mixture_counts(7, [100, 100]) in ([4, 3], [3, 4])
+  assert mixture_schedule.mixture_counts(7, [100, 100]) in ([4, 3], [3, 4])
 
 
 def test_resume_continues_the_exact_batch_sequence(tiny_config, corpus, tmp_path):
@@ -296,3 +297,163 @@ def test_eval_rows_give_each_source_s_loss(tiny_config, corpus, tmp_path):
       sum(s[0] for s in sums.values()) / sum(s[1] for s in sums.values()), rel=1e-4)
   # ten-letter alphabets on one byte vocabulary: each source has its own loss
   assert len({round(last[f"eval_loss/{n}"], 3) for n in sums}) == 3
+
+
+# Mixture weights that change during a run (train.mixture_schedule).
+
+def _grain_mix_of(proportions, n):
+  import grain
+  parts = [grain.MapDataset.range(k * 10**6, (k + 1) * 10**6)
+           for k in range(len(proportions))]
+  return [int(x) for x in grain.MapDataset.mix(parts, weights=proportions)[:n]]
+
+
+def test_one_segment_selects_as_grain_mix():
+  """A schedule of one segment is grain's own mix, element for element."""
+  import grain
+  from train.mixture_schedule import ScheduledSelection, Segment
+  for props in ([100, 100], [233, 100], [100, 250, 150], [100, 3400], [137, 100, 401]):
+    names = [f"s{k}" for k in range(len(props))]
+    sel = ScheduledSelection(names, [Segment(0, dict(zip(names, props)))])
+    parts = [grain.MapDataset.range(k * 10**6, (k + 1) * 10**6)
+             for k in range(len(props))]
+    mixed = grain.MapDataset.select_from_datasets(parts, sel)
+    assert [int(x) for x in mixed[:3000]] == _grain_mix_of(props, 3000), props
+
+
+def test_a_changed_schedule_reads_each_source_once_in_order():
+  """Over random schedules (3 to 5 segments, sources joining and leaving): every
+  source's windows are read in order from its first, none twice or skipped;
+  each segment draws in its own proportions (grain's arithmetic from the
+  segment's start); `counts` tallies what was read."""
+  from train.mixture_schedule import ScheduledSelection, continue_schedule, mixture_counts
+  rng = np.random.default_rng(0)
+  for trial in range(20):
+    segments, start = [], 0
+    for k in range(int(rng.integers(3, 6))):
+      names = sorted(rng.choice(["a", "b", "c", "d"], size=int(rng.integers(1, 4)),
+                                replace=False))
+      props = {str(n): int(rng.integers(100, 400)) for n in names}
+      segments = continue_schedule(segments, start, props)
+      start += int(rng.integers(1, 300))
+    current = sorted(segments[-1].proportions)
+    sel = ScheduledSelection(current, segments)
+    starts = [s.start for s in segments] + [start]
+    read: dict[str, list[int]] = {}
+    for seg, end in zip(segments, starts[1:]):
+      seen = {}
+      for i in range(seg.start, end):
+        if seg is segments[-1]:
+          k, pos = sel[i]
+          name = current[k]
+        else:  # a past segment may hold sources the mixture no longer has
+          try:
+            k, pos = sel[i]
+            name = current[k]
+          except IndexError:
+            continue
+        read.setdefault(name, []).append(pos)
+        seen[name] = seen.get(name, 0) + 1
+      names = sorted(seg.proportions)
+      want = dict(zip(names, mixture_counts(end - seg.start,
+                                            [seg.proportions[n] for n in names])))
+      assert all(seen.get(n, 0) == want[n] for n in names if n in current), trial
+    for name, positions in read.items():
+      assert positions == list(range(len(positions))), (trial, name)
+    counts = sel.counts(start)
+    assert all(counts[n] == len(read.get(n, [])) for n in current), trial
+    assert sum(counts.values()) == start
+
+
+def test_continue_schedule_keeps_what_a_resume_reached():
+  from train.mixture_schedule import Segment, continue_schedule
+  p1, p2, p3 = {"a": 100, "b": 100}, {"a": 300, "b": 100}, {"a": 100, "b": 300}
+  assert continue_schedule([], 80, p2) == [Segment(0, p2)]  # no record: as now
+  s = continue_schedule([Segment(0, p1)], 80, p2)
+  assert s == [Segment(0, p1), Segment(80, p2)]
+  assert continue_schedule(s, 80, p2) == s  # idempotent (every process applies it)
+  assert continue_schedule(s, 160, p2) == s  # same weights: no new segment
+  # a resume from an earlier checkpoint forgets the segments it never reached
+  assert continue_schedule(s + [Segment(160, p3)], 120, p3) == s + [Segment(120, p3)]
+  assert continue_schedule(s, 40, p1) == [Segment(0, p1)]
+
+
+def _source_streams(config, batches):
+  """{source: [window bytes, ...]} in the order an uninterrupted run reads them."""
+  d = make_data_on(config)
+  streams: dict[str, list[bytes]] = {}
+  for _ in range(batches):
+    b = next(d.train)
+    for row, k in zip(b["inputs"], b["source"]):
+      streams.setdefault(d.mixture[k].name, []).append(row.tobytes())
+  return streams
+
+
+def test_a_resume_with_other_weights_continues_every_source(tiny_config, corpus,
+                                                            tmp_path):
+  """7 batches at WEIGHTS, then 6 at other weights from the saved position: each
+  source's windows are the next ones of its own stream (rebuilding the mix from
+  window 0 with the new weights re-read `code`'s and skipped `books`'s)."""
+  from train.mixture_schedule import Segment, continue_schedule
+  c1 = _config(tiny_config, corpus, tmp_path / "cache")
+  first = make_data_on(c1)
+  read: dict[str, list[bytes]] = {}
+
+  def take(d, n):
+    for _ in range(n):
+      b = next(d.train)
+      for row, k in zip(b["inputs"], b["source"]):
+        read.setdefault(d.mixture[k].name, []).append(row.tobytes())
+  take(first, 7)
+  state = json.dumps(first.train.get_state())
+  c2 = _config(c1.copy_and_resolve_references(), corpus, tmp_path / "cache",
+               books=0.6, code=0.1)
+  resumed = make_data_on(c2)
+  schedule = continue_schedule([Segment(0, first.proportions())], 7 * 8,
+                               resumed.proportions())
+  assert len(schedule) == 2
+  resumed.selection.reschedule(schedule)
+  resumed.train.set_state(json.loads(state))
+  take(resumed, 6)
+  streams = _source_streams(c1, 40)
+  for name, windows in read.items():
+    assert windows == streams[name][:len(windows)], name
+  # the shares: 56 windows at 0.2 / 0.5 / 0.3, then 48 at 0.6 / 0.1 / 0.3
+  fractions = resumed.source_fractions(13 * 8)
+  assert fractions == {n: len(read[n]) / 104 for n in WEIGHTS}
+  assert fractions["books"] > 0.35 and fractions["code"] < 0.35
+
+
+def test_training_resumed_with_other_weights_logs_the_windows_it_read(
+    tiny_config, corpus, tmp_path, capsys):
+  """End to end: the run's schedule file, the resume's note, and data_fraction
+  rows that count the windows read under both weights (they were recomputed as
+  if the new weights had held from step 1)."""
+  c = _config(tiny_config, corpus, tmp_path / "cache")
+  c.train.steps = 2
+  c.checkpoint.every_steps = 2
+  run = str(tmp_path / "run")
+  rows = train.train(c, run, progress=False)
+  capsys.readouterr()
+  c.train.steps = 4
+  c.data.mixture.books.weight, c.data.mixture.code.weight = 0.6, 0.1
+  rows += train.train(c, run, progress=False)
+  out = capsys.readouterr().out
+  assert ("data.mixture: the weights changed; from step 2 (training window 16) the "
+          "sources mix as books 60.0%, code 10.0%, web 30.0%") in out, out
+  segments = mixture_schedule.read_schedule(run)
+  assert [s.start for s in segments] == [0, 16]
+  d1 = make_data_on(_config(tiny_config.copy_and_resolve_references(), corpus,
+                            tmp_path / "cache"))
+  d2 = make_data_on(c)
+  state = None
+  seen = []
+  for step in range(4):
+    if step == 2:
+      state = json.dumps(d1.train.get_state())
+      d2.selection.reschedule(segments)
+      d2.train.set_state(json.loads(state))
+    seen.extend(next((d1 if step < 2 else d2).train)["source"])
+    counted = np.bincount(seen, minlength=3) / len(seen)
+    for m, share in zip(d2.mixture, counted):
+      assert rows[step][f"data_fraction/{m.name}"] == pytest.approx(share), step

@@ -14,9 +14,11 @@ smaller than a batch is still evaluated, averaged over its real tokens only.
 Mixtures (`data.mixture`): each named source becomes its own token stream (its own
 token cache, one tokenizer for all) and its own windows and held-out tail. Each
 source's training windows are shuffled (seeded by `train.seed` and the source's
-index) and repeated, and `grain.MapDataset.mix` interleaves them in the proportions
-of the weights; every training example then carries `source` (its index, sources
-numbered in name order). Evaluation mixes the held-out tails the same way, in order.
+index) and repeated, and they are interleaved in the proportions of the weights as
+`grain.MapDataset.mix` would (`train.mixture_schedule`: a resume with other weights
+continues each source where it stopped); every training example then carries
+`source` (its index, sources numbered in name order). Evaluation mixes the
+held-out tails the same way, in order.
 
 Determinism: window order depends only on `train.seed` (and, for a mixture, its
 entries). A process loads only the rows of each global batch that its devices
@@ -44,6 +46,7 @@ from tqdm import tqdm
 from sharding import ConfigError
 from sharding.report import count
 from train import run_config, sources, token_cache
+from train.mixture_schedule import ScheduledSelection, Segment
 from train.tokenizer import HFTokenizer, make_tokenizer
 
 SOURCES = (*sources.DOCUMENT_SOURCES, "tokens", "synthetic")
@@ -224,19 +227,6 @@ def mixture_proportions(weights: list[float]) -> list[int]:
   return [max(1, round(w / low * 100)) for w in weights]
 
 
-def mixture_counts(num_examples: int, proportions: list[int]) -> list[int]:
-  """How many of the first `num_examples` examples of `grain.MapDataset.mix(...,
-  weights=proportions)` come from each source: the same arithmetic grain uses to
-  place elements, summed in closed form (exact; O(sources)). Sums to
-  num_examples."""
-  remaining, current, counts = sum(proportions), int(num_examples), []
-  for p in proportions:
-    nxt = current * (remaining - p) // remaining
-    counts.append(current - nxt)
-    current, remaining = nxt, remaining - p
-  return counts
-
-
 def token_stream(data_cfg, tokenizer) -> np.ndarray:
   """The whole corpus: see `corpus`."""
   return corpus(data_cfg, tokenizer)[0]
@@ -296,6 +286,8 @@ class Data:
   rows: tuple[int, int]  # this process's rows of each global batch
   batch_size: int
   mixture: list[MixtureSource] = dataclasses.field(default_factory=list)
+  # Which source and window each global training window is (a mixture's).
+  selection: ScheduledSelection | None = None
   # Tokens in each source's stream ({} for synthetic data): what `data_changes`
   # compares against the run's last start.
   tokens: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -318,11 +310,16 @@ class Data:
     training windows (the first num_examples / batch_size batches, all processes
     together) that came from each mixture source; {} without a mixture or before
     the first window. Exact and computed, not counted: the same on every process
-    and after a resume."""
+    and after a resume, under every weight the run's schedule has had. A source
+    the run no longer mixes is left out."""
     if not self.mixture or num_examples <= 0:
       return {}
-    counts = mixture_counts(num_examples, [m.proportion for m in self.mixture])
-    return {m.name: c / num_examples for m, c in zip(self.mixture, counts)}
+    counts = self.selection.counts(num_examples)
+    return {m.name: counts.get(m.name, 0) / num_examples for m in self.mixture}
+
+  def proportions(self) -> dict[str, int]:
+    """{source name: grain's integer proportion} of the mixture as configured."""
+    return {m.name: m.proportion for m in self.mixture}
 
 
 def process_rows(batch_sharding: jax.sharding.Sharding, global_batch: int,
@@ -359,7 +356,8 @@ def _windows(view, tokenizer, config, what: str) -> tuple[int, Windows, Windows]
 
 
 def _mixture(config, entries, tokenizer):
-  """(mixed training examples, mixed held-out examples, [MixtureSource])."""
+  """(mixed training examples, mixed held-out examples, [MixtureSource], the
+  training examples' ScheduledSelection)."""
   d, seed = config.data, config.train.seed
   proportions = mixture_proportions([w for _, w, _ in entries])
   trains, evals, parts = [], [], []
@@ -387,7 +385,10 @@ def _mixture(config, entries, tokenizer):
     evals.append(grain.MapDataset.source(Tagged(eval_src, index)))
     parts.append(MixtureSource(name, weight, prop, tokens, len(train_src),
                                len(eval_src)))
-  examples = grain.MapDataset.mix(trains, weights=proportions)
+  # One segment from window 0 until the loop continues the run's schedule.
+  selection = ScheduledSelection([p.name for p in parts],
+                                 [Segment(0, {p.name: p.proportion for p in parts})])
+  examples = grain.MapDataset.select_from_datasets(trains, selection)
   eval_mix = ([] if min(p.eval_windows for p in parts) < 1 else
               grain.MapDataset.mix(evals, weights=proportions))
   lines = [f"data: a mixture of {len(parts)} sources, one tokenizer "
@@ -403,7 +404,7 @@ def _mixture(config, entries, tokenizer):
                  f"{d.seq_len + 1} tokens; "
                  f"{epochs:.2f} epochs in train.steps={config.train.steps}")
   _say("\n".join(lines))
-  return examples, eval_mix, parts
+  return examples, eval_mix, parts, selection
 
 
 def read_options(prefetch_batches: int) -> grain.ReadOptions:
@@ -440,8 +441,9 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   _check_vocabulary(tokenizer, config)
   entries = mixture_entries(d)
   mixture: list[MixtureSource] = []
+  selection = None
   if entries:
-    examples, eval_src, mixture = _mixture(config, entries, tokenizer)
+    examples, eval_src, mixture, selection = _mixture(config, entries, tokenizer)
   elif d.source == "synthetic":
     train_src = Synthetic(config.model.vocab_size, d.seq_len, seed)
     eval_src = Synthetic(config.model.vocab_size, d.seq_len, seed + 1)
@@ -481,7 +483,8 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   sizes = ({m.name: m.tokens for m in mixture} if entries else
            {} if d.source == "synthetic" else {"the corpus": tokens})
   return Data(train=iter(train), eval_source=eval_src, tokenizer=tokenizer,
-              rows=(lo, hi), batch_size=batch, mixture=mixture, tokens=sizes)
+              rows=(lo, hi), batch_size=batch, mixture=mixture, selection=selection,
+              tokens=sizes)
 
 
 # The token count of each source at a run's last start, in its workdir.

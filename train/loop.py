@@ -25,6 +25,7 @@ from train import run_config
 from train.checkpoint import Checkpointer, checkpoint_dir, load_init_params
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
+from train import mixture_schedule
 from train.data import data_changes, make_data, record_tokens
 from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
                            peak_flops)
@@ -199,11 +200,20 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     _say(f"initialised parameters from {config.checkpoint.init_from}")
   else:
     state = init_state(spec, tx, mesh, t.seed, comp=comp, dl=dl)
+  if data.mixture:  # each source continues where the run's schedule left it
+    segments = mixture_schedule.continue_schedule(
+        mixture_schedule.read_schedule(workdir), int(state.step) * t.batch_size,
+        data.proportions())
+    data.selection.reschedule(segments)
+    if int(state.step) and segments[-1].start == int(state.step) * t.batch_size:
+      _say(_mixture_change_note(data, segments, int(state.step)))
   # Written once the checkpoint is known to fit, so a refused resume leaves the
   # run's config.json (what `generate` and `export-hf` build the model from) alone.
   if jax.process_index() == 0:
     run_config.write(workdir, config_dict)
     record_tokens(workdir, data.tokens)
+    if data.mixture:
+      mixture_schedule.write_schedule(workdir, segments)
   # One program per compression density, with the traffic it logs (host-side,
   # computed once): density -> (compiled step, metrics of what a replica sends).
   step_fns: dict[float | None, tuple[Any, dict]] = {}
@@ -370,6 +380,19 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     writer.close()
     ckpt.wait()  # `opened` closes it
   return history
+
+
+def _mixture_change_note(data, segments, step: int) -> str:
+  """What a resume onto other mixture weights does: the new shares, and where
+  each source continues."""
+  total = sum(segments[-1].proportions.values())
+  drawn = data.selection.counts(segments[-1].start)
+  return (f"data.mixture: the weights changed; from step {step} (training window "
+          f"{segments[-1].start:,}) the sources mix as " + ", ".join(
+              f"{name} {p / total:.1%}" for name, p in segments[-1].proportions.items())
+          + "; each continues after the windows it gave before (" + ", ".join(
+              f"{name} {drawn.get(name, 0):,}" for name in segments[-1].proportions)
+          + "), so none is read twice or skipped")
 
 
 def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
