@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 import sharding
 import train
 from train import data as data_lib
-from train import mixture_schedule
+from train import data_schedule
 from train import validate
 from conftest import make_data_on
 
@@ -106,7 +106,7 @@ def test_source_fractions_count_every_prefix(tiny_config, corpus, tmp_path):
     got = d.source_fractions(step * 8)
     np.testing.assert_allclose([got[m.name] for m in d.mixture], counted, atol=1e-12)
   assert d.source_fractions(0) == {}
-  assert mixture_schedule.mixture_counts(7, [100, 100]) in ([4, 3], [3, 4])
+  assert data_schedule.mixture_counts(7, [100, 100]) in ([4, 3], [3, 4])
 
 
 def test_resume_continues_the_exact_batch_sequence(tiny_config, corpus, tmp_path):
@@ -299,7 +299,7 @@ def test_eval_rows_give_each_source_s_loss(tiny_config, corpus, tmp_path):
   assert len({round(last[f"eval_loss/{n}"], 3) for n in sums}) == 3
 
 
-# Mixture weights that change during a run (train.mixture_schedule).
+# Batch sizes and mixture weights that change during a run (train.data_schedule).
 
 def _grain_mix_of(proportions, n):
   import grain
@@ -311,148 +311,176 @@ def _grain_mix_of(proportions, n):
 def test_one_segment_selects_as_grain_mix():
   """A schedule of one segment is grain's own mix, element for element."""
   import grain
-  from train.mixture_schedule import ScheduledSelection, Segment
+  from train.data_schedule import Schedule, ScheduledSelection, Segment
   for props in ([100, 100], [233, 100], [100, 250, 150], [100, 3400], [137, 100, 401]):
     names = [f"s{k}" for k in range(len(props))]
-    sel = ScheduledSelection(names, [Segment(0, dict(zip(names, props)))])
+    sel = ScheduledSelection(names, Schedule([Segment(0, 0, 8, dict(zip(names, props)))]))
     parts = [grain.MapDataset.range(k * 10**6, (k + 1) * 10**6)
              for k in range(len(props))]
     mixed = grain.MapDataset.select_from_datasets(parts, sel)
     assert [int(x) for x in mixed[:3000]] == _grain_mix_of(props, 3000), props
 
 
-def test_a_changed_schedule_reads_each_source_once_in_order():
-  """Over random schedules (3 to 5 segments, sources joining and leaving): every
-  source's windows are read in order from its first, none twice or skipped;
-  each segment draws in its own proportions (grain's arithmetic from the
-  segment's start); `counts` tallies what was read."""
-  from train.mixture_schedule import ScheduledSelection, continue_schedule, mixture_counts
+def test_a_changed_schedule_reads_each_window_once_in_order():
+  """Over random schedules (3 to 5 restarts changing the batch size, the weights,
+  both or neither; sources joining and leaving): batches follow one another
+  without a gap; every source's windows are read in order from its first, none
+  twice or skipped; each change of weights draws in its own proportions
+  (grain's arithmetic from its first window); `counts` tallies what was read."""
+  from train.data_schedule import (Schedule, ScheduledSelection, continue_schedule,
+                                   mixture_counts)
   rng = np.random.default_rng(0)
   for trial in range(20):
-    segments, start = [], 0
+    segments, step, props, batch = [], 0, {"a": 100}, 8
     for k in range(int(rng.integers(3, 6))):
-      names = sorted(rng.choice(["a", "b", "c", "d"], size=int(rng.integers(1, 4)),
-                                replace=False))
-      props = {str(n): int(rng.integers(100, 400)) for n in names}
-      segments = continue_schedule(segments, start, props)
-      start += int(rng.integers(1, 300))
+      if k == 0 or rng.random() < 0.6:
+        names = sorted(rng.choice(["a", "b", "c", "d"], size=int(rng.integers(1, 4)),
+                                  replace=False))
+        props = {str(n): int(rng.integers(100, 400)) for n in names}
+      batch = int(rng.choice([4, 8, 12])) if k == 0 or rng.random() < 0.6 else batch
+      segments = continue_schedule(segments, step, batch, props)
+      step += int(rng.integers(1, 30))
+    schedule = Schedule(segments)
+    # batches are contiguous: each starts where the one before ended
+    ends = [schedule.first_window(b) for b in range(step + 1)]
+    sizes = [s.batch_size for b in range(step)
+             for s in [max((s for s in segments if s.start_step <= b),
+                           key=lambda s: s.start_step)]]
+    assert ends[0] == 0 and all(ends[b + 1] - ends[b] == sizes[b] for b in range(step))
+    total = ends[-1]
     current = sorted(segments[-1].proportions)
-    sel = ScheduledSelection(current, segments)
-    starts = [s.start for s in segments] + [start]
+    sel = ScheduledSelection(current, schedule)
+    mixes = schedule.mixes
+    starts = [m.start_window for m in mixes] + [total]
     read: dict[str, list[int]] = {}
-    for seg, end in zip(segments, starts[1:]):
+    for mix, end in zip(mixes, starts[1:]):
       seen = {}
-      for i in range(seg.start, end):
-        if seg is segments[-1]:
+      for i in range(mix.start_window, end):
+        try:
           k, pos = sel[i]
-          name = current[k]
-        else:  # a past segment may hold sources the mixture no longer has
-          try:
-            k, pos = sel[i]
-            name = current[k]
-          except IndexError:
-            continue
-        read.setdefault(name, []).append(pos)
-        seen[name] = seen.get(name, 0) + 1
-      names = sorted(seg.proportions)
-      want = dict(zip(names, mixture_counts(end - seg.start,
-                                            [seg.proportions[n] for n in names])))
+        except IndexError:  # a past source the mixture no longer has
+          assert mix is not mixes[-1]
+          continue
+        read.setdefault(current[k], []).append(pos)
+        seen[current[k]] = seen.get(current[k], 0) + 1
+      names = sorted(mix.proportions)
+      want = dict(zip(names, mixture_counts(end - mix.start_window,
+                                            [mix.proportions[n] for n in names])))
       assert all(seen.get(n, 0) == want[n] for n in names if n in current), trial
     for name, positions in read.items():
       assert positions == list(range(len(positions))), (trial, name)
-    counts = sel.counts(start)
+    counts = schedule.counts(total)
     assert all(counts[n] == len(read.get(n, [])) for n in current), trial
-    assert sum(counts.values()) == start
+    assert sum(counts.values()) == total
 
 
 def test_continue_schedule_keeps_what_a_resume_reached():
-  from train.mixture_schedule import Segment, continue_schedule
+  from train.data_schedule import Segment, continue_schedule
   p1, p2, p3 = {"a": 100, "b": 100}, {"a": 300, "b": 100}, {"a": 100, "b": 300}
-  assert continue_schedule([], 80, p2) == [Segment(0, p2)]  # no record: as now
-  s = continue_schedule([Segment(0, p1)], 80, p2)
-  assert s == [Segment(0, p1), Segment(80, p2)]
-  assert continue_schedule(s, 80, p2) == s  # idempotent (every process applies it)
-  assert continue_schedule(s, 160, p2) == s  # same weights: no new segment
+  assert continue_schedule([], 10, 8, p2) == [Segment(0, 0, 8, p2)]  # no record
+  s = continue_schedule([Segment(0, 0, 8, p1)], 10, 8, p2)
+  assert s == [Segment(0, 0, 8, p1), Segment(10, 80, 8, p2)]
+  assert continue_schedule(s, 10, 8, p2) == s  # idempotent (every process applies it)
+  assert continue_schedule(s, 20, 8, p2) == s  # same settings: no new segment
+  # a larger batch from step 20 starts at the first window not yet read
+  assert continue_schedule(s, 20, 16, p2)[-1] == Segment(20, 160, 16, p2)
   # a resume from an earlier checkpoint forgets the segments it never reached
-  assert continue_schedule(s + [Segment(160, p3)], 120, p3) == s + [Segment(120, p3)]
-  assert continue_schedule(s, 40, p1) == [Segment(0, p1)]
+  later = s + [Segment(20, 160, 8, p3)]
+  assert continue_schedule(later, 15, 8, p3) == s + [Segment(15, 120, 8, p3)]
+  assert continue_schedule(s, 5, 8, p1) == [Segment(0, 0, 8, p1)]
 
 
-def _source_streams(config, batches):
-  """{source: [window bytes, ...]} in the order an uninterrupted run reads them."""
-  d = make_data_on(config)
-  streams: dict[str, list[bytes]] = {}
+def _windows_by_source(d, batches, into):
   for _ in range(batches):
     b = next(d.train)
     for row, k in zip(b["inputs"], b["source"]):
-      streams.setdefault(d.mixture[k].name, []).append(row.tobytes())
-  return streams
+      into.setdefault(d.mixture[k].name, []).append(row.tobytes())
+  return into
 
 
 def test_a_resume_with_other_weights_continues_every_source(tiny_config, corpus,
                                                             tmp_path):
-  """7 batches at WEIGHTS, then 6 at other weights from the saved position: each
-  source's windows are the next ones of its own stream (rebuilding the mix from
-  window 0 with the new weights re-read `code`'s and skipped `books`'s)."""
-  from train.mixture_schedule import Segment, continue_schedule
+  """7 batches of 8 at WEIGHTS, then 6 of 16 at other weights from the saved
+  position: each source's windows are the next ones of its own stream
+  (rebuilding the mix from window 0 re-read `code`'s and skipped `books`'s)."""
+  from train.data_schedule import Segment, continue_schedule
   c1 = _config(tiny_config, corpus, tmp_path / "cache")
   first = make_data_on(c1)
-  read: dict[str, list[bytes]] = {}
-
-  def take(d, n):
-    for _ in range(n):
-      b = next(d.train)
-      for row, k in zip(b["inputs"], b["source"]):
-        read.setdefault(d.mixture[k].name, []).append(row.tobytes())
-  take(first, 7)
+  read = _windows_by_source(first, 7, {})
   state = json.dumps(first.train.get_state())
   c2 = _config(c1.copy_and_resolve_references(), corpus, tmp_path / "cache",
                books=0.6, code=0.1)
+  c2.train.batch_size = 16
   resumed = make_data_on(c2)
-  schedule = continue_schedule([Segment(0, first.proportions())], 7 * 8,
+  schedule = continue_schedule([Segment(0, 0, 8, first.proportions())], 7, 16,
                                resumed.proportions())
-  assert len(schedule) == 2
-  resumed.selection.reschedule(schedule)
+  assert schedule[-1] == Segment(7, 56, 16, resumed.proportions())
+  resumed.schedule.reschedule(schedule)
   resumed.train.set_state(json.loads(state))
-  take(resumed, 6)
-  streams = _source_streams(c1, 40)
+  _windows_by_source(resumed, 6, read)
+  streams = _windows_by_source(make_data_on(c1), 60, {})
   for name, windows in read.items():
     assert windows == streams[name][:len(windows)], name
-  # the shares: 56 windows at 0.2 / 0.5 / 0.3, then 48 at 0.6 / 0.1 / 0.3
-  fractions = resumed.source_fractions(13 * 8)
-  assert fractions == {n: len(read[n]) / 104 for n in WEIGHTS}
-  assert fractions["books"] > 0.35 and fractions["code"] < 0.35
+  # the shares: 56 windows at 0.2 / 0.5 / 0.3, then 96 at 0.6 / 0.1 / 0.3
+  fractions = resumed.source_fractions(56 + 96)
+  assert fractions == {n: len(read[n]) / 152 for n in WEIGHTS}
+  assert fractions["books"] > 0.4 and fractions["code"] < 0.3
 
 
-def test_training_resumed_with_other_weights_logs_the_windows_it_read(
+def test_a_resume_with_another_batch_size_reads_on_from_the_next_window(
+    tiny_config, corpus, tmp_path):
+  """One source, 5 batches of 8 then 4 of 16 (and 3 of 4): the windows read are
+  the uninterrupted run's, in order, with no gap (the loader started at step x
+  new batch: it skipped 40 windows, or with a smaller batch read 20 again)."""
+  from train.data_schedule import Segment, continue_schedule
+  c = _config(tiny_config, corpus, tmp_path / "cache")
+  c.data.mixture = ConfigDict()
+  c.data.update(source="jsonl", path=corpus["web"], text_field="body")
+  whole = make_data_on(c)
+  stream = np.concatenate([next(whole.train)["inputs"] for _ in range(20)])
+  for batch in (16, 4):
+    first = make_data_on(c)
+    read = [next(first.train)["inputs"] for _ in range(5)]
+    state = json.dumps(first.train.get_state())
+    c2 = c.copy_and_resolve_references()
+    c2.train.batch_size = batch
+    resumed = make_data_on(c2)
+    resumed.schedule.reschedule(continue_schedule([Segment(0, 0, 8)], 5, batch, {}))
+    resumed.train.set_state(json.loads(state))
+    read += [next(resumed.train)["inputs"] for _ in range(4)]
+    read = np.concatenate(read)
+    np.testing.assert_array_equal(read, stream[:len(read)])
+
+
+def test_training_resumed_with_other_batch_and_weights_logs_what_it_read(
     tiny_config, corpus, tmp_path, capsys):
-  """End to end: the run's schedule file, the resume's note, and data_fraction
-  rows that count the windows read under both weights (they were recomputed as
-  if the new weights had held from step 1)."""
+  """End to end: the run's data_schedule.json, the resume's note, and
+  data_fraction rows that count the windows read under both settings (they were
+  recomputed as if the new weights had held from step 1)."""
   c = _config(tiny_config, corpus, tmp_path / "cache")
   c.train.steps = 2
   c.checkpoint.every_steps = 2
   run = str(tmp_path / "run")
   rows = train.train(c, run, progress=False)
   capsys.readouterr()
-  c.train.steps = 4
-  c.data.mixture.books.weight, c.data.mixture.code.weight = 0.6, 0.1
-  rows += train.train(c, run, progress=False)
+  c2 = c.copy_and_resolve_references()
+  c2.train.update(steps=4, batch_size=16)
+  c2.data.mixture.books.weight, c2.data.mixture.code.weight = 0.6, 0.1
+  rows += train.train(c2, run, progress=False)
   out = capsys.readouterr().out
-  assert ("data.mixture: the weights changed; from step 2 (training window 16) the "
-          "sources mix as books 60.0%, code 10.0%, web 30.0%") in out, out
-  segments = mixture_schedule.read_schedule(run)
-  assert [s.start for s in segments] == [0, 16]
-  d1 = make_data_on(_config(tiny_config.copy_and_resolve_references(), corpus,
-                            tmp_path / "cache"))
-  d2 = make_data_on(c)
-  state = None
+  assert ("data: train.batch_size 8 -> 16: step 2 reads on from training window 16, "
+          "the first one not yet read; the mixture's weights changed; from step 2 "
+          "(training window 16) the sources mix as books 60.0%, code 10.0%, web "
+          "30.0%") in out, out
+  segments = data_schedule.read_schedule(run)
+  assert [(s.start_step, s.start_window, s.batch_size) for s in segments] == [
+      (0, 0, 8), (2, 16, 16)]
+  d1, d2 = make_data_on(c), make_data_on(c2)
   seen = []
   for step in range(4):
     if step == 2:
-      state = json.dumps(d1.train.get_state())
-      d2.selection.reschedule(segments)
-      d2.train.set_state(json.loads(state))
+      d2.schedule.reschedule(segments)
+      d2.train.set_state(d1.train.get_state())
     seen.extend(next((d1 if step < 2 else d2).train)["source"])
     counted = np.bincount(seen, minlength=3) / len(seen)
     for m, share in zip(d2.mixture, counted):

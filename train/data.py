@@ -15,7 +15,7 @@ Mixtures (`data.mixture`): each named source becomes its own token stream (its o
 token cache, one tokenizer for all) and its own windows and held-out tail. Each
 source's training windows are shuffled (seeded by `train.seed` and the source's
 index) and repeated, and they are interleaved in the proportions of the weights as
-`grain.MapDataset.mix` would (`train.mixture_schedule`: a resume with other weights
+`grain.MapDataset.mix` would (`train.data_schedule`: a resume with other weights
 continues each source where it stopped); every training example then carries
 `source` (its index, sources numbered in name order). Evaluation mixes the
 held-out tails the same way, in order.
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from sharding import ConfigError
 from sharding.report import count
 from train import run_config, sources, token_cache
-from train.mixture_schedule import ScheduledSelection, Segment
+from train.data_schedule import Schedule, ScheduledSelection, Segment
 from train.tokenizer import HFTokenizer, make_tokenizer
 
 SOURCES = (*sources.DOCUMENT_SOURCES, "tokens", "synthetic")
@@ -171,18 +171,23 @@ class PaddedToBatches:
 
 @dataclasses.dataclass
 class ProcessRows:
-  """The rows [lo, hi) of every global batch of `batch_size` from `examples`."""
+  """The rows [lo, hi) of every global batch of `batch_size` from `examples`;
+  global batch b starts at example `schedule.first_window(b)` when a schedule is
+  given (a run whose batch size changed), else at b x batch_size."""
   examples: Any
   batch_size: int
   lo: int
   hi: int
+  schedule: Schedule | None = None
 
   def __len__(self) -> int:
     return len(self.examples) // self.batch_size * (self.hi - self.lo)
 
   def __getitem__(self, n: int):
     rows = self.hi - self.lo
-    return self.examples[n // rows * self.batch_size + self.lo + n % rows]
+    b = n // rows
+    first = self.schedule.first_window(b) if self.schedule else b * self.batch_size
+    return self.examples[first + self.lo + n % rows]
 
 
 @dataclasses.dataclass
@@ -286,8 +291,9 @@ class Data:
   rows: tuple[int, int]  # this process's rows of each global batch
   batch_size: int
   mixture: list[MixtureSource] = dataclasses.field(default_factory=list)
-  # Which source and window each global training window is (a mixture's).
-  selection: ScheduledSelection | None = None
+  # Where each step's windows start and, in a mixture, which source each is
+  # (the loop continues the run's schedule before the first batch is read).
+  schedule: Schedule | None = None
   # Tokens in each source's stream ({} for synthetic data): what `data_changes`
   # compares against the run's last start.
   tokens: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -314,11 +320,12 @@ class Data:
     the run no longer mixes is left out."""
     if not self.mixture or num_examples <= 0:
       return {}
-    counts = self.selection.counts(num_examples)
+    counts = self.schedule.counts(num_examples)
     return {m.name: counts.get(m.name, 0) / num_examples for m in self.mixture}
 
   def proportions(self) -> dict[str, int]:
-    """{source name: grain's integer proportion} of the mixture as configured."""
+    """{source name: grain's integer proportion} of the mixture as configured
+    ({} without one)."""
     return {m.name: m.proportion for m in self.mixture}
 
 
@@ -355,9 +362,10 @@ def _windows(view, tokenizer, config, what: str) -> tuple[int, Windows, Windows]
           Windows(stream[split:], d.seq_len, eos))
 
 
-def _mixture(config, entries, tokenizer):
-  """(mixed training examples, mixed held-out examples, [MixtureSource], the
-  training examples' ScheduledSelection)."""
+def _mixture(config, entries, tokenizer, schedule: Schedule):
+  """(mixed training examples, mixed held-out examples, [MixtureSource]); the
+  training examples are selected by `schedule`, which this sets to the weights'
+  proportions from window 0."""
   d, seed = config.data, config.train.seed
   proportions = mixture_proportions([w for _, w, _ in entries])
   trains, evals, parts = [], [], []
@@ -385,10 +393,10 @@ def _mixture(config, entries, tokenizer):
     evals.append(grain.MapDataset.source(Tagged(eval_src, index)))
     parts.append(MixtureSource(name, weight, prop, tokens, len(train_src),
                                len(eval_src)))
-  # One segment from window 0 until the loop continues the run's schedule.
-  selection = ScheduledSelection([p.name for p in parts],
-                                 [Segment(0, {p.name: p.proportion for p in parts})])
-  examples = grain.MapDataset.select_from_datasets(trains, selection)
+  schedule.reschedule([Segment(0, 0, config.train.batch_size,
+                                {p.name: p.proportion for p in parts})])
+  examples = grain.MapDataset.select_from_datasets(
+      trains, ScheduledSelection([p.name for p in parts], schedule))
   eval_mix = ([] if min(p.eval_windows for p in parts) < 1 else
               grain.MapDataset.mix(evals, weights=proportions))
   lines = [f"data: a mixture of {len(parts)} sources, one tokenizer "
@@ -404,7 +412,7 @@ def _mixture(config, entries, tokenizer):
                  f"{d.seq_len + 1} tokens; "
                  f"{epochs:.2f} epochs in train.steps={config.train.steps}")
   _say("\n".join(lines))
-  return examples, eval_mix, parts, selection
+  return examples, eval_mix, parts
 
 
 def read_options(prefetch_batches: int) -> grain.ReadOptions:
@@ -441,9 +449,9 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   _check_vocabulary(tokenizer, config)
   entries = mixture_entries(d)
   mixture: list[MixtureSource] = []
-  selection = None
+  schedule = Schedule([Segment(0, 0, batch)])
   if entries:
-    examples, eval_src, mixture, selection = _mixture(config, entries, tokenizer)
+    examples, eval_src, mixture = _mixture(config, entries, tokenizer, schedule)
   elif d.source == "synthetic":
     train_src = Synthetic(config.model.vocab_size, d.seq_len, seed)
     eval_src = Synthetic(config.model.vocab_size, d.seq_len, seed + 1)
@@ -477,13 +485,13 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
          f"of data.seq_len + 1 = {d.seq_len + 1} tokens; {epochs:.2f} epochs in "
          f"train.steps={config.train.steps}")
   lo, hi = process_rows(batch_sharding, batch, d.seq_len)
-  train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi))
+  train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi, schedule))
            .batch(hi - lo, drop_remainder=True)
            .to_iter_dataset(read_options(d.prefetch_batches)))
   sizes = ({m.name: m.tokens for m in mixture} if entries else
            {} if d.source == "synthetic" else {"the corpus": tokens})
   return Data(train=iter(train), eval_source=eval_src, tokenizer=tokenizer,
-              rows=(lo, hi), batch_size=batch, mixture=mixture, selection=selection,
+              rows=(lo, hi), batch_size=batch, mixture=mixture, schedule=schedule,
               tokens=sizes)
 
 

@@ -25,7 +25,7 @@ from train import run_config
 from train.checkpoint import Checkpointer, checkpoint_dir, load_init_params
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
-from train import mixture_schedule
+from train import data_schedule
 from train.data import data_changes, make_data, record_tokens
 from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
                            peak_flops)
@@ -200,20 +200,20 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     _say(f"initialised parameters from {config.checkpoint.init_from}")
   else:
     state = init_state(spec, tx, mesh, t.seed, comp=comp, dl=dl)
-  if data.mixture:  # each source continues where the run's schedule left it
-    segments = mixture_schedule.continue_schedule(
-        mixture_schedule.read_schedule(workdir), int(state.step) * t.batch_size,
-        data.proportions())
-    data.selection.reschedule(segments)
-    if int(state.step) and segments[-1].start == int(state.step) * t.batch_size:
-      _say(_mixture_change_note(data, segments, int(state.step)))
+  # The data continues where the run's schedule left it, under a changed batch
+  # size or mixture weights too.
+  segments = data_schedule.continue_schedule(
+      data_schedule.read_schedule(workdir), int(state.step), t.batch_size,
+      data.proportions())
+  data.schedule.reschedule(segments)
+  if len(segments) > 1 and segments[-1].start_step == int(state.step):
+    _say(_data_change_note(data, segments))
   # Written once the checkpoint is known to fit, so a refused resume leaves the
   # run's config.json (what `generate` and `export-hf` build the model from) alone.
   if jax.process_index() == 0:
     run_config.write(workdir, config_dict)
     record_tokens(workdir, data.tokens)
-    if data.mixture:
-      mixture_schedule.write_schedule(workdir, segments)
+    data_schedule.write_schedule(workdir, segments)
   # One program per compression density, with the traffic it logs (host-side,
   # computed once): density -> (compiled step, metrics of what a replica sends).
   step_fns: dict[float | None, tuple[Any, dict]] = {}
@@ -356,7 +356,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
         outer_metrics.clear()
         # One global batch per step: the windows seen so far, by mixture source.
         row.update({DATA_FRACTION_PREFIX + name: share for name, share in
-                    data.source_fractions(done * t.batch_size).items()})
+                    data.source_fractions(data.schedule.first_window(done)).items()})
         writer.write(row)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",
@@ -382,17 +382,25 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   return history
 
 
-def _mixture_change_note(data, segments, step: int) -> str:
-  """What a resume onto other mixture weights does: the new shares, and where
-  each source continues."""
-  total = sum(segments[-1].proportions.values())
-  drawn = data.selection.counts(segments[-1].start)
-  return (f"data.mixture: the weights changed; from step {step} (training window "
-          f"{segments[-1].start:,}) the sources mix as " + ", ".join(
-              f"{name} {p / total:.1%}" for name, p in segments[-1].proportions.items())
-          + "; each continues after the windows it gave before (" + ", ".join(
-              f"{name} {drawn.get(name, 0):,}" for name in segments[-1].proportions)
-          + "), so none is read twice or skipped")
+def _data_change_note(data, segments) -> str:
+  """What a resume onto another batch size or other mixture weights does with the
+  data: where it continues, and the new shares."""
+  new, old = segments[-1], segments[-2]
+  parts = []
+  if new.batch_size != old.batch_size:
+    parts.append(f"train.batch_size {old.batch_size} -> {new.batch_size}: step "
+                 f"{new.start_step} reads on from training window {new.start_window:,}, "
+                 "the first one not yet read")
+  if new.proportions != old.proportions:
+    total = sum(new.proportions.values())
+    drawn = data.schedule.counts(new.start_window)
+    parts.append(
+        "the mixture's weights changed; from step "
+        f"{new.start_step} (training window {new.start_window:,}) the sources mix as "
+        + ", ".join(f"{name} {p / total:.1%}" for name, p in new.proportions.items())
+        + "; each continues after the windows it gave before (" + ", ".join(
+            f"{name} {drawn.get(name, 0):,}" for name in new.proportions) + ")")
+  return "data: " + "; ".join(parts) + ", so no window is read twice or skipped"
 
 
 def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
