@@ -93,6 +93,16 @@ def unknown_key(argv: list[str], config) -> ConfigError | None:
                              "fields but not add an entry.",
                              f"define `{table}` in a config file (README, "
                              "\"Mixtures\", has an example) and override its fields.")
+        if path[:2] == ["data", "mixture"] and i == 3:
+          from train.data import MIXTURE_KEYS
+          if key in MIXTURE_KEYS:  # an optional key the entry does not set
+            table = ".".join(path[:i])
+            return ConfigError(
+                field, f"the entry `{table}` sets no `{key}` in the config file, and "
+                "an override can change an entry's keys but not add one.",
+                f"add {key}=... to that entry in the config file" + (
+                    f", or pass --config.data.{key}=... (read by every entry that "
+                    "sets none)." if key == "text_field" else "."))
         close = difflib.get_close_matches(key, keys, n=1)
         hint = (f"did you mean `{'.'.join(path[:i] + close)}`?" if close
                 else f"valid keys here: {', '.join(sorted(keys))}.")

@@ -485,3 +485,34 @@ def test_training_resumed_with_other_batch_and_weights_logs_what_it_read(
     counted = np.bincount(seen, minlength=3) / len(seen)
     for m, share in zip(d2.mixture, counted):
       assert rows[step][f"data_fraction/{m.name}"] == pytest.approx(share), step
+
+
+def test_a_text_field_fix_for_an_entry_without_one_can_be_followed(tiny_config, corpus,
+                                                                   tmp_path):
+  """An entry that sets no text_field reads data.text_field; its error's fix named
+  --config.data.mixture.<name>.text_field, which the launcher refuses (an override
+  cannot add an entry's key). The fix now names the config file's entry or
+  data.text_field, and following the latter works; the launcher's refusal of
+  the entry's key says the same."""
+  from experiment import config_errors
+  c = _config(tiny_config, corpus, tmp_path / "cache")
+  del c.data.mixture.web["text_field"]  # reads data.text_field, "text"; records: "body"
+  with pytest.raises(sharding.ConfigError, match="no 'text' field") as err:
+    make_data_on(c)
+  assert err.value.field == "data.mixture.web.text_field"
+  assert ('set text_field="body" in the data.mixture.web entry of the config file (it '
+          "sets none, and an override cannot add it), or --config.data.text_field=body "
+          "(read by every entry that sets none)") in err.value.fix
+  assert "--config.data.mixture.web.text_field" not in err.value.fix
+  refused = config_errors.unknown_key(["--config.data.mixture.web.text_field=body"], c)
+  assert refused.field == "data.mixture.web.text_field"
+  assert "sets no `text_field`" in refused.problem
+  assert "--config.data.text_field=..." in refused.fix
+  # an entry with its own text_field: the override exists, and is the fix
+  assert config_errors.unknown_key(["--config.data.mixture.code.text_field=x"], c) is None
+  c.data.text_field = "body"  # following the fix
+  assert next(make_data_on(c).train)["inputs"].shape[0] == c.train.batch_size
+  c.data.text_field = ""  # validation: an entry without a field to read
+  err = _error(c)
+  assert err.field == "data.mixture.web.text_field"
+  assert "--config.data.text_field=text" in err.fix

@@ -220,6 +220,7 @@ def mixture_entries(data_cfg) -> list[tuple[str, float, Any]]:
         **{k: data_cfg[k] for k in _SHARED}, source=entry["source"],
         path=entry["path"],
         text_field=entry.get("text_field") or data_cfg.text_field,
+        text_field_own="text_field" in entry.keys(),
         field_prefix=f"data.mixture.{name}.")
     out.append((name, float(entry["weight"]), view))
   return out
@@ -532,8 +533,9 @@ _MIXTURE_EXAMPLE = ('in the config file: c.data.mixture = ConfigDict({"code": '
                     'weight=0.3)}).')
 
 
-def _validate_mixture(config) -> list[tuple[str, str, Any, Any]]:
-  """[(field prefix, source, path, text_field)] of every mixture entry, after
+def _validate_mixture(config) -> list[tuple[str, str, Any, Any, bool]]:
+  """[(field prefix, source, path, text_field, whether the entry sets its own
+  text_field)] of every mixture entry, after
   checking names, keys, sources, paths and weights; [] without a mixture."""
   d = config.data
   mixture = d.get("mixture")
@@ -580,7 +582,7 @@ def _validate_mixture(config) -> list[tuple[str, str, Any, Any]]:
                         f"{weight!r}.", "weights are relative: 0.7 and 0.3, or 7 "
                         "and 3, give the same mixture.")
     out.append((field + ".", entry["source"], entry["path"],
-                entry.get("text_field") or d.text_field))
+                entry.get("text_field") or d.text_field, "text_field" in entry.keys()))
   return out
 
 
@@ -590,7 +592,7 @@ def validate(config) -> None:
   if not checks:
     if d.source not in SOURCES:
       raise ConfigError.choice("data.source", d.source, SOURCES)
-    checks = [("data.", d.source, d.path, d.text_field)]
+    checks = [("data.", d.source, d.path, d.text_field, True)]
   if d.seq_len < 2:
     raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",
                       "set --config.data.seq_len=256, for example.")
@@ -599,7 +601,7 @@ def validate(config) -> None:
     raise ConfigError("data.eval_fraction", f"must be in (0, 1) (or 0, training on "
                       f"all the data, with train.eval_every=0), got "
                       f"{d.eval_fraction}.", "set it to e.g. 0.02.")
-  for prefix, source, path, text_field in checks:
+  for prefix, source, path, text_field, own_text_field in checks:
     if source in ("jsonl", "parquet", "arrayrecord", "hf_disk") and not path:
       raise ConfigError(f"{prefix}path", f"source {source!r} reads files, but no "
                         "path is set.", f"set --config.{prefix}path to a file, "
@@ -608,7 +610,8 @@ def validate(config) -> None:
     if source in ("jsonl", "parquet", "hf_disk") and not text_field:
       raise ConfigError(f"{prefix}text_field", f"source {source!r} needs the name "
                         "of the field that holds each record's text.",
-                        f"set --config.{prefix}text_field=text, for example.")
+                        f"set {sources.text_field_fix(prefix, own_text_field, 'text')}"
+                        ", for example.")
     if d.tokenizer == "none" and source != "arrayrecord":
       raise ConfigError("data.tokenizer", f"'none' (records of token ids) works "
                         f"with source arrayrecord only, not {source!r}"
@@ -619,7 +622,7 @@ def validate(config) -> None:
     raise ConfigError("data.eos_id", "token-id records (data.tokenizer=none) need "
                       "the id that ends each document.",
                       "set --config.data.eos_id to your tokenizer's end-of-text id.")
-  if (any(source in sources.DOCUMENT_SOURCES for _, source, _, _ in checks)
+  if (any(check[1] in sources.DOCUMENT_SOURCES for check in checks)
       and d.tokenizer in (None, "", "byte")):
     if config.model.vocab_size < 256:
       raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller "

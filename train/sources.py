@@ -39,6 +39,18 @@ def field_prefix(data_cfg) -> str:
   return getattr(data_cfg, "field_prefix", "data.")
 
 
+def text_field_fix(prefix: str, own: bool, value: str) -> str:
+  """How to make the source under `prefix` (`field_prefix`) read its text from
+  field `value`: its override; for a mixture entry that sets no text_field of its
+  own (`own` false; an override can change an entry's keys but not add one), the
+  key in the config file's entry, or the shared data.text_field."""
+  if own or prefix == "data.":
+    return f"--config.{prefix}text_field={value}"
+  return (f"text_field=\"{value}\" in the {prefix[:-1]} entry of the config file "
+          f"(it sets none, and an override cannot add it), or "
+          f"--config.data.text_field={value} (read by every entry that sets none)")
+
+
 def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
   """The sorted files `path` names: a file, a directory (searched recursively; for
   jsonl / parquet / arrayrecord only files with their extensions) or a glob.
@@ -77,6 +89,10 @@ class _Reader:
     self.token_dtype = data_cfg.token_dtype
     self.counts = counts
     self.prefix = field_prefix(data_cfg)
+    self.own_text_field = getattr(data_cfg, "text_field_own", True)
+
+  def text_field_fix(self, value: str) -> str:
+    return text_field_fix(self.prefix, self.own_text_field, value)
 
   def bad(self, where: str, problem: str, field: str = "path",
           fix: str = "") -> None:
@@ -122,7 +138,7 @@ class _Reader:
     # this record is (renaming the field would fail on the records before it).
     texts = [k for k, v in record.items() if isinstance(v, str)]
     field, other_field = ("text_field", f"if the records hold their text in {texts[0]!r}, "
-                          f"set --config.{self.prefix}text_field={texts[0]}; or "
+                          f"set {self.text_field_fix(texts[0])}; or "
                           ) if texts and not self.texts else ("path", "")
     earlier = (f", though the {count(self.texts, 'record')} before it "
                f"{'does' if self.texts == 1 else 'do'}" if self.texts else "")
@@ -172,7 +188,7 @@ def _column(reader: _Reader, values, where_row, start: int) -> Iterator[str]:
     if not isinstance(value, str):
       reader.bad(where_row(start + j), f"the {reader.text_field!r} field is "
                  f"{type(value).__name__}, not text.", "text_field",
-                 f"name a text column, --config.{reader.prefix}text_field=NAME; or ")
+                 f"name a text column, {reader.text_field_fix('NAME')}; or ")
       continue
     yield value
 
@@ -185,8 +201,8 @@ def _parquet(reader: _Reader, files: list[str]) -> Iterator[str]:
       raise ConfigError(f"{reader.prefix}text_field", f"{f} has no column "
                         f"{reader.text_field!r}; its columns: "
                         f"{pf.schema_arrow.names[:8]}.",
-                        f"set --config.{reader.prefix}text_field to the column "
-                        "holding the text.")
+                        f"name the column holding the text: "
+                        f"{reader.text_field_fix('NAME')}.")
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[reader.text_field]):
       values = batch.column(0).to_pylist()
@@ -214,10 +230,12 @@ def _arrayrecord(reader: _Reader, files: list[str]) -> Iterator[str | bytes]:
           yield record
 
 
-def hf_dataset(path: str, text_field: str = "text", prefix: str = "data."):
+def hf_dataset(path: str, text_field: str = "text", prefix: str = "data.",
+               own_text_field: bool = True):
   """The `datasets.Dataset` saved at `path` (a DatasetDict gives its `train`
   split). Raises ConfigError when `datasets` is missing or the path holds none,
-  naming `prefix`path or `prefix`text_field (prefix: see `field_prefix`)."""
+  naming `prefix`path or `prefix`text_field (prefix: see `field_prefix`;
+  `own_text_field`: see `text_field_fix`)."""
   try:
     import datasets
   except ImportError:
@@ -238,13 +256,14 @@ def hf_dataset(path: str, text_field: str = "text", prefix: str = "data."):
   if text_field not in ds.column_names:
     raise ConfigError(f"{prefix}text_field", f"the dataset at {path!r} has no "
                       f"column {text_field!r}; its columns: {ds.column_names[:8]}.",
-                      f"set --config.{prefix}text_field to the column holding the "
-                      "text.")
+                      f"name the column holding the text: "
+                      f"{text_field_fix(prefix, own_text_field, 'NAME')}.")
   return ds
 
 
 def _hf_disk(reader: _Reader, path: str) -> Iterator[str]:
-  ds = hf_dataset(path, reader.text_field, reader.prefix).select_columns(
+  ds = hf_dataset(path, reader.text_field, reader.prefix,
+                  reader.own_text_field).select_columns(
       [reader.text_field])
   row = 0
   for batch in ds.iter(batch_size=1024):
