@@ -61,13 +61,21 @@ def test_eval_batches_are_fixed_and_held_out(tiny_config, text_dir):
     np.testing.assert_array_equal(a, b)
 
 
-def test_tokens_source_reads_bin_memmap(tiny_config, tmp_path):
+def test_tokens_source_reads_bin_memmap(tiny_config, tmp_path, capsys):
   stream = np.arange(1000, dtype=np.uint16) % 50 + 1
   stream.tofile(tmp_path / "shard0.bin")
   c = tiny_config
   c.data.update(source="tokens", path=str(tmp_path / "*.bin"), token_dtype="uint16",
-                eos_id=50, eval_fraction=0.1)
+                eval_fraction=0.1)
+  # without data.eos_id: one segment per window, and the log says so
   batch = next(make_data_on(c).train)
+  assert (batch["segment_ids"] == batch["segment_ids"][:, :1]).all()
+  assert "no data.eos_id, so its windows have no document boundaries" in (
+      capsys.readouterr().out)
+  c.data.eos_id = 50
+  batch = next(make_data_on(c).train)
+  assert "no document boundaries" not in capsys.readouterr().out
+  assert (batch["segment_ids"] != batch["segment_ids"][:, :1]).any()
   # Every row is a window of consecutive stream tokens.
   rows = batch["inputs"]
   for row in rows:
@@ -201,3 +209,59 @@ def test_eval_fraction_zero_trains_on_everything_without_evaluation(tiny_config,
   c.data.eval_fraction, c.train.eval_every = 0.0, 5
   with pytest.raises(ConfigError, match="or 0, training on all the data"):
     data_lib.validate(c)
+
+
+def test_an_eos_id_outside_the_tokenizer_is_a_config_error(tiny_config, text_dir,
+                                                            tmp_path):
+  """data.eos_id past the tokenizer's ids was read, tokenized and then blamed on
+  model.vocab_size ("token ids reach 300"), whose fix trained on an id the
+  tokenizer cannot decode; now data.eos_id is named before anything is read."""
+  pytest.importorskip("tokenizers")
+  c = _text_config(tiny_config, text_dir)
+  c.data.seq_len = 8
+  for words, named in ((["<|endoftext|>", "[UNK]", "x"], 0), (["[UNK]", "x", "y"], None)):
+    c.data.tokenizer = write_word_tokenizer(tmp_path / f"t{len(words)}{named}.json", words)
+    for eos in (3, 300, -1):
+      c.data.eos_id = eos
+      with pytest.raises(ConfigError) as err:
+        make_data_on(c)
+      assert err.value.field == "data.eos_id"
+      assert f"{eos} is outside the vocabulary of {c.data.tokenizer}, ids [0, 3)" in (
+          err.value.problem)
+      assert (f"tokenizer names its end-of-text token, id {named}" if named is not None
+              else "one of [0, 3)") in err.value.fix
+    c.data.eos_id = 2  # inside: trains
+    assert next(make_data_on(c).train)["inputs"].max() < 3
+
+
+def test_a_run_keeps_its_tokenizer_when_the_original_moves(tiny_config, text_dir,
+                                                           tmp_path):
+  """config.json records the tokenizer's path; after the file moved, generate
+  failed and suggested the byte tokenizer (garbage for a BPE model). Training
+  now keeps a copy in the run, which generation reads."""
+  import io
+  import shutil
+
+  import infer.text
+  import train
+  from train import run_config
+  pytest.importorskip("tokenizers")
+  words = ["<|endoftext|>", "[UNK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+  (tmp_path / "tok").mkdir()
+  original = write_word_tokenizer(tmp_path / "tok" / "tokenizer.json", words)
+  c = _text_config(tiny_config, text_dir)
+  c.data.update(tokenizer=original, seq_len=8)
+  c.train.update(steps=1, eval_every=0)
+  run = tmp_path / "run"
+  train.train(c, str(run), progress=False)
+  assert (run / "tokenizer.json").read_bytes() == open(original, "rb").read()
+  shutil.move(str(tmp_path / "tok"), str(tmp_path / "moved"))
+  assert run_config.load(str(run)).data.tokenizer == str(run / "tokenizer.json")
+  text = infer.text.generate_text(str(run), None, "a b", max_new_tokens=2,
+                                  out=io.StringIO())
+  assert isinstance(text, str)
+  # with neither the file nor a copy, the fix names the tokenizer, not "byte"
+  (run / "tokenizer.json").unlink()
+  with pytest.raises(ConfigError, match="there is no tokenizer file at") as err:
+    infer.text.generate_text(str(run), None, "a b", max_new_tokens=2, out=io.StringIO())
+  assert "byte" not in err.value.fix

@@ -324,6 +324,15 @@ def test_no_documents_and_invalid_utf8(tiny_config, tmp_path, capsys):
   c.data.path = str(tmp_path / "nothing" / "*.jsonl")
   with pytest.raises(sharding.ConfigError, match="no files match"):
     data_lib.token_stream(c.data, ByteTokenizer())
+  # hf_disk on an empty or missing directory: not "no files match" (it exists)
+  (tmp_path / "blank").mkdir()
+  for where, why in (("blank", "is not a directory written by datasets' save_to_disk "
+                               r"\(it holds no files"),
+                     ("absent", "needs the directory written by datasets' save_to_disk")):
+    c.data.update(source="hf_disk", path=str(tmp_path / where), text_field="text")
+    with pytest.raises(sharding.ConfigError, match=why) as err:
+      data_lib.token_stream(c.data, ByteTokenizer())
+    assert err.value.field == "data.path"
   (tmp_path / "t").mkdir()
   (tmp_path / "t" / "good.txt").write_bytes("ok é".encode())
   (tmp_path / "t" / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))

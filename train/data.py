@@ -247,8 +247,9 @@ def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
   (`text`, `jsonl`, `parquet`, `arrayrecord`, `hf_disk`) is tokenized once into the
   token cache (`train.token_cache`) and read back memory-mapped, documents in a
   fixed shuffled order, so the same documents in the same order give the same
-  stream whatever the source (files are read in name order). Raises ConfigError for missing files, bad records (unless
-  `data.skip_bad_records`) and a source without documents."""
+  stream whatever the source (files are read in name order). Raises ConfigError
+  for missing files, bad records (unless `data.skip_bad_records`) and a source
+  without documents."""
   path_field = sources.field_prefix(data_cfg) + "path"
   if data_cfg.source == "tokens":
     if not data_cfg.path:
@@ -261,7 +262,7 @@ def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
       raise ConfigError(path_field, f"source 'hf_disk' needs the directory written "
                         f"by datasets' save_to_disk, got {data_cfg.path!r}.",
                         f"set --config.{path_field}=/path/to/saved_dataset.")
-    files = sources.list_files(data_cfg.path, "text", path_field)
+    files = sources.list_files(data_cfg.path, "hf_disk", path_field)
   else:
     files = sources.list_files(data_cfg.path or default_text_path(), data_cfg.source,
                                path_field)
@@ -359,6 +360,10 @@ def _windows(view, tokenizer, config, what: str) -> tuple[int, Windows, Windows]
         f"set --config.model.vocab_size to at least {max_id + 1}.")
   split = int(len(stream) * (1 - d.eval_fraction))
   eos = d.eos_id if view.source == "tokens" else tokenizer.eos_id
+  if eos is None:
+    _say(f"data: {what} is read with no data.eos_id, so its windows have no "
+         "document boundaries (attention and positions span each whole window); "
+         "--config.data.eos_id=ID ends documents at that id")
   return (len(stream), Windows(stream[:split], d.seq_len, eos),
           Windows(stream[split:], d.seq_len, eos))
 

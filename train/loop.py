@@ -212,6 +212,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   # run's config.json (what `generate` and `export-hf` build the model from) alone.
   if jax.process_index() == 0:
     run_config.write(workdir, config_dict)
+    run_config.keep_tokenizer(workdir, config.data.tokenizer)
     record_tokens(workdir, data.tokens)
     data_schedule.write_schedule(workdir, segments)
   # One program per compression density, with the traffic it logs (host-side,

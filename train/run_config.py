@@ -11,13 +11,16 @@ overrides.
 A run stays usable when its directory is moved or copied: a tokenizer file inside
 the run directory (what `import-hf` copies there) is written as a path relative
 to it, and read back joined to wherever the run is now; any other relative
-tokenizer path is written absolute.
+tokenizer path is written absolute. Training keeps a copy of a tokenizer from
+outside the run as `<workdir>/tokenizer.json` (`keep_tokenizer`), which `read`
+gives when the recorded file has since moved or been deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 from ml_collections import ConfigDict
@@ -45,6 +48,20 @@ def write(workdir: str, config: ConfigDict | dict) -> None:
     data = {**data, "data": {**data["data"], "tokenizer": (
         full if inside.startswith(os.pardir) else inside)}}
   write_atomically(path(workdir), json.dumps(data, indent=2))
+
+
+def keep_tokenizer(workdir: str, tokenizer: str | None) -> None:
+  """Copies the tokenizer file a run trains with into the run as tokenizer.json
+  (atomically) when it lies outside it, so generate and export-hf still find it
+  after the original moves (`read`). No-op for byte and token-id runs."""
+  given = tokenizer_file(tokenizer)
+  if not given:
+    return
+  full = os.path.abspath(os.path.expanduser(given))
+  here = os.path.join(os.path.abspath(workdir), "tokenizer.json")
+  if full != here and os.path.isfile(full):
+    shutil.copyfile(full, here + ".tmp")
+    os.replace(here + ".tmp", here)
 
 
 def write_atomically(file: str, text: str) -> None:

@@ -64,6 +64,10 @@ def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
   if source == "arrayrecord" and not os.path.isdir(path):
     # ArrayRecord shards are often named name.array_record-00000-of-00008.
     files = [f for f in files if not f.endswith((".idx", ".crc"))]
+  if not files and source == "hf_disk":  # an existing directory (data.py checks)
+    raise ConfigError(field, f"{path!r} is not a directory written by datasets' "
+                      "save_to_disk (it holds no files).",
+                      "point it at the directory given to Dataset.save_to_disk.")
   if not files:
     raise ConfigError(field, f"no files match {path!r}"
                       + (f" with an ending in {exts}." if exts else "."),

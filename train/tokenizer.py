@@ -46,11 +46,15 @@ class HFTokenizer:
     self._tok = Tokenizer.from_file(path)
     self.vocab_size = self._tok.get_vocab_size()
     if eos_id is None:
-      ids = [self._tok.token_to_id(n) for n in self._EOS_NAMES]
-      eos_id = next((i for i in ids if i is not None), None)
+      eos_id = self.named_eos_id()
     if eos_id is None and require_eos:
       raise ValueError(f"{path} names none of {self._EOS_NAMES}; set data.eos_id")
     self.eos_id = eos_id
+
+  def named_eos_id(self) -> int | None:
+    """The id of the first end-of-text token of `_EOS_NAMES` the file has."""
+    ids = [self._tok.token_to_id(n) for n in self._EOS_NAMES]
+    return next((i for i in ids if i is not None), None)
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text).ids, np.uint32)
@@ -109,15 +113,36 @@ def make_tokenizer(data_cfg, require_eos: bool = True):
   if data_cfg.tokenizer in (None, "", "byte"):
     return ByteTokenizer()
   if data_cfg.tokenizer == "none":
-    return TokenIds(data_cfg.token_dtype, data_cfg.eos_id)
+    ids = TokenIds(data_cfg.token_dtype, data_cfg.eos_id)
+    _check_eos(data_cfg.eos_id, ids.vocab_size, f"the range of data.token_dtype "
+               f"{data_cfg.token_dtype}")
+    return ids
   from sharding import ConfigError
   path = os.path.expanduser(str(data_cfg.tokenizer))
   if not os.path.isfile(path):
     raise ConfigError("data.tokenizer", f"there is no tokenizer file at {path}.",
-                      "pass the path of a tokenizer.json, or "
-                      "--config.data.tokenizer=byte.")
+                      "pass the path of the tokenizer.json, "
+                      "--config.data.tokenizer=PATH/tokenizer.json.")
   try:
-    return HFTokenizer(path, data_cfg.eos_id, require_eos)
+    tokenizer = HFTokenizer(path, data_cfg.eos_id, require_eos)
   except ValueError as err:  # no end-of-text token
     raise ConfigError("data.eos_id", str(err) + ".", "set --config.data.eos_id to "
                       "the id that ends a document.") from None
+  _check_eos(data_cfg.eos_id, tokenizer.vocab_size, f"the vocabulary of {path}",
+             tokenizer.named_eos_id())
+  return tokenizer
+
+
+def _check_eos(eos_id: int | None, size: int, vocabulary: str,
+               named: int | None = None) -> None:
+  """data.eos_id outside the tokenizer's `size` ids is a ConfigError: documents
+  would end in an id the tokenizer cannot decode (and the model's vocabulary
+  check would blame model.vocab_size). `named`: the end-of-text id the tokenizer
+  names, if any."""
+  if eos_id is not None and not 0 <= eos_id < size:
+    from sharding import ConfigError
+    raise ConfigError(
+        "data.eos_id", f"{eos_id} is outside {vocabulary}, ids [0, {size}).",
+        f"leave data.eos_id unset: the tokenizer names its end-of-text token, id "
+        f"{named}." if named is not None else
+        f"pass the id that ends a document, one of [0, {size}).")
