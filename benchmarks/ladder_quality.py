@@ -66,9 +66,8 @@ def main(argv):
   for block in ("parallel", "ladder"):
     emit(block=block, final_eval_loss_over_standard=curves[block][-1][1] / base)
 
-  c = ladder_compare.get_config("hybrid")
+  c = ladder_compare.get_config("hybrid")  # learning rate 1e-3, warm-up 5
   c.train.update(steps=_RETRAIN.value, eval_every=_RETRAIN.value // 2)
-  c.optim.update(warmup_steps=5, learning_rate=1e-3)
   c.checkpoint.init_from = os.path.join(_ROOT.value, "standard")
   rows = train.train(c, os.path.join(_ROOT.value, "hybrid"))
   evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]

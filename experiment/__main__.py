@@ -135,8 +135,8 @@ _SLICES = flags.DEFINE_integer(
 # (tests/test_launcher.py checks them against model.config.REMAT).
 PLAN_REMATS = ("none", "full", "save_dots", "save_dots_attention", "offload_dots")
 _PLAN_REMATS = flags.DEFINE_multi_enum(
-    "plan_remats", [], PLAN_REMATS, "plan: a remat policy to try (repeat the flag "
-    "for several); default: every policy.")
+    "plan_remats", [], PLAN_REMATS, "plan: a remat policy to try (default: every "
+    "policy)")
 _PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "Also try "
                                    "mesh.sequence > 1.")
 

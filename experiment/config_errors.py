@@ -149,7 +149,8 @@ def missing_config_file(argv: list[str]) -> ConfigError | None:
     example = "llama_tiny.py" if "llama_tiny.py" in names else names[0]
     return ConfigError("--config", f"there is no config file at {path}.",
                        f"pass a config file, e.g. --config={shipped}/{example} "
-                       f"(shipped: {', '.join(names)}).")
+                       f"(shipped: {', '.join(names)}; saved.py:WORKDIR gives a run's "
+                       "own config).")
   return None
 
 

@@ -23,8 +23,16 @@ def unknown_variant(file: str, arg, variants) -> ConfigError:
                      f"pass --config={file}:{closest(arg or '', variants) or variants[0]}.")
 
 
+def no_variants(file: str, arg) -> None:
+  """Raises the config error for a `:VARIANT` given to a config file that has
+  none (it was ignored: `llama_tiny.py:big` trained llama_tiny)."""
+  if arg:
+    raise ConfigError("--config", f"{file} has no variants, and was given {arg!r}.",
+                      f"pass --config={file}.")
+
+
 def get_config(arg=None) -> ConfigDict:
-  del arg
+  no_variants("experiments/base.py", arg)
   c = ConfigDict()
 
   c.model = ConfigDict(dict(

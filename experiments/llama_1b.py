@@ -22,7 +22,7 @@ from experiments import base
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
+  c = base.get_config()
   c.model.update(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32,
                  num_kv_heads=8, head_dim=64, d_ff=8192, tie_embeddings=True,
                  rope_theta=500000.0, compute_dtype="bfloat16", remat="save_dots")

@@ -12,7 +12,8 @@ from experiments import base
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
+  base.no_variants("experiments/llama_tiny.py", arg)
+  c = base.get_config()
   c.model.update(d_model=256, num_layers=4, num_heads=8, num_kv_heads=4,
                  head_dim=32, d_ff=704)
   c.data.seq_len = 256

@@ -236,8 +236,9 @@ def test_a_config_variant_that_does_not_exist_names_the_one_meant():
   whose fix names a variant that exists (it was a ValueError "fix the file")."""
   runs = run_cli_many([("train", f"--config=experiments/{arg}", "--workdir=runs/x")
                        for arg in ("ladder_compare.py", "ladder_compare.py:ladderr",
-                                   "moe_tiny.py:NO_AUX", "llama_1b.py:lcal")])
-  assert [r.returncode for r in runs] == [2] * 4
+                                   "moe_tiny.py:NO_AUX", "llama_1b.py:lcal",
+                                   "llama_tiny.py:big", "base.py:x")])
+  assert [r.returncode for r in runs] == [2] * 6
   for run, problem, fix in zip(runs, (
       "experiments/ladder_compare.py needs a variant; its variants: standard, "
       "parallel, ladder, hybrid.", "experiments/ladder_compare.py has no variant "
@@ -247,3 +248,8 @@ def test_a_config_variant_that_does_not_exist_names_the_one_meant():
                            "moe_tiny.py:no_aux", "llama_1b.py:local")):
     assert f"Config error in `--config`: {problem}" in run.stderr, run.stderr
     assert f"Fix: pass --config=experiments/{fix}." in run.stderr
+  # a file without variants refused one (it trained the file's config, ignoring it)
+  for run, name in zip(runs[4:], ("llama_tiny.py", "base.py")):
+    assert (f"Config error in `--config`: experiments/{name} has no variants, and "
+            f"was given") in run.stderr, run.stderr
+    assert f"Fix: pass --config=experiments/{name}." in run.stderr

@@ -221,8 +221,8 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
   tokens = np.load(os.path.join(final, "tokens.npy"), mmap_mode="r")
   offsets = np.load(os.path.join(final, "offsets.npy"))
   if reused:
-    _say(f"data: reusing the token cache {final} ({meta['documents']:,} documents, "
-         f"{meta['tokens']:,} tokens)")
+    _say(f"data: reusing the token cache {final} ({count(meta['documents'], 'document')}, "
+         f"{count(meta['tokens'], 'token')})")
   else:
     _say(f"data: tokenized {count(meta['documents'], 'document')} into "
          f"{count(meta['tokens'], 'token')} in {meta['seconds']:.1f}s; cached in {final}")
