@@ -475,6 +475,10 @@ def test_training_resumed_with_other_batch_and_weights_logs_what_it_read(
   segments = data_schedule.read_schedule(run)
   assert [(s.start_step, s.start_window, s.batch_size) for s in segments] == [
       (0, 0, 8), (2, 16, 16)]
+  from train.inspect_run import describe_run
+  assert ("data schedule: from step 0 (window 0) 8 windows per step, books 20.0%, "
+          "code 50.0%, web 30.0%; from step 2 (window 16) 16 windows per step, books "
+          "60.0%, code 10.0%, web 30.0%") in describe_run(run)
   d1, d2 = make_data_on(c), make_data_on(c2)
   seen = []
   for step in range(4):

@@ -167,6 +167,20 @@ def continue_schedule(recorded: Sequence[Segment], step: int, batch_size: int,
   return kept
 
 
+def describe(segments: Sequence[Segment]) -> str | None:
+  """One line of how a run read its data when its batch size or mixture weights
+  changed at a resume; None when they never did."""
+  if len(segments) < 2:
+    return None
+
+  def shares(seg):
+    total = sum(seg.proportions.values())
+    return ", ".join(f"{n} {p / total:.1%}" for n, p in seg.proportions.items())
+  return "data schedule: " + "; ".join(
+      f"from step {s.start_step} (window {s.start_window:,}) {s.batch_size} windows "
+      f"per step" + (f", {shares(s)}" if s.proportions else "") for s in segments)
+
+
 def write_schedule(workdir: str, segments: Sequence[Segment]) -> None:
   """Records `segments` as the run's SCHEDULE_FILE (atomically)."""
   run_config.write_atomically(os.path.join(workdir, SCHEDULE_FILE), json.dumps(

@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import sharding
-from train import run_config
+from train import data_schedule, run_config
 from train.checkpoint import checkpoint_dir
 from train.metrics import read_metrics
 
@@ -88,6 +88,9 @@ def describe_run(workdir: str) -> str:
   if os.path.exists(run_config.path(workdir)):
     lines += _describe_model(run_config.read(workdir))
     lines += _describe_training(run_config.load(workdir))
+  schedule = data_schedule.describe(data_schedule.read_schedule(workdir))
+  if schedule:
+    lines.append(schedule)
   directory = checkpoint_dir(workdir)
   manager = None
   if os.path.isdir(directory):
