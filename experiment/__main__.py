@@ -310,8 +310,30 @@ def _with_cache_dir(config):
   return config
 
 
+def _drop_closed_event_loop_reports() -> None:
+  """A checkpoint read that fails leaves TensorStore callbacks that fire after
+  Orbax has closed its event loop; each printed a "RuntimeError: Event loop is
+  closed" traceback (through sys.unraisablehook), dozens burying the error or the
+  fallback note. Only those reports, raised inside asyncio itself, are dropped."""
+  previous = sys.unraisablehook
+
+  def closed_loop(kind, value, tb) -> bool:
+    frames = []
+    while tb is not None:
+      frames.append(tb.tb_frame.f_code.co_filename)
+      tb = tb.tb_next
+    return (kind is RuntimeError and str(value) == "Event loop is closed" and
+            bool(frames) and all(f"{os.sep}asyncio{os.sep}" in f for f in frames))
+
+  def hook(report):
+    if not closed_loop(report.exc_type, report.exc_value, report.exc_traceback):
+      previous(report)
+  sys.unraisablehook = hook
+
+
 def main(argv: list[str]) -> None:
   command = argv[1]
+  _drop_closed_event_loop_reports()
   if not flags.FLAGS["verbosity"].present:
     # rung prints what a user needs; --verbosity=0 shows the libraries' INFO logs.
     logging.set_verbosity(logging.ERROR)
@@ -367,6 +389,12 @@ def main(argv: list[str]) -> None:
     _config_error(err)
   except JoinError as err:
     sys.stderr.write(f"\n{err}\n")
+    sys.exit(1)
+  except RuntimeError as err:  # an unreadable checkpoint: what and how, no traceback
+    from train.checkpoint import CheckpointError
+    if not isinstance(err, CheckpointError):
+      raise
+    sys.stderr.write(f"\nCheckpoint error: {err}\n")
     sys.exit(1)
 
 

@@ -146,17 +146,51 @@ def _corrupt(workdir, step):
           fh.write(b"garbage")
 
 
-def test_unreadable_checkpoint_error_and_fallback(tiny_config, tmp_path):
+def _remove(workdir, step, *parts):
+  os.remove(os.path.join(workdir, "checkpoints", str(step), *parts))
+
+
+def test_unreadable_checkpoint_error_and_fallback(tiny_config, tmp_path, capsys):
+  """Three kinds of damage to the latest step: garbage arrays, no array metadata
+  (an AttributeError before the fallback was tried), no data position (an
+  IndexError; restoring the rest would have read the data from its start). Each
+  is an error naming the step; with fallback the run resumes from the step
+  before, exactly as it first trained, says so, and sets the damaged step aside,
+  so that step is saved again (Orbax skipped it: it existed) and the run resumes
+  from it."""
+  import shutil
   c = _ckpt_config(tiny_config, 6)
-  train.train(c, str(tmp_path), progress=False)
-  _corrupt(tmp_path, 6)
-  c.train.steps = 7
-  with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*step 6.*"
-                     r"--config.checkpoint.fallback=true"):
-    train.train(c, str(tmp_path), progress=False)
-  c.checkpoint.fallback = True
-  rows = train.train(c, str(tmp_path), progress=False)
-  assert [r["step"] for r in rows if "loss" in r] == [4, 5, 6, 7]  # resumed at 3
+  first = train.train(c, str(tmp_path / "first"), progress=False)
+  losses = {r["step"]: r["loss"] for r in first if "loss" in r}
+  for kind, damage in (("arrays", _corrupt),
+                       ("metadata", lambda w, s: _remove(w, s, "state", "_METADATA")),
+                       ("data", lambda w, s: _remove(w, s, "data",
+                                                     "process_0-of-1.json"))):
+    run = tmp_path / kind
+    shutil.copytree(tmp_path / "first", run)
+    damage(run, 6)
+    c.train.steps, c.checkpoint.fallback = 7, False
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*step 6.*"
+                       r"--config.checkpoint.fallback=true"):
+      train.train(c, str(run), progress=False)
+    c.checkpoint.fallback = True
+    capsys.readouterr()
+    rows = train.train(c, str(run), progress=False)
+    out = capsys.readouterr().out
+    assert [r["step"] for r in rows if "loss" in r] == [4, 5, 6, 7], kind  # from 3
+    assert all(r["loss"] == losses[r["step"]] for r in rows if r["step"] <= 6), kind
+    aside = run / "checkpoints" / "6.unreadable"
+    assert ("checkpoint.fallback: could not read step 6: " in out and
+            f"restored step 3 instead, and set the unreadable step aside as {aside} "
+            "(the run saves it again when it gets there)" in out), (kind, out)
+    assert aside.is_dir()
+    ckpt = Checkpointer(str(run), c.checkpoint, read_only=True)
+    assert ckpt.all_steps() == [3, 6, 7], kind  # step 6 saved again
+    ckpt.close()
+    c.train.steps = 8
+    capsys.readouterr()
+    train.train(c, str(run), progress=False)
+    assert "resuming from step 7" in capsys.readouterr().out
 
 
 def test_keeps_latest_and_best_by_eval_loss(tmp_path):
@@ -212,3 +246,28 @@ def test_metrics_keep_one_trajectory_across_interrupted_attempts(tmp_path):
   fresh = MetricsWriter(str(tmp_path), enabled=True, tensorboard=False, start=0)
   fresh.close()
   assert fresh.dropped == 6 and read_metrics(str(tmp_path)) == []
+
+
+def test_cli_reports_an_unreadable_step_without_a_flood(tiny_config, tmp_path):
+  """From a trial: a damaged array file printed the CheckpointError as a traceback
+  followed by dozens of "RuntimeError: Event loop is closed" tracebacks (TensorStore
+  callbacks after Orbax closed its loop). Now one line says what and how to go on;
+  with fallback, the note and no traceback."""
+  from conftest import run_cli
+  c = _ckpt_config(tiny_config, 6)
+  train.train(c, str(tmp_path), progress=False)
+  data = next(p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*")
+              if p.is_file() and p.parent.name == "d" and p.stat().st_size > 10_000)
+  with open(data, "r+b") as f:
+    f.truncate(100)
+  args = ("train", f"--config=experiments/saved.py:{tmp_path}", f"--workdir={tmp_path}",
+          "--config.train.steps=7")
+  proc = run_cli(*args)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Checkpoint error: cannot read checkpoint" in proc.stderr
+  assert "step 6: " in proc.stderr and "fallback=true" in proc.stderr
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+  proc = run_cli(*args, "--config.checkpoint.fallback=true")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "checkpoint.fallback: could not read step 6" in proc.stdout
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr

@@ -243,7 +243,9 @@ def test_export_writes_the_transformers4_layout():
     ({"architectures": ["GPTNeoXForCausalLM"]}, "architecture GPTNeoXForCausalLM"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},
      "rope_parameters.rope_type='longrope'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}},  # the key the file has
+     "rope_scaling.type='dynamic'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
      "rope_scaling.rope_type='dynamic'"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
      "rope_parameters.low_freq_factor"),
@@ -553,8 +555,17 @@ def test_import_reads_as_transformers_does(t5_llama, tmp_path, capsys):
   vocab = cfg["vocab_size"]
   write_word_tokenizer(src / "tokenizer.json", ["</s>"] + [f"w{i}" for i in range(vocab)])
   _import(src, tmp_path / "rung", data=8)
+  out = capsys.readouterr().out
   assert (f"warning: it has {vocab + 1} ids, more than the model's vocab_size of "
-          f"{vocab}") in capsys.readouterr().out
+          f"{vocab}") in out
+  assert "imported LlamaForCausalLM (" in out and "the same model as" not in out
+  # a Mistral without a window is a Llama: the line names both (it said Llama)
+  (src / "config.json").write_text(json.dumps(
+      {**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+       "sliding_window": None}))
+  _import(src, tmp_path / "mistral", data=8)
+  assert ("imported MistralForCausalLM (the same model as a LlamaForCausalLM, as "
+          "which it exports)") in capsys.readouterr().out
   model, config = infer.load(str(tmp_path / "rung"))
   np.testing.assert_array_equal(np.asarray(model.embed.table[...]),
                                 tensors["model.embed_tokens.weight"])

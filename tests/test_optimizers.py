@@ -528,6 +528,8 @@ def test_a_resume_past_the_schedule_says_the_rate_it_runs_at():
       end = float(lr(step))  # the rate of step + 1
       assert end == pytest.approx(o.learning_rate * o.min_lr_ratio)
       assert note.endswith(f"steps {step + 1} to 30 run at its final rate {end:g}")
+      assert (("where this run resumes" in note) == (step == 20)
+              and ("before this resume" in note) == (step > 20)), note
 
 
 def test_a_resume_on_another_schedule_says_the_rate_and_warmup_that_moved():

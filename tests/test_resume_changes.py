@@ -193,6 +193,29 @@ def test_load_and_export_with_a_changed_config_json_name_the_field(run_d32, tmp_
   assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_larger_than_a_saved_model_is_not_fixed_by_growing_it(run_d32,
+                                                                          tmp_path):
+  """A run with checkpoints (an import, a resume) and a tokenizer of more ids than
+  its model: the fix said "set model.vocab_size" and then the resume said "resume
+  with the saved vocab_size", a loop. Now it names the tokenizer."""
+  from conftest import write_word_tokenizer
+  c = make_tiny_config()
+  c.train.steps = 4
+  (tmp_path / "text.txt").write_text("w1 w2 w3\n")
+  c.data.update(source="text", path=str(tmp_path / "text.txt"))
+  c.data.tokenizer = write_word_tokenizer(
+      tmp_path / "tokenizer.json", ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(78)])
+  with pytest.raises(sharding.ConfigError, match="vocabulary of data.tokenizer") as err:
+    train.train(c, str(run_d32), progress=False)
+  assert err.value.field == "data.tokenizer"
+  assert "hold a model of 64 token rows" in err.value.fix
+  assert "model.vocab_size" not in err.value.fix
+  # without checkpoints the fix is still to grow the model
+  with pytest.raises(sharding.ConfigError) as err:
+    train.train(c, str(tmp_path / "new"), progress=False)
+  assert err.value.field == "model.vocab_size"
+
+
 def test_serving_another_model_shape_says_how_to_load_the_saved_one(run_d32):
   """generate with a config of another model (e.g. moe_tiny's on a dense run):
   the fix loads the saved model; it does not say "resume" or "train"."""

@@ -21,7 +21,7 @@ import copy
 import json
 import logging as std_logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -84,6 +84,7 @@ class Checkpointer:
                                keep_checkpoints_without_metrics=False))
     self.directory = checkpoint_dir(workdir)
     self.cfg = ckpt_cfg
+    self.unreadable: list[tuple[int, str]] = []  # (step, why): `restore`'s fallback
     quiet, absl_logger = _WithoutReadOnlyNotice(), std_logging.getLogger("absl")
     absl_logger.addFilter(quiet)
     try:
@@ -157,42 +158,72 @@ class Checkpointer:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def restore(self, target: TrainState, data_iter: Any | None = None,
-              step: int | None = None, *, config: dict | None = None) -> TrainState:
+  def restore(self, target: TrainState | Callable[[int], TrainState],
+              data_iter: Any | None = None, step: int | None = None, *,
+              config: dict | None = None) -> TrainState:
     """Restores `step` (default: latest) into `target`'s shapes and shardings.
 
     `target` holds ShapeDtypeStructs with concrete NamedShardings of the current
-    mesh, so a checkpoint written on any mesh lands on this one. With
-    `checkpoint.fallback`, an unreadable step falls back to the previous one.
-    Parameters saved with other shapes are a ConfigError (`check_param_shapes`,
-    naming the model fields in which `config` differs), raised before any read.
+    mesh, so a checkpoint written on any mesh lands on this one; it may be a
+    function of the step (a step's saved layout, such as DiLoCo's replicas, can
+    differ from another's). With `checkpoint.fallback`, an unreadable step falls
+    back to the previous one, and `unreadable` lists what was skipped and why
+    (`set_aside_unreadable` moves them out of the way). Parameters saved with
+    other shapes are a ConfigError (`check_param_shapes`, naming the model fields
+    in which `config` differs), raised before any read.
     """
     steps = self.all_steps() if step is None else [step]
     if not steps:
       raise CheckpointError(f"no checkpoints in {self.directory}")
     candidates = steps[::-1] if self.cfg.fallback and step is None else steps[-1:]
-    errors = []
+    errors: list[tuple[int, str]] = []
     for s in candidates:
-      self.check_param_shapes(target.params, s, config)  # a wrong model: no fallback
+      t = target(s) if callable(target) else target
+      self.check_param_shapes(t.params, s, config)  # a wrong model: no fallback
       try:
-        items = {"state": _restore_args(_as_dict(target))}
+        items = {"state": _restore_args(_as_dict(t))}
         data_dir = os.path.join(self.directory, str(s), "data")
         own = os.path.join(data_dir, f"process_{jax.process_index()}-of-"
                            f"{jax.process_count()}.json")
         if data_iter is not None and os.path.exists(own):
           items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        elif data_iter is not None and os.path.isdir(data_dir):
+        elif data_iter is not None and s:  # step 0 (an import) has no position
           _restore_iterator_from_other_process_count(data_iter, data_dir)
         restored = self._manager.restore(s, args=ocp.args.Composite(**items))
-        if errors:
-          logging.warning("restored step %d after failing on: %s", s, errors)
+        self.unreadable = errors
         return TrainState(**restored.state)
       except Exception as err:  # any read failure: report or fall back
-        errors.append(f"step {s}: {type(err).__name__}: {str(err)[:300]}")
+        # one line, without the TensorStore spec dump that follows the reason
+        why = " ".join(str(err).split(" See full TensorStore details")[0].split())
+        why = why[:300] + " ..." if len(why) > 300 else why.rstrip(".")
+        errors.append((s, f"{type(err).__name__}: {why}"))
     hint = ("" if self.cfg.fallback else
             " Pass --config.checkpoint.fallback=true to resume from the step before.")
     raise CheckpointError(f"cannot read checkpoint in {self.directory}: "
-                          f"{'; '.join(errors)}.{hint}")
+                          + "; ".join(f"step {s}: {why}" for s, why in errors)
+                          + f".{hint}")
+
+  def set_aside_unreadable(self) -> list[str]:
+    """Renames the steps a fallback restore could not read (`unreadable`) to
+    `<step>.unreadable` (kept for inspection; Orbax ignores them), so the run
+    saves those steps again when it reaches them (Orbax skips a step that
+    exists) and they stop counting against `checkpoint.keep`. Process 0 renames;
+    every process then reloads its step list. Returns the new paths."""
+    moved = []
+    for s, _ in self.unreadable:
+      src = os.path.join(self.directory, str(s))
+      dst, n = src + ".unreadable", 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.unreadable{n}", n + 1
+      moved.append(dst)
+      if jax.process_index() == 0 and os.path.isdir(src):
+        os.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("rung: unreadable steps set aside")
+    self._manager.reload()
+    self.unreadable = []
+    return moved
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -278,7 +309,7 @@ class Checkpointer:
                f"saved config is the default), or pass {saved_flags}.")
       else:
         fix = (f"resume with the saved model ({saved_flags}, or "
-               f"--config=experiments/saved.py:{workdir}), or train this model in a "
+               f"{run_config.saved_config_flag(workdir)}), or train this model in a "
                "new --workdir.")
       raise ConfigError(shaping[0][0], problem, fix)
     problem += (" The config saved with that step cannot be read to name the field."
@@ -315,7 +346,7 @@ class Checkpointer:
       meta = self._manager.item_metadata(step)["state"]
     except Exception:  # noqa: BLE001 -- any read failure: restore reports it
       return {}
-    return getattr(meta, "tree", meta)
+    return getattr(meta, "tree", meta) or {}  # None: its metadata file is gone
 
   def _replicas(self, step: int, field: str, buffer: str | None = None
                 ) -> int | None:
@@ -359,8 +390,13 @@ def _changes_shapes(stored_model: dict, diff: tuple[str, Any, Any],
 def _restore_iterator_from_other_process_count(data_iter, data_dir: str) -> None:
   """Resuming on a different number of processes: every process's iterator has
   consumed the same number of global batches (train/data.py), so any saved
-  position is everyone's position."""
-  saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
+  position is everyone's position. A step without one is an error (restoring
+  the rest would read the data again from its first window)."""
+  saved = sorted(f for f in os.listdir(data_dir)
+                 if f.startswith("process_")) if os.path.isdir(data_dir) else []
+  if not saved:
+    raise FileNotFoundError(f"the step holds no data position ({data_dir} has no "
+                            "process_*.json)")
   with open(os.path.join(data_dir, saved[0])) as f:
     data_iter.set_state(json.loads(f.read()))
   logging.info("data position from %s (saved by %d processes)", saved[0], len(saved))

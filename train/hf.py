@@ -159,9 +159,10 @@ def rope_fields_from_hf(hf: dict, family: Family) -> dict:
   if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
     raise _refuse(key, params, "per-layer-type rotary parameters are not supported.",
                   "import a model with one rotary setting for all layers.")
-  rope_type = params.get("rope_type", params.get("type")) or "default"
+  type_key = "rope_type" if "rope_type" in params or "type" not in params else "type"
+  rope_type = params.get(type_key) or "default"
   if rope_type not in ROPE_TYPES:
-    raise _refuse(f"{key}.rope_type", rope_type, "this rotary variant is not "
+    raise _refuse(f"{key}.{type_key}", rope_type, "this rotary variant is not "
                   f"supported (rung runs {ROPE_TYPES}).",
                   "import a model with one of those rotary variants.")
   partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
@@ -616,7 +617,11 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
   if stored in ("bfloat16", "float16") and cfg.param_dtype == "float32":
     weights += (" (twice the memory; --config.model.param_dtype=bfloat16 at import "
                 "keeps them in 16 bits)")
-  print(f"imported {family_of(cfg)} ({n / 1e6:.1f}M parameters) "
+  family = family_of(cfg)
+  given = (hf.get("architectures") or [family])[0]
+  print(f"imported {given}" + (f" (the same model as a {family}, as which it exports)"
+                               if given != family else "")
+        + f" ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
         f"rope: {rope_description(cfg)}; stop tokens: "
         f"{_stops_line(config.data, stops, copied)}\n"
@@ -626,8 +631,8 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
            "wiring than the checkpoint's model, so its outputs differ until it is "
            "fine-tuned (export-hf takes standard blocks only)\n"
            if cfg.block != "standard" else "") +
-        f"fine-tune: python -m experiment train --config=experiments/saved.py:"
-        f"{workdir} --workdir={workdir}")
+        f"fine-tune: python -m experiment train {run_config.saved_config_flag(workdir)} "
+        f"--workdir={workdir}")
 
 
 def _refuse_conflicting(config, fields: dict, set_fields: Sequence[str],

@@ -22,7 +22,8 @@ import sharding
 from sharding.report import count
 from model import ModelConfig, flops as flops_lib
 from train import run_config
-from train.checkpoint import Checkpointer, checkpoint_dir, load_init_params
+from train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir,
+                              load_init_params)
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
 from train import data_schedule
@@ -36,6 +37,7 @@ from train.state import (abstract_state, init_state, model_spec, param_shardings
                          pipeline_from_config, state_shardings)
 from train.step import (batch_sharding, make_eval_step, make_inner_step,
                         make_train_step)
+from train.tokenizer import tokenizer_file
 from train.validate import context_note, validate_config
 
 
@@ -137,7 +139,10 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
 
   config_dict = json.loads(config.to_json())
   _check_saved_model(workdir, config, spec, config_dict)
-  data = make_data(config, data_sharding)
+  try:
+    data = make_data(config, data_sharding)
+  except sharding.ConfigError as err:
+    raise _vocabulary_of_a_saved_model(err, workdir, config) from None
   zigzag = (sharding.split_size(rules, "length", sizes)
             if kernels.uses_zigzag(cfg.attention) else 1)
   to_global = lambda b: _global_batch(b, data_sharding, zigzag)
@@ -157,14 +162,24 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     _say(f"starting {config.optim.name} from the step-0 parameters of "
          f"{ckpt.directory} ({optimizer_changed})")
   elif latest is not None:
+    def saved_layout(step):  # compression replicas and DiLoCo layout of `step`
+      return (ckpt.compression_replicas(step) if comp.enabled else None,
+              diloco_lib.with_layout(dl, ckpt.diloco_replicas(step),
+                                     ckpt.diloco_buffers(step)))
+
     # A different model is a ConfigError here, before anything is read.
-    saved_replicas = ckpt.compression_replicas(latest) if comp.enabled else None
-    saved_dl = diloco_lib.with_layout(dl, ckpt.diloco_replicas(latest),
-                                      ckpt.diloco_buffers(latest))
-    state = ckpt.restore(
-        abstract_state(spec, tx, mesh, comp, saved_replicas, saved_dl),
-        data.train, config=config_dict)
-    saved = ckpt.saved_config(latest) or {}
+    state = ckpt.restore(lambda s: abstract_state(spec, tx, mesh, comp, *saved_layout(s)),
+                         data.train, config=config_dict)
+    restored = _same_step_on_every_process(int(state.step))
+    saved_replicas, saved_dl = saved_layout(restored)
+    if ckpt.unreadable:
+      skipped = "; ".join(f"step {s}: {why}" for s, why in ckpt.unreadable)
+      moved = ckpt.set_aside_unreadable()
+      _say(f"checkpoint.fallback: could not read {skipped}; restored step {restored} "
+           f"instead, and set the unreadable step{'s' if len(moved) > 1 else ''} aside "
+           f"as {', '.join(moved)} (the run saves {'them' if len(moved) > 1 else 'it'} "
+           "again when it gets there)")
+    saved = ckpt.saved_config(restored) or {}
     ended = (saved.get("train") or {}).get("steps")
     if dl.enabled and ended == int(state.step):
       landed = ended
@@ -381,6 +396,42 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     writer.close()
     ckpt.wait()  # `opened` closes it
   return history
+
+
+def _vocabulary_of_a_saved_model(err, workdir: str, config):
+  """`err`, or for data whose ids need a larger model.vocab_size in a run that
+  already holds checkpoints (an import, a resume), an error whose fix does not
+  lead to the shape error of a resumed model of another size."""
+  if err.field != "model.vocab_size" or not os.path.isdir(checkpoint_dir(workdir)):
+    return err
+  ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+  finally:
+    ckpt.close()
+  if not steps:
+    return err
+  return sharding.ConfigError(
+      "data.tokenizer" if tokenizer_file(config.data.tokenizer) else "data.path",
+      err.problem, f"the checkpoints in {checkpoint_dir(workdir)} "
+      f"hold a model of {config.model.vocab_size} token rows, which a resume keeps: "
+      "pass the tokenizer (or data) of that vocabulary, or train a model of the "
+      "larger vocabulary in a new --workdir.")
+
+
+def _same_step_on_every_process(step: int) -> int:
+  """`step`, once every process has restored the same one (a process that fell
+  back from a step the others read would train a different state: an error)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    steps = np.asarray(multihost_utils.process_allgather(np.int64(step))).ravel()
+    if len(set(steps.tolist())) > 1:
+      raise CheckpointError(
+          "the processes restored different steps (" + ", ".join(
+              f"process {i}: {s}" for i, s in enumerate(steps.tolist()))
+          + "): a step that some processes cannot read; remove it from "
+          "checkpoints/ (or repair the file system) and resume.")
+  return step
 
 
 def _data_change_note(data, segments) -> str:

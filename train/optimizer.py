@@ -81,8 +81,9 @@ def resume_note(optim_cfg, total_steps: int, step: int) -> str:
   if step < length or step >= total_steps:
     return ""
   end = optim_cfg.learning_rate * optim_cfg.min_lr_ratio
-  return (f"note: the learning-rate schedule ended at step {length} "
-          f"(optim.decay_steps), before this resume at step {step}: steps {step + 1} "
+  when = (f"at step {length} (optim.decay_steps), where this run resumes" if step == length
+          else f"at step {length} (optim.decay_steps), before this resume at step {step}")
+  return (f"note: the learning-rate schedule ended {when}: steps {step + 1} "
           f"to {total_steps} run at its final rate {end:g}")
 
 

@@ -50,6 +50,20 @@ def write(workdir: str, config: ConfigDict | dict) -> None:
   write_atomically(path(workdir), json.dumps(data, indent=2))
 
 
+def saved_config_flag(workdir: str) -> str:
+  """`--config=<path of experiments/saved.py>:<workdir>`, the flag that trains or
+  serves a run with its own config, with the path as seen from the current
+  directory (relative inside the repository, absolute outside it)."""
+  import importlib.util
+  spec = importlib.util.find_spec("experiments")  # located, not imported
+  path = "experiments/saved.py"
+  if spec is not None and spec.submodule_search_locations:
+    full = os.path.join(list(spec.submodule_search_locations)[0], "saved.py")
+    inside = os.path.relpath(full)
+    path = full if inside.startswith(os.pardir) else inside
+  return f"--config={path}:{workdir}"
+
+
 def keep_tokenizer(workdir: str, tokenizer: str | None) -> None:
   """Copies the tokenizer file a run trains with into the run as tokenizer.json
   (atomically) when it lies outside it, so generate and export-hf still find it

@@ -190,11 +190,16 @@ RULES: tuple[Rule, ...] = (
                    f"data.source is {c.data.source!r}",
          "--config.data.source=jsonl (or parquet, hf_disk)"),
     # train/loop.py: evaluation runs only every train.eval_every steps.
-    # (checkpoint.keep_best is read without evaluation too: Orbax's BestN keeps up
-    # to keep_best checkpoints that carry no metrics.)
     Rule(("train.eval_steps",), lambda c: not c.train.eval_every,
          lambda c: "it sets how many batches each evaluation averages, and "
                    "train.eval_every is 0 (no evaluation)",
+         "--config.train.eval_every=100"),
+    # train/checkpoint.py: BestN ranks checkpoints by the eval loss saved with
+    # them; without evaluation none has one (Orbax then only spares the first
+    # keep_best checkpoints until there are more, as if keep were larger).
+    Rule(("checkpoint.keep_best",), lambda c: not c.train.eval_every,
+         lambda c: "it keeps the checkpoints of lowest eval loss, and "
+                   "train.eval_every is 0 (no evaluation, so none has one)",
          "--config.train.eval_every=100"),
 )
 
