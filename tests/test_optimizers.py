@@ -468,7 +468,7 @@ def test_config_errors_name_the_field_and_fix(monkeypatch):
 
 def test_cli_unknown_optimizer_exits_2(tmp_path):
   from conftest import run_cli
-  r = run_cli("train", "--config=experiments/llama_tiny.py:local",
+  r = run_cli("train", "--config=experiments/llama_tiny.py",
               f"--workdir={tmp_path}", "--config.optim.name=Muonn")
   assert r.returncode == 2, r.stderr[-2000:]
   assert ("Config error in `optim.name`: 'Muonn' is not one of adamw, sgd, muon, "
