@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from sharding import ConfigError
 from sharding.distributed import JoinError
+from experiment import failed_reads
 from experiment.host import cpu_only_host
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
@@ -310,30 +311,9 @@ def _with_cache_dir(config):
   return config
 
 
-def _drop_closed_event_loop_reports() -> None:
-  """A checkpoint read that fails leaves TensorStore callbacks that fire after
-  Orbax has closed its event loop; each printed a "RuntimeError: Event loop is
-  closed" traceback (through sys.unraisablehook), dozens burying the error or the
-  fallback note. Only those reports, raised inside asyncio itself, are dropped."""
-  previous = sys.unraisablehook
-
-  def closed_loop(kind, value, tb) -> bool:
-    frames = []
-    while tb is not None:
-      frames.append(tb.tb_frame.f_code.co_filename)
-      tb = tb.tb_next
-    return (kind is RuntimeError and str(value) == "Event loop is closed" and
-            bool(frames) and all(f"{os.sep}asyncio{os.sep}" in f for f in frames))
-
-  def hook(report):
-    if not closed_loop(report.exc_type, report.exc_value, report.exc_traceback):
-      previous(report)
-  sys.unraisablehook = hook
-
-
 def main(argv: list[str]) -> None:
   command = argv[1]
-  _drop_closed_event_loop_reports()
+  failed_reads.install()  # a failed checkpoint read's leftovers
   if not flags.FLAGS["verbosity"].present:
     # rung prints what a user needs; --verbosity=0 shows the libraries' INFO logs.
     logging.set_verbosity(logging.ERROR)

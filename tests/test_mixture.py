@@ -472,7 +472,7 @@ def test_training_resumed_with_other_batch_and_weights_logs_what_it_read(
           "the first one not yet read; the mixture's weights changed; from step 2 "
           "(training window 16) the sources mix as books 60.0%, code 10.0%, web "
           "30.0%") in out, out
-  segments = data_schedule.read_schedule(run)
+  segments, _ = data_schedule.read_schedule(run)
   assert [(s.start_step, s.start_window, s.batch_size) for s in segments] == [
       (0, 0, 8), (2, 16, 16)]
   from train.inspect_run import describe_run
@@ -520,3 +520,63 @@ def test_a_text_field_fix_for_an_entry_without_one_can_be_followed(tiny_config, 
   err = _error(c)
   assert err.field == "data.mixture.web.text_field"
   assert "--config.data.text_field=text" in err.fix
+
+
+def test_sources_joining_or_leaving_leave_the_others_order_alone(tiny_config, corpus,
+                                                                  tmp_path):
+  """From a trial: each source's shuffle was seeded by its position among the
+  sorted names, so adding `books` (sorted first) or removing it re-shuffled `code`
+  and `web`, which then re-read windows they had given. Each source's stream
+  number is now fixed when it joins; the others continue their own streams."""
+  from train.data_schedule import Segment, continue_schedule, continue_streams
+  pair = {"code": 0.5, "web": 0.5}
+  for before, after in ((pair, WEIGHTS), (WEIGHTS, pair)):
+    c1 = _config(tiny_config.copy_and_resolve_references(), corpus, tmp_path / "cache")
+    c1.data.mixture = _mixture(corpus, before)
+    first = make_data_on(c1)
+    read = _windows_by_source(first, 7, {})
+    state = json.dumps(first.train.get_state())
+    streams = continue_streams({}, sorted(before))
+    c2 = _config(tiny_config.copy_and_resolve_references(), corpus, tmp_path / "cache")
+    c2.data.mixture = _mixture(corpus, after)
+    resumed = make_data_on(c2)
+    streams = continue_streams(streams, sorted(after))
+    assert streams == ({"code": 0, "web": 1, "books": 2} if len(after) == 3
+                       else {"books": 0, "code": 1, "web": 2})
+    resumed.schedule.reschedule(
+        continue_schedule([Segment(0, 0, 8, first.proportions())], 7, 8,
+                          resumed.proportions()), streams)
+    resumed.train.set_state(json.loads(state))
+    _windows_by_source(resumed, 6, read)
+    streams_before = _windows_by_source(make_data_on(c1), 40, {})
+    for name in ("code", "web"):
+      assert read[name] == streams_before[name][:len(read[name])], (before, name)
+
+
+def test_a_source_added_or_dropped_is_not_called_changed_data(tmp_path):
+  """The changed-data warning ("from here the run reads another order") was given
+  for a source added to a mixture (0 -> N tokens) or dropped ("-> gone"): neither
+  changes another source's order now; a source whose documents changed still is."""
+  data_lib.record_tokens(str(tmp_path), {"code": 100, "web": 200})
+  assert data_lib.data_changes(str(tmp_path), {"code": 100, "web": 200, "books": 50}) is None
+  assert data_lib.data_changes(str(tmp_path), {"web": 200}) is None
+  assert "code: 100 -> 120 tokens" in data_lib.data_changes(
+      str(tmp_path), {"code": 120, "books": 50})
+
+
+def test_rescaled_weights_are_not_a_trajectory_change(tiny_config, corpus, tmp_path):
+  """Weights are relative: 0.3 / 0.7 resumed as 0.6 / 1.4 mix alike, and were
+  reported as a change of the trajectory; other proportions still are."""
+  from train import run_config
+  c = _config(tiny_config, corpus, tmp_path / "cache", books=0.2, code=0.5, web=0.3)
+  saved = json.loads(c.to_json())
+  for scale in (2.0, 10.0):
+    c2 = c.copy_and_resolve_references()
+    for name in WEIGHTS:
+      c2.data.mixture[name].weight = c.data.mixture[name].weight * scale
+    fields = [f for f, *_ in run_config.trajectory_changes(saved, json.loads(c2.to_json()))]
+    assert not [f for f in fields if f.startswith("data.mixture")], (scale, fields)
+  c2 = c.copy_and_resolve_references()
+  c2.data.mixture.books.weight = 0.4
+  fields = [f for f, *_ in run_config.trajectory_changes(saved, json.loads(c2.to_json()))]
+  assert fields == ["data.mixture.books.weight"]

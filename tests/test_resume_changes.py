@@ -283,3 +283,19 @@ def test_reading_a_step_that_is_not_saved_is_a_config_error(run_d32, tmp_path):
     infer.generate(model, [[1, 2], [3, vocab]], max_new_tokens=2)
   with pytest.raises(ValueError, match="stop_tokens"):
     infer.generate(model, [[1, 2]], max_new_tokens=2, stop_tokens=[-1])
+
+
+def test_a_resume_with_another_seed_or_window_length_says_the_order_restarts():
+  """A trial: train.seed and data.seq_len changes were listed as trajectory changes
+  but nothing said the data order starts anew from the same window number (the
+  data schedule continues batch and weight changes, not these)."""
+  from train.loop import _new_window_order_note
+  c = make_tiny_config()
+  saved = json.loads(c.to_json())
+  assert _new_window_order_note(saved, c, 10) is None
+  c.train.seed, c.data.seq_len = c.train.seed + 1, c.data.seq_len * 2
+  note = _new_window_order_note(saved, c, 10)
+  assert note.startswith(f"data: train.seed {c.train.seed - 1} -> {c.train.seed} and "
+                         f"data.seq_len {c.data.seq_len // 2} -> {c.data.seq_len}: ")
+  assert "step 11 reads on from the same window number of the new order" in note
+  assert _new_window_order_note({}, c, 10) is None  # nothing saved to compare

@@ -14,7 +14,8 @@ smaller than a batch is still evaluated, averaged over its real tokens only.
 Mixtures (`data.mixture`): each named source becomes its own token stream (its own
 token cache, one tokenizer for all) and its own windows and held-out tail. Each
 source's training windows are shuffled (seeded by `train.seed` and the source's
-index) and repeated, and they are interleaved in the proportions of the weights as
+stream number: its index among the sorted names when it joined the run) and
+repeated, and they are interleaved in the proportions of the weights as
 `grain.MapDataset.mix` would (`train.data_schedule`: a resume with other weights
 continues each source where it stopped); every training example then carries
 `source` (its index, sources numbered in name order). Evaluation mixes the
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import re
+import sys
 import sysconfig
 import types
 from typing import Any, Iterator
@@ -203,6 +205,29 @@ class Tagged:
     example = dict(self.examples[int(i)])
     example["source"] = np.int32(self.index)
     return example
+
+
+class SourceStream:
+  """A mixture source's training windows, shuffled with the seed of its stream
+  and repeated. The stream number comes from `schedule.streams` when the first
+  window is read (fixed when the source joined the run: `train.data_schedule`),
+  so a source keeps its order when others join or leave."""
+
+  def __init__(self, windows: Any, name: str, schedule: Schedule, seed: int):
+    self.windows, self.name, self.schedule, self.seed = windows, name, schedule, seed
+    self._stream, self._ds = None, None
+
+  def __len__(self) -> int:
+    return sys.maxsize  # repeated
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    stream = self.schedule.streams[self.name]
+    if stream != self._stream:
+      shuffle_seed = int(np.random.SeedSequence([self.seed, stream]).generate_state(1)[0]
+                         & 0x7FFFFFFF)
+      self._ds = grain.MapDataset.source(self.windows).shuffle(seed=shuffle_seed).repeat()
+      self._stream = stream
+    return self._ds[int(i)]
 
 
 def mixture_entries(data_cfg) -> list[tuple[str, float, Any]]:
@@ -391,16 +416,15 @@ def _mixture(config, entries, tokenizer, schedule: Schedule):
           "so it has nothing to evaluate (every source holds out its own tail).",
           "raise data.eval_fraction, give the source more data, or set "
           "--config.train.eval_every=0 to train without evaluation.")
-    # Each source's own order: seeded by train.seed and its index.
-    shuffle_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0]
-                       & 0x7FFFFFFF)
-    trains.append(grain.MapDataset.source(Tagged(train_src, index))
-                  .shuffle(seed=shuffle_seed).repeat())
+    # Each source's own order: seeded by train.seed and its stream number.
+    trains.append(grain.MapDataset.source(
+        SourceStream(Tagged(train_src, index), name, schedule, seed)))
     evals.append(grain.MapDataset.source(Tagged(eval_src, index)))
     parts.append(MixtureSource(name, weight, prop, tokens, len(train_src),
                                len(eval_src)))
   schedule.reschedule([Segment(0, 0, config.train.batch_size,
-                                {p.name: p.proportion for p in parts})])
+                                {p.name: p.proportion for p in parts})],
+                      {p.name: i for i, p in enumerate(parts)})
   examples = grain.MapDataset.select_from_datasets(
       trains, ScheduledSelection([p.name for p in parts], schedule))
   eval_mix = ([] if min(p.eval_windows for p in parts) < 1 else
@@ -515,10 +539,10 @@ def data_changes(workdir: str, tokens: dict[str, int]) -> str | None:
       before = json.load(f)
   except (OSError, ValueError):
     return None
-  changed = [f"{name}: {before.get(name, 0):,} -> {n:,} tokens"
-             for name, n in tokens.items() if before.get(name) != n]
-  changed += [f"{name}: {n:,} tokens -> gone" for name, n in before.items()
-              if name not in tokens]
+  # A source added to or dropped from a mixture changes no other's order
+  # (train.data_schedule); a source whose documents changed does.
+  changed = [f"{name}: {before[name]:,} -> {n:,} tokens"
+             for name, n in tokens.items() if name in before and before[name] != n]
   if not changed:
     return None
   return ("warning: the data changed since this run last started ("

@@ -13,12 +13,19 @@ given, and one whose weight rose would skip some.
 A `Schedule` instead holds segments, each the batch size and proportions from
 its first step (and first global window) on: batches follow one another without
 a gap, and in each mixture segment every source continues after the windows it
-gave in the segments before. It is kept in the run's workdir (`SCHEDULE_FILE`);
-a resume keeps the segments that began before the step it continues from and
-adds one when the batch size or proportions differ (`continue_schedule`), so a
-resume from an earlier checkpoint forgets segments it never reached. A run
-without the file (started before it existed, or copied without it) is taken to
-have read with its current settings from step 0.
+gave in the segments before. Each source's own order (its windows shuffled,
+then repeated) is seeded by its stream number, fixed when the source first
+joined the run (`streams`), so sources joining or leaving leave the others' order
+alone (seeding by position among the sorted names re-shuffled them).
+
+The schedule is kept in the run's workdir (`SCHEDULE_FILE`); a resume keeps
+the segments that began before the step it continues from and adds one when the
+batch size or proportions differ (`continue_schedule`), so a resume from an
+earlier checkpoint forgets segments it never reached; stream numbers are kept
+for good (`continue_streams`). A run without the file (started before it
+existed, or copied without it) is taken to have read with its current settings
+from step 0. A new `train.seed` or `data.seq_len` shuffles or cuts the windows
+anew, which no schedule continues (the resume says so).
 """
 
 from __future__ import annotations
@@ -68,14 +75,19 @@ class Segment:
 
 
 class Schedule:
-  """The segments a run reads by (`reschedule` replaces them; call it before the
-  first window is read). One segment from step 0 reads as a run that never
-  changed: global batch b is windows [b x batch_size, (b + 1) x batch_size)."""
+  """The segments a run reads by, and each mixture source's stream number
+  (`reschedule` replaces them; call it before the first window is read). One
+  segment from step 0 reads as a run that never changed: global batch b is
+  windows [b x batch_size, (b + 1) x batch_size)."""
 
-  def __init__(self, segments: Sequence[Segment]):
-    self.reschedule(segments)
+  def __init__(self, segments: Sequence[Segment], streams: dict[str, int] | None = None):
+    self.streams: dict[str, int] = {}
+    self.reschedule(segments, streams)
 
-  def reschedule(self, segments: Sequence[Segment]) -> None:
+  def reschedule(self, segments: Sequence[Segment],
+                 streams: dict[str, int] | None = None) -> None:
+    if streams is not None:
+      self.streams = dict(streams)
     self.segments = list(segments)
     self._steps = [s.start_step for s in self.segments]
     # A mixture changes interleaving only where its proportions change.
@@ -137,16 +149,32 @@ class ScheduledSelection(grain.transforms.DatasetSelectionMap):
     return self.names.index(name), position
 
 
-def read_schedule(workdir: str) -> list[Segment]:
-  """The segments recorded in `workdir` ([] when none or unreadable)."""
+def read_schedule(workdir: str) -> tuple[list[Segment], dict[str, int]]:
+  """(segments, streams) recorded in `workdir` (empty when none or unreadable)."""
   try:
     with open(os.path.join(workdir, SCHEDULE_FILE)) as f:
-      return [Segment(int(s["start_step"]), int(s["start_window"]),
-                      int(s["batch_size"]),
-                      {k: int(v) for k, v in s["proportions"].items()})
-              for s in json.load(f)["segments"]]
+      data = json.load(f)
+    return ([Segment(int(s["start_step"]), int(s["start_window"]),
+                     int(s["batch_size"]),
+                     {k: int(v) for k, v in s["proportions"].items()})
+             for s in data["segments"]],
+            {k: int(v) for k, v in data.get("streams", {}).items()})
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
-    return []
+    return [], {}
+
+
+def continue_streams(recorded: dict[str, int], names: Sequence[str]) -> dict[str, int]:
+  """Every source's stream number: the recorded one, and for a source new to
+  the run the next unused number (in name order). Without a record, a source's
+  position among the sorted `names` (what a run started with). Sources no
+  longer mixed keep theirs, so a number is never given twice."""
+  if not recorded:
+    return {name: i for i, name in enumerate(sorted(names))}
+  streams = dict(recorded)
+  for name in sorted(names):
+    if name not in streams:
+      streams[name] = max(streams.values()) + 1
+  return streams
 
 
 def continue_schedule(recorded: Sequence[Segment], step: int, batch_size: int,
@@ -181,7 +209,9 @@ def describe(segments: Sequence[Segment]) -> str | None:
       f"per step" + (f", {shares(s)}" if s.proportions else "") for s in segments)
 
 
-def write_schedule(workdir: str, segments: Sequence[Segment]) -> None:
-  """Records `segments` as the run's SCHEDULE_FILE (atomically)."""
+def write_schedule(workdir: str, segments: Sequence[Segment],
+                   streams: dict[str, int]) -> None:
+  """Records `segments` and `streams` as the run's SCHEDULE_FILE (atomically)."""
   run_config.write_atomically(os.path.join(workdir, SCHEDULE_FILE), json.dumps(
-      {"segments": [dataclasses.asdict(s) for s in segments]}, indent=1))
+      {"segments": [dataclasses.asdict(s) for s in segments], "streams": streams},
+      indent=1))

@@ -88,7 +88,7 @@ def describe_run(workdir: str) -> str:
   if os.path.exists(run_config.path(workdir)):
     lines += _describe_model(run_config.read(workdir))
     lines += _describe_training(run_config.load(workdir))
-  schedule = data_schedule.describe(data_schedule.read_schedule(workdir))
+  schedule = data_schedule.describe(data_schedule.read_schedule(workdir)[0])
   if schedule:
     lines.append(schedule)
   directory = checkpoint_dir(workdir)

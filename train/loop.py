@@ -180,6 +180,10 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
            f"as {', '.join(moved)} (the run saves {'them' if len(moved) > 1 else 'it'} "
            "again when it gets there)")
     saved = ckpt.saved_config(restored) or {}
+    if restored:
+      note = _new_window_order_note(saved, config, restored)
+      if note:
+        _say(note)
     ended = (saved.get("train") or {}).get("steps")
     if dl.enabled and ended == int(state.step):
       landed = ended
@@ -217,10 +221,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     state = init_state(spec, tx, mesh, t.seed, comp=comp, dl=dl)
   # The data continues where the run's schedule left it, under a changed batch
   # size or mixture weights too.
-  segments = data_schedule.continue_schedule(
-      data_schedule.read_schedule(workdir), int(state.step), t.batch_size,
-      data.proportions())
-  data.schedule.reschedule(segments)
+  recorded, streams = data_schedule.read_schedule(workdir)
+  segments = data_schedule.continue_schedule(recorded, int(state.step), t.batch_size,
+                                             data.proportions())
+  streams = data_schedule.continue_streams(streams if int(state.step) else {},
+                                           [m.name for m in data.mixture])
+  data.schedule.reschedule(segments, streams)
   if len(segments) > 1 and segments[-1].start_step == int(state.step):
     _say(_data_change_note(data, segments))
   # Written once the checkpoint is known to fit, so a refused resume leaves the
@@ -229,7 +235,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     run_config.write(workdir, config_dict)
     run_config.keep_tokenizer(workdir, config.data.tokenizer)
     record_tokens(workdir, data.tokens)
-    data_schedule.write_schedule(workdir, segments)
+    data_schedule.write_schedule(workdir, segments, streams)
   # One program per compression density, with the traffic it logs (host-side,
   # computed once): density -> (compiled step, metrics of what a replica sends).
   step_fns: dict[float | None, tuple[Any, dict]] = {}
@@ -417,6 +423,20 @@ def _vocabulary_of_a_saved_model(err, workdir: str, config):
       f"hold a model of {config.model.vocab_size} token rows, which a resume keeps: "
       "pass the tokenizer (or data) of that vocabulary, or train a model of the "
       "larger vocabulary in a new --workdir.")
+
+
+def _new_window_order_note(saved: dict, config, step: int) -> str | None:
+  """What a resume with another train.seed or data.seq_len does to the data
+  (the windows are shuffled, or cut, anew: the data schedule cannot continue
+  them), or None."""
+  changed = [f"{group}.{name} {was} -> {now}" for group, name, now in (
+      ("train", "seed", config.train.seed), ("data", "seq_len", config.data.seq_len))
+      if (was := (saved.get(group) or {}).get(name)) is not None and was != now]
+  if not changed:
+    return None
+  return (f"data: {' and '.join(changed)}: the windows are cut and shuffled anew, and "
+          f"step {step + 1} reads on from the same window number of the new order, so "
+          "windows read before may come again and others not at all")
 
 
 def _same_step_on_every_process(step: int) -> int:

@@ -193,6 +193,19 @@ _SPLITS_OF_THE_BATCH = {"train.grad_accum_steps": "micro-batch",
                         "pipeline.microbatches": "pipeline microbatch"}
 
 
+def _proportions(flat: dict) -> dict[str, int] | None:
+  """{source: grain's integer proportion} of a flattened config's mixture; None
+  without one (or with weights validation would refuse)."""
+  from train.data import mixture_proportions  # train.data imports this module
+  weights = {f.split(".")[2]: v for f, v in flat.items()
+             if f.startswith("data.mixture.") and f.endswith(".weight")}
+  if not weights or not all(isinstance(w, (int, float)) and w > 0
+                            for w in weights.values()):
+    return None
+  names = sorted(weights)
+  return dict(zip(names, mixture_proportions([weights[n] for n in names])))
+
+
 def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, str]]:
   """(field, saved value, new value, note) for every config field whose change makes
   a run resumed with `config` continue differently from the run saved with `saved`:
@@ -205,15 +218,19 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   optimizer) on both sides. `train.steps` and
   `optim.decay_steps` are reported only when the schedule's length (decay_steps,
   or train.steps when it is unset) changes; `train.grad_accum_steps` and
-  `pipeline.microbatches` only for MoE models (their losses are per micro-batch).
+  `pipeline.microbatches` only for MoE models (their losses are per micro-batch);
+  mixture weights only when the proportions they make change (0.3 / 0.7 and
+  0.6 / 1.4 mix alike).
   """
   old, new = flatten(saved), flatten(config)
   schedule = {"train.steps", "optim.decay_steps"}
+  same_mix = _proportions(old) is not None and _proportions(old) == _proportions(new)
   changes = []
   for field in list(old) + [f for f in new if f not in old]:
     a, b = old.get(field, ABSENT), new.get(field, ABSENT)
     if (a == b or field.startswith(_SAME_TRAJECTORY_GROUPS)
-        or field in _SAME_TRAJECTORY_FIELDS or field in schedule):
+        or field in _SAME_TRAJECTORY_FIELDS or field in schedule
+        or same_mix and field.startswith("data.mixture.") and field.endswith(".weight")):
       continue
     if not (in_use(field, old) or in_use(field, new)):
       continue
