@@ -137,15 +137,15 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
   mesh = mesh_of(model)
   asked = config.model.attention if config is not None else None
   _note(f"generating from step {step} of {workdir}"
-                   + (f" on {sharding.describe(mesh)}" if mesh is not None else "")
-                   + (f"; attention {saved.model.attention}, as model.attention="
-                      f"{asked} needs the length split over mesh.sequence"
-                      if asked and asked != saved.model.attention else "")
-                   + "\n")
+        + (f" on {sharding.describe(mesh)}" if mesh is not None else "")
+        + (f"; attention {saved.model.attention}, as model.attention="
+           f"{asked} needs the length split over mesh.sequence"
+           if asked and asked != saved.model.attention else "")
+        + "\n")
   if not stops:
     _note("no stop token (data.eos_id is unset and the tokenizer names no "
-                     "end-of-text token): generating all --max_new_tokens; "
-                     "--config.data.eos_id=ID stops at one.\n")
+          "end-of-text token): generating all --max_new_tokens; "
+          "--config.data.eos_id=ID stops at one.\n")
   context = saved.model.max_position_embeddings
   longest = max(range(len(ids)), key=lambda i: len(ids[i]))
   if len(ids[longest]) + max_new_tokens > context:

@@ -118,13 +118,12 @@ class Schedule:
   def counts(self, windows: int) -> dict[str, int]:
     """{name: windows drawn from it} in the first `windows` global windows, for
     every source of every mixture segment up to there."""
-    total: dict[str, int] = {}
-    for seg, nxt in zip(self.mixes, self._mix_starts[1:] + [None]):
-      if seg.start_window >= windows:
-        break
-      end = windows if nxt is None else min(nxt, windows)
-      for name, n in seg.counts(end - seg.start_window).items():
-        total[name] = total.get(name, 0) + n
+    if windows <= 0:
+      return {}
+    k = bisect.bisect_right(self._mix_starts, windows - 1) - 1  # the last one's mix
+    total = dict(self._offsets[k])
+    for name, n in self.mixes[k].counts(windows - self.mixes[k].start_window).items():
+      total[name] = total.get(name, 0) + n
     return total
 
 

@@ -224,7 +224,8 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   """
   old, new = flatten(saved), flatten(config)
   schedule = {"train.steps", "optim.decay_steps"}
-  same_mix = _proportions(old) is not None and _proportions(old) == _proportions(new)
+  mix = _proportions(old)
+  same_mix = mix is not None and mix == _proportions(new)
   changes = []
   for field in list(old) + [f for f in new if f not in old]:
     a, b = old.get(field, ABSENT), new.get(field, ABSENT)
