@@ -299,7 +299,7 @@ def compile_step(config, topology: str, what: str = "train",
     lowered = step.lower(*args)
   error = ""
   try:
-    compiled = lowered.compile(options) if options else lowered.compile()
+    compiled = compile_deviceless(lowered, options)
   except Exception as err:  # noqa: BLE001 -- XLA reports an oversized plan so
     if "No such compile option" in str(err) or "compile option" in str(err):
       raise ConfigError("--libtpu_flags", str(err).strip().splitlines()[0],
@@ -354,7 +354,7 @@ def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
     start = time.perf_counter()
     with jax.set_mesh(mesh):
       lowered = sync.lower(state)
-    compiled = lowered.compile(options) if options else lowered.compile()
+    compiled = compile_deviceless(lowered, options)
     seconds = time.perf_counter() - start
     text = compiled.as_text()
     received = _received_by_axes(costs_lib.analyze(text, sharding.AXES, shape))
@@ -383,6 +383,24 @@ def _pipeline(pipe, text: str, sizes: dict[str, int]) -> dict[str, Any]:
               bubble_formula=pipe.bubble)
 
 
+def compile_deviceless(lowered, options: dict | None = None):
+  """`lowered.compile(options)` writing nothing to JAX's persistent compilation
+  cache. An executable compiled for a topology without devices is written there
+  ($JAX_COMPILATION_CACHE_DIR) but cannot be read back ("PjRtCompiler must be
+  constructed with a Client"), so every later compile of the same program warned
+  and compiled again, and the cache filled with entries no run can use. The
+  write is skipped by an infinite minimum compile time; turning the cache off
+  instead would keep it off for the rest of the process when this is the first
+  compile (JAX decides whether a process uses the cache once)."""
+  name = "jax_persistent_cache_min_compile_time_secs"
+  minimum = getattr(jax.config, name)
+  jax.config.update(name, math.inf)
+  try:
+    return lowered.compile(options) if options else lowered.compile()
+  finally:
+    jax.config.update(name, minimum)
+
+
 def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
                   kernel_flops: float) -> None:
   """The schedule estimate into `report` (`aot/schedule.py`); `kernel_flops`:
@@ -394,7 +412,8 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
   report.mfu_estimate = (report.model_flops / report.devices
                          / (chip.peak_flops * est.seconds)) if est.seconds else 0.0
   report.schedule = {"ops": est.ops, "communication": est.communication,
-                     "collectives": est.collectives}
+                     "collectives": est.collectives,
+                     "matmul_efficiency": chip.matmul_efficiency}
   dcn = est.collectives.get("dcn_bytes", 0)
   if dcn:  # send / recv between slices: not in the HLO's collectives (aot/hlo.py)
     axes, received = _dcn_received(est, chip, mesh_shape, report.slices)
@@ -713,7 +732,9 @@ def _estimate_lines(r: Report) -> list[str]:
   flags = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
                    for k, v in r.compiler_flags.items()) or "none (libtpu defaults)"
   return [f"  schedule estimate            {r.time['estimate'] * 1e3:.2f} ms "
-          f"(ops {s['ops'] * 1e3:.2f} ms; collectives {s['communication'] * 1e3:.2f}"
+          f"(ops {s['ops'] * 1e3:.2f} ms, matmuls at "
+          f"{s.get('matmul_efficiency', 1):.1%} of peak; collectives "
+          f"{s['communication'] * 1e3:.2f}"
           f" ms, {s['collectives'].get('asynchronous', 0)} async / "
           f"{s['collectives'].get('synchronous', 0)} sync per step)",
           f"  exposed communication        {exposed} (by mesh axes)",

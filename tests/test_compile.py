@@ -350,6 +350,32 @@ def test_trip_count_reads_through_copies():
 
 
 @needs_libtpu
+def test_deviceless_compiles_leave_the_persistent_cache_alone():
+  """An executable compiled for a topology without devices cannot be read back
+  from JAX's persistent cache, so a second `compile` of the same program warned
+  "Error reading persistent compilation cache entry". `compile_deviceless`
+  writes none; a plain `.compile()` (the control) does."""
+  from jax.experimental import topologies
+  cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the suite's (conftest)
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+  x = jax.ShapeDtypeStruct((256, 256), jnp.float32,
+                           sharding=NamedSharding(Mesh(devices[:1], ("x",)), P()))
+
+  def entries(name):
+    return [f for f in os.listdir(cache) if f.startswith(f"jit_{name}-")]
+
+  def deviceless_probe(x):
+    return jnp.tanh(x @ x)
+
+  def deviceless_control(x):
+    return jnp.tanh(x @ x) + 1
+
+  aot.compile_deviceless(jax.jit(deviceless_probe).lower(x))
+  jax.jit(deviceless_control).lower(x).compile()  # the cache still works after it
+  assert entries("deviceless_probe") == [] and len(entries("deviceless_control")) == 1
+
+
+@needs_libtpu
 def test_hlo_costs_count_loop_trips_where_xla_counts_once():
   """aot.costs against XLA's cost analysis: the same matmul FLOPs for a
   program without loops; five times them for five trips of a scan, where XLA
@@ -367,7 +393,7 @@ def test_hlo_costs_count_loop_trips_where_xla_counts_once():
 
   for fn, trips in [(lambda x, w: jnp.einsum("bld,de->ble", x, w[0]), 1),
                     (scanned, 5)]:
-    compiled = jax.jit(fn).lower(x, w).compile()
+    compiled = aot.compile_deviceless(jax.jit(fn).lower(x, w))
     costs = costs_lib.analyze(compiled.as_text())
     assert costs.flops == trips * one and costs.unknown_trip_counts == 0
     assert compiled.cost_analysis()["flops"] == pytest.approx(one, rel=0.01)
@@ -380,7 +406,7 @@ def test_hlo_costs_count_loop_trips_where_xla_counts_once():
     return jax.lax.fori_loop(0, rows.shape[0], body, buf)
 
   buf, rows = s(64, 256, 512), s(5, 256, 512)
-  compiled = jax.jit(fill, donate_argnums=0).lower(buf, rows).compile()
+  compiled = aot.compile_deviceless(jax.jit(fill, donate_argnums=0).lower(buf, rows))
   costs = costs_lib.analyze(compiled.as_text())
   row = 256 * 512 * 2
   assert costs.unknown_trip_counts == 0

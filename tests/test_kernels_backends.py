@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kernels
+from aot.compile import compile_deviceless
 import sharding
 from aot import costs
 from test_kernels_sequence import count_ops
@@ -61,8 +62,8 @@ def test_flash_compiles_for_tpu(v5e_devices, window):
   block ranges enter the kernels' index maps)."""
   mesh = _mesh(v5e_devices, data=2, tensor=2)
   with jax.set_mesh(mesh):
-    compiled = jax.jit(_loss_and_grads("flash", block_sizes=256, window=window)).lower(
-        *_abstract(mesh, length=1000)).compile()
+    compiled = compile_deviceless(jax.jit(_loss_and_grads(
+        "flash", block_sizes=256, window=window)).lower(*_abstract(mesh, length=1000)))
   hlo = compiled.as_text()
   assert hlo.count("custom_call_target=\"tpu_custom_call\"") == 3
   assert compiled.memory_analysis().temp_size_in_bytes >= 0
@@ -94,7 +95,8 @@ def test_flash_head_dims_compile_for_tpu(v5e_devices, head_dim):
   mesh = _mesh(v5e_devices, data=2, tensor=2)
   args = _abstract(mesh, length=256, heads=4, kv_heads=2, head_dim=head_dim)
   with jax.set_mesh(mesh):
-    compiled = jax.jit(_loss_and_grads("flash", block_sizes=128)).lower(*args).compile()
+    compiled = compile_deviceless(
+        jax.jit(_loss_and_grads("flash", block_sizes=128)).lower(*args))
   assert compiled.as_text().count("custom_call_target=\"tpu_custom_call\"") == 3
   grads = compiled.out_info[1]
   assert [g.shape for g in grads] == [a.shape for a in args[:3]]
@@ -108,8 +110,8 @@ def test_ring_compiles_for_tpu(v5e_devices, impl, window):
   zig-zag order, in natural order, and windowed (offset chunks)."""
   mesh = _mesh(v5e_devices, sequence=4)
   with jax.set_mesh(mesh):
-    hlo = jax.jit(_loss_and_grads(impl, window=window)).lower(
-        *_abstract(mesh)).compile().as_text()
+    hlo = compile_deviceless(jax.jit(_loss_and_grads(impl, window=window)).lower(
+        *_abstract(mesh))).as_text()
   assert "tpu_custom_call" in hlo
   # (The exact hop count is asserted on CPU: TPU's compiled HLO omits loop trip counts.)
   assert count_ops(hlo, "collective-permute") > 0
@@ -139,7 +141,7 @@ def test_train_step_with_ring_compiles_for_tpu(v5e_devices, tiny_config):
                                       sharding=data)
            for name in ("inputs", "targets", "positions", "segment_ids")}
   with jax.set_mesh(mesh):
-    hlo = step.lower(state, batch).compile().as_text()
+    hlo = compile_deviceless(step.lower(state, batch)).as_text()
   assert "tpu_custom_call" in hlo
   assert count_ops(hlo, "collective-permute") > 0
 
