@@ -5,10 +5,12 @@ The TPU compiler emits each computation's instructions in the order it scheduled
 them. This module walks that order on one device (every device runs the same SPMD
 program) with two clocks, the TensorCore's and the ICI's:
 
-- an op (fusion, copy, kernel, ...) advances the core by max(FLOPs / peak FLOP/s,
-  HBM bytes / HBM bandwidth): FLOPs and bytes as `aot/costs.py` counts them, the
-  chip figures from `sharding/chips.py`. The matmul efficiency factor is 1: no
-  per-shape MXU efficiency is published for TPUs, so none is assumed and the
+- an op (fusion, copy, kernel, ...) advances the core by max(FLOPs / matmul
+  FLOP/s, HBM bytes / HBM bandwidth): FLOPs and bytes as `aot/costs.py` counts them, the
+  chip figures from `sharding/chips.py`. Matmul FLOPs (dots, convolutions and
+  Pallas kernels) run at the chip's `matmul_efficiency` times its peak: the
+  fraction a large matmul reached in the one published TPU measurement (0.923 on
+  v5e, used for every TPU); no per-shape figure is published, so the
   estimate is optimistic for small or oddly shaped matmuls;
 - a loop body runs its trip count times (`aot/hlo.py`), a call once, a conditional
   as its slowest branch;
@@ -210,6 +212,8 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
   if not mesh_shape:
     mesh_axes, mesh_shape = ("devices",), (n_devices,)
 
+  matmul_rate = chip.peak_flops * chip.matmul_efficiency  # FLOP/s
+
   @functools.cache
   def fused_flops(name: str) -> float:
     total = 0.0
@@ -230,13 +234,13 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
       flops = float(est.get("flops", kernel_flops))
       nbytes = float(est.get("bytes_accessed", ins.bytes + sum(
           instrs[o].bytes for o in ins.operands if o in instrs)))
-      return max(flops / chip.peak_flops, nbytes / chip.hbm_bandwidth)
+      return max(flops / matmul_rate, nbytes / chip.hbm_bandwidth)
     if ins.opcode in ("convolution", "dot"):
       flops = costs_lib._matmul_flops(ins, instrs)
     else:
       flops = sum(fused_flops(c) for c in ins.called)
     nbytes = costs_lib._traffic(ins, instrs, comps)
-    return max(flops / chip.peak_flops, nbytes / chip.hbm_bandwidth)
+    return max(flops / matmul_rate, nbytes / chip.hbm_bandwidth)
 
   def comm(coll, outer) -> tuple[float, str]:
     """(seconds, axes key) of one execution; `outer` holds it (a fusion)."""

@@ -65,6 +65,18 @@ v4 and v6e: no per-chip or per-host DCN figure was found in their pages, so the
 row has none and a multi-slice compile for them is refused. No DCN latency is
 published; none is charged.
 
+Matmul efficiency, for the schedule estimate: `matmul_efficiency` is the fraction
+of `peak_flops` a large bf16 matmul reaches on the chip. The one published TPU
+measurement found: JAX's Pallas TPU guide "Matrix Multiplication"
+(https://docs.jax.dev/en/latest/pallas/tpu/matmul.html, section "Performance of
+pipelined kernels"), on "TPU v5 lite" (v5e), times XLA's bf16 `jnp.matmul` of
+two square matrices at 92.2960% of 197 TFLOP/s for 8192^3 and 84.3307% for
+4096^3 (its times include the Python call, which weighs most at 1024^3: 9.1%).
+Every TPU row uses the 8192^3 figure, 0.923: the matmuls of a training step that
+weigh are larger than 8192^3 per device, and v4, v5p and v6e publish none (their
+MXUs are the same systolic arrays, 128x128, 256x256 on v6e). GPU rows are not
+compile targets and keep 1.
+
 HBM capacities are taken as binary (the v5e and v6e pages write "16 GB" and
 "32 GB"): the TPU compiler (libtpu 0.0.42.1, deviceless) refuses programs above
 15.75 GiB on v5e, 31.25 GiB on v6e and 15.25 GiB per TensorCore on v4, the usable
@@ -99,6 +111,7 @@ class Chip:
   ici_hop_latency: float = 0.0     # seconds per hop
   wraparound: str = ""     # "cube": axes of 4k chips are rings; "pod": axes of 16
   dcn_bandwidth: float = 0.0  # bytes/s per chip to other slices, one way (0: unknown)
+  matmul_efficiency: float = 1.0  # fraction of peak_flops a large matmul reaches
 
   def wraps(self, axis_length: int) -> bool:
     """Whether a slice axis of `axis_length` chips closes into a ring."""
@@ -119,21 +132,26 @@ class Chip:
         dcn_bandwidth=self.dcn_bandwidth / n)
 
 
+# XLA's bf16 8192^3 matmul on v5e, 92.2960% of peak (module docstring)
+TPU_MATMUL_EFFICIENCY = 0.923
+
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v4", 32 * GiB, 275e12, 1200 * GB, 600 * GB,
          "https://cloud.google.com/tpu/docs/v4",
-         ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="cube"),
+         ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="cube",
+         matmul_efficiency=TPU_MATMUL_EFFICIENCY),
     Chip("v5e", 16 * GiB, 197e12, 819 * GB, 400 * GB,
          "https://docs.cloud.google.com/tpu/docs/v5e",
          ici_link_bandwidth=4.5e10, ici_hop_latency=1e-6, wraparound="pod",
-         dcn_bandwidth=3.125e9),
+         dcn_bandwidth=3.125e9, matmul_efficiency=TPU_MATMUL_EFFICIENCY),
     Chip("v5p", 95 * GiB, 459e12, 2765 * GB, 1200 * GB,
          "https://docs.cloud.google.com/tpu/docs/v5p",
          ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="cube",
-         dcn_bandwidth=6.25e9),
+         dcn_bandwidth=6.25e9, matmul_efficiency=TPU_MATMUL_EFFICIENCY),
     Chip("v6e", 32 * GiB, 918e12, 1600 * GB, 800 * GB,
          "https://docs.cloud.google.com/tpu/docs/v6e",
-         ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="pod"),
+         ici_link_bandwidth=9e10, ici_hop_latency=1e-6, wraparound="pod",
+         matmul_efficiency=TPU_MATMUL_EFFICIENCY),
     Chip("a100", 80 * GB, 312e12, 2039 * GB, 600 * GB,
          "https://www.nvidia.com/en-us/data-center/a100/", platform="gpu"),
     Chip("h100", 80 * GB, 989.5e12, 3350 * GB, 900 * GB,

@@ -123,6 +123,20 @@ def test_async_collective_fully_hidden():
   assert est.collectives == {"asynchronous": 1}
 
 
+def test_matmuls_run_at_the_chip_matmul_efficiency():
+  """A compute-bound matmul takes its FLOPs over peak x `matmul_efficiency`; a
+  memory-bound op its bytes over HBM bandwidth, whatever the efficiency. The TPU
+  rows carry the published v5e measurement (sharding/chips.py)."""
+  import dataclasses
+  half = dataclasses.replace(CHIP, matmul_efficiency=0.5)
+  full = schedule.estimate(SYNC, CHIP, ring8())
+  slow = schedule.estimate(SYNC, half, ring8())
+  assert full.ops == pytest.approx(DOT + ADD)
+  assert slow.ops == pytest.approx(2 * DOT + ADD)
+  assert slow.seconds - full.seconds == pytest.approx(DOT)
+  assert {CHIPS[n].matmul_efficiency for n in ("v4", "v5e", "v5p", "v6e")} == {0.923}
+
+
 def test_async_collective_partly_exposed():
   """At half the link bandwidth the all-gather takes 1.84 ms: what sticks out
   past the 1.07 ms matmul is exposed, and the step waits for it."""
