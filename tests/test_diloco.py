@@ -483,6 +483,12 @@ def test_a_changed_layout_says_what_is_kept_and_dropped():
   assert "holds 4 replicas, this run has 2" in line
   assert line.endswith("; the outer gradients in flight start at zero; the outer "
                        "momentum starts at zero")
+  # Another replica count with the same buffers: they carry over, and the line
+  # says so (a trial read it as silent about the exchange in flight).
+  line = diloco.describe_regroup(D(replicas=4, overlap_steps=1), D(replicas=2,
+                                                                   overlap_steps=1))
+  assert line.endswith("; the outer gradients in flight are kept (applied when "
+                       "due); the outer momentum is kept")
 
 
 def test_inspect_says_how_the_run_trains(tmp_path):

@@ -383,6 +383,10 @@ def describe_regroup(saved: DiLoCo, d: DiLoCo) -> str:
              "now)" for b, (what, field) in why.items() if b in old and b not in new]
     notes += [f"{what} {'start' if b == 'pending' else 'starts'} at zero"
               for b, (what, _) in why.items() if b in new and b not in old]
+    if before != after:  # the buffers both layouts hold carry over
+      notes += [f"{what} {'are' if b == 'pending' else 'is'} kept"
+                + (" (applied when due)" if b == "pending" else "")
+                for b, (what, _) in why.items() if b in new and b in old]
   who = "every replica restarts" if d.enabled else "the run continues"
   return (f"DiLoCo: the checkpoint {head}: {who} from the outer "
           "parameters (inner steps since the last synchronisation are dropped) "
