@@ -72,9 +72,11 @@ measurement found: JAX's Pallas TPU guide "Matrix Multiplication"
 pipelined kernels"), on "TPU v5 lite" (v5e), times XLA's bf16 `jnp.matmul` of
 two square matrices at 92.2960% of 197 TFLOP/s for 8192^3 and 84.3307% for
 4096^3 (its times include the Python call, which weighs most at 1024^3: 9.1%).
-Every TPU row uses the 8192^3 figure, 0.923: the matmuls of a training step that
-weigh are larger than 8192^3 per device, and v4, v5p and v6e publish none (their
-MXUs are the same systolic arrays, 128x128, 256x256 on v6e). GPU rows are not
+Every TPU row uses the 8192^3 figure, 0.923: the matmuls that weigh in the
+published runs `benchmarks/predict.py` checks against are larger than 8192^3 per
+device (smaller ones reach less, as the 4096^3 figure shows, so estimates of small
+models stay optimistic), and v4, v5p and v6e publish none (their MXUs are the same
+systolic arrays, 128x128, 256x256 on v6e). GPU rows are not
 compile targets and keep 1.
 
 HBM capacities are taken as binary (the v5e and v6e pages write "16 GB" and
