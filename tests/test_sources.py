@@ -314,6 +314,36 @@ def test_parquet_null_is_an_error_naming_the_row(tiny_config, tmp_path):
   assert err.value.field == "data.text_field"
 
 
+@pytest.mark.parametrize("damage", ["truncated_gzip", "corrupt_parquet"])
+def test_a_damaged_file_is_an_error_naming_it(tiny_config, docs, tmp_path, damage):
+  """A truncated .jsonl.gz (a partial download) ended the run in a bare
+  "EOFError: Compressed file ended before the end-of-stream marker" that named no
+  file; a corrupt parquet file in pyarrow's error. Both are a ConfigError naming
+  the file, after the good file before it was read, and no cache is left."""
+  import gzip
+  good, bad = tmp_path / "a_good", tmp_path / "b_bad"
+  if damage == "truncated_gzip":
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    good, bad = good.with_suffix(".jsonl.gz"), bad.with_suffix(".jsonl.gz")
+    good.write_bytes(gzip.compress(lines))
+    whole = gzip.compress(lines * 4)
+    bad.write_bytes(whole[:len(whole) // 2])
+    source, pattern = "jsonl", str(tmp_path / "*.jsonl.gz")
+  else:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    good, bad = good.with_suffix(".parquet"), bad.with_suffix(".parquet")
+    pq.write_table(pa.table({"text": docs}), good)
+    bad.write_bytes(b"not a parquet file" * 20)
+    source, pattern = "parquet", str(tmp_path / "*.parquet")
+  c = _config(tiny_config, source, pattern, tmp_path / "cache")
+  with pytest.raises(sharding.ConfigError) as err:
+    data_lib.token_stream(c.data, ByteTokenizer())
+  assert err.value.field == "data.path"
+  assert f"{bad} cannot be read" in str(err.value)
+  assert not list((tmp_path / "cache").glob("*/meta.json"))
+
+
 def test_no_documents_and_invalid_utf8(tiny_config, tmp_path, capsys):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n\n")

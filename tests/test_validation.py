@@ -1,5 +1,7 @@
 """Each config mistake gets a message naming field, numbers and fix; the CLI exits 2."""
 
+import math
+
 import pytest
 
 import train
@@ -74,6 +76,34 @@ def test_library_raises_config_error(case):
   assert err.value.field == field
   assert numbers in str(err.value)
   assert "Fix:" in str(err.value)
+
+
+def _float_fields(config, prefix=""):
+  for name, value in config.items():
+    if hasattr(value, "items"):
+      yield from _float_fields(value, f"{prefix}{name}.")
+    elif isinstance(value, float):
+      yield f"{prefix}{name}"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_float_field_must_be_finite(bad):
+  """NaN passes every comparison check (`nan <= 0` is False): a NaN learning rate
+  trained NaN losses whose checkpoints displaced every good one. Every float
+  field of the config, NaN or infinite, is refused naming it."""
+  fields = list(_float_fields(llama_tiny.get_config()))
+  assert "optim.learning_rate" in fields and len(fields) > 10
+  for field in fields:
+    c = llama_tiny.get_config()
+    *groups, name = field.split(".")
+    node = c
+    for g in groups:
+      node = node[g]
+    node[name] = bad
+    with pytest.raises(ConfigError) as err:
+      train.validate_config(c, 8)
+    assert err.value.field == field, field
+    assert "must be finite" in str(err.value)
 
 
 @pytest.mark.parametrize("heads,kv_heads,tensor", [(6, 1, 2), (6, 2, 4), (12, 4, 8)])
@@ -425,3 +455,28 @@ def test_batch_fixes_pass_both_batch_checks():
           sharding.validate_plan(c, dp)
           checked += 1
   assert checked > 100
+
+
+@pytest.mark.parametrize("file_at", ["workdir", "checkpoints"])
+def test_a_file_where_the_run_directory_goes_is_refused_before_any_data(tmp_path,
+                                                                        file_at):
+  """A file in place of the workdir failed only after the data was tokenized, and
+  a file in place of its checkpoints directory hung the run in Orbax's
+  asynchronous save (SIGTERM could not end it). Both are a ConfigError naming
+  --workdir, raised before the data is read (the data path here does not exist:
+  reading it would raise a data error first)."""
+  from conftest import make_tiny_config
+  workdir = tmp_path / "run"
+  if file_at == "workdir":
+    workdir.write_text("x")
+  else:
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("x")
+  c = make_tiny_config()
+  c.data.update(source="jsonl", path=str(tmp_path / "missing.jsonl"))
+  c.model.vocab_size = 512  # the byte tokenizer's ids fit
+  with pytest.raises(ConfigError) as err:
+    train.train(c, str(workdir), progress=False)
+  assert err.value.field == "--workdir"
+  assert "is a file, not a directory" in str(err.value)
+  assert (workdir / "checkpoints").is_file() or workdir.is_file()  # left alone

@@ -57,6 +57,25 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def prepare_workdir(workdir: str, make: bool = True) -> None:
+  """Checks that `workdir` and its checkpoint directory are directories (or can
+  be made) and, with `make`, makes `workdir` on process 0: a ConfigError naming
+  --workdir before any data is read. A file in either place failed only after the data was
+  tokenized, with a traceback, and Orbax's asynchronous save into it hung the run
+  (its failing thread never signals the threads that wait for it; SIGTERM could
+  not end it)."""
+  for path in (workdir, checkpoint_dir(workdir)):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ConfigError("--workdir", f"{path} is a file, not a directory.",
+                        "pass another --workdir, or move the file out of the way.")
+  if make and jax.process_index() == 0:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+      raise ConfigError("--workdir", f"cannot make {workdir}: {err.strerror}.",
+                        "pass a directory this process can write to.") from None
+
+
 def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'/'-joined path: shape} of a tree of arrays, ShapeDtypeStructs or metadata."""
   return {path_name(path): tuple(x.shape)

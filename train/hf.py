@@ -32,7 +32,7 @@ from model import ModelConfig
 from model.rotary import ROPE_TYPES, yarn_attention_factor
 from sharding import ConfigError
 from train import run_config
-from train.checkpoint import Checkpointer, checkpoint_dir
+from train.checkpoint import Checkpointer, checkpoint_dir, prepare_workdir
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, param_shardings
 from train.tokenizer import make_tokenizer, tokenizer_file
@@ -536,6 +536,7 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         "--workdir", f"{workdir} already holds a run ({' and '.join(held)}); "
         "import-hf writes a new run at step 0 and would overwrite it.",
         "pass a new --workdir (or remove that directory first).")
+  prepare_workdir(workdir, make=False)  # a file in its place: before any read
   with open(os.path.join(hf_dir, "config.json")) as f:
     hf = json.load(f)
   generation = None

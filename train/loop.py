@@ -22,7 +22,7 @@ import sharding
 from sharding.report import count
 from model import ModelConfig, flops as flops_lib
 from train import run_config
-from train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir,
+from train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir, prepare_workdir,
                               load_init_params)
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
@@ -106,6 +106,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
            opened: contextlib.ExitStack) -> list[dict[str, Any]]:
   devices = list(jax.devices() if devices is None else devices)
   sizes = validate_config(config, len(devices))
+  prepare_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.normalize_rules(config.mesh.rules)
   cfg = ModelConfig.from_config(config.model)
@@ -146,8 +147,6 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   zigzag = (sharding.split_size(rules, "length", sizes)
             if kernels.uses_zigzag(cfg.attention) else 1)
   to_global = lambda b: _global_batch(b, data_sharding, zigzag)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
   ckpt = opened.enter_context(Checkpointer(workdir, config.checkpoint))
   latest = ckpt.latest_step()
   landed = 0  # DiLoCo: a finished run's last step, where its exchanges all landed

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import itertools
 import json
 import os
 import re
+import zlib
 from typing import Iterator
 
 from sharding import ConfigError
@@ -276,6 +278,31 @@ def _hf_disk(reader: _Reader, path: str) -> Iterator[str]:
     row += len(values)
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+  """What reading a damaged file raises: I/O errors, a truncated gzip stream
+  (EOFError), a corrupt deflate stream (zlib.error), and pyarrow's errors."""
+  errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+  try:
+    import pyarrow
+    errors += (pyarrow.ArrowException,)
+  except ImportError:
+    pass
+  return errors
+
+
+def _file(read, reader: _Reader, f: str) -> Iterator[str | bytes]:
+  """read(reader, [f]); a file that cannot be read is a ConfigError naming it (a
+  truncated .jsonl.gz ended the run in a bare EOFError that named no file)."""
+  try:
+    yield from read(reader, [f])
+  except _read_errors() as err:
+    raise ConfigError(
+        f"{reader.prefix}path", f"{f} cannot be read ({type(err).__name__}: "
+        f"{err}).", "replace the file (a truncated download or a damaged copy?) or "
+        "leave it out of the path; data.skip_bad_records skips records, not "
+        "files.") from None
+
+
 def documents(data_cfg, files: list[str], counts: Counts) -> Iterator[str | bytes]:
   """Every document of the source (str; for arrayrecord with tokenizer=none the
   record's raw token-id bytes), in file order, counted into `counts`.
@@ -287,8 +314,9 @@ def documents(data_cfg, files: list[str], counts: Counts) -> Iterator[str | byte
   if kind == "hf_disk":
     it = _hf_disk(reader, data_cfg.path)
   else:
-    it = {"text": _text, "jsonl": _jsonl, "parquet": _parquet,
-          "arrayrecord": _arrayrecord}[kind](reader, files)
+    read = {"text": _text, "jsonl": _jsonl, "parquet": _parquet,
+            "arrayrecord": _arrayrecord}[kind]
+    it = itertools.chain.from_iterable(_file(read, reader, f) for f in files)
   for doc in it:
     counts.documents += 1
     yield doc

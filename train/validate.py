@@ -29,9 +29,23 @@ def _positive(config, fields: list[str], minimum: float = 1) -> None:
                         f"set --config.{path} to a value >= {minimum}.")
 
 
+def _finite(config, prefix: str = "") -> None:
+  """Every float in the config is a finite number. NaN passes every comparison
+  check (`nan <= 0` is False): `optim.learning_rate=nan` trained NaN losses
+  whose checkpoints then displaced every good one."""
+  for name, value in config.items():
+    path = f"{prefix}{name}"
+    if hasattr(value, "items"):
+      _finite(value, path + ".")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(path, f"is {value}; a config number must be finite.",
+                        f"set --config.{path} to a finite number.")
+
+
 def validate_config(config, num_devices: int) -> dict[str, int]:
   """Raises ConfigError naming the field, the numbers and the fix. Returns the
   resolved mesh sizes."""
+  _finite(config)
   model.validate(config.model)
   data.validate(config)
   _positive(config, ["train.steps", "train.batch_size", "train.grad_accum_steps",
