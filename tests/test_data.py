@@ -160,6 +160,13 @@ def test_hf_tokenizer_json(tiny_config, text_dir, tmp_path):
   with pytest.raises(ConfigError, match="there is no tokenizer file at") as err:
     make_data_on(c)
   assert err.value.field == "data.tokenizer"
+  # a file that is not a tokenizer (a JSONL record, say): was a bare Exception
+  # from `tokenizers` without the path
+  (tmp_path / "data.jsonl").write_text('{"text": "x = 1"}\n')
+  c.data.tokenizer = str(tmp_path / "data.jsonl")
+  with pytest.raises(ConfigError, match="data.jsonl is not a tokenizer file") as err:
+    make_data_on(c)
+  assert err.value.field == "data.tokenizer"
   c.data.tokenizer = write_word_tokenizer(tmp_path / "no_eos.json", ["[UNK]", "x"])
   with pytest.raises(ConfigError, match="names none of") as err:
     make_data_on(c)

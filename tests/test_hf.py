@@ -674,3 +674,15 @@ def test_a_moved_run_keeps_its_tokenizer_and_a_run_without_eos_serves(tmp_path,
   run_config.write(str(tmp_path / "other"), {"data": {"tokenizer": "tok.json"}})
   assert json.loads((tmp_path / "other" / "config.json").read_text())["data"][
       "tokenizer"] == str(tmp_path / "tok.json")
+
+
+def test_a_broken_tokenizer_json_is_a_config_error_naming_it(tmp_path):
+  """import-hf reads the vocabulary size of --hf_dir's tokenizer.json; a file
+  `tokenizers` cannot read was a bare Exception without the path."""
+  from sharding import ConfigError
+  from train import hf
+  broken = tmp_path / "tokenizer.json"
+  broken.write_text('{"version": "1.0", "model": ')
+  with pytest.raises(ConfigError, match="tokenizer.json is not a tokenizer file") as err:
+    hf._tokenizer_size(str(broken))
+  assert err.value.field == "data.tokenizer"

@@ -675,8 +675,15 @@ def _stops_line(data_cfg, stops: list[int], copied: list[tuple[str, str]]) -> st
 
 
 def _tokenizer_size(path: str) -> int:
-  from tokenizers import Tokenizer
-  return Tokenizer.from_file(path).get_vocab_size()
+  """The tokenizer file's vocabulary size; a file `tokenizers` cannot read is a
+  ConfigError naming data.tokenizer (it was a bare Exception without the path)."""
+  from train.tokenizer import HFTokenizer, UnreadableTokenizer
+  try:
+    return HFTokenizer(path, require_eos=False).vocab_size
+  except UnreadableTokenizer as err:
+    raise ConfigError("data.tokenizer", f"{err}.", "pass the model's tokenizer.json "
+                      "with --config.data.tokenizer=PATH (or remove the broken one "
+                      "from --hf_dir).") from None
 
 
 def _honour_umask(path: str) -> None:

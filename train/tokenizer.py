@@ -34,6 +34,10 @@ class ByteTokenizer:
         lambda run: bytes(i for i in run if i).decode("utf-8", "replace"))
 
 
+class UnreadableTokenizer(Exception):
+  """A tokenizer file `tokenizers` cannot read (its message names the file)."""
+
+
 class HFTokenizer:
   """A `tokenizers` tokenizer.json; `eos_id` from the file's end-of-text token
   (None when it names none and `require_eos` is False: generation and export
@@ -43,7 +47,11 @@ class HFTokenizer:
 
   def __init__(self, path: str, eos_id: int | None = None, require_eos: bool = True):
     from tokenizers import Tokenizer  # optional dependency
-    self._tok = Tokenizer.from_file(path)
+    try:
+      self._tok = Tokenizer.from_file(path)
+    except Exception as err:  # noqa: BLE001 -- tokenizers raises a bare Exception
+      raise UnreadableTokenizer(f"{path} is not a tokenizer file `tokenizers` can "
+                                f"read ({err})") from None
     self.vocab_size = self._tok.get_vocab_size()
     if eos_id is None:
       eos_id = self.named_eos_id()
@@ -125,6 +133,9 @@ def make_tokenizer(data_cfg, require_eos: bool = True):
                       "--config.data.tokenizer=PATH/tokenizer.json.")
   try:
     tokenizer = HFTokenizer(path, data_cfg.eos_id, require_eos)
+  except UnreadableTokenizer as err:
+    raise ConfigError("data.tokenizer", f"{err}.", "pass the path of a model's "
+                      "tokenizer.json (the file `tokenizers` saves).") from None
   except ValueError as err:  # no end-of-text token
     raise ConfigError("data.eos_id", str(err) + ".", "set --config.data.eos_id to "
                       "the id that ends a document.") from None
