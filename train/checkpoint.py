@@ -60,10 +60,11 @@ def checkpoint_dir(workdir: str) -> str:
 def prepare_workdir(workdir: str, make: bool = True) -> None:
   """Checks that `workdir` and its checkpoint directory are directories (or can
   be made) and, with `make`, makes `workdir` on process 0: a ConfigError naming
-  --workdir before any data is read. A file in either place failed only after the data was
-  tokenized, with a traceback, and Orbax's asynchronous save into it hung the run
-  (its failing thread never signals the threads that wait for it; SIGTERM could
-  not end it)."""
+  --workdir. The loop and import-hf call it before reading any data (a file in
+  either place failed only after tokenization, with a traceback); a writable
+  `Checkpointer` checks too, since Orbax's asynchronous save into such a place
+  hangs (its failing thread never signals the threads that wait for it; SIGTERM
+  could not end it)."""
   for path in (workdir, checkpoint_dir(workdir)):
     if os.path.exists(path) and not os.path.isdir(path):
       raise ConfigError("--workdir", f"{path} is a file, not a directory.",
@@ -101,6 +102,8 @@ class Checkpointer:
       policies.append(pp.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True,
                                n=ckpt_cfg.keep_best,
                                keep_checkpoints_without_metrics=False))
+    if not read_only:
+      prepare_workdir(workdir, make=False)
     self.directory = checkpoint_dir(workdir)
     self.cfg = ckpt_cfg
     self.unreadable: list[tuple[int, str]] = []  # (step, why): `restore`'s fallback
