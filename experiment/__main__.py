@@ -370,11 +370,13 @@ def main(argv: list[str]) -> None:
   except JoinError as err:
     sys.stderr.write(f"\n{err}\n")
     sys.exit(1)
-  except RuntimeError as err:  # an unreadable checkpoint: what and how, no traceback
+  except RuntimeError as err:  # an unreadable checkpoint, a diverged run: no traceback
     from train.checkpoint import CheckpointError
-    if not isinstance(err, CheckpointError):
+    from train.loop import Diverged
+    if not isinstance(err, (CheckpointError, Diverged)):
       raise
-    sys.stderr.write(f"\nCheckpoint error: {err}\n")
+    kind = "Checkpoint error" if isinstance(err, CheckpointError) else "Diverged"
+    sys.stderr.write(f"\n{kind}: {err}\n")
     sys.exit(1)
 
 

@@ -321,3 +321,41 @@ def test_the_launcher_drops_only_a_failed_read_s_leftovers(monkeypatch):
                                   "index: (slice(0, 2, 1),)>"))
   assert logger.filter(record("Task exception was never retrieved\nfuture: <... "
                               "ValueError('mine')>"))
+
+
+@pytest.mark.parametrize("log_every,save_every", [(1, 4), (50, 1)])
+def test_a_diverged_run_stops_without_saving_it(log_every, save_every, tmp_path):
+  """From a crash trial: a run whose loss went NaN trained on, and its NaN
+  checkpoints rotated every good one out under checkpoint.keep. The loss and
+  gradient norm are read at each logged row and before each save (both paths: a
+  row every step, and saves between rows); a non-finite one stops the run with
+  Diverged before that state is saved, so every kept checkpoint is finite, and the
+  row goes to metrics.jsonl as strict JSON (null)."""
+  import json
+  from conftest import make_tiny_config
+  from train.loop import Diverged
+  good = _ckpt_config(make_tiny_config(), 3, total=12)
+  train.train(good, str(tmp_path), progress=False)
+  c = _ckpt_config(make_tiny_config(), 12, total=12)
+  c.optim.learning_rate = 1e30  # an update of ~1e30 per weight: the next step is NaN
+  c.checkpoint.update(every_steps=save_every, keep=2)
+  c.log.every_steps = log_every
+  with pytest.raises(Diverged, match=r"^step (\d+): the training loss is \S+ and the "
+                     r"gradient norm \S+: training diverged, and stops here without "
+                     r"saving this state\. Its last checkpoint, step (\d+), is kept: "
+                     r"resume from it .* --config\.optim\.learning_rate \(now 1e\+30\)"
+                     ) as err:
+    train.train(c, str(tmp_path), progress=False)
+  import re
+  bad, last = map(int, re.match(r"step (\d+):.*step (\d+), is kept", str(err.value)).groups())
+  steps = Checkpointer(str(tmp_path), c.checkpoint, read_only=True).all_steps()
+  assert steps and max(steps) == last < bad, (steps, str(err.value))
+  for step in steps:
+    params = _restore(c, tmp_path, step).params
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
+  rows = [json.loads(line, parse_constant=lambda s: pytest.fail(f"{s} in metrics.jsonl"))
+          for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  if log_every == 1:  # the diverged step's row is written, its non-finite values null
+    assert rows[-1]["step"] == bad and None in (rows[-1]["loss"], rows[-1]["grad_norm"])
+    from train.inspect_run import describe_run  # reads the null back
+    assert f"last logged step {bad}: loss " in describe_run(str(tmp_path))

@@ -19,6 +19,12 @@ def _dir_size(path: str) -> int:
              for root, _, files in os.walk(path) for f in files)
 
 
+def _number(value: float | None, spec: str) -> str:
+  """`value` formatted, or "not finite" for metrics.jsonl's null (a NaN or infinite
+  value: MetricsWriter)."""
+  return "not finite" if value is None else format(value, spec)
+
+
 def _describe_model(saved: dict) -> list[str]:
   """Family, shape, attention window, experts, rotary variant and stop tokens of a
   run's saved config."""
@@ -111,13 +117,15 @@ def describe_run(workdir: str) -> str:
     evals = [r for r in rows if "eval_loss" in r]
     if train_rows:
       r = train_rows[-1]
-      lines.append(f"last logged step {r['step']}: loss {r['loss']:.4f}, "
-                   f"{r['tokens_per_sec']:.0f} tokens/s, MFU {r['mfu']:.1%}")
+      lines.append(f"last logged step {r['step']}: loss {_number(r['loss'], '.4f')}, "
+                   f"{_number(r['tokens_per_sec'], '.0f')} tokens/s, "
+                   f"MFU {_number(r['mfu'], '.1%')}")
+    finite = [r for r in evals if r["eval_loss"] is not None]
     if evals:
-      best = min(evals, key=lambda r: r["eval_loss"])
-      lines.append(f"eval loss: last {evals[-1]['eval_loss']:.4f} at step "
-                   f"{evals[-1]['step']}, best {best['eval_loss']:.4f} at step "
-                   f"{best['step']}")
+      best = (f", best {_number(b['eval_loss'], '.4f')} at step {b['step']}" if
+              (b := min(finite, key=lambda r: r["eval_loss"], default=None)) else "")
+      lines.append(f"eval loss: last {_number(evals[-1]['eval_loss'], '.4f')} at step "
+                   f"{evals[-1]['step']}{best}")
   if steps:
     meta = manager.item_metadata(steps[-1])["state"]
     tree = getattr(meta, "tree", meta)["params"]

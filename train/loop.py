@@ -311,9 +311,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
              jax.process_index() != 0, dynamic_ncols=True, desc="train")
 
   saved = {"step": start}
+  checked = {"step": start}  # the last step whose loss and gradient norm were read
 
-  def save(eval_loss=None, force=False):
+  def save(done: int, metrics: dict, eval_loss=None, force=False):
     if int(state.step) != saved["step"]:
+      if checked["step"] != done:  # a save between logged rows: read its metrics
+        _stop_if_diverged(done, sharding.to_host(metrics), saved["step"], config)
       ckpt.save(state, data.train, config_dict, eval_loss=eval_loss, force=force)
       saved["step"] = int(state.step)
 
@@ -382,6 +385,8 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",
                         tok_s=f"{row['tokens_per_sec']:.0f}")
+        _stop_if_diverged(done, metrics, saved["step"], config)
+        checked["step"] = done
         timer.restart()
       bar.update(1)
       eval_loss = None
@@ -390,9 +395,9 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
           eval_loss = evaluate(done)["eval_loss"]
       every = config.checkpoint.every_steps
       if every and (done % every == 0 or done == t.steps):
-        save(eval_loss)
+        save(done, metrics, eval_loss)
       if stop.reached(done):
-        save(force=True)
+        save(done, metrics, force=True)
         ckpt.wait()
         _say(f"{stop.requested}: saved step {done}; exiting")
         break
@@ -401,6 +406,32 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     writer.close()
     ckpt.wait()  # `opened` closes it
   return history
+
+
+class Diverged(RuntimeError):
+  """The training loss or gradient norm was not finite: the run stopped without
+  saving that state, so every checkpoint it kept holds a finite one."""
+
+
+def _stop_if_diverged(step: int, metrics: dict, last_saved: int, config) -> None:
+  """Raises Diverged when step `step`'s loss or gradient norm (host `metrics`; the
+  mean over DiLoCo replicas) is NaN or infinite. Read at every logged row and
+  before every save, so a state updated from a non-finite loss or gradient is never
+  saved, and a diverged run cannot rotate its good checkpoints out under
+  checkpoint.keep."""
+  loss, grad_norm = (float(np.mean(metrics[k])) for k in ("loss", "grad_norm"))
+  if math.isfinite(loss) and math.isfinite(grad_norm):
+    return
+  o = config.optim
+  fixes = (f"a lower --config.optim.learning_rate (now {o.learning_rate:g}), a longer "
+           f"--config.optim.warmup_steps (now {o.warmup_steps}) or gradient clipping "
+           f"(--config.optim.clip_norm, now {o.clip_norm:g})")
+  where = (f"Its last checkpoint, step {last_saved}, is kept: resume from it (the same "
+           f"--workdir) with {fixes}" if last_saved else
+           f"It saved no checkpoint: start again with {fixes}")
+  raise Diverged(f"step {step}: the training loss is {loss:g} and the gradient norm "
+                 f"{grad_norm:g}: training diverged, and stops here without saving "
+                 f"this state. {where}.")
 
 
 def _vocabulary_of_a_saved_model(err, workdir: str, config):

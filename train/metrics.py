@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable
@@ -73,7 +74,8 @@ class MetricsWriter:
   the checkpoint it resumes from (past step 0 for a fresh start) are dropped from
   metrics.jsonl first, with any line a kill cut short, so the file holds one
   trajectory in step order; TensorBoard hides those events (`purge_step`).
-  `dropped` counts the rows dropped."""
+  `dropped` counts the rows dropped. A NaN or infinite value is written as null
+  (strict JSON, which json.loads, pandas and jq all read) and not to TensorBoard."""
 
   def __init__(self, workdir: str, *, enabled: bool, tensorboard: bool,
                start: int = 0):
@@ -94,7 +96,9 @@ class MetricsWriter:
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps(row) + "\n")
+    row = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+           for k, v in row.items()}
+    self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in row.items():
