@@ -59,6 +59,7 @@ from infer.kv_cache import cache_struct
 from model import ModelConfig, flops as flops_lib
 from sharding import ConfigError, MeshTooLarge
 from sharding.chips import Chip, chip_for_topology, topology_name
+from sharding.report import json_ready
 from train.compression import Compression
 from train.diloco import DiLoCo, Fragments, make_sync
 from train.optimizer import make_optimizer, schedule
@@ -123,17 +124,9 @@ class Report:
     """A JSON-ready dict; figures the compile could not give are None.
     `model_flops_per_device` sits beside `flops` (compiled, per device) so the two
     compare without dividing `model_flops` (whole step) by `devices`."""
-    def clean(x):
-      if isinstance(x, float) and not math.isfinite(x):
-        return None
-      if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-      if isinstance(x, list):
-        return [clean(v) for v in x]
-      return x
     out = dataclasses.asdict(self)
     out["model_flops_per_device"] = self.model_flops / self.devices
-    return clean(out)
+    return json_ready(out)
 
   def table(self) -> str:
     return _table(self)

@@ -61,7 +61,8 @@ def write_rows_to(path: str | None) -> None:
 
 
 def emit(**row) -> dict:
-  line = json.dumps(row)
+  from sharding.report import json_ready
+  line = json.dumps(json_ready(row), allow_nan=False)  # NaN (no MFU peak) -> null
   print(line, flush=True)
   for f in _SINK:
     f.write(line + "\n")

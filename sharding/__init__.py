@@ -6,7 +6,7 @@ from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_
                             normalize_rules, split_size, tree_shardings,
                             unsplit_dims)
 from sharding.validate import validate_plan, validate_serving_plan
-from sharding.report import format_bytes, format_rows, path_name, sharding_table
+from sharding.report import format_bytes, format_rows, json_ready, path_name, sharding_table
 from sharding import chips
 from sharding.distributed import (describe_process, initialize as initialize_distributed,
                                   to_host)

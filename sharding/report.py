@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -35,6 +36,19 @@ def format_rows(rows: list[tuple[str, ...]], indent: str = "") -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
                    for r in rows)
+
+
+def json_ready(x: Any) -> Any:
+  """`x` (nested dicts and lists of numbers and strings) with every NaN or infinite
+  float as None: strict JSON (json.dumps(allow_nan=False)), which json.loads, jq and
+  pandas all read, where a bare NaN is not JSON."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: json_ready(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_ready(v) for v in x]
+  return x
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -96,8 +95,7 @@ class MetricsWriter:
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    row = {k: v if not isinstance(v, float) or math.isfinite(v) else None
-           for k, v in row.items()}
+    row = sharding.json_ready(row)
     self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
