@@ -344,7 +344,12 @@ def main(argv: list[str]) -> None:
           "overrides.", num_processes=_NUM_PROCESSES.value)
     if command == "train":
       import train
-      train.train(_with_cache_dir(_CONFIG.value), workdir)
+      try:
+        train.train(_with_cache_dir(_CONFIG.value), workdir)
+      except KeyboardInterrupt as err:  # a second signal: stopped at once
+        sys.stderr.write(f"\n{err or 'KeyboardInterrupt'}: stopped at once; a resume "
+                         "reads the latest checkpoint that finished saving\n")
+        sys.exit(130)
     elif command == "import-hf":
       from train import hf
       hf_dir = _require(_HF_DIR, _HF_DIR.value, "path/to/hf_model")

@@ -119,8 +119,11 @@ def test_a_signal_during_setup_stops_before_the_first_step(tmp_path, monkeypatch
   monkeypatch.setattr(loop, "make_data", interrupted)
   rows = train.train(make_tiny_config(), str(tmp_path), progress=False)
   assert rows == []
-  assert "SIGINT before the first step: nothing new to save; exiting" in \
-      capsys.readouterr().out
+  out = capsys.readouterr()
+  assert "SIGINT before the first step: nothing new to save; exiting" in out.out
+  # what the signal promises at once: no step-boundary save (there is no step yet)
+  assert ("SIGINT: stopping before the first step, once setup (data, restore, "
+          "compile) is done; nothing new to save; send it again") in out.err
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
@@ -143,3 +146,21 @@ def test_a_second_signal_stops_at_once(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt, match="a second SIGINT"):
     train.train(make_tiny_config(), str(tmp_path), progress=False)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_resume_without_periodic_saves_names_the_step_it_reads(tmp_path, capsys):
+  """checkpoint.every_steps=0 on a run resumed from a saved step (a SIGTERM's, say)
+  said a resume would have nothing to read: it reads the step the run started
+  from."""
+  import train
+  from conftest import make_tiny_config
+  first = make_tiny_config()
+  first.train.steps, first.checkpoint.every_steps = 2, 2
+  train.train(first, str(tmp_path), progress=False)
+  capsys.readouterr()
+  again = make_tiny_config()
+  again.train.steps, again.checkpoint.every_steps = 3, 0
+  train.train(again, str(tmp_path), progress=False)
+  assert ("checkpoint.every_steps=0: this run saves no checkpoint (only SIGTERM or "
+          "SIGINT does), so generate, export-hf and a resume will read step 2, "
+          "where it started") in capsys.readouterr().out

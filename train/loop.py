@@ -297,10 +297,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
        f"{step_flops / 1e9:.1f} GFLOP per step; MFU peak {peak / 1e12:.3f} "
        f"TFLOP/s ({peak_source})")
 
-  if not config.checkpoint.every_steps:
-    _say("checkpoint.every_steps=0: this run saves no checkpoint (only a SIGTERM "
-         "does), so generate, export-hf and a resume will have nothing to read")
   start = int(state.step)
+  if not config.checkpoint.every_steps:
+    _say("checkpoint.every_steps=0: this run saves no checkpoint (only SIGTERM or "
+         "SIGINT does), so generate, export-hf and a resume " + (
+             f"will read step {start}, where it started" if start else
+             "will have nothing to read"))
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
                          tensorboard=config.log.tensorboard, start=start)
   if writer.dropped:
@@ -348,6 +350,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     if stop.requested:  # during setup or the baseline evaluation
       _say(f"{stop.requested} before the first step: nothing new to save; exiting")
       return history
+    stop.stepping = True
     timer.restart()
     for step in range(start, t.steps):
       batch = to_global(next(data.train))
@@ -593,6 +596,7 @@ class _StopOnSignal:
 
   def __init__(self):
     self.requested: str | None = None
+    self.stepping = False  # set when the first step starts (setup is done)
     self._previous = {}
     self._multiprocess = jax.process_count() > 1
     if threading.current_thread() is threading.main_thread():
@@ -610,8 +614,11 @@ class _StopOnSignal:
     if self.requested:
       raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}")
     self.requested = signal.Signals(signum).name
-    sys.stderr.write(f"\n{self.requested}: stopping at the next step boundary "
-                     "(saving it); send it again to stop at once.\n")
+    when = ("at the next step boundary (saving it)" if self.stepping else
+            "before the first step, once setup (data, restore, compile) is done; "
+            "nothing new to save")
+    sys.stderr.write(f"\n{self.requested}: stopping {when}; send it again to stop "
+                     "at once.\n")
 
   def reached(self, step: int) -> bool:
     """Whether to save `step` and stop: this process's signal, or in a
