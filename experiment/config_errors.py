@@ -33,6 +33,12 @@ def from_flag_error(err: Exception, config) -> ConfigError:
     return ConfigError(field, f"{value!r} is not a valid {kind} ({why}).",
                        f"pass a value of type {kind}, e.g. --config.{field}="
                        f"{current}.")
+  early = re.search(r"Found (--config\.[\w.]+=?\S*) in argv before a value for "
+                    r"--config was specified", text)
+  if early:  # ml_collections applies overrides to the file's config: file first
+    return ConfigError("--config", f"the override {early.group(1)} comes before "
+                       "--config=FILE, whose config it changes.",
+                       "put --config=FILE before every --config.* override.")
   return ConfigError("config", text, "check the flag spelling.")
 
 

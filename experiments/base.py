@@ -28,7 +28,8 @@ def no_variants(file: str, arg) -> None:
   none (it was ignored: `llama_tiny.py:big` trained llama_tiny)."""
   if arg:
     raise ConfigError("--config", f"{file} has no variants, and was given {arg!r}.",
-                      f"pass --config={file}.")
+                      f"pass --config={file}; a config file built on it calls its "
+                      "get_config() without the variant, which is the file's own.")
 
 
 def get_config(arg=None) -> ConfigDict:

@@ -106,3 +106,32 @@ def test_documented_commands_use_real_flags_and_fields():
       problems.append((where, cmd, "no --workdir"))
   assert seen > 20
   assert not problems, "\n".join(map(str, problems))
+
+
+def test_documented_config_files_load_with_each_of_their_variants(tmp_path):
+  """From a fresh-user trial: the README's example experiment passed its `arg` on to
+  base.get_config, which has no variants, so the `:local` it documents was a config
+  error. Every config file the docs show (a python block opening with
+  `# experiments/NAME.py`) is written out and loaded as --config would load it,
+  bare and with each variant it tests for (`arg == "X"`)."""
+  import glob
+  import textwrap
+
+  from experiment.config_errors import load_config
+  shown = 0
+  for path in [os.path.join(REPO, "README.md")] + sorted(
+      glob.glob(os.path.join(REPO, "docs", "*.md"))):
+    with open(path) as f:
+      text = f.read()
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+      block = textwrap.dedent(block)  # a block inside a list item is indented
+      name = re.match(r"\s*# experiments/(\w+\.py)", block)
+      if not name:
+        continue
+      shown += 1
+      file = tmp_path / name.group(1)
+      file.write_text(block)
+      for variant in [None, *re.findall(r'arg == "(\w+)"', block)]:
+        flag = f"--config={file}" + (f":{variant}" if variant else "")
+        assert load_config(["experiment", "train", flag]).model.d_model > 0, (path, flag)
+  assert shown >= 2  # my_run.py (README) and my_mix.py

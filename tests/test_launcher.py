@@ -116,12 +116,18 @@ def test_multi_process_timeouts_below_one_second_are_config_errors():
 def test_an_unknown_flag_or_config_file_is_a_config_error_that_says_what_exists():
   """A misspelt flag names itself and the flag meant; a --config path that is not a
   file names the shipped configs, and the suggested one exists."""
-  misspelt, missing, entry = run_cli_many([
+  misspelt, missing, entry, early = run_cli_many([
       ("train", "--config=experiments/llama_tiny.py", "--workdri=runs/x"),
       ("train", "--config=experiments/llama_tiyn.py", "--workdir=runs/x"),
       ("train", "--config=experiments/llama_tiny.py", "--workdir=runs/x",
-       "--config.data.mixture.web.weight=0.5")])
-  assert misspelt.returncode == missing.returncode == entry.returncode == 2
+       "--config.data.mixture.web.weight=0.5"),
+      ("train", "--workdir=runs/x", "--config.train.steps=2",
+       "--config=experiments/llama_tiny.py")])
+  assert {r.returncode for r in (misspelt, missing, entry, early)} == {2}
+  # an override before the file (from a trial: the fix said to check its spelling)
+  assert ("Config error in `--config`: the override --config.train.steps=2 comes "
+          "before --config=FILE, whose config it changes. Fix: put --config=FILE "
+          "before every --config.* override.") in early.stderr, early.stderr
   # An entry of a table the config leaves empty: not "valid keys here: ." (none).
   assert ("Config error in `data.mixture.web`: `data.mixture` is empty in this config, "
           "so it has no entry `web`") in entry.stderr
@@ -252,4 +258,5 @@ def test_a_config_variant_that_does_not_exist_names_the_one_meant():
   for run, name in zip(runs[4:], ("llama_tiny.py", "base.py")):
     assert (f"Config error in `--config`: experiments/{name} has no variants, and "
             f"was given") in run.stderr, run.stderr
-    assert f"Fix: pass --config=experiments/{name}." in run.stderr
+    assert (f"Fix: pass --config=experiments/{name}; a config file built on it calls "
+            "its get_config() without the variant") in run.stderr
