@@ -40,7 +40,7 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
     sizes[fill[0]] = num_devices // known
   product = math.prod(sizes.values())
   if product != num_devices:
-    fix = _mesh_fix(sizes, num_devices)
+    fix = mesh_fix(sizes, num_devices)
     named = next((a for a in fix if sizes[a] > 1), next(iter(fix)))
     if fill:
       what = (f"the axes other than mesh.{fill[0]}=-1 multiply to {known}, which "
@@ -69,7 +69,7 @@ def devices_phrase(n: int) -> str:
   return count(n, "device")
 
 
-def _mesh_fix(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+def mesh_fix(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
   """{axis: size} changes that make the mesh fit `num_devices`: explicitly sized
   axes cut to the largest sizes whose product divides the devices (one axis if one
   suffices, the largest such), then -1 on `data` unless an axis already is."""

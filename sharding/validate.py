@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from sharding.errors import ConfigError, MeshTooLarge
-from sharding.mesh import AXES, devices_phrase, largest_divisor, resolve_shape
+from sharding.mesh import AXES, devices_phrase, largest_divisor, mesh_fix, resolve_shape
 from sharding.report import count
 from sharding.rules import normalize_rules, split_size
 
@@ -162,16 +162,20 @@ def _resize(config: Any, axis: str, table, num_devices: int) -> str:
 def axis_fix(config: Any, axis: str, counts: Iterable[int], num_devices: int) -> str:
   """Flags that resize mesh `axis` to the largest size (at most its current one)
   that divides every count in `counts` and still fits the devices (with -1 on
-  `data` when no other axis takes the rest)."""
+  `data` when no other axis takes the rest); when no size of `axis` alone fits,
+  the other axes shrink too, as the mesh's own fix shrinks them (`mesh_fix`), so
+  the flags name every axis to change at once."""
   mesh = {a: config.mesh.get(a, 1) for a in AXES}
-  for size in range(max(mesh[axis], 1), 0, -1):
-    if any(c % size for c in counts):
+  sizes = [s for s in range(max(mesh[axis], 1), 0, -1) if not any(c % s for c in counts)]
+  candidates = [{axis: s, **extra} for s in sizes
+                for extra in (({}, {"data": -1}) if axis != "data" else ({},))]
+  candidates += [{axis: s, **{a: v for a, v in mesh_fix({**mesh, axis: s},
+                                                        num_devices).items() if a != axis}}
+                 for s in sizes]
+  for changes in candidates:
+    try:
+      resolve_shape({**mesh, **changes}, num_devices)
+    except ConfigError:
       continue
-    for extra in ({}, {"data": -1}) if axis != "data" else ({},):
-      try:
-        resolve_shape({**mesh, axis: size, **extra}, num_devices)
-      except ConfigError:
-        continue
-      return " ".join(f"--config.mesh.{a}={v}" for a, v in {axis: size,
-                                                            **extra}.items())
+    return " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
   return f"--config.mesh.{axis}=1"

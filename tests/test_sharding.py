@@ -219,3 +219,31 @@ def test_dimensions_the_mesh_does_not_divide_are_reported_as_unsplit():
   odd_width = lines(dict(fsdp=8), d_model=100, num_heads=4, num_kv_heads=2)
   assert any(l.startswith("layers/attn/q:") and " 100 over fsdp=8" in l
              for l in odd_width)
+
+
+@pytest.mark.parametrize("mesh", [dict(stage=4, tensor=2), dict(fsdp=4, tensor=2),
+                                  dict(sequence=2, tensor=4, data=1),
+                                  dict(expert=2, tensor=2, stage=2)])
+@pytest.mark.parametrize("devices", [1, 2, 4])
+@pytest.mark.parametrize("check", ["validate_serving_plan", "validate_plan"])
+def test_a_mesh_fix_names_every_axis_to_change(mesh, devices, check):
+  """From a trial: a run trained on stage=4 x tensor=2 refused to generate on one
+  device with the fix --config.mesh.tensor=1, and then again with
+  --config.mesh.stage=1. The fix, applied, gives a mesh that serves, or trains
+  (one error, all its flags)."""
+  import re
+
+  from experiments import llama_tiny
+  c = llama_tiny.get_config()
+  c.model.update(num_heads=8, num_kv_heads=4)
+  c.mesh.update(**mesh)
+  c.pipeline.microbatches = 4
+  validate = getattr(sharding, check)
+  try:
+    validate(c, devices)
+    return  # this mesh fits these devices as it is
+  except ConfigError as err:
+    fix = re.findall(r"--config\.mesh\.(\w+)=(-?\d+)", err.fix)
+    assert fix, str(err)
+  c.mesh.update(**{a: int(v) for a, v in fix})
+  validate(c, devices)
