@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from sharding import ConfigError
 from sharding.distributed import JoinError
-from experiment import failed_reads
+from experiment import failed_checkpoint_io
 from experiment.host import cpu_only_host
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
@@ -313,7 +313,7 @@ def _with_cache_dir(config):
 
 def main(argv: list[str]) -> None:
   command = argv[1]
-  failed_reads.install()  # a failed checkpoint read's leftovers
+  failed_checkpoint_io.install()  # what a failed checkpoint read or write leaves
   if not flags.FLAGS["verbosity"].present:
     # rung prints what a user needs; --verbosity=0 shows the libraries' INFO logs.
     logging.set_verbosity(logging.ERROR)

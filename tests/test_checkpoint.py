@@ -276,20 +276,23 @@ def test_cli_reports_an_unreadable_step_without_a_flood(tiny_config, tmp_path):
   assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
 
 
-def test_the_launcher_drops_only_a_failed_read_s_leftovers(monkeypatch):
-  """The reports `experiment.failed_reads` drops, built as Python makes them: a
-  RuntimeError raised inside asyncio on a closed loop, an Orbax coroutine closed
-  with its exception set, asyncio's never-retrieved read error. Any other report
-  (an error elsewhere, another coroutine, another never-retrieved future) passes."""
+def test_the_launcher_drops_only_a_failed_read_or_write_s_leftovers(monkeypatch):
+  """The reports `experiment.failed_checkpoint_io` drops, built as Python makes
+  them: a RuntimeError raised inside asyncio on a closed loop, an Orbax coroutine
+  closed with its exception set, asyncio's never-retrieved read error, Orbax's save
+  threads' ERROR logs of a failed write. Any other report (an error elsewhere,
+  another coroutine, another never-retrieved future, another Orbax error, the same
+  words from another package) passes."""
   import asyncio
   import logging
   import sys
   import types
-  from experiment import failed_reads
+  from experiment import failed_checkpoint_io
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
   monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
-  failed_reads.install()
+  monkeypatch.setattr(logging.getLogger("absl"), "filters", [])
+  failed_checkpoint_io.install()
   loop = asyncio.new_event_loop()
   loop.close()
   try:
@@ -321,6 +324,21 @@ def test_the_launcher_drops_only_a_failed_read_s_leftovers(monkeypatch):
                                   "index: (slice(0, 2, 1),)>"))
   assert logger.filter(record("Task exception was never retrieved\nfuture: <... "
                               "ValueError('mine')>"))
+  absl = logging.getLogger("absl")
+  orbax_file = "/x/orbax/checkpoint/_src/futures/future.py"
+  log = lambda path, msg, level=logging.ERROR: absl.makeRecord(  # noqa: E731
+      "absl", level, path, 387, msg, (), None)
+  for message in ("[process=0][thread=array_type_handler][operation_id=1] "
+                  "_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED",
+                  "[process=0] Failed to run 4 Handler Commit operations or the Commit "
+                  "callback in background save thread, directory: /r/checkpoints/2",
+                  "[process=0][step=2][wait_until_finished] Save Finalize thread "
+                  "(save_finalize) failed."):
+    assert not absl.filter(log(orbax_file, message)), message
+    assert absl.filter(log("/x/mine.py", message)), message
+  assert absl.filter(log(orbax_file, "Some other Orbax error"))
+  assert absl.filter(log(orbax_file, "_SignalingThread.run() raised an exception",
+                         logging.WARNING))
 
 
 @pytest.mark.parametrize("log_every,save_every", [(1, 4), (50, 1)])
@@ -359,3 +377,51 @@ def test_a_diverged_run_stops_without_saving_it(log_every, save_every, tmp_path)
     assert rows[-1]["step"] == bad and None in (rows[-1]["loss"], rows[-1]["grad_norm"])
     from train.inspect_run import describe_run  # reads the null back
     assert f"last logged step {bad}: loss " in describe_run(str(tmp_path))
+
+
+def test_a_save_that_cannot_be_written_is_reported_and_the_last_step_resumes(
+    tmp_path, capsys):
+  """From a crash trial (a full disk): a checkpoint write that fails surfaced as a
+  traceback from the next save, after some 350 lines of Orbax's background
+  threads' tracebacks. The write fails for real here (a per-file size limit,
+  RLIMIT_FSIZE, below the checkpoint's data file): the CLI exits 1 with one
+  CheckpointError naming the failed step and the intact one, prints no traceback,
+  and a run without the limit resumes from the intact step and saves on."""
+  import resource
+  import signal
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  from experiments import llama_tiny
+
+  def config(steps):
+    c = llama_tiny.get_config()
+    c.train.update(steps=steps, eval_every=0)
+    c.data.update(source="synthetic", seq_len=64)
+    c.checkpoint.every_steps = 2
+    return c
+
+  train.train(config(2), str(tmp_path), progress=False)  # step 2 saved
+
+  def limit():  # checkpoint data files exceed 4 MiB; a write past it fails (EFBIG)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiment", "train", "--config=experiments/llama_tiny.py",
+       f"--workdir={tmp_path}", "--config.train.steps=4", "--config.train.eval_every=0",
+       "--config.data.source=synthetic", "--config.data.seq_len=64",
+       "--config.checkpoint.every_steps=2"], cwd=REPO, env=dict(env, PYTHONPATH=REPO),
+      preexec_fn=limit, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f"Checkpoint error: saving step 4 into {tmp_path}/checkpoints failed: " in (
+      proc.stderr), proc.stderr[-3000:]
+  assert ("step 2, the latest complete checkpoint, is intact and a resume reads it. "
+          "Free space there") in proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  capsys.readouterr()
+  train.train(config(4), str(tmp_path), progress=False)
+  assert "resuming from step 2" in capsys.readouterr().out
+  assert Checkpointer(str(tmp_path), config(4).checkpoint,
+                      read_only=True).all_steps() == [2, 4]

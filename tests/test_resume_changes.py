@@ -34,6 +34,9 @@ def test_trajectory_changes_lists_exactly_the_fields_that_change_the_run():
   new.model.update(scan_layers=False, loss_chunks=2, embed_lookup="one_hot",
                    attention_block_q=128, attention_block_kv=256)
   new.data.prefetch_batches = 0
+  # where tokens are cached (the CLI fills it from $XDG_CACHE_HOME, the Python API
+  # leaves it None: a resume across the two reported it), generation and export ids
+  new.data.update(cache_dir="/elsewhere", stop_ids=(7,), bos_id=1)
   new.train.grad_accum_steps = 2           # a dense model: the same mean gradient
   new.pipeline.update(microbatches=2, schedule="circular", repeats=2)
   # Fields of features this run has switched off (no diloco replicas, no

@@ -17,6 +17,7 @@ and nothing is half-loaded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging as std_logging
@@ -36,7 +37,8 @@ from train.state import TrainState, model_spec
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint that exists but cannot be read."""
+  """A checkpoint that exists but cannot be read, or one that could not be
+  written."""
 
 
 def _as_dict(state: TrainState) -> dict[str, Any]:
@@ -107,6 +109,7 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     self.cfg = ckpt_cfg
     self.unreadable: list[tuple[int, str]] = []  # (step, why): `restore`'s fallback
+    self._writing: int | None = None  # the step of a save not yet known finished
     quiet, absl_logger = _WithoutReadOnlyNotice(), std_logging.getLogger("absl")
     absl_logger.addFilter(quiet)
     try:
@@ -166,10 +169,44 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     args = ocp.args.Composite(**items)
     metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
-    return self._manager.save(step, args=args, metrics=metrics, force=force)
+    with self._reporting_failed_writes(step):
+      saved = self._manager.save(step, args=args, metrics=metrics, force=force)
+    self._writing = step
+    return saved
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the asynchronous save in flight is committed. Raises
+    CheckpointError when it failed (a full disk, a lost mount)."""
+    with self._reporting_failed_writes(None):
+      self._manager.wait_until_finished()
+    self._writing = None
+
+  @contextlib.contextmanager
+  def _reporting_failed_writes(self, step: int | None):
+    """Orbax's error for a save that failed (the asynchronous one in flight, which
+    surfaces at the next save or wait, else `step`'s) -> CheckpointError naming the
+    step, the directory, the last complete step and what to do. The failed step
+    stays invisible: a step is listed only once Orbax commits it."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as err:  # noqa: BLE001 -- any failed write, reported whole
+      try:
+        steps = self.all_steps()
+      except Exception:  # noqa: BLE001 -- the listing may fail for the same reason
+        steps = []
+      # the save in flight, unless Orbax committed it (then this call's own failed)
+      failed = (self._writing if self._writing is not None and self._writing
+                not in steps else step)
+      self._writing = None
+      steps = [s for s in steps if s != failed]
+      intact = (f"step {steps[-1]}, the latest complete checkpoint, is intact and a "
+                "resume reads it" if steps else "no complete checkpoint was saved")
+      raise CheckpointError(
+          f"saving step {failed} into {self.directory} failed: "
+          f"{type(err).__name__}: {err}\n{intact}. Free space there (or fix the file "
+          "system) and resume with the same --workdir.") from err
 
   def close(self) -> None:
     self._manager.close()

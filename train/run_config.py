@@ -169,7 +169,8 @@ _SAME_TRAJECTORY_FIELDS = ("model.attention", "model.attention_block_q",
                            "model.loss_chunks", "model.embed_lookup",
                            "train.eval_every", "train.eval_steps", "optim.offload",
                            "pipeline.schedule", "pipeline.repeats",
-                           "data.prefetch_batches")
+                           "data.prefetch_batches", "data.cache_dir", "data.stop_ids",
+                           "data.bos_id")
 # Groups of fields that a run reads only when a switch turns them on: a change
 # matters only when the switch is on in the saved run or the resumed one.
 _ACTIVE_WHEN = {
@@ -212,7 +213,8 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   model, data, optimizer, batch size, seed and other train fields. Not reported:
   mesh sizes and rules, log.*, checkpoint.*, the attention implementation and its
   tile sizes, remat, scanned or unrolled layers, loss chunks, the embedding lookup,
-  evaluation settings, the pipeline schedule, the loader's read-ahead, and fields of
+  evaluation settings, the pipeline schedule, the loader's read-ahead, where the
+  token cache lives, generation's stop ids and export's bos id, and fields of
   a switched-off feature (diloco.* without mesh.diloco > 1, optim.compression.*
   while its method is none, GaLore's and NorMuon's own fields under another
   optimizer) on both sides. `train.steps` and

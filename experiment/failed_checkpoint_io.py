@@ -1,10 +1,19 @@
-"""Quiets what a failed Orbax checkpoint read leaves behind, once the failure
-itself has been reported (`train.checkpoint.CheckpointError`, or the fallback's
-note): TensorStore callbacks that fire after Orbax closed its event loop
+"""Quiets what a failed Orbax checkpoint read or write leaves behind, once the
+failure itself has been reported (`train.checkpoint.CheckpointError`, or the
+fallback's note).
+
+A read: TensorStore callbacks that fire after Orbax closed its event loop
 ("RuntimeError: Event loop is closed", through `sys.unraisablehook`), the read's
 coroutines closed with their exception still set ("Exception ignored in:
 <coroutine ...>"), and asyncio's "exception was never retrieved" for the gather
 that held them. A trial counted 1,941 lines of these around one line of error.
+
+A write (a full disk): Orbax's background save threads each log the failure with
+its traceback at ERROR ("_SignalingThread.run() raised an exception", "... in
+background save thread", "Save Finalize thread ... failed"), about 350 lines for
+one failed save, before the next save or wait raises it, which
+`Checkpointer` reports as a CheckpointError naming the step.
+
 Only reports of those kinds are dropped; every other one passes through."""
 
 from __future__ import annotations
@@ -41,6 +50,17 @@ class _UnretrievedReadErrors(logging.Filter):
                 and "while reading array index" in message)
 
 
+# What Orbax's save threads log when the write they wait on failed.
+_FAILED_SAVE_LOGS = ("_SignalingThread.run() raised an exception",
+                     "in background save thread", "Save Finalize thread")
+
+
+class _FailedSaveLogs(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and _in("orbax", record.pathname)
+                and any(m in record.getMessage() for m in _FAILED_SAVE_LOGS))
+
+
 def install() -> None:
   """Filters the reports above for the rest of the process (the launcher's)."""
   previous = sys.unraisablehook
@@ -50,3 +70,4 @@ def install() -> None:
       previous(report)
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(_UnretrievedReadErrors())
+  logging.getLogger("absl").addFilter(_FailedSaveLogs())
