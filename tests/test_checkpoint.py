@@ -418,7 +418,8 @@ def test_a_save_that_cannot_be_written_is_reported_and_the_last_step_resumes(
   assert f"Checkpoint error: saving step 4 into {tmp_path}/checkpoints failed: " in (
       proc.stderr), proc.stderr[-3000:]
   assert ("step 2, the latest complete checkpoint, is intact and a resume reads it. "
-          "Free space there") in proc.stderr
+          "Free space there (or fix the file system) and run again with the same "
+          "--workdir") in proc.stderr
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   capsys.readouterr()
   train.train(config(4), str(tmp_path), progress=False)

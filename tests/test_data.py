@@ -272,3 +272,44 @@ def test_a_run_keeps_its_tokenizer_when_the_original_moves(tiny_config, text_dir
   with pytest.raises(ConfigError, match="there is no tokenizer file at") as err:
     infer.text.generate_text(str(run), None, "a b", max_new_tokens=2, out=io.StringIO())
   assert "byte" not in err.value.fix
+
+
+@pytest.mark.parametrize("over", ["natural.bin", "tokens.npy"])
+def test_a_token_cache_that_cannot_be_written_is_a_config_error(tiny_config, text_dir,
+                                                                tmp_path, over):
+  """A full disk while tokenizing raised a bare OSError, or, in the memory-mapped
+  shuffled copy, killed the process with SIGBUS (exit 135, seen on a full tmpfs),
+  leaving its partial cache behind. Writes fail for real here (a per-file size
+  limit, RLIMIT_FSIZE, under which the first file or the second crosses it): a
+  ConfigError names data.cache_dir, nothing partial is left, and the cache builds
+  the same once there is room."""
+  import glob
+  import os
+  import resource
+  import signal
+
+  from train import token_cache
+  from train.tokenizer import ByteTokenizer
+  c = _text_config(tiny_config, text_dir)
+  files = sorted(glob.glob(str(text_dir / "*.py")))
+  c.data.cache_dir = str(tmp_path / "roomy")
+  roomy = token_cache.load_or_build(c.data, files, ByteTokenizer())
+  size = roomy.meta["tokens"]  # bytes: byte ids are stored as uint8
+  c.data.cache_dir = str(tmp_path / "full")
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  try:  # natural.bin: `size` bytes; tokens.npy: a 128-byte header and `size` bytes
+    resource.setrlimit(resource.RLIMIT_FSIZE,
+                       (size // 2 if over == "natural.bin" else size + 64, hard))
+    with pytest.raises(sharding.ConfigError) as err:
+      token_cache.load_or_build(c.data, files, ByteTokenizer())
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+  assert err.value.field == "data.cache_dir"
+  assert (f"writing the token cache into {tmp_path / 'full'} failed: [Errno 27] File "
+          "too large") in str(err.value), str(err.value)
+  assert "set --config.data.cache_dir to a directory on a disk with room" in str(err.value)
+  assert os.listdir(tmp_path / "full") == []
+  again = token_cache.load_or_build(c.data, files, ByteTokenizer())
+  np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(roomy.tokens))

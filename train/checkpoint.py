@@ -206,7 +206,8 @@ class Checkpointer:
       raise CheckpointError(
           f"saving step {failed} into {self.directory} failed: "
           f"{type(err).__name__}: {err}\n{intact}. Free space there (or fix the file "
-          "system) and resume with the same --workdir.") from err
+          "system) and run again with the same --workdir (training resumes from "
+          "that step).") from err
 
   def close(self) -> None:
     self._manager.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sharding import ConfigError
-from sharding.report import count
+from sharding.report import count, format_bytes
 from train import sources
 
 _VERSION = 1
@@ -115,6 +116,23 @@ class Cached:
   reused: bool
 
 
+def _reserve(path: str) -> None:
+  """Allocates the whole of the (sparse) file at `path` on disk: writing a memory
+  map past the free space kills the process with SIGBUS, where a reservation that
+  does not fit raises OSError (ENOSPC) first. File systems without fallocate
+  (EOPNOTSUPP, EINVAL) are left sparse."""
+  if not hasattr(os, "posix_fallocate"):
+    return
+  fd = os.open(path, os.O_RDWR)
+  try:
+    os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+  except OSError as err:
+    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+      raise
+  finally:
+    os.close(fd)
+
+
 def _build(data_cfg, files, tokenizer, tmp: str, dtype) -> dict:
   counts = sources.Counts()
   lengths = []
@@ -172,6 +190,7 @@ def _build(data_cfg, files, tokenizer, tmp: str, dtype) -> dict:
   natural = np.memmap(raw_path, dtype=dtype, mode="r")
   out = np.lib.format.open_memmap(os.path.join(tmp, "tokens.npy"), mode="w+",
                                   dtype=dtype, shape=(num_tokens,))
+  _reserve(os.path.join(tmp, "tokens.npy"))  # a full disk: OSError here, not SIGBUS
   offsets = np.zeros(len(lengths) + 1, np.int64)
   offsets[1:] = np.cumsum(lengths[order])
   for pos, i in zip(offsets[:-1], order):
@@ -189,6 +208,21 @@ def _build(data_cfg, files, tokenizer, tmp: str, dtype) -> dict:
               seconds=round(time.perf_counter() - start, 3))
 
 
+def _unwritable(root: str, err: OSError) -> ConfigError:
+  """The error for a token cache that could not be written (a full disk, a quota,
+  a read-only file system), once the partial cache is removed."""
+  try:
+    free = f"; {format_bytes(shutil.disk_usage(root).free)} free there now"
+  except OSError:
+    free = ""
+  return ConfigError(
+      "data.cache_dir", f"writing the token cache into {root} failed: {err}{free} "
+      "(nothing partial is left; building it takes about twice the token stream's "
+      "size on disk).",
+      "free space there, or set --config.data.cache_dir to a directory on a disk "
+      "with room.")
+
+
 def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
   """The token stream of `files` under data_cfg: from the cache if a complete one
   has this key, else tokenized now (progress bar) and stored. Logs one line either
@@ -201,8 +235,12 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
   meta_path = os.path.join(final, "meta.json")
   reused = os.path.exists(meta_path)
   if not reused:
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+    try:
+      os.makedirs(root, exist_ok=True)
+      tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+    except OSError as err:
+      raise _unwritable(root, err) from None
+    failed = None
     try:
       meta = _build(data_cfg, files, tokenizer, tmp, stream_dtype(tokenizer.vocab_size))
       with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last
@@ -213,9 +251,14 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
         if not os.path.exists(meta_path):
           raise
         shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:  # the sources' read errors are ConfigErrors already
+      failed = err.with_traceback(None)  # its frames held the build's memory maps
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
+    if failed is not None:  # the maps are closed now, so removing frees the space
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise _unwritable(root, failed)
   with open(meta_path) as f:
     meta = json.load(f)
   tokens = np.load(os.path.join(final, "tokens.npy"), mmap_mode="r")
