@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 import textwrap
@@ -311,6 +312,11 @@ def _with_cache_dir(config):
   return config
 
 
+# A write the file system refused: a full disk or quota, a file-size limit, a
+# read-only mount (the command's own bad input is a ConfigError before this).
+_CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
 def main(argv: list[str]) -> None:
   command = argv[1]
   failed_checkpoint_io.install()  # what a failed checkpoint read or write leaves
@@ -374,6 +380,14 @@ def main(argv: list[str]) -> None:
     _config_error(err)
   except JoinError as err:
     sys.stderr.write(f"\n{err}\n")
+    sys.exit(1)
+  except OSError as err:
+    if err.errno not in _CANNOT_WRITE:
+      raise
+    sys.stderr.write(f"\nCould not write{f' {err.filename}' if err.filename else ''}: "
+                     f"{err.strerror}. Free space there (or fix the file system) and "
+                     "run the command again; a training run resumes from its latest "
+                     "checkpoint, which a failed write leaves intact.\n")
     sys.exit(1)
   except RuntimeError as err:  # an unreadable checkpoint, a diverged run: no traceback
     from train.checkpoint import CheckpointError

@@ -260,3 +260,26 @@ def test_a_config_variant_that_does_not_exist_names_the_one_meant():
             f"was given") in run.stderr, run.stderr
     assert (f"Fix: pass --config=experiments/{name}; a config file built on it calls "
             "its get_config() without the variant") in run.stderr
+
+
+def test_a_refused_write_is_one_line_naming_the_file(tmp_path):
+  """A full disk (here a real refused write under a per-file size limit,
+  RLIMIT_FSIZE) while the run writes its config ended in an OSError traceback
+  naming no file; the launcher names the file and what to do, exit status 1."""
+  import resource
+  import signal
+  import subprocess
+  import sys
+
+  def limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # config.json is ~4 kB
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiment", "train", "--config=experiments/llama_tiny.py",
+       f"--workdir={tmp_path}", "--config.data.source=synthetic"], cwd=REPO,
+      env=dict(os.environ, PYTHONPATH=REPO), preexec_fn=limit, capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert (f"Could not write {tmp_path}/config.json: File too large. Free space there "
+          "(or fix the file system) and run the command again") in proc.stderr
+  assert "Traceback" not in proc.stderr

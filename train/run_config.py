@@ -80,10 +80,13 @@ def keep_tokenizer(workdir: str, tokenizer: str | None) -> None:
 
 def write_atomically(file: str, text: str) -> None:
   """Writes `text` to a temporary file moved over `file`, so a crash leaves the
-  old file or the new one, never half of one."""
-  with open(file + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(file + ".tmp", file)
+  old file or the new one, never half of one. An OSError names `file`."""
+  try:
+    with open(file + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(file + ".tmp", file)
+  except OSError as err:  # a failed write() names no file
+    raise OSError(err.errno, err.strerror, file) from None
 
 
 def read(workdir: str) -> dict[str, Any]:
