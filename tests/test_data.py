@@ -313,3 +313,34 @@ def test_a_token_cache_that_cannot_be_written_is_a_config_error(tiny_config, tex
   assert os.listdir(tmp_path / "full") == []
   again = token_cache.load_or_build(c.data, files, ByteTokenizer())
   np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(roomy.tokens))
+
+
+def test_a_build_removes_partial_caches_that_killed_tokenizations_left(
+    tiny_config, text_dir, tmp_path, capsys):
+  """A tokenization killed mid-way (SIGKILL) leaves its `.<key>.tmp-*` directory,
+  as large as what it wrote, and nothing removed it. A build removes those no file
+  was written to for an hour, says so, and leaves a fresh one (a build in progress
+  elsewhere) and complete caches alone."""
+  import glob
+  import os
+  import time
+
+  from train import token_cache
+  from train.tokenizer import ByteTokenizer
+  c = _text_config(tiny_config, text_dir)
+  root = tmp_path / "cache"
+  c.data.cache_dir = str(root)
+  files = sorted(glob.glob(str(text_dir / "*.py")))
+  kept = root / "0123abcd"  # a complete cache of other data
+  for name, age in ((".aaaa.tmp-killed", 2 * token_cache.STALE_SECONDS),
+                    (".bbbb.tmp-running", 60), ("0123abcd", 10 * token_cache.STALE_SECONDS)):
+    (root / name).mkdir(parents=True)
+    (root / name / "natural.bin").write_bytes(b"\0" * 3000)
+    old = time.time() - age
+    os.utime(root / name / "natural.bin", (old, old))
+    os.utime(root / name, (old, old))
+  token_cache.load_or_build(c.data, files, ByteTokenizer())
+  assert not (root / ".aaaa.tmp-killed").exists()
+  assert (root / ".bbbb.tmp-running").exists() and kept.exists()
+  assert (f"data: removed 1 partial token cache that interrupted tokenizations left in "
+          f"{root} (2.9 KiB)") in capsys.readouterr().out

@@ -208,6 +208,34 @@ def _build(data_cfg, files, tokenizer, tmp: str, dtype) -> dict:
               seconds=round(time.perf_counter() - start, 3))
 
 
+# A partial cache untouched this long was left by a tokenization that was killed
+# (one in progress writes its files continuously).
+STALE_SECONDS = 3600
+
+
+def _remove_stale_builds(root: str, now: float | None = None) -> None:
+  """Removes the partial caches (`.<key>.tmp-*`) under `root` that no file was
+  written to for STALE_SECONDS, and says how much that freed: a killed
+  tokenization leaves one behind, as large as what it had written."""
+  now = time.time() if now is None else now
+  freed, removed = 0, 0
+  for entry in os.scandir(root):
+    if not (entry.name.startswith(".") and ".tmp-" in entry.name and entry.is_dir()):
+      continue
+    try:
+      files = [f for f in os.scandir(entry.path) if f.is_file()]
+      newest = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in files])
+      size = sum(f.stat().st_size for f in files)
+    except OSError:  # removed meanwhile
+      continue
+    if now - newest > STALE_SECONDS:
+      shutil.rmtree(entry.path, ignore_errors=True)
+      freed, removed = freed + size, removed + 1
+  if removed:
+    _say(f"data: removed {count(removed, 'partial token cache')} that interrupted "
+         f"tokenizations left in {root} ({format_bytes(freed)})")
+
+
 def _unwritable(root: str, err: OSError) -> ConfigError:
   """The error for a token cache that could not be written (a full disk, a quota,
   a read-only file system), once the partial cache is removed."""
@@ -237,6 +265,7 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
   if not reused:
     try:
       os.makedirs(root, exist_ok=True)
+      _remove_stale_builds(root)
       tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
     except OSError as err:
       raise _unwritable(root, err) from None
