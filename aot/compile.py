@@ -405,7 +405,7 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
   report.mfu_estimate = (report.model_flops / report.devices
                          / (chip.peak_flops * est.seconds)) if est.seconds else 0.0
   report.schedule = {"ops": est.ops, "communication": est.communication,
-                     "collectives": est.collectives,
+                     "hbm": est.hbm, "collectives": est.collectives,
                      "matmul_efficiency": chip.matmul_efficiency}
   dcn = est.collectives.get("dcn_bytes", 0)
   if dcn:  # send / recv between slices: not in the HLO's collectives (aot/hlo.py)
@@ -724,8 +724,11 @@ def _estimate_lines(r: Report) -> list[str]:
       r.exposed_communication.items(), key=lambda x: -x[1])) or "none"
   flags = " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
                    for k, v in r.compiler_flags.items()) or "none (libtpu defaults)"
+  hbm = s.get("hbm", 0.0)
+  floor = ", the floor" if hbm >= r.time["estimate"] > s["ops"] else ""
   return [f"  schedule estimate            {r.time['estimate'] * 1e3:.2f} ms "
-          f"(ops {s['ops'] * 1e3:.2f} ms, matmuls at "
+          f"(ops {s['ops'] * 1e3:.2f} ms, all HBM traffic with asynchronous copies "
+          f"{hbm * 1e3:.2f} ms{floor}; matmuls at "
           f"{s.get('matmul_efficiency', 1):.1%} of peak; collectives "
           f"{s['communication'] * 1e3:.2f}"
           f" ms, {s['collectives'].get('asynchronous', 0)} async / "

@@ -29,7 +29,11 @@ program) with two clocks, the TensorCore's and the ICI's:
   `dynamic-update-slice-start`: slices prefetched into VMEM, remat residuals moved
   between HBM and host memory) run beside the core and cost it nothing; the bytes
   moved to and from host memory are counted (`collectives["host_bytes"]`), but the
-  host link's time is not modelled.
+  host link's time is not modelled;
+- the HBM is one: the step takes at least all its traffic (the ops' and the
+  DMAs', as `aot/costs.py` counts it) over the HBM bandwidth. A program whose
+  weights stream in through DMAs beside the core (a decode step) is held to that
+  floor (`Estimate.hbm`), so the estimate is never below the roofline's HBM term.
 
 A collective's time is that of its algorithm on the slice's torus, for the
 physical axes its replica group spans (read from the devices' coordinates):
@@ -184,6 +188,8 @@ class Estimate:
   #                                dcn_bytes: what a device sends to other slices
   dcn_seconds: float = 0.0       # the DCN link's busy time (--slices), overlapped
   #                                or not: received bytes / Chip.dcn_bandwidth
+  hbm: float = 0.0               # all HBM traffic (ops' and DMAs') / bandwidth: the
+  #                                floor `seconds` is held to
 
 
 def dcn_seconds(kind: str, nbytes: float, torus: Torus) -> float:
@@ -241,6 +247,13 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
       flops = sum(fused_flops(c) for c in ins.called)
     nbytes = costs_lib._traffic(ins, instrs, comps)
     return max(flops / matmul_rate, nbytes / chip.hbm_bandwidth)
+
+  def hbm_seconds(ins) -> float:
+    """The HBM time of an op's (or a DMA's) traffic, as aot/costs.py counts it."""
+    if ins.opcode in _FREE or ins.opcode.endswith("-done") or (
+        ins.opcode == "custom-call" and not costs_lib._is_kernel(ins)):
+      return 0.0
+    return costs_lib._traffic(ins, instrs, comps) / chip.hbm_bandwidth
 
   def comm(coll, outer) -> tuple[float, str]:
     """(seconds, axes key) of one execution; `outer` holds it (a fusion)."""
@@ -314,6 +327,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
       if ins.opcode in costs_lib.ASYNC_DMA:
         if costs_lib.HOST_MEMORY in ins.shape:
           exposed["#host_bytes"] += costs_lib.dma_bytes(ins, instrs)
+        exposed["~hbm"] += hbm_seconds(ins)
         continue
       role = hlo.async_role(comps, ins)
       if role is not None:
@@ -342,6 +356,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
         # step) the fusion's own work runs alongside it
         seconds, axes = comm(coll, ins)
         work = op_seconds(ins) if ins.opcode == "fusion" else 0.0
+        exposed["~hbm"] += hbm_seconds(ins) if ins.opcode == "fusion" else 0.0
         link = max(core, link) + seconds
         finish = max(link, core + work)
         exposed[axes] += finish - core - work
@@ -355,6 +370,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
       t = op_seconds(ins)
       core += t
       ops += t
+      exposed["~hbm"] += hbm_seconds(ins)
     for end, axes in inflight.values():  # never waited for: the step still ends after
       if end > core:
         exposed[axes] += end - core
@@ -364,8 +380,9 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
   seconds, ops, communication, items = walk(hlo.entry_name(comps))
   exposed = {k: v for k, v in items if k[0] not in "#~"}
   counts = {k[1:]: round(v) for k, v in items if k.startswith("#")}
-  return Estimate(seconds, ops, communication, exposed, counts,
-                  dict(items).get("~dcn_seconds", 0.0))
+  hbm = dict(items).get("~hbm", 0.0)
+  return Estimate(max(seconds, hbm), ops, communication, exposed, counts,
+                  dict(items).get("~dcn_seconds", 0.0), hbm)
 
 
 def kernel_calls(hlo_text: str) -> float:
