@@ -12,6 +12,7 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 import time
 
 import jax
@@ -67,6 +68,8 @@ def initialize(coordinator_address: str | None = None,
                       "--coordinator_address, --num_processes and --process_id.",
                       "pass all three, or none to auto-detect (TPU pod, SLURM, "
                       "Kubernetes).")
+  if explicit:
+    _check_launch(coordinator_address, num_processes, process_id)
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   who = (f"process {process_id if process_id is not None else '?'} of "
@@ -81,6 +84,26 @@ def initialize(coordinator_address: str | None = None,
     _wait_for_coordinator(coordinator_address, timeout_s, who)
   elif coordinator_address:
     _check_port_free(coordinator_address)
+  # Process 0 hosts the coordinator and waits there for every other process; when
+  # they do not all come, the runtime aborts it (status 134, a C++ stack) some
+  # seconds after the timeout. Say who waited for what first, and exit 1.
+  watchdog = None
+  if process_id == 0 and num_processes and num_processes > 1:
+    def give_up():
+      others = ("the other process did not" if num_processes == 2 else
+                f"the other {num_processes - 1} processes did not all")
+      ids = ("--process_id=1" if num_processes == 2 else
+             f"its own --process_id (1 to {num_processes - 1})")
+      sys.stderr.write(
+          f"\n{who}: {others} join through coordinator {where} within {timeout_s}s. "
+          f"Start {'it' if num_processes == 2 else 'each'} with "
+          f"--coordinator_address={where} --num_processes={num_processes} and {ids}, "
+          "or raise --join_timeout_s.\n")
+      sys.stderr.flush()
+      os._exit(1)
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_s,
@@ -88,7 +111,29 @@ def initialize(coordinator_address: str | None = None,
   except Exception as err:
     raise JoinError(f"{who}: could not join the run through coordinator {where} "
                     f"within {timeout_s}s: {err}") from err
+  finally:
+    if watchdog is not None:
+      watchdog.cancel()
   return jax.process_count() > 1
+
+
+def _check_launch(address: str, num_processes: int, process_id: int) -> None:
+  """ConfigErrors for launch flags that cannot join any run: an address without a
+  port, a count below 1, an id outside [0, count)."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError("--coordinator_address", f"{address!r} is not HOST:PORT.",
+                      "pass process 0's host and a free port, e.g. "
+                      f"--coordinator_address={host or address}:1234, to every process.")
+  if num_processes < 1:
+    raise ConfigError("--num_processes", f"{num_processes} processes cannot run.",
+                      "pass the number of processes of the run (2 or more), the "
+                      "same to every process.")
+  if not 0 <= process_id < num_processes:
+    raise ConfigError("--process_id", f"{process_id} is not a process of a run of "
+                      f"{num_processes} (ids 0 to {num_processes - 1}).",
+                      f"pass --process_id=0 to the first process, 1 to the next, and "
+                      f"{num_processes - 1} to the last.")
 
 
 def to_host(tree):

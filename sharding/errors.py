@@ -45,9 +45,7 @@ class MeshTooLarge(ConfigError):
   def __init__(self, field: str, problem: str, fix: str, wanted: int,
                hint: str | None = None):
     self.mesh_fix, self.wanted = fix.rstrip("."), wanted
-    self.hint = hint if hint is not None else (
-        f"on a CPU host, XLA_FLAGS=--xla_force_host_platform_device_count={wanted} "
-        f"set before starting splits the CPU into {wanted} devices to try this mesh")
+    self.hint = hint if hint is not None else _cpu_hint(wanted)
     super().__init__(field, problem, f"{self.mesh_fix}; {self.hint}.")
 
   def elsewhere(self, hint: str) -> "MeshTooLarge":
@@ -57,6 +55,23 @@ class MeshTooLarge(ConfigError):
   def with_fix(self, fix: str) -> "MeshTooLarge":
     """The same error and hint with another fix."""
     return MeshTooLarge(self.field, self.problem, fix, self.wanted, self.hint)
+
+
+def _cpu_hint(wanted: int) -> str:
+  """How to get `wanted` devices on CPU hosts: XLA's flag splits each process's
+  CPU, so a run of several processes asks each for its share."""
+  import jax
+  processes = jax.process_count()
+  if processes == 1:
+    return (f"on a CPU host, XLA_FLAGS=--xla_force_host_platform_device_count={wanted} "
+            f"set before starting splits the CPU into {wanted} devices to try this mesh")
+  if wanted % processes:
+    return (f"on CPU hosts, {wanted} devices do not split evenly over the run's "
+            f"{processes} processes (XLA_FLAGS=--xla_force_host_platform_device_count "
+            "gives each process the same number)")
+  return (f"on CPU hosts, XLA_FLAGS=--xla_force_host_platform_device_count="
+          f"{wanted // processes} set before starting each of the run's {processes} "
+          f"processes gives {wanted} devices in all to try this mesh")
 
 
 def closest(value: Any, allowed: Sequence[str]) -> str | None:

@@ -113,6 +113,26 @@ def test_multi_process_timeouts_below_one_second_are_config_errors():
     assert fix >= 1 and "joining the run" not in proc.stderr
 
 
+def test_launch_flags_that_join_no_run_are_config_errors():
+  """From a trial: an address without a port was a ValueError traceback; an id
+  past the count waited out the join timeout. Both, and a count below 1, exit 2
+  before joining, naming the flag."""
+  base = ("train", "--config=experiments/llama_tiny.py", "--workdir=runs/x")
+  runs = run_cli_many([
+      (*base, "--coordinator_address=127.0.0.1", "--num_processes=2", "--process_id=1"),
+      (*base, "--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"),
+      (*base, "--coordinator_address=127.0.0.1:1", "--num_processes=0", "--process_id=0")])
+  for proc, message in zip(runs, (
+      "Config error in `--coordinator_address`: '127.0.0.1' is not HOST:PORT. Fix: "
+      "pass process 0's host and a free port, e.g. "
+      "--coordinator_address=127.0.0.1:1234",
+      "Config error in `--process_id`: 2 is not a process of a run of 2 (ids 0 to 1).",
+      "Config error in `--num_processes`: 0 processes cannot run.")):
+    assert proc.returncode == 2, proc.stderr[-1000:]
+    assert message in proc.stderr, proc.stderr[-1000:]
+    assert "joining the run" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_an_unknown_flag_or_config_file_is_a_config_error_that_says_what_exists():
   """A misspelt flag names itself and the flag meant; a --config path that is not a
   file names the shipped configs, and the suggested one exists."""

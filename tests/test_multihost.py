@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -305,6 +306,10 @@ def test_mesh_larger_than_the_processes_fails_clearly(tmp_path):
     assert proc.returncode == 2, err[-3000:]
     assert f"[process {pid} of 2] Config error in `mesh.data`" in err
     assert "has 16 devices but 8 are available" in err
+    # XLA's device-count flag splits each process's CPU (a trial followed the hint
+    # for one process, 16, and got 32 devices)
+    assert ("XLA_FLAGS=--xla_force_host_platform_device_count=8 set before starting "
+            "each of the run's 2 processes gives 16 devices in all") in err, err[-2000:]
 
 
 def test_missing_process_times_out_naming_itself(tmp_path):
@@ -312,6 +317,20 @@ def test_missing_process_times_out_naming_itself(tmp_path):
                               started=(1,), timeout_s=5)
   assert proc.returncode == 1
   assert "process 1 of 2: could not join the run through coordinator 127.0.0.1:" in err
+
+
+def test_process_0_alone_says_what_it_waited_for(tmp_path):
+  """From a trial: process 0 with no peer was aborted by the runtime (status 134,
+  a C++ stack trace) some seconds after its join timeout; it now says who it
+  waited for and how to launch them, exit 1."""
+  (proc, out, err), = _launch(tmp_path, ["--config.train.steps=1", *STEPS],
+                              started=(0,), timeout_s=5)
+  assert proc.returncode == 1, err[-3000:]
+  assert re.search(r"process 0 of 2: the other process did not join through "
+                   r"coordinator 127\.0\.0\.1:\d+ within 5s\. Start it with "
+                   r"--coordinator_address=127\.0\.0\.1:\d+ --num_processes=2 and "
+                   r"--process_id=1, or raise --join_timeout_s\.", err), err[-3000:]
+  assert "Fatal Python error" not in err
 
 
 
