@@ -186,9 +186,42 @@ def check_same_on_every_process(text: str, field: str, fix: str, *,
                       f"through the coordinator has {len(every)} processes.",
                       f"pass --num_processes={len(every)} to every process.")
   differ = [i for i in range(len(every)) if not np.array_equal(digests[i], digests[0])]
-  if differ:
+  if differ:  # every process sees it: gather the texts to say what differs
+    data = np.frombuffer(text.encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).ravel()
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    texts = [bytes(row[:n]).decode() for row, n in zip(
+        np.asarray(multihost_utils.process_allgather(padded)), sizes)]
+    what = _differences(texts[0], texts[differ[0]], differ[0])
     raise ConfigError(field, f"{_processes(differ, len(every))} a different one from "
-                      "process 0.", fix)
+                      f"process 0{f' ({what})' if what else ''}.", fix)
+
+
+def _differences(first: str, other: str, pid: int, most: int = 4) -> str:
+  """'train.seed: 0 on process 0, 1 on process 1' for up to `most` fields of two
+  JSON objects that differ ('' when the texts are not JSON objects)."""
+  import json
+  try:
+    a, b = json.loads(first), json.loads(other)
+  except ValueError:
+    return ""
+  if not (isinstance(a, dict) and isinstance(b, dict)):
+    return ""
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+  fa, fb = flat(a), flat(b)
+  missing = object()
+  fields = [k for k in sorted(set(fa) | set(fb))
+            if fa.get(k, missing) != fb.get(k, missing)]
+  shown = [f"{k}: {fa.get(k, 'unset')!r} on process 0, {fb.get(k, 'unset')!r} on "
+           f"process {pid}" for k in fields[:most]]
+  more = len(fields) - len(shown)
+  return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
 
 
 def _processes(ids: list[int], count: int) -> str:

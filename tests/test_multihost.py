@@ -342,8 +342,9 @@ def test_processes_launched_differently_fail_naming_the_flag(tmp_path):
   for pid, (proc, out, err) in enumerate(results):
     assert proc.returncode == 2, err[-3000:]
     assert (f"[process {pid} of 2] Config error in `--config`: process 1 of the 2 has "
-            "a different one from process 0. Fix: launch every process with the same "
-            "--config file and --config.* overrides.") in err
+            "a different one from process 0 (train.seed: 0 on process 0, 1 on process "
+            "1). Fix: launch every process with the same --config file and --config.* "
+            "overrides.") in err
   # Both name the flag at once (process 1 raised it alone, and both then waited 30 s
   # for gloo's timeout: process 0 for process 1 in the comparison, process 1 for
   # process 0 at shutdown).
