@@ -354,7 +354,7 @@ def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
     est = _schedule_estimate(text, chip, list(mesh.devices.flat), shape, slices, 0.0)
     if est.collectives.get("dcn_bytes", 0):  # send / recv between slices
       axes, dcn = _dcn_received(est, chip, shape, slices)
-      received[",".join(axes) + " (DCN)"] = dcn
+      received["+".join(axes) + " (DCN)"] = dcn
     stats = compiled.memory_analysis()
     total = sum(_compiled_memory(stats).values())
     out.append(dict(fragment=p, sync_every=dl.sync_every, seconds=est.seconds,
@@ -414,7 +414,7 @@ def _add_estimate(report: Report, text: str, chip: Chip, devices, mesh_shape,
         kind="send/recv (DCN)", axes=axes, group_size=report.slices,
         count=est.collectives.get("dcn_transfers", 0), bytes=float(dcn),
         received_bytes=received))
-    report.received_bytes[",".join(axes) + " (DCN)"] = received
+    report.received_bytes["+".join(axes) + " (DCN)"] = received
     t = report.time
     t["dcn"] = est.dcn_seconds
     t["roofline"] = max(t["compute"], t["hbm"], t["ici"], t["dcn"])
@@ -431,15 +431,16 @@ def _schedule_estimate(text: str, chip: Chip, devices, mesh_shape, slices: int,
   split = sharding.mesh.slice_split(dict(zip(sharding.AXES, mesh_shape)), slices)
   return schedule_lib.estimate(text, chip, torus, sharding.AXES, mesh_shape,
                                kernel_flops / calls if calls else 0.0,
-                               "+".join(a for a in sharding.AXES if split[a] > 1))
+                               "+".join(a for a in sharding.AXES if split[a] > 1)
+                               + " (DCN)")
 
 
 def _received_by_axes(costs) -> dict[str, float]:
   """Bytes a device receives per step, by the mesh axes its collectives span
-  ("data", "data,fsdp", ...)."""
+  ("data", "data+fsdp", ...: the keys of `exposed_communication`)."""
   received: dict[str, float] = {}
   for c in costs.collectives:
-    key = ",".join(c.axes) or "?"
+    key = "+".join(c.axes) or "?"
     received[key] = received.get(key, 0.0) + c.received_bytes
   return received
 
@@ -621,8 +622,9 @@ def _table(r: Report) -> str:
   what = (f"{r.what} step" if r.what != "train" or not r.mesh.get("diloco", 1) > 1
           else "train step (DiLoCo's inner step; its synchronisations at the end)")
   lines = [f"{what} on {where}: {r.devices} x TPU {r.chip} "
-           f"({size(m['hbm'])} HBM each), mesh {mesh}; compiled in "
-           f"{r.compile_seconds:.1f} s", "", "memory per device"]
+           f"({size(m['hbm'])} HBM each), mesh {mesh}; "
+           f"{'refused after' if r.error else 'compiled in'} {r.compile_seconds:.1f} s",
+           "", "memory per device"]
   rows = [("parameters", m["params"]), ("optimizer state", m["optimizer"]),
           *([("optimizer state (host)", m["optimizer_host"])]
             if m.get("optimizer_host") else []),
@@ -636,6 +638,13 @@ def _table(r: Report) -> str:
   verdict = "fits" if r.fits else "DOES NOT FIT"
   lines.append(f"  {verdict} in {size(m['hbm'])} of HBM"
                + (f" ({m['total'] / m['hbm']:.0%})" if math.isfinite(m["total"]) else ""))
+  if not r.fits:
+    lines.append(f"  to fit: `plan --topology={r.topology}` compiles every mesh and "
+                 "remat policy and ranks those that fit; or try "
+                 "--config.model.remat=full, or a smaller train.batch_size with "
+                 "more train.grad_accum_steps" if r.what == "train" else
+                 f"  to fit: a smaller batch, a shorter data.seq_len, or more "
+                 "devices (a larger --topology)")
   if r.error:
     lines += ["", "the compiler refused the plan:", "  " + r.error.splitlines()[0]]
     return "\n".join(lines)
@@ -661,9 +670,10 @@ def _table(r: Report) -> str:
       f"  MFU upper bound              {r.mfu_bound:.1%}",
       *_estimate_lines(r),
       "  compiler estimate            "
-      + (f"{t['compiler'] * 1e3:.2f} ms" if t["compiler"] > 0
-         else f"none (XLA gave {r.compiler['optimal_seconds']:.3g} s)")
-      + " (XLA optimal_seconds; counts each loop body once)",
+      + (f"{t['compiler'] * 1e3:.2f} ms (XLA's optimal_seconds; counts each loop body "
+         "once)" if t["compiler"] > 0 else
+         f"unavailable (XLA's optimal_seconds is {r.compiler['optimal_seconds']:.3g} s "
+         "for this program, not a time)"),
       *_pipeline_lines(r),
       "", "collectives per step"]
   if not r.collectives:
@@ -672,7 +682,7 @@ def _table(r: Report) -> str:
     lines.append("  received per device          " + ", ".join(
         f"{size(b)} over {axes}" for axes, b in sorted(r.received_bytes.items())))
   for c in r.collectives:
-    axes = ",".join(c["axes"]) or "?"
+    axes = "+".join(c["axes"]) or "?"
     lines.append(f"  {c['kind']:<20} x{c['count']:<7.0f} {size(c['bytes']):>11} "
                  f"result, {size(c['received_bytes']):>11} received over {axes} "
                  f"(groups of {c['group_size']})")

@@ -83,8 +83,7 @@ class Plan:
     out = dataclasses.asdict(dataclasses.replace(self, report=None))
     out["report"] = self.report.to_dict() if self.report else None
     out["flags"] = self.flags()
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in out.items()}
+    return sharding.json_ready(out)
 
 
 def candidate_meshes(num_devices: int, *, experts: bool = False,
@@ -179,7 +178,8 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
                       "`python -m experiment compile` and one explicit mesh.")
 
   plans, floors, compiled = [], {}, 0
-  bar = tqdm(candidates, desc=f"plan {topology}", disable=not progress,
+  bar = tqdm(candidates, desc=f"plan {f'{slices} x ' if slices > 1 else ''}{topology}",
+             disable=not progress,
              dynamic_ncols=True,  # piped into a log: a line a minute, not a wall
              mininterval=0.1 if sys.stderr.isatty() else 60)
   for mesh, remat, (micro, schedule), c in bar:
@@ -268,9 +268,17 @@ def _override(config, mesh: dict[str, int], remat: str, microbatches: int = 1,
   return c
 
 
-def table(plans: list[Plan]) -> str:
-  """The ranked plans, one line each, and the winner as override flags."""
+def table(plans: list[Plan], topology: str | None = None, slices: int = 1) -> str:
+  """The ranked plans, one line each, and the winner as override flags; headed by
+  the topology, slices and chip when `topology` is given."""
   size = sharding.format_bytes
+  head = []
+  if topology and plans:
+    chip = chip_for_topology(topology)
+    where = f"{slices} x {topology} over DCN" if slices > 1 else topology
+    head = [f"plans on {where}: {math.prod(plans[0].mesh.values())} x TPU {chip.name} "
+            f"({size(chip.hbm_bytes)} HBM each), fitting plans first, by the schedule "
+            "estimate", ""]
   rows = [("#", "mesh", "remat", "fits", "memory/device", "step (estimate)",
            "MFU est.", "exposed comm (ms)", "roofline", "MFU bound", "note")]
   for i, p in enumerate(plans, 1):
@@ -289,7 +297,7 @@ def table(plans: list[Plan]) -> str:
                  f"{p.roofline * 1e3:.2f} ms ({p.report.bound()})"
                  if math.isfinite(p.roofline) else "-",
                  f"{p.mfu_bound:.1%}" if math.isfinite(p.mfu_bound) else "-", p.note))
-  lines = [sharding.format_rows(rows)]
+  lines = head + [sharding.format_rows(rows)]
   best = next((p for p in plans if p.fits), None)
   lines.append("")
   flags = next((p.report.compiler_flags for p in plans if p.report), {})

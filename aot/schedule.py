@@ -208,8 +208,9 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
   """Walks the compiled module's schedule (module docstring). `kernel_flops`:
   FLOPs per execution of a Pallas kernel that carries no cost estimate (compile
   spreads the model's attention FLOPs over the kernel calls). `dcn_axes`: the
-  key under which waits for collectives between slices are exposed (the mesh
-  axes that span the slices). A collective between slices compiles to a `send`
+  key under which waits for collectives between slices are exposed (`compile`
+  passes the mesh axes that span the slices and " (DCN)", e.g. "data (DCN)", the
+  key of their received bytes). A collective between slices compiles to a `send`
   (its start) and a `recv-done` (its end) that the megascale runtime carries; it
   runs on its own DCN clock, beside the ICI's."""
   comps = hlo.parse(hlo_text)

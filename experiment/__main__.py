@@ -473,7 +473,7 @@ def _ask_compiler(command: str, topology: str) -> None:
                       remats=tuple(_PLAN_REMATS.value) or None,
                       max_plans=_MAX_PLANS.value,
                       compiler_flags=_LIBTPU_FLAGS.value, slices=_SLICES.value)
-    print(plan.table(plans))
+    print(plan.table(plans, topology, _SLICES.value))
     result = [p.to_dict() for p in plans]
     fits = any(p.fits for p in plans)
   if _OUTPUT_JSON.value:  # its directory is made, as --dump_hlo's is

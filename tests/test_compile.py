@@ -231,7 +231,8 @@ def test_no_compiler_estimate_is_null_not_a_negative_time(monkeypatch):
   r = aot.compile_step(small_1b(fsdp=4), "v5e:2x2")
   assert r.to_dict()["time"]["compiler"] is None
   assert r.to_dict()["compiler"]["optimal_seconds"] == -5.99  # as XLA gave it
-  assert "compiler estimate            none (XLA gave -5.99 s)" in r.table()
+  assert ("compiler estimate            unavailable (XLA's optimal_seconds is -5.99 s "
+          "for this program, not a time)") in r.table()
 
 
 @needs_libtpu
@@ -482,6 +483,9 @@ def test_compile_cli_exits_3_when_the_step_does_not_fit(tmp_path):
                  "--config.model.vocab_size=40000000")
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert "DOES NOT FIT in 16.0 GiB of HBM" in proc.stdout
+  # what to try (a trial's nit: no hint), and no "compiled in" for a refused step
+  assert "  to fit: a smaller batch, a shorter data.seq_len, or more devices" in (
+      proc.stdout)
   assert "the step does not fit v5e:2x4's HBM (exit status 3)" in proc.stderr
   assert json.loads(out.read_text())["fits"] is False
   # plan: every mesh's state alone is past the HBM (listed without compiling); its
@@ -490,6 +494,9 @@ def test_compile_cli_exits_3_when_the_step_does_not_fit(tmp_path):
                  "--config.model.num_layers=100", "--max_plans=1")
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert proc.stderr.rstrip().endswith("no plan fits v5e:2x2's HBM (exit status 3)")
+  # headed by what it planned for (it named neither topology nor chip)
+  assert proc.stdout.startswith("plans on v5e:2x2: 4 x TPU v5e (16.0 GiB HBM each), "
+                                "fitting plans first"), proc.stdout[:300]
 
 
 def test_cli_config_error_exits_2():
