@@ -643,7 +643,7 @@ def _table(r: Report) -> str:
                  "remat policy and ranks those that fit; or try "
                  "--config.model.remat=full, or a smaller train.batch_size with "
                  "more train.grad_accum_steps" if r.what == "train" else
-                 f"  to fit: a smaller batch, a shorter data.seq_len, or more "
+                 "  to fit: a smaller batch, a shorter data.seq_len, or more "
                  "devices (a larger --topology)")
   if r.error:
     lines += ["", "the compiler refused the plan:", "  " + r.error.splitlines()[0]]
