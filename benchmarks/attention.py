@@ -7,8 +7,8 @@ Prints one JSON line per measurement:
                against flash, at lengths 1k..16k; on CPU (flash = blockwise loops) and,
                when libtpu is installed, for a deviceless TPU v5e (flash = Mosaic;
                HBM temporaries only: a Mosaic kernel's VMEM scratch is not in
-               memory_analysis, and 0 means none beyond arguments and outputs,
-               so the ratio is null).
+               memory_analysis, and 0 means none beyond arguments and outputs:
+               the ratio is then 0, and null where the reference's is 0 too).
   ring_memory  per-device bytes of ring forward+backward at a fixed total length for
                sequence P = 2, 4, 8, and of flash on one device for P = 1 (what the
                ring splits); 8 CPU devices, and a deviceless TPU v5e:2x4.

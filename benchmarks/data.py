@@ -18,9 +18,9 @@ wait on the data iterator.
    checkpoints off, on its default source (the standard library's text) and on a
    two-source mixture (that text and the generated corpus, 0.5 each). A wrapper
    around the data iterator (the loop is not changed) times every `next()`; the
-   figure is the time blocked in `next()` over the time between successive
-   run from the second `next()` to the end of training (steps 2..N; the first
-   includes the compile). The loop dispatches steps ahead of the device between
+   figure is the time blocked in `next()` over the run's time from the second
+   `next()` to the end of training (steps 2..N; the first includes the
+   compile). The loop dispatches steps ahead of the device between
    metric logs, so the interval between two `next()` calls is not a step's time;
    the mean step is that span over N - 1.
 
@@ -43,7 +43,8 @@ from absl import flags  # noqa: E402
 
 from benchmarks.common import run, emit  # noqa: E402
 
-_SMALL = flags.DEFINE_bool("small", False, "a 5 MB corpus and 12 training steps")
+_SMALL = flags.DEFINE_bool("small", False, "a 5 MB corpus and 12 training steps "
+                           "(replaces --mb and --steps)")
 _MB = flags.DEFINE_float("mb", 50.0, "corpus size in MB (without --small)", lower_bound=0.5)
 _STEPS = flags.DEFINE_integer("steps", 30, "training steps per data-wait run",
                               lower_bound=2)

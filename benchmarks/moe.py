@@ -1,6 +1,6 @@
 """Mixture-of-experts: dispatch cost, expert-parallel traffic, and load balance.
 
-  python benchmarks/moe.py --what=dispatch,traffic   # a few minutes
+  python benchmarks/moe.py --what=dispatch,traffic   # under a minute on 2 cores
   python benchmarks/moe.py --what=balance            # two 200-step runs of moe_tiny
 
 Prints one JSON line per measurement:

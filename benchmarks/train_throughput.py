@@ -25,7 +25,7 @@ from absl import flags
 import common
 from common import emit, run
 
-_STEPS = flags.DEFINE_integer("steps", 10, "timed steps per measurement")
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps per measurement", lower_bound=1)
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "skip the PyTorch peer")
 
 SHAPE_21M = common.LLAMA_21M
@@ -83,7 +83,7 @@ def main(argv):
        plain["tokens_per_sec"], plain_jax_step_over_floor=plain["step_time_s"] / floor["seconds"])
   if not _SKIP_TORCH.value:
     emit(what="ratio", rung_over_pytorch_tokens_per_sec=r["tokens_per_sec"] /
-         t["tokens_per_sec"], floor_over_pytorch_step=t["step_time_s"] / floor["seconds"])
+         t["tokens_per_sec"], pytorch_step_over_floor=t["step_time_s"] / floor["seconds"])
 
 if __name__ == "__main__":
   run(main)

@@ -26,6 +26,12 @@ CASES = [
     ("hf_import.py", "--shard_mb=0", "shard_mb"),
     ("pipeline.py", "--schedules=bogus", "schedules"),
     ("predict.py", "--batch_per_device=0", "batch_per_device"),
+    # from a trial: tracebacks after work (steps=0: no median; gib<=0: a shape
+    # error or KeyError; rounds=0: exit 0 with every figure null)
+    ("train_throughput.py", "--steps=0", "steps"),
+    ("checkpoint.py", "--gib=0", "gib"),
+    ("checkpoint.py", "--gib=-1", "gib"),
+    ("checkpoint.py", "--rounds=0", "rounds"),
 ]
 LIMIT_S = 60
 
