@@ -12,7 +12,8 @@ A write (a full disk): Orbax's background save threads each log the failure with
 its traceback at ERROR ("_SignalingThread.run() raised an exception", "... in
 background save thread", "Save Finalize thread ... failed"), about 350 lines for
 one failed save, before the next save or wait raises it, which
-`Checkpointer` reports as a CheckpointError naming the step.
+`Checkpointer` reports as a CheckpointError naming the step; and, depending on
+timing, asyncio's "exception was never retrieved" for the write's coroutines.
 
 Only reports of those kinds are dropped; every other one passes through."""
 
@@ -43,11 +44,13 @@ def _orbax_coroutine(report) -> bool:
   return code is not None and _in("orbax", code.co_filename)
 
 
-class _UnretrievedReadErrors(logging.Filter):
+class _UnretrievedCheckpointErrors(logging.Filter):
+  """asyncio's report of a failed read's, or a failed write's, Orbax coroutine."""
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return not ("exception was never retrieved" in message
-                and "while reading array index" in message)
+                and ("while reading array index" in message
+                     or "orbax" in message and "Error writing" in message))
 
 
 # What Orbax's save threads log when the write they wait on failed.
@@ -69,5 +72,5 @@ def install() -> None:
     if not (_closed_loop(report) or _orbax_coroutine(report)):
       previous(report)
   sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(_UnretrievedReadErrors())
+  logging.getLogger("asyncio").addFilter(_UnretrievedCheckpointErrors())
   logging.getLogger("absl").addFilter(_FailedSaveLogs())
