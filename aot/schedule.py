@@ -231,30 +231,21 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
         total += fused_flops(c)
     return total
 
-  def op_seconds(ins) -> float:
-    if ins.opcode in _FREE or ins.opcode.endswith("-done"):
-      return 0.0
-    if ins.opcode == "custom-call":
-      if not costs_lib._is_kernel(ins):
-        return 0.0
-      est = costs_lib._cost_estimate(ins) or {}
-      flops = float(est.get("flops", kernel_flops))
-      nbytes = float(est.get("bytes_accessed", ins.bytes + sum(
-          instrs[o].bytes for o in ins.operands if o in instrs)))
-      return max(flops / matmul_rate, nbytes / chip.hbm_bandwidth)
-    if ins.opcode in ("convolution", "dot"):
+  def op_cost(ins) -> tuple[float, float]:
+    """(core seconds, HBM seconds) of an op: max(matmul FLOPs at the matmul rate,
+    its HBM traffic as aot/costs.py counts it at the HBM bandwidth), and the
+    latter alone (a DMA's, which does not hold the core, counts there too)."""
+    if ins.opcode in _FREE or ins.opcode.endswith("-done") or (
+        ins.opcode == "custom-call" and not costs_lib._is_kernel(ins)):
+      return 0.0, 0.0
+    if ins.opcode == "custom-call":  # a kernel: its cost estimate's FLOPs if any
+      flops = float((costs_lib._cost_estimate(ins) or {}).get("flops", kernel_flops))
+    elif ins.opcode in ("convolution", "dot"):
       flops = costs_lib._matmul_flops(ins, instrs)
     else:
       flops = sum(fused_flops(c) for c in ins.called)
-    nbytes = costs_lib._traffic(ins, instrs, comps)
-    return max(flops / matmul_rate, nbytes / chip.hbm_bandwidth)
-
-  def hbm_seconds(ins) -> float:
-    """The HBM time of an op's (or a DMA's) traffic, as aot/costs.py counts it."""
-    if ins.opcode in _FREE or ins.opcode.endswith("-done") or (
-        ins.opcode == "custom-call" and not costs_lib._is_kernel(ins)):
-      return 0.0
-    return costs_lib._traffic(ins, instrs, comps) / chip.hbm_bandwidth
+    hbm = costs_lib._traffic(ins, instrs, comps) / chip.hbm_bandwidth
+    return max(flops / matmul_rate, hbm), hbm
 
   def comm(coll, outer) -> tuple[float, str]:
     """(seconds, axes key) of one execution; `outer` holds it (a fusion)."""
@@ -328,7 +319,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
       if ins.opcode in costs_lib.ASYNC_DMA:
         if costs_lib.HOST_MEMORY in ins.shape:
           exposed["#host_bytes"] += costs_lib.dma_bytes(ins, instrs)
-        exposed["~hbm"] += hbm_seconds(ins)
+        exposed["~hbm"] += op_cost(ins)[1]
         continue
       role = hlo.async_role(comps, ins)
       if role is not None:
@@ -356,8 +347,8 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
         # synchronous; in a fusion (TPU's all-reduce-scatter, a collective matmul
         # step) the fusion's own work runs alongside it
         seconds, axes = comm(coll, ins)
-        work = op_seconds(ins) if ins.opcode == "fusion" else 0.0
-        exposed["~hbm"] += hbm_seconds(ins) if ins.opcode == "fusion" else 0.0
+        work, hbm = op_cost(ins) if ins.opcode == "fusion" else (0.0, 0.0)
+        exposed["~hbm"] += hbm
         link = max(core, link) + seconds
         finish = max(link, core + work)
         exposed[axes] += finish - core - work
@@ -368,10 +359,10 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
         continue
       # (a fusion carrying an in-flight collective's channel is compute: the steps
       # of a collective matmul between its start and done)
-      t = op_seconds(ins)
+      t, hbm = op_cost(ins)
       core += t
       ops += t
-      exposed["~hbm"] += hbm_seconds(ins)
+      exposed["~hbm"] += hbm
     for end, axes in inflight.values():  # never waited for: the step still ends after
       if end > core:
         exposed[axes] += end - core

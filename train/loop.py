@@ -313,11 +313,13 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
              jax.process_index() != 0, dynamic_ncols=True, desc="train")
 
   saved = {"step": start}
-  checked = {"step": start}  # the last step whose loss and gradient norm were read
+
+  def logged(done: int) -> bool:  # a metrics row (its loss and gradient norm read)
+    return done % config.log.every_steps == 0 or done == t.steps
 
   def save(done: int, metrics: dict, eval_loss=None, force=False):
     if int(state.step) != saved["step"]:
-      if checked["step"] != done:  # a save between logged rows: read its metrics
+      if not logged(done):  # a save between logged rows: read its metrics
         _stop_if_diverged(done, sharding.to_host(metrics), saved["step"], config)
       ckpt.save(state, data.train, config_dict, eval_loss=eval_loss, force=force)
       saved["step"] = int(state.step)
@@ -361,7 +363,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       done = step + 1
       if dl.enabled:
         state = synchronise(state, done)
-      if done % config.log.every_steps == 0 or done == t.steps:
+      if logged(done):
         metrics = sharding.to_host(metrics)  # waits for the window's steps
         elapsed = timer.per_step()
         flops_per_sec = step_flops / elapsed
@@ -389,7 +391,6 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
         bar.set_postfix(loss=f"{row['loss']:.3f}",
                         tok_s=f"{row['tokens_per_sec']:.0f}")
         _stop_if_diverged(done, metrics, saved["step"], config)
-        checked["step"] = done
         timer.restart()
       bar.update(1)
       eval_loss = None
