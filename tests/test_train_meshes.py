@@ -98,3 +98,75 @@ def test_grad_norm_of_bfloat16_gradients_is_summed_in_float32():
   got = grad_norm(jax.tree.map(jnp.asarray, grads))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def _micro_batch_scans(step, state, batch, accum: int):
+  """The outermost scans of `accum` steps in a traced train step (the layer
+  scans run inside the micro-batch scan): (scan equation, its body)."""
+  from jax.extend.core import jaxprs_in_params
+  jaxpr = step.trace(state, batch).jaxpr
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "scan" and eqn.params["length"] == accum:
+        yield eqn, eqn.params["jaxpr"].jaxpr
+      else:
+        for sub in jaxprs_in_params(eqn.params):
+          yield from walk(sub)
+  return list(walk(jaxpr.jaxpr))
+
+
+@pytest.mark.parametrize("mesh", [dict(fsdp=8), dict(data=2, fsdp=4),
+                                  dict(diloco=2, fsdp=4)])
+def test_micro_batches_run_in_turn_with_gradients_in_the_parameter_layout(
+    tiny_config, mesh):
+  """Gradient accumulation: each micro-batch starts after the previous one's
+  gradient is summed (an optimization barrier over the running sum and the
+  micro-batch), and the sum is held in the parameters' layout, also where each
+  replica accumulates its own (vmapped over `data` or `diloco`). Without the two
+  the TPU compiler overlapped two micro-batches' forward passes and kept a
+  replica's sum whole over `fsdp` (32B on two v5p slices: 116 GiB per chip
+  against 65; benchmarks/README.md); the CPU compiler shows neither, so the
+  program is read before compiling."""
+  from train import diloco as diloco_lib
+  from train.optimizer import schedule
+  from train.state import abstract_state
+  from train.step import batch_sharding, make_inner_step, make_train_step
+  c = _with_mesh(tiny_config, **mesh)
+  c.train.grad_accum_steps = 2
+  m = sharding.make_mesh(c.mesh)
+  rules = sharding.normalize_rules(None)
+  spec = model_spec(ModelConfig.from_config(c.model), rules)
+  tx = make_optimizer(c.optim, 10)
+  dl = diloco_lib.DiLoCo.from_config(c, mesh.get("diloco", 1))
+  state = abstract_state(spec, tx, m, dl=dl if dl.enabled else None)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  data = batch_sharding(m, rules, c.train.batch_size, c.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), np.int32,
+                                   sharding=data)
+           for k in ("inputs", "targets", "positions", "segment_ids")}
+  make = make_inner_step if dl.enabled else make_train_step
+  step = make(spec, tx, schedule(c.optim, 10), c.train, shardings, data)
+  with jax.set_mesh(m):
+    scans = _micro_batch_scans(step, state, batch, accum=2)
+  assert len(scans) == 1, len(scans)
+  eqn, body = scans[0]
+  n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+  carry_in = body.invars[n_consts:n_consts + n_carry]
+  first = body.eqns[0]
+  assert first.primitive.name == "optimization_barrier", first.primitive
+  assert set(carry_in) <= set(first.invars)  # the running sum, all of it
+  # The gradient sum leaves each step through a constraint to its parameter's
+  # spec (a replica's with the replica axis in front).
+  made_by = {out: e for e in body.eqns for out in e.outvars}
+  param_specs = [s.spec for s in jax.tree.leaves(shardings.params)]
+  grads_out = body.outvars[n_carry - len(param_specs):n_carry]
+  replica = "data" if "data" in mesh else "diloco" if "diloco" in mesh else None
+  for out, want in zip(grads_out, param_specs):
+    e = made_by[out]
+    assert e.primitive.name == "sharding_constraint", e.primitive
+    got = tuple(e.params["sharding"].spec)
+    if replica:
+      assert got[0] == replica, got
+      got = got[1:]
+    assert P(*got) == P(*want), (got, want)
