@@ -2,7 +2,7 @@
 
   python benchmarks/predict.py [--only=16b_v5e,32b_v5p] [--slices=1,2]
       [--program=rung|maxtext] [--remat=save_dots] [--batch_per_device=6]
-      [--write_rows=benchmarks/results/predict.jsonl]
+      [--micro_batches=2] [--write_rows=benchmarks/results/predict.jsonl]
 
 For each configuration MaxText published (`MaxText/configs/v5e/README.md` and
 `MaxText/configs/v5p/README.md` at commit 0ed7bd52 of
@@ -18,6 +18,11 @@ data parallelism across them (MaxText's `dcn_data_parallelism=2`), the per-devic
 batch unchanged. 128B on v5e offloads remat to host memory in MaxText's recipe
 (`minimal_offloaded`); rung runs it with `model.remat=offload_dots`, which offloads
 every matmul output, not MaxText's minimal set.
+
+Where the compiler refuses a step for memory (rung's program at MaxText's batch
+is larger than MaxText's: benchmarks/README.md says where), the same global batch
+is compiled as 2, then more, gradient-accumulation micro-batches until it fits
+(one "refused" row per count tried); the row says how many it took.
 
 FLOP convention: these tables predate MaxText's halving of causal attention FLOPs,
 so their MFU counts (6N + 12·L·H·Q·T) per token; the published MFU becomes a step
@@ -103,10 +108,12 @@ RUNS = {
                    {1: 0.6686, 2: 0.6481}),
     "64b_v5e": Run(8192, 64, 64, "v5e:16x16", dict(fsdp=256), 2, "maxtext",
                    {1: 0.5990, 2: 0.5666}),
+    # MaxText/configs/v5p/{32b,64b}.sh: remat_policy=minimal, which saves every
+    # matmul output without batch dimensions: rung's save_dots.
     "32b_v5p": Run(8192, 64, 32, "v5p:4x4x4", dict(fsdp=16, tensor=4), 7, V5P_FLAGS,
-                   {1: 0.7147, 2: 0.6943}),
+                   {1: 0.7147, 2: 0.6943}, remat="save_dots"),
     "64b_v5p": Run(8192, 64, 64, "v5p:4x4x4", dict(fsdp=16, tensor=4), 3, V5P_FLAGS,
-                   {1: 0.7031, 2: 0.6726}),
+                   {1: 0.7031, 2: 0.6726}, remat="save_dots"),
     # MaxText/configs/v5e/128b.sh: remat_policy=minimal_offloaded; rung's nearest
     # is offload_dots (every matmul output to host memory, not only the minimal
     # set). rung's default rules keep the residual stream whole on each of the 16
@@ -117,6 +124,10 @@ RUNS = {
                     "maxtext", {1: 0.5606, 2: 0.5582}, d_ff=57344,
                     remat="offload_dots", rules=(("act_embed", ("tensor",)),)),
 }
+_MICRO = flags.DEFINE_integer(
+    "micro_batches", None, "gradient-accumulation micro-batches per step "
+    "(default: the fewest the compiler accepts, trying the divisors of each "
+    "data-parallel shard's rows in turn; MaxText's runs used 1)", lower_bound=1)
 _ONLY = flags.DEFINE_list("only", [], f"configurations to run, of {', '.join(RUNS)} "
                           "(default: all)")
 flags.register_validator("only", lambda v: set(v) <= set(RUNS),
@@ -145,6 +156,13 @@ def config_for(run: Run, slices: int, program: str = "rung"):
     c.mesh.rules.act_embed = ("tensor",)
     c.model.embed_lookup = "one_hot"
   return c
+
+
+def micro_batch_counts(c) -> list[int]:
+  """The micro-batch counts a step of `c` can take, fewest first: the divisors
+  of the rows each data-parallel shard (`data` x `fsdp`) holds."""
+  rows = c.train.batch_size // (c.mesh.data * c.mesh.fsdp)
+  return [n for n in range(1, rows + 1) if rows % n == 0]
 
 
 def maxtext_flops_per_token(cfg, seq_len: int) -> float:
@@ -176,27 +194,33 @@ def main(argv):
                    batch_per_device=run.batch_per_device)  # in every row
     for slices in map(int, _SLICES.value):
       c = config_for(run, slices, _PROGRAM.value)
-      start = time.perf_counter()
-      report = aot.compile_step(c, run.topology, compiler_flags=run.flags,
-                                slices=slices)
-      wall = time.perf_counter() - start
+      for micro in ([_MICRO.value] if _MICRO.value else micro_batch_counts(c)):
+        c.train.grad_accum_steps = micro
+        start = time.perf_counter()
+        report = aot.compile_step(c, run.topology, compiler_flags=run.flags,
+                                  slices=slices)
+        wall = time.perf_counter() - start
+        if not report.error:
+          break
+        # the compiler refused the plan (memory): no step time; fewer rows at once
+        emit(what="refused", config=name, slices=slices, topology=run.topology,
+             **variant, micro_batches=micro, published_mfu=run.published[slices],
+             total_gib=report.memory["total"] / 2 ** 30,
+             temporaries_gib=report.memory["temporaries"] / 2 ** 30,
+             hbm_gib=report.memory["hbm"] / 2 ** 30,
+             error=report.error.splitlines()[0][:300], compile_s=round(wall, 1))
+      if report.error:
+        continue
       cfg = ModelConfig.from_config(c.model)
       chip = chip_for_topology(run.topology)
       count = maxtext_flops_per_token(cfg, run.seq_len) * c.train.batch_size \
           * run.seq_len / report.devices  # per device per step
       published_step = count / (run.published[slices] * chip.peak_flops)
-      if report.error:  # the compiler refused the plan (memory): no step time
-        emit(what="refused", config=name, slices=slices, topology=run.topology,
-             **variant, published_mfu=run.published[slices],
-             total_gib=report.memory["total"] / 2 ** 30,
-             temporaries_gib=report.memory["temporaries"] / 2 ** 30,
-             hbm_gib=report.memory["hbm"] / 2 ** 30,
-             error=report.error.splitlines()[0][:300], compile_s=round(wall, 1))
-        continue
       est, roof = report.time.get("estimate"), report.time.get("roofline")
       rows.append(emit(
           what="prediction", config=name, slices=slices, topology=run.topology,
-          **variant, mesh={a: s for a, s in report.mesh.items() if s > 1},
+          **variant, micro_batches=micro,
+          mesh={a: s for a, s in report.mesh.items() if s > 1},
           batch=c.train.batch_size, fits=report.fits,
           total_gib=report.memory["total"] / 2 ** 30,
           published_mfu=run.published[slices], published_step_s=published_step,
@@ -212,13 +236,15 @@ def main(argv):
                              / 2 ** 20, 2)))
   print()
   print(f"program: {_PROGRAM.value}")
-  print("| config | slices | remat | batch / device | published MFU (step) "
-        "| predicted MFU (step) | error | roofline MFU | exposed communication |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| config | slices | remat | batch / device | micro-batches "
+        "| published MFU (step) | predicted MFU (step) | error | roofline MFU "
+        "| exposed communication |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     exposed = ", ".join(f"{k} {v:.2f} s" for k, v in r["exposed_s"].items())
     print(f"| {r['config']} | {r['slices']} | {r['remat']} | "
-          f"{r['batch_per_device']} | {r['published_mfu']:.2%} "
+          f"{r['batch_per_device']} | {r['micro_batches']} | "
+          f"{r['published_mfu']:.2%} "
           f"({r['published_step_s']:.2f} s) | {r['predicted_mfu']:.1%} "
           f"({r['estimate_step_s']:.2f} s) | "
           f"{100 * (r['predicted_mfu'] - r['published_mfu']):+.1f} pp | "
