@@ -86,12 +86,13 @@ def _mean_grads(grad_fn, params, batch: Batch, accum: int, sharding=None):
   gradient is summed (an optimization barrier), where the compiler could unroll
   the loop and run both forward passes before either backward, holding two
   micro-batches' activations. Measured on 32B over two v5p slices with two
-  micro-batches (`predict.py --program=maxtext`; benchmarks/README.md): 116.4 GiB per chip without either, 82.4
-  with the barrier alone, 65.1 with both (one slice: 65.8). The barrier has a
-  price where nothing overlapped: llama_1b (save_dots) on v5p:2x2x2, data=8, 16 micro-batches
-  asks for 41.9 GiB instead of 37.3 (estimate 1735 ms instead of 1678). A barrier
-  on the micro-batch alone, the sum passed by, costs nothing there but let rung's
-  32B program hold both micro-batches again (146 GiB)."""
+  micro-batches (`predict.py --program=maxtext`; benchmarks/README.md): 116.4
+  GiB per chip without either, 82.4 with the barrier alone, 65.1 with both (one
+  slice: 65.8). The barrier has a price where nothing overlapped: llama_1b
+  (save_dots) on v5p:2x2x2, data=8, 16 micro-batches asks for 41.9 GiB instead
+  of 37.3 (estimate 1735 ms instead of 1678). A barrier on the micro-batch alone,
+  the sum passed by, costs nothing there but let rung's 32B program hold both
+  micro-batches again (146 GiB)."""
   keep = ((lambda t: t) if sharding is None
           else lambda t: jax.lax.with_sharding_constraint(t, sharding))
   if accum == 1:
