@@ -134,6 +134,27 @@ flags.register_validator("only", lambda v: set(v) <= set(RUNS),
                          f"must name configurations of {', '.join(RUNS)}")
 
 
+def _shard_rows(run: Run, batch_per_device: int | None) -> int:
+  """Rows each data-parallel shard holds: the batch per device times the
+  devices that share a shard's rows (every mesh axis but `fsdp`)."""
+  return (batch_per_device or run.batch_per_device) * math.prod(
+      s for a, s in run.mesh.items() if a != "fsdp")
+
+
+@flags.multi_flags_validator(["micro_batches", "only", "batch_per_device"])
+def _check_micro_batches(values) -> bool:
+  n = values["micro_batches"]
+  for name in values["only"] or RUNS:
+    rows = _shard_rows(RUNS[name], values["batch_per_device"])
+    if n is not None and rows % n:
+      divisors = ", ".join(map(str, micro_batch_counts(rows)))
+      raise flags.ValidationError(
+          f"--micro_batches={n} does not divide the {rows} rows of each of "
+          f"{name}'s data-parallel shards; use one of {divisors} (or --only "
+          "other configurations)")
+  return True
+
+
 def config_for(run: Run, slices: int, program: str = "rung"):
   """experiments/llama_1b.py reshaped to `run` (MaxText's base config: untied
   embeddings, SwiGLU, float32 weights and Adam state, bfloat16 compute, flash
@@ -158,10 +179,8 @@ def config_for(run: Run, slices: int, program: str = "rung"):
   return c
 
 
-def micro_batch_counts(c) -> list[int]:
-  """The micro-batch counts a step of `c` can take, fewest first: the divisors
-  of the rows each data-parallel shard (`data` x `fsdp`) holds."""
-  rows = c.train.batch_size // (c.mesh.data * c.mesh.fsdp)
+def micro_batch_counts(rows: int) -> list[int]:
+  """The micro-batch counts a shard of `rows` rows splits into, fewest first."""
   return [n for n in range(1, rows + 1) if rows % n == 0]
 
 
@@ -194,7 +213,8 @@ def main(argv):
                    batch_per_device=run.batch_per_device)  # in every row
     for slices in map(int, _SLICES.value):
       c = config_for(run, slices, _PROGRAM.value)
-      for micro in ([_MICRO.value] if _MICRO.value else micro_batch_counts(c)):
+      for micro in ([_MICRO.value] if _MICRO.value
+                    else micro_batch_counts(_shard_rows(run, None))):
         c.train.grad_accum_steps = micro
         start = time.perf_counter()
         report = aot.compile_step(c, run.topology, compiler_flags=run.flags,

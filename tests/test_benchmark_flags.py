@@ -26,6 +26,8 @@ CASES = [
     ("hf_import.py", "--shard_mb=0", "shard_mb"),
     ("pipeline.py", "--schedules=bogus", "schedules"),
     ("predict.py", "--batch_per_device=0", "batch_per_device"),
+    ("predict.py", "--micro_batches=0", "micro_batches"),
+    ("predict.py", "--micro_batches=5", "micro_batches"),  # 16B: 6 rows per shard
     # from a trial: tracebacks after work (steps=0: no median; gib<=0: a shape
     # error or KeyError; rounds=0: exit 0 with every figure null)
     ("train_throughput.py", "--steps=0", "steps"),
