@@ -37,7 +37,9 @@ from absl import flags  # noqa: E402
 from benchmarks.common import (run, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
 
-_STEPS = flags.DEFINE_integer("steps", 400, "training steps per run", lower_bound=1)
+_STEPS = flags.DEFINE_integer("steps", 400, "training steps per run; more than "
+                              "--warmup_steps, or DGC never reaches --density and "
+                              "the runs compare warm-ups", lower_bound=1)
 _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations (0: none; "
                              "final_eval_loss is then null and nothing is plotted)",
                              lower_bound=0)
@@ -66,6 +68,16 @@ flags.register_validator(
 flags.register_multi_flags_validator(
     ["plot", "eval_every"], lambda f: not f["plot"] or f["eval_every"] > 0,
     "--plot needs evaluations: --eval_every > 0")
+
+
+@flags.multi_flags_validator(["steps", "warmup_steps", "only"])
+def _check_steps(f) -> bool:
+  if f["steps"] <= f["warmup_steps"] and f["only"] != ["none"]:
+    raise flags.ValidationError(
+        f"--steps={f['steps']} must exceed --warmup_steps={f['warmup_steps']}: DGC "
+        "sends more than --density until its warm-up ends. Lower --warmup_steps, "
+        "or pass --only=none for the bytes alone")
+  return True
 
 
 def _check_topology(value: str) -> bool:

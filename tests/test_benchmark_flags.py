@@ -15,6 +15,7 @@ CASES = [
     ("dgc.py", "--steps=0", "steps"),
     ("dgc.py", "--only=bogus", "only"),
     ("dgc.py", "--density=-1", "density"),
+    ("dgc.py", "--steps=80", "steps"),  # = the default --warmup_steps
     ("diloco.py", "--sync_every=0", "sync_every"),
     ("diloco.py", "--only=bogus", "only"),
     ("optimizers.py", "--lrs=5", "lrs"),
