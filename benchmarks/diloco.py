@@ -68,6 +68,19 @@ flags.register_multi_flags_validator(
 flags.register_multi_flags_validator(
     ["plot", "eval_every"], lambda f: not f["plot"] or f["eval_every"] > 0,
     "--plot needs evaluations: --eval_every > 0")
+
+
+@flags.multi_flags_validator(["steps", "sync_every", "only"])
+def _check_steps(f) -> bool:
+  synced = {"diloco", "streaming", "diloco_averaging"} & set(f["only"] or TRAINED)
+  if synced and f["steps"] < f["sync_every"]:
+    raise flags.ValidationError(
+        f"--steps={f['steps']} is below --sync_every={f['sync_every']}: "
+        f"{', '.join(sorted(synced))} would never take an outer step. Pass more "
+        "steps or a smaller --sync_every")
+  return True
+
+
 REPLICAS = 4
 GBITS = (1, 10)
 

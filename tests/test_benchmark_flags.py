@@ -17,6 +17,7 @@ CASES = [
     ("dgc.py", "--density=-1", "density"),
     ("dgc.py", "--steps=80", "steps"),  # = the default --warmup_steps
     ("diloco.py", "--sync_every=0", "sync_every"),
+    ("diloco.py", "--steps=49", "steps"),  # below the default --sync_every=50
     ("diloco.py", "--only=bogus", "only"),
     ("optimizers.py", "--lrs=5", "lrs"),
     ("optimizers.py", "--summarize=/nonexistent/rows.jsonl", "summarize"),
