@@ -5,6 +5,7 @@ generation and exported configs match transformers."""
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -686,3 +687,90 @@ def test_a_broken_tokenizer_json_is_a_config_error_naming_it(tmp_path):
   with pytest.raises(ConfigError, match="tokenizer.json is not a tokenizer file") as err:
     hf._tokenizer_size(str(broken))
   assert err.value.field == "data.tokenizer"
+
+
+def _sharded_copy(src, dst):
+  """`src`'s single-file checkpoint as two shards and an index, as save_pretrained
+  writes a large model."""
+  from safetensors.numpy import load_file, save_file
+  dst.mkdir()
+  for name in ("config.json", "generation_config.json", "tokenizer.json"):
+    if (src / name).exists():
+      (dst / name).write_bytes((src / name).read_bytes())
+  tensors = load_file(str(src / "model.safetensors"))
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+  for file, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, str(dst / file))
+  (dst / "model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+
+
+def _truncate(path, keep):
+  data = path.read_bytes()
+  path.write_bytes(data[:keep(len(data))])
+
+
+@pytest.mark.parametrize("damage,file", [
+    ("missing shard", "model-00002-of-00002.safetensors"),
+    ("truncated shard", "model-00001-of-00002.safetensors"),
+    ("truncated file", "model.safetensors"),
+    ("overwritten header", "model.safetensors"),
+    ("truncated config", "config.json"),
+    ("config not an object", "config.json"),
+    ("truncated index", "model.safetensors.index.json"),
+    ("index without weight_map", "model.safetensors.index.json"),
+    ("truncated generation config", "generation_config.json"),
+])
+def test_an_unreadable_file_of_the_model_is_a_config_error_naming_it(
+    damage, file, t5_llama, tmp_path):
+  """A file of --hf_dir that is missing, cut short or not what its name says was
+  a traceback (FileNotFoundError, safetensors' SafetensorError, JSONDecodeError)
+  naming neither --hf_dir nor, for the JSON files, the file; no run is written."""
+  src = tmp_path / "hf"
+  if "shard" in damage or "index" in damage:
+    _sharded_copy(t5_llama, src)
+  else:
+    src.mkdir()
+    for p in t5_llama.iterdir():
+      (src / p.name).write_bytes(p.read_bytes())
+  if damage == "truncated generation config" and not (src / file).exists():
+    (src / file).write_text('{"eos_token_id": 2}')
+  target = src / file
+  if damage.startswith("missing"):
+    target.unlink()
+  elif damage.startswith("truncated"):
+    _truncate(target, lambda n: n // 2)
+  elif damage == "overwritten header":
+    target.write_bytes(b"garbage!" + target.read_bytes()[8:])
+  elif damage == "config not an object":
+    target.write_text("[1, 2]")
+  elif damage == "index without weight_map":
+    target.write_text('{"metadata": {}}')
+  with pytest.raises(ConfigError, match=f"{re.escape(str(target))} cannot be read: "
+                     ) as err:
+    _import(src, tmp_path / "run")
+  assert err.value.field == "--hf_dir"
+  assert "save_pretrained" in str(err.value)
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_run_config_json_edited_into_bad_json_names_it_and_the_copy_to_restore(
+    t5_llama, tmp_path):
+  """generate, export-hf, inspect and a resume read the run's config.json; JSON
+  broken by hand was a JSONDecodeError traceback. The error names the file and
+  the checkpoint's copy of the config; copying that over restores the run."""
+  run = tmp_path / "run"
+  _import(t5_llama, run)
+  good = run_config.read(str(run))
+  text = (run / "config.json").read_text()
+  (run / "config.json").write_text(text[:len(text) // 2])
+  with pytest.raises(ConfigError, match=r"config.json, the config the run was "
+                     r"started with, is not a JSON object") as err:
+    run_config.load(str(run))
+  assert err.value.field == "--workdir"
+  copy = re.search(r"in (\S+); copy", str(err.value)).group(1)
+  assert copy == str(run / "checkpoints" / "STEP" / "config" / "metadata")
+  shutil.copy(copy.replace("STEP", "0"), run / "config.json")
+  assert run_config.read(str(run)) == good

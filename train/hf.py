@@ -423,20 +423,20 @@ class SafetensorsReader:
   nothing asked for."""
 
   def __init__(self, hf_dir: str):
-    from safetensors import safe_open
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(os.path.join(hf_dir, "model.safetensors")):
       files = ["model.safetensors"]
     elif os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      weight_map = read_hf_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise _unreadable(index, "it has no weight_map of tensor names to files")
+      files = sorted(set(weight_map.values()))
     else:
       raise ConfigError("--hf_dir", f"{hf_dir} holds neither model.safetensors nor "
                         "model.safetensors.index.json.",
                         "point it at a directory saved with save_pretrained "
                         "(safe_serialization, the default).")
-    self._files = [safe_open(os.path.join(hf_dir, name), framework="np")
-                   for name in files]
+    self._files = [_open_safetensors(os.path.join(hf_dir, name)) for name in files]
     self._where = {key: f for f in self._files for key in f.keys()}
 
   def pop(self, name: str, *default):
@@ -448,6 +448,38 @@ class SafetensorsReader:
 
   def unused(self) -> list[str]:
     return sorted(self._where)
+
+
+def _unreadable(path: str, why: str) -> ConfigError:
+  shard = ("; a sharded checkpoint needs every file its "
+           "model.safetensors.index.json lists" if path.endswith(".safetensors") else "")
+  return ConfigError("--hf_dir", f"{path} cannot be read: {why}.",
+                     f"re-save the model with save_pretrained (or copy the file "
+                     f"again){shard}.")
+
+
+def read_hf_json(path: str) -> dict:
+  """A JSON file of a Hugging Face model directory (config.json, its shard
+  index, generation_config.json). Raises ConfigError naming the file when it
+  cannot be read or is not a JSON object."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, bad UTF-8
+    raise _unreadable(path, str(err)) from None
+  if not isinstance(data, dict):
+    raise _unreadable(path, f"it holds a JSON {type(data).__name__}, not an object")
+  return data
+
+
+def _open_safetensors(path: str):
+  """safetensors' memory-mapped reader of one file; ConfigError naming it when it
+  is missing, truncated or not safetensors (its header is checked on opening)."""
+  from safetensors import SafetensorError, safe_open
+  try:
+    return safe_open(path, framework="np")
+  except (OSError, SafetensorError) as err:
+    raise _unreadable(path, str(err)) from None
 
 
 def params_from_hf(weights, spec, place=None) -> dict:
@@ -537,12 +569,10 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         "import-hf writes a new run at step 0 and would overwrite it.",
         "pass a new --workdir (or remove that directory first).")
   prepare_workdir(workdir, make=False)  # a file in its place: before any read
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    hf = json.load(f)
+  hf = read_hf_json(os.path.join(hf_dir, "config.json"))
   generation = None
   if os.path.exists(os.path.join(hf_dir, "generation_config.json")):
-    with open(os.path.join(hf_dir, "generation_config.json")) as f:
-      generation = json.load(f)
+    generation = read_hf_json(os.path.join(hf_dir, "generation_config.json"))
   fields = model_fields_from_hf(hf)
   _refuse_conflicting(config, fields, set_fields, hf_dir)
   moe = fields.pop("moe", None)

@@ -93,9 +93,21 @@ def read(workdir: str) -> dict[str, Any]:
   """The saved config as plain JSON data, its tokenizer path absolute (a relative
   one joined to `workdir`; a missing absolute one replaced by the run directory's
   own tokenizer.json, for runs saved before paths were relative and then moved).
-  Raises FileNotFoundError if the run has none."""
-  with open(path(workdir)) as f:
-    data = json.load(f)
+  Raises FileNotFoundError if the run has none, and ConfigError naming the
+  file if it is not a JSON object (an edit by hand gone wrong)."""
+  file = path(workdir)
+  with open(file) as f:
+    try:
+      data = json.load(f)
+    except ValueError as err:  # JSONDecodeError, bad UTF-8
+      data = err
+  if not isinstance(data, dict):
+    raise ConfigError(
+        "--workdir", f"{file}, the config the run was started with, is not a JSON "
+        f"object ({data}).",
+        "restore it: each checkpoint keeps the config it was saved with, as JSON, "
+        f"in {os.path.join(workdir, 'checkpoints', 'STEP', 'config', 'metadata')}; "
+        "copy the latest step's over it (or start a new --workdir).")
   tokenizer = tokenizer_file((data.get("data") or {}).get("tokenizer"))
   if tokenizer:
     here = os.path.join(os.path.abspath(workdir), "tokenizer.json")
