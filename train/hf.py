@@ -427,7 +427,7 @@ class SafetensorsReader:
     if os.path.exists(os.path.join(hf_dir, "model.safetensors")):
       files = ["model.safetensors"]
     elif os.path.exists(index):
-      weight_map = read_hf_json(index).get("weight_map")
+      weight_map = _read_hf_json(index).get("weight_map")
       if not isinstance(weight_map, dict):
         raise _unreadable(index, "it has no weight_map of tensor names to files")
       files = sorted(set(weight_map.values()))
@@ -458,7 +458,7 @@ def _unreadable(path: str, why: str) -> ConfigError:
                      f"again){shard}.")
 
 
-def read_hf_json(path: str) -> dict:
+def _read_hf_json(path: str) -> dict:
   """A JSON file of a Hugging Face model directory (config.json, its shard
   index, generation_config.json). Raises ConfigError naming the file when it
   cannot be read or is not a JSON object."""
@@ -569,10 +569,10 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         "import-hf writes a new run at step 0 and would overwrite it.",
         "pass a new --workdir (or remove that directory first).")
   prepare_workdir(workdir, make=False)  # a file in its place: before any read
-  hf = read_hf_json(os.path.join(hf_dir, "config.json"))
+  hf = _read_hf_json(os.path.join(hf_dir, "config.json"))
   generation = None
   if os.path.exists(os.path.join(hf_dir, "generation_config.json")):
-    generation = read_hf_json(os.path.join(hf_dir, "generation_config.json"))
+    generation = _read_hf_json(os.path.join(hf_dir, "generation_config.json"))
   fields = model_fields_from_hf(hf)
   _refuse_conflicting(config, fields, set_fields, hf_dir)
   moe = fields.pop("moe", None)
