@@ -130,25 +130,14 @@ def test_micro_batches_run_in_turn_with_gradients_in_the_parameter_layout(
   width 256 on v5p:2x2x2, data=2 x fsdp=4) the programs before and after moved
   the same bytes over `data` and differed by 1.4 of 39 MiB of temporaries, so
   the traced program is read instead."""
-  from train import diloco as diloco_lib
-  from train.optimizer import schedule
-  from train.state import abstract_state
-  from train.step import batch_sharding, make_inner_step, make_train_step
+  from aot.compile import _train_step  # the step `compile` builds (DiLoCo: inner)
   c = _with_mesh(tiny_config, **mesh)
   c.train.grad_accum_steps = 2
   m = sharding.make_mesh(c.mesh)
   rules = sharding.normalize_rules(None)
-  spec = model_spec(ModelConfig.from_config(c.model), rules)
-  tx = make_optimizer(c.optim, 10)
-  dl = diloco_lib.DiLoCo.from_config(c, mesh.get("diloco", 1))
-  state = abstract_state(spec, tx, m, dl=dl if dl.enabled else None)
+  step, (state, batch) = _train_step(
+      c, model_spec(ModelConfig.from_config(c.model), rules), m, rules)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  data = batch_sharding(m, rules, c.train.batch_size, c.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.data.seq_len), np.int32,
-                                   sharding=data)
-           for k in ("inputs", "targets", "positions", "segment_ids")}
-  make = make_inner_step if dl.enabled else make_train_step
-  step = make(spec, tx, schedule(c.optim, 10), c.train, shardings, data)
   with jax.set_mesh(m):
     scans = _micro_batch_scans(step, state, batch, accum=2)
   assert len(scans) == 1, len(scans)

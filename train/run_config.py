@@ -99,15 +99,17 @@ def read(workdir: str) -> dict[str, Any]:
   with open(file) as f:
     try:
       data = json.load(f)
+      why = None if isinstance(data, dict) else f"it holds a JSON {type(data).__name__}"
     except ValueError as err:  # JSONDecodeError, bad UTF-8
-      data = err
-  if not isinstance(data, dict):
+      why = str(err)
+  if why:
+    from train.checkpoint import checkpoint_dir  # (it imports this module)
+    copy = os.path.join(checkpoint_dir(workdir), "STEP", "config", "metadata")
     raise ConfigError(
         "--workdir", f"{file}, the config the run was started with, is not a JSON "
-        f"object ({data}).",
+        f"object ({why}).",
         "restore it: each checkpoint keeps the config it was saved with, as JSON, "
-        f"in {os.path.join(workdir, 'checkpoints', 'STEP', 'config', 'metadata')}; "
-        "copy the latest step's over it (or start a new --workdir).")
+        f"in {copy}; copy the latest step's over it (or start a new --workdir).")
   tokenizer = tokenizer_file((data.get("data") or {}).get("tokenizer"))
   if tokenizer:
     here = os.path.join(os.path.abspath(workdir), "tokenizer.json")

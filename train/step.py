@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -75,7 +76,7 @@ def moe_in_pipeline(spec: ModelSpec) -> bool:
   return bool(spec.cfg.moe.num_experts) and spec.pipeline.active
 
 
-def _mean_grads(grad_fn, params, batch: Batch, accum: int, sharding=None):
+def _mean_grads(grad_fn, params, batch: Batch, accum: int, sharding):
   """(mean next-token NLL, MoE metrics, gradients), each a mean over `accum`
   micro-batches of `batch`, taken one after another.
 
@@ -93,8 +94,7 @@ def _mean_grads(grad_fn, params, batch: Batch, accum: int, sharding=None):
   of 37.3 (estimate 1735 ms instead of 1678). A barrier on the micro-batch alone,
   the sum passed by, costs nothing there but let rung's 32B program hold both
   micro-batches again (146 GiB)."""
-  keep = ((lambda t: t) if sharding is None
-          else lambda t: jax.lax.with_sharding_constraint(t, sharding))
+  keep = functools.partial(jax.lax.with_sharding_constraint, shardings=sharding)
   if accum == 1:  # nothing summed (a constraint here changed XLA:CPU's rounding)
     (_, (nll, aux)), grads = grad_fn(params, batch)
     return nll, aux, grads
