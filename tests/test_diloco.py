@@ -3,6 +3,8 @@ NumPy reference written from the papers (Douillard et al., arXiv 2311.08105,
 Algorithm 1; arXiv 2501.18512, Algorithm 1 and section 2), against data
 parallelism, and in the compiled programs."""
 
+import json
+
 import jax
 import ml_dtypes
 import numpy as np
@@ -416,6 +418,30 @@ def test_a_run_ends_synchronised_and_continues_without_reapplying(tmp_path,
   c.train.steps = 4
   rows = train.train(c, str(tmp_path / "run"), progress=False)
   assert calls == [(3, 2), (4, 2)] and [r["step"] for r in rows if "loss" in r] == [3, 4]
+
+
+def test_an_outer_step_that_overflows_stops_the_run_before_it_is_saved(tmp_path):
+  """From the crash trials' note: the divergence guard read only the inner step's
+  loss and gradient norm, so an outer step that made the parameters non-finite
+  was saved. An outer learning rate beyond float32 overflows the first sync
+  (step 2) while step 2's inner loss is finite: the run stops with Diverged naming
+  the state and the outer learning rate, and every kept checkpoint is finite."""
+  from train.checkpoint import Checkpointer
+  from train.loop import Diverged
+  c = _config(dict(diloco=2, data=4), steps=4, sync_every=2, outer_lr=1e39,
+              outer_momentum=0.0)
+  c.checkpoint.update(every_steps=1, keep=3)
+  c.log.every_steps = 1
+  with pytest.raises(Diverged, match=r"^step 2: the training loss \(\S+\) and gradient "
+                     r"norm \(\S+\) are finite but the state to be saved holds "
+                     r"non-finite values .* Its last checkpoint, step 1, is kept: .*"
+                     r"--config\.diloco\.outer_lr \(now 1e\+39\)\.$"):
+    train.train(c, str(tmp_path), progress=False)
+  ckpt = Checkpointer(str(tmp_path), c.checkpoint, read_only=True)
+  assert ckpt.all_steps() == [1]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
 # --- bad input ----------------------------------------------------------------------

@@ -320,7 +320,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   def save(done: int, metrics: dict, eval_loss=None, force=False):
     if int(state.step) != saved["step"]:
       if not logged(done):  # a save between logged rows: read its metrics
-        _stop_if_diverged(done, sharding.to_host(metrics), saved["step"], config)
+        metrics = sharding.to_host(metrics)
+        _stop_if_diverged(done, metrics, saved["step"], config)
+      with jax.set_mesh(mesh):
+        finite = _all_finite(state)
+      if not sharding.to_host(finite):  # e.g. DiLoCo's outer step overflowed
+        _stop_if_diverged(done, metrics, saved["step"], config, state_finite=False)
       ckpt.save(state, data.train, config_dict, eval_loss=eval_loss, force=force)
       saved["step"] = int(state.step)
 
@@ -417,25 +422,42 @@ class Diverged(RuntimeError):
   saving that state, so every checkpoint it kept holds a finite one."""
 
 
-def _stop_if_diverged(step: int, metrics: dict, last_saved: int, config) -> None:
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """A scalar bool: every floating-point leaf of `tree` holds only finite values."""
+  leaves = [jax.numpy.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  return jax.numpy.stack(leaves).all() if leaves else jax.numpy.bool_(True)
+
+
+def _stop_if_diverged(step: int, metrics: dict, last_saved: int, config,
+                      state_finite: bool = True) -> None:
   """Raises Diverged when step `step`'s loss or gradient norm (host `metrics`; the
-  mean over DiLoCo replicas) is NaN or infinite. Read at every logged row and
-  before every save, so a state updated from a non-finite loss or gradient is never
-  saved, and a diverged run cannot rotate its good checkpoints out under
-  checkpoint.keep."""
+  mean over DiLoCo replicas) is NaN or infinite, or (`state_finite=False`) when the
+  state about to be saved holds a non-finite value although they were finite (an
+  update or DiLoCo outer step that overflowed). Read at every logged row and before
+  every save, so a non-finite state is never saved, and a diverged run cannot rotate
+  its good checkpoints out under checkpoint.keep."""
   loss, grad_norm = (float(np.mean(metrics[k])) for k in ("loss", "grad_norm"))
-  if math.isfinite(loss) and math.isfinite(grad_norm):
+  if math.isfinite(loss) and math.isfinite(grad_norm) and state_finite:
     return
   o = config.optim
   fixes = (f"a lower --config.optim.learning_rate (now {o.learning_rate:g}), a longer "
            f"--config.optim.warmup_steps (now {o.warmup_steps}) or gradient clipping "
            f"(--config.optim.clip_norm, now {o.clip_norm:g})")
+  dl = diloco_lib.DiLoCo.from_config(config, config.mesh.get("diloco", 1))
+  if dl.enabled:
+    fixes += f"; with DiLoCo, a lower --config.diloco.outer_lr (now {dl.outer_lr:g})"
   where = (f"Its last checkpoint, step {last_saved}, is kept: resume from it (the same "
            f"--workdir) with {fixes}" if last_saved else
            f"It saved no checkpoint: start again with {fixes}")
-  raise Diverged(f"step {step}: the training loss is {loss:g} and the gradient norm "
-                 f"{grad_norm:g}: training diverged, and stops here without saving "
-                 f"this state. {where}.")
+  what = (f"the training loss is {loss:g} and the gradient norm {grad_norm:g}"
+          if state_finite else
+          f"the training loss ({loss:g}) and gradient norm ({grad_norm:g}) are finite "
+          f"but the state to be saved holds non-finite values (an update, or DiLoCo's "
+          f"outer step, overflowed)")
+  raise Diverged(f"step {step}: {what}: training diverged, and stops here without "
+                 f"saving this state. {where}.")
 
 
 def _vocabulary_of_a_saved_model(err, workdir: str, config):
