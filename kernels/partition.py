@@ -24,7 +24,10 @@ import sharding
 class Axes:
   """Mesh axes an attention call splits over, read from the logical rules: the
   batch (`batch`), the length (`length`: sequence parallelism; ring and Ulysses
-  need it on one mesh axis) and the heads (`act_heads`, which K/V heads follow)."""
+  need it on one mesh axis) and the heads (`act_heads`, which K/V heads follow).
+  A mesh axis splits one dimension, the first that names it in the order of q's
+  dimensions (batch, length, heads), as in `sharding.logical_to_spec`: the model's
+  activations carry the same split."""
   batch: tuple[str, ...]
   length: tuple[str, ...]
   heads: tuple[str, ...]
@@ -33,8 +36,12 @@ class Axes:
   def from_rules(cls, rules: sharding.Rules = ()) -> "Axes":
     """From a normalized rules table; () means `sharding.DEFAULT_RULES`."""
     table = dict(rules or sharding.normalize_rules(None))
-    return cls(tuple(table.get("batch", ())), tuple(table.get("length", ())),
-               tuple(table.get("act_heads", ())))
+    used: list[str] = []
+    dims = []
+    for name in ("batch", "length", "act_heads"):  # first dimension wins
+      dims.append(tuple(a for a in table.get(name, ()) if a not in used))
+      used += dims[-1]
+    return cls(*dims)
 
 
 DEFAULT_AXES = Axes.from_rules()
@@ -64,6 +71,13 @@ def sequence_axis(mesh, axes: Axes = DEFAULT_AXES) -> str | None:
     raise ValueError(f"sequence-parallel attention runs over one mesh axis, but the "
                      f"rules split `length` over {used}")
   return used[0] if used else None
+
+
+def no_sequence_axis(impl: str, axes: Axes) -> str:
+  """The ValueError text of a sequence-parallel impl called without a length axis."""
+  return (f"{impl} attention needs a mesh (set with jax.set_mesh(...)) whose length "
+          f"axes {axes.length} have a size above 1 (the rules' `length` axes less "
+          f"those the batch already splits)")
 
 
 def sequence_size(mesh, axes: Axes = DEFAULT_AXES) -> int:

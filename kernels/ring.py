@@ -301,8 +301,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   mesh = partition.context_mesh()
   axis = partition.sequence_axis(mesh, axes) if mesh is not None else None
   if axis is None:
-    raise ValueError("ring attention needs a mesh (set with jax.set_mesh(...)) "
-                     f"whose length axes {axes.length} have a size above 1")
+    raise ValueError(partition.no_sequence_axis("ring", axes))
   size = partition.sequence_size(mesh, axes)
   zigzag = causal and layout == "zigzag"
   chunks = 2 * size if zigzag else size

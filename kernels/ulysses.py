@@ -76,8 +76,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   mesh = partition.context_mesh()
   axis = partition.sequence_axis(mesh, axes) if mesh is not None else None
   if axis is None:
-    raise ValueError("ulysses attention needs a mesh (set with jax.set_mesh(...)) "
-                     f"whose length axes {axes.length} have a size above 1")
+    raise ValueError(partition.no_sequence_axis("ulysses", axes))
   problem = check(mesh, q.shape[2], k.shape[2], axes)
   if problem:
     raise ValueError(f"{problem}; use attention='ring' or another sequence size")

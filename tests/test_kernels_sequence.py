@@ -118,6 +118,33 @@ def test_sequence_parallel_runs_over_the_axis_the_rules_name(impl):
   assert count_ops(text, exchange) > 0
 
 
+@pytest.mark.parametrize("impl", ["flash", "ring", "ulysses"])
+def test_a_mesh_axis_the_batch_takes_splits_nothing_else(impl):
+  """From a fresh-user trial: rules that map `length` or `act_heads` onto a mesh
+  axis the batch already splits made the kernels' shard_map spec name that axis
+  twice (DuplicateSpecError), while the reference and the model's activations
+  (`sharding.logical_to_spec`: first dimension wins) take it for the batch. Here
+  `fsdp` is named by the batch, the length and the heads, and the length and heads
+  have a free axis each: exact against the reference, split as the model splits."""
+  rules = sharding.normalize_rules({
+      **sharding.DEFAULT_RULES, "batch": ("fsdp",), "length": ("fsdp", "sequence"),
+      "act_heads": ("fsdp", "sequence", "tensor")})
+  axes = kernels.partition.Axes.from_rules(rules)
+  assert axes == kernels.partition.Axes(("fsdp",), ("sequence",), ("tensor",))
+  q, k, v, seg, _ = make_inputs(13, batch=2, length=32, heads=4, kv_heads=2,
+                                segments=True)
+  mesh = mesh_of(fsdp=2, sequence=2, tensor=2)
+  fn = jax.jit(lambda q, k, v, s: kernels.attention(
+      q, k, v, causal=True, segment_ids=s, impl=impl, block_sizes=8, rules=rules))
+  with jax.set_mesh(mesh):
+    out = fn(q, k, v, seg)
+    spec = sharding.logical_to_spec(("batch", "length", "act_heads", None), rules,
+                                    mesh, q.shape)
+  assert spec == jax.sharding.PartitionSpec("fsdp", "sequence", "tensor")
+  assert_close(out, reference.attention(q, k, v, causal=True, segment_ids=seg),
+               TOL[jnp.float32], f"{impl} with fsdp named thrice")
+
+
 def count_ops(hlo: str, op: str) -> int:
   """Executions of collective `op` in compiled HLO (loop bodies times trip count)."""
   return hlo_lib.collective_counts(hlo).get(op, {}).get("count", 0)

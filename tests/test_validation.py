@@ -1,6 +1,8 @@
 """Each config mistake gets a message naming field, numbers and fix; the CLI exits 2."""
 
+import ast
 import math
+import re
 
 import pytest
 
@@ -312,6 +314,27 @@ def test_splits_are_checked_over_the_axes_the_rules_name():
     train.validate_config(config, 8)
   assert err.value.field == "data.seq_len"
   assert "seq_len=250 cannot be split over mesh.data=4" in str(err.value)
+
+
+def test_a_length_rule_on_an_axis_of_the_batch_is_refused_with_a_fix_that_works():
+  """From a fresh-user trial: `length` mapped to `fsdp` while `batch` also splits
+  over it validated, then crashed at trace time (ring, Ulysses) or silently did
+  not split the length (the batch takes the axis first). Refused on the length
+  rule, for every attention; the fix validates."""
+  for attention, length in (("ring", ("fsdp",)), ("auto", ("data", "sequence"))):
+    config = llama_tiny.get_config()
+    config.model.attention = attention
+    config.mesh.update(data=4, fsdp=2)
+    config.mesh.rules.update(length=length)
+    with pytest.raises(ConfigError) as err:
+      train.validate_config(config, 8)
+    assert err.value.field == "mesh.rules.length", str(err.value)
+    taken = [a for a in length if a in ("data", "fsdp")]
+    assert f"splits the length over {taken}" in str(err.value)
+    fix = re.search(r'--config\.mesh\.rules\.batch="(.*?)"', err.value.fix).group(1)
+    config.mesh.rules.batch = ast.literal_eval(fix)
+    assert not set(config.mesh.rules.batch) & set(length)
+    train.validate_config(config, 8)
 
 
 def test_a_layer_split_error_suggests_stages_and_repeats_that_split():

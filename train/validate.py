@@ -191,6 +191,18 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
   axes the rules map `length` and the heads to."""
   rules = sharding.normalize_rules(config.mesh.rules)
   impl, seq = config.model.attention, sharding.split_size(rules, "length", sizes)
+  batch = [a for a in dict(rules).get("batch", ()) if sizes[a] > 1]
+  taken = [a for a in dict(rules).get("length", ()) if a in batch]
+  if taken:  # the batch comes first in every activation, and a mesh axis splits one
+    rest = [a for a in dict(rules)["batch"] if a not in taken]
+    raise ConfigError(
+        "mesh.rules.length", f"splits the length over {taken}, which "
+        f"mesh.rules.batch splits the batch over too (size "
+        f"{', '.join(str(sizes[a]) for a in taken)}); a mesh axis splits one dimension "
+        "of an activation, the batch first, so the length would not be split.",
+        f"take {' and '.join(map(repr, taken))} out of the batch's axes "
+        f"(--config.mesh.rules.batch=\"{tuple(rest)!r}\"), or map `length` to "
+        "another axis (e.g. --config.mesh.rules.length=\"('sequence',)\").")
   length_axes = [a for a in dict(rules).get("length", ()) if sizes[a] > 1]
   if impl in kernels.SEQUENCE_PARALLEL and not length_axes:
     axes = dict(rules).get("length", ())
