@@ -256,9 +256,26 @@ def _traffic(ins, instrs, comps) -> float:
         return None
     return total
 
+  root = hlo.root(fused)
+  # A TPU fusion that carries an asynchronous collective between its start and done
+  # fusions (`hlo.async_role`) returns the collective's buffers in a tuple beside
+  # its own results: the collective inside it and the parameters it returns as
+  # they are. The collective's operand and result are moved by its own DMAs
+  # (counted at its start and done fusions), and a parameter returned as it is
+  # moves nothing (XLA aliases it). A fusion whose root is the collective (a
+  # synchronous reduce-scatter fusion) writes its result as before.
+  carried = {i.name for i in fused if i.opcode in hlo.COLLECTIVES} if (
+      root.opcode == "tuple") else set()
+
+  def untouched(name: str) -> bool:  # only passed through or handed to a carried one
+    return all(u is root and root.opcode == "tuple" or u.name in carried
+               for u in users[name])
+
   read = 0.0
   for k, operand in enumerate(ins.operands):
     name = params[k].name if k in params else None
+    if users.get(name) and untouched(name):
+      continue
     part = elements_read(name) if users.get(name) else None
     whole = instrs[operand].bytes if operand in instrs else 0
     if part is not None:  # a parameter only sliced or updated is read in part
@@ -266,10 +283,10 @@ def _traffic(ins, instrs, comps) -> float:
       read += min(whole, whole * part / elements) if elements else 0.0
     else:
       read += whole
-  root = hlo.root(fused)
   outputs = ([local[o] for o in root.operands] if root.opcode == "tuple" else [root])
   written = sum(local[o.operands[_IN_PLACE[o.opcode]]].bytes if o.opcode in _IN_PLACE
-                else o.bytes for o in outputs)
+                else 0 if o.opcode == "parameter" or o.name in carried else o.bytes
+                for o in outputs)
   return read + written
 
 
