@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -425,9 +426,9 @@ class Diverged(RuntimeError):
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   """A scalar bool: every floating-point leaf of `tree` holds only finite values."""
-  leaves = [jax.numpy.isfinite(x).all() for x in jax.tree.leaves(tree)
-            if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-  return jax.numpy.stack(leaves).all() if leaves else jax.numpy.bool_(True)
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 def _stop_if_diverged(step: int, metrics: dict, last_saved: int, config,

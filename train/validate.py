@@ -190,11 +190,12 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
   """Sequence-parallel attention needs shapes its kernels can split, over the mesh
   axes the rules map `length` and the heads to."""
   rules = sharding.normalize_rules(config.mesh.rules)
+  table = dict(rules)
   impl, seq = config.model.attention, sharding.split_size(rules, "length", sizes)
-  batch = [a for a in dict(rules).get("batch", ()) if sizes[a] > 1]
-  taken = [a for a in dict(rules).get("length", ()) if a in batch]
+  batch = [a for a in table.get("batch", ()) if sizes[a] > 1]
+  taken = [a for a in table.get("length", ()) if a in batch]
   if taken:  # the batch comes first in every activation, and a mesh axis splits one
-    rest = [a for a in dict(rules)["batch"] if a not in taken]
+    rest = [a for a in table["batch"] if a not in taken]
     raise ConfigError(
         "mesh.rules.length", f"splits the length over {taken}, which "
         f"mesh.rules.batch splits the batch over too (size "
@@ -203,9 +204,9 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
         f"take {' and '.join(map(repr, taken))} out of the batch's axes "
         f"(--config.mesh.rules.batch=\"{tuple(rest)!r}\"), or map `length` to "
         "another axis (e.g. --config.mesh.rules.length=\"('sequence',)\").")
-  length_axes = [a for a in dict(rules).get("length", ()) if sizes[a] > 1]
+  length_axes = [a for a in table.get("length", ()) if sizes[a] > 1]
   if impl in kernels.SEQUENCE_PARALLEL and not length_axes:
-    axes = dict(rules).get("length", ())
+    axes = table.get("length", ())
     where = (" and ".join(f"mesh.{a}={sizes[a]}" for a in axes) if axes else
              "no mesh axis (mesh.rules.length is empty)")
     raise ConfigError(
