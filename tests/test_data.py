@@ -344,3 +344,36 @@ def test_a_build_removes_partial_caches_that_killed_tokenizations_left(
   assert (root / ".bbbb.tmp-running").exists() and kept.exists()
   assert (f"data: removed 1 partial token cache that interrupted tokenizations left in "
           f"{root} (2.9 KiB)") in capsys.readouterr().out
+
+
+def test_a_stream_s_identity_follows_its_contents_not_its_files(tiny_config, tmp_path):
+  """`corpus`'s identity, which a resume compares to tell a same-size edit: a
+  tokenized source's is the SHA-256 of the stream it reads (the same after its
+  files are only touched and re-tokenized; another after one letter changes);
+  a `tokens` source's changes when its .bin files are rewritten at the same size."""
+  import hashlib
+  import os
+  from train.tokenizer import make_tokenizer
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(5):
+    (docs / f"d{i}.txt").write_text(f"document {i} " * 10)
+  d = tiny_config.data
+  d.update(source="text", path=str(docs), cache_dir=str(tmp_path / "cache"))
+  tok = make_tokenizer(d)
+  stream, _, identity = data_lib.corpus(d, tok)
+  assert identity == "sha256:" + hashlib.sha256(np.asarray(stream).tobytes()).hexdigest()
+  os.utime(docs / "d3.txt", ns=(1, 1))  # a new cache key, the same documents
+  assert data_lib.corpus(d, tok)[2] == identity
+  (docs / "d3.txt").write_text("document 3 " * 9 + "documenT 3 ")
+  stream2, _, edited = data_lib.corpus(d, tok)
+  assert len(stream2) == len(stream) and edited != identity
+  bins = tmp_path / "bins"
+  bins.mkdir()
+  (np.arange(100, dtype=np.uint16) % 7).tofile(bins / "a.bin")
+  d.update(source="tokens", path=str(bins), token_dtype="uint16")
+  first = data_lib.corpus(d, tok)[2]
+  assert first.startswith("files:") and data_lib.corpus(d, tok)[2] == first
+  (np.arange(100, dtype=np.uint16) % 5).tofile(bins / "a.bin")
+  os.utime(bins / "a.bin", ns=(2, 2))  # a rewrite (mtime resolution varies)
+  assert data_lib.corpus(d, tok)[2] != first

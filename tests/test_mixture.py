@@ -243,7 +243,8 @@ def test_a_resume_on_changed_data_says_which_source_changed(tiny_config, corpus,
                                                             tmp_path, capsys):
   """Documents appended to a source between runs changed the shuffle of its
   windows without a word (the run resumed "exactly"); now the resume names the
-  source and its token counts. A resume on the same data says nothing."""
+  source and its token counts. A resume on the same data says nothing; one after
+  a same-size edit (one letter of a document changed) names the source too."""
   import shutil
   web = tmp_path / "web.jsonl"
   shutil.copy(corpus["web"], web)
@@ -264,6 +265,13 @@ def test_a_resume_on_changed_data_says_which_source_changed(tiny_config, corpus,
   out = capsys.readouterr().out
   assert (f"warning: the data changed since this run last started (web: "
           f"{before:,} -> {after:,} tokens): its windows are shuffled") in out, out
+  text = web.read_text()
+  web.write_text(text.replace("w" * 200, "w" * 199 + "x"))
+  c.train.steps = 4
+  train.train(c, run, progress=False)
+  out = capsys.readouterr().out
+  assert (f"warning: the data changed since this run last started (web: the "
+          f"same {after:,} tokens, other contents)") in out, out
 
 
 def test_eval_rows_give_each_source_s_loss(tiny_config, corpus, tmp_path):
@@ -562,6 +570,24 @@ def test_a_source_added_or_dropped_is_not_called_changed_data(tmp_path):
   assert data_lib.data_changes(str(tmp_path), {"web": 200}) is None
   assert "code: 100 -> 120 tokens" in data_lib.data_changes(
       str(tmp_path), {"code": 120, "books": 50})
+
+
+def test_a_same_size_edit_is_told_by_the_stream_s_identity(tmp_path):
+  """A source edited to the same token count resumed without the warning (only
+  counts were compared). Identities are compared where both starts have one: a
+  cache from before they were recorded (None) and a run's file of bare counts
+  (written before identities) are compared by count alone."""
+  run = str(tmp_path)
+  data_lib.record_tokens(run, {"code": 100, "web": 200},
+                         {"code": "sha256:aa", "web": None})
+  same = {"code": 100, "web": 200}
+  assert data_lib.data_changes(run, same, {"code": "sha256:aa", "web": "sha256:cc"}) is None
+  assert "(code: the same 100 tokens, other contents)" in data_lib.data_changes(
+      run, same, {"code": "sha256:bb", "web": "sha256:cc"})
+  assert data_lib.data_changes(run, same, {"code": None, "web": None}) is None
+  (tmp_path / data_lib.TOKENS_FILE).write_text(json.dumps(same))  # an older run
+  assert data_lib.data_changes(run, same, {"code": "sha256:bb"}) is None
+  assert "code: 100 -> 101 tokens" in data_lib.data_changes(run, {"code": 101})
 
 
 def test_rescaled_weights_are_not_a_trajectory_change(tiny_config, corpus, tmp_path):

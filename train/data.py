@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -263,9 +264,13 @@ def token_stream(data_cfg, tokenizer) -> np.ndarray:
   return corpus(data_cfg, tokenizer)[0]
 
 
-def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
+def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None, str | None]:
   """The whole corpus as one array [num_tokens], documents separated by the
-  tokenizer's eos (`data.eos_id` for `tokens` files), and its largest id.
+  tokenizer's eos (`data.eos_id` for `tokens` files), its largest id and its
+  identity for `data_changes`: 'sha256:' and the token stream's digest for a
+  tokenized source (None for a cache built before rung recorded it), 'files:'
+  and a digest of the .bin files' sizes and modification times for `tokens`
+  (hashing them would read the whole corpus at every start).
 
   `tokens`: the .bin files memory-mapped and concatenated (`_read_tokens`; a
   directory gives its `*.bin` files). Every document source
@@ -280,8 +285,11 @@ def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
     if not data_cfg.path:
       raise ConfigError(path_field, "source 'tokens' needs .bin files.",
                         f"set --config.{path_field}=/dir/or/glob/*.bin.")
-    return _read_tokens(_token_files(data_cfg.path, path_field),
-                        data_cfg.token_dtype, path_field)
+    files = _token_files(data_cfg.path, path_field)
+    stream, max_id = _read_tokens(files, data_cfg.token_dtype, path_field)
+    stats = [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    return stream, max_id, "files:" + hashlib.sha256(
+        json.dumps(stats).encode()).hexdigest()
   if data_cfg.source == "hf_disk":
     if not data_cfg.path or not os.path.isdir(data_cfg.path):
       raise ConfigError(path_field, f"source 'hf_disk' needs the directory written "
@@ -292,7 +300,8 @@ def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None]:
     files = sources.list_files(data_cfg.path or default_text_path(), data_cfg.source,
                                path_field)
   cached = token_cache.load_or_build(data_cfg, files, tokenizer)
-  return cached.tokens, cached.meta.get("max_id")
+  digest = cached.meta.get("sha256")
+  return cached.tokens, cached.meta.get("max_id"), digest and f"sha256:{digest}"
 
 
 @dataclasses.dataclass
@@ -302,6 +311,7 @@ class MixtureSource:
   weight: float
   proportion: int      # grain's integer mixing proportion (mixture_proportions)
   tokens: int          # tokens in its stream (training and held-out)
+  identity: str | None  # of its stream's contents (`corpus`)
   train_windows: int
   eval_windows: int
 
@@ -321,9 +331,10 @@ class Data:
   # Where each step's windows start and, in a mixture, which source each is
   # (the loop continues the run's schedule before the first batch is read).
   schedule: Schedule | None = None
-  # Tokens in each source's stream ({} for synthetic data): what `data_changes`
-  # compares against the run's last start.
+  # Tokens in each source's stream ({} for synthetic data) and its contents'
+  # identity (`corpus`): what `data_changes` compares against the run's last start.
   tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+  identities: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
   def eval_batches(self, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
     """The same held-out batches every call (no shuffle): at most `num_batches`,
@@ -371,11 +382,12 @@ def _say(msg: str) -> None:
     tqdm.write(msg)
 
 
-def _windows(view, tokenizer, config, what: str) -> tuple[int, Windows, Windows]:
-  """(tokens, training windows, held-out windows) of one source; `what` names it
-  in errors."""
+def _windows(view, tokenizer, config, what: str
+             ) -> tuple[int, str | None, Windows, Windows]:
+  """(tokens, identity (`corpus`), training windows, held-out windows) of one
+  source; `what` names it in errors."""
   d = config.data
-  stream, max_id = corpus(view, tokenizer)
+  stream, max_id, identity = corpus(view, tokenizer)
   if max_id is not None and max_id >= config.model.vocab_size:
     raise ConfigError(
         "model.vocab_size", f"{config.model.vocab_size} is too small for the "
@@ -389,7 +401,7 @@ def _windows(view, tokenizer, config, what: str) -> tuple[int, Windows, Windows]
     _say(f"data: {what} is read with no data.eos_id, so its windows have no "
          "document boundaries (attention and positions span each whole window); "
          "--config.data.eos_id=ID ends documents at that id")
-  return (len(stream), Windows(stream[:split], d.seq_len, eos),
+  return (len(stream), identity, Windows(stream[:split], d.seq_len, eos),
           Windows(stream[split:], d.seq_len, eos))
 
 
@@ -402,7 +414,7 @@ def _mixture(config, entries, tokenizer, schedule: Schedule):
   trains, evals, parts = [], [], []
   for index, ((name, weight, view), prop) in enumerate(zip(entries, proportions)):
     field = f"data.mixture.{name}"
-    tokens, train_src, eval_src = _windows(view, tokenizer, config, field)
+    tokens, identity, train_src, eval_src = _windows(view, tokenizer, config, field)
     if len(train_src) < 1:
       raise ConfigError(
           f"{field}.path", f"source {name!r} has {tokens} tokens: no training "
@@ -420,8 +432,8 @@ def _mixture(config, entries, tokenizer, schedule: Schedule):
     trains.append(grain.MapDataset.source(
         SourceStream(Tagged(train_src, index), name, schedule, seed)))
     evals.append(grain.MapDataset.source(Tagged(eval_src, index)))
-    parts.append(MixtureSource(name, weight, prop, tokens, len(train_src),
-                               len(eval_src)))
+    parts.append(MixtureSource(name, weight, prop, tokens, identity,
+                               len(train_src), len(eval_src)))
   schedule.reschedule([Segment(0, 0, config.train.batch_size,
                                 {p.name: p.proportion for p in parts})],
                       {p.name: i for i, p in enumerate(parts)})
@@ -486,7 +498,8 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
     train_src = Synthetic(config.model.vocab_size, d.seq_len, seed)
     eval_src = Synthetic(config.model.vocab_size, d.seq_len, seed + 1)
   else:
-    tokens, train_src, eval_src = _windows(d, tokenizer, config, "the corpus")
+    tokens, identity, train_src, eval_src = _windows(d, tokenizer, config,
+                                                     "the corpus")
     if len(train_src) < batch:
       # The longest power-of-two length whose windows fill one batch, if useful.
       fits = int(tokens * (1 - d.eval_fraction)) // batch - 1
@@ -518,31 +531,57 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   train = (grain.MapDataset.source(ProcessRows(examples, batch, lo, hi, schedule))
            .batch(hi - lo, drop_remainder=True)
            .to_iter_dataset(read_options(d.prefetch_batches)))
-  sizes = ({m.name: m.tokens for m in mixture} if entries else
-           {} if d.source == "synthetic" else {"the corpus": tokens})
+  if entries:
+    sizes = {m.name: m.tokens for m in mixture}
+    identities = {m.name: m.identity for m in mixture}
+  elif d.source == "synthetic":
+    sizes, identities = {}, {}
+  else:
+    sizes, identities = {"the corpus": tokens}, {"the corpus": identity}
   return Data(train=iter(train), eval_source=eval_src, tokenizer=tokenizer,
               rows=(lo, hi), batch_size=batch, mixture=mixture, schedule=schedule,
-              tokens=sizes)
+              tokens=sizes, identities=identities)
 
 
-# The token count of each source at a run's last start, in its workdir.
+# Each source's token count and contents' identity at a run's last start, in its
+# workdir: {name: {"tokens": n, "identity": str or null}} (a bare count in runs
+# from before identities were recorded).
 TOKENS_FILE = "data_tokens.json"
 
 
-def data_changes(workdir: str, tokens: dict[str, int]) -> str | None:
+def data_changes(workdir: str, tokens: dict[str, int],
+                 identities: dict[str, str | None] | None = None) -> str | None:
   """What changed in the data since the run in `workdir` last started (its
-  TOKENS_FILE against `tokens`, `Data.tokens`), as a warning; None when nothing
-  did or nothing was recorded. The shuffle spans each whole stream, so a resumed
-  run reads the same windows as an uninterrupted one only on the same data."""
+  TOKENS_FILE against `tokens` and `identities`, `Data.tokens` and
+  `Data.identities`), as a warning; None when nothing did or nothing was
+  recorded. A source changed when its token count did, or its identity (a
+  same-size edit; see `corpus`) where both starts recorded one. The shuffle spans
+  each whole stream, so a resumed run reads the same windows as an uninterrupted
+  one only on the same data."""
   try:
     with open(os.path.join(workdir, TOKENS_FILE)) as f:
       before = json.load(f)
   except (OSError, ValueError):
     return None
+  if not isinstance(before, dict):
+    return None
+  identities = identities or {}
   # A source added to or dropped from a mixture changes no other's order
   # (train.data_schedule); a source whose documents changed does.
-  changed = [f"{name}: {before[name]:,} -> {n:,} tokens"
-             for name, n in tokens.items() if name in before and before[name] != n]
+  changed = []
+  for name, n in tokens.items():
+    was = before.get(name)
+    was_n, was_id = ((was.get("tokens"), was.get("identity"))
+                     if isinstance(was, dict) else (was, None))
+    now_id = identities.get(name)
+    if not isinstance(was_n, int):
+      continue
+    if was_n != n:
+      changed.append(f"{name}: {was_n:,} -> {n:,} tokens")
+    elif was_id and now_id and was_id != now_id:
+      what = ("its .bin files were rewritten" if now_id.startswith("files:")
+              else "other contents")
+      changed.append(f"{name}: the same {n:,} tokens, {what}")
   if not changed:
     return None
   return ("warning: the data changed since this run last started ("
@@ -551,9 +590,14 @@ def data_changes(workdir: str, tokens: dict[str, int]) -> str | None:
           "resume is exact only on the same data.")
 
 
-def record_tokens(workdir: str, tokens: dict[str, int]) -> None:
-  """Writes `tokens` as the run's TOKENS_FILE (atomically), for `data_changes`."""
-  run_config.write_atomically(os.path.join(workdir, TOKENS_FILE), json.dumps(tokens))
+def record_tokens(workdir: str, tokens: dict[str, int],
+                  identities: dict[str, str | None] | None = None) -> None:
+  """Writes `tokens` and `identities` as the run's TOKENS_FILE (atomically), for
+  `data_changes`."""
+  identities = identities or {}
+  run_config.write_atomically(os.path.join(workdir, TOKENS_FILE), json.dumps(
+      {name: {"tokens": n, "identity": identities.get(name)}
+       for name, n in tokens.items()}))
 
 
 _MIXTURE_EXAMPLE = ('in the config file: c.data.mixture = ConfigDict({"code": '

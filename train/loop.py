@@ -194,7 +194,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
                                     t.steps, int(state.step))):
         if note:
           _say(note)
-      changed = data_changes(workdir, data.tokens)
+      changed = data_changes(workdir, data.tokens, data.identities)
       if changed:
         _say(changed)
     else:  # what import-hf writes: a start, with no trajectory to compare against
@@ -234,7 +234,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   if jax.process_index() == 0:
     run_config.write(workdir, config_dict)
     run_config.keep_tokenizer(workdir, config.data.tokenizer)
-    record_tokens(workdir, data.tokens)
+    record_tokens(workdir, data.tokens, data.identities)
     data_schedule.write_schedule(workdir, segments, streams)
   # One program per compression density, with the traffic it logs (host-side,
   # computed once): density -> (compiled step, metrics of what a replica sends).
