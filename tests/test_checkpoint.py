@@ -386,6 +386,28 @@ def test_a_diverged_run_stops_without_saving_it(log_every, save_every, tmp_path)
     assert f"last logged step {bad}: loss " in describe_run(str(tmp_path))
 
 
+def test_an_update_that_overflows_is_not_saved(tmp_path):
+  """An update beyond float32 (learning rate 1e39) makes the parameters
+  non-finite while that step's loss and gradient norm, computed before it, are
+  finite: the state check before the save stops the run there, and the last
+  checkpoint kept is the good run's, whose parameters are finite."""
+  from conftest import make_tiny_config
+  from train.loop import Diverged
+  good = _ckpt_config(make_tiny_config(), 3)
+  train.train(good, str(tmp_path), progress=False)
+  c = _ckpt_config(make_tiny_config(), 6)
+  c.optim.learning_rate = 1e39
+  c.checkpoint.every_steps = 1
+  c.log.every_steps = 50
+  with pytest.raises(Diverged, match=r"^step 4: the training loss \(\S+\) and gradient "
+                     r"norm \(\S+\) are finite but the state to be saved holds "
+                     r"non-finite values .* Its last checkpoint, step 3, is kept"):
+    train.train(c, str(tmp_path), progress=False)
+  assert Checkpointer(str(tmp_path), c.checkpoint, read_only=True).all_steps() == [3]
+  params = _restore(c, tmp_path, 3).params
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
 def test_a_save_that_cannot_be_written_is_reported_and_the_last_step_resumes(
     tmp_path, capsys):
   """From a crash trial (a full disk): a checkpoint write that fails surfaced as a
