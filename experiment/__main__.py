@@ -56,8 +56,9 @@ COMMANDS = {
         "prompt of a --prompts file, in batches, as JSON lines",
         '--workdir=runs/tiny --prompt="def main(" [--max_new_tokens=200 '
         "--temperature=0.8 --top_p=0.95 --config.mesh.tensor=2] (or --prompts=F.txt "
-        "--output_jsonl=out.jsonl --batch_size=8)",
-        ("workdir", "prompt", "prompts", "output_jsonl", "batch_size", "max_new_tokens",
+        "--output_jsonl=out.jsonl --batch_size=8 [--resume_output])",
+        ("workdir", "prompt", "prompts", "output_jsonl", "resume_output", "batch_size",
+         "max_new_tokens",
          "temperature", "top_k", "top_p", "seed", "step", "config", *_PROCESS_FLAGS)),
     "compile": Command(
         "compile --config's step for a TPU --topology (no TPU needed): memory, "
@@ -107,6 +108,10 @@ _PROMPTS = flags.DEFINE_string(
 _OUTPUT_JSONL = flags.DEFINE_string(
     "output_jsonl", None, "With --prompts: write the completions here (a new file), "
     "one JSON object per prompt; default: standard output.")
+_RESUME_OUTPUT = flags.DEFINE_bool(
+    "resume_output", False, "With --output_jsonl: continue the file an interrupted "
+    "run left (its whole batches are kept; the same --batch_size and --seed give "
+    "an uninterrupted run's file).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "With --prompts: prompts "
                                    "generated together.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Tokens to add (0: print the prompt only).")
@@ -418,11 +423,14 @@ def _generate(workdir: str) -> None:
     raise ConfigError("--prompts", "is given with --prompt; generate continues one "
                       "or the other.", "drop --prompt (or --prompts).")
   if not _PROMPTS.present:
-    for flag in (_OUTPUT_JSONL, _BATCH_SIZE):
+    for flag in (_OUTPUT_JSONL, _BATCH_SIZE, _RESUME_OUTPUT):
       if flag.present:
         raise ConfigError(f"--{flag.name}", f"--{flag.name} is read only with "
                           "--prompts (a file of prompts).",
                           f"pass --prompts=FILE, or drop --{flag.name}.")
+  if _RESUME_OUTPUT.value and not _OUTPUT_JSONL.present:
+    raise ConfigError("--resume_output", "continues an --output_jsonl file, and none "
+                      "is given.", "pass --output_jsonl=FILE, or drop --resume_output.")
   prompts = _require(_PROMPTS, _PROMPTS.value, "prompts.txt") if _PROMPTS.present else None
   prompt = None if prompts else _require(_PROMPT, _PROMPT.value, '"def main("')
   try:
@@ -439,7 +447,7 @@ def _generate(workdir: str) -> None:
     if prompts:
       infer.text.generate_file(workdir, _CONFIG.value, prompts,
                                output=_OUTPUT_JSONL.value, batch_size=_BATCH_SIZE.value,
-                               **sampling)
+                               resume=_RESUME_OUTPUT.value, **sampling)
     else:
       infer.text.generate_text(workdir, _CONFIG.value, prompt, **sampling)
   except KeyboardInterrupt:  # Ctrl-C: what was finished is printed or written

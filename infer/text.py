@@ -238,12 +238,39 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
   return prompts
 
 
+def _finished(output: str, lines: list[tuple[int, str]]) -> list[tuple[dict, int]]:
+  """(record, the byte where its line ends) of each line of `output` (an earlier
+  run's JSON lines), the completions of the first prompts of `lines` in order; a
+  last line cut short by an interruption is dropped. Raises ConfigError when a
+  record is not the prompt at its place."""
+  with open(output, encoding="utf-8", newline="") as f:
+    text = f.read()
+  records, end = [], 0
+  for k, line in enumerate(text.split("\n")[:text.count("\n")]):  # whole lines
+    try:
+      record = json.loads(line)
+      matches = (isinstance(record, dict) and k < len(lines)
+                 and [record.get("line"), record.get("prompt")] == list(lines[k]))
+    except json.JSONDecodeError:
+      matches = False
+    if not matches:
+      raise sharding.ConfigError(
+          "--output_jsonl", f"line {k + 1} of {output} is not the completion of "
+          + (f"prompt {k + 1} (line {lines[k][0]}) of --prompts" if k < len(lines)
+             else f"any prompt (--prompts holds {len(lines)})")
+          + ", so it was not written for these prompts.",
+          "pass a new --output_jsonl path (or the --prompts file it was written for).")
+    end += len(line.encode("utf-8")) + 1
+    records.append((record, end))
+  return records
+
+
 def generate_file(workdir: str, config, prompts_path: str, *,
                   output: str | None = None, batch_size: int = 8,
                   max_new_tokens: int = 256, temperature: float = 0.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                   step: int | None = None, progress: bool = True,
-                  out: TextIO = sys.stdout) -> list[dict]:
+                  resume: bool = False, out: TextIO = sys.stdout) -> list[dict]:
   """Continues every prompt of `prompts_path` (`read_prompts`), `batch_size` at a
   time, and writes one JSON line per prompt, in the file's order, to `output`
   (a new file; else `out`): {"line": its line in the prompts file, "prompt",
@@ -257,33 +284,76 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   `SeedSequence([seed, b])` draws (greedy decoding ignores it), so rows of
   different batches do not share random draws. Checks as `generate_text`; an
   `output` that exists is refused (nothing is overwritten), and none is created
-  before the first batch has finished."""
+  before the first batch has finished.
+
+  `resume`: an `output` an interrupted run left is continued instead. Its
+  records must be this file's first prompts, in order (else ConfigError); whole
+  batches of `batch_size` are kept and the rest generated, from the batch after
+  them, so with the same `batch_size`, `seed` and checkpoint the file ends as an
+  uninterrupted run's would. Process 0 reads it and tells the others."""
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
   if batch_size < 1:
     raise sharding.ConfigError("--batch_size", f"is {batch_size}; it is how many "
                                "prompts generate together.", "pass --batch_size=8.")
-  if output and os.path.exists(output):
+  if output and os.path.exists(output) and not resume:
     raise sharding.ConfigError("--output_jsonl", f"{output} exists; nothing is "
-                               "overwritten.", "pass a new path, or delete it first.")
+                               "overwritten.", "pass a new path, delete it first, or "
+                               "pass --resume_output to continue it.")
   parent = os.path.dirname(os.path.abspath(output)) if output else None
   if parent and not os.path.isdir(parent):
     raise sharding.ConfigError("--output_jsonl", f"its directory {parent} does not "
                                "exist.", f"create it first (mkdir -p {parent}), or "
                                "pass a path in an existing directory.")
   lines = read_prompts(prompts_path)
+  writer = jax.process_index() == 0  # every process computes; one writes
+  rows = min(batch_size, len(lines))
+  finished, kept = [], 0  # [(record, where its line ends)], prompts kept
+  if resume and output:
+    refused = None
+    if writer and os.path.exists(output):
+      try:
+        finished = _finished(output, lines)
+      except sharding.ConfigError as err:
+        refused = err
+    # Whole batches only: batch b's seed is SeedSequence([seed, b]).
+    kept = -1 if refused else len(finished) // rows * rows
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      kept = int(multihost_utils.broadcast_one_to_all(np.int64(kept)))
+    if kept < 0:
+      raise refused or sharding.ConfigError(
+          "--output_jsonl", "process 0 refused to continue it (its error says why).",
+          "see process 0's error.")
+    finished = finished[:kept]
   texts = [t for _, t in lines]
   model, tokenizer, ids, stops = _prepare(
       workdir, config, texts, lambda i: f"line {lines[i][0]} of {prompts_path}",
       "--prompts", max_new_tokens, step)
   longest = max(map(len, ids))
-  rows = min(batch_size, len(ids))
-  writer = jax.process_index() == 0  # every process computes; one writes
-  sink, records = None, []
+  sink, records = None, [record for record, _ in finished]
+  continued = resume and output and writer and os.path.exists(output)
+  if continued:
+    sys.stderr.write(f"continuing {output}: the first {kept} of {len(ids)} prompts "
+                     "are kept\n")
+
+  def open_output():
+    """The file, opened at the first finished batch (a refused one writes
+    nothing); a continued one cut after its kept lines."""
+    if not output:
+      return out
+    if not continued:
+      return open(output, "x", encoding="utf-8")
+    f = open(output, "r+", encoding="utf-8")
+    f.truncate(finished[-1][1] if finished else 0)
+    f.seek(0, os.SEEK_END)
+    return f
   try:
-    bar = tqdm(total=len(ids), desc="generate", unit="prompt",
+    bar = tqdm(total=len(ids), initial=kept, desc="generate", unit="prompt",
                disable=not progress or not writer, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 60)
     for b, start in enumerate(range(0, len(ids), rows)):
+      if start < kept:
+        continue
       batch = ids[start:start + rows]
       batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
       try:
@@ -300,22 +370,25 @@ def generate_file(workdir: str, config, prompts_path: str, *,
                       completion=continuation(tokenizer, prompt_ids, shown),
                       new_tokens=len(new_ids), stopped=stopped)
         records.append(record)
-      if writer:  # opened with the first finished batch: a refused one writes no file
-        sink = sink or (open(output, "x", encoding="utf-8") if output else out)
+      if writer:
+        sink = sink or open_output()
         for record in records[start:]:
           sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         sink.flush()
       bar.update(len(batch))
+    if writer and continued and sink is None:  # every batch was kept: drop a cut line
+      sink = open_output()
     bar.close()
   except KeyboardInterrupt:
     if writer:
       sys.stderr.write(f"\ninterrupted after {len(records)} of {len(ids)} prompts"
-                       + (f"; {output} holds the finished ones" if output and records
-                          else "") + ".\n")
+                       + (f"; {output} holds the finished ones (--resume_output "
+                          "continues it)" if output and records else "") + ".\n")
     raise
   finally:
     if output and sink is not None:
       sink.close()
   if output and writer:
-    sys.stderr.write(f"wrote {len(records)} completions to {output}\n")
+    sys.stderr.write(f"wrote {len(records) - kept} completions to {output}"
+                     + (f" ({len(records)} in all)" if kept else "") + "\n")
   return records

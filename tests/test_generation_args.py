@@ -1,5 +1,6 @@
 """Sampling and generation arguments at their edges, in the library and the CLI."""
 
+import functools
 import math
 import os
 
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 import infer
+import sharding
 from conftest import run_cli, run_cli_many
 from model import Decoder, ModelConfig
 
@@ -583,6 +585,12 @@ def test_cli_prompt_file_writes_json_lines_and_refuses_what_it_cannot_do(
   cases = {
       (f"--prompts={prompts}", f"--output_jsonl={out}"):
           f"Config error in `--output_jsonl`: {out} exists; nothing is overwritten.",
+      (f"--prompts={prompts}", "--resume_output"):
+          "Config error in `--resume_output`: continues an --output_jsonl file, and "
+          "none is given.",
+      ("--prompt=ab", "--resume_output"):
+          "Config error in `--resume_output`: --resume_output is read only with "
+          "--prompts",
       ("--prompt=ab", "--batch_size=4"):
           "Config error in `--batch_size`: --batch_size is read only with --prompts",
       ("--prompt=ab", f"--prompts={prompts}"):
@@ -643,5 +651,59 @@ def test_an_interrupted_prompt_file_keeps_the_finished_batches(byte_run, tmp_pat
                              batch_size=2, max_new_tokens=2, progress=False)
   assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == [
       "ab", "cd"]
-  assert f"interrupted after 2 of 3 prompts; {out} holds the finished ones." in (
-      capsys.readouterr().err)
+  assert (f"interrupted after 2 of 3 prompts; {out} holds the finished ones "
+          "(--resume_output continues it).") in capsys.readouterr().err
+
+
+def test_an_interrupted_prompt_file_resumes_to_an_uninterrupted_run_s_file(
+    byte_run, tmp_path, monkeypatch, capsys):
+  """A file of prompts interrupted in its third batch could only be run again from
+  the start (its --output_jsonl existed). With resume the whole batches written
+  are kept and the rest generated from the batch after them: sampled, the file
+  equals an uninterrupted run's byte for byte, also after a kill left a line cut
+  short or half a batch. A file written for other prompts is refused, unchanged."""
+  import infer.text
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("ab\ncd\nef\ngh\nij\n")
+  run = functools.partial(infer.text.generate_file, str(byte_run), None, str(prompts),
+                          batch_size=2, max_new_tokens=5, temperature=1.0, seed=3,
+                          progress=False)
+  whole = tmp_path / "whole.jsonl"
+  run(output=str(whole))
+  expected = whole.read_text()
+  calls, real = [], infer.text.generate
+
+  def interrupted(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+  out = tmp_path / "out.jsonl"
+  with monkeypatch.context() as m:
+    m.setattr(infer.text, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+      run(output=str(out))
+  assert "(--resume_output continues it)" in capsys.readouterr().err
+  assert out.read_text() == "".join(expected.splitlines(True)[:4])
+  with pytest.raises(sharding.ConfigError, match="exists; nothing is overwritten"):
+    run(output=str(out))
+  records = run(output=str(out), resume=True)
+  assert out.read_text() == expected and len(records) == 5
+  assert "continuing" in capsys.readouterr().err
+  lines = expected.splitlines(True)
+  for cut in ("".join(lines[:3]),  # half of the second batch
+              "".join(lines[:4]) + lines[4][:7],  # a line cut short
+              expected + '{"li'):  # every prompt done, then a cut line
+    out.write_text(cut)
+    run(output=str(out), resume=True)
+    assert out.read_text() == expected, cut
+  other = tmp_path / "other.txt"
+  other.write_text("ab\nzz\n")
+  out.write_text("".join(lines[:3]))
+  with pytest.raises(sharding.ConfigError, match=r"line 2 of .* is not the completion "
+                     r"of prompt 2 \(line 2\) of --prompts") as err:
+    infer.text.generate_file(str(byte_run), None, str(other), output=str(out),
+                             batch_size=2, max_new_tokens=5, resume=True,
+                             progress=False)
+  assert err.value.field == "--output_jsonl"
+  assert out.read_text() == "".join(lines[:3])

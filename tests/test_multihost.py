@@ -221,6 +221,14 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
   want = infer.text.generate_file(str(work), None, str(prompts), batch_size=2,
                                   max_new_tokens=5, progress=False, out=io.StringIO())
   assert [json.loads(line) for line in out.read_text().splitlines()] == want
+  whole = out.read_text()  # continued on two processes: process 0 reads, tells 1
+  out.write_text("".join(whole.splitlines(True)[:2]) + '{"line": 4, "pro')
+  results = _generate_in_two_processes(work, f"--prompts={prompts}",
+                                       f"--output_jsonl={out}", "--batch_size=2",
+                                       "--max_new_tokens=5", "--resume_output")
+  for proc, _, err in results:
+    assert proc.returncode == 0, err[-3000:]
+  assert out.read_text() == whole and "the first 2 of 3 prompts" in results[0][2]
   results = _generate_in_two_processes(work, "--prompt=def f(", "--max_new_tokens=5")
   for proc, _, err in results:
     assert proc.returncode == 0, err[-3000:]
