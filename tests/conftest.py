@@ -1,6 +1,8 @@
 """Every test process sees 8 CPU devices; set before jax is imported."""
 
 import os
+import re
+import shlex
 import sys
 
 # Tests compile hundreds of tiny programs, where XLA:CPU's LLVM optimisation costs
@@ -133,6 +135,51 @@ def run_cli_many(arg_lists, timeout=300):
   assert proc.returncode == 0, proc.stderr[-2000:]
   return [subprocess.CompletedProcess(a, r["returncode"], r["stdout"], r["stderr"])
           for a, r in zip(arg_lists, json.loads(proc.stdout))]
+
+
+# One --config override as a fix message writes it: a quoted, parenthesised or
+# plain value (a plain one ends at a space, comma, semicolon or closing bracket).
+_FIX_FLAG = re.compile(r"--config\.[\w.]+=(?:\"[^\"]*\"|'[^']*'|\([^)]*\)|[^\s,;)]+)")
+
+
+def fix_alternatives(fix: str) -> list[list[str]]:
+  """The `--config.*` flags of each alternative a ConfigError's fix offers ("set
+  A, or B C."), as a shell would pass them; alternatives in words alone are left
+  out."""
+  out = []
+  for part in re.split(r",? or |; ", fix):
+    flags = [shlex.split(f.rstrip("."))[0] for f in _FIX_FLAG.findall(part)]
+    if flags:
+      out.append(flags)
+  return out
+
+
+def assert_fixes_validate(config, num_devices: int = 8):
+  """`config` is refused with a ConfigError, and each alternative of its fix,
+  parsed as the launcher parses --config overrides (ml_collections' config
+  flags), gives a config that validates: a fix the user follows works.
+  Returns the error."""
+  import copy
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  import train
+  from sharding import ConfigError
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(copy.deepcopy(config), num_devices)
+  for flags_given in fix_alternatives(err.value.fix):
+    argv = ["rung", *flags_given]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", copy.deepcopy(config),
+                                    flag_values=values, sys_argv=argv)
+    values(argv)
+    try:
+      train.validate_config(values.config, num_devices)
+    except ConfigError as after:
+      pytest.fail(f"the fix {' '.join(flags_given)} of\n  {err.value}\nleads to\n"
+                  f"  {after}")
+  return err.value
 
 
 # Files whose tests take longest (multi-process runs, notebooks, subprocess CLIs,

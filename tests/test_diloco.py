@@ -464,7 +464,9 @@ def _error(config):
     (dict(outer_lr=0.0), "diloco.outer_lr"),
 ])
 def test_config_errors_name_the_field(fields, field):
-  assert _error(_config(dict(diloco=2, data=4), **fields)).field == field
+  """... and every fix each offers in flags works as given."""
+  from conftest import assert_fixes_validate
+  assert assert_fixes_validate(_config(dict(diloco=2, data=4), **fields)).field == field
 
 
 def test_replicas_must_split_the_batch_first_and_hold_the_whole_model():
@@ -519,13 +521,20 @@ def test_a_changed_layout_says_what_is_kept_and_dropped():
 
 def test_inspect_says_how_the_run_trains(tmp_path):
   """`inspect` gives the optimizer, DiLoCo and compression lines the run printed
-  at its start (it showed the model alone)."""
+  at its start (it showed the model alone), and the batch, its accumulation
+  micro-batches and the mesh it was saved with (a resume elsewhere plans with
+  them: pipeline microbatches must divide each replica's micro-batch)."""
   from train import inspect_run, run_config
   from train.compression import Compression
   from train.optimizer import describe
   c = _config(dict(diloco=2, data=4), sync_every=4, fragments=2, overlap_steps=1)
+  c.train.update(batch_size=16, grad_accum_steps=2)
   run_config.write(str(tmp_path), c)
   text = inspect_run.describe_run(str(tmp_path))
+  seq = c.data.seq_len
+  assert (f"training: 3 steps of batch_size 16 x seq_len {seq} ({16 * seq:,} tokens a "
+          "step) in 2 gradient-accumulation micro-batches; mesh diloco=2 data=4\n"
+          ) in text, text
   assert describe(c.optim, c.train.steps) in text
   assert diloco.DiLoCo.from_config(c, 2).describe() in text
   assert "compression" not in text and "pipeline" not in text

@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import sharding
+from sharding.report import count
 from train import data_schedule, run_config
 from train.checkpoint import checkpoint_dir
 from train.metrics import read_metrics
@@ -50,7 +51,7 @@ def _describe_model(saved: dict) -> list[str]:
   except (OSError, ValueError) as err:  # the run's tokenizer.json is gone
     stops = f"unknown ({err})"
   return [
-      f"model: {block}, {family}, {cfg.num_layers} layers, d_model {cfg.d_model}, "
+      f"model: {block}, {family}, {count(cfg.num_layers, 'layer')}, d_model {cfg.d_model}, "
       f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv) of {cfg.head_dim}, d_ff "
       f"{cfg.d_ff}, qkv_bias {cfg.qkv_bias}, qk_norm {cfg.qk_norm}, tied head "
       f"{cfg.tie_embeddings}",
@@ -74,7 +75,14 @@ def _describe_training(config) -> list[str]:
   from train.compression import Compression
   from train.state import pipeline_from_config
   mesh = {a: max(int(config.mesh.get(a, 1)), 1) for a in sharding.AXES}
-  lines = [optimizer.describe(config.optim, config.train.steps,
+  t, seq_len = config.train, config.data.seq_len
+  accum = t.get("grad_accum_steps", 1)
+  lines = [f"training: {count(t.steps, 'step')} of batch_size {t.batch_size} x "
+           f"seq_len {seq_len} ({t.batch_size * seq_len:,} tokens a step)"
+           + (f" in {accum} gradient-accumulation micro-batches" if accum > 1 else "")
+           + "; mesh " + " ".join(f"{a}={config.mesh.get(a, 1)}" for a in sharding.AXES
+                                  if config.mesh.get(a, 1) != 1),
+           optimizer.describe(config.optim, config.train.steps,
                               config.mesh.get("data"))]
   dl = diloco.DiLoCo.from_config(config, mesh["diloco"])
   if dl.enabled:

@@ -11,6 +11,7 @@ import kernels
 import model
 import sharding
 from sharding import ConfigError
+from sharding.report import count
 from model import pipeline
 from train import compression, data, diloco, galore, matrices, optimizer
 from train.state import model_spec
@@ -236,11 +237,17 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
     if problem:
       works = [s for s in range(seq - 1, 1, -1) if not kernels.ulysses.heads_problem(
           m.num_heads, m.num_kv_heads, split, s)]
+      # The mesh flags of the largest of them that fits the devices and seq_len.
+      resized = (sharding.validate.axis_fix(config, "sequence",
+                                            [s, config.data.seq_len],
+                                            math.prod(sizes.values())) for s in works)
+      resized = next((f for f, s in zip(resized, works)
+                      if f.split()[0] == f"--config.mesh.sequence={s}"), None)
       raise ConfigError(
           "model.attention", f"{problem}.", "use --config.model.attention="
-          "ring_zigzag (or ring)" + (f", or --config.mesh.sequence={works[0]}, the "
-                                     "largest smaller size Ulysses can split these "
-                                     "heads over" if works else "") + ".")
+          "ring_zigzag (or ring)" + (f", or {resized}, the largest smaller "
+                                     "sequence size Ulysses can split these heads "
+                                     "over" if resized else "") + ".")
 
 
 def _validate_compression(config, sizes: dict[str, int]) -> None:
@@ -320,10 +327,12 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
   if stages == 1 and m == 1:  # no pipeline: schedule and repeats are not read
     return
   if r > 1 and p["schedule"] != "circular":
+    more = f" --config.pipeline.microbatches={stages}" if m < stages else ""
     raise ConfigError(
         "pipeline.repeats", f"is {r} with schedule={p['schedule']!r}: only the "
         "circular schedule gives a stage several groups of layers.",
-        "set --config.pipeline.schedule=circular, or --config.pipeline.repeats=1.")
+        f"set --config.pipeline.schedule=circular{more}, or "
+        "--config.pipeline.repeats=1.")
   rules = dict(sharding.normalize_rules(config.mesh.rules))
   if stages > 1 and tuple(rules.get("layers", ())) != ("stage",):
     raise ConfigError(
@@ -358,22 +367,26 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         "model.ladder_layers", f"is {cfg.ladder_layers!r}: a pipelined model "
         "(mesh.stage > 1 or pipeline.microbatches > 1) must have one layer kind, "
         "since every stage runs the same program.",
-        "set --config.model.ladder_layers=all, or --config.model.block=standard.")
+        "set --config.model.ladder_layers=all, or --config.model.block=standard "
+        "--config.model.ladder_layers=all.")
   if p["schedule"] == "circular" and m < stages:
     raise ConfigError(
         "pipeline.microbatches", f"is {m} with the circular schedule over "
         f"{stages} stages: a microbatch coming back to stage 0 must find it free, "
         "which needs at least as many microbatches as stages.",
         f"set --config.pipeline.microbatches={stages} (or more), or "
-        "--config.pipeline.schedule=gpipe.")
+        "--config.pipeline.schedule=gpipe"
+        + (" --config.pipeline.repeats=1." if r > 1 else "."))
   dp = sharding.split_size(tuple(rules.items()), "batch", sizes)
   rows = config.train.batch_size // dp // config.train.grad_accum_steps
   if rows % m:
+    accum = count(config.train.grad_accum_steps, "accumulation micro-batch",
+                  "accumulation micro-batches")
     raise ConfigError(
         "pipeline.microbatches", f"is {m}, but each data-parallel replica's "
-        f"(micro-)batch has {rows} sequences (train.batch_size="
-        f"{config.train.batch_size} over {dp} replicas and "
-        f"{config.train.grad_accum_steps} accumulation micro-batches).",
+        f"(micro-)batch has {count(rows, 'sequence')} (train.batch_size="
+        f"{config.train.batch_size} over {count(dp, 'replica')} and "
+        f"{accum}).",
         f"use microbatches dividing {rows}, or a train.batch_size that is a "
         f"multiple of {dp * config.train.grad_accum_steps * m}.")
   if sizes.get("diloco", 1) > 1:
@@ -431,8 +444,8 @@ def _validate_diloco(config, sizes: dict[str, int]) -> None:
   units = config.model.num_layers // model.ModelConfig.from_config(config.model).unit
   if d.fragments > units:
     raise ConfigError(
-        "diloco.fragments", f"is {d.fragments}, but the model has {units} layer "
-        "groups to split into fragments.",
+        "diloco.fragments", f"is {d.fragments}, but the model has "
+        f"{count(units, 'layer group')} to split into fragments.",
         f"set --config.diloco.fragments to at most {units}.")
   if d.overlap_steps >= d.sync_every:
     raise ConfigError(
