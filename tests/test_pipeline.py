@@ -16,7 +16,6 @@ import sharding
 from conftest import assert_fixes_validate, make_tiny_config, run_cli, z_token_loss
 from model import Decoder, ModelConfig, MoEConfig
 from model.pipeline import Pipeline, microbatches, unmicrobatch
-from sharding import ConfigError
 from train.loop import train
 from train.validate import validate_config
 
