@@ -322,32 +322,37 @@ def test_a_length_rule_on_an_axis_of_the_batch_is_refused_with_a_fix_that_works(
   """From a fresh-user trial: `length` mapped to `fsdp` while `batch` also splits
   over it validated, then crashed at trace time (ring, Ulysses) or silently did
   not split the length (the batch takes the axis first). Refused on the length
-  rule, for every attention; the fix validates."""
-  for attention, length in (("ring", ("fsdp",)), ("auto", ("data", "sequence"))):
+  rule, for every attention; each fix validates (the other axis it names is one
+  of size > 1 the batch leaves free, or none, in words)."""
+  for attention, length, mesh in (("ring", ("fsdp",), dict(data=4, fsdp=2)),
+                                  ("auto", ("data", "sequence"), dict(data=4, fsdp=2)),
+                                  ("ring", ("fsdp",), dict(data=2, fsdp=2, sequence=2))):
     config = llama_tiny.get_config()
     config.model.attention = attention
-    config.mesh.update(data=4, fsdp=2)
+    config.mesh.update(**mesh)
     config.mesh.rules.update(length=length)
-    with pytest.raises(ConfigError) as err:
-      train.validate_config(config, 8)
-    assert err.value.field == "mesh.rules.length", str(err.value)
+    err = assert_fixes_validate(config)
+    assert err.field == "mesh.rules.length", str(err)
     taken = [a for a in length if a in ("data", "fsdp")]
-    assert f"splits the length over {taken}" in str(err.value)
-    fix = re.search(r'--config\.mesh\.rules\.batch="(.*?)"', err.value.fix).group(1)
-    config.mesh.rules.batch = ast.literal_eval(fix)
-    assert not set(config.mesh.rules.batch) & set(length)
-    train.validate_config(config, 8)
+    assert f"splits the length over {taken}" in str(err)
+    fix = re.search(r'--config\.mesh\.rules\.batch="(.*?)"', err.fix).group(1)
+    assert not set(ast.literal_eval(fix)) & set(length)
+    free = "--config.mesh.rules.length=\"('sequence',)\"" in err.fix
+    assert free == ("sequence" in mesh), err.fix
 
 
 def test_a_layer_split_error_suggests_stages_and_repeats_that_split():
   """Layers that mesh.stage x pipeline.repeats do not divide: the flags in the
-  fix clear that error without a mesh error, over layer counts, stages and
-  repeats on 8 devices."""
+  fix give a config that validates, over layer counts, stages, repeats and batch
+  sizes on 8 devices (fewer stages leave more replicas, so the fix also names
+  microbatches that split each replica's rows where the old ones do not)."""
   import itertools
-  import re
-  for layers, stages, repeats in itertools.product((3, 4, 6), (2, 4, 8), (1, 2, 3)):
+  fixed = 0
+  for layers, stages, repeats, batch in itertools.product((3, 4, 6), (2, 4, 8),
+                                                          (1, 2, 3), (16, 64)):
     c = llama_tiny.get_config()
     c.model.num_layers = layers
+    c.train.batch_size = batch
     c.mesh.update(data=-1, stage=stages)
     c.pipeline.update(schedule="circular" if repeats > 1 else "gpipe",
                       repeats=repeats, microbatches=stages)
@@ -355,18 +360,11 @@ def test_a_layer_split_error_suggests_stages_and_repeats_that_split():
       train.validate_config(c, 8)
       continue
     except ConfigError as err:
-      message, field = str(err), err.field
-    if field not in ("mesh.stage", "pipeline.repeats"):
-      continue
-    fix = re.findall(r"--config\.(mesh|pipeline)\.(\w+)=(-?\d+)", message)
-    assert fix, message
-    for group, name, value in fix:
-      c[group][name] = int(value)
-    try:
-      train.validate_config(c, 8)
-    except ConfigError as again:
-      assert again.field not in ("mesh.stage", "pipeline.repeats") and not \
-          again.field.startswith("mesh"), (message, str(again))
+      if err.field not in ("mesh.stage", "pipeline.repeats"):
+        continue
+    assert_fixes_validate(c)
+    fixed += 1
+  assert fixed > 20
 
 
 @pytest.mark.parametrize("seq_len,context", [(16, 16), (17, 16), (512, 8192), (4096, 2048)])

@@ -197,6 +197,10 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
   taken = [a for a in table.get("length", ()) if a in batch]
   if taken:  # the batch comes first in every activation, and a mesh axis splits one
     rest = [a for a in table["batch"] if a not in taken]
+    free = [a for a in sharding.AXES if sizes.get(a, 1) > 1 and a not in batch]
+    other = (f"(e.g. --config.mesh.rules.length=\"{(free[0],)!r}\")" if free else
+             "(no axis of size > 1 is free of the batch: give one, e.g. "
+             "mesh.sequence, devices)")
     raise ConfigError(
         "mesh.rules.length", f"splits the length over {taken}, which "
         f"mesh.rules.batch splits the batch over too (size "
@@ -204,7 +208,7 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
         "of an activation, the batch first, so the length would not be split.",
         f"take {' and '.join(map(repr, taken))} out of the batch's axes "
         f"(--config.mesh.rules.batch=\"{tuple(rest)!r}\"), or map `length` to "
-        "another axis (e.g. --config.mesh.rules.length=\"('sequence',)\").")
+        f"another axis {other}.")
   length_axes = [a for a in table.get("length", ()) if sizes[a] > 1]
   if impl in kernels.SEQUENCE_PARALLEL and not length_axes:
     axes = table.get("length", ())
@@ -412,6 +416,18 @@ def _pipeline_fix(config, units: int, stages: int, repeats: int,
     return ("--config.pipeline.repeats="
             f"{sharding.mesh.largest_divisor(units // stages, repeats)}")
   fix = sharding.validate.axis_fix(config, "stage", [units], num_devices)
+  # Fewer stages leave more devices to the batch: the microbatches must still
+  # split each replica's (micro-)batch.
+  mesh = dict(config.mesh)
+  for flag in fix.split():
+    axis, size = flag.removeprefix("--config.mesh.").split("=")
+    mesh[axis] = int(size)
+  sizes = sharding.mesh.resolve_shape(mesh, num_devices)
+  dp = sharding.split_size(sharding.normalize_rules(config.mesh.rules), "batch", sizes)
+  rows = max(config.train.batch_size // dp // config.train.grad_accum_steps, 1)
+  m = config.pipeline.microbatches
+  if rows % m:
+    fix += f" --config.pipeline.microbatches={sharding.mesh.largest_divisor(rows, m)}"
   return fix + (" --config.pipeline.repeats=1" if repeats > 1 else "")
 
 
