@@ -24,7 +24,7 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
   logical axis to, not over fixed axis names: heads over `heads` / `act_heads`,
   experts over `experts`, the sequence over `length`, the batch over `batch`.
   """
-  sizes = validate_serving_plan(config, num_devices)
+  sizes = validate_serving_plan(config, num_devices, training=True)
   rules = dict(normalize_rules(config.mesh.rules))
   seq = split_size(rules, "length", sizes)
   if config.data.seq_len % seq:
@@ -35,10 +35,9 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"make data.seq_len a multiple of {seq} or change "
         f"mesh.{rules['length'][0]}.")
   dp = split_size(rules, "batch", sizes)
-  accum = config.train.grad_accum_steps
-  unit = dp * accum  # a batch both checks below pass is a multiple of this
+  accum, m = config.train.grad_accum_steps, _microbatches(config)
   batch = config.train.batch_size
-  fits = max(unit, batch // unit * unit)
+  fits = _batch_that_splits(config, sizes)
   if batch % dp:
     raise ConfigError(
         "train.batch_size",
@@ -46,6 +45,7 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"data-parallel size {dp} ({_describe(rules, 'batch', sizes)}).",
         f"use a batch_size that is a multiple of {dp}"
         + (f" x train.grad_accum_steps={accum}" if accum > 1 else "")
+        + (f" x pipeline.microbatches={m}" if m > 1 else "")
         + f", e.g. --config.train.batch_size={fits}.")
   if (batch // dp) % accum:
     raise ConfigError(
@@ -54,7 +54,8 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"{count(batch // dp, 'sequence')}, which do not split into "
         f"{accum} micro-batches.",
         f"pass --config.train.batch_size={fits} (a multiple of data-parallel size "
-        f"{dp} x {accum}), or --config.train.grad_accum_steps="
+        f"{dp} x {accum}" + (f" x pipeline.microbatches={m}" if m > 1 else "")
+        + "), or --config.train.grad_accum_steps="
         f"{largest_divisor(batch // dp, accum)}.")
   rows = config.train.batch_size // dp // accum
   chunks = config.model.get("loss_chunks", 1)
@@ -68,10 +69,12 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def validate_serving_plan(config: Any, num_devices: int) -> dict[str, int]:
+def validate_serving_plan(config: Any, num_devices: int,
+                          training: bool = False) -> dict[str, int]:
   """The checks of `validate_plan` that serving needs: the mesh fits the devices
   and the model's heads and experts split over it. Nothing about `train` or the
-  training length: any batch and prompt serve on any mesh (they are padded to it).
+  training length: any batch and prompt serve on any mesh (they are padded to it);
+  fixes name a batch size only for `training` (`validate_plan`'s call).
   Returns the resolved mesh sizes."""
   table = normalize_rules(config.mesh.rules)  # ConfigError for a bad axis
   try:
@@ -84,7 +87,7 @@ def validate_serving_plan(config: Any, num_devices: int) -> dict[str, int]:
     if not counts or config.mesh.get(axis, 1) < 1:
       raise
     divides = " and ".join(f"{field}={n}" for field, n in counts.items())
-    fix = (f"pass {axis_fix(config, axis, counts.values(), num_devices)} "
+    fix = (f"pass {axis_fix(config, axis, counts.values(), num_devices, training)} "
            f"(mesh.{axis} must divide {divides} as well as fit "
            f"{devices_phrase(num_devices)})")
     if isinstance(err, MeshTooLarge):
@@ -105,7 +108,7 @@ def validate_serving_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
         f"split over {_describe(rules, name, sizes)}.",
         f"choose mesh.{axis} dividing {m[field]} (e.g. "
-        f"{_resize(config, axis, table, num_devices)}"
+        f"{_resize(config, axis, table, num_devices, training)}"
         f"), change model.{field}, or leave the heads unsplit: {unsplit}.")
   # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
   # is split over `expert` too, so it is plain data parallelism.
@@ -117,7 +120,7 @@ def validate_serving_plan(config: Any, num_devices: int) -> dict[str, int]:
         "model.moe.num_experts",
         f"{experts} experts cannot be split over {_describe(rules, 'experts', sizes)}.",
         f"choose mesh.{axis} dividing {experts} (e.g. "
-        f"{_resize(config, axis, table, num_devices)}), "
+        f"{_resize(config, axis, table, num_devices, training)}), "
         f"or a multiple of {e} experts.")
   if experts:
     shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
@@ -154,28 +157,72 @@ def _counts_on(config: Any, axis: str, table) -> dict[str, int]:
   return counts
 
 
-def _resize(config: Any, axis: str, table, num_devices: int) -> str:
+def _resize(config: Any, axis: str, table, num_devices: int, training: bool) -> str:
   """`axis_fix` for every count the rules split over mesh `axis`."""
-  return axis_fix(config, axis, _counts_on(config, axis, table).values(), num_devices)
+  return axis_fix(config, axis, _counts_on(config, axis, table).values(), num_devices,
+                  training)
 
 
-def axis_fix(config: Any, axis: str, counts: Iterable[int], num_devices: int) -> str:
+def _microbatches(config: Any) -> int:
+  """Pipeline microbatches per (micro-)batch of a data-parallel replica."""
+  p = config.get("pipeline")
+  return int(p.get("microbatches", 1)) if p is not None else 1
+
+
+def _batch_that_splits(config: Any, sizes: dict[str, int]) -> int:
+  """train.batch_size rounded down (to one unit at least) to a multiple of the
+  data-parallel size on mesh `sizes` x accumulation micro-batches x pipeline
+  microbatches, which every batch split check passes."""
+  unit = (split_size(dict(normalize_rules(config.mesh.rules)), "batch", sizes)
+          * config.train.grad_accum_steps * _microbatches(config))
+  return max(unit, config.train.batch_size // unit * unit)
+
+
+def axis_fix(config: Any, axis: str, counts: Iterable[int], num_devices: int,
+             training: bool = True) -> str:
   """Flags that resize mesh `axis` to the largest size (at most its current one)
   that divides every count in `counts` and still fits the devices (with -1 on
   `data` when no other axis takes the rest); when no size of `axis` alone fits,
   the other axes shrink too, as the mesh's own fix shrinks them (`mesh_fix`), so
-  the flags name every axis to change at once."""
+  the flags name every axis to change at once. For `training`, a mesh of that
+  size on which the batch still splits comes first; where none does, the flags
+  add a train.batch_size that does (serving reads no batch size)."""
+  current = max(config.mesh.get(axis, 1), 1)
+  return _resize_to(config, axis, [s for s in range(current, 0, -1)
+                                   if not any(c % s for c in counts)], num_devices,
+                    training)
+
+
+def axis_off(config: Any, axis: str, num_devices: int) -> str:
+  """Flags that set mesh `axis` to 1, giving its devices to `data` (-1) unless
+  another axis already takes the rest (and a batch size that splits, if needed)."""
+  return _resize_to(config, axis, [1], num_devices)
+
+
+def _resize_to(config: Any, axis: str, sizes: list[int], num_devices: int,
+               training: bool = True) -> str:
+  """`axis_fix`'s flags for the first of `sizes` (in order of preference)."""
   mesh = {a: config.mesh.get(a, 1) for a in AXES}
-  sizes = [s for s in range(max(mesh[axis], 1), 0, -1) if not any(c % s for c in counts)]
   candidates = [{axis: s, **extra} for s in sizes
                 for extra in (({}, {"data": -1}) if axis != "data" else ({},))]
   candidates += [{axis: s, **{a: v for a, v in mesh_fix({**mesh, axis: s},
                                                         num_devices).items() if a != axis}}
                  for s in sizes]
+  fitting = []
   for changes in candidates:
     try:
-      resolve_shape({**mesh, **changes}, num_devices)
+      fitting.append((changes, resolve_shape({**mesh, **changes}, num_devices)))
     except ConfigError:
       continue
+  if not fitting:
+    return f"--config.mesh.{axis}=1"
+  changes, resized = fitting[0]
+  if not training:
     return " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
-  return f"--config.mesh.{axis}=1"
+  # Of the meshes with the preferred size, one the batch still splits over.
+  batch = config.train.batch_size
+  changes, resized = next(((c, r) for c, r in fitting if c[axis] == changes[axis]
+                           and _batch_that_splits(config, r) == batch), fitting[0])
+  fits = _batch_that_splits(config, resized)
+  return (" ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
+          + (f" --config.train.batch_size={fits}" if fits != batch else ""))

@@ -503,3 +503,42 @@ def test_a_file_where_the_run_directory_goes_is_refused_before_any_data(tmp_path
   assert err.value.field == "--workdir"
   assert "is a file, not a directory" in str(err.value)
   assert (workdir / "checkpoints").is_file() or workdir.is_file()  # left alone
+
+
+def test_a_mesh_fix_keeps_the_batch_split_or_names_a_batch_that_does():
+  """Fixes that resize a mesh axis (heads or layers it does not divide, an axis
+  DiLoCo or compression cannot share) give its devices to `data`, which changed
+  the data-parallel size under the batch: following one met a batch_size
+  refusal. Over head counts, tensor and stage sizes, fixed `data` sizes, batch
+  sizes, microbatches and device counts, each fix in flags validates."""
+  import itertools
+  checked = 0
+  for devices, tensor, data, batch, heads in itertools.product(
+      (8, 12), (3, 6, 8), (-1, 1, 2), (16, 24), (4, 8)):
+    c = llama_tiny.get_config()
+    c.model.update(num_heads=heads, num_kv_heads=heads // 2)
+    c.mesh.update(tensor=tensor, data=data, fsdp=-1 if data != -1 else 1)
+    c.train.batch_size = batch
+    try:
+      train.validate_config(c, devices)
+      continue
+    except ConfigError:
+      pass
+    assert_fixes_validate(c, devices)
+    checked += 1
+  for stage, microbatches, batch in itertools.product((3, 6), (2, 4), (16, 24)):
+    c = llama_tiny.get_config()
+    c.mesh.update(stage=stage, data=-1)
+    c.pipeline.microbatches = microbatches
+    c.train.batch_size = batch
+    assert_fixes_validate(c, 12 if stage == 6 else 6)
+    checked += 1
+  for change in (lambda c: c.optim.compression.update(method="topk"),
+                 lambda c: c.optim.update(offload="cpu"),
+                 lambda c: c.pipeline.update(microbatches=2)):
+    c = llama_tiny.get_config()
+    change(c)
+    c.mesh.update(diloco=2, data=4)
+    assert_fixes_validate(c)
+    checked += 1
+  assert checked > 40

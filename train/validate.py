@@ -318,7 +318,7 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
   evenly over stages and repeats, microbatches that split each replica's
   (micro-)batch, and a model of one layer kind."""
   p = config.get("pipeline")
-  stages = sizes.get("stage", 1)
+  stages, n = sizes.get("stage", 1), math.prod(sizes.values())
   if p is None:
     p = {"microbatches": 1, "schedule": "gpipe", "repeats": 1}
   if read(config, "pipeline.schedule"):
@@ -359,7 +359,7 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         f"the model's {units} {what} do not split into mesh.stage={stages} x "
         f"pipeline.repeats={repeats} equal groups.",
         f"choose mesh.stage and pipeline.repeats whose product divides {units}, e.g. "
-        f"{_pipeline_fix(config, units, stages, repeats, math.prod(sizes.values()))}, "
+        f"{_pipeline_fix(config, units, stages, repeats, n)}, "
         "or change model.num_layers.")
   if not cfg.scan_layers:
     raise ConfigError(
@@ -397,14 +397,16 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
     raise ConfigError(
         "mesh.stage" if stages > 1 else "pipeline.microbatches",
         f"pipelining and mesh.diloco={sizes['diloco']} do not combine yet.",
-        "set --config.mesh.diloco=1, or --config.mesh.stage=1 and "
+        f"set {sharding.validate.axis_off(config, 'diloco', n)}, or "
+        f"{sharding.validate.axis_off(config, 'stage', n)} and "
         "--config.pipeline.microbatches=1.")
   c = config.optim.get("compression")
   if c is not None and c.method != "none":
     raise ConfigError(
         "optim.compression.method", f"is {c.method!r}: gradient compression and "
         "pipelining do not combine yet.",
-        "set --config.optim.compression.method=none, or --config.mesh.stage=1 and "
+        "set --config.optim.compression.method=none, or "
+        f"{sharding.validate.axis_off(config, 'stage', n)} and "
         "--config.pipeline.microbatches=1.")
 
 
@@ -416,18 +418,6 @@ def _pipeline_fix(config, units: int, stages: int, repeats: int,
     return ("--config.pipeline.repeats="
             f"{sharding.mesh.largest_divisor(units // stages, repeats)}")
   fix = sharding.validate.axis_fix(config, "stage", [units], num_devices)
-  # Fewer stages leave more devices to the batch: the microbatches must still
-  # split each replica's (micro-)batch.
-  mesh = dict(config.mesh)
-  for flag in fix.split():
-    axis, size = flag.removeprefix("--config.mesh.").split("=")
-    mesh[axis] = int(size)
-  sizes = sharding.mesh.resolve_shape(mesh, num_devices)
-  dp = sharding.split_size(sharding.normalize_rules(config.mesh.rules), "batch", sizes)
-  rows = max(config.train.batch_size // dp // config.train.grad_accum_steps, 1)
-  m = config.pipeline.microbatches
-  if rows % m:
-    fix += f" --config.pipeline.microbatches={sharding.mesh.largest_divisor(rows, m)}"
   return fix + (" --config.pipeline.repeats=1" if repeats > 1 else "")
 
 
@@ -474,12 +464,14 @@ def _validate_diloco(config, sizes: dict[str, int]) -> None:
         "optim.compression.method", f"is {c.method!r} with mesh.diloco="
         f"{sizes['diloco']}: gradient compression over `data` and DiLoCo over "
         "`diloco` do not combine yet.",
-        "set --config.optim.compression.method=none, or --config.mesh.diloco=1.")
+        "set --config.optim.compression.method=none, or "
+        f"{sharding.validate.axis_off(config, 'diloco', math.prod(sizes.values()))}.")
   if config.optim.offload != "none":
     raise ConfigError(
         "optim.offload", f"is {config.optim.offload!r} with mesh.diloco > 1: "
         "DiLoCo's stacked inner optimizer states stay on the device.",
-        "set --config.optim.offload=none, or --config.mesh.diloco=1.")
+        "set --config.optim.offload=none, or "
+        f"{sharding.validate.axis_off(config, 'diloco', math.prod(sizes.values()))}.")
   rules = sharding.normalize_rules(config.mesh.rules)
   spec = model_spec(model.ModelConfig.from_config(config.model), rules)
   problem = compression.replica_view_problem(rules, spec.logical, diloco.REPLICA_AXIS,
