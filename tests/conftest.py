@@ -157,8 +157,9 @@ def fix_alternatives(fix: str) -> list[list[str]]:
 def assert_fixes_validate(config, num_devices: int = 8):
   """`config` is refused with a ConfigError, and each alternative of its fix,
   parsed as the launcher parses --config overrides (ml_collections' config
-  flags), gives a config that validates: a fix the user follows works.
-  Returns the error."""
+  flags), gives a config that validates and reads every field the fix sets (the
+  launcher refuses an override the run would not read): a fix the user follows
+  works. Returns the error."""
   import copy
 
   from absl import flags
@@ -166,6 +167,7 @@ def assert_fixes_validate(config, num_devices: int = 8):
 
   import train
   from sharding import ConfigError
+  from train.unread import unread_override
   with pytest.raises(ConfigError) as err:
     train.validate_config(copy.deepcopy(config), num_devices)
   for flags_given in fix_alternatives(err.value.fix):
@@ -174,8 +176,12 @@ def assert_fixes_validate(config, num_devices: int = 8):
     config_flags.DEFINE_config_dict("config", copy.deepcopy(config),
                                     flag_values=values, sys_argv=argv)
     values(argv)
+    fields = [f.split("=")[0].removeprefix("--config.") for f in flags_given]
     try:
       train.validate_config(values.config, num_devices)
+      refused = unread_override(values.config, fields)
+      if refused:
+        raise refused
     except ConfigError as after:
       pytest.fail(f"the fix {' '.join(flags_given)} of\n  {err.value}\nleads to\n"
                   f"  {after}")
