@@ -627,6 +627,20 @@ def test_prompt_files_split_at_newlines_only(tmp_path):
   assert read_prompts(str(jsonl)) == [(1, "a\u2028b\x85c"), (2, "d")]
 
 
+def _interrupted_at(call: int):
+  """infer.text.generate that raises KeyboardInterrupt (Ctrl-C) at its `call`-th
+  call, for monkeypatching."""
+  import infer.text
+  calls, real = [], infer.text.generate
+
+  def generate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == call:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+  return generate
+
+
 def test_an_interrupted_prompt_file_keeps_the_finished_batches(byte_run, tmp_path,
                                                               monkeypatch, capsys):
   """Ctrl-C in the second batch: the first batch's lines are in the file, whole,
@@ -637,14 +651,7 @@ def test_an_interrupted_prompt_file_keeps_the_finished_batches(byte_run, tmp_pat
   import infer.text
   prompts = tmp_path / "p.txt"
   prompts.write_text("ab\ncd\nef\n")
-  calls, real = [], infer.text.generate
-
-  def interrupted(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 2:
-      raise KeyboardInterrupt
-    return real(*args, **kwargs)
-  monkeypatch.setattr(infer.text, "generate", interrupted)
+  monkeypatch.setattr(infer.text, "generate", _interrupted_at(2))
   out = tmp_path / "out.jsonl"
   with pytest.raises(KeyboardInterrupt):
     infer.text.generate_file(str(byte_run), None, str(prompts), output=str(out),
@@ -671,16 +678,9 @@ def test_an_interrupted_prompt_file_resumes_to_an_uninterrupted_run_s_file(
   whole = tmp_path / "whole.jsonl"
   run(output=str(whole))
   expected = whole.read_text()
-  calls, real = [], infer.text.generate
-
-  def interrupted(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 3:
-      raise KeyboardInterrupt
-    return real(*args, **kwargs)
   out = tmp_path / "out.jsonl"
   with monkeypatch.context() as m:
-    m.setattr(infer.text, "generate", interrupted)
+    m.setattr(infer.text, "generate", _interrupted_at(3))
     with pytest.raises(KeyboardInterrupt):
       run(output=str(out))
   assert "(--resume_output continues it)" in capsys.readouterr().err
