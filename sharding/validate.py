@@ -188,20 +188,21 @@ def axis_fix(config: Any, axis: str, counts: Iterable[int], num_devices: int,
   size on which the batch still splits comes first; where none does, the flags
   add a train.batch_size that does (serving reads no batch size)."""
   current = max(config.mesh.get(axis, 1), 1)
-  return _resize_to(config, axis, [s for s in range(current, 0, -1)
-                                   if not any(c % s for c in counts)], num_devices,
-                    training)
+  return resize_to(config, axis, [s for s in range(current, 0, -1)
+                                  if not any(c % s for c in counts)], num_devices,
+                   training) or f"--config.mesh.{axis}=1"
 
 
 def axis_off(config: Any, axis: str, num_devices: int) -> str:
   """Flags that set mesh `axis` to 1, giving its devices to `data` (-1) unless
   another axis already takes the rest (and a batch size that splits, if needed)."""
-  return _resize_to(config, axis, [1], num_devices)
+  return resize_to(config, axis, [1], num_devices) or f"--config.mesh.{axis}=1"
 
 
-def _resize_to(config: Any, axis: str, sizes: list[int], num_devices: int,
-               training: bool = True) -> str:
-  """`axis_fix`'s flags for the first of `sizes` (in order of preference)."""
+def resize_to(config: Any, axis: str, sizes: list[int], num_devices: int,
+              training: bool = True) -> str | None:
+  """`axis_fix`'s flags for the first of `sizes` (in order of preference) whose
+  mesh fits the devices; None when none does."""
   mesh = {a: config.mesh.get(a, 1) for a in AXES}
   candidates = [{axis: s, **extra} for s in sizes
                 for extra in (({}, {"data": -1}) if axis != "data" else ({},))]
@@ -215,7 +216,7 @@ def _resize_to(config: Any, axis: str, sizes: list[int], num_devices: int,
     except ConfigError:
       continue
   if not fitting:
-    return f"--config.mesh.{axis}=1"
+    return None
   changes, resized = fitting[0]
   if not training:
     return " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())

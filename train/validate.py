@@ -239,14 +239,11 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
     split = sharding.split_size(rules, "act_heads", sizes)
     problem = kernels.ulysses.heads_problem(m.num_heads, m.num_kv_heads, split, seq)
     if problem:
-      works = [s for s in range(seq - 1, 1, -1) if not kernels.ulysses.heads_problem(
-          m.num_heads, m.num_kv_heads, split, s)]
-      # The mesh flags of the largest of them that fits the devices and seq_len.
-      resized = (sharding.validate.axis_fix(config, "sequence",
-                                            [s, config.data.seq_len],
-                                            math.prod(sizes.values())) for s in works)
-      resized = next((f for f, s in zip(resized, works)
-                      if f.split()[0] == f"--config.mesh.sequence={s}"), None)
+      works = [s for s in range(seq - 1, 1, -1) if config.data.seq_len % s == 0
+               and not kernels.ulysses.heads_problem(m.num_heads, m.num_kv_heads,
+                                                     split, s)]
+      resized = sharding.validate.resize_to(config, "sequence", works,
+                                            math.prod(sizes.values()))
       raise ConfigError(
           "model.attention", f"{problem}.", "use --config.model.attention="
           "ring_zigzag (or ring)" + (f", or {resized}, the largest smaller "
@@ -458,20 +455,20 @@ def _validate_diloco(config, sizes: dict[str, int]) -> None:
         "diloco.overlap_steps", f"is {d.overlap_steps}: a fragment's exchange must "
         f"land before its next one starts, sync_every={d.sync_every} steps later.",
         f"set --config.diloco.overlap_steps below {d.sync_every} (the paper: 1 to 5).")
+  one_replica = lambda: sharding.validate.axis_off(  # noqa: E731  (error paths only)
+      config, "diloco", math.prod(sizes.values()))
   c = config.optim.get("compression")
   if c is not None and c.method != "none":
     raise ConfigError(
         "optim.compression.method", f"is {c.method!r} with mesh.diloco="
         f"{sizes['diloco']}: gradient compression over `data` and DiLoCo over "
         "`diloco` do not combine yet.",
-        "set --config.optim.compression.method=none, or "
-        f"{sharding.validate.axis_off(config, 'diloco', math.prod(sizes.values()))}.")
+        f"set --config.optim.compression.method=none, or {one_replica()}.")
   if config.optim.offload != "none":
     raise ConfigError(
         "optim.offload", f"is {config.optim.offload!r} with mesh.diloco > 1: "
         "DiLoCo's stacked inner optimizer states stay on the device.",
-        "set --config.optim.offload=none, or "
-        f"{sharding.validate.axis_off(config, 'diloco', math.prod(sizes.values()))}.")
+        f"set --config.optim.offload=none, or {one_replica()}.")
   rules = sharding.normalize_rules(config.mesh.rules)
   spec = model_spec(model.ModelConfig.from_config(config.model), rules)
   problem = compression.replica_view_problem(rules, spec.logical, diloco.REPLICA_AXIS,
