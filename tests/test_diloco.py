@@ -535,6 +535,10 @@ def test_inspect_says_how_the_run_trains(tmp_path):
   assert (f"training: 3 steps of batch_size 16 x seq_len {seq} ({16 * seq:,} tokens a "
           "step) in 2 gradient-accumulation micro-batches; mesh diloco=2 data=4\n"
           ) in text, text
+  one = c.copy_and_resolve_references()
+  one.mesh.update(diloco=1, data=1)
+  run_config.write(str(tmp_path / "one"), one)
+  assert "; mesh of one device\n" in inspect_run.describe_run(str(tmp_path / "one"))
   assert describe(c.optim, c.train.steps) in text
   assert diloco.DiLoCo.from_config(c, 2).describe() in text
   assert "compression" not in text and "pipeline" not in text

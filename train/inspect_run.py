@@ -80,8 +80,8 @@ def _describe_training(config) -> list[str]:
   lines = [f"training: {count(t.steps, 'step')} of batch_size {t.batch_size} x "
            f"seq_len {seq_len} ({t.batch_size * seq_len:,} tokens a step)"
            + (f" in {accum} gradient-accumulation micro-batches" if accum > 1 else "")
-           + "; mesh " + " ".join(f"{a}={config.mesh.get(a, 1)}" for a in sharding.AXES
-                                  if config.mesh.get(a, 1) != 1),
+           + "; mesh " + (" ".join(f"{a}={config.mesh.get(a, 1)}" for a in sharding.AXES
+                                   if config.mesh.get(a, 1) != 1) or "of one device"),
            optimizer.describe(config.optim, config.train.steps,
                               config.mesh.get("data"))]
   dl = diloco.DiLoCo.from_config(config, mesh["diloco"])
