@@ -144,10 +144,10 @@ _FIX_FLAG = re.compile(r"--config\.[\w.]+=(?:\"[^\"]*\"|'[^']*'|\([^)]*\)|[^\s,;
 
 def fix_alternatives(fix: str) -> list[list[str]]:
   """The `--config.*` flags of each alternative a ConfigError's fix offers ("set
-  A, or B C."), as a shell would pass them; alternatives in words alone are left
-  out."""
+  A, or B C.", "A (or B)"), as a shell would pass them; alternatives in words
+  alone are left out."""
   out = []
-  for part in re.split(r",? or |; ", fix):
+  for part in re.split(r",? or |; | \(or ", fix):
     flags = [shlex.split(f.rstrip("."))[0] for f in _FIX_FLAG.findall(part)]
     if flags:
       out.append(flags)
@@ -162,30 +162,43 @@ def assert_fixes_validate(config, num_devices: int = 8):
   works. Returns the error."""
   import copy
 
+  import train
+  from sharding import ConfigError
+  with pytest.raises(ConfigError) as err:
+    train.validate_config(copy.deepcopy(config), num_devices)
+  for flags_given in fix_alternatives(err.value.fix):
+    assert_followed_fix_validates(config, flags_given, num_devices, err.value)
+  return err.value
+
+
+def assert_followed_fix_validates(config, flags_given: list[str], num_devices: int,
+                                  err, also_read: tuple[str, ...] = ()):
+  """`config` with `flags_given` (one alternative of `err`'s fix) parsed as the
+  launcher parses --config overrides (ml_collections' config flags) validates,
+  and the run reads every field the flags set and `also_read`. Returns that
+  config."""
+  import copy
+
   from absl import flags
   from ml_collections import config_flags
 
   import train
   from sharding import ConfigError
   from train.unread import unread_override
-  with pytest.raises(ConfigError) as err:
-    train.validate_config(copy.deepcopy(config), num_devices)
-  for flags_given in fix_alternatives(err.value.fix):
-    argv = ["rung", *flags_given]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_dict("config", copy.deepcopy(config),
-                                    flag_values=values, sys_argv=argv)
-    values(argv)
-    fields = [f.split("=")[0].removeprefix("--config.") for f in flags_given]
-    try:
-      train.validate_config(values.config, num_devices)
-      refused = unread_override(values.config, fields)
-      if refused:
-        raise refused
-    except ConfigError as after:
-      pytest.fail(f"the fix {' '.join(flags_given)} of\n  {err.value}\nleads to\n"
-                  f"  {after}")
-  return err.value
+  argv = ["rung", *flags_given]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_dict("config", copy.deepcopy(config),
+                                  flag_values=values, sys_argv=argv)
+  values(argv)
+  fields = [f.split("=")[0].removeprefix("--config.") for f in flags_given]
+  try:
+    train.validate_config(values.config, num_devices)
+    refused = unread_override(values.config, [*also_read, *fields])
+    if refused:
+      raise refused
+  except ConfigError as after:
+    pytest.fail(f"the fix {' '.join(flags_given)} of\n  {err}\nleads to\n  {after}")
+  return values.config
 
 
 # Files whose tests take longest (multi-process runs, notebooks, subprocess CLIs,

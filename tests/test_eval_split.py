@@ -99,18 +99,29 @@ def test_fewer_training_windows_than_a_batch_is_a_config_error(tiny_config, tmp_
   assert err.value.field == "data.path"  # 40 bytes: no useful length fills a batch of 8
 
 
+@pytest.mark.parametrize("seq_len,attention,mesh,shorter", [
+    (1024, "auto", {}, 256),
+    (1023, "ring", dict(data=2, sequence=3), 336),  # no power of two splits over 3
+    (1024, "ring_zigzag", dict(data=2, sequence=4), 256)])
 def test_a_window_too_long_for_the_corpus_names_seq_len_with_a_length_that_fits(
-    tiny_config, tmp_path):
-  """A corpus that fills batches at a shorter length: the error names data.seq_len,
-  and the suggested length trains."""
+    tiny_config, tmp_path, seq_len, attention, mesh, shorter):
+  """A corpus that fills batches at a shorter length: the error names data.seq_len
+  and the longest length that fills a batch and that the mesh and attention
+  split (powers of two first); with it the config validates and trains."""
   import re
   c = _text_config(tiny_config, tmp_path, num_bytes=3000)
-  c.data.seq_len = 1024
+  c.data.seq_len = seq_len
+  c.model.attention = attention
+  c.mesh.update(**mesh)
+  devices = jax.devices()[:8 if not mesh else mesh["data"] * mesh["sequence"]]
+  validate_config(c, len(devices))
   with pytest.raises(sharding.ConfigError, match="fewer than one batch") as err:
-    _make(c)
+    _make(c, devices)
   assert err.value.field == "data.seq_len", str(err.value)
   c.data.seq_len = int(re.search(r"--config.data.seq_len=(\d+)", err.value.fix).group(1))
-  assert next(_make(c).train)["inputs"].shape == (8, c.data.seq_len)
+  assert c.data.seq_len == shorter
+  validate_config(c, len(devices))
+  assert next(_make(c, devices).train)["inputs"].shape == (8, c.data.seq_len)
 
 
 def test_eval_with_zero_steps_is_a_config_error(tiny_config):

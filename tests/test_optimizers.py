@@ -323,8 +323,18 @@ def test_same_losses_on_a_mesh_exact_resume_and_restore_elsewhere(name, tmp_path
   # Another optimizer's state cannot be resumed: named before anything compiles.
   other = _with_mesh(_tiny("adamw", 5, decay_steps=4), **EIGHT)
   with pytest.raises(ConfigError, match=r"optim\.name.*holds the state of "
-                     rf"optim\.name='{name}', not 'adamw'.*init_from="):
+                     rf"optim\.name='{name}', not 'adamw'.*init_from=") as err:
     _losses(other, tmp_path / "run", on)
+  # Its fixes work as given: the saved optimizer resumes (as `second` did), or a
+  # run in another directory starts from the parameters (once: it compiles).
+  assert f"resume with --config.optim.name={name}, " in err.value.fix
+  if name == "sgd":
+    import re
+    start = re.search(r"--workdir=NEW_RUN --config\.checkpoint\.init_from=(\S+)\.$",
+                      err.value.fix).group(1)
+    assert start == f"{tmp_path / 'run'}:4"  # the latest step
+    other.checkpoint.init_from = start
+    assert len(_losses(other, tmp_path / "new", on)) == 5
 
 
 def test_offload_host_keeps_state_in_pinned_host_and_the_losses(tmp_path):
@@ -448,9 +458,9 @@ def test_config_errors_name_the_field_and_fix(monkeypatch):
   c = _tiny("galore", galore_rank=40)
   assert _error(c) == (
       "Config error in `optim.galore_rank`: is 40, larger than the smaller side of "
-      "layers/attn/k's [32, 32] matrices (shape (2, 32, 4, 8)). Fix: set "
-      "--config.optim.galore_rank to at most 32, or leave layers/attn/k out of "
-      "optim.matrices.")
+      "layers/attn/k's [32, 32] matrices (shape (2, 32, 4, 8)), the smallest "
+      "optim.matrices names. Fix: set --config.optim.galore_rank=32 (or less), or "
+      "leave layers/attn/k out of optim.matrices.")
   c = _tiny("adamw", offload="host")
   validate_config(c, 8)  # the CPU backend has pinned_host memory
   monkeypatch.setattr("train.validate.host_memory_kinds", lambda: ["device"])
@@ -702,3 +712,21 @@ def test_resume_refuses_only_changes_to_the_saved_optimizer_state():
   words = shlex.split(err.value.fix)
   assert f"--config.optim.matrices={regex}," in words
   assert "--config.checkpoint.init_from=/runs/a b:2." in words
+
+
+@pytest.mark.parametrize("d_ff,kv_heads,rank", [(16, 4, 40), (64, 1, 40), (24, 2, 20),
+                                                (64, 4, 33)])
+def test_a_galore_rank_too_large_names_the_smallest_matrix_and_a_rank_that_fits(
+    d_ff, kv_heads, rank):
+  """The rank must fit every matrix optim.matrices names: the error names the
+  smallest (not the first too small for it), its fix validates, and the limit
+  `galore_rank_limit` gives is the smallest side of any named matrix."""
+  from conftest import assert_fixes_validate, fix_alternatives
+  from train.validate import galore_rank_limit
+  c = _tiny("galore", galore_rank=rank)
+  c.model.update(d_ff=d_ff, num_kv_heads=kv_heads)
+  smallest = min(32, d_ff, kv_heads * c.model.head_dim)  # d_model is 32
+  assert galore_rank_limit(c) == smallest
+  err = assert_fixes_validate(c)
+  assert err.field == "optim.galore_rank"
+  assert [f"--config.optim.galore_rank={smallest}"] in fix_alternatives(err.fix)

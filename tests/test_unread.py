@@ -5,7 +5,6 @@ logits bit-identical, and changes them where the field is read); an override of
 such a field is refused before anything compiles, with a fix that makes it act;
 validation never asks for a value of a field the run does not read."""
 
-import re
 
 import numpy as np
 import jax
@@ -207,8 +206,11 @@ def test_every_moe_rule_is_what_the_model_computes():
 
 def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
   """For every rule and field: an override under the rule's condition is refused
-  naming the field; applying the fix's own flags makes the field read (so the fix
-  works), and an override of a field the run reads is not refused."""
+  naming the field; each alternative of the fix, parsed as the launcher parses
+  flags, gives a config of 8 devices that validates and reads the field (so the
+  fix works as given), and an override of a field the run reads is not
+  refused."""
+  from conftest import assert_followed_fix_validates, fix_alternatives
   dgc = {"optim.name": "sgd", "optim.compression.method": "dgc"}
   conditions = {  # a config under each rule's condition (by its first field)
       "optim.compression.momentum_correction": {"optim.compression.method": "topk"},
@@ -223,8 +225,12 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
                                     "model.moe.dispatch": "dropless"},
       "model.attention_block_q": {"model.attention": "reference"},
       "data.source": {"data.source": "jsonl"},
-      "data.path": {"data.source": "synthetic"},
-      "data.text_field": {"data.source": "text"}}
+      # the overrides set a path; a text_field alone on synthetic or text (the
+      # standard library when data.path is unset) needs one with the source.
+      "data.path": {"data.source": "synthetic", "data.path": "docs.jsonl"},
+      "data.text_field": {"data.source": "text", "model.vocab_size": 256},
+      # microbatches=2 must divide a replica's batch: 16 over 8 replicas
+      "pipeline.schedule": {"train.batch_size": 16}}
   firsts = [rule.fields[0] for rule in RULES]
   assert len(set(firsts)) == len(RULES) and set(conditions) <= set(firsts)
   where = [conditions.get(first, {}) for first in firsts]
@@ -246,20 +252,14 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
       err = unread_override(config, ["train.steps", field])
       assert isinstance(err, ConfigError) and err.field == field, (i, field)
       assert f"drop --config.{field}" in err.fix
-      flags = re.findall(r"--config\.([\w.]+)=(\S+?)[),]?(?:\s|$)", err.fix)
-      flags = [(k, v) for k, v in flags if k != field]
-      if not flags:  # the mixture: set in a config file
+      followed = fix_alternatives(err.fix)
+      if not followed:  # the mixture: set in a config file
         assert "data.mixture" in err.fix
         continue
-      defaults = make_tiny_config()
-      overrides = dict(where[i])
-      for key, value in flags:  # parsed as the default's type, as the CLI does
-        leaf = defaults
-        for g in key.split("."):
-          leaf = leaf[g]
-        overrides[key] = (value == "true" if isinstance(leaf, bool)
-                          else type(leaf)(value))
-      assert read(_config(**overrides), field), (i, field, err.fix)
+      for flags_given in followed:
+        fixed = assert_followed_fix_validates(config, flags_given, 8, err,
+                                              also_read=(field,))
+        assert read(fixed, field), (i, field, flags_given)
   assert unread_override(_config(), ["optim.b1", "model.rope_theta"]) is None
 
 

@@ -28,6 +28,7 @@ hold, so the global batch is the same whatever the number of processes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import glob
@@ -481,6 +482,23 @@ def _check_vocabulary(tokenizer, config) -> None:
         f"set --config.model.vocab_size={tokenizer.vocab_size} (or more).")
 
 
+def _length_that_fits(config, fits: int, num_devices: int) -> int:
+  """The longest data.seq_len of at least 8 and at most `fits` (the longest whose
+  windows fill one batch) that the config validates with (the sequence axis and
+  the attention kernels divide it), powers of two first; 0 when none does."""
+  from train.validate import validate_config
+  powers = [2 ** k for k in range(fits.bit_length() - 1, 2, -1)]
+  for length in (powers + [n for n in range(fits, 7, -1) if n not in powers])[:64]:
+    c = copy.deepcopy(config)
+    c.data.seq_len = length
+    try:
+      validate_config(c, num_devices)
+    except ConfigError:
+      continue
+    return length
+  return 0
+
+
 def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   """The training iterator and held-out set of `config.data` (a mixture when
   `data.mixture` is set). Tokenizes what the token cache lacks. Raises ConfigError
@@ -501,9 +519,8 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
     tokens, identity, train_src, eval_src = _windows(d, tokenizer, config,
                                                      "the corpus")
     if len(train_src) < batch:
-      # The longest power-of-two length whose windows fill one batch, if useful.
       fits = int(tokens * (1 - d.eval_fraction)) // batch - 1
-      shorter = 2 ** (fits.bit_length() - 1) if fits >= 8 else 0
+      shorter = _length_that_fits(config, fits, batch_sharding.mesh.devices.size)
       raise ConfigError(
           "data.seq_len" if shorter else "data.path",
           f"the corpus has {tokens} tokens: {len(train_src)} training windows of "

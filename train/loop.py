@@ -586,8 +586,8 @@ def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -
             field, f"the checkpoint at step {step} holds the state of "
             f"{field}={saved[field]!r}, not {new.get(field)!r}.",
             f"resume with --config.{field}={shlex.quote(str(saved[field]))}, "
-            "or start a new workdir from its parameters: "
-            "--config.checkpoint.init_from="
+            "or start a new run from its parameters in another directory: "
+            "--workdir=NEW_RUN --config.checkpoint.init_from="
             + shlex.quote(f"{os.path.dirname(ckpt.directory)}:{step}") + ".")
       return f"{field} {saved[field]!r} -> {new.get(field)!r}"
   return ""

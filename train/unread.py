@@ -51,6 +51,29 @@ def _method(c) -> str:
   return c.optim.compression.method
 
 
+def _galore_fix(c) -> str:
+  """optim.name=galore, with a rank that fits the model's matrices when
+  optim.galore_rank does not (train.validate checks it)."""
+  from train.validate import galore_rank_limit
+  try:
+    limit = galore_rank_limit(c)
+  except ConfigError:  # optim.matrices names no matrix: validation says so
+    limit = c.optim.galore_rank
+  return "--config.optim.name=galore" + (
+      f" --config.optim.galore_rank={limit}" if c.optim.galore_rank > limit else "")
+
+
+def _file_source_fix(c) -> str:
+  """A source that reads records with a text field, with a path when none is set
+  and the byte tokenizer's vocabulary when the model's is smaller (synthetic
+  data draws ids below model.vocab_size; train.data checks a tokenizer's)."""
+  return "--config.data.source=jsonl" + (
+      "" if c.data.path else " --config.data.path=FILE.jsonl") + (
+      " --config.model.vocab_size=256"
+      if c.data.tokenizer == "byte" and c.model.vocab_size < 256 else "") + (
+      " (or parquet, hf_disk)")
+
+
 RULES: tuple[Rule, ...] = (
     # train/compression.py: nothing runs with method=none.
     Rule(tuple(_COMP + f for f in ("density", "warmup_steps", "sample_fraction",
@@ -103,7 +126,7 @@ RULES: tuple[Rule, ...] = (
          "--config.optim.name=normuon"),
     Rule(("optim.galore_rank", "optim.galore_update_proj_gap",
           "optim.galore_projector", "optim.galore_scale"),
-         _optimizers("galore"), _name_why("galore"), "--config.optim.name=galore"),
+         _optimizers("galore"), _name_why("galore"), _galore_fix),
     Rule(("optim.b1", "optim.b2", "optim.eps"), lambda c: c.optim.name == "sgd",
          lambda c: "AdamW's update reads it (alone, or beside muon, normuon and "
                    "galore for the other parameters), and optim.name is 'sgd'",
@@ -137,7 +160,8 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.mesh.stage == 1 and c.pipeline.microbatches == 1,
          lambda c: "it configures the pipeline, and mesh.stage and "
                    "pipeline.microbatches are 1",
-         "--config.pipeline.microbatches=2 (or --config.mesh.stage=2)"),
+         "--config.pipeline.microbatches=2 (which must divide each data-parallel "
+         "replica's batch), or --config.mesh.stage=2"),
     # model/moe.py: a dense model has no router.
     Rule(tuple(f"model.moe.{f}" for f in (
         "top_k", "every_k_layers", "capacity_factor", "shared_expert",
@@ -180,7 +204,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("data.path", "data.text_field"),
          lambda c: not c.data.mixture and c.data.source == "synthetic",
          lambda c: "data.source is 'synthetic', which reads no files",
-         "--config.data.source=jsonl (or parquet, hf_disk)"),
+         _file_source_fix),
     # train/sources.py: text files are read whole, arrayrecord records are the
     # text, .bin files hold ids; only jsonl, parquet and hf_disk name a field.
     Rule(("data.text_field",),
@@ -188,7 +212,7 @@ RULES: tuple[Rule, ...] = (
                                                             "tokens"),
          lambda c: f"only jsonl, parquet and hf_disk records name a text field, and "
                    f"data.source is {c.data.source!r}",
-         "--config.data.source=jsonl (or parquet, hf_disk)"),
+         _file_source_fix),
     # train/loop.py: evaluation runs only every train.eval_every steps.
     Rule(("train.eval_steps",), lambda c: not c.train.eval_every,
          lambda c: "it sets how many batches each evaluation averages, and "

@@ -158,7 +158,9 @@ def host_memory_kinds() -> list[str]:
   return [m.kind for m in jax.devices()[0].addressable_memories()]
 
 
-def _validate_matrices(config) -> None:
+def _matrix_sides(config) -> list[tuple[int, str, list[int], tuple[int, ...]]]:
+  """(the smaller side, name, [m, n], shape) of each parameter optim.matrices
+  names. Raises ConfigError for a regex that names no parameter or a non-matrix."""
   o = config.optim
   spec = model_spec(model.ModelConfig.from_config(config.model),
                     sharding.normalize_rules(config.mesh.rules))
@@ -171,6 +173,7 @@ def _validate_matrices(config) -> None:
         "nothing and the run would be AdamW.",
         "name weight matrices, e.g. the default --config.optim.matrices="
         "'attn/(q|k|v|o)$,mlp/(gate|up|down)$'.")
+  sides = []
   for name, x in leaves:
     if not matrices.is_matrix(name, o.matrices):
       continue
@@ -179,12 +182,26 @@ def _validate_matrices(config) -> None:
           "optim.matrices", f"matches {name} of shape {tuple(x.shape)}, which is "
           "not a matrix.", "narrow the regex so it names weight matrices only.")
     m, n = matrices.matrix_shape(x.shape, matrices.dims(name, x.ndim))
-    if o.name == "galore" and o.galore_rank > min(m, n):
-      raise ConfigError(
-          "optim.galore_rank", f"is {o.galore_rank}, larger than the smaller side "
-          f"of {name}'s [{m}, {n}] matrices (shape {tuple(x.shape)}).",
-          f"set --config.optim.galore_rank to at most {min(m, n)}, or leave "
-          f"{name} out of optim.matrices.")
+    sides.append((min(m, n), name, [m, n], tuple(x.shape)))
+  return sides
+
+
+def _validate_matrices(config) -> None:
+  o = config.optim
+  side, name, mn, shape = min(_matrix_sides(config))
+  if o.name == "galore" and o.galore_rank > side:
+    raise ConfigError(
+        "optim.galore_rank", f"is {o.galore_rank}, larger than the smaller side "
+        f"of {name}'s {mn} matrices (shape {shape}), the smallest optim.matrices "
+        "names.", f"set --config.optim.galore_rank={side} (or less), or leave "
+        f"{name} out of optim.matrices.")
+
+
+def galore_rank_limit(config) -> int:
+  """The largest optim.galore_rank `config`'s model and optim.matrices allow (the
+  smaller side of the smallest matrix named). Raises ConfigError as
+  `validate_config` does for matrices that name no matrix."""
+  return min(_matrix_sides(config))[0]
 
 
 def _validate_attention(config, sizes: dict[str, int]) -> None:
