@@ -177,7 +177,8 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
     raise ConfigError(
         "--topology", f"compiling for {topology} needs libtpu, the TPU compiler, "
         "which is not installed (no TPU is needed, only the library).",
-        'pip install -e ".[tpu]" (jax[tpu] at the pinned jax version).')
+        f'pip install "jax[tpu]=={jax.__version__}" (what rung\'s [tpu] extra '
+        "installs: libtpu for this jax), from any directory.")
   from jax.experimental import topologies
   try:
     with _quiet_libtpu():

@@ -397,9 +397,9 @@ class Checkpointer:
 
   def diloco_buffers(self, step: int) -> tuple[str, ...]:
     """The DiLoCo buffers saved at `step` (`diloco.state_names`), from metadata."""
-    return tuple(self._state_metadata(step).get("diloco") or ())
+    return tuple(self.state_metadata(step).get("diloco") or ())
 
-  def _state_metadata(self, step: int) -> dict:
+  def state_metadata(self, step: int) -> dict:
     """The saved state's tree of metadata; {} when unreadable (`restore` then
     reports the damage, or falls back)."""
     try:
@@ -410,7 +410,7 @@ class Checkpointer:
 
   def _replicas(self, step: int, field: str, buffer: str | None = None
                 ) -> int | None:
-    tree = self._state_metadata(step).get(field)
+    tree = self.state_metadata(step).get(field)
     tree = tree[buffer] if tree and buffer else tree
     leaves = jax.tree.leaves(tree) if tree else []
     return int(leaves[0].shape[0]) if leaves else None

@@ -6,12 +6,12 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
 
 import sharding
 from sharding.report import count
 from train import data_schedule, run_config
-from train.checkpoint import checkpoint_dir
+from train.checkpoint import Checkpointer, checkpoint_dir
 from train.metrics import read_metrics
 
 
@@ -96,6 +96,11 @@ def _describe_training(config) -> list[str]:
   return lines
 
 
+# What reading a run's checkpoints needs of a checkpoint config (which steps are
+# kept is the writer's business).
+_READING = ConfigDict(dict(keep=1, keep_best=0, async_save=False))
+
+
 def describe_run(workdir: str) -> str:
   """A report of a run's checkpoints (read from metadata only) and metrics."""
   lines = [f"run {os.path.abspath(workdir)}"]
@@ -105,19 +110,17 @@ def describe_run(workdir: str) -> str:
   schedule = data_schedule.describe(data_schedule.read_schedule(workdir)[0])
   if schedule:
     lines.append(schedule)
-  directory = checkpoint_dir(workdir)
-  manager = None
-  if os.path.isdir(directory):
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  steps = sorted(manager.all_steps()) if manager else []
+  # The run's own checkpoint reader: it knows every item a step holds (a manager
+  # that knows only the state warns about the others on each metadata read).
+  ckpt = (Checkpointer(workdir, _READING, read_only=True)
+          if os.path.isdir(checkpoint_dir(workdir)) else None)
+  steps = ckpt.all_steps() if ckpt else []
   if not steps:
     lines.append("checkpoints: none")
   else:
     lines.append("checkpoints:")
     for s in steps:
-      size = _dir_size(os.path.join(directory, str(s)))
+      size = _dir_size(os.path.join(ckpt.directory, str(s)))
       lines.append(f"  step {s:>8}  {sharding.format_bytes(size)}")
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     rows = read_metrics(workdir)
@@ -134,9 +137,10 @@ def describe_run(workdir: str) -> str:
               (b := min(finite, key=lambda r: r["eval_loss"], default=None)) else "")
       lines.append(f"eval loss: last {_number(evals[-1]['eval_loss'], '.4f')} at step "
                    f"{evals[-1]['step']}{best}")
-  if steps:
-    meta = manager.item_metadata(steps[-1])["state"]
-    tree = getattr(meta, "tree", meta)["params"]
+  tree = ckpt.state_metadata(steps[-1]).get("params") if steps else None
+  if steps and tree is None:
+    lines.append(f"parameters at step {steps[-1]}: its metadata cannot be read")
+  if tree is not None:
     rows = [("parameter", "shape", "dtype", "saved sharding")]
     total = 0
     for path, m in jax.tree_util.tree_leaves_with_path(tree):
@@ -150,6 +154,6 @@ def describe_run(workdir: str) -> str:
       total += int(np.prod(m.shape))
     lines.append(f"parameters at step {steps[-1]} ({total / 1e6:.2f}M):")
     lines.append(sharding.format_rows(rows, indent="  "))
-  if manager:
-    manager.close()
+  if ckpt:
+    ckpt.close()
   return "\n".join(lines)

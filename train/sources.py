@@ -246,7 +246,8 @@ def hf_dataset(path: str, text_field: str = "text", prefix: str = "data.",
     import datasets
   except ImportError:
     raise ConfigError("data.source", "hf_disk needs the `datasets` library.",
-                      "pip install 'rung[data]' (or pip install datasets).") from None
+                      "pip install 'datasets>=5.2,<6' (what rung's [data] extra "
+                      "installs).") from None
   try:
     ds = datasets.load_from_disk(path)
   except FileNotFoundError as err:
