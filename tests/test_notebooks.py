@@ -58,3 +58,54 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   text = "".join(o.get("text", "") for c in book.cells for o in c.get("outputs", []))
   assert "will not match an uninterrupted run" not in text, text[-3000:]
   assert seconds < 180, f"{path.name} took {seconds:.0f} s; the budget is 3 minutes"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_the_install_cell_clones_once_installs_a_checkout_and_says_what_is_missing(
+    path, tmp_path, monkeypatch):
+  """The first code cell where rung is not importable (a fresh Colab runtime), run
+  with git and pip stood in for: a git URL (https, ssh, file) is cloned once and
+  installed from the clone however often the cell runs; a path is installed as it
+  is; without RUNG_REPO, from a folder that is no checkout, it says to set it."""
+  import importlib.util
+  import subprocess
+  import sys
+  cell = next(c for c in nbformat.read(path, as_version=4).cells
+              if c.cell_type == "code").source
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                      if name == "experiments" else find_spec(name, *a))
+  calls = []
+
+  def run(cmd, check):
+    calls.append(cmd)
+    if cmd[:2] == ["git", "clone"]:  # what a clone leaves
+      (pathlib.Path(cmd[-1]) / ".git").mkdir(parents=True)
+      (pathlib.Path(cmd[-1]) / "setup.cfg").write_text("")
+  monkeypatch.setattr(subprocess, "run", run)
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  extras = "[tpu]" if path.stem == "sharding" else ""  # for its TPU compile cell
+  for url in ("https://example.org/rung.git", "ssh://git@example.org/rung",
+              "file:///srv/rung"):
+    where = tmp_path / url.split(":")[0]
+    where.mkdir()
+    monkeypatch.chdir(where)
+    monkeypatch.setenv("RUNG_REPO", url)
+    calls.clear()
+    for _ in range(2):
+      exec(cell, {})
+    assert calls == [["git", "clone", "-q", url, "rung"]] + 2 * [
+        [sys.executable, "-m", "pip", "install", "-q", "-e", f"{where}/rung{extras}"]]
+  checkout = tmp_path / "checkout"
+  (checkout / "notebooks").mkdir(parents=True)
+  (checkout / "setup.cfg").write_text("")
+  monkeypatch.chdir(checkout / "notebooks")
+  monkeypatch.delenv("RUNG_REPO")
+  calls.clear()
+  exec(cell, {})  # a clone's notebooks/ folder: the default ".." is the checkout
+  assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e",
+                    f"{checkout}{extras}"]]
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(RuntimeError, match=r"rung is not installed and \S+ is not a rung "
+                     r"checkout: set os.environ\[\"RUNG_REPO\"\] to its git URL or path"):
+    exec(cell, {})
