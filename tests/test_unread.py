@@ -5,7 +5,6 @@ logits bit-identical, and changes them where the field is read); an override of
 such a field is refused before anything compiles, with a fix that makes it act;
 validation never asks for a value of a field the run does not read."""
 
-
 import numpy as np
 import jax
 import jax.numpy as jnp
