@@ -54,11 +54,18 @@ def cache_struct(cfg: ModelConfig, batch: int, max_length: int, rules=(),
 
 
 class CacheDoesNotFit(ValueError):
-  """The cache asked for is larger than the memory free to hold it; `positions` is
-  the most positions per row that would fit (0 when not even one does)."""
+  """The cache asked for is larger than the memory free to hold it.
 
-  def __init__(self, message: str, positions: int):
-    self.positions = positions
+  `length`: the positions per row asked for. `positions`: the most positions per
+  row that fit with the rows asked for (0 when not even one does). `rows`: the
+  most rows of `length` positions that fit, a multiple of `split`, the devices
+  the batch is split over (0 when not even one row per device does).
+  `positions_alone`: the most positions per row with one row per device."""
+
+  def __init__(self, message: str, *, length: int, positions: int, rows: int,
+               split: int, positions_alone: int):
+    self.length, self.positions, self.rows = length, positions, rows
+    self.split, self.positions_alone = split, positions_alone
     super().__init__(message)
 
 
@@ -89,9 +96,11 @@ def check_fits(cache: KVCache, devices) -> None:
   if free is None or per_device * holders <= free:
     return
   layers, batch, length, heads, head_dim = kv.shape
-  per_position = per_device / length
-  positions = int(free / holders // per_position)
-  split = batch // shard[1]  # devices the rows are split over
+  per_row = shard[1]  # rows one device holds
+  split = batch // per_row  # devices the rows are split over
+  capacity = int(free / holders // (per_device / (length * per_row)))  # row-positions
+  positions = capacity // per_row
+  fitting_rows = capacity // length * split
   rows = sharding.report.count(batch, "row") + (
       f" (the prompts padded to a multiple of the {split} devices the batch is "
       "split over)" if split > 1 else "")
@@ -100,8 +109,11 @@ def check_fits(cache: KVCache, devices) -> None:
       f"{heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}) "
       f"takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
       f"{'host memory' if holders > 1 else 'device ' + str(device.id)}, which has "
-      f"{free / 2**30:.2f} GiB free: at most {positions} positions per row fit; "
-      "ask for fewer new tokens or fewer rows.", positions)
+      f"{free / 2**30:.2f} GiB free: at most {positions} positions per row fit"
+      + (f", or {sharding.report.count(fitting_rows, 'row')} of {length}"
+         if fitting_rows else "")
+      + "; ask for fewer new tokens or fewer rows.", length=length,
+      positions=positions, rows=fitting_rows, split=split, positions_alone=capacity)
 
 
 def _free_bytes(device) -> int | None:

@@ -158,19 +158,25 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
   return model, tokenizer, ids, stops
 
 
-def _cache_error(err: CacheDoesNotFit, longest: int, flag: str,
-                 batch_size: int | None = None) -> sharding.ConfigError:
-  fits = err.positions - longest
-  if fits > 0:
-    fix = f"pass --max_new_tokens={fits} or fewer"
-    return sharding.ConfigError("--max_new_tokens", str(err), fix + (
-        f", or a smaller --batch_size than {batch_size}." if batch_size and batch_size > 1
-        else "."))
-  return sharding.ConfigError(
-      "--max_new_tokens", str(err),
-      f"the {longest}-token prompt alone does not fit; pass a shorter {flag}."
-      if not batch_size or batch_size == 1 else
-      f"the prompts alone do not fit; pass --batch_size={max(1, batch_size // 2)}.")
+def _cache_error(err: CacheDoesNotFit, max_new_tokens: int, flag: str,
+                 rows: int = 1) -> sharding.ConfigError:
+  """The ConfigError for a cache of `rows` prompts (a batch) plus `max_new_tokens`
+  that does not fit, with the largest --max_new_tokens or --batch_size that
+  does (the prompts as the cache holds them: padded to the batch's longest, and
+  to a multiple of the devices `length` is split over)."""
+  prompt = err.length - max_new_tokens  # positions the padded prompts take
+  fixes = []
+  if err.positions > prompt:
+    fixes.append(f"pass --max_new_tokens={err.positions - prompt} or fewer")
+  if rows > err.split and err.rows:  # fewer rows per device help
+    fixes.append(f"pass --batch_size={err.rows} or less")
+  elif rows > err.split and err.positions_alone > prompt:
+    fixes.append(f"pass --batch_size=1 --max_new_tokens="
+                 f"{err.positions_alone - prompt} (or fewer)")
+  if not fixes:
+    alone = "prompts alone do" if rows > 1 else f"{prompt}-position prompt alone does"
+    fixes.append(f"the {alone} not fit even one row per device; pass a shorter {flag}")
+  return sharding.ConfigError("--max_new_tokens", str(err), ", or ".join(fixes) + ".")
 
 
 def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 256,
@@ -196,7 +202,7 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
              top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stops,
              on_token=printer)
   except CacheDoesNotFit as err:
-    raise _cache_error(err, len(ids), "--prompt") from None
+    raise _cache_error(err, max_new_tokens, "--prompt") from None
   printer.close()
   return printer.text()
 
@@ -361,7 +367,7 @@ def generate_file(workdir: str, config, prompts_path: str, *,
                        temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=batch_seed, stop_tokens=stops, pad_to=(rows, longest))
       except CacheDoesNotFit as err:
-        raise _cache_error(err, longest, "--prompts", rows) from None
+        raise _cache_error(err, max_new_tokens, "--prompts", rows) from None
       for i, (prompt_ids, new_ids) in enumerate(zip(batch, new)):
         stopped = bool(new_ids) and new_ids[-1] in stops
         shown = new_ids[:-1] if stopped else new_ids

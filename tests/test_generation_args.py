@@ -317,6 +317,69 @@ def test_cache_check_counts_the_bytes_of_one_device():
     check_fits(cache_struct(cfg, 1, 10), [_Accelerator(1, 0)])  # "1 rows" before
 
 
+def _fits(cfg, rows, length, mesh, rules, free) -> bool:
+  from infer.kv_cache import cache_struct, check_fits
+  try:
+    check_fits(cache_struct(cfg, rows, length, rules, mesh), [_Accelerator(free, 0)])
+  except infer.CacheDoesNotFit:
+    return False
+  return True
+
+
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_a_cache_that_does_not_fit_names_the_largest_batch_and_tokens_that_do(split):
+  """For batches, prompt lengths, new tokens and free memory around the limits,
+  each fix the refusal offers (--max_new_tokens, --batch_size, or both) fits
+  when followed, and one more token or one more row per device does not: the
+  fix is the largest that fits. (`--batch_size` halved, as before, could still
+  not fit; the prompt's positions came from the unpadded prompt.)"""
+  import itertools
+  import re
+
+  from infer.kv_cache import cache_struct, check_fits
+  from infer.text import _cache_error
+  from jax.sharding import Mesh
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=8, d_ff=32)
+  mesh = Mesh(np.array(jax.devices()[:split]).reshape(split, 1), ("data", "tensor"))
+  rules = (("batch", ("data",)), ("act_kv_heads", ("tensor",)))
+  per_row_position = 2 * 2 * 1 * 8 * 4  # k and v, layers, kv heads, head_dim, f32
+  seen = set()
+  for prompts, batch_size, prompt, new, free_positions in itertools.product(
+      (1, 3, 16), (1, 2, 8), (5, 40), (1, 30, 200), (20, 64, 300)):
+    rows = min(batch_size, prompts)
+    padded = -(-rows // split) * split  # as generate pads the batch
+    free = free_positions * per_row_position
+    if _fits(cfg, padded, prompt + new, mesh, rules, free):
+      continue
+    with pytest.raises(infer.CacheDoesNotFit) as caught:
+      check_fits(cache_struct(cfg, padded, prompt + new, rules, mesh),
+                 [_Accelerator(free, 0)])
+    err = _cache_error(caught.value, new, "--prompts", rows)
+    assert err.field == "--max_new_tokens", err
+    fixes = [dict(re.findall(r"--(batch_size|max_new_tokens)=(\d+)", part))
+             for part in re.split(r", or ", err.fix)]
+    fixes = [f for f in fixes if f]
+    seen.update(tuple(sorted(f)) for f in fixes or [{}])
+    if not fixes:  # not one row per device of the prompt and a token fits
+      assert prompt + 1 > free_positions, err.fix
+      assert "alone do" in err.fix, err.fix
+      continue
+    for fix in fixes:
+      new2 = int(fix.get("max_new_tokens", new))
+      rows2 = min(int(fix.get("batch_size", batch_size)), prompts)
+      padded2 = -(-rows2 // split) * split
+      assert new2 >= 1 and (new2 < new or padded2 < padded), (fix, err.fix)
+      assert _fits(cfg, padded2, prompt + new2, mesh, rules, free), (fix, err.fix)
+      if "max_new_tokens" in fix:  # the most tokens that fit
+        assert not _fits(cfg, padded2, prompt + new2 + 1, mesh, rules, free), fix
+      else:  # the most rows that fit
+        assert not _fits(cfg, padded2 + split, prompt + new2, mesh, rules, free), fix
+  # every kind of fix came up: tokens, rows, one row with fewer tokens, none
+  assert seen == {("max_new_tokens",), ("batch_size",),
+                  ("batch_size", "max_new_tokens"), ()}, seen
+
+
 def test_words_outside_a_flag_and_an_empty_prompt_are_config_errors(byte_run, tmp_path):
   """An unquoted prompt's other words were dropped without a word; an empty
   --prompt was reported as missing."""
