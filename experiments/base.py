@@ -12,15 +12,16 @@ from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
 from sharding import DEFAULT_RULES, ConfigError
-from sharding.errors import closest
+from sharding.errors import closest, flag
 
 
 def unknown_variant(file: str, arg, variants) -> ConfigError:
   """The error a config file raises for a `:VARIANT` it does not have (or for
   none, when it needs one); the fix names the closest variant, else the first."""
   problem = (f"{file} has no variant {arg!r}" if arg else f"{file} needs a variant")
+  meant = closest(arg or "", variants) or variants[0]
   return ConfigError("--config", f"{problem}; its variants: {', '.join(variants)}.",
-                     f"pass --config={file}:{closest(arg or '', variants) or variants[0]}.")
+                     f"pass {flag('config', f'{file}:{meant}')}.")
 
 
 def no_variants(file: str, arg) -> None:
@@ -28,7 +29,7 @@ def no_variants(file: str, arg) -> None:
   none (it was ignored: `llama_tiny.py:big` trained llama_tiny)."""
   if arg:
     raise ConfigError("--config", f"{file} has no variants, and was given {arg!r}.",
-                      f"pass --config={file}; a config file built on it calls its "
+                      f"pass {flag('config', file)}; a config file built on it calls its "
                       "get_config() without the variant, which is the file's own.")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import sys
 from typing import Callable, Sequence, TextIO
 
@@ -307,9 +308,10 @@ def generate_file(workdir: str, config, prompts_path: str, *,
                                "pass --resume_output to continue it.")
   parent = os.path.dirname(os.path.abspath(output)) if output else None
   if parent and not os.path.isdir(parent):
-    raise sharding.ConfigError("--output_jsonl", f"its directory {parent} does not "
-                               "exist.", f"create it first (mkdir -p {parent}), or "
-                               "pass a path in an existing directory.")
+    raise sharding.ConfigError(
+        "--output_jsonl", f"its directory {parent} does not exist.",
+        f"create it first (mkdir -p {shlex.quote(parent)}), or pass a path in an "
+        "existing directory.")
   lines = read_prompts(prompts_path)
   writer = jax.process_index() == 0  # every process computes; one writes
   rows = min(batch_size, len(lines))

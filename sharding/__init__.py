@@ -1,6 +1,6 @@
 """Meshes, logical sharding rules and plan validation. Imports no other rung package."""
 
-from sharding.errors import ConfigError, MeshTooLarge
+from sharding.errors import ConfigError, MeshTooLarge, flag
 from sharding.mesh import AXES, BATCH_AXES, axis_size, describe, make_mesh, resolve_shape
 from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_spec,
                             normalize_rules, split_size, tree_shardings,

@@ -8,6 +8,7 @@ every package may import `sharding` and `sharding` imports none of them.
 from __future__ import annotations
 
 import difflib
+import shlex
 from typing import Any, Sequence
 
 
@@ -72,6 +73,14 @@ def _cpu_hint(wanted: int) -> str:
   return (f"on CPU hosts, XLA_FLAGS=--xla_force_host_platform_device_count="
           f"{wanted // processes} set before starting each of the run's {processes} "
           f"processes gives {wanted} devices in all to try this mesh")
+
+
+def flag(name: str, value: Any) -> str:
+  """`--name=value` as a fix gives it to paste into a shell: the value as
+  ml_collections' config flags parse it (a string as it is, a tuple or list as a
+  tuple literal), quoted where the shell would split or expand it."""
+  text = repr(tuple(value)) if isinstance(value, (list, tuple)) else str(value)
+  return f"--{name}={shlex.quote(text)}"
 
 
 def closest(value: Any, allowed: Sequence[str]) -> str | None:

@@ -178,6 +178,25 @@ def test_resume_into_other_model_shape_is_a_config_error(run_d32, monkeypatch):
     assert json.load(f)["model"]["d_model"] == 32
 
 
+def test_a_shape_refusal_in_a_workdir_with_spaces_gives_flags_a_shell_keeps_whole(
+    run_d32, tmp_path):
+  """The fix's flags (the saved model's fields, the saved-config file with the
+  workdir) are each one shell word with the path as it is: a workdir with a
+  space or `$` was written unquoted."""
+  import shlex
+  work = tmp_path / "my runs" / "d32 $x"
+  shutil.copytree(run_d32, work)
+  c = make_tiny_config()
+  c.model.d_model = 48
+  with pytest.raises(sharding.ConfigError, match=_SHAPES) as err:
+    train.train(c, str(work), progress=False)
+  # the prose's "(" and ", " around a flag are not part of it
+  words = [w.lstrip("(").rstrip(".,)") for w in shlex.split(err.value.fix)]
+  assert "--config.model.d_model=32" in words
+  assert any(w.startswith("--config=") and w.endswith(f"saved.py:{work}")
+             for w in words), err.value.fix
+
+
 def test_load_and_export_with_a_changed_config_json_name_the_field(run_d32, tmp_path):
   import infer
   from train import hf

@@ -133,6 +133,34 @@ def test_head_counts_the_tensor_axis_does_not_divide_name_every_rule_to_unsplit(
   train.validate_config(c, 8)  # passes
 
 
+@pytest.mark.parametrize("value", [
+    "swiglu", "2,3", "my runs/a b", "it's $HOME; rm -rf ~", "/tmp/run:3", "", 3, -1,
+    2.5, True, False, (1, 2), ["a", "b c"], ()])
+def test_a_fix_flag_pastes_into_a_shell_and_parses_back_to_the_value(value):
+  """`sharding.flag`, which every fix naming a value from a file or a path uses,
+  gives one shell word that ml_collections' config flags parse back to the value
+  (a list as the tuple a config holds): a value with spaces, quotes or `$` was
+  pasted unquoted before."""
+  import shlex
+
+  import ml_collections
+  from absl import flags
+  from ml_collections import config_flags
+
+  import sharding
+  other = (not value if isinstance(value, bool) else ("other",)
+           if isinstance(value, (list, tuple)) else value + "x"
+           if isinstance(value, str) else value + 1)  # the default, of its type
+  config = ml_collections.ConfigDict(dict(v=other))
+  pasted = shlex.split(f"prog {sharding.flag('config.v', value)}")
+  assert len(pasted) == 2, pasted
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_dict("config", config, flag_values=values,
+                                  sys_argv=pasted)
+  values(pasted)
+  assert values.config.v == (tuple(value) if isinstance(value, list) else value)
+
+
 def test_model_config_from_python_takes_moe_as_a_dict():
   """ModelConfig(moe=dict(...)) failed later with "'dict' object has no attribute
   'num_experts'"; it now builds the MoEConfig, with the same field checks as a

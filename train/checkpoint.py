@@ -31,7 +31,7 @@ from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from model import ModelConfig
-from sharding import ConfigError, normalize_rules, path_name
+from sharding import ConfigError, flag, normalize_rules, path_name
 from train import run_config
 from train.state import TrainState, model_spec
 
@@ -359,7 +359,7 @@ class Checkpointer:
                   f"{listed(shaping)}.")
       if others:
         problem += f" Also different (no shape change): {listed(others)}."
-      saved_flags = " ".join(f"--config.{f}={x}" for f, x, _ in shaping)
+      saved_flags = " ".join(flag(f"config.{f}", x) for f, x, _ in shaping)
       if config is None:
         fix = (f"make {run_config.path(workdir)} say what step {step} was saved with "
                f"({saved_flags.replace('--config.', '')}), or load a step saved with "

@@ -663,7 +663,7 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
            "fine-tuned (export-hf takes standard blocks only)\n"
            if cfg.block != "standard" else "") +
         f"fine-tune: python -m experiment train {run_config.saved_config_flag(workdir)} "
-        f"--workdir={workdir}")
+        f"{sharding.flag('workdir', workdir)}")
 
 
 def _refuse_conflicting(config, fields: dict, set_fields: Sequence[str],

@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -585,10 +584,11 @@ def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -
         raise sharding.ConfigError(
             field, f"the checkpoint at step {step} holds the state of "
             f"{field}={saved[field]!r}, not {new.get(field)!r}.",
-            f"resume with --config.{field}={shlex.quote(str(saved[field]))}, "
+            f"resume with {sharding.flag(f'config.{field}', saved[field])}, "
             "or start a new run from its parameters in another directory: "
-            "--workdir=NEW_RUN --config.checkpoint.init_from="
-            + shlex.quote(f"{os.path.dirname(ckpt.directory)}:{step}") + ".")
+            "--workdir=NEW_RUN " + sharding.flag(
+                "config.checkpoint.init_from",
+                f"{os.path.dirname(ckpt.directory)}:{step}") + ".")
       return f"{field} {saved[field]!r} -> {new.get(field)!r}"
   return ""
 

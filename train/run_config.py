@@ -25,7 +25,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from sharding import ConfigError
+from sharding import ConfigError, flag
 from train.tokenizer import tokenizer_file
 
 FILE = "config.json"
@@ -61,7 +61,7 @@ def saved_config_flag(workdir: str) -> str:
     full = os.path.join(list(spec.submodule_search_locations)[0], "saved.py")
     inside = os.path.relpath(full)
     path = full if inside.startswith(os.pardir) else inside
-  return f"--config={path}:{workdir}"
+  return flag("config", f"{path}:{workdir}")
 
 
 def keep_tokenizer(workdir: str, tokenizer: str | None) -> None:

@@ -21,7 +21,7 @@ import re
 import zlib
 from typing import Iterator
 
-from sharding import ConfigError
+from sharding import ConfigError, flag
 from sharding.report import count
 
 # Sources whose documents are tokenized into the token cache.
@@ -47,10 +47,11 @@ def text_field_fix(prefix: str, own: bool, value: str) -> str:
   own (`own` false; an override can change an entry's keys but not add one), the
   key in the config file's entry, or the shared data.text_field."""
   if own or prefix == "data.":
-    return f"--config.{prefix}text_field={value}"
+    return flag(f"config.{prefix}text_field", value)
   return (f"text_field=\"{value}\" in the {prefix[:-1]} entry of the config file "
           f"(it sets none, and an override cannot add it), or "
-          f"--config.data.text_field={value} (read by every entry that sets none)")
+          f"{flag('config.data.text_field', value)} (read by every entry "
+          "that sets none)")
 
 
 def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
