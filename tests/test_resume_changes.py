@@ -197,6 +197,30 @@ def test_a_shape_refusal_in_a_workdir_with_spaces_gives_flags_a_shell_keeps_whol
              for w in words), err.value.fix
 
 
+@pytest.mark.parametrize("damage", ["removed", "garbage"])
+def test_inspect_of_a_step_whose_metadata_is_damaged_says_so(run_d32, tmp_path,
+                                                             damage):
+  """inspect still describes the run (its steps, config, logs) and says which
+  step's parameter metadata cannot be read, instead of failing."""
+  from train.inspect_run import describe_run
+  work = tmp_path / "run"
+  shutil.copytree(run_d32, work)
+  whole = describe_run(str(work))
+  assert "parameters at step 3 (" in whole
+  meta = work / "checkpoints" / "3" / "state" / "_METADATA"
+  if damage == "removed":
+    meta.unlink()
+  else:
+    meta.write_text("{not json")
+  text = describe_run(str(work))
+  assert "parameters at step 3: its metadata cannot be read" in text, text
+  assert "parameters at step 3 (" not in text
+  # everything above the parameters is as before (the step's size aside)
+  above = lambda t: [line for line in t.split("parameters at step 3")[0].splitlines()  # noqa: E731
+                     if not line.startswith("  step ")]
+  assert above(text) == above(whole)
+
+
 def test_load_and_export_with_a_changed_config_json_name_the_field(run_d32, tmp_path):
   import infer
   from train import hf
