@@ -1,6 +1,7 @@
 """Each config mistake gets a message naming field, numbers and fix; the CLI exits 2."""
 
 import ast
+import itertools
 import math
 import re
 
@@ -191,18 +192,24 @@ def _choices():
 @pytest.mark.parametrize("field", sorted(_choices()))
 def test_a_misspelt_choice_names_the_one_meant(field):
   """Every value of a choice field, typed in capitals or with a letter doubled,
-  gets a fix that names that value; a value like none of them lists them all."""
+  gets a fix that names that value and validates when followed; a value like
+  none of them lists them all. A data source that reads files is named with a
+  path when none is set, and a document source with the byte tokenizer's 256 ids
+  under a smaller model (each was the next error)."""
   allowed = _choices()[field]
   # (a field checked only where it is read, train/unread.py)
   reader = {"optim.galore_projector": {"optim.name": "galore"}}.get(field, {})
-  for meant in allowed:
-    for typo in (meant.upper(), meant + meant[-1]):
-      with pytest.raises(ConfigError) as err:
-        train.validate_config(_apply(llama_tiny.get_config(),
-                                     {**reader, field: typo}), 8)
-      assert err.value.field == field
-      assert err.value.problem == f"{typo!r} is not one of {', '.join(allowed)}."
-      assert err.value.fix == f"set --config.{field}={meant} (or another of those)."
+  contexts = ([{}, {"data.path": "/data/x"}, {"model.vocab_size": 64}]
+              if field == "data.source" else [{}])
+  for meant, context, typo in itertools.product(
+      allowed, contexts, ("upper", "doubled")):
+    typo = meant.upper() if typo == "upper" else meant + meant[-1]
+    config = _apply(llama_tiny.get_config(), {**reader, **context, field: typo})
+    err = assert_fixes_validate(config)
+    assert err.field == field
+    assert err.problem == f"{typo!r} is not one of {', '.join(allowed)}."
+    assert err.fix.startswith(f"set --config.{field}={meant}")
+    assert err.fix.endswith(" (or another of those)."), err.fix
   with pytest.raises(ConfigError) as err:
     train.validate_config(_apply(llama_tiny.get_config(), {**reader, field: "qqqq"}),
                           8)

@@ -47,7 +47,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sharding import ConfigError
+from sharding import ConfigError, flag
+from sharding.errors import closest
 from sharding.report import count
 from train import run_config, sources, token_cache
 from train.data_schedule import Schedule, ScheduledSelection, Segment
@@ -676,12 +677,44 @@ def _validate_mixture(config) -> list[tuple[str, str, Any, Any, bool]]:
   return out
 
 
+# An example path for each source that reads files, as a fix writes it.
+_EXAMPLE_PATHS = {"jsonl": "FILE.jsonl", "parquet": "FILE.parquet",
+                  "arrayrecord": "FILE.arrayrecord", "hf_disk": "DIR",
+                  "tokens": "DIR/*.bin"}
+
+
+def source_fix(config, source: str) -> str:
+  """The flags that make `config` read `source`: data.source, and what that
+  source needs besides that `config` lacks (a path for one that reads files; the
+  byte tokenizer's 256 ids for a document source under a smaller model), so the
+  fix does not lead to the next error."""
+  d = config.data
+  flags = [f"--config.data.source={source}"]
+  if source in _EXAMPLE_PATHS and not d.path:
+    flags.append(flag("config.data.path", _EXAMPLE_PATHS[source]))
+  if (source in sources.DOCUMENT_SOURCES and d.tokenizer in (None, "", "byte")
+      and config.model.vocab_size < 256):
+    flags.append("--config.model.vocab_size=256")
+  return " ".join(flags)
+
+
+def _unknown_source(config) -> ConfigError:
+  """data.source not among SOURCES; the fix names the source meant, with what
+  it needs besides (`source_fix`)."""
+  err = ConfigError.choice("data.source", config.data.source, SOURCES)
+  meant = closest(config.data.source, SOURCES)
+  if not meant:
+    return err
+  return ConfigError(err.field, err.problem,
+                     f"set {source_fix(config, meant)} (or another of those).")
+
+
 def validate(config) -> None:
   d = config.data
   checks = _validate_mixture(config)
   if not checks:
     if d.source not in SOURCES:
-      raise ConfigError.choice("data.source", d.source, SOURCES)
+      raise _unknown_source(config)
     checks = [("data.", d.source, d.path, d.text_field, True)]
   if d.seq_len < 2:
     raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",

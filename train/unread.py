@@ -64,14 +64,9 @@ def _galore_fix(c) -> str:
 
 
 def _file_source_fix(c) -> str:
-  """A source that reads records with a text field, with a path when none is set
-  and the byte tokenizer's vocabulary when the model's is smaller (synthetic
-  data draws ids below model.vocab_size; train.data checks a tokenizer's)."""
-  return "--config.data.source=jsonl" + (
-      "" if c.data.path else " --config.data.path=FILE.jsonl") + (
-      " --config.model.vocab_size=256"
-      if c.data.tokenizer == "byte" and c.model.vocab_size < 256 else "") + (
-      " (or parquet, hf_disk)")
+  """A source that reads records with a text field (`train.data.source_fix`)."""
+  from train.data import source_fix  # train.data imports the data libraries
+  return source_fix(c, "jsonl") + " (or parquet, hf_disk)"
 
 
 RULES: tuple[Rule, ...] = (
