@@ -13,6 +13,7 @@ import kernels
 from model.embedding import LOOKUPS
 from model.rotary import ROPE_TYPES, Rotary
 from sharding import ConfigError
+from sharding.report import count
 
 BLOCKS = ("standard", "parallel", "ladder")
 REMAT = ("none", "full", "save_dots", "save_dots_attention", "offload_dots")
@@ -371,7 +372,7 @@ def validate_moe(m: ModelConfig) -> None:
       raise ConfigError(
           "model.ladder_layers",
           f"{m.ladder_layers!r} switches to {kind} layers at layer {start}, inside "
-          f"a unit of every_k_layers={k} layers (one scanned unit has one "
+          f"a unit of {count(k, 'layer')} (moe.every_k_layers; one scanned unit has one "
           "residual dataflow).",
           "make the ladder layers start at a multiple of "
           f"{k}, e.g. --config.model.ladder_layers=upper:{_upper_fit(m, k)}.")

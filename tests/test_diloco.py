@@ -13,6 +13,7 @@ import pytest
 import sharding
 import train
 from model import ModelConfig
+from sharding.report import count
 from train import diloco
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, state_shardings
@@ -486,7 +487,26 @@ def test_cli_bad_fragments_exits_2_before_compiling(tmp_path):
               "--config.mesh.diloco=2", "--config.diloco.sync_every=10",
               "--config.diloco.fragments=3")
   assert r.returncode == 2, r.stderr[-2000:]
-  assert "diloco.fragments" in r.stderr and "sync_every=10" in r.stderr
+  assert ("Config error in `diloco.fragments`: 3 fragments cannot be spaced evenly "
+          "in the 10 steps of diloco.sync_every. Fix: set --config.diloco.fragments=2 "
+          "(it divides 10), or --config.diloco.sync_every=12 (a multiple of 3)."
+          ) in " ".join(r.stderr.split()), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sync_every,fragments,layers", [
+    (10, 3, 4), (1, 2, 4), (7, 4, 4), (9, 6, 4), (12, 5, 8), (5, 3, 2)])
+def test_fragments_that_do_not_space_evenly_get_fixes_that_work(sync_every,
+                                                                fragments, layers):
+  """Each flag the fix names validates when followed: a fragment count that
+  divides sync_every and fits the model's layers, or a sync_every that holds
+  the fragments (offered only where the model has that many layers)."""
+  from conftest import assert_fixes_validate
+  c = _config(dict(diloco=2, data=4), sync_every=sync_every, fragments=fragments)
+  c.model.num_layers = layers
+  err = assert_fixes_validate(c)
+  assert err.field == "diloco.fragments"
+  assert f"{count(sync_every, 'step')} of diloco.sync_every" in err.problem
+  assert ("--config.diloco.sync_every=" in err.fix) == (fragments <= layers)
 
 
 def test_diloco_fields_are_read_only_with_replicas():

@@ -306,7 +306,7 @@ MOE_CASES = {
     "dispatch": (dict(dispatch="sorted"), "model.moe.dispatch",
                  "'sorted' is not one of"),
     "ladder_unit": (dict(every_k_layers=2, block="ladder", ladder_layers="upper:1"),
-                    "model.ladder_layers", "inside a unit of every_k_layers=2"),
+                    "model.ladder_layers", "inside a unit of 2 layers (moe.every_k_layers;"),
 }
 
 

@@ -455,13 +455,16 @@ def _validate_diloco(config, sizes: dict[str, int]) -> None:
   if read(config, "diloco.alpha") and not 0 <= d.alpha <= 1:
     raise ConfigError("diloco.alpha", f"must be in [0, 1], got {d.alpha}.",
                       "set --config.diloco.alpha=0.5.")
+  units = config.model.num_layers // model.ModelConfig.from_config(config.model).unit
   if d.sync_every % d.fragments:
+    fewer = sharding.mesh.largest_divisor(d.sync_every, min(d.fragments, units))
+    longer = -(-d.sync_every // d.fragments) * d.fragments  # the next multiple
     raise ConfigError(
         "diloco.fragments", f"{d.fragments} fragments cannot be spaced evenly in "
-        f"sync_every={d.sync_every} steps.",
-        f"use a number of fragments dividing {d.sync_every}, or a sync_every that "
-        f"is a multiple of {d.fragments}.")
-  units = config.model.num_layers // model.ModelConfig.from_config(config.model).unit
+        f"the {count(d.sync_every, 'step')} of diloco.sync_every.",
+        f"set --config.diloco.fragments={fewer} (it divides {d.sync_every})"
+        + (f", or --config.diloco.sync_every={longer} (a multiple of "
+           f"{d.fragments})" if d.fragments <= units else "") + ".")
   if d.fragments > units:
     raise ConfigError(
         "diloco.fragments", f"is {d.fragments}, but the model has "
@@ -470,7 +473,8 @@ def _validate_diloco(config, sizes: dict[str, int]) -> None:
   if d.overlap_steps >= d.sync_every:
     raise ConfigError(
         "diloco.overlap_steps", f"is {d.overlap_steps}: a fragment's exchange must "
-        f"land before its next one starts, sync_every={d.sync_every} steps later.",
+        f"land before its next one starts, {count(d.sync_every, 'step')} later "
+        "(diloco.sync_every).",
         f"set --config.diloco.overlap_steps below {d.sync_every} (the paper: 1 to 5).")
   one_replica = lambda: sharding.validate.axis_off(  # noqa: E731  (error paths only)
       config, "diloco", math.prod(sizes.values()))
