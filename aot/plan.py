@@ -49,6 +49,7 @@ from aot.compile import (Report, compile_step, devices_per_chip, state_bytes,
                          topology_devices)
 from model.config import REMAT
 from sharding import ConfigError
+from sharding.report import count
 from sharding.chips import chip_for_topology
 from train.validate import validate_config
 
@@ -136,7 +137,7 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   if diloco < 1 or len(devices) % diloco:
     raise ConfigError("mesh.diloco", f"is {diloco}; plan keeps the config's DiLoCo "
                       f"replicas and factors the rest of {topology}'s "
-                      f"{len(devices)} devices, so it must divide {len(devices)}.",
+                      f"{count(len(devices), 'device')}, so it must divide {len(devices)}.",
                       "pass --config.mesh.diloco=1 (no DiLoCo) or a divisor of "
                       f"{len(devices)}.")
   if meshes is None:
@@ -168,12 +169,12 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
       for err, n in sorted(refused.values(), key=lambda e: -e[1]):
         top.setdefault(err.field, (err, n))
       reasons = list(top.values())[:3]
-      raise ConfigError(reasons[0][0].field, f"no mesh of {len(devices)} devices "
+      raise ConfigError(reasons[0][0].field, f"no mesh of {count(len(devices), 'device')} "
                         "passes validation for this config. Of the "
                         f"{total} candidates, " + "; ".join(
                             f"{n} say: `{e.field}`: {e.problem.rstrip('.')}" for e, n in reasons),
                         reasons[0][0].fix)
-    raise ConfigError("mesh", f"no mesh of {len(devices)} devices passes validation "
+    raise ConfigError("mesh", f"no mesh of {count(len(devices), 'device')} passes validation "
                       "for this config.", "check the config with "
                       "`python -m experiment compile` and one explicit mesh.")
 

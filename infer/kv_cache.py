@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 import sharding
+from sharding.report import count
 from kernels.cached import KVCache
 from model import Decoder, ModelConfig
 
@@ -101,16 +102,16 @@ def check_fits(cache: KVCache, devices) -> None:
   capacity = int(free / holders // (per_device / (length * per_row)))  # row-positions
   positions = capacity // per_row
   fitting_rows = capacity // length * split
-  rows = sharding.report.count(batch, "row") + (
+  rows = count(batch, "row") + (
       f" (the prompts padded to a multiple of the {split} devices the batch is "
       "split over)" if split > 1 else "")
   raise CacheDoesNotFit(
-      f"the KV cache for {rows} of {length} positions ({layers} layers x "
+      f"the KV cache for {rows} of {count(length, 'position')} ({count(layers, 'layer')} x "
       f"{heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}) "
       f"takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
       f"{'host memory' if holders > 1 else 'device ' + str(device.id)}, which has "
-      f"{free / 2**30:.2f} GiB free: at most {positions} positions per row fit"
-      + (f", or {sharding.report.count(fitting_rows, 'row')} of {length}"
+      f"{free / 2**30:.2f} GiB free: at most {count(positions, 'position')} per row fit"
+      + (f", or {count(fitting_rows, 'row')} of {length}"
          if fitting_rows else "")
       + "; ask for fewer new tokens or fewer rows.", length=length,
       positions=positions, rows=fitting_rows, split=split, positions_alone=capacity)

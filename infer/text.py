@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import sharding
+from sharding.report import count
 from infer.generate import generate
 from infer.kv_cache import CacheDoesNotFit, mesh_of
 from infer.load import load
@@ -341,8 +342,8 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   sink, records = None, [record for record, _ in finished]
   continued = resume and output and writer and os.path.exists(output)
   if continued:
-    sys.stderr.write(f"continuing {output}: the first {kept} of {len(ids)} prompts "
-                     "are kept\n")
+    sys.stderr.write(f"continuing {output}: the first {kept} of "
+                     f"{count(len(ids), 'prompt')} are kept\n")
 
   def open_output():
     """The file, opened at the first finished batch (a refused one writes
@@ -389,7 +390,7 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     bar.close()
   except KeyboardInterrupt:
     if writer:
-      sys.stderr.write(f"\ninterrupted after {len(records)} of {len(ids)} prompts"
+      sys.stderr.write(f"\ninterrupted after {len(records)} of {count(len(ids), 'prompt')}"
                        + (f"; {output} holds the finished ones (--resume_output "
                           "continues it)" if output and records else "") + ".\n")
     raise

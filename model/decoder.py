@@ -21,6 +21,7 @@ from model.params import param
 from model import pipeline as pipeline_lib
 from model.pipeline import Pipeline
 from sharding import LogicalConstraint
+from sharding.report import count
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -205,8 +206,8 @@ class Decoder(nnx.Module):
     """-> (the residual stream after the last layer [batch, P, embed], cache with
     cache.lengths = lengths)."""
     if tokens.shape[1] > cache.max_length:
-      raise ValueError(f"prompts of {tokens.shape[1]} positions do not fit a KV cache "
-                       f"of {cache.max_length}; make the cache at least that long.")
+      raise ValueError(f"prompts of {count(tokens.shape[1], 'position')} do not fit "
+                       f"a KV cache of {cache.max_length}; make the cache at least that long.")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = positions < lengths[:, None]  # [batch, P]
     ctx = blocks.Context(positions, None, prefill=True, mask=mask)

@@ -519,6 +519,17 @@ def test_diloco_fields_are_read_only_with_replicas():
   assert _error(c).field == "diloco.fragments"
 
 
+def test_the_start_line_counts_steps_in_words():
+  """One inner step and one step per fragment read in the singular ("H=1
+  inner steps" before)."""
+  D = diloco.DiLoCo
+  assert "every H=1 inner step; 1 fragment (DiLoCo);" in D(replicas=2,
+                                                           sync_every=1).describe()
+  assert ("every H=2 inner steps; 2 fragments (Streaming DiLoCo), one synchronised "
+          "every 1 step on average;") in D(replicas=2, sync_every=2,
+                                           fragments=2).describe()
+
+
 def test_a_changed_layout_says_what_is_kept_and_dropped():
   """Changing overlap_steps alone was reported as a replica count change."""
   D = diloco.DiLoCo

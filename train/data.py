@@ -419,13 +419,13 @@ def _mixture(config, entries, tokenizer, schedule: Schedule):
     tokens, identity, train_src, eval_src = _windows(view, tokenizer, config, field)
     if len(train_src) < 1:
       raise ConfigError(
-          f"{field}.path", f"source {name!r} has {tokens} tokens: no training "
+          f"{field}.path", f"source {name!r} has {count(tokens, 'token')}: no training "
           f"window of data.seq_len + 1 = {d.seq_len + 1} tokens.",
           "give it more data, use a shorter data.seq_len, or drop it from the "
           "mixture.")
     if len(eval_src) < 1 and config.train.eval_every:
       raise ConfigError(
-          "data.eval_fraction", f"{d.eval_fraction} of the {tokens} tokens of source "
+          "data.eval_fraction", f"{d.eval_fraction} of the {count(tokens, 'token')} of source "
           f"{name!r} is less than one window of data.seq_len + 1 = {d.seq_len + 1}, "
           "so it has nothing to evaluate (every source holds out its own tail).",
           "raise data.eval_fraction, give the source more data, or set "

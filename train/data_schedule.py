@@ -39,6 +39,7 @@ from typing import Sequence
 
 import grain
 
+from sharding.report import count
 from train import run_config
 
 SCHEDULE_FILE = "data_schedule.json"
@@ -204,7 +205,7 @@ def describe(segments: Sequence[Segment]) -> str | None:
     total = sum(seg.proportions.values())
     return ", ".join(f"{n} {p / total:.1%}" for n, p in seg.proportions.items())
   return "data schedule: " + "; ".join(
-      f"from step {s.start_step} (window {s.start_window:,}) {s.batch_size} windows "
+      f"from step {s.start_step} (window {s.start_window:,}) {count(s.batch_size, 'window')} "
       f"per step" + (f", {shares(s)}" if s.proportions else "") for s in segments)
 
 

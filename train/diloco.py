@@ -90,13 +90,14 @@ class DiLoCo:
     h, f = self.sync_every, self.fragments
     outer = (f"outer SGD (lr {self.outer_lr:g}, momentum {self.outer_momentum:g}"
              f"{', nesterov' if self.nesterov and self.outer_momentum else ''})")
-    fragments = (f"{f} fragments (Streaming DiLoCo), one synchronised every "
-                 f"{h / f:g} steps on average" if f > 1 else "1 fragment (DiLoCo)")
+    every = f"{h / f:g} step{'' if h == f else 's'}"
+    fragments = (f"{f} fragments (Streaming DiLoCo), one synchronised every {every} on "
+                 "average" if f > 1 else "1 fragment (DiLoCo)")
     tau = self.overlap_steps
     overlap = (f"exchange overlaps tau={count(tau, 'inner step')}, alpha "
                f"{self.alpha:g}" if tau else "blocking exchange")
     return (f"diloco: {self.replicas} replicas over mesh.diloco, {outer} every "
-            f"H={h} inner steps; {fragments}; {overlap}; outer gradients sent as "
+            f"H={count(h, 'inner step')}; {fragments}; {overlap}; outer gradients sent as "
             f"{self.outer_dtype}")
 
   def offset(self, p: int) -> int:

@@ -52,7 +52,7 @@ def _describe_model(saved: dict) -> list[str]:
     stops = f"unknown ({err})"
   return [
       f"model: {block}, {family}, {count(cfg.num_layers, 'layer')}, d_model {cfg.d_model}, "
-      f"{cfg.num_heads} heads ({cfg.num_kv_heads} kv) of {cfg.head_dim}, d_ff "
+      f"{count(cfg.num_heads, 'head')} ({cfg.num_kv_heads} kv) of {cfg.head_dim}, d_ff "
       f"{cfg.d_ff}, qkv_bias {cfg.qkv_bias}, qk_norm {cfg.qk_norm}, tied head "
       f"{cfg.tie_embeddings}",
       "attention: " + (f"sliding window of {cfg.sliding_window} keys"
