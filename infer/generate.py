@@ -142,7 +142,9 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     tokens[row, :len(p)] = p
     lengths[row] = len(p)
   padding = np.arange(rows) >= batch  # [rows]
-  cache = init_cache(model, rows, longest + max_new_tokens)
+  # The prefilled cache stays alive while the decode program runs on its
+  # heads-major form (`KVCache.for_decoding`): two copies at once.
+  cache = init_cache(model, rows, longest + max_new_tokens, copies=2)
   sampling = (float(temperature), top_k, top_p)
   stops = jnp.asarray(decode.stop_ids(stop_tokens))
   key = jax.random.key(seed)

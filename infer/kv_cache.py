@@ -70,25 +70,29 @@ class CacheDoesNotFit(ValueError):
     super().__init__(message)
 
 
-def init_cache(model: Decoder, batch: int, max_length: int) -> KVCache:
+def init_cache(model: Decoder, batch: int, max_length: int,
+               copies: int = 1) -> KVCache:
   """An empty cache (zeros, lengths 0), laid out as `cache_struct` says, on the
   model's mesh. Raises CacheDoesNotFit (a ValueError) before allocating a cache
-  larger than the memory its devices have free."""
+  larger than the memory its devices have free, counting `copies` of it alive
+  at once (`infer.generate`: 2, the prefilled cache and the decode program's
+  heads-major form made from it)."""
   mesh = mesh_of(model)
   s = cache_struct(model.cfg, batch, max_length, model.constrain.rules, mesh)
-  check_fits(s, jax.devices()[:1] if mesh is None else list(mesh.devices.flat))
+  check_fits(s, jax.devices()[:1] if mesh is None else list(mesh.devices.flat),
+             copies)
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), s)
 
 
-def check_fits(cache: KVCache, devices) -> None:
-  """Raises CacheDoesNotFit when k and v of the abstract `cache` need more bytes
-  per device than this process's first device of `devices` has free (its
-  allocator's limit less what is in use; CPU devices share the host's available
-  memory, so there the bytes of each of this process's devices count). Says
-  nothing where the free memory is unknown."""
+def check_fits(cache: KVCache, devices, copies: int = 1) -> None:
+  """Raises CacheDoesNotFit when `copies` of k and v of the abstract `cache` need
+  more bytes per device than this process's first device of `devices` has free
+  (its allocator's limit less what is in use; CPU devices share the host's
+  available memory, so there the bytes of each of this process's devices count).
+  Says nothing where the free memory is unknown."""
   kv = cache.k
   shard = kv.sharding.shard_shape(kv.shape) if kv.sharding is not None else kv.shape
-  per_device = 2 * math.prod(shard) * jnp.dtype(kv.dtype).itemsize  # k and v
+  per_device = copies * 2 * math.prod(shard) * jnp.dtype(kv.dtype).itemsize  # k, v
   local = [d for d in devices if d.process_index == jax.process_index()]
   if not local:
     return
@@ -107,7 +111,9 @@ def check_fits(cache: KVCache, devices) -> None:
       "split over)" if split > 1 else "")
   raise CacheDoesNotFit(
       f"the KV cache for {rows} of {count(length, 'position')} ({count(layers, 'layer')} x "
-      f"{heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}) "
+      f"{heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}"
+      + (f", {copies} copies alive at once" if copies > 1
+         else "") + ") "
       f"takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
       f"{'host memory' if holders > 1 else 'device ' + str(device.id)}, which has "
       f"{free / 2**30:.2f} GiB free: at most {count(positions, 'position')} per row fit"

@@ -317,10 +317,28 @@ def test_cache_check_counts_the_bytes_of_one_device():
     check_fits(cache_struct(cfg, 1, 10), [_Accelerator(1, 0)])  # "1 rows" before
 
 
-def _fits(cfg, rows, length, mesh, rules, free) -> bool:
+def test_generate_counts_the_prefilled_cache_and_its_decode_form(tiny_model,
+                                                                 monkeypatch):
+  """generate holds the prefilled cache and its heads-major decode form at once:
+  with memory for 1.5 caches it is refused before allocating (a trial measured
+  2x the cache's bytes in peak memory, so a fix counting one copy ran out);
+  with 2 it runs."""
+  from infer import kv_cache
+  prompt, new = [1, 2, 3], 5
+  one = 2 * 2 * 1 * (len(prompt) + new) * 1 * 8 * 4  # k, v x layers x rows x ...
+  monkeypatch.setattr(kv_cache, "_free_bytes", lambda device: int(1.5 * one))
+  with pytest.raises(infer.CacheDoesNotFit, match="2 copies alive at once") as err:
+    infer.generate(tiny_model, [prompt], max_new_tokens=new)
+  assert err.value.positions == int(1.5 * (len(prompt) + new) / 2)
+  monkeypatch.setattr(kv_cache, "_free_bytes", lambda device: 2 * one)
+  assert len(infer.generate(tiny_model, [prompt], max_new_tokens=new)[0]) == new
+
+
+def _fits(cfg, rows, length, mesh, rules, free, copies) -> bool:
   from infer.kv_cache import cache_struct, check_fits
   try:
-    check_fits(cache_struct(cfg, rows, length, rules, mesh), [_Accelerator(free, 0)])
+    check_fits(cache_struct(cfg, rows, length, rules, mesh), [_Accelerator(free, 0)],
+               copies)
   except infer.CacheDoesNotFit:
     return False
   return True
@@ -331,8 +349,9 @@ def test_a_cache_that_does_not_fit_names_the_largest_batch_and_tokens_that_do(sp
   """For batches, prompt lengths, new tokens and free memory around the limits,
   each fix the refusal offers (--max_new_tokens, --batch_size, or both) fits
   when followed, and one more token or one more row per device does not: the
-  fix is the largest that fits. (`--batch_size` halved, as before, could still
-  not fit; the prompt's positions came from the unpadded prompt.)"""
+  fix is the largest that fits, with one copy of the cache or two (generate's:
+  the prefilled cache and its decode form). (`--batch_size` halved, as before,
+  could still not fit; the prompt's positions came from the unpadded prompt.)"""
   import itertools
   import re
 
@@ -345,16 +364,18 @@ def test_a_cache_that_does_not_fit_names_the_largest_batch_and_tokens_that_do(sp
   rules = (("batch", ("data",)), ("act_kv_heads", ("tensor",)))
   per_row_position = 2 * 2 * 1 * 8 * 4  # k and v, layers, kv heads, head_dim, f32
   seen = set()
-  for prompts, batch_size, prompt, new, free_positions in itertools.product(
-      (1, 3, 16), (1, 2, 8), (5, 40), (1, 30, 200), (20, 64, 300)):
+  for prompts, batch_size, prompt, new, free_positions, copies in itertools.product(
+      (1, 3, 16), (1, 2, 8), (5, 40), (1, 30, 200), (20, 64, 300), (1, 2)):
     rows = min(batch_size, prompts)
     padded = -(-rows // split) * split  # as generate pads the batch
     free = free_positions * per_row_position
-    if _fits(cfg, padded, prompt + new, mesh, rules, free):
+    fits = functools.partial(_fits, cfg, mesh=mesh, rules=rules, free=free,
+                             copies=copies)
+    if fits(padded, prompt + new):
       continue
     with pytest.raises(infer.CacheDoesNotFit) as caught:
       check_fits(cache_struct(cfg, padded, prompt + new, rules, mesh),
-                 [_Accelerator(free, 0)])
+                 [_Accelerator(free, 0)], copies)
     err = _cache_error(caught.value, new, "--prompts", rows)
     assert err.field == "--max_new_tokens", err
     fixes = [dict(re.findall(r"--(batch_size|max_new_tokens)=(\d+)", part))
@@ -362,7 +383,7 @@ def test_a_cache_that_does_not_fit_names_the_largest_batch_and_tokens_that_do(sp
     fixes = [f for f in fixes if f]
     seen.update(tuple(sorted(f)) for f in fixes or [{}])
     if not fixes:  # not one row per device of the prompt and a token fits
-      assert prompt + 1 > free_positions, err.fix
+      assert copies * (prompt + 1) > free_positions, err.fix
       assert "alone do" in err.fix, err.fix
       continue
     for fix in fixes:
@@ -370,11 +391,11 @@ def test_a_cache_that_does_not_fit_names_the_largest_batch_and_tokens_that_do(sp
       rows2 = min(int(fix.get("batch_size", batch_size)), prompts)
       padded2 = -(-rows2 // split) * split
       assert new2 >= 1 and (new2 < new or padded2 < padded), (fix, err.fix)
-      assert _fits(cfg, padded2, prompt + new2, mesh, rules, free), (fix, err.fix)
+      assert fits(padded2, prompt + new2), (fix, err.fix)
       if "max_new_tokens" in fix:  # the most tokens that fit
-        assert not _fits(cfg, padded2, prompt + new2 + 1, mesh, rules, free), fix
+        assert not fits(padded2, prompt + new2 + 1), fix
       else:  # the most rows that fit
-        assert not _fits(cfg, padded2 + split, prompt + new2, mesh, rules, free), fix
+        assert not fits(padded2 + split, prompt + new2), fix
   # every kind of fix came up: tokens, rows, one row with fewer tokens, none
   assert seen == {("max_new_tokens",), ("batch_size",),
                   ("batch_size", "max_new_tokens"), ()}, seen
