@@ -12,6 +12,7 @@ import errno
 import os
 import sys
 import textwrap
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -107,7 +108,7 @@ _PROMPTS = flags.DEFINE_string(
     '.jsonl file {"prompt": ...} per line.')
 _OUTPUT_JSONL = flags.DEFINE_string(
     "output_jsonl", None, "With --prompts: write the completions here (a new file), "
-    "one JSON object per prompt; default: standard output.")
+    "one JSON object per prompt; default (or -): standard output.")
 _RESUME_OUTPUT = flags.DEFINE_bool(
     "resume_output", False, "With --output_jsonl: continue the file an interrupted "
     "run left (its whole batches are kept; the same --batch_size and --seed give "
@@ -300,11 +301,13 @@ def _check(error: ConfigError | None) -> None:
     _config_error(error)
 
 
-def _require(flag, value, example: str):
+def _require(flag, value, example: str, instead: str = ""):
+  """`value`, or the ConfigError for a flag left out or empty; `instead`: the
+  other way to give it (", or --prompts=FILE")."""
   if not value:
     raise ConfigError(f"--{flag.name}", f"--{flag.name} is empty." if flag.present
                       else f"this command needs --{flag.name}.",
-                      f"pass --{flag.name}={example}.")
+                      f"pass --{flag.name}={example}{instead}.")
   return value
 
 
@@ -432,7 +435,8 @@ def _generate(workdir: str) -> None:
     raise ConfigError("--resume_output", "continues an --output_jsonl file, and none "
                       "is given.", "pass --output_jsonl=FILE, or drop --resume_output.")
   prompts = _require(_PROMPTS, _PROMPTS.value, "prompts.txt") if _PROMPTS.present else None
-  prompt = None if prompts else _require(_PROMPT, _PROMPT.value, '"def main("')
+  prompt = None if prompts else _require(_PROMPT, _PROMPT.value, '"def main("',
+                                         " (or --prompts=FILE, one prompt a line)")
   try:
     infer.check_sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
                          max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
@@ -443,7 +447,17 @@ def _generate(workdir: str) -> None:
   sampling = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                   step=_STEP.value)
+  shown = warnings.showwarning
+
+  def show(message, category, filename, *args, **kwargs):
+    """rung's own warnings (sampling arguments with no effect) as one line."""
+    if os.path.dirname(os.path.abspath(filename)) == os.path.dirname(infer.__file__):
+      sys.stderr.write(f"warning: {message}\n")
+    else:
+      shown(message, category, filename, *args, **kwargs)
+
   try:
+    warnings.showwarning = show
     if prompts:
       infer.text.generate_file(workdir, _CONFIG.value, prompts,
                                output=_OUTPUT_JSONL.value, batch_size=_BATCH_SIZE.value,
@@ -452,6 +466,8 @@ def _generate(workdir: str) -> None:
       infer.text.generate_text(workdir, _CONFIG.value, prompt, **sampling)
   except KeyboardInterrupt:  # Ctrl-C: what was finished is printed or written
     sys.exit(130)
+  finally:
+    warnings.showwarning = shown
 
 
 # compile / plan exit with this when nothing they compiled fits the chip's HBM

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 import sharding
 from infer import decode
 from infer.kv_cache import init_cache, mesh_of, split_size
-from infer.sampling import check_sampling
+from infer.sampling import as_python, check_sampling
 from model import Decoder
 
 
@@ -112,8 +112,14 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     raise ValueError("prompts is a list of prompts, each a list of token ids (one "
                      "prompt is [ids]); for text, tokenize first or use "
                      "infer.text.generate_text.")
-  if not len(prompts) or any(len(p) == 0 for p in prompts):
+  if not len(prompts):
+    raise ValueError("prompts is empty; pass at least one prompt (a list of ids).")
+  if any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
+  # 0-d arrays (jnp.float32(0.5)) as the numbers they hold: the sampling
+  # arguments are static arguments of the compiled programs
+  temperature, top_k, top_p, max_new_tokens, seed = map(
+      as_python, (temperature, top_k, top_p, max_new_tokens, seed))
   vocab = model.cfg.vocab_size
   prompts = [_token_ids(f"prompt {row}", p, vocab) for row, p in enumerate(prompts)]
   if not _is_list(stop_tokens):

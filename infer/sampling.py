@@ -39,7 +39,10 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None,
   top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 (or None),
   seed an integer in [0, 2**32) (or None).
   `warn_ignored` (what `generate` passes): a UserWarning when top_k or top_p
-  would truncate but temperature 0 makes them moot."""
+  would truncate but temperature 0 makes them moot. 0-d NumPy or JAX arrays
+  count as the numbers they hold (`as_python`)."""
+  temperature, top_k, top_p, max_new_tokens, seed = map(
+      as_python, (temperature, top_k, top_p, max_new_tokens, seed))
   if max_new_tokens is not None and not _is_count(max_new_tokens):
     raise SamplingArgumentError(
         "max_new_tokens", f"max_new_tokens={max_new_tokens!r} must be an integer "
@@ -66,6 +69,12 @@ def check_sampling(temperature: float = 0.0, top_k: int | None = None,
   if warn_ignored and temperature == 0 and ignored:
     warnings.warn(f"{' and '.join(ignored)} has no effect at temperature 0, which "
                   "is greedy; pass a temperature > 0 to sample.", stacklevel=3)
+
+
+def as_python(x):
+  """A 0-d NumPy or JAX array (`jnp.float32(0.5)`) as the Python number it
+  holds; anything else as it is."""
+  return x.item() if getattr(x, "shape", None) == () and hasattr(x, "item") else x
 
 
 def _is_count(x) -> bool:

@@ -246,6 +246,24 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
   return prompts
 
 
+def _check_writable(output: str) -> None:
+  """ConfigError naming --output_jsonl when `output` cannot be written (a
+  directory without write permission, an immutable or read-only one): found
+  before the model loads, not after the first batch. A new file is created and
+  removed again, so a refused run leaves none."""
+  try:
+    if os.path.exists(output):
+      open(output, "r+", encoding="utf-8").close()
+    else:
+      open(output, "x", encoding="utf-8").close()
+      os.remove(output)
+  except OSError as err:
+    raise sharding.ConfigError(
+        "--output_jsonl", f"{output} cannot be written: {err.strerror}.",
+        "pass a path in a directory you can write, or leave --output_jsonl out to "
+        "print the records.") from None
+
+
 def _finished(output: str, lines: list[tuple[int, str]]) -> list[tuple[dict, int]]:
   """(record, the byte where its line ends) of each line of `output` (an earlier
   run's JSON lines), the completions of the first prompts of `lines` in order; a
@@ -303,6 +321,11 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   if batch_size < 1:
     raise sharding.ConfigError("--batch_size", f"is {batch_size}; it is how many "
                                "prompts generate together.", "pass --batch_size=8.")
+  output = None if output == "-" else output  # "-": standard output
+  if output and os.path.isdir(output):
+    raise sharding.ConfigError("--output_jsonl", f"{output} is a directory.",
+                               "pass the path of a file, e.g. "
+                               f"{shlex.quote(os.path.join(output, 'completions.jsonl'))}.")
   if output and os.path.exists(output) and not resume:
     raise sharding.ConfigError("--output_jsonl", f"{output} exists; nothing is "
                                "overwritten.", "pass a new path, delete it first, or "
@@ -315,6 +338,8 @@ def generate_file(workdir: str, config, prompts_path: str, *,
         "existing directory.")
   lines = read_prompts(prompts_path)
   writer = jax.process_index() == 0  # every process computes; one writes
+  if writer and output:
+    _check_writable(output)
   rows = min(batch_size, len(lines))
   finished, kept = [], 0  # [(record, where its line ends)], prompts kept
   if resume and output:

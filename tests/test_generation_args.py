@@ -687,11 +687,51 @@ def test_cli_prompt_file_writes_json_lines_and_refuses_what_it_cannot_do(
       (f"--prompts={prompts}", f"--output_jsonl={tmp_path / 'no' / 'o.jsonl'}"):
           f"Config error in `--output_jsonl`: its directory {tmp_path / 'no'} does not "
           "exist",
+      # found before the model loads (a trial's ran a batch, then a traceback)
+      (f"--prompts={prompts}", f"--output_jsonl={tmp_path}"):
+          f"Config error in `--output_jsonl`: {tmp_path} is a directory. Fix: pass the "
+          f"path of a file, e.g. {tmp_path / 'completions.jsonl'}.",
+      (f"--prompts={prompts}", f"--output_jsonl={tmp_path}", "--resume_output"):
+          f"Config error in `--output_jsonl`: {tmp_path} is a directory.",
+      (f"--prompts={prompts}", "--output_jsonl=/proc/rung-test.jsonl"):
+          "Config error in `--output_jsonl`: /proc/rung-test.jsonl cannot be written: ",
+      ():
+          'Config error in `--prompt`: this command needs --prompt. Fix: pass '
+          '--prompt="def main(" (or --prompts=FILE, one prompt a line).',
   }
-  procs = run_cli_many([("generate", f"--workdir={byte_run}", *flags) for flags in cases])
+  procs = run_cli_many([("generate", f"--workdir={byte_run}", *flags) for flags in cases]
+                       + [("generate", f"--workdir={byte_run}", f"--prompts={prompts}",
+                           "--output_jsonl=-", "--max_new_tokens=2", "--top_p=0.5")])
   for (flags, message), proc in zip(cases.items(), procs):
     assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr[-1500:])
+    assert "Traceback" not in proc.stderr
   assert out.read_text() == before
+  # "-" is standard output (it wrote a file named "-"), and a sampling argument
+  # greedy decoding ignores is one warning line, not Python's warning with its
+  # source line
+  dash = procs[-1]
+  assert dash.returncode == 0, dash.stderr[-1500:]
+  assert [json.loads(line)["prompt"] for line in dash.stdout.splitlines()] == [
+      "def f(", "ab"]
+  assert not os.path.exists("-")
+  assert ("warning: top_p=0.5 has no effect at temperature 0, which is greedy; pass a "
+          "temperature > 0 to sample.\n") in dash.stderr
+  assert "UserWarning" not in dash.stderr
+
+
+def test_sampling_arguments_may_be_0d_arrays_and_no_prompts_is_named(tiny_model):
+  """jnp.float32(0.5) was refused as "not a finite number"; an empty list of
+  prompts was reported as a prompt without tokens."""
+  as_arrays = infer.generate(
+      tiny_model, [[1, 2, 3]], max_new_tokens=jnp.int32(4),
+      temperature=jnp.float32(0.5), top_k=np.int64(5), top_p=jnp.float32(0.9),
+      seed=jnp.uint32(3))
+  assert as_arrays == infer.generate(tiny_model, [[1, 2, 3]], max_new_tokens=4,
+                                     temperature=0.5, top_k=5, top_p=0.9, seed=3)
+  with pytest.raises(infer.SamplingArgumentError, match="temperature=-1.0 must"):
+    infer.generate(tiny_model, [[1]], max_new_tokens=1, temperature=jnp.float32(-1))
+  with pytest.raises(ValueError, match="prompts is empty; pass at least one prompt"):
+    infer.generate(tiny_model, [], max_new_tokens=3)
 
 
 def test_prompt_files_split_at_newlines_only(tmp_path):
