@@ -457,17 +457,17 @@ def _generate(workdir: str) -> None:
       shown(message, category, filename, *args, **kwargs)
 
   try:
-    warnings.showwarning = show
-    if prompts:
-      infer.text.generate_file(workdir, _CONFIG.value, prompts,
-                               output=_OUTPUT_JSONL.value, batch_size=_BATCH_SIZE.value,
-                               resume=_RESUME_OUTPUT.value, **sampling)
-    else:
-      infer.text.generate_text(workdir, _CONFIG.value, prompt, **sampling)
+    with warnings.catch_warnings():  # restores showwarning
+      warnings.showwarning = show
+      if prompts:
+        infer.text.generate_file(workdir, _CONFIG.value, prompts,
+                                 output=_OUTPUT_JSONL.value,
+                                 batch_size=_BATCH_SIZE.value,
+                                 resume=_RESUME_OUTPUT.value, **sampling)
+      else:
+        infer.text.generate_text(workdir, _CONFIG.value, prompt, **sampling)
   except KeyboardInterrupt:  # Ctrl-C: what was finished is printed or written
     sys.exit(130)
-  finally:
-    warnings.showwarning = shown
 
 
 # compile / plan exit with this when nothing they compiled fits the chip's HBM

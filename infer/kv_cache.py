@@ -109,12 +109,11 @@ def check_fits(cache: KVCache, devices, copies: int = 1) -> None:
   rows = count(batch, "row") + (
       f" (the prompts padded to a multiple of the {split} devices the batch is "
       "split over)" if split > 1 else "")
+  held = f", {copies} copies alive at once" if copies > 1 else ""
   raise CacheDoesNotFit(
-      f"the KV cache for {rows} of {count(length, 'position')} ({count(layers, 'layer')} x "
-      f"{heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}"
-      + (f", {copies} copies alive at once" if copies > 1
-         else "") + ") "
-      f"takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
+      f"the KV cache for {rows} of {count(length, 'position')} ({count(layers, 'layer')}"
+      f" x {heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}"
+      f"{held}) takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
       f"{'host memory' if holders > 1 else 'device ' + str(device.id)}, which has "
       f"{free / 2**30:.2f} GiB free: at most {count(positions, 'position')} per row fit"
       + (f", or {count(fitting_rows, 'row')} of {length}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import shlex
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 class ConfigError(ValueError):
@@ -26,13 +26,16 @@ class ConfigError(ValueError):
 
   @classmethod
   def choice(cls, field: str, value: Any, allowed: Sequence[str],
-             flag: str | None = None) -> "ConfigError":
+             flag: str | None = None,
+             setting: Callable[[str], str] | None = None) -> "ConfigError":
     """The error for `value` not among `allowed`; the fix names the closest one
     (`closest`), or all of them. `flag`: how to set the field (default
-    `--config.<field>`)."""
+    `--config.<field>`); `setting(meant)`: the flags that set it to `meant`
+    (default `flag=meant`), for a value that needs other fields set too."""
     flag = flag or f"--config.{field}"
     meant = closest(value, allowed)
-    fix = (f"set {flag}={meant} (or another of those)." if meant else
+    given = setting(meant) if setting and meant else f"{flag}={meant}"
+    fix = (f"set {given} (or another of those)." if meant else
            f"set {flag} to one of them.")
     return cls(field, f"{value!r} is not one of {', '.join(allowed)}.", fix)
 

@@ -48,11 +48,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sharding import ConfigError, flag
-from sharding.errors import closest
 from sharding.report import count
 from train import run_config, sources, token_cache
 from train.data_schedule import Schedule, ScheduledSelection, Segment
-from train.tokenizer import HFTokenizer, make_tokenizer
+from train.tokenizer import HFTokenizer, is_byte, make_tokenizer
 
 SOURCES = (*sources.DOCUMENT_SOURCES, "tokens", "synthetic")
 # What an entry of data.mixture may hold, and the sources it may name.
@@ -692,21 +691,10 @@ def source_fix(config, source: str) -> str:
   flags = [f"--config.data.source={source}"]
   if source in _EXAMPLE_PATHS and not d.path:
     flags.append(flag("config.data.path", _EXAMPLE_PATHS[source]))
-  if (source in sources.DOCUMENT_SOURCES and d.tokenizer in (None, "", "byte")
+  if (source in sources.DOCUMENT_SOURCES and is_byte(d)
       and config.model.vocab_size < 256):
     flags.append("--config.model.vocab_size=256")
   return " ".join(flags)
-
-
-def _unknown_source(config) -> ConfigError:
-  """data.source not among SOURCES; the fix names the source meant, with what
-  it needs besides (`source_fix`)."""
-  err = ConfigError.choice("data.source", config.data.source, SOURCES)
-  meant = closest(config.data.source, SOURCES)
-  if not meant:
-    return err
-  return ConfigError(err.field, err.problem,
-                     f"set {source_fix(config, meant)} (or another of those).")
 
 
 def validate(config) -> None:
@@ -714,7 +702,9 @@ def validate(config) -> None:
   checks = _validate_mixture(config)
   if not checks:
     if d.source not in SOURCES:
-      raise _unknown_source(config)
+      # the source meant, with what it needs besides
+      raise ConfigError.choice("data.source", d.source, SOURCES,
+                               setting=lambda meant: source_fix(config, meant))
     checks = [("data.", d.source, d.path, d.text_field, True)]
   if d.seq_len < 2:
     raise ConfigError("data.seq_len", f"must be at least 2, got {d.seq_len}.",
@@ -746,7 +736,7 @@ def validate(config) -> None:
                       "the id that ends each document.",
                       "set --config.data.eos_id to your tokenizer's end-of-text id.")
   if (any(check[1] in sources.DOCUMENT_SOURCES for check in checks)
-      and d.tokenizer in (None, "", "byte")):
+      and is_byte(d)):
     if config.model.vocab_size < 256:
       raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller "
                         "than the 256 ids of the byte tokenizer.",

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from sharding import ConfigError
 from sharding.report import count, format_bytes
 from train import sources
+from train.tokenizer import is_byte
 
 _VERSION = 1
 _BATCH_DOCS = 1024
@@ -70,7 +71,7 @@ def _file_sha256(path: str) -> str:
 def tokenizer_identity(data_cfg) -> str:
   """'byte', 'none:<token_dtype>', or 'tokenizer.json:' and the file's content
   hash (its path does not change what it encodes)."""
-  if data_cfg.tokenizer in (None, "", "byte"):
+  if is_byte(data_cfg):
     return "byte"
   if data_cfg.tokenizer == "none":
     return f"none:{data_cfg.token_dtype}"

@@ -113,12 +113,17 @@ class TokenIds:
     return " ".join(str(int(i)) for i in ids)
 
 
+def is_byte(data_cfg) -> bool:
+  """Whether `data_cfg.tokenizer` names the byte tokenizer (unset, "" or "byte")."""
+  return data_cfg.tokenizer in (None, "", "byte")
+
+
 def make_tokenizer(data_cfg, require_eos: bool = True):
   """ByteTokenizer for `byte`, TokenIds for `none`, else an HFTokenizer; a
   ConfigError naming data.tokenizer when its file is missing, or data.eos_id
   when it names no eos and `require_eos` (training; generation and export pass
   False and get eos_id None)."""
-  if data_cfg.tokenizer in (None, "", "byte"):
+  if is_byte(data_cfg):
     return ByteTokenizer()
   if data_cfg.tokenizer == "none":
     ids = TokenIds(data_cfg.token_dtype, data_cfg.eos_id)
