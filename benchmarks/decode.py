@@ -24,6 +24,11 @@ only the model's projection matmuls (every weight read once per token, as
 separate per-layer arrays, in a jitted loop of 128 steps) with no attention,
 norms, sampling or cache.
 
+Then (unless --prompt_file=false) `generate --prompts` on a file of 32 prompts
+in batches of 8, one line of 1,000 bytes among lines of 24 to 40: each batch
+padded to its own length bucket (`infer.text.prompt_bucket`) against every batch
+padded to the file's longest, as it was before; the completions must be the same.
+
 Then (unless --ladder=false) the ladder question: the cached decode step of a
 larger model under tensor=2 spanning two processes joined over gloo, for standard,
 parallel and ladder blocks and the no-communication bound (`desync`), run by
@@ -53,10 +58,13 @@ _REPS = flags.DEFINE_integer("reps", 2, "timed generations per setting (best kep
                              lower_bound=1)
 DTYPES = ("float32", "bfloat16")  # what rung's model.param_dtype accepts
 _DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "weight and compute dtypes to "
-                            f"time, each on both sides, of {DTYPES}")
+                            f"time, each on both sides, of {DTYPES} (empty: none)")
 _LADDER = flags.DEFINE_bool("ladder", True, "also time the 2-process tensor=2 "
                             "decode step per block type")
-flags.register_validator("dtypes", lambda v: bool(v) and set(v) <= set(DTYPES),
+_PROMPT_FILE = flags.DEFINE_bool("prompt_file", True, "also time a file of prompts "
+                                 "with one long line, per-batch length buckets "
+                                 "against padding every batch to the longest")
+flags.register_validator("dtypes", lambda v: set(v) <= set(DTYPES),
                          f"must name dtypes of {', '.join(DTYPES)}")
 PROMPT, NEW = 64, 128
 SHAPE = common.LLAMA_21M
@@ -101,7 +109,7 @@ def main(argv):
   from train import hf, run_config
 
   torch.manual_seed(0)
-  config = common.hf_llama_config(SHAPE, max_position_embeddings=256, eos_token_id=None,
+  config = common.hf_llama_config(SHAPE, max_position_embeddings=2048, eos_token_id=None,
                                   bos_token_id=None)
   hf_model = transformers.LlamaForCausalLM(config).eval()
   tmp = tempfile.mkdtemp(prefix="rung-bench-decode-")  # ~325 MB: removed at exit
@@ -126,6 +134,8 @@ def main(argv):
         {k: v.float().numpy() for k, v in hf_model.state_dict().items()})
     plain = jax.tree.map(lambda w: w.astype(dtype), plain)
     timed += time_dtype(model, hf_model, plain, dtype)
+  if _PROMPT_FILE.value:
+    time_prompt_file(os.path.join(tmp, "rung"), tmp)
   after = common.copy_bandwidth(2 ** 30)
   bandwidth = max(before, after)
   emit(what="copy bandwidth", gib_per_s=bandwidth / 2 ** 30,
@@ -154,6 +164,35 @@ def best_time(fn) -> tuple[float, object]:
     out = fn()
     best = min(best, time.perf_counter() - start)
   return best, out
+
+
+def time_prompt_file(workdir: str, tmp: str) -> None:
+  """Times `infer.text.generate_file` (float32, greedy, 32 new tokens) on a
+  file with one long line, bucketed and padded to the longest; emits one row."""
+  import numpy as np
+
+  import infer.text
+  rng = np.random.default_rng(0)
+  lines = ["".join(rng.choice(list("abcdefgh "), n)) for n in rng.integers(24, 41, 31)]
+  lines.insert(20, "x" * 1000)  # in the third batch of 8
+  path = os.path.join(tmp, "prompts.txt")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+  def run():
+    with open(os.devnull, "w") as sink:
+      return infer.text.generate_file(workdir, None, path, batch_size=8,
+                                      max_new_tokens=32, progress=False, out=sink)
+  bucketed_s, records = best_time(run)
+  bucket = infer.text.prompt_bucket
+  infer.text.prompt_bucket = lambda length, longest: longest  # the old padding
+  try:
+    longest_s, padded = best_time(run)
+  finally:
+    infer.text.prompt_bucket = bucket
+  emit(what="prompt file", prompts=len(lines), batch_size=8, longest_prompt=1000,
+       new_tokens=32, bucketed_seconds=bucketed_s, padded_to_longest_seconds=longest_s,
+       speedup=longest_s / bucketed_s, same_completions=records == padded)
 
 
 def time_dtype(model, hf_model, plain_params, dtype: str

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 import sharding
 from infer import decode
-from infer.kv_cache import init_cache, mesh_of, split_size
+from infer.kv_cache import check_cache, init_cache, mesh_of, split_size
 from infer.sampling import as_python, check_sampling
 from model import Decoder
 
@@ -83,6 +83,27 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+# The prefilled cache stays alive while the decode program runs on its
+# heads-major form (`KVCache.for_decoding`): two copies at once.
+_CACHE_COPIES = 2
+
+
+def _padded(model: Decoder, rows: int, length: int) -> tuple[int, int]:
+  """(rows, prompt positions) `generate` runs `rows` prompts padded to `length`
+  at: rows to a multiple of the devices `batch` is split over, positions to one
+  of those `length` is split over."""
+  return (_round_up(rows, split_size(model, "batch")),
+          _round_up(length, split_size(model, "length")))
+
+
+def check_batch(model: Decoder, rows: int, length: int, max_new_tokens: int) -> None:
+  """Raises CacheDoesNotFit where `generate` of `rows` prompts of at most `length`
+  tokens (or padded to them, `pad_to=(rows, length)`) and `max_new_tokens` would,
+  allocating nothing: a caller running many batches refuses before the first."""
+  rows, length = _padded(model, rows, length)
+  check_cache(model, rows, length + max_new_tokens, _CACHE_COPIES)
+
+
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0,
@@ -139,18 +160,15 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   # padding is masked out of the MoE layers and the rows dropped from the result.
   batch = len(prompts)
   least_rows, least_length = pad_to or (0, 0)
-  rows = _round_up(max(batch, least_rows), split_size(model, "batch"))
-  longest = _round_up(max(least_length, *(len(p) for p in prompts)),
-                      split_size(model, "length"))
+  rows, longest = _padded(model, max(batch, least_rows),
+                          max(least_length, *(len(p) for p in prompts)))
   lengths = np.zeros((rows,), np.int32)
   tokens = np.zeros((rows, longest), np.int32)
   for row, p in enumerate(prompts):
     tokens[row, :len(p)] = p
     lengths[row] = len(p)
   padding = np.arange(rows) >= batch  # [rows]
-  # The prefilled cache stays alive while the decode program runs on its
-  # heads-major form (`KVCache.for_decoding`): two copies at once.
-  cache = init_cache(model, rows, longest + max_new_tokens, copies=2)
+  cache = init_cache(model, rows, longest + max_new_tokens, _CACHE_COPIES)
   sampling = (float(temperature), top_k, top_p)
   stops = jnp.asarray(decode.stop_ids(stop_tokens))
   key = jax.random.key(seed)

@@ -77,11 +77,19 @@ def init_cache(model: Decoder, batch: int, max_length: int,
   larger than the memory its devices have free, counting `copies` of it alive
   at once (`infer.generate`: 2, the prefilled cache and the decode program's
   heads-major form made from it)."""
+  s = check_cache(model, batch, max_length, copies)
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), s)
+
+
+def check_cache(model: Decoder, batch: int, max_length: int,
+                copies: int = 1) -> KVCache:
+  """The abstract cache `init_cache` would make, after `check_fits` on the model's
+  devices: raises CacheDoesNotFit where it would, allocating nothing."""
   mesh = mesh_of(model)
   s = cache_struct(model.cfg, batch, max_length, model.constrain.rules, mesh)
   check_fits(s, jax.devices()[:1] if mesh is None else list(mesh.devices.flat),
              copies)
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), s)
+  return s
 
 
 def check_fits(cache: KVCache, devices, copies: int = 1) -> None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 import sharding
 from sharding.report import count
-from infer.generate import generate
+from infer.generate import check_batch, generate
 from infer.kv_cache import CacheDoesNotFit, mesh_of
 from infer.load import load
 from infer.sampling import check_sampling
@@ -161,11 +161,12 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
 
 
 def _cache_error(err: CacheDoesNotFit, max_new_tokens: int, flag: str,
-                 rows: int = 1) -> sharding.ConfigError:
+                 rows: int = 1, longest: str = "") -> sharding.ConfigError:
   """The ConfigError for a cache of `rows` prompts (a batch) plus `max_new_tokens`
   that does not fit, with the largest --max_new_tokens or --batch_size that
   does (the prompts as the cache holds them: padded to the batch's longest, and
-  to a multiple of the devices `length` is split over)."""
+  to a multiple of the devices `length` is split over). `longest` names the
+  batch's longest prompt, for when it alone does not fit."""
   prompt = err.length - max_new_tokens  # positions the padded prompts take
   fixes = []
   if err.positions > prompt:
@@ -175,7 +176,11 @@ def _cache_error(err: CacheDoesNotFit, max_new_tokens: int, flag: str,
   elif rows > err.split and err.positions_alone > prompt:
     fixes.append(f"pass --batch_size=1 --max_new_tokens="
                  f"{err.positions_alone - prompt} (or fewer)")
-  if not fixes:
+  if not fixes and longest:
+    fixes.append(f"{longest} alone ({count(prompt, 'position')} as the cache holds it) "
+                 f"does not fit even one row per device; shorten it or leave it out "
+                 f"of {flag}")
+  elif not fixes:
     alone = "prompts alone do" if rows > 1 else f"{prompt}-position prompt alone does"
     fixes.append(f"the {alone} not fit even one row per device; pass a shorter {flag}")
   return sharding.ConfigError("--max_new_tokens", str(err), ", or ".join(fixes) + ".")
@@ -291,6 +296,16 @@ def _finished(output: str, lines: list[tuple[int, str]]) -> list[tuple[dict, int
   return records
 
 
+def prompt_bucket(length: int, longest: int, least: int = 16) -> int:
+  """The prompt positions a batch whose longest prompt has `length` tokens is
+  padded to, in a file whose longest has `longest`: the next power of two, at
+  least `least` and at most `longest`. A decode step reads the whole cache, so a
+  file padded to its longest line ran 18x slower in a trial (6.3 s -> 114 s for
+  one 4,000-token line among short ones); powers of two compile at most
+  log2(longest) programs."""
+  return min(longest, max(least, 1 << (length - 1).bit_length()))
+
+
 def generate_file(workdir: str, config, prompts_path: str, *,
                   output: str | None = None, batch_size: int = 8,
                   max_new_tokens: int = 256, temperature: float = 0.0,
@@ -305,8 +320,10 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   --max_new_tokens)}. Returns the records. Lines are written as each batch
   finishes, so an interrupted run keeps the finished ones.
 
-  Every batch is padded to `batch_size` rows and the file's longest prompt, so one
-  program serves them all. Batch b samples with the seed
+  Every batch is padded to `batch_size` rows and its prompts to a length bucket
+  (`prompt_bucket`), so a few programs serve them all and batches of short
+  prompts do not pay for the file's longest. The cache of the largest bucket is
+  checked before the first batch. Batch b samples with the seed
   `SeedSequence([seed, b])` draws (greedy decoding ignores it), so rows of
   different batches do not share random draws. Checks as `generate_text`; an
   `output` that exists is refused (nothing is overwritten), and none is created
@@ -364,6 +381,16 @@ def generate_file(workdir: str, config, prompts_path: str, *,
       workdir, config, texts, lambda i: f"line {lines[i][0]} of {prompts_path}",
       "--prompts", max_new_tokens, step)
   longest = max(map(len, ids))
+  buckets = [prompt_bucket(max(map(len, ids[start:start + rows])), longest)
+             for start in range(0, len(ids), rows)]  # [batches]
+  left = range(kept, len(ids))
+  if left:  # the largest cache of the batches left, before the first runs
+    i = max(left, key=lambda i: len(ids[i]))  # its bucket is the largest left
+    try:
+      check_batch(model, rows, buckets[i // rows], max_new_tokens)
+    except CacheDoesNotFit as err:
+      raise _cache_error(err, max_new_tokens, "--prompts", rows,
+                         f"line {lines[i][0]} of {prompts_path}") from None
   sink, records = None, [record for record, _ in finished]
   continued = resume and output and writer and os.path.exists(output)
   if continued:
@@ -393,9 +420,11 @@ def generate_file(workdir: str, config, prompts_path: str, *,
       try:
         new = generate(model, batch, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=batch_seed, stop_tokens=stops, pad_to=(rows, longest))
-      except CacheDoesNotFit as err:
-        raise _cache_error(err, max_new_tokens, "--prompts", rows) from None
+                       seed=batch_seed, stop_tokens=stops, pad_to=(rows, buckets[b]))
+      except CacheDoesNotFit as err:  # the free memory shrank since the check
+        i = max(range(start, start + len(batch)), key=lambda i: len(ids[i]))
+        raise _cache_error(err, max_new_tokens, "--prompts", rows,
+                           f"line {lines[i][0]} of {prompts_path}") from None
       for i, (prompt_ids, new_ids) in enumerate(zip(batch, new)):
         stopped = bool(new_ids) and new_ids[-1] in stops
         shown = new_ids[:-1] if stopped else new_ids

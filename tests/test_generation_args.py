@@ -831,3 +831,99 @@ def test_an_interrupted_prompt_file_resumes_to_an_uninterrupted_run_s_file(
                              progress=False)
   assert err.value.field == "--output_jsonl"
   assert out.read_text() == "".join(lines[:3])
+
+
+def _least_free(monkeypatch, model, rows, length, new) -> int:
+  """The fewest free bytes `infer.generate.check_batch` passes with (bisection
+  on the free memory it is told)."""
+  from infer import kv_cache
+  from infer.generate import check_batch
+  low, high = 0, 2 ** 40  # refused at low, passes at high
+
+  def passes(free):
+    monkeypatch.setattr(kv_cache, "_free_bytes", lambda device: free)
+    try:
+      check_batch(model, rows, length, new)
+    except infer.CacheDoesNotFit:
+      return False
+    return True
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (low, mid) if passes(mid) else (mid, high)
+  monkeypatch.undo()
+  return high
+
+
+def test_a_prompt_file_pads_each_batch_to_its_own_length_bucket(
+    byte_run, tmp_path, monkeypatch):
+  """Every batch was padded to the file's longest prompt, and a decode step reads
+  the whole cache: one long line made every batch as slow as it (a trial: 6.3 s
+  -> 114 s). Each batch now pads to the next power of two of its own longest
+  prompt (at least 16, at most the file's longest), with the completions of
+  padding to the file's longest, greedy and sampled. The largest cache of the
+  batches left is checked before the first batch runs: a file whose long line
+  does not fit is refused with nothing written, and one whose long batch a
+  resume keeps runs in the memory of the short ones."""
+  import json
+
+  import infer.text
+  lengths = [2, 2, 20, 2, 40, 1, 2]  # batches of 2: longest 2, 20, 40, 2
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("".join(chr(97 + i) * n + "\n" for i, n in enumerate(lengths)))
+
+  def bucket(n):  # the next power of two, at least 16, at most the longest
+    size = 16
+    while size < n:
+      size *= 2
+    return min(size, max(lengths))
+  real, padded = infer.text.generate, []
+
+  def spy(*args, **kwargs):
+    padded.append(kwargs["pad_to"])
+    return real(*args, **kwargs)
+  monkeypatch.setattr(infer.text, "generate", spy)
+  run = functools.partial(infer.text.generate_file, str(byte_run), None, str(prompts),
+                          batch_size=2, max_new_tokens=4, progress=False,
+                          out=open(os.devnull, "w"))
+  for sampling in (dict(), dict(temperature=1.0, seed=5)):
+    padded.clear()
+    records = run(**sampling)
+    assert padded == [(2, bucket(max(lengths[i:i + 2])))
+                      for i in range(0, len(lengths), 2)] == [(2, 16), (2, 32),
+                                                             (2, 40), (2, 16)]
+    with monkeypatch.context() as m:  # the old padding: the file's longest
+      m.setattr(infer.text, "prompt_bucket", lambda length, longest: longest)
+      assert run(**sampling) == records
+  monkeypatch.undo()
+
+  model, _ = infer.load(str(byte_run))
+  short = _least_free(monkeypatch, model, 2, 32, 4)  # every batch but the third
+  room = _least_free(monkeypatch, model, 2, 38, 4)  # 42 positions a row
+  assert short < room < _least_free(monkeypatch, model, 2, 40, 4)
+  from infer import kv_cache
+  out = tmp_path / "out.jsonl"
+  file = functools.partial(infer.text.generate_file, str(byte_run), None,
+                           str(prompts), output=str(out), batch_size=2, progress=False)
+  monkeypatch.setattr(kv_cache, "_free_bytes", lambda device: short)
+  with pytest.raises(sharding.ConfigError, match=" of 44 positions ") as err:
+    file(max_new_tokens=4)
+  assert not out.exists()  # refused before the first batch
+  assert err.value.fix == (f"line 5 of {prompts} alone (40 positions as the cache "
+                           "holds it) does not fit even one row per device; shorten "
+                           "it or leave it out of --prompts.")
+  # memory for 42 positions a row: the fix names the new tokens that fit, and works
+  monkeypatch.setattr(kv_cache, "_free_bytes", lambda device: room)
+  with pytest.raises(sharding.ConfigError) as err:
+    file(max_new_tokens=4)
+  assert err.value.fix == "pass --max_new_tokens=2 or fewer."
+  assert len(file(max_new_tokens=2)) == len(lengths)
+  out.unlink()
+  monkeypatch.undo()
+  whole = infer.text.generate_file(str(byte_run), None, str(prompts), batch_size=2,
+                                   max_new_tokens=4, progress=False,
+                                   out=open(os.devnull, "w"))
+  out.write_text("".join(json.dumps(r) + "\n" for r in whole[:6]))  # 3 batches kept
+  monkeypatch.setattr(kv_cache, "_free_bytes", lambda device: short)
+  assert infer.text.generate_file(str(byte_run), None, str(prompts), output=str(out),
+                                  batch_size=2, max_new_tokens=4, progress=False,
+                                  resume=True) == whole
