@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from typing import Callable, Sequence, TextIO
 
 import jax
@@ -43,6 +44,7 @@ class _Printer:
     self.stops = set(stops)
     self.ids: list[int] = []
     self.printed = 0
+    self.times: list[float] = []  # when each new id arrived (perf_counter seconds)
 
   def text(self) -> str:
     """The continuation so far."""
@@ -52,7 +54,17 @@ class _Printer:
     self.out.write(self.prompt + self.text()[self.printed:] + "\n")
     self.prompt = ""
 
+  def rate(self) -> str:
+    """How many ids arrived, and the decode speed after the first (whose time
+    holds the prefill and the compilations)."""
+    n = len(self.times)
+    if n < 2:
+      return count(n, "new token")
+    return (f"{count(n, 'new token')}, {(n - 1) / (self.times[-1] - self.times[0]):.1f}"
+            " tokens/s after the first (prefill and compilation excluded)")
+
   def __call__(self, column) -> None:
+    self.times.append(time.perf_counter())
     self.out.write(self.prompt)
     self.prompt = ""
     if column[0] >= 0 and column[0] not in self.stops:
@@ -211,6 +223,7 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   except CacheDoesNotFit as err:
     raise _cache_error(err, max_new_tokens, "--prompt") from None
   printer.close()
+  _note(printer.rate() + "\n")
   return printer.text()
 
 

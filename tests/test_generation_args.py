@@ -927,3 +927,32 @@ def test_a_prompt_file_pads_each_batch_to_its_own_length_bucket(
   assert infer.text.generate_file(str(byte_run), None, str(prompts), output=str(out),
                                   batch_size=2, max_new_tokens=4, progress=False,
                                   resume=True) == whole
+
+
+def test_a_streamed_prompt_reports_its_decode_speed(byte_run, monkeypatch, capsys):
+  """--prompt said nothing of speed. After the text, stderr counts the new ids
+  and their rate after the first (which waits for prefill and compilation):
+  with ids 0.25 s apart, 4.0 tokens/s whatever the count."""
+  import itertools
+  import types
+
+  import infer.text
+  from train import run_config
+  from train.hf import stop_tokens
+  from train.tokenizer import make_tokenizer
+  config = run_config.load(str(byte_run))
+  tokenizer = make_tokenizer(config.data, require_eos=False)
+  model, _ = infer.load(str(byte_run))
+  for new in (1, 6):
+    ids = infer.generate(model, [tokenizer.encode("def f(")], max_new_tokens=new,
+                         stop_tokens=stop_tokens(config.data, tokenizer))[0]
+    clock = itertools.count(start=100.0, step=0.25)
+    monkeypatch.setattr(infer.text, "time",  # infer.text's clock alone
+                        types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    infer.text.generate_text(str(byte_run), None, "def f(", max_new_tokens=new,
+                             out=open(os.devnull, "w"))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.endswith(f"{len(ids)} new token{'s' * (len(ids) != 1)}"
+                        + (", 4.0 tokens/s after the first (prefill and compilation "
+                           "excluded)" if len(ids) > 1 else "") + "\n"), err
