@@ -22,7 +22,7 @@ from sharding.report import count
 from infer.generate import check_batch, generate
 from infer.kv_cache import CacheDoesNotFit, mesh_of
 from infer.load import load
-from infer.sampling import check_sampling
+from infer.sampling import check_sampling, is_greedy
 from train import run_config
 from train.checkpoint import Checkpointer
 from train.hf import stop_tokens
@@ -135,9 +135,7 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
                                       "model has rows" if size and size > vocab else "")
           + ".", "pass prompts whose tokens fall inside the model's vocabulary, or the "
           "model's own tokenizer, --config.data.tokenizer=PATH/tokenizer.json.")
-  ckpt = Checkpointer(workdir, wanted.checkpoint, read_only=True)
-  step = ckpt.step_to_read(step)  # a config error before anything is loaded
-  ckpt.close()
+  step = _step_to_read(workdir, wanted, step)  # a config error before loading
   model, saved = load(workdir, step=step, config=config)
   if config is not None:  # another run's config of the same shapes loads silently
     changed = [(f, a, b) for f, a, b, _ in run_config.trajectory_changes(
@@ -170,6 +168,17 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
         f"the model's context of {context} positions (model.max_position_embeddings); "
         "tokens beyond it are positions the model was not made for.\n")
   return model, tokenizer, ids, stops
+
+
+def _step_to_read(workdir: str, config, step: int | None) -> int:
+  """The checkpoint step generation reads: `step`, or the run's latest (a
+  ConfigError when there is none, or not that one)."""
+  ckpt = Checkpointer(workdir, (config or run_config.load(workdir)).checkpoint,
+                      read_only=True)
+  try:
+    return ckpt.step_to_read(step)
+  finally:
+    ckpt.close()
 
 
 def _cache_error(err: CacheDoesNotFit, max_new_tokens: int, flag: str,
@@ -282,6 +291,67 @@ def _check_writable(output: str) -> None:
         "print the records.") from None
 
 
+def settings_path(output: str) -> str:
+  """Where `generate_file` keeps what decided `output`'s completions besides the
+  prompts (`_settings`), for `resume` to check: `<output>.settings.json`."""
+  return output + ".settings.json"
+
+
+def _settings(step: int, rows: int, max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float | None, seed: int) -> dict:
+  """The flags, by name, that can decide a file's completions, and the
+  checkpoint step (`_decisive` says which do)."""
+  return dict(step=step, max_new_tokens=max_new_tokens, temperature=float(temperature),
+              top_k=top_k, top_p=top_p, seed=seed, batch_size=rows)
+
+
+def _decisive(settings: dict) -> list[str]:
+  """The `_settings` that decide the completions: greedy ones depend on the step
+  and --max_new_tokens alone; sampled ones on all (batch b draws from
+  SeedSequence([seed, b]))."""
+  if is_greedy(settings.get("temperature"), settings.get("top_k"),
+               settings.get("top_p")):
+    return ["step", "max_new_tokens"]
+  return list(settings)
+
+
+def _check_settings(output: str, now: dict) -> bool:
+  """ConfigError naming --resume_output when `output`'s settings file holds other
+  settings than `now`, with the flags that continue it; False when it has none
+  (a file from before settings were kept, or one that was moved alone)."""
+  path = settings_path(output)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as err:
+    raise sharding.ConfigError(
+        "--resume_output", f"{path}, the settings {output} was written with, cannot "
+        f"be read ({err}).", f"delete {shlex.quote(path)} to continue {output} "
+        "unchecked, or pass a new --output_jsonl.") from None
+  wanted = _decisive(saved)  # a greedy file resumed sampled: what made it greedy too
+  if len(wanted) < len(_decisive(now)):
+    wanted += ["temperature", "top_k", "top_p"]
+  differ = [k for k in wanted if saved.get(k) != now.get(k)]
+  if not differ:
+    return True
+
+  def flags(values: dict) -> str:
+    return " ".join(sharding.flag(k, values[k]) if values.get(k) is not None
+                    else f"no --{k}" for k in differ)
+  keep = [sharding.flag(k, saved[k]) for k in differ if saved.get(k) is not None]
+  drop = [f"--{k}" for k in differ if saved.get(k) is None]
+  back = " and ".join(([f"pass {' '.join(keep)}"] if keep else [])
+                      + ([f"drop {' '.join(drop)}"] if drop else []))
+  raise sharding.ConfigError(
+      "--resume_output", f"{output} was written with {flags(saved)} ({path}), and "
+      f"this run has {flags(now)}: its completions would not continue the file's.",
+      f"{back} to continue it, or pass a new --output_jsonl.")
+
+
 def _finished(output: str, lines: list[tuple[int, str]]) -> list[tuple[dict, int]]:
   """(record, the byte where its line ends) of each line of `output` (an earlier
   run's JSON lines), the completions of the first prompts of `lines` in order; a
@@ -345,8 +415,12 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   `resume`: an `output` an interrupted run left is continued instead. Its
   records must be this file's first prompts, in order (else ConfigError); whole
   batches of `batch_size` are kept and the rest generated, from the batch after
-  them, so with the same `batch_size`, `seed` and checkpoint the file ends as an
-  uninterrupted run's would. Process 0 reads it and tells the others."""
+  them, so the file ends as an uninterrupted run's would. What decides the
+  completions besides the prompts (`_settings`: the checkpoint step,
+  `max_new_tokens`, and for sampling `top_k`, `top_p`, `seed` and `batch_size`)
+  is written next to `output` (`settings_path`) with its first batch; a resume
+  with other settings is a ConfigError naming the flags that continue it.
+  Process 0 reads it and tells the others."""
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed)
   if batch_size < 1:
     raise sharding.ConfigError("--batch_size", f"is {batch_size}; it is how many "
@@ -371,12 +445,18 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   if writer and output:
     _check_writable(output)
   rows = min(batch_size, len(lines))
+  if output:
+    step = _step_to_read(workdir, config, step)
+    settings = _settings(step, rows, max_new_tokens, temperature, top_k, top_p, seed)
   finished, kept = [], 0  # [(record, where its line ends)], prompts kept
   if resume and output:
     refused = None
     if writer and os.path.exists(output):
       try:
         finished = _finished(output, lines)
+        if not _check_settings(output, settings):
+          _note(f"note: {settings_path(output)} is missing, so the settings "
+                f"{output} was written with are not checked.\n")
       except sharding.ConfigError as err:
         refused = err
     # Whole batches only: batch b's seed is SeedSequence([seed, b]).
@@ -415,6 +495,10 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     nothing); a continued one cut after its kept lines."""
     if not output:
       return out
+    if not continued or not os.path.exists(settings_path(output)):
+      with open(settings_path(output) + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+      os.replace(settings_path(output) + ".tmp", settings_path(output))
     if not continued:
       return open(output, "x", encoding="utf-8")
     f = open(output, "r+", encoding="utf-8")

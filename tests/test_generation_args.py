@@ -918,6 +918,7 @@ def test_a_prompt_file_pads_each_batch_to_its_own_length_bucket(
   assert err.value.fix == "pass --max_new_tokens=2 or fewer."
   assert len(file(max_new_tokens=2)) == len(lengths)
   out.unlink()
+  os.remove(infer.text.settings_path(str(out)))
   monkeypatch.undo()
   whole = infer.text.generate_file(str(byte_run), None, str(prompts), batch_size=2,
                                    max_new_tokens=4, progress=False,
@@ -956,3 +957,77 @@ def test_a_streamed_prompt_reports_its_decode_speed(byte_run, monkeypatch, capsy
     assert err.endswith(f"{len(ids)} new token{'s' * (len(ids) != 1)}"
                         + (", 4.0 tokens/s after the first (prefill and compilation "
                            "excluded)" if len(ids) > 1 else "") + "\n"), err
+
+
+def test_a_resumed_prompt_file_refuses_other_settings_than_wrote_it(
+    byte_run, tmp_path, monkeypatch, capsys):
+  """--resume_output continued a file whatever the sampling flags or checkpoint,
+  so a resume with another --seed silently mixed two runs in one file. The
+  settings that decide the completions are written next to it, and a resume with
+  others is refused, naming the flags that continue it; following them continues
+  it as an uninterrupted run's. Greedy files ignore the sampling flags."""
+  import json
+
+  import infer.text
+  prompts = tmp_path / "p.txt"
+  prompts.write_text("ab\ncd\nef\n")
+  sampled = dict(batch_size=2, max_new_tokens=4, temperature=1.0, seed=3)
+  run = functools.partial(infer.text.generate_file, str(byte_run), None, str(prompts),
+                          progress=False)
+  whole = tmp_path / "whole.jsonl"
+  run(output=str(whole), **sampled)
+  out = tmp_path / "out.jsonl"
+  with monkeypatch.context() as m:
+    m.setattr(infer.text, "generate", _interrupted_at(2))
+    with pytest.raises(KeyboardInterrupt):
+      run(output=str(out), **sampled)
+  settings = infer.text.settings_path(str(out))
+  assert json.loads(open(settings).read()) == dict(
+      step=1, max_new_tokens=4, temperature=1.0, top_k=None, top_p=None, seed=3,
+      batch_size=2)
+  half = out.read_text()
+  cases = [(dict(seed=4), "--seed=3", "--seed=4", "pass --seed=3 to continue it"),
+           (dict(batch_size=1), "--batch_size=2", "--batch_size=1",
+            "pass --batch_size=2 to continue it"),
+           (dict(top_k=5), "no --top_k", "--top_k=5", "drop --top_k to continue it"),
+           (dict(max_new_tokens=6, temperature=0.5),
+            "--max_new_tokens=4 --temperature=1.0", "--max_new_tokens=6 "
+            "--temperature=0.5", "pass --max_new_tokens=4 --temperature=1.0 to")]
+  for change, was, now, fix in cases:
+    with pytest.raises(sharding.ConfigError) as err:
+      run(output=str(out), resume=True, **{**sampled, **change})
+    assert err.value.field == "--resume_output"
+    assert f"{out} was written with {was} ({settings}), and this run has {now}" in str(
+        err.value), str(err.value)
+    assert err.value.fix.startswith(fix), err.value.fix
+    assert out.read_text() == half  # nothing written
+  run(output=str(out), resume=True, **sampled)  # the flags that wrote it
+  assert out.read_text() == whole.read_text()
+
+  json.dump(dict(json.loads(open(settings).read()), step=7), open(settings, "w"))
+  with pytest.raises(sharding.ConfigError, match=r"with --step=7 .* has --step=1"):
+    run(output=str(out), resume=True, **sampled)
+  open(settings, "w").write("{")
+  with pytest.raises(sharding.ConfigError, match="cannot be read") as err:
+    run(output=str(out), resume=True, **sampled)
+  assert err.value.fix.startswith(f"delete {settings} to continue")
+  os.remove(settings)  # a file from before settings were kept: continued, unchecked
+  out.write_text(half)
+  capsys.readouterr()
+  run(output=str(out), resume=True, **sampled)
+  assert f"note: {settings} is missing" in capsys.readouterr().err
+  assert out.read_text() == whole.read_text() and os.path.exists(settings)
+
+  greedy = tmp_path / "greedy.jsonl"
+  run(output=str(greedy), batch_size=2, max_new_tokens=4)
+  assert json.loads(open(infer.text.settings_path(str(greedy))).read()) == dict(
+      step=1, max_new_tokens=4, temperature=0.0, top_k=None, top_p=None, seed=0,
+      batch_size=2)
+  run(output=str(greedy), resume=True, batch_size=1, max_new_tokens=4, seed=9)
+  with pytest.raises(sharding.ConfigError, match="with --max_new_tokens=4 "):
+    run(output=str(greedy), resume=True, batch_size=2, max_new_tokens=5)
+  with pytest.raises(sharding.ConfigError) as err:  # greedy, then sampled
+    run(output=str(greedy), resume=True, batch_size=2, max_new_tokens=4,
+        temperature=1.0)
+  assert err.value.fix == ("pass --temperature=0.0 to continue it, or pass a new "
+                           "--output_jsonl.")
