@@ -105,7 +105,7 @@ _HEARTBEAT = flags.DEFINE_integer(
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _PROMPTS = flags.DEFINE_string(
     "prompts", None, "A file of prompts to continue instead: one per line, or in a "
-    '.jsonl file {"prompt": ...} per line.')
+    '.jsonl file {"prompt": ...} per line; - reads standard input.')
 _OUTPUT_JSONL = flags.DEFINE_string(
     "output_jsonl", None, "With --prompts: write the completions here (a new file), "
     "one JSON object per prompt; default (or -): standard output.")

@@ -236,18 +236,35 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   return printer.text()
 
 
+def prompts_name(path: str) -> str:
+  """`path` as messages name it: `-` is standard input."""
+  return "standard input" if path == "-" else path
+
+
 def read_prompts(path: str) -> list[tuple[int, str]]:
   """(line number, prompt) for each prompt in `path`: in a `.jsonl` file each
   non-blank line is a JSON string or an object with a "prompt" string; in any
-  other file each non-blank line is one prompt (its newline dropped). A line that
-  is neither, or a file with none, is a ConfigError naming --prompts and the line."""
+  other file each non-blank line is one prompt (its newline dropped); `-` reads
+  standard input so (one process only: each has its own). A line that is
+  neither, or a file with none, is a ConfigError naming --prompts and the line."""
+  if path == "-" and jax.process_count() > 1:
+    raise sharding.ConfigError(
+        "--prompts", "--prompts=- reads standard input, and each of the "
+        f"{jax.process_count()} processes has its own.", "write the prompts to a file "
+        "every process can read and pass --prompts=FILE.")
+  name = prompts_name(path)
   try:
-    with open(os.path.expanduser(path), encoding="utf-8", newline="") as f:
-      # lines end at \n (or \r\n) only: a form feed or U+2028 inside a prompt
-      # (valid in JSON text) does not split it
-      lines = [line.removesuffix("\r") for line in f.read().split("\n")]
+    if path == "-":  # as bytes, so newlines split as in a file
+      text = (sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer")
+              else sys.stdin.read())
+    else:
+      with open(os.path.expanduser(path), encoding="utf-8", newline="") as f:
+        text = f.read()
+    # lines end at \n (or \r\n) only: a form feed or U+2028 inside a prompt
+    # (valid in JSON text) does not split it
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
   except (OSError, UnicodeDecodeError) as err:
-    raise sharding.ConfigError("--prompts", f"cannot read {path}: {err}.",
+    raise sharding.ConfigError("--prompts", f"cannot read {name}: {err}.",
                                "pass a UTF-8 text or JSONL file of prompts.") from None
   prompts = []
   for n, line in enumerate(lines, 1):
@@ -257,18 +274,18 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as err:
-        raise sharding.ConfigError("--prompts", f"line {n} of {path} is not JSON "
+        raise sharding.ConfigError("--prompts", f"line {n} of {name} is not JSON "
                                    f"({err.msg}).", 'write one JSON object per line, '
                                    'e.g. {"prompt": "def main("}.') from None
       text = record.get("prompt") if isinstance(record, dict) else record
       if not isinstance(text, str):
         raise sharding.ConfigError(
-            "--prompts", f"line {n} of {path} holds no \"prompt\" string: {line[:80]}",
+            "--prompts", f"line {n} of {name} holds no \"prompt\" string: {line[:80]}",
             'write {"prompt": "..."} or a JSON string on each line.')
       line = text
     prompts.append((n, line))
   if not prompts:
-    raise sharding.ConfigError("--prompts", f"{path} holds no prompts.",
+    raise sharding.ConfigError("--prompts", f"{name} holds no prompts.",
                                "write one prompt per line.")
   return prompts
 
@@ -471,7 +488,7 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     finished = finished[:kept]
   texts = [t for _, t in lines]
   model, tokenizer, ids, stops = _prepare(
-      workdir, config, texts, lambda i: f"line {lines[i][0]} of {prompts_path}",
+      workdir, config, texts, lambda i: f"line {lines[i][0]} of {prompts_name(prompts_path)}",
       "--prompts", max_new_tokens, step)
   longest = max(map(len, ids))
   buckets = [prompt_bucket(max(map(len, ids[start:start + rows])), longest)
@@ -483,7 +500,7 @@ def generate_file(workdir: str, config, prompts_path: str, *,
       check_batch(model, rows, buckets[i // rows], max_new_tokens)
     except CacheDoesNotFit as err:
       raise _cache_error(err, max_new_tokens, "--prompts", rows,
-                         f"line {lines[i][0]} of {prompts_path}") from None
+                         f"line {lines[i][0]} of {prompts_name(prompts_path)}") from None
   sink, records = None, [record for record, _ in finished]
   continued = resume and output and writer and os.path.exists(output)
   if continued:
@@ -521,7 +538,7 @@ def generate_file(workdir: str, config, prompts_path: str, *,
       except CacheDoesNotFit as err:  # the free memory shrank since the check
         i = max(range(start, start + len(batch)), key=lambda i: len(ids[i]))
         raise _cache_error(err, max_new_tokens, "--prompts", rows,
-                           f"line {lines[i][0]} of {prompts_path}") from None
+                           f"line {lines[i][0]} of {prompts_name(prompts_path)}") from None
       for i, (prompt_ids, new_ids) in enumerate(zip(batch, new)):
         stopped = bool(new_ids) and new_ids[-1] in stops
         shown = new_ids[:-1] if stopped else new_ids

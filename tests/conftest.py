@@ -110,14 +110,16 @@ def tiny_config():
   return make_tiny_config()
 
 
-def run_cli(*args, timeout=300, unset=()):
+def run_cli(*args, timeout=300, unset=(), input=None):
   """Runs `python -m experiment ...` with 8 CPU devices (without the environment
-  variables in `unset`); returns CompletedProcess."""
+  variables in `unset`, `input` on its standard input); returns
+  CompletedProcess."""
   import subprocess
   env = {k: v for k, v in os.environ.items() if k not in unset}
   env["PYTHONPATH"] = REPO
   return subprocess.run([sys.executable, "-m", "experiment", *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=timeout)
+                        env=env, capture_output=True, text=True, timeout=timeout,
+                        input=input)
 
 
 def run_cli_many(arg_lists, timeout=300):

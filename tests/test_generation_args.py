@@ -3,6 +3,7 @@
 import functools
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -663,6 +664,11 @@ def test_cli_prompt_file_writes_json_lines_and_refuses_what_it_cannot_do(
   assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == [
       "def f(", "ab"]
   assert f"wrote 2 completions to {out}" in proc.stderr and proc.stdout == ""
+  piped = run_cli("generate", f"--workdir={byte_run}", "--prompts=-",
+                  "--max_new_tokens=3", "--batch_size=2", input="def f(\nab\n")
+  assert piped.returncode == 0, piped.stderr[-2000:]  # it read a file named "-"
+  assert [json.loads(line) for line in piped.stdout.splitlines()] == [
+      json.loads(line) for line in out.read_text().splitlines()]
   before = out.read_text()
   bad_json = tmp_path / "bad.jsonl"
   bad_json.write_text('{"prompt": "a"}\n{"text": "b"}\n')
@@ -734,10 +740,12 @@ def test_sampling_arguments_may_be_0d_arrays_and_no_prompts_is_named(tiny_model)
     infer.generate(tiny_model, [], max_new_tokens=3)
 
 
-def test_prompt_files_split_at_newlines_only(tmp_path):
+def test_prompt_files_split_at_newlines_only(tmp_path, monkeypatch):
   """A trial's prompts split at a form feed (common in Python sources) and at
   U+2028 inside a JSON string (valid JSON, as json.dumps(ensure_ascii=False)
-  writes it): lines end at \\n or \\r\\n only, and keep the file's line numbers."""
+  writes it): lines end at \\n or \\r\\n only, and keep the file's line numbers.
+  Standard input (`-`) splits the same."""
+  import io
   import json
 
   from infer.text import read_prompts
@@ -749,6 +757,12 @@ def test_prompt_files_split_at_newlines_only(tmp_path):
   jsonl.write_text(json.dumps({"prompt": "a\u2028b\x85c"}, ensure_ascii=False) + "\n"
                    + json.dumps("d") + "\n", encoding="utf-8")
   assert read_prompts(str(jsonl)) == [(1, "a\u2028b\x85c"), (2, "d")]
+  monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.read_bytes())))
+  assert read_prompts("-") == read_prompts(str(text))  # --prompts=-: the same lines
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(sharding.ConfigError, match="--prompts=- reads standard input, "
+                     "and each of the 2 processes has its own"):
+    read_prompts("-")
 
 
 def _interrupted_at(call: int):
