@@ -501,7 +501,7 @@ def decode_program(cfg: ModelConfig, spec, mesh, rules, batch: int,
   cache = cache_struct(cfg, batch, max_length, rules, mesh)
   with jax.set_mesh(mesh):
     args = decode.abstract_inputs(spec.graphdef, params, cache, mesh, rules,
-                                  cfg.vocab_size)
+                                  cfg.vocab_size, unit=cfg.unit)
   return decode.decode_step, args
 
 

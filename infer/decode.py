@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import sharding
+from infer.kv_cache import check_cache
 from infer.sampling import sample
 from kernels.cached import KVCache
 from model import Decoder
@@ -61,23 +62,50 @@ def decode_step(graphdef, params, layers, cache, logits, done, key, i,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def split(graphdef, params, cache: KVCache):
-  """(per-step weights, decode-form cache) from the model and a stacked cache."""
-  model = nnx.merge(graphdef, params)
-  return model.split_layers(), cache.for_decoding(model.cfg.unit)
+def split(graphdef, params):
+  """The per-step weights (`Decoder.split_layers`), made once per generation."""
+  return nnx.merge(graphdef, params).split_layers()
+
+
+def empty_cache(cache: KVCache, unit: int):
+  """A program (no arguments) that makes the decode form of an empty cache:
+  zeros laid out as the abstract position-major `cache` (sharded
+  ShapeDtypeStructs, `infer.kv_cache.cache_struct`), turned heads-major and split
+  per scanned step of `unit` layers (`KVCache.for_decoding`). Made in that form,
+  the prompts are prefilled straight into it: no second, position-major copy is
+  alive beside it."""
+  def zeros(s):
+    z = jnp.zeros(s.shape, s.dtype)
+    return z if s.sharding is None else jax.lax.with_sharding_constraint(z, s.sharding)
+  return jax.jit(lambda: jax.tree.map(zeros, cache).for_decoding(unit))
+
+
+def init_cache(model: Decoder, batch: int, max_length: int) -> list[KVCache]:
+  """The empty decode-form cache `infer.generate` prefills and decodes in, on the
+  model's mesh: `empty_cache` of `infer.kv_cache.check_cache` (which raises
+  CacheDoesNotFit before allocating one larger than the free memory)."""
+  return empty_cache(check_cache(model, batch, max_length), model.cfg.unit)()
+
+
+def _abstract(shapes, compiled):
+  """Output `shapes` (jax.eval_shape) as ShapeDtypeStructs with the `compiled`
+  program's output shardings."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, compiled.output_shardings)
 
 
 def abstract_inputs(graphdef, params, cache: KVCache, mesh, rules, vocab: int,
-                    sampling: tuple = GREEDY, num_stops: int = 1) -> tuple:
+                    sampling: tuple = GREEDY, num_stops: int = 1, *,
+                    unit: int = 1) -> tuple:
   """`decode_step`'s arguments for abstract `params` and `cache` (sharded
-  ShapeDtypeStructs), with the shardings `infer.generate` gives them: the decode
-  form as `split` lays it out (its compiled output shardings), logits and done
+  ShapeDtypeStructs) of a model scanning `unit` layers a step, with the
+  shardings `infer.generate` gives them: the per-step weights and the
+  decode-form cache as `split` and `empty_cache` lay them out, logits and done
   split like the batch. What `compile --what=decode` compiles."""
-  compiled = split.lower(graphdef, params, cache).compile()
-  shapes = jax.eval_shape(functools.partial(split, graphdef), params, cache)
-  layers, split_cache = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      shapes, compiled.output_shardings)
+  layers = _abstract(jax.eval_shape(functools.partial(split, graphdef), params),
+                     split.lower(graphdef, params).compile())
+  make = empty_cache(cache, unit)
+  split_cache = _abstract(jax.eval_shape(make), make.lower().compile())
   batch = cache.lengths.shape[0]
 
   def placed(shape, dtype, names):

@@ -15,30 +15,32 @@ from jax.sharding import NamedSharding
 
 import sharding
 from infer import decode
-from infer.kv_cache import check_cache, init_cache, mesh_of, split_size
+from infer.kv_cache import check_cache, mesh_of, split_size
 from infer.sampling import as_python, check_sampling
 from model import Decoder
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _prefill(graphdef, params, tokens, cache, lengths):
-  """Prompts [batch, P] (right-padded) -> (logits at each prompt's last token
-  [batch, vocab] float32, cache). Rows of length 0 (batch padding) are all padding;
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _prefill(graphdef, params, layers, tokens, cache, lengths):
+  """Prompts [batch, P] (right-padded) into the decode-form `cache` over the
+  per-step weights `layers` -> (logits at each prompt's last token [batch, vocab]
+  float32, cache). Rows of length 0 (batch padding) are all padding;
   `Decoder.prefill` masks padding out of MoE routing."""
   model = nnx.merge(graphdef, params)
-  last, cache = model.prefill_last(tokens, lengths, cache)
+  last, cache = model.prefill_last(tokens, lengths, cache, layers=layers)
   return decode.last_logits(model, last), cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def _decode_loop(graphdef, params, cache, logits, done, key, max_new: int,
+@functools.partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=3)
+def _decode_loop(graphdef, params, layers, cache, logits, done, key, max_new: int,
                  sampling: tuple, stops):
-  """All new tokens in one jax.lax.while_loop around `decode.step`: no Python
-  between tokens. Rows `done` [batch] from the start (batch padding) emit
-  nothing. The decode form is made once, before the loop."""
+  """All new tokens in one jax.lax.while_loop around `decode.step`, on the
+  per-step weights `layers` and the decode-form `cache` (donated: the loop
+  writes it in place): no Python between tokens. Rows `done` [batch] from the
+  start (batch padding) emit nothing. Returns (new ids [batch, max_new], -1
+  where a row had finished, cache)."""
   model = nnx.merge(graphdef, params)
   batch = logits.shape[0]
-  layers, cache = model.split_layers(), cache.for_decoding(model.cfg.unit)
 
   def cond(carry):
     i, done = carry[0], carry[4]
@@ -53,7 +55,8 @@ def _decode_loop(graphdef, params, cache, logits, done, key, max_new: int,
 
   out = jnp.full((batch, max_new), -1, jnp.int32)
   carry = (jnp.int32(0), cache, logits, out, done)
-  return jax.lax.while_loop(cond, body, carry)[3]
+  _, cache, _, out, _ = jax.lax.while_loop(cond, body, carry)
+  return out, cache  # the cache out, so its buffer is the donated one's
 
 
 def _is_int(x) -> bool:
@@ -83,11 +86,6 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-# The prefilled cache stays alive while the decode program runs on its
-# heads-major form (`KVCache.for_decoding`): two copies at once.
-_CACHE_COPIES = 2
-
-
 def _padded(model: Decoder, rows: int, length: int) -> tuple[int, int]:
   """(rows, prompt positions) `generate` runs `rows` prompts padded to `length`
   at: rows to a multiple of the devices `batch` is split over, positions to one
@@ -101,7 +99,7 @@ def check_batch(model: Decoder, rows: int, length: int, max_new_tokens: int) -> 
   tokens (or padded to them, `pad_to=(rows, length)`) and `max_new_tokens` would,
   allocating nothing: a caller running many batches refuses before the first."""
   rows, length = _padded(model, rows, length)
-  check_cache(model, rows, length + max_new_tokens, _CACHE_COPIES)
+  check_cache(model, rows, length + max_new_tokens)
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -168,20 +166,21 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     tokens[row, :len(p)] = p
     lengths[row] = len(p)
   padding = np.arange(rows) >= batch  # [rows]
-  cache = init_cache(model, rows, longest + max_new_tokens, _CACHE_COPIES)
+  # The cache is made in the decode form and prefilled in it: one copy.
+  cache = decode.init_cache(model, rows, longest + max_new_tokens)
   sampling = (float(temperature), top_k, top_p)
   stops = jnp.asarray(decode.stop_ids(stop_tokens))
   key = jax.random.key(seed)
   mesh = mesh_of(model)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    logits, cache = _prefill(graphdef, params, tokens, cache, lengths)
+    layers = decode.split(graphdef, params)
+    logits, cache = _prefill(graphdef, params, layers, tokens, cache, lengths)
     done = _rows(padding, mesh, model)
     if on_token is None:
       # (a batch split over processes is gathered: every process gets every row)
-      out = sharding.to_host(_decode_loop(graphdef, params, cache, logits, done, key,
-                                          max_new_tokens, sampling, stops))
+      out = sharding.to_host(_decode_loop(graphdef, params, layers, cache, logits,
+                                          done, key, max_new_tokens, sampling, stops)[0])
     else:
-      layers, cache = decode.split(graphdef, params, cache)
       was_done = padding
       columns = []
       for i in range(max_new_tokens):

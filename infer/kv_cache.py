@@ -70,37 +70,33 @@ class CacheDoesNotFit(ValueError):
     super().__init__(message)
 
 
-def init_cache(model: Decoder, batch: int, max_length: int,
-               copies: int = 1) -> KVCache:
-  """An empty cache (zeros, lengths 0), laid out as `cache_struct` says, on the
-  model's mesh. Raises CacheDoesNotFit (a ValueError) before allocating a cache
-  larger than the memory its devices have free, counting `copies` of it alive
-  at once (`infer.generate`: 2, the prefilled cache and the decode program's
-  heads-major form made from it)."""
-  s = check_cache(model, batch, max_length, copies)
+def init_cache(model: Decoder, batch: int, max_length: int) -> KVCache:
+  """An empty stacked cache (zeros, lengths 0), laid out as `cache_struct` says,
+  on the model's mesh (`infer.decode.init_cache` makes generate's, in the decode
+  form). Raises CacheDoesNotFit (a ValueError) before allocating a cache larger
+  than the memory its devices have free."""
+  s = check_cache(model, batch, max_length)
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), s)
 
 
-def check_cache(model: Decoder, batch: int, max_length: int,
-                copies: int = 1) -> KVCache:
+def check_cache(model: Decoder, batch: int, max_length: int) -> KVCache:
   """The abstract cache `init_cache` would make, after `check_fits` on the model's
   devices: raises CacheDoesNotFit where it would, allocating nothing."""
   mesh = mesh_of(model)
   s = cache_struct(model.cfg, batch, max_length, model.constrain.rules, mesh)
-  check_fits(s, jax.devices()[:1] if mesh is None else list(mesh.devices.flat),
-             copies)
+  check_fits(s, jax.devices()[:1] if mesh is None else list(mesh.devices.flat))
   return s
 
 
-def check_fits(cache: KVCache, devices, copies: int = 1) -> None:
-  """Raises CacheDoesNotFit when `copies` of k and v of the abstract `cache` need
+def check_fits(cache: KVCache, devices) -> None:
+  """Raises CacheDoesNotFit when k and v of the abstract `cache` need
   more bytes per device than this process's first device of `devices` has free
   (its allocator's limit less what is in use; CPU devices share the host's
   available memory, so there the bytes of each of this process's devices count).
   Says nothing where the free memory is unknown."""
   kv = cache.k
   shard = kv.sharding.shard_shape(kv.shape) if kv.sharding is not None else kv.shape
-  per_device = copies * 2 * math.prod(shard) * jnp.dtype(kv.dtype).itemsize  # k, v
+  per_device = 2 * math.prod(shard) * jnp.dtype(kv.dtype).itemsize  # k, v
   local = [d for d in devices if d.process_index == jax.process_index()]
   if not local:
     return
@@ -117,11 +113,10 @@ def check_fits(cache: KVCache, devices, copies: int = 1) -> None:
   rows = count(batch, "row") + (
       f" (the prompts padded to a multiple of the {split} devices the batch is "
       "split over)" if split > 1 else "")
-  held = f", {copies} copies alive at once" if copies > 1 else ""
   raise CacheDoesNotFit(
       f"the KV cache for {rows} of {count(length, 'position')} ({count(layers, 'layer')}"
       f" x {heads} kv heads x {head_dim} x k and v in {jnp.dtype(kv.dtype).name}"
-      f"{held}) takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
+      f") takes {per_device * holders / 2**30:.2f} GiB on {device.platform} "
       f"{'host memory' if holders > 1 else 'device ' + str(device.id)}, which has "
       f"{free / 2**30:.2f} GiB free: at most {count(positions, 'position')} per row fit"
       + (f", or {count(fitting_rows, 'row')} of {length}"

@@ -180,39 +180,51 @@ class Decoder(nnx.Module):
             + self.cfg.moe.z_loss_weight * aux["moe_z_loss"])
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array,
-              cache: KVCache) -> tuple[jax.Array, KVCache]:
+              cache: KVCache | Sequence[KVCache], *,
+              layers: Sequence[nnx.State] | None = None):
     """Prompts from position 0 into an empty cache.
 
     tokens: [batch, P] right-padded prompts, lengths: [batch] their lengths (0 for a
-    padding row). Returns (logits [batch, P, vocab], cache holding the prompts,
-    cache.lengths = lengths). The padding is masked out of MoE routing, so a row's
-    logits do not depend on its batch-mates or on P. Raises ValueError when P is
-    longer than the cache (its writes would land out of bounds).
+    padding row). `cache` is stacked, or in the decode program's form (`decode`:
+    the layers run unrolled, over `layers` if given). Returns (logits [batch, P,
+    vocab], cache holding the prompts, cache.lengths = lengths). The padding is
+    masked out of MoE routing, so a row's logits do not depend on its batch-mates
+    or on P. Raises ValueError when P is longer than the cache (its writes would
+    land out of bounds).
     """
-    x, cache = self._prefill_hidden(tokens, lengths, cache)
+    x, cache = self._prefill_hidden(tokens, lengths, cache, layers)
     return self._head(x), cache
 
   def prefill_last(self, tokens: jax.Array, lengths: jax.Array,
-                   cache: KVCache) -> tuple[jax.Array, KVCache]:
+                   cache: KVCache | Sequence[KVCache], *,
+                   layers: Sequence[nnx.State] | None = None):
     """`prefill` for generation: (the logits of each prompt's last token [batch,
     vocab], cache). The LM head runs on that one position per row, so a long
     prompt's [batch, P, vocab] logits are never made. A padding row (length 0)
     gets position 0's."""
-    x, cache = self._prefill_hidden(tokens, lengths, cache)
+    x, cache = self._prefill_hidden(tokens, lengths, cache, layers)
     last = x[jnp.arange(x.shape[0]), jnp.maximum(lengths - 1, 0)]  # [batch, embed]
     return self._head(last[:, None])[:, 0], cache
 
-  def _prefill_hidden(self, tokens, lengths, cache):
+  def _prefill_hidden(self, tokens, lengths, cache, layers=None):
     """-> (the residual stream after the last layer [batch, P, embed], cache with
     cache.lengths = lengths)."""
-    if tokens.shape[1] > cache.max_length:
+    split = not isinstance(cache, KVCache)
+    max_length = (cache[0] if split else cache).max_length
+    if tokens.shape[1] > max_length:
       raise ValueError(f"prompts of {count(tokens.shape[1], 'position')} do not fit "
-                       f"a KV cache of {cache.max_length}; make the cache at least that long.")
+                       f"a KV cache of {max_length}; make the cache at least that long.")
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = positions < lengths[:, None]  # [batch, P]
     ctx = blocks.Context(positions, None, prefill=True, mask=mask)
-    x, cache, _ = self._hidden(tokens, ctx, cache)
-    return x, cache.replace(lengths=lengths.astype(jnp.int32))
+    if split and layers is None:
+      layers = self.split_layers()
+    x, cache, _ = self._hidden(tokens, ctx, list(cache) if split else cache,
+                               layers if split else None)
+    lengths = lengths.astype(jnp.int32)
+    if split:
+      return x, [c.replace(lengths=lengths) for c in cache]
+    return x, cache.replace(lengths=lengths)
 
   def decode(self, tokens: jax.Array, cache: KVCache | Sequence[KVCache], *,
              mask: jax.Array | None = None,

@@ -232,14 +232,16 @@ def _prefill_logits(m, prompts, new):
   """The logits at each prompt's last token, as infer.generate's prefill gives
   them (right-padded, with its masks; its cache for `new` tokens, so the compiled
   prefill is generate's)."""
+  from infer import decode
   from infer.generate import _prefill
   lengths = np.array([len(p) for p in prompts], np.int32)
   tokens = np.zeros((len(prompts), lengths.max()), np.int32)
   for r, p in enumerate(prompts):
     tokens[r, :len(p)] = p
   graphdef, params = nnx.split(m)
-  cache = infer.init_cache(m, len(prompts), int(lengths.max()) + new)
-  return np.asarray(_prefill(graphdef, params, tokens, cache, lengths)[0])
+  cache = decode.init_cache(m, len(prompts), int(lengths.max()) + new)
+  return np.asarray(_prefill(graphdef, params, decode.split(graphdef, params), tokens,
+                             cache, lengths)[0])
 
 
 @pytest.mark.parametrize("dispatch", ROW_MOE)
@@ -316,6 +318,7 @@ def test_generation_prefill_applies_the_head_at_the_last_tokens_only():
   compiled prefill's temporaries stay under half of that (16 MiB, what a 61-token
   vocabulary needs; a prefill that makes them all and picks the last takes
   64 MiB)."""
+  from infer import decode
   from infer.generate import _prefill
   vocab = 16384
   m = Decoder(ModelConfig(**{**CFG, "vocab_size": vocab, "num_layers": 1}),
@@ -325,9 +328,11 @@ def test_generation_prefill_applies_the_head_at_the_last_tokens_only():
   lengths = jnp.asarray([512, 100])
   full, _ = jax.jit(lambda m, t, n, c: m.prefill(t, n, c))(
       m, tokens, lengths, infer.init_cache(m, 2, 512))
-  last, _ = _prefill(graphdef, params, tokens, infer.init_cache(m, 2, 512), lengths)
+  layers = decode.split(graphdef, params)
+  last, _ = _prefill(graphdef, params, layers, tokens, decode.init_cache(m, 2, 512),
+                     lengths)
   np.testing.assert_allclose(last, np.asarray(full)[[0, 1], [511, 99]], rtol=1e-5,
                              atol=1e-6)
-  compiled = _prefill.lower(graphdef, params, tokens, infer.init_cache(m, 2, 512),
-                            lengths).compile()
+  compiled = _prefill.lower(graphdef, params, layers, tokens,
+                            decode.init_cache(m, 2, 512), lengths).compile()
   assert compiled.memory_analysis().temp_size_in_bytes < 2 * 512 * vocab * 4 / 2
