@@ -377,3 +377,132 @@ def test_a_stream_s_identity_follows_its_contents_not_its_files(tiny_config, tmp
   (np.arange(100, dtype=np.uint16) % 5).tofile(bins / "a.bin")
   os.utime(bins / "a.bin", ns=(2, 2))  # a rewrite (mtime resolution varies)
   assert data_lib.corpus(d, tok)[2] != first
+
+
+def _id_source(config, kind, path):
+  """`config` reading token ids of `kind`: .bin files, token-id ArrayRecord
+  records, or a mixture holding a tokens entry."""
+  from ml_collections import ConfigDict
+  d = config.data
+  if kind == "tokens":
+    d.update(source="tokens", path=str(path))
+  elif kind == "records":
+    d.update(source="arrayrecord", path=str(path), tokenizer="none", eos_id=0)
+  else:
+    d.mixture = ConfigDict({"ids": dict(source="tokens", path=str(path), weight=1.0),
+                            "docs": dict(source="text", path=str(path), weight=1.0)})
+    config.model.vocab_size = 256
+  return config
+
+
+@pytest.mark.parametrize("kind", ["tokens", "records", "mixture"])
+def test_token_dtype_must_be_an_unsigned_integer_type(tiny_config, tmp_path, kind):
+  """data.token_dtype was never checked: 'banana' was a raw numpy TypeError (exit
+  1), float32 over uint32 files trained on id 0 everywhere, and int16 trained on
+  negative ids. Any type but uint8 / uint16 / uint32 is a config error naming the
+  field; its fix, the unsigned type of the same size (so the files still split
+  into whole ids), validates."""
+  from conftest import assert_fixes_validate
+  from train.validate import validate_config
+  c = _id_source(tiny_config, kind, tmp_path)
+  for bad, meant in (("banana", "uint16"), ("float32", "uint32"), ("int16", "uint16"),
+                     ("int32", "uint32"), ("int8", "uint8"), ("float16", "uint16"),
+                     ("uint64", "uint16"), (">u2", "uint16"), ("", "uint16")):
+    c.data.token_dtype = bad
+    err = assert_fixes_validate(c)
+    assert err.field == "data.token_dtype", (bad, err)
+    assert f"set --config.data.token_dtype={meant}," in err.fix, (bad, err.fix)
+    assert "uint8" in str(err) and "uint32" in str(err)
+  for good in ("uint8", "uint16", "uint32"):
+    c.data.token_dtype = good
+    validate_config(c, 8)
+
+
+def test_a_bad_token_dtype_exits_2_before_reading_the_files(tmp_path):
+  from conftest import run_cli_many
+  (np.arange(100, dtype=np.uint32)).tofile(tmp_path / "a.bin")
+  common = ["train", "--config=experiments/llama_tiny.py", "--config.data.source=tokens",
+            f"--config.data.path={tmp_path}", f"--workdir={tmp_path / 'run'}"]
+  results = run_cli_many([common + [f"--config.data.token_dtype={t}"]
+                          for t in ("banana", "float32")])
+  for r in results:
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Config error in `data.token_dtype`" in r.stderr
+    assert "Traceback" not in r.stderr
+  assert "--config.data.token_dtype=uint32" in results[1].stderr
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32"])
+def test_the_tokens_source_logs_its_tokens_and_largest_id(tiny_config, tmp_path,
+                                                          capsys, dtype):
+  """The start log of source=tokens gave no token count nor largest id, so files
+  read with another dtype than they were written in did not show themselves."""
+  top = np.iinfo(dtype).max
+  stream = np.arange(3000, dtype=np.int64) % 40
+  stream[1234] = top
+  stream.astype(dtype).tofile(tmp_path / "a.bin")
+  c = tiny_config
+  c.model.vocab_size = int(top) + 1
+  c.data.update(source="tokens", path=str(tmp_path), token_dtype=dtype,
+                eval_fraction=0.1)
+  make_data_on(c)
+  assert (f"data.path={tmp_path}: 1 .bin file of {dtype} ids, 3,000 tokens, "
+          f"largest id {top:,}") in capsys.readouterr().out
+
+
+def test_an_eos_id_the_byte_tokenizer_ignores_is_refused(tiny_config, text_dir,
+                                                          tmp_path):
+  """The byte tokenizer ends every document with 0 whatever data.eos_id says,
+  and the ignored value was saved with the run, where generation stopped on it.
+  Any other id is refused (for text sources, alone or beside .bin files in a
+  mixture); 0 and unset are accepted."""
+  from ml_collections import ConfigDict
+  from conftest import assert_fixes_validate
+  from train.validate import validate_config
+  c = _text_config(tiny_config, text_dir)
+  for mixture in (False, True):
+    if mixture:
+      c.data.path = None
+      c.data.mixture = ConfigDict({
+          "ids": dict(source="tokens", path=str(tmp_path), weight=1.0),
+          "docs": dict(source="text", path=str(text_dir), weight=1.0)})
+    for eos in (7, 1, 255, 10):
+      c.data.eos_id = eos
+      err = assert_fixes_validate(c)
+      assert err.field == "data.eos_id" and f"is {eos}, but the byte tokenizer" in (
+          err.problem)
+      assert "drop --config.data.eos_id" in err.fix
+    for eos in (None, 0):
+      c.data.eos_id = eos
+      validate_config(c, 8)
+  # a tokenizer.json's documents end with data.eos_id: accepted
+  c.data.update(tokenizer=write_word_tokenizer(tmp_path / "t.json",
+                                                ["<|endoftext|>", "[UNK]", "x"]),
+                eos_id=2)
+  c.data.mixture = ConfigDict()
+  c.data.path = str(text_dir)
+  validate_config(c, 8)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "mixture"])
+def test_a_tokens_eos_id_outside_the_dtype_or_the_vocabulary_is_refused(
+    tiny_config, tmp_path, kind):
+  """source=tokens took any data.eos_id: one past its dtype's range ends no
+  document, one past the model's vocabulary is a stop id generation refuses. It
+  is checked as tokenizer=none checks its eos (`check_eos`)."""
+  from train.validate import validate_config
+  c = _id_source(tiny_config, kind, tmp_path)
+  vocab = c.model.vocab_size
+  for dtype, eos in (("uint16", 70000), ("uint8", 300), ("uint16", vocab),
+                     ("uint32", vocab + 5), ("uint16", -1)):
+    c.data.update(token_dtype=dtype, eos_id=eos)
+    with pytest.raises(ConfigError) as err:
+      validate_config(c, 8)
+    assert err.value.field == "data.eos_id", (dtype, eos, err.value)
+    size = min(vocab, np.iinfo(dtype).max + 1)
+    assert f"{eos} is outside the ids of data.token_dtype {dtype} and " in (
+        err.value.problem) and f"ids [0, {size})" in err.value.problem
+  # (beside a byte-tokenized source, the eos is the byte tokenizer's: 0)
+  for eos in (0, None) + ((vocab - 1,) if kind == "tokens" else ()):
+    c.data.update(token_dtype="uint16", eos_id=eos)
+    validate_config(c, 8)

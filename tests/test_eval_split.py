@@ -131,3 +131,56 @@ def test_eval_with_zero_steps_is_a_config_error(tiny_config):
   assert err.value.field == "train.eval_steps"
   tiny_config.train.eval_every = 0
   validate_config(tiny_config, 8)
+
+
+# (corpus tokens, data.seq_len, data.eval_fraction, train.eval_every, the field
+# the error names); train.batch_size 8.
+_TOO_SMALL = [
+    (11176, 4096, 0.02, 5, "data.seq_len"),   # the trial's: 224 held-out tokens
+    (11176, 2048, 0.02, 5, "data.seq_len"),
+    (11176, 2048, 0.02, 0, "data.seq_len"),   # no evaluation: no held-out window needed
+    (11176, 64, 0.99, 5, "data.eval_fraction"),  # holds out the training data
+    (11176, 64, 0.99, 0, "data.eval_fraction"),
+    (3000, 512, 0.6, 5, "data.seq_len"),      # no fraction fits at 512
+    (3000, 256, 0.7, 5, "data.eval_fraction"),
+    (5000, 512, 0.1, 5, "data.eval_fraction"),  # holding out more fits 512
+    (600, 16, 0.02, 5, "data.eval_fraction"),   # 12 held-out tokens: raise it
+    (600, 64, 0.02, 5, "data.eval_fraction"),
+    (2000, 16, 0.001, 5, "data.eval_fraction"),
+    (30, 16, 0.1, 5, "data.path"),            # 1 training window, nothing fits
+    (40, 16, 0.1, 0, "data.path"),
+]
+
+
+@pytest.mark.parametrize("tokens,seq_len,fraction,eval_every,field", _TOO_SMALL)
+def test_every_fix_for_a_corpus_too_small_can_be_followed(
+    tiny_config, tmp_path, tokens, seq_len, fraction, eval_every, field):
+  """The data.seq_len fix for a corpus too small ignored evaluation: following it
+  gave "less than one window" of held-out tokens next. And a data.eval_fraction
+  that held out the training data was blamed on data.seq_len. Every fix offered
+  (a length, a fraction, no evaluation) now validates and loads when followed;
+  the field named is the one at fault."""
+  from conftest import assert_followed_fix_validates, fix_alternatives
+  c = _text_config(tiny_config, tmp_path, num_bytes=tokens - 1)
+  c.data.update(seq_len=seq_len, eval_fraction=fraction)
+  c.train.eval_every = eval_every
+  validate_config(c, 8)
+  with pytest.raises(sharding.ConfigError) as err:
+    _make(c)
+  err = err.value
+  assert err.field == field, str(err)
+  assert "training windows of" not in err.problem or "1 training windows" not in (
+      err.problem)
+  followed = fix_alternatives(err.fix)
+  if field == "data.path":
+    assert followed == [], err.fix
+    assert "1 training window of" in err.problem or tokens != 30
+  else:
+    wanted = {"data.seq_len", "data.eval_fraction"}
+    assert {f[0].split("=")[0].removeprefix("--config.") for f in followed} & wanted
+  for flags_given in followed:
+    fixed = assert_followed_fix_validates(c, flags_given, 8, err)
+    d = _make(fixed)
+    assert next(d.train)["inputs"].shape == (8, fixed.data.seq_len)
+    if fixed.train.eval_every:
+      assert len(d.eval_source) >= 1, flags_given

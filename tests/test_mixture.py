@@ -606,3 +606,42 @@ def test_rescaled_weights_are_not_a_trajectory_change(tiny_config, corpus, tmp_p
   c2.data.mixture.books.weight = 0.4
   fields = [f for f, *_ in run_config.trajectory_changes(saved, json.loads(c2.to_json()))]
   assert fields == ["data.mixture.books.weight"]
+
+
+def test_a_change_for_one_entry_rebuilds_only_the_caches_that_read_it(
+    tiny_config, corpus, tmp_path):
+  """data.text_field and data.skip_bad_records keyed every source's token cache:
+  following a jsonl entry's fix (--config.data.text_field=...) tokenized the
+  unchanged text source again (hours on a large corpus). Only the sources that
+  read a setting are rebuilt when it changes."""
+  import os
+  web = tmp_path / "web.jsonl"
+  web.write_text("".join(json.dumps({"body": d, "title": d[:10]}) + "\n"
+                         for d in _docs("web", 300, 2)))
+  cache = tmp_path / "cache"
+  c = _config(tiny_config, corpus, cache)
+  del c.data.mixture.web["text_field"]  # reads data.text_field
+  c.data.mixture.web.path = str(web)
+  paths = {name: os.path.abspath(e.path) for name, e in c.data.mixture.items()}
+
+  def built():
+    """{cache directory: the mixture entry it holds}."""
+    out = {}
+    for key in os.listdir(cache):
+      if not key.startswith("."):
+        with open(cache / key / "meta.json") as f:
+          files = json.load(f)["files"]
+        out[key] = next(n for n, p in paths.items() if files[0].startswith(p))
+    return out
+  c.data.text_field = "body"
+  make_data_on(c)
+  before = built()
+  assert sorted(before.values()) == ["books", "code", "web"]
+  for change, rebuilt in (({"text_field": "title"}, ["web"]),
+                          ({"skip_bad_records": True}, ["code", "web"]),
+                          ({"text_field": "body"}, ["web"])):
+    c.data.update(**change)
+    make_data_on(c)
+    now = built()
+    assert sorted(now[k] for k in set(now) - set(before)) == rebuilt, change
+    before = now

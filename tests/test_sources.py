@@ -446,3 +446,204 @@ def test_ids_beyond_the_model_vocabulary_are_a_config_error(tiny_config, tmp_pat
   assert err.value.field == "model.vocab_size"
   c.model.vocab_size = 256
   assert next(make_data_on(c).train)["inputs"].max() == 195
+
+
+# Where each kind of source's files are in `corpus`, and one file of each.
+_DIRS = {"jsonl": "jsonl", "parquet": "parquet", "arrayrecord": "ar", "hf_disk": "hf",
+         "text": "text"}
+_ONE_FILE = {"jsonl": "jsonl/part1.jsonl", "parquet": "parquet/part1.parquet",
+             "arrayrecord": "ar/part1.array_record", "text": "text/doc007.txt"}
+_GLOB_NAMES = ("run[1]", "a?b", "c*d", "[x]")
+# A name the glob each of those would be matches instead.
+_DECOYS = {"run[1]": "run1", "a?b": "a-b", "c*d": "c-other-d", "[x]": "x"}
+
+
+def _stream(tiny_config, source, path, cache):
+  c = _config(tiny_config, source, path, cache)
+  return np.asarray(data_lib.token_stream(c.data, ByteTokenizer()))
+
+
+def test_an_existing_path_with_glob_characters_is_read_as_it_is(tiny_config, corpus,
+                                                                 tmp_path):
+  """A file or directory whose name holds [ ] * ? was read as a glob: "no files
+  match" (or other files). An existing file is read as it is, an existing
+  directory searched with its name escaped; only a path that does not exist is a
+  glob. For every source that reads files, .bin files too."""
+  import pathlib
+  root = pathlib.Path(corpus["text"]).parent
+  cache = tmp_path / "cache"
+  for source, folder in _DIRS.items():
+    want = _stream(tiny_config, source, root / folder, cache)
+    for name in _GLOB_NAMES:
+      shutil.copytree(root / folder, tmp_path / source / name)
+      np.testing.assert_array_equal(
+          _stream(tiny_config, source, tmp_path / source / name, cache), want,
+          err_msg=f"{source} {name}")
+    if source in _ONE_FILE:
+      one = root / _ONE_FILE[source]
+      want = _stream(tiny_config, source, one, cache)
+      other = root / _ONE_FILE[source].replace("1", "0").replace("7", "0")
+      ext = one.name[one.name.index('.'):]
+      for name, decoy in (("shard[0]", "shard0"), ("a?b", "axb"), ("s*", "s-other")):
+        copy = tmp_path / source / f"{name}{ext}"
+        shutil.copy(one, copy)
+        # a file the name would match instead, were it a glob
+        shutil.copy(other, tmp_path / source / f"{decoy}{ext}")
+        np.testing.assert_array_equal(_stream(tiny_config, source, copy, cache), want,
+                                      err_msg=f"{source} {copy.name}")
+  ids = np.arange(500, dtype=np.uint16) % 50
+  for name in _GLOB_NAMES:
+    (tmp_path / "bins" / name).mkdir(parents=True)
+    ids.tofile(tmp_path / "bins" / name / "a.bin")
+    ids.tofile(tmp_path / "bins" / f"{name}.bin")
+    (ids + 1).tofile(tmp_path / "bins" / f"{_DECOYS[name]}.bin")
+    c = _config(tiny_config, "tokens", tmp_path / "bins" / name, cache)
+    for path in (tmp_path / "bins" / name, tmp_path / "bins" / f"{name}.bin"):
+      c.data.path = str(path)
+      np.testing.assert_array_equal(data_lib.token_stream(c.data, None), ids,
+                                    err_msg=str(path))
+  # a path that does not exist is still a glob
+  c.data.path = str(tmp_path / "bins" / "a?b" / "*.bin")
+  np.testing.assert_array_equal(data_lib.token_stream(c.data, None), ids)
+
+
+def test_a_tilde_in_data_path_is_the_home_directory(tiny_config, corpus, tmp_path,
+                                                    monkeypatch):
+  """data.path='~/...' was searched as a directory named '~' ("no files match"),
+  though data.cache_dir and data.tokenizer expand it. Every source, and the
+  entries of a mixture."""
+  import pathlib
+  from ml_collections import ConfigDict
+  root = pathlib.Path(corpus["text"]).parent
+  home = tmp_path / "home"
+  shutil.copytree(root, home / "corpus")
+  (np.arange(500, dtype=np.uint16) % 50).tofile(home / "ids.bin")
+  monkeypatch.setenv("HOME", str(home))
+  cache = tmp_path / "cache"
+  paths = {source: f"corpus/{folder}" for source, folder in _DIRS.items()}
+  paths.update({"parquet": "corpus/parquet/*.parquet", "tokens": "ids.bin",
+                "jsonl": "corpus/jsonl/part0.jsonl"})
+  for source, path in paths.items():
+    np.testing.assert_array_equal(
+        _stream(tiny_config, source, f"~/{path}", cache),
+        _stream(tiny_config, source, home / path, cache), err_msg=source)
+  c = _config(tiny_config, "text", "unused", cache)
+  c.data.path = None
+  c.data.mixture = ConfigDict({
+      name: dict(source=source, path=f"~/{paths[source]}", weight=1.0)
+      for name, source in (("books", "text"), ("web", "jsonl"), ("ids", "tokens"))})
+  d = make_data_on(c)
+  assert [m.tokens for m in d.mixture] == [
+      len(_stream(tiny_config, s, home / paths[s], cache))
+      for s in ("text", "tokens", "jsonl")]  # books, ids, web
+
+
+def test_a_cache_is_keyed_only_by_the_settings_its_source_reads():
+  """data.text_field and data.skip_bad_records keyed every source's token cache,
+  so a change made for a mixture's jsonl entry tokenized its text, arrayrecord
+  and token-id sources again. Each is part of the key of a source that reads it
+  only; a source that does not is keyed as before this rule under the defaults,
+  so caches built then stay valid."""
+  import hashlib
+  import types
+  here = os.path.abspath(__file__)
+  for source, tokenizer in (("text", "byte"), ("arrayrecord", "byte"),
+                            ("arrayrecord", "none"), ("jsonl", "byte"),
+                            ("parquet", "byte"), ("hf_disk", "byte")):
+    base = dict(source=source, tokenizer=tokenizer, token_dtype="uint16",
+                text_field="text", skip_bad_records=False)
+
+    def key(**changes):
+      view = types.SimpleNamespace(**{**base, **changes})
+      return token_cache.cache_key(view, [here], 0)
+    reads_field = source in ("jsonl", "parquet", "hf_disk")
+    can_skip = reads_field or tokenizer == "none"
+    assert (key(text_field="body") != key()) == reads_field, source
+    assert (key(skip_bad_records=True) != key()) == can_skip, (source, tokenizer)
+    st = os.stat(here)
+    before = dict(version=1, source=source, text_field="text", skip=False,
+                  files=[[here, st.st_size, st.st_mtime_ns]],
+                  tokenizer=token_cache.tokenizer_identity(
+                      types.SimpleNamespace(**base)), eos_id=0)
+    assert key() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()
+                                   ).hexdigest()[:32]
+
+
+def test_a_dataset_dict_without_train_names_a_split_it_has(tiny_config, docs,
+                                                           tmp_path):
+  """The fix said "e.g. PATH/train", a directory that does not exist; it names
+  the first split the DatasetDict holds, and following it reads that split."""
+  import datasets
+  from conftest import fix_alternatives
+  from ml_collections import ConfigDict
+  for k, splits in enumerate((["validation", "test"], ["test"], ["dev", "eval"])):
+    path = tmp_path / f"dd{k}"
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": docs[:50]})
+                          for s in splits}).save_to_disk(str(path))
+    for prefix in ("data.", "data.mixture.web."):
+      c = _config(tiny_config, "hf_disk", path, tmp_path / "cache")
+      c.data.mixture = ConfigDict()
+      if prefix != "data.":
+        c.data.path = None
+        c.data.mixture = ConfigDict({"web": dict(source="hf_disk", path=str(path),
+                                                 weight=1.0)})
+      with pytest.raises(sharding.ConfigError) as err:
+        make_data_on(c)
+      assert err.value.field == prefix + "path"
+      ((flag,),) = fix_alternatives(err.value.fix)
+      assert flag == f"--config.{prefix}path={path / splits[0]}", err.value.fix
+      if prefix == "data.":
+        c.data.path = flag.split("=", 1)[1]
+      else:
+        c.data.mixture.web.path = flag.split("=", 1)[1]
+      assert next(make_data_on(c).train)["inputs"].shape == (8, 16)
+
+
+@pytest.mark.parametrize("source", ["parquet", "hf_disk"])
+def test_a_text_field_naming_a_column_of_no_text_lists_the_text_columns(
+    tiny_config, docs, tmp_path, source):
+  """A text_field naming a column of numbers or lists was a bad record per row,
+  whose fix (skip_bad_records) skipped every row and then failed on "no
+  documents". It is an error naming data.text_field whose fix names the text
+  columns, as the JSONL reader's does; following it reads the documents."""
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from conftest import fix_alternatives
+  n = 60
+  columns = {"n": list(range(n)), "body": docs[:n], "tags": [["a", "b"]] * n,
+             "score": [0.5] * n, "title": [f"t{i}" for i in range(n)],
+             "raw": [d.encode() for d in docs[:n]]}
+  table = pa.table(columns)
+  if source == "parquet":
+    path = tmp_path / "p.parquet"
+    pq.write_table(table, path)
+  else:
+    path = tmp_path / "hf"
+    datasets.Dataset(table).save_to_disk(str(path))
+  c = _config(tiny_config, source, path, tmp_path / "cache")
+  for field in ("n", "tags", "score"):
+    c.data.update(text_field=field, skip_bad_records=False)
+    with pytest.raises(sharding.ConfigError) as err:
+      make_data_on(c)
+    assert err.value.field == "data.text_field", err.value
+    assert f"column {field!r} holds" in err.value.problem and "not text" in (
+        err.value.problem)
+    assert "skip_bad_records" not in err.value.fix
+    assert "its text columns: ['body', 'title', 'raw']" in err.value.fix
+    ((flag,),) = fix_alternatives(err.value.fix)
+    c.data.text_field = flag.split("=", 1)[1]
+    assert c.data.text_field == "body"
+    make_data_on(c)
+  # with no text column at all, the fix says so
+  numbers = pa.table({"n": list(range(n))})
+  if source == "parquet":
+    pq.write_table(numbers, path)
+  else:
+    path = tmp_path / "hf_numbers"
+    datasets.Dataset(numbers).save_to_disk(str(path))
+  c = _config(tiny_config, source, path, tmp_path / "cache")
+  c.data.text_field = "n"
+  with pytest.raises(sharding.ConfigError, match="it has no text column") as err:
+    make_data_on(c)
+  assert err.value.field == "data.text_field" and not fix_alternatives(err.value.fix)

@@ -275,6 +275,8 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
     ("model.attention_block_q", -8, {"model.attention": "reference"}),
     ("model.moe.capacity_factor", 0.0, {"model.moe.num_experts": 4,
                                         "model.moe.dispatch": "dropless"}),
+    ("data.token_dtype", "banana", {}),
+    ("data.token_dtype", "float32", {"data.source": "text", "model.vocab_size": 256}),
 ])
 def test_validation_leaves_unread_fields_alone(field, bad, where):
   """A value that would be refused where the field is read passes where it is
@@ -284,6 +286,39 @@ def test_validation_leaves_unread_fields_alone(field, bad, where):
   c = _config(**where, **{field: bad})
   assert not read(c, field)
   validate_config(c, 2)
+
+
+def test_token_dtype_is_read_only_by_sources_of_token_ids():
+  """data.token_dtype set for a source that reads no token ids (text through the
+  byte tokenizer, jsonl, a mixture without a tokens entry) changed nothing and
+  was accepted; it is refused like any unread override, with a fix that makes it
+  read. .bin files, token-id records and a mixture's tokens entry read it."""
+  from ml_collections import ConfigDict
+  from conftest import assert_followed_fix_validates, fix_alternatives
+
+  def mixture(*sources):
+    return ConfigDict({f"s{i}": dict(source=s, path=f"p{i}", weight=1.0)
+                       for i, s in enumerate(sources)})
+  unread = [{"data.source": s, "data.path": "docs", "model.vocab_size": 256}
+            for s in ("text", "jsonl", "parquet", "arrayrecord", "hf_disk")]
+  unread += [{"data.source": "synthetic"},
+             {"data.mixture": mixture("text", "jsonl"), "model.vocab_size": 256}]
+  for where in unread:
+    c = _config(**where, **{"data.token_dtype": "uint32"})
+    assert not read(c, "data.token_dtype"), where
+    err = unread_override(c, ["data.token_dtype"])
+    assert err.field == "data.token_dtype" and "only source=tokens" in err.problem
+    followed = fix_alternatives(err.fix)
+    assert followed or "data.mixture" in err.fix, err.fix
+    for flags_given in followed:
+      assert_followed_fix_validates(c, flags_given, 8, err,
+                                    also_read=("data.token_dtype",))
+  for where in ({"data.source": "tokens", "data.path": "bins"},
+                {"data.source": "arrayrecord", "data.path": "ids",
+                 "data.tokenizer": "none", "data.eos_id": 0},
+                {"data.mixture": mixture("text", "tokens"), "model.vocab_size": 256}):
+    c = _config(**where, **{"data.token_dtype": "uint32"})
+    assert read(c, "data.token_dtype") and not unread_override(c, ["data.token_dtype"])
 
 
 def test_plan_refuses_the_mesh_sizes_and_remat_it_chooses_itself():

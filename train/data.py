@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import glob
 import hashlib
 import json
 import math
@@ -51,7 +50,7 @@ from sharding import ConfigError, flag
 from sharding.report import count
 from train import run_config, sources, token_cache
 from train.data_schedule import Schedule, ScheduledSelection, Segment
-from train.tokenizer import HFTokenizer, is_byte, make_tokenizer
+from train.tokenizer import HFTokenizer, check_eos, is_byte, make_tokenizer
 
 SOURCES = (*sources.DOCUMENT_SOURCES, "tokens", "synthetic")
 # What an entry of data.mixture may hold, and the sources it may name.
@@ -70,9 +69,9 @@ def _token_files(path: str, field: str) -> list[str]:
   """The .bin files of `source=tokens`: a directory's `*.bin` files (any depth; a
   metadata file beside them is not read as ids) or the files a glob matches, in
   name order."""
-  pattern = os.path.join(path, "**", "*.bin") if os.path.isdir(path) else path
-  files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+  files = sources.matching_files(path, os.path.join("**", "*.bin"))
   if not files:
+    pattern = os.path.join(path, "**", "*.bin") if os.path.isdir(path) else path
     raise ConfigError(field, f"no files match {pattern!r}.",
                       "point it at a directory of .bin files or a glob of existing "
                       "files.")
@@ -87,7 +86,7 @@ def _read_tokens(files: list[str], dtype: str, field: str) -> tuple[np.ndarray, 
   for f in files:
     size = os.path.getsize(f)
     if size % itemsize:
-      raise ConfigError(field, f"{f} holds {size} bytes, not a whole number of "
+      raise ConfigError(field, f"{f} holds {count(size, 'byte')}, not a whole number of "
                         f"{dtype} ids ({itemsize} bytes each).",
                         "check the file, or set --config.data.token_dtype to the "
                         "dtype it was written in (uint16 or uint32).")
@@ -128,7 +127,13 @@ class Windows:
   eos_id: int | None
 
   def __len__(self) -> int:
-    return max(len(self.tokens) - 1, 0) // self.seq_len
+    return self.count(len(self.tokens), self.seq_len)
+
+  @staticmethod
+  def count(tokens: int, seq_len: int) -> int:
+    """Windows of `seq_len` + 1 in a stream of `tokens` (each shares its last
+    token with the next)."""
+    return max(tokens - 1, 0) // seq_len
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     s = int(i) * self.seq_len
@@ -280,14 +285,21 @@ def corpus(data_cfg, tokenizer) -> tuple[np.ndarray, int | None, str | None]:
   fixed shuffled order, so the same documents in the same order give the same
   stream whatever the source (files are read in name order). Raises ConfigError
   for missing files, bad records (unless `data.skip_bad_records`) and a source
-  without documents."""
+  without documents. A `~` in the path is expanded."""
   path_field = sources.field_prefix(data_cfg) + "path"
+  if data_cfg.path and os.path.expanduser(data_cfg.path) != data_cfg.path:
+    data_cfg = copy.deepcopy(data_cfg)  # the readers take the path from it
+    data_cfg.path = os.path.expanduser(data_cfg.path)
   if data_cfg.source == "tokens":
     if not data_cfg.path:
       raise ConfigError(path_field, "source 'tokens' needs .bin files.",
                         f"set --config.{path_field}=/dir/or/glob/*.bin.")
     files = _token_files(data_cfg.path, path_field)
     stream, max_id = _read_tokens(files, data_cfg.token_dtype, path_field)
+    # A file read with another dtype than it was written in shows itself here.
+    _say(f"data: {path_field}={data_cfg.path}: {count(len(files), '.bin file')} of "
+         f"{data_cfg.token_dtype} ids, {count(len(stream), 'token')}, largest id "
+         f"{max_id:,}")
     stats = [[os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
     return stream, max_id, "files:" + hashlib.sha256(
         json.dumps(stats).encode()).hexdigest()
@@ -484,8 +496,9 @@ def _check_vocabulary(tokenizer, config) -> None:
 
 def _length_that_fits(config, fits: int, num_devices: int) -> int:
   """The longest data.seq_len of at least 8 and at most `fits` (the longest whose
-  windows fill one batch) that the config validates with (the sequence axis and
-  the attention kernels divide it), powers of two first; 0 when none does."""
+  windows fill one batch, and leave a held-out window when evaluating:
+  `_longest_fit`) that the config validates with (the sequence axis and the
+  attention kernels divide it), powers of two first; 0 when none does."""
   from train.validate import validate_config
   powers = [2 ** k for k in range(fits.bit_length() - 1, 2, -1)]
   for length in (powers + [n for n in range(fits, 7, -1) if n not in powers])[:64]:
@@ -497,6 +510,100 @@ def _length_that_fits(config, fits: int, num_devices: int) -> int:
       continue
     return length
   return 0
+
+
+def _window_counts(tokens: int, fraction: float, seq_len: int) -> tuple[int, int]:
+  """(training, held-out) windows of a stream of `tokens` under data.eval_fraction
+  `fraction`, as `_windows` cuts them."""
+  split = int(tokens * (1 - fraction))
+  return Windows.count(split, seq_len), Windows.count(tokens - split, seq_len)
+
+
+def _longest_fit(config, tokens: int) -> int:
+  """The longest data.seq_len whose windows of a stream of `tokens` fill one
+  training batch and, with evaluation on, leave one held-out window."""
+  split = int(tokens * (1 - config.data.eval_fraction))
+  longest = (split - 1) // config.train.batch_size
+  return min(longest, tokens - split - 1) if config.train.eval_every else longest
+
+
+# data.eval_fraction values a fix offers first.
+_ROUND_FRACTIONS = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+
+
+def _fraction_that_fits(config, tokens: int, num_devices: int) -> float | None:
+  """The data.eval_fraction nearest the config's (a round one if any works) at
+  which a stream of `tokens` gives one training batch of windows and, with
+  evaluation on, a held-out window at the config's data.seq_len, and the config
+  validates; None when none does."""
+  from train.validate import validate_config
+  d, batch = config.data, config.train.batch_size
+
+  def fits(fraction: float) -> bool:
+    train, held_out = _window_counts(tokens, fraction, d.seq_len)
+    return train >= batch and (held_out >= 1 or not config.train.eval_every)
+
+  now = max(d.eval_fraction, 1e-9)
+  for candidates in (_ROUND_FRACTIONS, [k / 1000 for k in range(1, 1000)],
+                     [k / 10000 for k in range(1, 10000)]):
+    for fraction in sorted(filter(fits, candidates),
+                           key=lambda f: abs(math.log(f / now))):
+      c = copy.deepcopy(config)
+      c.data.eval_fraction = fraction
+      try:
+        validate_config(c, num_devices)
+      except ConfigError:
+        continue
+      return fraction
+  return None
+
+
+def _corpus_too_small(config, tokens: int, train: int,
+                      num_devices: int) -> ConfigError:
+  """The error for a corpus of `tokens` whose `train` training windows fill no
+  batch or, with evaluation on, whose held-out tail holds no window. Its fix
+  offers a data.seq_len and a data.eval_fraction at which both fit (each
+  validated), so following either works. The field named: data.eval_fraction
+  when a fraction helps and the held-out tail is what is short, or the fraction
+  holds out half the corpus or more, or no length helps; else data.seq_len when
+  a length helps; else data.path (more data) or, for a short tail,
+  data.eval_fraction."""
+  d, batch = config.data, config.train.batch_size
+  shorter = _length_that_fits(config, _longest_fit(config, tokens), num_devices)
+  fraction = _fraction_that_fits(config, tokens, num_devices)
+  window = f"data.seq_len + 1 = {d.seq_len + 1}"
+  split = int(tokens * (1 - d.eval_fraction))
+  if train < batch:
+    problem = (f"the corpus has {count(tokens, 'token')}: "
+               f"{count(train, 'training window')} of {window}, fewer than one "
+               f"batch of train.batch_size={batch}"
+               + (f" (data.eval_fraction={d.eval_fraction} holds out the rest)."
+                  if fraction is not None and d.eval_fraction >= 0.5 else "."))
+    by_fraction = (f"hold out less of it, --config.data.eval_fraction={fraction}"
+                   if fraction is not None else "")
+    rest = "use a smaller train.batch_size or more data."
+  else:
+    problem = (f"{d.eval_fraction} of the corpus's {count(tokens, 'token')} is "
+               f"{count(tokens - split, 'held-out token')}, less than one window of "
+               f"{window}, so there is nothing to evaluate.")
+    by_fraction = (f"hold out more of it, --config.data.eval_fraction={fraction}"
+                   if fraction is not None else "")
+    rest = ("use more data, or set --config.train.eval_every=0 to train without "
+            "evaluation.")
+  held_back = (config.train.eval_every and shorter
+               and tokens - split - 1 < (split - 1) // batch)
+  by_length = (f"use a shorter data.seq_len, e.g. --config.data.seq_len={shorter}"
+               + (f" (short enough for a window in the {count(tokens - split, 'token')}"
+                  " held out)" if held_back else "") if shorter else "")
+  if by_fraction and (not by_length or d.eval_fraction >= 0.5 or train >= batch):
+    field, ways = "data.eval_fraction", [by_fraction, by_length]
+  elif by_length:
+    field, ways = "data.seq_len", [by_length, by_fraction]
+  else:
+    field = "data.path" if train < batch else "data.eval_fraction"
+    ways = []
+  ways = [w for w in ways if w]
+  return ConfigError(field, problem, "; or ".join(ways + [rest]))
 
 
 def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
@@ -518,25 +625,9 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   else:
     tokens, identity, train_src, eval_src = _windows(d, tokenizer, config,
                                                      "the corpus")
-    if len(train_src) < batch:
-      fits = int(tokens * (1 - d.eval_fraction)) // batch - 1
-      shorter = _length_that_fits(config, fits, batch_sharding.mesh.devices.size)
-      raise ConfigError(
-          "data.seq_len" if shorter else "data.path",
-          f"the corpus has {tokens} tokens: {len(train_src)} training windows of "
-          f"data.seq_len + 1 = {d.seq_len + 1}, fewer than one batch of "
-          f"train.batch_size={batch}.",
-          (f"use a shorter data.seq_len, e.g. --config.data.seq_len={shorter}, a "
-           "smaller train.batch_size, or more data." if shorter else
-           "use more data (or a shorter data.seq_len or a smaller train.batch_size)."))
-    if len(eval_src) < 1 and config.train.eval_every:
-      held_out = tokens - int(tokens * (1 - d.eval_fraction))
-      raise ConfigError(
-          "data.eval_fraction", f"{d.eval_fraction} of the corpus's {tokens} "
-          f"tokens is {held_out} held-out tokens, less than one window "
-          f"of data.seq_len + 1 = {d.seq_len + 1}, so there is nothing to evaluate.",
-          "raise data.eval_fraction, use more data or a shorter data.seq_len, or "
-          "set --config.train.eval_every=0 to train without evaluation.")
+    if len(train_src) < batch or len(eval_src) < 1 and config.train.eval_every:
+      raise _corpus_too_small(config, tokens, len(train_src),
+                              batch_sharding.mesh.devices.size)
   if not entries:
     examples = grain.MapDataset.source(train_src).shuffle(seed=seed).repeat()
   if not entries and d.source != "synthetic":
@@ -676,6 +767,27 @@ def _validate_mixture(config) -> list[tuple[str, str, Any, Any, bool]]:
   return out
 
 
+# What data.token_dtype may be: ids are never negative or fractional.
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+
+
+def _token_dtype_error(value) -> ConfigError:
+  """data.token_dtype is not one of TOKEN_DTYPES: the fix names the unsigned type
+  of the same size (files written as float32 or int32 hold uint32-sized ids)."""
+  try:
+    size = np.dtype(value).itemsize
+  except TypeError:
+    size = 2
+  meant = {1: "uint8", 4: "uint32"}.get(size, "uint16")
+  others = ", ".join(t for t in TOKEN_DTYPES if t != meant)
+  return ConfigError(
+      "data.token_dtype", f"{value!r} is not an unsigned integer type of token "
+      f"ids, one of {', '.join(TOKEN_DTYPES)} (a file of ids read as another type "
+      "trains on other ids, or on negative ones).",
+      f"set --config.data.token_dtype={meant}, or {others}: the type the ids were "
+      "written in.")
+
+
 # An example path for each source that reads files, as a fix writes it.
 _EXAMPLE_PATHS = {"jsonl": "FILE.jsonl", "parquet": "FILE.parquet",
                   "arrayrecord": "FILE.arrayrecord", "hf_disk": "DIR",
@@ -731,6 +843,23 @@ def validate(config) -> None:
                         + ("" if prefix == "data." else f" ({prefix}source)") + ".",
                         "set a tokenizer (byte or a tokenizer.json), or use "
                         "--config.data.source=tokens for .bin files of token ids.")
+  reads_ids = d.tokenizer == "none" or any(check[1] == "tokens" for check in checks)
+  if reads_ids and d.token_dtype not in TOKEN_DTYPES:
+    raise _token_dtype_error(d.token_dtype)
+  if any(check[1] == "tokens" for check in checks) and d.eos_id is not None:
+    # .bin files end documents with data.eos_id: an id the files' dtype cannot
+    # hold, or past the model's vocabulary (generation stops on it), ends none.
+    size = min(np.iinfo(d.token_dtype).max + 1, config.model.vocab_size)
+    check_eos(d.eos_id, size, f"the ids of data.token_dtype {d.token_dtype} and "
+              f"model.vocab_size {config.model.vocab_size}")
+  if (is_byte(d) and d.eos_id not in (None, 0)
+      and any(check[1] in sources.DOCUMENT_SOURCES for check in checks)):
+    raise ConfigError(
+        "data.eos_id", f"is {d.eos_id}, but the byte tokenizer ends every document "
+        "with id 0 (the NUL byte, which text never holds) whatever data.eos_id "
+        "says; the run's config would keep it, and generation stop at it.",
+        "drop --config.data.eos_id (or set --config.data.eos_id=0); "
+        "--config.data.stop_ids adds generation stop ids.")
   if d.tokenizer == "none" and d.eos_id is None:
     raise ConfigError("data.eos_id", "token-id records (data.tokenizer=none) need "
                       "the id that ends each document.",

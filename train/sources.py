@@ -26,12 +26,23 @@ from sharding.report import count
 
 # Sources whose documents are tokenized into the token cache.
 DOCUMENT_SOURCES = ("text", "jsonl", "parquet", "arrayrecord", "hf_disk")
+# Sources whose records name their text's field (data.text_field).
+TEXT_FIELD_SOURCES = ("jsonl", "parquet", "hf_disk")
 # File name endings read when data.path is a directory (every file for `text`).
 # A JSON \u escape of a UTF-16 surrogate: may decode to a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
                "parquet": (".parquet",),
                "arrayrecord": (".array_record", ".arrayrecord")}
+
+
+def can_skip(data_cfg) -> bool:
+  """Whether the source of `data_cfg` can meet a bad record (data.skip_bad_records
+  acts): records with a text field, and token-id records (tokenizer=none), which
+  can hold a partial id. A text file or a text ArrayRecord record is always a
+  document."""
+  return (data_cfg.source in TEXT_FIELD_SOURCES
+          or data_cfg.source == "arrayrecord" and data_cfg.tokenizer == "none")
 
 
 def field_prefix(data_cfg) -> str:
@@ -54,16 +65,28 @@ def text_field_fix(prefix: str, own: bool, value: str) -> str:
           "that sets none)")
 
 
+def matching_files(path: str, directory_pattern: str) -> list[str]:
+  """The sorted files `path` names: an existing file as it is; an existing
+  directory's files matching `directory_pattern` (e.g. '**/*'; searched
+  recursively), whatever glob characters the directory's own name holds
+  (`run[1]/`); otherwise `path` is a glob. A directory's or a glob's files under
+  site-packages are left out (the default text source is the standard library's
+  sources)."""
+  if os.path.isfile(path):
+    return [path]
+  pattern = (os.path.join(glob.escape(path), directory_pattern) if os.path.isdir(path)
+             else path)
+  return sorted(f for f in glob.glob(pattern, recursive=True)
+                if os.path.isfile(f) and f"{os.sep}site-packages{os.sep}" not in f)
+
+
 def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
-  """The sorted files `path` names: a file, a directory (searched recursively; for
-  jsonl / parquet / arrayrecord only files with their extensions) or a glob.
-  Raises ConfigError naming `field` when nothing matches."""
-  pattern, exts = path, None
-  if os.path.isdir(path):
-    pattern, exts = os.path.join(path, "**", "*"), _EXTENSIONS.get(source)
-  files = sorted(f for f in glob.glob(pattern, recursive=True)
-                 if os.path.isfile(f) and f"{os.sep}site-packages{os.sep}" not in f
-                 and (exts is None or f.endswith(exts)))
+  """The sorted files `path` names (`matching_files`): a file, a directory
+  (searched recursively; for jsonl / parquet / arrayrecord only files with their
+  extensions) or a glob. Raises ConfigError naming `field` when nothing matches."""
+  exts = _EXTENSIONS.get(source) if os.path.isdir(path) else None
+  files = [f for f in matching_files(path, os.path.join("**", "*"))
+           if exts is None or f.endswith(exts)]
   if source == "arrayrecord" and not os.path.isdir(path):
     # ArrayRecord shards are often named name.array_record-00000-of-00008.
     files = [f for f in files if not f.endswith((".idx", ".crc"))]
@@ -200,16 +223,39 @@ def _column(reader: _Reader, values, where_row, start: int) -> Iterator[str]:
     yield value
 
 
+def check_text_column(schema, where: str, text_field: str, prefix: str = "data.",
+                      own_text_field: bool = True) -> None:
+  """A ConfigError naming `prefix`text_field unless the arrow `schema` (of the
+  parquet file or saved dataset `where`) has a string or binary (decoded as
+  UTF-8) column `text_field`: a column of numbers or lists holds no document
+  (skipping such rows as bad records would skip them all). The fix names its
+  text columns, as the JSONL reader's does."""
+  import pyarrow as pa
+
+  def is_text(t) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t)
+            or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t))
+  texts = [f.name for f in schema if is_text(f.type)]
+  named = (f"name a column that holds text: "
+           f"{text_field_fix(prefix, own_text_field, texts[0])}"
+           + (f" (its text columns: {texts[:8]})." if len(texts) > 1 else ".")
+           if texts else "point the path at data with a column of text.")
+  if text_field not in schema.names:
+    raise ConfigError(f"{prefix}text_field", f"{where} has no column {text_field!r}; "
+                      f"its columns: {schema.names[:8]}.", named)
+  if not is_text(schema.field(text_field).type):
+    raise ConfigError(f"{prefix}text_field", f"{where}'s column {text_field!r} holds "
+                      f"{schema.field(text_field).type}, not text"
+                      + ("" if texts else " (it has no text column)") + ".", named)
+
+
 def _parquet(reader: _Reader, files: list[str]) -> Iterator[str]:
   import pyarrow.parquet as pq
   for f in files:
     pf = pq.ParquetFile(f)
-    if reader.text_field not in pf.schema_arrow.names:
-      raise ConfigError(f"{reader.prefix}text_field", f"{f} has no column "
-                        f"{reader.text_field!r}; its columns: "
-                        f"{pf.schema_arrow.names[:8]}.",
-                        f"name the column holding the text: "
-                        f"{reader.text_field_fix('NAME')}.")
+    check_text_column(pf.schema_arrow, f, reader.text_field, reader.prefix,
+                      reader.own_text_field)
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[reader.text_field]):
       values = batch.column(0).to_pylist()
@@ -257,15 +303,14 @@ def hf_dataset(path: str, text_field: str = "text", prefix: str = "data.",
                       "point it at the directory given to Dataset.save_to_disk.")
   if isinstance(ds, datasets.DatasetDict):
     if "train" not in ds:
-      raise ConfigError(f"{prefix}path", f"{path!r} holds splits {list(ds)}, no "
-                        "'train'.",
-                        "point it at one split's directory, e.g. PATH/train.")
+      splits = list(ds)
+      raise ConfigError(f"{prefix}path", f"{path!r} holds splits {splits}, no "
+                        "'train'.", "point it at one split's directory, e.g. "
+                        f"{flag(f'config.{prefix}path', os.path.join(path, splits[0]))}."
+                        if splits else "point it at a dataset that holds documents.")
     ds = ds["train"]
-  if text_field not in ds.column_names:
-    raise ConfigError(f"{prefix}text_field", f"the dataset at {path!r} has no "
-                      f"column {text_field!r}; its columns: {ds.column_names[:8]}.",
-                      f"name the column holding the text: "
-                      f"{text_field_fix(prefix, own_text_field, 'NAME')}.")
+  check_text_column(ds.data.schema, f"the dataset at {path!r}", text_field, prefix,
+                    own_text_field)
   return ds
 
 

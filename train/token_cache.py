@@ -14,11 +14,13 @@ reads the next batch and writes the previous one) and writes, under
                compares it to tell a same-size edit of its data).
 
 `<key>` hashes the file list with sizes and modification times, the source kind,
-text field, skip_bad_records, the tokenizer's identity (its file's content hash,
-not its path: a copy, such as the one import-hf keeps in a run, shares the cache;
-or 'byte') and the eos id, so a change to any of them builds a new cache. The cache is
-written into a temporary directory and renamed when complete: a run killed while
-tokenizing leaves only a temporary directory, which no later run reads.
+text field and skip_bad_records (of the sources that read them:
+`sources.TEXT_FIELD_SOURCES`, `sources.can_skip`), the tokenizer's identity (its
+file's content hash, not its path: a copy, such as the one import-hf keeps in a
+run, shares the cache; or 'byte') and the eos id, so a change to any of them
+builds a new cache. The cache is written into a temporary directory and renamed
+when complete: a run killed while tokenizing leaves only a temporary directory,
+which no later run reads.
 """
 
 from __future__ import annotations
@@ -84,8 +86,15 @@ def cache_key(data_cfg, files: list[str], eos_id: int) -> str:
   for f in files:
     st = os.stat(f)
     stats.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+  # Only a source that reads a setting is keyed by it: a mixture's text source
+  # keeps its cache when text_field changes for a jsonl entry. One that does not
+  # is keyed by the setting's default, as every cache was before this rule, so
+  # those caches stay valid.
+  reads_field = data_cfg.source in sources.TEXT_FIELD_SOURCES
+  skips = sources.can_skip(data_cfg)
   ident = dict(version=_VERSION, source=data_cfg.source,
-               text_field=data_cfg.text_field, skip=bool(data_cfg.skip_bad_records),
+               text_field=data_cfg.text_field if reads_field else "text",
+               skip=bool(data_cfg.skip_bad_records) and skips,
                files=stats, tokenizer=tokenizer_identity(data_cfg), eos_id=int(eos_id))
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 

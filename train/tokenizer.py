@@ -127,8 +127,8 @@ def make_tokenizer(data_cfg, require_eos: bool = True):
     return ByteTokenizer()
   if data_cfg.tokenizer == "none":
     ids = TokenIds(data_cfg.token_dtype, data_cfg.eos_id)
-    _check_eos(data_cfg.eos_id, ids.vocab_size, f"the range of data.token_dtype "
-               f"{data_cfg.token_dtype}")
+    check_eos(data_cfg.eos_id, ids.vocab_size, f"the range of data.token_dtype "
+              f"{data_cfg.token_dtype}")
     return ids
   from sharding import ConfigError
   path = os.path.expanduser(str(data_cfg.tokenizer))
@@ -144,13 +144,13 @@ def make_tokenizer(data_cfg, require_eos: bool = True):
   except ValueError as err:  # no end-of-text token
     raise ConfigError("data.eos_id", str(err) + ".", "set --config.data.eos_id to "
                       "the id that ends a document.") from None
-  _check_eos(data_cfg.eos_id, tokenizer.vocab_size, f"the vocabulary of {path}",
-             tokenizer.named_eos_id())
+  check_eos(data_cfg.eos_id, tokenizer.vocab_size, f"the vocabulary of {path}",
+            tokenizer.named_eos_id())
   return tokenizer
 
 
-def _check_eos(eos_id: int | None, size: int, vocabulary: str,
-               named: int | None = None) -> None:
+def check_eos(eos_id: int | None, size: int, vocabulary: str,
+              named: int | None = None) -> None:
   """data.eos_id outside the tokenizer's `size` ids is a ConfigError: documents
   would end in an id the tokenizer cannot decode (and the model's vocabulary
   check would blame model.vocab_size). `named`: the end-of-text id the tokenizer

@@ -69,6 +69,21 @@ def _file_source_fix(c) -> str:
   return source_fix(c, "jsonl") + " (or parquet, hf_disk)"
 
 
+def _sources(c) -> list[str]:
+  """The sources a run reads: data.mixture's, else data.source."""
+  if c.data.mixture:
+    return [entry.get("source") for entry in c.data.mixture.values()]
+  return [c.data.source]
+
+
+def _token_source_fix(c) -> str:
+  """A source of token ids (`train.data.source_fix`)."""
+  if c.data.mixture:
+    return "add a source='tokens' entry to data.mixture in the config file"
+  from train.data import source_fix
+  return source_fix(c, "tokens")
+
+
 RULES: tuple[Rule, ...] = (
     # train/compression.py: nothing runs with method=none.
     Rule(tuple(_COMP + f for f in ("density", "warmup_steps", "sample_fraction",
@@ -208,6 +223,16 @@ RULES: tuple[Rule, ...] = (
          lambda c: f"only jsonl, parquet and hf_disk records name a text field, and "
                    f"data.source is {c.data.source!r}",
          _file_source_fix),
+    # train/data.py (corpus) and train/tokenizer.py (TokenIds): only .bin files
+    # and token-id records are ids of data.token_dtype.
+    Rule(("data.token_dtype",),
+         lambda c: c.data.tokenizer != "none" and "tokens" not in _sources(c),
+         lambda c: "only source=tokens (.bin files) and data.tokenizer=none "
+                   "(token-id records) read it, and "
+                   + ("no source of data.mixture is 'tokens'" if c.data.mixture else
+                      f"data.source is {c.data.source!r}")
+                   + f" with data.tokenizer {c.data.tokenizer or 'byte'!r}",
+         _token_source_fix),
     # train/loop.py: evaluation runs only every train.eval_every steps.
     Rule(("train.eval_steps",), lambda c: not c.train.eval_every,
          lambda c: "it sets how many batches each evaluation averages, and "
