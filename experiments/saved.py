@@ -25,6 +25,7 @@ def get_config(arg=None):
     raise ConfigError("--config", "experiments/saved.py reads the config of a run, "
                       "and no run directory was given.",
                       "pass --config=experiments/saved.py:WORKDIR.")
+  arg = os.path.expanduser(arg)
   if run_config.no_run(arg):
     raise ConfigError("--config", f"{arg} holds no run (it has no config.json).",
                       "pass --config=experiments/saved.py:WORKDIR with the directory "

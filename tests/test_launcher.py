@@ -303,3 +303,29 @@ def test_a_refused_write_is_one_line_naming_the_file(tmp_path):
   assert (f"Could not write {tmp_path}/config.json: File too large. Free space there "
           "(or fix the file system) and run the command again") in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_a_tilde_in_a_path_flag_is_the_home_directory(tmp_path, monkeypatch):
+  """The shell leaves `--workdir=~/runs` as it is (it expands a tilde only at a
+  word's start), and rung took `~` for a directory of that name: `train` made
+  ./~/runs, and the other commands said `~/x` holds nothing. Every path flag, the
+  saved-config argument and checkpoint.init_from now expand it."""
+  from train.checkpoint import parse_init_from
+  home = tmp_path / "home"
+  home.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  cases = {
+      ("inspect", "--workdir=~/nothing"): "--workdir",
+      ("export-hf", "--workdir=~/nothing", "--out=~/o"): "--workdir",
+      ("generate", "--workdir=~/nothing", "--prompt=a"): "--workdir",
+      ("import-hf", "--hf_dir=~/nothing", "--workdir=~/w"): "--hf_dir",
+      ("train", "--config=experiments/saved.py:~/nothing", "--workdir=~/w"): "--config",
+  }
+  procs = run_cli_many(list(cases))
+  for (args, field), proc in zip(cases.items(), procs):
+    assert proc.returncode == 2, (args, proc.stderr[-1500:])
+    assert f"Config error in `{field}`: {home / 'nothing'} " in proc.stderr, (
+        args, proc.stderr[-1500:])
+    assert "~" not in proc.stderr, (args, proc.stderr[-1500:])
+  assert parse_init_from("~/run:5") == (str(home / "run"), 5)
+  assert parse_init_from("~/run") == (str(home / "run"), None)

@@ -463,11 +463,12 @@ def _restore_iterator_from_other_process_count(data_iter, data_dir: str) -> None
 
 
 def parse_init_from(spec: str) -> tuple[str, int | None]:
-  """'DIR' or 'DIR:STEP' -> (DIR, STEP or None for the latest)."""
+  """'DIR' or 'DIR:STEP' -> (DIR with `~` expanded, STEP or None for the
+  latest)."""
   path, sep, step = spec.rpartition(":")
   if sep and step.isdigit():
-    return path, int(step)
-  return spec, None
+    return os.path.expanduser(path), int(step)
+  return os.path.expanduser(spec), None
 
 
 def load_init_params(spec: str, abstract_params: Any, ckpt_cfg) -> Any:
