@@ -416,3 +416,30 @@ def test_a_switch_turned_off_where_nothing_reads_it_is_accepted():
         if rule.unread(c):
           assert (unread_override(c, [field]) is not None) == refused, (field, setting)
   assert seen >= 5  # the DGC switches, error feedback, nesterov, MoE switches
+
+
+def test_skip_bad_records_is_read_only_by_sources_with_records():
+  """data.skip_bad_records set for text files (or a mixture of them) changed
+  nothing and was accepted; it is refused like any unread override. jsonl,
+  parquet, hf_disk and token-id records read it, alone or in a mixture."""
+  from ml_collections import ConfigDict
+
+  def mixture(*sources):
+    return ConfigDict({f"s{i}": dict(source=s, path=f"p{i}", weight=1.0)
+                       for i, s in enumerate(sources)})
+  for where, mix, unread in [({"data.source": "text"}, None, True),
+                             ({"data.source": "arrayrecord"}, None, True),
+                             ({"data.source": "arrayrecord", "data.tokenizer": "none",
+                               "data.eos_id": 0}, None, False),
+                             ({"data.source": "jsonl"}, None, False),
+                             ({"data.source": "parquet"}, None, False),
+                             ({}, ("text", "tokens"), True),
+                             ({}, ("text", "hf_disk"), False)]:
+    c = _config(**where, **{"data.skip_bad_records": True})
+    if mix:
+      c.data.mixture = mixture(*mix)
+    assert read(c, "data.skip_bad_records") == (not unread), (where, mix)
+    err = unread_override(c, ["data.skip_bad_records"])
+    assert (err is not None) == unread, (where, mix, err)
+    if err is not None and mix:
+      assert "entry to data.mixture" in err.fix

@@ -76,6 +76,14 @@ def _sources(c) -> list[str]:
   return [c.data.source]
 
 
+def _can_skip(c, source: str) -> bool:
+  """Whether `source` under this config can meet a bad record."""
+  import types
+
+  from train.sources import can_skip
+  return can_skip(types.SimpleNamespace(source=source, tokenizer=c.data.tokenizer))
+
+
 def _token_source_fix(c) -> str:
   """A source of token ids (`train.data.source_fix`)."""
   if c.data.mixture:
@@ -223,6 +231,16 @@ RULES: tuple[Rule, ...] = (
          lambda c: f"only jsonl, parquet and hf_disk records name a text field, and "
                    f"data.source is {c.data.source!r}",
          _file_source_fix),
+    # train/sources.py (can_skip): text files and text records are documents
+    # whole; only records with a text field and token-id records can be bad.
+    Rule(("data.skip_bad_records",),
+         lambda c: not any(_can_skip(c, s) for s in _sources(c)),
+         lambda c: "only jsonl, parquet and hf_disk records and token-id records "
+                   "(data.tokenizer=none) can be bad, and "
+                   + ("no source of data.mixture has such records" if c.data.mixture
+                      else f"data.source is {c.data.source!r}"),
+         lambda c: ("add a jsonl, parquet or hf_disk entry to data.mixture in the "
+                    "config file" if c.data.mixture else _file_source_fix(c))),
     # train/data.py (corpus) and train/tokenizer.py (TokenIds): only .bin files
     # and token-id records are ids of data.token_dtype.
     Rule(("data.token_dtype",),
