@@ -645,3 +645,32 @@ def test_a_change_for_one_entry_rebuilds_only_the_caches_that_read_it(
     now = built()
     assert sorted(now[k] for k in set(now) - set(before)) == rebuilt, change
     before = now
+
+
+def test_a_source_too_short_for_a_window_gets_a_seq_len_that_fits(tiny_config, corpus,
+                                                                  tmp_path):
+  """A mixture source without a training window, or without a held-out one, was
+  told "use a shorter data.seq_len" in words. The fix now names the length, and
+  following it the mixture loads with a training and a held-out window in every
+  source (its windows at the new length)."""
+  from conftest import assert_followed_fix_validates, fix_alternatives
+  for size, seq_len, field in [(80, 128, "data.mixture.tiny.path"),  # no training
+                               (150, 64, "data.eval_fraction"),  # no held-out
+                               (600, 128, "data.eval_fraction")]:
+    tiny = tmp_path / f"tiny{size}.txt"
+    tiny.write_text("tiny " * (size // 5))
+    c = _config(tiny_config.copy_and_resolve_references(), corpus, tmp_path / "cache")
+    c.data.seq_len = seq_len
+    c.train.eval_every = 2  # every source holds out a window
+    c.data.mixture.tiny = ConfigDict(dict(source="text", path=str(tiny), weight=1.0))
+    with pytest.raises(sharding.ConfigError) as err:
+      make_data_on(c)
+    assert err.value.field == field, str(err.value)
+    followed = [f for f in fix_alternatives(err.value.fix)
+                if any("seq_len" in flag for flag in f)]
+    assert followed, err.value.fix
+    fixed = assert_followed_fix_validates(c, followed[0], 8, err.value)
+    assert fixed.data.seq_len < seq_len
+    d = make_data_on(fixed)
+    assert min(m.train_windows for m in d.mixture) >= 1
+    assert min(m.eval_windows for m in d.mixture) >= 1

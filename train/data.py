@@ -418,28 +418,36 @@ def _windows(view, tokenizer, config, what: str
           Windows(stream[split:], d.seq_len, eos))
 
 
-def _mixture(config, entries, tokenizer, schedule: Schedule):
+def _mixture(config, entries, tokenizer, schedule: Schedule, num_devices: int):
   """(mixed training examples, mixed held-out examples, [MixtureSource]); the
   training examples are selected by `schedule`, which this sets to the weights'
-  proportions from window 0."""
+  proportions from window 0. A source without a training window, or (with
+  evaluation on) a held-out one, is a ConfigError whose fix names a
+  data.seq_len at which it has both (validated on `num_devices`)."""
   d, seed = config.data, config.train.seed
   proportions = mixture_proportions([w for _, w, _ in entries])
   trains, evals, parts = [], [], []
   for index, ((name, weight, view), prop) in enumerate(zip(entries, proportions)):
     field = f"data.mixture.{name}"
     tokens, identity, train_src, eval_src = _windows(view, tokenizer, config, field)
+    no_eval = len(eval_src) < 1 and config.train.eval_every
+    if len(train_src) < 1 or no_eval:
+      split = int(tokens * (1 - d.eval_fraction))  # a window needs seq_len + 1
+      fits = min(split, tokens - split if config.train.eval_every else split) - 1
+      shorter = _length_that_fits(config, fits, num_devices) if fits >= 8 else 0
+      by_length = (f"use a shorter data.seq_len, --config.data.seq_len={shorter}, "
+                   if shorter else "")
     if len(train_src) < 1:
       raise ConfigError(
           f"{field}.path", f"source {name!r} has {count(tokens, 'token')}: no training "
           f"window of data.seq_len + 1 = {d.seq_len + 1} tokens.",
-          "give it more data, use a shorter data.seq_len, or drop it from the "
-          "mixture.")
-    if len(eval_src) < 1 and config.train.eval_every:
+          f"{by_length}give it more data, or drop it from the mixture.")
+    if no_eval:
       raise ConfigError(
           "data.eval_fraction", f"{d.eval_fraction} of the {count(tokens, 'token')} of source "
           f"{name!r} is less than one window of data.seq_len + 1 = {d.seq_len + 1}, "
           "so it has nothing to evaluate (every source holds out its own tail).",
-          "raise data.eval_fraction, give the source more data, or set "
+          f"{by_length}raise data.eval_fraction, give the source more data, or set "
           "--config.train.eval_every=0 to train without evaluation.")
     # Each source's own order: seeded by train.seed and its stream number.
     trains.append(grain.MapDataset.source(
@@ -618,7 +626,8 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   mixture: list[MixtureSource] = []
   schedule = Schedule([Segment(0, 0, batch)])
   if entries:
-    examples, eval_src, mixture = _mixture(config, entries, tokenizer, schedule)
+    examples, eval_src, mixture = _mixture(config, entries, tokenizer, schedule,
+                                           batch_sharding.mesh.devices.size)
   elif d.source == "synthetic":
     train_src = Synthetic(config.model.vocab_size, d.seq_len, seed)
     eval_src = Synthetic(config.model.vocab_size, d.seq_len, seed + 1)
