@@ -623,6 +623,13 @@ def make_data(config, batch_sharding: jax.sharding.Sharding) -> Data:
   tokenizer = make_tokenizer(d)
   _check_vocabulary(tokenizer, config)
   entries = mixture_entries(d)
+  if is_byte(d) and d.eos_id not in (None, 0) and any(
+      view.source in sources.DOCUMENT_SOURCES
+      for view in ([v for _, _, v in entries] or [d])):
+    # an import-hf run without tokenizer.json keeps its model's eos id there
+    _say(f"data: documents end with id 0, the byte tokenizer's; data.eos_id="
+         f"{d.eos_id} is not written into them, only kept as the run's stop id "
+         "(generation, export-hf); --config.data.eos_id=0 makes them one")
   mixture: list[MixtureSource] = []
   schedule = Schedule([Segment(0, 0, batch)])
   if entries:
@@ -861,14 +868,6 @@ def validate(config) -> None:
     size = min(np.iinfo(d.token_dtype).max + 1, config.model.vocab_size)
     check_eos(d.eos_id, size, f"the ids of data.token_dtype {d.token_dtype} and "
               f"model.vocab_size {config.model.vocab_size}")
-  if (is_byte(d) and d.eos_id not in (None, 0)
-      and any(check[1] in sources.DOCUMENT_SOURCES for check in checks)):
-    raise ConfigError(
-        "data.eos_id", f"is {d.eos_id}, but the byte tokenizer ends every document "
-        "with id 0 (the NUL byte, which text never holds) whatever data.eos_id "
-        "says; the run's config would keep it, and generation stop at it.",
-        "drop --config.data.eos_id (or set --config.data.eos_id=0); "
-        "--config.data.stop_ids adds generation stop ids.")
   if d.tokenizer == "none" and d.eos_id is None:
     raise ConfigError("data.eos_id", "token-id records (data.tokenizer=none) need "
                       "the id that ends each document.",
