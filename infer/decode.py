@@ -67,6 +67,7 @@ def split(graphdef, params):
   return nnx.merge(graphdef, params).split_layers()
 
 
+@functools.lru_cache(maxsize=16)  # one compile per cache shape and layout
 def empty_cache(cache: KVCache, unit: int):
   """A program (no arguments) that makes the decode form of an empty cache:
   zeros laid out as the abstract position-major `cache` (sharded
