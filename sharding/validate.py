@@ -48,6 +48,8 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         + (f" x pipeline.microbatches={m}" if m > 1 else "")
         + f", e.g. --config.train.batch_size={fits}.")
   if (batch // dp) % accum:
+    shard = batch // dp  # fewer micro-batches that split it, into microbatches too
+    fewer = [d for d in range(accum - 1, 0, -1) if shard % d == 0 and shard // d % m == 0]
     raise ConfigError(
         "train.grad_accum_steps",
         f"each of the {dp} data-parallel shards gets "
@@ -55,8 +57,8 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"{accum} micro-batches.",
         f"pass --config.train.batch_size={fits} (a multiple of data-parallel size "
         f"{dp} x {accum}" + (f" x pipeline.microbatches={m}" if m > 1 else "")
-        + "), or --config.train.grad_accum_steps="
-        f"{largest_divisor(batch // dp, accum)}.")
+        + ")" + (f", or --config.train.grad_accum_steps={fewer[0]}" if fewer else "")
+        + ".")
   rows = config.train.batch_size // dp // accum
   chunks = config.model.get("loss_chunks", 1)
   if isinstance(chunks, int) and chunks > 0 and rows % chunks:

@@ -306,3 +306,37 @@ def test_pipeline_settings_without_a_pipeline_are_named_unused(pipeline, phrase)
                     pipeline_from_config(c, {"stage": 1}))
   assert "pipeline" not in _architecture(
       spec, sharding.make_mesh(c.mesh, jax.devices()[:1]), rules, 8, 16)
+
+
+@pytest.mark.parametrize("mesh, batch, microbatches, more, field", [
+    # a trial: the microbatches fix (batch 8) led to "do not combine"
+    (dict(diloco=2, stage=2, data=-1), 4, 2, {}, "mesh.stage"),
+    (dict(diloco=2, data=2, stage=2), 8, 2, {}, "mesh.stage"),
+    (dict(diloco=2, data=-1), 8, 2, {}, "pipeline.microbatches"),
+    (dict(stage=2, data=-1), 8, 2, {"optim.compression.method": "dgc",
+                                    "optim.name": "sgd"}, "optim.compression.method"),
+    # microbatches that do not divide a replica's rows: flags, not words
+    (dict(stage=2, data=-1), 8, 4, {}, "pipeline.microbatches"),
+    (dict(stage=2, data=-1), 12, 2, {}, "pipeline.microbatches"),
+    # fewer accumulation micro-batches, 1, leave 1 row: not 2 microbatches
+    (dict(stage=2, data=-1), 4, 2, {"train.grad_accum_steps": 2},
+     "train.grad_accum_steps"),
+    (dict(stage=2, data=-1), 24, 2, {"train.grad_accum_steps": 4},
+     "train.grad_accum_steps"),
+])
+def test_what_pipelining_does_not_combine_with_is_said_first(mesh, batch,
+                                                             microbatches, more, field):
+  """A fix of the pipeline's own settings that leads to "does not combine" (or
+  into words: "use microbatches dividing 1") is no fix: what pipelining does not
+  combine with is refused first, and each fix is flags that validate as given."""
+  c = _config(mesh, microbatches=microbatches)
+  c.train.batch_size = batch
+  for key, value in more.items():
+    group, name = key.rsplit(".", 1)
+    node = c
+    for g in group.split("."):
+      node = node[g]
+    node[name] = value
+  err = assert_fixes_validate(c)
+  assert err.field == field, str(err)
+  assert " and " not in err.fix and "dividing" not in err.fix, err.fix

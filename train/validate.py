@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -344,6 +345,24 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
   m, r = p["microbatches"], p["repeats"]
   if stages == 1 and m == 1:  # no pipeline: schedule and repeats are not read
     return
+  # What pipelining does not combine with first: the pipeline's own fixes
+  # below would only lead here.
+  unpipelined = copy.deepcopy(config)
+  if unpipelined.get("pipeline") is not None:
+    unpipelined.pipeline.microbatches = 1
+  no_pipeline = (f"{sharding.validate.axis_off(unpipelined, 'stage', n)} "
+                 "--config.pipeline.microbatches=1")
+  if sizes.get("diloco", 1) > 1:
+    raise ConfigError(
+        "mesh.stage" if stages > 1 else "pipeline.microbatches",
+        f"pipelining and mesh.diloco={sizes['diloco']} do not combine yet.",
+        f"set {sharding.validate.axis_off(config, 'diloco', n)}, or {no_pipeline}.")
+  c = config.optim.get("compression")
+  if c is not None and c.method != "none":
+    raise ConfigError(
+        "optim.compression.method", f"is {c.method!r}: gradient compression and "
+        "pipelining do not combine yet.",
+        f"set --config.optim.compression.method=none, or {no_pipeline}.")
   if r > 1 and p["schedule"] != "circular":
     more = f" --config.pipeline.microbatches={stages}" if m < stages else ""
     raise ConfigError(
@@ -405,23 +424,12 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         f"(micro-)batch has {count(rows, 'sequence')} (train.batch_size="
         f"{config.train.batch_size} over {count(dp, 'replica')} and "
         f"{accum}).",
-        f"use microbatches dividing {rows}, or a train.batch_size that is a "
-        f"multiple of {dp * config.train.grad_accum_steps * m}.")
-  if sizes.get("diloco", 1) > 1:
-    raise ConfigError(
-        "mesh.stage" if stages > 1 else "pipeline.microbatches",
-        f"pipelining and mesh.diloco={sizes['diloco']} do not combine yet.",
-        f"set {sharding.validate.axis_off(config, 'diloco', n)}, or "
-        f"{sharding.validate.axis_off(config, 'stage', n)} and "
-        "--config.pipeline.microbatches=1.")
-  c = config.optim.get("compression")
-  if c is not None and c.method != "none":
-    raise ConfigError(
-        "optim.compression.method", f"is {c.method!r}: gradient compression and "
-        "pipelining do not combine yet.",
-        "set --config.optim.compression.method=none, or "
-        f"{sharding.validate.axis_off(config, 'stage', n)} and "
-        "--config.pipeline.microbatches=1.")
+        "set " + ", or ".join(
+            [f"--config.pipeline.microbatches={d}" for d in range(m - 1, 0, -1)
+             if rows % d == 0 and (p["schedule"] != "circular" or d >= stages)][:1]
+            + [f"--config.train.batch_size="
+               f"{dp * config.train.grad_accum_steps * m * max(1, -(-rows // m))}"])
+        + ".")
 
 
 def _pipeline_fix(config, units: int, stages: int, repeats: int,
