@@ -530,6 +530,22 @@ def test_the_start_line_counts_steps_in_words():
                                            fragments=2).describe()
 
 
+def test_a_run_shorter_than_sync_every_says_it_synchronises_only_at_the_end(
+    tmp_path, capsys):
+  """sync_every above train.steps was accepted without a word: the replicas met
+  only at the last step and every evaluation before it read step 0's outer
+  parameters (a trial's step-10 eval repeated step 0's loss)."""
+  from train import train
+  c = _config(dict(diloco=2, data=4), steps=2, sync_every=3)
+  train(c, str(tmp_path / "run"), progress=False)
+  out = capsys.readouterr().out
+  assert ("note: diloco.sync_every=3 is not below train.steps=2: the replicas "
+          "synchronise only at the last step") in out
+  c = _config(dict(diloco=2, data=4), steps=2, sync_every=1)
+  train(c, str(tmp_path / "other"), progress=False)
+  assert "is not below train.steps" not in capsys.readouterr().out
+
+
 def test_a_changed_layout_says_what_is_kept_and_dropped():
   """Changing overlap_steps alone was reported as a replica count change."""
   D = diloco.DiLoCo

@@ -100,6 +100,14 @@ class DiLoCo:
             f"H={count(h, 'inner step')}; {fragments}; {overlap}; outer gradients sent as "
             f"{self.outer_dtype}")
 
+  def late_sync_note(self, steps: int) -> str:
+    """The start-line note for a run of `steps` <= sync_every steps: nothing
+    synchronises before the last step."""
+    return (f"note: diloco.sync_every={self.sync_every} is not below train.steps="
+            f"{steps}: the replicas synchronise only at the last step, and every "
+            "evaluation before it reads the outer parameters of step 0 (a "
+            "smaller diloco.sync_every synchronises sooner)")
+
   def offset(self, p: int) -> int:
     """Fragment p synchronises after inner steps t with t % H == offset(p)."""
     return p * self.sync_every // self.fragments

@@ -122,6 +122,8 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   dl = diloco_lib.DiLoCo.from_config(config, sizes["diloco"])
   if dl.enabled:
     _say(dl.describe())
+    if dl.sync_every >= t.steps:
+      _say(dl.late_sync_note(t.steps))
   if comp.enabled:
     _say(comp.describe(sizes["data"]))
   shardings = state_shardings(spec, tx, mesh, comp, dl)
