@@ -507,17 +507,24 @@ def _length_that_fits(config, fits: int, num_devices: int) -> int:
   windows fill one batch, and leave a held-out window when evaluating:
   `_longest_fit`) that the config validates with (the sequence axis and the
   attention kernels divide it), powers of two first; 0 when none does."""
-  from train.validate import validate_config
   powers = [2 ** k for k in range(fits.bit_length() - 1, 2, -1)]
-  for length in (powers + [n for n in range(fits, 7, -1) if n not in powers])[:64]:
+  lengths = (powers + [n for n in range(fits, 7, -1) if n not in powers])[:64]
+  return _first_that_validates(config, "seq_len", lengths, num_devices) or 0
+
+
+def _first_that_validates(config, name: str, values, num_devices: int):
+  """The first of `values` for data.`name` at which the config validates on
+  `num_devices`; None when none does."""
+  from train.validate import validate_config
+  for value in values:
     c = copy.deepcopy(config)
-    c.data.seq_len = length
+    c.data[name] = value
     try:
       validate_config(c, num_devices)
     except ConfigError:
       continue
-    return length
-  return 0
+    return value
+  return None
 
 
 def _window_counts(tokens: int, fraction: float, seq_len: int) -> tuple[int, int]:
@@ -544,7 +551,6 @@ def _fraction_that_fits(config, tokens: int, num_devices: int) -> float | None:
   which a stream of `tokens` gives one training batch of windows and, with
   evaluation on, a held-out window at the config's data.seq_len, and the config
   validates; None when none does."""
-  from train.validate import validate_config
   d, batch = config.data, config.train.batch_size
 
   def fits(fraction: float) -> bool:
@@ -554,14 +560,11 @@ def _fraction_that_fits(config, tokens: int, num_devices: int) -> float | None:
   now = max(d.eval_fraction, 1e-9)
   for candidates in (_ROUND_FRACTIONS, [k / 1000 for k in range(1, 1000)],
                      [k / 10000 for k in range(1, 10000)]):
-    for fraction in sorted(filter(fits, candidates),
-                           key=lambda f: abs(math.log(f / now))):
-      c = copy.deepcopy(config)
-      c.data.eval_fraction = fraction
-      try:
-        validate_config(c, num_devices)
-      except ConfigError:
-        continue
+    fraction = _first_that_validates(
+        config, "eval_fraction",
+        sorted(filter(fits, candidates), key=lambda f: abs(math.log(f / now))),
+        num_devices)
+    if fraction is not None:
       return fraction
   return None
 
