@@ -44,7 +44,8 @@ class _Printer:
     self.stops = set(stops)
     self.ids: list[int] = []
     self.printed = 0
-    self.times: list[float] = []  # when each new id arrived (perf_counter seconds)
+    self.arrived = 0  # new ids so far
+    self.first = self.last = 0.0  # when the first and the latest arrived (seconds)
 
   def text(self) -> str:
     """The continuation so far."""
@@ -57,14 +58,16 @@ class _Printer:
   def rate(self) -> str:
     """How many ids arrived, and the decode speed after the first (whose time
     holds the prefill and the compilations)."""
-    n = len(self.times)
+    n = self.arrived
     if n < 2:
       return count(n, "new token")
-    return (f"{count(n, 'new token')}, {(n - 1) / (self.times[-1] - self.times[0]):.1f}"
+    return (f"{count(n, 'new token')}, {(n - 1) / (self.last - self.first):.1f}"
             " tokens/s after the first (prefill and compilation excluded)")
 
   def __call__(self, column) -> None:
-    self.times.append(time.perf_counter())
+    self.last = time.perf_counter()
+    self.first = self.first if self.arrived else self.last
+    self.arrived += 1
     self.out.write(self.prompt)
     self.prompt = ""
     if column[0] >= 0 and column[0] not in self.stops:
@@ -493,14 +496,19 @@ def generate_file(workdir: str, config, prompts_path: str, *,
   longest = max(map(len, ids))
   buckets = [prompt_bucket(max(map(len, ids[start:start + rows])), longest)
              for start in range(0, len(ids), rows)]  # [batches]
+
+  def too_large(err: CacheDoesNotFit, prompts: range) -> sharding.ConfigError:
+    """The refusal of a batch of `prompts`, naming its longest line."""
+    i = max(prompts, key=lambda i: len(ids[i]))
+    return _cache_error(err, max_new_tokens, "--prompts", rows,
+                        f"line {lines[i][0]} of {prompts_name(prompts_path)}")
   left = range(kept, len(ids))
   if left:  # the largest cache of the batches left, before the first runs
     i = max(left, key=lambda i: len(ids[i]))  # its bucket is the largest left
     try:
       check_batch(model, rows, buckets[i // rows], max_new_tokens)
     except CacheDoesNotFit as err:
-      raise _cache_error(err, max_new_tokens, "--prompts", rows,
-                         f"line {lines[i][0]} of {prompts_name(prompts_path)}") from None
+      raise too_large(err, left) from None
   sink, records = None, [record for record, _ in finished]
   continued = resume and output and writer and os.path.exists(output)
   if continued:
@@ -536,9 +544,7 @@ def generate_file(workdir: str, config, prompts_path: str, *,
                        temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=batch_seed, stop_tokens=stops, pad_to=(rows, buckets[b]))
       except CacheDoesNotFit as err:  # the free memory shrank since the check
-        i = max(range(start, start + len(batch)), key=lambda i: len(ids[i]))
-        raise _cache_error(err, max_new_tokens, "--prompts", rows,
-                           f"line {lines[i][0]} of {prompts_name(prompts_path)}") from None
+        raise too_large(err, range(start, start + len(batch))) from None
       for i, (prompt_ids, new_ids) in enumerate(zip(batch, new)):
         stopped = bool(new_ids) and new_ids[-1] in stops
         shown = new_ids[:-1] if stopped else new_ids

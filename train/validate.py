@@ -347,22 +347,24 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
     return
   # What pipelining does not combine with first: the pipeline's own fixes
   # below would only lead here.
-  unpipelined = copy.deepcopy(config)
-  if unpipelined.get("pipeline") is not None:
-    unpipelined.pipeline.microbatches = 1
-  no_pipeline = (f"{sharding.validate.axis_off(unpipelined, 'stage', n)} "
-                 "--config.pipeline.microbatches=1")
+  def no_pipeline() -> str:
+    """Flags that turn pipelining off (the batch checked without microbatches)."""
+    unpipelined = copy.deepcopy(config)
+    if unpipelined.get("pipeline") is not None:
+      unpipelined.pipeline.microbatches = 1
+    return (f"{sharding.validate.axis_off(unpipelined, 'stage', n)} "
+            "--config.pipeline.microbatches=1")
   if sizes.get("diloco", 1) > 1:
     raise ConfigError(
         "mesh.stage" if stages > 1 else "pipeline.microbatches",
         f"pipelining and mesh.diloco={sizes['diloco']} do not combine yet.",
-        f"set {sharding.validate.axis_off(config, 'diloco', n)}, or {no_pipeline}.")
+        f"set {sharding.validate.axis_off(config, 'diloco', n)}, or {no_pipeline()}.")
   c = config.optim.get("compression")
   if c is not None and c.method != "none":
     raise ConfigError(
         "optim.compression.method", f"is {c.method!r}: gradient compression and "
         "pipelining do not combine yet.",
-        f"set --config.optim.compression.method=none, or {no_pipeline}.")
+        f"set --config.optim.compression.method=none, or {no_pipeline()}.")
   if r > 1 and p["schedule"] != "circular":
     more = f" --config.pipeline.microbatches={stages}" if m < stages else ""
     raise ConfigError(
