@@ -23,11 +23,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from common import emit, run  # noqa: E402
 
 _GIB = flags.DEFINE_float("gib", 1.0, "train state size in GiB (above 0)")
-_DIR = flags.DEFINE_string("dir", "/tmp/rung_ckpt_bench", "scratch directory")
+_DIR = define_path("dir", "/tmp/rung_ckpt_bench", "scratch directory")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating dd / restore rounds",
                                lower_bound=1)
 flags.register_validator("gib", lambda v: v > 0, "must be above 0 GiB")

@@ -33,6 +33,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks.common import (run, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
@@ -48,14 +49,14 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 80, "DGC's density warm-up",
                                lower_bound=0)
 _SGD_LR = flags.DEFINE_float("sgd_lr", 0.3, "momentum SGD's learning rate (> 0)")
 _ADAMW_LR = flags.DEFINE_float("adamw_lr", 3e-3, "AdamW's learning rate (> 0)")
-_ROOT = flags.DEFINE_string("root", "runs/dgc", "run directories")
+_ROOT = define_path("root", "runs/dgc", "run directories")
 VARIANTS = ("sgd", "dgc", "adamw", "topk_adamw", "dgc_no_momentum_correction",
             "dgc_no_local_clip", "dgc_no_momentum_masking", "dgc_no_warmup",
             "topk_no_error_feedback")
 _ONLY = flags.DEFINE_list("only", [], f"variants to run, of {', '.join(VARIANTS)} "
                           "(default: all; 'none': only the llama_1b bytes)")
-_ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
-_PLOT = flags.DEFINE_string("plot", None, "write the eval-loss curves to this PNG "
+_ROWS = define_path("write_rows", None, "also append JSON rows here")
+_PLOT = define_path("plot", None, "write the eval-loss curves to this PNG "
                             "(default: no plot)")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x2",
                                 "TPU topology for the llama_1b bytes ('' skips)")

@@ -39,6 +39,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks.common import (run, emit, plot_eval_curves, processor,  # noqa: E402
                                write_rows_to)
@@ -50,13 +51,13 @@ _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations (0: no
 _H = flags.DEFINE_integer("sync_every", 50, "DiLoCo's H (even when a streaming "
                           "variant runs: its 2 fragments sync H/2 steps apart)",
                           lower_bound=1)
-_ROOT = flags.DEFINE_string("root", "runs/diloco", "run directories")
+_ROOT = define_path("root", "runs/diloco", "run directories")
 TRAINED = ("data_parallel", "diloco", "streaming", "diloco_averaging", "one_replica")
 BYTES_ONLY = ("diloco_bf16", "diloco_e3m0", "streaming_f32")
 _ONLY = flags.DEFINE_list("only", [], "variants to run or read, of "
                           f"{', '.join(TRAINED + BYTES_ONLY)} (default: all)")
-_ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
-_PLOT = flags.DEFINE_string("plot", None, "write the eval-loss curves of every run "
+_ROWS = define_path("write_rows", None, "also append JSON rows here")
+_PLOT = define_path("plot", None, "write the eval-loss curves of every run "
                             "under --root to this PNG (default: no plot)")
 flags.register_validator("only", lambda v: set(v) <= {*TRAINED, *BYTES_ONLY},
                          f"must name variants of {', '.join(TRAINED + BYTES_ONLY)}")

@@ -34,6 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks.common import run  # noqa: E402
 
@@ -49,7 +50,7 @@ _REPS = flags.DEFINE_integer("reps", 20, "timed repetitions (median kept)",
                              lower_bound=1)
 _PROGRAMS = flags.DEFINE_enum("programs", "all", ["all", "decode"],
                               "wallclock: every program, or only the cached decode step")
-_JSON = flags.DEFINE_string(
+_JSON = define_path(
     "write_json", None, "a full wallclock run (--programs=all) also writes its "
     "timings here as JSON (default: not written; notebooks/ladder.ipynb plots "
     "benchmarks/results/ladder_overlap.json)")

@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks.common import run  # noqa: E402
 
@@ -32,8 +33,8 @@ _STEPS = flags.DEFINE_integer("steps", 200, "training steps per block type",
 _RETRAIN = flags.DEFINE_integer("retrain_steps", 40, "hybrid retraining steps (>= 2: "
                                 "it is evaluated every retrain_steps // 2 steps)",
                                 lower_bound=2)
-_ROOT = flags.DEFINE_string("root", "runs/ladder_quality", "run directories")
-_OUT = flags.DEFINE_string(
+_ROOT = define_path("root", "runs/ladder_quality", "run directories")
+_OUT = define_path(
     "out", None, "write ladder_quality.json (the eval-loss curves, which "
     "notebooks/ladder.ipynb plots) and ladder_quality.png into this directory "
     "(default: neither is written; the committed ones: --out=benchmarks/results)")

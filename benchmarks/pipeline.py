@@ -28,6 +28,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks.common import run  # noqa: E402
 
@@ -37,7 +38,7 @@ SCHEDULES = ("gpipe", "circular", "1f1b")
 flags.DEFINE_list("microbatches", ["4", "8", "16", "32"], "microbatch counts M (>= 1)")
 flags.DEFINE_list("schedules", list(SCHEDULES), "gpipe | circular (R=2) | 1f1b")
 flags.DEFINE_string("topology", "v5e:2x4", "TPU topology to compile for")
-flags.DEFINE_string("write_rows", "", "append one JSON line per plan here")
+define_path("write_rows", "", "append one JSON line per plan here")
 flags.register_validator(
     "microbatches", lambda v: bool(v) and all(m.isdigit() and int(m) >= 1 for m in v),
     "must be positive integers")

@@ -12,10 +12,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks.common import run  # noqa: E402
 
-_OUT = flags.DEFINE_string("out", None, "PNG to write", required=True)
+_OUT = define_path("out", None, "PNG to write", required=True)
 _TITLE = flags.DEFINE_string("title", "", "figure title")
 
 
@@ -25,15 +26,16 @@ def main(argv):
   import matplotlib.pyplot as plt
 
   from train.metrics import read_metrics
-  if len(argv) < 2:
+  workdirs = [os.path.expanduser(w) for w in argv[1:]]
+  if not workdirs:
     raise app.UsageError("name at least one run directory (its metrics.jsonl).")
-  missing = [w for w in argv[1:]
+  missing = [w for w in workdirs
              if not os.path.exists(os.path.join(w, "metrics.jsonl"))]
   if missing:
     raise app.UsageError(f"no metrics.jsonl in {', '.join(missing)}.")
   fig, ax = plt.subplots(figsize=(6, 4))
   vocab = set()
-  for workdir in argv[1:]:
+  for workdir in workdirs:
     rows = read_metrics(workdir)
     vocab.add(_vocab_size(workdir))
     name = os.path.basename(os.path.normpath(workdir))

@@ -41,13 +41,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks import common
 from benchmarks.common import emit, write_rows_to  # noqa: E402
 
 _SLICES = flags.DEFINE_list("slices", ["1", "2"], "slice counts to run (MaxText "
                             "published 1 and 2)")
-_ROWS = flags.DEFINE_string("write_rows", None, "also append JSON rows here")
+_ROWS = define_path("write_rows", None, "also append JSON rows here")
 _PROGRAM = flags.DEFINE_enum(
     "program", "rung", ["rung", "maxtext"],
     "rung: rung's defaults beyond the model shape; maxtext: MaxText's choices "

@@ -21,6 +21,7 @@ from sharding import ConfigError
 from sharding.distributed import JoinError
 from experiment import failed_checkpoint_io
 from experiment.host import cpu_only_host
+from experiment.path_flag import define_path
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
                   "join_timeout_s", "heartbeat_timeout_s")
@@ -82,29 +83,12 @@ _NEEDS_CONFIG = ("train", "compile", "plan")
 # Commands that only ask the TPU compiler: no --workdir, no multi-process join.
 _COMPILER_COMMANDS = ("compile", "plan")
 
-class _PathParser(flags.ArgumentParser):
-  """A path flag's value with `~` expanded: the shell leaves `--workdir=~/runs`
-  as it is (it expands a tilde only at a word's start), which would make a
-  directory named `~` in the current one."""
-
-  def parse(self, argument):
-    return os.path.expanduser(argument) if isinstance(argument, str) else argument
-
-  def flag_type(self):
-    return "string"
-
-
-def _define_path(name: str, help_text: str):
-  return flags.DEFINE(_PathParser(), name, None, help_text,
-                      serializer=flags.ArgumentSerializer())
-
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file; `path.py:arg` passes arg to get_config.",
     lock_config=True)
-_WORKDIR = _define_path("workdir", "Run directory (metrics, checkpoints).")
-_HF_DIR = _define_path("hf_dir", "HF checkpoint directory.")
-_OUT = _define_path("out", "Output directory.")
+_WORKDIR = define_path("workdir", None, "Run directory (metrics, checkpoints).")
+_HF_DIR = define_path("hf_dir", None, "HF checkpoint directory.")
+_OUT = define_path("out", None, "Output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step "
                              "(default latest).")
 _COORDINATOR = flags.DEFINE_string(
@@ -120,11 +104,11 @@ _HEARTBEAT = flags.DEFINE_integer(
     "which a process counts as dead and JAX ends every process (exit status 134); "
     "the last committed checkpoint resumes.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
-_PROMPTS = _define_path(
-    "prompts", "A file of prompts to continue instead: one per line, or in a "
+_PROMPTS = define_path(
+    "prompts", None, "A file of prompts to continue instead: one per line, or in a "
     '.jsonl file {"prompt": ...} per line; - reads standard input.')
-_OUTPUT_JSONL = _define_path(
-    "output_jsonl", "With --prompts: write the completions here (a new file), "
+_OUTPUT_JSONL = define_path(
+    "output_jsonl", None, "With --prompts: write the completions here (a new file), "
     "one JSON object per prompt; default (or -): standard output.")
 _RESUME_OUTPUT = flags.DEFINE_bool(
     "resume_output", False, "With --output_jsonl: continue the file an interrupted "
@@ -142,8 +126,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU generation and "
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "decode"], "The train "
                           "step, or one KV-cache decode step (train.batch_size "
                           "sequences, a cache of data.seq_len positions).")
-_OUTPUT_JSON = _define_path("output_json", "Also write the report as JSON here.")
-_DUMP_HLO = _define_path("dump_hlo", "Write the lowered and compiled programs into "
+_OUTPUT_JSON = define_path("output_json", None, "Also write the report as JSON here.")
+_DUMP_HLO = define_path("dump_hlo", None, "Write the lowered and compiled programs into "
                          "this directory.")
 _MAX_PLANS = flags.DEFINE_integer(
     "max_plans", None, "plan: compile at most this many candidates (default: all), "
