@@ -306,8 +306,9 @@ def compile_step(config, topology: str, what: str = "train",
       raise
     compiled, error = None, str(err).strip()
   seconds = time.perf_counter() - start
+  stem = f"{what}_{topology.replace(':', '_')}"
   if dump_hlo:
-    _dump(dump_hlo, f"{what}_{topology.replace(':', '_')}", lowered, compiled)
+    _dump(dump_hlo, stem, lowered, compiled)
 
   memory = _memory(args, what, compiled, chip, error)
   text = compiled.as_text() if compiled is not None else ""  # printed once, read thrice
@@ -325,19 +326,21 @@ def compile_step(config, topology: str, what: str = "train",
                   attention_flops / len(devices) if costs.uncounted_kernels else 0.0)
   if compiled is not None and what == "train" and args[0].diloco is not None:
     report.diloco_syncs = _diloco_syncs(config, spec, mesh, args[0], chip, options,
-                                        report.slices)
+                                        report.slices, dump_hlo and (dump_hlo, stem))
   return report
 
 
 def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
-                  slices: int) -> list[dict[str, Any]]:
+                  slices: int, dump: tuple[str, str] | None = None
+                  ) -> list[dict[str, Any]]:
   """Each fragment's DiLoCo synchronisation (`train.diloco.make_sync`, the
   program the loop runs every `diloco.sync_every` inner steps per fragment),
   compiled on `mesh` with the inner step's state: per fragment, `seconds` (its
   schedule estimate), `exposed_communication` (seconds by mesh axes),
   `received_bytes` (per device, by mesh axes), `temporaries`, `total` (bytes per
   device: arguments + temporaries + unaliased outputs + code), `fits`,
-  `compile_seconds`."""
+  `compile_seconds`. `dump`: (directory, stem) writes each program as
+  `<stem>_sync_fragment<p>.*` (`_dump`)."""
   dl = DiLoCo.from_config(config, mesh.shape["diloco"])
   frags = Fragments.of(spec.abstract_params, spec.logical, dl.fragments)
   shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -350,6 +353,8 @@ def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
       lowered = sync.lower(state)
     compiled = compile_deviceless(lowered, options)
     seconds = time.perf_counter() - start
+    if dump:
+      _dump(dump[0], f"{dump[1]}_sync_fragment{p}", lowered, compiled)
     text = compiled.as_text()
     received = _received_by_axes(costs_lib.analyze(text, sharding.AXES, shape))
     est = _schedule_estimate(text, chip, list(mesh.devices.flat), shape, slices, 0.0)

@@ -694,17 +694,24 @@ def test_topology_names_take_any_case_and_spaces(spelling):
 
 
 @needs_libtpu
-def test_diloco_compile_counts_the_replicas_and_outer_buffers():
+def test_diloco_compile_counts_the_replicas_and_outer_buffers(tmp_path):
   """mesh.diloco=2 compiles the inner step; its memory table has a row for every
   replica's parameters, the outer momentum and the outer gradients in flight
   (each device holds one replica's shard: three times the outer parameters'
   bytes; the row was missing). Each fragment's synchronisation is compiled too
   (it was not): the float32 outer gradients' all-reduce over 2 replicas
   receives each device's shard once, so the fragments together receive the
-  parameters' bytes per device over `diloco`, and nothing else but scalars."""
+  parameters' bytes per device over `diloco`, and nothing else but scalars.
+  `--dump_hlo` writes the synchronisations beside the step (it wrote the step
+  only)."""
   c = small_1b(diloco=2, fsdp=4)
   c.diloco.update(sync_every=10, overlap_steps=1, fragments=2)
-  r = aot.compile_step(c, "v5e:2x4")
+  r = aot.compile_step(c, "v5e:2x4", dump_hlo=str(tmp_path))
+  for stem in ("train_v5e_2x4", "train_v5e_2x4_sync_fragment0",
+               "train_v5e_2x4_sync_fragment1"):
+    assert "ENTRY" in (tmp_path / f"{stem}.compiled.hlo").read_text(), stem
+    assert (tmp_path / f"{stem}.lowered.mlir").stat().st_size > 0, stem
+  assert "all-reduce" in (tmp_path / "train_v5e_2x4_sync_fragment1.compiled.hlo").read_text()
   m = r.memory
   assert m["diloco"] == pytest.approx(3 * m["params"])
   assert m["arguments"] > m["params"] + m["optimizer"] + m["diloco"]
@@ -720,3 +727,25 @@ def test_diloco_compile_counts_the_replicas_and_outer_buffers():
   amortised = sum(s["seconds"] for s in syncs) / 10
   assert f"amortised                    {amortised * 1e3:.3f} ms per inner step" in table
   assert "fragment 1" in table and r.to_dict()["diloco_syncs"][1]["fragment"] == 1
+  _REPORTS["diloco_float32"] = r
+
+
+@needs_libtpu
+@pytest.mark.parametrize("dtype,bits", [("bfloat16", 16), ("e3m0", 4)])
+def test_a_low_precision_diloco_sync_receives_its_codes_once(dtype, bits, tmp_path):
+  """Sent as `dtype` codes, each fragment's outer gradient crosses `diloco` as
+  an all-to-all and an all-gather of codes; over 2 replicas each device receives
+  half its shard's codes in each, so the fragment's float32 bytes times bits / 32
+  (plus E3M0's row scales and the chunks' padding to 128 lanes). The TPU
+  compiler had turned an all-gather of a uint8 chunk that was not a multiple of
+  128 into an all-reduce of the gathered size, and fragment 0 (the embedding,
+  head and final norm, whose sizes are not multiples of 128 here) received 1.5x
+  its codes."""
+  if "diloco_float32" not in _REPORTS:
+    test_diloco_compile_counts_the_replicas_and_outer_buffers(tmp_path)
+  f32 = [s["received_bytes"]["diloco"] for s in _REPORTS["diloco_float32"].diloco_syncs]
+  c = small_1b(diloco=2, fsdp=4)
+  c.diloco.update(sync_every=10, overlap_steps=1, fragments=2, outer_dtype=dtype)
+  got = [s["received_bytes"]["diloco"] for s in aot.compile_step(c, "v5e:2x4").diloco_syncs]
+  for p, (full, low) in enumerate(zip(f32, got)):
+    assert full * bits / 32 <= low <= full * bits / 32 + 2048, (p, full, low)

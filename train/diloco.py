@@ -248,6 +248,21 @@ def _row_max(rows: list[jax.Array], row_axes: Sequence[tuple[str, ...]],
   return [jnp.where(s > 0, s, 1.0)[:, None] for s in out]
 
 
+# Codes per replica's chunk of an exchange are padded to a multiple of this (the
+# TPU's 128 lanes): the TPU compiler turned an all-gather of a uint8 chunk that
+# was not a multiple of 128 into an all-reduce of the gathered size, so each
+# device received the codes twice (llama_tiny's fragment 0 in e3m0 on v5e:
+# 1,205,820 bytes over `diloco` where the codes are 803,456). The all-to-all is
+# padded alike; it costs under 128 bytes per chunk.
+CHUNK_QUANTUM = 128
+
+
+def _whole_tiles(x: jax.Array) -> jax.Array:
+  """[..., n] -> [..., n rounded up to CHUNK_QUANTUM], zero-padded."""
+  pad = -x.shape[-1] % CHUNK_QUANTUM
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
+
+
 def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
                         replicas: int, row_axes: Sequence[tuple[str, ...]]
                         ) -> list[jax.Array]:
@@ -286,7 +301,8 @@ def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
   codes = [encode(r, s).reshape(g, replicas, -1)  # [g, replicas, c]
            for r, s, g in zip(rows, scales, groups)]
   send = jnp.concatenate([c.swapaxes(0, 1).reshape(replicas, -1) for c in codes], 1)
-  got = jax.lax.all_to_all(send, REPLICA_AXIS, 0, 0, tiled=True)  # [senders, total]
+  got = jax.lax.all_to_all(_whole_tiles(send), REPLICA_AXIS, 0, 0,
+                           tiled=True)[:, :send.shape[1]]  # [senders, total]
   parts = split(got, [c[:, 0].size for c in codes])
   if e3m0:  # [senders, sum(groups)]
     sent_scales = split(jax.lax.all_gather(
@@ -301,8 +317,8 @@ def _mean_low_precision(xs: list[jax.Array], groups: Sequence[int], dtype: str,
   else:
     scales2 = [None] * len(means)
   back = [encode(m, s) for m, s in zip(means, scales2)]  # [g, c]
-  every = jax.lax.all_gather(jnp.concatenate([b.reshape(-1) for b in back]),
-                             REPLICA_AXIS)  # [replicas, total]
+  mine = jnp.concatenate([b.reshape(-1) for b in back])  # [total]
+  every = jax.lax.all_gather(_whole_tiles(mine), REPLICA_AXIS)[:, :mine.size]
   out = []
   for piece, b, s, x, n in zip(split(every, [b.size for b in back]), back, scales2,
                                xs, widths):
