@@ -50,7 +50,7 @@ def load(workdir: str, *, step: int | None = None,
     config.mesh.update(**mesh_overrides)
   model.validate(config.model)  # overrides of the saved model are checked too
   devices = list(jax.devices() if devices is None else devices)
-  sizes = sharding.validate_serving_plan(config, len(devices))
+  sizes = sharding.validate_serving_plan(config, len(devices), saved_model=True)
   config.mesh.update(**sizes)
   config.model.attention = kernels.serving_impl(
       config.model.attention,

@@ -72,12 +72,15 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
 
 
 def validate_serving_plan(config: Any, num_devices: int,
-                          training: bool = False) -> dict[str, int]:
+                          training: bool = False,
+                          saved_model: bool = False) -> dict[str, int]:
   """The checks of `validate_plan` that serving needs: the mesh fits the devices
   and the model's heads and experts split over it. Nothing about `train` or the
   training length: any batch and prompt serve on any mesh (they are padded to it);
   fixes name a batch size only for `training` (`validate_plan`'s call).
-  Returns the resolved mesh sizes."""
+  `saved_model`: the model's shapes are a checkpoint's (serving, an HF import),
+  so a head or expert count that does not split is the mesh's error and its fix
+  changes only the mesh. Returns the resolved mesh sizes."""
   table = normalize_rules(config.mesh.rules)  # ConfigError for a bad axis
   try:
     sizes = resolve_shape({a: config.mesh.get(a, 1) for a in AXES}, num_devices)
@@ -106,12 +109,13 @@ def validate_serving_plan(config: Any, num_devices: int,
     axis = rules[name][0]
     unsplit = " ".join(f"--config.mesh.rules.{n}=()" for _, n in failing)
     raise ConfigError(
-        f"model.{field}",
+        f"mesh.{axis}" if saved_model else f"model.{field}",
         f"{m[field]} {field.replace('num_', '').replace('_', ' ')} cannot be "
         f"split over {_describe(rules, name, sizes)}.",
         f"choose mesh.{axis} dividing {m[field]} (e.g. "
         f"{_resize(config, axis, table, num_devices, training)}"
-        f"), change model.{field}, or leave the heads unsplit: {unsplit}.")
+        f"), {'' if saved_model else f'change model.{field}, '}or leave the heads "
+        f"unsplit: {unsplit}.")
   # mesh.expert > 1 with a dense model (moe.num_experts = 0) is allowed: `batch`
   # is split over `expert` too, so it is plain data parallelism.
   experts = m.moe.num_experts if "moe" in m else 0
@@ -119,11 +123,11 @@ def validate_serving_plan(config: Any, num_devices: int,
   if experts and experts % e:
     axis = rules["experts"][0]
     raise ConfigError(
-        "model.moe.num_experts",
+        f"mesh.{axis}" if saved_model else "model.moe.num_experts",
         f"{experts} experts cannot be split over {_describe(rules, 'experts', sizes)}.",
         f"choose mesh.{axis} dividing {experts} (e.g. "
-        f"{_resize(config, axis, table, num_devices, training)}), "
-        f"or a multiple of {e} experts.")
+        f"{_resize(config, axis, table, num_devices, training)})"
+        + ("." if saved_model else f", or a multiple of {e} experts."))
   if experts:
     shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
               and sizes[a] > 1]

@@ -1061,3 +1061,38 @@ def test_a_resumed_prompt_file_refuses_other_settings_than_wrote_it(
         temperature=1.0)
   assert err.value.fix == ("pass --temperature=0.0 to continue it, or pass a new "
                            "--output_jsonl.")
+
+
+
+def test_a_saved_model_whose_heads_do_not_split_is_the_meshs_error(byte_run):
+  """A saved model's head counts are its checkpoint's: a mesh that does not split
+  them (4 kv heads over mesh.tensor=8) is refused as the mesh's error, and the
+  fix changes only the mesh (it suggested changing model.num_kv_heads, which no
+  checkpoint can take). Each alternative of the fix, followed, loads."""
+  import conftest
+  from sharding import ConfigError
+  overrides = dict(tensor=8, data=1, fsdp=1)
+  with pytest.raises(ConfigError) as err:
+    infer.load(str(byte_run), mesh_overrides=overrides)
+  assert err.value.field == "mesh.tensor", err.value
+  assert "4 kv heads cannot be split over mesh.tensor=8" in str(err.value)
+  assert "model." not in err.value.fix, err.value.fix
+  alternatives = conftest.fix_alternatives(err.value.fix)
+  assert alternatives, err.value.fix
+  for flags_given in alternatives:
+    fixed, rules = dict(overrides), None
+    for flag in flags_given:
+      name, value = flag.removeprefix("--config.mesh.").split("=")
+      if name.startswith("rules."):
+        continue  # leaving the heads unsplit: a mesh.rules override, below
+      fixed[name] = int(value)
+    if any(f.startswith("--config.mesh.rules.") for f in flags_given):
+      from train import run_config
+      config = run_config.load(str(byte_run))
+      config.mesh.update(**fixed)
+      config.mesh.rules = {f.split("=")[0].removeprefix("--config.mesh.rules."): ()
+                           for f in flags_given if "rules." in f}
+      rules = config
+    model, config = infer.load(str(byte_run), config=rules,
+                               mesh_overrides=None if rules else fixed)
+    assert model(np.zeros((1, 4), np.int32)).shape[-1] == config.model.vocab_size

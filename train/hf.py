@@ -614,7 +614,7 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
     config.data.bos_id = hf["bos_token_id"]
   import model as model_lib
   model_lib.validate(config.model)
-  sharding.validate_serving_plan(config, len(jax.devices()))
+  sharding.validate_serving_plan(config, len(jax.devices()), saved_model=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.normalize_rules(config.mesh.rules)
   spec = model_spec(ModelConfig.from_config(config.model), rules)
