@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -297,6 +298,23 @@ def _no_hf_model(hf_dir: str) -> ConfigError | None:
       "save_pretrained writes).")
 
 
+@contextlib.contextmanager
+def _interrupted(command: str, target: str):
+  """Ctrl-C during import-hf / export-hf: one line saying what `target` holds
+  (they move their files there only once all are written, `train.staged`),
+  exit status 130."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    done = os.path.isfile(os.path.join(target, "config.json"))
+    sys.stderr.write(
+        f"\n{command} interrupted " + (
+            f"after it finished: {target} is complete.\n" if done else
+            f"before it finished: none of its files are in {target}; run the "
+            "command again.\n"))
+    sys.exit(130)
+
+
 def _check(error: ConfigError | None) -> None:
   if error is not None:
     _config_error(error)
@@ -369,11 +387,14 @@ def main(argv: list[str]) -> None:
       from train import hf
       hf_dir = _require(_HF_DIR, _HF_DIR.value, "path/to/hf_model")
       _check(_no_hf_model(hf_dir))
-      hf.import_hf(hf_dir, workdir, _CONFIG.value, _config_overrides())
+      with _interrupted(command, workdir):
+        hf.import_hf(hf_dir, workdir, _CONFIG.value, _config_overrides())
     elif command == "export-hf":
       from train import hf
       _check(_no_run(workdir))
-      hf.export_hf(workdir, _require(_OUT, _OUT.value, "path/to/out"), _STEP.value)
+      out = _require(_OUT, _OUT.value, "path/to/out")
+      with _interrupted(command, out):
+        hf.export_hf(workdir, out, _STEP.value)
     elif command == "generate":
       from train.unread import unread_by_serving
       _check(unread_by_serving(_CONFIG.value, _config_overrides()))

@@ -26,8 +26,10 @@ def get_config(arg=None):
                       "and no run directory was given.",
                       "pass --config=experiments/saved.py:WORKDIR.")
   arg = os.path.expanduser(arg)
-  if run_config.no_run(arg):
-    raise ConfigError("--config", f"{arg} holds no run (it has no config.json).",
+  missing = run_config.no_run(arg, then="--config=experiments/saved.py:runs/NAME")
+  if missing:
+    raise ConfigError("--config", missing.problem, missing.fix
+                      if run_config.hf_model_in(arg) else
                       "pass --config=experiments/saved.py:WORKDIR with the directory "
                       "of a trained or imported run.")
   c = run_config.load(arg, base.get_config())

@@ -538,6 +538,33 @@ def test_a_tilde_in_data_path_is_the_home_directory(tiny_config, corpus, tmp_pat
       for s in ("text", "tokens", "jsonl")]  # books, ids, web
 
 
+def test_a_tilde_in_data_tokenizer_is_the_home_directory(tiny_config, corpus, tmp_path,
+                                                         monkeypatch):
+  """make_tokenizer expanded `~` in data.tokenizer but the token cache's key read
+  the file at ./~/tok.json: training on a text source crashed with
+  FileNotFoundError. Every reader takes the path from `tokenizer_file`; the
+  stream, the cache key and the run's recorded path equal the absolute path's."""
+  from conftest import write_word_tokenizer
+  from train import run_config, token_cache
+  from train.tokenizer import make_tokenizer
+  home = tmp_path / "home"
+  home.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  write_word_tokenizer(home / "tok.json", ["[UNK]", *[chr(ord("a") + i) for i in range(26)]])
+  streams = {}
+  for given in ("~/tok.json", str(home / "tok.json")):
+    c = _config(tiny_config, "text", corpus["text"], tmp_path / "cache")
+    c.data.update(tokenizer=given, eos_id=0)
+    streams[given] = (token_cache.tokenizer_identity(c.data),
+                      np.asarray(data_lib.token_stream(c.data, make_tokenizer(c.data))))
+    run_config.write(str(tmp_path / "run"), json.loads(c.to_json()))
+    assert run_config.read(str(tmp_path / "run"))["data"]["tokenizer"] == str(
+        home / "tok.json")
+  (key_a, ids_a), (key_b, ids_b) = streams.values()
+  assert key_a == key_b and len(ids_a) > 0
+  np.testing.assert_array_equal(ids_a, ids_b)
+
+
 def test_a_cache_is_keyed_only_by_the_settings_its_source_reads():
   """data.text_field and data.skip_bad_records keyed every source's token cache,
   so a change made for a mixture's jsonl entry tokenized its text, arrayrecord

@@ -61,9 +61,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 def prepare_workdir(workdir: str, make: bool = True) -> None:
   """Checks that `workdir` and its checkpoint directory are directories (or can
-  be made) and, with `make`, makes `workdir` on process 0: a ConfigError naming
-  --workdir. The loop and import-hf call it before reading any data (a file in
-  either place failed only after tokenization, with a traceback); a writable
+  be made) and that `workdir` holds no Hugging Face model; with `make`, makes
+  `workdir` on process 0. Else a ConfigError naming --workdir. The loop and
+  import-hf call it before reading any data (a file in either place failed only
+  after tokenization, with a traceback); a writable
   `Checkpointer` checks too, since Orbax's asynchronous save into such a place
   hangs (its failing thread never signals the threads that wait for it; SIGTERM
   could not end it)."""
@@ -71,6 +72,13 @@ def prepare_workdir(workdir: str, make: bool = True) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
       raise ConfigError("--workdir", f"{path} is a file, not a directory.",
                         "pass another --workdir, or move the file out of the way.")
+  model = run_config.hf_model_in(workdir)
+  if model:  # a run's config.json would replace the model's
+    raise ConfigError(
+        "--workdir", f"{workdir} holds a Hugging Face model ({model}), whose "
+        "config.json a run there would overwrite.",
+        "pass another --workdir; to train this model, import it first: python -m "
+        f"experiment import-hf {flag('hf_dir', workdir)} --workdir=runs/NAME.")
   if make and jax.process_index() == 0:
     try:
       os.makedirs(workdir, exist_ok=True)

@@ -31,11 +31,11 @@ import sharding
 from model import ModelConfig
 from model.rotary import ROPE_TYPES, yarn_attention_factor
 from sharding import ConfigError
-from train import run_config
+from train import run_config, staged
 from train.checkpoint import Checkpointer, checkpoint_dir, prepare_workdir
 from train.optimizer import make_optimizer
 from train.state import init_state, model_spec, param_shardings
-from train.tokenizer import make_tokenizer, tokenizer_file
+from train.tokenizer import TOKENIZER_EXTRAS, copy_extras, make_tokenizer, tokenizer_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,6 +564,14 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
           if os.path.exists(os.path.join(workdir, name))]
   # Process 0's view: a slower process may already see what this import wrote.
   if sharding.distributed.process_0_says(bool(held)):
+    model = run_config.hf_model_in(workdir)
+    if model:  # e.g. --workdir=--hf_dir: removing it would delete the model
+      raise ConfigError(
+          "--workdir", f"{workdir} holds a Hugging Face model ({model}), not a "
+          "rung run; import-hf writes the new run into --workdir.",
+          f"pass a new --workdir for the run, e.g. --workdir=runs/"
+          f"{os.path.basename(os.path.normpath(hf_dir)) or 'model'} (--hf_dir stays "
+          "as it is).")
     raise ConfigError(
         "--workdir", f"{workdir} already holds a run ({' and '.join(held)}); "
         "import-hf writes a new run at step 0 and would overwrite it.",
@@ -582,7 +590,7 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
   tokenizer, copied = os.path.join(hf_dir, "tokenizer.json"), []
   given = tokenizer_file(config.data.tokenizer)
   if given:  # --config.data.tokenizer=PATH: the run keeps its own copy too
-    tokenizer = os.path.expanduser(given)
+    tokenizer = given
     if not os.path.isfile(tokenizer):
       raise ConfigError("data.tokenizer", f"there is no tokenizer file at {tokenizer}.",
                         "pass the path of the model's tokenizer.json.")
@@ -591,9 +599,10 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
     # (to <workdir>/tokenizer.json, which the run's config.json names relative to
     # the run, so the run can be moved).
     config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    beside = os.path.dirname(os.path.abspath(tokenizer))  # its special tokens, template
     copied = [(tokenizer, "tokenizer.json")] + [
-        (os.path.join(hf_dir, name), name) for name in TOKENIZER_EXTRAS
-        if not given and os.path.isfile(os.path.join(hf_dir, name))]
+        (os.path.join(beside, name), name) for name in TOKENIZER_EXTRAS
+        if os.path.isfile(os.path.join(beside, name))]
     tokens = f"{', '.join(name for _, name in copied)}, copied into the run"
     size = _tokenizer_size(tokenizer)
     if size > config.model.vocab_size:
@@ -628,26 +637,35 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         "--hf_dir", f"{hf_dir}'s weights do not match its config.json: {err}.",
         "check that config.json belongs to these weights (num_hidden_layers, "
         "vocab_size, hidden_size, tie_word_embeddings, ...).") from None
-  os.makedirs(workdir, exist_ok=True)
-  for source, name in copied:
-    shutil.copy(source, os.path.join(workdir, name))
   tx = make_optimizer(config.optim, config.train.steps)
   state = init_state(spec, tx, mesh, 0, params=params)
   config_dict = json.loads(config.to_json())
-  run_config.write(workdir, config_dict)
-  ckpt = Checkpointer(workdir, config.checkpoint)
-  ckpt.save(state, None, config_dict, force=True)
-  ckpt.wait()
-  ckpt.close()
+  # Every file is written into a staging directory and moved into the workdir
+  # once all are (config.json last): an interrupted import leaves no run.
+  writer = jax.process_index() == 0
+  with staged.staged(workdir, "import-hf", writer=writer,
+                     barrier=_barrier if jax.process_count() > 1 else None) as stage:
+    if writer:
+      for source, name in copied:
+        shutil.copy(source, os.path.join(stage, name))
+      run_config.write(stage, config_dict, home=workdir)
+    ckpt = Checkpointer(stage, config.checkpoint)
+    ckpt.save(state, None, config_dict, force=True)
+    ckpt.wait()
+    ckpt.close()
   n = sum(x.size for x in jax.tree.leaves(params))
   cfg = spec.cfg
   stored = hf.get("dtype") or hf.get("torch_dtype")
   weights = (f"{stored} in the checkpoint, held (and exported) as {cfg.param_dtype}, "
              "model.param_dtype" if stored and stored != cfg.param_dtype else
              cfg.param_dtype)
-  if stored in ("bfloat16", "float16") and cfg.param_dtype == "float32":
+  if stored == "bfloat16" and cfg.param_dtype == "float32":
     weights += (" (twice the memory; --config.model.param_dtype=bfloat16 at import "
                 "keeps them in 16 bits)")
+  elif stored == "float16" and cfg.param_dtype == "float32":
+    weights += (" (twice the memory, exactly: rung holds no float16 parameters, "
+                "and --config.model.param_dtype=bfloat16 would round their 10-bit "
+                "mantissas to 7)")
   family = family_of(cfg)
   given = (hf.get("architectures") or [family])[0]
   print(f"imported {given}" + (f" (the same model as a {family}, as which it exports)"
@@ -655,7 +673,7 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         + f" ({n / 1e6:.1f}M parameters) "
         f"from {hf_dir} into {workdir} at step 0.\n"
         f"rope: {rope_description(cfg)}; stop tokens: "
-        f"{_stops_line(config.data, stops, copied)}\n"
+        f"{_stops_line(config.data, stops, copied, cfg.vocab_size)}\n"
         f"weights: {weights}\n"
         f"tokenizer: {tokens}\n"
         + (f"block: {cfg.block}: the imported weights run with another residual "
@@ -664,6 +682,12 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
            if cfg.block != "standard" else "") +
         f"fine-tune: python -m experiment train {run_config.saved_config_flag(workdir)} "
         f"{sharding.flag('workdir', workdir)}")
+
+
+def _barrier(name: str) -> None:
+  """Every process waits here for the others (several processes only)."""
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(f"rung: {name}")
 
 
 def _refuse_conflicting(config, fields: dict, set_fields: Sequence[str],
@@ -689,12 +713,18 @@ def _refuse_conflicting(config, fields: dict, set_fields: Sequence[str],
           f"another value, pass it to `train --config=experiments/saved.py:RUN`.")
 
 
-def _stops_line(data_cfg, stops: list[int], copied: list[tuple[str, str]]) -> str:
-  """What import-hf says the run stops on: config.json's eos ids, else what
-  `stop_tokens` finds with the tokenizer being copied (its end-of-text token),
-  else none."""
+def _stops_line(data_cfg, stops: list[int], copied: list[tuple[str, str]],
+                vocab_size: int) -> str:
+  """What import-hf says the run stops on: config.json's eos ids (with a warning
+  for any the model's vocabulary does not hold), else what `stop_tokens` finds
+  with the tokenizer being copied (its end-of-text token), else none."""
   if stops:
-    return str(stops)
+    past = [i for i in stops if i >= vocab_size]
+    return str(stops) + (
+        f" (warning: {', '.join(map(str, past))} past the model's vocab_size of "
+        f"{vocab_size}: the model cannot emit {'it' if len(past) == 1 else 'them'}, "
+        "and generate refuses such stop ids until they are dropped with "
+        "--config.data.eos_id / --config.data.stop_ids)" if past else "")
   if copied:
     from train.tokenizer import HFTokenizer
     found = stop_tokens(data_cfg, HFTokenizer(copied[0][0], require_eos=False))
@@ -724,19 +754,6 @@ def _honour_umask(path: str) -> None:
   os.chmod(path, 0o666 & ~mask)
 
 
-# What transformers' AutoTokenizer reads next to tokenizer.json (special tokens,
-# chat template); kept with the run by import-hf and written back by export-hf.
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")
-
-
-def _copy_if_there(src_dir: str, name: str, dst_dir: str) -> bool:
-  src = os.path.join(src_dir, name)
-  if os.path.isfile(src):
-    shutil.copy(src, os.path.join(dst_dir, name))
-    return True
-  return False
-
-
 def _write_tokenizer_config(tokenizer_json: str, hf: dict, out: str) -> None:
   """A tokenizer_config.json naming the bos and eos tokens of `hf` (config.json's
   ids, as strings of tokenizer_json), for a run whose tokenizer came without one."""
@@ -759,9 +776,10 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   new checkpoint beside an old one's shards or tokenizer would mix the two.
   On several processes, each reads the parameters and process 0 writes."""
   # Process 0's view: a slower process may already see what this export wrote.
-  if sharding.distributed.process_0_says(
-      os.path.isfile(out) or (os.path.isdir(out) and bool(os.listdir(out)))):
-    held = sorted(os.listdir(out))[:5] if os.path.isdir(out) else []
+  # (An interrupted export's staging directory is not a file of `out`'s.)
+  held = sorted(set(os.listdir(out)) - {staged.partial_name("export-hf")}
+                ) if os.path.isdir(out) else []
+  if sharding.distributed.process_0_says(os.path.isfile(out) or bool(held)):
     what = (f"holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}" if held
             else "exists as a file")
     raise ConfigError("--out", f"{out} already {what}; export-hf writes a whole "
@@ -801,29 +819,34 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
 
 def _write_export(params, cfg: ModelConfig, config, stops, workdir: str, out: str,
                   step: int) -> None:
-  """Process 0's half of `export_hf`: the files."""
+  """Process 0's half of `export_hf`: the files, written into a staging directory
+  and moved into `out` once all are (config.json last, `train.staged`)."""
   from safetensors.numpy import save_file
-  os.makedirs(out, exist_ok=True)
-  weights = os.path.join(out, "model.safetensors")
-  save_file(params_to_hf(params, cfg), weights, metadata={"format": "pt"})
-  _honour_umask(weights)
   hf = hf_config(cfg, stops, config.data.get("bos_id"))
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
-  with open(os.path.join(out, "generation_config.json"), "w") as f:
-    json.dump({"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]},
-              f, indent=2)
-  if config.data.tokenizer and os.path.exists(str(config.data.tokenizer)):
-    shutil.copy(config.data.tokenizer, os.path.join(out, "tokenizer.json"))
-    held = os.path.dirname(os.path.abspath(str(config.data.tokenizer)))
-    for name in TOKENIZER_EXTRAS:
-      _copy_if_there(held, name, out)
-    if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
-      _write_tokenizer_config(str(config.data.tokenizer), hf, out)  # bos/eos
+  tokenizer = tokenizer_file(config.data.tokenizer)
+  with staged.staged(out, "export-hf") as stage:
+    weights = os.path.join(stage, "model.safetensors")
+    save_file(params_to_hf(params, cfg), weights, metadata={"format": "pt"})
+    _honour_umask(weights)
+    with open(os.path.join(stage, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+    with open(os.path.join(stage, "generation_config.json"), "w") as f:
+      json.dump({"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]},
+                f, indent=2)
+    if tokenizer and os.path.isfile(tokenizer):
+      shutil.copy(tokenizer, os.path.join(stage, "tokenizer.json"))
+      # The extras beside the tokenizer the run reads, else the run's own copies.
+      copy_extras(os.path.dirname(os.path.abspath(tokenizer)), stage)
+      copy_extras(workdir, stage)
+      if not os.path.exists(os.path.join(stage, "tokenizer_config.json")):
+        _write_tokenizer_config(tokenizer, hf, stage)  # bos/eos
   logging.info("exported step %s of %s to %s", step, workdir, out)
   print(f"exported step {step} of {workdir} to {out}" + (
       "" if stops else "; eos_token_id none: the run has no stop token (data.eos_id "
-      "unset and its tokenizer names no end-of-text token)"))
+      "unset and its tokenizer names no end-of-text token)") + (
+      "" if tokenizer else f"; no tokenizer files: the run reads "
+      f"{'token ids' if config.data.tokenizer == 'none' else 'text as bytes (ids 0-255)'}, "
+      "which transformers has no tokenizer for"))
   note = dispatch_note(cfg)
   if note:
     print(note)

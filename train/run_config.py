@@ -26,7 +26,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from sharding import ConfigError, flag
-from train.tokenizer import tokenizer_file
+from train.tokenizer import copy_extras, tokenizer_file
 
 FILE = "config.json"
 
@@ -35,16 +35,17 @@ def path(workdir: str) -> str:
   return os.path.join(workdir, FILE)
 
 
-def write(workdir: str, config: ConfigDict | dict) -> None:
+def write(workdir: str, config: ConfigDict | dict, home: str | None = None) -> None:
   """Writes the config as `<workdir>/config.json` (atomically: a crash leaves the old
   file or the new one, never half of one), a tokenizer inside the run directory
-  as a path relative to it."""
+  as a path relative to it. `home`: the run directory the file will be moved
+  into, when `workdir` is a staging directory (`train.staged`)."""
   data = json.loads(config.to_json()) if isinstance(config, ConfigDict) else config
   os.makedirs(workdir, exist_ok=True)
   tokenizer = tokenizer_file((data.get("data") or {}).get("tokenizer"))
   if tokenizer:
-    full = os.path.abspath(os.path.expanduser(tokenizer))
-    inside = os.path.relpath(full, os.path.abspath(workdir))
+    full = os.path.abspath(tokenizer)
+    inside = os.path.relpath(full, os.path.abspath(home or workdir))
     data = {**data, "data": {**data["data"], "tokenizer": (
         full if inside.startswith(os.pardir) else inside)}}
   write_atomically(path(workdir), json.dumps(data, indent=2))
@@ -66,16 +67,19 @@ def saved_config_flag(workdir: str) -> str:
 
 def keep_tokenizer(workdir: str, tokenizer: str | None) -> None:
   """Copies the tokenizer file a run trains with into the run as tokenizer.json
-  (atomically) when it lies outside it, so generate and export-hf still find it
-  after the original moves (`read`). No-op for byte and token-id runs."""
+  (atomically) when it lies outside it, with the files transformers reads beside
+  it (`TOKENIZER_EXTRAS`: special tokens, chat template), so generate and
+  export-hf still find them after the original moves (`read`). No-op for byte
+  and token-id runs."""
   given = tokenizer_file(tokenizer)
   if not given:
     return
-  full = os.path.abspath(os.path.expanduser(given))
+  full = os.path.abspath(given)
   here = os.path.join(os.path.abspath(workdir), "tokenizer.json")
   if full != here and os.path.isfile(full):
     shutil.copyfile(full, here + ".tmp")
     os.replace(here + ".tmp", here)
+    copy_extras(os.path.dirname(full), os.path.dirname(here))
 
 
 def write_atomically(file: str, text: str) -> None:
@@ -146,8 +150,29 @@ def overlay(config: ConfigDict, saved: dict) -> ConfigDict:
   return config
 
 
-def no_run(workdir: str) -> ConfigError | None:
-  """The ConfigError for a `workdir` without a run's config.json, else None."""
+def hf_model_in(workdir: str) -> str | None:
+  """The architecture (or model_type) when `<workdir>/config.json` is a Hugging
+  Face model's rather than a run's, else None."""
+  try:
+    with open(path(workdir)) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(data, dict) or "model" in data:
+    return None
+  names = data.get("architectures") or [data.get("model_type")]
+  return str(names[0]) if names and names[0] else None
+
+
+def no_run(workdir: str, then: str = "--workdir=runs/NAME") -> ConfigError | None:
+  """The ConfigError for a `workdir` without a run's config.json (or with a
+  Hugging Face model's, whose fix imports it and passes `then`), else None."""
+  model = hf_model_in(workdir)
+  if model:
+    return ConfigError(
+        "--workdir", f"{workdir} holds a Hugging Face model ({model}), not a rung run.",
+        f"import it first: python -m experiment import-hf {flag('hf_dir', workdir)} "
+        f"--workdir=runs/NAME, then pass {then}.")
   if os.path.isfile(path(workdir)):
     return None
   return ConfigError("--workdir", f"{workdir} holds no run (it has no {FILE}).",

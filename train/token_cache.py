@@ -44,7 +44,7 @@ from tqdm import tqdm
 from sharding import ConfigError
 from sharding.report import count, format_bytes
 from train import sources
-from train.tokenizer import is_byte
+from train.tokenizer import is_byte, tokenizer_file
 
 _VERSION = 1
 _BATCH_DOCS = 1024
@@ -77,7 +77,7 @@ def tokenizer_identity(data_cfg) -> str:
     return "byte"
   if data_cfg.tokenizer == "none":
     return f"none:{data_cfg.token_dtype}"
-  return f"tokenizer.json:{_file_sha256(os.path.abspath(data_cfg.tokenizer))}"
+  return f"tokenizer.json:{_file_sha256(os.path.abspath(tokenizer_file(data_cfg.tokenizer)))}"
 
 
 def cache_key(data_cfg, files: list[str], eos_id: int) -> str:

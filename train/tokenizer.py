@@ -11,8 +11,31 @@ BUILT_IN = (None, "", "byte", "none")
 
 
 def tokenizer_file(value) -> str | None:
-  """`data.tokenizer` when it names a tokenizer.json (not a BUILT_IN value)."""
-  return None if value in BUILT_IN else str(value)
+  """`data.tokenizer` when it names a tokenizer.json (not a BUILT_IN value), with
+  `~` expanded: every reader of the path takes it from here."""
+  return None if value in BUILT_IN else os.path.expanduser(str(value))
+
+
+# What transformers' AutoTokenizer reads next to tokenizer.json (special tokens;
+# the chat template, which transformers 5 saves as chat_template.jinja): kept
+# with a run by import-hf (and by training, beside its copy of the tokenizer) and
+# written back by export-hf.
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "chat_template.json")
+
+
+def copy_extras(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies each TOKENIZER_EXTRAS file of `src_dir` that `dst_dir` lacks (through
+  a temporary name, so a crash leaves no half file); returns the names copied."""
+  import shutil
+  copied = []
+  for name in TOKENIZER_EXTRAS:
+    src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+    if os.path.isfile(src) and not os.path.exists(dst):
+      shutil.copyfile(src, dst + ".tmp")
+      os.replace(dst + ".tmp", dst)
+      copied.append(name)
+  return copied
 
 
 class ByteTokenizer:
@@ -131,7 +154,7 @@ def make_tokenizer(data_cfg, require_eos: bool = True):
               f"{data_cfg.token_dtype}")
     return ids
   from sharding import ConfigError
-  path = os.path.expanduser(str(data_cfg.tokenizer))
+  path = tokenizer_file(data_cfg.tokenizer)
   if not os.path.isfile(path):
     raise ConfigError("data.tokenizer", f"there is no tokenizer file at {path}.",
                       "pass the path of the tokenizer.json, "
