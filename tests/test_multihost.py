@@ -260,6 +260,19 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
   assert two.keys() == one.keys()
   assert all(np.array_equal(two[k], one[k]) for k in one)
   assert sorted(os.listdir(tmp_path / "hf2")) == sorted(os.listdir(tmp_path / "hf1"))
+  # import-hf on both processes: each writes its checkpoint shards into the
+  # staging directory process 0 made, which process 0 moves into the run once
+  # every process has written (`train.staged`); the run exports the same weights.
+  back = tmp_path / "back"
+  results = _generate_in_two_processes(back, f"--hf_dir={tmp_path / 'hf1'}",
+                                       "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                                       command="import-hf")
+  for proc, _, err in results:
+    assert proc.returncode == 0, err[-3000:]
+  assert sorted(os.listdir(back)) == ["checkpoints", "config.json"]
+  export_hf(str(back), str(tmp_path / "hf3"))
+  again = load_file(str(tmp_path / "hf3" / "model.safetensors"))
+  assert all(np.array_equal(again[k], one[k]) for k in one)
   # inspect, likewise: one description, from process 0 (each process printed one)
   results = _generate_in_two_processes(work, command="inspect")
   for proc, _, err in results:
