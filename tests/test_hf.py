@@ -308,8 +308,11 @@ def test_export_refuses_ladder(t5_llama, tmp_path):
   cfg = json.loads((tmp_path / "rung" / "config.json").read_text())
   cfg["model"]["block"] = "ladder"
   (tmp_path / "rung" / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ConfigError, match="'ladder' model has no transformers equivalent"):
+  with pytest.raises(ConfigError, match="'ladder' model has no transformers equivalent"
+                     ) as err:
     hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "out"))
+  assert "only runs trained with --config.model.block=standard export" in err.value.fix
+  assert not os.path.exists(tmp_path / "out")
 
 
 def test_a_capacity_dispatch_moe_export_says_transformers_drops_nothing(

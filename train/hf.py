@@ -792,7 +792,8 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   if cfg.block != "standard":
     raise ConfigError("model.block", f"a {cfg.block!r} model has no transformers "
                       "equivalent (LlamaForCausalLM is a standard block).",
-                      "export a run with block=standard.")
+                      "only runs trained with --config.model.block=standard export; "
+                      "serve this one with `generate` or infer.load.")
   family_of(cfg)  # refuses field combinations no HF family has
   spec = model_spec(cfg, sharding.normalize_rules(config.mesh.rules))
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
