@@ -209,3 +209,46 @@ def test_import_warns_of_stop_ids_past_the_vocabulary_and_of_float16(tmp_path, c
           "model.param_dtype (twice the memory, exactly: rung holds no float16 "
           "parameters, and --config.model.param_dtype=bfloat16 would round their "
           "10-bit mantissas to 7)") in printed
+
+
+def test_import_saves_parameters_alone_and_training_starts_any_optimizer_from_them(
+    tmp_path, capsys):
+  """import-hf saved AdamW's zero moments beside the weights (3x the disk of the
+  parameters, and 3x the import's memory); a step-0 optimizer state is a fresh
+  one, so it saves the parameters alone, and training makes the optimizer state
+  it runs. Trained in place, the run is the same as one started from those
+  parameters; when its later step cannot be read, the fallback to the import's
+  step 0 starts the optimizer afresh and repeats the same losses."""
+  import orbax.checkpoint as ocp
+
+  import train
+  from experiments import saved
+  from test_checkpoint import _corrupt
+  source = _hf_dir(tmp_path / "hf")
+  run = tmp_path / "run"
+  hf.import_hf(source, str(run), base.get_config())
+  meta = ocp.PyTreeCheckpointer().metadata(str(run / "checkpoints" / "0" / "state"))
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  assert set(tree) == {"step", "params"}, set(tree)
+  config = saved.get_config(str(run))
+  config.data.update(source="synthetic", seq_len=8)
+  config.train.update(steps=3, batch_size=8, eval_every=0)
+  config.checkpoint.update(every_steps=2, fallback=True)
+  config.log.update(peak_flops=1e12, tensorboard=False, every_steps=1)
+  shutil.copytree(run, tmp_path / "copy")
+  capsys.readouterr()
+  first = {r["step"]: r["loss"] for r in train.train(config, str(run), progress=False)
+           if "loss" in r}
+  assert f"starting adamw from the step-0 parameters of {run / 'checkpoints'}" in (
+      capsys.readouterr().out)
+  _corrupt(run, 3)
+  _corrupt(run, 2)
+  again = {r["step"]: r["loss"] for r in train.train(config, str(run), progress=False)
+           if "loss" in r}
+  out = capsys.readouterr().out
+  assert "restored step 0 instead" in out and "starting adamw from the step-0" in out
+  assert again == first and len(first) == 3
+  config.checkpoint.init_from = ""  # the same start in a copy, sgd: another state
+  config.optim.name = "sgd"
+  train.train(config, str(tmp_path / "copy"), progress=False)
+  assert "starting sgd from the step-0 parameters" in capsys.readouterr().out

@@ -42,7 +42,9 @@ class CheckpointError(RuntimeError):
 
 
 def _as_dict(state: TrainState) -> dict[str, Any]:
-  out = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  out = {"step": state.step, "params": state.params}
+  if state.opt_state is not None:  # absent from import-hf's step 0
+    out["opt_state"] = state.opt_state
   if state.compression is not None:  # absent without compression: same layout
     out["compression"] = state.compression
   if state.diloco is not None:
@@ -50,9 +52,10 @@ def _as_dict(state: TrainState) -> dict[str, Any]:
   return out
 
 
-def _restore_args(target: Any) -> ocp.args.PyTreeRestore:
+def _restore_args(target: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
   return ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=partial)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -236,7 +239,9 @@ class Checkpointer:
     function of the step (a step's saved layout, such as DiLoCo's replicas, can
     differ from another's). With `checkpoint.fallback`, an unreadable step falls
     back to the previous one, and `unreadable` lists what was skipped and why
-    (`set_aside_unreadable` moves them out of the way). Parameters saved with
+    (`set_aside_unreadable` moves them out of the way). Step 0 is restored as
+    its step and parameters alone (opt_state None): import-hf saves no more, and
+    any other step 0's optimizer state is a fresh one. Parameters saved with
     other shapes are a ConfigError (`check_param_shapes`, naming the model fields
     in which `config` differs), raised before any read.
     """
@@ -245,11 +250,18 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoints in {self.directory}")
     candidates = steps[::-1] if self.cfg.fallback and step is None else steps[-1:]
     errors: list[tuple[int, str]] = []
+    # A failed read may have set the data position before the arrays failed: each
+    # try starts from the iterator as given (step 0 keeps it: it has none).
+    start = data_iter.get_state() if data_iter is not None else None
     for s in candidates:
+      if data_iter is not None:
+        data_iter.set_state(start)
       t = target(s) if callable(target) else target
       self.check_param_shapes(t.params, s, config)  # a wrong model: no fallback
+      if s == 0:  # its optimizer state (none, from import-hf) is a fresh one
+        t = TrainState(step=t.step, params=t.params, opt_state=None)
       try:
-        items = {"state": _restore_args(_as_dict(t))}
+        items = {"state": _restore_args(_as_dict(t), partial=s == 0)}
         data_dir = os.path.join(self.directory, str(s), "data")
         own = os.path.join(data_dir, f"process_{jax.process_index()}-of-"
                            f"{jax.process_count()}.json")
@@ -259,7 +271,7 @@ class Checkpointer:
           _restore_iterator_from_other_process_count(data_iter, data_dir)
         restored = self._manager.restore(s, args=ocp.args.Composite(**items))
         self.unreadable = errors
-        return TrainState(**restored.state)
+        return TrainState(**{"opt_state": None, **restored.state})
       except Exception as err:  # any read failure: report or fall back
         # one line, without the TensorStore spec dump that follows the reason
         why = " ".join(str(err).split(" See full TensorStore details")[0].split())

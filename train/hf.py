@@ -33,8 +33,7 @@ from model.rotary import ROPE_TYPES, yarn_attention_factor
 from sharding import ConfigError
 from train import run_config, staged
 from train.checkpoint import Checkpointer, checkpoint_dir, prepare_workdir
-from train.optimizer import make_optimizer
-from train.state import init_state, model_spec, param_shardings
+from train.state import TrainState, model_spec, param_shardings
 from train.tokenizer import TOKENIZER_EXTRAS, copy_extras, make_tokenizer, tokenizer_file
 
 
@@ -637,8 +636,10 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         "--hf_dir", f"{hf_dir}'s weights do not match its config.json: {err}.",
         "check that config.json belongs to these weights (num_hidden_layers, "
         "vocab_size, hidden_size, tie_word_embeddings, ...).") from None
-  tx = make_optimizer(config.optim, config.train.steps)
-  state = init_state(spec, tx, mesh, 0, params=params)
+  # Parameters only: a step-0 optimizer state is a fresh one, which fine-tuning
+  # makes for whichever optimizer it runs (AdamW's zero moments tripled the disk).
+  state = TrainState(step=jax.device_put(np.int32(0), jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec())), params=params, opt_state=None)
   config_dict = json.loads(config.to_json())
   # Every file is written into a staging directory and moved into the workdir
   # once all are (config.json last): an interrupted import leaves no run.

@@ -154,14 +154,14 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   landed = 0  # DiLoCo: a finished run's last step, where its exchanges all landed
   optimizer_changed = latest is not None and _optimizer_state_changes(
       ckpt, latest, config_dict)
-  if optimizer_changed and latest == 0:
-    # An imported model (step 0): its parameters, and a fresh state of the
-    # optimizer this run asks for.
+  if latest == 0:
+    # Step 0 (what import-hf writes: parameters alone) holds no trained optimizer
+    # state: its parameters, and a fresh state of the optimizer this run asks for.
     params = ckpt.restore_params(abstract_state(spec, tx, mesh).params, 0,
                                  config=config_dict)
     state = init_state(spec, tx, mesh, t.seed, params=params, comp=comp, dl=dl)
     _say(f"starting {config.optim.name} from the step-0 parameters of "
-         f"{ckpt.directory} ({optimizer_changed})")
+         f"{ckpt.directory}" + (f" ({optimizer_changed})" if optimizer_changed else ""))
   elif latest is not None:
     def saved_layout(step):  # compression replicas and DiLoCo layout of `step`
       return (ckpt.compression_replicas(step) if comp.enabled else None,
@@ -180,6 +180,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
            f"instead, and set the unreadable step{'s' if len(moved) > 1 else ''} aside "
            f"as {', '.join(moved)} (the run saves {'them' if len(moved) > 1 else 'it'} "
            "again when it gets there)")
+    if restored == 0:  # fell back to step 0: its parameters alone (`restore`), and
+      # the optimizer, compression and DiLoCo states fresh, as at a start
+      state = init_state(spec, tx, mesh, t.seed, params=state.params, comp=comp, dl=dl)
+      saved_replicas, saved_dl = None, dl
+      _say(f"starting {config.optim.name} from the step-0 parameters of "
+           f"{ckpt.directory}")
     saved = ckpt.saved_config(restored) or {}
     if restored:
       note = _new_window_order_note(saved, config, restored)
@@ -198,9 +204,6 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       changed = data_changes(workdir, data.tokens, data.identities)
       if changed:
         _say(changed)
-    else:  # what import-hf writes: a start, with no trajectory to compare against
-      _say(f"starting from the step-0 parameters and optimizer state of "
-           f"{ckpt.directory}")
     if diloco_lib.layout(saved_dl) != diloco_lib.layout(dl):
       state = _regroup_diloco(state, dl, shardings)
       _say(diloco_lib.describe_regroup(saved_dl, dl))
