@@ -5,9 +5,10 @@
 Writes a random Llama checkpoint in the HF layout (sharded safetensors with an
 index, no torch needed), then runs `python -m experiment import-hf` on it in a
 child process on one CPU device and reports the child's peak resident memory
-(ru_maxrss) over the checkpoint's size on disk. The imported run holds parameters
-plus AdamW's two moments (float32), which on a CPU are host memory too: that is
-3x the parameters at least, so the row also gives the peak over that floor.
+(ru_maxrss) over the checkpoint's size on disk, over the float32 parameters the
+run holds (on a CPU they are host memory too: the floor), and the size of the
+step-0 checkpoint it writes (the parameters alone since session 34; before, with
+AdamW's two zero moments, three times them).
 """
 
 from __future__ import annotations
@@ -106,11 +107,15 @@ def main(argv):
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     params = size * (4 // (2 if _DTYPE.value == "bfloat16" else 4))  # as float32
+    written = sum(os.path.getsize(os.path.join(d, f))
+                  for d, _, files in os.walk(os.path.join(workdir, "checkpoints"))
+                  for f in files)
     emit(what="import-hf peak memory", date=time.strftime("%Y-%m-%d"),
          checkpoint_dtype=_DTYPE.value, checkpoint_gib=size / 2 ** 30,
          peak_rss_gib=peak / 2 ** 30, peak_over_checkpoint=peak / size,
-         float32_params_gib=params / 2 ** 30,
-         peak_over_params_and_adam=peak / (3 * params), seconds=seconds)
+         float32_params_gib=params / 2 ** 30, peak_over_params=peak / params,
+         step0_on_disk_gib=written / 2 ** 30, step0_over_params=written / params,
+         seconds=seconds)
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
