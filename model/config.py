@@ -200,8 +200,10 @@ def parse_ladder_layers(spec: str, num_layers: int) -> frozenset[int]:
     except ValueError:
       n = -1
     if not 0 <= n <= num_layers:
+      top = max(1, num_layers // 2)
       raise ConfigError(field, f"{spec!r} needs N in 0..num_layers={num_layers}.",
-                        "write e.g. 'upper:4' for the top 4 layers.")
+                        f"write e.g. --config.model.ladder_layers=upper:{top} for "
+                        f"the top {top} layer{'s' if top > 1 else ''}.")
     return frozenset(range(num_layers - n, num_layers))
   try:
     listed = [int(t) for t in spec.split(",")]
@@ -214,9 +216,11 @@ def parse_ladder_layers(spec: str, num_layers: int) -> frozenset[int]:
                       f"'{','.join(map(str, sorted(set(listed))))}'.")
   layers = None if listed is None else frozenset(listed)
   if layers is None or any(not 0 <= i < num_layers for i in layers):
+    top = max(1, num_layers // 2)
     raise ConfigError(field, f"{spec!r} is not 'all', 'none', 'upper:N' or a list "
                       f"of layer indices in 0..{num_layers - 1}.",
-                      "write e.g. --config.model.ladder_layers=upper:4 or '2,3'.")
+                      f"write e.g. --config.model.ladder_layers=upper:{top} or "
+                      f"'{','.join(map(str, range(num_layers - top, num_layers)))}'.")
   return layers
 
 
@@ -255,6 +259,12 @@ def validate(cfg: Any) -> None:
     if cfg[field] <= 0:
       raise ConfigError(f"model.{field}", f"must be positive, got {cfg[field]}.",
                         f"set --config.model.{field} to a positive integer.")
+  if "norm_eps" in cfg and not cfg.norm_eps > 0:  # RMSNorm's sqrt(mean + eps)
+    raise ConfigError("model.norm_eps", f"must be positive, got {cfg.norm_eps}: "
+                      "RMSNorm divides by sqrt(mean(x^2) + eps), NaN for a row "
+                      "whose mean square is below -eps.",
+                      "set --config.model.norm_eps=1e-5 (or the checkpoint's "
+                      "rms_norm_eps).")
   _int_at_least(cfg, "loss_chunks", 1, "a number of chunks",
                 "set --config.model.loss_chunks to a positive integer (1: the whole "
                 "batch's logits at once).")

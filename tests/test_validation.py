@@ -235,6 +235,72 @@ def test_ladder_layers_listed_twice_are_refused_with_a_fix_that_works():
   train.validate_config(_apply(config, {"model.ladder_layers": "2,3"}), 8)
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3, 8])
+@pytest.mark.parametrize("spec", ["upper:40", "5,6", "-1", "x"])
+def test_ladder_layers_out_of_range_give_examples_that_fit_the_model(layers, spec):
+  """The examples were fixed ('upper:4', '2,3'), and refused on a model with
+  fewer layers (the 'upper:4' fix repeated the value refused). Every
+  alternative of the fix now validates on the model at hand."""
+  config = _apply(llama_tiny.get_config(), {"model.block": "ladder",
+                                            "model.num_layers": layers,
+                                            "model.ladder_layers": spec})
+  if layers == 8 and spec == "5,6":
+    train.validate_config(config, 8)  # in range there
+    return
+  err = assert_fixes_validate(config)
+  assert err.field == "model.ladder_layers", err
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_a_norm_eps_that_is_not_positive_is_refused(eps):
+  """model.norm_eps=-1 trained: eval loss NaN at step 0, then "Diverged" blamed on
+  the learning rate five steps later."""
+  err = assert_fixes_validate(_apply(llama_tiny.get_config(), {"model.norm_eps": eps}))
+  assert err.field == "model.norm_eps" and "must be positive" in str(err)
+
+
+def test_every_field_but_a_placeholder_refuses_none():
+  """A config file's `model.d_model = None` (or train.steps, mesh.data, ...)
+  crashed in the first comparison with a TypeError, exit 1; some (model.norm_eps,
+  model.tie_embeddings) validated and ran on None. Every field that
+  experiments/base.py gives a value refuses None, naming it; placeholders, None
+  by default, validate."""
+  from experiments import base
+
+  def fields(node, prefix=""):
+    for name in node.keys():
+      if hasattr(node[name], "get_type") and name not in ("mixture", "rules"):
+        yield from fields(node[name], f"{prefix}{name}.")
+      else:
+        yield f"{prefix}{name}", node[name] is None
+  everything = list(fields(base.get_config()))
+  assert len(everything) > 100
+  for path, placeholder in everything:
+    config = base.get_config()
+    *groups, name = path.split(".")
+    node = config
+    for g in groups:
+      node = node[g]
+    node[name] = None
+    if placeholder:
+      train.validate_config(config, 8)
+      continue
+    with pytest.raises(ConfigError) as err:
+      train.validate_config(config, 8)
+    assert err.value.field == path and "is None" in str(err.value), (path, err.value)
+
+
+def test_a_config_file_setting_a_field_to_none_is_a_config_error(tmp_path):
+  (tmp_path / "exp.py").write_text(
+      "from experiments import llama_tiny\n\n\ndef get_config():\n"
+      "  c = llama_tiny.get_config()\n  c.model.d_model = None\n  return c\n")
+  proc = run_cli("train", f"--config={tmp_path / 'exp.py'}",
+                 f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "Config error in `model.d_model`: is None, but it is not a field that may be " \
+      "unset" in proc.stderr
+
+
 def test_ladder_layers_fix_works():
   config = _apply(llama_tiny.get_config(), {"model.ladder_layers": "upper:1"})
   with pytest.raises(ConfigError, match="set --config.model.block=ladder for a hybrid"):
