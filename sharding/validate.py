@@ -129,6 +129,16 @@ def validate_serving_plan(config: Any, num_devices: int,
         f"{_resize(config, axis, table, num_devices, training)})"
         + ("." if saved_model else f", or a multiple of {e} experts."))
   if experts:
+    both = [a for a in rules.get("experts", ()) if a in rules.get("mlp", ())
+            and sizes[a] > 1]
+    if both:
+      raise ConfigError(
+          "mesh.rules.experts",
+          f"splits the experts over {both}, which also split each expert's hidden "
+          "dimension (`mlp`): an expert's shards would be on other devices than "
+          "its tokens.",
+          "map the experts to mesh axes the mlp rule does not use, e.g. "
+          "--config.mesh.rules.experts=\"('expert',)\" (the default).")
     shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
               and sizes[a] > 1]
     if shared:
@@ -193,7 +203,14 @@ def axis_fix(config: Any, axis: str, counts: Iterable[int], num_devices: int,
   the flags name every axis to change at once. For `training`, a mesh of that
   size on which the batch still splits comes first; where none does, the flags
   add a train.batch_size that does (serving reads no batch size)."""
-  current = max(config.mesh.get(axis, 1), 1)
+  current = config.mesh.get(axis, 1)
+  if current == -1:  # the rest of the devices: its resolved size
+    try:
+      current = resolve_shape({a: config.mesh.get(a, 1) for a in AXES},
+                              num_devices)[axis]
+    except ConfigError:
+      current = 1
+  current = max(current, 1)
   return resize_to(config, axis, [s for s in range(current, 0, -1)
                                   if not any(c % s for c in counts)], num_devices,
                    training) or f"--config.mesh.{axis}=1"
@@ -210,8 +227,10 @@ def resize_to(config: Any, axis: str, sizes: list[int], num_devices: int,
   """`axis_fix`'s flags for the first of `sizes` (in order of preference) whose
   mesh fits the devices; None when none does."""
   mesh = {a: config.mesh.get(a, 1) for a in AXES}
-  candidates = [{axis: s, **extra} for s in sizes
-                for extra in (({}, {"data": -1}) if axis != "data" else ({},))]
+  # The devices an axis gives up go to `data`; when it is `data` that shrinks
+  # (e.g. experts mapped onto it), to `fsdp`, the other axis the batch splits over.
+  taker = "data" if axis != "data" else "fsdp"
+  candidates = [{axis: s, **extra} for s in sizes for extra in ({}, {taker: -1})]
   candidates += [{axis: s, **{a: v for a, v in mesh_fix({**mesh, axis: s},
                                                         num_devices).items() if a != axis}}
                  for s in sizes]

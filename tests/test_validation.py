@@ -67,8 +67,11 @@ CASES = {
 
 def _apply(config, overrides):
   for path, value in overrides.items():
-    group, name = path.split(".")
-    config[group][name] = value
+    *groups, name = path.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    node[name] = value
   return config
 
 
@@ -249,6 +252,23 @@ def test_ladder_layers_out_of_range_give_examples_that_fit_the_model(layers, spe
     return
   err = assert_fixes_validate(config)
   assert err.field == "model.ladder_layers", err
+
+
+@pytest.mark.parametrize("fields", [
+    {"mesh.rules.experts": ("tensor",), "mesh.tensor": 2},
+    {"mesh.rules.experts": ("expert", "tensor"), "mesh.tensor": 2, "mesh.expert": 2},
+    {"mesh.rules.experts": ("data",), "model.moe.num_experts": 4},
+    {"mesh.rules.experts": ("data",), "model.moe.num_experts": 2, "mesh.data": -1},
+])
+def test_experts_mapped_onto_other_axes_are_refused_with_fixes_that_work(fields):
+  """Experts on `tensor`, which also splits each expert's hidden dimension,
+  crashed inside shard_map (exit 1). Experts on `data` (mesh.data=-1, 8 devices)
+  were offered --config.mesh.data=1, which fits no devices, and its refusal
+  repeated that flag. Both are refused before compiling, and every alternative
+  of the fix validates."""
+  from experiments import moe_tiny
+  err = assert_fixes_validate(_apply(moe_tiny.get_config(), fields))
+  assert err.field in ("mesh.rules.experts", "model.moe.num_experts"), err
 
 
 @pytest.mark.parametrize("eps", [0.0, -1.0])
