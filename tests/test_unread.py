@@ -443,3 +443,28 @@ def test_skip_bad_records_is_read_only_by_sources_with_records():
     assert (err is not None) == unread, (where, mix, err)
     if err is not None and mix:
       assert "entry to data.mixture" in err.fix
+
+
+@pytest.mark.parametrize("name,source", [
+    ("corpus.txt", "text"), ("notes.md", "text"), ("docs.jsonl", "jsonl"),
+    ("docs.jsonl.gz", "jsonl"), ("part.parquet", "parquet"), ("ids.bin", "tokens"),
+    ("shard.array_record", "arrayrecord"), ("texts/", "text"), ("saved/", "hf_disk")])
+def test_a_path_under_the_synthetic_source_gets_the_source_that_reads_it(
+    name, source, tmp_path):
+  """data.path under source=synthetic was told to pass data.source=jsonl whatever
+  the file: a corpus.txt then failed "not valid JSON". The fix names the source
+  for the path's kind (a directory `datasets` saved: hf_disk), and a text_field
+  given with a text file still asks for records that name one."""
+  path = tmp_path / name
+  if name.endswith("/"):
+    path.mkdir()
+    if source == "hf_disk":
+      (path / "dataset_info.json").write_text("{}")
+  err = unread_override(_config(**{"data.source": "synthetic", "data.path": str(path)}),
+                        ["data.path"])
+  assert f"--config.data.source={source}" in err.fix, err.fix
+  assert "--config.data.path=" not in err.fix  # the path is already given
+  err = unread_override(_config(**{"data.source": "synthetic", "data.path": str(path),
+                                   "data.text_field": "body"}), ["data.text_field"])
+  want = source if source in ("jsonl", "parquet", "hf_disk") else "jsonl"
+  assert f"--config.data.source={want}" in err.fix, err.fix

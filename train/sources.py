@@ -36,6 +36,21 @@ _EXTENSIONS = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
                "arrayrecord": (".array_record", ".arrayrecord")}
 
 
+def source_of_path(path: str) -> str:
+  """The data.source that reads `path`, guessed from its name: a known ending
+  (`_EXTENSIONS`, `.bin` for tokens), a directory `datasets.save_to_disk` wrote
+  (hf_disk), else text (any file, or a directory of them)."""
+  name = path.lower().rstrip("/")
+  for source, endings in (*_EXTENSIONS.items(), ("tokens", (".bin",))):
+    if name.endswith(endings):
+      return source
+  if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                 for f in ("dataset_info.json", "state.json",
+                                           "dataset_dict.json")):
+    return "hf_disk"
+  return "text"
+
+
 def can_skip(data_cfg) -> bool:
   """Whether the source of `data_cfg` can meet a bad record (data.skip_bad_records
   acts): records with a text field, and token-id records (tokenizer=none), which

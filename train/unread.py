@@ -69,6 +69,19 @@ def _file_source_fix(c) -> str:
   return source_fix(c, "jsonl") + " (or parquet, hf_disk)"
 
 
+def _path_source_fix(c) -> str:
+  """The source that reads data.path, by its name (`sources.source_of_path`); a
+  text field given too asks for records that name one."""
+  import os
+
+  from train.data import source_fix
+  from train.sources import TEXT_FIELD_SOURCES, source_of_path
+  source = source_of_path(os.path.expanduser(c.data.path)) if c.data.path else "jsonl"
+  if c.data.text_field != "text" and source not in TEXT_FIELD_SOURCES:
+    return _file_source_fix(c)
+  return source_fix(c, source)
+
+
 def _sources(c) -> list[str]:
   """The sources a run reads: data.mixture's, else data.source."""
   if c.data.mixture:
@@ -222,7 +235,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("data.path", "data.text_field"),
          lambda c: not c.data.mixture and c.data.source == "synthetic",
          lambda c: "data.source is 'synthetic', which reads no files",
-         _file_source_fix),
+         _path_source_fix),
     # train/sources.py: text files are read whole, arrayrecord records are the
     # text, .bin files hold ids; only jsonl, parquet and hf_disk name a field.
     Rule(("data.text_field",),
