@@ -30,6 +30,15 @@ def from_flag_error(err: Exception, config) -> ConfigError:
           f"optional {kind}, unset (None) unless given.",
           f"pass a value of type {kind}, e.g. --config.{field}={_EXAMPLES.get(kind, '...')}, or "
           "leave the flag out to keep it unset.")
+    if re.fullmatch(r"data\.mixture\.\w+\.weight", field) and kind == "int":
+      # a table's entries take their types from the file: weight=3 is an int
+      return ConfigError(field, f"{value!r} is not a valid int ({why}): the config "
+                         f"file writes this weight as an integer ({current}).",
+                         f"write the weights as floats in the config file (weight="
+                         f"{float(current)}), then pass --config.{field}={value}.")
+    if kind == "bool":  # the spelling meant: `no` -> false
+      meant = _BOOL_WORDS.get(value.lower())
+      current = current if meant is None else meant
     return ConfigError(field, f"{value!r} is not a valid {kind} ({why}).",
                        f"pass a value of type {kind}, e.g. --config.{field}="
                        f"{current}.")
@@ -42,6 +51,9 @@ def from_flag_error(err: Exception, config) -> ConfigError:
   return ConfigError("config", text, "check the flag spelling.")
 
 
+# Words for a boolean that the flag parser does not take, and the value meant.
+_BOOL_WORDS = {**dict.fromkeys(("no", "n", "off", "f", "0", "none", "disable"), "false"),
+               **dict.fromkeys(("yes", "y", "on", "t", "1", "enable"), "true")}
 # A value of each placeholder type that parses, for the fix of an error.
 _EXAMPLES = {"int": "100", "float": "1.0", "str": "VALUE", "bool": "true"}
 
@@ -133,12 +145,14 @@ def unknown_flag(err: Exception, command: str, own: tuple[str, ...]
                      "the flags.")
 
 
-def config_arg(argv: list[str]) -> tuple[str, str] | None:
-  """(path, arg) of --config=path[:arg], or None without --config."""
+def config_arg(argv: list[str]) -> tuple[str, str | None] | None:
+  """(path, arg) of --config=path[:arg] (arg None without a colon; "" for
+  `path:`, which ml_collections passes to get_config as it is), or None without
+  --config."""
   for arg in argv:
     if arg.startswith("--config="):
-      path, _, cfg_arg = arg[len("--config="):].partition(":")
-      return path, cfg_arg
+      path, colon, cfg_arg = arg[len("--config="):].partition(":")
+      return path, cfg_arg if colon else None
   return None
 
 
@@ -181,8 +195,8 @@ def load_config(argv: list[str]):
           "--config", f"{path} defines no get_config function.",
           "define get_config(arg=None) returning the config, e.g. starting from "
           "`from experiments import base; c = base.get_config()`.")
-    try:
-      return module.get_config(cfg_arg or None)
+    try:  # called as ml_collections calls it, so its error is the one seen
+      return module.get_config() if cfg_arg is None else module.get_config(cfg_arg)
     except ConfigError:
       raise
     except Exception as err:  # noqa: BLE001 -- reported with the file's line

@@ -365,3 +365,44 @@ def test_every_path_flag_of_the_launcher_and_benchmarks_expands_a_tilde(tmp_path
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert (home / "plots" / "loss.png").stat().st_size > 0
   assert not (tmp_path / "~").exists()
+
+
+def test_an_empty_variant_is_reported_as_the_config_file_raised_it(tmp_path):
+  """`--config=exp.py:` passes "" to get_config (as ml_collections does); rung's
+  diagnosis called get_config(None), which succeeded, so the user saw a garbled
+  "'?' is not a valid value ... --config.config=..." instead of the file's own
+  error at its line."""
+  (tmp_path / "exp.py").write_text(
+      "from experiments import llama_tiny\n\n\ndef get_config(arg=None):\n"
+      "  if arg is None:\n    return llama_tiny.get_config()\n"
+      "  raise ValueError(f'no variant {arg!r}')\n")
+  proc = run_cli("train", f"--config={tmp_path / 'exp.py'}:", f"--workdir={tmp_path / 'w'}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert (f"Config error in `--config`: {tmp_path / 'exp.py'} line 7: ValueError: "
+          "no variant") in proc.stderr, proc.stderr[-2000:]
+  assert "--config.config" not in proc.stderr
+
+
+def test_a_mixture_weight_written_as_an_integer_says_how_to_pass_fractions(tmp_path):
+  """Weights are relative, but a config file's `weight=3` made the field an int,
+  and `--config.data.mixture.b.weight=0.5` was refused with the fix "pass a value
+  of type int". The fix now says to write floats in the file; followed, the
+  override parses (the run then stops at a later check)."""
+  mix = ("from ml_collections import ConfigDict\nfrom experiments import llama_tiny\n\n\n"
+         "def get_config():\n  c = llama_tiny.get_config()\n"
+         "  c.data.mixture = ConfigDict({'a': dict(source='synthetic', weight=W),\n"
+         "                               'b': dict(source='synthetic', weight=W3)})\n"
+         "  return c\n")
+  for ints in (True, False):
+    (tmp_path / "mix.py").write_text(mix.replace("W3", "3" if ints else "3.0")
+                                     .replace("W", "1" if ints else "1.0"))
+    proc = run_cli("train", f"--config={tmp_path / 'mix.py'}", f"--workdir={tmp_path}/w",
+                   "--config.data.mixture.b.weight=0.5", "--config.train.steps=0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    if ints:
+      assert ("Config error in `data.mixture.b.weight`: '0.5' is not a valid int"
+              in proc.stderr and "Fix: write the weights as floats in the config file "
+              "(weight=3.0), then pass --config.data.mixture.b.weight=0.5." in proc.stderr)
+    else:  # parsed: refused by a later check, not the weight's type
+      assert "Config error in" in proc.stderr, proc.stderr[-2000:]
+      assert "Config error in `data.mixture.b.weight`" not in proc.stderr

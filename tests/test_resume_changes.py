@@ -345,3 +345,21 @@ def test_a_resume_with_another_seed_or_window_length_says_the_order_restarts():
                          f"data.seq_len {c.data.seq_len // 2} -> {c.data.seq_len}: ")
   assert "step 11 reads on from the same window number of the new order" in note
   assert _new_window_order_note({}, c, 10) is None  # nothing saved to compare
+
+
+@pytest.mark.parametrize("steps", [2, 1])
+def test_a_run_resumed_at_or_past_train_steps_says_there_is_nothing_to_train(
+    steps, tmp_path, capsys):
+  """Rerunning a finished run (or with train.steps below its step) listed the
+  steps change and exited 0 having done nothing, without saying so."""
+  c = make_tiny_config()
+  c.train.steps = 2
+  c.checkpoint.every_steps = 2
+  train.train(c, str(tmp_path), progress=False)
+  c.train.steps = steps
+  capsys.readouterr()
+  rows = train.train(c, str(tmp_path), progress=False)
+  assert not [r for r in rows if "loss" in r]
+  assert ("nothing to train: the run is at step 2, and train.steps is "
+          f"{steps}; pass --config.train.steps above 2 to train it further"
+          ) in capsys.readouterr().out

@@ -353,6 +353,9 @@ CLI_CASES = {
                       "did you mean `optim`?"),
     "wrong_type": (["--config.train.steps=ten"], "train.steps",
                    "'ten' is not a valid int"),
+    # the example is the value meant (it was the current one, true)
+    "bool_word": (["--config.model.scan_layers=no"], "model.scan_layers",
+                  "e.g. --config.model.scan_layers=false."),
     "rules_misspelt_axis": (["--config.mesh.rules.embed=('fdsp',)"],
                             "mesh.rules.embed",
                             "'fdsp' is not a mesh axis; the mesh axes are diloco, data, stage, fsdp"),

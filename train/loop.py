@@ -196,6 +196,10 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
       landed = ended
     if int(state.step):
       _say(f"resuming from step {int(state.step)} of {ckpt.directory}")
+      if int(state.step) >= t.steps:
+        _say(f"nothing to train: the run is at step {int(state.step)}, and "
+             f"train.steps is {t.steps}; pass --config.train.steps above "
+             f"{int(state.step)} to train it further")
       for note in (resume_note(config.optim, t.steps, int(state.step)),
                    rate_change_note(saved.get("optim") or {}, ended, config.optim,
                                     t.steps, int(state.step))):
