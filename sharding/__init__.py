@@ -2,8 +2,8 @@
 
 from sharding.errors import ConfigError, MeshTooLarge, flag
 from sharding.mesh import AXES, BATCH_AXES, axis_size, describe, make_mesh, resolve_shape
-from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, logical_to_spec,
-                            normalize_rules, split_size, tree_shardings,
+from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, idle_axes,
+                            logical_to_spec, normalize_rules, split_size, tree_shardings,
                             unsplit_dims)
 from sharding.validate import validate_plan, validate_serving_plan
 from sharding.report import format_bytes, format_rows, json_ready, path_name, sharding_table

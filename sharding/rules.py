@@ -110,6 +110,18 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules,
   return P(*spec)
 
 
+def idle_axes(sizes: dict[str, int], rules: Rules) -> list[str]:
+  """Mesh axes of size > 1 that split no computation: no activation rule (batch,
+  length, act_*), nor the experts or the layers (stages), names them, so every
+  device along them computes the same thing (e.g. `mesh.rules.batch=()` with
+  data=8). Returns 'data=8'-style entries."""
+  table = dict(rules)
+  working = {a for name, axes in table.items()
+             if name in ("batch", "length", "experts", "layers") or name.startswith("act_")
+             for a in axes}
+  return [f"{a}={s}" for a, s in sizes.items() if s > 1 and a not in working]
+
+
 def unsplit_dims(abstract_tree: Any, logical_tree: Any, mesh: Mesh,
                  rules: Rules) -> list[str]:
   """Where `logical_to_spec` replicated a dimension the rules split, because the

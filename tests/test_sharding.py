@@ -247,3 +247,19 @@ def test_a_mesh_fix_names_every_axis_to_change(mesh, devices, check):
     assert fix, str(err)
   c.mesh.update(**{a: int(v) for a, v in fix})
   validate(c, devices)
+
+
+def test_an_axis_that_splits_no_computation_is_named():
+  """`mesh.rules.batch=()` with data=8 (or batch on fsdp alone with data=4)
+  trained with every device computing the same batch, silently. The default
+  rules on every axis leave none idle; an axis only weights use is named."""
+  import sharding
+  from sharding import DEFAULT_RULES, idle_axes, normalize_rules
+  every = {a: 2 for a in sharding.AXES}
+  assert idle_axes(every, normalize_rules(None)) == []
+  assert idle_axes({"data": 8}, normalize_rules({"batch": ()})) == ["data=8"]
+  assert idle_axes({"data": 4, "fsdp": 2},
+                   normalize_rules({"batch": ("fsdp",)})) == ["data=4"]
+  assert idle_axes({"data": 1, "tensor": 2},
+                   normalize_rules({**DEFAULT_RULES, "act_heads": (), "act_kv_heads": (),
+                                    "act_mlp": (), "act_vocab": ()})) == ["tensor=2"]

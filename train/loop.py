@@ -136,6 +136,13 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     _say(f"not split as the rules ask, because the mesh does not divide them "
          f"(replicated instead; {count(len(unsplit), 'dimension')}): "
          + "; ".join(unsplit[:8]) + ("; ..." if len(unsplit) > 8 else ""))
+  idle = sharding.idle_axes(sizes, rules)
+  if idle:
+    _say(f"note: mesh {', '.join(idle)} split{'s' if len(idle) == 1 else ''} no "
+         "computation (no activation rule of mesh.rules names "
+         f"{'it' if len(idle) == 1 else 'them'}: batch, length, act_*, experts, "
+         "layers), so every device along it computes the same thing; map it in "
+         "mesh.rules (e.g. batch) or set it to 1")
   if dl.enabled:
     _say(f"(DiLoCo: these are the outer parameters; the {dl.replicas} replicas' own "
          "parameters and inner optimizer states add mesh.diloco to each spec)")
