@@ -666,3 +666,20 @@ def test_a_mesh_fix_keeps_the_batch_split_or_names_a_batch_that_does():
     assert_fixes_validate(c)
     checked += 1
   assert checked > 40
+
+
+def test_a_pipeline_schedule_fix_chain_does_not_lead_back():
+  """pipeline.schedule=1f1b on one stage is unread, fixed by microbatches=2; with
+  one sequence per replica that was refused with "microbatches=1, or
+  batch_size=16", and microbatches=1 led back to the first refusal. The second
+  fix now offers only what keeps the schedule read, and followed, validates."""
+  from conftest import fix_alternatives
+  from train.unread import unread_override
+  config = _apply(llama_tiny.get_config(), {"train.batch_size": 8,
+                                            "pipeline.schedule": "1f1b"})
+  first = unread_override(config, ["pipeline.schedule"])
+  assert first.field == "pipeline.schedule"
+  assert ["--config.pipeline.microbatches=2"] in fix_alternatives(first.fix)
+  second = assert_fixes_validate(_apply(config, {"pipeline.microbatches": 2}))
+  assert "microbatches=1" not in second.fix, second.fix
+  assert fix_alternatives(second.fix) == [["--config.train.batch_size=16"]]

@@ -444,6 +444,9 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
   if rows % m:
     accum = count(config.train.grad_accum_steps, "accumulation micro-batch",
                   "accumulation micro-batches")
+    # One microbatch on one stage is no pipeline, whose schedule and repeats then
+    # go unread: not a fix where they were set (the unread refusal sent back here).
+    set_here = p["schedule"] != "gpipe" or r > 1
     raise ConfigError(
         "pipeline.microbatches", f"is {m}, but each data-parallel replica's "
         f"(micro-)batch has {count(rows, 'sequence')} (train.batch_size="
@@ -451,7 +454,8 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         f"{accum}).",
         "set " + ", or ".join(
             [f"--config.pipeline.microbatches={d}" for d in range(m - 1, 0, -1)
-             if rows % d == 0 and (p["schedule"] != "circular" or d >= stages)][:1]
+             if rows % d == 0 and (p["schedule"] != "circular" or d >= stages)
+             and not (d == 1 and stages == 1 and set_here)][:1]
             + [f"--config.train.batch_size="
                f"{dp * config.train.grad_accum_steps * m * max(1, -(-rows // m))}"])
         + ".")
