@@ -357,6 +357,10 @@ def main(argv: list[str]) -> None:
     if command in _NEEDS_CONFIG and _CONFIG.value is None:
       raise ConfigError("--config", "no experiment config was given.",
                         "pass --config=experiments/llama_tiny.py.")
+    if command in _NEEDS_CONFIG or command == "import-hf":
+      from experiment import config_errors
+      from experiments import base  # only placeholders may be None
+      _check(config_errors.unset_field(_CONFIG.value, base.get_config()))
     if command in _NEEDS_CONFIG:  # an override the run would not read is a mistake
       from train import unread
       check = unread.unread_by_planning if command == "plan" else unread.unread_override

@@ -10,7 +10,7 @@ import traceback
 
 from absl import flags
 
-from sharding import ConfigError
+from sharding import ConfigError, flag
 
 
 def from_flag_error(err: Exception, config) -> ConfigError:
@@ -56,6 +56,28 @@ _BOOL_WORDS = {**dict.fromkeys(("no", "n", "off", "f", "0", "none", "disable"), 
                **dict.fromkeys(("yes", "y", "on", "t", "1", "enable"), "true")}
 # A value of each placeholder type that parses, for the fix of an error.
 _EXAMPLES = {"int": "100", "float": "1.0", "str": "VALUE", "bool": "true"}
+
+
+def unset_field(config, defaults, prefix: str = "") -> ConfigError | None:
+  """The ConfigError for the first field a config file (or override) set to None
+  whose `defaults` value (experiments/base.py's) is not None: only placeholders
+  may be unset. `model.d_model = None` crashed in the first comparison with a
+  TypeError, and some (`norm_eps`, `tie_embeddings`) ran on None. Tables of
+  named entries (`data.mixture`, `mesh.rules`) are not compared."""
+  for name in config.keys():
+    value, path = config[name], f"{prefix}{name}"
+    default = defaults.get(name) if hasattr(defaults, "get") else None
+    if hasattr(value, "keys"):
+      if name not in ("mixture", "rules") and hasattr(default, "keys"):
+        error = unset_field(value, default, path + ".")
+        if error:
+          return error
+    elif value is None and default is not None:
+      return ConfigError(path, "is None, but it is not a field that may be unset "
+                         "(experiments/base.py declares those as placeholders).",
+                         f"give it a value, e.g. {flag(f'config.{path}', default)}, or "
+                         "drop what sets it to None to keep the default.")
+  return None
 
 
 def _launcher_flag_error(name: str, value: str, why: str) -> ConfigError:

@@ -44,32 +44,9 @@ def _finite(config, prefix: str = "") -> None:
                         f"set --config.{path} to a finite number.")
 
 
-# Tables of named entries, whose own fields may be None (a mixture source's path).
-_TABLES = ("mixture", "rules")
-
-
-def _no_unset(config, prefix: str = "") -> None:
-  """Only placeholders may be None: a field experiments/base.py gives a value and
-  a config file set to None (`model.d_model = None`) crashed in the first
-  comparison with a TypeError. A placeholder keeps its declared type when None;
-  a value set to None has none (`ConfigDict.get_type` is NoneType)."""
-  for name in config.keys():
-    value, path = config[name], f"{prefix}{name}"
-    if hasattr(value, "get_type"):
-      if name not in _TABLES:
-        _no_unset(value, path + ".")
-    elif value is None and config.get_type(name) is type(None):
-      raise ConfigError(path, "is None, but it is not a field that may be unset "
-                        "(experiments/base.py declares those as placeholders).",
-                        f"give it a value (--config.{path}=...), or drop what sets "
-                        "it to None to keep its default.")
-
-
 def validate_config(config, num_devices: int) -> dict[str, int]:
   """Raises ConfigError naming the field, the numbers and the fix. Returns the
   resolved mesh sizes."""
-  if hasattr(config, "get_type"):
-    _no_unset(config)
   _finite(config)
   model.validate(config.model)
   data.validate(config)
