@@ -129,8 +129,7 @@ def validate_serving_plan(config: Any, num_devices: int,
         f"{_resize(config, axis, table, num_devices, training)})"
         + ("." if saved_model else f", or a multiple of {e} experts."))
   if experts:
-    both = [a for a in rules.get("experts", ()) if a in rules.get("mlp", ())
-            and sizes[a] > 1]
+    both = _split_by_both(rules, "experts", "mlp", sizes)
     if both:
       raise ConfigError(
           "mesh.rules.experts",
@@ -139,8 +138,7 @@ def validate_serving_plan(config: Any, num_devices: int,
           "its tokens.",
           "map the experts to mesh axes the mlp rule does not use, e.g. "
           "--config.mesh.rules.experts=\"('expert',)\" (the default).")
-    shared = [a for a in rules.get("mlp", ()) if a in rules.get("batch", ())
-              and sizes[a] > 1]
+    shared = _split_by_both(rules, "mlp", "batch", sizes)
     if shared:
       raise ConfigError(
           "mesh.rules.mlp",
@@ -150,6 +148,12 @@ def validate_serving_plan(config: Any, num_devices: int,
           "map `mlp` and `batch` to disjoint mesh axes (the default maps mlp to "
           "tensor and batch to data, fsdp, expert).")
   return sizes
+
+
+def _split_by_both(rules: dict, a: str, b: str, sizes: dict[str, int]) -> list[str]:
+  """The mesh axes of size > 1 that the rules map both logical axes `a` and `b` to."""
+  return [axis for axis in rules.get(a, ()) if axis in rules.get(b, ())
+          and sizes[axis] > 1]
 
 
 def _describe(rules: dict, name: str, sizes: dict[str, int]) -> str:

@@ -815,8 +815,7 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
     _write_export(params, cfg, config, stops, workdir, out, step)
   if jax.process_count() > 1:  # the others wait for the files: a process that
     # exited first failed JAX's shutdown barrier and aborted every process
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("export-hf written")
+    _barrier("export-hf written")
 
 
 def _write_export(params, cfg: ModelConfig, config, stops, workdir: str, out: str,
