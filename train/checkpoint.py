@@ -75,13 +75,12 @@ def prepare_workdir(workdir: str, make: bool = True) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
       raise ConfigError("--workdir", f"{path} is a file, not a directory.",
                         "pass another --workdir, or move the file out of the way.")
-  model = run_config.hf_model_in(workdir)
-  if model:  # a run's config.json would replace the model's
-    raise ConfigError(
-        "--workdir", f"{workdir} holds a Hugging Face model ({model}), whose "
-        "config.json a run there would overwrite.",
-        "pass another --workdir; to train this model, import it first: python -m "
-        f"experiment import-hf {flag('hf_dir', workdir)} --workdir=runs/NAME.")
+  hf_model = run_config.hf_model_error(  # a run's config.json would replace its
+      workdir, "whose config.json a run there would overwrite.",
+      "pass another --workdir; to train this model, import it first: "
+      f"{run_config.import_first(workdir)}.")
+  if hf_model:
+    raise hf_model
   if make and jax.process_index() == 0:
     try:
       os.makedirs(workdir, exist_ok=True)

@@ -563,14 +563,13 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
           if os.path.exists(os.path.join(workdir, name))]
   # Process 0's view: a slower process may already see what this import wrote.
   if sharding.distributed.process_0_says(bool(held)):
-    model = run_config.hf_model_in(workdir)
-    if model:  # e.g. --workdir=--hf_dir: removing it would delete the model
-      raise ConfigError(
-          "--workdir", f"{workdir} holds a Hugging Face model ({model}), not a "
-          "rung run; import-hf writes the new run into --workdir.",
-          f"pass a new --workdir for the run, e.g. --workdir=runs/"
-          f"{os.path.basename(os.path.normpath(hf_dir)) or 'model'} (--hf_dir stays "
-          "as it is).")
+    hf_model = run_config.hf_model_error(  # e.g. --workdir=--hf_dir: removing it
+        workdir, "not a rung run; import-hf writes the new run into --workdir.",
+        f"pass a new --workdir for the run, e.g. --workdir=runs/"
+        f"{os.path.basename(os.path.normpath(hf_dir)) or 'model'} (--hf_dir stays "
+        "as it is).")
+    if hf_model:
+      raise hf_model
     raise ConfigError(
         "--workdir", f"{workdir} already holds a run ({' and '.join(held)}); "
         "import-hf writes a new run at step 0 and would overwrite it.",

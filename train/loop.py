@@ -161,15 +161,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   landed = 0  # DiLoCo: a finished run's last step, where its exchanges all landed
   optimizer_changed = latest is not None and _optimizer_state_changes(
       ckpt, latest, config_dict)
-  if latest == 0:
-    # Step 0 (what import-hf writes: parameters alone) holds no trained optimizer
-    # state: its parameters, and a fresh state of the optimizer this run asks for.
-    params = ckpt.restore_params(abstract_state(spec, tx, mesh).params, 0,
-                                 config=config_dict)
-    state = init_state(spec, tx, mesh, t.seed, params=params, comp=comp, dl=dl)
-    _say(f"starting {config.optim.name} from the step-0 parameters of "
-         f"{ckpt.directory}" + (f" ({optimizer_changed})" if optimizer_changed else ""))
-  elif latest is not None:
+  if latest is not None:
     def saved_layout(step):  # compression replicas and DiLoCo layout of `step`
       return (ckpt.compression_replicas(step) if comp.enabled else None,
               diloco_lib.with_layout(dl, ckpt.diloco_replicas(step),
@@ -187,12 +179,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
            f"instead, and set the unreadable step{'s' if len(moved) > 1 else ''} aside "
            f"as {', '.join(moved)} (the run saves {'them' if len(moved) > 1 else 'it'} "
            "again when it gets there)")
-    if restored == 0:  # fell back to step 0: its parameters alone (`restore`), and
-      # the optimizer, compression and DiLoCo states fresh, as at a start
+    if restored == 0:  # step 0 (import-hf's, or a fallback's): its parameters alone
+      # (`restore`), and the optimizer, compression and DiLoCo states fresh
       state = init_state(spec, tx, mesh, t.seed, params=state.params, comp=comp, dl=dl)
       saved_replicas, saved_dl = None, dl
       _say(f"starting {config.optim.name} from the step-0 parameters of "
-           f"{ckpt.directory}")
+           f"{ckpt.directory}" + (f" ({optimizer_changed})" if optimizer_changed else ""))
     saved = ckpt.saved_config(restored) or {}
     if restored:
       note = _new_window_order_note(saved, config, restored)

@@ -164,15 +164,26 @@ def hf_model_in(workdir: str) -> str | None:
   return str(names[0]) if names and names[0] else None
 
 
+def hf_model_error(workdir: str, why: str, fix: str) -> ConfigError | None:
+  """The ConfigError naming --workdir when it holds a Hugging Face model
+  (`hf_model_in`): "<workdir> holds a Hugging Face model (<arch>), <why>"."""
+  model = hf_model_in(workdir)
+  return ConfigError("--workdir", f"{workdir} holds a Hugging Face model ({model}), "
+                     f"{why}", fix) if model else None
+
+
+def import_first(workdir: str) -> str:
+  """The command that imports the HF model in `workdir` into a new run."""
+  return f"python -m experiment import-hf {flag('hf_dir', workdir)} --workdir=runs/NAME"
+
+
 def no_run(workdir: str, then: str = "--workdir=runs/NAME") -> ConfigError | None:
   """The ConfigError for a `workdir` without a run's config.json (or with a
   Hugging Face model's, whose fix imports it and passes `then`), else None."""
-  model = hf_model_in(workdir)
-  if model:
-    return ConfigError(
-        "--workdir", f"{workdir} holds a Hugging Face model ({model}), not a rung run.",
-        f"import it first: python -m experiment import-hf {flag('hf_dir', workdir)} "
-        f"--workdir=runs/NAME, then pass {then}.")
+  hf_model = hf_model_error(workdir, "not a rung run.",
+                            f"import it first: {import_first(workdir)}, then pass {then}.")
+  if hf_model:
+    return hf_model
   if os.path.isfile(path(workdir)):
     return None
   return ConfigError("--workdir", f"{workdir} holds no run (it has no {FILE}).",
