@@ -232,7 +232,9 @@ def _raised_in(path: str, err: Exception) -> ConfigError:
   lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__)
            if os.path.abspath(frame.filename) == os.path.abspath(path)]
   where = f"{path} line {lines[-1]}" if lines else path
-  text = str(err).strip("'\"")
+  # a KeyError's str() is its key's repr; every other message is kept as written
+  text = (err.args[0] if isinstance(err, KeyError) and len(err.args) == 1
+          and isinstance(err.args[0], str) else str(err)).strip()
   missing = re.search(r'Key "(\w+)" does not exist and cannot be added', text)
   if missing:
     meant = re.search(r'Did you mean "(\w+)"', text)

@@ -223,6 +223,13 @@ BROKEN_CONFIGS = {
         "give `d_model` an int"),
     "raises": ("def get_config(arg=None):\n  return 1 / 0\n",
                "line 3: ZeroDivisionError: division by zero", "line 3."),
+    # quotes in a message are the user's own (they were stripped off its ends)
+    "raises_quoted": ("def get_config(arg=None):\n  raise ValueError(f'no variant {arg!r}')\n",
+                      "line 3: ValueError: no variant None", "line 3."),
+    "raises_quoted_end": ("def get_config(arg=None):\n  raise ValueError(\"variant ''\")\n",
+                          "line 3: ValueError: variant ''", "line 3."),
+    "raises_key": ("def get_config(arg=None):\n  return {}['model']\n",
+                   "line 3: KeyError: model", "line 3."),
 }
 
 
@@ -379,7 +386,7 @@ def test_an_empty_variant_is_reported_as_the_config_file_raised_it(tmp_path):
   proc = run_cli("train", f"--config={tmp_path / 'exp.py'}:", f"--workdir={tmp_path / 'w'}")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert (f"Config error in `--config`: {tmp_path / 'exp.py'} line 7: ValueError: "
-          "no variant") in proc.stderr, proc.stderr[-2000:]
+          "no variant ''.") in proc.stderr, proc.stderr[-2000:]
   assert "--config.config" not in proc.stderr
 
 
