@@ -81,7 +81,7 @@ def empty_cache(cache: KVCache, unit: int):
   return jax.jit(lambda: jax.tree.map(zeros, cache).for_decoding(unit))
 
 
-def init_cache(model: Decoder, batch: int, max_length: int) -> list[KVCache]:
+def init_decode_cache(model: Decoder, batch: int, max_length: int) -> list[KVCache]:
   """The empty decode-form cache `infer.generate` prefills and decodes in, on the
   model's mesh: `empty_cache` of `infer.kv_cache.check_cache` (which raises
   CacheDoesNotFit before allocating one larger than the free memory)."""

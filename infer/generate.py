@@ -167,7 +167,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     lengths[row] = len(p)
   padding = np.arange(rows) >= batch  # [rows]
   # The cache is made in the decode form and prefilled in it: one copy.
-  cache = decode.init_cache(model, rows, longest + max_new_tokens)
+  cache = decode.init_decode_cache(model, rows, longest + max_new_tokens)
   sampling = (float(temperature), top_k, top_p)
   stops = jnp.asarray(decode.stop_ids(stop_tokens))
   key = jax.random.key(seed)

@@ -72,8 +72,8 @@ class CacheDoesNotFit(ValueError):
 
 def init_cache(model: Decoder, batch: int, max_length: int) -> KVCache:
   """An empty stacked cache (zeros, lengths 0), laid out as `cache_struct` says,
-  on the model's mesh (`infer.decode.init_cache` makes generate's, in the decode
-  form). Raises CacheDoesNotFit (a ValueError) before allocating a cache larger
+  on the model's mesh (`infer.decode.init_decode_cache` makes generate's, in
+  the decode form). Raises CacheDoesNotFit (a ValueError) before allocating a cache larger
   than the memory its devices have free."""
   s = check_cache(model, batch, max_length)
   return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), s)

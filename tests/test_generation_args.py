@@ -340,7 +340,7 @@ def test_generate_holds_one_cache_prefilled_in_its_decode_form(tiny_model,
 
   graphdef, params = nnx.split(tiny_model)
   rows, length = 4, 4096
-  cache = decode.init_cache(tiny_model, rows, length)  # 1 MiB
+  cache = decode.init_decode_cache(tiny_model, rows, length)  # 1 MiB
   cache_bytes = sum(c.k.nbytes + c.v.nbytes for c in cache)
   loop = _decode_loop.lower(
       graphdef, params, decode.split(graphdef, params), cache,
@@ -454,7 +454,7 @@ def test_prefill_longer_than_the_cache_is_refused(tiny_model, split):
   """A prompt past the cache's length wrote out of bounds and returned lengths
   beyond it (garbage, silently)."""
   from infer import decode
-  cache = (decode.init_cache if split else infer.init_cache)(tiny_model, 1, 3)
+  cache = (decode.init_decode_cache if split else infer.init_cache)(tiny_model, 1, 3)
   with pytest.raises(ValueError, match="prompts of 4 positions do not fit a KV "
                      "cache of 3"):
     tiny_model.prefill(jnp.array([[1, 2, 3, 4]]), jnp.array([4]), cache)

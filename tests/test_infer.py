@@ -239,7 +239,7 @@ def _prefill_logits(m, prompts, new):
   for r, p in enumerate(prompts):
     tokens[r, :len(p)] = p
   graphdef, params = nnx.split(m)
-  cache = decode.init_cache(m, len(prompts), int(lengths.max()) + new)
+  cache = decode.init_decode_cache(m, len(prompts), int(lengths.max()) + new)
   return np.asarray(_prefill(graphdef, params, decode.split(graphdef, params), tokens,
                              cache, lengths)[0])
 
@@ -329,10 +329,10 @@ def test_generation_prefill_applies_the_head_at_the_last_tokens_only():
   full, _ = jax.jit(lambda m, t, n, c: m.prefill(t, n, c))(
       m, tokens, lengths, infer.init_cache(m, 2, 512))
   layers = decode.split(graphdef, params)
-  last, _ = _prefill(graphdef, params, layers, tokens, decode.init_cache(m, 2, 512),
+  last, _ = _prefill(graphdef, params, layers, tokens, decode.init_decode_cache(m, 2, 512),
                      lengths)
   np.testing.assert_allclose(last, np.asarray(full)[[0, 1], [511, 99]], rtol=1e-5,
                              atol=1e-6)
   compiled = _prefill.lower(graphdef, params, layers, tokens,
-                            decode.init_cache(m, 2, 512), lengths).compile()
+                            decode.init_decode_cache(m, 2, 512), lengths).compile()
   assert compiled.memory_analysis().temp_size_in_bytes < 2 * 512 * vocab * 4 / 2
