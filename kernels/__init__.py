@@ -49,11 +49,16 @@ __all__ = ["BlockSizes", "IMPLS", "SEQUENCE_PARALLEL", "attention", "choose",
            "serving_impl", "uses_zigzag", "zigzag_permute", "zigzag_unpermute"]
 
 
-def serving_impl(impl: str, length_split: int) -> str:
-  """The impl to serve a model trained with `impl` on a mesh that splits the
-  length over `length_split` devices: `auto` where the trained one cannot serve
+def serving_impl(impl: str, length_split: int | None = None,
+                 rules: sharding.Rules = ()) -> str:
+  """The impl to serve a model trained with `impl` (prompts come in natural order)
+  on a mesh that splits the length over `length_split` devices (None: the
+  context mesh's split under `rules`): `auto` where the trained one cannot serve
   (`ring_zigzag` wants zig-zag ordered prompts; a sequence-parallel impl on an
   unsplit length has nothing to exchange over), else `impl`."""
+  if length_split is None:
+    length_split = partition.sequence_size(partition.context_mesh(),
+                                           partition.Axes.from_rules(rules))
   if uses_zigzag(impl) or (impl in SEQUENCE_PARALLEL and length_split == 1):
     return "auto"
   return impl

@@ -101,12 +101,15 @@ class Attention(nnx.Module):
     """x [batch, t, embed] at positions [batch, t] (contiguous per row) with a KV
     cache: writes the new tokens' K/V into `layer` of the cache and returns
     (output [batch, t, embed], cache). A prefill is a whole prompt from position 0:
-    it attends over its own K/V with the configured kernel. A decode step attends
-    over the cache (`kernels.cached`, in the cache's own layout)."""
+    it attends over its own K/V with the configured kernel, or with `auto` where
+    that kernel cannot take prompts in natural order (`kernels.serving_impl`: a
+    model trained with `ring_zigzag`). A decode step attends over the cache
+    (`kernels.cached`, in the cache's own layout)."""
     q, k, v = self.project_qkv(x, positions)
     cache = cache.write(layer, k, v, positions[:, 0])
     if prefill:
-      o = kernels.attention(q, k, v, causal=True, impl=self.impl,
+      impl = kernels.serving_impl(self.impl, rules=self.constrain.rules)
+      o = kernels.attention(q, k, v, causal=True, impl=impl,
                             rules=self.constrain.rules, window=self.window,
                             block_sizes=self.block_sizes)
     else:

@@ -1,5 +1,7 @@
 """KV-cache generation against full forwards, HF and other meshes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,6 +275,9 @@ SERVE_CASES = {
     "dense_fsdp4": ({}, dict(fsdp=4), False),
     # prompts of odd lengths on sequence=2: padded to even lengths
     "dense_fsdp2_sequence2": ({}, dict(fsdp=2, sequence=2), False),
+    # trained zig-zag balanced: prompts come in natural order, so the prefill
+    # takes `auto` (it ran the zig-zag ring on them and gave other tokens)
+    "ring_zigzag_sequence2": (dict(attention="ring_zigzag"), dict(fsdp=2, sequence=2), True),
 }
 
 
@@ -288,7 +293,7 @@ def test_any_batch_size_serves_on_any_mesh(case):
   from train.state import model_spec, param_shardings
   model, sizes, stream = SERVE_CASES[case]
   cfg = ModelConfig(**ROW_CFG, **model)
-  one = Decoder(cfg, rngs=nnx.Rngs(0))
+  one = Decoder(dataclasses.replace(cfg, attention="auto"), rngs=nnx.Rngs(0))
   spec = model_spec(cfg, sharding.normalize_rules(None))
   mesh = sharding.make_mesh({**dict(data=1, fsdp=1, expert=1, sequence=1, tensor=1),
                              **sizes}, jax.devices()[:4])
