@@ -689,3 +689,58 @@ def test_a_pipeline_schedule_fix_chain_does_not_lead_back():
   second = assert_fixes_validate(_apply(config, {"pipeline.microbatches": 2}))
   assert "microbatches=1" not in second.fix, second.fix
   assert fix_alternatives(second.fix) == [["--config.train.batch_size=16"]]
+
+
+# (heads, kv_heads, mesh sizes, K/V heads left unsplit by the rules): the trial's
+# two (12 / 3 heads on tensor=2 was accepted and crashed in the kernel; 4 / 1 on
+# tensor=2 x sequence=4 was refused although the kernel runs it), and neighbours
+ULYSSES_HEADS = [
+    (12, 3, dict(data=2, tensor=2, sequence=2), True),
+    (4, 1, dict(tensor=2, sequence=4), True),
+    (8, 2, dict(data=2, tensor=2, sequence=2), False),
+    (6, 2, dict(tensor=2, sequence=4), True),
+    (8, 8, dict(tensor=4, sequence=2), False),
+    (4, 2, dict(data=2, sequence=4), False),
+    (6, 6, dict(data=2, sequence=4), False),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,sizes,unsplit_kv", ULYSSES_HEADS)
+def test_ulysses_is_refused_exactly_where_its_kernel_cannot_split_the_heads(
+    heads, kv_heads, sizes, unsplit_kv):
+  """Validation asked the Ulysses head rule with the heads split as the rules say,
+  the kernel with the heads split only over axes that divide both counts: a
+  config could pass and crash after setup (exit 1), or be refused though it runs.
+  Now a refusal is exactly a kernel ValueError, and an accepted config's kernel
+  output is the reference's."""
+  import jax
+  import numpy as np
+  import kernels
+  import sharding
+  config = llama_tiny.get_config()
+  config.model.update(attention="ulysses", num_heads=heads, num_kv_heads=kv_heads,
+                      d_model=16 * heads, head_dim=16)
+  config.mesh.update(**{**dict(data=1, fsdp=1, tensor=1, sequence=1), **sizes})
+  if unsplit_kv:
+    config.mesh.rules.kv_heads = ()
+    config.mesh.rules.act_kv_heads = ()
+  try:
+    train.validate_config(config, 8)
+    refused = None
+  except ConfigError as err:
+    refused = err
+  rules = sharding.normalize_rules(config.mesh.rules)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(4, 32, heads, 8)).astype(np.float32)
+  k, v = (rng.normal(size=(4, 32, kv_heads, 8)).astype(np.float32) for _ in "kv")
+  with jax.set_mesh(mesh):
+    try:
+      out = kernels.attention(q, k, v, impl="ulysses", rules=rules, block_sizes=8)
+    except ValueError as err:
+      assert refused is not None, f"accepted, but the kernel raised: {err}"
+      assert refused.field == "model.attention", refused
+      return
+  assert refused is None, f"refused, but the kernel runs: {refused}"
+  want = kernels.attention(q, k, v, impl="reference")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)

@@ -253,14 +253,19 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
         f"is not a multiple of {2 * seq}.",
         f"use a seq_len divisible by {2 * seq}, or --config.model.attention=ring.")
   if impl == "ulysses" and seq > 1:
-    m = config.model
-    split = sharding.split_size(rules, "act_heads", sizes)
-    problem = kernels.ulysses.heads_problem(m.num_heads, m.num_kv_heads, split, seq)
+    m, axes = config.model, kernels.partition.Axes.from_rules(rules)
+
+    def problem_at(s: int) -> str | None:
+      """The kernel's own check (`ulysses.check`) on the mesh with the length's axis
+      of size `s`: the heads split over the head axes that divide both counts."""
+      shape = {**sizes, length_axes[0]: s}
+      mesh = jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape))
+      return kernels.ulysses.check(mesh, m.num_heads, m.num_kv_heads, axes)
+    problem = problem_at(seq)
     if problem:
       works = [s for s in range(seq - 1, 1, -1) if config.data.seq_len % s == 0
-               and not kernels.ulysses.heads_problem(m.num_heads, m.num_kv_heads,
-                                                     split, s)]
-      resized = sharding.validate.resize_to(config, "sequence", works,
+               and not problem_at(s)]
+      resized = sharding.validate.resize_to(config, length_axes[0], works,
                                             math.prod(sizes.values()))
       raise ConfigError(
           "model.attention", f"{problem}.", "use --config.model.attention="
