@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
@@ -85,24 +84,50 @@ def sequence_size(mesh, axes: Axes = DEFAULT_AXES) -> int:
   return 1 if axis is None else _auto_size(mesh, axis)
 
 
-def head_axes(mesh, heads: int, kv_heads: int,
-              axes: Axes = DEFAULT_AXES) -> tuple[str, ...]:
-  """The leading head axes (size > 1) whose product divides both head counts."""
+@dataclasses.dataclass(frozen=True)
+class HeadSplit:
+  """How an attention call splits the heads over the mesh (`split_heads`).
+
+  The query heads split over `axes`. The K/V heads split over them too where
+  their count allows (`kv_axes == axes`); where the query heads split further than
+  the K/V heads can (Q ways, Q a multiple of kv_heads: multi-query, or GQA with
+  more tensor-parallel devices than K/V heads), every device's query heads share
+  one K/V head, so K/V stay whole on each device (`kv_axes == ()`) and each device
+  takes its own head (`select`): no device computes another's heads."""
+  axes: tuple[str, ...]     # mesh axes splitting the query heads and the output
+  kv_axes: tuple[str, ...]  # mesh axes splitting the K/V heads: `axes` or ()
+  heads: int                # query heads per device
+  kv_heads: int             # K/V heads each device attends with
+
+  @property
+  def select(self) -> bool:
+    """Whether each device slices its one K/V head out of all of them."""
+    return self.axes != self.kv_axes
+
+
+def split_heads(mesh, heads: int, kv_heads: int, axes: Axes = DEFAULT_AXES,
+                regroup: int = 1) -> HeadSplit:
+  """The leading head axes (size > 1) whose product Q divides the query heads and
+  divides or is a multiple of the K/V heads (`HeadSplit`). `regroup`: the ways
+  each device's heads split again over the length axis (Ulysses' all-to-all); an
+  axis is taken only while the query heads per device stay a multiple of it and
+  the K/V heads per device divide it or are a multiple of it."""
   out, size = [], 1
   for a in axes.heads:
     n = _auto_size(mesh, a)
     if n == 1:
       continue
-    if heads % (size * n) or kv_heads % (size * n):
+    q = size * n
+    if heads % q or (kv_heads % q and q % kv_heads):
+      break
+    kv = kv_heads // q if kv_heads % q == 0 else 1
+    if (heads // q) % regroup or (kv % regroup and regroup % kv):
       break
     out.append(a)
-    size *= n
-  return tuple(out)
-
-
-def head_split(mesh, heads: int, kv_heads: int, axes: Axes = DEFAULT_AXES) -> int:
-  """How many ways the heads are split (the product of `head_axes`)."""
-  return math.prod(mesh.shape[a] for a in head_axes(mesh, heads, kv_heads, axes))
+    size = q
+  if kv_heads % size:  # Q > kv_heads: one K/V head per device, selected
+    return HeadSplit(tuple(out), (), heads // size, 1)
+  return HeadSplit(tuple(out), tuple(out), heads // size, kv_heads // size)
 
 
 def batch_axes(mesh, batch: int, axes: Axes = DEFAULT_AXES) -> tuple[str, ...]:
@@ -120,29 +145,47 @@ def batch_axes(mesh, batch: int, axes: Axes = DEFAULT_AXES) -> tuple[str, ...]:
 
 
 def specs(mesh, q_shape, kv_heads: int, *, split_length: bool,
-          axes: Axes = DEFAULT_AXES):
-  """(spec of q / k / v / output [b, len, heads, d], spec of segment ids [b, len])."""
+          axes: Axes = DEFAULT_AXES, regroup: int = 1):
+  """(spec of q / output [b, len, heads, d], of k / v [b, len, kv_heads, d], of
+  segment ids [b, len]); `regroup` as `split_heads` takes it."""
   b = batch_axes(mesh, q_shape[0], axes) or None
   length = sequence_axis(mesh, axes) if split_length else None
-  h = head_axes(mesh, q_shape[2], kv_heads, axes) or None
-  return P(b, length, h, None), P(b, length)
+  split = split_heads(mesh, q_shape[2], kv_heads, axes, regroup)
+  return (P(b, length, split.axes or None, None),
+          P(b, length, split.kv_axes or None, None), P(b, length))
 
 
 def shard(fn, mesh, q, k, v, segment_ids, *, split_length: bool,
-          axes: Axes = DEFAULT_AXES):
+          axes: Axes = DEFAULT_AXES, regroup: int = 1):
   """Runs fn(q, k, v, segment_ids) per device; returns the [b, len, heads, d] output.
+
+  The heads split as `split_heads` says (`regroup` for Ulysses); where each
+  device selects its one K/V head, fn gets that head alone ([b, len, 1, d]).
 
   Manual over every mesh axis: Mosaic refuses a shard_map that leaves any axis
   automatic, even one of size 1. check_vma=False because interpret-mode Pallas
-  kernels do not carry varying-manual-axes types; its cost is a no-op all-reduce
-  (singleton groups) of the input cotangents over the unused size-1 axes.
+  kernels do not carry varying-manual-axes types. Its cost: the cotangent of an
+  input is all-reduced over every mesh axis its spec does not split; over size-1
+  axes that is a no-op (singleton groups), and over the head axes of selected K/V
+  heads it sums dk and dv [b, len, kv_heads, d] (each device's holds its own
+  head's), the one real reduction.
   """
-  x_spec, seg_spec = specs(mesh, q.shape, k.shape[2], split_length=split_length,
-                           axes=axes)
-  run = functools.partial(jax.shard_map, out_specs=x_spec, check_vma=False)
+  q_spec, kv_spec, seg_spec = specs(mesh, q.shape, k.shape[2], axes=axes,
+                                    split_length=split_length, regroup=regroup)
+  split = split_heads(mesh, q.shape[2], k.shape[2], axes, regroup)
+  if split.select:
+    group = q.shape[2] // k.shape[2]  # query heads per K/V head
+
+    def local(q, k, v, seg, fn=fn):
+      first = jax.lax.axis_index(split.axes) * split.heads  # its first query head
+      k, v = (jax.lax.dynamic_slice_in_dim(x, first // group, 1, axis=2) for x in (k, v))
+      return fn(q, k, v, seg)  # k, v: [b, len, 1, d]
+    fn = local
+  run = functools.partial(jax.shard_map, out_specs=q_spec, check_vma=False)
   if segment_ids is None:
-    return run(lambda q, k, v: fn(q, k, v, None), in_specs=(x_spec,) * 3)(q, k, v)
-  return run(fn, in_specs=(x_spec,) * 3 + (seg_spec,))(q, k, v, segment_ids)
+    return run(lambda q, k, v: fn(q, k, v, None),
+               in_specs=(q_spec, kv_spec, kv_spec))(q, k, v)
+  return run(fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec))(q, k, v, segment_ids)
 
 
 def is_trivial(mesh) -> bool:

@@ -19,30 +19,23 @@ from jax import lax
 from kernels import flash, partition
 
 
-def heads_problem(heads: int, kv_heads: int, head_split: int,
-                  size: int) -> str | None:
-  """None if Ulysses can move `heads` query and `kv_heads` K/V heads, already split
-  `head_split` ways (tensor parallelism), over a sequence axis of `size`; else the
-  reason. The one statement of the rule: the kernel and config validation
-  (`train/validate.py`) both ask it."""
-  h, kvh = heads // head_split, kv_heads // head_split
+def check(mesh, heads: int, kv_heads: int,
+          axes: partition.Axes = partition.DEFAULT_AXES) -> str | None:
+  """None if Ulysses can move the query and K/V heads each device holds (as
+  `partition.split_heads` splits them over the head axes) over the mesh's
+  sequence axis, else the reason. The one statement of the rule: the kernel and
+  config validation (`train/validate.py`) both ask it."""
+  size = partition.sequence_size(mesh, axes)
+  split = partition.split_heads(mesh, heads, kv_heads, axes, size)
+  h, kvh = split.heads, split.kv_heads
   if h % size:
     return (f"ulysses splits heads over the sequence axis, but heads per device "
-            f"({h} = heads {heads} / {head_split}) is not a multiple of "
+            f"({h} = heads {heads} / {heads // h}) is not a multiple of "
             f"sequence={size}")
   if kvh % size and size % kvh:
     return (f"ulysses cannot share kv_heads per device ({kvh}) over sequence={size}: "
             f"one must divide the other")
   return None
-
-
-def check(mesh, heads: int, kv_heads: int,
-          axes: partition.Axes = partition.DEFAULT_AXES) -> str | None:
-  """None if Ulysses can split these heads over the mesh's sequence axis, else the
-  reason."""
-  return heads_problem(heads, kv_heads,
-                       partition.head_split(mesh, heads, kv_heads, axes),
-                       partition.sequence_size(mesh, axes))
 
 
 def _local(q, k, v, seg, *, axis: str, size: int, causal: bool, block_sizes,
@@ -86,4 +79,4 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   fn = functools.partial(_local, axis=axis, size=size, causal=causal,
                          block_sizes=block_sizes, backend=backend, window=window)
   return partition.shard(fn, mesh, q, k, v, segment_ids, split_length=True,
-                         axes=axes)
+                         axes=axes, regroup=size)

@@ -3,6 +3,7 @@ reference on `sequence` = 2, 4, 8 and with data / tensor, the collectives they
 compile to, and the zig-zag load balance counted from what the ring executes."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,58 @@ def test_a_mesh_axis_the_batch_takes_splits_nothing_else(impl):
   assert spec == jax.sharding.PartitionSpec("fsdp", "sequence", "tensor")
   assert_close(out, reference.attention(q, k, v, causal=True, segment_ids=seg),
                TOL[jnp.float32], f"{impl} with fsdp named thrice")
+
+
+# (impl, query heads, K/V heads, mesh): the query heads split further than the K/V
+# heads (multi-query; GQA with more tensor devices than K/V heads)
+MORE_DEVICES_THAN_KV_HEADS = [
+    ("flash", 8, 1, dict(tensor=4, data=2)),
+    ("flash", 16, 4, dict(tensor=8)),
+    ("ring", 8, 2, dict(tensor=4, sequence=2)),
+    ("ulysses", 8, 1, dict(tensor=2, sequence=2, data=2)),
+]
+
+
+@pytest.mark.parametrize("impl,heads,kv_heads,sizes", MORE_DEVICES_THAN_KV_HEADS)
+def test_query_heads_split_past_the_kv_heads_each_device_attends_its_own(
+    impl, heads, kv_heads, sizes):
+  """From a fresh-user trial: where `tensor` divides the query heads but not the
+  K/V heads (K/V left unsplit by the rules, as validation's fix says), the
+  kernels split the heads over no axis: q was all-gathered and every device
+  computed every head. Now each device takes its query heads and the one K/V
+  head they share. Against the reference (output and gradients), with q placed
+  as the model places it: no all-gather, and the FLOPs per device are at most
+  1.15 / Q of the same call with the heads unsplit (rules act_heads=())."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  unsplit_kv = {**sharding.DEFAULT_RULES, "kv_heads": (), "act_kv_heads": ()}
+  q, k, v, seg, do = make_inputs(17, batch=2, length=64, heads=heads,
+                                 kv_heads=kv_heads, head_dim=16, segments=True)
+  mesh = mesh_of(**sizes)
+  ways = sizes["tensor"]
+
+  def compiled(rules):
+    fn = lambda q, k, v, s: kernels.attention(  # noqa: E731
+        q, k, v, causal=True, segment_ids=s, impl=impl, block_sizes=16,
+        rules=sharding.normalize_rules(rules))
+    placed = jax.device_put(q, NamedSharding(mesh, P(None, None, "tensor")))
+    with jax.set_mesh(mesh):
+      out, grads = value_and_vjp(fn, placed, k, v, seg, do)
+      c = jax.jit(lambda q, k, v: jax.vjp(lambda *a: fn(*a, seg), q, k, v)[1](do)
+                  ).lower(placed, k, v).compile()
+    return out, grads, c.as_text(), c.cost_analysis()["flops"]
+
+  out, grads, text, flops = compiled(unsplit_kv)
+  _, want = jax.vjp(lambda q, k, v: reference.attention(
+      q, k, v, causal=True, segment_ids=seg), q, k, v)
+  assert_close(out, reference.attention(q, k, v, causal=True, segment_ids=seg),
+               TOL[jnp.float32], impl)
+  for got, ref, name in zip(grads, want(do), "qkv"):
+    assert_close(got, ref, TOL[jnp.float32], f"{impl} d{name}")
+  gathered = [line for line in text.splitlines()  # (Ulysses gathers segment ids)
+              if re.search(r"= f32\[[^=]*all-gather(-start)?\(", line)]
+  assert not gathered, (impl, gathered[:1])
+  *_, whole = compiled({**unsplit_kv, "act_heads": ()})
+  assert flops * ways <= 1.15 * whole, (impl, flops, whole)
 
 
 def count_ops(hlo: str, op: str) -> int:
