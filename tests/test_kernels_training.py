@@ -46,3 +46,41 @@ def test_ring_zigzag_needs_seq_len_multiple_of_twice_sequence():
     train.validate_config(c, 8)
   c.model.attention = "ring"
   assert train.validate_config(c, 8)["sequence"] == 4
+
+
+# (attention, mesh, tiles, what the run's model line adds: None for nothing)
+MODEL_LINE_CASES = [
+    ("flash", dict(data=4, sequence=2), 0, "gathers the length the mesh splits 2 ways"),
+    ("reference", dict(data=2, sequence=4), 0, "gathers the length the mesh splits 4"),
+    ("ring", dict(data=4, sequence=2), 0, None),
+    ("auto", dict(data=4, sequence=2), 0, None),  # -> ulysses
+    ("auto", dict(data=8), 16, "model.attention_block_q/kv unused: reference has no"),
+    ("auto", dict(data=8), 0, None),
+    ("flash", dict(data=8), 16, None),
+]
+
+
+@pytest.mark.parametrize("attention,mesh,tiles,added", MODEL_LINE_CASES)
+def test_the_model_line_names_attention_work_the_mesh_or_tiles_do_not_get(
+    attention, mesh, tiles, added):
+  """From a fresh-user trial: flash (or the reference) on a mesh that splits the
+  length gathered it silently, so every `sequence` device computed the whole
+  attention; and `auto` resolving to the reference (short sequences on CPU)
+  dropped the tile sizes silently. The run's `model:` line now says so, and
+  says nothing extra where the kernel uses the split and the tiles."""
+  import jax
+  import sharding
+  from conftest import make_tiny_config
+  from model import ModelConfig
+  from train.loop import _architecture
+  from train.state import model_spec
+  c = make_tiny_config()
+  c.model.update(attention=attention, attention_block_q=tiles)
+  c.mesh.update(**mesh)
+  rules = sharding.normalize_rules(c.mesh.rules)
+  spec = model_spec(ModelConfig.from_config(c.model), rules)
+  line = _architecture(spec, sharding.make_mesh(c.mesh, jax.devices()), rules, 8, 16)
+  if added is None:
+    assert "(it gathers" not in line and "unused" not in line, line
+  else:
+    assert added in line, line

@@ -540,16 +540,24 @@ def _data_change_note(data, segments) -> str:
 
 
 def _architecture(spec, mesh, rules, batch: int, seq_len: int) -> str:
-  """The block, the attention impl (what `auto` chooses on this mesh, and why),
-  MoE and pipeline settings, for the run's first lines."""
+  """The block, the attention impl (what `auto` chooses on this mesh, and why,
+  and what it leaves unused), MoE and pipeline settings, for the run's first
+  lines."""
   cfg = spec.cfg
-  attention = cfg.attention
-  if attention == "auto":
-    with jax.set_mesh(mesh):
+  attention = impl = cfg.attention
+  axes = kernels.partition.Axes.from_rules(rules)
+  with jax.set_mesh(mesh):
+    if impl == "auto":
       impl, _, reason = kernels.choose((batch, seq_len, cfg.num_heads, cfg.head_dim),
-                                       cfg.num_kv_heads,
-                                       kernels.partition.Axes.from_rules(rules))
-    attention = f"auto -> {impl} ({reason})"
+                                       cfg.num_kv_heads, axes)
+      attention = f"auto -> {impl} ({reason})"
+    length_split = kernels.partition.sequence_size(mesh, axes)
+  if impl not in kernels.SEQUENCE_PARALLEL and length_split > 1:
+    attention += (f" (it gathers the length the mesh splits {length_split} ways: "
+                  "each of those devices computes the whole sequence's attention; "
+                  "ring or ulysses split it)")
+  if impl == "reference" and (cfg.attention_block_q or cfg.attention_block_kv):
+    attention += " (model.attention_block_q/kv unused: reference has no tiles)"
   parts = [f"{cfg.describe_blocks()}, attention {attention}"]
   moe, pipe = cfg.moe, spec.pipeline
   if moe.num_experts:
