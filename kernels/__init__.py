@@ -130,8 +130,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} is not available; choose from {IMPLS}")
-  flash.check_shapes(q, k, v, segment_ids)
-  flash.check_window(window, causal)
+  window, block_sizes = flash.check_inputs(q, k, v, segment_ids, causal=causal,
+                                           window=window, block_sizes=block_sizes)
   axes = partition.Axes.from_rules(rules)
   extra: dict[str, Any] = {}
   if impl == "auto":

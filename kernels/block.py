@@ -8,6 +8,7 @@ Softmax statistics and every accumulator are float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -19,18 +20,32 @@ NEG = -1e30
 
 
 class BlockSizes(NamedTuple):
-  """Tile sizes along the query and key/value length; None takes the backend default."""
+  """Tile sizes along the query and key/value length; None takes the backend default.
+  Each backend adapts a size to what it runs (TPU: up to a multiple of 128; GPU:
+  down to a power of two, at least 16; none past the padded length)."""
   block_q: int | None = None
   block_kv: int | None = None
 
   @classmethod
   def of(cls, value) -> "BlockSizes":
-    """Accepts None, an int (both sizes), a (q, kv) pair or a BlockSizes."""
-    if value is None:
-      return cls()
-    if isinstance(value, int):
-      return cls(value, value)
-    return cls(*value)
+    """Accepts None, a positive int (both sizes), a (block_q, block_kv) pair of
+    positive ints or None, or a BlockSizes; NumPy integers count as ints. Raises
+    ValueError for anything else (a bool, a float, a size below 1, a pair of
+    another length), the same on every backend."""
+    bad = ValueError(f"block_sizes must be None, a positive int or a (block_q, "
+                     f"block_kv) pair of positive ints or None; got {value!r}")
+
+    def size(x):
+      if x is None:
+        return None
+      if isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1:
+        return int(x)
+      raise bad
+    if value is None or isinstance(value, numbers.Integral):
+      return cls(size(value), size(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+      return cls(*map(size, value))
+    raise bad
 
   def resolve(self, default: "BlockSizes") -> "BlockSizes":
     return BlockSizes(self.block_q or default.block_q, self.block_kv or default.block_kv)

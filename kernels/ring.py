@@ -292,8 +292,8 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   order as the input. A sliding `window` (causal, contiguous layout) visits only
   the chunks within reach of it (`Ring.window_steps`).
   """
-  flash.check_shapes(q, k, v, segment_ids)
-  flash.check_window(window, causal)
+  window, block_sizes = flash.check_inputs(q, k, v, segment_ids, causal=causal,
+                                           window=window, block_sizes=block_sizes)
   if layout not in LAYOUTS:
     raise ValueError(f"ring layout {layout!r} is not one of {LAYOUTS}")
   if window is not None and layout == "zigzag":

@@ -64,8 +64,8 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
   device attends over the whole length for its heads, so a sliding `window` is the
   local flash kernel's.
   """
-  flash.check_shapes(q, k, v, segment_ids)
-  flash.check_window(window, causal)
+  window, block_sizes = flash.check_inputs(q, k, v, segment_ids, causal=causal,
+                                           window=window, block_sizes=block_sizes)
   mesh = partition.context_mesh()
   axis = partition.sequence_axis(mesh, axes) if mesh is not None else None
   if axis is None:

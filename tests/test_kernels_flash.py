@@ -11,7 +11,7 @@ import pytest
 
 import kernels
 import sharding
-from kernels import block, flash, reference
+from kernels import block, flash, reference, ring
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 # Tests run tiny shapes, where XLA's LLVM optimisation costs more than it saves.
@@ -234,3 +234,44 @@ def test_errors():
     flash.attention(q, k, v, backend="cuda")
   assert kernels.IMPLS == ("reference", "flash", "ring", "ring_zigzag", "ulysses",
                            "auto")
+
+
+BAD_BLOCK_SIZES = [-4, 0, True, 4.0, (8,), (8, 8, 8), "8", (0, 8), (8, 2.5)]
+
+
+def test_every_entry_and_backend_refuses_the_same_inputs_alike():
+  """From a fresh-user trial: block_sizes=-4 was a ValueError on the blockwise
+  loops, a ZeroDivisionError on Mosaic and ran with 16 on Triton; np.int64(8)
+  was a TypeError and a NumPy window refused; (8,) meant (8, default); q and
+  k of different lengths ran with a top-left causal mask, and length 0 was a
+  ZeroDivisionError. Every entry point now refuses the same inputs with one
+  ValueError before running, and takes NumPy integers as ints."""
+  q, k, v, _, _ = make_inputs(1, batch=1, length=24, heads=2, kv_heads=1, head_dim=8)
+  entries = {
+      **{f"flash.{b}": lambda bs, w=None, b=b, **kw: flash.attention(
+          kw.get("q", q), kw.get("k", k), kw.get("v", v), block_sizes=bs,
+          backend=b, window=w)
+         for b in ("blockwise", "mosaic_interpret", "triton_interpret")},
+      **{impl: lambda bs, w=None, impl=impl, **kw: kernels.attention(
+          kw.get("q", q), kw.get("k", k), kw.get("v", v), block_sizes=bs, impl=impl,
+          window=w)
+         for impl in ("flash", "reference", "ring", "ulysses")},
+      "ring.attention": lambda bs, w=None, **kw: ring.attention(
+          kw.get("q", q), kw.get("k", k), kw.get("v", v), block_sizes=bs, window=w),
+  }
+  for name, run in entries.items():
+    for bad in BAD_BLOCK_SIZES:
+      with pytest.raises(ValueError, match="block_sizes must be None, a positive int"):
+        run(bad)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+      run(8, w=np.float32(4))
+    with pytest.raises(ValueError, match="must have one length of at least 1"):
+      run(8, k=k[:, :20], v=v[:, :20])
+    with pytest.raises(ValueError, match="must have one length of at least 1"):
+      run(8, q=q[:, :0], k=k[:, :0], v=v[:, :0])
+  for name in ("flash.blockwise", "flash.mosaic_interpret", "flash.triton_interpret"):
+    run = entries[name]
+    want = run(8, w=4)
+    np.testing.assert_array_equal(run(np.int64(8), w=np.int64(4)), want, err_msg=name)
+    np.testing.assert_array_equal(run((np.int32(8), 8), w=4), want, err_msg=name)
+    np.testing.assert_array_equal(run([8, 8], w=4), want, err_msg=name)
