@@ -317,48 +317,6 @@ def _result_bytes(ins, kind: str) -> int:
   return ins.bytes
 
 
-def replica_groups(ins) -> list[list[int]] | None:
-  """Device groups of a collective (ids index the compile's devices in order),
-  pairs for collective-permute; [] for all devices in one group; None when the
-  groups are written in a form not parsed here."""
-  text = ins.text
-  m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", text)
-  if m:
-    return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
-  m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", text)
-  if m:
-    return [[int(x) for x in g.split(",") if x]
-            for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
-  m = re.search(r"replica_groups=\[([\d,]+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)", text)
-  if m:  # iota: [groups, size] <= device ids laid out as [dims], transposed
-    return _iota(m.group(2)).reshape([int(x) for x in m.group(1).split(",")]).tolist()
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]"
-                r"(?:,\s*device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?)\))?\s*\{([^}]*)\}", text)
-  if m:  # a mesh of its own over the device ids, and the axes each group spans
-    dims = re.findall(r"'(\w+)'=(\d+)", m.group(1))
-    names, sizes = [d[0] for d in dims], [int(d[1]) for d in dims]
-    spanned = re.findall(r"'(\w+)'", m.group(3))
-    if ":" in m.group(3) or any(s not in names for s in spanned):
-      return None  # sub-axes: not parsed
-    ids = _iota(m.group(2)) if m.group(2) else np.arange(math.prod(sizes))
-    ids = ids.reshape(sizes)
-    keep = [i for i, n in enumerate(names) if n not in spanned]
-    span = [i for i, n in enumerate(names) if n in spanned]
-    return ids.transpose(keep + span).reshape(
-        -1, math.prod(sizes[i] for i in span)).tolist()
-  return None if "replica_groups=" in text else []
-
-
-def _iota(text: str) -> np.ndarray:
-  """'[2,4]T(1,0)' -> arange(8).reshape(2, 4).transpose(1, 0), flattened."""
-  m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text.strip())
-  dims = [int(x) for x in m.group(1).split(",")]
-  ids = np.arange(math.prod(dims)).reshape(dims)
-  if m.group(2):
-    ids = ids.transpose([int(x) for x in m.group(2).split(",")])
-  return ids.reshape(-1)
-
-
 def group_axes(groups: list[list[int]], mesh_axes: Sequence[str],
                mesh_shape: Sequence[int]) -> tuple[str, ...]:
   """Mesh axes along which the members of the groups differ."""
@@ -369,7 +327,7 @@ def group_axes(groups: list[list[int]], mesh_axes: Sequence[str],
 
 def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape) -> Collective:
   n_devices = math.prod(mesh_shape) if mesh_shape else 0
-  groups = replica_groups(ins)
+  groups = hlo.replica_groups(ins)
   if groups == [] or groups == [[]]:  # every device in one group
     groups = [list(range(n_devices))] if n_devices else None
   size = 2 if kind == "collective-permute" else len(groups[0]) if groups else 1

@@ -14,6 +14,8 @@ import functools
 import math
 import re
 
+import numpy as np
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute", "ragged-all-to-all")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "s32": 4, "u32": 4,
@@ -125,11 +127,64 @@ def collectives(hlo: str) -> list[Instruction]:
           for ins in instrs if ins.opcode.removesuffix("-start") in COLLECTIVES]
 
 
+def replica_groups(ins) -> list[list[int]] | None:
+  """Device groups of a collective (ids index the compile's devices in order),
+  pairs for collective-permute; [] for all devices in one group; None when the
+  groups are written in a form not parsed here."""
+  text = ins.text
+  m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", text)
+  if m:
+    return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", m.group(1))]
+  m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", text)
+  if m:
+    return [[int(x) for x in g.split(",") if x]
+            for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+  m = re.search(r"replica_groups=\[([\d,]+)\]<=(\[[\d,]+\](?:T\([\d,]+\))?)", text)
+  if m:  # iota: [groups, size] <= device ids laid out as [dims], transposed
+    return _iota(m.group(2)).reshape([int(x) for x in m.group(1).split(",")]).tolist()
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]"
+                r"(?:,\s*device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?)\))?\s*\{([^}]*)\}", text)
+  if m:  # a mesh of its own over the device ids, and the axes each group spans
+    dims = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+    names, sizes = [d[0] for d in dims], [int(d[1]) for d in dims]
+    spanned = re.findall(r"'(\w+)'", m.group(3))
+    if ":" in m.group(3) or any(s not in names for s in spanned):
+      return None  # sub-axes: not parsed
+    ids = _iota(m.group(2)) if m.group(2) else np.arange(math.prod(sizes))
+    ids = ids.reshape(sizes)
+    keep = [i for i, n in enumerate(names) if n not in spanned]
+    span = [i for i, n in enumerate(names) if n in spanned]
+    return ids.transpose(keep + span).reshape(
+        -1, math.prod(sizes[i] for i in span)).tolist()
+  return None if "replica_groups=" in text else []
+
+
+def moves_nothing(ins: Instruction) -> bool:
+  """Whether a collective's every group is one device (e.g. shard_map's all-reduce
+  of a cotangent over size-1 axes, `replica_groups={{0},{1}}`): no data moves."""
+  groups = replica_groups(ins)
+  return bool(groups) and "source_target_pairs" not in ins.text and all(
+      len(g) == 1 for g in groups)
+
+
+def _iota(text: str) -> np.ndarray:
+  """'[2,4]T(1,0)' -> arange(8).reshape(2, 4).transpose(1, 0), flattened."""
+  m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text.strip())
+  dims = [int(x) for x in m.group(1).split(",")]
+  ids = np.arange(math.prod(dims)).reshape(dims)
+  if m.group(2):
+    ids = ids.transpose([int(x) for x in m.group(2).split(",")])
+  return ids.reshape(-1)
+
+
 def collective_counts(hlo: str) -> dict[str, dict[str, float]]:
   """{op: {"count": executions, "elements": elements per device}} of each collective
-  kind; elements are those one device sends (an async start's operand)."""
+  kind; elements are those one device sends (an async start's operand). A
+  collective whose groups are single devices (`moves_nothing`) is not counted."""
   out: dict[str, dict[str, float]] = {}
   for ins, times in executed_collectives(hlo):
+    if moves_nothing(ins):
+      continue
     kind = ins.opcode.removesuffix("-start")
     row = out.setdefault(kind, {"count": 0, "elements": 0})
     row["count"] += times

@@ -145,7 +145,10 @@ def ring_time(kind: str, nbytes: float, lengths: Sequence[int],
 
 def collective_seconds(kind: str, nbytes: float, groups, torus: Torus) -> float:
   """Seconds for one execution of a collective with these replica groups
-  (`aot.costs.replica_groups`: ids index `torus.coords`; pairs for a permute)."""
+  (`aot.hlo.replica_groups`: ids index `torus.coords`; pairs for a permute).
+  Groups of one device each move nothing: 0."""
+  if groups and kind != "collective-permute" and all(len(g) == 1 for g in groups):
+    return 0.0
   if not groups or max(map(max, groups)) >= len(torus.coords):
     groups = [list(range(len(torus.coords)))]
   coords = np.array(torus.coords)
@@ -254,8 +257,8 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
     if kind == "all-reduce" and outer is not coll and 0 < outer.bytes < nbytes:
       kind = "reduce-scatter"  # TPU's all-reduce-scatter fusion
     elif kind == "reduce-scatter":
-      nbytes *= len((costs_lib.replica_groups(coll) or [[0] * n_devices])[0])
-    groups = costs_lib.replica_groups(coll)
+      nbytes *= len((hlo.replica_groups(coll) or [[0] * n_devices])[0])
+    groups = hlo.replica_groups(coll)
     seconds = collective_seconds(kind, nbytes, groups, torus)
     if not groups:
       groups = [list(range(n_devices))]

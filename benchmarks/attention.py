@@ -13,9 +13,13 @@ Prints one JSON line per measurement:
                sequence P = 2, 4, 8, and of flash on one device for P = 1 (what the
                ring splits); 8 CPU devices, and a deviceless TPU v5e:2x4.
   comm         collectives per attention call read from compiled HLO (count and
-               elements per device) next to the formulas: ring forward P-1 hops of
+               elements per device; groups of one device, which move nothing, are
+               left out) next to the formulas: ring forward P-1 hops of
                2*(N/P)*kv_heads*head_dim elements; Ulysses 4 all-to-alls of
-               4*N*heads*head_dim/P elements (MHA).
+               4*N*heads*head_dim/P elements (MHA). At P = 2 the ring's backward
+               K/V hop is the forward's permutation and XLA merges the two: one
+               hop fewer than the formula (the row's `note`). The 1-element
+               all-reduce with the backward is the summed output it differentiates.
   balance      attention tiles per device per ring step, zig-zag against contiguous.
   cpu_time     CPU forward+backward seconds of blockwise flash against reference.
 Compare ratios within one run; record figures in benchmarks/README.md.
@@ -170,9 +174,12 @@ def comm(length: int = 4096):
             "forward_backward": {"all-to-all": {
                 "count": 8, "elements": 8 * length * heads * HEAD_DIM // p}}}
       for stage in ("forward", "forward_backward"):
+        merged = impl == "ring_zigzag" and p == 2 and stage == "forward_backward"
         emit(section="comm", impl=impl, sequence=p, length=length, heads=heads,
              kv_heads=kv_heads, head_dim=HEAD_DIM, stage=stage,
-             hlo=found[stage], formula=formula[stage])
+             hlo=found[stage], formula=formula[stage],
+             **({"note": "P=2: XLA merges the backward K/V hop into the forward "
+                         "one (the same permutation)"} if merged else {}))
 
 
 def balance(length: int = 8192, block_size: int = 512):

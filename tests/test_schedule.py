@@ -228,6 +228,10 @@ def test_group_axes_come_from_device_coordinates():
   assert eight < four  # three axes' links instead of two
   permute = schedule.collective_seconds("collective-permute", V, [[0, 7]], torus)
   assert permute == pytest.approx(V / v5p.ici_link_bandwidth + 3 * 1e-6)
+  # groups of one device each (shard_map's cotangent all-reduce over size-1
+  # axes) move nothing; it was priced as an HBM copy of the whole operand
+  assert schedule.collective_seconds("all-reduce", V, [[i] for i in range(8)],
+                                     torus) == 0
   # a 4x4x4 cube wraps around: a ring of 4 beats a line of 4 by 2x in bandwidth
   assert CHIPS["v5p"].wraps(4) and not CHIPS["v5e"].wraps(8) and CHIPS["v5e"].wraps(16)
   ring = schedule.ring_time("all-gather", V, [4], [True], 1e9, 0)
