@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+import kernels
 import sharding
 from sharding.report import count
 from infer.generate import check_batch, generate
@@ -154,7 +155,7 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
   _note(f"generating from step {step} of {workdir}"
         + (f" on {sharding.describe(mesh)}" if mesh is not None else "")
         + (f"; attention {saved.model.attention}, as model.attention="
-           f"{asked} needs the length split over mesh.sequence"
+           f"{asked} {kernels.not_served_because(asked)}"
            if asked and asked != saved.model.attention else "")
         + "\n")
   if not stops:

@@ -46,7 +46,7 @@ _log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
 __all__ = ["BlockSizes", "IMPLS", "SEQUENCE_PARALLEL", "attention", "choose",
-           "serving_impl", "uses_zigzag", "zigzag_permute", "zigzag_unpermute"]
+           "not_served_because", "serving_impl", "uses_zigzag", "zigzag_permute", "zigzag_unpermute"]
 
 
 def serving_impl(impl: str, length_split: int | None = None,
@@ -62,6 +62,12 @@ def serving_impl(impl: str, length_split: int | None = None,
   if uses_zigzag(impl) or (impl in SEQUENCE_PARALLEL and length_split == 1):
     return "auto"
   return impl
+
+
+def not_served_because(impl: str) -> str:
+  """Why `serving_impl` serves `impl` with `auto`, for a message."""
+  return ("takes prompts in zig-zag order" if uses_zigzag(impl) else
+          "needs the length split over mesh.sequence")
 
 
 def uses_zigzag(impl: str) -> bool:

@@ -565,6 +565,11 @@ def test_serving_says_when_it_falls_back_from_sequence_parallel_attention(
   generate_text(str(byte_run), config, "ab", max_new_tokens=1)
   assert ("; attention auto, as model.attention=ring needs the length split over "
           "mesh.sequence") in capsys.readouterr().err
+  config.model.attention = "ring_zigzag"  # on a length it splits: the order is why
+  config.mesh.update(sequence=2, data=-1)
+  generate_text(str(byte_run), config, "ab", max_new_tokens=1)
+  assert ("; attention auto, as model.attention=ring_zigzag takes prompts in zig-zag "
+          "order") in capsys.readouterr().err
   generate_text(str(byte_run), run_config.load(str(byte_run)), "ab", max_new_tokens=1)
   assert "; attention" not in capsys.readouterr().err
 
