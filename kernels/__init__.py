@@ -46,7 +46,8 @@ _log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
 __all__ = ["BlockSizes", "IMPLS", "SEQUENCE_PARALLEL", "attention", "choose",
-           "not_served_because", "serving_impl", "uses_zigzag", "zigzag_permute", "zigzag_unpermute"]
+           "not_served_because", "serving_impl", "uses_zigzag", "zigzag_permute",
+           "zigzag_unpermute"]
 
 
 def serving_impl(impl: str, length_split: int | None = None,
