@@ -105,6 +105,7 @@ def analyze(hlo_text: str, mesh_axes: Sequence[str] = (),
   counts, roles, unknown = hlo.execution_counts(comps, hlo.entry_name(comps), instrs)
 
   flops, traffic, kernels, colls = 0.0, 0.0, 0, []
+  channels = hlo.async_channels(comps)
   for name, times in counts.items():
     for ins in comps[name]:
       if ins.opcode in ("convolution", "dot"):
@@ -117,11 +118,14 @@ def analyze(hlo_text: str, mesh_axes: Sequence[str] = (),
           flops += times * float(estimate.get("flops", 0))
       if roles[name] != "control":
         continue
-      kind = ins.opcode.removesuffix("-start")
-      if kind in hlo.COLLECTIVES:
-        colls.append(_collective(ins, kind, times, mesh_axes, mesh_shape))
-      elif not (ins.opcode in _NO_TRAFFIC or ins.opcode.endswith("-done")
-                or ins.opcode == "custom-call" and not _is_kernel(ins)):
+      coll = hlo.runs_collective(comps, ins, channels)
+      if coll is not None:
+        colls.append(_collective(coll, hlo.collective_kind(coll, ins), times,
+                                 mesh_axes, mesh_shape, outer=ins))
+      if ins.opcode.removesuffix("-start") in hlo.COLLECTIVES:
+        continue  # a collective's own traffic is its DMAs (received bytes)
+      if not (ins.opcode in _NO_TRAFFIC or ins.opcode.endswith("-done")
+              or ins.opcode == "custom-call" and not _is_kernel(ins)):
         traffic += times * _traffic(ins, instrs, comps)
   return Costs(flops, traffic, colls, kernels, unknown)
 
@@ -325,7 +329,10 @@ def group_axes(groups: list[list[int]], mesh_axes: Sequence[str],
                if any(len(set(c[d].tolist())) > 1 for c in coords))
 
 
-def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape) -> Collective:
+def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape,
+                outer=None) -> Collective:
+  """`ins` (a collective, run by `outer`: itself or a fusion holding it) as a
+  Collective of `kind` (`hlo.collective_kind`), executed `times` per step."""
   n_devices = math.prod(mesh_shape) if mesh_shape else 0
   groups = hlo.replica_groups(ins)
   if groups == [] or groups == [[]]:  # every device in one group
@@ -334,6 +341,8 @@ def _collective(ins, kind: str, times: float, mesh_axes, mesh_shape) -> Collecti
   known = bool(groups) and n_devices and max(map(max, groups)) < n_devices
   axes = group_axes(groups, mesh_axes, mesh_shape) if known else ()
   result = _result_bytes(ins, kind)
+  if kind == "reduce-scatter" and ins.opcode.startswith("all-reduce"):
+    result = outer.bytes  # an all-reduce-scatter fusion returns the scattered part
   received = {"all-reduce": 2 * (size - 1) / size, "all-gather": (size - 1) / size,
               "all-to-all": (size - 1) / size, "ragged-all-to-all": (size - 1) / size,
               "reduce-scatter": size - 1, "collective-permute": 1}[kind] * result

@@ -111,13 +111,57 @@ def instructions(comps: dict[str, list[Instruction]]) -> dict[str, Instruction]:
   return {i.name: i for n, instrs in comps.items() if n != "ENTRY" for i in instrs}
 
 
-def executed_collectives(hlo: str) -> list[tuple[Instruction, float]]:
-  """Every collective executed outside fusions, with its executions per run of the
-  module (loop trip counts included; async starts counted once, dones skipped)."""
+def async_channels(comps) -> set[int]:
+  """Channel ids of the collectives TPU collective fusions run asynchronously
+  (`async_role` 'start'): a fusion elsewhere that carries one of them is a step of
+  that collective's compute (e.g. inside a collective matmul's loop), not another
+  execution of it."""
+  return {channel_id(inner_collective(comps, i)) for n, body in comps.items()
+          if n != "ENTRY" for i in body
+          if (async_role(comps, i) or ("",))[0] == "start"} - {None}
+
+
+def runs_collective(comps, ins: Instruction, channels: set[int]) -> Instruction | None:
+  """The collective an instruction of a control computation executes, counted
+  there once per execution, or None: a collective itself (an async `-start` once,
+  its `-done` not), or the one inside a fusion that starts it (a TPU collective
+  fusion) or runs it whole (a synchronous collective fusion, e.g. TPU's
+  all-reduce-scatter). A fusion that ends an asynchronous collective, or carries
+  one in flight (`channels`, from `async_channels`), executes none; an
+  `async-start` wrapper's collective is counted in the computation it calls."""
+  if ins.opcode.removesuffix("-start") in COLLECTIVES:
+    return ins
+  if ins.opcode != "fusion":
+    return None
+  coll = inner_collective(comps, ins)
+  if coll is None:
+    return None
+  role = async_role(comps, ins)
+  if role is not None:
+    return coll if role[0] == "start" else None
+  return coll if channel_id(coll) not in channels else None
+
+
+def collective_kind(coll: Instruction, outer: Instruction) -> str:
+  """The collective's kind as it runs: its opcode's, except an all-reduce whose
+  fusion returns less than it reduces (TPU's all-reduce-scatter fusion), which is
+  a reduce-scatter."""
+  kind = coll.opcode.removesuffix("-start").removesuffix("-done")
+  if kind == "all-reduce" and outer is not coll and 0 < outer.bytes < coll.bytes:
+    return "reduce-scatter"
+  return kind
+
+
+def executed_collectives(hlo: str) -> list[tuple[Instruction, Instruction, float]]:
+  """(the instruction that runs it, the collective, executions per run of the
+  module) for every collective executed (`runs_collective`: loop trip counts
+  included; an asynchronous one counted at its start)."""
   comps = parse(hlo)
   counts, roles, _ = execution_counts(comps, entry_name(comps), instructions(comps))
-  return [(ins, times) for name, times in counts.items() if roles[name] == "control"
-          for ins in comps[name] if ins.opcode.removesuffix("-start") in COLLECTIVES]
+  channels = async_channels(comps)
+  return [(ins, coll, times) for name, times in counts.items()
+          if roles[name] == "control" for ins in comps[name]
+          for coll in [runs_collective(comps, ins, channels)] if coll is not None]
 
 
 def collectives(hlo: str) -> list[Instruction]:
@@ -182,13 +226,13 @@ def collective_counts(hlo: str) -> dict[str, dict[str, float]]:
   kind; elements are those one device sends (an async start's operand). A
   collective whose groups are single devices (`moves_nothing`) is not counted."""
   out: dict[str, dict[str, float]] = {}
-  for ins, times in executed_collectives(hlo):
-    if moves_nothing(ins):
+  for _, coll, times in executed_collectives(hlo):
+    if moves_nothing(coll):
       continue
-    kind = ins.opcode.removesuffix("-start")
+    kind = coll.opcode.removesuffix("-start")
     row = out.setdefault(kind, {"count": 0, "elements": 0})
     row["count"] += times
-    row["elements"] += times * _elements(ins.shape, ins.opcode != kind)
+    row["elements"] += times * _elements(coll.shape, coll.opcode != kind)
   return out
 
 

@@ -252,11 +252,9 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
 
   def comm(coll, outer) -> tuple[float, str]:
     """(seconds, axes key) of one execution; `outer` holds it (a fusion)."""
-    kind = coll.opcode.removesuffix("-start").removesuffix("-done")
+    kind = hlo.collective_kind(coll, outer)
     nbytes = costs_lib._result_bytes(coll, kind)
-    if kind == "all-reduce" and outer is not coll and 0 < outer.bytes < nbytes:
-      kind = "reduce-scatter"  # TPU's all-reduce-scatter fusion
-    elif kind == "reduce-scatter":
+    if kind == "reduce-scatter" and coll.opcode.startswith("reduce-scatter"):
       nbytes *= len((hlo.replica_groups(coll) or [[0] * n_devices])[0])
     groups = hlo.replica_groups(coll)
     seconds = collective_seconds(kind, nbytes, groups, torus)
@@ -266,12 +264,7 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
     axes = costs_lib.group_axes(groups, mesh_axes, mesh_shape) if known else ()
     return seconds, "+".join(axes) or "?"
 
-  # Channels of asynchronous collectives: a fusion elsewhere that carries one is a
-  # step of that collective's compute (e.g. inside a collective matmul's loop,
-  # between a start and done scheduled around the loop).
-  async_channels = {hlo.channel_id(hlo.inner_collective(comps, i))
-                    for n, body in comps.items() if n != "ENTRY" for i in body
-                    if (hlo.async_role(comps, i) or ("",))[0] == "start"} - {None}
+  async_channels = hlo.async_channels(comps)
 
   @functools.cache
   def walk(name: str) -> tuple[float, float, float, tuple]:
@@ -344,9 +337,8 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
             exposed[axes] += end - core
             core = end
         continue
-      coll = hlo.inner_collective(comps, ins) if (
-          ins.opcode in hlo.COLLECTIVES or ins.opcode == "fusion") else None
-      if coll is not None and hlo.channel_id(coll) not in async_channels:
+      coll = hlo.runs_collective(comps, ins, async_channels)
+      if coll is not None:
         # synchronous; in a fusion (TPU's all-reduce-scatter, a collective matmul
         # step) the fusion's own work runs alongside it
         seconds, axes = comm(coll, ins)
