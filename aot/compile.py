@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import re
@@ -752,8 +751,3 @@ def _estimate_lines(r: Report) -> list[str]:
           f"  exposed communication        {exposed} (by mesh axes)",
           f"  MFU estimate                 {r.mfu_estimate:.1%}",
           f"  compiler flags               {flags}"]
-
-
-def write_json(report: Report, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(report.to_dict(), f, indent=2)

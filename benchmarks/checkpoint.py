@@ -28,7 +28,7 @@ from experiment.path_flag import define_path  # noqa: E402
 from common import emit, run  # noqa: E402
 
 _GIB = flags.DEFINE_float("gib", 1.0, "train state size in GiB (above 0)")
-_DIR = define_path("dir", "/tmp/rung_ckpt_bench", "scratch directory")
+_DIR = define_path("dir", "/tmp/rung_ckpt_bench", "scratch directory", output="directory")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating dd / restore rounds",
                                lower_bound=1)
 flags.register_validator("gib", lambda v: v > 0, "must be above 0 GiB")

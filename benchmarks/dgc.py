@@ -49,15 +49,15 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 80, "DGC's density warm-up",
                                lower_bound=0)
 _SGD_LR = flags.DEFINE_float("sgd_lr", 0.3, "momentum SGD's learning rate (> 0)")
 _ADAMW_LR = flags.DEFINE_float("adamw_lr", 3e-3, "AdamW's learning rate (> 0)")
-_ROOT = define_path("root", "runs/dgc", "run directories")
+_ROOT = define_path("root", "runs/dgc", "run directories", output="directory")
 VARIANTS = ("sgd", "dgc", "adamw", "topk_adamw", "dgc_no_momentum_correction",
             "dgc_no_local_clip", "dgc_no_momentum_masking", "dgc_no_warmup",
             "topk_no_error_feedback")
 _ONLY = flags.DEFINE_list("only", [], f"variants to run, of {', '.join(VARIANTS)} "
                           "(default: all; 'none': only the llama_1b bytes)")
-_ROWS = define_path("write_rows", None, "also append JSON rows here")
+_ROWS = define_path("write_rows", None, "also append JSON rows here", output="file")
 _PLOT = define_path("plot", None, "write the eval-loss curves to this PNG "
-                            "(default: no plot)")
+                            "(default: no plot)", output="file")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x2",
                                 "TPU topology for the llama_1b bytes ('' skips)")
 flags.register_validator("density", lambda v: 0 < v <= 1, "must be in (0, 1]")

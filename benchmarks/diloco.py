@@ -51,14 +51,14 @@ _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations (0: no
 _H = flags.DEFINE_integer("sync_every", 50, "DiLoCo's H (even when a streaming "
                           "variant runs: its 2 fragments sync H/2 steps apart)",
                           lower_bound=1)
-_ROOT = define_path("root", "runs/diloco", "run directories")
+_ROOT = define_path("root", "runs/diloco", "run directories", output="directory")
 TRAINED = ("data_parallel", "diloco", "streaming", "diloco_averaging", "one_replica")
 BYTES_ONLY = ("diloco_bf16", "diloco_e3m0", "streaming_f32")
 _ONLY = flags.DEFINE_list("only", [], "variants to run or read, of "
                           f"{', '.join(TRAINED + BYTES_ONLY)} (default: all)")
-_ROWS = define_path("write_rows", None, "also append JSON rows here")
+_ROWS = define_path("write_rows", None, "also append JSON rows here", output="file")
 _PLOT = define_path("plot", None, "write the eval-loss curves of every run "
-                            "under --root to this PNG (default: no plot)")
+                            "under --root to this PNG (default: no plot)", output="file")
 flags.register_validator("only", lambda v: set(v) <= {*TRAINED, *BYTES_ONLY},
                          f"must name variants of {', '.join(TRAINED + BYTES_ONLY)}")
 flags.register_multi_flags_validator(

@@ -55,7 +55,7 @@ from common import emit, run  # noqa: E402
 SECTIONS = ["environment", "flash", "train", "decode", "blocks"]
 _ONLY = flags.DEFINE_list("only", SECTIONS, "sections to run")
 _TINY = flags.DEFINE_bool("tiny", False, "small shapes, for CPU (the suite runs this)")
-_OUT = define_path("out", None, "also append the JSON lines to this file")
+_OUT = define_path("out", None, "also append the JSON lines to this file", output="file")
 _DEADLINE = flags.DEFINE_float("deadline_s", 450.0, "skip sections (and flash "
                                "configs) that would start after this many seconds")
 _FLASH_DTYPES = flags.DEFINE_list("flash_dtypes", ["bfloat16", "float32"],

@@ -53,7 +53,7 @@ _PROGRAMS = flags.DEFINE_enum("programs", "all", ["all", "decode"],
 _JSON = define_path(
     "write_json", None, "a full wallclock run (--programs=all) also writes its "
     "timings here as JSON (default: not written; notebooks/ladder.ipynb plots "
-    "benchmarks/results/ladder_overlap.json)")
+    "benchmarks/results/ladder_overlap.json)", output="file")
 flags.register_multi_flags_validator(
     ["worker", "port"], lambda f: (f["worker"] is None) == (f["port"] is None),
     "--worker and --port (internal) go together")

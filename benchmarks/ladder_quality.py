@@ -33,11 +33,12 @@ _STEPS = flags.DEFINE_integer("steps", 200, "training steps per block type",
 _RETRAIN = flags.DEFINE_integer("retrain_steps", 40, "hybrid retraining steps (>= 2: "
                                 "it is evaluated every retrain_steps // 2 steps)",
                                 lower_bound=2)
-_ROOT = define_path("root", "runs/ladder_quality", "run directories")
+_ROOT = define_path("root", "runs/ladder_quality", "run directories", output="directory")
 _OUT = define_path(
     "out", None, "write ladder_quality.json (the eval-loss curves, which "
     "notebooks/ladder.ipynb plots) and ladder_quality.png into this directory "
-    "(default: neither is written; the committed ones: --out=benchmarks/results)")
+    "(default: neither is written; the committed ones: --out=benchmarks/results)",
+    output="directory")
 
 
 def emit(**row):

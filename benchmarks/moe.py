@@ -43,7 +43,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "timed repetitions (best of)",
                                 lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 200, "training steps per balance run",
                               lower_bound=1)
-_ROOT = define_path("root", "runs/moe_balance", "balance run directories")
+_ROOT = define_path("root", "runs/moe_balance", "balance run directories", output="directory")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
                               f"moe_tiny variants the balance section trains, of {VARIANTS}")
 _AUX = flags.DEFINE_float("aux_loss_weight", None,

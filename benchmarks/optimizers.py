@@ -35,17 +35,17 @@ from benchmarks.common import run, emit, processor, write_rows_to  # noqa: E402
 _STEPS = flags.DEFINE_integer("steps", 400, "training steps per run", lower_bound=1)
 _EVAL = flags.DEFINE_integer("eval_every", 50, "steps between evaluations",
                              lower_bound=1)
-_ROOT = define_path("root", "runs/optimizers", "run directories")
+_ROOT = define_path("root", "runs/optimizers", "run directories", output="directory")
 OPTIMIZERS = ("adamw", "sgd", "muon", "normuon", "galore")
 _ONLY = flags.DEFINE_list("only", [], f"optimizers to run, of {', '.join(OPTIMIZERS)} "
                           "(default: all)")
 _LRS = flags.DEFINE_list("lrs", ["0", "1", "2"],
                          "which learning rates of each sweep: 0 low, 1 default, 2 high")
-_ROWS = define_path("write_rows", None, "also append JSON rows here")
+_ROWS = define_path("write_rows", None, "also append JSON rows here", output="file")
 _SUMMARIZE = define_path("summarize", None,
                                  "rows file of earlier runs: best runs and plot only")
 _PLOT = define_path("plot", None, "write the eval-loss curve of each "
-                            "optimizer's best run to this PNG (default: no plot)")
+                            "optimizer's best run to this PNG (default: no plot)", output="file")
 _PROJECTOR = flags.DEFINE_enum("galore_projector", "randomized", ["randomized", "svd"],
                                "GaLore's projector refresh (optim.galore_projector)")
 flags.register_validator("only", lambda v: set(v) <= set(OPTIMIZERS),

@@ -38,7 +38,7 @@ SCHEDULES = ("gpipe", "circular", "1f1b")
 flags.DEFINE_list("microbatches", ["4", "8", "16", "32"], "microbatch counts M (>= 1)")
 flags.DEFINE_list("schedules", list(SCHEDULES), "gpipe | circular (R=2) | 1f1b")
 flags.DEFINE_string("topology", "v5e:2x4", "TPU topology to compile for")
-define_path("write_rows", "", "append one JSON line per plan here")
+define_path("write_rows", "", "append one JSON line per plan here", output="file")
 flags.register_validator(
     "microbatches", lambda v: bool(v) and all(m.isdigit() and int(m) >= 1 for m in v),
     "must be positive integers")

@@ -16,7 +16,7 @@ from experiment.path_flag import define_path  # noqa: E402
 
 from benchmarks.common import run  # noqa: E402
 
-_OUT = define_path("out", None, "PNG to write", required=True)
+_OUT = define_path("out", None, "PNG to write", required=True, output="file")
 _TITLE = flags.DEFINE_string("title", "", "figure title")
 
 

@@ -48,7 +48,7 @@ from benchmarks.common import emit, write_rows_to  # noqa: E402
 
 _SLICES = flags.DEFINE_list("slices", ["1", "2"], "slice counts to run (MaxText "
                             "published 1 and 2)")
-_ROWS = define_path("write_rows", None, "also append JSON rows here")
+_ROWS = define_path("write_rows", None, "also append JSON rows here", output="file")
 _PROGRAM = flags.DEFINE_enum(
     "program", "rung", ["rung", "maxtext"],
     "rung: rung's defaults beyond the model shape; maxtext: MaxText's choices "

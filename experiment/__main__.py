@@ -505,6 +505,14 @@ def _ask_compiler(command: str, topology: str) -> None:
   """compile / plan: deviceless TPU compiles, printed and optionally saved as JSON."""
   import json
   import jax
+  from train import output_path
+  for flag, kind in ((_OUTPUT_JSON, "file"), (_DUMP_HLO, "directory")):
+    why = flag.value and output_path.problem(flag.value, kind)
+    if why:  # before the compiles, not after them
+      _config_error(ConfigError(f"--{flag.name}", f"{why}.",
+                                f"pass a {kind} path where you can write, e.g. "
+                                f"--{flag.name}=" + ("report.json" if kind == "file"
+                                                     else "hlo_dump") + "."))
   if "JAX_PLATFORMS" not in os.environ:  # the host's own accelerators are not used
     jax.config.update("jax_platforms", "cpu")
   # Another process may hold libtpu's lock file; a deviceless compile needs no chip.

@@ -24,9 +24,20 @@ class _PathParser(flags.ArgumentParser):
 
 
 def define_path(name: str, default: str | None, help_text: str,
-                **kwargs) -> flags.FlagHolder:
+                output: str | None = None, **kwargs) -> flags.FlagHolder:
   """`flags.DEFINE_string` for a path: the value has `~` expanded.
 
-  kwargs go to `flags.DEFINE` (e.g. `required=True`)."""
-  return flags.DEFINE(_PathParser(), name, default, help_text,
-                      serializer=flags.ArgumentSerializer(), **kwargs)
+  output: 'file' or 'directory' for a path the program writes: a value that
+  cannot be written as one (`train.output_path.problem`) fails flag parsing,
+  before any work. kwargs go to `flags.DEFINE` (e.g. `required=True`)."""
+  holder = flags.DEFINE(_PathParser(), name, default, help_text,
+                        serializer=flags.ArgumentSerializer(), **kwargs)
+  if output is not None:
+    def writable(value):
+      from train.output_path import problem
+      why = value and problem(value, output)
+      if why:
+        raise flags.ValidationError(f"{why}; pass a {output} path where you can write")
+      return True
+    flags.register_validator(name, writable)
+  return holder

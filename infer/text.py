@@ -24,7 +24,7 @@ from infer.generate import check_batch, generate
 from infer.kv_cache import CacheDoesNotFit, mesh_of
 from infer.load import load
 from infer.sampling import check_sampling, is_greedy
-from train import run_config
+from train import output_path, run_config
 from train.checkpoint import Checkpointer
 from train.hf import stop_tokens
 from train.tokenizer import make_tokenizer
@@ -298,18 +298,13 @@ def _check_writable(output: str) -> None:
   """ConfigError naming --output_jsonl when `output` cannot be written (a
   directory without write permission, an immutable or read-only one): found
   before the model loads, not after the first batch. A new file is created and
-  removed again, so a refused run leaves none."""
-  try:
-    if os.path.exists(output):
-      open(output, "r+", encoding="utf-8").close()
-    else:
-      open(output, "x", encoding="utf-8").close()
-      os.remove(output)
-  except OSError as err:
+  removed again, so a refused run leaves none (`train.output_path`)."""
+  why = output_path.problem(output, "file")
+  if why:
     raise sharding.ConfigError(
-        "--output_jsonl", f"{output} cannot be written: {err.strerror}.",
+        "--output_jsonl", f"{why}.",
         "pass a path in a directory you can write, or leave --output_jsonl out to "
-        "print the records.") from None
+        "print the records.")
 
 
 def settings_path(output: str) -> str:

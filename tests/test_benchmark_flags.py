@@ -38,6 +38,13 @@ CASES = [
     ("checkpoint.py", "--gib=0", "gib"),
     ("checkpoint.py", "--gib=-1", "gib"),
     ("checkpoint.py", "--rounds=0", "rounds"),
+    # outputs that cannot be written: refused before the work that makes them
+    ("predict.py", "--write_rows=/proc/rung-test.jsonl", "write_rows"),
+    ("dgc.py", "--plot=/proc/rung-test.png", "plot"),
+    ("plot_loss.py", "--out=/tmp", "out"),
+    ("ladder_quality.py", "--out=/proc/rung-test", "out"),
+    ("checkpoint.py", "--dir=/proc/rung-test", "dir"),
+    ("gpu_check.py", "--out=/proc/rung-test.jsonl", "out"),
 ]
 LIMIT_S = 60
 
@@ -71,6 +78,26 @@ def test_bad_flags_are_refused_before_any_work():
       if p.poll() is None:
         p.kill()
   assert not failures, "\n".join(failures)
+
+
+def test_every_output_path_flag_is_checked_writable_at_parsing():
+  """From a fresh-user trial of compile (its --dump_hlo and --output_json crashed
+  after the work): every benchmark flag that names a file or directory the
+  script writes declares it (`define_path(..., output=...)`), so an unwritable
+  one fails flag parsing. The launcher checks its own before compiling."""
+  import ast
+  outputs = {"write_rows", "plot", "write_json", "root", "dir", "out"}
+  unchecked = []
+  for script in sorted(os.listdir(os.path.join(ROOT, "benchmarks"))):
+    if not script.endswith(".py"):
+      continue
+    tree = ast.parse(open(os.path.join(ROOT, "benchmarks", script)).read())
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Call) and getattr(node.func, "id", "") == "define_path"
+          and node.args[0].value in outputs
+          and not any(k.arg == "output" for k in node.keywords)):
+        unchecked.append(f"{script}: --{node.args[0].value}")
+  assert not unchecked, unchecked
 
 
 def test_help_exits_zero_and_lists_the_scripts_flags():

@@ -490,6 +490,38 @@ def test_compile_cli_writes_json(tmp_path):
   assert "schedule estimate" in proc.stdout and "MFU estimate" in proc.stdout
 
 
+def test_output_paths_that_cannot_be_written_are_refused_before_compiling(tmp_path):
+  """From a fresh-user trial: --dump_hlo on a file or under /proc, and
+  --output_json on a directory or under a file, were a traceback (exit 1) after
+  the compile, or after the whole plan. Each is now a config error before
+  anything compiles, and leaves nothing behind (`train.output_path`)."""
+  from conftest import run_cli_many
+  blocker = tmp_path / "a_file"
+  blocker.write_text("kept")
+  cases = {
+      ("compile", f"--dump_hlo={blocker}"): f"`--dump_hlo`: {blocker} is a file, not "
+                                            "a directory",
+      ("compile", "--dump_hlo=/proc/rung-test"): "`--dump_hlo`: /proc/rung-test cannot "
+                                                 "be written: ",
+      ("compile", f"--output_json={tmp_path}"): f"`--output_json`: {tmp_path} is a "
+                                                "directory, not a file",
+      ("plan", f"--output_json={blocker}/x.json"): f"`--output_json`: {blocker} is a "
+                                                   "file, so",
+  }
+  procs = run_cli_many([(command, flag, "--config=experiments/llama_tiny.py",
+                         "--topology=v5e:2x2") for command, flag in cases])
+  for (args, message), proc in zip(cases.items(), procs):
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    assert f"Config error in {message}" in proc.stderr, (args, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "compiled" not in proc.stdout, args
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+  assert blocker.read_text() == "kept"
+  from train.output_path import problem
+  assert problem(str(tmp_path / "new" / "deep" / "r.json")) is None
+  assert problem(str(tmp_path / "new_dir"), "directory") is None
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 @needs_libtpu
 def test_compile_cli_exits_3_when_the_step_does_not_fit(tmp_path):
   """A step bigger than the chip's HBM (a 40M-entry vocabulary) still prints and
