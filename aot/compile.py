@@ -118,6 +118,9 @@ class Report:
   diloco_syncs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   #                            DiLoCo (mesh.diloco > 1): per fragment, its
   #                            synchronisation program compiled (`_diloco_syncs`)
+  to_fit: list[str] = dataclasses.field(default_factory=list)
+  #                            config changes that hold less per device, for a
+  #                            step that does not fit (`_to_fit`)
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-ready dict; figures the compile could not give are None.
@@ -317,6 +320,8 @@ def compile_step(config, topology: str, what: str = "train",
                    model_flops, attention_flops, compiled, seconds, error)
   report.compiler_flags = options
   report.slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if not report.fits:
+    report.to_fit = _to_fit(config, sizes, what)
   if compiled is not None and what == "train" and spec.pipeline.active:
     report.pipeline = _pipeline(spec.pipeline, text, sizes)
   if compiled is not None:
@@ -327,6 +332,23 @@ def compile_step(config, topology: str, what: str = "train",
     report.diloco_syncs = _diloco_syncs(config, spec, mesh, args[0], chip, options,
                                         report.slices, dump_hlo and (dump_hlo, stem))
   return report
+
+
+def _to_fit(config, sizes: dict[str, int], what: str) -> list[str]:
+  """Config flags that hold less per device than `config` does, none of them
+  already set: full remat and more accumulation micro-batches (the fewest the
+  batch splits into, `sharding.validate.more_micro_batches`) for a train step;
+  for a decode step, half the sequences."""
+  if what != "train":
+    batch = config.train.batch_size
+    return [f"--config.train.batch_size={batch // 2}"] if batch > 1 else []
+  fixes = []
+  if config.model.remat != "full":
+    fixes.append("--config.model.remat=full")
+  more = sharding.validate.more_micro_batches(config, sizes)
+  if more is not None:
+    fixes.append(f"--config.train.grad_accum_steps={more}")
+  return fixes
 
 
 def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,
@@ -644,12 +666,13 @@ def _table(r: Report) -> str:
   lines.append(f"  {verdict} in {size(m['hbm'])} of HBM"
                + (f" ({m['total'] / m['hbm']:.0%})" if math.isfinite(m["total"]) else ""))
   if not r.fits:
+    tries = " or ".join(r.to_fit)
     lines.append(f"  to fit: `plan --topology={r.topology}` compiles every mesh and "
-                 "remat policy and ranks those that fit; or try "
-                 "--config.model.remat=full, or a smaller train.batch_size with "
-                 "more train.grad_accum_steps" if r.what == "train" else
-                 "  to fit: a smaller batch, a shorter data.seq_len, or more "
-                 "devices (a larger --topology)")
+                 "remat policy and ranks those that fit"
+                 + (f"; or try {tries}" if tries else "")
+                 + "; or more devices (a larger --topology)" if r.what == "train" else
+                 "  to fit: " + (f"{tries}, " if tries else "")
+                 + "a shorter data.seq_len, or more devices (a larger --topology)")
   if r.error:
     lines += ["", "the compiler refused the plan:", "  " + r.error.splitlines()[0]]
     return "\n".join(lines)

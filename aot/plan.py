@@ -81,7 +81,10 @@ class Plan:
                        if self.mesh.get("stage", 1) > 1 else []))
 
   def to_dict(self) -> dict[str, Any]:
+    """JSON-ready; `schedule` is None for a plan without pipeline stages."""
     out = dataclasses.asdict(dataclasses.replace(self, report=None))
+    if self.mesh.get("stage", 1) == 1:
+      out["schedule"] = None
     out["report"] = self.report.to_dict() if self.report else None
     out["flags"] = self.flags()
     return sharding.json_ready(out)
@@ -186,7 +189,8 @@ def plan(config, topology: str, *, remats: Sequence[str] | None = None,
   for mesh, remat, (micro, schedule), c in bar:
     bar.set_postfix_str(" ".join(f"{a}={s}" for a, s in mesh.items() if s > 1)
                         + f" remat={remat}"
-                        + (f" {schedule} M={micro}" if mesh["stage"] > 1 else ""))
+                        + (f" {schedule} M={micro}" if mesh["stage"] > 1 else ""),
+                        refresh=sys.stderr.isatty())  # a log gets the bar's own pace
     pipe = dict(microbatches=micro, schedule=schedule)
     key = tuple(mesh.values())
     if key not in floors:
@@ -306,5 +310,17 @@ def table(plans: list[Plan], topology: str | None = None, slices: int = 1) -> st
     lines.append("compiler flags: " + " ".join(
         f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()))
   lines.append(f"best: {best.flags()} (with this command's other --config overrides "
-               "and flags)" if best else "no plan fits in HBM.")
+               "and flags)" if best else none_fits(plans) + ".")
   return "\n".join(lines)
+
+
+def none_fits(plans: list[Plan]) -> str:
+  """What a plan search without a fitting plan found: 'no plan fits in HBM', or,
+  where `max_plans` left plans uncompiled, how many of each and what to do."""
+  left = sum(p.fits is None for p in plans)
+  if not left:
+    return "no plan fits in HBM"
+  tried = len(plans) - left  # compiled, or sized past the HBM without compiling
+  return (f"no plan of the {tried} tried fits in HBM, and {count(left, 'plan')} "
+          f"{'was' if left == 1 else 'were'} not compiled (max_plans): raise "
+          "--max_plans to try them")

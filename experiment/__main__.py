@@ -144,8 +144,8 @@ _SLICES = flags.DEFINE_integer(
 # (tests/test_launcher.py checks them against model.config.REMAT).
 PLAN_REMATS = ("none", "full", "save_dots", "save_dots_attention", "offload_dots")
 _PLAN_REMATS = flags.DEFINE_multi_enum(
-    "plan_remats", [], PLAN_REMATS, "plan: a remat policy to try (default: every "
-    "policy)")
+    "plan_remats", [], PLAN_REMATS, "plan: remat policies to try, e.g. "
+    "--plan_remats=full --plan_remats=save_dots; none given: every policy")
 _PLAN_SEQUENCE = flags.DEFINE_bool("plan_sequence", False, "Also try "
                                    "mesh.sequence > 1.")
 
@@ -534,13 +534,15 @@ def _ask_compiler(command: str, topology: str) -> None:
     print(plan.table(plans, topology, _SLICES.value))
     result = [p.to_dict() for p in plans]
     fits = any(p.fits for p in plans)
+    nothing = plan.none_fits(plans).replace("in HBM", f"{topology}'s HBM")
   if _OUTPUT_JSON.value:  # its directory is made, as --dump_hlo's is
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(result, f, indent=2)
   if not fits:  # for scripts: a plan the chip cannot hold is not a success
-    what = "the step does not fit" if command == "compile" else "no plan fits"
-    sys.stderr.write(f"{what} {topology}'s HBM (exit status {NO_FIT_STATUS})\n")
+    what = (f"the step does not fit {topology}'s HBM" if command == "compile"
+            else nothing)
+    sys.stderr.write(f"{what} (exit status {NO_FIT_STATUS})\n")
     sys.exit(NO_FIT_STATUS)
 
 

@@ -10,9 +10,9 @@
 
 Expected: on 8 accelerators with 16+ GiB each, FSDP=8 fits parameters, Adam
 moments and remat'd activations at 2k context, with the 256-sequence batch taken
-as 16 micro-batches of 16. Measured with `compile` (deviceless, 2026-11-22):
-12.6 GiB per chip on v5e:2x4 (79% of 16 GiB); the whole batch at once would need
-82 GiB. With the default byte tokenizer the
+as 16 micro-batches of 16. Measured with `compile` (deviceless, 2026-12-07,
+libtpu 0.0.42.1): 13.0 GiB per chip on v5e:2x4 (81% of 16 GiB; it read 12.6 GiB
+on 2026-11-22); the whole batch at once would need 82 GiB. With the default byte tokenizer the
 large vocabulary is mostly unused; give a tokenizer.json for real runs. `local`
 keeps the proportions (GQA 4:1, tied embeddings, SwiGLU 4x) at 3.9M parameters,
 for checking a plan and the pipeline on a CPU before spending accelerator time.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 from sharding.errors import ConfigError, MeshTooLarge
@@ -181,6 +182,18 @@ def _resize(config: Any, axis: str, table, num_devices: int, training: bool) -> 
   """`axis_fix` for every count the rules split over mesh `axis`."""
   return axis_fix(config, axis, _counts_on(config, axis, table).values(), num_devices,
                   training)
+
+
+def more_micro_batches(config: Any, sizes: dict[str, int]) -> int | None:
+  """The fewest accumulation micro-batches above `train.grad_accum_steps` that
+  the data-parallel shard of `config`'s batch on mesh `sizes` splits into (with
+  pipeline microbatches and loss chunks still splitting each), or None when none
+  does: a plan that does not fit holds fewer activations with it."""
+  rules = dict(normalize_rules(config.mesh.rules))
+  shard = config.train.batch_size // split_size(rules, "batch", sizes)
+  unit = math.lcm(_microbatches(config), config.model.get("loss_chunks", 1) or 1)
+  return next((a for a in range(config.train.grad_accum_steps + 1, shard + 1)
+               if shard % a == 0 and (shard // a) % unit == 0), None)
 
 
 def _microbatches(config: Any) -> int:

@@ -535,8 +535,8 @@ def test_compile_cli_exits_3_when_the_step_does_not_fit(tmp_path):
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert "DOES NOT FIT in 16.0 GiB of HBM" in proc.stdout
   # what to try (a trial's nit: no hint), and no "compiled in" for a refused step
-  assert "  to fit: a smaller batch, a shorter data.seq_len, or more devices" in (
-      proc.stdout)
+  assert ("  to fit: --config.train.batch_size=8, a shorter data.seq_len, or more "
+          "devices") in proc.stdout
   assert "the step does not fit v5e:2x4's HBM (exit status 3)" in proc.stderr
   assert json.loads(out.read_text())["fits"] is False
   # plan: every mesh's state alone is past the HBM (listed without compiling); its
@@ -548,6 +548,30 @@ def test_compile_cli_exits_3_when_the_step_does_not_fit(tmp_path):
   # headed by what it planned for (it named neither topology nor chip)
   assert proc.stdout.startswith("plans on v5e:2x2: 4 x TPU v5e (16.0 GiB HBM each), "
                                 "fitting plans first"), proc.stdout[:300]
+
+
+@needs_libtpu
+def test_a_train_step_that_does_not_fit_is_offered_what_it_has_not_set():
+  """From a fresh-user trial: a train step already at full remat was still told
+  "try --config.model.remat=full", and "more train.grad_accum_steps" gave no
+  number. The hint names only changes not already made, the accumulation as the
+  fewest micro-batches the batch splits into; followed, it holds less."""
+  c = llama_1b.get_config()  # its 128k-entry vocabulary: large logits
+  c.model.update(num_layers=2, remat="full")
+  c.train.update(batch_size=48, grad_accum_steps=1)  # 12 rows per fsdp shard
+  c.mesh.update(data=1, fsdp=4)
+  report = aot.compile_step(c, "v5e:2x2")
+  assert not report.fits
+  assert report.to_fit == ["--config.train.grad_accum_steps=2"]
+  assert "; or try --config.train.grad_accum_steps=2; or more devices" in report.table()
+  c.train.grad_accum_steps = 2
+  followed = aot.compile_step(c, "v5e:2x2")
+  assert followed.memory["total"] < report.memory["total"]
+  c.model.remat = "none"  # 6 rows a micro-batch: next 3 micro-batches (4 rows)
+  assert aot._to_fit(c, followed.mesh, "train") == [
+      "--config.model.remat=full", "--config.train.grad_accum_steps=3"]
+  c.train.grad_accum_steps = 12  # one row a micro-batch: no more accumulation
+  assert aot._to_fit(c, followed.mesh, "train") == ["--config.model.remat=full"]
 
 
 def test_cli_config_error_exits_2():

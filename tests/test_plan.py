@@ -143,3 +143,32 @@ def test_a_problem_without_its_full_stop_gets_one():
   err = sharding.ConfigError("--libtpu_flags", "No such compile option: 'x'", "check it.")
   assert str(err) == ("Config error in `--libtpu_flags`: No such compile option: 'x'. "
                       "Fix: check it.")
+
+
+@needs_libtpu
+def test_a_capped_search_says_what_it_left_and_a_log_gets_no_line_per_plan(
+    monkeypatch, capsys):
+  """From a fresh-user trial of plan: with `--max_plans` leaving most candidates
+  uncompiled and none of the compiled fitting, the table closed "no plan fits in
+  HBM." (12 of 15 never compiled); the progress bar redrew for every candidate
+  into a log (`set_postfix_str` refreshes); and the JSON gave a pipeline schedule
+  to plans without stages. The compiler is stubbed: each compile 'fails'."""
+  from experiments import llama_tiny
+
+  def refused(*args, **kwargs):
+    raise RuntimeError("stub: RESOURCE_EXHAUSTED")
+  monkeypatch.setattr(plan, "compile_step", refused)
+  plans = plan.plan(llama_tiny.get_config(), "v5e:2x2", max_plans=2, progress=True)
+  err = capsys.readouterr().err
+  left = sum(p.fits is None for p in plans)
+  assert left == len(plans) - 2 > 2 and not any(p.fits for p in plans)
+  assert plan.table(plans).endswith(
+      f"no plan of the 2 tried fits in HBM, and {left} plans were not compiled "
+      "(max_plans): raise --max_plans to try them.")
+  assert err.count("\r") <= 3, err  # stderr is no terminal here: opening and closing
+  unstaged = [p.to_dict() for p in plans if p.mesh["stage"] == 1]
+  staged = [p.to_dict() for p in plans if p.mesh["stage"] > 1]
+  assert unstaged and all(d["schedule"] is None for d in unstaged)
+  assert staged and all(d["schedule"] in ("gpipe", "1f1b", "circular") for d in staged)
+  fitting = [plan.Plan(dict(data=4), "none", False, 1.0, 1.0, 0.5)]
+  assert plan.table(fitting).endswith("no plan fits in HBM.")
