@@ -381,14 +381,16 @@ def pipeline_loops(hlo_text: str, mesh_axes: Sequence[str], mesh_shape: Sequence
   instrs = hlo.instructions(comps)
   stages = dict(zip(mesh_axes, mesh_shape)).get(axis, 1)
   reached, _, _ = hlo.execution_counts(comps, hlo.entry_name(comps), instrs)
+  channels = hlo.async_channels(comps)
   found = {}  # body -> trips
   for name in reached:
     for ins in comps[name]:
       if ins.opcode != "while":
         continue
       body, _, n = hlo.loop_parts(ins, comps, instrs)
-      permutes = [c for c in comps[body] if c.opcode.removesuffix("-start")
-                  == "collective-permute"]
+      runs = [hlo.runs_collective(comps, c, channels) for c in comps[body]]
+      permutes = [c for c in runs if c is not None
+                  and c.opcode.removesuffix("-start") == "collective-permute"]
       if n is not None and any(
           axis in _collective(c, "collective-permute", 1, mesh_axes, mesh_shape).axes
           for c in permutes):
