@@ -597,6 +597,12 @@ def test_export_refuses_an_out_directory_that_holds_files(t5_llama, tmp_path):
                      r"writes a whole checkpoint there \(a directory\)\..*remove that "
                      r"file first"):
     hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "a_file"))
+  # under a file, or where nothing can be made: refused before the weights are read
+  for out, why in ((tmp_path / "a_file" / "out", "a_file is a file, so"),
+                   ("/proc/rung-test", "/proc/rung-test cannot be written")):
+    with pytest.raises(ConfigError, match=why) as err:
+      hf.export_hf(str(tmp_path / "rung"), str(out))
+    assert err.value.field == "--out"
 
 
 @pytest.mark.parametrize("with_config", [False, True])

@@ -31,7 +31,7 @@ import sharding
 from model import ModelConfig
 from model.rotary import ROPE_TYPES, yarn_attention_factor
 from sharding import ConfigError
-from train import run_config, staged
+from train import output_path, run_config, staged
 from train.checkpoint import Checkpointer, checkpoint_dir, prepare_workdir
 from train.state import TrainState, model_spec, param_shardings
 from train.tokenizer import TOKENIZER_EXTRAS, copy_extras, make_tokenizer, tokenizer_file
@@ -787,6 +787,9 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
                                             " (a directory)."),
                       "pass a new --out (or remove that " +
                       ("directory" if held else "file") + " first).")
+  unwritable = output_path.problem(out, "directory")
+  if unwritable:  # before the weights are read
+    raise ConfigError("--out", f"{unwritable}.", "pass a directory you can write.")
   config = run_config.load(workdir)
   cfg = ModelConfig.from_config(config.model)
   if cfg.block != "standard":
