@@ -128,18 +128,21 @@ def runs_collective(comps, ins: Instruction, channels: set[int]) -> Instruction 
   fusion) or runs it whole (a synchronous collective fusion, e.g. TPU's
   all-reduce-scatter). A fusion that ends an asynchronous collective, or carries
   one in flight (`channels`, from `async_channels`), executes none; an
-  `async-start` wrapper's collective is counted in the computation it calls."""
+  `async-start` wrapper's collective is counted in the computation it calls; a
+  collective on groups of one device (`moves_nothing`) is none."""
   if ins.opcode.removesuffix("-start") in COLLECTIVES:
-    return ins
-  if ins.opcode != "fusion":
+    coll = ins
+  elif ins.opcode != "fusion":
     return None
-  coll = inner_collective(comps, ins)
-  if coll is None:
-    return None
-  role = async_role(comps, ins)
-  if role is not None:
-    return coll if role[0] == "start" else None
-  return coll if channel_id(coll) not in channels else None
+  else:
+    coll = inner_collective(comps, ins)
+    if coll is None:
+      return None
+    role = async_role(comps, ins)
+    if (role[0] != "start" if role is not None
+        else channel_id(coll) in channels):
+      return None
+  return None if moves_nothing(coll) else coll
 
 
 def collective_kind(coll: Instruction, outer: Instruction) -> str:
@@ -223,12 +226,10 @@ def _iota(text: str) -> np.ndarray:
 
 def collective_counts(hlo: str) -> dict[str, dict[str, float]]:
   """{op: {"count": executions, "elements": elements per device}} of each collective
-  kind; elements are those one device sends (an async start's operand). A
-  collective whose groups are single devices (`moves_nothing`) is not counted."""
+  kind; elements are those one device sends (an async start's operand); one on
+  groups of single devices (`moves_nothing`) is not counted."""
   out: dict[str, dict[str, float]] = {}
   for _, coll, times in executed_collectives(hlo):
-    if moves_nothing(coll):
-      continue
     kind = coll.opcode.removesuffix("-start")
     row = out.setdefault(kind, {"count": 0, "elements": 0})
     row["count"] += times

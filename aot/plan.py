@@ -314,13 +314,13 @@ def table(plans: list[Plan], topology: str | None = None, slices: int = 1) -> st
   return "\n".join(lines)
 
 
-def none_fits(plans: list[Plan]) -> str:
+def none_fits(plans: list[Plan], hbm: str = "in HBM") -> str:
   """What a plan search without a fitting plan found: 'no plan fits in HBM', or,
   where `max_plans` left plans uncompiled, how many of each and what to do."""
   left = sum(p.fits is None for p in plans)
   if not left:
-    return "no plan fits in HBM"
+    return f"no plan fits {hbm}"
   tried = len(plans) - left  # compiled, or sized past the HBM without compiling
-  return (f"no plan of the {tried} tried fits in HBM, and {count(left, 'plan')} "
+  return (f"no plan of the {tried} tried fits {hbm}, and {count(left, 'plan')} "
           f"{'was' if left == 1 else 'were'} not compiled (max_plans): raise "
           "--max_plans to try them")

@@ -338,6 +338,8 @@ def estimate(hlo_text: str, chip: Chip, torus: Torus,
             core = end
         continue
       coll = hlo.runs_collective(comps, ins, async_channels)
+      if coll is None and ins.opcode in hlo.COLLECTIVES:
+        continue  # on groups of one device: nothing moves
       if coll is not None:
         # synchronous; in a fusion (TPU's all-reduce-scatter, a collective matmul
         # step) the fusion's own work runs alongside it

@@ -534,7 +534,7 @@ def _ask_compiler(command: str, topology: str) -> None:
     print(plan.table(plans, topology, _SLICES.value))
     result = [p.to_dict() for p in plans]
     fits = any(p.fits for p in plans)
-    nothing = plan.none_fits(plans).replace("in HBM", f"{topology}'s HBM")
+    nothing = plan.none_fits(plans, f"{topology}'s HBM")
   if _OUTPUT_JSON.value:  # its directory is made, as --dump_hlo's is
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT_JSON.value)), exist_ok=True)
     with open(_OUTPUT_JSON.value, "w") as f:

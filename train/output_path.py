@@ -24,7 +24,9 @@ def problem(path: str, kind: str = "file") -> str | None:
     if os.path.isdir(path):
       if kind == "file":
         return f"{path} is a directory, not a file"
-      os.remove(tempfile.mkstemp(dir=path)[1])
+      fd, probe = tempfile.mkstemp(dir=path)
+      os.close(fd)
+      os.remove(probe)
       return None
     if os.path.exists(path):
       if kind == "directory":

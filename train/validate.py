@@ -257,7 +257,7 @@ def _validate_attention(config, sizes: dict[str, int]) -> None:
 
     def problem_at(s: int) -> str | None:
       """The kernel's own check (`ulysses.check`) on the mesh with the length's axis
-      of size `s`: the heads split over the head axes that divide both counts."""
+      of size `s`: the heads split as the kernel splits them."""
       shape = {**sizes, length_axes[0]: s}
       mesh = jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape))
       return kernels.ulysses.check(mesh, m.num_heads, m.num_kv_heads, axes)
