@@ -155,14 +155,14 @@ def collective_kind(coll: Instruction, outer: Instruction) -> str:
   return kind
 
 
-def executed_collectives(hlo: str) -> list[tuple[Instruction, Instruction, float]]:
-  """(the instruction that runs it, the collective, executions per run of the
-  module) for every collective executed (`runs_collective`: loop trip counts
-  included; an asynchronous one counted at its start)."""
+def executed_collectives(hlo: str) -> list[tuple[Instruction, float]]:
+  """(the collective, executions per run of the module) for every collective
+  executed (`runs_collective`: loop trip counts included; an asynchronous one
+  counted at its start)."""
   comps = parse(hlo)
   counts, roles, _ = execution_counts(comps, entry_name(comps), instructions(comps))
   channels = async_channels(comps)
-  return [(ins, coll, times) for name, times in counts.items()
+  return [(coll, times) for name, times in counts.items()
           if roles[name] == "control" for ins in comps[name]
           for coll in [runs_collective(comps, ins, channels)] if coll is not None]
 
@@ -229,7 +229,7 @@ def collective_counts(hlo: str) -> dict[str, dict[str, float]]:
   kind; elements are those one device sends (an async start's operand); one on
   groups of single devices (`moves_nothing`) is not counted."""
   out: dict[str, dict[str, float]] = {}
-  for _, coll, times in executed_collectives(hlo):
+  for coll, times in executed_collectives(hlo):
     kind = coll.opcode.removesuffix("-start")
     row = out.setdefault(kind, {"count": 0, "elements": 0})
     row["count"] += times

@@ -144,13 +144,12 @@ def batch_axes(mesh, batch: int, axes: Axes = DEFAULT_AXES) -> tuple[str, ...]:
   return tuple(out)
 
 
-def specs(mesh, q_shape, kv_heads: int, *, split_length: bool,
-          axes: Axes = DEFAULT_AXES, regroup: int = 1):
+def specs(mesh, batch: int, split: HeadSplit, *, split_length: bool,
+          axes: Axes = DEFAULT_AXES):
   """(spec of q / output [b, len, heads, d], of k / v [b, len, kv_heads, d], of
-  segment ids [b, len]); `regroup` as `split_heads` takes it."""
-  b = batch_axes(mesh, q_shape[0], axes) or None
+  segment ids [b, len]) for `batch` rows and the heads as `split`."""
+  b = batch_axes(mesh, batch, axes) or None
   length = sequence_axis(mesh, axes) if split_length else None
-  split = split_heads(mesh, q_shape[2], kv_heads, axes, regroup)
   return (P(b, length, split.axes or None, None),
           P(b, length, split.kv_axes or None, None), P(b, length))
 
@@ -170,9 +169,9 @@ def shard(fn, mesh, q, k, v, segment_ids, *, split_length: bool,
   heads it sums dk and dv [b, len, kv_heads, d] (each device's holds its own
   head's), the one real reduction.
   """
-  q_spec, kv_spec, seg_spec = specs(mesh, q.shape, k.shape[2], axes=axes,
-                                    split_length=split_length, regroup=regroup)
   split = split_heads(mesh, q.shape[2], k.shape[2], axes, regroup)
+  q_spec, kv_spec, seg_spec = specs(mesh, q.shape[0], split, axes=axes,
+                                    split_length=split_length)
   if split.select:
     group = q.shape[2] // k.shape[2]  # query heads per K/V head
 

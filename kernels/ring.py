@@ -309,8 +309,7 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=Non
     raise ValueError(f"ring attention with {axis}={size} ({layout}) cuts the length "
                      f"into {chunks} chunks, but length={q.shape[1]} is not a multiple "
                      f"of {chunks}")
-  cfg = Ring(axis, size, causal, zigzag, block.BlockSizes.of(block_sizes), backend,
-             window)
+  cfg = Ring(axis, size, causal, zigzag, block_sizes, backend, window)
   if segment_ids is not None:
     segment_ids = segment_ids.astype(jnp.int32)
   return partition.shard(functools.partial(_ring, cfg), mesh, q, k, v, segment_ids,
