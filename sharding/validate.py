@@ -36,7 +36,7 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"make data.seq_len a multiple of {seq} or change "
         f"mesh.{rules['length'][0]}.")
   dp = split_size(rules, "batch", sizes)
-  accum, m = config.train.grad_accum_steps, _microbatches(config)
+  accum = config.train.grad_accum_steps
   batch = config.train.batch_size
   fits = _batch_that_splits(config, sizes)
   if batch % dp:
@@ -46,23 +46,22 @@ def validate_plan(config: Any, num_devices: int) -> dict[str, int]:
         f"data-parallel size {dp} ({_describe(rules, 'batch', sizes)}).",
         f"use a batch_size that is a multiple of {dp}"
         + (f" x train.grad_accum_steps={accum}" if accum > 1 else "")
-        + (f" x pipeline.microbatches={m}" if m > 1 else "")
-        + f", e.g. --config.train.batch_size={fits}.")
+        + _row_unit_text(config) + f", e.g. --config.train.batch_size={fits}.")
   if (batch // dp) % accum:
-    shard = batch // dp  # fewer micro-batches that split it, into microbatches too
-    fewer = [d for d in range(accum - 1, 0, -1) if shard % d == 0 and shard // d % m == 0]
+    shard = batch // dp
+    fewer = next((d for d in range(accum - 1, 0, -1)
+                  if _accumulation_splits(config, shard, d)), None)
     raise ConfigError(
         "train.grad_accum_steps",
         f"each of the {dp} data-parallel shards gets "
         f"{count(batch // dp, 'sequence')}, which do not split into "
         f"{accum} micro-batches.",
         f"pass --config.train.batch_size={fits} (a multiple of data-parallel size "
-        f"{dp} x {accum}" + (f" x pipeline.microbatches={m}" if m > 1 else "")
-        + ")" + (f", or --config.train.grad_accum_steps={fewer[0]}" if fewer else "")
-        + ".")
+        f"{dp} x {accum}" + _row_unit_text(config) + ")"
+        + (f", or --config.train.grad_accum_steps={fewer}" if fewer else "") + ".")
   rows = config.train.batch_size // dp // accum
-  chunks = config.model.get("loss_chunks", 1)
-  if isinstance(chunks, int) and chunks > 0 and rows % chunks:
+  chunks = _loss_chunks(config)
+  if rows % chunks:
     raise ConfigError(
         "model.loss_chunks",
         f"each data-parallel shard's micro-batch holds {count(rows, 'sequence')}, "
@@ -191,9 +190,15 @@ def more_micro_batches(config: Any, sizes: dict[str, int]) -> int | None:
   does: a plan that does not fit holds fewer activations with it."""
   rules = dict(normalize_rules(config.mesh.rules))
   shard = config.train.batch_size // split_size(rules, "batch", sizes)
-  unit = math.lcm(_microbatches(config), config.model.get("loss_chunks", 1) or 1)
   return next((a for a in range(config.train.grad_accum_steps + 1, shard + 1)
-               if shard % a == 0 and (shard // a) % unit == 0), None)
+               if _accumulation_splits(config, shard, a)), None)
+
+
+def _accumulation_splits(config: Any, shard: int, accum: int) -> bool:
+  """Whether a data-parallel shard of `shard` sequences splits into `accum`
+  accumulation micro-batches, each of which splits into `config`'s pipeline
+  microbatches and loss chunks."""
+  return shard % accum == 0 and (shard // accum) % row_unit(config) == 0
 
 
 def _microbatches(config: Any) -> int:
@@ -202,12 +207,37 @@ def _microbatches(config: Any) -> int:
   return int(p.get("microbatches", 1)) if p is not None else 1
 
 
+def _loss_chunks(config: Any) -> int:
+  """model.loss_chunks where it is a count (its own check refuses the rest), else 1."""
+  chunks = config.model.get("loss_chunks", 1)
+  return chunks if isinstance(chunks, int) and chunks > 0 else 1
+
+
+def row_unit(config: Any) -> int:
+  """What each accumulation micro-batch's sequences (per data-parallel shard)
+  must be a multiple of: both the pipeline microbatches and the loss chunks
+  split them."""
+  return math.lcm(_microbatches(config), _loss_chunks(config))
+
+
+def _row_unit_text(config: Any) -> str:
+  """`row_unit` as a factor of a batch-size fix's "a multiple of" text ("" for 1)."""
+  m, chunks = _microbatches(config), _loss_chunks(config)
+  named = [f"pipeline.microbatches={m}"] * (m > 1) + [f"model.loss_chunks={chunks}"] * (
+      chunks > 1)
+  unit = math.lcm(m, chunks)
+  if unit == 1:
+    return ""
+  return f" x {named[0]}" if len(named) == 1 else (
+      f" x {unit} (the least common multiple of {' and '.join(named)})")
+
+
 def _batch_that_splits(config: Any, sizes: dict[str, int]) -> int:
   """train.batch_size rounded down (to one unit at least) to a multiple of the
-  data-parallel size on mesh `sizes` x accumulation micro-batches x pipeline
-  microbatches, which every batch split check passes."""
+  data-parallel size on mesh `sizes` x accumulation micro-batches x `row_unit`
+  (pipeline microbatches and loss chunks), which every batch split check passes."""
   unit = (split_size(dict(normalize_rules(config.mesh.rules)), "batch", sizes)
-          * config.train.grad_accum_steps * _microbatches(config))
+          * config.train.grad_accum_steps * row_unit(config))
   return max(unit, config.train.batch_size // unit * unit)
 
 

@@ -260,6 +260,10 @@ def test_1f1b_memory_does_not_grow_with_microbatches():
     (dict(mesh=dict(stage=2), schedule="circular", repeats=2, microbatches=1),
      "pipeline.microbatches"),
     (dict(mesh=dict(stage=2), microbatches=1, repeats=2), "pipeline.repeats"),
+    # 6 rows per replica: the batch fix must split into 4 microbatches and 3 loss
+    # chunks (it offered 8 rows, which the loss-chunk check then refused).
+    (dict(mesh=dict(stage=2), microbatches=4, batch=24, loss_chunks=3),
+     "pipeline.microbatches"),
 ])
 def test_bad_pipelines_are_config_errors(change, field):
   """Each is refused naming its field, and every fix it offers in flags works
@@ -271,6 +275,8 @@ def test_bad_pipelines_are_config_errors(change, field):
     c.model.update(block="ladder", ladder_layers=change.pop("ladder"))
   if "rules" in change:
     c.mesh.rules.update(change.pop("rules"))
+  c.train.batch_size = change.pop("batch", c.train.batch_size)
+  c.model.loss_chunks = change.pop("loss_chunks", c.model.loss_chunks)
   c.pipeline.update(**change)
   assert assert_fixes_validate(c).field == field
 

@@ -579,10 +579,13 @@ def test_a_matrices_regex_that_matches_nothing_is_refused():
   train.validate_config(config, 8)
 
 
-def test_batch_fixes_pass_both_batch_checks():
+def test_batch_fixes_pass_every_batch_check():
   """The batch_size fix suggested a multiple of the data-parallel size alone, and
-  the run then failed on grad_accum_steps; each fix now passes validation as
-  printed, for every batch 1-40 over data-parallel sizes 1-8 and 1-4 micro-batches."""
+  the run then failed on grad_accum_steps; the batch_size and fewer-micro-batches
+  fixes then ignored model.loss_chunks, and the run failed on those (batch 8,
+  accumulation 3, 4 loss chunks was offered batch 6: 2 rows, no 4 chunks). Each
+  fix now passes validation as printed, for every batch 1-40 over data-parallel
+  sizes 1-8, 1-4 micro-batches and 1-4 loss chunks."""
   import re
 
   import sharding
@@ -590,24 +593,31 @@ def test_batch_fixes_pass_both_batch_checks():
   checked = 0
   for dp in (1, 2, 4, 8):
     for accum in (1, 2, 3, 4):
-      for batch in range(1, 41):
-        c = make_tiny_config()
-        c.mesh.update(data=dp, fsdp=1, tensor=1, sequence=1, expert=1)
-        c.train.update(batch_size=batch, grad_accum_steps=accum)
-        try:
-          sharding.validate_plan(c, dp)
-          continue
-        except ConfigError as err:
-          message = str(err)
-        assert " 1 sequences" not in message, message
-        fixes = re.findall(r"--config\.train\.(batch_size|grad_accum_steps)=(\d+)", message)
-        assert fixes, message
-        for field, value in fixes:  # each alternative alone is a fix
-          c.train.update(**{"batch_size": batch, "grad_accum_steps": accum,
-                            field: int(value)})
-          sharding.validate_plan(c, dp)
-          checked += 1
-  assert checked > 100
+      for chunks in (1, 2, 3, 4):
+        for batch in range(1, 41):
+          c = make_tiny_config()
+          c.mesh.update(data=dp, fsdp=1, tensor=1, sequence=1, expert=1)
+          given = {"train.batch_size": batch, "train.grad_accum_steps": accum,
+                   "model.loss_chunks": chunks}
+          c.update_from_flattened_dict(given)
+          try:
+            sharding.validate_plan(c, dp)
+            continue
+          except ConfigError as err:
+            message = str(err)
+          assert " 1 sequences" not in message, message
+          fixes = re.findall(r"--config\.(train\.batch_size|train\.grad_accum_steps"
+                             r"|model\.loss_chunks)=(\d+)", message)
+          assert fixes, message
+          for field, value in fixes:  # each alternative alone is a fix
+            c.update_from_flattened_dict({**given, field: int(value)})
+            try:
+              sharding.validate_plan(c, dp)
+            except ConfigError as then:
+              raise AssertionError(f"{given} refused with {message!r}; {field}="
+                                   f"{value} then: {then}") from None
+            checked += 1
+  assert checked > 400
 
 
 @pytest.mark.parametrize("file_at", ["workdir", "checkpoints"])

@@ -424,6 +424,9 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
   dp = sharding.split_size(tuple(rules.items()), "batch", sizes)
   rows = config.train.batch_size // dp // config.train.grad_accum_steps
   if rows % m:
+    # The next batch whose rows split into the microbatches and the loss chunks.
+    unit = sharding.validate.row_unit(config)
+    fits = dp * config.train.grad_accum_steps * unit * max(1, -(-rows // unit))
     accum = count(config.train.grad_accum_steps, "accumulation micro-batch",
                   "accumulation micro-batches")
     # One microbatch on one stage is no pipeline, whose schedule and repeats then
@@ -438,8 +441,7 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
             [f"--config.pipeline.microbatches={d}" for d in range(m - 1, 0, -1)
              if rows % d == 0 and (p["schedule"] != "circular" or d >= stages)
              and not (d == 1 and stages == 1 and set_here)][:1]
-            + [f"--config.train.batch_size="
-               f"{dp * config.train.grad_accum_steps * m * max(1, -(-rows // m))}"])
+            + [f"--config.train.batch_size={fits}"])
         + ".")
 
 
