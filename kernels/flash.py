@@ -20,7 +20,6 @@ policy can keep them and the backward need not run the forward kernel again
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -129,40 +128,10 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def check_inputs(q, k, v, segment_ids=None, *, causal: bool, window=None,
                  block_sizes=None) -> tuple[int | None, block.BlockSizes]:
   """The checks of every attention entry point: raises ValueError for inputs no
-  kernel takes (`check_shapes`, `check_window`, `block.BlockSizes.of`); returns
-  (window as an int or None, the BlockSizes)."""
-  check_shapes(q, k, v, segment_ids)
-  return check_window(window, causal), block.BlockSizes.of(block_sizes)
-
-
-def check_shapes(q, k, v, segment_ids=None):
-  """Raises ValueError unless q [b, l, h, d], k = v [b, l, kvh, d] (the same
-  length l >= 1: the causal mask aligns query i with key i), h % kvh == 0."""
-  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
-    raise ValueError(f"expected q [b, l, h, d] and k, v [b, l, kvh, d]; got "
-                     f"{q.shape}, {k.shape}, {v.shape}")
-  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
-  if q.shape[1] != k.shape[1] or q.shape[1] < 1:
-    raise ValueError(f"q {q.shape} and k {k.shape} must have one length of at least "
-                     "1 (self-attention; a cached decode step is kernels.cached's)")
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f"heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}")
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"segment_ids {segment_ids.shape} must be [batch, length] "
-                     f"= {q.shape[:2]}")
-
-
-def check_window(window, causal: bool) -> int | None:
-  """`window` as an int (NumPy integers count), or None; raises ValueError
-  unless it is None or a positive integer with causal."""
-  if window is None:
-    return None
-  if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1:
-    raise ValueError(f"window must be a positive int (keys per query), got {window!r}")
-  if not causal:
-    raise ValueError("a sliding window needs causal=True")
-  return int(window)
+  kernel takes (`block.check_shapes`, `block.check_window`, `block.BlockSizes.of`);
+  returns (window as an int or None, the BlockSizes)."""
+  block.check_shapes(q, k, v, segment_ids)
+  return block.check_window(window, causal), block.BlockSizes.of(block_sizes)
 
 
 def attention(q, k, v, *, causal: bool = True, segment_ids=None, block_sizes=None,

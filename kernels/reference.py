@@ -35,12 +35,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
 
   q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim];
   segment_ids: [batch, length] int (tokens attend only within their segment).
-  Returns [batch, length, heads, head_dim] in q's dtype.
+  Returns [batch, length, heads, head_dim] in q's dtype. Raises ValueError for
+  inputs no kernel takes (`block.check_shapes`, `block.check_window`).
   """
+  block.check_shapes(q, k, v, segment_ids)
+  window = block.check_window(window, causal)
   b, lq, h, d = q.shape
   kvh = k.shape[2]
-  if h % kvh:
-    raise ValueError(f"heads={h} is not a multiple of kv_heads={kvh}")
   g = h // kvh
   qg = q.reshape(b, lq, kvh, g, d)  # [batch, q_len, kv_heads, group, head_dim]
   scores = block.einsum_f32("bqkgd,bskd->bkgqs", qg, k) * (d ** -0.5)

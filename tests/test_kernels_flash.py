@@ -245,7 +245,8 @@ def test_every_entry_and_backend_refuses_the_same_inputs_alike():
   was a TypeError and a NumPy window refused; (8,) meant (8, default); q and
   k of different lengths ran with a top-left causal mask, and length 0 was a
   ZeroDivisionError. Every entry point now refuses the same inputs with one
-  ValueError before running, and takes NumPy integers as ints."""
+  ValueError before running, and takes NumPy integers as ints. The reference
+  called directly (it takes no tiles) ran other lengths and float windows too."""
   q, k, v, _, _ = make_inputs(1, batch=1, length=24, heads=2, kv_heads=1, head_dim=8)
   entries = {
       **{f"flash.{b}": lambda bs, w=None, b=b, **kw: flash.attention(
@@ -259,8 +260,10 @@ def test_every_entry_and_backend_refuses_the_same_inputs_alike():
       "ring.attention": lambda bs, w=None, **kw: ring.attention(
           kw.get("q", q), kw.get("k", k), kw.get("v", v), block_sizes=bs, window=w),
   }
+  entries["reference.attention"] = lambda bs, w=None, **kw: reference.attention(
+      kw.get("q", q), kw.get("k", k), kw.get("v", v), window=w)
   for name, run in entries.items():
-    for bad in BAD_BLOCK_SIZES:
+    for bad in BAD_BLOCK_SIZES * (name != "reference.attention"):
       with pytest.raises(ValueError, match="block_sizes must be None, a positive int"):
         run(bad)
     with pytest.raises(ValueError, match="window must be a positive int"):
@@ -269,7 +272,8 @@ def test_every_entry_and_backend_refuses_the_same_inputs_alike():
       run(8, k=k[:, :20], v=v[:, :20])
     with pytest.raises(ValueError, match="must have one length of at least 1"):
       run(8, q=q[:, :0], k=k[:, :0], v=v[:, :0])
-  for name in ("flash.blockwise", "flash.mosaic_interpret", "flash.triton_interpret"):
+  for name in ("flash.blockwise", "flash.mosaic_interpret", "flash.triton_interpret",
+               "reference.attention"):
     run = entries[name]
     want = run(8, w=4)
     np.testing.assert_array_equal(run(np.int64(8), w=np.int64(4)), want, err_msg=name)
