@@ -338,10 +338,12 @@ def _to_fit(config, sizes: dict[str, int], what: str) -> list[str]:
   """Config flags that hold less per device than `config` does, none of them
   already set: full remat and more accumulation micro-batches (the fewest the
   batch splits into, `sharding.validate.more_micro_batches`) for a train step;
-  for a decode step, half the sequences."""
+  for a decode step, the largest batch whose cache holds at most half the rows
+  per device (a batch the mesh does not split is replicated, so half the
+  sequences can hold more)."""
   if what != "train":
-    batch = config.train.batch_size
-    return [f"--config.train.batch_size={batch // 2}"] if batch > 1 else []
+    smaller = _half_the_rows(config, sizes)
+    return [f"--config.train.batch_size={smaller}"] if smaller else []
   fixes = []
   if config.model.remat != "full":
     fixes.append("--config.model.remat=full")
@@ -349,6 +351,24 @@ def _to_fit(config, sizes: dict[str, int], what: str) -> list[str]:
   if more is not None:
     fixes.append(f"--config.train.grad_accum_steps={more}")
   return fixes
+
+
+def _half_the_rows(config, sizes: dict[str, int]) -> int | None:
+  """The largest batch below `config`'s whose decode cache holds at most half
+  its rows on each device of mesh `sizes` (the batch is split over the leading
+  `batch` axes that divide it, `sharding.logical_to_spec`), or None when each
+  device holds one row."""
+  mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+  rules = sharding.normalize_rules(config.mesh.rules)
+
+  def rows(batch: int) -> int:  # rows of the cache one device holds
+    spec = sharding.logical_to_spec(("batch",), rules, mesh, (batch,))
+    axes = spec[0] if spec and isinstance(spec[0], tuple) else tuple(spec)
+    return batch // math.prod(sizes[a] for a in axes if a)
+
+  held = rows(config.train.batch_size)
+  return next((b for b in range(config.train.batch_size - 1, 0, -1)
+               if rows(b) <= held // 2), None)
 
 
 def _diloco_syncs(config, spec, mesh, state, chip: Chip, options: dict,

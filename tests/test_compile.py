@@ -574,6 +574,40 @@ def test_a_train_step_that_does_not_fit_is_offered_what_it_has_not_set():
   assert aot._to_fit(c, followed.mesh, "train") == ["--config.model.remat=full"]
 
 
+def test_a_decode_step_that_does_not_fit_is_offered_a_batch_holding_half_the_rows():
+  """Decode's hint halved the batch: 8 sequences on data=8 were offered 4, which
+  the mesh does not split, so every device held 4 cache rows instead of 1. The
+  batch offered now holds at most half the rows per device that the cache
+  `compile` builds does (its sharded shape is the reference), for every batch
+  1-24 on 5 meshes; none is offered where a device holds one row."""
+  from conftest import make_tiny_config
+  from infer.kv_cache import cache_struct
+  c = make_tiny_config()
+  cfg = ModelConfig.from_config(c.model)
+  checked = 0
+  for mesh in (dict(data=8), dict(data=2, fsdp=4), dict(fsdp=2, tensor=4),
+               dict(data=4, tensor=2), dict(tensor=8)):
+    c.mesh.update(**{**{a: 1 for a in sharding.AXES}, **mesh})
+    sizes = {a: c.mesh.get(a, 1) for a in sharding.AXES}
+    devices = sharding.make_mesh(c.mesh, jax.devices()[:8])
+    rules = sharding.normalize_rules(c.mesh.rules)
+
+    def rows(batch):  # cache rows one device holds
+      k = cache_struct(cfg, batch, 16, rules, devices).k
+      return k.sharding.shard_shape(k.shape)[1]
+    for batch in range(1, 25):
+      c.train.batch_size = batch
+      offered = aot._to_fit(c, sizes, "decode")
+      if rows(batch) == 1:
+        assert offered == [], (mesh, batch, offered)
+        continue
+      flag, = offered
+      smaller = int(flag.removeprefix("--config.train.batch_size="))
+      assert smaller < batch and rows(smaller) <= rows(batch) // 2, (mesh, batch, flag)
+      checked += 1
+  assert checked > 60
+
+
 def test_cli_config_error_exits_2():
   proc = run_cli("compile", "--config=experiments/llama_1b.py", "--topology=v3:2x2")
   assert proc.returncode == 2
