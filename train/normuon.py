@@ -30,13 +30,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax.contrib import MuonDimensionNumbers
-from optax.contrib._muon import orthogonalize_via_newton_schulz
 
 import sharding
 from train import matrices
-
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton-Schulz (Jordan 2024)
+from train.newton_schulz import orthogonalize
 
 
 class NorMuonState(NamedTuple):
@@ -46,13 +43,6 @@ class NorMuonState(NamedTuple):
 
 def _nu_shape(shape, d: matrices.Dims):
   return tuple(1 if a in d.reduction else n for a, n in enumerate(shape))
-
-
-def orthogonalize(x: jax.Array, d: matrices.Dims, ns_steps: int) -> jax.Array:
-  """NS5 of every [in, out] matrix of `x` (grouped as `d`), same shape as `x`."""
-  return orthogonalize_via_newton_schulz(
-      x, jnp.asarray(NS_COEFFS), ns_steps, "frobenius", 1e-8,
-      MuonDimensionNumbers(d.reduction, d.output))
 
 
 def scale_by_normuon(b1: float = 0.95, b2: float = 0.95, eps: float = 1e-8,

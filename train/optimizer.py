@@ -18,13 +18,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import scale_by_shape
 
 import sharding
 from train import matrices
 from train.compression import Compression
 from train.galore import scale_by_galore_per_layer
+from train.muon import scale_by_muon
 from train.normuon import scale_by_normuon
 
 NAMES = ("adamw", "sgd", "muon", "normuon", "galore")
@@ -181,8 +182,7 @@ def _matrix_tx(o, lr, mask) -> optax.GradientTransformation:
   """The update of the parameters `optim.matrices` names."""
   if o.name == "muon":  # optax.contrib.muon's matrix branch, with rung's grouping
     core = optax.chain(
-        scale_by_muon(ns_steps=o.ns_steps, beta=o.momentum, nesterov=o.nesterov,
-                      weight_dimension_numbers=_muon_dims),
+        scale_by_muon(ns_steps=o.ns_steps, beta=o.momentum, nesterov=o.nesterov),
         scale_by_shape(weight_dimension_numbers=_muon_dims,
                        consistent_rms=o.muon_rms or None))
   elif o.name == "normuon":

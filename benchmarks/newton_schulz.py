@@ -1,0 +1,121 @@
+"""Muon's Newton-Schulz split over the mesh against every device running it all.
+
+  python benchmarks/newton_schulz.py [--config=experiments/llama_tiny.py]
+      [--meshes=data=8,fsdp=8,fsdp=2:tensor=4] [--reps=5]
+
+On 8 CPU devices (forced), for each mesh: the matrices Muon orthogonalises in
+--config's model (`optim.matrices`), with a random momentum placed as the
+parameters are (`train.state.param_shardings`). It times, side by side in one
+run, rung's `train.newton_schulz.orthogonalize` (each device runs its share of
+the matrices) and optax.contrib's Newton-Schulz on the momentum as placed (what
+Muon ran before: the compiler runs every matrix on every replica, gathered under
+FSDP). One JSON line per mesh: median milliseconds of each, their ratio, FLOPs
+per device of each (XLA's cost analysis), and the largest difference between
+the two results. Record results in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+from experiment.path_flag import define_path  # noqa: E402
+
+from benchmarks.common import emit, processor, run, time_call  # noqa: E402
+
+_CONFIG = define_path("config", "experiments/llama_tiny.py",
+                      "experiment config whose model's matrices are orthogonalised")
+_MESHES = flags.DEFINE_list(
+    "meshes", ["data=8", "fsdp=8", "fsdp=2:tensor=4"],
+    "meshes of 8 devices, each axis=size joined by ':' (axes left out are 1)")
+_REPS = flags.DEFINE_integer("reps", 5, "timed repetitions (median)", lower_bound=1)
+
+
+def _mesh_sizes(text: str) -> dict[str, int]:
+  sizes = {}
+  for part in text.split(":"):
+    axis, _, size = part.partition("=")
+    sizes[axis.strip()] = int(size)
+  return sizes
+
+
+flags.register_validator(
+    "meshes", lambda v: bool(v) and all(
+        all(p.partition("=")[2].isdigit() for p in m.split(":")) for m in v),
+    "each mesh is axis=size pairs joined by ':', e.g. fsdp=2:tensor=4")
+
+
+def main(argv):
+  del argv
+  import importlib.util
+  import math
+
+  import jax
+  import numpy as np
+  import optax
+  from optax.contrib import MuonDimensionNumbers
+  from optax.contrib._muon import orthogonalize_via_newton_schulz
+
+  import sharding
+  from model import ModelConfig
+  from train import matrices, newton_schulz
+  from train.state import abstract_params, model_spec
+
+  spec_file = importlib.util.spec_from_file_location("config", _CONFIG.value)
+  module = importlib.util.module_from_spec(spec_file)
+  spec_file.loader.exec_module(module)
+  config = module.get_config()
+  steps = config.optim.ns_steps
+  for text in _MESHES.value:
+    config.mesh.update(**{a: 1 for a in sharding.AXES})
+    config.mesh.update(**_mesh_sizes(text))
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+    rules = sharding.normalize_rules(config.mesh.rules)
+    spec = model_spec(ModelConfig.from_config(config.model), rules)
+    params = abstract_params(spec, mesh)  # [..] with the parameters' shardings
+    labels = matrices.labels(params, config.optim.matrices)
+    rng = np.random.default_rng(0)
+    momentum, dims = {}, {}
+    for (path, x), label in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(labels)):
+      if label != "matrix":
+        continue
+      name = sharding.path_name(path)
+      momentum[name] = jax.device_put(rng.normal(size=x.shape).astype(np.float32),
+                                      x.sharding)
+      dims[name] = matrices.dims(name, x.ndim)
+
+    def split(tree):
+      return {k: newton_schulz.orthogonalize(v, dims[k], steps) for k, v in tree.items()}
+
+    def everywhere(tree):
+      return {k: orthogonalize_via_newton_schulz(
+          v, np.asarray(newton_schulz.NS_COEFFS), steps,
+          dimension_numbers=MuonDimensionNumbers(dims[k].reduction, dims[k].output))
+          for k, v in tree.items()}
+
+    row = {"mesh": text, "matrices": sum(
+        math.prod(v.shape[a] for a in dims[k].batch) for k, v in momentum.items())}
+    outs = {}
+    for name, fn in (("split", split), ("every_device", everywhere)):
+      with jax.set_mesh(mesh):
+        compiled = jax.jit(fn).lower(momentum).compile()
+      outs[name] = compiled(momentum)
+      row[f"{name}_ms"] = 1e3 * time_call(
+          lambda: jax.block_until_ready(compiled(momentum)), _REPS.value)
+      row[f"{name}_gflops_per_device"] = compiled.cost_analysis()["flops"] / 1e9
+    row["speedup"] = row["every_device_ms"] / row["split_ms"]
+    row["max_abs_difference"] = float(max(
+        optax.tree.max(jax.tree.map(lambda a, b: abs(a - b), outs["split"],
+                                    outs["every_device"])), 0.0))
+    emit(what="newton_schulz", processor=processor(), jax=jax.__version__, **row)
+
+
+if __name__ == "__main__":
+  run(main)
