@@ -106,3 +106,31 @@ def test_the_split_lowers_the_matrices_per_device_and_never_takes_diloco():
   assert newton_schulz.split_axes(3, abstract) == ("stage", "fsdp")
   assert newton_schulz.split_axes(16, abstract) == ("stage", "fsdp")
   assert newton_schulz.split_axes(16, None) == ()
+
+
+def test_training_inside_diloco_and_a_pipeline_gives_the_unsplit_losses(tmp_path):
+  """Inside DiLoCo's replicas (vmapped over `diloco`, which the split leaves
+  alone) and on a stage-split model, the split optimizer trains as the
+  unsplit one does: diloco=2 x data=2 x fsdp=2 gives diloco=2's losses (2
+  devices, nothing to split over), and stage=2 x data=4 gives one device's.
+  (NorMuon calls the same split; test_optimizers trains it on a mesh.)"""
+  import train
+  from conftest import make_tiny_config
+  from test_train_meshes import _with_mesh
+
+  def losses(devices, name, **mesh):
+    c = _with_mesh(make_tiny_config(), **mesh)
+    c.model.num_layers = 4
+    c.train.steps = 3
+    c.optim.update(name="muon", decay_steps=3)
+    if "diloco" in mesh:
+      c.diloco.update(sync_every=2)
+    if "stage" in mesh or name == "one":
+      c.pipeline.microbatches = 2
+    rows = train.train(c, str(tmp_path / name), devices=devices, progress=False)
+    return [r["loss"] for r in rows if "loss" in r]
+  np.testing.assert_allclose(
+      losses(jax.devices(), "diloco_split", diloco=2, data=2, fsdp=2),
+      losses(jax.devices()[:2], "diloco", diloco=2), rtol=1e-4)
+  np.testing.assert_allclose(losses(jax.devices(), "stages", stage=2, data=4),
+                             losses(jax.devices()[:1], "one"), rtol=1e-4)
