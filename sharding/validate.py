@@ -202,9 +202,11 @@ def _accumulation_splits(config: Any, shard: int, accum: int) -> bool:
 
 
 def _microbatches(config: Any) -> int:
-  """Pipeline microbatches per (micro-)batch of a data-parallel replica."""
+  """Pipeline microbatches per (micro-)batch of a data-parallel replica, where
+  it is a count (the pipeline's own check refuses the rest), else 1."""
   p = config.get("pipeline")
-  return int(p.get("microbatches", 1)) if p is not None else 1
+  m = p.get("microbatches", 1) if p is not None else 1
+  return m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 1
 
 
 def _loss_chunks(config: Any) -> int:

@@ -754,3 +754,56 @@ def test_ulysses_is_refused_exactly_where_its_kernel_cannot_split_the_heads(
   assert refused is None, f"refused, but the kernel runs: {refused}"
   want = kernels.attention(q, k, v, impl="reference")
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+
+
+def _numeric_fields(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _numeric_fields(value, f"{prefix}{key}.")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield f"{prefix}{key}", value
+
+
+def test_every_numeric_field_out_of_range_is_a_config_error_or_runs():
+  """From a fresh-user trial: pipeline.microbatches=0 was a ZeroDivisionError in
+  the batch check (exit 1) before the pipeline's own check could refuse it. Every
+  numeric field of 7 configs (plain, stages, DiLoCo, top-k compression, GaLore,
+  MoE, ring attention) set to 0, -1 or 3 (ints) or 0, -1, NaN, inf (floats) now
+  validates or is a ConfigError, never another exception; and microbatches=0 is
+  refused naming its field."""
+  import copy
+  from conftest import make_tiny_config
+  variants = {"plain": make_tiny_config()}
+  for name, mesh, change in [
+      ("stages", dict(stage=2, data=4), lambda c: c.pipeline.update(microbatches=2)),
+      ("diloco", dict(diloco=2, data=4), lambda c: None),
+      ("topk", dict(data=8), lambda c: c.optim.compression.update(method="topk")),
+      ("galore", {}, lambda c: c.optim.update(name="galore", galore_rank=8)),
+      ("moe", dict(expert=2, data=4), lambda c: c.model.moe.update(num_experts=4)),
+      ("ring", dict(sequence=2, data=4), lambda c: c.model.update(attention="ring"))]:
+    c = make_tiny_config()
+    c.mesh.update(**mesh)
+    change(c)
+    variants[name] = c
+  crashes, tried = [], 0
+  for name, base in variants.items():
+    train.validate_config(copy.deepcopy(base), 8)
+    for field, value in _numeric_fields(base.to_dict()):
+      for bad in ([0, -1, 3] if isinstance(value, int)
+                  else [0.0, -1.0, float("nan"), float("inf")]):
+        c = copy.deepcopy(base)
+        c.update_from_flattened_dict({field: bad})
+        tried += 1
+        try:
+          train.validate_config(c, 8)
+        except ConfigError:
+          pass
+        except Exception as err:  # noqa: BLE001 - what the test looks for
+          crashes.append((name, field, bad, f"{type(err).__name__}: {err}"))
+  assert not crashes, crashes
+  assert tried > 1000
+  c = copy.deepcopy(variants["stages"])
+  c.pipeline.microbatches = 0
+  with pytest.raises(ConfigError, match="must be at least 1, got 0") as err:
+    train.validate_config(c, 8)
+  assert err.value.field == "pipeline.microbatches"
