@@ -185,6 +185,28 @@ def _logits(**moe):
   return np.asarray(m(tokens))
 
 
+def test_under_1f1b_without_evaluation_loss_chunks_change_nothing(tmp_path):
+  """From a fresh-user trial: model.loss_chunks under the 1F1B schedule was
+  accepted, though training never reads it there (each microbatch's loss runs
+  inside the pipeline). Two steps with 1 and 2 chunks are bit-identical, so
+  refusing the override (RULES) is right; with evaluation on, it is read."""
+  import train
+  c = _config(**{"pipeline.schedule": "1f1b", "pipeline.microbatches": 2,
+                 "train.eval_every": 0, "train.steps": 2})
+  for a in ("data", "fsdp", "tensor", "sequence", "expert", "stage", "diloco"):
+    c.mesh[a] = 1
+  losses = []
+  for chunks in (1, 2):
+    c.model.loss_chunks = chunks
+    rows = train.train(c, str(tmp_path / str(chunks)), devices=jax.devices()[:1],
+                       progress=False)
+    losses.append([(r["loss"], r["grad_norm"]) for r in rows if "loss" in r])
+  assert losses[0] == losses[1] and len(losses[0]) == 2
+  assert not read(c, "model.loss_chunks")
+  c.train.eval_every = 1
+  assert read(c, "model.loss_chunks")
+
+
 def test_every_moe_rule_is_what_the_model_computes():
   """A dense model's logits do not move with any model.moe field; a dropless
   model's do not move with capacity_factor, a capacity-dispatch model's do."""
@@ -229,7 +251,9 @@ def test_each_refusal_names_the_field_and_a_fix_that_makes_it_read():
       "data.path": {"data.source": "synthetic", "data.path": "docs.jsonl"},
       "data.text_field": {"data.source": "text", "model.vocab_size": 256},
       # microbatches=2 must divide a replica's batch: 16 over 8 replicas
-      "pipeline.schedule": {"train.batch_size": 16}}
+      "pipeline.schedule": {"train.batch_size": 16},
+      "model.loss_chunks": {"pipeline.schedule": "1f1b", "pipeline.microbatches": 2,
+                            "train.batch_size": 16, "train.eval_every": 0}}
   firsts = [rule.fields[0] for rule in RULES]
   assert len(set(firsts)) == len(RULES) and set(conditions) <= set(firsts)
   where = [conditions.get(first, {}) for first in firsts]

@@ -193,6 +193,15 @@ RULES: tuple[Rule, ...] = (
                    "pipeline.microbatches are 1",
          "--config.pipeline.microbatches=2 (which must divide each data-parallel "
          "replica's batch), or --config.mesh.stage=2"),
+    # model/decoder.py (forward_and_loss): under 1F1B each microbatch's loss runs
+    # inside the pipeline loop; only evaluation chunks the LM head then.
+    Rule(("model.loss_chunks",),
+         lambda c: c.pipeline.schedule == "1f1b" and not c.train.eval_every
+         and (c.mesh.stage != 1 or c.pipeline.microbatches > 1),
+         lambda c: "the 1F1B schedule computes each microbatch's loss inside the "
+                   "pipeline (its microbatches are the chunks), and train.eval_every "
+                   "is 0 (evaluation would chunk the LM head)",
+         "--config.pipeline.schedule=gpipe, or --config.train.eval_every=100"),
     # model/moe.py: a dense model has no router.
     Rule(tuple(f"model.moe.{f}" for f in (
         "top_k", "every_k_layers", "capacity_factor", "shared_expert",
