@@ -90,7 +90,7 @@ def validate_serving_plan(config: Any, num_devices: int,
     axis = err.field.removeprefix("mesh.")
     counts = _counts_on(config, axis, table) if axis in AXES else {}
     if not counts or config.mesh.get(axis, 1) < 1:
-      raise
+      raise _with_batch_that_splits(err, config, num_devices) if training else err
     divides = " and ".join(f"{field}={n}" for field, n in counts.items())
     fix = (f"pass {axis_fix(config, axis, counts.values(), num_devices, training)} "
            f"(mesh.{axis} must divide {divides} as well as fit "
@@ -175,6 +175,30 @@ def _counts_on(config: Any, axis: str, table) -> dict[str, int]:
   if experts and axis in rules.get("experts", ()):
     counts["model.moe.num_experts"] = experts
   return counts
+
+
+def _with_batch_that_splits(err: ConfigError, config: Any,
+                            num_devices: int) -> ConfigError:
+  """`err` (the mesh's own refusal, whose fix resizes axes to fit the devices,
+  `mesh_fix`) with a train.batch_size added to its fix where the batch would not
+  split over the resized mesh (with accumulation, pipeline microbatches and loss
+  chunks); `err` itself where it does, or where its fix is not a resize."""
+  mesh = {a: config.mesh.get(a, 1) for a in AXES}
+  if any(s == 0 or s < -1 for s in mesh.values()) or list(mesh.values()).count(-1) > 1:
+    return err  # a size no mesh takes: its fix is not a resize
+  try:
+    resized = resolve_shape({**mesh, **mesh_fix(mesh, num_devices)}, num_devices)
+  except ConfigError:
+    return err
+  fits = _batch_that_splits(config, resized)
+  if fits == config.train.batch_size:
+    return err
+  flags, _, why = (err.mesh_fix if isinstance(err, MeshTooLarge)
+                   else err.fix.rstrip(".")).partition(" (")
+  fix = (f"{flags} --config.train.batch_size={fits} ({why.rstrip(')')}; the batch "
+         f"must split over the new data-parallel size)")
+  return err.with_fix(fix) if isinstance(err, MeshTooLarge) else ConfigError(
+      err.field, err.problem, fix + ".")
 
 
 def _resize(config: Any, axis: str, table, num_devices: int, training: bool) -> str:

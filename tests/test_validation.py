@@ -807,3 +807,30 @@ def test_every_numeric_field_out_of_range_is_a_config_error_or_runs():
   with pytest.raises(ConfigError, match="must be at least 1, got 0") as err:
     train.validate_config(c, 8)
   assert err.value.field == "pipeline.microbatches"
+
+
+@pytest.mark.parametrize("mesh,batch,accum,microbatches,chunks", [
+    (dict(stage=2, data=2), 8, 1, 4, 1),  # the trial's: data=-1 leaves 2 rows
+    (dict(data=2), 4, 2, 1, 1),           # data=-1: 8 replicas, 2 micro-batches
+    (dict(data=2, fsdp=2), 8, 1, 1, 2),   # data=-1: 1 row, 2 loss chunks
+    (dict(stage=2, data=3), 12, 1, 2, 1),  # 6 devices of 8: the other fix
+    (dict(data=16), 16, 1, 1, 1),         # more than there are
+])
+def test_a_mesh_fix_for_the_device_count_keeps_the_batch_split(mesh, batch, accum,
+                                                               microbatches, chunks):
+  """From a fresh-user trial: stage=2 x data=2 on 8 devices was offered
+  --config.mesh.data=-1, after which each of the 4 replicas held 2 sequences for
+  4 pipeline microbatches and the run was refused again. A fix that resizes the
+  mesh to the device count now adds a batch size that splits over the new mesh
+  (with accumulation, microbatches and loss chunks), and each fix validates."""
+  import sharding
+  from conftest import assert_fixes_validate, make_tiny_config
+  c = make_tiny_config()
+  c.model.num_layers = 4
+  c.mesh.update(**{a: 1 for a in sharding.AXES})
+  c.mesh.update(**mesh)
+  c.train.update(batch_size=batch, grad_accum_steps=accum)
+  c.pipeline.microbatches = microbatches
+  c.model.loss_chunks = chunks
+  err = assert_fixes_validate(c)
+  assert err.field.startswith("mesh.")
