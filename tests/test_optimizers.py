@@ -678,7 +678,10 @@ def test_resume_refuses_only_changes_to_the_saved_optimizer_state():
   """A field of an optimizer or compression method that is off on both sides
   (GaLore's rank, the matrices under AdamW, DGC's momentum correction under top-k)
   changes nothing saved; the same field where it is used is a config error whose
-  fix pastes into a shell."""
+  fix pastes into a shell. From a fresh-user trial: a top-k run resumed onto
+  pipeline stages was refused (compression and stages do not combine), its fix
+  method=none was refused by this check, whose fix (resume with top-k) led back
+  to the first refusal; it now offers only the new run, and says why."""
   import json
   import shlex
   import types
@@ -686,17 +689,22 @@ def test_resume_refuses_only_changes_to_the_saved_optimizer_state():
   from train.loop import _optimizer_state_changes
   from experiments import base
 
-  def optim(**fields):
-    o = base.get_config().optim
+  def config(**fields):
+    c = base.get_config()
     for k, v in fields.items():
       group, _, name = k.rpartition("__")
-      (o[group] if group else o)[name] = v
-    return json.loads(ConfigDict({"optim": o}).to_json())
+      (c.optim[group] if group else c.optim)[name] = v
+    return c
 
-  def check(saved, new):
+  def optim(**fields):  # as the checkpoint saved it
+    return json.loads(ConfigDict({"optim": config(**fields).optim}).to_json())
+
+  def check(saved, new, **mesh):
     ckpt = types.SimpleNamespace(saved_config=lambda step: saved,
                                  directory="/runs/a b/checkpoints")
-    return _optimizer_state_changes(ckpt, 2, new)
+    c = config(**new)
+    c.mesh.update(mesh)
+    return _optimizer_state_changes(ckpt, 2, c, 8)
 
   regex = "attn/(q|k)$"
   for saved, new in [(dict(name="adamw"), dict(name="adamw", galore_rank=64)),
@@ -704,14 +712,21 @@ def test_resume_refuses_only_changes_to_the_saved_optimizer_state():
                      (dict(compression__method="topk"),
                       dict(compression__method="topk",
                            compression__momentum_correction=False))]:
-    assert check(optim(**saved), optim(**new)) == ""
+    assert check(optim(**saved), new) == ""
   with pytest.raises(ConfigError, match="optim.galore_rank=128, not 64"):
-    check(optim(name="galore"), optim(name="galore", galore_rank=64))
+    check(optim(name="galore"), dict(name="galore", galore_rank=64))
   with pytest.raises(ConfigError) as err:
-    check(optim(name="muon", matrices=regex), optim(name="muon"))
+    check(optim(name="muon", matrices=regex), dict(name="muon"))
   words = shlex.split(err.value.fix)
   assert f"--config.optim.matrices={regex}," in words
   assert "--config.checkpoint.init_from=/runs/a b:2." in words
+  with pytest.raises(ConfigError) as err:
+    check(optim(compression__method="topk"), dict(compression__method="none"),
+          stage=2, data=4, fsdp=1)
+  assert err.value.fix.startswith("start a new run from its parameters")
+  assert ("--config.optim.compression.method=topk, which this run refuses: optim."
+          "compression.method is 'topk': gradient compression and pipelining do not "
+          "combine") in err.value.fix
 
 
 @pytest.mark.parametrize("d_ff,kv_heads,rank", [(16, 4, 40), (64, 1, 40), (24, 2, 20),

@@ -160,7 +160,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
   latest = ckpt.latest_step()
   landed = 0  # DiLoCo: a finished run's last step, where its exchanges all landed
   optimizer_changed = latest is not None and _optimizer_state_changes(
-      ckpt, latest, config_dict)
+      ckpt, latest, config, len(devices))
   if latest is not None:
     def saved_layout(step):  # compression replicas and DiLoCo layout of `step`
       return (ckpt.compression_replicas(step) if comp.enabled else None,
@@ -587,26 +587,47 @@ _OPTIMIZER_STATE_FIELDS = ("optim.name", "optim.matrices", "optim.galore_rank",
                            "optim.compression.momentum_correction")
 
 
-def _optimizer_state_changes(ckpt: Checkpointer, step: int, config_dict: dict) -> str:
-  """'' when the checkpoint at `step` holds the state of the optimizer
-  `config_dict` asks for; else a description of the change. Past step 0 a change
-  is a ConfigError naming the field: that state cannot be resumed."""
+def _optimizer_state_changes(ckpt: Checkpointer, step: int, config,
+                             num_devices: int) -> str:
+  """'' when the checkpoint at `step` holds the state of the optimizer `config`
+  asks for; else a description of the change. Past step 0 a change is a
+  ConfigError naming the field: that state cannot be resumed. Its fix offers
+  resuming with the saved value only where `config` with it validates on
+  `num_devices` (a resume onto stages cannot take compression back, whose own
+  refusal offered dropping it)."""
   saved = run_config.flatten({"optim": (ckpt.saved_config(step) or {}).get("optim", {})})
-  new = run_config.flatten({"optim": config_dict.get("optim", {})})
+  new = run_config.flatten({"optim": config.to_dict().get("optim", {})})
   for field in _OPTIMIZER_STATE_FIELDS:
     if (field in saved and saved[field] != new.get(field)
         and (run_config.in_use(field, saved) or run_config.in_use(field, new))):
       if step:
+        new_run = ("start a new run from its parameters in another directory: "
+                   "--workdir=NEW_RUN " + sharding.flag(
+                       "config.checkpoint.init_from",
+                       f"{os.path.dirname(ckpt.directory)}:{step}"))
+        resume = sharding.flag(f"config.{field}", saved[field])
+        refused = _refusal_with(config, field, saved[field], num_devices)
         raise sharding.ConfigError(
             field, f"the checkpoint at step {step} holds the state of "
             f"{field}={saved[field]!r}, not {new.get(field)!r}.",
-            f"resume with {sharding.flag(f'config.{field}', saved[field])}, "
-            "or start a new run from its parameters in another directory: "
-            "--workdir=NEW_RUN " + sharding.flag(
-                "config.checkpoint.init_from",
-                f"{os.path.dirname(ckpt.directory)}:{step}") + ".")
+            f"resume with {resume}, or {new_run}." if refused is None else
+            f"{new_run} (resuming needs {resume}, which this run refuses: "
+            f"{refused.field} {refused.problem.rstrip('.')}).")
       return f"{field} {saved[field]!r} -> {new.get(field)!r}"
   return ""
+
+
+def _refusal_with(config, field: str, value, num_devices: int):
+  """The ConfigError `validate_config` raises for `config` with `field` set to
+  `value` on `num_devices`, or None when it validates."""
+  import copy
+  changed = copy.deepcopy(config)
+  changed.update_from_flattened_dict({field: value})
+  try:
+    validate_config(changed, num_devices)
+  except sharding.ConfigError as err:
+    return err
+  return None
 
 
 def _report_trajectory_changes(saved: dict, step: int, config_dict: dict):
