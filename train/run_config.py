@@ -240,8 +240,10 @@ _ACTIVE_WHEN = {
 
 def in_use(field: str, flat: dict) -> bool:
   """Whether the run whose flattened config is `flat` reads `field` (e.g.
-  'optim.galore_rank' only under GaLore): every switch over it is on."""
-  return all(on(flat) for group, on in _ACTIVE_WHEN.items() if field.startswith(group))
+  'optim.galore_rank' only under GaLore): every switch over it is on. A switch
+  inside its group (optim.compression.method) is always read."""
+  return field == "optim.compression.method" or all(
+      on(flat) for group, on in _ACTIVE_WHEN.items() if field.startswith(group))
 # The same mean gradient in a dense model; per-micro-batch MoE losses otherwise.
 _SPLITS_OF_THE_BATCH = {"train.grad_accum_steps": "micro-batch",
                         "pipeline.microbatches": "pipeline microbatch"}
@@ -268,9 +270,11 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
   tile sizes, remat, scanned or unrolled layers, loss chunks, the embedding lookup,
   evaluation settings, the pipeline schedule, the loader's read-ahead, where the
   token cache lives, generation's stop ids and export's bos id, and fields of
-  a switched-off feature (diloco.* without mesh.diloco > 1, optim.compression.*
-  while its method is none, GaLore's and NorMuon's own fields under another
-  optimizer) on both sides. `train.steps` and
+  a feature the resumed run has switched off (diloco.* without mesh.diloco > 1,
+  optim.compression.* while its method is none, GaLore's and NorMuon's own
+  fields under another optimizer): the switch is reported where it is a field
+  (optim.name, the compression method), and DiLoCo's layout change on its own
+  line. `train.steps` and
   `optim.decay_steps` are reported only when the schedule's length (decay_steps,
   or train.steps when it is unset) changes; `train.grad_accum_steps` and
   `pipeline.microbatches` only for MoE models (their losses are per micro-batch);
@@ -288,8 +292,8 @@ def trajectory_changes(saved: dict, config: dict) -> list[tuple[str, Any, Any, s
         or field in _SAME_TRAJECTORY_FIELDS or field in schedule
         or same_mix and field.startswith("data.mixture.") and field.endswith(".weight")):
       continue
-    if not (in_use(field, old) or in_use(field, new)):
-      continue
+    if not in_use(field, new):  # the resumed run does not read it (a switch that
+      continue                  # turned its feature off is reported on its own)
     note = ""
     if field in _SPLITS_OF_THE_BATCH:
       if (not (old.get("model.moe.num_experts") or new.get("model.moe.num_experts"))
