@@ -45,10 +45,22 @@ def _mesh_sizes(text: str) -> dict[str, int]:
   return sizes
 
 
+def _meshes_ok(meshes: list[str]) -> bool:
+  import math
+
+  from sharding.mesh import AXES
+  try:
+    sizes = [_mesh_sizes(m) for m in meshes]
+  except ValueError:
+    return False
+  return bool(sizes) and all(set(s) <= set(AXES) and math.prod(s.values()) == 8
+                             for s in sizes)
+
+
 flags.register_validator(
-    "meshes", lambda v: bool(v) and all(
-        all(p.partition("=")[2].isdigit() for p in m.split(":")) for m in v),
-    "each mesh is axis=size pairs joined by ':', e.g. fsdp=2:tensor=4")
+    "meshes", _meshes_ok,
+    "each mesh is mesh-axis=size pairs joined by ':' whose sizes multiply to 8, "
+    "e.g. fsdp=2:tensor=4")
 
 
 def main(argv):
