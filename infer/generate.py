@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -102,6 +103,12 @@ def check_batch(model: Decoder, rows: int, length: int, max_new_tokens: int) -> 
   check_cache(model, rows, length + max_new_tokens)
 
 
+class PastContextWarning(UserWarning):
+  """A prompt plus `max_new_tokens` runs past the model's
+  `max_position_embeddings`: the positions beyond it are ones the model was not
+  made for (it generates them all the same)."""
+
+
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0,
@@ -117,7 +124,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   Sampling arguments are those of `infer.sample`; a bad one (or a negative
   `max_new_tokens`) raises `SamplingArgumentError`, a ValueError naming it.
   A KV cache for the longest prompt plus `max_new_tokens` larger than the free
-  memory raises `CacheDoesNotFit` (a ValueError) before anything is allocated.
+  memory raises `CacheDoesNotFit` (a ValueError) before anything is allocated;
+  one past `model.cfg.max_position_embeddings` warns (`PastContextWarning`).
   The decode loop runs inside one while_loop; with `on_token` (streaming) it runs
   token by token and calls on_token with the [batch] new ids (-1 for finished rows)
   after each. `pad_to` (rows, prompt length): pad the batch and the prompts to at
@@ -151,6 +159,13 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
                  warn_ignored=True)
   if max_new_tokens == 0:
     return [[] for _ in prompts]
+  context = model.cfg.max_position_embeddings
+  if max(map(len, prompts)) + max_new_tokens > context:
+    warnings.warn(
+        f"{max(map(len, prompts))} prompt tokens + up to {max_new_tokens} new ones run "
+        f"past the model's context of {context} positions (max_position_embeddings); "
+        "tokens beyond it are positions the model was not made for.",
+        PastContextWarning, stacklevel=2)
   graphdef, params = nnx.split(model)
   # Any batch on any mesh: the batch is padded to a multiple of the mesh axes
   # `batch` is split over with empty rows (length 0, all padding, done from the

@@ -5,12 +5,14 @@ weights are read (`_prepare`)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shlex
 import sys
 import time
+import warnings
 from typing import Callable, Sequence, TextIO
 
 import jax
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 import kernels
 import sharding
 from sharding.report import count
-from infer.generate import check_batch, generate
+from infer.generate import PastContextWarning, check_batch, generate
 from infer.kv_cache import CacheDoesNotFit, mesh_of
 from infer.load import load
 from infer.sampling import check_sampling, is_greedy
@@ -174,6 +176,15 @@ def _prepare(workdir: str, config, prompts: Sequence[str], where: Callable[[int]
   return model, tokenizer, ids, stops
 
 
+@contextlib.contextmanager
+def _noted_past_context():
+  """`generate`'s PastContextWarning silenced: `_prepare` noted it once, naming
+  the prompt."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", PastContextWarning)
+    yield
+
+
 def _step_to_read(workdir: str, config, step: int | None) -> int:
   """The checkpoint step generation reads: `step`, or the run's latest (a
   ConfigError when there is none, or not that one)."""
@@ -230,9 +241,10 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
     out = io.StringIO()
   printer = _Printer(tokenizer, out, prompt, ids, stops)
   try:  # the printer keeps the new ids
-    generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
-             top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stops,
-             on_token=printer)
+    with _noted_past_context():
+      generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
+               top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stops,
+               on_token=printer)
   except CacheDoesNotFit as err:
     raise _cache_error(err, max_new_tokens, "--prompt") from None
   printer.close()
@@ -536,9 +548,11 @@ def generate_file(workdir: str, config, prompts_path: str, *,
       batch = ids[start:start + rows]
       batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
       try:
-        new = generate(model, batch, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=batch_seed, stop_tokens=stops, pad_to=(rows, buckets[b]))
+        with _noted_past_context():
+          new = generate(model, batch, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=batch_seed, stop_tokens=stops,
+                         pad_to=(rows, buckets[b]))
       except CacheDoesNotFit as err:  # the free memory shrank since the check
         raise too_large(err, range(start, start + len(batch))) from None
       for i, (prompt_ids, new_ids) in enumerate(zip(batch, new)):

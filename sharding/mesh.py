@@ -22,8 +22,17 @@ BATCH_AXES = ("diloco", "data", "fsdp", "expert")
 
 
 def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
-  """Returns {axis: size} with a -1 filled in; raises ConfigError if it cannot fit.
-  An axis absent from `mesh_cfg` has size 1."""
+  """Returns {axis: size} with a -1 filled in; raises ConfigError if it cannot fit
+  or names a key that is not a mesh axis (a misspelt axis was left at 1). An axis
+  absent from `mesh_cfg` has size 1; `rules` (a config's mesh group) is not a size."""
+  unknown = [k for k in mesh_cfg if k not in AXES and k != "rules"]
+  if unknown:
+    import difflib
+    near = difflib.get_close_matches(str(unknown[0]), AXES, n=1)
+    raise ConfigError(
+        f"mesh.{unknown[0]}", f"{unknown[0]!r} is not a mesh axis; the mesh axes are "
+        f"{', '.join(AXES)}.",
+        f"name axes of the mesh{f', e.g. {near[0]} for {unknown[0]!r}' if near else ''}.")
   sizes = {a: int(mesh_cfg.get(a, 1)) for a in AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   bad = [a for a, s in sizes.items() if s == 0 or s < -1]

@@ -242,6 +242,23 @@ def test_cli_warns_when_generation_runs_past_the_models_context(byte_run):
   assert (f"warning: {BYTE_RUN_CONTEXT - 3} prompt tokens + up to 4 new ones run past "
           f"the model's context of {BYTE_RUN_CONTEXT} positions "
           "(model.max_position_embeddings)" in past.stderr), past.stderr[-2000:]
+  assert past.stderr.count("run past the model's context") == 1, past.stderr[-2000:]
+
+
+def test_python_generate_warns_past_the_models_context(byte_run):
+  """From a fresh-user trial: README says generation past the context comes with a
+  warning, but only the command line gave one; infer.generate from Python was
+  silent. It now warns (PastContextWarning) past the context, not at it."""
+  import warnings
+  model, _ = infer.load(str(byte_run))
+  prompt = [[120] * (BYTE_RUN_CONTEXT - 3)]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", infer.PastContextWarning)
+    infer.generate(model, prompt, max_new_tokens=3)  # exactly the context
+  with pytest.warns(infer.PastContextWarning,
+                    match=f"{BYTE_RUN_CONTEXT - 3} prompt tokens \\+ up to 4 new ones "
+                          f"run past the model's context of {BYTE_RUN_CONTEXT}"):
+    infer.generate(model, prompt, max_new_tokens=4)
 
 
 BAD_FLAGS = ["--temperature=-1", "--top_p=1.5", "--top_k=-2", "--max_new_tokens=-1",

@@ -834,3 +834,24 @@ def test_a_mesh_fix_for_the_device_count_keeps_the_batch_split(mesh, batch, accu
   c.model.loss_chunks = chunks
   err = assert_fixes_validate(c)
   assert err.field.startswith("mesh.")
+
+
+@pytest.mark.parametrize("mesh,named,near", [
+    (dict(data=4, fsdp=2, tensr=2), "tensr", "tensor"),  # was a data x fsdp mesh
+    (dict(data=8, Tensor=1), "Tensor", "tensor"),
+    (dict(dat=4, data=2), "dat", "data"),  # was blamed on mesh.data
+    (dict(data=8, pipeline=1), "pipeline", None),
+])
+def test_a_key_that_is_not_a_mesh_axis_is_named(mesh, named, near):
+  """From a fresh-user trial: sharding.make_mesh(dict(data=4, fsdp=2, tensr=2))
+  built data=4 x fsdp=2 and dropped the misspelt axis without a word. Any key
+  but a mesh axis (or a config's `rules`) is a ConfigError naming it."""
+  import jax
+
+  import sharding
+  with pytest.raises(ConfigError, match=f"'{named}' is not a mesh axis") as err:
+    sharding.make_mesh(mesh, jax.devices())
+  assert err.value.field == f"mesh.{named}"
+  assert (f"e.g. {near} for '{named}'" in err.value.fix) == (near is not None)
+  from conftest import make_tiny_config
+  assert sharding.make_mesh(make_tiny_config().mesh, jax.devices()).size == 8
