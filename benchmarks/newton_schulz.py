@@ -33,7 +33,7 @@ _CONFIG = define_path("config", "experiments/llama_tiny.py",
                       "experiment config whose model's matrices are orthogonalised")
 _MESHES = flags.DEFINE_list(
     "meshes", ["data=8", "fsdp=8", "fsdp=2:tensor=4"],
-    "meshes of 8 devices, each axis=size joined by ':' (axes left out are 1)")
+    "meshes of 8 devices, each axis=size joined by ':' (unnamed axes are 1)")
 _REPS = flags.DEFINE_integer("reps", 5, "timed repetitions (median)", lower_bound=1)
 
 
