@@ -159,13 +159,13 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
                  warn_ignored=True)
   if max_new_tokens == 0:
     return [[] for _ in prompts]
-  context = model.cfg.max_position_embeddings
-  if max(map(len, prompts)) + max_new_tokens > context:
+  context, longest_prompt = model.cfg.max_position_embeddings, max(map(len, prompts))
+  if longest_prompt + max_new_tokens > context:
     warnings.warn(
-        f"{max(map(len, prompts))} prompt tokens + up to {max_new_tokens} new ones run "
-        f"past the model's context of {context} positions (max_position_embeddings); "
-        "tokens beyond it are positions the model was not made for.",
-        PastContextWarning, stacklevel=2)
+        f"{longest_prompt} prompt tokens + up to {max_new_tokens} new ones run past the "
+        f"model's context of {context} positions (max_position_embeddings); tokens "
+        "beyond it are positions the model was not made for.", PastContextWarning,
+        stacklevel=2)
   graphdef, params = nnx.split(model)
   # Any batch on any mesh: the batch is padded to a multiple of the mesh axes
   # `batch` is split over with empty rows (length 0, all padding, done from the
