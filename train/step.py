@@ -27,6 +27,11 @@ def grad_norm(grads) -> jax.Array:
 
 def batch_sharding(mesh: Mesh, rules: sharding.Rules, batch_size: int,
                    seq_len: int) -> NamedSharding:
+  """The sharding of a [batch_size, seq_len] batch of ids on `mesh`: `batch`
+  and `length` over the mesh axes `rules` maps them to, each keeping only the
+  leading axes whose sizes divide it (`sharding.logical_to_spec`), so a batch an
+  axis does not divide is replicated over that axis. Training never meets one:
+  validation refuses a batch that does not split over the data-parallel size."""
   spec = sharding.logical_to_spec(("batch", "length"), rules, mesh,
                                   (batch_size, seq_len))
   return NamedSharding(mesh, spec)
