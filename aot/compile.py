@@ -363,8 +363,7 @@ def _half_the_rows(config, sizes: dict[str, int]) -> int | None:
 
   def rows(batch: int) -> int:  # rows of the cache one device holds
     spec = sharding.logical_to_spec(("batch",), rules, mesh, (batch,))
-    axes = spec[0] if spec and isinstance(spec[0], tuple) else tuple(spec)
-    return batch // math.prod(sizes[a] for a in axes if a)
+    return batch // (sharding.axis_size(mesh, spec[0]) if len(spec) else 1)
 
   held = rows(config.train.batch_size)
   return next((b for b in range(config.train.batch_size - 1, 0, -1)

@@ -59,13 +59,21 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
       shape = ",".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
       what = (f"the mesh ({shape}) has {devices_phrase(product)} but {num_devices} "
               f"{'is' if num_devices == 1 else 'are'} available.")
-    fix = ("pass " + " ".join(f"--config.mesh.{a}={v}" for a, v in fix.items())
-           + f" (the mesh axes must multiply to {num_devices}; -1 on one axis takes "
-           "the devices the others leave)")
+    fix = resize_fix(fix, num_devices)
     if product > num_devices and not fill:
       raise MeshTooLarge(f"mesh.{named}", what, fix, wanted=product)
     raise ConfigError(f"mesh.{named}", what, fix + ".")
   return sizes
+
+
+def resize_fix(changes: Mapping[str, int], num_devices: int, also: str = "",
+               because: str = "") -> str:
+  """The fix text of a mesh resized to `num_devices` by `changes` (`mesh_fix`),
+  with flags `also` and a reason `because` added (e.g. a batch size that splits)."""
+  return ("pass " + " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
+          + (f" {also}" if also else "")
+          + f" (the mesh axes must multiply to {num_devices}; -1 on one axis takes "
+          "the devices the others leave" + (f"; {because}" if because else "") + ")")
 
 
 def largest_divisor(n: int, at_most: int) -> int:

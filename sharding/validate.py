@@ -6,7 +6,8 @@ import math
 from typing import Any, Iterable
 
 from sharding.errors import ConfigError, MeshTooLarge
-from sharding.mesh import AXES, devices_phrase, largest_divisor, mesh_fix, resolve_shape
+from sharding.mesh import (AXES, devices_phrase, largest_divisor, mesh_fix, resize_fix,
+                           resolve_shape)
 from sharding.report import count
 from sharding.rules import normalize_rules, split_size
 
@@ -186,17 +187,16 @@ def _with_batch_that_splits(err: ConfigError, config: Any,
   mesh = {a: config.mesh.get(a, 1) for a in AXES}
   if any(s == 0 or s < -1 for s in mesh.values()) or list(mesh.values()).count(-1) > 1:
     return err  # a size no mesh takes: its fix is not a resize
+  changes = mesh_fix(mesh, num_devices)
   try:
-    resized = resolve_shape({**mesh, **mesh_fix(mesh, num_devices)}, num_devices)
+    resized = resolve_shape({**mesh, **changes}, num_devices)
   except ConfigError:
     return err
   fits = _batch_that_splits(config, resized)
   if fits == config.train.batch_size:
     return err
-  flags, _, why = (err.mesh_fix if isinstance(err, MeshTooLarge)
-                   else err.fix.rstrip(".")).partition(" (")
-  fix = (f"{flags} --config.train.batch_size={fits} ({why.rstrip(')')}; the batch "
-         f"must split over the new data-parallel size)")
+  fix = resize_fix(changes, num_devices, f"--config.train.batch_size={fits}",
+                   "the batch must split over the new data-parallel size")
   return err.with_fix(fix) if isinstance(err, MeshTooLarge) else ConfigError(
       err.field, err.problem, fix + ".")
 
@@ -226,17 +226,19 @@ def _accumulation_splits(config: Any, shard: int, accum: int) -> bool:
 
 
 def _microbatches(config: Any) -> int:
-  """Pipeline microbatches per (micro-)batch of a data-parallel replica, where
-  it is a count (the pipeline's own check refuses the rest), else 1."""
+  """Pipeline microbatches per (micro-)batch of a data-parallel replica."""
   p = config.get("pipeline")
-  m = p.get("microbatches", 1) if p is not None else 1
-  return m if isinstance(m, int) and not isinstance(m, bool) and m > 0 else 1
+  return _count(p.get("microbatches", 1) if p is not None else 1)
 
 
 def _loss_chunks(config: Any) -> int:
-  """model.loss_chunks where it is a count (its own check refuses the rest), else 1."""
-  chunks = config.model.get("loss_chunks", 1)
-  return chunks if isinstance(chunks, int) and chunks > 0 else 1
+  return _count(config.model.get("loss_chunks", 1))
+
+
+def _count(value: Any) -> int:
+  """`value` where it is a count, else 1: the batch checks read a bad
+  microbatch or chunk count as 1 and leave its refusal to its own check."""
+  return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 def row_unit(config: Any) -> int:

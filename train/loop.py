@@ -596,7 +596,7 @@ def _optimizer_state_changes(ckpt: Checkpointer, step: int, config,
   `num_devices` (a resume onto stages cannot take compression back, whose own
   refusal offered dropping it)."""
   saved = run_config.flatten({"optim": (ckpt.saved_config(step) or {}).get("optim", {})})
-  new = run_config.flatten({"optim": config.to_dict().get("optim", {})})
+  new = run_config.flatten({"optim": json.loads(config.to_json()).get("optim", {})})
   for field in _OPTIMIZER_STATE_FIELDS:
     if (field in saved and saved[field] != new.get(field)
         and (run_config.in_use(field, saved) or run_config.in_use(field, new))):

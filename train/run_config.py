@@ -224,26 +224,28 @@ _SAME_TRAJECTORY_FIELDS = ("model.attention", "model.attention_block_q",
                            "pipeline.schedule", "pipeline.repeats",
                            "data.prefetch_batches", "data.cache_dir", "data.stop_ids",
                            "data.bos_id")
-# Groups of fields that a run reads only when a switch turns them on: a change
-# matters only when the switch is on in the saved run or the resumed one.
+# Groups of fields that a run reads only when a switch turns them on:
+# {group prefix: (the switch field, whether it is on)}. The switch itself is
+# always read, also where it sits inside its group.
 _ACTIVE_WHEN = {
-    "diloco.": lambda c: (c.get("mesh.diloco") or 1) > 1,
-    "optim.compression.": lambda c: c.get("optim.compression.method", "none") != "none",
-    "optim.galore_": lambda c: c.get("optim.name") == "galore",
-    "optim.normuon_": lambda c: c.get("optim.name") == "normuon",
+    "diloco.": ("mesh.diloco", lambda c: (c.get("mesh.diloco") or 1) > 1),
+    "optim.compression.": ("optim.compression.method",
+                           lambda c: c.get("optim.compression.method", "none") != "none"),
+    "optim.galore_": ("optim.name", lambda c: c.get("optim.name") == "galore"),
+    "optim.normuon_": ("optim.name", lambda c: c.get("optim.name") == "normuon"),
     # train.matrices.OPTIMIZERS, spelled here to keep this module free of jax
-    "optim.matrices": lambda c: c.get("optim.name") in ("muon", "normuon", "galore"),
-    "optim.compression.momentum_correction":
-        lambda c: c.get("optim.compression.method") == "dgc",
+    "optim.matrices": ("optim.name",
+                       lambda c: c.get("optim.name") in ("muon", "normuon", "galore")),
+    "optim.compression.momentum_correction": (
+        "optim.compression.method", lambda c: c.get("optim.compression.method") == "dgc"),
 }
 
 
 def in_use(field: str, flat: dict) -> bool:
   """Whether the run whose flattened config is `flat` reads `field` (e.g.
-  'optim.galore_rank' only under GaLore): every switch over it is on. A switch
-  inside its group (optim.compression.method) is always read."""
-  return field == "optim.compression.method" or all(
-      on(flat) for group, on in _ACTIVE_WHEN.items() if field.startswith(group))
+  'optim.galore_rank' only under GaLore): every switch over it is on."""
+  return all(on(flat) for group, (switch, on) in _ACTIVE_WHEN.items()
+             if field.startswith(group) and field != switch)
 # The same mean gradient in a dense model; per-micro-batch MoE losses otherwise.
 _SPLITS_OF_THE_BATCH = {"train.grad_accum_steps": "micro-batch",
                         "pipeline.microbatches": "pipeline microbatch"}
