@@ -1,6 +1,7 @@
 """Newton-Schulz split over the mesh (`train.newton_schulz`): the numbers of one
 device, a share of its FLOPs."""
 
+import functools
 import math
 import re
 
@@ -27,6 +28,12 @@ STACKS = [
 ]
 MESHES = [dict(data=8), dict(fsdp=8), dict(fsdp=2, tensor=4), dict(stage=2, data=4),
           dict(data=2, fsdp=2, tensor=2), dict(diloco=2, expert=2, fsdp=2)]
+
+
+@functools.cache
+def _one_device(index: int):
+  """`_compile` of STACKS[index] on one device, compiled once for every mesh."""
+  return _compile(STACKS[index], STACKS[index][2], None)
 
 
 def _compile(x, spec, mesh):
@@ -65,13 +72,13 @@ def test_split_over_the_mesh_gives_one_devices_numbers_for_a_share_of_the_flops(
   XLA's to order, and merging layers with experts split over `expert` is a
   reshape XLA does by gathering (left as it is; the numbers and FLOPs hold)."""
   mesh = sharding.make_mesh(axes, jax.devices()[:8])
-  for stack in STACKS:
+  for index, stack in enumerate(STACKS):
     name, shape, spec = stack
     d = matrices.dims(name, len(shape))
     count = math.prod(shape[a] for a in d.batch)
     split_over = newton_schulz.split_axes(count, mesh.abstract_mesh)
     split = math.prod(mesh.shape[a] for a in split_over)
-    one, whole, _ = _compile(stack, spec, None)
+    one, whole, _ = _one_device(index)
     got, flops, text = _compile(stack, spec, mesh)
     want = orthogonalize_via_newton_schulz(
         np.random.default_rng(0).normal(size=shape).astype(np.float32),
