@@ -460,3 +460,20 @@ def test_a_save_that_cannot_be_written_is_reported_and_the_last_step_resumes(
   assert "resuming from step 2" in capsys.readouterr().out
   assert Checkpointer(str(tmp_path), config(4).checkpoint,
                       read_only=True).all_steps() == [2, 4]
+
+
+def test_a_diverged_diloco_run_offers_the_outer_learning_rate_on_an_auto_mesh():
+  """The divergence message's DiLoCo fix follows the run's resolved replica count:
+  with `mesh.diloco=-1` (auto) it read the -1 as one replica and left it out."""
+  from conftest import make_tiny_config
+  from train import diloco, loop
+  c = make_tiny_config()
+  c.mesh.update(diloco=-1, data=1)
+  c.diloco.outer_lr = 0.7
+  metrics = {"loss": np.array([np.nan]), "grad_norm": np.array([1.0])}
+  with pytest.raises(loop.Diverged, match=r"with DiLoCo, a lower "
+                     r"--config\.diloco\.outer_lr \(now 0\.7\)"):
+    loop._stop_if_diverged(5, metrics, 4, c, diloco.DiLoCo.from_config(c, 8))
+  with pytest.raises(loop.Diverged) as err:  # one replica: no DiLoCo, no such fix
+    loop._stop_if_diverged(5, metrics, 4, c, diloco.DiLoCo.from_config(c, 1))
+  assert "outer_lr" not in str(err.value) and "resume from it" in str(err.value)

@@ -212,6 +212,9 @@ def test_inspect_of_a_step_whose_metadata_is_damaged_says_so(run_d32, tmp_path,
   shutil.copytree(run_d32, work)
   whole = describe_run(str(work))
   assert "parameters at step 3 (" in whole
+  # mesh.data=-1 (auto) as saved reads as the size the step was saved on
+  # (8 devices), not as -1
+  assert "tokens a step); mesh data=8\n" in whole, whole
   meta = work / "checkpoints" / "3" / "state" / "_METADATA"
   if damage == "removed":
     meta.unlink()
@@ -220,9 +223,12 @@ def test_inspect_of_a_step_whose_metadata_is_damaged_says_so(run_d32, tmp_path,
   text = describe_run(str(work))
   assert "parameters at step 3: its metadata cannot be read" in text, text
   assert "parameters at step 3 (" not in text
-  # everything above the parameters is as before (the step's size aside)
+  # with no metadata to size it, the auto axis reads as such
+  assert "tokens a step); mesh data=auto\n" in text, text
+  # everything above the parameters is as before (the step's size and the
+  # mesh aside)
   above = lambda t: [line for line in t.split("parameters at step 3")[0].splitlines()  # noqa: E731
-                     if not line.startswith("  step ")]
+                     if not line.startswith(("  step ", "training: "))]
   assert above(text) == above(whole)
 
 

@@ -67,23 +67,36 @@ def _describe_model(saved: dict) -> list[str]:
       f"stop tokens: {stops}"]
 
 
-def _describe_training(config) -> list[str]:
+def _saved_mesh(tree) -> dict[str, int]:
+  """{axis: size} of the mesh a step's parameters were saved on, read from their
+  sharding metadata; {} where it does not say."""
+  for m in jax.tree_util.tree_leaves(tree):
+    names = getattr(m.sharding, "axis_names", None)
+    shape = getattr(m.sharding, "shape", None)
+    if names is not None and shape is not None:
+      return dict(zip(names, map(int, shape)))
+  return {}
+
+
+def _describe_training(config, saved_mesh: dict[str, int]) -> list[str]:
   """The lines a run printed at its start about how it trains: optimizer,
-  DiLoCo, gradient compression and pipeline, from its saved config (mesh sizes
-  as saved; an auto (-1) size reads as 1)."""
+  DiLoCo, gradient compression and pipeline, from its saved config. An auto
+  (-1) mesh size takes the size its latest checkpoint was saved with
+  (`saved_mesh`); with no checkpoint it reads "auto" and counts as 1 below."""
   from train import diloco, optimizer
   from train.compression import Compression
   from train.state import pipeline_from_config
-  mesh = {a: max(int(config.mesh.get(a, 1)), 1) for a in sharding.AXES}
+  configured = {a: int(config.mesh.get(a, 1)) for a in sharding.AXES}
+  resolved = {a: saved_mesh.get(a, n) if n == -1 else n for a, n in configured.items()}
+  mesh = {a: max(n, 1) for a, n in resolved.items()}
   t, seq_len = config.train, config.data.seq_len
   accum = t.get("grad_accum_steps", 1)
+  sizes = [f"{a}={'auto' if n == -1 else n}" for a, n in resolved.items() if n != 1]
   lines = [f"training: {count(t.steps, 'step')} of batch_size {t.batch_size} x "
            f"seq_len {seq_len} ({t.batch_size * seq_len:,} tokens a step)"
            + (f" in {accum} gradient-accumulation micro-batches" if accum > 1 else "")
-           + "; mesh " + (" ".join(f"{a}={config.mesh.get(a, 1)}" for a in sharding.AXES
-                                   if config.mesh.get(a, 1) != 1) or "of one device"),
-           optimizer.describe(config.optim, config.train.steps,
-                              config.mesh.get("data"))]
+           + "; mesh " + (" ".join(sizes) or "of one device"),
+           optimizer.describe(config.optim, config.train.steps, resolved["data"])]
   dl = diloco.DiLoCo.from_config(config, mesh["diloco"])
   if dl.enabled:
     lines.append(dl.describe())
@@ -104,17 +117,19 @@ _READING = ConfigDict(dict(keep=1, keep_best=0, async_save=False))
 def describe_run(workdir: str) -> str:
   """A report of a run's checkpoints (read from metadata only) and metrics."""
   lines = [f"run {os.path.abspath(workdir)}"]
-  if os.path.exists(run_config.path(workdir)):
-    lines += _describe_model(run_config.read(workdir))
-    lines += _describe_training(run_config.load(workdir))
-  schedule = data_schedule.describe(data_schedule.read_schedule(workdir)[0])
-  if schedule:
-    lines.append(schedule)
   # The run's own checkpoint reader: it knows every item a step holds (a manager
   # that knows only the state warns about the others on each metadata read).
   ckpt = (Checkpointer(workdir, _READING, read_only=True)
           if os.path.isdir(checkpoint_dir(workdir)) else None)
   steps = ckpt.all_steps() if ckpt else []
+  tree = ckpt.state_metadata(steps[-1]).get("params") if steps else None
+  if os.path.exists(run_config.path(workdir)):
+    lines += _describe_model(run_config.read(workdir))
+    lines += _describe_training(run_config.load(workdir),
+                                _saved_mesh(tree) if tree is not None else {})
+  schedule = data_schedule.describe(data_schedule.read_schedule(workdir)[0])
+  if schedule:
+    lines.append(schedule)
   if not steps:
     lines.append("checkpoints: none")
   else:
@@ -137,7 +152,6 @@ def describe_run(workdir: str) -> str:
               (b := min(finite, key=lambda r: r["eval_loss"], default=None)) else "")
       lines.append(f"eval loss: last {_number(evals[-1]['eval_loss'], '.4f')} at step "
                    f"{evals[-1]['step']}{best}")
-  tree = ckpt.state_metadata(steps[-1]).get("params") if steps else None
   if steps and tree is None:
     lines.append(f"parameters at step {steps[-1]}: its metadata cannot be read")
   if tree is not None:

@@ -329,11 +329,12 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
     if int(state.step) != saved["step"]:
       if not logged(done):  # a save between logged rows: read its metrics
         metrics = sharding.to_host(metrics)
-        _stop_if_diverged(done, metrics, saved["step"], config)
+        _stop_if_diverged(done, metrics, saved["step"], config, dl)
       with jax.set_mesh(mesh):
         finite = _all_finite(state)
       if not sharding.to_host(finite):  # e.g. DiLoCo's outer step overflowed
-        _stop_if_diverged(done, metrics, saved["step"], config, state_finite=False)
+        _stop_if_diverged(done, metrics, saved["step"], config, dl,
+                          state_finite=False)
       ckpt.save(state, data.train, config_dict, eval_loss=eval_loss, force=force)
       saved["step"] = int(state.step)
 
@@ -403,7 +404,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}",
                         tok_s=f"{row['tokens_per_sec']:.0f}")
-        _stop_if_diverged(done, metrics, saved["step"], config)
+        _stop_if_diverged(done, metrics, saved["step"], config, dl)
         timer.restart()
       bar.update(1)
       eval_loss = None
@@ -439,7 +440,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _stop_if_diverged(step: int, metrics: dict, last_saved: int, config,
-                      state_finite: bool = True) -> None:
+                      dl: diloco_lib.DiLoCo, state_finite: bool = True) -> None:
   """Raises Diverged when step `step`'s loss or gradient norm (host `metrics`; the
   mean over DiLoCo replicas) is NaN or infinite, or (`state_finite=False`) when the
   state about to be saved holds a non-finite value although they were finite (an
@@ -453,7 +454,6 @@ def _stop_if_diverged(step: int, metrics: dict, last_saved: int, config,
   fixes = (f"a lower --config.optim.learning_rate (now {o.learning_rate:g}), a longer "
            f"--config.optim.warmup_steps (now {o.warmup_steps}) or gradient clipping "
            f"(--config.optim.clip_norm, now {o.clip_norm:g})")
-  dl = diloco_lib.DiLoCo.from_config(config, config.mesh.get("diloco", 1))
   if dl.enabled:
     fixes += f"; with DiLoCo, a lower --config.diloco.outer_lr (now {dl.outer_lr:g})"
   where = (f"Its last checkpoint, step {last_saved}, is kept: resume from it (the same "
