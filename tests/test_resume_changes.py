@@ -202,6 +202,36 @@ def test_a_shape_refusal_in_a_workdir_with_spaces_gives_flags_a_shell_keeps_whol
              for w in words), err.value.fix
 
 
+def test_a_shape_refusal_whose_saved_model_this_mesh_refuses_says_what_it_needs(
+    run_d32):
+  """Resuming the 2-layer run as 4 layers over mesh.stage=4: the fix's "resume
+  with the saved model" flags alone met the next refusal (2 layers do not split
+  over 4 stages). The fix now adds what that model needs on this mesh, and the
+  saved flags with those flags validate."""
+  from conftest import assert_followed_fix_validates, fix_alternatives
+  c = make_tiny_config()
+  c.model.num_layers = 4
+  c.mesh.update(stage=4, data=-1)
+  c.pipeline.microbatches = 4
+  with pytest.raises(sharding.ConfigError, match=r"model\.num_layers 2 -> 4") as err:
+    train.train(c, str(run_d32), progress=False)
+  fix = err.value.fix
+  assert f"--config=experiments/saved.py:{run_d32} (the run's saved config)" in fix
+  saved, needs = fix.split(" with what that model needs on this run's mesh ")
+  assert saved.endswith("or --config.model.num_layers=2"), fix
+  assert needs.startswith("(`mesh.stage`: the model's 2 layers do not split"), fix
+  followed = ["--config.model.num_layers=2", *fix_alternatives(needs)[0]]
+  assert any(f.startswith("--config.mesh.stage=") for f in followed), followed
+  assert_followed_fix_validates(c, followed, 8, err.value)
+  # where the saved model fits this mesh, the fix stays the plain one
+  c.model.num_layers, c.mesh.stage, c.pipeline.microbatches = 4, 2, 2
+  with pytest.raises(sharding.ConfigError) as err:
+    train.train(c, str(run_d32), progress=False)
+  assert "with what that model needs" not in err.value.fix
+  assert err.value.fix.startswith("resume with the saved model "
+                                  "(--config.model.num_layers=2, or --config="), err.value.fix
+
+
 @pytest.mark.parametrize("damage", ["removed", "garbage"])
 def test_inspect_of_a_step_whose_metadata_is_damaged_says_so(run_d32, tmp_path,
                                                              damage):

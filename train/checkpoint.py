@@ -327,15 +327,19 @@ class Checkpointer:
       return None
 
   def check_param_shapes(self, abstract_params: Any, step: int,
-                         config: dict | None = None, *, serving: bool = False) -> None:
+                         config: dict | None = None, *, serving: bool = False,
+                         refusal: Callable[[dict[str, Any]], ConfigError | None]
+                         | None = None) -> None:
     """Raises ConfigError if the parameters saved at `step` (read from metadata,
     no arrays) differ in shape or presence from `abstract_params`: the error names
     the first differing parameter, both shapes, and the model fields in which
     `config` (default: the run's config.json, which `infer.load` and `export_hf`
     build their model from) differs from the config saved with `step`; its fix
     is to resume with the saved model, or (`serving`: generate loads the step) to
-    load it with the run's saved config. Metadata that cannot be read is left to
-    the restore to report."""
+    load it with the run's saved config. `refusal({field: saved value})`: the
+    ConfigError the run would meet resuming with the saved model's fields (None
+    where it would not); the fix then adds what that refusal asks. Metadata that
+    cannot be read is left to the restore to report."""
     try:
       saved = self.param_shapes(step)
     except Exception:  # noqa: BLE001 -- unreadable: the restore reports (or falls back)
@@ -387,9 +391,14 @@ class Checkpointer:
         fix = (f"load it with the model it was saved with: drop --config (the run's "
                f"saved config is the default), or pass {saved_flags}.")
       else:
-        fix = (f"resume with the saved model ({saved_flags}, or "
-               f"{run_config.saved_config_flag(workdir)}), or train this model in a "
-               "new --workdir.")
+        refused = refusal({f: x for f, x, _ in shaping}) if refusal else None
+        whole = run_config.saved_config_flag(workdir)
+        fix = (f"resume with the saved model ({saved_flags}, or {whole}), or train "
+               "this model in a new --workdir." if refused is None else
+               f"resume with the saved model: {whole} (the run's saved config), or "
+               f"{saved_flags} with what that model needs on this run's mesh "
+               f"(`{refused.field}`: {refused.problem.rstrip('.')}. Fix: "
+               f"{refused.fix.rstrip('.')}); or train this model in a new --workdir.")
       raise ConfigError(shaping[0][0], problem, fix)
     problem += (" The config saved with that step cannot be read to name the field."
                 if stored is None or requested is None else

@@ -41,9 +41,12 @@ from train.tokenizer import tokenizer_file
 from train.validate import context_note, validate_config
 
 
-def _check_saved_model(workdir: str, config, spec, config_dict: dict) -> None:
+def _check_saved_model(workdir: str, config, spec, config_dict: dict,
+                       num_devices: int) -> None:
   """A checkpoint of a model with other parameter shapes is a ConfigError before
-  the data is read or tokenized (metadata only). Whether checkpoints exist is
+  the data is read or tokenized (metadata only); its fix to resume with the
+  saved model says what else that model needs on `num_devices` where this run's
+  mesh refuses it. Whether checkpoints exist is
   process 0's answer (`process_0_says`): a slower process saw the directory this
   run's process 0 had just made and opened a checkpoint manager the others never
   opened."""
@@ -52,7 +55,9 @@ def _check_saved_model(workdir: str, config, spec, config_dict: dict) -> None:
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
     if (step := ckpt.latest_step()) is not None:
-      ckpt.check_param_shapes(spec.abstract_params, step, config_dict)
+      ckpt.check_param_shapes(
+          spec.abstract_params, step, config_dict,
+          refusal=lambda saved: _refusal_with(config, saved, num_devices))
   finally:
     ckpt.close()
 
@@ -148,7 +153,7 @@ def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
          "parameters and inner optimizer states add mesh.diloco to each spec)")
 
   config_dict = json.loads(config.to_json())
-  _check_saved_model(workdir, config, spec, config_dict)
+  _check_saved_model(workdir, config, spec, config_dict, len(devices))
   try:
     data = make_data(config, data_sharding)
   except sharding.ConfigError as err:
@@ -606,7 +611,7 @@ def _optimizer_state_changes(ckpt: Checkpointer, step: int, config,
                        "config.checkpoint.init_from",
                        f"{os.path.dirname(ckpt.directory)}:{step}"))
         resume = sharding.flag(f"config.{field}", saved[field])
-        refused = _refusal_with(config, field, saved[field], num_devices)
+        refused = _refusal_with(config, {field: saved[field]}, num_devices)
         raise sharding.ConfigError(
             field, f"the checkpoint at step {step} holds the state of "
             f"{field}={saved[field]!r}, not {new.get(field)!r}.",
@@ -617,12 +622,12 @@ def _optimizer_state_changes(ckpt: Checkpointer, step: int, config,
   return ""
 
 
-def _refusal_with(config, field: str, value, num_devices: int):
-  """The ConfigError `validate_config` raises for `config` with `field` set to
-  `value` on `num_devices`, or None when it validates."""
+def _refusal_with(config, changes: dict[str, Any], num_devices: int):
+  """The ConfigError `validate_config` raises for `config` with `changes`
+  ({dotted field: value}) on `num_devices`, or None when it validates."""
   import copy
   changed = copy.deepcopy(config)
-  changed.update_from_flattened_dict({field: value})
+  changed.update_from_flattened_dict(changes)
   try:
     validate_config(changed, num_devices)
   except sharding.ConfigError as err:
