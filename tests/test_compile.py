@@ -555,10 +555,12 @@ def test_a_train_step_that_does_not_fit_is_offered_what_it_has_not_set():
   """From a fresh-user trial: a train step already at full remat was still told
   "try --config.model.remat=full", and "more train.grad_accum_steps" gave no
   number. The hint names only changes not already made, the accumulation as the
-  fewest micro-batches the batch splits into; followed, it holds less."""
+  fewest micro-batches the batch splits into; followed, it holds less. (Both
+  compiles are refused: a refused one ends in seconds, one that fits takes a
+  minute.)"""
   c = llama_1b.get_config()  # its 128k-entry vocabulary: large logits
   c.model.update(num_layers=2, remat="full")
-  c.train.update(batch_size=48, grad_accum_steps=1)  # 12 rows per fsdp shard
+  c.train.update(batch_size=96, grad_accum_steps=1)  # 24 rows per fsdp shard
   c.mesh.update(data=1, fsdp=4)
   report = aot.compile_step(c, "v5e:2x2")
   assert not report.fits
@@ -567,6 +569,8 @@ def test_a_train_step_that_does_not_fit_is_offered_what_it_has_not_set():
   c.train.grad_accum_steps = 2
   followed = aot.compile_step(c, "v5e:2x2")
   assert followed.memory["total"] < report.memory["total"]
+  assert not followed.fits and followed.to_fit == ["--config.train.grad_accum_steps=3"]
+  c.train.batch_size = 48  # 12 rows per fsdp shard
   c.model.remat = "none"  # 6 rows a micro-batch: next 3 micro-batches (4 rows)
   assert aot._to_fit(c, followed.mesh, "train") == [
       "--config.model.remat=full", "--config.train.grad_accum_steps=3"]
