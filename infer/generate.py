@@ -181,13 +181,15 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
     tokens[row, :len(p)] = p
     lengths[row] = len(p)
   padding = np.arange(rows) >= batch  # [rows]
-  # The cache is made in the decode form and prefilled in it: one copy.
-  cache = decode.init_decode_cache(model, rows, longest + max_new_tokens)
   sampling = (float(temperature), top_k, top_p)
-  stops = jnp.asarray(decode.stop_ids(stop_tokens))
-  key = jax.random.key(seed)
   mesh = mesh_of(model)
+  # Everything runs under the model's own mesh, whatever mesh the caller's
+  # context holds (one made there failed to match the parameters).
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    # The cache is made in the decode form and prefilled in it: one copy.
+    cache = decode.init_decode_cache(model, rows, longest + max_new_tokens)
+    stops = jnp.asarray(decode.stop_ids(stop_tokens))
+    key = jax.random.key(seed)
     layers = decode.split(graphdef, params)
     logits, cache = _prefill(graphdef, params, layers, tokens, cache, lengths)
     done = _rows(padding, mesh, model)

@@ -186,8 +186,14 @@ def test_generation_same_on_tensor4_data2_as_one_device(imported_hf):
   assert config.mesh.tensor == 4 and config.model.attention == "auto"
   q = sharded.layers.attn.q[...]
   assert "tensor" in str(q.sharding.spec)
-  assert (infer.generate(one, PROMPTS[:2], max_new_tokens=12) ==
-          infer.generate(sharded, PROMPTS[:2], max_new_tokens=12))
+  expected = infer.generate(one, PROMPTS[:2], max_new_tokens=12)
+  assert infer.generate(sharded, PROMPTS[:2], max_new_tokens=12) == expected
+  # under a caller's own mesh, generate still runs on the model's (its cache was
+  # made under the caller's: an AssertionError inside JAX), streaming too
+  with jax.set_mesh(jax.make_mesh((2, 4), ("data", "fsdp"))):
+    assert infer.generate(sharded, PROMPTS[:2], max_new_tokens=12) == expected
+    assert infer.generate(sharded, PROMPTS[:2], max_new_tokens=12,
+                          on_token=lambda ids: None) == expected
 
 
 def test_cli_generate_streams_what_the_library_generates(tiny_config, tmp_path):
