@@ -7,6 +7,7 @@ collectives go over gloo.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import os
@@ -160,15 +161,35 @@ def process_0_says(value: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
 
+def check_same_device_count() -> None:
+  """Raises ConfigError (on every process alike, read from `jax.devices()`, no
+  collective) when the run's processes hold different numbers of devices: a
+  mesh, and every gather across processes, takes as many on each. On CPU hosts
+  that is a different XLA_FLAGS device count on one process."""
+  held = collections.Counter(d.process_index for d in jax.devices())
+  counts = [held.get(p, 0) for p in range(jax.process_count())]
+  if len(set(counts)) == 1:
+    return
+  listed = ", ".join(f"{n} on process {p}" for p, n in enumerate(counts))
+  raise ConfigError(
+      "devices per process", f"the run's processes hold different numbers of "
+      f"devices ({listed}); its mesh and its gathers across processes take the same "
+      "number from each.", "give every process the same number of devices: on CPU "
+      "hosts, the same XLA_FLAGS=--xla_force_host_platform_device_count=N for each "
+      "process; on GPU hosts, as many visible GPUs (CUDA_VISIBLE_DEVICES) on each.")
+
+
 def check_same_on_every_process(text: str, field: str, fix: str, *,
                                 num_processes: int | None = None) -> None:
   """Raises ConfigError (on every process) when `text` -- a config's JSON, say --
   differs between the processes of the run, or when a process was launched with a
   `num_processes` (its --num_processes; None: not given) other than the run's
   process count; compares SHA-256 digests and the counts in one all-gather.
-  Nothing to do in a single-process run."""
+  Processes holding different numbers of devices are refused first (the
+  all-gather needs as many on each). Nothing to do in a single-process run."""
   if jax.process_count() == 1:
     return
+  check_same_device_count()
   from jax.experimental import multihost_utils
   digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
   mine = np.concatenate([digest.astype(np.int64), [num_processes or 0]])

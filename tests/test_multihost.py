@@ -378,6 +378,18 @@ def test_processes_launched_differently_fail_naming_the_flag(tmp_path):
     assert (f"[process {pid} of 2] Config error in `--num_processes`: process 1 of the "
             "2 has --num_processes=3, but the run joined through the coordinator has "
             "2 processes. Fix: pass --num_processes=2 to every process.") in err
+  # From a trial: a process started with another XLA_FLAGS device count made the
+  # comparison's own all-gather fail (a reshape ValueError, exit 1)
+  fewer = ("import os\nos.environ['XLA_FLAGS'] = os.environ['XLA_FLAGS'].replace("
+           "'device_count=4', 'device_count=2')")
+  results = _launch(tmp_path / "devices", ["--config.train.steps=1", *STEPS],
+                    before={1: fewer})
+  for pid, (proc, out, err) in enumerate(results):
+    assert proc.returncode == 2, err[-3000:]
+    assert (f"[process {pid} of 2] Config error in `devices per process`: the run's "
+            "processes hold different numbers of devices (4 on process 0, 2 on "
+            "process 1)") in err, err[-3000:]
+    assert "the same XLA_FLAGS=--xla_force_host_platform_device_count=N" in err
 
 
 def test_a_coordinator_port_in_use_is_a_config_error(tmp_path):
