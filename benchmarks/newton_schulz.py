@@ -1,16 +1,24 @@
-"""Muon's Newton-Schulz split over the mesh against every device running it all.
+"""Per-matrix optimizer work split over the mesh against every device running it all.
 
   python benchmarks/newton_schulz.py [--config=experiments/llama_tiny.py]
       [--meshes=data=8,fsdp=8,fsdp=2:tensor=4] [--reps=5]
+      [--what=newton_schulz,galore_refresh]
 
-On 8 CPU devices (forced), for each mesh: the matrices Muon orthogonalises in
---config's model (`optim.matrices`), with a random momentum placed as the
-parameters are (`train.state.param_shardings`). It times, side by side in one
-run, rung's `train.newton_schulz.orthogonalize` (each device runs its share of
-the matrices) and optax.contrib's Newton-Schulz on the momentum as placed (what
-Muon ran before: the compiler runs every matrix on every replica, gathered under
-FSDP). One JSON line per mesh: median milliseconds of each, their ratio, FLOPs
-per device of each (XLA's cost analysis), and the largest difference between
+On 8 CPU devices (forced), for each mesh: the matrices the optimizer treats as
+matrices in --config's model (`optim.matrices`), with a random momentum or
+gradient placed as the parameters are (`train.state.param_shardings`). It times,
+side by side in one run:
+- `newton_schulz`: rung's `train.newton_schulz.orthogonalize` (each device runs
+  its share of the matrices, `train.matrix_split`) and optax.contrib's
+  Newton-Schulz on the momentum as placed (what Muon ran before: the compiler
+  runs every matrix on every replica, gathered under FSDP);
+- `galore_refresh`: GaLore's projector refresh (`optim.galore_rank`,
+  `optim.galore_projector`) compiled under the mesh (split) and the same
+  program compiled without a context mesh (`matrix_split` then splits nothing:
+  the refresh runs as placed, as it did before the split).
+One JSON line per mesh and item: median milliseconds of each, their ratio,
+FLOPs per device of each (XLA's cost analysis; it counts a loop body, such as
+the refresh's loop over the matrices, once), and the largest difference between
 the two results. Record results in benchmarks/README.md.
 """
 
@@ -35,6 +43,11 @@ _MESHES = flags.DEFINE_list(
     "meshes", ["data=8", "fsdp=8", "fsdp=2:tensor=4"],
     "meshes of 8 devices, each axis=size joined by ':' (unnamed axes are 1)")
 _REPS = flags.DEFINE_integer("reps", 5, "timed repetitions (median)", lower_bound=1)
+WHAT = ("newton_schulz", "galore_refresh")
+_WHAT = flags.DEFINE_list("what", ["newton_schulz"],
+                          f"the per-matrix work to time, of {', '.join(WHAT)}")
+flags.register_validator("what", lambda v: bool(v) and set(v) <= set(WHAT),
+                         f"each of {', '.join(WHAT)}")
 
 
 def _mesh_sizes(text: str) -> dict[str, int]:
@@ -65,6 +78,7 @@ flags.register_validator(
 
 def main(argv):
   del argv
+  import contextlib
   import importlib.util
   import math
 
@@ -76,14 +90,14 @@ def main(argv):
 
   import sharding
   from model import ModelConfig
-  from train import matrices, newton_schulz
+  from train import galore, matrices, newton_schulz
   from train.state import abstract_params, model_spec
 
   spec_file = importlib.util.spec_from_file_location("config", _CONFIG.value)
   module = importlib.util.module_from_spec(spec_file)
   spec_file.loader.exec_module(module)
   config = module.get_config()
-  steps = config.optim.ns_steps
+  steps, o = config.optim.ns_steps, config.optim
   for text in _MESHES.value:
     config.mesh.update(**{a: 1 for a in sharding.AXES})
     config.mesh.update(**_mesh_sizes(text))
@@ -112,21 +126,36 @@ def main(argv):
           dimension_numbers=MuonDimensionNumbers(dims[k].reduction, dims[k].output))
           for k, v in tree.items()}
 
-    row = {"mesh": text, "matrices": sum(
-        math.prod(v.shape[a] for a in dims[k].batch) for k, v in momentum.items())}
-    outs = {}
-    for name, fn in (("split", split), ("every_device", everywhere)):
-      with jax.set_mesh(mesh):
-        compiled = jax.jit(fn).lower(momentum).compile()
-      outs[name] = compiled(momentum)
-      row[f"{name}_ms"] = 1e3 * time_call(
-          lambda: jax.block_until_ready(compiled(momentum)), _REPS.value)
-      row[f"{name}_gflops_per_device"] = compiled.cost_analysis()["flops"] / 1e9
-    row["speedup"] = row["every_device_ms"] / row["split_ms"]
-    row["max_abs_difference"] = float(max(
-        optax.tree.max(jax.tree.map(lambda a, b: abs(a - b), outs["split"],
-                                    outs["every_device"])), 0.0))
-    emit(what="newton_schulz", processor=processor(), jax=jax.__version__, **row)
+    def refresh(tree):  # every matrix's fresh projector (step 0 refreshes)
+      out = {}
+      for k, g in tree.items():
+        init, update = galore._batched(dims[k], g.shape, o.galore_rank, 1,
+                                       o.galore_scale, optax.scale_by_adam(),
+                                       o.galore_projector)
+        out[k] = update(g, init(g))[1].projector
+      return out
+
+    # (the program, whether it is compiled under the mesh)
+    programs = {"newton_schulz": ((split, True), (everywhere, True)),
+                "galore_refresh": ((refresh, True), (refresh, False))}
+    for what in _WHAT.value:
+      row = {"mesh": text, "matrices": sum(
+          math.prod(v.shape[a] for a in dims[k].batch) for k, v in momentum.items())}
+      if what == "galore_refresh":
+        row.update(rank=o.galore_rank, projector=o.galore_projector)
+      outs = {}
+      for name, (fn, under_mesh) in zip(("split", "every_device"), programs[what]):
+        with jax.set_mesh(mesh) if under_mesh else contextlib.nullcontext():
+          compiled = jax.jit(fn).lower(momentum).compile()
+        outs[name] = compiled(momentum)
+        row[f"{name}_ms"] = 1e3 * time_call(
+            lambda: jax.block_until_ready(compiled(momentum)), _REPS.value)
+        row[f"{name}_gflops_per_device"] = compiled.cost_analysis()["flops"] / 1e9
+      row["speedup"] = row["every_device_ms"] / row["split_ms"]
+      row["max_abs_difference"] = float(max(
+          optax.tree.max(jax.tree.map(lambda a, b: abs(a - b), outs["split"],
+                                      outs["every_device"])), 0.0))
+      emit(what=what, processor=processor(), jax=jax.__version__, **row)
 
 
 if __name__ == "__main__":

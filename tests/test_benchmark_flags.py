@@ -31,6 +31,7 @@ CASES = [
     ("newton_schulz.py", "--meshes=fsdp=2:tensor=2", "meshes"),
     ("newton_schulz.py", "--meshes=fsdp8", "meshes"),
     ("newton_schulz.py", "--reps=0", "reps"),
+    ("newton_schulz.py", "--what=galore", "what"),
     ("pipeline.py", "--schedules=bogus", "schedules"),
     ("predict.py", "--batch_per_device=0", "batch_per_device"),
     ("predict.py", "--micro_batches=0", "micro_batches"),

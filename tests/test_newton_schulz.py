@@ -13,7 +13,7 @@ from optax.contrib import MuonDimensionNumbers
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 
 import sharding
-from train import matrices, newton_schulz
+from train import matrices, matrix_split, newton_schulz
 
 # (parameter name, shape, the momentum's sharding as a parameter's would be).
 # Matrices of 128 x 192 or so: their iterations' FLOPs (n^3) outweigh the
@@ -76,7 +76,7 @@ def test_split_over_the_mesh_gives_one_devices_numbers_for_a_share_of_the_flops(
     name, shape, spec = stack
     d = matrices.dims(name, len(shape))
     count = math.prod(shape[a] for a in d.batch)
-    split_over = newton_schulz.split_axes(count, mesh.abstract_mesh)
+    split_over = matrix_split.split_axes(count, mesh.abstract_mesh)
     split = math.prod(mesh.shape[a] for a in split_over)
     one, whole, _ = _one_device(index)
     got, flops, text = _compile(stack, spec, mesh)
@@ -108,11 +108,11 @@ def test_the_split_lowers_the_matrices_per_device_and_never_takes_diloco():
   split), diloco never (each replica orthogonalises its own momentum)."""
   mesh = sharding.make_mesh(dict(diloco=2, stage=2, fsdp=2), jax.devices()[:8])
   abstract = mesh.abstract_mesh
-  assert newton_schulz.split_axes(1, abstract) == ()
-  assert newton_schulz.split_axes(2, abstract) == ("stage",)
-  assert newton_schulz.split_axes(3, abstract) == ("stage", "fsdp")
-  assert newton_schulz.split_axes(16, abstract) == ("stage", "fsdp")
-  assert newton_schulz.split_axes(16, None) == ()
+  assert matrix_split.split_axes(1, abstract) == ()
+  assert matrix_split.split_axes(2, abstract) == ("stage",)
+  assert matrix_split.split_axes(3, abstract) == ("stage", "fsdp")
+  assert matrix_split.split_axes(16, abstract) == ("stage", "fsdp")
+  assert matrix_split.split_axes(16, None) == ()
 
 
 def test_training_inside_diloco_and_a_pipeline_gives_the_unsplit_losses(tmp_path):
