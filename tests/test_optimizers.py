@@ -287,13 +287,14 @@ def test_galore_refresh_split_over_the_mesh_gives_one_devices_projectors(project
   it.)"""
   import re
 
+  import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import sharding
   from train import galore, matrices, matrix_split
   name, (layers, m, n) = "layers/mlp/up", (20, 64, 96)  # 20 layers: padded to 24
   d = matrices.dims(name, 3)
-  init, update = galore._batched(d, (layers, m, n), 8, 2, 0.25, optax_adam(),
+  init, update = galore._batched(d, (layers, m, n), 8, 2, 0.25, optax.scale_by_adam(),
                                  projector)
   g = np.random.default_rng(0).normal(size=(layers, m, n)).astype(np.float32)
   refresh = jax.jit(lambda g: update(g, init(g))[1].projector)  # count 0: refresh
@@ -331,11 +332,6 @@ def test_galore_refresh_split_over_the_mesh_gives_one_devices_projectors(project
   # (vmapped, the batched programs round differently: 1e-4 of entries of about
   # 0.1; a projector of another layer is off by its whole scale)
   np.testing.assert_allclose(np.asarray(got), np.stack([one, one[::-1]]), atol=1e-4)
-
-
-def optax_adam():
-  import optax
-  return optax.scale_by_adam()
 
 
 # --- training on a mesh -------------------------------------------------------------

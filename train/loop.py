@@ -46,10 +46,9 @@ def _check_saved_model(workdir: str, config, spec, config_dict: dict,
   """A checkpoint of a model with other parameter shapes is a ConfigError before
   the data is read or tokenized (metadata only); its fix to resume with the
   saved model says what else that model needs on `num_devices` where this run's
-  mesh refuses it. Whether checkpoints exist is
-  process 0's answer (`process_0_says`): a slower process saw the directory this
-  run's process 0 had just made and opened a checkpoint manager the others never
-  opened."""
+  mesh refuses it. Whether checkpoints exist is process 0's answer
+  (`process_0_says`): a slower process saw the directory this run's process 0
+  had just made and opened a checkpoint manager the others never opened."""
   if not sharding.distributed.process_0_says(os.path.isdir(checkpoint_dir(workdir))):
     return
   ckpt = Checkpointer(workdir, config.checkpoint, read_only=True)

@@ -10,10 +10,9 @@ or reduced inside each iteration.
 Here a stack [matrices, ...] is split along `matrices` over the axes of the mesh
 set with `jax.set_mesh` (`split_axes`), so each device runs whole matrices of its
 share, ceil(matrices / split) of them. The stack is zero-padded to a multiple of
-the split (callers must map an all-zero matrix to something finite; the padding
-is cut off after) and moved in, and the result moved back, one mesh axis at a
-time: each move is one all-to-all, where moving several axes at once made XLA
-gather the stack whole.
+the split (the padding's results are cut off after) and moved in, and the
+result moved back, one mesh axis at a time: each move is one all-to-all, where
+moving several axes at once made XLA gather the stack whole.
 """
 
 from __future__ import annotations
