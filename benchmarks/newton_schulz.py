@@ -31,6 +31,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiment.host import one_blas_thread_per_cpu_device  # noqa: E402
+one_blas_thread_per_cpu_device()
 
 from absl import flags  # noqa: E402
 from experiment.path_flag import define_path  # noqa: E402

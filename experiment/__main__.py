@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from sharding import ConfigError
 from sharding.distributed import JoinError
 from experiment import failed_checkpoint_io
-from experiment.host import cpu_only_host
+from experiment.host import cpu_only_host, one_blas_thread_per_cpu_device
 from experiment.path_flag import define_path
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id",
@@ -547,4 +547,5 @@ def _ask_compiler(command: str, topology: str) -> None:
 
 
 if __name__ == "__main__":
+  one_blas_thread_per_cpu_device()
   app.run(main, flags_parser=parse)

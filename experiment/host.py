@@ -19,3 +19,16 @@ def cpu_only_host() -> bool:
   extra), which fails there with screens of warnings that look like a crash."""
   return ("JAX_PLATFORMS" not in os.environ and platform.system() == "Linux"
           and not any(glob.glob(p) for p in ACCELERATOR_FILES))
+
+
+def one_blas_thread_per_cpu_device() -> None:
+  """Where XLA splits the CPU into several devices
+  (XLA_FLAGS=--xla_force_host_platform_device_count=N), each device runs its own
+  LAPACK calls (jax's QR and SVD: GaLore's projector refresh), and OpenBLAS's
+  own threads per call then oversubscribe the cores: llama_tiny with GaLore
+  refreshing every step took 52.9 s for 4 steps on 8 devices of a 2-core VM,
+  25.1 s with one OpenBLAS thread, 18.9 s on one device (benchmarks/README.md).
+  Sets OPENBLAS_NUM_THREADS=1 unless it is set; call before the first LAPACK
+  call (jax loads scipy's OpenBLAS then, not at import)."""
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

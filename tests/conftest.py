@@ -51,7 +51,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from experiment.host import one_blas_thread_per_cpu_device  # noqa: E402
 from train import token_cache  # noqa: E402
+
+one_blas_thread_per_cpu_device()  # before any LAPACK call; subprocesses inherit it
 
 token_cache.DEFAULT_CACHE_DIR = os.path.join(os.environ["RUNG_TEST_XDG_CACHE"], "rung",
                                              "tokens")

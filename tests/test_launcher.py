@@ -413,3 +413,22 @@ def test_a_mixture_weight_written_as_an_integer_says_how_to_pass_fractions(tmp_p
     else:  # parsed: refused by a later check, not the weight's type
       assert "Config error in" in proc.stderr, proc.stderr[-2000:]
       assert "Config error in `data.mixture.b.weight`" not in proc.stderr
+
+
+def test_fake_cpu_devices_get_one_blas_thread_each(monkeypatch):
+  """From a trial: GaLore's refresh (LAPACK QR / SVD on every fake CPU device)
+  ran 2x slower with OpenBLAS's own threads per call than with one: where XLA
+  splits the CPU into devices, OPENBLAS_NUM_THREADS defaults to 1; a value the
+  user set, or a host without split devices, is left alone."""
+  from experiment.host import one_blas_thread_per_cpu_device
+  for flags, given, want in [
+      ("--xla_force_host_platform_device_count=8", None, "1"),
+      ("--xla_force_host_platform_device_count=8", "4", "4"),
+      ("--xla_backend_optimization_level=0", None, None)]:
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    if given is None:
+      monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    else:
+      monkeypatch.setenv("OPENBLAS_NUM_THREADS", given)
+    one_blas_thread_per_cpu_device()
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == want, (flags, given)

@@ -36,7 +36,7 @@ refresh is one `lax.cond` on it inside the jitted step (no recompilation). The
 refresh is split over the mesh (`train.matrix_split.map_split`): each device
 finds the projectors of its share of the matrices, whole, where every data
 replica found every one (llama_tiny's 28 matrices at rank 128 on 8 CPU devices
-sharing 2 cores, data=8: 102 s replicated, 9.5 s split; benchmarks/README.md).
+sharing 2 cores, data=8: 1.33 s replicated, 0.22 s split; benchmarks/README.md).
 """
 
 from __future__ import annotations
