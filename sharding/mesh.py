@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-from sharding.errors import ConfigError, MeshTooLarge
+from sharding.errors import ConfigError, MeshTooLarge, closest
 from sharding.report import count
 
 # Outer to inner. `tensor` is innermost: it communicates most, so it gets the
@@ -27,12 +27,11 @@ def resolve_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, in
   absent from `mesh_cfg` has size 1; `rules` (a config's mesh group) is not a size."""
   unknown = [k for k in mesh_cfg if k not in AXES and k != "rules"]
   if unknown:
-    import difflib
-    near = difflib.get_close_matches(str(unknown[0]), AXES, n=1)
+    near = closest(unknown[0], AXES)
     raise ConfigError(
         f"mesh.{unknown[0]}", f"{unknown[0]!r} is not a mesh axis; the mesh axes are "
         f"{', '.join(AXES)}.",
-        f"name axes of the mesh{f', e.g. {near[0]} for {unknown[0]!r}' if near else ''}.")
+        f"name axes of the mesh{f', e.g. {near} for {unknown[0]!r}' if near else ''}.")
   sizes = {a: int(mesh_cfg.get(a, 1)) for a in AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   bad = [a for a, s in sizes.items() if s == 0 or s < -1]

@@ -143,11 +143,8 @@ def _batched(d: matrices.Dims, shape, rank: int, gap: int, scale: float,
 
   def refresh(g, count):  # g [*batch, *matrix] -> P [*batch, d, r]
     flat = g.reshape((-1, *g.shape[nb:]))  # [matrices, *matrix]
-    # (`count` goes in as a stacked operand: a shard_map takes no closed-over
-    # tracer)
-    counts = jnp.broadcast_to(count, flat.shape[:1])
     p = matrix_split.map_split(
-        lambda share: jax.lax.map(lambda a: project(*a), share), (flat, counts))
+        lambda share: jax.lax.map(lambda a: project(a, count), share), flat)
     return p.reshape((*g.shape[:nb], *p.shape[1:]))
 
   def update(g, state):

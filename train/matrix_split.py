@@ -18,7 +18,7 @@ moving several axes at once made XLA gather the stack whole.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,18 +76,16 @@ def split_out(out: jax.Array, axes: tuple[str, ...], count: int) -> jax.Array:
   return out[:count]
 
 
-def map_split(fn: Callable[[Any], Any], stacks: Any) -> Any:
-  """fn(share) on each device's share of `stacks` (a pytree of arrays
-  [matrices, ...] alike in `matrices`; `split_in`), in a shard_map over the split
-  axes, so whole matrices run on one device even through operations the
-  partitioner would not split by their batch dimension (a QR or SVD is a custom
-  call). `fn` maps shares [k, ...] to a pytree of [k, ...], matrix by matrix.
-  Returns fn's result for the whole stacks, as `split_out` places it."""
-  count = jax.tree.leaves(stacks)[0].shape[0]
-  axes = split_axes(count, jax.sharding.get_abstract_mesh())
+def map_split(fn: Callable[[jax.Array], jax.Array], stack: jax.Array) -> jax.Array:
+  """fn(share) on each device's share of `stack` [matrices, ...] (`split_in`),
+  in a shard_map over the split axes, so whole matrices run on one device even
+  through operations the partitioner would not split by their batch dimension
+  (a QR or SVD is a custom call). `fn` maps a share [k, ...] to [k, ...], matrix
+  by matrix. Returns fn's result for the whole stack, as `split_out` places it."""
+  count = stack.shape[0]
+  moved, axes = split_in(stack)
   if not axes:
-    return fn(stacks)
-  moved = jax.tree.map(lambda s: split_in(s)[0], stacks)
+    return fn(stack)
   # Manual over every mesh axis (the share is whole on the others): under
   # DiLoCo's vmap over `diloco` (spmd_axis_name) a shard_map manual over the
   # split axes alone lowered to mismatched local shapes. fn runs no collective,
@@ -95,4 +93,4 @@ def map_split(fn: Callable[[Any], Any], stacks: Any) -> Any:
   # lowering of a QR fails it (a loop carry it does not mark as varying).
   out = jax.shard_map(fn, in_specs=P(axes), out_specs=P(axes),
                       check_vma=False)(moved)
-  return jax.tree.map(lambda o: split_out(o, axes, count), out)
+  return split_out(out, axes, count)
