@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from ml_collections import ConfigDict
 
 import train
@@ -417,3 +418,28 @@ def test_a_slow_process_takes_the_same_path_as_process_0(tmp_path):
   results = _launch(tmp_path, ["--config.train.steps=1", *STEPS], before={1: slow})
   for proc, out, err in results:
     assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("held,listed", [
+    ((4, 4, 4), None),
+    ((8, 8, 0), "8 on process 0, 8 on process 1, 0 on process 2"),
+    ((1, 3), "1 on process 0, 3 on process 1"),
+])
+def test_device_counts_are_compared_across_processes(monkeypatch, held, listed):
+  """The check reads every process's count from `jax.devices()` (no collective),
+  for any counts, a process holding none included."""
+  import types
+
+  import jax
+
+  from sharding import ConfigError, distributed
+  devices = [types.SimpleNamespace(process_index=p) for p, n in enumerate(held)
+             for _ in range(n)]
+  monkeypatch.setattr(jax, "devices", lambda: devices)
+  monkeypatch.setattr(jax, "process_count", lambda: len(held))
+  if listed is None:
+    distributed.check_same_device_count()
+    return
+  with pytest.raises(ConfigError, match=re.escape(f"different numbers of devices "
+                                                  f"({listed})")):
+    distributed.check_same_device_count()
