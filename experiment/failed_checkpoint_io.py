@@ -45,11 +45,14 @@ def _orbax_coroutine(report) -> bool:
 
 
 class _UnretrievedCheckpointErrors(logging.Filter):
-  """asyncio's report of a failed read's, or a failed write's, Orbax coroutine."""
+  """asyncio's report of a failed read's, or a failed write's, Orbax coroutine
+  (a read's names the array index, or TensorStore's checkpoint database: a
+  missing or damaged file)."""
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return not ("exception was never retrieved" in message
                 and ("while reading array index" in message
+                     or "in OCDBT database" in message
                      or "orbax" in message and "Error writing" in message))
 
 

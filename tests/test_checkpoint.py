@@ -197,6 +197,70 @@ def test_unreadable_checkpoint_error_and_fallback(tiny_config, tmp_path, capsys)
     assert "resuming from step 7" in capsys.readouterr().out
 
 
+def _gone(workdir, step):
+  """The step's array files deleted (its manifest and metadata kept)."""
+  for name in ("d", "ocdbt.process_0"):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "state", name))
+
+
+def _cut_manifest(workdir, step):
+  os.truncate(os.path.join(workdir, "checkpoints", str(step), "state", "manifest.ocdbt"),
+              100)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_reading_an_unreadable_step_s_parameters_names_it_and_the_step_before(
+    tiny_config, tmp_path):
+  """From a trial: generate, export-hf, infer.load and init_from read a step's
+  parameters without the restore's error handling, so a damaged latest step was
+  Orbax's raw traceback (exit 1, plus asyncio's never-retrieved report), and
+  generate took --config.checkpoint.fallback=true and ignored it. Each kind of
+  damage is now a CheckpointError naming the step, why, and the flag that reads
+  the step before, which works; generate refuses the override, naming --step."""
+  import infer
+  from conftest import run_cli, run_cli_many
+  from train import hf
+  from train.checkpoint import load_init_params
+  from train.state import abstract_params
+  c = _ckpt_config(tiny_config, 6)
+  train.train(c, str(tmp_path / "first"), progress=False)
+  before = r"Read the step saved before it with {}\.$"
+  for kind, damage in (("arrays", _corrupt), ("gone", _gone),
+                       ("manifest", _cut_manifest)):
+    run = tmp_path / kind
+    shutil.copytree(tmp_path / "first", run)
+    damage(str(run), 6)
+    with pytest.raises(CheckpointError, match=rf"^cannot read step 6 in {run}/checkpoints: "
+                       rf"\w+: .+\. {before.format('--step=3')}") as err:
+      infer.load(str(run))
+    assert "See full TensorStore details" not in str(err.value), kind
+    model, _ = infer.load(str(run), step=3)  # what the error says to do
+    assert model.cfg.num_layers == c.model.num_layers
+  run = tmp_path / "gone"
+  with pytest.raises(CheckpointError, match=before.format("--step=3")):
+    hf.export_hf(str(run), str(tmp_path / "hf"))
+  assert not (tmp_path / "hf").exists()
+  spec = model_spec(ModelConfig.from_config(c.model), sharding.normalize_rules(None))
+  target = abstract_params(spec, sharding.make_mesh(c.mesh))
+  with pytest.raises(CheckpointError, match=before.format(
+      f"--config.checkpoint.init_from={run}:3")):
+    load_init_params(str(run), target, c.checkpoint)
+  assert jax.tree.structure(load_init_params(f"{run}:3", target, c.checkpoint)) == (
+      jax.tree.structure(target))
+  # From the command line: one line, no traceback or asyncio report; its fix works.
+  args = ("generate", f"--workdir={run}", "--prompt=12", "--max_new_tokens=2")
+  proc = run_cli(*args)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert (f"Checkpoint error: cannot read step 6 in {run}/checkpoints: " in proc.stderr
+          and "Read the step saved before it with --step=3." in proc.stderr)
+  assert "Traceback" not in proc.stderr and "never retrieved" not in proc.stderr
+  assert run_cli(*args, "--step=3").returncode == 0
+  [refused] = run_cli_many([(*args, "--config.checkpoint.fallback=true")])
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  assert ("drop --config.checkpoint.fallback (`train` reads it); generate reads one "
+          "saved step: the latest, or --step=N." in refused.stderr), refused.stderr
+
+
 def test_keeps_latest_and_best_by_eval_loss(tmp_path):
   import jax.numpy as jnp
   import ml_collections
@@ -321,6 +385,10 @@ def test_the_launcher_drops_only_a_failed_read_or_write_s_leftovers(monkeypatch)
   assert not logger.filter(record("_GatheringFuture exception was never retrieved\n"
                                   "future: <... Encountered error while reading array "
                                   "index: (slice(0, 2, 1),)>"))
+  assert not logger.filter(record(  # a read of a step whose files are gone
+      "Future exception was never retrieved\nfuture: <Future finished exception="
+      "ValueError('NOT_FOUND: Error opening \"cast\" driver: Error reading \"params."
+      "head/.zarray\" in OCDBT database at local file \"/r/checkpoints/6/state/\"')>"))
   assert logger.filter(record("Task exception was never retrieved\nfuture: <... "
                               "ValueError('mine')>"))
   assert not logger.filter(record(  # a failed write's (seen in one CI run)

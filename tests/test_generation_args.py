@@ -618,7 +618,7 @@ def test_cli_refuses_overrides_generate_does_not_read(byte_run):
   from train.unread import unread_by_serving
   assert unread_by_serving(run_config.load(str(byte_run)),
                            ["mesh.tensor", "model.attention", "data.eos_id",
-                            "data.stop_ids", "checkpoint.fallback"]) is None
+                            "data.stop_ids"]) is None
 
 
 def test_cli_says_when_the_config_changes_the_models_outputs(byte_run):

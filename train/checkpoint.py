@@ -272,10 +272,7 @@ class Checkpointer:
         self.unreadable = errors
         return TrainState(**{"opt_state": None, **restored.state})
       except Exception as err:  # any read failure: report or fall back
-        # one line, without the TensorStore spec dump that follows the reason
-        why = " ".join(str(err).split(" See full TensorStore details")[0].split())
-        why = why[:300] + " ..." if len(why) > 300 else why.rstrip(".")
-        errors.append((s, f"{type(err).__name__}: {why}"))
+        errors.append((s, _reason(err)))
     hint = ("" if self.cfg.fallback else
             " Pass --config.checkpoint.fallback=true to resume from the step before.")
     raise CheckpointError(f"cannot read checkpoint in {self.directory}: "
@@ -444,16 +441,41 @@ class Checkpointer:
     return int(leaves[0].shape[0]) if leaves else None
 
   def restore_params(self, abstract_params: Any, step: int, *,
-                     config: dict | None = None, serving: bool = False) -> Any:
+                     config: dict | None = None, serving: bool = False,
+                     other_step: Callable[[int], str] = "--step={}".format) -> Any:
     """Only the parameters (optimizer state is not read), after
-    `check_param_shapes` (`config` defaults to the run's config.json)."""
+    `check_param_shapes` (`config` defaults to the run's config.json). A step that
+    cannot be read (missing or damaged files) is a CheckpointError naming it, the
+    reason and, where one is saved, the step before it, as `other_step(step)`
+    spells the way to read it (a flag)."""
     self.check_param_shapes(abstract_params, step, config, serving=serving)
     target = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)
-    return self._manager.restore(step, args=ocp.args.Composite(state=args)
-                                 ).state["params"]
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(state=args)
+                                   ).state["params"]
+    except Exception as err:  # noqa: BLE001 -- any read failure is reported alike
+      raise self.unreadable_step(step, err, other_step) from None
+
+  def unreadable_step(self, step: int, err: Exception,
+                      other_step: Callable[[int], str]) -> CheckpointError:
+    """The error for `step`'s failed read `err`: the step, the reason, and the
+    step saved before it as `other_step` spells the way to read it."""
+    before = [s for s in self.all_steps() if s < step]
+    return CheckpointError(
+        f"cannot read step {step} in {self.directory}: {_reason(err)}. "
+        + (f"Read the step saved before it with {other_step(before[-1])}."
+           if before else "No earlier step is saved."))
+
+
+def _reason(err: Exception) -> str:
+  """A failed read's reason on one line, without the TensorStore spec dump that
+  follows it, at most about 300 characters."""
+  why = " ".join(str(err).split(" See full TensorStore details")[0].split())
+  why = why[:300] + " ..." if len(why) > 300 else why.rstrip(".")
+  return f"{type(err).__name__}: {why}"
 
 
 def _changes_shapes(stored_model: dict, diff: tuple[str, Any, Any],
@@ -519,7 +541,11 @@ def load_init_params(spec: str, abstract_params: Any, ckpt_cfg) -> Any:
                       f"{source.directory} has no step {step} (steps: {steps}).",
                       f"give DIR:STEP with a saved step, e.g. {path}:{steps[-1]}, "
                       f"or DIR for the latest.")
-  saved = source.param_shapes(step)
+  other_step = f"--config.checkpoint.init_from={path}:{{}}".format
+  try:
+    saved = source.param_shapes(step)
+  except Exception as err:  # noqa: BLE001 -- a damaged step's metadata
+    raise source.unreadable_step(step, err, other_step) from None
   ours = {path_name(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
   for name in sorted(set(saved) | set(ours)):
@@ -529,6 +555,6 @@ def load_init_params(spec: str, abstract_params: Any, ckpt_cfg) -> Any:
           f"parameter `{name}` has shape {saved.get(name, 'missing')} in "
           f"{path} step {step} but {ours.get(name, 'missing')} in this model.",
           "make the model config match the source run, or start from scratch.")
-  params = source.restore_params(abstract_params, step)
+  params = source.restore_params(abstract_params, step, other_step=other_step)
   source.close()
   return params

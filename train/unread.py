@@ -292,8 +292,7 @@ RULES: tuple[Rule, ...] = (
 # mesh it serves on, how checkpoints are read, the tokenizer and the stop ids;
 # of the model, not what only training reads (remat, the loss's chunks and
 # auxiliary weights, the unrolled training forward, initialisation).
-SERVING = ("model.", "mesh.", "checkpoint.", "data.tokenizer", "data.eos_id",
-           "data.stop_ids")
+SERVING = ("model.", "mesh.", "data.tokenizer", "data.eos_id", "data.stop_ids")
 SERVING_UNREAD = ("model.remat", "model.loss_chunks", "model.scan_layers",
                   "model.init_std", "model.moe.aux_loss_weight",
                   "model.moe.z_loss_weight")
@@ -376,9 +375,11 @@ def unread_by_serving(config, fields: Sequence[str]) -> ConfigError | None:
     if not served or field in SERVING_UNREAD:
       return ConfigError(
           field, f"--config.{field} is set but generate never reads it: it reads "
-          "the model's architecture, the mesh, checkpoint reading, data.tokenizer, "
-          "data.eos_id and data.stop_ids, not what only training reads.",
-          f"drop --config.{field} (`train` reads it).")
+          "the model's architecture, the mesh, data.tokenizer, data.eos_id and "
+          "data.stop_ids, not what only training reads.",
+          f"drop --config.{field} (`train` reads it)" + (
+              "; generate reads one saved step: the latest, or --step=N"
+              if field.startswith("checkpoint.") else "") + ".")
   err = unread_override(config, fields)
   if err is not None and "model.moe.num_experts" in err.fix:
     # a served checkpoint keeps its experts: that fix could not load it
