@@ -92,6 +92,8 @@ def _launcher_flag_error(name: str, value: str, why: str) -> ConfigError:
     example, choices = parser.enum_values[0], f" (one of {', '.join(parser.enum_values)})"
   elif isinstance(parser, flags.BooleanParser):
     example = "true"
+  elif name in _FIXES:
+    return ConfigError(f"--{name}", f"{value!r} is not {kind} ({why}).", _FIXES[name])
   elif flag.default is not None:
     example = flag.serialize().split("=", 1)[1]
   else:
@@ -99,6 +101,16 @@ def _launcher_flag_error(name: str, value: str, why: str) -> ConfigError:
         type(parser), "VALUE")
   return ConfigError(f"--{name}", f"{value!r} is not {kind} ({why}).",
                      f"pass --{name}={example}{choices}.")
+
+
+# Fixes for launcher flags unset by default whose value no one example gives:
+# the saved steps are the run's, a process id must be below the process count.
+_FIXES = {
+    "step": "leave --step out to read the latest saved step, or pass one that is "
+            "saved (`python -m experiment inspect --workdir=DIR` lists them).",
+    "process_id": "pass this process's index, from 0 to --num_processes - 1, "
+                  "e.g. --process_id=0.",
+}
 
 
 def _declared(config, field) -> tuple[str, object]:

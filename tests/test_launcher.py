@@ -100,6 +100,26 @@ def test_a_malformed_launcher_flag_names_the_flag_and_a_value_that_parses():
     flags.FLAGS[name].parser.parse(fix.group(1))  # raises if the fix does not parse
 
 
+def test_a_malformed_step_or_process_id_is_offered_a_value_that_can_work():
+  """From a trial: `--step=abc` was offered `--step=1`, a step a run rarely saved
+  (the fix then failed as "not a saved step"); `--process_id`'s generic `1`
+  fails in a one-process run. The step's fix is to leave it out (the latest) or
+  list the saved ones; the process id's is 0, which every run has."""
+  runs = run_cli_many([
+      ("generate", "--config=experiments/llama_tiny.py", "--workdir=/tmp/unused",
+       "--prompt=a", "--step=abc"),
+      ("train", "--config=experiments/llama_tiny.py", "--workdir=runs/x",
+       "--process_id=first")])
+  for proc in runs:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1000:]
+  assert ("Config error in `--step`: 'abc' is not an integer" in runs[0].stderr and
+          "Fix: leave --step out to read the latest saved step, or pass one that "
+          "is saved (`python -m experiment inspect --workdir=DIR` lists them)."
+          in runs[0].stderr), runs[0].stderr
+  assert ("Config error in `--process_id`: 'first' is not an integer" in runs[1].stderr
+          and "e.g. --process_id=0." in runs[1].stderr), runs[1].stderr
+
+
 def test_multi_process_timeouts_below_one_second_are_config_errors():
   """--join_timeout_s=0 and --heartbeat_timeout_s=-5 exit 2 before joining, naming
   the flag, with a fix of at least one second."""
