@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shlex
+import stat
 import sys
 import time
 import warnings
@@ -270,11 +271,12 @@ def read_prompts(path: str) -> list[tuple[int, str]]:
         "every process can read and pass --prompts=FILE.")
   name = prompts_name(path)
   try:
+    # utf-8-sig: a leading byte-order mark (Windows editors write one) is not text
     if path == "-":  # as bytes, so newlines split as in a file
-      text = (sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer")
-              else sys.stdin.read())
+      text = (sys.stdin.buffer.read().decode("utf-8-sig")
+              if hasattr(sys.stdin, "buffer") else sys.stdin.read().removeprefix("\ufeff"))
     else:
-      with open(os.path.expanduser(path), encoding="utf-8", newline="") as f:
+      with open(os.path.expanduser(path), encoding="utf-8-sig", newline="") as f:
         text = f.read()
     # lines end at \n (or \r\n) only: a form feed or U+2028 inside a prompt
     # (valid in JSON text) does not split it
@@ -317,6 +319,21 @@ def _check_writable(output: str) -> None:
         "--output_jsonl", f"{why}.",
         "pass a path in a directory you can write, or leave --output_jsonl out to "
         "print the records.")
+
+
+def is_stream(path: str) -> bool:
+  """Whether `path` names a device or a pipe rather than a file: /dev/null,
+  /dev/stdout, a shell's `>(gzip > out.gz)` (/dev/fd/N). Written as it comes,
+  without a settings file beside it; nothing to resume."""
+  name = os.path.abspath(path)
+  if name in ("/dev/stdout", "/dev/stderr") or name.startswith(("/dev/fd/",
+                                                                 "/proc/self/fd/")):
+    return True
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return False
+  return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def settings_path(output: str) -> str:
@@ -454,11 +471,17 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     raise sharding.ConfigError("--batch_size", f"is {batch_size}; it is how many "
                                "prompts generate together.", "pass --batch_size=8.")
   output = None if output == "-" else output  # "-": standard output
+  stream = bool(output) and is_stream(output)
+  if stream and resume:
+    raise sharding.ConfigError(
+        "--resume_output", f"{output} is a device or a pipe, so no interrupted run "
+        "left anything there to continue.", "drop --resume_output, or pass the "
+        "file an interrupted run wrote.")
   if output and os.path.isdir(output):
     raise sharding.ConfigError("--output_jsonl", f"{output} is a directory.",
                                "pass the path of a file, e.g. "
                                f"{shlex.quote(os.path.join(output, 'completions.jsonl'))}.")
-  if output and os.path.exists(output) and not resume:
+  if output and os.path.exists(output) and not resume and not stream:
     raise sharding.ConfigError("--output_jsonl", f"{output} exists; nothing is "
                                "overwritten.", "pass a new path, delete it first, or "
                                "pass --resume_output to continue it.")
@@ -528,6 +551,8 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     nothing); a continued one cut after its kept lines."""
     if not output:
       return out
+    if stream:
+      return open(output, "w", encoding="utf-8")
     if not continued or not os.path.exists(settings_path(output)):
       with open(settings_path(output) + ".tmp", "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=1)
@@ -576,7 +601,8 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     if writer:
       sys.stderr.write(f"\ninterrupted after {len(records)} of {count(len(ids), 'prompt')}"
                        + (f"; {output} holds the finished ones (--resume_output "
-                          "continues it)" if output and records else "") + ".\n")
+                          "continues it)" if output and records and not stream
+                          else "") + ".\n")
     raise
   finally:
     if output and sink is not None:

@@ -679,6 +679,56 @@ def test_a_file_of_prompts_generates_what_each_prompt_alone_does(byte_run, tmp_p
   assert [r["line"] for r in from_jsonl] == [1, 2, 3, 4, 5]
 
 
+def test_prompt_files_with_a_byte_order_mark_and_output_to_a_device_or_a_pipe(
+    byte_run, tmp_path, monkeypatch):
+  """From a trial: a UTF-8 byte-order mark (Windows editors write one) became part
+  of a .txt file's first prompt and failed a .jsonl's first line; --output_jsonl
+  of /dev/null was refused as existing, its fix "delete it first". A file with
+  the mark reads as the file without it (standard input too), and a device or a
+  pipe (a FIFO here, as a shell's >(gzip > x) gives) takes the records as they
+  come, with no settings file beside it and nothing to resume."""
+  import io
+  import json
+  import threading
+  import infer.text
+  bom = "\ufeff".encode()
+  plain = tmp_path / "plain.txt"
+  plain.write_text("ab\ncd\n")
+  (tmp_path / "m.txt").write_bytes(bom + plain.read_bytes())
+  (tmp_path / "m.jsonl").write_bytes(bom + b'{"prompt": "ab"}\n"cd"\n')
+  expected = [(1, "ab"), (2, "cd")]
+  for name in ("plain.txt", "m.txt", "m.jsonl"):
+    assert infer.text.read_prompts(str(tmp_path / name)) == expected, name
+  monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(bom + b"ab\ncd\n")))
+  assert infer.text.read_prompts("-") == expected
+  run = dict(max_new_tokens=3, progress=False)
+  records = infer.text.generate_file(str(byte_run), None, str(plain), output=os.devnull,
+                                     **run)
+  assert [r["prompt"] for r in records] == ["ab", "cd"]
+  assert not os.path.exists(infer.text.settings_path(os.devnull))
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  read = []
+  reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
+  reader.start()
+  # were the reader's input ended early, the writer would wait for another
+  # reader: this one comes after two minutes, so the test fails instead of hanging
+  rescue = threading.Timer(120, fifo.read_text)
+  rescue.daemon = True
+  rescue.start()
+  piped = infer.text.generate_file(str(byte_run), None, str(plain), output=str(fifo),
+                                   **run)
+  rescue.cancel()
+  reader.join(60)
+  assert piped == records
+  assert [json.loads(line) for line in read[0].splitlines()] == records
+  assert not os.path.exists(infer.text.settings_path(str(fifo)))
+  with pytest.raises(sharding.ConfigError, match="is a device or a pipe") as err:
+    infer.text.generate_file(str(byte_run), None, str(plain), output=os.devnull,
+                             resume=True, **run)
+  assert err.value.field == "--resume_output"
+
+
 def test_sampled_batches_of_a_prompt_file_draw_apart_and_repeat(byte_run, tmp_path):
   """Batch b samples from its own seed (SeedSequence([seed, b])): the same prompt
   in two batches of one row draws two different continuations (one seed for every

@@ -380,6 +380,38 @@ def test_no_documents_and_invalid_utf8(tiny_config, tmp_path, capsys):
   assert "pair \U0001f600".encode() in stream and "lone \ufffd".encode() in stream
 
 
+def test_a_byte_order_mark_is_not_text(tiny_config, tmp_path):
+  """From a trial (prompt files; the same kind in training data): a UTF-8 BOM,
+  which Windows editors write, failed a .jsonl's first record as "not valid JSON"
+  (or dropped it under skip_bad_records) and began a .txt's first document. Every
+  text source now reads a file with one as the file without it; a BOM later in
+  the text is kept (it is a character there)."""
+  import gzip
+  docs = ["first doc \ufeffwith a mark inside", "second"]
+  bom = "\ufeff".encode()
+  for source, name, encode in (
+      ("text", "a.txt", lambda: docs[0].encode()),
+      ("jsonl", "a.jsonl", lambda: "".join(json.dumps({"text": d}) + "\n"
+                                             for d in docs).encode()),
+      ("jsonl", "a.jsonl.gz", lambda: gzip.compress(
+          bom + "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()))):
+    streams = []
+    for marked in (False, True):
+      folder = tmp_path / f"{name}-{marked}"
+      folder.mkdir()
+      raw = encode()
+      if name.endswith(".gz"):  # the mark inside the compressed text
+        raw = raw if marked else gzip.compress(gzip.decompress(raw)[len(bom):])
+      elif marked:
+        raw = bom + raw
+      (folder / name).write_bytes(raw)
+      c = _config(tiny_config, source, folder / name, tmp_path / "cache" / name)
+      streams.append(np.asarray(data_lib.token_stream(c.data, ByteTokenizer())))
+    np.testing.assert_array_equal(streams[1], streams[0], err_msg=name)
+    assert "with a mark inside".encode() in streams[0].astype(np.uint8).tobytes()
+    assert bom in streams[0].astype(np.uint8).tobytes()  # the one inside the text
+
+
 def test_validation_knows_the_new_sources(tiny_config):
   from train import validate
   c = tiny_config

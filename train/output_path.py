@@ -31,7 +31,12 @@ def problem(path: str, kind: str = "file") -> str | None:
     if os.path.exists(path):
       if kind == "directory":
         return f"{path} is a file, not a directory"
-      open(path, "r+b").close()
+      if not os.path.isfile(path):
+        # a device or a pipe (/dev/null, a FIFO): not opened, as closing a
+        # probe of a FIFO would end its reader's input
+        return None if os.access(path, os.W_OK) else (
+            f"{path} cannot be written: permission denied")
+      open(path, "r+b").close()  # nothing truncated
       return None
     ancestor = os.path.dirname(path)
     while not os.path.exists(ancestor):

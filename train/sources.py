@@ -11,6 +11,7 @@ UTF-8 are decoded with replacement characters and counted.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import gzip
@@ -198,17 +199,26 @@ class _Reader:
     return None
 
 
+def _without_bom(raw: bytes) -> bytes:
+  """`raw` without a leading UTF-8 byte-order mark, which editors on Windows
+  write: it marks the encoding, it is not text (a .jsonl's first record failed
+  to parse, a .txt's first document began with it)."""
+  return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
 def _text(reader: _Reader, files: list[str]) -> Iterator[str]:
   for f in files:
     with open(f, "rb") as fh:
       # Universal newlines, as text-mode reading gives.
-      yield reader.decode(fh.read()).replace("\r\n", "\n").replace("\r", "\n")
+      text = reader.decode(_without_bom(fh.read()))
+      yield text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _jsonl(reader: _Reader, files: list[str]) -> Iterator[str]:
   for f in files:
     with (gzip.open if f.endswith(".gz") else open)(f, "rb") as fh:
       for line_no, line in enumerate(fh, 1):
+        line = _without_bom(line) if line_no == 1 else line
         if not line.strip():
           continue
         where = f"{f}:{line_no}"
