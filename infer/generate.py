@@ -83,6 +83,23 @@ def _token_ids(name: str, ids, vocab: int) -> list[int]:
   return [int(t) for t in ids]
 
 
+def _stop_list(stop_tokens) -> Sequence[int]:
+  """`stop_tokens` as a sequence of ids (None is none; a set's order does not
+  matter), else ValueError saying what to pass (one id alone is [id])."""
+  if stop_tokens is None:
+    return ()
+  if isinstance(stop_tokens, (set, frozenset)):
+    return list(stop_tokens)
+  if _is_list(stop_tokens):
+    return stop_tokens
+  if _is_int(as_python(stop_tokens)):
+    raise ValueError(f"stop_tokens={stop_tokens!r} is one id; stop_tokens is a list "
+                     f"of token ids: pass [{int(as_python(stop_tokens))}].")
+  raise ValueError(f"stop_tokens is a list of token ids (e.g. [2], or [] for none), "
+                   f"not a {type(stop_tokens).__name__} ({stop_tokens!r})"
+                   + ("; tokenize text first." if isinstance(stop_tokens, str) else "."))
+
+
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
@@ -149,9 +166,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
       as_python, (temperature, top_k, top_p, max_new_tokens, seed))
   vocab = model.cfg.vocab_size
   prompts = [_token_ids(f"prompt {row}", p, vocab) for row, p in enumerate(prompts)]
-  if not _is_list(stop_tokens):
-    raise ValueError(f"stop_tokens={stop_tokens!r} is a list of token ids; one stop "
-                     f"id is [{stop_tokens!r}].")
+  stop_tokens = _stop_list(stop_tokens)
   _token_ids("stop_tokens", stop_tokens, vocab)
   if not _is_int(seed):
     raise ValueError(f"seed={seed!r} must be an integer.")

@@ -41,12 +41,17 @@ def load(workdir: str, *, step: int | None = None,
   requested = None if config is None else json.loads(config.to_json())
   config = run_config.load(workdir) if config is None else copy.deepcopy(config)
   if mesh_overrides:
-    for axis in mesh_overrides:
+    for axis, size in mesh_overrides.items():
       if axis not in sharding.AXES:
         raise sharding.ConfigError(
             "mesh_overrides", f"{axis!r} is not a mesh axis; the axes are "
             f"{', '.join(sharding.AXES)}.", "name axes of the mesh, e.g. "
             "mesh_overrides={'tensor': 2}.")
+      if not isinstance(size, int) or isinstance(size, bool):
+        raise sharding.ConfigError(
+            "mesh_overrides", f"{axis}={size!r} is a {type(size).__name__}; a mesh "
+            "size is an integer (-1: the devices the other axes leave).",
+            f"pass e.g. mesh_overrides={{{axis!r}: 2}}.")
     config.mesh.update(**mesh_overrides)
   model.validate(config.model)  # overrides of the saved model are checked too
   devices = list(jax.devices() if devices is None else devices)

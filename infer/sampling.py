@@ -30,24 +30,28 @@ class SamplingArgumentError(ValueError):
 SEEDS = 2 ** 32  # JAX's PRNG keys hold 32-bit seeds: seed and seed + 2**32 collide
 
 
+# max_new_tokens / seed not given to `check_sampling` (None is a value, refused)
+_UNCHECKED = object()
+
+
 def check_sampling(temperature: float = 0.0, top_k: int | None = None,
                    top_p: float | None = None,
-                   max_new_tokens: int | None = None, *,
-                   seed: int | None = None, warn_ignored: bool = False) -> None:
+                   max_new_tokens: int | None = _UNCHECKED, *,
+                   seed: int | None = _UNCHECKED, warn_ignored: bool = False) -> None:
   """Raises SamplingArgumentError (a ValueError) naming the first bad argument:
   temperature must be a finite number >= 0, top_k an integer >= 0 (or None),
-  top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 (or None),
-  seed an integer in [0, 2**32) (or None).
+  top_p a number in [0, 1] (or None), max_new_tokens an integer >= 0 and seed
+  an integer in [0, 2**32) (each checked only when given; None is refused).
   `warn_ignored` (what `generate` passes): a UserWarning when top_k or top_p
   would truncate but temperature 0 makes them moot. 0-d NumPy or JAX arrays
   count as the numbers they hold (`as_python`)."""
   temperature, top_k, top_p, max_new_tokens, seed = map(
       as_python, (temperature, top_k, top_p, max_new_tokens, seed))
-  if max_new_tokens is not None and not _is_count(max_new_tokens):
+  if max_new_tokens is not _UNCHECKED and not _is_count(max_new_tokens):
     raise SamplingArgumentError(
         "max_new_tokens", f"max_new_tokens={max_new_tokens!r} must be an integer "
         ">= 0 (0 returns no new tokens).")
-  if seed is not None and not (_is_count(seed) and seed < SEEDS):
+  if seed is not _UNCHECKED and not (_is_count(seed) and seed < SEEDS):
     raise SamplingArgumentError(
         "seed", f"seed={seed!r} must be an integer in [0, 2**32): JAX's random keys "
         "hold 32 bits, so a larger seed would repeat a smaller one's samples.")

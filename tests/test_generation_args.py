@@ -147,6 +147,7 @@ def test_prompts_as_an_array_and_the_mistakes_of_shape(tiny_model):
 @pytest.mark.parametrize("argument,kwargs", [
     ("max_new_tokens", dict(max_new_tokens=-1)),
     ("max_new_tokens", dict(max_new_tokens=2.0)),
+    ("max_new_tokens", dict(max_new_tokens=None)),  # was a raw TypeError
     ("temperature", dict(max_new_tokens=2, temperature=-0.5)),
     ("top_p", dict(max_new_tokens=2, temperature=1.0, top_p=2.0))])
 def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
@@ -161,7 +162,10 @@ def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
     (np.array([[1.0, 2.0]]), {}, r"prompt 0 holds 1\.0; token ids are"),
     ([[1], [2, True]], {}, r"prompt 1 holds True"),
     ([[1], [2, 32]], {}, r"prompt 1 holds token id 32, outside .* \[0, 32\)"),
-    ([[1]], dict(stop_tokens=7), r"one stop id is \[7\]"),
+    ([[1]], dict(stop_tokens=7), r"stop_tokens=7 is one id; .* pass \[7\]\.$"),
+    ([[1]], dict(stop_tokens=np.int64(7)), r"is one id; .* pass \[7\]\.$"),
+    ([[1]], dict(stop_tokens="a"), r"not a str \('a'\); tokenize text first\.$"),
+    ([[1]], dict(stop_tokens={3.0}), r"stop_tokens holds 3\.0"),
     ([[1]], dict(stop_tokens=[3.0]), r"stop_tokens holds 3\.0"),
     ([[1]], dict(stop_tokens=[-1]), r"stop_tokens holds token id -1"),
     ([[1]], dict(seed=None), r"seed=None must be an integer"),
@@ -184,6 +188,22 @@ def test_generate_takes_ids_of_any_integer_type(tiny_model):
   assert infer.generate(tiny_model, [np.array([1, 2, 3], np.int64)], max_new_tokens=3,
                         stop_tokens=np.array([5], np.int32),
                         seed=np.int32(0)) == want
+
+
+def test_generate_takes_stop_ids_as_a_set_or_none(tiny_model):
+  """From a trial: a set of stop ids (a natural spelling) and None were refused
+  with "one stop id is [...]", a fix that fails. A set stops as the list of its
+  ids; None as no stop ids. The stop id chosen is one the model emits, so the
+  stop is seen."""
+  free = infer.generate(tiny_model, [[1, 2, 3]], max_new_tokens=6)[0]
+  assert infer.generate(tiny_model, [[1, 2, 3]], max_new_tokens=6,
+                        stop_tokens=None) == [free]
+  stop = free[2]
+  want = infer.generate(tiny_model, [[1, 2, 3]], max_new_tokens=6, stop_tokens=[stop])
+  assert want[0] == free[:free.index(stop) + 1]
+  unseen = next(t for t in range(tiny_model.cfg.vocab_size) if t not in free)
+  assert infer.generate(tiny_model, [[1, 2, 3]], max_new_tokens=6,
+                        stop_tokens={stop, unseen}) == want
 
 
 BYTE_RUN_CONTEXT = 24
@@ -222,12 +242,28 @@ def test_loading_a_run_refuses_what_it_does_not_have(byte_run, tmp_path):
     infer.load(str(byte_run), mesh_overrides={"tensr": 2})
   assert err.value.field == "mesh_overrides" and "'tensr' is not a mesh axis" in str(
       err.value)
+  for size in ("2", 2.0, True):  # a raw TypeError inside the mesh, before
+    with pytest.raises(ConfigError) as err:
+      infer.load(str(byte_run), mesh_overrides={"tensor": size})
+    assert err.value.field == "mesh_overrides" and (
+        f"tensor={size!r} is a {type(size).__name__}; a mesh size is an integer"
+        in str(err.value)) and "mesh_overrides={'tensor': 2}" in err.value.fix
   config = run_config.load(str(byte_run))
   with pytest.raises(AttributeError, match='Did you mean "compute_dtype"'):
     config.model.computedtype = "bfloat16"
   with pytest.raises(ConfigError) as err:
     infer.load(str(tmp_path))
   assert err.value.field == "--workdir" and "holds no run" in str(err.value)
+  # From a trial: a step's directory, or the checkpoints', names the run above it.
+  for inside, step in ((byte_run / "checkpoints" / "1", 1),
+                       (byte_run / "checkpoints", None)):
+    with pytest.raises(ConfigError) as err:
+      infer.load(str(inside))
+    assert err.value.field == "--workdir" and err.value.fix == (
+        f"pass --workdir={byte_run}" + (
+            f" (generate and export-hf read that step with --step={step})"
+            if step else "") + ".")
+    assert f"of the run in {byte_run}, which holds its config.json" in str(err.value)
 
 
 def test_cli_warns_when_generation_runs_past_the_models_context(byte_run):

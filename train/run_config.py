@@ -186,8 +186,21 @@ def no_run(workdir: str, then: str = "--workdir=runs/NAME") -> ConfigError | Non
     return hf_model
   if os.path.isfile(path(workdir)):
     return None
-  return ConfigError("--workdir", f"{workdir} holds no run (it has no {FILE}).",
-                     "pass the --workdir of a trained or imported run.")
+  # a run's checkpoints directory, or one step of it: the run is above
+  where = os.path.abspath(workdir)
+  step = os.path.basename(where) if os.path.basename(os.path.dirname(where)) == (
+      "checkpoints") else None
+  run = os.path.dirname(os.path.dirname(where) if step is not None else where)
+  if (step is None and os.path.basename(where) != "checkpoints") or not os.path.isfile(
+      path(run)):
+    return ConfigError("--workdir", f"{workdir} holds no run (it has no {FILE}).",
+                       "pass the --workdir of a trained or imported run.")
+  return ConfigError(
+      "--workdir", f"{workdir} is " + (f"step {step} of the run in {run}" if step
+                                        else f"the checkpoints of the run in {run}")
+      + f", which holds its {FILE}.", f"pass {flag('workdir', run)}"
+      + (f" (generate and export-hf read that step with --step={step})"
+         if step and step.isdigit() else "") + ".")
 
 
 def load(workdir: str, defaults: ConfigDict | None = None) -> ConfigDict:
