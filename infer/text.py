@@ -30,6 +30,7 @@ from infer.sampling import check_sampling, is_greedy
 from train import output_path, run_config
 from train.checkpoint import Checkpointer
 from train.hf import stop_tokens
+from train.stop_signal import StopOnSignal
 from train.tokenizer import make_tokenizer
 
 CONTEXT_IDS = 4  # prompt ids decoded with a continuation (`continuation`)
@@ -563,6 +564,10 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     f.truncate(finished[-1][1] if finished else 0)
     f.seek(0, os.SEEK_END)
     return f
+  # Several processes stop at one batch, whichever was signalled (one stopping
+  # alone left the others in the next batch's collectives); one process stops
+  # at Ctrl-C itself (KeyboardInterrupt).
+  together = StopOnSignal("batch", saving=False) if jax.process_count() > 1 else None
   try:
     bar = tqdm(total=len(ids), initial=kept, desc="generate", unit="prompt",
                disable=not progress or not writer, dynamic_ncols=True,
@@ -570,6 +575,8 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     for b, start in enumerate(range(0, len(ids), rows)):
       if start < kept:
         continue
+      if together is not None and together.reached(b):
+        raise KeyboardInterrupt("stopped together")
       batch = ids[start:start + rows]
       batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0])
       try:
@@ -605,6 +612,8 @@ def generate_file(workdir: str, config, prompts_path: str, *,
                           else "") + ".\n")
     raise
   finally:
+    if together is not None:
+      together.restore()
     if output and sink is not None:
       sink.close()
   if output and writer:

@@ -183,19 +183,27 @@ def test_diloco_replicas_in_two_processes(tmp_path):
                                [r[key] for r in fresh if key in r], rtol=1e-5)
 
 
-def _generate_in_two_processes(workdir, *flags, command="generate"):
+def _generate_in_two_processes(workdir, *flags, command="generate", before=None,
+                               timeout=600):
   """`python -m experiment generate` (or `command`) as both processes of a
-  2-process run (4 CPU devices each) -> [(Popen, stdout, stderr)]."""
+  2-process run (4 CPU devices each) -> [(Popen, stdout, stderr)]. before:
+  {pid: Python run in that process before the launcher}."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiment", command, f"--workdir={workdir}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-       f"--process_id={pid}", "--join_timeout_s=60", *flags],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for pid in (0, 1)]
-  return [(p, *p.communicate(timeout=600)) for p in procs]
+  procs = []
+  for pid in (0, 1):
+    python = [sys.executable, "-m", "experiment"]
+    if before and pid in before:
+      python = [sys.executable, "-c", before[pid] + "\nimport runpy, sys\n"
+                "sys.argv[0] = 'experiment'\n"
+                "runpy.run_module('experiment', run_name='__main__')"]
+    procs.append(subprocess.Popen(
+        [*python, command, f"--workdir={workdir}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={pid}", "--join_timeout_s=60", *flags],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return [(p, *p.communicate(timeout=timeout)) for p in procs]
 
 
 def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
@@ -230,6 +238,35 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
   for proc, _, err in results:
     assert proc.returncode == 0, err[-3000:]
   assert out.read_text() == whole and "the first 2 of 3 prompts" in results[0][2]
+  # Ctrl-C to process 1 alone, after its first batch: it left process 0 waiting in
+  # the next batch's collectives and itself in JAX's shutdown barrier, both hung.
+  # Now both stop at one batch (exit 130) and the file holds the finished ones.
+  six = tmp_path / "six.txt"
+  six.write_text("".join(f"x = {i}\n" for i in range(6)))
+  sigint_after_batch_1 = (
+      "import os, signal, infer.text as text\n"
+      "generate, calls = text.generate, []\n"
+      "def counted(*a, **k):\n"
+      "  out = generate(*a, **k)\n"
+      "  calls.append(1)\n"
+      "  if len(calls) == 1:\n"
+      "    os.kill(os.getpid(), signal.SIGINT)\n"
+      "  return out\n"
+      "text.generate = counted")
+  cut = tmp_path / "cut.jsonl"
+  results = _generate_in_two_processes(work, f"--prompts={six}", f"--output_jsonl={cut}",
+                                       "--batch_size=1", "--max_new_tokens=2",
+                                       before={1: sigint_after_batch_1}, timeout=180)
+  for proc, _, err in results:
+    assert proc.returncode == 130, err[-3000:]
+  written = [json.loads(line) for line in cut.read_text().splitlines()]
+  assert 1 <= len(written) < 6, written
+  assert (f"interrupted after {len(written)} of 6 prompts; {cut} holds the finished "
+          "ones" in results[0][2]), results[0][2][-2000:]
+  assert "every process stops at the next batch boundary" in results[1][2]
+  whole6 = infer.text.generate_file(str(work), None, str(six), batch_size=1,
+                                    max_new_tokens=2, progress=False, out=io.StringIO())
+  assert written == whole6[:len(written)]
   results = _generate_in_two_processes(work, "--prompt=def f(", "--max_new_tokens=5")
   for proc, _, err in results:
     assert proc.returncode == 0, err[-3000:]

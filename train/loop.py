@@ -6,9 +6,7 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -27,6 +25,7 @@ from train.checkpoint import (Checkpointer, CheckpointError, checkpoint_dir, pre
 from train import diloco as diloco_lib
 from train.compression import Compression, regroup, traffic, groups
 from train import data_schedule
+from train.stop_signal import StopOnSignal
 from train.data import data_changes, make_data, record_tokens
 from train.metrics import (DATA_FRACTION_PREFIX, MOE_KEYS, MetricsWriter, StepTimer,
                            peak_flops)
@@ -96,7 +95,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   SIGTERM / SIGINT save the step reached and stop; one that comes during setup
   stops the run before its first step.
   """
-  stop = _StopOnSignal()  # from the start: a signal during setup is not lost
+  stop = StopOnSignal()  # from the start: a signal during setup is not lost
   try:
     # closes what setup opened also when it fails (a refused restore left Orbax's
     # threads and event loop behind)
@@ -106,7 +105,7 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
     stop.restore()
 
 
-def _train(config, workdir: str, stop: _StopOnSignal, devices, progress: bool,
+def _train(config, workdir: str, stop: StopOnSignal, devices, progress: bool,
            opened: contextlib.ExitStack) -> list[dict[str, Any]]:
   devices = list(jax.devices() if devices is None else devices)
   sizes = validate_config(config, len(devices))
@@ -645,56 +644,3 @@ def _report_trajectory_changes(saved: dict, step: int, config_dict: dict):
       step, run_config.trajectory_changes(saved, config_dict) if saved else [])
   if message and jax.process_index() == 0:
     tqdm.write(message, file=sys.stderr)
-
-
-class _StopOnSignal:
-  """Turns SIGTERM / SIGINT into a request to save and stop after this step (or
-  before the first, during setup); a second one stops at once (KeyboardInterrupt),
-  e.g. during a long first tokenization.
-
-  In a multi-process run every process must stop at the same step (one that
-  stopped alone left the others waiting in the next step's collectives, for
-  good): SIGTERM is left to JAX's preemption notifier, SIGINT is passed on to it
-  as a SIGTERM, and `reached(step)` asks the coordination service
-  (`multihost_utils.reached_preemption_sync_point`), which answers True on every
-  process at one step once any process was signalled."""
-
-  def __init__(self):
-    self.requested: str | None = None
-    self.stepping = False  # set when the first step starts (setup is done)
-    self._previous = {}
-    self._multiprocess = jax.process_count() > 1
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM,
-                                                               signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    if self._multiprocess:
-      sys.stderr.write(f"\n{signal.Signals(signum).name}: every process stops at "
-                       "the next step boundary they reach together (saving it).\n")
-      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
-      return
-    if self.requested:
-      raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}")
-    self.requested = signal.Signals(signum).name
-    when = ("at the next step boundary (saving it)" if self.stepping else
-            "before the first step, once setup (data, restore, compile) is done; "
-            "nothing new to save")
-    sys.stderr.write(f"\n{self.requested}: stopping {when}; send it again to stop "
-                     "at once.\n")
-
-  def reached(self, step: int) -> bool:
-    """Whether to save `step` and stop: this process's signal, or in a
-    multi-process run the step every process agreed on. Call it once per step
-    on every process, with increasing steps."""
-    if self._multiprocess:
-      from jax.experimental import multihost_utils
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.requested = "a process's SIGTERM (preemption)"
-    return self.requested is not None
-
-  def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
