@@ -242,13 +242,24 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   if jax.process_index() != 0:  # every process computes; process 0 prints
     out = io.StringIO()
   printer = _Printer(tokenizer, out, prompt, ids, stops)
+  # Several processes stop at one token, whichever was signalled (`generate_file`).
+  together = StopOnSignal("token", saving=False) if jax.process_count() > 1 else None
+  tokens = iter(range(max_new_tokens))
+
+  def on_token(column: np.ndarray) -> None:
+    printer(column)
+    if together is not None and together.reached(next(tokens)):
+      raise KeyboardInterrupt("stopped together")
   try:  # the printer keeps the new ids
     with _noted_past_context():
       generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
                top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stops,
-               on_token=printer)
+               on_token=on_token)
   except CacheDoesNotFit as err:
     raise _cache_error(err, max_new_tokens, "--prompt") from None
+  finally:
+    if together is not None:
+      together.restore()
   printer.close()
   _note(printer.rate() + "\n")
   return printer.text()

@@ -267,6 +267,17 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
   whole6 = infer.text.generate_file(str(work), None, str(six), batch_size=1,
                                     max_new_tokens=2, progress=False, out=io.StringIO())
   assert written == whole6[:len(written)]
+  # --prompt streams token by token: the same, at one token
+  sigint_after_token_2 = sigint_after_batch_1.replace(
+      "text.generate", "text._Printer.__call__").replace("len(calls) == 1",
+                                                          "len(calls) == 2")
+  results = _generate_in_two_processes(work, "--prompt=def f(", "--max_new_tokens=40",
+                                       before={1: sigint_after_token_2}, timeout=180)
+  for proc, _, err in results:
+    assert proc.returncode == 130, err[-3000:]
+  assert "every process stops at the next token boundary" in results[1][2]
+  rest = iter(results[0][1])  # the prompt printed (gloo's lines interleave)
+  assert all(ch in rest for ch in "def f(") and "new tokens" not in results[0][2]
   results = _generate_in_two_processes(work, "--prompt=def f(", "--max_new_tokens=5")
   for proc, _, err in results:
     assert proc.returncode == 0, err[-3000:]
