@@ -42,6 +42,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _launcher(before: str | None) -> list[str]:
+  """The command that runs `python -m experiment`, after the Python `before`."""
+  if not before:
+    return [sys.executable, "-m", "experiment"]
+  return [sys.executable, "-c", before + "\nimport runpy, sys\n"
+          "sys.argv[0] = 'experiment'\n"
+          "runpy.run_module('experiment', run_name='__main__')"]
+
+
 def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60,
             config="experiments/llama_tiny.py", port=None, per_process=None,
             before=None):
@@ -54,13 +63,8 @@ def _launch(workdir, extra, num_processes=2, started=(0, 1), timeout_s=60,
              XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
   procs = []
   for pid in started:
-    python = [sys.executable, "-m", "experiment"]
-    if before and pid in before:
-      python = [sys.executable, "-c", before[pid] + "\nimport runpy, sys\n"
-                "sys.argv[0] = 'experiment'\n"
-                "runpy.run_module('experiment', run_name='__main__')"]
     procs.append(subprocess.Popen(
-        [*python, "train",
+        [*_launcher((before or {}).get(pid)), "train",
          f"--config={config}", f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
          f"--process_id={pid}", f"--join_timeout_s={timeout_s}", *extra,
@@ -193,13 +197,8 @@ def _generate_in_two_processes(workdir, *flags, command="generate", before=None,
              XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4"))
   procs = []
   for pid in (0, 1):
-    python = [sys.executable, "-m", "experiment"]
-    if before and pid in before:
-      python = [sys.executable, "-c", before[pid] + "\nimport runpy, sys\n"
-                "sys.argv[0] = 'experiment'\n"
-                "runpy.run_module('experiment', run_name='__main__')"]
     procs.append(subprocess.Popen(
-        [*python, command, f"--workdir={workdir}",
+        [*_launcher((before or {}).get(pid)), command, f"--workdir={workdir}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
          f"--process_id={pid}", "--join_timeout_s=60", *flags],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
