@@ -154,6 +154,57 @@ def test_eval_mixes_every_sources_held_out_tail(tiny_config, corpus, tmp_path):
   assert all(m.eval_windows > 0 for m in d.mixture)
 
 
+def test_eval_shares_its_windows_by_weight_when_a_source_has_few(tiny_config, corpus,
+                                                                tmp_path):
+  """From a trial: grain's weighted mix of the held-out tails stopped at the
+  source scarcest for its weight, so a heavily weighted source with one held-out
+  window cut evaluation to one window, drawn from another source, and left itself
+  unevaluated. The eval set now fills train.eval_steps x train.batch_size
+  windows (or every held-out window), every source in it, the scarce one whole,
+  the rest shared by weight."""
+  few = tmp_path / "few"
+  few.mkdir()
+  for i, d in enumerate(_docs("books", 6, 7)):
+    (few / f"b{i}.txt").write_text(d)
+  c = _config(tiny_config, {**corpus, "books": str(few)}, tmp_path / "cache",
+              books=2.0)
+  c.train.update(eval_steps=4, batch_size=8)
+  d = make_data_on(c)
+  available = {m.name: m.eval_windows for m in d.mixture}
+  assert 1 <= available["books"] < 4, available  # scarce for its weight
+  rows = [(r, w) for b in d.eval_batches(c.train.eval_steps)
+          for r, w in zip(b["inputs"], b["weights"]) if w.any()]
+  counts = {name: sum(_source_of(r) == name for r, _ in rows) for name in WEIGHTS}
+  assert len(rows) == min(32, sum(available.values()))
+  assert counts["books"] == available["books"]  # all of it
+  assert counts["code"] > counts["web"] > 0  # the rest by weight, 0.5 : 0.3
+  assert data_lib.eval_share([1, 241, 656], [2.0, 0.5, 0.5], 8) == [1, 4, 3]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_eval_share_fills_the_budget_with_every_source_it_can(seed):
+  """`eval_share`'s properties over random sources: the total is the budget or
+  every window; no source past its windows; every source with a window gets one
+  while the budget lasts; a source below its windows gets at least its weight's
+  share of what the full sources leave, less one for rounding."""
+  rng = np.random.default_rng(seed)
+  for _ in range(300):
+    k = int(rng.integers(1, 6))
+    available = [int(a) for a in rng.integers(0, 40, k)]
+    weights = [float(w) for w in rng.uniform(0.05, 3.0, k)]
+    budget = int(rng.integers(0, 150))
+    n = data_lib.eval_share(available, weights, budget)
+    assert sum(n) == min(budget, sum(available))
+    assert all(0 <= x <= a for x, a in zip(n, available))
+    if budget >= sum(a > 0 for a in available):
+      assert all(x >= 1 for x, a in zip(n, available) if a)
+    short = [i for i in range(k) if n[i] < available[i]]
+    left = sum(n[i] for i in short)
+    for i in short:
+      share = left * weights[i] / sum(weights[j] for j in short)
+      assert n[i] >= share - len(short), (available, weights, budget, n)
+
+
 def test_metrics_rows_carry_the_fraction_of_each_source(tiny_config, corpus,
                                                         tmp_path):
   c = _config(tiny_config, corpus, tmp_path / "cache")

@@ -39,7 +39,7 @@ import re
 import sys
 import sysconfig
 import types
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import grain
 import jax
@@ -212,6 +212,49 @@ class Tagged:
     example = dict(self.examples[int(i)])
     example["source"] = np.int32(self.index)
     return example
+
+
+def eval_share(available: Sequence[int], weights: Sequence[float], budget: int
+               ) -> list[int]:
+  """How many held-out windows to evaluate from each mixture source: `budget`
+  (train.eval_steps x train.batch_size) in all, or every window when there are
+  fewer; each source first gets one while the budget lasts (heaviest first),
+  then the rest is shared by weight, a source's share past its `available`
+  windows going to the others. grain's weighted mix stopped at the source
+  scarcest for its weight, so a source with few held-out windows shrank the
+  whole evaluation, and a heavily weighted one could go unevaluated."""
+  n = [0] * len(available)
+  left = min(budget, sum(available))
+  for i in sorted(range(len(n)), key=lambda i: -weights[i]):
+    if left and available[i]:
+      n[i], left = 1, left - 1
+  while left:
+    room = [i for i in range(len(n)) if n[i] < available[i]]
+    total = sum(weights[i] for i in room)
+    give = {i: min(available[i] - n[i], int(left * weights[i] / total)) for i in room}
+    if not any(give.values()):  # shares below one: the most under-served source
+      give = {min(room, key=lambda i: n[i] / weights[i]): 1}
+    for i, g in give.items():
+      n[i], left = n[i] + g, left - g
+  return n
+
+
+class Interleaved:
+  """The first `counts[i]` examples of each of `sources`, interleaved evenly
+  (example j of source i at (j + 1/2) / counts[i] of the way through), so any
+  prefix of batches holds every source in its share."""
+
+  def __init__(self, sources: Sequence[Any], counts: Sequence[int]):
+    self.sources = sources
+    self.order = sorted(((j + 0.5) / c, i, j) for i, c in enumerate(counts)
+                        for j in range(c))
+
+  def __len__(self) -> int:
+    return len(self.order)
+
+  def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    _, i, j = self.order[int(k)]
+    return self.sources[i][j]
 
 
 class SourceStream:
@@ -460,11 +503,14 @@ def _mixture(config, entries, tokenizer, schedule: Schedule, num_devices: int):
                       {p.name: i for i, p in enumerate(parts)})
   examples = grain.MapDataset.select_from_datasets(
       trains, ScheduledSelection([p.name for p in parts], schedule))
+  picked = eval_share([p.eval_windows for p in parts], proportions,
+                      config.train.eval_steps * config.train.batch_size)
   eval_mix = ([] if min(p.eval_windows for p in parts) < 1 else
-              grain.MapDataset.mix(evals, weights=proportions))
+              grain.MapDataset.source(Interleaved(evals, picked)))
   lines = [f"data: a mixture of {len(parts)} sources, one tokenizer "
            f"({d.tokenizer or 'byte'}); {count(len(eval_mix), 'held-out window')} "
-           "mixed by weight for evaluation:"]
+           "for evaluation, shared by weight (" + ", ".join(
+               f"{p.name} {n}" for p, n in zip(parts, picked)) + "):"]
   total = sum(proportions)
   for p in parts:
     share = p.proportion / total
