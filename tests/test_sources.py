@@ -412,6 +412,29 @@ def test_a_byte_order_mark_is_not_text(tiny_config, tmp_path):
     assert bom in streams[0].astype(np.uint8).tobytes()  # the one inside the text
 
 
+def test_a_directory_s_files_are_each_read_once(tmp_path):
+  """From a trial: a symbolic link to an ancestor directory made glob read the
+  same file 41 times (down to the longest path), and a file reached by a second
+  link was read twice; upper-case endings were left out. A directory is now
+  walked entering each directory once (links to other directories are still
+  followed), each file is read under its first name only, and endings match in
+  any case; hidden files stay out, as glob leaves them."""
+  from train.sources import list_files
+  data, outside = tmp_path / "data", tmp_path / "outside"
+  data.mkdir()
+  outside.mkdir()
+  for name in ("a.jsonl", "C.JSONL", ".hidden.jsonl", "notes.txt"):
+    (data / name).write_text('{"text": "x"}\n')
+  (outside / "x.jsonl").write_text('{"text": "y"}\n')
+  (data / "self").symlink_to(data)  # a loop
+  (data / "link.jsonl").symlink_to(data / "a.jsonl")  # the same file again
+  (data / "more").symlink_to(outside)  # another directory: followed
+  files = list_files(str(data), "jsonl")
+  assert [os.path.relpath(f, data) for f in files] == ["C.JSONL", "a.jsonl",
+                                                       os.path.join("more", "x.jsonl")]
+  assert len(list_files(str(data / "*.jsonl"), "jsonl")) == 1  # a glob: a.jsonl
+
+
 def test_validation_knows_the_new_sources(tiny_config):
   from train import validate
   c = tiny_config

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import fnmatch
 import glob
 import gzip
 import itertools
@@ -90,10 +91,37 @@ def matching_files(path: str, directory_pattern: str) -> list[str]:
   sources)."""
   if os.path.isfile(path):
     return [path]
-  pattern = (os.path.join(glob.escape(path), directory_pattern) if os.path.isdir(path)
-             else path)
-  return sorted(f for f in glob.glob(pattern, recursive=True)
-                if os.path.isfile(f) and f"{os.sep}site-packages{os.sep}" not in f)
+  if os.path.isdir(path):
+    found = _walk(path, os.path.basename(directory_pattern))
+  else:
+    found = glob.glob(path, recursive=True)
+  # One file reached by two names (a symlink beside its target) is read once.
+  files, seen = [], set()
+  for f in sorted(found):
+    real = os.path.realpath(f)
+    if (os.path.isfile(f) and f"{os.sep}site-packages{os.sep}" not in f
+        and real not in seen):
+      seen.add(real)
+      files.append(f)
+  return files
+
+
+def _walk(directory: str, pattern: str) -> list[str]:
+  """The files under `directory` whose names match `pattern`, following symbolic
+  links to directories but entering each directory once (a link to an ancestor
+  made glob read the same files over and over, down to the longest path); hidden
+  files and directories are left out, as glob leaves them."""
+  found, entered = [], set()
+  for root, dirs, names in os.walk(directory, followlinks=True):
+    real = os.path.realpath(root)
+    if real in entered:
+      dirs[:] = []
+      continue
+    entered.add(real)
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found += [os.path.join(root, n) for n in names
+              if not n.startswith(".") and fnmatch.fnmatch(n, pattern)]
+  return found
 
 
 def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
@@ -102,7 +130,7 @@ def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
   extensions) or a glob. Raises ConfigError naming `field` when nothing matches."""
   exts = _EXTENSIONS.get(source) if os.path.isdir(path) else None
   files = [f for f in matching_files(path, os.path.join("**", "*"))
-           if exts is None or f.endswith(exts)]
+           if exts is None or f.lower().endswith(exts)]  # C.JSONL too
   if source == "arrayrecord" and not os.path.isdir(path):
     # ArrayRecord shards are often named name.array_record-00000-of-00008.
     files = [f for f in files if not f.endswith((".idx", ".crc"))]
@@ -216,7 +244,7 @@ def _text(reader: _Reader, files: list[str]) -> Iterator[str]:
 
 def _jsonl(reader: _Reader, files: list[str]) -> Iterator[str]:
   for f in files:
-    with (gzip.open if f.endswith(".gz") else open)(f, "rb") as fh:
+    with (gzip.open if f.lower().endswith(".gz") else open)(f, "rb") as fh:
       for line_no, line in enumerate(fh, 1):
         line = _without_bom(line) if line_no == 1 else line
         if not line.strip():
