@@ -315,6 +315,37 @@ def test_a_token_cache_that_cannot_be_written_is_a_config_error(tiny_config, tex
   np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(roomy.tokens))
 
 
+def test_a_cache_dir_that_cannot_be_a_directory_is_offered_one_that_can(
+    tiny_config, text_dir, tmp_path):
+  """From a trial: a data.cache_dir under a file ([Errno 20]) was told to free
+  space, the fix of a full disk. It is told to pass a directory it can write,
+  and the example given builds the cache."""
+  import glob
+  import re
+
+  from train import token_cache
+  from train.tokenizer import ByteTokenizer
+  c = _text_config(tiny_config, text_dir)
+  files = sorted(glob.glob(str(text_dir / "*.py")))
+  (tmp_path / "a_file").write_text("x")
+  c.data.cache_dir = str(tmp_path / "a_file" / "cache")
+  with pytest.raises(sharding.ConfigError) as err:
+    token_cache.load_or_build(c.data, files, ByteTokenizer())
+  assert err.value.field == "data.cache_dir" and "[Errno 20] Not a directory" in str(
+      err.value)
+  assert "free space" not in err.value.fix and "twice" not in str(err.value)
+  example = re.search(r"--config\.data\.cache_dir=(\S+)\.$", err.value.fix).group(1)
+  assert example == "~/.cache/rung/tokens"
+  monkeypatch = pytest.MonkeyPatch()  # the example under a home of our own
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  try:
+    c.data.cache_dir = example
+    built = token_cache.load_or_build(c.data, files, ByteTokenizer())
+  finally:
+    monkeypatch.undo()
+  assert built.path.startswith(str(tmp_path / "home" / ".cache" / "rung" / "tokens"))
+
+
 def test_a_build_removes_partial_caches_that_killed_tokenizations_left(
     tiny_config, text_dir, tmp_path, capsys):
   """A tokenization killed mid-way (SIGKILL) leaves its `.<key>.tmp-*` directory,

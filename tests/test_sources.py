@@ -369,8 +369,21 @@ def test_no_documents_and_invalid_utf8(tiny_config, tmp_path, capsys):
   c.data.update(source="text", path=str(tmp_path / "t"))
   capsys.readouterr()
   stream = np.asarray(data_lib.token_stream(c.data, ByteTokenizer())).tobytes()
-  assert "data: 1 document held bytes that are not UTF-8" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "data: 1 document held bytes that are not UTF-8" in out
+  assert "token ids" not in out  # one of two: text with a bad file
   assert "caf\ufffd au lait".encode() in stream and "ok é".encode() in stream
+  # From a trial: records of token ids read as text trained on garbage with only
+  # the count said; when most documents are not UTF-8, the line says what to set.
+  (tmp_path / "ids").mkdir()
+  for i in range(3):
+    (tmp_path / "ids" / f"{i}.txt").write_bytes(np.arange(200, 260, dtype=np.uint16)
+                                                 .tobytes())
+  c.data.update(source="text", path=str(tmp_path / "ids"))
+  data_lib.token_stream(c.data, ByteTokenizer())
+  assert ("data: 3 documents held bytes that are not UTF-8; decoded with replacement "
+          "characters (U+FFFD); most documents did: if the records hold token ids, not "
+          "text, set --config.data.tokenizer=none" in capsys.readouterr().out)
   # JSON escapes: a surrogate pair is one character, a lone surrogate becomes U+FFFD.
   (tmp_path / "s.jsonl").write_text('{"text": "pair \\ud83d\\ude00"}\n'
                                     '{"text": "lone \\ud800!"}\n')

@@ -256,12 +256,14 @@ def _unwritable(root: str, err: OSError) -> ConfigError:
     free = f"; {format_bytes(shutil.disk_usage(root).free)} free there now"
   except OSError:
     free = ""
+  full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
   return ConfigError(
       "data.cache_dir", f"writing the token cache into {root} failed: {err}{free} "
-      "(nothing partial is left; building it takes about twice the token stream's "
-      "size on disk).",
+      "(nothing partial is left" + ("; building it takes about twice the token "
+                                    "stream's size on disk)." if full else ")."),
       "free space there, or set --config.data.cache_dir to a directory on a disk "
-      "with room.")
+      "with room." if full else "set --config.data.cache_dir to a directory you can "
+      "write (it is made if missing), e.g. --config.data.cache_dir=~/.cache/rung/tokens.")
 
 
 def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
@@ -316,5 +318,8 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
          "(data.skip_bad_records)")
   if meta["replaced_utf8"]:
     _say(f"data: {count(meta['replaced_utf8'], 'document')} held bytes that are not UTF-8; "
-         "decoded with replacement characters (U+FFFD)")
+         "decoded with replacement characters (U+FFFD)"
+         + ("; most documents did: if the records hold token ids, not text, set "
+            "--config.data.tokenizer=none (and data.token_dtype)"
+            if 2 * meta["replaced_utf8"] > meta["documents"] else ""))
   return Cached(tokens=tokens, offsets=offsets, meta=meta, path=final, reused=reused)
