@@ -469,6 +469,29 @@ def test_skip_bad_records_is_read_only_by_sources_with_records():
       assert "entry to data.mixture" in err.fix
 
 
+def test_a_mixture_entry_s_text_field_is_read_only_by_sources_with_fields():
+  """From a trial: --config.data.mixture.code.text_field=zzz on a `text` entry
+  ran as if it did something, where data.text_field under source=text is
+  refused. Each entry's text_field is now read by its own source only."""
+  from ml_collections import ConfigDict
+  c = _config()
+  c.data.mixture = ConfigDict({
+      "code": dict(source="text", path="p0", weight=1.0),
+      "ids": dict(source="arrayrecord", path="p1", weight=1.0),
+      "web": dict(source="jsonl", path="p2", weight=1.0, text_field="body")})
+  for name, unread in (("code", True), ("ids", True), ("web", False)):
+    field = f"data.mixture.{name}.text_field"
+    assert read(c, field) == (not unread), name
+    err = unread_override(c, [field])
+    assert (err is not None) == unread, (name, err)
+    if err is not None:
+      source = c.data.mixture[name].source
+      assert err.field == field and (
+          f"and data.mixture.{name}.source is {source!r}" in err.problem)
+      assert err.fix == (f"drop --config.{field}, or set data.mixture.{name}.source "
+                         "to one of those in the config file.")
+
+
 @pytest.mark.parametrize("name,source", [
     ("corpus.txt", "text"), ("notes.md", "text"), ("docs.jsonl", "jsonl"),
     ("docs.jsonl.gz", "jsonl"), ("part.parquet", "parquet"), ("ids.bin", "tokens"),

@@ -305,8 +305,27 @@ SERVING_UNREAD = ("model.remat", "model.loss_chunks", "model.scan_layers",
 PLAN_CHOOSES = (*(f"mesh.{a}" for a in AXES if a != "diloco"), "model.remat")
 
 
+def _mixture_text_field(config, field: str) -> Rule | None:
+  """The rule for `data.mixture.<name>.text_field` (RULES name fixed fields):
+  unread, as data.text_field, where that entry's source names no text field."""
+  from train.sources import TEXT_FIELD_SOURCES
+  parts = field.split(".")
+  if len(parts) != 4 or parts[:2] != ["data", "mixture"] or parts[3] != "text_field":
+    return None
+  entry = (config.data.mixture or {}).get(parts[2]) or {}
+  source = entry.get("source")
+  if source is None or source in TEXT_FIELD_SOURCES:
+    return None
+  return Rule((field,), lambda c: True,
+              lambda c: "only jsonl, parquet and hf_disk records name a text field, "
+                        f"and data.mixture.{parts[2]}.source is {source!r}",
+              f"set data.mixture.{parts[2]}.source to one of those in the config file")
+
+
 def _rule_for(config, field: str) -> Rule | None:
   """The first rule under which `config` does not read `field`, else None."""
+  if rule := _mixture_text_field(config, field):
+    return rule
   for rule in RULES:
     if field not in rule.fields:
       continue
