@@ -125,6 +125,22 @@ def test_second_run_reuses_the_cache_without_tokenizing(tiny_config, corpus, tmp
       np.testing.assert_array_equal(again[key], b[key])
 
 
+def test_a_cache_takes_the_permissions_the_umask_gives(tiny_config, corpus, tmp_path):
+  """From a trial: every cache directory was made 0700 (tempfile's), so a cache
+  shared by a team could not be read by the others. It takes what the umask
+  gives any new directory."""
+  import stat
+  c = _config(tiny_config, "jsonl", corpus["jsonl"], tmp_path / "cache")
+  before = os.umask(0o022)
+  try:
+    from train.sources import list_files
+    built = token_cache.load_or_build(c.data, list_files(corpus["jsonl"], "jsonl"),
+                                      ByteTokenizer())
+  finally:
+    os.umask(before)
+  assert stat.S_IMODE(os.stat(built.path).st_mode) == 0o755
+
+
 def test_a_changed_file_or_tokenizer_rebuilds(tiny_config, docs, tmp_path,
                                               monkeypatch):
   src = tmp_path / "d.jsonl"

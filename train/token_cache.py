@@ -289,6 +289,10 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
       meta = _build(data_cfg, files, tokenizer, tmp, stream_dtype(tokenizer.vocab_size))
       with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last
         json.dump(meta, f, indent=1)
+      # mkdtemp's 0700 would keep a shared cache from the team: the umask decides
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o777 & ~umask)
       try:
         os.rename(tmp, final)
       except OSError:  # another process finished the same cache first
