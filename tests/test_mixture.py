@@ -527,8 +527,9 @@ def test_training_resumed_with_other_batch_and_weights_logs_what_it_read(
   c2.data.mixture.books.weight, c2.data.mixture.code.weight = 0.6, 0.1
   rows += train.train(c2, run, progress=False)
   out = capsys.readouterr().out
-  assert ("data: train.batch_size 8 -> 16: step 2 reads on from training window 16, "
-          "the first one not yet read; the mixture's weights changed; from step 2 "
+  # the steps of the metrics rows: step 3 is the first after the resume from 2
+  assert ("data: train.batch_size 8 -> 16: step 3 reads on from training window 16, "
+          "the first one not yet read; the mixture's weights changed; from step 3 "
           "(training window 16) the sources mix as books 60.0%, code 10.0%, web "
           "30.0%") in out, out
   segments, _ = data_schedule.read_schedule(run)

@@ -525,17 +525,18 @@ def _data_change_note(data, segments) -> str:
   """What a resume onto another batch size or other mixture weights does with the
   data: where it continues, and the new shares."""
   new, old = segments[-1], segments[-2]
+  first = new.start_step + 1  # the schedule counts batches from 0, metrics steps from 1
   parts = []
   if new.batch_size != old.batch_size:
     parts.append(f"train.batch_size {old.batch_size} -> {new.batch_size}: step "
-                 f"{new.start_step} reads on from training window {new.start_window:,}, "
+                 f"{first} reads on from training window {new.start_window:,}, "
                  "the first one not yet read")
   if new.proportions != old.proportions:
     total = sum(new.proportions.values())
     drawn = data.schedule.counts(new.start_window)
     parts.append(
         "the mixture's weights changed; from step "
-        f"{new.start_step} (training window {new.start_window:,}) the sources mix as "
+        f"{first} (training window {new.start_window:,}) the sources mix as "
         + ", ".join(f"{name} {p / total:.1%}" for name, p in new.proportions.items())
         + "; each continues after the windows it gave before (" + ", ".join(
             f"{name} {drawn.get(name, 0):,}" for name in new.proportions) + ")")
