@@ -214,8 +214,18 @@ def test_eval_fraction_zero_trains_on_everything_without_evaluation(tiny_config,
   assert len(held.eval_source) > 0
   data_lib.validate(c)
   c.data.eval_fraction, c.train.eval_every = 0.0, 5
-  with pytest.raises(ConfigError, match="or 0, training on all the data"):
+  with pytest.raises(ConfigError, match="or 0, training on all the data") as err:
     data_lib.validate(c)
+  # From a trial: its one fix changed the fraction; the other, no evaluation,
+  # is offered too, and each one passes.
+  assert err.value.fix == ("set --config.data.eval_fraction=0.02, or "
+                           "--config.train.eval_every=0 to train on all the data "
+                           "without evaluation.")
+  for field, value in (("data.eval_fraction", 0.02), ("train.eval_every", 0)):
+    fixed = c.copy_and_resolve_references()
+    group, name = field.split(".")
+    fixed[group][name] = value
+    data_lib.validate(fixed)
 
 
 def test_an_eos_id_outside_the_tokenizer_is_a_config_error(tiny_config, text_dir,

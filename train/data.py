@@ -890,7 +890,9 @@ def validate(config) -> None:
           or d.eval_fraction == 0 and not config.train.eval_every):
     raise ConfigError("data.eval_fraction", f"must be in (0, 1) (or 0, training on "
                       f"all the data, with train.eval_every=0), got "
-                      f"{d.eval_fraction}.", "set it to e.g. 0.02.")
+                      f"{d.eval_fraction}.", "set --config.data.eval_fraction=0.02"
+                      + (", or --config.train.eval_every=0 to train on all the data "
+                         "without evaluation" if d.eval_fraction == 0 else "") + ".")
   for prefix, source, path, text_field, own_text_field in checks:
     if source in ("jsonl", "parquet", "arrayrecord", "hf_disk") and not path:
       raise ConfigError(f"{prefix}path", f"source {source!r} reads files, but no "
