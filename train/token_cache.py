@@ -315,8 +315,9 @@ def load_or_build(data_cfg, files: list[str], tokenizer) -> Cached:
     _say(f"data: reusing the token cache {final} ({count(meta['documents'], 'document')}, "
          f"{count(meta['tokens'], 'token')})")
   else:
-    _say(f"data: tokenized {count(meta['documents'], 'document')} into "
-         f"{count(meta['tokens'], 'token')} in {meta['seconds']:.1f}s; cached in {final}")
+    _say(f"data: tokenized {count(meta['documents'], 'document')} of "
+         f"{count(len(files), 'file')} into {count(meta['tokens'], 'token')} in "
+         f"{meta['seconds']:.1f}s; cached in {final}")
   if meta["skipped"]:
     _say(f"data: skipped {count(meta['skipped'], 'bad record')} "
          "(data.skip_bad_records)")
