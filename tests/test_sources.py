@@ -110,7 +110,7 @@ def test_second_run_reuses_the_cache_without_tokenizing(tiny_config, corpus, tmp
   c = _config(tiny_config, "jsonl", corpus["jsonl"], tmp_path / "cache")
   first = make_data_on(c)
   batches = [next(first.train) for _ in range(2)]
-  assert "tokenized 200 documents of 1 file into" in capsys.readouterr().out
+  assert "tokenized 200 documents of 2 files into" in capsys.readouterr().out
 
   def boom(*args):
     raise AssertionError("tokenized again")
