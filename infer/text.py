@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shlex
-import stat
 import sys
 import time
 import warnings
@@ -242,8 +241,7 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   if jax.process_index() != 0:  # every process computes; process 0 prints
     out = io.StringIO()
   printer = _Printer(tokenizer, out, prompt, ids, stops)
-  # Several processes stop at one token, whichever was signalled (`generate_file`).
-  together = StopOnSignal("token", saving=False) if jax.process_count() > 1 else None
+  together = _stop_together("token")
   tokens = iter(range(max_new_tokens))
 
   def on_token(column: np.ndarray) -> None:
@@ -263,6 +261,14 @@ def generate_text(workdir: str, config, prompt: str, *, max_new_tokens: int = 25
   printer.close()
   _note(printer.rate() + "\n")
   return printer.text()
+
+
+def _stop_together(boundary: str) -> StopOnSignal | None:
+  """In several processes, a signal to any one stops every process at the same
+  `boundary` ("batch", "token"): one stopping alone left the others waiting in
+  the next one's collectives. None in one process, where Ctrl-C is a
+  KeyboardInterrupt at once."""
+  return StopOnSignal(boundary, saving=False) if jax.process_count() > 1 else None
 
 
 def prompts_name(path: str) -> str:
@@ -331,21 +337,6 @@ def _check_writable(output: str) -> None:
         "--output_jsonl", f"{why}.",
         "pass a path in a directory you can write, or leave --output_jsonl out to "
         "print the records.")
-
-
-def is_stream(path: str) -> bool:
-  """Whether `path` names a device or a pipe rather than a file: /dev/null,
-  /dev/stdout, a shell's `>(gzip > out.gz)` (/dev/fd/N). Written as it comes,
-  without a settings file beside it; nothing to resume."""
-  name = os.path.abspath(path)
-  if name in ("/dev/stdout", "/dev/stderr") or name.startswith(("/dev/fd/",
-                                                                 "/proc/self/fd/")):
-    return True
-  try:
-    mode = os.stat(path).st_mode
-  except OSError:
-    return False
-  return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def settings_path(output: str) -> str:
@@ -483,7 +474,8 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     raise sharding.ConfigError("--batch_size", f"is {batch_size}; it is how many "
                                "prompts generate together.", "pass --batch_size=8.")
   output = None if output == "-" else output  # "-": standard output
-  stream = bool(output) and is_stream(output)
+  # a device or a pipe: written as it comes, no settings file, nothing to resume
+  stream = bool(output) and output_path.is_stream(output)
   if stream and resume:
     raise sharding.ConfigError(
         "--resume_output", f"{output} is a device or a pipe, so no interrupted run "
@@ -575,10 +567,7 @@ def generate_file(workdir: str, config, prompts_path: str, *,
     f.truncate(finished[-1][1] if finished else 0)
     f.seek(0, os.SEEK_END)
     return f
-  # Several processes stop at one batch, whichever was signalled (one stopping
-  # alone left the others in the next batch's collectives); one process stops
-  # at Ctrl-C itself (KeyboardInterrupt).
-  together = StopOnSignal("batch", saving=False) if jax.process_count() > 1 else None
+  together = _stop_together("batch")
   try:
     bar = tqdm(total=len(ids), initial=kept, desc="generate", unit="prompt",
                disable=not progress or not writer, dynamic_ncols=True,

@@ -69,7 +69,7 @@ def _token_files(path: str, field: str) -> list[str]:
   """The .bin files of `source=tokens`: a directory's `*.bin` files (any depth; a
   metadata file beside them is not read as ids) or the files a glob matches, in
   name order."""
-  files = sources.matching_files(path, os.path.join("**", "*.bin"))
+  files = sources.matching_files(path, "*.bin")
   if not files:
     pattern = os.path.join(path, "**", "*.bin") if os.path.isdir(path) else path
     raise ConfigError(field, f"no files match {pattern!r}.",

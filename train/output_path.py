@@ -10,7 +10,23 @@ to root or on a read-only file system.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+
+
+def is_stream(path: str) -> bool:
+  """Whether `path` names a device or a pipe rather than a file: /dev/null,
+  /dev/stdout, a FIFO, a shell's `>(gzip > out.gz)` (/dev/fd/N). Such a path is
+  written as it comes; it has no directory to put files beside it."""
+  name = os.path.abspath(path)
+  if name in ("/dev/stdout", "/dev/stderr") or name.startswith(("/dev/fd/",
+                                                                 "/proc/self/fd/")):
+    return True
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return False
+  return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def problem(path: str, kind: str = "file") -> str | None:
@@ -31,9 +47,8 @@ def problem(path: str, kind: str = "file") -> str | None:
     if os.path.exists(path):
       if kind == "directory":
         return f"{path} is a file, not a directory"
-      if not os.path.isfile(path):
-        # a device or a pipe (/dev/null, a FIFO): not opened, as closing a
-        # probe of a FIFO would end its reader's input
+      if is_stream(path):
+        # not opened: closing a probe of a FIFO would end its reader's input
         return None if os.access(path, os.W_OK) else (
             f"{path} cannot be written: permission denied")
       open(path, "r+b").close()  # nothing truncated

@@ -187,12 +187,11 @@ def no_run(workdir: str, then: str = "--workdir=runs/NAME") -> ConfigError | Non
   if os.path.isfile(path(workdir)):
     return None
   # a run's checkpoints directory, or one step of it: the run is above
-  where = os.path.abspath(workdir)
-  step = os.path.basename(where) if os.path.basename(os.path.dirname(where)) == (
-      "checkpoints") else None
-  run = os.path.dirname(os.path.dirname(where) if step is not None else where)
-  if (step is None and os.path.basename(where) != "checkpoints") or not os.path.isfile(
-      path(run)):
+  parent, name = os.path.split(os.path.abspath(workdir))
+  run, step = ((parent, None) if name == "checkpoints" else
+               (os.path.dirname(parent), name)
+               if os.path.basename(parent) == "checkpoints" else (None, None))
+  if run is None or not os.path.isfile(path(run)):
     return ConfigError("--workdir", f"{workdir} holds no run (it has no {FILE}).",
                        "pass the --workdir of a trained or imported run.")
   return ConfigError(

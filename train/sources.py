@@ -82,17 +82,17 @@ def text_field_fix(prefix: str, own: bool, value: str) -> str:
           "that sets none)")
 
 
-def matching_files(path: str, directory_pattern: str) -> list[str]:
-  """The sorted files `path` names: an existing file as it is; an existing
-  directory's files matching `directory_pattern` (e.g. '**/*'; searched
-  recursively), whatever glob characters the directory's own name holds
+def matching_files(path: str, names: str) -> list[str]:
+  """The sorted files `path` names: an existing file as it is; the files whose
+  names match `names` (e.g. '*.bin') under an existing directory, at any depth
+  (`_walk`), whatever glob characters the directory's own name holds
   (`run[1]/`); otherwise `path` is a glob. A directory's or a glob's files under
   site-packages are left out (the default text source is the standard library's
   sources)."""
   if os.path.isfile(path):
     return [path]
   if os.path.isdir(path):
-    found = _walk(path, os.path.basename(directory_pattern))
+    found = _walk(path, names)
   else:
     found = glob.glob(path, recursive=True)
   # One file reached by two names (a symlink beside its target) is read once.
@@ -129,7 +129,7 @@ def list_files(path: str, source: str, field: str = "data.path") -> list[str]:
   (searched recursively; for jsonl / parquet / arrayrecord only files with their
   extensions) or a glob. Raises ConfigError naming `field` when nothing matches."""
   exts = _EXTENSIONS.get(source) if os.path.isdir(path) else None
-  files = [f for f in matching_files(path, os.path.join("**", "*"))
+  files = [f for f in matching_files(path, "*")
            if exts is None or f.lower().endswith(exts)]  # C.JSONL too
   if source == "arrayrecord" and not os.path.isdir(path):
     # ArrayRecord shards are often named name.array_record-00000-of-00008.
