@@ -39,10 +39,12 @@ def main_quietly(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]
 def run(main: Callable[[list[str]], Any]) -> None:
   """Every benchmark's entry point: absl's `app.run` of `main_quietly(main)`,
   except that asking for help (`--help`, `--helpfull`, ...) exits with status 0
-  where absl exits 1, which a script or CI step reads as a failure."""
+  where absl exits 1, which a script or CI step reads as a failure, and a flag
+  that does not parse (misspelt, or refused by its check) exits with status 2
+  and one line naming it, as `python -m experiment` does (absl: "FATAL", 1)."""
   from absl import app
   try:
-    app.run(main_quietly(main))
+    app.run(main_quietly(main), flags_parser=_parse_flags)
   except SystemExit as stop:
     if stop.code == 1 and any(a.lstrip("-").split("=")[0] in _HELP_FLAGS
                               for a in sys.argv[1:]):
@@ -51,6 +53,16 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 
 _HELP_FLAGS = {"help", "helpshort", "helpfull", "helpxml", "?"}
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    sys.stderr.write(f"{os.path.basename(argv[0])}: {err}\n"
+                     "Pass --help to list this benchmark's flags.\n")
+    sys.exit(2)
 
 
 def write_rows_to(path: str | None) -> None:

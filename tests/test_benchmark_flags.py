@@ -49,6 +49,9 @@ CASES = [
     ("ladder_quality.py", "--out=/proc/rung-test", "out"),
     ("checkpoint.py", "--dir=/proc/rung-test", "dir"),
     ("gpu_check.py", "--out=/proc/rung-test.jsonl", "out"),
+    # misspelt: absl's "FATAL Flags parsing error" and exit 1 before
+    ("train_throughput.py", "--stepz=3", "stepz"),
+    ("predict.py", "--micro_batch=2", "micro_batch"),
 ]
 LIMIT_S = 60
 
@@ -71,11 +74,12 @@ def test_bad_flags_are_refused_before_any_work():
         p.communicate()
         failures.append(f"{script} {flag}: still running after {LIMIT_S} s")
         continue
-      if p.returncode == 0:
-        failures.append(f"{script} {flag}: exit status 0")
-      if f"--{name}=" not in err:  # absl: "flag --NAME=VALUE: why"
+      if p.returncode != 2:  # a usage error, as the launcher's
+        failures.append(f"{script} {flag}: exit status {p.returncode}")
+      if f"--{name}=" not in err and f"flag '{name}'" not in err:
+        # absl: "flag --NAME=VALUE: why" or "Unknown command line flag 'NAME'"
         failures.append(f"{script} {flag}: stderr does not name {name}: {err[-500:]}")
-      if "Traceback" in err:
+      if "Traceback" in err or "FATAL" in err:
         failures.append(f"{script} {flag}: traceback: {err[-1000:]}")
   finally:
     for p in procs:
