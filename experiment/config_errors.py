@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import os
@@ -238,6 +239,46 @@ def load_config(argv: list[str]):
   return None
 
 
+def _a(kind: str) -> str:
+  return f"a{'n' if kind[0] in 'aeiou' else ''} {kind}"
+
+
+def _typed_example(text: str, given: str, declared: str) -> str | None:
+  """The value a config file meant, written as the declared type (Python source),
+  or None where there is no one reading: `"fsdp"` for a tuple of mesh axes is
+  `('fsdp',)`, `[4, 5]` for a str layer list is `'4,5'` (the command line's
+  spelling), `"128"` for an int is `128`. `text` is the value as ml_collections
+  printed it (str() of it)."""
+  if given == "str":
+    value = text
+  else:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return None
+  try:
+    if declared in ("tuple", "list"):
+      items = (tuple(v.strip() for v in value.split(",") if v.strip())
+               if isinstance(value, str) else tuple(value)
+               if isinstance(value, (list, tuple)) else (value,))
+      return repr(items if declared == "tuple" else list(items))
+    if declared == "str" and isinstance(value, (list, tuple)):
+      return repr(",".join(str(v) for v in value))
+    if declared == "str" and isinstance(value, (int, float)):
+      return repr(str(value))
+    if declared == "bool" and isinstance(value, str):
+      word = _BOOL_WORDS.get(value.lower(), value.lower())
+      return {"true": "True", "false": "False"}.get(word)
+    if declared == "int" and (isinstance(value, str) or
+                              isinstance(value, float) and value.is_integer()):
+      return repr(int(value))
+    if declared == "float" and isinstance(value, str):
+      return repr(float(value))
+  except (ValueError, TypeError):
+    return None
+  return None
+
+
 def _raised_in(path: str, err: Exception) -> ConfigError:
   """ConfigError for an exception raised while a config file ran, at the file's
   deepest line in the traceback; a misspelt field gets the field meant."""
@@ -259,9 +300,11 @@ def _raised_in(path: str, err: Exception) -> ConfigError:
                          r"type <class '(\w+)'>", text)
   if wrong_type:
     field, value, given, declared = wrong_type.groups()
+    example = _typed_example(value, given, declared)
     return ConfigError("--config", f"{where}: field `{field}` is declared {declared}; "
-                       f"it was given {value!r}, a {given}.",
-                       f"give `{field}` a{'n' if declared[0] in 'aeiou' else ''} "
-                       f"{declared}.")
+                       f"it was given {value!r}, {_a(given)}.",
+                       f"give `{field}` {_a(declared)}"
+                       + (f", e.g. `{field} = {example}`" if example
+                                        else "") + ".")
   return ConfigError("--config", f"{where}: {type(err).__name__}: {text}",
                      f"fix {where}.")

@@ -287,6 +287,53 @@ def test_a_config_file_that_cannot_give_a_config_is_a_config_error(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+# (the wrongly typed assignment in a config file, the example its fix must give)
+WRONG_TYPES = [
+    ("c.mesh.rules.embed = 'fsdp'", "embed = ('fsdp',)"),  # the command line takes it
+    ("c.mesh.rules.batch = 'data,fsdp'", "batch = ('data', 'fsdp')"),
+    ("c.model.ladder_layers = [4, 5]", "ladder_layers = '4,5'"),
+    ("c.train.steps = '30'", "steps = 30"),
+    ("c.train.steps = 30.0", "steps = 30"),
+    ("c.optim.learning_rate = '3e-4'", "learning_rate = 0.0003"),
+    ("c.model.tie_embeddings = 'no'", "tie_embeddings = False"),
+    ("c.data.stop_ids = 7", "stop_ids = (7,)"),
+    ("c.model.d_model = 'big'", None),  # no reading: the type alone
+    ("c.train.steps = 3.5", None),
+]
+
+
+def test_a_wrongly_typed_field_in_a_config_file_is_given_an_example_that_loads(tmp_path):
+  """From the carried list: `mesh.rules.embed="fsdp"` passes on the command line
+  but a config file was told only "give `embed` a tuple" (and `ladder_layers=[1]`
+  "a str"). The fix now writes the value as the declared type, and that
+  assignment, put in its place, loads."""
+  from experiment import config_errors
+  from sharding import ConfigError
+
+  def load(line: str):
+    path = tmp_path / "c.py"
+    path.write_text("from experiments import base\n\n\ndef get_config(arg=None):\n"
+                    f"  c = base.get_config()\n  {line}\n  return c\n")
+    return config_errors.load_config(["experiment", f"--config={path}"])
+
+  for line, example in WRONG_TYPES:
+    with pytest.raises(ConfigError) as err:
+      load(line)
+    fix = str(err.value).split("Fix:")[1]
+    field = line.split("=")[0].strip().split(".")[-1]
+    if example is None:
+      assert "e.g." not in fix, (line, fix)
+      continue
+    assert f"e.g. `{example}`." in fix, (line, fix)
+    target = line.split("=")[0].strip()
+    config = load(f"{target} = {example.split(' = ', 1)[1]}")  # the fix followed
+    value = eval(example.split(" = ", 1)[1])
+    node = config
+    for part in target.split(".")[1:]:
+      node = node[part]
+    assert node == value and type(node) is type(value), (line, field, node)
+
+
 def test_a_config_variant_that_does_not_exist_names_the_one_meant():
   """A config file's `:VARIANT` missing or misspelt is a config error (exit 2)
   whose fix names a variant that exists (it was a ValueError "fix the file")."""
