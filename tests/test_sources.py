@@ -275,7 +275,7 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
   path.write_text("\n".join(lines) + "\n")
   with pytest.raises(sharding.ConfigError, match=f"{path}:10: the record has no "
                      r"'text' field \(its fields: \['body'\]\), though the 9 "
-                     r"records before it do\.") as err:
+                     r"records before it have one\.") as err:
     make_data_on(c)
   # after records that held the field, the record is bad, not the field's name
   # (renaming it to 'body' would fail on line 1: a trial found that fix offered)
@@ -305,6 +305,12 @@ def test_bad_records_are_config_errors_naming_file_and_line(tiny_config, docs,
       make_data_on(c2)
     assert (err.value.problem, err.value.field) == (f"{odd}:1: {problem}", field)
     assert ("--config.data.text_field=body" in err.value.fix) == ("body" in record)
+  # after one record that held text there: the record is bad, said with the count
+  odd.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": 42}) + "\n")
+  with pytest.raises(sharding.ConfigError) as err:
+    make_data_on(c2)
+  assert err.value.problem == (f"{odd}:2: the record's 'text' is of type int, not "
+                               "text as in the record before it.")
   # skip_bad_records: the two bad lines are skipped, counted and logged.
   c = _config(tiny_config, "jsonl", path, tmp_path / "cache")
   c.data.update(text_field="text", skip_bad_records=True)

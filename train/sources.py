@@ -24,7 +24,6 @@ import zlib
 from typing import Iterator
 
 from sharding import ConfigError, flag
-from sharding.report import count
 
 # Sources whose documents are tokenized into the token cache.
 DOCUMENT_SOURCES = ("text", "jsonl", "parquet", "arrayrecord", "hf_disk")
@@ -214,14 +213,17 @@ class _Reader:
     field, other_field = ("text_field", f"if the records hold their text in {texts[0]!r}, "
                           f"set {self.text_field_fix(texts[0])}; or "
                           ) if texts and not self.texts else ("path", "")
-    earlier = (f", though the {count(self.texts, 'record')} before it "
-               f"{'does' if self.texts == 1 else 'do'}" if self.texts else "")
+    before = ("the record before it" if self.texts == 1 else
+              f"the {self.texts} records before it")
     if self.text_field not in record:
+      earlier = (f", though {before} {'has' if self.texts == 1 else 'have'} one"
+                 if self.texts else "")
       self.bad(where, f"the record has no {self.text_field!r} field (its fields: "
                f"{sorted(record)[:8]}){earlier}.", field, other_field)
     elif value is None:  # one record without text
       self.bad(where, f"the record's {self.text_field!r} is null.")
     else:  # a field of another kind: most likely not the text field
+      earlier = f" as in {before}" if self.texts else ""
       self.bad(where, f"the record's {self.text_field!r} is of type "
                f"{type(value).__name__}, not text{earlier}.", field, other_field)
     return None
