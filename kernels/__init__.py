@@ -18,6 +18,7 @@ impl:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -93,6 +94,10 @@ def choose(q_shape, kv_heads: int, axes: partition.Axes = partition.DEFAULT_AXES
   mesh = partition.context_mesh()
   heads, length = q_shape[2], q_shape[1]
   seq = partition.sequence_size(mesh, axes)
+  if seq > 1 and length % seq:  # neither exchange splits it: every device the whole
+    impl, _, reason = choose(q_shape, kv_heads, dataclasses.replace(axes, length=()))
+    return impl, {}, (f"length {length} does not split over sequence={seq}, so each "
+                      f"device attends over the whole length; {reason}")
   if seq > 1:
     problem = ulysses.check(mesh, heads, kv_heads, axes)
     if problem is None:

@@ -111,6 +111,6 @@ def run(local: Callable[..., jax.Array], tokens: Sequence[jax.Array],
   if pad:
     tokens = [jnp.pad(t, [(0, pad)] + [(0, 0)] * (t.ndim - 1)) for t in tokens]
   fn = functools.partial(local, exchange)
-  out = jax.shard_map(fn, in_specs=(batch,) * len(tokens) + tuple(w_specs),
-                      out_specs=batch)(*tokens, *weights)
+  out = partition.shard_map(fn, mesh, (batch,) * len(tokens) + tuple(w_specs), batch,
+                            *tokens, *weights)
   return out[:rows] if pad else out

@@ -11,7 +11,6 @@ never correctness.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
@@ -52,11 +51,12 @@ def context_mesh():
   return None if mesh.empty else mesh
 
 
-def _auto_size(mesh, axis: str) -> int:
-  """Size of an Auto axis of mesh (1 if absent or already manual)."""
+def _split_size(mesh, axis: str) -> int:
+  """Size of a mesh axis a kernel can split over, Auto or Explicit (1 if absent,
+  or already manual inside an enclosing shard_map)."""
   if mesh is None or axis not in mesh.axis_names:
     return 1
-  if mesh.axis_types[mesh.axis_names.index(axis)] != AxisType.Auto:
+  if mesh.axis_types[mesh.axis_names.index(axis)] == AxisType.Manual:
     return 1
   return mesh.shape[axis]
 
@@ -65,7 +65,7 @@ def sequence_axis(mesh, axes: Axes = DEFAULT_AXES) -> str | None:
   """The one mesh axis (of size > 1) the length is split over, or None. Raises
   ValueError when the rules split the length over several such axes: ring and
   Ulysses exchange over one."""
-  used = [a for a in axes.length if _auto_size(mesh, a) > 1]
+  used = [a for a in axes.length if _split_size(mesh, a) > 1]
   if len(used) > 1:
     raise ValueError(f"sequence-parallel attention runs over one mesh axis, but the "
                      f"rules split `length` over {used}")
@@ -81,7 +81,7 @@ def no_sequence_axis(impl: str, axes: Axes) -> str:
 
 def sequence_size(mesh, axes: Axes = DEFAULT_AXES) -> int:
   axis = sequence_axis(mesh, axes)
-  return 1 if axis is None else _auto_size(mesh, axis)
+  return 1 if axis is None else _split_size(mesh, axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +114,7 @@ def split_heads(mesh, heads: int, kv_heads: int, axes: Axes = DEFAULT_AXES,
   the K/V heads per device divide it or are a multiple of it."""
   out, size = [], 1
   for a in axes.heads:
-    n = _auto_size(mesh, a)
+    n = _split_size(mesh, a)
     if n == 1:
       continue
     q = size * n
@@ -134,7 +134,7 @@ def batch_axes(mesh, batch: int, axes: Axes = DEFAULT_AXES) -> tuple[str, ...]:
   """The leading batch axes whose product divides the batch."""
   out, size = [], 1
   for a in axes.batch:
-    n = _auto_size(mesh, a)
+    n = _split_size(mesh, a)
     if n == 1:
       continue
     if batch % (size * n):
@@ -180,11 +180,27 @@ def shard(fn, mesh, q, k, v, segment_ids, *, split_length: bool,
       k, v = (jax.lax.dynamic_slice_in_dim(x, first // group, 1, axis=2) for x in (k, v))
       return fn(q, k, v, seg)  # k, v: [b, len, 1, d]
     fn = local
-  run = functools.partial(jax.shard_map, out_specs=q_spec, check_vma=False)
   if segment_ids is None:
-    return run(lambda q, k, v: fn(q, k, v, None),
-               in_specs=(q_spec, kv_spec, kv_spec))(q, k, v)
-  return run(fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec))(q, k, v, segment_ids)
+    return shard_map(lambda q, k, v: fn(q, k, v, None), mesh, (q_spec, kv_spec, kv_spec),
+                     q_spec, q, k, v)
+  return shard_map(fn, mesh, (q_spec, kv_spec, kv_spec, seg_spec), q_spec,
+                   q, k, v, segment_ids)
+
+
+def shard_map(fn, mesh, in_specs, out_spec, *args):
+  """`jax.shard_map(fn)(*args)` (check_vma off) that also takes a mesh with
+  Explicit axes (`jax.make_mesh`'s default): there the inputs' types carry a
+  sharding that must equal `in_specs`, so each input is resharded to its spec
+  first and the output back to the first input's sharding, as an op on
+  explicitly sharded arrays returns. On Auto axes (`sharding.make_mesh`) the
+  compiler places the arrays and nothing is added."""
+  explicit = AxisType.Explicit in mesh.axis_types
+  if explicit:
+    given = jax.typeof(args[0]).sharding.spec
+    args = [jax.sharding.reshard(x, s) for x, s in zip(args, in_specs)]
+  out = jax.shard_map(fn, in_specs=tuple(in_specs), out_specs=out_spec,
+                      check_vma=False)(*args)
+  return jax.sharding.reshard(out, given) if explicit else out
 
 
 def is_trivial(mesh) -> bool:

@@ -9,6 +9,7 @@ with causal masking then stays exact because positions and segment ids moved too
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 
@@ -24,8 +25,21 @@ def _reorder(x, num_shards: int, axis: int, chunk_order):
   if n % chunks:
     raise ValueError(f"length {n} is not a multiple of 2 * sequence = {chunks}")
   shape = x.shape[:axis] + (chunks, n // chunks) + x.shape[axis + 1:]
-  y = x.reshape(shape).take(chunk_order, axis=axis)
+  y = x.reshape(shape)  # [..., chunks, chunk, ...]
+  if _explicitly_sharded(y):  # the gather's output sharding must be named
+    index = (slice(None),) * axis + (np.asarray(chunk_order),)
+    y = y.at[index].get(out_sharding=jax.typeof(y).sharding.spec)
+  else:
+    y = y.take(chunk_order, axis=axis)
   return y.reshape(x.shape)
+
+
+def _explicitly_sharded(x) -> bool:
+  """Whether `x` is a jax array typed with a mesh that has Explicit axes."""
+  if not isinstance(x, jax.Array):
+    return False
+  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+  return mesh is not None and jax.sharding.AxisType.Explicit in mesh.axis_types
 
 
 def permute(x, num_shards: int, axis: int = 1):

@@ -163,7 +163,10 @@ class LogicalConstraint:
   """`constrain(x, ('batch', 'length', 'act_embed'))` inside jit.
 
   Models take one of these at construction (default: no-op) instead of reading any
-  global parallel state. It constrains only when a mesh is set with `jax.set_mesh`.
+  global parallel state. It constrains only when a mesh is set with `jax.set_mesh`,
+  whose axes must be Auto (`sharding.make_mesh`): on Explicit axes, the default of
+  `jax.make_mesh`, a constraint is an assertion about the arrays' types, which
+  rung's models do not carry; that is a ValueError saying how to make the mesh.
   """
   rules: Rules = ()
 
@@ -171,5 +174,13 @@ class LogicalConstraint:
     mesh = jax.sharding.get_abstract_mesh()
     if not self.rules or mesh.empty:
       return x
+    explicit = [a for a, t in zip(mesh.axis_names, mesh.axis_types)
+                if t == jax.sharding.AxisType.Explicit]
+    if explicit:
+      raise ValueError(
+          f"the mesh set with jax.set_mesh has Explicit axes {explicit} "
+          "(jax.make_mesh's default); rung's models place their activations on Auto "
+          "axes. Make the mesh with sharding.make_mesh({'tensor': 2, ...}), or pass jax.make_mesh "
+          "axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names).")
     return jax.lax.with_sharding_constraint(
         x, logical_to_spec(names, self.rules, mesh, x.shape))

@@ -314,6 +314,60 @@ def test_zigzag_permutation():
   assert not any(map(kernels.uses_zigzag, ("ring", "ulysses", "flash", "auto")))
 
 
+@pytest.mark.parametrize("impl", ["ring", "ring_zigzag", "ulysses", "flash", "auto"])
+def test_a_mesh_with_explicit_axes_splits_as_an_auto_one(impl):
+  """From a fresh-user trial: on a mesh from plain `jax.make_mesh` (Explicit axes,
+  jax's default) every axis counted as size 1, so ring / Ulysses refused "needs a
+  mesh whose length axes have a size above 1" with sequence=4 in it, and auto and
+  flash ignored the mesh. Each impl now splits over it (the inputs resharded to
+  the kernel's specs): exact against the reference, forward and gradients, and
+  the output sharded as q was."""
+  mesh = jax.make_mesh((1, 4, 2), ("data", "sequence", "tensor"))
+  assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
+  q, k, v, seg, do = make_inputs(21, batch=2, length=64, heads=4, kv_heads=2,
+                                 head_dim=16, segments=True)
+  ref_out, ref_grads = value_and_vjp(
+      lambda q, k, v, s: reference.attention(q, k, v, causal=True, segment_ids=s),
+      q, k, v, seg, do)
+  fn = sequence_parallel(impl, 4, causal=True, block_sizes=16)
+  with jax.set_mesh(mesh):
+    if impl == "auto":
+      assert kernels.choose(q.shape, 2)[0] == "ulysses"
+    out, grads = value_and_vjp(fn, q, k, v, seg, do)
+    on_length = jax.sharding.reshard(q, jax.P(None, "sequence"))
+    placed = jax.jit(fn)(on_length, k, v, seg)
+    text = jax.jit(fn).lower(q, k, v, seg).compile().as_text()
+  assert_close(out, ref_out, TOL[jnp.float32], "output")
+  for name, g, r in zip("qkv", grads, ref_grads):
+    assert_close(g, r, TOL[jnp.float32], f"d{name}")
+  assert jax.typeof(placed).sharding.spec == jax.typeof(on_length).sharding.spec
+  assert_close(placed, ref_out, TOL[jnp.float32], "output of q split on its length")
+  if impl != "flash":  # the exchange runs: the length is split, not gathered
+    exchange = "all-to-all" if impl in ("ulysses", "auto") else "collective-permute"
+    assert count_ops(text, exchange) > 0, impl
+
+
+def test_auto_takes_an_exchange_only_where_the_length_splits():
+  """From a fresh-user trial: `auto` chose Ulysses on sequence=4 for a length of
+  30, which then failed "length=30 is not a multiple of sequence=4" although
+  flash / reference run it. Over lengths and sequence sizes, auto takes ring or
+  Ulysses exactly when the length splits, and otherwise says why it gathers."""
+  for p in (2, 4, 8):
+    with jax.set_mesh(mesh_of(sequence=p)):
+      for length in range(1, 3 * p + 2):
+        impl, _, reason = kernels.choose((1, length, 8, 16), 2)
+        splits = length % p == 0
+        assert (impl in ("ring", "ulysses")) == splits, (p, length, impl)
+        assert reason.startswith(f"length {length} does not split over "
+                                 f"sequence={p}") != splits, reason
+  q, k, v, seg, _ = make_inputs(3, batch=1, length=30, heads=4, kv_heads=2,
+                                head_dim=16, segments=True)
+  with jax.set_mesh(mesh_of(sequence=4)):
+    out = kernels.attention(q, k, v, segment_ids=seg, impl="auto")
+  assert_close(out, reference.attention(q, k, v, causal=True, segment_ids=seg),
+               TOL[jnp.float32], "auto, length 30 over sequence=4")
+
+
 def test_errors():
   q, k, v, _, _ = make_inputs(0, batch=2, length=100, heads=6, kv_heads=2)
   with pytest.raises(ValueError, match="jax.set_mesh"):

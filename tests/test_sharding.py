@@ -69,6 +69,29 @@ def test_mesh_axes_order_and_types():
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
+def test_a_model_on_a_mesh_with_explicit_axes_is_told_how_to_make_the_mesh():
+  """From the attention kernels' trial: under `jax.make_mesh`'s default (Explicit
+  axes) a model's activation constraint failed as JAX's "acts as an assert"
+  AssertionError. It is a ValueError naming the axes and two ways to make the
+  mesh; following the second (Auto axes) places the activations by the rules."""
+  import jax.numpy as jnp
+  rules = sharding.normalize_rules(None)
+  constrain = sharding.LogicalConstraint(rules)
+  shape = tuple(dict(data=2, sequence=2, tensor=2).get(a, 1) for a in sharding.AXES)
+  x = jnp.ones((4, 8, 16))
+  run = jax.jit(lambda x: constrain(x, ("batch", "length", "act_embed")))
+  with jax.set_mesh(jax.make_mesh(shape, sharding.AXES)):
+    with pytest.raises(ValueError, match=r"Explicit axes \['diloco', 'data', .*'tensor'\]"
+                       r" \(jax.make_mesh's default\).*sharding.make_mesh") as err:
+      run(x)
+  assert "axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names)" in str(err.value)
+  auto = (jax.sharding.AxisType.Auto,) * len(sharding.AXES)
+  for mesh in (jax.make_mesh(shape, sharding.AXES, axis_types=auto),
+               sharding.make_mesh(dict(zip(sharding.AXES, shape)))):
+    with jax.set_mesh(mesh):
+      assert run(x).sharding.spec == P("data", "sequence")
+
+
 def test_logical_to_spec_default_rules():
   rules = sharding.normalize_rules(None)
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
