@@ -103,6 +103,8 @@ def get_config(arg=None) -> ConfigDict:
       eos_id=placeholder(int),  # document separator for tokens / tokenizer.json
       stop_ids=(),             # more generation stop ids (besides the eos); import-hf
                                # sets every eos_token_id of the checkpoint
+      eos_stops=True,          # eos_id unset: the tokenizer's end-of-text id stops
+                               # generation (import-hf: false for a model without one)
       bos_id=placeholder(int),  # beginning-of-text id, kept for export-hf only
       token_dtype="uint16",    # dtype of .bin files for source=tokens
       seq_len=256,

@@ -82,6 +82,9 @@ def _hf_model(arch, kwargs, path, stops=1, shard=False):
     eos = eos[:stops] or [c[0]]  # (tiny random models repeat themselves)
     eos = eos[0] if stops == 1 else eos
     model.config.eos_token_id = model.generation_config.eos_token_id = eos
+  # sampling defaults and a pad id, which an export keeps (they were dropped)
+  model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9,
+                                 pad_token_id=0)
   model.save_pretrained(path, max_shard_size="40KB" if shard else "1GB")
   return model
 
@@ -180,6 +183,13 @@ def test_family_logits_generation_and_round_trip(family, tmp_path):
   assert type(back).__name__ == arch
   assert _max_diff(_hf_logits(back), expected) <= 1e-4
   _assert_same_config(tmp_path / "hf", tmp_path / "out")
+  assert _generation_fields(tmp_path / "out") == _generation_fields(tmp_path / "hf")
+
+
+def _generation_fields(path) -> dict:
+  """generation_config.json as transformers reads it, less its version stamp."""
+  return {k: v for k, v in transformers.GenerationConfig.from_pretrained(
+      path).to_diff_dict().items() if k != "transformers_version"}
 
 
 # transformers 4 wrote rotary settings as top-level rope_theta + rope_scaling
@@ -576,6 +586,52 @@ def test_import_reads_as_transformers_does(t5_llama, tmp_path, capsys):
   assert hf.family_of(ModelConfig.from_config(config.model)) == "LlamaForCausalLM"
 
 
+def test_a_tied_config_with_its_own_head_imports_as_transformers_loads_it(
+    t5_llama, tmp_path, capsys):
+  """From an HF trial: config.json tying the embeddings beside an lm_head.weight
+  that differs from the embedding was imported tied, the head dropped silently
+  (logits 9.0 off transformers', which keeps the head). Such a head is kept,
+  untied, and said; a head that equals the embedding (a tied checkpoint's copy)
+  is dropped as before, the model staying tied."""
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(t5_llama / "model.safetensors"))
+  embed = tensors["model.embed_tokens.weight"]
+  head = np.random.default_rng(0).normal(0, 0.2, embed.shape).astype(embed.dtype)
+  for name, lm_head, tied in (("own_head", head, False), ("copy", embed.copy(), True)):
+    src = tmp_path / name
+    shutil.copytree(t5_llama, src)
+    save_file({**tensors, "lm_head.weight": lm_head}, str(src / "model.safetensors"))
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"]
+    original = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    _import(src, tmp_path / f"rung_{name}", data=8)
+    said = capsys.readouterr().out
+    assert ("head: untied: config.json ties the embeddings" in said) == (not tied)
+    model, config = infer.load(str(tmp_path / f"rung_{name}"))
+    assert config.model.tie_embeddings == tied
+    assert _max_diff(_rung_logits(model), _hf_logits(original)) < 1e-4, name
+    if not tied:
+      out = tmp_path / f"export_{name}"
+      hf.export_hf(str(tmp_path / f"rung_{name}"), str(out))
+      assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+      exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+      assert _max_diff(_hf_logits(exported), _hf_logits(original)) < 1e-5
+
+
+def test_a_run_passed_as_hf_dir_is_named_a_run(tmp_path):
+  """From an HF trial: a rung run as --hf_dir was "architecture model_type None
+  is not supported"; it is named a run, with where it goes instead (the reverse
+  mistake, an HF model as --workdir, was already named)."""
+  from train import run_config
+  run = tmp_path / "run"
+  run_config.write(str(run), base.get_config())
+  with pytest.raises(ConfigError, match=f"{run} holds a rung run, not a Hugging Face "
+                     "model") as err:
+    _import(run, tmp_path / "new")
+  assert err.value.field == "--hf_dir"
+  assert f"--workdir=runs/NEW --config.checkpoint.init_from={run}" in err.value.fix
+  assert not (tmp_path / "new").exists()
+
+
 def test_export_refuses_an_out_directory_that_holds_files(t5_llama, tmp_path):
   """export-hf wrote into a directory holding another checkpoint's shards and
   tokenizer, silently, leaving a mix that transformers and import-hf read wrongly."""
@@ -686,6 +742,39 @@ def test_a_moved_run_keeps_its_tokenizer_and_a_run_without_eos_serves(tmp_path,
       "tokenizer"] == str(tmp_path / "tok.json")
 
 
+def test_a_model_without_eos_or_tokenizer_has_no_stop_token(tmp_path, capsys):
+  """From an HF trial: a model declaring no eos_token_id, imported without a
+  tokenizer.json, was said to have no stop token, but generation stopped on the
+  byte tokenizer's 0 (an ordinary id of the model), inspect said [0] and the
+  export declared eos_token_id 0 where the original had null. Now none anywhere,
+  as transformers runs it; --config.data.eos_id still gives one."""
+  from train import inspect_run
+  config = transformers.LlamaConfig(
+      vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+      bos_token_id=None, eos_token_id=None)
+  torch.manual_seed(0)
+  original = transformers.LlamaForCausalLM(config).eval()
+  original.save_pretrained(tmp_path / "hf")
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] is None
+  _import(tmp_path / "hf", tmp_path / "run", data=8)
+  assert "stop tokens: none" in capsys.readouterr().out
+  model, run = infer.load(str(tmp_path / "run"))
+  assert hf.stop_tokens(run.data) == []
+  assert "stop tokens: []" in inspect_run.describe_run(str(tmp_path / "run"))
+  prompt = [[3, 0, 7]]  # id 0 is a token like any other of this model
+  with torch.no_grad():
+    want = original.generate(torch.tensor(prompt), max_new_tokens=12, do_sample=False,
+                             pad_token_id=1)[0, 3:].tolist()
+  assert infer.generate(model, prompt, max_new_tokens=12,
+                        stop_tokens=hf.stop_tokens(run.data)) == [want]
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+  for name in ("config.json", "generation_config.json"):
+    assert json.loads((tmp_path / "out" / name).read_text())["eos_token_id"] is None
+  run.data.eos_id = 5  # the override the fix names
+  assert hf.stop_tokens(run.data) == [5]
+
+
 def test_a_broken_tokenizer_json_is_a_config_error_naming_it(tmp_path):
   """import-hf reads the vocabulary size of --hf_dir's tokenizer.json; a file
   `tokenizers` cannot read was a bare Exception without the path."""
@@ -783,3 +872,15 @@ def test_a_run_config_json_edited_into_bad_json_names_it_and_the_copy_to_restore
   assert copy == str(run / "checkpoints" / "STEP" / "config" / "metadata")
   shutil.copy(copy.replace("STEP", "0"), run / "config.json")
   assert run_config.read(str(run)) == good
+  # the generation_config.json import-hf keeps for the export: the same kind
+  kept = run / "generation_config.json"
+  text = kept.read_text()
+  kept.write_text(text[:len(text) // 2])
+  with pytest.raises(ConfigError, match=f"{kept} cannot be read: .* Fix: restore the "
+                     "file from the model imported, or remove it") as err:
+    hf.export_hf(str(run), str(tmp_path / "out"))
+  assert err.value.field == "--workdir" and not (tmp_path / "out").exists()
+  kept.unlink()  # the fix, followed
+  hf.export_hf(str(run), str(tmp_path / "out"))
+  assert set(json.loads((tmp_path / "out" / "generation_config.json").read_text())) == {
+      "bos_token_id", "eos_token_id"}

@@ -273,9 +273,11 @@ def stop_tokens(data_cfg, tokenizer=None) -> list[int]:
   as eos_token_id): data.eos_id, or when unset its tokenizer's end-of-text id
   (`tokenizer`, else made from `data_cfg`: the byte tokenizer's is 0, a
   tokenizer.json's its eos token, none if it names none), then every id of
-  data.stop_ids. Empty: generation runs to its length."""
+  data.stop_ids. Empty: generation runs to its length. `data.eos_stops` false
+  (import-hf's for a model that declares no eos and brings no tokenizer: the byte
+  tokenizer's 0 is not its end of text) leaves the tokenizer's out."""
   eos = data_cfg.get("eos_id")
-  if eos is None:
+  if eos is None and data_cfg.get("eos_stops", True):
     eos = (tokenizer or make_tokenizer(ConfigDict(dict(data_cfg)),
                                        require_eos=False)).eos_id
   out = [] if eos is None else [int(eos)]
@@ -445,6 +447,10 @@ class SafetensorsReader:
       raise WeightsMismatch(f"the checkpoint has no tensor {name!r}")
     return self._where.pop(name).get_tensor(name)
 
+  def peek(self, name: str):
+    """The tensor `name`, or None where there is none; not marked used."""
+    return self._where[name].get_tensor(name) if name in self._where else None
+
   def unused(self) -> list[str]:
     return sorted(self._where)
 
@@ -548,6 +554,9 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------- commands
 
+GENERATION_CONFIG = "generation_config.json"
+
+
 def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ()) -> None:
   """A local HF checkpoint of a family in FAMILIES -> a rung workdir (config.json
   + step 0). Every eos_token_id of config.json and generation_config.json becomes
@@ -576,10 +585,21 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         "pass a new --workdir (or remove that directory first).")
   prepare_workdir(workdir, make=False)  # a file in its place: before any read
   hf = _read_hf_json(os.path.join(hf_dir, "config.json"))
+  if isinstance(hf.get("model"), dict):  # a run's config.json: it has a model group
+    raise ConfigError(
+        "--hf_dir", f"{hf_dir} holds a rung run, not a Hugging Face model.",
+        "pass it as --workdir to train, generate or export-hf it; a new run from its "
+        "weights: python -m experiment train "
+        f"{run_config.saved_config_flag(hf_dir)} --workdir=runs/NEW "
+        f"{sharding.flag('config.checkpoint.init_from', hf_dir)}.")
   generation = None
-  if os.path.exists(os.path.join(hf_dir, "generation_config.json")):
-    generation = _read_hf_json(os.path.join(hf_dir, "generation_config.json"))
+  if os.path.exists(os.path.join(hf_dir, GENERATION_CONFIG)):
+    generation = _read_hf_json(os.path.join(hf_dir, GENERATION_CONFIG))
   fields = model_fields_from_hf(hf)
+  reader = SafetensorsReader(hf_dir)
+  untied = fields["tie_embeddings"] and _head_differs(reader)
+  if untied:  # transformers loads these untied too (and warns)
+    fields["tie_embeddings"] = False
   _refuse_conflicting(config, fields, set_fields, hf_dir)
   moe = fields.pop("moe", None)
   config.model.update(**fields)
@@ -617,6 +637,8 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
   if stops:
     config.data.eos_id = stops[0]
     config.data.stop_ids = tuple(stops[1:])
+  elif not copied and config.data.eos_id is None:  # no eos, as transformers runs it
+    config.data.eos_stops = False
   if isinstance(hf.get("bos_token_id"), int):
     config.data.bos_id = hf["bos_token_id"]
   import model as model_lib
@@ -628,7 +650,7 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
   shardings = param_shardings(spec, mesh)
   try:
     params = params_from_hf(
-        SafetensorsReader(hf_dir), spec,
+        reader, spec,
         place=lambda path, x: jax.device_put(x, _get(shardings, path)))
   except WeightsMismatch as err:
     raise ConfigError(
@@ -648,6 +670,9 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
     if writer:
       for source, name in copied:
         shutil.copy(source, os.path.join(stage, name))
+      if generation is not None:  # its sampling defaults and pad id, for export-hf
+        shutil.copy(os.path.join(hf_dir, GENERATION_CONFIG),
+                    os.path.join(stage, GENERATION_CONFIG))
       run_config.write(stage, config_dict, home=workdir)
     ckpt = Checkpointer(stage, config.checkpoint)
     ckpt.save(state, None, config_dict, force=True)
@@ -676,12 +701,27 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         f"{_stops_line(config.data, stops, copied, cfg.vocab_size)}\n"
         f"weights: {weights}\n"
         f"tokenizer: {tokens}\n"
+        + ("head: untied: config.json ties the embeddings (tie_word_embeddings), but "
+           "the checkpoint's lm_head.weight differs from model.embed_tokens.weight, so "
+           "it is kept, as transformers loads it (export-hf writes "
+           "tie_word_embeddings false)\n" if untied else "")
         + (f"block: {cfg.block}: the imported weights run with another residual "
            "wiring than the checkpoint's model, so its outputs differ until it is "
            "fine-tuned (export-hf takes standard blocks only)\n"
            if cfg.block != "standard" else "") +
         f"fine-tune: python -m experiment train {run_config.saved_config_flag(workdir)} "
         f"{sharding.flag('workdir', workdir)}")
+
+
+def _head_differs(reader: SafetensorsReader) -> bool:
+  """Whether a checkpoint whose config.json ties the embeddings holds an
+  lm_head.weight that is not model.embed_tokens.weight (a tied checkpoint may
+  carry a copy of it, which is dropped)."""
+  head = reader.peek("lm_head.weight")
+  if head is None:
+    return False
+  embed = reader.peek("model.embed_tokens.weight")
+  return embed is None or head.shape != embed.shape or not np.array_equal(head, embed)
 
 
 def _barrier(name: str) -> None:
@@ -806,6 +846,7 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         spec.abstract_params)
   stops = stop_tokens(config.data)  # a config error before anything is written
+  generation = kept_generation_config(workdir)
   tokenizer = tokenizer_file(config.data.tokenizer)
   if tokenizer and not os.path.isfile(tokenizer):
     raise ConfigError("data.tokenizer", f"the run's tokenizer {tokenizer} is gone; the "
@@ -814,14 +855,32 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
   params = jax.device_get(ckpt.restore_params(target, step))
   ckpt.close()
   if jax.process_index() == 0:
-    _write_export(params, cfg, config, stops, workdir, out, step)
+    _write_export(params, cfg, config, stops, generation, workdir, out, step)
   if jax.process_count() > 1:  # the others wait for the files: a process that
     # exited first failed JAX's shutdown barrier and aborted every process
     _barrier("export-hf written")
 
 
-def _write_export(params, cfg: ModelConfig, config, stops, workdir: str, out: str,
-                  step: int) -> None:
+def kept_generation_config(workdir: str) -> dict:
+  """What export-hf writes into generation_config.json besides the run's bos and
+  eos ids (which overrides may have changed): the imported model's file, which
+  import-hf keeps in the run (sampling defaults such as temperature and top_p,
+  pad_token_id); {} for a run that holds none. ConfigError naming the file when
+  it cannot be read."""
+  path = os.path.join(workdir, GENERATION_CONFIG)
+  if not os.path.isfile(path):
+    return {}
+  try:
+    kept = _read_hf_json(path)
+  except ConfigError as err:
+    raise ConfigError("--workdir", err.problem, "restore the file from the model "
+                      "imported, or remove it (export-hf then writes the bos and eos "
+                      "ids alone).") from None
+  return {k: v for k, v in kept.items() if k not in ("bos_token_id", "eos_token_id")}
+
+
+def _write_export(params, cfg: ModelConfig, config, stops, generation: dict,
+                  workdir: str, out: str, step: int) -> None:
   """Process 0's half of `export_hf`: the files, written into a staging directory
   and moved into `out` once all are (config.json last, `train.staged`)."""
   from safetensors.numpy import save_file
@@ -833,9 +892,9 @@ def _write_export(params, cfg: ModelConfig, config, stops, workdir: str, out: st
     _honour_umask(weights)
     with open(os.path.join(stage, "config.json"), "w") as f:
       json.dump(hf, f, indent=2)
-    with open(os.path.join(stage, "generation_config.json"), "w") as f:
-      json.dump({"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]},
-                f, indent=2)
+    with open(os.path.join(stage, GENERATION_CONFIG), "w") as f:
+      json.dump({**generation, "bos_token_id": hf["bos_token_id"],
+                 "eos_token_id": hf["eos_token_id"]}, f, indent=2)
     if tokenizer and os.path.isfile(tokenizer):
       shutil.copy(tokenizer, os.path.join(stage, "tokenizer.json"))
       # The extras beside the tokenizer the run reads, else the run's own copies.

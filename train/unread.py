@@ -292,7 +292,8 @@ RULES: tuple[Rule, ...] = (
 # mesh it serves on, how checkpoints are read, the tokenizer and the stop ids;
 # of the model, not what only training reads (remat, the loss's chunks and
 # auxiliary weights, the unrolled training forward, initialisation).
-SERVING = ("model.", "mesh.", "data.tokenizer", "data.eos_id", "data.stop_ids")
+SERVING = ("model.", "mesh.", "data.tokenizer", "data.eos_id", "data.stop_ids",
+           "data.eos_stops")
 SERVING_UNREAD = ("model.remat", "model.loss_chunks", "model.scan_layers",
                   "model.init_std", "model.moe.aux_loss_weight",
                   "model.moe.z_loss_weight")
@@ -394,8 +395,8 @@ def unread_by_serving(config, fields: Sequence[str]) -> ConfigError | None:
     if not served or field in SERVING_UNREAD:
       return ConfigError(
           field, f"--config.{field} is set but generate never reads it: it reads "
-          "the model's architecture, the mesh, data.tokenizer, data.eos_id and "
-          "data.stop_ids, not what only training reads.",
+          "the model's architecture, the mesh, data.tokenizer and the stop ids "
+          "(data.eos_id, data.stop_ids, data.eos_stops), not what only training reads.",
           f"drop --config.{field} (`train` reads it)" + (
               "; generate reads one saved step: the latest, or --step=N"
               if field.startswith("checkpoint.") else "") + ".")
