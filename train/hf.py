@@ -527,6 +527,9 @@ def params_from_hf(weights, spec, place=None) -> dict:
     del value
   weights.pop("lm_head.weight", None)  # tied checkpoints may still carry it
   unused = weights.unused() if hasattr(weights, "unused") else sorted(weights)
+  # Older Llama checkpoints saved each layer's rotary frequencies, a buffer the
+  # config determines (transformers recomputes it too): not a weight.
+  unused = [n for n in unused if not n.endswith(".rotary_emb.inv_freq")]
   if unused:
     raise WeightsMismatch(f"the checkpoint holds tensors the model does not use: "
                           f"{unused[:5]}")
