@@ -776,6 +776,10 @@ def test_a_model_without_eos_or_tokenizer_has_no_stop_token(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / name).read_text())["eos_token_id"] is None
   run.data.eos_id = 5  # the override the fix names
   assert hf.stop_tokens(run.data) == [5]
+  c = base.get_config()  # given at import, it is said as what the run stops on
+  c.mesh.data, c.data.eos_id = 8, 5
+  hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "run5"), c, ("data.eos_id",))
+  assert "stop tokens: [5] (data.eos_id)" in capsys.readouterr().out
 
 
 def test_a_broken_tokenizer_json_is_a_config_error_naming_it(tmp_path):

@@ -760,7 +760,8 @@ def _stops_line(data_cfg, stops: list[int], copied: list[tuple[str, str]],
                 vocab_size: int) -> str:
   """What import-hf says the run stops on: config.json's eos ids (with a warning
   for any the model's vocabulary does not hold), else what `stop_tokens` finds
-  with the tokenizer being copied (its end-of-text token), else none."""
+  (data.eos_id given, or the end-of-text token of the tokenizer being copied),
+  else none."""
   if stops:
     past = [i for i in stops if i >= vocab_size]
     return str(stops) + (
@@ -768,11 +769,12 @@ def _stops_line(data_cfg, stops: list[int], copied: list[tuple[str, str]],
         f"{vocab_size}: the model cannot emit {'it' if len(past) == 1 else 'them'}, "
         "and generate refuses such stop ids until they are dropped with "
         "--config.data.eos_id / --config.data.stop_ids)" if past else "")
-  if copied:
-    from train.tokenizer import HFTokenizer
-    found = stop_tokens(data_cfg, HFTokenizer(copied[0][0], require_eos=False))
-    if found:
-      return f"{found} (the tokenizer's end-of-text token)"
+  from train.tokenizer import HFTokenizer
+  found = stop_tokens(data_cfg, HFTokenizer(copied[0][0], require_eos=False)
+                      if copied else None)
+  if found:
+    return f"{found} (" + ("data.eos_id" if data_cfg.get("eos_id") is not None else
+                           "the tokenizer's end-of-text token") + ")"
   return ("none (generation runs to --max_new_tokens; --config.data.eos_id=ID "
           "sets one)")
 
