@@ -245,7 +245,7 @@ def _a(kind: str) -> str:
 
 def _typed_example(text: str, given: str, declared: str) -> str | None:
   """The value a config file meant, written as the declared type (Python source),
-  or None where there is no one reading: `"fsdp"` for a tuple of mesh axes is
+  or None where no one reading is clear (`"big"` for an int): `"fsdp"` for a tuple of mesh axes is
   `('fsdp',)`, `[4, 5]` for a str layer list is `'4,5'` (the command line's
   spelling), `"128"` for an int is `128`. `text` is the value as ml_collections
   printed it (str() of it)."""
@@ -301,10 +301,9 @@ def _raised_in(path: str, err: Exception) -> ConfigError:
   if wrong_type:
     field, value, given, declared = wrong_type.groups()
     example = _typed_example(value, given, declared)
+    e_g = f", e.g. `{field} = {example}`" if example else ""
     return ConfigError("--config", f"{where}: field `{field}` is declared {declared}; "
                        f"it was given {value!r}, {_a(given)}.",
-                       f"give `{field}` {_a(declared)}"
-                       + (f", e.g. `{field} = {example}`" if example
-                                        else "") + ".")
+                       f"give `{field}` {_a(declared)}{e_g}.")
   return ConfigError("--config", f"{where}: {type(err).__name__}: {text}",
                      f"fix {where}.")
