@@ -83,6 +83,26 @@ def test_tokens_source_reads_bin_memmap(tiny_config, tmp_path, capsys):
     assert set(diffs) == {1}, row
 
 
+def test_tokens_ids_past_the_tokenizers_vocabulary_are_said(tiny_config, tmp_path,
+                                                            capsys):
+  """From the carried list: `tokens` files whose ids reach past data.tokenizer's
+  vocabulary (but not model.vocab_size) trained silently; generation then could
+  not decode them. The data line warns, naming both; ids within it say nothing."""
+  from conftest import write_word_tokenizer
+  tok = write_word_tokenizer(tmp_path / "tok.json", ["</s>"] + [f"w{i}" for i in range(39)])
+  for top, warned in ((39, False), (45, True)):
+    bins = tmp_path / f"ids{top}"
+    bins.mkdir()
+    (np.arange(1000, dtype=np.uint16) % top + 1).tofile(bins / "shard0.bin")
+    c = tiny_config
+    c.data.update(source="tokens", path=str(bins), token_dtype="uint16", eos_id=0,
+                  tokenizer=tok, eval_fraction=0.1)
+    next(make_data_on(c).train)
+    said = capsys.readouterr().out
+    assert (f"token ids reach {top}, past the 40 ids of data.tokenizer {tok}" in said
+            ) == warned, said
+
+
 def test_tokens_ids_past_the_vocabulary_and_files_that_are_not_ids(tiny_config,
                                                                    tmp_path):
   """`tokens` files were never scanned: ids at or past model.vocab_size trained to

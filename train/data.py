@@ -451,6 +451,11 @@ def _windows(view, tokenizer, config, what: str
         + ("." if view.source == "tokens" else
            f" (tokenizer vocabulary {tokenizer.vocab_size})."),
         f"set --config.model.vocab_size to at least {max_id + 1}.")
+  if (view.source == "tokens" and max_id is not None and isinstance(tokenizer, HFTokenizer)
+      and max_id >= tokenizer.vocab_size):  # ids another tokenizer made, likely
+    _say(f"data: warning: {what}'s token ids reach {max_id:,}, past the "
+         f"{tokenizer.vocab_size:,} ids of data.tokenizer {d.tokenizer}: generated text "
+         "cannot decode them; pass the tokenizer that made the .bin files")
   split = int(len(stream) * (1 - d.eval_fraction))
   eos = d.eos_id if view.source == "tokens" else tokenizer.eos_id
   if eos is None:
