@@ -197,6 +197,25 @@ def test_unreadable_checkpoint_error_and_fallback(tiny_config, tmp_path, capsys)
     assert "resuming from step 7" in capsys.readouterr().out
 
 
+def test_the_fallback_says_which_unreadable_steps_the_run_saves_again(tiny_config):
+  """From a pipelines trial: a run's last save (step 8, not a multiple of
+  every_steps=3) set aside as unreadable was promised "the run saves it again
+  when it gets there", and a resume to 9 did not. The note follows the loop's
+  save rule: a multiple of checkpoint.every_steps, or the run's last step."""
+  from train.loop import _saved_again
+  c = tiny_config
+  for every, last, steps, saved in ((3, 9, [8], []), (3, 9, [6], [6]), (3, 8, [8], [8]),
+                                    (3, 9, [6, 8], [6]), (0, 9, [8], []),
+                                    (3, 7, [9], [])):
+    c.checkpoint.every_steps, c.train.steps = every, last
+    note = _saved_again(steps, c)
+    assert note.startswith("the run saves") == bool(saved), note
+    assert ("not step" in note) == (saved != steps), note
+  c.checkpoint.every_steps, c.train.steps = 3, 9
+  assert _saved_again([8], c) == ("not step 8: this run saves steps that are multiples "
+                                  "of checkpoint.every_steps=3 and its last, 9")
+
+
 def _gone(workdir, step):
   """The step's array files deleted (its manifest and metadata kept)."""
   for name in ("d", "ocdbt.process_0"):

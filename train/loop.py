@@ -177,11 +177,11 @@ def _train(config, workdir: str, stop: StopOnSignal, devices, progress: bool,
     saved_replicas, saved_dl = saved_layout(restored)
     if ckpt.unreadable:
       skipped = "; ".join(f"step {s}: {why}" for s, why in ckpt.unreadable)
+      again = _saved_again([s for s, _ in ckpt.unreadable], config)
       moved = ckpt.set_aside_unreadable()
       _say(f"checkpoint.fallback: could not read {skipped}; restored step {restored} "
            f"instead, and set the unreadable step{'s' if len(moved) > 1 else ''} aside "
-           f"as {', '.join(moved)} (the run saves {'them' if len(moved) > 1 else 'it'} "
-           "again when it gets there)")
+           f"as {', '.join(moved)} ({again})")
     if restored == 0:  # step 0 (import-hf's, or a fallback's): its parameters alone
       # (`restore`), and the optimizer, compression and DiLoCo states fresh
       state = init_state(spec, tx, mesh, t.seed, params=state.params, comp=comp, dl=dl)
@@ -504,6 +504,21 @@ def _new_window_order_note(saved: dict, config, step: int) -> str | None:
   return (f"data: {' and '.join(changed)}: the windows are cut and shuffled anew, and "
           f"step {step + 1} reads on from the same window number of the new order, so "
           "windows read before may come again and others not at all")
+
+
+def _saved_again(steps: list[int], config) -> str:
+  """Whether this run saves `steps` (set aside as unreadable) when it gets there:
+  a multiple of checkpoint.every_steps, or its last step."""
+  every, last = config.checkpoint.every_steps, config.train.steps
+  again = [s for s in steps if every and s <= last and (s % every == 0 or s == last)]
+  if again == steps:
+    return f"the run saves {'them' if len(steps) > 1 else 'it'} again when it gets there"
+  others = [s for s in steps if s not in again]
+  why = (f"this run saves steps that are multiples of checkpoint.every_steps={every} "
+         f"and its last, {last}" if every else "checkpoint.every_steps=0 saves none")
+  return ((f"the run saves step {', '.join(map(str, again))} again when it gets "
+           "there; " if again else "") +
+          f"not step {', '.join(map(str, others))}: {why}")
 
 
 def _same_step_on_every_process(step: int) -> int:
