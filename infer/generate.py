@@ -168,8 +168,6 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
   prompts = [_token_ids(f"prompt {row}", p, vocab) for row, p in enumerate(prompts)]
   stop_tokens = _stop_list(stop_tokens)
   _token_ids("stop_tokens", stop_tokens, vocab)
-  if not _is_int(seed):
-    raise ValueError(f"seed={seed!r} must be an integer.")
   check_sampling(temperature, top_k, top_p, max_new_tokens=max_new_tokens, seed=seed,
                  warn_ignored=True)
   if max_new_tokens == 0:

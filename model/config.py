@@ -101,6 +101,14 @@ class ModelConfig:
   moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
+    # From Python, a dtype may be given as one (jnp.bfloat16): its name is the field
+    for field in ("compute_dtype", "param_dtype"):
+      value = getattr(self, field)
+      if not isinstance(value, str):
+        try:
+          object.__setattr__(self, field, jnp.dtype(value).name)
+        except TypeError:
+          pass  # validate names the field
     # From Python, `moe` may be the dict `config.model.moe` is (dict(num_experts=4)).
     if isinstance(self.moe, (dict, ConfigDict)):
       object.__setattr__(self, "moe", MoEConfig(**_known_fields(

@@ -445,7 +445,7 @@ def test_a_diverged_run_stops_without_saving_it(log_every, save_every, tmp_path,
   row goes to metrics.jsonl as strict JSON (null)."""
   import json
   from conftest import make_tiny_config
-  from train.loop import Diverged
+  from train import Diverged  # exported for Python callers (a trial found it was not)
   good = _ckpt_config(make_tiny_config(), 3, total=12)
   train.train(good, str(tmp_path), progress=False)
   c = _ckpt_config(make_tiny_config(), 12, total=12)

@@ -148,10 +148,13 @@ def test_prompts_as_an_array_and_the_mistakes_of_shape(tiny_model):
     ("max_new_tokens", dict(max_new_tokens=-1)),
     ("max_new_tokens", dict(max_new_tokens=2.0)),
     ("max_new_tokens", dict(max_new_tokens=None)),  # was a raw TypeError
+    # a plain ValueError before (a trial's `except SamplingArgumentError` missed it)
+    ("seed", dict(max_new_tokens=2, temperature=1.0, seed=None)),
+    ("seed", dict(max_new_tokens=2, seed=1.5)),
     ("temperature", dict(max_new_tokens=2, temperature=-0.5)),
     ("top_p", dict(max_new_tokens=2, temperature=1.0, top_p=2.0))])
 def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
-  with pytest.raises(ValueError, match=argument) as err:
+  with pytest.raises(infer.SamplingArgumentError, match=argument) as err:
     infer.generate(tiny_model, [[1, 2, 3]], **kwargs)
   assert err.value.argument == argument
 

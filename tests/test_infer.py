@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import infer
+import sharding
 from model import Decoder, ModelConfig, MoEConfig
 from train import run_config
 
@@ -135,6 +136,20 @@ def imported_hf(tmp_path_factory):
 
 
 PROMPTS = [[5, 17, 99, 3], [8, 1, 2, 44, 45, 46, 100, 7, 7], [120]]
+
+
+def test_a_step_that_is_not_an_integer_is_named_so(imported_hf):
+  """From a Python-API trial: infer.load(step="0") said "0 is not a saved step
+  (saved: 0)", and step=0.0 passed the saved-step test, then failed as an
+  unreadable step, pointing at the step before it. A step that is not an integer
+  is refused as such; a NumPy integer is one."""
+  _, workdir = imported_hf
+  for step in ("0", 0.0, True):
+    with pytest.raises(sharding.ConfigError, match=rf"{step!r} is a "
+                       rf"{type(step).__name__}; a step is an integer \(saved: 0\)"):
+      infer.load(workdir, step=step)
+  model, _ = infer.load(workdir, step=np.int64(0))
+  assert model.cfg.num_layers == 2
 
 
 def test_greedy_equals_transformers_generate(imported_hf):

@@ -34,6 +34,21 @@ def naive_attention(q, k, v, segment_ids=None):
   return out
 
 
+def test_dtype_fields_take_dtypes_as_their_names():
+  """From a Python-API trial: ModelConfig(compute_dtype=jnp.bfloat16) was refused
+  as "<class 'jax.numpy.bfloat16'> is not one of float32, bfloat16". A dtype is
+  taken as its name (equal configs, one compiled program); one rung does not run
+  is still refused by name."""
+  from sharding import ConfigError
+  for given, name in ((jnp.bfloat16, "bfloat16"), (np.float32, "float32"),
+                      (jnp.dtype("bfloat16"), "bfloat16")):
+    cfg = ModelConfig(compute_dtype=given, param_dtype=given)
+    cfg.validate()
+    assert cfg == ModelConfig(compute_dtype=name, param_dtype=name)
+  with pytest.raises(ConfigError, match="'float16' is not one of float32, bfloat16"):
+    ModelConfig(compute_dtype=jnp.float16).validate()
+
+
 @pytest.mark.parametrize("segments", [False, True])
 def test_reference_attention_matches_naive(segments):
   rng = np.random.default_rng(0)

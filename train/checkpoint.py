@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -164,11 +165,17 @@ class Checkpointer:
           "run then saves too), or pass the --workdir of a run with a checkpoint.")
     if step is None:
       return steps[-1]
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+      # "4" and True were "not a saved step (saved: 4, ...)"; 4.0 passed the
+      # membership test and failed as an unreadable step
+      raise ConfigError("--step", f"{step!r} is a {type(step).__name__}; a step is an "
+                        f"integer (saved: {', '.join(map(str, steps))}).",
+                        f"pass --step={steps[-1]} (the latest), or leave --step out.")
     if step not in steps:
       raise ConfigError("--step", f"{step} is not a saved step of this run "
                         f"(saved: {', '.join(map(str, steps))}).",
                         f"pass --step={steps[-1]} (the latest), or leave --step out.")
-    return step
+    return int(step)
 
   def save(self, state: TrainState, data_iter: Any, config_dict: dict, *,
            eval_loss: float | None = None, force: bool = False) -> bool:

@@ -94,6 +94,12 @@ def train(config, workdir: str, *, devices: list[jax.Device] | None = None,
   `devices` restricts the run to a subset (tests use it to compare 1 device with 8).
   SIGTERM / SIGINT save the step reached and stop; one that comes during setup
   stops the run before its first step.
+
+  Raises `sharding.ConfigError` for a config that cannot run, before compiling
+  (`sharding.MeshTooLarge` for a mesh past the devices); `train.CheckpointError`
+  for a checkpoint that exists but cannot be read, or cannot be written;
+  `train.Diverged` when the loss or the state stops being finite (the state
+  reached is not saved, so every kept checkpoint is finite).
   """
   stop = StopOnSignal()  # from the start: a signal during setup is not lost
   try:
