@@ -193,13 +193,24 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
                                             chip_config_name="megacore", **kwargs)
   except Exception as err:  # noqa: BLE001 -- libtpu's message names the problem
+    why = str(err).strip().splitlines()[-1]
+    if "lockfile" in why:  # another process started libtpu: not the topology
+      raise ConfigError(
+          "--topology", f"libtpu is held by another process on this host ({why})",
+          "let that process end, or stop it: a compile, a notebook kernel or a "
+          "script that imported jax with libtpu installed and without "
+          "JAX_PLATFORMS=cpu holds libtpu until it exits (`fuser -v "
+          "/tmp/libtpu_lockfile` names it); remove the file only if no process "
+          "holds it.") from None
     name = topology.split(":", 1)[0]
     host = "2x2x1" if chip.wraparound == "cube" else "2x2"
-    raise ConfigError("--topology", f"libtpu cannot build {topology!r}: "
-                      f"{str(err).strip().splitlines()[-1]}",
-                      f"use a {name} slice of at least one host ({name}:{host}; "
+    smallest = f"{name}:{host}"
+    raise ConfigError("--topology", f"libtpu cannot build {topology!r}: {why}",
+                      f"use a {name} slice of at least one host ({smallest}; "
                       "deviceless compiles take no smaller shape), e.g. "
-                      f"--topology={name}:{host}.") from None
+                      f"--topology={smallest}." if topology != smallest else
+                      "libtpu's reason above names what it refused; this is the "
+                      f"smallest {name} slice a deviceless compile takes.") from None
   return list(desc.devices)
 
 

@@ -646,6 +646,32 @@ def test_bad_topology_is_a_config_error(topology, message):
 
 
 @needs_libtpu
+def test_libtpu_held_elsewhere_is_not_blamed_on_the_topology(monkeypatch):
+  """From a Python-API trial: while another process held libtpu's lock,
+  compile_step said "libtpu cannot build 'v5e:2x2'" with the fix "use ...
+  --topology=v5e:2x2", the topology given. The held lock is named with how to
+  free it; any other refusal of the smallest slice no longer offers it back."""
+  from jax.experimental import topologies
+
+  def refuse(why):
+    def get_topology_desc(**kwargs):
+      raise RuntimeError(why)
+    monkeypatch.setattr(topologies, "get_topology_desc", get_topology_desc)
+  refuse('ABORTED: Internal error when accessing libtpu multi-process lockfile. '
+         'Run "$ sudo rm /tmp/libtpu_lockfile".')
+  with pytest.raises(ConfigError, match=r"libtpu is held by another process on this "
+                     r"host \(ABORTED: .*\)\. Fix: let that process end") as err:
+    aot.topology_devices("v5e:2x2")
+  assert "--topology=" not in err.value.fix
+  refuse("INVALID_ARGUMENT: something else")
+  with pytest.raises(ConfigError, match="libtpu cannot build 'v5e:2x2'") as err:
+    aot.topology_devices("v5e:2x2")
+  assert "--topology=v5e:2x2" not in err.value.fix
+  with pytest.raises(ConfigError, match=r"e.g. --topology=v5e:2x2\.$"):
+    aot.topology_devices("v5e:1x1")
+
+
+@needs_libtpu
 def test_building_a_topology_leaves_no_cluster_hints_behind():
   """The defaults that quiet libtpu's metadata lookup are set for the call only:
   left in the environment, they made later runs in this process (and the
