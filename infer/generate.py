@@ -158,6 +158,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens
                      "infer.text.generate_text.")
   if not len(prompts):
     raise ValueError("prompts is empty; pass at least one prompt (a list of ids).")
+  if pad_to is not None and not (_is_list(pad_to) and len(pad_to) == 2 and all(
+      _is_int(as_python(n)) and as_python(n) >= 0 for n in pad_to)):
+    raise ValueError(f"pad_to={pad_to!r} must be (rows, prompt length), two integers "
+                     ">= 0, e.g. pad_to=(8, 64); or None (no padding).")
   if any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
   # 0-d arrays (jnp.float32(0.5)) as the numbers they hold: the sampling

@@ -177,6 +177,11 @@ def test_generate_refuses_bad_arguments(tiny_model, argument, kwargs):
     ([[1]], dict(seed=2 ** 32), r"seed=4294967296 must be an integer in \[0, 2\*\*32\)"),
     ([[1]], dict(seed=-1), r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
     ([[1]], dict(seed=10 ** 20), r"seed=100000000000000000000 must be"),
+    # from a Python-API trial: unpacking errors, or -1 taken silently
+    ([[1]], dict(pad_to=(2,)), r"pad_to=\(2,\) must be \(rows, prompt length\)"),
+    ([[1]], dict(pad_to="x8"), r"pad_to='x8' must be"),
+    ([[1]], dict(pad_to=(2.5, 4)), r"pad_to=\(2\.5, 4\) must be"),
+    ([[1]], dict(pad_to=(-1, 5)), r"pad_to=\(-1, 5\) must be .* two integers >= 0"),
 ])
 def test_generate_refuses_ids_and_seeds_of_the_wrong_type(tiny_model, prompts, kwargs,
                                                           message):
