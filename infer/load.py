@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import jax
@@ -17,6 +18,31 @@ from model import Decoder, ModelConfig
 from train import run_config
 from train.checkpoint import Checkpointer
 from train.state import abstract_params, model_spec
+
+
+# A run of mesh flags in a fix: `--config.mesh.data=-1 --config.mesh.tensor=2`.
+_MESH_FLAGS = re.compile(r"--config\.mesh\.(\w+)=(-?\d+)(?:\s+--config\.mesh\.\w+=-?\d+)*")
+
+
+def _as_overrides(err: sharding.ConfigError, overrides: dict[str, int]
+                  ) -> sharding.ConfigError:
+  """A mesh error met by `load(mesh_overrides=...)` with its fix in that
+  argument's terms: the flags `--config.mesh.data=-1` (what the command line
+  passes) become `mesh_overrides={'tensor': 2, 'data': -1}`, the caller's sizes
+  with the fix's."""
+  fix = err.mesh_fix if isinstance(err, sharding.MeshTooLarge) else err.fix
+  found = _MESH_FLAGS.search(fix)
+  if not found:
+    return err
+  sizes = {**overrides, **{axis: int(size) for axis, size in re.findall(
+      r"--config\.mesh\.(\w+)=(-?\d+)", found.group(0))}}
+  fix = fix[:found.start()] + f"mesh_overrides={sizes!r}" + fix[found.end():]
+  fewer = re.search(r"has (\d+) devices? but (\d+) are available", err.problem)
+  if fewer and int(fewer.group(1)) < int(fewer.group(2)):  # or on that many devices
+    n = int(fewer.group(1))
+    fix = (fix.rstrip(".") + f"; or serve on {n} of them: devices=jax.devices()[:{n}] "
+           "beside the same mesh_overrides.")
+  return err.with_fix(fix)
 
 
 def load(workdir: str, *, step: int | None = None,
@@ -55,7 +81,10 @@ def load(workdir: str, *, step: int | None = None,
     config.mesh.update(**mesh_overrides)
   model.validate(config.model)  # overrides of the saved model are checked too
   devices = list(jax.devices() if devices is None else devices)
-  sizes = sharding.validate_serving_plan(config, len(devices), saved_model=True)
+  try:
+    sizes = sharding.validate_serving_plan(config, len(devices), saved_model=True)
+  except sharding.ConfigError as err:
+    raise (_as_overrides(err, mesh_overrides) if mesh_overrides else err) from None
   config.mesh.update(**sizes)
   config.model.attention = kernels.serving_impl(
       config.model.attention,

@@ -39,6 +39,10 @@ class ConfigError(ValueError):
            f"set {flag} to one of them.")
     return cls(field, f"{value!r} is not one of {', '.join(allowed)}.", fix)
 
+  def with_fix(self, fix: str) -> "ConfigError":
+    """The same error with another fix."""
+    return ConfigError(self.field, self.problem, fix)
+
 
 class MeshTooLarge(ConfigError):
   """A mesh that asks for more devices than there are. `fix` changes the mesh;

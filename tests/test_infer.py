@@ -1,6 +1,8 @@
 """KV-cache generation against full forwards, HF and other meshes."""
 
 import dataclasses
+import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +152,36 @@ def test_a_step_that_is_not_an_integer_is_named_so(imported_hf):
       infer.load(workdir, step=step)
   model, _ = infer.load(workdir, step=np.int64(0))
   assert model.cfg.num_layers == 2
+
+
+def test_a_mesh_error_of_load_is_fixed_in_mesh_overrides(imported_hf, tmp_path):
+  """From a Python-API trial: README's infer.load(run, mesh_overrides={"tensor":
+  2}) on a run saved with data=8 was refused with the fix "pass
+  --config.mesh.data=-1", which load cannot take. From mesh_overrides the fix is
+  that argument with the caller's sizes, and followed as given it loads; a mesh
+  smaller than the devices is also offered `devices=`."""
+  import ast
+  import re
+  import shutil
+  _, workdir = imported_hf
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  saved = json.loads((run / "config.json").read_text())
+  saved["mesh"]["data"] = 8
+  (run / "config.json").write_text(json.dumps(saved))
+  for asked, devices in (({"fsdp": 2}, None), ({"data": 2}, 2)):
+    with pytest.raises(sharding.ConfigError) as err:
+      infer.load(str(run), mesh_overrides=asked)
+    assert "--config.mesh" not in err.value.fix, err.value.fix
+    given = ast.literal_eval(re.search(r"mesh_overrides=(\{[^}]*\})", err.value.fix)[1])
+    assert given.items() >= asked.items() or devices, given
+    _, config = infer.load(str(run), mesh_overrides=given)  # the fix, as given
+    assert math.prod(config.mesh[a] for a in sharding.AXES) == len(jax.devices())
+    if devices:
+      assert f"devices=jax.devices()[:{devices}]" in err.value.fix
+      _, config = infer.load(str(run), mesh_overrides=asked,
+                             devices=jax.devices()[:devices])
+      assert config.mesh.data == devices
 
 
 def test_greedy_equals_transformers_generate(imported_hf):
