@@ -168,6 +168,12 @@ class ModelConfig:
     return tuple("ladder" if i in ladder else "standard"
                   for i in range(self.num_layers))
 
+  def standard_wiring(self) -> bool:
+    """Whether every layer is a standard block (`block=standard`, or a ladder
+    block whose ladder_layers pick none): the residual dataflow transformers'
+    models have, so HF import and export keep the model's outputs."""
+    return set(self.layer_kinds()) == {"standard"}
+
   def describe_blocks(self) -> str:
     """'ladder block', or for a hybrid 'ladder block on layers 2-3 (standard on
     0-1)': what the run's first lines say of the dataflow."""
@@ -302,8 +308,9 @@ def validate(cfg: Any) -> None:
         f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention shares each "
         "K/V head across an equal group of query heads).",
         "choose num_kv_heads dividing num_heads.")
-  picked = parse_ladder_layers(cfg.ladder_layers, cfg.num_layers)
-  if cfg.block != "ladder" and 0 < len(picked) < cfg.num_layers:
+  parse_ladder_layers(cfg.ladder_layers, cfg.num_layers)  # refuses what does not parse
+  if cfg.block != "ladder" and cfg.ladder_layers not in ("all", "none"):
+    # (one that picks every layer was accepted, and the model stayed cfg.block)
     raise ConfigError(
         "model.ladder_layers", f"{cfg.ladder_layers!r} picks ladder layers, but "
         f"model.block={cfg.block!r} has none, so it would be ignored.",

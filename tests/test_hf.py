@@ -314,15 +314,27 @@ def test_import_refuses_overrides_config_json_decides(t5_llama, tmp_path):
 
 
 def test_export_refuses_ladder(t5_llama, tmp_path):
+  """A ladder model has no transformers equivalent; a ladder block whose
+  ladder_layers pick none is a standard model (a ladder trial found it refused)
+  and exports the same weights and logits."""
   _import(t5_llama, tmp_path / "rung", data=8)
+  hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "standard"))
   cfg = json.loads((tmp_path / "rung" / "config.json").read_text())
-  cfg["model"]["block"] = "ladder"
-  (tmp_path / "rung" / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ConfigError, match="'ladder' model has no transformers equivalent"
-                     ) as err:
-    hf.export_hf(str(tmp_path / "rung"), str(tmp_path / "out"))
-  assert "only runs trained with --config.model.block=standard export" in err.value.fix
-  assert not os.path.exists(tmp_path / "out")
+  for layers, exports in (("all", False), ("upper:1", False), ("none", True)):
+    cfg["model"].update(block="ladder", ladder_layers=layers)
+    (tmp_path / "rung" / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / f"out_{layers.replace(':', '')}"
+    if exports:
+      hf.export_hf(str(tmp_path / "rung"), str(out))
+      a, b = (transformers.AutoModelForCausalLM.from_pretrained(p).eval()
+              for p in (tmp_path / "standard", out))
+      assert _max_diff(_hf_logits(a), _hf_logits(b)) == 0
+      continue
+    with pytest.raises(ConfigError, match="a ladder block.* model has no transformers "
+                       "equivalent") as err:
+      hf.export_hf(str(tmp_path / "rung"), str(out))
+    assert "only runs trained with --config.model.block=standard export" in err.value.fix
+    assert not os.path.exists(out)
 
 
 def test_a_capacity_dispatch_moe_export_says_transformers_drops_nothing(

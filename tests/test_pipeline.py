@@ -281,6 +281,18 @@ def test_bad_pipelines_are_config_errors(change, field):
   assert assert_fixes_validate(c).field == field
 
 
+def test_a_hybrid_ladder_on_stages_is_refused_in_a_sentence():
+  """From a ladder trial: the refusal read "`model.ladder_layers`: is 'upper:2':
+  a pipelined model ...", a sentence without its subject."""
+  from train.validate import validate_config
+  c = _config({"data": -1, "stage": 2})
+  c.model.update(block="ladder", ladder_layers="upper:2")
+  with pytest.raises(sharding.ConfigError, match=r"'upper:2' mixes ladder and standard "
+                     r"layers \(ladder block on layers 2-3 \(standard on 0-1\)\), but "
+                     r"a pipelined model"):
+    validate_config(c, 8)
+
+
 def test_cli_refuses_layers_that_do_not_split_over_stages(tmp_path):
   out = run_cli("train", "--config=experiments/base.py", f"--workdir={tmp_path}",
                 "--config.model.num_layers=3", "--config.mesh.stage=2",

@@ -49,6 +49,14 @@ CASES = {
     "ladder_layers_on_standard": ({"model.ladder_layers": "upper:1"},
                                   "model.ladder_layers", "'upper:1' picks ladder "
                                   "layers, but model.block='standard' has none"),
+    # (from a ladder trial: one picking every layer was accepted and ignored)
+    "ladder_layers_all_on_standard": ({"model.ladder_layers": "upper:4"},
+                                      "model.ladder_layers", "'upper:4' picks ladder "
+                                      "layers, but model.block='standard' has none"),
+    "ladder_list_on_parallel": ({"model.block": "parallel",
+                                 "model.ladder_layers": "0,1,2,3"},
+                                "model.ladder_layers", "'0,1,2,3' picks ladder "
+                                "layers, but model.block='parallel' has none"),
     "ring_unsplit": ({"model.attention": "ring"}, "model.attention",
                      "'ring', which exchanges the sequence between the devices of the "
                      "mesh axis the rules split `length` over, but mesh.sequence=1 does "

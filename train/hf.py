@@ -711,7 +711,7 @@ def import_hf(hf_dir: str, workdir: str, config, set_fields: Sequence[str] = ())
         + (f"block: {cfg.block}: the imported weights run with another residual "
            "wiring than the checkpoint's model, so its outputs differ until it is "
            "fine-tuned (export-hf takes standard blocks only)\n"
-           if cfg.block != "standard" else "") +
+           if not cfg.standard_wiring() else "") +
         f"fine-tune: python -m experiment train {run_config.saved_config_flag(workdir)} "
         f"{sharding.flag('workdir', workdir)}")
 
@@ -837,9 +837,9 @@ def export_hf(workdir: str, out: str, step: int | None = None) -> None:
     raise ConfigError("--out", f"{unwritable}.", "pass a directory you can write.")
   config = run_config.load(workdir)
   cfg = ModelConfig.from_config(config.model)
-  if cfg.block != "standard":
-    raise ConfigError("model.block", f"a {cfg.block!r} model has no transformers "
-                      "equivalent (LlamaForCausalLM is a standard block).",
+  if not cfg.standard_wiring():  # (a ladder block with ladder_layers=none exports)
+    raise ConfigError("model.block", f"a {cfg.describe_blocks()} model has no "
+                      "transformers equivalent (LlamaForCausalLM is a standard block).",
                       "only runs trained with --config.model.block=standard export; "
                       "serve this one with `generate` or infer.load.")
   family_of(cfg)  # refuses field combinations no HF family has

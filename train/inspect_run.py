@@ -43,7 +43,7 @@ def _describe_model(saved: dict) -> list[str]:
     if len(ladder) < cfg.num_layers:
       block = (f"ladder block in layers {','.join(map(str, ladder))} (standard "
                "elsewhere)" if ladder else "standard block (ladder_layers=none)")
-  if cfg.block != "standard":  # export refuses these (HF has no such block)
+  if not cfg.standard_wiring():  # export refuses these (HF has no such block)
     family = "no transformers family"
   data = saved.get("data", {})
   try:

@@ -408,9 +408,10 @@ def _validate_pipeline(config, sizes: dict[str, int]) -> None:
         "set --config.model.scan_layers=true.")
   if len(cfg.segments()) > 1:
     raise ConfigError(
-        "model.ladder_layers", f"is {cfg.ladder_layers!r}: a pipelined model "
-        "(mesh.stage > 1 or pipeline.microbatches > 1) must have one layer kind, "
-        "since every stage runs the same program.",
+        "model.ladder_layers", f"{cfg.ladder_layers!r} mixes ladder and standard "
+        f"layers ({cfg.describe_blocks()}), but a pipelined model (mesh.stage > 1 "
+        "or pipeline.microbatches > 1) must have one layer kind, since every stage "
+        "runs the same program.",
         "set --config.model.ladder_layers=all, or --config.model.block=standard "
         "--config.model.ladder_layers=all.")
   if p["schedule"] == "circular" and m < stages:
