@@ -110,7 +110,8 @@ def test_an_interrupted_import_or_export_leaves_nothing_and_runs_again(
   leftover.mkdir()
   (leftover / "config.json").write_text("{}")
   hf.import_hf(source, str(run), base.get_config())
-  assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "tokenizer.json"]
+  assert sorted(os.listdir(run)) == ["checkpoints", "config.json",
+                                     "generation_config.json", "tokenizer.json"]
 
   from safetensors import numpy as st_numpy
   real = st_numpy.save_file

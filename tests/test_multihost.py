@@ -317,7 +317,9 @@ def test_two_processes_generate_and_export_what_one_process_does(tmp_path):
                                        command="import-hf")
   for proc, _, err in results:
     assert proc.returncode == 0, err[-3000:]
-  assert sorted(os.listdir(back)) == ["checkpoints", "config.json"]
+  # (generation_config.json: kept for export-hf since session 39)
+  assert sorted(os.listdir(back)) == ["checkpoints", "config.json",
+                                      "generation_config.json"]
   export_hf(str(back), str(tmp_path / "hf3"))
   again = load_file(str(tmp_path / "hf3" / "model.safetensors"))
   assert all(np.array_equal(again[k], one[k]) for k in one)

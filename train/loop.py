@@ -420,8 +420,7 @@ def _train(config, workdir: str, stop: StopOnSignal, devices, progress: bool,
       if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
         with timer.paused(wait_for_steps):
           eval_loss = evaluate(done)["eval_loss"]
-      every = config.checkpoint.every_steps
-      if every and (done % every == 0 or done == t.steps):
+      if _saves(done, config):
         save(done, metrics, eval_loss)
       if stop.reached(done):
         save(done, metrics, force=True)
@@ -512,11 +511,18 @@ def _new_window_order_note(saved: dict, config, step: int) -> str | None:
           "windows read before may come again and others not at all")
 
 
-def _saved_again(steps: list[int], config) -> str:
-  """Whether this run saves `steps` (set aside as unreadable) when it gets there:
-  a multiple of checkpoint.every_steps, or its last step."""
+def _saves(step: int, config) -> bool:
+  """Whether the loop saves `step` (besides a signal's save): a multiple of
+  checkpoint.every_steps, or the run's last step (none with every_steps=0)."""
   every, last = config.checkpoint.every_steps, config.train.steps
-  again = [s for s in steps if every and s <= last and (s % every == 0 or s == last)]
+  return bool(every) and step <= last and (step % every == 0 or step == last)
+
+
+def _saved_again(steps: list[int], config) -> str:
+  """Whether this run saves `steps` (set aside as unreadable) when it gets there
+  (`_saves`), said for the fallback's note."""
+  every, last = config.checkpoint.every_steps, config.train.steps
+  again = [s for s in steps if _saves(s, config)]
   if again == steps:
     return f"the run saves {'them' if len(steps) > 1 else 'it'} again when it gets there"
   others = [s for s in steps if s not in again]
