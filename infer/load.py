@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import re
+import math
 from typing import Any
 
 import jax
@@ -20,28 +20,23 @@ from train.checkpoint import Checkpointer
 from train.state import abstract_params, model_spec
 
 
-# A run of mesh flags in a fix: `--config.mesh.data=-1 --config.mesh.tensor=2`.
-_MESH_FLAGS = re.compile(r"--config\.mesh\.(\w+)=(-?\d+)(?:\s+--config\.mesh\.\w+=-?\d+)*")
-
-
-def _as_overrides(err: sharding.ConfigError, overrides: dict[str, int]
-                  ) -> sharding.ConfigError:
+def _as_overrides(err: sharding.ConfigError, overrides: dict[str, int], mesh,
+                  num_devices: int) -> sharding.ConfigError:
   """A mesh error met by `load(mesh_overrides=...)` with its fix in that
   argument's terms: the flags `--config.mesh.data=-1` (what the command line
   passes) become `mesh_overrides={'tensor': 2, 'data': -1}`, the caller's sizes
-  with the fix's."""
-  fix = err.mesh_fix if isinstance(err, sharding.MeshTooLarge) else err.fix
-  found = _MESH_FLAGS.search(fix)
-  if not found:
+  with the fix's. A mesh of fewer devices than `num_devices` (no -1 among the
+  sizes of `mesh`, the config's mesh group) is also offered `devices=`."""
+  fix = sharding.respell_mesh_flags(
+      err.mesh_fix if isinstance(err, sharding.MeshTooLarge) else err.fix,
+      lambda changes: f"mesh_overrides={ {**overrides, **changes}!r}")
+  if fix is None:
     return err
-  sizes = {**overrides, **{axis: int(size) for axis, size in re.findall(
-      r"--config\.mesh\.(\w+)=(-?\d+)", found.group(0))}}
-  fix = fix[:found.start()] + f"mesh_overrides={sizes!r}" + fix[found.end():]
-  fewer = re.search(r"has (\d+) devices? but (\d+) are available", err.problem)
-  if fewer and int(fewer.group(1)) < int(fewer.group(2)):  # or on that many devices
-    n = int(fewer.group(1))
-    fix = (fix.rstrip(".") + f"; or serve on {n} of them: devices=jax.devices()[:{n}] "
-           "beside the same mesh_overrides.")
+  sizes = [mesh.get(a, 1) for a in sharding.AXES]
+  wanted = math.prod(sizes)
+  if min(sizes) > 0 and wanted < num_devices:  # or on that many devices
+    fix = (fix.rstrip(".") + f"; or serve on {wanted} of them: "
+           f"devices=jax.devices()[:{wanted}] beside the same mesh_overrides.")
   return err.with_fix(fix)
 
 
@@ -84,7 +79,9 @@ def load(workdir: str, *, step: int | None = None,
   try:
     sizes = sharding.validate_serving_plan(config, len(devices), saved_model=True)
   except sharding.ConfigError as err:
-    raise (_as_overrides(err, mesh_overrides) if mesh_overrides else err) from None
+    if not mesh_overrides:
+      raise
+    raise _as_overrides(err, mesh_overrides, config.mesh, len(devices)) from None
   config.mesh.update(**sizes)
   config.model.attention = kernels.serving_impl(
       config.model.attention,

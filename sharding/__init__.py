@@ -1,7 +1,8 @@
 """Meshes, logical sharding rules and plan validation. Imports no other rung package."""
 
 from sharding.errors import ConfigError, MeshTooLarge, flag
-from sharding.mesh import AXES, BATCH_AXES, axis_size, describe, make_mesh, resolve_shape
+from sharding.mesh import (AXES, BATCH_AXES, axis_size, describe, make_mesh, mesh_flags,
+                           resolve_shape, respell_mesh_flags)
 from sharding.rules import (DEFAULT_RULES, LogicalConstraint, Rules, idle_axes,
                             logical_to_spec, normalize_rules, split_size, tree_shardings,
                             unsplit_dims)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+import re
+from typing import Callable, Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh
@@ -69,10 +70,32 @@ def resize_fix(changes: Mapping[str, int], num_devices: int, also: str = "",
                because: str = "") -> str:
   """The fix text of a mesh resized to `num_devices` by `changes` (`mesh_fix`),
   with flags `also` and a reason `because` added (e.g. a batch size that splits)."""
-  return ("pass " + " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
-          + (f" {also}" if also else "")
+  return ("pass " + mesh_flags(changes) + (f" {also}" if also else "")
           + f" (the mesh axes must multiply to {num_devices}; -1 on one axis takes "
           "the devices the others leave" + (f"; {because}" if because else "") + ")")
+
+
+def mesh_flags(changes: Mapping[str, int]) -> str:
+  """The flags that make `changes` to a mesh, as fixes give them:
+  `--config.mesh.fsdp=2 --config.mesh.data=-1`. `respell_mesh_flags` reads them
+  back."""
+  return " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
+
+
+# A run of `mesh_flags` in a message.
+_MESH_FLAGS = re.compile(r"--config\.mesh\.\w+=-?\d+(?:\s+--config\.mesh\.\w+=-?\d+)*")
+
+
+def respell_mesh_flags(text: str, spell: Callable[[dict[str, int]], str]) -> str | None:
+  """`text` with its first run of `mesh_flags` replaced by `spell(changes)` (a
+  Python caller's argument in place of the command line's flags); None when it
+  holds none."""
+  found = _MESH_FLAGS.search(text)
+  if not found:
+    return None
+  changes = {a: int(v) for a, v in re.findall(r"--config\.mesh\.(\w+)=(-?\d+)",
+                                              found.group(0))}
+  return text[:found.start()] + spell(changes) + text[found.end():]
 
 
 def largest_divisor(n: int, at_most: int) -> int:

@@ -6,8 +6,8 @@ import math
 from typing import Any, Iterable
 
 from sharding.errors import ConfigError, MeshTooLarge
-from sharding.mesh import (AXES, devices_phrase, largest_divisor, mesh_fix, resize_fix,
-                           resolve_shape)
+from sharding.mesh import (AXES, devices_phrase, largest_divisor, mesh_fix, mesh_flags,
+                           resize_fix, resolve_shape)
 from sharding.report import count
 from sharding.rules import normalize_rules, split_size
 
@@ -319,11 +319,11 @@ def resize_to(config: Any, axis: str, sizes: list[int], num_devices: int,
     return None
   changes, resized = fitting[0]
   if not training:
-    return " ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
+    return mesh_flags(changes)
   # Of the meshes with the preferred size, one the batch still splits over.
   batch = config.train.batch_size
   changes, resized = next(((c, r) for c, r in fitting if c[axis] == changes[axis]
                            and _batch_that_splits(config, r) == batch), fitting[0])
   fits = _batch_that_splits(config, resized)
-  return (" ".join(f"--config.mesh.{a}={v}" for a, v in changes.items())
+  return (mesh_flags(changes)
           + (f" --config.train.batch_size={fits}" if fits != batch else ""))

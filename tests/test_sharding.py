@@ -92,6 +92,19 @@ def test_a_model_on_a_mesh_with_explicit_axes_is_told_how_to_make_the_mesh():
       assert run(x).sharding.spec == P("data", "sequence")
 
 
+def test_mesh_flags_read_back_as_the_changes_they_make():
+  """`respell_mesh_flags` reads what `mesh_flags` writes (infer.load spells a mesh
+  fix as its own argument with it), inside a sentence and beside other flags."""
+  for changes in ({"data": -1}, {"fsdp": 2, "data": -1}, {"tensor": 1, "expert": 4}):
+    text = (f"pass {sharding.mesh_flags(changes)} --config.train.batch_size=8 "
+            "(the mesh axes must multiply to 8).")
+    seen = []
+    out = sharding.respell_mesh_flags(text, lambda c: seen.append(c) or "X")
+    assert seen == [changes]
+    assert out == "pass X --config.train.batch_size=8 (the mesh axes must multiply to 8)."
+  assert sharding.respell_mesh_flags("pass --config.mesh.rules.embed=()", str) is None
+
+
 def test_logical_to_spec_default_rules():
   rules = sharding.normalize_rules(None)
   mesh = sharding.make_mesh(mesh_cfg(data=2, fsdp=2, tensor=2))
