@@ -288,13 +288,13 @@ def axis_fix(config: Any, axis: str, counts: Iterable[int], num_devices: int,
   current = max(current, 1)
   return resize_to(config, axis, [s for s in range(current, 0, -1)
                                   if not any(c % s for c in counts)], num_devices,
-                   training) or f"--config.mesh.{axis}=1"
+                   training) or mesh_flags({axis: 1})
 
 
 def axis_off(config: Any, axis: str, num_devices: int) -> str:
   """Flags that set mesh `axis` to 1, giving its devices to `data` (-1) unless
   another axis already takes the rest (and a batch size that splits, if needed)."""
-  return resize_to(config, axis, [1], num_devices) or f"--config.mesh.{axis}=1"
+  return resize_to(config, axis, [1], num_devices) or mesh_flags({axis: 1})
 
 
 def resize_to(config: Any, axis: str, sizes: list[int], num_devices: int,
